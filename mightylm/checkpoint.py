@@ -138,7 +138,7 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {config.arch} model")
             if ours == "lm_head.weight" and config.tie_embeddings:
                 continue  # tied: the head is the embedding
-            state[ours] = (tensor, file)
+            state[ours] = (tensor, file, name)
     _assign(model, state, dtype, device, source=path)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     return model, tokenizer
@@ -187,12 +187,12 @@ def _assign(model: Transformer, state: dict, dtype, device, *, source) -> None:
     if missing:
         raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     tensors = {}
-    for name, (tensor, file) in state.items():
+    for name, (tensor, file, stored_as) in state.items():
         if name not in expected:
-            raise CheckpointError(f"{file}: tensor {name!r} has no place in this model")
+            raise CheckpointError(f"{file}: tensor {stored_as!r} has no place in this model")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"{file}: tensor {stored_as!r} has shape {tuple(tensor.shape)}, "
                 f"but the config asks for {tuple(expected[name].shape)}"
             )
         tensors[name] = tensor.to(device=device, dtype=dtype)
@@ -271,7 +271,7 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
             array = unpermute_qk(array, heads)
         if not array.flags.writeable:  # F32/F16 tensors come back as views of the read-only file map
             array = array.copy()
-        state[ours] = (torch.from_numpy(np.ascontiguousarray(array)), path)
+        state[ours] = (torch.from_numpy(np.ascontiguousarray(array)), path, t.name)
     _assign(model, state, dtype, device, source=path)
     try:
         tokenizer = from_gguf_metadata(meta, str(path))

@@ -1,0 +1,169 @@
+"""`mighty <verb>`: each verb is a plain function with typed arguments; jsonargparse builds the
+parser and the --help text from the signatures and docstrings."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Literal
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+def _load(model: str, dtype: str):
+    import torch
+
+    import mightylm
+
+    t0 = time.perf_counter()
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    loaded, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
+    if tokenizer is None:
+        raise ValueError(f"{model}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
+    n = loaded.config.n_params / 1e6
+    print(f"loaded {n:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return loaded, tokenizer
+
+
+def generate(
+    prompt: str,
+    model: str = DEFAULT_MODEL,
+    max_new_tokens: int = 128,
+    temperature: float = 0.7,
+    top_k: int | None = None,
+    top_p: float | None = 0.9,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    chat: bool = False,
+    dtype: DType = "float32",
+) -> None:
+    """Stream the completion of a prompt to stdout.
+
+    With --temperature 0 decoding is greedy and deterministic; only the generated text is printed
+    (progress goes to stderr), so the output can be compared with other tools.
+
+    Args:
+        prompt: The text to continue.
+        model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        max_new_tokens: Generate at most this many tokens.
+        temperature: Sampling temperature; 0 is greedy.
+        top_k: Sample only among the k most likely tokens.
+        top_p: Nucleus sampling: sample among the most likely tokens that together hold this probability.
+        seed: Random seed for sampling; the same seed gives the same text.
+        stop: Stop strings; generation ends before the first one (repeat the option for several).
+        chat: Wrap the prompt as a user message in the model's chat template.
+        dtype: Weight and activation precision.
+    """
+    from mightylm.generate import Sampling, stream_text
+
+    settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop=tuple(stop or ()))
+    m, tokenizer = _load(model, dtype)
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    for piece in stream_text(m, tokenizer, ids, settings):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def chat(
+    model: str = DEFAULT_MODEL,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float | None = 0.9,
+    seed: int | None = None,
+    dtype: DType = "float32",
+) -> None:
+    """Chat with a model using its chat template.
+
+    Type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits. When standard
+    input is not a terminal, each line read is one user message and each reply is printed, so
+    a conversation can be scripted: printf 'Hi\\nWho are you?\\n' | mighty chat
+
+    Args:
+        model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        system: A system message to start the conversation with.
+        max_new_tokens: Longest reply, in tokens.
+        temperature: Sampling temperature; 0 is greedy.
+        top_p: Nucleus sampling threshold.
+        seed: Random seed for sampling.
+        dtype: Weight and activation precision.
+    """
+    from mightylm.generate import Sampling, stream_text
+
+    settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    m, tokenizer = _load(model, dtype)
+    interactive = sys.stdin.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    if interactive:
+        print("chat with the model; /reset to start over, /exit to quit", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = list(start)
+            continue
+        if not interactive:
+            print(f"you> {text}")
+        history.append({"role": "user", "content": text})
+        ids = tokenizer.encode_chat(history)
+        # Forget the oldest turns (keeping any system message) until the reply fits in the context.
+        while len(ids) + max_new_tokens > m.config.max_seq_len and len(history) > len(start) + 1:
+            del history[len(start):len(start) + 2]
+            ids = tokenizer.encode_chat(history)
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        for piece in stream_text(m, tokenizer, ids, settings):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+VERBS = {"generate": generate, "chat": chat}
+
+
+def _underscore_options(argv: list[str]) -> list[str]:
+    """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import auto_cli
+
+    from mightylm.checkpoint import CheckpointError
+    from mightylm.config import ConfigError
+    from mightylm.tokenizer import TokenizerError
+
+    try:
+        argv = _underscore_options(sys.argv[1:] if argv is None else argv)
+        auto_cli(VERBS, args=argv, as_positional=False,
+                 description="mightylm: small, efficient language models. `mighty VERB --help` explains a verb.")
+    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Fixtures: tiny random `transformers` models saved with save_pretrained (no download), and a
+small byte-level BPE tokenizer trained here, so every test builds what it checks."""
+
+import pytest
+import torch
+
+SAMPLE_TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+    "Héllo wörld, naïve café! 東京 and emoji 🙂 too. The quick brown fox jumps over the lazy dog.\n"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+    from mightylm.tokenizer import train_bpe
+
+    corpus = tmp_path_factory.mktemp("corpus") / "text.txt"
+    corpus.write_text(SAMPLE_TEXT * 20)
+    return train_bpe([corpus], vocab_size=320, show_progress=False)
+
+
+HF_CONFIGS = {
+    # llama: GQA, tied embeddings, llama3 RoPE scaling with a short original context so it bites
+    "llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+    ),
+    # mistral: multi-query attention, untied head, a sliding window shorter than the test sequences
+    "mistral": dict(
+        model_type="mistral", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, tie_word_embeddings=False, sliding_window=8, max_position_embeddings=512,
+    ),
+    # qwen2: q/k/v bias, tied embeddings, a different rope theta
+    "qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=512,
+    ),
+}
+
+
+def make_hf_model(arch: str, vocab_size: int = 320, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**HF_CONFIGS[arch], **overrides}
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # biases start at zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(HF_CONFIGS))
+def hf_dir(request, tmp_path_factory, bpe_tokenizer):
+    """(arch, directory, transformers model) for each architecture, with our tokenizer files."""
+    arch = request.param
+    model = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size)
+    path = tmp_path_factory.mktemp(f"hf-{arch}")
+    model.save_pretrained(path)
+    bpe_tokenizer.save(path)
+    return arch, path, model

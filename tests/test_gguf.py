@@ -1,0 +1,203 @@
+"""GGUF: files written here with the `gguf` package's writer, the way llama.cpp's converter writes
+them (q/k rows permuted for llama), then loaded back and compared with the source model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+import mightylm
+from mightylm.checkpoint import CheckpointError
+
+from conftest import SAMPLE_TEXT, make_hf_model
+
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(name: str) -> str:
+    if name in HF_TO_GGUF:
+        return HF_TO_GGUF[name]
+    _, _, layer, rest = name.split(".", 3)
+    return f"blk.{layer}.{HF_TO_GGUF[rest]}"
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's permutation of q/k rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
+    """Write `hf` as GGUF; 2-D weights in `qtype`. Returns the HF model with weights round-tripped
+    through that quantization, i.e. what a correct loader must reproduce exactly."""
+    c = hf.config
+    arch = c.model_type
+    w = GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    spec = json.loads(tokenizer.backend.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    added = {t["content"] for t in spec["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in added else 1 for t, _ in vocab])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tokenizer.chat_template)
+    state = hf.state_dict()
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        array = tensor.numpy().astype(np.float32)
+        if arch == "llama" and ("q_proj" in name or "k_proj" in name):
+            heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
+            array = permute(array, heads)
+        if array.ndim == 2 and qtype != GGMLQuantizationType.F32:
+            packed = quantize(array, qtype)
+            w.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
+            with torch.no_grad():  # what the file now holds, un-permuted back for the reference
+                back = dequantize(packed, qtype)
+                if arch == "llama" and ("q_proj" in name or "k_proj" in name):
+                    heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
+                    back = back.reshape(heads, -1, 2, array.shape[1]).swapaxes(1, 2).reshape(array.shape)
+                tensor.copy_(torch.from_numpy(back))
+        else:
+            w.add_tensor(gguf_name(name), array)
+    for name, array in (extra or {}).items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.F32, GGMLQuantizationType.Q8_0])
+def test_gguf_logits_match_source(arch, qtype, tmp_path, bpe_tokenizer):
+    # llama.cpp stores llama3 RoPE scaling as a rope_freqs tensor, which we refuse (tested below).
+    hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    hf = write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    model, tokenizer = mightylm.load(tmp_path / "m.gguf")
+    assert model.config.tie_embeddings == hf.config.tie_word_embeddings
+    idx = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+    assert tokenizer.encode(SAMPLE_TEXT) == bpe_tokenizer.encode(SAMPLE_TEXT)
+    assert tokenizer.decode(tokenizer.encode(SAMPLE_TEXT)) == SAMPLE_TEXT
+    assert tokenizer.chat_template == bpe_tokenizer.chat_template
+
+
+def test_truncated_gguf_is_reported(tmp_path, bpe_tokenizer):
+    write_gguf(make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, tmp_path / "m.gguf")
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf: cannot be read as GGUF"):
+        mightylm.load(tmp_path / "cut.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(CheckpointError, match="junk.gguf: cannot be read as GGUF"):
+        mightylm.load(tmp_path / "junk.gguf")
+
+
+def test_llama3_rope_freqs_are_refused_clearly(tmp_path, bpe_tokenizer):
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    path = tmp_path / "m.gguf"
+    write_gguf(hf, bpe_tokenizer, path, extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
+    with pytest.raises(CheckpointError, match="m.gguf: llama3 RoPE scaling in GGUF"):
+        mightylm.load(path)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    w = GGUFWriter(str(tmp_path / "phi.gguf"), "phi2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="GGUF architecture 'phi2' is not supported; supported: llama, qwen2"):
+        mightylm.load(tmp_path / "phi.gguf")
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    """A 'llama' (SentencePiece BPE) vocabulary: merges recovered from scores, byte fallback."""
+    from transformers import AutoTokenizer
+
+    from mightylm.tokenizer import from_gguf_metadata
+
+    pieces = ["\u2581", "t", "h", "e", "o", "\u2581t", "he", "\u2581the", "\u2581to", "r", "\u2581th", "er", "\u2581o"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    w = GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0}
+    ours = from_gguf_metadata(meta, "spm.gguf")
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["the other", "to the three", " hot tea", "théo ©"]:
+        assert ours.encode(text) == ref(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == ref.decode(ref(text).input_ids, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_matches_transformers_gguf_loading():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mightylm.checkpoint import resolve
+    from mightylm.generate import Sampling, generate
+
+    path = resolve("smollm2-135m-instruct")
+    model, tokenizer = mightylm.load("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages)
+    assert text == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode_chat(messages)
+    assert ids == hf_tok(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert (model(torch.tensor([ids])) - hf(torch.tensor([ids])).logits).abs().max().item() <= 1e-4
+    ours = generate(model, [ids], Sampling(max_new_tokens=32, stop_token_ids=tokenizer.stop_token_ids))[0]
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref
+    assert "Paris" in tokenizer.decode(ours)

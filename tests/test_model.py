@@ -1,0 +1,91 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mightylm.config import ConfigError, ModelConfig
+from mightylm.model import KVCache, Transformer
+
+
+def tiny(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
+
+
+def test_model_import_pulls_no_heavy_packages():
+    code = ("import sys, mightylm.model; bad = [m for m in ('transformers', 'peft', 'bitsandbytes', 'fastapi') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 5}, {"qkv_bias": True, "tie_embeddings": True},
+                                       {"rope_scaling": {"type": "linear", "factor": 4.0}}])
+def test_kv_cache_decode_equals_full_forward(overrides):
+    model = tiny(**overrides)
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config, 2, 24)
+        steps = [model(idx[:, :10], cache=cache, start=0)]
+        steps += [model(idx[:, t:t + 1], cache=cache, start=t) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_match_unpadded():
+    model = tiny()
+    a, b = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 7))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], dim=1)])
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 12)
+        padded = model(batch, cache=cache, start=0, pad=torch.tensor([0, 5]))
+        alone = model(b)
+    torch.testing.assert_close(padded[1, 5:], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[0], model(a)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_embeds_input_equals_token_input():
+    model = tiny()
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(embeds=model.embed(idx)), model(idx))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+
+
+def test_tied_embeddings_share_storage_and_param_count():
+    model = tiny(tie_embeddings=True)
+    assert model.lm_head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == model.config.n_params
+
+
+def test_preset_param_counts_match_published_sizes():
+    assert abs(ModelConfig.from_preset("smollm2-135m").n_params - 134.5e6) < 0.1e6
+    assert abs(ModelConfig.from_preset("qwen2.5-0.5b").n_params - 494.0e6) < 0.5e6
+    assert abs(ModelConfig.from_preset("tinyllama-1.1b").n_params - 1100.0e6) < 1e6
+    assert abs(ModelConfig.from_preset("llama-3.2-1b").n_params - 1235.8e6) < 0.5e6
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="supported model types: llama, mistral, qwen2"):
+        ModelConfig.from_hf({"model_type": "gpt2"})
+    with pytest.raises(ConfigError, match="missing required field 'hidden_size'"):
+        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 10})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        ModelConfig.from_preset("nope")
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "llama",\n oops}')
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON \(line 2\)"):
+        ModelConfig.from_hf(tmp_path)
+    with pytest.raises(ConfigError, match="not divisible"):
+        ModelConfig(dim=10, n_heads=3)
+    with pytest.raises(ConfigError, match="rope scaling"):
+        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "intermediate_size": 8, "rope_scaling": {"rope_type": "yarn"}})
+
+
+def test_config_round_trips_through_hf():
+    for name in ("smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b"):
+        config = ModelConfig.from_preset(name)
+        assert ModelConfig.from_hf(config.to_hf()) == config
