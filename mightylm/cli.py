@@ -18,7 +18,10 @@ def _load(model: str, dtype: str):
 
     t0 = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
+    from mightylm.fuse import fuse_projections_
+
     loaded, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
+    fuse_projections_(loaded)  # inference-only layout: faster batch-1 decoding, same outputs
     if tokenizer is None:
         raise ValueError(f"{model}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
     n = loaded.config.n_params / 1e6

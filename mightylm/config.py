@@ -192,7 +192,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
     # ~15M parameters: the benchmark shape where per-token overhead dominates.
     "micro-15m": ModelConfig(
-        vocab_size=8192, dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=768, max_seq_len=1024, tie_embeddings=True
+        vocab_size=8192, dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=1024, tie_embeddings=True
     ),
     "smollm2-135m": ModelConfig(
         vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
