@@ -1,18 +1,19 @@
-"""Decode layout: fused projections and input-major weights, an in-place inference transform.
+"""Decode layout: fused projections, input-major weights and a native GEMV, as one in-place
+inference transform.
 
 Batch-1 decoding is a chain of matrix-vector products, bound by how fast the weights stream
-from memory. Two layout changes make PyTorch's CPU kernels stream faster (measured on
-SmolLM2-135M's shapes, 2 cores, float32: 46 -> 31 ms per token for the blocks, 11.4 -> 6.3 ms
-for the 49152-row LM head):
+from memory. Measured on SmolLM2-135M's shapes (2 cores, float32, bench/RESULTS.md):
 
 1. Fusion: q/k/v become one (q+k+v, dim) matrix and gate/up one (2*ffn, dim) matrix, so each
-   block does 4 matmuls instead of 7.
+   block does 4 products instead of 7.
 2. Input-major storage: every weight is kept as the transpose of a contiguous (in, out) tensor.
-   `F.linear(x, W)` then runs as `x @ W_t` over contiguous memory, the faster GEMV path.
+   PyTorch's GEMV streams that layout faster (~16 vs ~10 GB/s), and it is the layout the native
+   kernel in `mightylm/kernels/gemv.c` reads front to back (~25-30 GB/s).
 
-Nothing is copied twice: `q_proj.weight`, `k_proj.weight` and `v_proj.weight` become views into
-the fused tensor, so parameters, names and `state_dict()` values are unchanged and in-place
-updates stay visible to the fused path. Footguns: replacing a projection module (a LoRA
+Nothing is stored twice: `q_proj.weight`, `k_proj.weight`, `v_proj.weight` (and gate/up) become
+views into the fused tensor, so parameter names and `state_dict()` values are unchanged and
+in-place updates stay visible to the fused path. The remaining linears become `DecodeLinear`,
+which keeps the `weight`/`bias` keys. Footguns: replacing a projection module (e.g. a LoRA
 transform) or assigning new weight tensors (`load_state_dict(assign=True)`) after fusing bypasses
 or detaches the fused copy; call `unfuse_projections_` first.
 """
@@ -22,7 +23,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mightylm.model import Attention, MLP, Transformer
+from mightylm.kernels import linear
+from mightylm.model import MLP, Attention, Transformer
+
+
+class FusedProjection:
+    """x -> x @ weight.T + bias over a fused, input-major weight. A plain object, not a module, so
+    the fused view is not registered a second time in `state_dict()`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear whose single-row products go through the native GEMV (same keys, same math)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def _input_major(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -30,69 +50,85 @@ def _input_major(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.detach().t() for w in weights], dim=1).contiguous().t()
 
 
-def _share(linear: nn.Linear, fused: torch.Tensor, start: int, end: int, bias: torch.Tensor | None = None):
-    linear.weight = nn.Parameter(fused[start:end], requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias[start:end], requires_grad=linear.bias.requires_grad)
+def _param(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=like.requires_grad)
+
+
+def _fuse(parts: list[nn.Linear]) -> FusedProjection:
+    fused = _input_major([p.weight for p in parts])
+    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+    start = 0
+    for p in parts:
+        end = start + p.out_features
+        p.weight = _param(fused[start:end], p.weight)
+        if bias is not None:
+            p.bias = _param(bias[start:end], p.bias)
+        start = end
+    return FusedProjection(fused, bias)
+
+
+def _swap_linear(parent: nn.Module, name: str, cls: type[nn.Linear], weight: nn.Parameter) -> None:
+    old = getattr(parent, name)
+    new = cls(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+    new.weight, new.bias = weight, old.bias
+    setattr(parent, name, new)
 
 
 @torch.no_grad()
 def fuse_projections_(model: Transformer) -> list[str]:
-    """Fuse q/k/v and gate/up, store every linear weight input-major. Returns what it converted."""
+    """Apply the decode layout in place. Returns the names of what it converted (empty if nothing)."""
     converted = []
     for name, module in model.named_modules():
         if isinstance(module, Attention) and module.fused_qkv is None:
             parts = [module.q_proj, module.k_proj, module.v_proj]
-            if not all(type(p) is nn.Linear for p in parts):
-                continue  # already wrapped by another technique: leave it alone
-            fused = _input_major([p.weight for p in parts])
-            bias = torch.cat([p.bias for p in parts]) if module.q_proj.bias is not None else None
-            edges = [0]
-            for p in parts:
-                edges.append(edges[-1] + p.out_features)
-            for p, a, b in zip(parts, edges, edges[1:]):
-                _share(p, fused, a, b, bias)
-            module.fused_qkv = (fused, bias)
-            converted.append(f"{name}.qkv")
+            if all(type(p) is nn.Linear for p in parts):  # already wrapped by another technique: leave it
+                module.fused_qkv = _fuse(parts)
+                converted.append(f"{name}.qkv")
         elif isinstance(module, MLP) and module.fused_gate_up is None:
             parts = [module.gate_proj, module.up_proj]
-            if not all(type(p) is nn.Linear for p in parts):
-                continue
-            fused = _input_major([p.weight for p in parts])
-            n = module.gate_proj.out_features
-            _share(module.gate_proj, fused, 0, n)
-            _share(module.up_proj, fused, n, 2 * n)
-            module.fused_gate_up = fused
-            converted.append(f"{name}.gate_up")
-    # The remaining linears (o_proj, down_proj, lm_head) only change layout.
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and module.weight.is_contiguous() and module.weight.dim() == 2:
-            if module is model.lm_head and model.config.tie_embeddings:
-                continue  # handled below, together with the embedding it shares
-            module.weight = nn.Parameter(_input_major([module.weight]), requires_grad=module.weight.requires_grad)
-            converted.append(name)
-    if model.config.tie_embeddings and model.embed.weight.is_contiguous():
-        model.embed.weight = nn.Parameter(_input_major([model.embed.weight]), requires_grad=model.embed.weight.requires_grad)
-        model.tie_weights()
-        converted.append("lm_head(tied)")
+            if all(type(p) is nn.Linear for p in parts):
+                module.fused_gate_up = _fuse(parts)
+                converted.append(f"{name}.gate_up")
+    for parent_name, parent in list(model.named_modules()):
+        for name in ("o_proj", "down_proj"):
+            child = getattr(parent, name, None)
+            if type(child) is nn.Linear:
+                _swap_linear(parent, name, DecodeLinear, _param(_input_major([child.weight]), child.weight))
+                converted.append(f"{parent_name}.{name}")
+    if type(model.lm_head) is nn.Linear:
+        if model.config.tie_embeddings:  # the head is the embedding table: re-lay the table itself
+            model.embed.weight = _param(_input_major([model.embed.weight]), model.embed.weight)
+            _swap_linear(model, "lm_head", DecodeLinear, model.embed.weight)
+        else:
+            _swap_linear(model, "lm_head", DecodeLinear, _param(_input_major([model.lm_head.weight]), model.lm_head.weight))
+        converted.append("lm_head")
     return converted
 
 
 @torch.no_grad()
 def unfuse_projections_(model: Transformer) -> list[str]:
-    """Undo `fuse_projections_`: separate contiguous weights, no fused copies."""
+    """Undo `fuse_projections_`: plain nn.Linear modules with separate contiguous weights."""
     converted = []
-    for name, module in model.named_modules():
-        if isinstance(module, Attention):
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Attention) and module.fused_qkv is not None:
             module.fused_qkv = None
-        if isinstance(module, MLP):
+            converted.append(f"{name}.qkv")
+        if isinstance(module, MLP) and module.fused_gate_up is not None:
             module.fused_gate_up = None
-        if type(module) is nn.Linear and not module.weight.is_contiguous():
-            module.weight = nn.Parameter(module.weight.contiguous(), requires_grad=module.weight.requires_grad)
-            if module.bias is not None:
-                module.bias = nn.Parameter(module.bias.clone(), requires_grad=module.bias.requires_grad)
-            converted.append(name)
+            converted.append(f"{name}.gate_up")
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and (type(child) is DecodeLinear or not child.weight.is_contiguous()):
+                if child is model.lm_head and model.config.tie_embeddings:
+                    continue
+                weight = _param(child.weight.contiguous(), child.weight)
+                _swap_linear(module, child_name, nn.Linear, weight)
+                if child.bias is not None:
+                    getattr(module, child_name).bias = _param(child.bias.clone(), child.bias)
     if not model.embed.weight.is_contiguous():
-        model.embed.weight = nn.Parameter(model.embed.weight.contiguous(), requires_grad=model.embed.weight.requires_grad)
-        model.tie_weights()
+        model.embed.weight = _param(model.embed.weight.contiguous(), model.embed.weight)
+    if type(model.lm_head) is DecodeLinear:
+        _swap_linear(model, "lm_head", nn.Linear, model.embed.weight if model.config.tie_embeddings
+                     else _param(model.lm_head.weight.contiguous(), model.lm_head.weight))
+        converted.append("lm_head")
+    model.tie_weights()
     return converted

@@ -1,0 +1,105 @@
+"""Native kernels, compiled on first use with the system C compiler, with PyTorch fallbacks.
+
+`linear(x, weight, bias)` is `F.linear` with a fast path for what batch-1 decoding does most: one
+float32 row times an input-major weight (see `mightylm/fuse.py`). The fast path is the AVX2
+kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second.
+Without a compiler, AVX2/FMA or x86-64, or with MIGHTYLM_NO_KERNELS=1, everything goes through
+`F.linear` and only speed differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SOURCE = Path(__file__).with_name("gemv.c")
+_lib = None
+_tried = False
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler or not _cpu_has_avx2_fma():
+        return None
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MIGHTYLM_CACHE", Path.home() / ".cache" / "mightylm"))
+    target = cache / f"gemv-{tag}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = Path(tmp) / target.name
+            cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(out)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                warnings.warn(f"mightylm: could not build the gemv kernel, using PyTorch ({result.stderr[-300:]})")
+                return None
+            out.replace(target)  # atomic: concurrent builders never see a partial file
+    lib = ctypes.CDLL(str(target))
+    lib.mighty_gemv.restype = None
+    lib.mighty_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    return lib
+
+
+def gemv_library():
+    """The compiled kernel library, or None where it cannot be had."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("MIGHTYLM_NO_KERNELS") != "1":
+            try:
+                _lib = _build()
+            except OSError as e:
+                warnings.warn(f"mightylm: gemv kernel unavailable, using PyTorch ({e})")
+    return _lib
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the native kernel when x is a single float32 row and
+    `weight` (out, in) is stored input-major (weight.t() contiguous) on the CPU, without autograd."""
+    out, n_in = weight.shape
+    if (
+        x.numel() == n_in
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.stride() == (1, out)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        and (lib := gemv_library()) is not None
+    ):
+        return _gemv(lib, x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@torch.compiler.disable  # raw pointers: torch.compile must call this as is, never trace it
+def _gemv(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out, n_in = weight.shape
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out)
+    threads = torch.get_num_threads()
+    scratch = torch.empty(max(threads - 1, 1) * out)
+    assert x.numel() == n_in and y.numel() == out and scratch.numel() >= (threads - 1) * out
+    lib.mighty_gemv(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                    y.data_ptr(), scratch.data_ptr(), n_in, out, threads)
+    return y

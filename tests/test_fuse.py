@@ -1,0 +1,39 @@
+import torch
+
+from mightylm.config import ModelConfig
+from mightylm.fuse import fuse_projections_, unfuse_projections_
+from mightylm.generate import Sampling, generate
+from mightylm.model import Transformer
+
+
+def test_fused_layout_keeps_outputs_state_and_memory():
+    for overrides in ({"qkv_bias": True, "tie_embeddings": True}, {}):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
+        idx = torch.randint(0, 256, (2, 17))
+        with torch.no_grad():
+            before = model(idx)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        n_params = sum(p.numel() for p in model.parameters())
+        tokens = generate(model, [[1, 2, 3]], Sampling(max_new_tokens=12))
+
+        converted = fuse_projections_(model)
+        assert "layers.0.attn.qkv" in converted and "layers.1.mlp.gate_up" in converted
+        assert fuse_projections_(model) == []  # idempotent: nothing left to convert
+        attn = model.layers[0].attn
+        assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.fused_qkv.weight.untyped_storage().data_ptr()
+        assert sum(p.numel() for p in model.parameters()) == n_params
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+        assert generate(model, [[1, 2, 3]], Sampling(max_new_tokens=12)) == tokens
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, state[k], atol=0, rtol=0)
+
+        # in-place updates of a projection are seen by the fused path
+        with torch.no_grad():
+            attn.k_proj.weight.mul_(0.5)
+            changed = model(idx)
+        unfuse_projections_(model)
+        assert attn.fused_qkv is None and attn.q_proj.weight.is_contiguous()
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx), changed, atol=1e-5, rtol=1e-5)

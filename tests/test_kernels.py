@@ -1,0 +1,47 @@
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mightylm import kernels
+
+
+def input_major(out: int, n_in: int) -> torch.Tensor:
+    return torch.randn(n_in, out).t()  # (out, in) view over (in, out) storage
+
+
+needs_kernel = pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")) or not kernels._cpu_has_avx2_fma(),
+    reason="needs a C compiler and an x86-64 CPU with AVX2/FMA",
+)
+
+
+@needs_kernel
+def test_kernel_builds_here():
+    assert kernels.gemv_library() is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("out,n_in", [(576, 576), (13, 7), (1, 1), (49152 // 16, 576), (200, 1533)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_f_linear(out, n_in, with_bias):
+    torch.manual_seed(out + n_in)
+    w = input_major(out, n_in)
+    b = torch.randn(out) if with_bias else None
+    x = torch.randn(1, 1, n_in)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y = kernels.linear(x, w, b)
+        assert y.shape == (1, 1, out)
+        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_other_cases_fall_back_to_f_linear():
+    w = input_major(32, 16)
+    for x, weight in [(torch.randn(2, 3, 16), w), (torch.randn(1, 16), w.contiguous()),
+                      (torch.randn(1, 16, dtype=torch.float64), w.double())]:
+        torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight))
+    x = torch.randn(1, 16, requires_grad=True)
+    kernels.linear(x, w).sum().backward()  # autograd path stays PyTorch's
+    assert x.grad is not None
