@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 import mightylm
@@ -45,6 +45,23 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# Where the f16 super-block scales sit in each K-quant block (ggml-common.h): byte offsets.
+K_QUANT_SCALES = {GGMLQuantizationType.Q4_K: (0, 2), GGMLQuantizationType.Q5_K: (0, 2), GGMLQuantizationType.Q6_K: (208,)}
+
+
+def encode(array: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
+    """Quantize with gguf-py where it can; for K-quants (gguf-py has no quantizer) write random
+    blocks with small, finite scales: the loader must reproduce whatever those bytes decode to."""
+    if qtype not in K_QUANT_SCALES:
+        return quantize(array, qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = array.shape
+    blocks = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    for offset in K_QUANT_SCALES[qtype]:
+        blocks[..., offset:offset + 2] = np.frombuffer(np.float16(2e-3).tobytes(), dtype=np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
     """Write `hf` as GGUF; 2-D weights in `qtype`. Returns the HF model with weights round-tripped
     through that quantization, i.e. what a correct loader must reproduce exactly."""
@@ -72,6 +89,7 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
     w.add_eos_token_id(tokenizer.eos_id)
     w.add_add_bos_token(False)
     w.add_chat_template(tokenizer.chat_template)
+    rng = np.random.default_rng(0)
     state = hf.state_dict()
     for name, tensor in state.items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -81,7 +99,7 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
             heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
             array = permute(array, heads)
         if array.ndim == 2 and qtype != GGMLQuantizationType.F32:
-            packed = quantize(array, qtype)
+            packed = encode(array, qtype, rng)
             w.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
             with torch.no_grad():  # what the file now holds, un-permuted back for the reference
                 back = dequantize(packed, qtype)
@@ -100,11 +118,17 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
     return hf
 
 
+Q = GGMLQuantizationType
+QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("qtype", [GGMLQuantizationType.F32, GGMLQuantizationType.Q8_0])
+@pytest.mark.parametrize("qtype", QTYPES, ids=[q.name for q in QTYPES])
 def test_gguf_logits_match_source(arch, qtype, tmp_path, bpe_tokenizer):
     # llama.cpp stores llama3 RoPE scaling as a rope_freqs tensor, which we refuse (tested below).
-    hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    # K-quants pack rows in blocks of 256, so every input dimension is 256 there.
+    wide = dict(hidden_size=256, intermediate_size=256) if qtype in K_QUANT_SCALES else {}
+    hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, **wide)
     hf = write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
     model, tokenizer = mightylm.load(tmp_path / "m.gguf")
     assert model.config.tie_embeddings == hf.config.tie_word_embeddings

@@ -76,30 +76,27 @@ def gemv_library():
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through the native kernel when x is a single float32 row and
-    `weight` (out, in) is stored input-major (weight.t() contiguous) on the CPU, without autograd."""
+    `weight` (out, in) is stored input-major (weight.t() contiguous) on the CPU, without autograd.
+
+    Under torch.compile the PyTorch path is taken: raw pointers must never be traced (doing so
+    corrupted the heap in a test run)."""
     out, n_in = weight.shape
     if (
         x.numel() == n_in
+        and weight.stride() == (1, out)
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
-        and weight.stride() == (1, out)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        and not torch.compiler.is_compiling()
         and (lib := gemv_library()) is not None
     ):
-        return _gemv(lib, x, weight, bias)
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], out)
+        threads = torch.get_num_threads()
+        scratch = torch.empty((threads - 1) * out) if threads > 1 else y
+        lib.mighty_gemv(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                        y.data_ptr(), scratch.data_ptr(), n_in, out, threads)
+        return y
     return F.linear(x, weight, bias)
-
-
-@torch.compiler.disable  # raw pointers: torch.compile must call this as is, never trace it
-def _gemv(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out, n_in = weight.shape
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out)
-    threads = torch.get_num_threads()
-    scratch = torch.empty(max(threads - 1, 1) * out)
-    assert x.numel() == n_in and y.numel() == out and scratch.numel() >= (threads - 1) * out
-    lib.mighty_gemv(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                    y.data_ptr(), scratch.data_ptr(), n_in, out, threads)
-    return y
