@@ -49,6 +49,55 @@ def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
     return statistics.median(times_a), statistics.median(times_b)
 
 
+def f32_gguf_of_embedded(directory: str) -> str:
+    """The embedded SmolLM2 GGUF with every tensor dequantized to F32 (metadata copied), so that
+    llama.cpp decodes the same float32 weights as the other two."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(resolve("smollm2-135m-instruct")))
+    path = f"{directory}/smollm2-135m-f32.gguf"
+    writer = GGUFWriter(path, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # written by the writer itself
+        if key == "general.file_type":
+            writer.add_file_type(0)  # ALL_F32
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub)
+    for t in reader.tensors:
+        array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        writer.add_tensor(t.name, np.ascontiguousarray(array, dtype=np.float32), raw_dtype=GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_cpp_runner(gguf_path: str, prompt: list[int], n: int):
+    """A greedy decode of n tokens with llama.cpp (llama-cpp-python), or None if not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf_path, n_ctx=len(prompt) + n + 8, n_threads=torch.get_num_threads(),
+                n_batch=64, verbose=False)
+
+    def run():
+        llm.reset()
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(token)
+            if len(out) == n:
+                return out
+
+    return run
+
+
 def hf_pair(shape: str):
     """(transformers model, mightylm model) holding the same float32 weights."""
     from transformers import AutoModelForCausalLM
@@ -77,6 +126,7 @@ def main():
     bandwidth = read_bandwidth_gbs()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s")
     print(f"{'shape':14s} {'params':>8s} {'transformers':>13s} {'mightylm':>10s} {'ratio':>6s} {'bound':>8s}")
+    scratch = tempfile.TemporaryDirectory()
     for shape in args.shapes:
         hf, ours = hf_pair(shape)
         g = torch.Generator().manual_seed(1)
@@ -103,6 +153,15 @@ def main():
         bound = bandwidth * 1e9 / weight_bytes
         print(f"{shape:14s} {c.n_params / 1e6:7.1f}M {n / t_hf:9.1f} tok/s {n / t_ours:6.1f} tok/s "
               f"{t_hf / t_ours:5.2f}x {bound:5.1f} tok/s   same tokens: {same}")
+        if shape == "smollm2-135m":
+            run_cpp = llama_cpp_runner(f32_gguf_of_embedded(scratch.name), prompt[0].tolist(), n)
+            if run_cpp is None:
+                print("  llama.cpp: not installed (pip install llama-cpp-python builds it from source)")
+                continue
+            agree = sum(a == b for a, b in zip(run_cpp(), run_ours()))
+            t_cpp, t_ours = timed_pair(run_cpp, run_ours, args.repeats)
+            print(f"  llama.cpp F32 GGUF {n / t_cpp:6.1f} tok/s, mightylm {n / t_ours:6.1f} tok/s in the same "
+                  f"interleaved runs: {t_cpp / t_ours:.2f}x of llama.cpp; {agree}/{n} greedy tokens agree")
 
 
 if __name__ == "__main__":

@@ -226,9 +226,10 @@ class Transformer(nn.Module):
         else:
             pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T) RoPE positions
             cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, hs)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = self._mask(slots, start + T, pad, x.device)
         for layer in self.layers:
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, start)
+            x = layer(x, cos, sin, mask, cache, start)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

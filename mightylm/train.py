@@ -1,0 +1,357 @@
+"""fit(): the one training loop. Read it top to bottom.
+
+Every technique reaches it from outside: a transformed model (LoRA, QLoRA, prompt tuning), a
+`loss_fn` (distillation), or an `optimizer` (LOMO updates inside backward, so its step() is a
+no-op). There is no Trainer class and no callback list.
+
+What a run directory holds while training:
+    metrics.jsonl            one JSON object per log line (train) and per validation
+    checkpoint/              model.safetensors, optimizer.safetensors + .json, rng.safetensors,
+                             state.json (step, tokens, data position): everything `resume` needs
+Checkpoints are written to checkpoint.tmp/ and then swapped in, so a crash mid-write leaves the
+previous one whole. SIGINT/SIGTERM finish the current step, save, and return. A loss that is
+not finite stops the run before the optimizer step, so the last checkpoint stays good.
+
+Multi-process: under `torchrun --nproc_per_node N` the model is wrapped in DDP (or sharded with
+FSDP2's `fully_shard` when `fsdp=True`), each rank reads its slice of every global batch, and
+losses are averaged across ranks, so N processes follow one process with an N-times batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mightylm.data.loader import IGNORE, Loader
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # learning rate at the end of the cosine decay
+    warmup: int = 50  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW decay for matrices (not norms or biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0  # max global gradient norm; None to disable
+    bf16: bool = False  # bfloat16 autocast (CPUs with AVX512-BF16/AMX, and GPUs)
+    activation_checkpointing: bool = False  # recompute blocks in backward to save memory
+    eval_every: int = 100  # validate every this many steps (and at the end)
+    eval_batches: int | None = 50  # validation batches per evaluation (None: the whole set)
+    save_every: int = 200  # checkpoint every this many steps (and at the end)
+    log_every: int = 10  # write a metrics line every this many steps
+    seed: int = 0
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating (DDP)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what was kept."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def cross_entropy(model, batch: dict) -> torch.Tensor:
+    """Mean next-token loss over labelled positions (labels are already shifted by the data)."""
+    logits = model(batch["input_ids"])
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=False)
+
+
+def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loader | None = None,
+        loss_fn=cross_entropy, optimizer=None, resume: bool = False, progress: bool = True) -> dict:
+    """Train `model` for `cfg.steps` optimizer steps. Returns a summary of the run."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    torch.manual_seed(cfg.seed)
+    net = _wrap(model, cfg, world)  # what forward/backward go through (DDP/FSDP wrapper or the model)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    step, tokens = 0, 0
+    if resume:
+        step, tokens = load_checkpoint(run_dir, model, optimizer, train)
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+    stop = _StopSignal()
+    metrics = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
+    autocast = torch.autocast("cuda" if _device(model).type == "cuda" else "cpu", dtype=torch.bfloat16) \
+        if cfg.bf16 else nullcontext()
+    started = log_start = time.perf_counter()
+    log_tokens = 0  # tokens since the last metrics line, for tokens/s
+    summary = {"interrupted": False}
+    model.train()
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=_device(model))
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(_device(model)) for k, v in train.next_batch().items()}
+                sync = micro == cfg.grad_accum - 1 or world == 1
+                with (nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync()), autocast:
+                    loss = loss_fn(net, batch) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+                log_tokens += batch["input_ids"].numel() * world
+                tokens += batch["input_ids"].numel() * world
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            if not torch.isfinite(loss_sum):
+                raise TrainingError(f"loss became {loss_sum.item()} at step {step + 1}; stopping before the update. "
+                                    f"The last good checkpoint is kept in {run_dir / 'checkpoint'} "
+                                    "(try a lower learning rate or gradient clipping)")
+            grad_norm = None
+            if cfg.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                record = {"step": step, "tokens": tokens, "loss": loss_sum.item(), "lr": lr,
+                          "tokens_per_s": log_tokens / max(now - log_start, 1e-9),
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None, "time": now - started}
+                _log(metrics, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                log_start, log_tokens = now, 0
+            if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val_loss = evaluate(net, val, loss_fn, cfg.eval_batches, autocast)
+                _log(metrics, {"step": step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                summary["val_loss"] = val_loss
+                model.train()
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+                save_checkpoint(run_dir, model, optimizer, train, step, tokens)
+            log_start = time.perf_counter() if step % cfg.log_every == 0 else log_start  # exclude eval/save time
+            if stop.requested:
+                summary["interrupted"] = True
+                bar.write(f"stopped by signal at step {step}; checkpoint saved in {run_dir / 'checkpoint'}")
+                break
+    finally:
+        stop.restore()
+        bar.close()
+        if metrics:
+            metrics.close()
+    model.eval()
+    summary.update(step=step, tokens=tokens, seconds=time.perf_counter() - started)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(net, val: Loader, loss_fn=cross_entropy, max_batches: int | None = None, autocast=None) -> float:
+    """Mean loss over the validation set (or its first `max_batches` batches), token-weighted."""
+    net.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(val.first_pass()):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(_device(net)) for k, v in batch.items()}
+        n = int((batch["labels"] != IGNORE).sum())
+        with autocast or nullcontext():
+            total += float(loss_fn(net, batch)) * n
+        count += n
+    return total / max(count, 1)
+
+
+# ---- checkpoints: safetensors and JSON only ----
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, loader: Loader, step: int, tokens: int) -> None:
+    from safetensors.torch import save_file
+
+    model_state = _full_state_dict(model)
+    optimizer_state = _full_optimizer_state(model, optimizer)  # collective under FSDP: every rank calls it
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(model_state, str(tmp / "model.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer_state)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "data": loader.state_dict()}))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, model, optimizer, loader: Loader) -> tuple[int, int]:
+    from safetensors.torch import load_file
+
+    path = run_dir / "checkpoint"
+    if not path.exists() and (run_dir / "checkpoint.old").exists():
+        path = run_dir / "checkpoint.old"  # a crash between the two renames of save_checkpoint
+    if not (path / "state.json").exists():
+        raise TrainingError(f"--resume: no checkpoint in {run_dir} (looked for {run_dir / 'checkpoint' / 'state.json'})")
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "model.safetensors"))
+    expected = set(model.state_dict())
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        expected.discard("lm_head.weight")
+    if set(weights) != expected:
+        raise TrainingError(f"{path}: checkpoint does not fit the model (missing {sorted(expected - set(weights))[:3]}, "
+                            f"unexpected {sorted(set(weights) - expected)[:3]})")
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta)
+    if dist.is_initialized():  # full tensors in, each rank keeps its shard (FSDP) or a replica (DDP)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                              set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(optimizer_state)
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    loader.load_state_dict(state["data"])
+    return state["step"], state["tokens"]
+
+
+def _full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state with full tensors: keyed by parameter index in one process, by
+    parameter name under torch.distributed (gathered from FSDP shards)."""
+    if not dist.is_initialized():
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    """Optimizer state as safetensors-able tensors ("<param>::<name>") plus JSON for the rest."""
+    tensors, scalars = {}, {}
+    for param, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param}::{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{param}::{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        param, name = key.rsplit("::", 1)
+        state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _full_state_dict(model) -> dict:
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores it once
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---- small helpers ----
+
+
+def _wrap(model, cfg: TrainConfig, world: int):
+    if cfg.activation_checkpointing:
+        _checkpoint_blocks(model)
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def _checkpoint_blocks(model) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        if not getattr(block, "_checkpointed", False):
+            forward = block.forward
+            block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+            block._checkpointed = True
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _log(file, record: dict) -> None:
+    if file is not None:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second SIGINT kills)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
