@@ -134,7 +134,22 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
-VERBS = {"generate": generate, "chat": chat}
+def report(run_dir: str) -> None:
+    """Write report.png and report.md for a training run directory and print the summary.
+
+    Args:
+        run_dir: A directory written by `mighty pretrain` or `mighty finetune`.
+    """
+    from mightylm.report import write_report
+
+    print(write_report(run_dir).read_text())
+
+
+def _verbs() -> dict:
+    from mightylm.recipes import finetune_full, pretrain
+
+    return {"generate": generate, "chat": chat, "pretrain": pretrain, "finetune": {"full": finetune_full},
+            "report": report}
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
@@ -153,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from mightylm.checkpoint import CheckpointError
     from mightylm.config import ConfigError
+    from mightylm.data import DataError
+    from mightylm.recipes import RunDirError
     from mightylm.tokenizer import TokenizerError
+    from mightylm.train import TrainingError
 
     try:
         argv = _underscore_options(sys.argv[1:] if argv is None else argv)
-        auto_cli(VERBS, args=argv, as_positional=False,
+        auto_cli(_verbs(), args=argv, as_positional=False,
                  description="mightylm: small, efficient language models. `mighty VERB --help` explains a verb.")
-    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+    except (CheckpointError, ConfigError, DataError, RunDirError, TokenizerError, TrainingError, ValueError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

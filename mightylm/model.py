@@ -183,6 +183,22 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._rope_len = 0
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style init for training from scratch: N(0, 0.02) everywhere, with the two
+        projections that write into the residual stream scaled by 1/sqrt(2 * n_layers) (GPT-2
+        paper, section 2.3). Free on the meta device, where checkpoints are loaded."""
+        residual = {m for block in self.layers for m in (block.attn.o_proj, block.mlp.down_proj)}
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scale = (2 * self.config.n_layers) ** -0.5 if module in residual else 1.0
+                nn.init.normal_(module.weight, std=0.02 * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
 
     def tie_weights(self):
         """Re-share the head with the embedding (needed after `load_state_dict(assign=True)`)."""

@@ -211,14 +211,15 @@ def _compile_template(source: str):
 
 
 def train_bpe(
-    files: list[str | Path],
+    files: list[str | Path] = (),
     vocab_size: int = 8192,
     *,
+    texts=None,
     special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
     chat_template: str | None = None,
     show_progress: bool = True,
 ) -> Tokenizer:
-    """Train a byte-level BPE tokenizer (GPT-2 style) on text files.
+    """Train a byte-level BPE tokenizer (GPT-2 style) on text files, or on an iterable of `texts`.
 
     The first special token serves as bos, eos and pad. The default chat template is ChatML,
     which the `<|im_start|>`/`<|im_end|>` specials make possible.
@@ -237,7 +238,10 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    backend.train([str(f) for f in files], trainer)
+    if texts is not None:
+        backend.train_from_iterator(texts, trainer)
+    else:
+        backend.train([str(f) for f in files], trainer)
     eos = special_tokens[0]
     return Tokenizer(backend, bos_token=eos, eos_token=eos, pad_token=eos,
                      chat_template=chat_template or CHATML_TEMPLATE, stop_token_ids=_ids(backend, special_tokens[2:3]))

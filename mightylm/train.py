@@ -38,26 +38,47 @@ from mightylm.data.loader import IGNORE, Loader
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping of one training run."""
+    """Optimisation and bookkeeping of one training run.
 
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-4  # peak learning rate
-    min_lr: float = 3e-5  # learning rate at the end of the cosine decay
-    warmup: int = 50  # linear warm-up steps
-    weight_decay: float = 0.1  # AdamW decay for matrices (not norms or biases)
+    Args:
+        steps: Optimizer steps to train for.
+        batch_size: Sequences per micro-batch (per process).
+        grad_accum: Micro-batches per optimizer step.
+        lr: Peak learning rate (reached after warm-up).
+        min_lr: Learning rate at the end of the cosine decay.
+        warmup: Linear warm-up steps.
+        weight_decay: AdamW weight decay for matrices (norms and biases get none).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: Largest global gradient norm; null disables clipping.
+        bf16: bfloat16 autocast (GPUs, and CPUs with AVX512-BF16 or AMX).
+        activation_checkpointing: Recompute each block in backward instead of storing its activations.
+        eval_every: Validate every this many steps (and at the end).
+        eval_batches: Validation batches per evaluation; null for the whole validation set.
+        save_every: Write a checkpoint every this many steps (and at the end).
+        log_every: Write a metrics line every this many steps.
+        seed: Seed for initialisation and data order.
+        fsdp: Under torchrun, shard parameters with FSDP2 instead of replicating them with DDP.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 50
+    weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float | None = 1.0  # max global gradient norm; None to disable
-    bf16: bool = False  # bfloat16 autocast (CPUs with AVX512-BF16/AMX, and GPUs)
-    activation_checkpointing: bool = False  # recompute blocks in backward to save memory
-    eval_every: int = 100  # validate every this many steps (and at the end)
-    eval_batches: int | None = 50  # validation batches per evaluation (None: the whole set)
-    save_every: int = 200  # checkpoint every this many steps (and at the end)
-    log_every: int = 10  # write a metrics line every this many steps
+    grad_clip: float | None = 1.0
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_batches: int | None = 50
+    save_every: int = 200
+    log_every: int = 10
     seed: int = 0
-    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating (DDP)
+    fsdp: bool = False
 
 
 class TrainingError(RuntimeError):
@@ -101,6 +122,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     stop = _StopSignal()
     metrics = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    board = _tensorboard(run_dir) if rank == 0 else None
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
@@ -143,12 +165,13 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                 record = {"step": step, "tokens": tokens, "loss": loss_sum.item(), "lr": lr,
                           "tokens_per_s": log_tokens / max(now - log_start, 1e-9),
                           "grad_norm": float(grad_norm) if grad_norm is not None else None, "time": now - started}
-                _log(metrics, record)
+                _log(metrics, record, board)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 log_start, log_tokens = now, 0
             if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(net, val, loss_fn, cfg.eval_batches, autocast)
-                _log(metrics, {"step": step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                _log(metrics, {"step": step, "tokens": tokens, "val_loss": val_loss,
+                               "val_ppl": math.exp(min(val_loss, 50))}, board)
                 summary["val_loss"] = val_loss
                 model.train()
             if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
@@ -163,8 +186,13 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
         bar.close()
         if metrics:
             metrics.close()
+        if board:
+            board.close()
     model.eval()
-    summary.update(step=step, tokens=tokens, seconds=time.perf_counter() - started)
+    summary.update(step=step, tokens=tokens, seconds=time.perf_counter() - started, peak_memory_mb=_peak_memory_mb(model),
+                   config=asdict(cfg), world_size=world)
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -321,14 +349,36 @@ def _checkpoint_blocks(model) -> None:
             block._checkpointed = True
 
 
+def _peak_memory_mb(model) -> float:
+    """Peak memory of this process: the accelerator's allocator on CUDA, resident set size on CPU."""
+    if _device(model).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _log(file, record: dict) -> None:
+def _log(file, record: dict, board=None) -> None:
     if file is not None:
         file.write(json.dumps(record) + "\n")
         file.flush()
+    if board is not None:
+        for key, value in record.items():
+            if key not in ("step", "tokens") and isinstance(value, (int, float)):
+                board.add_scalar(key, value, record["step"])
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer in run_dir/tensorboard when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 class _StopSignal:

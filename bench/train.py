@@ -1,0 +1,93 @@
+"""Training throughput and peak memory: mightylm's fit() vs a plain transformers training loop.
+
+Same config, random weights, AdamW (lr 3e-4, betas 0.9/0.95, wd 0.1), batch 4 x 256 tokens,
+float32, at a ~15M shape and the SmolLM2-135M shape. Each (framework, shape) trains in a fresh
+subprocess so that its peak resident memory is its own; runs are interleaved (ours, theirs,
+ours, theirs) and medians reported. Warm-up steps are excluded from tokens/s.
+
+    .venv/bin/python bench/train.py [--steps 12] [--warmup 3] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+WORKER = r"""
+import json, resource, sys, tempfile, time
+import torch
+import mightylm
+from mightylm.config import ModelConfig
+
+framework, shape, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+config = ModelConfig.from_preset(shape)
+torch.manual_seed(0)
+batches = [torch.randint(0, config.vocab_size, (4, 257)) for _ in range(steps)]
+rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if framework == "mightylm":
+    from mightylm.data.loader import Loader
+    from mightylm.train import TrainConfig, fit
+    model = mightylm.Transformer(config)
+    items = [{"input_ids": b[i, :-1], "labels": b[i, 1:]} for b in batches for i in range(4)]
+    times = []
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-4, warmup=1, eval_every=10**9, save_every=10**9, log_every=1)
+    with tempfile.TemporaryDirectory() as run:
+        fit(model, Loader(items, 4, shuffle=False), run, cfg, progress=False)
+        rows = [json.loads(l) for l in open(run + "/metrics.jsonl")]
+    times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])][warmup - 1:]
+else:
+    from transformers import AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        mightylm.save(mightylm.Transformer(config), None, d)
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    times = []
+    for step, b in enumerate(batches):
+        t = time.perf_counter()
+        loss = model(input_ids=b[:, :-1], labels=b[:, :-1]).loss  # HF shifts labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"tokens_per_s": 4 * 256 / (sum(times) / len(times)), "peak_mb": peak / 1024,
+                  "params_m": config.n_params / 1e6}))
+"""
+
+
+def run(framework: str, shape: str, steps: int, warmup: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", WORKER, framework, shape, str(steps), str(warmup)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{framework} {shape} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["micro-15m", "smollm2-135m"])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    print(f"{'shape':14s} {'params':>8s} {'transformers':>22s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s}")
+    for shape in args.shapes:
+        results = {"mightylm": [], "transformers": []}
+        for _ in range(args.repeats):
+            for framework in results:
+                results[framework].append(run(framework, shape, args.steps, args.warmup))
+        med = {f: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for f, rs in results.items()}
+        ours, ref = med["mightylm"], med["transformers"]
+        print(f"{shape:14s} {ours['params_m']:7.1f}M {ref['tokens_per_s']:8.0f} tok/s {ref['peak_mb']:6.0f} MB "
+              f"{ours['tokens_per_s']:8.0f} tok/s {ours['peak_mb']:6.0f} MB {ours['tokens_per_s'] / ref['tokens_per_s']:6.2f}x "
+              f"{ours['peak_mb'] / ref['peak_mb']:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

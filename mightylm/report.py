@@ -1,0 +1,89 @@
+"""Run reports: a PNG of training and validation loss against tokens seen, and a short summary
+(report.md) of tokens, time, throughput, peak memory, final losses and sample generations.
+
+Written at the end of every training run, and on demand with `mighty report RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; is {run_dir} a training run directory?")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    train, val = read_metrics(run_dir)
+    out = Path(out or run_dir / "report.png")
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    if train:
+        x = [r["tokens"] / 1e6 for r in train]
+        y = [r["loss"] for r in train]
+        ax.plot(x, y, color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss (logged steps)")
+        ax.plot(x, _centred_mean(y, max(1, len(y) // 15)), color="tab:blue", linewidth=1.8,
+                label="train loss (moving average)")
+    if val:
+        ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange",
+                linewidth=1.8, markersize=4, label="validation loss")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.set_title(f"Training run: {run_dir.resolve().name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _centred_mean(values: list[float], half: int) -> list[float]:
+    """Mean over a window of +-half points around each one (narrower at the ends): no lag."""
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half): i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def write_report(run_dir: str | Path, samples: dict[str, str] | None = None) -> Path:
+    """report.png + report.md for a run directory; returns the path of report.md."""
+    run_dir = Path(run_dir)
+    train, val = read_metrics(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if samples:
+        summary["samples"] = samples
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    png = plot_losses(run_dir)
+    seconds = summary.get("seconds") or (train[-1]["time"] if train else 0)
+    tokens = train[-1]["tokens"] if train else 0
+    lines = [f"# Run report: {run_dir.resolve().name}", "", f"![loss curves]({png.name})", "",
+             "| | |", "|---|---|",
+             f"| steps | {train[-1]['step'] if train else 0} |",
+             f"| tokens seen | {tokens:,} |",
+             f"| time | {seconds / 60:.1f} min |",
+             f"| throughput | {tokens / max(seconds, 1e-9):,.0f} tokens/s |"]
+    if "peak_memory_mb" in summary:
+        lines.append(f"| peak memory | {summary['peak_memory_mb']:,.0f} MB |")
+    if train:
+        lines.append(f"| final train loss | {train[-1]['loss']:.4f} |")
+    if val:
+        lines.append(f"| final validation loss | {val[-1]['val_loss']:.4f} (perplexity {math.exp(val[-1]['val_loss']):.1f}) |")
+    for prompt, text in (summary.get("samples") or {}).items():
+        lines += ["", f"**Sample** (prompt {prompt!r}):", "", "```", prompt + text, "```"]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

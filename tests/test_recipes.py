@@ -1,0 +1,68 @@
+"""End-to-end runs through the CLI: pretrain, resume, report, fine-tune, and loading the result."""
+
+import json
+
+import pytest
+import torch
+
+import mightylm
+from mightylm.cli import main
+
+from conftest import SAMPLE_TEXT
+
+TINY = ["--preset", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--ffn_dim", "64",
+        "--vocab_size", "300", "--seq_len", "32", "--val_fraction", "0.1", "--sample_prompts", "[To be]",
+        "--train.batch_size", "4", "--train.lr", "3e-3", "--train.warmup", "2", "--train.eval_every", "5",
+        "--train.save_every", "5", "--train.log_every", "1"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(SAMPLE_TEXT * 40)
+    return path
+
+
+def test_pretrain_resume_report_and_load(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--train.steps", "6", *TINY]) == 0
+    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--train.steps", "6", *TINY]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--train.steps", "10", "--resume", "true",
+                 *TINY]) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 11))
+    report = (out / "report.md").read_text()
+    assert "final validation loss" in report and "To be" in report and (out / "report.png").stat().st_size > 10_000
+    model, tokenizer = mightylm.load(out)  # the run directory is a normal checkpoint
+    assert model.config.n_layers == 2 and tokenizer.vocab_size == 300
+    assert main(["report", "--run-dir", str(out)]) == 0
+
+
+def test_finetune_full_on_jsonl(tmp_path, hf_dir):
+    _, path, _ = hf_dir
+    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
+            for w in ["stressed", "drawer", "reward", "parts", "lived", "stop", "knits", "spot"]]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "ft"
+    assert main(["finetune", "full", "--model", str(path), "--data", str(data), "--out", str(out),
+                 "--val_fraction", "0.25", "--train.steps", "4", "--train.batch_size", "2", "--train.warmup", "1",
+                 "--train.eval_every", "2", "--train.log_every", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 4 and "val_loss" in summary and summary["samples"]
+    tuned, _ = mightylm.load(out)
+    base, _ = mightylm.load(path)
+    assert not torch.equal(tuned.layers[0].attn.q_proj.weight, base.layers[0].attn.q_proj.weight)
+
+
+def test_bad_training_input_is_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    assert main(["pretrain", "--data", str(bad), "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "bad.jsonl:1: expected an object with a string field 'text'" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2"), *TINY]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["report", "--run-dir", str(tmp_path)]) == 2
+    assert "metrics.jsonl: not found" in capsys.readouterr().err
