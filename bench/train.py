@@ -23,6 +23,9 @@ import mightylm
 from mightylm.config import ModelConfig
 
 framework, shape, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+bf16 = sys.argv[5] == "bf16"
+from contextlib import nullcontext
+autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 config = ModelConfig.from_preset(shape)
 torch.manual_seed(0)
 batches = [torch.randint(0, config.vocab_size, (4, 257)) for _ in range(steps)]
@@ -33,7 +36,8 @@ if framework == "mightylm":
     model = mightylm.Transformer(config)
     items = [{"input_ids": b[i, :-1], "labels": b[i, 1:]} for b in batches for i in range(4)]
     times = []
-    cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-4, warmup=1, eval_every=10**9, save_every=10**9, log_every=1)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-4, warmup=1, eval_every=10**9, save_every=10**9, log_every=1,
+                      bf16=bf16)
     with tempfile.TemporaryDirectory() as run:
         fit(model, Loader(items, 4, shuffle=False), run, cfg, progress=False)
         rows = [json.loads(l) for l in open(run + "/metrics.jsonl")]
@@ -48,7 +52,8 @@ else:
     times = []
     for step, b in enumerate(batches):
         t = time.perf_counter()
-        loss = model(input_ids=b[:, :-1], labels=b[:, :-1]).loss  # HF shifts labels itself
+        with autocast:
+            loss = model(input_ids=b[:, :-1], labels=b[:, :-1]).loss  # HF shifts labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -61,8 +66,8 @@ print(json.dumps({"tokens_per_s": 4 * 256 / (sum(times) / len(times)), "peak_mb"
 """
 
 
-def run(framework: str, shape: str, steps: int, warmup: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", WORKER, framework, shape, str(steps), str(warmup)],
+def run(framework: str, shape: str, steps: int, warmup: int, precision: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", WORKER, framework, shape, str(steps), str(warmup), precision],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{framework} {shape} failed:\n{result.stderr[-3000:]}")
@@ -75,16 +80,17 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="bf16: autocast on both sides")
     args = parser.parse_args()
-    print(f"{'shape':14s} {'params':>8s} {'transformers':>22s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s}")
-    for shape in args.shapes:
+    print(f"{'shape':14s} {'prec':4s} {'params':>8s} {'transformers':>22s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s}")
+    for shape, precision in [(s, p) for s in args.shapes for p in args.precisions]:
         results = {"mightylm": [], "transformers": []}
         for _ in range(args.repeats):
             for framework in results:
-                results[framework].append(run(framework, shape, args.steps, args.warmup))
+                results[framework].append(run(framework, shape, args.steps, args.warmup, precision))
         med = {f: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for f, rs in results.items()}
         ours, ref = med["mightylm"], med["transformers"]
-        print(f"{shape:14s} {ours['params_m']:7.1f}M {ref['tokens_per_s']:8.0f} tok/s {ref['peak_mb']:6.0f} MB "
+        print(f"{shape:14s} {precision:4s} {ours['params_m']:7.1f}M {ref['tokens_per_s']:8.0f} tok/s {ref['peak_mb']:6.0f} MB "
               f"{ours['tokens_per_s']:8.0f} tok/s {ours['peak_mb']:6.0f} MB {ours['tokens_per_s'] / ref['tokens_per_s']:6.2f}x "
               f"{ours['peak_mb'] / ref['peak_mb']:6.2f}x")
 

@@ -23,6 +23,53 @@ class RunDirError(ValueError):
     """The output directory cannot be used as asked."""
 
 
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): joins the process group when started by torchrun, else (0, 1)."""
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rank0_first(rank: int, world: int, work):
+    """Run `work` on rank 0 first (tokenizer training, tokenization), then on the others, which
+    find its results cached on disk."""
+    import torch.distributed as dist
+
+    if world > 1 and rank != 0:
+        dist.barrier()
+    result = work()
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return result
+
+
+def _save_final(model, tokenizer, out: Path, rank: int, world: int) -> None:
+    """Write the run directory's Hugging Face checkpoint from rank 0 (full weights, also under FSDP)."""
+    from mightylm import save
+    from mightylm.model import Transformer
+
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return
+        with torch.device("meta"):
+            model = Transformer(model.config)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+    save(model.to("cpu"), tokenizer, out)
+
+
 def _prepare_out(out: Path, resume: bool) -> None:
     if resume:
         if not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists():
@@ -79,7 +126,7 @@ def pretrain(
         sample_prompts: Prompts for the sample generations in the report.
         device: Where to train (cpu, cuda).
     """
-    from mightylm import save
+    from mightylm import load
     from mightylm.config import ModelConfig
     from mightylm.data.loader import Loader
     from mightylm.data.pretrain import TokenStream, collect_files, read_documents
@@ -90,17 +137,24 @@ def pretrain(
 
     data = [data] if isinstance(data, str) else data
     out = Path(out)
-    _prepare_out(out, resume)
+    rank, world = _distributed(device)
+    if rank == 0:
+        _prepare_out(out, resume)
     files = collect_files(data)
-    if resume and (out / "tokenizer.json").exists():
-        tok = Tokenizer.from_dir(out)
-    elif tokenizer:
-        tok = Tokenizer.from_dir(tokenizer)
-    else:
-        print(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {len(files)} files")
-        tok = train_bpe(vocab_size=vocab_size, texts=(d for f in files for d in read_documents(f)))
-    tok.save(out)
-    stream = TokenStream.build(files, tok, out / "data")
+
+    def prepare():
+        if (resume or rank != 0) and (out / "tokenizer.json").exists():
+            tok = Tokenizer.from_dir(out)
+        elif tokenizer:
+            tok = Tokenizer.from_dir(tokenizer)
+        else:
+            print(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {len(files)} files")
+            tok = train_bpe(vocab_size=vocab_size, texts=(d for f in files for d in read_documents(f)))
+        if rank == 0:
+            tok.save(out)
+        return tok, TokenStream.build(files, tok, out / "data", progress=rank == 0)
+
+    tok, stream = _rank0_first(rank, world, prepare)
     train_windows, val_windows = stream.split(seq_len, val_fraction)
     overrides = {k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                         ffn_dim=ffn_dim).items() if v is not None}
@@ -109,14 +163,18 @@ def pretrain(
     model = Transformer(config).to(device)
     print(f"model: {config.n_params / 1e6:.2f}M parameters; data: {len(stream):,} tokens "
           f"({len(train_windows)} training and {len(val_windows)} validation windows of {seq_len})")
-    (out / "run_args.json").write_text(json.dumps({"data": [str(d) for d in data], "preset": preset,
-                                                    "model": asdict(config), "seq_len": seq_len,
-                                                    "train": asdict(train)}, indent=1) + "\n")
-    loader = Loader(train_windows, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0)
+    if rank == 0:
+        (out / "run_args.json").write_text(json.dumps({"data": [str(d) for d in data], "preset": preset,
+                                                        "model": asdict(config), "seq_len": seq_len,
+                                                        "world_size": world, "train": asdict(train)}, indent=1) + "\n")
+    loader = Loader(train_windows, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0, rank=rank,
+                    world_size=world)
     val = Loader(val_windows, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
     summary = fit(model, loader, out, train, val=val, resume=resume)
-    model.to("cpu")
-    save(model, tok, out)
+    _save_final(model, tok, out, rank, world)
+    if rank != 0:
+        return summary
+    model, _ = load(out)
     prompts = sample_prompts if sample_prompts is not None else ["The ", "And "]
     report = write_report(out, _samples(model, tok, prompts))
     print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, validation loss {summary.get('val_loss', float('nan')):.3f}; "
@@ -158,7 +216,9 @@ def finetune_full(
     from mightylm.train import fit
 
     out = Path(out)
-    _prepare_out(out, resume)
+    rank, world = _distributed(device)
+    if rank == 0:
+        _prepare_out(out, resume)
     net, tok = mightylm.load(model, device=device)
     if tok is None or not tok.chat_template:
         raise RunDirError(f"{model}: fine-tuning needs a tokenizer with a chat template")
@@ -170,16 +230,19 @@ def finetune_full(
         n_val = max(1, int(len(rows) * val_fraction)) if len(rows) > 1 else 0
         rows, val_rows = rows[n_val:], rows[:n_val]
     train_set = SFTDataset.from_records([{"messages": m} for m in rows], tok, max_len=max_len, pack=pack)
-    loader = Loader(train_set, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0)
+    loader = Loader(train_set, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0, rank=rank, world_size=world)
     val = None
     if val_rows:
         val_set = SFTDataset.from_records([{"messages": m} for m in val_rows], tok, max_len=max_len)
         val = Loader(val_set, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
-    (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len,
-                                                    "train": asdict(train)}, indent=1) + "\n")
+    if rank == 0:
+        (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len,
+                                                        "world_size": world, "train": asdict(train)}, indent=1) + "\n")
     summary = fit(net, loader, out, train, val=val, resume=resume)
-    net.to("cpu")
-    mightylm.save(net, tok, out)
+    _save_final(net, tok, out, rank, world)
+    if rank != 0:
+        return summary
+    net, _ = mightylm.load(out)
     prompts = [tok.apply_chat_template([m for m in conv if m["role"] != "assistant"][:1]) for conv in (val_rows or rows)[:3]]
     write_report(out, _samples(net, tok, prompts, max_new_tokens=48))
     return summary

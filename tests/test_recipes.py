@@ -66,3 +66,23 @@ def test_bad_training_input_is_reported(tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["report", "--run-dir", str(tmp_path)]) == 2
     assert "metrics.jsonl: not found" in capsys.readouterr().err
+
+
+def test_pretrain_under_torchrun(tmp_path, corpus):
+    import os
+    import subprocess
+    import sys
+
+    from test_train import free_port
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "mightylm.cli", "pretrain", "--data", str(corpus), "--out", str(out), "--train.steps", "4", *TINY]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 4
+    assert summary["tokens"] == 4 * 2 * 4 * 32  # steps x ranks x per-rank batch x window
+    model, _ = mightylm.load(out)
+    assert model.config.dim == 32

@@ -168,3 +168,21 @@ def test_two_processes_follow_one_process(tmp_path, mode):
     assert len(losses[0]) == 8
     for a, b in zip(*losses):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    plain, recomputed = tiny_model(), tiny_model()
+    fit(plain, Loader(dataset(), 4, seed=1), tmp_path / "a", config(steps=4), progress=False)
+    fit(recomputed, Loader(dataset(), 4, seed=1), tmp_path / "b", config(steps=4, activation_checkpointing=True),
+        progress=False)
+    for a, b in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    model = tiny_model()
+    val = Loader(dataset(16, seed=1), 8, shuffle=False)
+    before = evaluate(model, val)
+    summary = fit(model, Loader(dataset(), 4), tmp_path, config(steps=40, bf16=True), val=val, progress=False)
+    assert summary["val_loss"] < before - 0.5
+    assert model.embed.weight.dtype == torch.float32  # master weights stay float32
