@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mightylm.data import DataError
+from mightylm.data import DataError, iter_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 # Corpora that ship inside PyPI packages: name -> (package, folder, file pattern).
@@ -68,17 +68,10 @@ def read_documents(path: Path):
         if text.strip():
             yield text
         return
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); expected one object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{number}: expected an object with a string field 'text'")
-            yield record["text"]
+    for number, record in iter_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number}: expected an object with a string field 'text'")
+        yield record["text"]
 
 
 def _fingerprint(files: list[Path], tokenizer) -> dict:

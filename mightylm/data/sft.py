@@ -9,36 +9,20 @@ answer and are the only labelled ones. Examples longer than `max_len` are cut (a
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from mightylm.data import DataError
+from mightylm.data import DataError, iter_jsonl
 from mightylm.data.loader import IGNORE
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; errors name the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); "
-                                "expected one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            rows.append((number, record))
+    """(line number, object) for every non-blank line; an empty file is an error."""
+    rows = list(iter_jsonl(path))
     if not rows:
         raise DataError(f"{path}: empty; expected JSONL with one example per line")
     return rows
