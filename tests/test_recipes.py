@@ -1,6 +1,7 @@
 """End-to-end runs through the CLI: pretrain, resume, report, fine-tune, and loading the result."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +87,18 @@ def test_pretrain_under_torchrun(tmp_path, corpus):
     assert summary["tokens"] == 4 * 2 * 4 * 32  # steps x ranks x per-rank batch x window
     model, _ = mightylm.load(out)
     assert model.config.dim == 32
+
+
+def test_yaml_recipe_with_command_line_overrides(tmp_path, corpus):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "recipe"
+    recipe = str(Path(__file__).parent.parent / "recipes" / "pretrain-shakespeare.yaml")
+    assert main(["pretrain", "--config", recipe, "--data", str(corpus), "--out", str(out),
+                 "--n_layers", "1", "--dim", "32", "--ffn_dim", "64", "--vocab_size", "300", "--seq_len", "32",
+                 "--train.steps", "2", "--train.eval_every", "1", "--train.batch_size", "2"]) == 0
+    args = json.loads((out / "run_args.json").read_text())
+    assert args["train"]["lr"] == 2e-3 and args["train"]["steps"] == 2  # from the YAML, and overridden
+    assert args["model"]["n_heads"] == 4 and args["model"]["n_layers"] == 1
+    hf = AutoModelForCausalLM.from_pretrained(out)  # the run directory is a transformers checkpoint too
+    assert hf.config.num_hidden_layers == 1
