@@ -56,11 +56,10 @@ def _save_final(model, tokenizer, out: Path, rank: int, world: int) -> None:
     """Write the run directory's Hugging Face checkpoint from rank 0 (full weights, also under FSDP)."""
     from mightylm import save
     from mightylm.model import Transformer
+    from mightylm.train import full_state_dict
 
     if world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = full_state_dict(model)
         if rank != 0:
             return
         with torch.device("meta"):

@@ -170,6 +170,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                 _log(metrics, record, board)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 log_start, log_tokens = now, 0
+            paused = time.perf_counter()  # validation and checkpoints do not count against tokens/s
             if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(net, val, loss_fn, cfg.eval_batches, autocast)
                 _log(metrics, {"step": step, "tokens": tokens, "val_loss": val_loss,
@@ -178,7 +179,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                 model.train()
             if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
                 save_checkpoint(run_dir, model, optimizer, train, step, tokens)
-            log_start = time.perf_counter() if step % cfg.log_every == 0 else log_start  # exclude eval/save time
+            log_start += time.perf_counter() - paused
             if stop.requested:
                 summary["interrupted"] = True
                 bar.write(f"stopped by signal at step {step}; checkpoint saved in {run_dir / 'checkpoint'}")
@@ -220,7 +221,7 @@ def evaluate(net, val: Loader, loss_fn=cross_entropy, max_batches: int | None = 
 def save_checkpoint(run_dir: Path, model, optimizer, loader: Loader, step: int, tokens: int) -> None:
     from safetensors.torch import save_file
 
-    model_state = _full_state_dict(model)
+    model_state = full_state_dict(model)
     optimizer_state = _full_optimizer_state(model, optimizer)  # collective under FSDP: every rank calls it
     if dist.is_initialized() and dist.get_rank() != 0:
         return
@@ -302,7 +303,9 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _full_state_dict(model) -> dict:
+def full_state_dict(model) -> dict:
+    """Every weight, whole and on the CPU (gathered from FSDP shards: a collective under
+    torch.distributed, so every rank calls it); a tied head is left to the embedding."""
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
