@@ -11,7 +11,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-def _load(model: str, dtype: str):
+def _load(model: str, dtype: str, adapter: str | None = None):
     import torch
 
     import mightylm
@@ -21,6 +21,11 @@ def _load(model: str, dtype: str):
     from mightylm.fuse import fuse_projections_
 
     loaded, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
+    if adapter:
+        from mightylm.adapters.lora import load_lora
+
+        n = len(load_lora(loaded, adapter))  # applied unmerged, before the decode layout
+        print(f"applied LoRA adapter {adapter} to {n} layers", file=sys.stderr)
     fuse_projections_(loaded)  # inference-only layout: faster batch-1 decoding, same outputs
     if tokenizer is None:
         raise ValueError(f"{model}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
@@ -40,6 +45,7 @@ def generate(
     stop: list[str] | None = None,
     chat: bool = False,
     dtype: DType = "float32",
+    adapter: str | None = None,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -57,12 +63,13 @@ def generate(
         stop: Stop strings; generation ends before the first one (repeat the option for several).
         chat: Wrap the prompt as a user message in the model's chat template.
         dtype: Weight and activation precision.
+        adapter: A LoRA adapter directory (ours or PEFT's) to apply, unmerged.
     """
     from mightylm.generate import Sampling, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
-    m, tokenizer = _load(model, dtype)
+    m, tokenizer = _load(model, dtype, adapter)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     for piece in stream_text(m, tokenizer, ids, settings):
         sys.stdout.write(piece)
@@ -78,6 +85,7 @@ def chat(
     top_p: float | None = 0.9,
     seed: int | None = None,
     dtype: DType = "float32",
+    adapter: str | None = None,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -93,11 +101,12 @@ def chat(
         top_p: Nucleus sampling threshold.
         seed: Random seed for sampling.
         dtype: Weight and activation precision.
+        adapter: A LoRA adapter directory (ours or PEFT's) to apply, unmerged.
     """
     from mightylm.generate import Sampling, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tokenizer = _load(model, dtype)
+    m, tokenizer = _load(model, dtype, adapter)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -134,6 +143,24 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+def merge(model: str, adapter: str, out: str) -> None:
+    """Merge a LoRA adapter into its base model and write a full checkpoint transformers loads.
+
+    Args:
+        model: The base model: a Hugging Face directory, a .gguf file, or an embedded model name.
+        adapter: The LoRA adapter directory (ours or PEFT's).
+        out: Where to write the merged Hugging Face checkpoint.
+    """
+    import mightylm
+    from mightylm.adapters.lora import load_lora, strip_lora
+
+    base, tokenizer = mightylm.load(model)
+    n = len(load_lora(base, adapter))
+    strip_lora(base)
+    mightylm.save(base, tokenizer, out)
+    print(f"merged {n} LoRA layers of {adapter} into {model}; wrote {out}")
+
+
 def report(run_dir: str) -> None:
     """Write report.png and report.md for a training run directory and print the summary.
 
@@ -146,10 +173,10 @@ def report(run_dir: str) -> None:
 
 
 def _verbs() -> dict:
-    from mightylm.recipes import finetune_full, pretrain
+    from mightylm.recipes import finetune_full, finetune_lora, pretrain
 
-    return {"generate": generate, "chat": chat, "pretrain": pretrain, "finetune": {"full": finetune_full},
-            "report": report}
+    return {"generate": generate, "chat": chat, "pretrain": pretrain, "finetune": {"full": finetune_full, "lora": finetune_lora},
+            "merge": merge, "report": report}
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
@@ -166,6 +193,7 @@ def _underscore_options(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import auto_cli
 
+    from mightylm.adapters import AdapterError
     from mightylm.checkpoint import CheckpointError
     from mightylm.config import ConfigError
     from mightylm.data import DataError
@@ -177,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = _underscore_options(sys.argv[1:] if argv is None else argv)
         auto_cli(_verbs(), args=argv, as_positional=False,
                  description="mightylm: small, efficient language models. `mighty VERB --help` explains a verb.")
-    except (CheckpointError, ConfigError, DataError, RunDirError, TokenizerError, TrainingError, ValueError,
+    except (AdapterError, CheckpointError, ConfigError, DataError, RunDirError, TokenizerError, TrainingError, ValueError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

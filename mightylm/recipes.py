@@ -208,7 +208,57 @@ def finetune_full(
         resume: Continue the run in `out` from its last checkpoint.
         device: Where to train (cpu, cuda).
     """
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device)
+
+
+def finetune_lora(
+    model: str,
+    data: str,
+    out: str = "runs/lora",
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],  # noqa: B006
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    rslora: bool = False,
+    val_data: str | None = None,
+    val_fraction: float = 0.05,
+    max_len: int = 512,
+    pack: bool = False,
+    train: TrainConfig = TrainConfig(steps=200, lr=2e-4, min_lr=2e-5, warmup=20, batch_size=4, eval_every=50,
+                                     save_every=100, weight_decay=0.0),
+    resume: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """LoRA fine-tuning on instruction or chat JSONL: only low-rank adapters are trained.
+
+    The run directory holds the adapter in PEFT's format (adapter_config.json +
+    adapter_model.safetensors): use it with `mighty generate --adapter`, `mighty merge`, or peft.
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
+        out: The run directory; it ends up holding the adapter, the report and the metrics.
+        targets: Leaf names of the linear layers to adapt (add lm_head to adapt the head too).
+        r: Rank of the update.
+        alpha: Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).
+        dropout: Dropout on the adapter's input during training.
+        rslora: Use rank-stabilised scaling alpha / sqrt(r).
+        val_data: JSONL for validation; if unset, `val_fraction` of `data` is held out.
+        val_fraction: Share of `data` held out for validation when `val_data` is unset.
+        max_len: Longest example in tokens (longer ones are cut).
+        pack: Pack several examples into each sequence instead of padding.
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        device: Where to train (cpu, cuda).
+    """
+    lora = {"targets": tuple(targets), "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora}
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, lora)
+
+
+def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, lora=None) -> dict:
+    """The body both fine-tuning verbs share; with `lora`: adapt first, train, save only the adapter."""
     import mightylm
+    from mightylm.adapters.lora import apply_lora, save_lora
     from mightylm.data.loader import Loader
     from mightylm.data.sft import SFTDataset, read_jsonl, to_messages
     from mightylm.report import write_report
@@ -221,6 +271,11 @@ def finetune_full(
     net, tok = mightylm.load(model, device=device)
     if tok is None or not tok.chat_template:
         raise RunDirError(f"{model}: fine-tuning needs a tokenizer with a chat template")
+    if lora is not None:
+        converted = apply_lora(net, **lora)  # checks targets, rank and scale before any data is read
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        print(f"LoRA on {len(converted)} layers: {trainable:,} trainable parameters "
+              f"({100 * trainable / net.config.n_params:.2f}% of {net.config.n_params:,})")
     rows = [to_messages(record, f"{data}:{number}") for number, record in read_jsonl(data)]
     if val_data:
         val_rows = [to_messages(r, f"{val_data}:{n}") for n, r in read_jsonl(val_data)]
@@ -235,13 +290,19 @@ def finetune_full(
         val_set = SFTDataset.from_records([{"messages": m} for m in val_rows], tok, max_len=max_len)
         val = Loader(val_set, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
     if rank == 0:
-        (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len,
+        (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len, "lora": lora,
                                                         "world_size": world, "train": asdict(train)}, indent=1) + "\n")
     summary = fit(net, loader, out, train, val=val, resume=resume)
-    _save_final(net, tok, out, rank, world)
-    if rank != 0:
-        return summary
-    net, _ = mightylm.load(out)
+    if lora is not None:
+        if rank != 0:
+            return summary
+        save_lora(net, out, base_model=str(model))
+        sampler = net
+    else:
+        _save_final(net, tok, out, rank, world)
+        if rank != 0:
+            return summary
+        sampler, _ = mightylm.load(out)
     prompts = [tok.apply_chat_template([m for m in conv if m["role"] != "assistant"][:1]) for conv in (val_rows or rows)[:3]]
-    write_report(out, _samples(net, tok, prompts, max_new_tokens=48))
+    write_report(out, _samples(sampler, tok, prompts, max_new_tokens=48))
     return summary

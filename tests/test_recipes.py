@@ -102,3 +102,46 @@ def test_yaml_recipe_with_command_line_overrides(tmp_path, corpus):
     assert args["model"]["n_heads"] == 4 and args["model"]["n_layers"] == 1
     hf = AutoModelForCausalLM.from_pretrained(out)  # the run directory is a transformers checkpoint too
     assert hf.config.num_hidden_layers == 1
+
+
+def test_lora_finetune_generate_with_adapter_and_merge(tmp_path, hf_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from mightylm.adapters.lora import load_lora
+    from mightylm.generate import Sampling, generate
+
+    _, path, _ = hf_dir
+    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
+            for w in ["stressed", "drawer", "reward", "parts", "lived", "stop", "knits", "spot"]]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "lora"
+    assert main(["finetune", "lora", "--model", str(path), "--data", str(data), "--out", str(out), "--r", "4",
+                 "--targets", "[q_proj, v_proj, down_proj]", "--train.steps", "4", "--train.batch_size", "2",
+                 "--train.lr", "1e-2", "--train.warmup", "1", "--train.eval_every", "2"]) == 0
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert "LoRA on 6 layers" in capsys.readouterr().out
+
+    base, tok = mightylm.load(path)
+    load_lora(base, out)
+    prompt = tok.encode("To be")
+    expected = tok.decode(generate(base, [prompt], Sampling(max_new_tokens=8, stop_token_ids=tok.stop_token_ids))[0])
+    assert main(["generate", "--model", str(path), "--adapter", str(out), "--prompt", "To be", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+    assert main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        assert (merged(idx).logits - base(idx)).abs().max().item() <= 1e-4
+
+
+def test_lora_bad_target_is_refused_before_training(tmp_path, hf_dir, capsys):
+    _, path, _ = hf_dir
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    assert main(["finetune", "lora", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--targets", "[attn]"]) == 2
+    assert "unknown LoRA target module(s) ['attn']" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

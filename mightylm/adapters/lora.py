@@ -1,0 +1,217 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen linear layer W gets a trainable low-rank update: y = x W^T + (alpha / r) * x A^T B^T,
+with A (r, in) initialised like a linear layer and B (out, r) at zero, so the model is unchanged
+at the start (section 4.1). rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) instead,
+which keeps the update's size stable as r grows.
+
+How it hooks in: `apply_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16)` swaps each
+targeted `nn.Linear` for a `LoRALinear` in place, keeping the base `weight`/`bias` keys and
+tensors, freezes everything else, and returns the names it converted. The one training loop
+then trains it like any model. `merge_lora` folds B A into W for deployment.
+
+Files are PEFT's: adapter_config.json + adapter_model.safetensors with keys
+`base_model.model.<HF module name>.lora_A.weight`, so `peft.PeftModel.from_pretrained` loads
+ours on the equivalent `transformers` model and we load PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mightylm.adapters import AdapterError
+from mightylm.checkpoint import HF_TO_OURS, rename
+
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear + a low-rank update. `weight`/`bias` are the frozen base's own tensors."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # reuse, never copy
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT do
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        """B A * scaling, the (out, in) update the adapter adds to the weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.add_(self.delta().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta().to(self.weight.dtype))
+            self.merged = False
+
+
+def _linear_leaves(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B"))}
+
+
+def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0, rslora: bool = False) -> list[str]:
+    """Wrap every linear layer whose leaf name is in `targets` (e.g. "lm_head" too) with LoRA,
+    freeze all other parameters, and return the converted module names."""
+    if r < 1:
+        raise AdapterError(f"LoRA rank r must be >= 1, got {r}")
+    if alpha <= 0 or not 0 <= dropout < 1:
+        raise AdapterError(f"need alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
+    if any(getattr(m, "fused_qkv", None) or getattr(m, "fused_gate_up", None) for m in model.modules()):
+        raise AdapterError("the model has fused projections (fuse_projections_); apply LoRA before fusing, "
+                           "or call fuse.unfuse_projections_ first")
+    leaves = _linear_leaves(model)
+    known = sorted({name.rsplit(".", 1)[-1] for name in leaves})
+    unknown = [t for t in targets if t not in known]
+    if unknown or not targets:
+        raise AdapterError(f"unknown LoRA target module(s) {unknown or '(none given)'}; this model has: {', '.join(known)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    converted = []
+    for name, module in leaves.items():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if isinstance(module, LoRALinear):
+            continue  # already converted
+        if r > min(module.in_features, module.out_features):
+            raise AdapterError(f"rank {r} exceeds the size of {name} ({module.out_features}x{module.in_features})")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear(module, r, alpha, dropout, rslora)
+        lora.train(module.training)  # a new module starts in training mode: keep the model's (eval: no dropout)
+        setattr(parent, child, lora)
+        converted.append(name)
+    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": list(targets)}
+    return converted
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base weight (outputs unchanged); returns how many."""
+    modules = lora_modules(model)
+    for m in modules.values():
+        m.merge()
+    return len(modules)
+
+
+def strip_lora(model: nn.Module) -> None:
+    """Merge, then put plain nn.Linear modules back (what a merged checkpoint saves)."""
+    merge_lora(model)
+    for name, m in lora_modules(model).items():
+        parent_name, _, child = name.rpartition(".")
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+
+
+def _hf_module(name: str) -> str:
+    ours_to_hf = {v: k for k, v in HF_TO_OURS.items()}
+    hf = rename(name + ".weight", ours_to_hf)
+    if hf is None:
+        raise AdapterError(f"module {name} has no Hugging Face name")
+    return hf.removesuffix(".weight")
+
+
+def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
+    """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA modules to save")
+    cfg = model.lora_config
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in modules.items():
+        hf = PEFT_PREFIX + _hf_module(name)
+        tensors[f"{hf}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{hf}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "use_rslora": cfg["rslora"],
+        "target_modules": sorted(cfg["targets"]), "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def load_lora(model: nn.Module, path: str | Path) -> list[str]:
+    """Apply a PEFT-format LoRA adapter (ours or PEFT's) to `model`, unmerged. Returns converted names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for f in (config_file, weights_file):
+        if not f.exists():
+            raise AdapterError(f"{f}: not found; an adapter directory needs adapter_config.json and adapter_model.safetensors")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{config_file}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{weights_file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    ours = {}
+    for key, tensor in tensors.items():
+        module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        which = which.replace(".default", "")
+        name = rename(module + ".weight", HF_TO_OURS)
+        if name is None:
+            raise AdapterError(f"{weights_file}: tensor {key!r} names no module of a {model.config.arch} model")
+        ours[(name.removesuffix(".weight"), "lora_" + which.split(".")[0])] = tensor
+    converted = apply_lora(model, tuple(targets), r=cfg["r"], alpha=cfg["lora_alpha"],
+                           dropout=cfg.get("lora_dropout", 0.0), rslora=cfg.get("use_rslora", False))
+    modules = lora_modules(model)
+    for (name, which), tensor in ours.items():
+        if name not in modules:
+            raise AdapterError(f"{weights_file}: adapter for {name}, which this model does not have "
+                               f"(made for another base model? it has {model.config.n_layers} layers)")
+        param = getattr(modules[name], which).weight
+        if param.shape != tensor.shape:
+            base = cfg.get("base_model_name_or_path") or "its base model"
+            raise AdapterError(f"{weights_file}: {name}.{which} has shape {tuple(tensor.shape)}, this model needs "
+                               f"{tuple(param.shape)}: the adapter was made for {base}, not for this "
+                               f"{model.config.arch} model (dim {model.config.dim})")
+        with torch.no_grad():
+            param.copy_(tensor)
+    missing = [n for n in converted if (n, "lora_A") not in ours]
+    if missing:
+        raise AdapterError(f"{weights_file}: no weights for {missing[:3]}")
+    return converted
