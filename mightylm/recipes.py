@@ -9,9 +9,11 @@ report.md and checkpoint/ (what `--resume` continues from).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import asdict
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -193,6 +195,7 @@ def finetune_full(
                                      save_every=100),
     resume: bool = False,
     device: str = "cpu",
+    optimizer: Literal["adamw", "lomo"] = "adamw",
 ) -> dict:
     """Supervised fine-tuning of every weight of a model on instruction or chat JSONL.
 
@@ -207,8 +210,11 @@ def finetune_full(
         train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
         resume: Continue the run in `out` from its last checkpoint.
         device: Where to train (cpu, cuda).
+        optimizer: adamw, or lomo (Lv et al. 2023: SGD fused into backward, no gradients or optimizer
+            state kept; --train.grad_clip becomes its two-pass clipping; lr is an SGD learning rate).
     """
-    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device)
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device,
+                     optimizer=optimizer)
 
 
 def finetune_lora(
@@ -255,7 +261,8 @@ def finetune_lora(
     return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, lora)
 
 
-def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, lora=None) -> dict:
+def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, lora=None,
+              optimizer="adamw") -> dict:
     """The body both fine-tuning verbs share; with `lora`: adapt first, train, save only the adapter."""
     import mightylm
     from mightylm.adapters.lora import apply_lora, save_lora
@@ -292,7 +299,13 @@ def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, re
     if rank == 0:
         (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len, "lora": lora,
                                                         "world_size": world, "train": asdict(train)}, indent=1) + "\n")
-    summary = fit(net, loader, out, train, val=val, resume=resume)
+    opt = None
+    if optimizer == "lomo":
+        from mightylm.optim.lomo import LOMO
+
+        opt = LOMO(net.parameters(), lr=train.lr, weight_decay=train.weight_decay, clip_grad_norm=train.grad_clip)
+        train = dataclasses.replace(train, grad_clip=None)  # LOMO clips inside its own two-pass backward
+    summary = fit(net, loader, out, train, val=val, resume=resume, optimizer=opt)
     if lora is not None:
         if rank != 0:
             return summary

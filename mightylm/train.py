@@ -118,6 +118,9 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
     torch.manual_seed(cfg.seed)
     net = _wrap(model, cfg, world)  # what forward/backward go through (DDP/FSDP wrapper or the model)
     optimizer = optimizer or make_optimizer(model, cfg)
+    if hasattr(optimizer, "backward") and (cfg.grad_accum > 1 or cfg.grad_clip is not None or world > 1):
+        raise TrainingError("an optimizer that updates inside backward (LOMO) needs grad_accum=1, grad_clip=None "
+                            "(it clips itself: clip_grad_norm) and a single process")
     step, tokens = 0, 0
     if resume:
         step, tokens = load_checkpoint(run_dir, model, optimizer, train)
@@ -145,7 +148,10 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 with (nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync()), autocast:
                     loss = loss_fn(net, batch) / cfg.grad_accum
-                loss.backward()
+                if hasattr(optimizer, "backward"):  # optimizers that update inside backward (LOMO)
+                    optimizer.backward(loss)
+                else:
+                    loss.backward()
                 loss_sum += loss.detach()
                 log_tokens += batch["input_ids"].numel() * world
                 tokens += batch["input_ids"].numel() * world

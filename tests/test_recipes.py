@@ -41,7 +41,8 @@ def test_pretrain_resume_report_and_load(tmp_path, corpus, capsys):
     assert main(["report", "--run-dir", str(out)]) == 0
 
 
-def test_finetune_full_on_jsonl(tmp_path, hf_dir):
+@pytest.mark.parametrize("optimizer", ["adamw", "lomo"])
+def test_finetune_full_on_jsonl(tmp_path, hf_dir, optimizer):
     _, path, _ = hf_dir
     rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
             for w in ["stressed", "drawer", "reward", "parts", "lived", "stop", "knits", "spot"]]
@@ -50,7 +51,8 @@ def test_finetune_full_on_jsonl(tmp_path, hf_dir):
     out = tmp_path / "ft"
     assert main(["finetune", "full", "--model", str(path), "--data", str(data), "--out", str(out),
                  "--val_fraction", "0.25", "--train.steps", "4", "--train.batch_size", "2", "--train.warmup", "1",
-                 "--train.eval_every", "2", "--train.log_every", "1"]) == 0
+                 "--train.eval_every", "2", "--train.log_every", "1", "--optimizer", optimizer,
+                 "--train.lr", "1e-2" if optimizer == "lomo" else "2e-5"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 4 and "val_loss" in summary and summary["samples"]
     tuned, _ = mightylm.load(out)
