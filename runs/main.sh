@@ -3,6 +3,7 @@
 # Run it with `make main` (which installs .venv first). Outputs go to runs/out/.
 #   1. pretrain a ~6M-parameter model from scratch on Shakespeare (~10 minutes on 2 cores)
 #   2. load the embedded SmolLM2-135M-Instruct (GGUF) and generate and chat with it
+#   3. LoRA-fine-tune SmolLM2 on a task it fails zero-shot and show accuracy before and after
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIGHTY=.venv/bin/mighty
@@ -37,6 +38,16 @@ echo
 echo "== 4. sampled generation with a fixed seed (same seed, same text)"
 $MIGHTY generate --model $MODEL --chat true --prompt "Give me a one-sentence fun fact about octopuses." \
   --temperature 0.8 --top-p 0.95 --seed 42 --max-new-tokens 60
+
+echo
+echo "== 5. LoRA on SmolLM2: held-out 2-digit addition, exact match before and after (~4 minutes)"
+rm -rf runs/out/lora-demo
+.venv/bin/python runs/lora_demo.py --out runs/out/lora-demo 2> runs/out/lora-demo.log
+echo "-- the adapter (PEFT format) applied unmerged from the command line:"
+$MIGHTY generate --model $MODEL --adapter runs/out/lora-demo/adapter --chat true --temperature 0 \
+  --prompt "Add the two numbers. Answer with the result only.
+
+57 + 38"
 
 echo
 echo "done: training report in $RUN/report.md (plot: $RUN/report.png), chat transcript in runs/out/chat.txt"
