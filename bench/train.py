@@ -24,6 +24,10 @@ from mightylm.config import ModelConfig
 
 framework, shape, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 bf16 = sys.argv[5] == "bf16"
+method = sys.argv[6] if len(sys.argv) > 6 else "full"  # full (AdamW) | lora | lomo, optionally +ckpt
+checkpointing = method.endswith("+ckpt")
+method = method.removesuffix("+ckpt")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 from contextlib import nullcontext
 autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 config = ModelConfig.from_preset(shape)
@@ -34,12 +38,19 @@ if framework == "mightylm":
     from mightylm.data.loader import Loader
     from mightylm.train import TrainConfig, fit
     model = mightylm.Transformer(config)
+    optimizer = None
+    if method == "lora":
+        from mightylm.adapters.lora import apply_lora
+        apply_lora(model, TARGETS, r=8, alpha=16)
+    if method == "lomo":
+        from mightylm.optim.lomo import LOMO
+        optimizer = LOMO(model.parameters(), lr=1e-3)
     items = [{"input_ids": b[i, :-1], "labels": b[i, 1:]} for b in batches for i in range(4)]
     times = []
     cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-4, warmup=1, eval_every=10**9, save_every=10**9, log_every=1,
-                      bf16=bf16)
+                      bf16=bf16, grad_clip=None if method == "lomo" else 1.0, activation_checkpointing=checkpointing)
     with tempfile.TemporaryDirectory() as run:
-        fit(model, Loader(items, 4, shuffle=False), run, cfg, progress=False)
+        fit(model, Loader(items, 4, shuffle=False), run, cfg, optimizer=optimizer, progress=False)
         rows = [json.loads(l) for l in open(run + "/metrics.jsonl")]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])][warmup - 1:]
 else:
@@ -47,15 +58,20 @@ else:
     with tempfile.TemporaryDirectory() as d:
         mightylm.save(mightylm.Transformer(config), None, d)
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     times = []
     for step, b in enumerate(batches):
         t = time.perf_counter()
         with autocast:
             loss = model(input_ids=b[:, :-1], labels=b[:, :-1]).loss  # HF shifts labels itself
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
@@ -66,8 +82,10 @@ print(json.dumps({"tokens_per_s": 4 * 256 / (sum(times) / len(times)), "peak_mb"
 """
 
 
-def run(framework: str, shape: str, steps: int, warmup: int, precision: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", WORKER, framework, shape, str(steps), str(warmup), precision],
+def run(framework: str, shape: str, steps: int, warmup: int, precision: str = "fp32", method: str = "full") -> dict:
+    """Train in a fresh subprocess; returns tokens_per_s, peak_mb (its peak RSS) and params_m."""
+    result = subprocess.run([sys.executable, "-c", WORKER, framework, shape, str(steps), str(warmup), precision,
+                             method],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{framework} {shape} failed:\n{result.stderr[-3000:]}")

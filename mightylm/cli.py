@@ -15,22 +15,21 @@ def _load(model: str, dtype: str, adapter: str | None = None):
     import torch
 
     import mightylm
+    from mightylm.fuse import fuse_projections_
 
     t0 = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    from mightylm.fuse import fuse_projections_
-
     loaded, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
+    if tokenizer is None:
+        raise ValueError(f"{model}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
     if adapter:
         from mightylm.adapters.lora import load_lora
 
-        n = len(load_lora(loaded, adapter))  # applied unmerged, before the decode layout
-        print(f"applied LoRA adapter {adapter} to {n} layers", file=sys.stderr)
+        layers = len(load_lora(loaded, adapter))  # applied unmerged, before the decode layout
+        print(f"applied LoRA adapter {adapter} to {layers} layers", file=sys.stderr)
     fuse_projections_(loaded)  # inference-only layout: faster batch-1 decoding, same outputs
-    if tokenizer is None:
-        raise ValueError(f"{model}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
-    n = loaded.config.n_params / 1e6
-    print(f"loaded {n:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr, flush=True)
     return loaded, tokenizer
 
 
