@@ -41,13 +41,20 @@ def test_pretrain_resume_report_and_load(tmp_path, corpus, capsys):
     assert main(["report", "--run-dir", str(out)]) == 0
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lomo"])
-def test_finetune_full_on_jsonl(tmp_path, hf_dir, optimizer):
-    _, path, _ = hf_dir
+@pytest.fixture
+def reverse_jsonl(tmp_path):
+    """Eight alpaca-shape examples of reversing a word."""
     rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
             for w in ["stressed", "drawer", "reward", "parts", "lived", "stop", "knits", "spot"]]
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lomo"])
+def test_finetune_full_on_jsonl(tmp_path, hf_dir, optimizer, reverse_jsonl):
+    data = reverse_jsonl
+    _, path, _ = hf_dir
     out = tmp_path / "ft"
     assert main(["finetune", "full", "--model", str(path), "--data", str(data), "--out", str(out),
                  "--val_fraction", "0.25", "--train.steps", "4", "--train.batch_size", "2", "--train.warmup", "1",
@@ -106,17 +113,14 @@ def test_yaml_recipe_with_command_line_overrides(tmp_path, corpus):
     assert hf.config.num_hidden_layers == 1
 
 
-def test_lora_finetune_generate_with_adapter_and_merge(tmp_path, hf_dir, capsys):
+def test_lora_finetune_generate_with_adapter_and_merge(tmp_path, hf_dir, capsys, reverse_jsonl):
+    data = reverse_jsonl
     from transformers import AutoModelForCausalLM
 
     from mightylm.adapters.lora import load_lora
     from mightylm.generate import Sampling, generate
 
     _, path, _ = hf_dir
-    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
-            for w in ["stressed", "drawer", "reward", "parts", "lived", "stop", "knits", "spot"]]
-    data = tmp_path / "sft.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "lora"
     assert main(["finetune", "lora", "--model", str(path), "--data", str(data), "--out", str(out), "--r", "4",
                  "--targets", "[q_proj, v_proj, down_proj]", "--train.steps", "4", "--train.batch_size", "2",
