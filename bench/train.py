@@ -33,7 +33,6 @@ autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext(
 config = ModelConfig.from_preset(shape)
 torch.manual_seed(0)
 batches = [torch.randint(0, config.vocab_size, (4, 257)) for _ in range(steps)]
-rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if framework == "mightylm":
     from mightylm.data.loader import Loader
     from mightylm.train import TrainConfig, fit
@@ -46,7 +45,6 @@ if framework == "mightylm":
         from mightylm.optim.lomo import LOMO
         optimizer = LOMO(model.parameters(), lr=1e-3)
     items = [{"input_ids": b[i, :-1], "labels": b[i, 1:]} for b in batches for i in range(4)]
-    times = []
     cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-4, warmup=1, eval_every=10**9, save_every=10**9, log_every=1,
                       bf16=bf16, grad_clip=None if method == "lomo" else 1.0, activation_checkpointing=checkpointing)
     with tempfile.TemporaryDirectory() as run:

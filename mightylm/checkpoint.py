@@ -45,6 +45,8 @@ HF_TO_OURS = {
     "lm_head.weight": "lm_head.weight",
 }
 
+OURS_TO_HF = {v: k for k, v in HF_TO_OURS.items()}
+
 GGUF_TO_OURS = {
     "token_embd.weight": "embed.weight",
     "blk.{}.attn_norm.weight": "layers.{}.attn_norm.weight",
@@ -207,12 +209,11 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    ours_to_hf = {v: k for k, v in HF_TO_OURS.items()}
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        hf = rename(name, ours_to_hf)
+        hf = rename(name, OURS_TO_HF)
         if hf is None:
             raise CheckpointError(f"cannot save {name!r}: it has no Hugging Face name (merge or strip adapters first)")
         tensors[hf] = tensor.detach().contiguous().cpu()

@@ -190,7 +190,8 @@ def _rope_scaling_to_hf(scaling: dict | None) -> dict | None:
 PRESETS: dict[str, ModelConfig] = {
     # Tiny shapes for tests: every architectural axis exercised, runs in milliseconds.
     "tiny": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
-    # ~15M parameters: the benchmark shape where per-token overhead dominates.
+    # ~15M parameters: the small benchmark shape. Its 63 MB of float32 weights no longer fit in
+    # cache, so batch-1 decode here is bandwidth-bound as well as overhead-bound (bench/RESULTS.md).
     "micro-15m": ModelConfig(
         vocab_size=8192, dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=1024, tie_embeddings=True
     ),

@@ -107,7 +107,8 @@ def fuse_projections_(model: Transformer) -> list[str]:
 
 @torch.no_grad()
 def unfuse_projections_(model: Transformer) -> list[str]:
-    """Undo `fuse_projections_`: plain nn.Linear modules with separate contiguous weights."""
+    """Undo `fuse_projections_`: plain nn.Linear modules with separate contiguous weights.
+    Returns the names of what it converted."""
     converted = []
     for name, module in list(model.named_modules()):
         if isinstance(module, Attention) and module.fused_qkv is not None:
@@ -117,13 +118,13 @@ def unfuse_projections_(model: Transformer) -> list[str]:
             module.fused_gate_up = None
             converted.append(f"{name}.gate_up")
         for child_name, child in list(module.named_children()):
+            if child is model.lm_head:
+                continue  # handled below, with the embedding it may share
             if isinstance(child, nn.Linear) and (type(child) is DecodeLinear or not child.weight.is_contiguous()):
-                if child is model.lm_head and model.config.tie_embeddings:
-                    continue
-                weight = _param(child.weight.contiguous(), child.weight)
-                _swap_linear(module, child_name, nn.Linear, weight)
-                if child.bias is not None:
+                _swap_linear(module, child_name, nn.Linear, _param(child.weight.contiguous(), child.weight))
+                if child.bias is not None:  # q/k/v biases were views into the fused bias
                     getattr(module, child_name).bias = _param(child.bias.clone(), child.bias)
+                converted.append(f"{name}.{child_name}" if name else child_name)
     if not model.embed.weight.is_contiguous():
         model.embed.weight = _param(model.embed.weight.contiguous(), model.embed.weight)
     if type(model.lm_head) is DecodeLinear:

@@ -33,7 +33,10 @@ def test_fused_layout_keeps_outputs_state_and_memory():
         with torch.no_grad():
             attn.k_proj.weight.mul_(0.5)
             changed = model(idx)
-        unfuse_projections_(model)
+        undone = unfuse_projections_(model)
+        assert "lm_head" in undone and "layers.0.attn.q_proj" in undone
         assert attn.fused_qkv is None and attn.q_proj.weight.is_contiguous()
+        assert all(type(m) is torch.nn.Linear and m.weight.is_contiguous()
+                   for m in model.modules() if isinstance(m, torch.nn.Linear))
         with torch.no_grad():
             torch.testing.assert_close(model(idx), changed, atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.adapters import AdapterError
-from mightylm.checkpoint import HF_TO_OURS, rename
+from mightylm.checkpoint import HF_TO_OURS, OURS_TO_HF, rename
 
 PEFT_PREFIX = "base_model.model."
 
@@ -133,8 +133,7 @@ def strip_lora(model: nn.Module) -> None:
 
 
 def _hf_module(name: str) -> str:
-    ours_to_hf = {v: k for k, v in HF_TO_OURS.items()}
-    hf = rename(name + ".weight", ours_to_hf)
+    hf = rename(name + ".weight", OURS_TO_HF)
     if hf is None:
         raise AdapterError(f"module {name} has no Hugging Face name")
     return hf.removesuffix(".weight")
