@@ -89,16 +89,17 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling) ->
     device = model.embed.weight.device
     width = max(len(p) for p in prompts)
     total = width + s.max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the model's "
-                         f"context of {model.config.max_seq_len} tokens")
+    if total + model.prefix_len > model.config.max_seq_len:
+        virtual = f" + {model.prefix_len} virtual tokens" if model.prefix_len else ""
+        raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({s.max_new_tokens}){virtual} exceeds the "
+                         f"model's context of {model.config.max_seq_len} tokens")
     if s.max_new_tokens == 0:
         return
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     idx, pad = _left_pad(prompts, 0, device)
-    cache = KVCache(model.config, len(prompts), total, dtype=model.embed.weight.dtype, device=device)
+    cache = model.make_cache(len(prompts), total)
     stops = torch.tensor(list(s.stop_token_ids) or [-1], device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     token = sample(prefill(model, idx, cache, pad), s, generator)

@@ -5,8 +5,11 @@ the LM head. Module names follow Hugging Face's leaf names (`q_proj`, `gate_proj
 checkpoint maps in `checkpoint.py` stay trivial and techniques can target layers by those names.
 
 Seams for later techniques:
-- `Transformer.forward(idx=None, *, embeds=None, ...)`: prompt tuning, P-tuning and the vision
-  projector feed embeddings instead of token ids.
+- `Transformer.forward(idx=None, *, embeds=None, ...)`: the vision projector feeds embeddings
+  instead of token ids.
+- `Transformer.prefix`: a module returning (P, dim) virtual-token embeddings that enter before
+  every sequence (prompt tuning, P-tuning). The model places them after each row's left padding,
+  shifts cache slots by P, and returns logits for the real tokens only, so callers never see them.
 - `Attention.attend(q, k, v, mask)`: the one method an attention adapter wraps.
 - `Block.mlp` is built by `make_mlp(config)`: the mixture-of-experts feed-forward plugs in there.
 - The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
@@ -182,6 +185,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.prefix: nn.Module | None = None  # () -> (P, dim) virtual tokens; set by adapters.prompt
         self._rope_len = 0
         self.init_weights()
 
@@ -204,6 +208,17 @@ class Transformer(nn.Module):
         """Re-share the head with the embedding (needed after `load_state_dict(assign=True)`)."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    @property
+    def prefix_len(self) -> int:
+        """Virtual tokens placed before every sequence (0 without prompt tuning)."""
+        return 0 if self.prefix is None else self.prefix.n_tokens
+
+    def make_cache(self, batch_size: int, length: int, *, dtype=None, device=None) -> KVCache:
+        """A KV cache for `length` real tokens per row (room for the virtual ones is added)."""
+        dtype = dtype or self.embed.weight.dtype
+        device = device or self.embed.weight.device
+        return KVCache(self.config, batch_size, length + self.prefix_len, dtype=dtype, device=device)
 
     def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering `length` positions, grown (doubling) and cached as needed."""
@@ -234,6 +249,11 @@ class Transformer(nn.Module):
         if (idx is None) == (embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or embeds (input embeddings)")
         x = self.embed(idx) if embeds is None else embeds
+        P = self.prefix_len
+        with_prefix = P > 0 and start == 0  # a fresh sequence: the virtual tokens go in first
+        if with_prefix:
+            x = _insert_prefix(x, self.prefix().to(x.dtype), pad)  # (B, P + T, dim)
+        start += P if P and not with_prefix else 0  # later calls: cache slots are behind the prefix
         B, T, _ = x.shape
         cos, sin = self.rope(start + T, x.device)
         slots = torch.arange(start, start + T, device=x.device)
@@ -248,6 +268,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, start)
         if last_only:
             x = x[:, -1:]
+        elif with_prefix:
+            x = _drop_prefix(x, P, pad)  # (B, T, dim): outputs line up with the caller's tokens
         return self.lm_head(self.norm(x))
 
     def _mask(self, slots, total: int, pad, device):
@@ -268,3 +290,31 @@ class Transformer(nn.Module):
             # A padding query would see nothing (NaN in softmax); let it see itself. Its output is unused.
             mask = mask | (keys[None, :] == slots[:, None])[None, None]
         return mask
+
+
+def _insert_prefix(x: torch.Tensor, prefix: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, d), prefix (P, d) -> (B, P + T, d): each row is [its left padding, prefix, its tokens].
+
+    Keeping the padding first means `pad` still counts the leading padding slots, so the mask and
+    the RoPE positions (prefix at 0..P-1, tokens from P on) need no special case.
+    """
+    B, T, d = x.shape
+    P = prefix.shape[0]
+    prefix = prefix.expand(B, P, d)
+    if pad is None:
+        return torch.cat([prefix, x], dim=1)
+    slot = torch.arange(T + P, device=x.device)[None]  # (1, T+P) output slots
+    p = pad[:, None]  # (B, 1)
+    # Gather from [tokens (0..T-1), prefix (T..T+P-1)]: padding, then prefix, then the rest.
+    src = torch.where(slot < p, slot, torch.where(slot < p + P, T + slot - p, slot - P))  # (B, T+P)
+    return torch.cat([x, prefix], dim=1).gather(1, src[..., None].expand(B, T + P, d))
+
+
+def _drop_prefix(x: torch.Tensor, P: int, pad: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of `_insert_prefix` on hidden states: (B, P + T, d) -> (B, T, d)."""
+    if pad is None:
+        return x[:, P:]
+    B, total, d = x.shape
+    slot = torch.arange(total - P, device=x.device)[None]  # (1, T)
+    src = torch.where(slot < pad[:, None], slot, slot + P)  # (B, T)
+    return x.gather(1, src[..., None].expand(B, total - P, d))

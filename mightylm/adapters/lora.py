@@ -165,26 +165,13 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
     return path
 
 
-def load_lora(model: nn.Module, path: str | Path) -> list[str]:
+def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> list[str]:
     """Apply a PEFT-format LoRA adapter (ours or PEFT's) to `model`, unmerged. Returns converted names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from mightylm.adapters import read_adapter
 
     path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for f in (config_file, weights_file):
-        if not f.exists():
-            raise AdapterError(f"{f}: not found; an adapter directory needs adapter_config.json and adapter_model.safetensors")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{config_file}: not valid JSON (line {e.lineno}): {e.msg}") from None
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{weights_file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
+    cfg, tensors = read_adapter(path, ("LORA",), cfg)
+    weights_file = path / "adapter_model.safetensors"
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
     ours = {}
