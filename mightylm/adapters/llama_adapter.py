@@ -65,10 +65,11 @@ def _adapted_attend(attn: nn.Module, q, k, v, mask):
     return type(attn).attend(attn, q, k, v, mask) + attn.adaption(attn, q)
 
 
-def apply_llama_adapter(model: nn.Module, layers: int = 8, length: int = 10, seed: int = 0) -> list[str]:
-    """Add K=`length` adaption prompts to each of the top `layers` blocks, freeze everything else, and
-    return the names of the adapted attention modules."""
+def apply_llama_adapter(model: nn.Module, layers: int | None = None, length: int = 10, seed: int = 0) -> list[str]:
+    """Add K=`length` adaption prompts to each of the top `layers` blocks (default: 8, or all of a smaller
+    model), freeze everything else, and return the names of the adapted attention modules."""
     n = model.config.n_layers
+    layers = min(8, n) if layers is None else layers
     if not 1 <= layers <= n:
         raise AdapterError(f"LLaMA-Adapter layers must be between 1 and the model's {n} blocks, got {layers}")
     if length < 1 or length > 4096:
