@@ -23,10 +23,10 @@ def _load(model: str, dtype: str, adapter: str | None = None):
     if tokenizer is None:
         raise ValueError(f"{model}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
     if adapter:
-        from mightylm.adapters.lora import load_lora
+        from mightylm.adapters import load_adapter
 
-        layers = len(load_lora(loaded, adapter))  # applied unmerged, before the decode layout
-        print(f"applied LoRA adapter {adapter} to {layers} layers", file=sys.stderr)
+        what = load_adapter(loaded, adapter)  # applied unmerged, before the decode layout
+        print(f"applied {adapter}: {what}", file=sys.stderr)
     fuse_projections_(loaded)  # inference-only layout: faster batch-1 decoding, same outputs
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr, flush=True)
@@ -62,7 +62,8 @@ def generate(
         stop: Stop strings; generation ends before the first one (repeat the option for several).
         chat: Wrap the prompt as a user message in the model's chat template.
         dtype: Weight and activation precision.
-        adapter: A LoRA adapter directory (ours or PEFT's) to apply, unmerged.
+        adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
+            or LLaMA-Adapter (ours).
     """
     from mightylm.generate import Sampling, stream_text
 
@@ -100,7 +101,8 @@ def chat(
         top_p: Nucleus sampling threshold.
         seed: Random seed for sampling.
         dtype: Weight and activation precision.
-        adapter: A LoRA adapter directory (ours or PEFT's) to apply, unmerged.
+        adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
+            or LLaMA-Adapter (ours).
     """
     from mightylm.generate import Sampling, stream_text
 
@@ -151,8 +153,13 @@ def merge(model: str, adapter: str, out: str) -> None:
         out: Where to write the merged Hugging Face checkpoint.
     """
     import mightylm
+    from mightylm.adapters import AdapterError, read_adapter_config
     from mightylm.adapters.lora import load_lora, strip_lora
 
+    kind = read_adapter_config(adapter).get("peft_type")
+    if kind != "LORA":
+        raise AdapterError(f"{adapter}: a {kind} adapter adds inputs or attention, not weight updates, so it cannot "
+                           "be merged into the weights; apply it with --adapter instead")
     base, tokenizer = mightylm.load(model)
     n = len(load_lora(base, adapter))
     strip_lora(base)
@@ -172,10 +179,12 @@ def report(run_dir: str) -> None:
 
 
 def _verbs() -> dict:
-    from mightylm.recipes import finetune_full, finetune_lora, pretrain
+    from mightylm import recipes as r
 
-    return {"generate": generate, "chat": chat, "pretrain": pretrain, "finetune": {"full": finetune_full, "lora": finetune_lora},
-            "merge": merge, "report": report}
+    finetune = {"full": r.finetune_full, "lora": r.finetune_lora, "prompt": r.finetune_prompt,
+                "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter}
+    return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
+            "report": report}
 
 
 def _underscore_options(argv: list[str]) -> list[str]:

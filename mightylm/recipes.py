@@ -257,15 +257,158 @@ def finetune_lora(
         resume: Continue the run in `out` from its last checkpoint.
         device: Where to train (cpu, cuda).
     """
-    lora = {"targets": tuple(targets), "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora}
-    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, lora)
+    from mightylm.adapters.lora import apply_lora
+
+    settings = {"targets": tuple(targets), "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora}
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device,
+                     adapt=lambda net, tok: f"LoRA on {len(apply_lora(net, **settings))} layers", settings=settings)
 
 
-def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, lora=None,
-              optimizer="adamw") -> dict:
-    """The body both fine-tuning verbs share; with `lora`: adapt first, train, save only the adapter."""
+def finetune_prompt(
+    model: str,
+    data: str,
+    out: str = "runs/prompt",
+    n_tokens: int = 20,
+    init_text: str | None = None,
+    val_data: str | None = None,
+    val_fraction: float = 0.05,
+    max_len: int = 512,
+    pack: bool = False,
+    train: TrainConfig = TrainConfig(steps=200, lr=3e-2, min_lr=3e-3, warmup=20, batch_size=4, eval_every=50,
+                                     save_every=100, weight_decay=0.0),
+    resume: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """Prompt tuning (Lester et al. 2021) on instruction or chat JSONL: only virtual-token embeddings are trained.
+
+    The run directory holds the soft prompt in PEFT's format (peft_type PROMPT_TUNING): use it with
+    `mighty generate --adapter` or peft.
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
+        out: The run directory; it ends up holding the soft prompt, the report and the metrics.
+        n_tokens: Number of virtual tokens placed before every sequence.
+        init_text: Start from the embeddings of this text's tokens (cycled to n_tokens); if unset, from
+            the embeddings of randomly drawn vocabulary tokens.
+        val_data: JSONL for validation; if unset, `val_fraction` of `data` is held out.
+        val_fraction: Share of `data` held out for validation when `val_data` is unset.
+        max_len: Longest example in tokens (longer ones are cut).
+        pack: Pack several examples into each sequence instead of padding.
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        device: Where to train (cpu, cuda).
+    """
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device,
+                     adapt=_soft_prompt(n_tokens, "none", 0, init_text, train.seed),
+                     settings={"n_tokens": n_tokens, "init_text": init_text}, init_text=init_text)
+
+
+def finetune_ptuning(
+    model: str,
+    data: str,
+    out: str = "runs/ptuning",
+    n_tokens: int = 20,
+    encoder: Literal["mlp", "lstm"] = "mlp",
+    hidden: int = 256,
+    init_text: str | None = None,
+    val_data: str | None = None,
+    val_fraction: float = 0.05,
+    max_len: int = 512,
+    pack: bool = False,
+    train: TrainConfig = TrainConfig(steps=200, lr=3e-3, min_lr=3e-4, warmup=20, batch_size=4, eval_every=50,
+                                     save_every=100, weight_decay=0.0),
+    resume: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """P-tuning (Liu et al. 2021): virtual tokens produced by a small MLP or LSTM prompt encoder, trained on JSONL.
+
+    The run directory holds the encoder's output in PEFT's format (peft_type P_TUNING, as PEFT saves
+    it); the encoder weights themselves stay in checkpoint/ for --resume.
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
+        out: The run directory; it ends up holding the soft prompt, the report and the metrics.
+        n_tokens: Number of virtual tokens placed before every sequence.
+        encoder: The prompt encoder: mlp (three layers) or lstm (bidirectional LSTM, then an MLP).
+        hidden: Hidden size of the prompt encoder.
+        init_text: Start from the embeddings of this text's tokens (cycled to n_tokens); if unset, from
+            the embeddings of randomly drawn vocabulary tokens.
+        val_data: JSONL for validation; if unset, `val_fraction` of `data` is held out.
+        val_fraction: Share of `data` held out for validation when `val_data` is unset.
+        max_len: Longest example in tokens (longer ones are cut).
+        pack: Pack several examples into each sequence instead of padding.
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        device: Where to train (cpu, cuda).
+    """
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device,
+                     adapt=_soft_prompt(n_tokens, encoder, hidden, init_text, train.seed),
+                     settings={"n_tokens": n_tokens, "encoder": encoder, "hidden": hidden, "init_text": init_text})
+
+
+def finetune_adapter(
+    model: str,
+    data: str,
+    out: str = "runs/adapter",
+    layers: int | None = None,
+    length: int = 10,
+    val_data: str | None = None,
+    val_fraction: float = 0.05,
+    max_len: int = 512,
+    pack: bool = False,
+    train: TrainConfig = TrainConfig(steps=200, lr=5e-3, min_lr=5e-4, warmup=20, batch_size=4, eval_every=50,
+                                     save_every=100, weight_decay=0.0),
+    resume: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """LLaMA-Adapter (Zhang et al. 2023): gated adaption prompts in the top layers, trained on JSONL.
+
+    The gates start at zero, so training starts from the unchanged model. The run directory holds
+    the adapter (mightylm's format, see mightylm/adapters/llama_adapter.py) for `mighty generate --adapter`.
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
+        out: The run directory; it ends up holding the adapter, the report and the metrics.
+        layers: Adapt the top this many blocks (default 8, or all blocks of a smaller model).
+        length: Adaption prompts per adapted block.
+        val_data: JSONL for validation; if unset, `val_fraction` of `data` is held out.
+        val_fraction: Share of `data` held out for validation when `val_data` is unset.
+        max_len: Longest example in tokens (longer ones are cut).
+        pack: Pack several examples into each sequence instead of padding.
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        device: Where to train (cpu, cuda).
+    """
+    from mightylm.adapters.llama_adapter import apply_llama_adapter
+
+    settings = {"layers": layers, "length": length}
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device,
+                     adapt=lambda net, tok: f"LLaMA-Adapter on {len(apply_llama_adapter(net, layers, length, train.seed))} "
+                                            "layers", settings=settings)
+
+
+def _soft_prompt(n_tokens, encoder, hidden, init_text, seed):
+    """The adapt step of prompt tuning and P-tuning: virtual tokens initialised from a text or the vocabulary."""
+    from mightylm.adapters.prompt import apply_prompt_tuning
+
+    def adapt(net, tok):
+        ids = tok.encode(init_text) if init_text else None
+        apply_prompt_tuning(net, n_tokens, encoder=encoder, hidden=hidden, init_ids=ids, seed=seed)
+        kind = "prompt tuning" if encoder == "none" else f"P-tuning ({encoder} encoder)"
+        return f"{kind}: {n_tokens} virtual tokens" + (f" from {init_text!r}" if init_text else "")
+
+    return adapt
+
+
+def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, adapt=None,
+              settings=None, optimizer="adamw", init_text=None) -> dict:
+    """The body every fine-tuning verb shares. With `adapt(net, tokenizer) -> description`: transform the
+    model first (which freezes the base), train, and save only the adapter."""
     import mightylm
-    from mightylm.adapters.lora import apply_lora, save_lora
+    from mightylm.adapters import save_adapter
     from mightylm.data.loader import Loader
     from mightylm.data.sft import SFTDataset, read_jsonl, to_messages
     from mightylm.report import write_report
@@ -278,11 +421,11 @@ def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, re
     net, tok = mightylm.load(model, device=device)
     if tok is None or not tok.chat_template:
         raise RunDirError(f"{model}: fine-tuning needs a tokenizer with a chat template")
-    if lora is not None:
-        converted = apply_lora(net, **lora)  # checks targets, rank and scale before any data is read
+    if adapt is not None:
+        what = adapt(net, tok)  # checks its settings (targets, rank, lengths) before any data is read
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        print(f"LoRA on {len(converted)} layers: {trainable:,} trainable parameters "
-              f"({100 * trainable / net.config.n_params:.2f}% of {net.config.n_params:,})")
+        print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / net.config.n_params:.2f}% of "
+              f"{net.config.n_params:,})")
     rows = [to_messages(record, f"{data}:{number}") for number, record in read_jsonl(data)]
     if val_data:
         val_rows = [to_messages(r, f"{val_data}:{n}") for n, r in read_jsonl(val_data)]
@@ -297,7 +440,8 @@ def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, re
         val_set = SFTDataset.from_records([{"messages": m} for m in val_rows], tok, max_len=max_len)
         val = Loader(val_set, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
     if rank == 0:
-        (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len, "lora": lora,
+        (out / "run_args.json").write_text(json.dumps({"model": model, "data": data, "max_len": max_len, "adapter": settings,
+                                                        "optimizer": optimizer,
                                                         "world_size": world, "train": asdict(train)}, indent=1) + "\n")
     opt = None
     if optimizer == "lomo":
@@ -306,10 +450,10 @@ def _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, re
         opt = LOMO(net.parameters(), lr=train.lr, weight_decay=train.weight_decay, clip_grad_norm=train.grad_clip)
         train = dataclasses.replace(train, grad_clip=None)  # LOMO clips inside its own two-pass backward
     summary = fit(net, loader, out, train, val=val, resume=resume, optimizer=opt)
-    if lora is not None:
+    if adapt is not None:
         if rank != 0:
             return summary
-        save_lora(net, out, base_model=str(model))
+        save_adapter(net, out, base_model=str(model), init_text=init_text)
         sampler = net
     else:
         _save_final(net, tok, out, rank, world)

@@ -151,3 +151,47 @@ def test_lora_bad_target_is_refused_before_training(tmp_path, hf_dir, capsys):
                  "--targets", "[attn]"]) == 2
     assert "unknown LoRA target module(s) ['attn']" in capsys.readouterr().err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("verb,options", [
+    ("prompt", ["--n_tokens", "4", "--init_text", "Reverse"]),
+    ("ptuning", ["--n_tokens", "4", "--encoder", "lstm", "--hidden", "16"]),
+    ("adapter", ["--layers", "2", "--length", "3"]),
+])
+def test_soft_prompt_and_adapter_verbs_train_resume_and_generate(tmp_path, verb, options, reverse_jsonl, capsys):
+    """Each adapter verb through its YAML recipe: train, resume, then `generate --adapter` == the Python API."""
+    from conftest import make_hf_model
+
+    from mightylm.adapters import load_adapter
+    from mightylm.generate import Sampling, generate
+    from mightylm.tokenizer import train_bpe
+
+    base = tmp_path / "base"
+    tok = train_bpe(texts=[SAMPLE_TEXT * 20], vocab_size=300, show_progress=False)
+    make_hf_model("qwen2", vocab_size=tok.vocab_size).save_pretrained(base)
+    tok.save(base)
+    out = tmp_path / verb
+    common = ["finetune", verb, "--config", str(RECIPES / f"finetune-{verb}.yaml"), "--model", str(base),
+              "--data", str(reverse_jsonl), "--out", str(out), *options, "--val_fraction", "0.25",
+              "--train.batch_size", "2", "--train.warmup", "1", "--train.eval_every", "2", "--train.save_every", "2",
+              "--train.log_every", "1"]
+    assert main([*common, "--train.steps", "2"]) == 0
+    assert main([*common, "--train.steps", "4", "--resume", "true"]) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    args = json.loads((out / "run_args.json").read_text())
+    assert args["max_len"] == 128 and args["adapter"]  # from the recipe, and the adapter settings
+    capsys.readouterr()
+
+    model, tok = mightylm.load(base)
+    load_adapter(model, out)
+    prompt = tok.encode("To be")
+    expected = tok.decode(generate(model, [prompt], Sampling(max_new_tokens=8, stop_token_ids=tok.stop_token_ids))[0])
+    assert main(["generate", "--model", str(base), "--adapter", str(out), "--prompt", "To be", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["merge", "--model", str(base), "--adapter", str(out), "--out", str(tmp_path / "m")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, *, encoder: Encode
     if n_tokens < 1 or n_tokens >= model.config.max_seq_len:
         raise AdapterError(f"the number of virtual tokens must be between 1 and the context "
                            f"({model.config.max_seq_len}) - 1, got {n_tokens}")
-    if hidden < 1:
+    if encoder != "none" and hidden < 1:
         raise AdapterError(f"the prompt encoder's hidden size must be >= 1, got {hidden}")
     if init is None:
         init = init_embeddings(model, n_tokens, init_ids, seed)
