@@ -79,6 +79,16 @@ def rename(name: str, mapping: dict[str, str]) -> str | None:
     return target.format(layer.group(1)) if target else None
 
 
+def _quant_rename(name: str, mapping: dict[str, str]) -> str | None:
+    """`rename`, plus the scales a quantized layer keeps beside its weight (`...q_proj.weight_scale`)."""
+    target = rename(name, mapping)
+    if target is None and ".weight_" in name:
+        stem, _, extra = name.rpartition(".weight_")
+        base = rename(stem + ".weight", mapping)
+        target = base and f"{base}_{extra}"
+    return target
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A model path: a directory, a .gguf file, or the name of an embedded model."""
     if str(path) in EMBEDDED:
@@ -130,10 +140,15 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
         raise CheckpointError(str(e)) from None
     files = _safetensors_files(path)
     model = _build(config)
+    record = _quantization_record(files[0])
+    if record:  # a quantized checkpoint: rebuild the same modules, then assign their stored tensors
+        from mightylm.compress.quantize import build_quantized_
+
+        build_quantized_(model, record)
     state = {}
     for file in files:
         for name, tensor in _read_safetensors(file).items():
-            ours = rename(name, HF_TO_OURS)
+            ours = _quant_rename(name, HF_TO_OURS)
             if ours is None:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # a derived buffer some older checkpoints store
@@ -177,6 +192,23 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
 
 
+def _quantization_record(file: Path) -> dict | None:
+    """What `mightylm.compress` applied to a checkpoint, from its safetensors metadata (None: not quantized)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
+    if "mightylm_quantization" not in meta:
+        return None
+    try:
+        return json.loads(meta["mightylm_quantization"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: its quantization metadata is not valid JSON ({e})") from None
+
+
 def _build(config: ModelConfig) -> Transformer:
     with torch.device("meta"):
         return Transformer(config)
@@ -197,7 +229,9 @@ def _assign(model: Transformer, state: dict, dtype, device, *, source) -> None:
                 f"{file}: tensor {stored_as!r} has shape {tuple(tensor.shape)}, "
                 f"but the config asks for {tuple(expected[name].shape)}"
             )
-        tensors[name] = tensor.to(device=device, dtype=dtype)
+        # Integer codes and quantization scales keep their stored types.
+        keep = not tensor.is_floating_point() or ".weight_" in name
+        tensors[name] = tensor.to(device=device, dtype=tensor.dtype if keep else dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     model.eval()
@@ -213,15 +247,21 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        hf = rename(name, OURS_TO_HF)
+        hf = _quant_rename(name, OURS_TO_HF)
         if hf is None:
             raise CheckpointError(f"cannot save {name!r}: it has no Hugging Face name (merge or strip adapters first)")
         tensors[hf] = tensor.detach().contiguous().cpu()
+    metadata = {"format": "pt"}
+    record = getattr(model, "quantization", None)
+    if record:  # recorded with the tensors, so loading rebuilds the same modules
+        metadata["mightylm_quantization"] = json.dumps(record)
     tmp = path / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path / "model.safetensors")
     config = model.config.to_hf()
-    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    config["torch_dtype"] = str(tensors[rename("embed.weight", OURS_TO_HF)].dtype).removeprefix("torch.")
+    if record:
+        config["mightylm_quantization"] = {k: v for k, v in record.items() if k != "modules"}
     generation = {}
     if tokenizer is not None:
         tokenizer.save(path)

@@ -1,0 +1,239 @@
+"""Weight quantization as an in-place module transform: `quantize_(model, method, targets)`.
+
+Methods (bits per weight include the scales):
+- nf4   4-bit NormalFloat, block-wise absmax, double quantization (see compress/nf4.py); the
+        frozen base of QLoRA. 4.127 bits.
+- int8  weight-only, symmetric, one float32 scale per output channel: w = q * s,
+        q in [-127, 127]. 8 + 32/in bits.
+- int4  weight-only, asymmetric, group-wise (group 32-128 along the input): w = (q - 8) * s + z,
+        q in [0, 15], one float32 scale and one float32 zero per group (gpt-fast's scheme, which
+        PyTorch's packed int4 CPU kernel takes). 4 + 64/group bits.
+- smoothquant  W8A8 after migrating activation outliers into the weights (compress/smoothquant.py).
+
+Each quantized module keeps the layer's `weight` key (now the integer codes) beside its scales,
+reuses nothing it does not need, and computes with PyTorch's packed CPU kernels where they exist
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), else by dequantizing then matmul.
+What was applied is stored with the checkpoint (`quantization_record`) and rebuilt on load, never
+guessed from a file name. The embedding table and the LM head stay in float by default: the
+head is tied to the embedding in most small models, and quantizing it costs the most quality.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mightylm.compress.nf4 import NF4Linear, _FrozenLinear, nf4_bits_per_param
+
+METHODS = ("nf4", "int8", "int4", "smoothquant")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class QuantizationError(ValueError):
+    """A quantization request that cannot be carried out; the message says what and why."""
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        new.weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        new.weight_scale = scale
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return new
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenLinear.apply(x, self)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
+                                                    self.weight_scale.to(x.dtype))
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y + self.bias.to(x.dtype) if self.bias is not None else y
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, asymmetric, one (scale, zero) per group of `group_size` inputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 64,
+                 device=None):
+        super().__init__()
+        if in_features % group_size:
+            raise QuantizationError(f"int4 group size {group_size} does not divide the layer's {in_features} inputs")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        # codes, two per byte (first in the high nibble), (out, in / 2); scales and zeros (out, groups)
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, in_features // group_size, device=device))
+        self.register_buffer("weight_zero", torch.empty(out_features, in_features // group_size, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self._packed = None  # PyTorch's CPU layout, built on first use
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group_size,
+                  device="meta")
+        w = linear.weight.detach().float().view(linear.out_features, -1, group_size)  # (out, groups, g)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = (hi - lo).clamp(min=1e-12) / 15
+        zero = lo + 8 * scale  # w = (q - 8) * scale + zero, so q = 0 is lo and q = 15 is hi
+        q = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(linear.out_features, -1)
+        new.weight = (q[:, ::2] << 4) | q[:, 1::2]
+        new.weight_scale, new.weight_zero = scale, zero
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return new
+
+    def codes(self) -> torch.Tensor:
+        return torch.stack([self.weight >> 4, self.weight & 0xF], dim=-1).view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = self.codes().float().view(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.weight_scale[..., None] + self.weight_zero[..., None]
+        return w.view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenLinear.apply(x, self)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            if self._packed is None:
+                self._packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1),
+                                torch.stack([self.weight_scale, self.weight_zero], -1).transpose(0, 1).contiguous())
+            packed, scales_and_zeros = self._packed  # (groups, out, 2)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size,
+                                                           scales_and_zeros.to(x.dtype))
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y + self.bias.to(x.dtype) if self.bias is not None else y
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+QUANTIZED = (NF4Linear, Int8Linear, Int4Linear)
+
+
+def _check(method: str, params: dict) -> dict:
+    if method not in METHODS:
+        raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    allowed = {"nf4": {"block_size", "double_quant"}, "int8": set(), "int4": {"group_size"},
+               "smoothquant": {"alpha", "per_token"}}[method]
+    unknown = set(params) - allowed
+    if unknown:
+        raise QuantizationError(f"{method} takes no option(s) {sorted(unknown)}; it takes {sorted(allowed) or 'none'}")
+    if method == "int4" and params.get("group_size", 64) not in (32, 64, 128, 256):
+        raise QuantizationError(f"int4 group size must be 32, 64, 128 or 256, got {params['group_size']}")
+    if method == "nf4" and params.get("block_size", 64) not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise QuantizationError(f"NF4 block size must be a power of two from 32 to 4096, got {params['block_size']}")
+    return params
+
+
+def quantize_(model: nn.Module, method: str, targets=DEFAULT_TARGETS, **params) -> list[str]:
+    """Replace every linear layer whose leaf name is in `targets` by its `method` counterpart, in place.
+    Returns the converted names. Refuses a model that is already quantized."""
+    params = _check(method, params)
+    if getattr(model, "quantization", None):
+        raise QuantizationError(f"the model is already quantized ({model.quantization['method']}); "
+                                "quantize the float model instead")
+    if method == "smoothquant":
+        raise QuantizationError("smoothquant needs calibration data: use compress.smoothquant.smooth_quantize_")
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets}
+    if not linears:
+        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise QuantizationError(f"no linear layer named {list(targets)}; this model has {known}")
+    if method == "int4":  # check every layer before converting any
+        g = params.get("group_size", 64)
+        bad = [n for n, m in linears.items() if m.in_features % g]
+        if bad:
+            raise QuantizationError(f"int4 group size {g} does not divide the inputs of {bad[0]} "
+                                    f"({linears[bad[0]].in_features}); pick 32, 64 or 128 that does")
+    build = {"nf4": NF4Linear.from_linear, "int8": Int8Linear.from_linear, "int4": Int4Linear.from_linear}[method]
+    for name, linear in linears.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, build(linear, **params))
+    model.quantization = {"method": method, **params, "modules": sorted(linears)}
+    return sorted(linears)
+
+
+def build_quantized_(model: nn.Module, record: dict) -> None:
+    """Put empty quantized modules where `record` (a checkpoint's quantization record) says, so that
+    the stored tensors can be assigned into them. Works on the meta device."""
+    from mightylm.compress.smoothquant import W8A8Linear
+
+    method = record["method"]
+    params = _check(method, {k: v for k, v in record.items() if k not in ("method", "modules")})
+    for name in record["modules"]:
+        old = model.get_submodule(name)
+        args = (old.in_features, old.out_features, old.bias is not None)
+        if method == "nf4":
+            new = NF4Linear(*args, **params, device="meta")
+        elif method == "int8":
+            new = Int8Linear(*args, device="meta")
+        elif method == "int4":
+            new = Int4Linear(*args, group_size=params.get("group_size", 64), device="meta")
+        else:
+            new = W8A8Linear(*args, per_token=params.get("per_token", True), device="meta")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.quantization = dict(record)
+
+
+@torch.no_grad()
+def dequantize_(model: nn.Module) -> list[str]:
+    """Replace every quantized linear layer by a float nn.Linear holding its dequantized weight."""
+    names = []
+    for name, m in list(model.named_modules()):
+        if hasattr(m, "dequantize") and not isinstance(m, nn.Linear):
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            dense.weight = nn.Parameter(m.dequantize(), requires_grad=False)
+            if m.bias is not None:
+                dense.bias = nn.Parameter(m.bias.detach().float(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, dense)
+            names.append(name)
+    model.quantization = None
+    return names
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and persistent buffers (a tied head counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def bits_per_weight(method: str, *, block_size: int = 64, double_quant: bool = True, group_size: int = 64,
+                    in_features: int = 576) -> float:
+    """Storage per quantized weight, scales included."""
+    if method == "nf4":
+        return nf4_bits_per_param(block_size, double_quant)
+    if method in ("int8", "smoothquant"):
+        return 8 + 32 / in_features
+    if method == "int4":
+        return 4 + 64 / group_size
+    raise QuantizationError(f"unknown quantization method {method!r}")

@@ -1,0 +1,147 @@
+"""SmoothQuant (Xiao et al. 2022, "SmoothQuant: Accurate and Efficient Post-Training Quantization
+for Large Language Models") and the W8A8 linear layer it prepares for.
+
+LLM activations have a few input channels with values 10-100x larger than the rest, so one int8
+scale per token (or per tensor) spends its range on them and the other channels round to zero.
+Weights have no such outliers. SmoothQuant moves the difficulty from activations to weights with
+a per-channel factor (section 4, equation 4):
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha),     X' = X diag(s)^-1,   W' = diag(s) W
+
+which leaves X W unchanged. max|X_j| comes from a few calibration batches; alpha = 0.5 balances
+the two (section 4: "a sweet spot" for most models). The division by s is folded into the RMSNorm
+gain that produces X, so inference costs nothing extra. Here that covers the inputs of q/k/v
+(after `attn_norm`) and gate/up (after `mlp_norm`), as the authors' Llama code does; o_proj and
+down_proj are quantized without smoothing.
+
+W8A8: weights int8 per output channel (static), activations int8 per token or per tensor
+(dynamic: scale = max|x| / 127 at run time), integer matmul with int32 accumulation
+(`torch._int_mm` where it runs, else an exact float emulation), then rescaled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mightylm.compress.quantize import DEFAULT_TARGETS, QuantizationError
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights (per output channel) x int8 activations (per token or per tensor)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, per_token: bool = True,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.per_token = in_features, out_features, per_token
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, per_token: bool = True) -> W8A8Linear:
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token=per_token,
+                  device="meta")
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        new.weight, new.weight_scale = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return new
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
+        if self.per_token:
+            x_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
+        else:
+            x_scale = x2.abs().amax().clamp(min=1e-12).reshape(1, 1) / 127
+        xq = (x2 / x_scale).round().clamp(-127, 127).to(torch.int8)
+        acc = _int8_matmul(xq, self.weight)  # (M, N) int32 sums of int8 products
+        y = acc.float() * x_scale * self.weight_scale[None, :]
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, per_token={self.per_token}"
+
+
+def _int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a (M, K) int8 @ w (N, K)^T int8 -> (M, N) int32."""
+    try:
+        return torch._int_mm(a, w.t())
+    except RuntimeError:  # shapes or devices _int_mm does not take: float64 holds these sums exactly
+        return (a.double() @ w.double().t()).round().to(torch.int32)
+
+
+@torch.no_grad()
+def activation_maxima(model: nn.Module, batches, targets=DEFAULT_TARGETS) -> dict[str, torch.Tensor]:
+    """max |x_j| per input channel j of every targeted linear layer, over the calibration `batches`
+    (an iterable of (B, T) token-id tensors)."""
+    maxima, hooks = {}, []
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
+            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            hooks.append(m.register_forward_pre_hook(record(name)))
+    try:
+        n = 0
+        for idx in batches:
+            model(idx)
+            n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if n == 0:
+        raise QuantizationError("no calibration batches: SmoothQuant needs some text to measure activations on")
+    return maxima
+
+
+@torch.no_grad()
+def smooth_(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: float = 0.5) -> int:
+    """Migrate activation outliers into the weights (equation 4), folding 1/s into the norms.
+    The model's float outputs are unchanged. Returns the number of smoothed groups."""
+    if not 0 <= alpha <= 1:
+        raise QuantizationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    groups = 0
+    for i, block in enumerate(model.layers):
+        for norm, linears, first in ((block.attn_norm, [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj], "attn.q_proj"),
+                                     (block.mlp_norm, [block.mlp.gate_proj, block.mlp.up_proj], "mlp.gate_proj")):
+            key = f"layers.{i}.{first}"
+            if key not in maxima:
+                continue
+            x_max = maxima[key].clamp(min=1e-5)
+            w_max = torch.cat([m.weight.abs() for m in linears], dim=0).amax(dim=0).float().clamp(min=1e-5)
+            s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)  # (in,)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for m in linears:
+                m.weight.mul_(s.to(m.weight.dtype)[None, :])
+            groups += 1
+    return groups
+
+
+def smooth_quantize_(model: nn.Module, batches, alpha: float = 0.5, per_token: bool = True,
+                     targets=DEFAULT_TARGETS, smooth: bool = True) -> list[str]:
+    """Calibrate on `batches`, smooth (unless smooth=False: plain W8A8), then replace the targeted
+    linear layers by W8A8Linear. Returns the converted names."""
+    if getattr(model, "quantization", None):
+        raise QuantizationError(f"the model is already quantized ({model.quantization['method']}); "
+                                "quantize the float model instead")
+    if smooth:
+        smooth_(model, activation_maxima(model, batches, targets), alpha)
+    names = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, W8A8Linear.from_linear(model.get_submodule(name), per_token))
+    model.quantization = {"method": "smoothquant", "alpha": alpha if smooth else None, "per_token": per_token,
+                          "modules": names}
+    return names
