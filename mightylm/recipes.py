@@ -264,6 +264,65 @@ def finetune_lora(
                      adapt=lambda net, tok: f"LoRA on {len(apply_lora(net, **settings))} layers", settings=settings)
 
 
+def finetune_qlora(
+    model: str,
+    data: str,
+    out: str = "runs/qlora",
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],  # noqa: B006
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    rslora: bool = False,
+    block_size: int = 64,
+    double_quant: bool = True,
+    val_data: str | None = None,
+    val_fraction: float = 0.05,
+    max_len: int = 512,
+    pack: bool = False,
+    train: TrainConfig = TrainConfig(steps=200, lr=2e-4, min_lr=2e-5, warmup=20, batch_size=4, eval_every=50,
+                                     save_every=100, weight_decay=0.0),
+    resume: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """QLoRA (Dettmers et al. 2023): LoRA adapters trained over a frozen NF4-quantized base.
+
+    The targeted layers are quantized to NF4 (block-wise absmax, double quantization), then wrapped
+    with LoRA. The run directory holds the adapter in PEFT's format; its adapter_config.json also
+    records the base's quantization, so `mighty generate --adapter` rebuilds the same NF4 base.
+    `mighty merge` merges it into a dequantized float copy (and --requantize reports the cost).
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
+        out: The run directory; it ends up holding the adapter, the report and the metrics.
+        targets: Leaf names of the linear layers to quantize and adapt.
+        r: Rank of the update.
+        alpha: Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).
+        dropout: Dropout on the adapter's input during training.
+        rslora: Use rank-stabilised scaling alpha / sqrt(r).
+        block_size: NF4 block size (values sharing one absmax).
+        double_quant: Quantize the absmax constants too (8-bit, blocks of 256): 4.127 instead of 4.5 bits per weight.
+        val_data: JSONL for validation; if unset, `val_fraction` of `data` is held out.
+        val_fraction: Share of `data` held out for validation when `val_data` is unset.
+        max_len: Longest example in tokens (longer ones are cut).
+        pack: Pack several examples into each sequence instead of padding.
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        device: Where to train (cpu, cuda).
+    """
+    from mightylm.adapters.lora import apply_lora
+    from mightylm.compress.quantize import quantize_
+
+    settings = {"targets": tuple(targets), "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora}
+
+    def adapt(net, tok):
+        quantize_(net, "nf4", targets=tuple(targets), block_size=block_size, double_quant=double_quant)
+        return f"QLoRA (NF4 base) on {len(apply_lora(net, **settings))} layers"
+
+    return _finetune(model, data, out, val_data, val_fraction, max_len, pack, train, resume, device, adapt=adapt,
+                     settings={**settings, "block_size": block_size, "double_quant": double_quant})
+
+
 def finetune_prompt(
     model: str,
     data: str,

@@ -203,3 +203,103 @@ def test_smoothquant_recovers_what_naive_w8a8_loses_on_outlier_channels():
             assert isinstance(model.layers[0].attn.q_proj, W8A8Linear)
             errors[name] = rel_error(model(idx), reference)
     assert errors["smoothquant"] < 0.5 * errors["naive"], errors
+
+
+def test_qlora_trains_saves_loads_and_merges(tmp_path, capsys, bpe_tokenizer):
+    """NF4 base + LoRA: only the adapters train; the adapter file rebuilds the NF4 base on load;
+    merging goes through a dequantized copy, and re-quantizing after the merge is measured."""
+    from mightylm.adapters.lora import apply_lora, save_lora
+    from mightylm.adapters import load_adapter
+    from mightylm.cli import main
+
+    base_dir = tmp_path / "base"
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, base_dir)
+    model, _ = mightylm.load(base_dir)
+    quantize_(model, "nf4")
+    apply_lora(model, ("q_proj", "v_proj", "gate_proj"), r=4, alpha=8)
+    model.train()
+    frozen = {n: b.clone() for n, b in model.named_buffers()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    idx = torch.randint(0, 256, (1, 16)).repeat(4, 1)
+    losses = []
+    for _ in range(12):
+        loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers())  # the NF4 codes never change
+    model.eval()
+    save_lora(model, tmp_path / "adapter", base_model=str(base_dir))
+
+    fresh, _ = mightylm.load(base_dir)  # float: loading the adapter quantizes it as in training
+    load_adapter(fresh, tmp_path / "adapter")
+    assert isinstance(fresh.layers[0].attn.q_proj.base_layer, NF4Linear)
+    probe = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(probe), model(probe), atol=0, rtol=0)
+
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "merged"), "--requantize", "true"]) == 0
+    printed = capsys.readouterr().out
+    float_change = float(printed.split("dequantized float copy: outputs change by max |dlogit| ")[1].split(",")[0])
+    requant_change = float(printed.split("after merging: outputs change by max |dlogit| ")[1].split(",")[0])
+    assert float_change < 1e-3 < requant_change  # merging into float is exact; re-quantizing is not
+    merged, _ = mightylm.load(tmp_path / "merged")
+    assert merged.quantization["method"] == "nf4"
+
+
+def test_mighty_quantize_writes_checkpoints_generate_loads(tmp_path, capsys, bpe_tokenizer):
+    from conftest import SAMPLE_TEXT
+
+    from mightylm.cli import main
+    from mightylm.generate import Sampling, generate
+
+    base = tmp_path / "base"
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, base)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(SAMPLE_TEXT * 10)
+    for method in ("nf4", "int8", "int4", "smoothquant"):
+        out = tmp_path / method
+        extra = ["--calib", str(calib)] if method == "smoothquant" else []
+        assert main(["quantize", "--model", str(base), "--method", method, "--out", str(out), *extra]) == 0
+        assert "MiB ->" in capsys.readouterr().out
+        model, tok = mightylm.load(out)
+        assert model.quantization["method"] == method
+        prompt = tok.encode("To be")
+        expected = tok.decode(generate(model, [prompt], Sampling(max_new_tokens=6, stop_token_ids=tok.stop_token_ids))[0])
+        assert main(["generate", "--model", str(out), "--prompt", "To be", "--temperature", "0",
+                     "--max-new-tokens", "6"]) == 0
+        assert capsys.readouterr().out == expected + "\n"
+
+
+def test_mighty_quantize_refuses_bad_input_and_leaves_nothing(tmp_path, capsys, bpe_tokenizer):
+    from mightylm.cli import main
+
+    base = tmp_path / "base"
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, base)
+    (tmp_path / "short.txt").write_text("Too short.")
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        (["--method", "smoothquant", "--calib", str(tmp_path / "short.txt")], "tokens of calibration text"),
+        (["--method", "smoothquant", "--calib", str(tmp_path / "empty.txt")], "0 tokens of calibration text"),
+        (["--method", "smoothquant"], "smoothquant needs --calib"),
+        (["--method", "int4", "--group_size", "48"], "group size must be 32, 64, 128 or 256"),
+        (["--method", "int4", "--group_size", "256"], "does not divide the inputs"),
+    ]
+    for options, message in cases:
+        out = tmp_path / "out"
+        assert main(["quantize", "--model", str(base), "--out", str(out), *options]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    with pytest.raises(SystemExit):  # the parser refuses it, listing the methods
+        main(["quantize", "--model", str(base), "--method", "int3", "--out", str(tmp_path / "x")])
+    assert "Expected a typing.Literal['nf4', 'int8', 'int4', 'smoothquant']" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(base), "--method", "int8", "--out", str(tmp_path / "q8")]) == 0
+    assert main(["quantize", "--model", str(tmp_path / "q8"), "--method", "nf4", "--out", str(tmp_path / "q4")]) == 2
+    assert "already quantized (int8)" in capsys.readouterr().err and not (tmp_path / "q4").exists()
+    assert main(["quantize", "--model", str(base), "--method", "int8", "--out", str(tmp_path / "q8")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err

@@ -32,14 +32,25 @@ PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear + a low-rank update. `weight`/`bias` are the frozen base's own tensors."""
+    """nn.Linear + a low-rank update. `weight`/`bias` are the frozen base's own tensors.
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    Over a quantized base (QLoRA: any module with `dequantize()`, e.g. compress.nf4.NF4Linear) the
+    base is kept whole as `base_layer` and computes its own product; the adapter is the same."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias  # reuse, never copy
+        self.base_layer = None
+        if isinstance(base, nn.Linear):
+            self.weight, self.bias = base.weight, base.bias  # reuse, never copy
+            device, dtype = base.weight.device, base.weight.dtype
+        else:  # a quantized base: its packed weight is no nn.Linear weight
+            del self.weight, self.bias
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            self.base_layer = base
+            device, dtype = base.weight.device, torch.float32
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        device, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT do
@@ -48,7 +59,7 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         if self.merged:
             return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
@@ -59,9 +70,20 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.base_layer is not None:
+            raise AdapterError("cannot merge LoRA into a quantized base in place: dequantize the base first "
+                               "(compress.quantize.dequantize_, which `mighty merge` does), merge, then re-quantize")
         if not self.merged:
             self.weight.add_(self.delta().to(self.weight.dtype))
             self.merged = True
+
+    @torch.no_grad()
+    def dequantize_base(self) -> None:
+        """Replace a quantized base by its float dequantization (so that the adapter can be merged)."""
+        if self.base_layer is not None:
+            base, self.base_layer = self.base_layer, None
+            self.weight = nn.Parameter(base.dequantize(), requires_grad=False)
+            self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().float(), requires_grad=False)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -70,8 +92,11 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
 
-def _linear_leaves(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B"))}
+def _linear_leaves(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers LoRA can wrap: nn.Linear, and quantized linears (anything with `dequantize()`)."""
+    return {name: m for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or hasattr(m, "dequantize")) and not name.endswith(("lora_A", "lora_B"))
+            and not name.endswith(".base_layer")}
 
 
 def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16.0,
@@ -161,6 +186,9 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
         "target_modules": sorted(cfg["targets"]), "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
     }
+    record = getattr(model, "quantization", None)
+    if record:  # QLoRA: the base these adapters were trained over, so loading can rebuild it
+        config["mightylm_base_quantization"] = record
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
@@ -174,6 +202,13 @@ def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> li
     weights_file = path / "adapter_model.safetensors"
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
+    quantized = cfg.get("mightylm_base_quantization")
+    if quantized and not getattr(model, "quantization", None):  # a QLoRA adapter: rebuild its NF4 base first
+        from mightylm.compress.quantize import quantize_
+
+        params = {k: v for k, v in quantized.items() if k not in ("method", "modules")}
+        quantize_(model, quantized["method"], targets=tuple({m.rsplit(".", 1)[-1] for m in quantized["modules"]}),
+                  **params)
     ours = {}
     for key, tensor in tensors.items():
         module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
