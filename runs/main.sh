@@ -4,6 +4,7 @@
 #   1. pretrain a ~6M-parameter model from scratch on Shakespeare (~10 minutes on 2 cores)
 #   2. load the embedded SmolLM2-135M-Instruct (GGUF) and generate and chat with it
 #   3. LoRA-fine-tune SmolLM2 on a task it fails zero-shot and show accuracy before and after
+#   4. quantize the fine-tuned model (int8, NF4) and show size and quality before and after
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIGHTY=.venv/bin/mighty
@@ -48,6 +49,10 @@ $MIGHTY generate --model $MODEL --adapter runs/out/lora-demo/adapter --chat true
   --prompt "Add the two numbers. Answer with the result only.
 
 57 + 38"
+
+echo
+echo "== 6. the fine-tuned model quantized: size, held-out perplexity and exact match before and after"
+.venv/bin/python runs/quant_demo.py --adapter runs/out/lora-demo/adapter --methods int8 nf4 2> runs/out/quant-demo.log
 
 echo
 echo "done: training report in $RUN/report.md (plot: $RUN/report.png), chat transcript in runs/out/chat.txt"

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mightylm.kernels import gemv_nf4
+
 # The 16 NF4 levels (QLoRA appendix E), as float32 values; index 7 is exactly 0.
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -140,6 +142,7 @@ class NF4Linear(nn.Module):
         else:
             self.register_buffer("weight_absmax", torch.empty(blocks, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self._absmax = None  # float32 absmax for the decode kernel, computed on first use
 
     @classmethod
     @torch.no_grad()
@@ -162,6 +165,12 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _FrozenLinear.apply(x, self)
+        if x.numel() == self.in_features:  # one row (decoding): the native kernel reads the 4-bit codes directly
+            if self._absmax is None:
+                self._absmax = dequantize_absmax(self.state()).contiguous()
+            y = gemv_nf4(x, self.weight, self._absmax, NF4_LEVELS, self.out_features, self.block_size, self.bias)
+            if y is not None:
+                return y
         return F.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
 
     def extra_repr(self) -> str:

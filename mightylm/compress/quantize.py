@@ -12,7 +12,8 @@ Methods (bits per weight include the scales):
 
 Each quantized module keeps the layer's `weight` key (now the integer codes) beside its scales,
 reuses nothing it does not need, and computes with PyTorch's packed CPU kernels where they exist
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), else by dequantizing then matmul.
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with AVX2 GEMV kernels of our own for
+one-row int8 and NF4 products (mightylm/kernels), else by dequantizing then matmul.
 What was applied is stored with the checkpoint (`quantization_record`) and rebuilt on load, never
 guessed from a file name. The embedding table and the LM head stay in float by default: the
 head is tied to the embedding in most small models, and quantizing it costs the most quality.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.compress.nf4 import NF4Linear, _FrozenLinear, nf4_bits_per_param
+from mightylm.kernels import gemv_int8
 
 METHODS = ("nf4", "int8", "int4", "smoothquant")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,6 +64,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _FrozenLinear.apply(x, self)
+        if x.numel() == self.in_features and (y := gemv_int8(x, self.weight, self.weight_scale, self.bias)) is not None:
+            return y  # one row (decoding): the native kernel streams the int8 weight once
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
                                                     self.weight_scale.to(x.dtype))

@@ -1,4 +1,4 @@
-/* Batch-1 matrix-vector product for input-major float32 weights, AVX2 + FMA, OpenMP.
+/* Batch-1 matrix-vector products, AVX2 + FMA, OpenMP: float32 (below), int8 and NF4 (at the end).
  *
  *   y[0:out] = x[0:in] @ Wt[0:in][0:out] (+ bias)     Wt row-major, i.e. W^T of an (out, in) Linear
  *
@@ -54,4 +54,63 @@ void mighty_gemv(const float *x, const float *W, const float *bias, float *y, fl
     }
     if (bias)
         for (long o = 0; o < out; o++) y[o] += bias[o];
+}
+
+
+/* ---- quantized weights, output-major: each thread takes a band of output rows ---- */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* y[o] = scale[o] * sum_j W[o][j] x[j] (+ bias[o]); W int8 (out, in) row-major, in % 32 == 0. */
+void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, const float *bias, float *y,
+                      long in, long out, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long o = 0; o < out; o++) {
+        const signed char *w = W + o * in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (long j = 0; j < in; j += 32) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(w + j));
+            const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + j + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + j + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + j + 24), a3);
+        }
+        y[o] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * scale[o] + (bias ? bias[o] : 0.0f);
+    }
+}
+
+/* NF4: codes packed two per byte (first in the high nibble), blocks of `block` along each row
+ * (in % block == 0, block % 16 == 0), one float absmax per block; `levels` the 16 NF4 values.
+ * xe/xo: x at even/odd positions (the high/low nibbles of each byte), each in / 2 long. */
+void mighty_gemv_nf4(const float *xe, const float *xo, const unsigned char *W, const float *absmax,
+                     const float *levels, const float *bias, float *y, long in, long out, long block, int nthreads) {
+    const __m256 lut_lo = _mm256_loadu_ps(levels), lut_hi = _mm256_loadu_ps(levels + 8);
+    const __m256i seven = _mm256_set1_epi32(7), nibble = _mm256_set1_epi32(15);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long o = 0; o < out; o++) {
+        const unsigned char *w = W + o * (in / 2);
+        const float *am = absmax + o * (in / block);
+        __m256 acc = _mm256_setzero_ps();
+        for (long b = 0; b < in / block; b++) {
+            __m256 part = _mm256_setzero_ps();
+            for (long p = b * block / 2; p < (b + 1) * block / 2; p += 8) {  /* 8 bytes: 16 codes */
+                const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + p)));
+                const __m256i h = _mm256_srli_epi32(bytes, 4), l = _mm256_and_si256(bytes, nibble);
+                const __m256 vh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, h), _mm256_permutevar8x32_ps(lut_hi, h),
+                                                   _mm256_castsi256_ps(_mm256_cmpgt_epi32(h, seven)));
+                const __m256 vl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, l), _mm256_permutevar8x32_ps(lut_hi, l),
+                                                   _mm256_castsi256_ps(_mm256_cmpgt_epi32(l, seven)));
+                part = _mm256_fmadd_ps(vh, _mm256_loadu_ps(xe + p), part);
+                part = _mm256_fmadd_ps(vl, _mm256_loadu_ps(xo + p), part);
+            }
+            acc = _mm256_fmadd_ps(part, _mm256_set1_ps(am[b]), acc);
+        }
+        y[o] = hsum(acc) + (bias ? bias[o] : 0.0f);
+    }
 }

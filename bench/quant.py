@@ -1,0 +1,111 @@
+"""Batch-1 decode speed and model bytes per weight format, at the SmolLM2-135M shape, in one run.
+
+The embedded SmolLM2-135M-Instruct (float32) is decoded greedily (32-token prompt, 64 new tokens)
+as float32 (with the decode layout of mightylm/fuse.py and the native GEMV), and with its seven
+projections per block as int8, int4 (group 64) and NF4 (block 64, double quantization); the
+embedding/LM head (tied) stays float32 in every row. Runs are interleaved and medians reported.
+"bound" = measured read bandwidth / bytes of weights read per token (all of them: the tied head
+reads the whole table), the speed a purely memory-bound decoder would reach.
+
+Then QLoRA training memory: LoRA r=8 on every projection over a float32 base vs over an NF4 base
+(the same recipe), peak RSS of a fresh subprocess each, batch 4 x 256 tokens.
+
+    .venv/bin/python bench/quant.py [--repeats 3] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import read_bandwidth_gbs  # noqa: E402
+
+WORKER = r"""
+import json, resource, sys, tempfile
+import torch
+import mightylm
+from mightylm.adapters.lora import apply_lora
+from mightylm.data.loader import Loader
+from mightylm.train import TrainConfig, fit
+model, _ = mightylm.load(sys.argv[1])  # a float32 or an NF4 checkpoint: the float weights never exist for NF4
+apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=8, alpha=16)
+torch.manual_seed(0)
+items = [{"input_ids": b[:-1], "labels": b[1:]} for b in torch.randint(0, model.config.vocab_size, (24, 257))]
+cfg = TrainConfig(steps=6, batch_size=4, lr=1e-4, warmup=1, eval_every=10**9, save_every=10**9, log_every=1)
+with tempfile.TemporaryDirectory() as run:
+    fit(model, Loader(items, 4, shuffle=False), run, cfg, progress=False)
+    rows = [json.loads(l) for l in open(run + "/metrics.jsonl")]
+speed = sorted(r["tokens_per_s"] for r in rows[2:])[len(rows[2:]) // 2]
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens_per_s": speed}))
+"""
+
+
+def main():
+    import json
+
+    import mightylm
+    from mightylm.compress.quantize import model_bytes, quantize_
+    from mightylm.fuse import fuse_projections_
+    from mightylm.generate import Sampling, generate
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args()
+    base, tok = mightylm.load("smollm2-135m-instruct")
+    models = {}
+    for method in ("float32", "int8", "int4", "nf4"):
+        m = copy.deepcopy(base)
+        if method != "float32":
+            quantize_(m, method)
+        fuse_projections_(m)  # the decode layout for whatever stays float (all of float32; the head otherwise)
+        models[method] = m
+    prompt = tok.encode("The history of the printing press begins in the fifteenth century, when")[:32]
+    s = Sampling(max_new_tokens=args.new_tokens)
+    outputs = {k: generate(m, [prompt], s)[0] for k, m in models.items()}  # warm-up, and the tokens to compare
+    times = {k: [] for k in models}
+    for _ in range(args.repeats):
+        for k, m in models.items():
+            t = time.perf_counter()
+            generate(m, [prompt], s)
+            times[k].append(time.perf_counter() - t)
+    bandwidth = read_bandwidth_gbs()
+    print(f"read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads; {args.new_tokens} new tokens")
+    print(f"{'weights':8s} {'MiB':>7s} {'tok/s':>7s} {'vs f32':>7s} {'bound':>7s} {'of bound':>8s} {'same greedy tokens as f32':>26s}")
+    f32 = None
+    for k, m in models.items():
+        size = model_bytes(m)
+        speed = args.new_tokens / statistics.median(times[k])
+        f32 = f32 or speed
+        bound = bandwidth * 1e9 / size
+        same = sum(a == b for a, b in zip(outputs[k], outputs["float32"]))
+        print(f"{k:8s} {size / 2**20:7.1f} {speed:7.1f} {speed / f32:6.2f}x {bound:7.1f} {speed / bound:7.0%} "
+              f"{same:>18d}/{len(outputs['float32'])}", flush=True)
+    if args.skip_training:
+        return
+    print("LoRA r=8 training over a float32 vs an NF4 (QLoRA) base, batch 4 x 256, peak RSS of the process:")
+    import tempfile
+
+    directory = tempfile.mkdtemp()
+    mightylm.save(base, tok, f"{directory}/float32")
+    quantize_(base, "nf4")
+    mightylm.save(base, tok, f"{directory}/nf4")
+    for kind in ("float32", "nf4"):
+        r = subprocess.run([sys.executable, "-c", WORKER, f"{directory}/{kind}"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-2000:])
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"  {kind:8s} base: peak {row['peak_mb']:6.0f} MB, {row['tokens_per_s']:5.0f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
