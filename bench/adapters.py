@@ -32,7 +32,10 @@ METHODS = ["full-adamw", "full-lomo", "lora", "prompt", "ptuning", "adapter"]
 INIT = "Add the two numbers and answer with the result only."
 
 
-def worker(method: str, base: str, data: str, test: str, out: str, steps: int) -> dict:
+LR = {"full-adamw": 3e-5, "full-lomo": 1e-2, "lora": 2e-3, "prompt": 3e-2, "ptuning": 3e-3, "adapter": 2e-2}
+
+
+def worker(method: str, base: str, data: str, test: str, out: str, steps: int, lr: float, adapter_layers: int) -> dict:
     import resource
 
     import mightylm
@@ -47,14 +50,13 @@ def worker(method: str, base: str, data: str, test: str, out: str, steps: int) -
     model, tok = mightylm.load(base)
     loaded_mb = rss_mb()
     del model
-    lr = {"full-adamw": 3e-5, "full-lomo": 1e-2, "lora": 2e-3, "prompt": 3e-2, "ptuning": 3e-3, "adapter": 1e-2}[method]
     train = TrainConfig(steps=steps, batch_size=8, lr=lr, min_lr=lr / 10, warmup=6, weight_decay=0.0,
                         eval_every=steps, save_every=steps, log_every=5, eval_batches=None)
     common = dict(model=base, data=data, out=out, val_data=test, max_len=128, train=train)
     t = time.perf_counter()
     printed = io.StringIO()  # the recipe prints its trainable-parameter count
     with contextlib.redirect_stdout(printed):
-        run(method, recipes, common)
+        run(method, recipes, common, adapter_layers)
     sys.stderr.write(printed.getvalue())
     minutes = (time.perf_counter() - t) / 60
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before evaluation
@@ -77,10 +79,11 @@ def worker(method: str, base: str, data: str, test: str, out: str, steps: int) -
     acc, answers = accuracy(tuned, tok, problems)
     return {"method": method, "trainable": trainable, "peak_mb": peak_mb, "loaded_mb": loaded_mb,
             "tokens_per_s": statistics.median(speeds), "val_loss": summary["val_loss"], "accuracy": acc,
-            "minutes": minutes, "lr": lr, "examples": answers[:3]}
+            "minutes": minutes, "lr": lr, "adapter_layers": adapter_layers if method == "adapter" else None,
+            "examples": answers[:3]}
 
 
-def run(method: str, recipes, common: dict) -> None:
+def run(method: str, recipes, common: dict, adapter_layers: int = 28) -> None:
     if method.startswith("full"):
         recipes.finetune_full(**common, optimizer=method.removeprefix("full-"))
     elif method == "lora":
@@ -90,7 +93,7 @@ def run(method: str, recipes, common: dict) -> None:
     elif method == "ptuning":
         recipes.finetune_ptuning(**common, n_tokens=20, encoder="mlp", hidden=256, init_text=INIT)
     else:
-        recipes.finetune_adapter(**common, layers=8, length=10)
+        recipes.finetune_adapter(**common, layers=adapter_layers, length=10)
 
 
 def main():
@@ -98,12 +101,16 @@ def main():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "adapters"))
+    p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's learning rate")
+    p.add_argument("--adapter-layers", type=int, default=28, help="LLaMA-Adapter: adapt the top this many blocks")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
+    lrs = {**LR, **{k: float(v) for k, v in (item.split("=") for item in args.lr)}}
     base, data, test = out / "base", out / "train.jsonl", out / "test.jsonl"
     if args.worker:
-        print(json.dumps(worker(args.worker, str(base), str(data), str(test), str(out / args.worker), args.steps)))
+        print(json.dumps(worker(args.worker, str(base), str(data), str(test), str(out / args.worker), args.steps,
+                                lrs[args.worker], args.adapter_layers)))
         return
     import shutil
 
@@ -122,23 +129,26 @@ def main():
         model, tok = mightylm.load("smollm2-135m-instruct")
         mightylm.save(model, tok, base)
     results = []
-    print(f"{'method':12s} {'trainable':>12s} {'peak RSS':>9s} {'over model':>10s} {'tok/s':>6s} {'val loss':>8s} "
+    print(f"{'method':12s} {'lr':>7s} {'trainable':>12s} {'peak RSS':>9s} {'over model':>10s} {'tok/s':>6s} {'val loss':>8s} "
           f"{'exact match':>11s} {'minutes':>7s}", flush=True)
     for method in args.methods:
         shutil.rmtree(out / method, ignore_errors=True)
         (out / method).mkdir(parents=True)
         with open(out / method / "train.log", "w") as log:
             proc = subprocess.run([sys.executable, __file__, "--worker", method, "--steps", str(args.steps),
-                                   "--out", str(out)], stdout=subprocess.PIPE, stderr=log, text=True)
+                                   "--out", str(out), "--adapter-layers", str(args.adapter_layers),
+                                   "--lr", *[f"{k}={v}" for k, v in lrs.items()]],
+                                  stdout=subprocess.PIPE, stderr=log, text=True)
         if proc.returncode != 0:
             print(f"{method}: failed, see {out / method / 'train.log'}", flush=True)
             continue
         (out / method / "train.log").write_text((out / method / "train.log").read_text() + proc.stdout)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
-        print(f"{method:12s} {r['trainable']:12,d} {r['peak_mb']:6.0f} MB {r['peak_mb'] - r['loaded_mb']:7.0f} MB "
+        print(f"{method:12s} {r['lr']:7.0e} {r['trainable']:12,d} {r['peak_mb']:6.0f} MB {r['peak_mb'] - r['loaded_mb']:7.0f} MB "
               f"{r['tokens_per_s']:6.0f} {r['val_loss']:8.3f} {r['accuracy']:10.0%} {r['minutes']:7.1f}", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+    (out / "results.json").write_text(json.dumps(previous + results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

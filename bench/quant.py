@@ -7,6 +7,9 @@ embedding/LM head (tied) stays float32 in every row. Runs are interleaved and me
 "bound" = measured read bandwidth / bytes of weights read per token (all of them: the tied head
 reads the whole table), the speed a purely memory-bound decoder would reach.
 
+Then one matrix-vector product per format at SmolLM2's shapes, against PyTorch's own int8 kernel
+and bitsandbytes' NF4 (its CPU backend; installed with the test extras), on the same weights.
+
 Then QLoRA training memory: LoRA r=8 on every projection over a float32 base vs over an NF4 base
 (the same recipe), peak RSS of a fresh subprocess each, batch 4 x 256 tokens.
 
@@ -46,6 +49,48 @@ with tempfile.TemporaryDirectory() as run:
 speed = sorted(r["tokens_per_s"] for r in rows[2:])[len(rows[2:]) // 2]
 print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens_per_s": speed}))
 """
+
+
+def kernels_side_by_side(bandwidth: float, repeats: int = 200) -> None:
+    """Microseconds per batch-1 product for each format, ours beside PyTorch's and bitsandbytes'."""
+    from torch import nn
+
+    from mightylm.compress.nf4 import NF4Linear
+    from mightylm.compress.quantize import Int8Linear
+    from mightylm.kernels import linear
+
+    def usec(fn):
+        for _ in range(10):
+            fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t) / repeats * 1e6
+
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        bnb = None
+    print("one product, batch 1 (microseconds; GB/s of weight bytes read):")
+    for out, n_in in ((1536, 576), (576, 1536)):
+        torch.manual_seed(0)
+        lin = nn.Linear(n_in, out, bias=False)
+        x = torch.randn(1, n_in)
+        w_in_major = lin.weight.detach().t().contiguous().t()
+        q8, q4 = Int8Linear.from_linear(lin), NF4Linear.from_linear(lin)
+        rows = {"float32 (ours)": (lambda: linear(x, w_in_major), 4 * out * n_in),
+                "int8 (ours)": (lambda: q8(x), out * n_in),
+                "int8 (torch _weight_int8pack_mm)": (lambda: torch.ops.aten._weight_int8pack_mm(x, q8.weight, q8.weight_scale),
+                                                     out * n_in),
+                "nf4 (ours)": (lambda: q4(x), out * n_in // 2)}
+        if bnb is not None:
+            packed, state = bnbf.quantize_4bit(lin.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
+            rows["nf4 (bitsandbytes matmul_4bit)"] = (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), out * n_in // 2)
+        with torch.no_grad():
+            for name, (fn, nbytes) in rows.items():
+                t = usec(fn)
+                print(f"  {out}x{n_in} {name:34s} {t:8.1f} us  {nbytes / t / 1e3:5.1f} GB/s (machine: {bandwidth:.1f})")
 
 
 def main():
@@ -90,6 +135,7 @@ def main():
         same = sum(a == b for a, b in zip(outputs[k], outputs["float32"]))
         print(f"{k:8s} {size / 2**20:7.1f} {speed:7.1f} {speed / f32:6.2f}x {bound:7.1f} {speed / bound:7.0%} "
               f"{same:>18d}/{len(outputs['float32'])}", flush=True)
+    kernels_side_by_side(bandwidth)
     if args.skip_training:
         return
     print("LoRA r=8 training over a float32 vs an NF4 (QLoRA) base, batch 4 x 256, peak RSS of the process:")

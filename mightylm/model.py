@@ -253,7 +253,8 @@ class Transformer(nn.Module):
         with_prefix = P > 0 and start == 0  # a fresh sequence: the virtual tokens go in first
         if with_prefix:
             x = _insert_prefix(x, self.prefix().to(x.dtype), pad)  # (B, P + T, dim)
-        start += P if P and not with_prefix else 0  # later calls: cache slots are behind the prefix
+        elif P:
+            start += P  # a later call (decoding): this sequence's cache slots sit behind its virtual tokens
         B, T, _ = x.shape
         cos, sin = self.rope(start + T, x.device)
         slots = torch.arange(start, start + T, device=x.device)

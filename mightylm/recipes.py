@@ -417,7 +417,7 @@ def finetune_adapter(
     val_fraction: float = 0.05,
     max_len: int = 512,
     pack: bool = False,
-    train: TrainConfig = TrainConfig(steps=200, lr=5e-3, min_lr=5e-4, warmup=20, batch_size=4, eval_every=50,
+    train: TrainConfig = TrainConfig(steps=200, lr=2e-2, min_lr=2e-3, warmup=20, batch_size=4, eval_every=50,
                                      save_every=100, weight_decay=0.0),
     resume: bool = False,
     device: str = "cpu",
@@ -431,7 +431,7 @@ def finetune_adapter(
         model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
         data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
         out: The run directory; it ends up holding the adapter, the report and the metrics.
-        layers: Adapt the top this many blocks (default 8, or all blocks of a smaller model).
+        layers: Adapt the top this many blocks (default: all but the bottom two, as in the paper).
         length: Adaption prompts per adapted block.
         val_data: JSONL for validation; if unset, `val_fraction` of `data` is held out.
         val_fraction: Share of `data` held out for validation when `val_data` is unset.

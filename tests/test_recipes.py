@@ -195,3 +195,32 @@ def test_soft_prompt_and_adapter_verbs_train_resume_and_generate(tmp_path, verb,
     assert capsys.readouterr().out == expected + "\n"
     assert main(["merge", "--model", str(base), "--adapter", str(out), "--out", str(tmp_path / "m")]) == 2
     assert "cannot be merged" in capsys.readouterr().err
+
+
+def test_qlora_verb_trains_over_nf4_and_generate_rebuilds_the_base(tmp_path, reverse_jsonl, capsys):
+    from conftest import make_hf_model
+
+    from mightylm.adapters import load_adapter
+    from mightylm.compress.nf4 import NF4Linear
+    from mightylm.generate import Sampling, generate
+    from mightylm.tokenizer import train_bpe
+
+    base = tmp_path / "base"
+    tok = train_bpe(texts=[SAMPLE_TEXT * 20], vocab_size=300, show_progress=False)
+    make_hf_model("llama", vocab_size=tok.vocab_size).save_pretrained(base)
+    tok.save(base)
+    out = tmp_path / "qlora"
+    assert main(["finetune", "qlora", "--config", str(RECIPES / "finetune-qlora.yaml"), "--model", str(base),
+                 "--data", str(reverse_jsonl), "--out", str(out), "--r", "4", "--val_fraction", "0.25",
+                 "--train.steps", "3", "--train.batch_size", "2", "--train.warmup", "1", "--train.lr", "1e-2"]) == 0
+    assert "QLoRA (NF4 base) on 14 layers" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["mightylm_base_quantization"]["method"] == "nf4"
+    model, tok = mightylm.load(base)
+    load_adapter(model, out)
+    assert isinstance(model.layers[1].mlp.down_proj.base_layer, NF4Linear)
+    prompt = tok.encode("To be")
+    expected = tok.decode(generate(model, [prompt], Sampling(max_new_tokens=8, stop_token_ids=tok.stop_token_ids))[0])
+    assert main(["generate", "--model", str(base), "--adapter", str(out), "--prompt", "To be", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"

@@ -11,7 +11,7 @@ by a gate that starts at zero (section 3.2, "zero-init attention"):
 so the model is exactly unchanged at the start of training and the prompts fade in as g_l grows.
 As in the authors' released code, g_l is one value per head, used through tanh.
 
-How it hooks in: `apply_llama_adapter(model, layers=8, length=10)` adds an `adaption` module to
+How it hooks in: `apply_llama_adapter(model, layers=28, length=10)` adds an `adaption` module to
 the attention of each of the top `layers` blocks and wraps `Attention.attend`, the one method the
 model exposes for this; everything else is frozen. The extra attention reads only the prompts,
 never the KV cache, so cached decoding, padding and batching work unchanged.
@@ -66,10 +66,10 @@ def _adapted_attend(attn: nn.Module, q, k, v, mask):
 
 
 def apply_llama_adapter(model: nn.Module, layers: int | None = None, length: int = 10, seed: int = 0) -> list[str]:
-    """Add K=`length` adaption prompts to each of the top `layers` blocks (default: 8, or all of a smaller
-    model), freeze everything else, and return the names of the adapted attention modules."""
+    """Add K=`length` adaption prompts to each of the top `layers` blocks (default: all but the bottom two,
+    as the paper adapts 30 of LLaMA-7B's 32), freeze everything else, and return the adapted module names."""
     n = model.config.n_layers
-    layers = min(8, n) if layers is None else layers
+    layers = max(1, n - 2) if layers is None else layers
     if not 1 <= layers <= n:
         raise AdapterError(f"LLaMA-Adapter layers must be between 1 and the model's {n} blocks, got {layers}")
     if length < 1 or length > 4096:
