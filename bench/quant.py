@@ -56,7 +56,7 @@ def kernels_side_by_side(bandwidth: float, repeats: int = 200) -> None:
     from torch import nn
 
     from mightylm.compress.nf4 import NF4Linear
-    from mightylm.compress.quantize import Int8Linear
+    from mightylm.compress.quantize import Int4Linear, Int8Linear
     from mightylm.kernels import linear
 
     def usec(fn):
@@ -79,10 +79,16 @@ def kernels_side_by_side(bandwidth: float, repeats: int = 200) -> None:
         x = torch.randn(1, n_in)
         w_in_major = lin.weight.detach().t().contiguous().t()
         q8, q4 = Int8Linear.from_linear(lin), NF4Linear.from_linear(lin)
+        i4 = Int4Linear.from_linear(lin, 64)
+        packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(i4.codes().to(torch.int32), 1)
+        scales_and_zeros = torch.stack([i4.weight_scale, i4.weight_zero], -1).transpose(0, 1).contiguous()
         rows = {"float32 (ours)": (lambda: linear(x, w_in_major), 4 * out * n_in),
                 "int8 (ours)": (lambda: q8(x), out * n_in),
                 "int8 (torch _weight_int8pack_mm)": (lambda: torch.ops.aten._weight_int8pack_mm(x, q8.weight, q8.weight_scale),
                                                      out * n_in),
+                "int4 g64 (ours)": (lambda: i4(x), out * n_in // 2),
+                "int4 g64 (torch _weight_int4pack_mm)": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x, packed4, 64, scales_and_zeros), out * n_in // 2),
                 "nf4 (ours)": (lambda: q4(x), out * n_in // 2)}
         if bnb is not None:
             packed, state = bnbf.quantize_4bit(lin.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -90,7 +96,7 @@ def kernels_side_by_side(bandwidth: float, repeats: int = 200) -> None:
         with torch.no_grad():
             for name, (fn, nbytes) in rows.items():
                 t = usec(fn)
-                print(f"  {out}x{n_in} {name:34s} {t:8.1f} us  {nbytes / t / 1e3:5.1f} GB/s (machine: {bandwidth:.1f})")
+                print(f"  {out}x{n_in} {name:38s} {t:8.1f} us  {nbytes / t / 1e3:5.1f} GB/s (machine: {bandwidth:.1f})")
 
 
 def main():
@@ -115,26 +121,32 @@ def main():
         fuse_projections_(m)  # the decode layout for whatever stays float (all of float32; the head otherwise)
         models[method] = m
     prompt = tok.encode("The history of the printing press begins in the fifteenth century, when")[:32]
-    s = Sampling(max_new_tokens=args.new_tokens)
+    s, first = Sampling(max_new_tokens=args.new_tokens), Sampling(max_new_tokens=1)
     outputs = {k: generate(m, [prompt], s)[0] for k, m in models.items()}  # warm-up, and the tokens to compare
     times = {k: [] for k in models}
+    prefill = {k: [] for k in models}
     for _ in range(args.repeats):
         for k, m in models.items():
             t = time.perf_counter()
+            generate(m, [prompt], first)  # prefill only
+            t1 = time.perf_counter()
             generate(m, [prompt], s)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(time.perf_counter() - t1 - (t1 - t))  # the decode steps alone
+            prefill[k].append(t1 - t)
     bandwidth = read_bandwidth_gbs()
-    print(f"read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads; {args.new_tokens} new tokens")
-    print(f"{'weights':8s} {'MiB':>7s} {'tok/s':>7s} {'vs f32':>7s} {'bound':>7s} {'of bound':>8s} {'same greedy tokens as f32':>26s}")
+    print(f"read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads; 32-token prompt, "
+          f"{args.new_tokens} new tokens; decode tok/s excludes the prefill")
+    print(f"{'weights':8s} {'MiB':>7s} {'decode tok/s':>12s} {'vs f32':>7s} {'bound':>7s} {'of bound':>8s} "
+          f"{'prefill ms':>10s} {'greedy tokens = f32':>20s}")
     f32 = None
     for k, m in models.items():
         size = model_bytes(m)
-        speed = args.new_tokens / statistics.median(times[k])
+        speed = (args.new_tokens - 1) / statistics.median(times[k])
         f32 = f32 or speed
         bound = bandwidth * 1e9 / size
         same = sum(a == b for a, b in zip(outputs[k], outputs["float32"]))
-        print(f"{k:8s} {size / 2**20:7.1f} {speed:7.1f} {speed / f32:6.2f}x {bound:7.1f} {speed / bound:7.0%} "
-              f"{same:>18d}/{len(outputs['float32'])}", flush=True)
+        print(f"{k:8s} {size / 2**20:7.1f} {speed:12.1f} {speed / f32:6.2f}x {bound:7.1f} {speed / bound:7.0%} "
+              f"{statistics.median(prefill[k]) * 1e3:10.0f} {same:>14d}/{len(outputs['float32'])}", flush=True)
     kernels_side_by_side(bandwidth)
     if args.skip_training:
         return

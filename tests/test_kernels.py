@@ -49,20 +49,21 @@ def test_other_cases_fall_back_to_f_linear():
 
 @needs_kernel
 @pytest.mark.parametrize("out,n_in", [(576, 576), (7, 64), (1536, 576), (96, 1536)])
-def test_int8_and_nf4_gemv_match_their_dequantized_weights(out, n_in):
+def test_int8_int4_and_nf4_gemv_match_their_dequantized_weights(out, n_in):
     from torch import nn
 
     from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear
-    from mightylm.compress.quantize import Int8Linear
+    from mightylm.compress.quantize import Int4Linear, Int8Linear
 
     torch.manual_seed(out)
     lin = nn.Linear(n_in, out)
     x = torch.randn(1, 1, n_in)
     with torch.no_grad():
-        q8, q4 = Int8Linear.from_linear(lin), NF4Linear.from_linear(lin)
+        q8, q4, i4 = Int8Linear.from_linear(lin), NF4Linear.from_linear(lin), Int4Linear.from_linear(lin, 32)
         q4(x)  # computes the float absmax the kernel reads
         direct = {q8: kernels.gemv_int8(x, q8.weight, q8.weight_scale, lin.bias),
-                  q4: kernels.gemv_nf4(x, q4.weight, q4._absmax, NF4_LEVELS, out, 64, lin.bias)}
+                  q4: kernels.gemv_nf4(x, q4.weight, q4._absmax, NF4_LEVELS, out, 64, lin.bias),
+                  i4: kernels.gemv_int4(x, i4.weight, i4.weight_scale, i4.weight_zero, out, 32, lin.bias)}
         for module, y in direct.items():
             assert y is not None  # the kernel ran (no fallback)
             expected = F.linear(x, module.dequantize(), lin.bias)

@@ -6,14 +6,15 @@ Methods (bits per weight include the scales):
 - int8  weight-only, symmetric, one float32 scale per output channel: w = q * s,
         q in [-127, 127]. 8 + 32/in bits.
 - int4  weight-only, asymmetric, group-wise (group 32-128 along the input): w = (q - 8) * s + z,
-        q in [0, 15], one float32 scale and one float32 zero per group (gpt-fast's scheme, which
-        PyTorch's packed int4 CPU kernel takes). 4 + 64/group bits.
+        q in [0, 15], one float32 scale and one float32 zero per group (gpt-fast's scheme, the
+        layout PyTorch's packed int4 kernels take). 4 + 64/group bits.
 - smoothquant  W8A8 after migrating activation outliers into the weights (compress/smoothquant.py).
 
-Each quantized module keeps the layer's `weight` key (now the integer codes) beside its scales,
-reuses nothing it does not need, and computes with PyTorch's packed CPU kernels where they exist
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with AVX2 GEMV kernels of our own for
-one-row int8 and NF4 products (mightylm/kernels), else by dequantizing then matmul.
+Each quantized module keeps the layer's `weight` key (now the integer codes) beside its scales.
+One row at a time (decoding) goes through AVX2 GEMV kernels of our own that read the packed codes
+(mightylm/kernels); several rows (prefill, training) dequantize once and use a float GEMM.
+PyTorch's packed CPU ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were measured
+and not used: on this CPU they run 4-16x slower than either path (bench/RESULTS.md).
 What was applied is stored with the checkpoint (`quantization_record`) and rebuilt on load, never
 guessed from a file name. The embedding table and the LM head stay in float by default: the
 head is tied to the embedding in most small models, and quantizing it costs the most quality.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.compress.nf4 import NF4Linear, _FrozenLinear, nf4_bits_per_param
-from mightylm.kernels import gemv_int8
+from mightylm.kernels import gemv_int4, gemv_int8
 
 METHODS = ("nf4", "int8", "int4", "smoothquant")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,15 +67,15 @@ class Int8Linear(nn.Module):
             return _FrozenLinear.apply(x, self)
         if x.numel() == self.in_features and (y := gemv_int8(x, self.weight, self.weight_scale, self.bias)) is not None:
             return y  # one row (decoding): the native kernel streams the int8 weight once
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
-                                                    self.weight_scale.to(x.dtype))
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y + self.bias.to(x.dtype) if self.bias is not None else y
+        # Several rows (prefill, training): dequantize once, then a float GEMM. On this CPU that is
+        # 16x faster than PyTorch's _weight_int8pack_mm at 32 rows (bench/RESULTS.md).
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+_BYTE_TO_CODES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1).float()  # byte -> its 2 codes
 
 
 class Int4Linear(nn.Module):
@@ -91,7 +92,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, in_features // group_size, device=device))
         self.register_buffer("weight_zero", torch.empty(out_features, in_features // group_size, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
-        self._packed = None  # PyTorch's CPU layout, built on first use
 
     @classmethod
     @torch.no_grad()
@@ -113,22 +113,18 @@ class Int4Linear(nn.Module):
         return torch.stack([self.weight >> 4, self.weight & 0xF], dim=-1).view(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = self.codes().float().view(self.out_features, -1, self.group_size)
+        q = _BYTE_TO_CODES[self.weight.long()].view(self.out_features, -1, self.group_size)  # (out, groups, g)
         w = (q - 8) * self.weight_scale[..., None] + self.weight_zero[..., None]
         return w.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _FrozenLinear.apply(x, self)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            if self._packed is None:
-                self._packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1),
-                                torch.stack([self.weight_scale, self.weight_zero], -1).transpose(0, 1).contiguous())
-            packed, scales_and_zeros = self._packed  # (groups, out, 2)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size,
-                                                           scales_and_zeros.to(x.dtype))
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y + self.bias.to(x.dtype) if self.bias is not None else y
+        if x.numel() == self.in_features:  # one row (decoding): the native kernel reads the 4-bit codes
+            y = gemv_int4(x, self.weight, self.weight_scale, self.weight_zero, self.out_features, self.group_size,
+                          self.bias)
+            if y is not None:
+                return y
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

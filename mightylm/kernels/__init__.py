@@ -1,8 +1,8 @@
 """Native kernels, compiled on first use with the system C compiler, with PyTorch fallbacks.
 
 `linear(x, weight, bias)` is `F.linear` with a fast path for what batch-1 decoding does most: one
-float32 row times an input-major weight (see `mightylm/fuse.py`). `gemv_int8` and `gemv_nf4` do
-the same for quantized weights (compress/), returning None where the caller must fall back. The fast path is the AVX2
+float32 row times an input-major weight (see `mightylm/fuse.py`). `gemv_int8`, `gemv_int4` and
+`gemv_nf4` do the same for quantized weights (compress/), returning None where the caller must fall back. The fast path is the AVX2
 kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second.
 Without a compiler, AVX2/FMA or x86-64, or with MIGHTYLM_NO_KERNELS=1, everything goes through
 `F.linear` and only speed differs.
@@ -59,7 +59,8 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.mighty_gemv.restype = None
     lib.mighty_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    lib.mighty_gemv_int8.restype = lib.mighty_gemv_nf4.restype = None
+    lib.mighty_gemv_int8.restype = lib.mighty_gemv_nf4.restype = lib.mighty_gemv_int4.restype = None
+    lib.mighty_gemv_int4.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.mighty_gemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_gemv_nf4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
     return lib
@@ -140,4 +141,22 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, levels
     lib.mighty_gemv_nf4(xe.data_ptr(), xo.data_ptr(), packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(),
                         bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out, block,
                         torch.get_num_threads())
+    return y
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: int, group: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (..., in) one float32 row @ int4 weight (out, in)^T + bias, or None. scale/zero: (out, in / group)."""
+    n_in = x.shape[-1]
+    if not (_single_row(x, n_in) and n_in % group == 0 and group % 16 == 0 and scale.dtype == torch.float32
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and (lib := gemv_library()) is not None):
+        return None
+    flat = x.reshape(-1)
+    xe, xo = flat[0::2].contiguous(), flat[1::2].contiguous()
+    xsum = flat.view(-1, group).sum(dim=1)  # (groups,): the zero points multiply these
+    y = torch.empty(*x.shape[:-1], out)
+    lib.mighty_gemv_int4(xe.data_ptr(), xo.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                         xsum.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out,
+                         group, torch.get_num_threads())
     return y

@@ -114,3 +114,33 @@ void mighty_gemv_nf4(const float *xe, const float *xo, const unsigned char *W, c
         y[o] = hsum(acc) + (bias ? bias[o] : 0.0f);
     }
 }
+
+/* int4, asymmetric per group: w = (q - 8) * scale + zero, so per group g of `group` inputs
+ *   sum_j w_j x_j = scale * sum_j q_j x_j + (zero - 8 * scale) * sum_j x_j.
+ * Codes packed as for NF4 (high nibble first); scale/zero (out, in / group); xsum (in / group). */
+void mighty_gemv_int4(const float *xe, const float *xo, const unsigned char *W, const float *scale,
+                      const float *zero, const float *xsum, const float *bias, float *y, long in, long out,
+                      long group, int nthreads) {
+    const __m256i nibble = _mm256_set1_epi32(15);
+    const long groups = in / group;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long o = 0; o < out; o++) {
+        const unsigned char *w = W + o * (in / 2);
+        const float *s = scale + o * groups, *z = zero + o * groups;
+        float total = 0.0f;
+        __m256 acc = _mm256_setzero_ps();
+        for (long g = 0; g < groups; g++) {
+            __m256 part = _mm256_setzero_ps();
+            for (long p = g * group / 2; p < (g + 1) * group / 2; p += 8) {  /* 8 bytes: 16 codes */
+                const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + p)));
+                const __m256 vh = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+                const __m256 vl = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, nibble));
+                part = _mm256_fmadd_ps(vh, _mm256_loadu_ps(xe + p), part);
+                part = _mm256_fmadd_ps(vl, _mm256_loadu_ps(xo + p), part);
+            }
+            acc = _mm256_fmadd_ps(part, _mm256_set1_ps(s[g]), acc);
+            total += (z[g] - 8.0f * s[g]) * xsum[g];
+        }
+        y[o] = hsum(acc) + total + (bias ? bias[o] : 0.0f);
+    }
+}
