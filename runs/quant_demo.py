@@ -6,7 +6,10 @@ perplexity and bits per byte on held-out Shakespeare (the corpus' last play in f
 first 2,048 tokens, windows of 256), and exact match on the held-out 2-digit additions of
 runs/lora_demo.py. SmoothQuant calibrates on the corpus' first play (not the evaluation text).
 
-    .venv/bin/python runs/quant_demo.py --adapter runs/out/lora-demo/adapter [--methods int8 nf4 int4 smoothquant]
+    .venv/bin/python runs/quant_demo.py --adapter runs/out/lora-demo/adapter [--methods int8 nf4 int4 smoothquant w8a8]
+
+(w8a8: the W8A8 layers of SmoothQuant without the smoothing, to show what smoothing buys; a
+"-tensor" suffix, e.g. smoothquant-tensor, uses one activation scale per tensor instead of per token.)
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adapter", default="runs/out/lora-demo/adapter")
     p.add_argument("--methods", nargs="+", default=["int8", "nf4", "int4", "smoothquant"])
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--tokens", type=int, default=2048, help="held-out Shakespeare tokens for perplexity")
     p.add_argument("--out", default="runs/out/quant-demo.json")
     args = p.parse_args()
@@ -55,9 +59,10 @@ def main():
     for method in ["float32", *args.methods]:
         t = time.perf_counter()
         net = model if method == "float32" else copy.deepcopy(model)
-        if method == "smoothquant":
-            with torch.no_grad():
-                smooth_quantize_(net, calib, alpha=0.5)
+        if method.startswith(("smoothquant", "w8a8")):  # w8a8: the same W8A8 layers without smoothing
+            with torch.no_grad():  # "-tensor": one activation scale per tensor instead of per token
+                smooth_quantize_(net, calib, alpha=args.alpha, smooth=method.startswith("smoothquant"),
+                                 per_token=not method.endswith("-tensor"))
         elif method != "float32":
             quantize_(net, method)
         ppl = perplexity(net, tok, text, window=256, max_tokens=args.tokens)

@@ -303,3 +303,15 @@ def test_mighty_quantize_refuses_bad_input_and_leaves_nothing(tmp_path, capsys, 
     assert "already quantized (int8)" in capsys.readouterr().err and not (tmp_path / "q4").exists()
     assert main(["quantize", "--model", str(base), "--method", "int8", "--out", str(tmp_path / "q8")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_int8_matmul_is_exact_at_the_extremes():
+    from mightylm.compress.smoothquant import _int8_matmul
+
+    torch.manual_seed(0)
+    a = torch.randint(-127, 128, (5, 2500), dtype=torch.int8)
+    w = torch.randint(-127, 128, (7, 2500), dtype=torch.int8)
+    a[0], w[0] = 127, 127  # the largest possible sum: 2500 * 127^2, beyond float32's exact integers
+    a[1], w[1] = -127, 127
+    exact = a.long() @ w.long().t()
+    assert torch.equal(_int8_matmul(a, w).long(), exact)

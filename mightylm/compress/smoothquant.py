@@ -15,8 +15,8 @@ gain that produces X, so inference costs nothing extra. Here that covers the inp
 down_proj are quantized without smoothing.
 
 W8A8: weights int8 per output channel (static), activations int8 per token or per tensor
-(dynamic: scale = max|x| / 127 at run time), integer matmul with int32 accumulation
-(`torch._int_mm` where it runs, else an exact float emulation), then rescaled.
+(dynamic: scale = max|x| / 127 at run time), an exact int8 x int8 -> int32 product (computed
+with float32 GEMMs over chunks small enough to be exact), then rescaled.
 """
 
 from __future__ import annotations
@@ -71,11 +71,16 @@ class W8A8Linear(nn.Module):
 
 
 def _int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a (M, K) int8 @ w (N, K)^T int8 -> (M, N) int32."""
-    try:
-        return torch._int_mm(a, w.t())
-    except RuntimeError:  # shapes or devices _int_mm does not take: float64 holds these sums exactly
-        return (a.double() @ w.double().t()).round().to(torch.int32)
+    """a (M, K) int8 @ w (N, K)^T int8 -> (M, N) int32, exactly.
+
+    Float32 GEMMs over chunks of at most 1024 inputs: every partial sum is an integer of magnitude
+    <= 1024 * 127^2 < 2^24, which float32 holds exactly, and the chunks are summed as int32. On this
+    CPU that is much faster than torch._int_mm (9 ms for one 576 x 1536 row, bench/RESULTS.md)."""
+    out = None
+    for k in range(0, a.shape[1], 1024):
+        part = (a[:, k:k + 1024].float() @ w[:, k:k + 1024].float().t()).to(torch.int32)
+        out = part if out is None else out + part
+    return out
 
 
 @torch.no_grad()
