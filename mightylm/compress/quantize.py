@@ -37,6 +37,15 @@ class QuantizationError(ValueError):
     """A quantization request that cannot be carried out; the message says what and why."""
 
 
+def int8_absmax(t: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of a 2-D tensor: t ~ q * scale, with one scale per row (shape (rows, 1)) or
+    one for the whole tensor (shape (1, 1)); q in [-127, 127]."""
+    t = t.float()
+    amax = t.abs().amax(dim=1, keepdim=True) if per_row else t.abs().amax().reshape(1, 1)
+    scale = amax.clamp(min=1e-12) / 127
+    return (t / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 with one scale per output channel."""
 
@@ -50,11 +59,9 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        new.weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        new.weight_scale = scale
+        q, scale = int8_absmax(linear.weight.detach())
+        new.weight, new.weight_scale = q, scale.squeeze(1)  # (out, in), (out,)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return new

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mightylm.compress.quantize import DEFAULT_TARGETS, QuantizationError
+from mightylm.compress.quantize import DEFAULT_TARGETS, QuantizationError, int8_absmax
 
 
 class W8A8Linear(nn.Module):
@@ -43,9 +43,8 @@ class W8A8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, per_token: bool = True) -> W8A8Linear:
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token=per_token,
                   device="meta")
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        new.weight, new.weight_scale = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+        q, scale = int8_absmax(linear.weight.detach())
+        new.weight, new.weight_scale = q, scale.squeeze(1)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return new
@@ -54,12 +53,7 @@ class W8A8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
-        if self.per_token:
-            x_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
-        else:
-            x_scale = x2.abs().amax().clamp(min=1e-12).reshape(1, 1) / 127
-        xq = (x2 / x_scale).round().clamp(-127, 127).to(torch.int8)
+        xq, x_scale = int8_absmax(x.reshape(-1, self.in_features), per_row=self.per_token)  # (M, K), (M|1, 1)
         acc = _int8_matmul(xq, self.weight)  # (M, N) int32 sums of int8 products
         y = acc.float() * x_scale * self.weight_scale[None, :]
         if self.bias is not None:
