@@ -132,7 +132,7 @@ def chat(
         history.append({"role": "user", "content": text})
         ids = tokenizer.encode_chat(history)
         # Forget the oldest turns (keeping any system message) until the reply fits in the context.
-        while len(ids) + max_new_tokens > m.config.max_seq_len and len(history) > len(start) + 1:
+        while len(ids) + max_new_tokens + m.prefix_len > m.config.max_seq_len and len(history) > len(start) + 1:
             del history[len(start):len(start) + 2]
             ids = tokenizer.encode_chat(history)
         print("assistant> ", end="", flush=True)
