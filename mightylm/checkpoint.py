@@ -153,7 +153,7 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # a derived buffer some older checkpoints store
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {config.arch} model")
-            if ours == "lm_head.weight" and config.tie_embeddings:
+            if ours == "lm_head.weight" and model.head_shares_embedding:
                 continue  # tied: the head is the embedding
             state[ours] = (tensor, file, name)
     _assign(model, state, dtype, device, source=path)
@@ -216,7 +216,7 @@ def _build(config: ModelConfig) -> Transformer:
 
 def _assign(model: Transformer, state: dict, dtype, device, *, source) -> None:
     """Check names and shapes against the model, convert, and assign in place."""
-    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.head_shares_embedding)}
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -245,7 +245,7 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
+        if name == "lm_head.weight" and model.head_shares_embedding:
             continue
         hf = _quant_rename(name, OURS_TO_HF)
         if hf is None:

@@ -218,6 +218,7 @@ def quantize(
     group_size: int = 64,
     alpha: float = 0.5,
     per_token: bool = True,
+    head: bool = False,
 ) -> None:
     """Quantize a model's linear layers and write a checkpoint that `mighty generate` and `chat` load.
 
@@ -238,6 +239,8 @@ def quantize(
         group_size: int4: weights per (scale, zero) group; must divide every layer's inputs.
         alpha: smoothquant: migration strength (0: none, 1: all onto the weights).
         per_token: smoothquant: one activation scale per token (else one per tensor).
+        head: Quantize the LM head too (nf4/int8/int4). A head tied to the embedding becomes its own
+            quantized copy; decoding then reads it instead of the float table (faster, slightly lossier).
     """
     import shutil
     import tempfile
@@ -248,6 +251,8 @@ def quantize(
     import mightylm
     from mightylm.compress.quantize import QuantizationError, model_bytes, quantize_
 
+    if head and method == "smoothquant":
+        raise QuantizationError("--head applies to nf4, int8 and int4; SmoothQuant quantizes the projections only")
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise QuantizationError(f"{target}: already exists and is not empty; choose a new --out")
@@ -270,7 +275,9 @@ def quantize(
     else:
         params = {"nf4": {"block_size": block_size, "double_quant": double_quant}, "int8": {},
                   "int4": {"group_size": group_size}}[method]
-        names = quantize_(net, method, **params)
+        from mightylm.compress.quantize import DEFAULT_TARGETS
+
+        names = quantize_(net, method, targets=DEFAULT_TARGETS + (("lm_head",) if head else ()), **params)
     with torch.no_grad():
         change = _change(net(probe), reference)
     target.parent.mkdir(parents=True, exist_ok=True)

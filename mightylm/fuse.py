@@ -10,8 +10,9 @@ from memory. Measured on SmolLM2-135M's shapes (2 cores, float32, bench/RESULTS.
    PyTorch's GEMV streams that layout faster (~16 vs ~10 GB/s), and it is the layout the native
    kernel in `mightylm/kernels/gemv.c` reads front to back (~25-30 GB/s).
 
-Nothing is stored twice: `q_proj.weight`, `k_proj.weight`, `v_proj.weight` (and gate/up) become
-views into the fused tensor, so parameter names and `state_dict()` values are unchanged and
+int8 layers (compress/quantize.py) are fused the same way (stacked rows and scales, one int8
+kernel call). Nothing is stored twice: `q_proj.weight`, `k_proj.weight`, `v_proj.weight` (and
+gate/up) become views into the fused tensor, so parameter names and `state_dict()` values are unchanged and
 in-place updates stay visible to the fused path. The remaining linears become `DecodeLinear`,
 which keeps the `weight`/`bias` keys. Footguns: replacing a projection module (e.g. a LoRA
 transform) or assigning new weight tensors (`load_state_dict(assign=True)`) after fusing bypasses
@@ -23,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mightylm.kernels import linear
+from mightylm.compress.quantize import Int8Linear
+from mightylm.kernels import gemv_int8, linear
 from mightylm.model import MLP, Attention, Transformer
 
 
@@ -67,6 +69,43 @@ def _fuse(parts: list[nn.Linear]) -> FusedProjection:
     return FusedProjection(fused, bias)
 
 
+class FusedInt8Projection:
+    """The int8 counterpart of FusedProjection: q/k/v (or gate/up) int8 rows and scales stacked, so one
+    kernel call streams all of them. The layers' own `weight`/`weight_scale` become row views of it."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.scale, self.bias = weight, scale, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = gemv_int8(x, self.weight, self.scale, self.bias)
+        if y is None:  # several rows: dequantize, then a float GEMM
+            y = torch.nn.functional.linear(x, (self.weight.float() * self.scale[:, None]).to(x.dtype), self.bias)
+        return y
+
+
+def _fuse_int8(parts: list[Int8Linear]) -> FusedInt8Projection:
+    weight = torch.cat([p.weight for p in parts])
+    scale = torch.cat([p.weight_scale for p in parts])
+    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+    start = 0
+    for p in parts:
+        end = start + p.out_features
+        p.weight, p.weight_scale = weight[start:end], scale[start:end]
+        if bias is not None:
+            p.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return FusedInt8Projection(weight, scale, bias)
+
+
+def _fusion(parts: list[nn.Module]):
+    """The fused callable for these projections, or None where they are not all plain or all int8."""
+    if all(type(p) is nn.Linear for p in parts):
+        return _fuse(parts)
+    if all(type(p) is Int8Linear for p in parts):
+        return _fuse_int8(parts)
+    return None  # wrapped by another technique (LoRA, other quantization): leave them
+
+
 def _swap_linear(parent: nn.Module, name: str, cls: type[nn.Linear], weight: nn.Parameter) -> None:
     old = getattr(parent, name)
     new = cls(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
@@ -80,14 +119,12 @@ def fuse_projections_(model: Transformer) -> list[str]:
     converted = []
     for name, module in model.named_modules():
         if isinstance(module, Attention) and module.fused_qkv is None:
-            parts = [module.q_proj, module.k_proj, module.v_proj]
-            if all(type(p) is nn.Linear for p in parts):  # already wrapped by another technique: leave it
-                module.fused_qkv = _fuse(parts)
+            module.fused_qkv = _fusion([module.q_proj, module.k_proj, module.v_proj])
+            if module.fused_qkv is not None:
                 converted.append(f"{name}.qkv")
         elif isinstance(module, MLP) and module.fused_gate_up is None:
-            parts = [module.gate_proj, module.up_proj]
-            if all(type(p) is nn.Linear for p in parts):
-                module.fused_gate_up = _fuse(parts)
+            module.fused_gate_up = _fusion([module.gate_proj, module.up_proj])
+            if module.fused_gate_up is not None:
                 converted.append(f"{name}.gate_up")
     for parent_name, parent in list(model.named_modules()):
         for name in ("o_proj", "down_proj"):

@@ -204,9 +204,14 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
 
+    @property
+    def head_shares_embedding(self) -> bool:
+        """The head is the embedding table (tied, and not replaced by a quantized copy)."""
+        return self.config.tie_embeddings and isinstance(self.lm_head, nn.Linear)
+
     def tie_weights(self):
         """Re-share the head with the embedding (needed after `load_state_dict(assign=True)`)."""
-        if self.config.tie_embeddings:
+        if self.head_shares_embedding:
             self.lm_head.weight = self.embed.weight
 
     @property

@@ -40,3 +40,24 @@ def test_fused_layout_keeps_outputs_state_and_memory():
                    for m in model.modules() if isinstance(m, torch.nn.Linear))
         with torch.no_grad():
             torch.testing.assert_close(model(idx), changed, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_projections_fuse_with_the_same_outputs():
+    from mightylm.compress.quantize import DEFAULT_TARGETS, quantize_
+    from mightylm.config import ModelConfig
+    from mightylm.fuse import fuse_projections_
+    from mightylm.generate import Sampling, generate
+    from mightylm.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", tie_embeddings=True)).eval()
+    quantize_(model, "int8", targets=DEFAULT_TARGETS + ("lm_head",))
+    prompts = [[5, 17, 9, 33, 2, 8], [40, 41]]
+    s = Sampling(max_new_tokens=8)
+    idx = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        before, tokens = model(idx), generate(model, prompts, s)
+        converted = fuse_projections_(model)
+        assert "layers.0.attn.qkv" in converted and "layers.1.mlp.gate_up" in converted
+        torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+    assert generate(model, prompts, s) == tokens

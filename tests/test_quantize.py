@@ -315,3 +315,23 @@ def test_int8_matmul_is_exact_at_the_extremes():
     a[1], w[1] = -127, 127
     exact = a.long() @ w.long().t()
     assert torch.equal(_int8_matmul(a, w).long(), exact)
+
+
+def test_a_quantized_head_unties_from_the_embedding_and_round_trips(tmp_path, bpe_tokenizer):
+    from mightylm.compress.quantize import DEFAULT_TARGETS
+
+    model = tiny(vocab_size=bpe_tokenizer.vocab_size, tie_embeddings=True)
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        reference = model(idx)
+    names = quantize_(model, "int8", targets=DEFAULT_TARGETS + ("lm_head",))
+    assert "lm_head" in names and isinstance(model.lm_head, Int8Linear)
+    assert model.embed.weight.dtype == torch.float32 and not model.head_shares_embedding
+    with torch.no_grad():
+        quantized = model(idx)
+    assert rel_error(quantized, reference) < 0.02
+    mightylm.save(model, bpe_tokenizer, tmp_path / "q")
+    loaded, _ = mightylm.load(tmp_path / "q")
+    assert isinstance(loaded.lm_head, Int8Linear) and loaded.config.tie_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), quantized, atol=0, rtol=0)
