@@ -185,10 +185,9 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False) -> None:
         with torch.no_grad():
             print(f"merged into a dequantized float copy: outputs change by {_change(base(probe), reference)}")
         if requantize:
-            from mightylm.compress.quantize import quantize_
+            from mightylm.compress.quantize import quantize_like_
 
-            params = {k: v for k, v in record.items() if k not in ("method", "modules")}
-            quantize_(base, record["method"], targets=tuple({m.rsplit(".", 1)[-1] for m in record["modules"]}), **params)
+            quantize_like_(base, record)
             with torch.no_grad():
                 print(f"re-quantized to {record['method']} after merging: outputs change by "
                       f"{_change(base(probe), reference)}")

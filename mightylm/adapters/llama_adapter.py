@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.adapters import AdapterError
+from mightylm.adapters import AdapterError, read_adapter
 
 PEFT_TYPE = "MIGHTYLM_LLAMA_ADAPTER"
 
@@ -118,8 +118,6 @@ def save_llama_adapter(model: nn.Module, path: str | Path, base_model: str = "")
 
 def load_llama_adapter(model: nn.Module, path: str | Path, cfg: dict | None = None) -> list[str]:
     """Apply a LLaMA-Adapter written by `save_llama_adapter`. Returns the adapted module names."""
-    from mightylm.adapters import read_adapter
-
     path = Path(path)
     cfg, tensors = read_adapter(path, (PEFT_TYPE,), cfg)
     c = model.config

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.adapters import AdapterError
+from mightylm.adapters import AdapterError, read_adapter
 from mightylm.checkpoint import HF_TO_OURS, OURS_TO_HF, rename
 
 PEFT_PREFIX = "base_model.model."
@@ -195,8 +195,6 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
 
 def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> list[str]:
     """Apply a PEFT-format LoRA adapter (ours or PEFT's) to `model`, unmerged. Returns converted names."""
-    from mightylm.adapters import read_adapter
-
     path = Path(path)
     cfg, tensors = read_adapter(path, ("LORA",), cfg)
     weights_file = path / "adapter_model.safetensors"
@@ -204,11 +202,9 @@ def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> li
     targets = [targets] if isinstance(targets, str) else targets
     quantized = cfg.get("mightylm_base_quantization")
     if quantized and not getattr(model, "quantization", None):  # a QLoRA adapter: rebuild its NF4 base first
-        from mightylm.compress.quantize import quantize_
+        from mightylm.compress.quantize import quantize_like_
 
-        params = {k: v for k, v in quantized.items() if k not in ("method", "modules")}
-        quantize_(model, quantized["method"], targets=tuple({m.rsplit(".", 1)[-1] for m in quantized["modules"]}),
-                  **params)
+        quantize_like_(model, quantized)
     ours = {}
     for key, tensor in tensors.items():
         module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mightylm.adapters import AdapterError
+from mightylm.adapters import AdapterError, read_adapter
 
 Encoder = Literal["none", "mlp", "lstm"]
 PEFT_TYPES = {"none": "PROMPT_TUNING", "mlp": "P_TUNING", "lstm": "P_TUNING"}
@@ -131,8 +131,6 @@ def save_prompt(model: nn.Module, path: str | Path, base_model: str = "", init_t
 
 def load_prompt(model: nn.Module, path: str | Path, cfg: dict | None = None) -> int:
     """Apply a PEFT-format soft prompt (PROMPT_TUNING or P_TUNING, ours or PEFT's). Returns P."""
-    from mightylm.adapters import read_adapter
-
     path = Path(path)
     cfg, tensors = read_adapter(path, ("PROMPT_TUNING", "P_TUNING"), cfg)
     weights_file = path / "adapter_model.safetensors"

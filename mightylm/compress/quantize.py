@@ -185,13 +185,25 @@ def quantize_(model: nn.Module, method: str, targets=DEFAULT_TARGETS, **params) 
     return sorted(linears)
 
 
+def _record_params(record: dict) -> dict:
+    """The method's settings in a quantization record (everything but the method and the module list)."""
+    return {k: v for k, v in record.items() if k not in ("method", "modules")}
+
+
+def quantize_like_(model: nn.Module, record: dict) -> list[str]:
+    """Quantize a float model as `record` (a model's `quantization`) describes: the same method, settings
+    and kinds of layers. How a QLoRA adapter rebuilds its base, and how a merge re-quantizes."""
+    targets = tuple({name.rsplit(".", 1)[-1] for name in record["modules"]})
+    return quantize_(model, record["method"], targets=targets, **_record_params(record))
+
+
 def build_quantized_(model: nn.Module, record: dict) -> None:
     """Put empty quantized modules where `record` (a checkpoint's quantization record) says, so that
     the stored tensors can be assigned into them. Works on the meta device."""
     from mightylm.compress.smoothquant import W8A8Linear
 
     method = record["method"]
-    params = _check(method, {k: v for k, v in record.items() if k not in ("method", "modules")})
+    params = _check(method, _record_params(record))
     for name in record["modules"]:
         old = model.get_submodule(name)
         args = (old.in_features, old.out_features, old.bias is not None)
