@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.compress.nf4 import NF4Linear, _FrozenLinear, nf4_bits_per_param
+from mightylm.compress.nf4 import NF4Linear, _FrozenLinear
 from mightylm.kernels import gemv_int4, gemv_int8
 
 METHODS = ("nf4", "int8", "int4", "smoothquant")
@@ -246,15 +246,3 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-def bits_per_weight(method: str, *, block_size: int = 64, double_quant: bool = True, group_size: int = 64,
-                    in_features: int = 576) -> float:
-    """Storage per quantized weight, scales included."""
-    if method == "nf4":
-        return nf4_bits_per_param(block_size, double_quant)
-    if method in ("int8", "smoothquant"):
-        return 8 + 32 / in_features
-    if method == "int4":
-        return 4 + 64 / group_size
-    raise QuantizationError(f"unknown quantization method {method!r}")
