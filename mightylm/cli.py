@@ -327,11 +327,12 @@ def report(run_dir: str) -> None:
 def _verbs() -> dict:
     from mightylm import recipes as r
     from mightylm.evaluate.commands import VERBS as evaluate
+    from mightylm.serve.command import serve
 
     finetune = {"full": r.finetune_full, "lora": r.finetune_lora, "qlora": r.finetune_qlora, "prompt": r.finetune_prompt,
                 "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
-            "quantize": quantize, "report": report, "eval": evaluate}
+            "quantize": quantize, "report": report, "eval": evaluate, "serve": serve}
 
 
 def _underscore_options(argv: list[str]) -> list[str]:

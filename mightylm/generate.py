@@ -155,25 +155,25 @@ def stream_text(model: Transformer, tokenizer, prompt: str | list[int], s: Sampl
         if token in s.stop_token_ids:
             break
         pending += decoder.push(token)
-        cut = _find_stop(pending, s.stop)
+        cut = find_stop(pending, s.stop)
         if cut is not None:
             yield pending[:cut]
             return
-        safe = len(pending) - _held_back(pending, s.stop)
+        safe = len(pending) - held_back(pending, s.stop)
         if safe > 0:
             yield pending[:safe]
             pending = pending[safe:]
     pending += decoder.flush()
-    cut = _find_stop(pending, s.stop)
+    cut = find_stop(pending, s.stop)
     yield pending if cut is None else pending[:cut]
 
 
-def _find_stop(text: str, stops) -> int | None:
+def find_stop(text: str, stops) -> int | None:
     hits = [i for i in (text.find(x) for x in stops if x) if i >= 0]
     return min(hits) if hits else None
 
 
-def _held_back(text: str, stops) -> int:
+def held_back(text: str, stops) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
     best = 0
     for stop in stops:

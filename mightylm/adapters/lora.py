@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.adapters import AdapterError, read_adapter
+from mightylm.adapters import AdapterError, read_adapter, read_adapter_config
 from mightylm.checkpoint import HF_TO_OURS, OURS_TO_HF, rename
 
 PEFT_PREFIX = "base_model.model."
@@ -193,42 +193,63 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
     return path
 
 
-def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> list[str]:
-    """Apply a PEFT-format LoRA adapter (ours or PEFT's) to `model`, unmerged. Returns converted names."""
+def read_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> tuple[dict, dict[str, dict]]:
+    """(config, {our module name: {"lora_A": tensor, "lora_B": tensor}}) of a PEFT-format LoRA adapter,
+    checked against `model`'s modules and shapes; the model is not changed."""
     path = Path(path)
     cfg, tensors = read_adapter(path, ("LORA",), cfg)
     weights_file = path / "adapter_model.safetensors"
     targets = cfg["target_modules"]
-    targets = [targets] if isinstance(targets, str) else targets
+    cfg["target_modules"] = [targets] if isinstance(targets, str) else targets
+    leaves = dict(model.named_modules())
+    ours: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        which = "lora_" + which.replace(".default", "").split(".")[0]
+        name = rename(module + ".weight", HF_TO_OURS)
+        if name is None:
+            raise AdapterError(f"{weights_file}: tensor {key!r} names no module of a {model.config.arch} model")
+        name = name.removesuffix(".weight")
+        if name not in leaves:
+            raise AdapterError(f"{weights_file}: adapter for {name}, which this model does not have "
+                               f"(made for another base model? it has {model.config.n_layers} layers)")
+        base = leaves[name]
+        r = cfg["r"]
+        want = (r, base.in_features) if which == "lora_A" else (base.out_features, r)
+        if tuple(tensor.shape) != want:
+            made_for = cfg.get("base_model_name_or_path") or "its base model"
+            raise AdapterError(f"{weights_file}: {name}.{which} has shape {tuple(tensor.shape)}, this model needs "
+                               f"{want}: the adapter was made for {made_for}, not for this "
+                               f"{model.config.arch} model (dim {model.config.dim})")
+        ours.setdefault(name, {})[which] = tensor
+    incomplete = [n for n, pair in ours.items() if len(pair) != 2]
+    if incomplete or not ours:
+        raise AdapterError(f"{weights_file}: no lora_A/lora_B pair for {incomplete[:3] or 'any module'}")
+    return cfg, ours
+
+
+def lora_scaling(cfg: dict) -> float:
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    return alpha / math.sqrt(r) if cfg.get("use_rslora", False) else alpha / r
+
+
+def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> list[str]:
+    """Apply a PEFT-format LoRA adapter (ours or PEFT's) to `model`, unmerged. Returns converted names."""
+    cfg = read_adapter_config(path) if cfg is None else cfg
     quantized = cfg.get("mightylm_base_quantization")
     if quantized and not getattr(model, "quantization", None):  # a QLoRA adapter: rebuild its NF4 base first
         from mightylm.compress.quantize import quantize_like_
 
         quantize_like_(model, quantized)
-    ours = {}
-    for key, tensor in tensors.items():
-        module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-        which = which.replace(".default", "")
-        name = rename(module + ".weight", HF_TO_OURS)
-        if name is None:
-            raise AdapterError(f"{weights_file}: tensor {key!r} names no module of a {model.config.arch} model")
-        ours[(name.removesuffix(".weight"), "lora_" + which.split(".")[0])] = tensor
-    converted = apply_lora(model, tuple(targets), r=cfg["r"], alpha=cfg["lora_alpha"],
+    cfg, ours = read_lora(model, path, cfg)
+    converted = apply_lora(model, tuple(cfg["target_modules"]), r=cfg["r"], alpha=cfg["lora_alpha"],
                            dropout=cfg.get("lora_dropout", 0.0), rslora=cfg.get("use_rslora", False))
     modules = lora_modules(model)
-    for (name, which), tensor in ours.items():
-        if name not in modules:
-            raise AdapterError(f"{weights_file}: adapter for {name}, which this model does not have "
-                               f"(made for another base model? it has {model.config.n_layers} layers)")
-        param = getattr(modules[name], which).weight
-        if param.shape != tensor.shape:
-            base = cfg.get("base_model_name_or_path") or "its base model"
-            raise AdapterError(f"{weights_file}: {name}.{which} has shape {tuple(tensor.shape)}, this model needs "
-                               f"{tuple(param.shape)}: the adapter was made for {base}, not for this "
-                               f"{model.config.arch} model (dim {model.config.dim})")
-        with torch.no_grad():
-            param.copy_(tensor)
-    missing = [n for n in converted if (n, "lora_A") not in ours]
+    missing = [n for n in converted if n not in ours]
     if missing:
-        raise AdapterError(f"{weights_file}: no weights for {missing[:3]}")
+        raise AdapterError(f"{Path(path) / 'adapter_model.safetensors'}: no weights for {missing[:3]}")
+    with torch.no_grad():
+        for name, pair in ours.items():
+            for which, tensor in pair.items():
+                getattr(modules[name], which).weight.copy_(tensor)
     return converted

@@ -129,8 +129,8 @@ def save_prompt(model: nn.Module, path: str | Path, base_model: str = "", init_t
     return path
 
 
-def load_prompt(model: nn.Module, path: str | Path, cfg: dict | None = None) -> int:
-    """Apply a PEFT-format soft prompt (PROMPT_TUNING or P_TUNING, ours or PEFT's). Returns P."""
+def read_prompt(model: nn.Module, path: str | Path, cfg: dict | None = None) -> torch.Tensor:
+    """The (P, dim) virtual-token embeddings of a PEFT-format soft prompt, checked against `model`."""
     path = Path(path)
     cfg, tensors = read_adapter(path, ("PROMPT_TUNING", "P_TUNING"), cfg)
     weights_file = path / "adapter_model.safetensors"
@@ -141,5 +141,11 @@ def load_prompt(model: nn.Module, path: str | Path, cfg: dict | None = None) -> 
         base = cfg.get("base_model_name_or_path") or "another base model"
         raise AdapterError(f"{weights_file}: prompt of shape {tuple(prompt.shape)} was made for {base}; this "
                            f"{model.config.arch} model has dim {model.config.dim}")
+    return prompt
+
+
+def load_prompt(model: nn.Module, path: str | Path, cfg: dict | None = None) -> int:
+    """Apply a PEFT-format soft prompt (PROMPT_TUNING or P_TUNING, ours or PEFT's). Returns P."""
+    prompt = read_prompt(model, path, cfg)
     apply_prompt_tuning(model, prompt.shape[0], init=prompt)  # the encoder's output, learned directly from here
     return prompt.shape[0]

@@ -1,0 +1,117 @@
+"""Per-request adapters for serving: many LoRA adapters and soft prompts over one base model, in one
+batch, without merging anything into the weights.
+
+- LoRA: every linear layer some adapter targets becomes a `MultiLoRALinear` (a module transform,
+  like `apply_lora`): the base product for every row, plus, for each adapter present in the batch,
+  x[rows] A_i^T B_i^T * s_i on that adapter's rows only. Which row uses which adapter is one
+  (B,) tensor the engine sets before each forward (`AdapterBank.rows`).
+- Soft prompts (prompt tuning, P-tuning): the P virtual-token embeddings are put in front of the
+  request's token embeddings at prefill (`Transformer.forward(embeds=...)`); decoding needs nothing.
+
+Adapters can be added and removed while serving; the engine does it between steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mightylm.adapters import AdapterError, read_adapter_config
+
+
+class MultiLoRALinear(nn.Linear):
+    """nn.Linear (the base's own tensors) + any number of LoRA adapters chosen per row."""
+
+    def __init__(self, base: nn.Linear, bank: "AdapterBank"):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.bank = bank
+        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # adapter id -> (A, B, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        rows = self.bank.rows
+        if rows is None or not self.pairs:
+            return y
+        for i in self.bank.present:
+            if i in self.pairs:
+                A, B, scale = self.pairs[i]
+                sel = rows == i  # (B,)
+                y[sel] += (x[sel] @ A.T) @ B.T * scale
+        return y
+
+
+class AdapterBank:
+    """The adapters a server holds, by name; id 0 is the base model (no adapter)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ids: dict[str, int] = {}
+        self.kinds: dict[str, str] = {}
+        self.prompts: dict[int, torch.Tensor] = {}  # adapter id -> (P, dim) virtual-token embeddings
+        self.rows: torch.Tensor | None = None  # (B,) adapter id of each row of the running batch
+        self.present: list[int] = []  # distinct non-zero ids in `rows`
+        self._next = 1
+
+    def set_rows(self, ids: list[int]) -> None:
+        self.rows = torch.tensor(ids, device=self.model.embed.weight.device)
+        self.present = sorted(set(ids) - {0})
+
+    def add(self, name: str, path: str | Path) -> str:
+        """Load the adapter in `path` under `name`; returns what it is."""
+        from mightylm.adapters.lora import lora_scaling, read_lora
+
+        if not name or ":" in name or "/" in name:
+            raise AdapterError(f"adapter name {name!r}: use letters, digits, '-' or '_' (no ':' or '/')")
+        if name in self.ids:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        cfg = read_adapter_config(path)
+        kind = cfg.get("peft_type")
+        dtype = self.model.embed.weight.dtype
+        if kind == "LORA":
+            if cfg.get("mightylm_base_quantization"):
+                raise AdapterError(f"{path}: a QLoRA adapter needs its NF4 base; serve it merged (mighty merge) "
+                                   "or start the server on the quantized base")
+            cfg, pairs = read_lora(self.model, path, cfg)
+            i = self._new_id(name, "lora")
+            modules = dict(self.model.named_modules())
+            for module_name, pair in pairs.items():
+                module = modules[module_name]
+                if not isinstance(module, MultiLoRALinear):
+                    if type(module) is not nn.Linear:
+                        raise AdapterError(f"{path}: {module_name} is a {type(module).__name__}; per-request LoRA "
+                                           "needs a plain linear base layer")
+                    parent_name, _, leaf = module_name.rpartition(".")
+                    module = MultiLoRALinear(module, self)
+                    setattr(modules[parent_name], leaf, module)
+                module.pairs[i] = (pair["lora_A"].to(dtype), pair["lora_B"].to(dtype), lora_scaling(cfg))
+            return f"LoRA on {len(pairs)} layers"
+        if kind in ("PROMPT_TUNING", "P_TUNING"):
+            from mightylm.adapters.prompt import read_prompt
+
+            prompt = read_prompt(self.model, path, cfg)
+            i = self._new_id(name, "prompt")
+            self.prompts[i] = prompt.to(dtype)
+            return f"{kind.lower().replace('_', ' ')}: {prompt.shape[0]} virtual tokens"
+        raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {kind!r} cannot be served per request "
+                           "(LORA, PROMPT_TUNING and P_TUNING can); merge it or apply it to the base with --adapter")
+
+    def _new_id(self, name: str, kind: str) -> int:
+        i = self._next
+        self._next += 1
+        self.ids[name], self.kinds[name] = i, kind
+        return i
+
+    def remove(self, name: str) -> None:
+        i = self.ids.pop(name)
+        self.kinds.pop(name)
+        self.prompts.pop(i, None)
+        for module in self.model.modules():
+            if isinstance(module, MultiLoRALinear):
+                module.pairs.pop(i, None)
+
+    def prefix(self, i: int) -> torch.Tensor | None:
+        return self.prompts.get(i)

@@ -1,0 +1,67 @@
+"""`mighty serve`: load a model, start the engine, and serve the HTTP API with uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def serve(
+    model: str = "smollm2-135m-instruct",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    adapter: list[str] | None = None,
+    api_key: list[str] | None = None,
+    name: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_len: int = 2048,
+    dtype: str = "float32",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    Requests are batched continuously (new ones join between decode steps). A request picks an adapter
+    with "model": "NAME:ADAPTER"; adapters load at start (--adapter NAME=DIR, repeatable) or at run time
+    (POST /admin/adapters {"name", "path"}), and requests for different adapters share a batch.
+
+    Args:
+        model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        host: The address to listen on; the default accepts connections from this machine only.
+        port: The port to listen on.
+        adapter: NAME=DIR: a LoRA, prompt-tuning or P-tuning adapter served as "MODEL:NAME" (repeat for several).
+        api_key: Accept only requests with "Authorization: Bearer KEY" (repeat for several keys).
+        name: The model name clients send (default: the model directory's name or the embedded name).
+        max_batch: Sequences decoded together (rows of the KV-cache pool).
+        max_queue: Requests that may wait; beyond it clients get 429 with Retry-After.
+        max_len: Tokens per sequence (prompt + completion), at most the model's context.
+        dtype: Weight and activation precision (float32, bfloat16, float16).
+    """
+    import torch
+    import uvicorn
+
+    import mightylm
+    from mightylm.adapters import AdapterError
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.app import create_app
+    from mightylm.serve.engine import Engine
+
+    served = name or Path(model.rstrip("/")).name.removesuffix(".gguf")
+    if ":" in served:
+        raise ValueError(f"model name {served!r} may not contain ':' (it separates the adapter); pass --name")
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    net, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
+    if tokenizer is None:
+        raise ValueError(f"{model}: has no tokenizer.json; add the tokenizer files")
+    bank = AdapterBank(net.eval())
+    for spec in adapter or []:
+        adapter_name, eq, path = spec.partition("=")
+        if not eq:
+            raise AdapterError(f"--adapter {spec!r}: use NAME=DIR")
+        print(f"adapter {adapter_name}: {bank.add(adapter_name, path)}", file=sys.stderr)
+    engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len).start()
+    app = create_app(engine, served, api_keys=tuple(api_key or ()))
+    print(f"serving {served} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()

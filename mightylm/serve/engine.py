@@ -1,0 +1,331 @@
+"""The serving engine: continuous batching over one KV-cache pool, in a thread of its own.
+
+Requests wait in a bounded queue. Between decode steps the engine admits waiting requests (each is
+prefilled alone into a free row of the pool) and drops finished or cancelled ones, so the batch
+changes every step. Rows of the pool are handed to a sequence when it starts and taken back when it
+ends (finished, cancelled, or its client gone); the last running row moves into the freed one so
+the running rows stay 0..n-1 and a decode step is one forward pass over them.
+
+All running rows write their next token at the same cache slot `t`; a row's own tokens sit at slots
+pad..t-1, and `pad` (the model's left-padding seam) hides everything before them and starts its
+RoPE positions at 0, so each row computes what it would compute alone. A new prompt longer than
+`t` shifts the running rows right; when the pool's end is near, all rows shift left by the
+smallest pad (compaction).
+
+Each sequence samples with its own settings and random generator; its text is decoded
+incrementally and checked for stop strings here, so the HTTP layer only forwards events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mightylm.generate import Sampling, find_stop, held_back, sample
+
+
+class Latency:
+    """Count, sum and the recent values (for quantiles) of a latency in seconds."""
+
+    def __init__(self, window: int = 10_000):
+        self.count, self.sum, self.recent = 0, 0.0, deque(maxlen=window)
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.sum += seconds
+        self.recent.append(seconds)
+
+    def quantile(self, q: float) -> float:
+        values = sorted(self.recent)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the client should retry later."""
+
+
+class _Rows:
+    """A view of rows a..b-1 of the pool, with the KVCache interface the model calls."""
+
+    def __init__(self, pool, a: int, b: int):
+        self.pool, self.a, self.b = pool, a, b
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        K, V = self.pool.k[layer], self.pool.v[layer]
+        K[self.a:self.b, :, start:end] = k
+        V[self.a:self.b, :, start:end] = v
+        return K[self.a:self.b, :, :end], V[self.a:self.b, :, :end]
+
+
+@dataclass
+class Sequence:
+    """One generation: its prompt, settings, progress and where its events go."""
+
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[dict], None]  # called from the engine thread with {"type": "text"|"done", ...}
+    adapter: int = 0
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    _decoder: object = None
+    _pending: str = ""
+    _generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model, tokenizer, bank, *, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048):
+        self.model, self.tokenizer, self.bank = model, tokenizer, bank
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = min(max_len, model.config.max_seq_len)
+        self.pool = model.make_cache(max_batch, self.max_len)
+        self.device = model.embed.weight.device
+        self.pads = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.t = 0  # the next cache slot every running row writes
+        self.running: list[Sequence] = []  # row i of the pool holds running[i]
+        self.waiting: deque[Sequence] = deque()
+        self.ops: deque[Callable[[], None]] = deque()  # work to do between steps (adapter changes)
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "ttft": Latency(), "itl": Latency(),
+                      "finished": {}}
+        self.thread = threading.Thread(target=self._loop, name="mightylm-engine", daemon=True)
+
+    # ---- called from other threads ----
+
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join(timeout=10)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a sequence; raises QueueFull when the queue is at its bound, ValueError when it cannot fit."""
+        virtual = self._virtual(seq)
+        if len(seq.prompt) + virtual + seq.sampling.max_new_tokens > self.max_len:
+            raise ValueError(f"the prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.sampling.max_new_tokens}) "
+                             f"exceeds the context of {self.max_len} tokens")
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            self.waiting.append(seq)
+            self.stats["requests"] += 1
+            self.cond.notify_all()
+        return seq
+
+    def call(self, fn: Callable[[], object], timeout: float = 60.0):
+        """Run `fn` in the engine thread between steps (so no forward pass sees a half-made change)."""
+        done, box = threading.Event(), {}
+
+        def op():
+            try:
+                box["value"] = fn()
+            except Exception as e:  # handed back to the caller
+                box["error"] = e
+            done.set()
+
+        with self.cond:
+            self.ops.append(op)
+            self.cond.notify_all()
+        if not done.wait(timeout):
+            raise TimeoutError("the engine did not get to the request in time")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def load(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting)}
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not (self.stopped or self.ops or self.waiting or self.running):
+                        self.cond.wait()
+                    if self.stopped:
+                        break
+                    ops = list(self.ops)
+                    self.ops.clear()
+                for op in ops:
+                    op()
+                try:
+                    self._admit()
+                    if self.running:
+                        self._decode()
+                except Exception as e:  # a failed step ends the sequences in it, never the server
+                    for seq in self.running + list(self.waiting):
+                        self._finish_all(seq, "error", str(e))
+                    self.running.clear()
+                    self.waiting.clear()
+        for seq in self.running + list(self.waiting):
+            self._finish_all(seq, "abort", "the server is shutting down")
+
+    def _virtual(self, seq: Sequence) -> int:
+        prompt = self.bank.prefix(seq.adapter)
+        return 0 if prompt is None else prompt.shape[0]
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            with self.cond:
+                seq = self.waiting[0]
+            if seq.cancelled:
+                with self.cond:
+                    self.waiting.popleft()
+                self._finish_all(seq, "cancelled")
+                continue
+            need = len(seq.prompt) + self._virtual(seq)
+            if not self._fits(need, seq.sampling.max_new_tokens):
+                self._compact()
+                if not self._fits(need, seq.sampling.max_new_tokens):
+                    return  # wait for running sequences to finish
+            with self.cond:
+                self.waiting.popleft()
+            self._prefill(seq, need)
+
+    def _remaining(self, seq: Sequence) -> int:
+        return seq.sampling.max_new_tokens - len(seq.generated)
+
+    def _fits(self, need: int, new_tokens: int) -> bool:
+        t = max(self.t, need) if self.running else need
+        return t + max([new_tokens] + [self._remaining(s) for s in self.running]) <= self.max_len
+
+    def _compact(self) -> None:
+        n = len(self.running)
+        if not n:
+            self.t = 0
+            return
+        m = int(self.pads[:n].min())
+        if m == 0:
+            return
+        for K in self.pool.k + self.pool.v:
+            K[:n, :, :self.t - m] = K[:n, :, m:self.t].clone()
+        self.pads[:n] -= m
+        self.t -= m
+
+    def _shift_right(self, d: int) -> None:
+        n = len(self.running)
+        for K in self.pool.k + self.pool.v:
+            K[:n, :, d:self.t + d] = K[:n, :, :self.t].clone()
+        self.pads[:n] += d
+        self.t += d
+
+    def _prefill(self, seq: Sequence, need: int) -> None:
+        if not self.running:
+            self.t = need
+        elif need > self.t:
+            self._shift_right(need - self.t)
+        row = len(self.running)
+        start = self.t - need
+        self.pads[row] = start
+        self.running.append(seq)
+        seq._decoder = self.tokenizer.stream_decoder()
+        if seq.sampling.seed is not None:
+            seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+        idx = torch.tensor([seq.prompt], device=self.device)
+        prompt = self.bank.prefix(seq.adapter)
+        self.bank.set_rows([seq.adapter])
+        kwargs = dict(cache=_Rows(self.pool, row, row + 1), start=start, pad=self.pads[row:row + 1], last_only=True)
+        if prompt is None:
+            logits = self.model(idx, **kwargs)[:, -1]
+        else:
+            embeds = torch.cat([prompt[None].to(self.model.embed.weight.dtype), self.model.embed(idx)], dim=1)
+            logits = self.model(embeds=embeds, **kwargs)[:, -1]
+        self.stats["prompt_tokens"] += len(seq.prompt)
+        self._accept(row, int(sample(logits, seq.sampling, seq._generator)[0]))
+        self._sweep()
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
+        self.bank.set_rows([s.adapter for s in self.running])
+        logits = self.model(tokens[:, None], cache=_Rows(self.pool, 0, n), start=self.t, pad=self.pads[:n])[:, -1]
+        self.t += 1
+        for row, seq in enumerate(self.running):
+            self._accept(row, int(sample(logits[row:row + 1], seq.sampling, seq._generator)[0]))
+        self._sweep()
+
+    def _accept(self, row: int, token: int) -> None:
+        """Record a sampled token, emit its text, and decide whether the sequence is finished."""
+        seq = self.running[row]
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.stats["ttft"].observe(now - seq.submitted)
+        else:
+            self.stats["itl"].observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.generated.append(token)
+        self.stats["generated_tokens"] += 1
+        if seq.cancelled:
+            seq.finish_reason = "cancelled"
+            return
+        stops = seq.sampling.stop_token_ids or self.tokenizer.stop_token_ids
+        if token in stops:
+            seq.finish_reason = "stop"
+            return
+        seq._pending += seq._decoder.push(token)
+        cut = find_stop(seq._pending, seq.sampling.stop)
+        if cut is not None:
+            self._emit_text(seq, seq._pending[:cut])
+            seq._pending, seq.finish_reason = "", "stop"
+            return
+        if len(seq.generated) >= seq.sampling.max_new_tokens:
+            seq._pending += seq._decoder.flush()
+            cut = find_stop(seq._pending, seq.sampling.stop)
+            self._emit_text(seq, seq._pending if cut is None else seq._pending[:cut])
+            seq._pending, seq.finish_reason = "", "length"
+            return
+        safe = len(seq._pending) - held_back(seq._pending, seq.sampling.stop)
+        if safe > 0:
+            self._emit_text(seq, seq._pending[:safe])
+            seq._pending = seq._pending[safe:]
+
+    def _emit_text(self, seq: Sequence, text: str) -> None:
+        if text:
+            seq.emit({"type": "text", "text": text})
+
+    def _sweep(self) -> None:
+        """Take finished rows out, moving the last running row into each freed one."""
+        row = 0
+        while row < len(self.running):
+            seq = self.running[row]
+            if seq.finish_reason is None and not seq.cancelled:
+                row += 1
+                continue
+            last = len(self.running) - 1
+            if row != last:
+                for K in self.pool.k + self.pool.v:
+                    K[row, :, :self.t] = K[last, :, :self.t]
+                self.pads[row] = self.pads[last]
+                self.running[row] = self.running[last]
+            self.running.pop()
+            self._finish_all(seq, seq.finish_reason or "cancelled")
+        if not self.running:
+            self.t = 0
+
+    def _finish_all(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.finish_reason = reason
+        self.stats["finished"][reason] = self.stats["finished"].get(reason, 0) + 1
+        event = {"type": "done", "finish_reason": reason, "prompt_tokens": len(seq.prompt),
+                 "completion_tokens": len(seq.generated)}
+        if error:
+            event["error"] = error
+        seq.emit(event)

@@ -1,0 +1,230 @@
+"""The server on a tiny model: the official openai client, batched == alone, per-request adapters in one
+batch, bad input, API keys, the bounded queue, disconnects, metrics."""
+
+import copy
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from mightylm.generate import Sampling, generate
+
+
+@pytest.fixture(scope="module")
+def tiny(bpe_tokenizer, tmp_path_factory):
+    from mightylm.adapters.lora import apply_lora, save_lora
+    from mightylm.adapters.prompt import apply_prompt_tuning, save_prompt
+    from mightylm.config import ModelConfig
+    from mightylm.model import Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=bpe_tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                         max_seq_len=256)
+    base = Transformer(config).eval()
+    root = tmp_path_factory.mktemp("adapters")
+    lora = copy.deepcopy(base)
+    apply_lora(lora, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_lora(lora, root / "lora")
+    prompt = copy.deepcopy(base)
+    apply_prompt_tuning(prompt, 5, init=torch.randn(5, config.dim))
+    save_prompt(prompt, root / "prompt")
+    return base, bpe_tokenizer, root
+
+
+def _reference(model, tokenizer, adapter_dir, text, max_tokens):
+    from mightylm.adapters import load_adapter
+
+    net = copy.deepcopy(model)
+    if adapter_dir:
+        load_adapter(net, adapter_dir)
+    ids = generate(net, [tokenizer.encode(text)], Sampling(max_new_tokens=max_tokens, stop_token_ids=tokenizer.stop_token_ids))[0]
+    return tokenizer.decode([t for t in ids if t not in tokenizer.stop_token_ids])
+
+
+class Server:
+    def __init__(self, model, tokenizer, adapters=(), keys=(), **engine_args):
+        import uvicorn
+
+        from mightylm.serve.adapters import AdapterBank
+        from mightylm.serve.app import create_app
+        from mightylm.serve.engine import Engine
+
+        bank = AdapterBank(copy.deepcopy(model))
+        for name, path in adapters:
+            bank.add(name, path)
+        self.engine = Engine(bank.model, tokenizer, bank, **engine_args).start()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, "tiny", api_keys=keys), log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.stop()
+
+    def post(self, path, body, headers=None, raw=None):
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read()), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), dict(e.headers)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    model, tokenizer, root = tiny
+    s = Server(model, tokenizer, adapters=[("lora", root / "lora"), ("prompt", root / "prompt")], max_batch=8,
+               max_len=256)
+    yield s
+    s.close()
+
+
+def test_openai_client_streaming_and_not(server, tiny):
+    import openai
+
+    model, tokenizer, _ = tiny
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny:lora", "tiny:prompt"]
+    reply = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=12, temperature=0)
+    assert reply.choices[0].text == _reference(model, tokenizer, None, "To be, or not", 12)
+    assert reply.usage.prompt_tokens == len(tokenizer.encode("To be, or not")) and reply.usage.completion_tokens >= 1
+    pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="To be, or not", max_tokens=12,
+                                                                  temperature=0, stream=True)]
+    assert len(pieces) > 2 and "".join(pieces) == reply.choices[0].text
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    expected = _reference(model, tokenizer, None, tokenizer.apply_chat_template(messages), 10)
+    assert chat.choices[0].message.content == expected
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True))
+    assert streamed == expected
+    two = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.0, seed=3, n=2)
+    again = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.0, seed=3, n=2)
+    assert [c.text for c in two.choices] == [c.text for c in again.choices] and len(two.choices) == 2
+
+
+def test_mixed_adapters_in_one_batch_equal_each_alone(server, tiny):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tokenizer, root = tiny
+    prompts = ["To be, or not", "The quick brown fox jumps", "naïve café", "whether 'tis nobler"]
+    jobs = [(m, p) for p in prompts for m in ("tiny", "tiny:lora", "tiny:prompt")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda j: server.post("/v1/completions", {"model": j[0], "prompt": j[1],
+                                                                          "max_tokens": 16, "temperature": 0}), jobs))
+    paths = {"tiny": None, "tiny:lora": root / "lora", "tiny:prompt": root / "prompt"}
+    for (m, p), (status, body, _) in zip(jobs, replies):
+        assert status == 200, body
+        assert body["choices"][0]["text"] == _reference(model, tokenizer, paths[m], p, 16), (m, p)
+    texts = {m: [b["choices"][0]["text"] for (mm, _), (_, b, _) in zip(jobs, replies) if mm == m] for m in paths}
+    assert texts["tiny"] != texts["tiny:lora"] and texts["tiny"] != texts["tiny:prompt"]
+
+
+def test_adapters_load_and_unload_at_run_time(server, tiny):
+    _, _, root = tiny
+    status, body, _ = server.post("/v1/completions", {"model": "tiny:late", "prompt": "x", "max_tokens": 2})
+    assert status == 404 and "adapter 'late' is not loaded" in body["error"]["message"]
+    status, body, _ = server.post("/admin/adapters", {"name": "late", "path": str(root / "lora")})
+    assert status == 200 and body["loaded"].startswith("LoRA")
+    assert server.post("/v1/completions", {"model": "tiny:late", "prompt": "x", "max_tokens": 2})[0] == 200
+    request = urllib.request.Request(server.url + "/admin/adapters/late", method="DELETE")
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert json.loads(r.read())["unloaded"]
+    assert server.post("/v1/completions", {"model": "tiny:late", "prompt": "x", "max_tokens": 2})[0] == 404
+    status, body, _ = server.post("/admin/adapters", {"name": "bad", "path": str(root / "nowhere")})
+    assert status == 400 and "no such adapter directory" in body["error"]["message"]
+
+
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(server):
+    ok = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+    cases = [
+        (None, b"{not json"), (None, b"\xff\xfe\x00garbage"), (None, b"[1, 2]"),
+        ({"prompt": "hello"}, None), ({**ok, "max_tokens": -1}, None), ({**ok, "max_tokens": 10**9}, None),
+        ({**ok, "max_tokens": "ten"}, None), ({**ok, "temperature": "hot"}, None), ({**ok, "top_p": 0}, None),
+        ({**ok, "stop": [1, 2]}, None), ({**ok, "n": 100}, None), ({**ok, "frobnicate": True}, None),
+        ({**ok, "prompt": 42}, None), ({**ok, "prompt": "word " * 400}, None), ({**ok, "model": "gpt-4"}, None),
+        ({**ok, "stream": "yes"}, None), (None, b'{"prompt": "' + b"x" * (1 << 21) + b'"}'),
+    ]
+    for body, raw in cases:
+        status, reply, _ = server.post("/v1/completions", body, raw=raw)
+        assert 400 <= status < 500, (body if raw is None else raw[:40], status, reply)
+        assert isinstance(reply["error"]["message"], str) and reply["error"]["type"]
+    for messages in (None, [], [{"role": "user"}], [{"role": "wizard", "content": "hi"}], "hi"):
+        status, reply, _ = server.post("/v1/chat/completions", {"model": "tiny", "messages": messages})
+        assert status == 400 and "messages" in reply["error"]["message"]
+    assert server.post("/v1/completions", ok)[0] == 200
+
+
+def test_api_keys_guard_every_endpoint(tiny):
+    model, tokenizer, _ = tiny
+    s = Server(model, tokenizer, keys=("key-1",), max_batch=2, max_len=128)
+    try:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        status, reply, _ = s.post("/v1/completions", body)
+        assert status == 401 and reply["error"]["type"] == "authentication_error"
+        assert s.post("/v1/completions", body, {"Authorization": "Bearer nope"})[0] == 401
+        assert s.post("/v1/completions", body, {"Authorization": "Bearer key-1"})[0] == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(s.url + "/metrics", timeout=10)
+        assert e.value.code == 401
+        with urllib.request.urlopen(s.url + "/health", timeout=10) as r:
+            assert json.loads(r.read())["status"] == "ok"
+    finally:
+        s.close()
+
+
+def test_a_full_queue_answers_429_and_disconnects_free_rows(tiny):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tokenizer, _ = tiny
+    s = Server(model, tokenizer, max_batch=1, max_queue=1, max_len=256)
+    try:
+        body = {"model": "tiny", "prompt": "To be", "max_tokens": 200, "temperature": 0}
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: s.post("/v1/completions", body), range(6)))
+        statuses = sorted(r[0] for r in results)
+        assert 200 in statuses and 429 in statuses, statuses
+        rejected = next(r for r in results if r[0] == 429)
+        assert rejected[2].get("retry-after") == "1" and "busy" in rejected[1]["error"]["message"]
+        # A client that goes away mid-stream: its row is freed.
+        request = urllib.request.Request(s.url + "/v1/completions", method="POST",
+                                         data=json.dumps({**body, "stream": True}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        response = urllib.request.urlopen(request, timeout=30)
+        response.readline()
+        assert s.engine.load()["running"] == 1
+        response.close()
+        deadline = time.time() + 20
+        while s.engine.load()["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.engine.load() == {"running": 0, "waiting": 0}
+        assert s.engine.stats["finished"].get("cancelled", 0) >= 1
+        with urllib.request.urlopen(s.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert "mightylm_generated_tokens_total" in text and 'mightylm_time_to_first_token_seconds{quantile="0.5"}' in text
+        assert "mightylm_queue_length 0" in text
+    finally:
+        s.close()
+
+
+def test_chat_page_is_served(server):
+    with urllib.request.urlopen(server.url + "/", timeout=10) as r:
+        page = r.read().decode()
+    assert "<title>mightylm chat</title>" in page and "/v1/chat/completions" in page and "stream: true" in page
