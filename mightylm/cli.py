@@ -335,13 +335,22 @@ def _verbs() -> dict:
             "quantize": quantize, "report": report, "eval": evaluate, "serve": serve}
 
 
+# List-valued options that may be repeated (`--adapter a=x --adapter b=y`), as well as given as a
+# JSON list (`--digits '[1,2]'`): jsonargparse appends only with `--name+ value`.
+REPEATABLE = {"stop", "adapter", "api_key", "digits", "ops", "nodes", "k", "sizes"}
+
+
 def _underscore_options(argv: list[str]) -> list[str]:
-    """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens."""
+    """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens, and repeated list options."""
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
+            name = name.replace("-", "_")
+            given = value if eq else (argv[i + 1] if i + 1 < len(argv) else "[")
+            if name in REPEATABLE and not given.lstrip().startswith("["):
+                name += "+"
+            arg = "--" + name + eq + value
         out.append(arg)
     return out
 

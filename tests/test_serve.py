@@ -228,3 +228,12 @@ def test_chat_page_is_served(server):
     with urllib.request.urlopen(server.url + "/", timeout=10) as r:
         page = r.read().decode()
     assert "<title>mightylm chat</title>" in page and "/v1/chat/completions" in page and "stream: true" in page
+
+
+def test_list_options_repeat_on_the_command_line(capsys):
+    from mightylm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--adapter", "a=x", "--adapter", "b=y", "--api-key", "k1", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "adapter:\n- a=x\n- b=y" in printed and "api_key:\n- k1" in printed
