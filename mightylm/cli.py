@@ -335,20 +335,32 @@ def _verbs() -> dict:
             "quantize": quantize, "report": report, "eval": evaluate, "serve": serve}
 
 
-# List-valued options that may be repeated (`--adapter a=x --adapter b=y`), as well as given as a
-# JSON list (`--digits '[1,2]'`): jsonargparse appends only with `--name+ value`.
-REPEATABLE = {"stop", "adapter", "api_key", "digits", "ops", "nodes", "k", "sizes"}
+def _list_options(argv: list[str]) -> set[str]:
+    """The list-valued parameters of the verb `argv` names (they may be repeated on the command line)."""
+    import inspect
+
+    verb = _verbs()
+    for word in argv:
+        if not isinstance(verb, dict) or word not in verb:
+            break
+        verb = verb[word]
+    if isinstance(verb, dict):
+        return set()
+    return {name for name, p in inspect.signature(verb).parameters.items() if "list[" in str(p.annotation)}
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
-    """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens, and repeated list options."""
+    """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens, and list options repeated
+    (`--adapter a=x --adapter b=y`) as well as given as a JSON list: jsonargparse appends only with
+    `--name+ value`."""
+    repeatable = _list_options(argv)
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = name.replace("-", "_")
             given = value if eq else (argv[i + 1] if i + 1 < len(argv) else "[")
-            if name in REPEATABLE and not given.lstrip().startswith("["):
+            if name in repeatable and not given.lstrip().startswith("["):
                 name += "+"
             arg = "--" + name + eq + value
         out.append(arg)
