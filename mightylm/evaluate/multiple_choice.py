@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from mightylm.evaluate.backend import EvalError
+from mightylm.evaluate.backend import EvalError, read_jsonl
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -25,31 +25,21 @@ LETTERS = "ABCDEFGHIJ"
 def read_questions(path: str | Path) -> list[dict]:
     if str(path) == "mmlu":
         return read_mmlu()
-    path = Path(path)
-    if not path.exists():
-        raise EvalError(f"{path}: no such questions file")
     questions = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                q = json.loads(line)
-            except ValueError as e:
-                raise EvalError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str):
-                raise EvalError(f"{where}: needs \"question\" (a string), \"choices\" and \"answer\"")
-            choices, answer = q.get("choices"), q.get("answer")
-            if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or \
-                    not all(isinstance(c, str) for c in choices):
-                raise EvalError(f"{where}: \"choices\" must be a list of 2 to {len(LETTERS)} strings")
-            if isinstance(answer, str) and len(answer) == 1 and answer.upper() in LETTERS:
-                answer = LETTERS.index(answer.upper())
-            if not isinstance(answer, int) or not 0 <= answer < len(choices):
-                raise EvalError(f"{where}: \"answer\" must be an option's index (0-{len(choices) - 1}) or letter")
-            questions.append({"id": str(q.get("id", number)), "question": q["question"], "choices": choices,
-                              "answer": answer, "subject": q.get("subject", "")})
+    for number, q in read_jsonl(path):
+        where = f"{path}:{number}"
+        if not isinstance(q.get("question"), str):
+            raise EvalError(f"{where}: needs \"question\" (a string), \"choices\" and \"answer\"")
+        choices, answer = q.get("choices"), q.get("answer")
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or \
+                not all(isinstance(c, str) for c in choices):
+            raise EvalError(f"{where}: \"choices\" must be a list of 2 to {len(LETTERS)} strings")
+        if isinstance(answer, str) and len(answer) == 1 and answer.upper() in LETTERS:
+            answer = LETTERS.index(answer.upper())
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise EvalError(f"{where}: \"answer\" must be an option's index (0-{len(choices) - 1}) or letter")
+        questions.append({"id": str(q.get("id", number)), "question": q["question"], "choices": choices,
+                          "answer": answer, "subject": q.get("subject", "")})
     if not questions:
         raise EvalError(f"{path}: no questions")
     return questions

@@ -31,7 +31,8 @@ MAX_BODY = 1 << 20  # bytes
 MAX_N = 8
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user", "stream_options",
           "max_completion_tokens"}
-FIELDS = {"/v1/completions": COMMON | {"prompt"}, "/v1/chat/completions": COMMON | {"messages"}}
+FIELDS = {"/v1/completions": COMMON | {"prompt"}, "/v1/chat/completions": COMMON | {"messages"},
+          "/admin/adapters": {"name", "path"}}
 
 
 class ApiError(Exception):
@@ -162,7 +163,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         body = await body_of(request, path)
         adapter = adapter_of(body)
         prompt = prompt_of(body, path)
-        s, n = sampling_of(body, len(prompt) + (0 if bank.prefix(adapter) is None else bank.prefix(adapter).shape[0]))
+        virtual = bank.prefix(adapter)
+        s, n = sampling_of(body, len(prompt) + (0 if virtual is None else virtual.shape[0]))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "\"stream\" must be true or false", param="stream")
@@ -262,8 +264,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
     @app.post("/admin/adapters")
     async def add_adapter(request: Request):
-        body = await _json(request)
-        if set(body) - {"name", "path"} or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
+        body = await body_of(request, "/admin/adapters")
+        if not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
             raise ApiError(400, "send {\"name\": string, \"path\": adapter directory on the server}")
         if not Path(body["path"]).is_dir():
             raise ApiError(400, f"{body['path']}: no such adapter directory on the server", param="path")
@@ -289,18 +291,6 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
         await asyncio.to_thread(engine.call, remove)
         return {"name": adapter, "unloaded": True}
-
-    async def _json(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "the request body is not valid UTF-8 JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
 
     @app.get("/health")
     async def health():
