@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: main test install bench clean
+.PHONY: main test install bench clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,8 +21,16 @@ install: $(STAMP)
 main: $(STAMP)
 	bash runs/main.sh
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The chat page is tested in a real headless Chromium: Debian's chromium + chromium-driver (about 20 s once).
+# Without them (no apt, no root) that one test skips and says so.
+browser:
+	@test -x /usr/bin/chromedriver || { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "WARNING: could not install Debian chromium + chromium-driver; the browser test will skip"; }
 
 bench: $(STAMP)
 	$(PY) bench/decode.py

@@ -230,6 +230,68 @@ def test_chat_page_is_served(server):
     assert "<title>mightylm chat</title>" in page and "/v1/chat/completions" in page and "stream: true" in page
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    import os
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("Debian chromium + chromium-driver are not installed; `make test` installs them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=900,700", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_chat_page_streams_a_reply_in_a_real_browser(server, tiny, browser, tmp_path):
+    """Headless Chromium: pick an adapter, send a message, watch the reply arrive piece by piece; the text
+    equals the greedy reply of the same conversation through the same adapter; a screenshot is kept."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    model, tokenizer, root = tiny
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 3)
+    Select(browser.find_element(By.ID, "model")).select_by_value("tiny:lora")
+    temp = browser.find_element(By.ID, "temp")
+    temp.clear()
+    temp.send_keys("0")
+    # count how many times the reply's text changes: a streamed reply changes more than once
+    browser.execute_script("""
+        window.updates = 0;
+        new MutationObserver(() => window.updates++).observe(document.getElementById("log"),
+            {childList: true, subtree: true, characterData: true});""")
+    browser.find_element(By.ID, "input").send_keys("The quick brown fox", Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")
+               and d.find_element(By.ID, "send").is_enabled())
+    reply = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .text").get_attribute("textContent")
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "The quick brown fox"}])
+    room = server.engine.max_len - len(tokenizer.encode(prompt))
+    assert reply == _reference(model, tokenizer, root / "lora", prompt, min(256, room)) and reply
+    assert browser.execute_script("return window.updates") > 3  # user line, empty reply, then several pieces
+    # a long unbroken reply wraps inside the log instead of scrolling it sideways
+    assert browser.execute_script("const l = document.getElementById('log'); return l.scrollWidth <= l.clientWidth")
+    shot = tmp_path / "chat-page.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 5000
+    print(f"screenshot: {shot}")
+
+
 def test_list_options_repeat_on_the_command_line(capsys):
     from mightylm.cli import main
 
