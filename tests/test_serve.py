@@ -120,6 +120,45 @@ def test_openai_client_streaming_and_not(server, tiny):
     assert [c.text for c in two.choices] == [c.text for c in again.choices] and len(two.choices) == 2
 
 
+def test_streamed_usage_and_echo(server, tiny):
+    import openai
+
+    model, tokenizer, _ = tiny
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    whole = client.completions.create(model="tiny", prompt="To be", max_tokens=9, temperature=0, n=2)
+    chunks = list(client.completions.create(model="tiny", prompt="To be", max_tokens=9, temperature=0, n=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    echoed = client.completions.create(model="tiny", prompt="To be", max_tokens=9, temperature=0, echo=True)
+    assert echoed.choices[0].text == "To be" + whole.choices[0].text
+
+
+@pytest.mark.parametrize("adapter", [None, "lora", "prompt"])
+def test_prompt_scoring_equals_local_loglikelihood(server, tiny, adapter):
+    """echo + logprobs with max_tokens 0, read by `mighty eval`'s Endpoint, gives the log-likelihoods that
+    the evaluation's in-process LocalModel computes on the same model (and adapter)."""
+    from mightylm.adapters import load_adapter
+    from mightylm.evaluate.backend import Endpoint, LocalModel
+
+    model, tokenizer, root = tiny
+    requests = [("To be, or not to be,", " that is the question"), ("The quick brown", " fox"),
+                ("Héllo wörld,", " naïve café!")]
+    name = "tiny" if adapter is None else f"tiny:{adapter}"
+    remote = Endpoint(server.url + "/v1", name).loglikelihood(requests)
+    net = copy.deepcopy(model)
+    if adapter:
+        load_adapter(net, root / adapter)
+    local = LocalModel(net.eval(), tokenizer).loglikelihood(requests)
+    for (lp, greedy, n), (ref_lp, ref_greedy, ref_n) in zip(remote, local):
+        assert n == ref_n and greedy == ref_greedy and lp == pytest.approx(ref_lp, abs=1e-4)
+    status, reply, _ = server.post("/v1/completions", {"model": name, "prompt": "To be", "max_tokens": 0,
+                                                        "echo": True, "logprobs": 3})
+    lp = reply["choices"][0]["logprobs"]
+    assert status == 200 and reply["choices"][0]["text"] == "To be" and lp["token_logprobs"][0] is None
+    assert len(lp["tokens"]) == len(tokenizer.encode("To be")) and all(len(t) <= 3 for t in lp["top_logprobs"][1:])
+
+
 def test_mixed_adapters_in_one_batch_equal_each_alone(server, tiny):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -161,6 +200,9 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(server):
         ({**ok, "stop": [1, 2]}, None), ({**ok, "n": 100}, None), ({**ok, "frobnicate": True}, None),
         ({**ok, "prompt": 42}, None), ({**ok, "prompt": "word " * 400}, None), ({**ok, "model": "gpt-4"}, None),
         ({**ok, "stream": "yes"}, None), (None, b'{"prompt": "' + b"x" * (1 << 21) + b'"}'),
+        ({**ok, "echo": "yes"}, None), ({**ok, "logprobs": 9}, None), ({**ok, "logprobs": 1}, None),
+        ({**ok, "max_tokens": 0}, None), ({**ok, "stream_options": {"include_usage": 1}}, None),
+        ({**ok, "echo": True, "max_tokens": 0, "logprobs": 1, "n": 2}, None),
     ]
     for body, raw in cases:
         status, reply, _ = server.post("/v1/completions", body, raw=raw)

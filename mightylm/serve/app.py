@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP layer over the engine (FastAPI): it validates, queues and forwards.
 
     GET  /v1/models                 the base model and "<base>:<adapter>" for each loaded adapter
-    POST /v1/completions            prompt -> text; stream=true gives server-sent events
+    POST /v1/completions            prompt -> text; stream=true gives server-sent events; echo=true with
+                                    max_tokens=0 and logprobs=K scores the prompt (log-likelihood evaluation)
     POST /v1/chat/completions       messages -> reply, through the model's chat template
     GET  /admin/adapters            loaded adapters;  POST {"name", "path"} loads one;  DELETE /admin/adapters/NAME
     GET  /health, GET /metrics      liveness and load; Prometheus text format
@@ -31,7 +32,7 @@ MAX_BODY = 1 << 20  # bytes
 MAX_N = 8
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user", "stream_options",
           "max_completion_tokens"}
-FIELDS = {"/v1/completions": COMMON | {"prompt"}, "/v1/chat/completions": COMMON | {"messages"},
+FIELDS = {"/v1/completions": COMMON | {"prompt", "echo", "logprobs"}, "/v1/chat/completions": COMMON | {"messages"},
           "/admin/adapters": {"name", "path"}}
 
 
@@ -163,11 +164,27 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         body = await body_of(request, path)
         adapter = adapter_of(body)
         prompt = prompt_of(body, path)
+        echo, logprobs = body.get("echo", False), body.get("logprobs")
+        if not isinstance(echo, bool):
+            raise ApiError(400, "\"echo\" must be true or false", param="echo")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= 5):
+            raise ApiError(400, f"\"logprobs\" must be an integer from 0 to 5, got {logprobs!r}", param="logprobs")
+        if echo and body.get("max_tokens") == 0:
+            return await score(body, adapter, prompt, logprobs)
+        if logprobs is not None:
+            raise ApiError(400, "\"logprobs\" is supported for the prompt only (echo: true with max_tokens: 0), "
+                                "not for generated tokens", param="logprobs")
         virtual = bank.prefix(adapter)
         s, n = sampling_of(body, len(prompt) + (0 if virtual is None else virtual.shape[0]))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "\"stream\" must be true or false", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict) or set(options) - {"include_usage"} \
+                or not isinstance(options.get("include_usage", False), bool):
+            raise ApiError(400, "\"stream_options\" must be {\"include_usage\": true|false}", param="stream_options")
+        echoed = prompt_text(body) if echo else ""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seqs = []
@@ -199,22 +216,32 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
             return {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": model,
                     "choices": [choice]}
 
+        def usage_of(completion_tokens: int) -> dict:
+            return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                    "total_tokens": len(prompt) + completion_tokens}
+
         if stream:
             async def sse():
-                done = 0
+                done, generated = 0, 0
                 try:
-                    if chat:
-                        for i in range(n):
+                    for i in range(n):
+                        if chat:
                             yield f"data: {json.dumps(chunk(i, first=True))}\n\n"
+                        elif echoed:
+                            yield f"data: {json.dumps(chunk(i, echoed))}\n\n"
                     while done < n:
                         i, ev = await events.get()
                         if ev["type"] == "text":
                             yield f"data: {json.dumps(chunk(i, ev['text']))}\n\n"
                         else:
                             done += 1
+                            generated += ev["completion_tokens"]
                             if ev.get("error"):
                                 yield f"data: {json.dumps({'error': {'message': ev['error'], 'type': 'server_error'}})}\n\n"
                             yield f"data: {json.dumps(chunk(i, finish=_reason(ev)))}\n\n"
+                    if options.get("include_usage"):  # OpenAI's last chunk: no choices, the request's usage
+                        last = {**chunk(0), "choices": [], "usage": usage_of(generated)}
+                        yield f"data: {json.dumps(last)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:  # the client went away, or we are done: free the rows either way
                     for seq in seqs:
@@ -222,7 +249,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, reasons, usage = [""] * n, [None] * n, [0] * n
+        texts, reasons, usage = [echoed] * n, [None] * n, [0] * n
         done = 0
         try:
             while done < n:
@@ -241,8 +268,26 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                     if chat else {"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None})
                    for i in range(n)]
         return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": sum(usage),
-                          "total_tokens": len(prompt) + sum(usage)}}
+                "usage": usage_of(sum(usage))}
+
+    def prompt_text(body: dict) -> str:
+        prompt = body["prompt"]
+        return prompt if isinstance(prompt, str) else prompt[0]
+
+    async def score(body: dict, adapter: int, prompt: list[int], logprobs: int | None):
+        """echo + max_tokens 0: the prompt back with each token's log-probability (no generation)."""
+        if body.get("stream") or body.get("n", 1) != 1:
+            raise ApiError(400, "scoring a prompt (echo with max_tokens 0) takes neither stream nor n > 1")
+        virtual = bank.prefix(adapter)
+        if len(prompt) + (0 if virtual is None else virtual.shape[0]) > engine.max_len:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context holds {engine.max_len}",
+                           param="prompt")
+        scored = await asyncio.to_thread(engine.score, prompt, adapter, logprobs or 0)
+        choice = {"index": 0, "text": prompt_text(body), "finish_reason": "length",
+                  "logprobs": scored if logprobs is not None else None}
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": body["model"], "choices": [choice],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

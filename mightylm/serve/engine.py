@@ -149,6 +149,35 @@ class Engine:
             raise box["error"]
         return box.get("value")
 
+    def score(self, prompt: list[int], adapter: int = 0, top: int = 0) -> dict:
+        """Log-probabilities of each prompt token given the ones before it (OpenAI's echo + logprobs), in the
+        engine thread between steps: {"tokens", "token_logprobs" (first None), "top_logprobs", "text_offset"}."""
+        def run():
+            idx = torch.tensor([prompt], device=self.device)
+            virtual = self.bank.prefix(adapter)
+            self.bank.set_rows([adapter])
+            if virtual is None:
+                logits = self.model(idx)
+            else:
+                embeds = torch.cat([virtual[None].to(self.model.embed.weight.dtype), self.model.embed(idx)], dim=1)
+                logits = self.model(embeds=embeds)[:, virtual.shape[0]:]
+            logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+            picked = logp.gather(-1, idx[0, 1:, None])[:, 0].tolist()
+            best = logp.topk(top, dim=-1) if top else None
+            return picked, best
+
+        picked, best = self.call(run)
+        decoder, tokens, offsets, length = self.tokenizer.stream_decoder(), [], [], 0
+        for token in prompt:
+            offsets.append(length)
+            tokens.append(self.tokenizer.decode([token], skip_special_tokens=False))
+            length += len(decoder.push(token))
+        tops = None
+        if best is not None:
+            tops = [None] + [{self.tokenizer.decode([i], skip_special_tokens=False): v
+                              for i, v in zip(ids.tolist(), values.tolist())} for values, ids in zip(*best)]
+        return {"tokens": tokens, "token_logprobs": [None] + picked, "top_logprobs": tops, "text_offset": offsets}
+
     def load(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting)}
 
