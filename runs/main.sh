@@ -5,6 +5,7 @@
 #   2. load the embedded SmolLM2-135M-Instruct (GGUF) and generate and chat with it
 #   3. LoRA-fine-tune SmolLM2 on a task it fails zero-shot and show accuracy before and after
 #   4. quantize the fine-tuned model (int8, NF4) and show size and quality before and after
+#   5. serve SmolLM2 with that adapter (mighty serve) and ask it through the openai client
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIGHTY=.venv/bin/mighty
@@ -53,6 +54,10 @@ $MIGHTY generate --model $MODEL --adapter runs/out/lora-demo/adapter --chat true
 echo
 echo "== 6. the fine-tuned model quantized: size, held-out perplexity and exact match before and after"
 .venv/bin/python runs/quant_demo.py --adapter runs/out/lora-demo/adapter --methods int8 nf4 2> runs/out/quant-demo.log
+
+echo
+echo "== 7. mighty serve: the base model and the adapter side by side, asked with the openai client"
+.venv/bin/python runs/serve_demo.py --adapter runs/out/lora-demo/adapter --log runs/out/serve-demo.log
 
 echo
 echo "done: training report in $RUN/report.md (plot: $RUN/report.png), chat transcript in runs/out/chat.txt"
