@@ -159,6 +159,43 @@ def test_prompt_scoring_equals_local_loglikelihood(server, tiny, adapter):
     assert len(lp["tokens"]) == len(tokenizer.encode("To be")) and all(len(t) <= 3 for t in lp["top_logprobs"][1:])
 
 
+def test_one_prefill_pass_for_mixed_prompts_and_adapters(tiny):
+    """Requests waiting together are prefilled in one forward pass (prompts of different lengths, LoRA,
+    soft prompt and base rows left-padded side by side) and each still gets its greedy text alone."""
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine, Sequence
+
+    model, tokenizer, root = tiny
+    bank = AdapterBank(copy.deepcopy(model))
+    bank.add("lora", root / "lora")
+    bank.add("prompt", root / "prompt")
+    engine = Engine(bank.model, tokenizer, bank, max_batch=8, max_len=256)
+    texts = ["To be", "The quick brown fox jumps over", "Héllo", "whether 'tis nobler in the mind to suffer"]
+    jobs = [(text, adapter) for text in texts for adapter in (None, "lora", "prompt")][:8]
+    got, finished, done = [""] * len(jobs), set(), threading.Event()
+
+    def emit_for(i):
+        def emit(ev):  # called in the engine thread
+            got[i] += ev.get("text", "")
+            if ev["type"] == "done":
+                finished.add(i)
+                if len(finished) == len(jobs):
+                    done.set()
+        return emit
+
+    for i, (text, adapter) in enumerate(jobs):
+        engine.submit(Sequence(tokenizer.encode(text), Sampling(max_new_tokens=10), emit_for(i),
+                               adapter=bank.ids.get(adapter, 0)))
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert engine.stats["prefill_passes"] == 1
+    for i, (text, adapter) in enumerate(jobs):
+        assert got[i] == _reference(model, tokenizer, adapter and root / adapter, text, 10), (text, adapter)
+
+
 def test_mixed_adapters_in_one_batch_equal_each_alone(server, tiny):
     from concurrent.futures import ThreadPoolExecutor
 

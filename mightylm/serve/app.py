@@ -362,6 +362,7 @@ def render_metrics(engine: Engine) -> str:
              "# TYPE mightylm_prompt_tokens_total counter", f"mightylm_prompt_tokens_total {s['prompt_tokens']}",
              "# TYPE mightylm_generated_tokens_total counter",
              f"mightylm_generated_tokens_total {s['generated_tokens']}",
+             "# TYPE mightylm_prefill_passes_total counter", f"mightylm_prefill_passes_total {s['prefill_passes']}",
              "# TYPE mightylm_finished_total counter"]
     lines += [f'mightylm_finished_total{{reason="{k}"}} {v}' for k, v in sorted(s["finished"].items())]
     lines += ["# TYPE mightylm_queue_length gauge", f"mightylm_queue_length {load['waiting']}",

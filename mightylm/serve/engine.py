@@ -1,8 +1,8 @@
 """The serving engine: continuous batching over one KV-cache pool, in a thread of its own.
 
-Requests wait in a bounded queue. Between decode steps the engine admits waiting requests (each is
-prefilled alone into a free row of the pool) and drops finished or cancelled ones, so the batch
-changes every step. Rows of the pool are handed to a sequence when it starts and taken back when it
+Requests wait in a bounded queue. Between decode steps the engine admits waiting requests (all that
+fit are prefilled together, one forward pass, into free rows of the pool) and drops finished or
+cancelled ones, so the batch changes every step. Rows of the pool are handed to a sequence when it starts and taken back when it
 ends (finished, cancelled, or its client gone); the last running row moves into the freed one so
 the running rows stay 0..n-1 and a decode step is one forward pass over them.
 
@@ -100,7 +100,7 @@ class Engine:
         self.cond = threading.Condition()
         self.stopped = False
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "ttft": Latency(), "itl": Latency(),
-                      "finished": {}}
+                      "finished": {}, "prefill_passes": 0}
         self.thread = threading.Thread(target=self._loop, name="mightylm-engine", daemon=True)
 
     # ---- called from other threads ----
@@ -212,7 +212,9 @@ class Engine:
         return 0 if prompt is None else prompt.shape[0]
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch:
+        """Move the waiting sequences that fit into the pool, prefilling them in one forward pass."""
+        group: list[tuple[Sequence, int]] = []
+        while self.waiting and len(self.running) + len(group) < self.max_batch:
             with self.cond:
                 seq = self.waiting[0]
             if seq.cancelled:
@@ -220,14 +222,17 @@ class Engine:
                     self.waiting.popleft()
                 self._finish_all(seq, "cancelled")
                 continue
-            need = len(seq.prompt) + self._virtual(seq)
-            if not self._fits(need, seq.sampling.max_new_tokens):
+            need = max([len(seq.prompt) + self._virtual(seq)] + [n for _, n in group])
+            new_tokens = max([seq.sampling.max_new_tokens] + [s.sampling.max_new_tokens for s, _ in group])
+            if not self._fits(need, new_tokens):
                 self._compact()
-                if not self._fits(need, seq.sampling.max_new_tokens):
-                    return  # wait for running sequences to finish
+                if not self._fits(need, new_tokens):
+                    break  # the rest waits for running sequences to finish
             with self.cond:
                 self.waiting.popleft()
-            self._prefill(seq, need)
+            group.append((seq, len(seq.prompt) + self._virtual(seq)))
+        if group:
+            self._prefill(group)
 
     def _remaining(self, seq: Sequence) -> int:
         return seq.sampling.max_new_tokens - len(seq.generated)
@@ -256,29 +261,43 @@ class Engine:
         self.pads[:n] += d
         self.t += d
 
-    def _prefill(self, seq: Sequence, need: int) -> None:
+    def _prefill(self, group: list[tuple[Sequence, int]]) -> None:
+        """Prefill new sequences into rows after the running ones, left-padded so each ends at slot t."""
+        width = max(need for _, need in group)
         if not self.running:
-            self.t = need
-        elif need > self.t:
-            self._shift_right(need - self.t)
-        row = len(self.running)
-        start = self.t - need
-        self.pads[row] = start
-        self.running.append(seq)
-        seq._decoder = self.tokenizer.stream_decoder()
-        if seq.sampling.seed is not None:
-            seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
-        idx = torch.tensor([seq.prompt], device=self.device)
-        prompt = self.bank.prefix(seq.adapter)
-        self.bank.set_rows([seq.adapter])
-        kwargs = dict(cache=_Rows(self.pool, row, row + 1), start=start, pad=self.pads[row:row + 1], last_only=True)
-        if prompt is None:
+            self.t = width
+        elif width > self.t:
+            self._shift_right(width - self.t)
+        first = len(self.running)
+        for row, (seq, need) in enumerate(group, first):
+            self.pads[row] = self.t - need
+            self.running.append(seq)
+            seq._decoder = self.tokenizer.stream_decoder()
+            if seq.sampling.seed is not None:
+                seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+            self.stats["prompt_tokens"] += len(seq.prompt)
+        last = first + len(group)
+        self.stats["prefill_passes"] += 1
+        self.bank.set_rows([seq.adapter for seq, _ in group])
+        kwargs = dict(cache=_Rows(self.pool, first, last), start=self.t - width, pad=self.pads[first:last],
+                      last_only=True)
+        prefixes = [self.bank.prefix(seq.adapter) for seq, _ in group]
+        if all(p is None for p in prefixes):
+            idx = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+            for j, (seq, _) in enumerate(group):
+                idx[j, width - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
             logits = self.model(idx, **kwargs)[:, -1]
-        else:
-            embeds = torch.cat([prompt[None].to(self.model.embed.weight.dtype), self.model.embed(idx)], dim=1)
+        else:  # soft prompts: each row's own virtual tokens before its prompt, as embeddings
+            weight = self.model.embed.weight
+            embeds = torch.zeros(len(group), width, weight.shape[1], dtype=weight.dtype, device=self.device)
+            for j, ((seq, need), prefix) in enumerate(zip(group, prefixes)):
+                row = self.model.embed(torch.tensor(seq.prompt, device=self.device))
+                if prefix is not None:
+                    row = torch.cat([prefix.to(weight.dtype), row])
+                embeds[j, width - need:] = row
             logits = self.model(embeds=embeds, **kwargs)[:, -1]
-        self.stats["prompt_tokens"] += len(seq.prompt)
-        self._accept(row, int(sample(logits, seq.sampling, seq._generator)[0]))
+        for j, (seq, _) in enumerate(group):
+            self._accept(first + j, int(sample(logits[j:j + 1], seq.sampling, seq._generator)[0]))
         self._sweep()
 
     def _decode(self) -> None:
