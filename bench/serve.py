@@ -1,13 +1,16 @@
 """Load test of `mighty serve` against a naive baseline, on 127.0.0.1 only, bounded in count and time.
 
-    .venv/bin/python bench/serve.py [--clients 1 4 16] [--requests-per-client 2] [--max-tokens 64]
+    .venv/bin/python bench/serve.py [--clients 1 4 16 64] [--requests-per-client 2] [--max-tokens 64]
 
-The server (SmolLM2-135M-Instruct, continuous batching) runs in this process on a loopback port;
-N concurrent clients each send streaming chat requests back to back. Reported per N: generated
-tokens/s over the run, time to first token and inter-token latency (p50/p99) seen by the clients,
-and errors. The baseline serves the same requests one at a time with transformers' generate (greedy,
-the same max tokens), as a server without batching would. Then the mixed-adapter run: half of the
-requests name a LoRA adapter (the tour's, or a random one), served in the same batches.
+The server is `mighty serve` (SmolLM2-135M-Instruct, continuous batching) in a process of its own
+on a loopback port, as deployed; N concurrent clients (threads here) each send streaming chat
+requests back to back. Reported per N: generated tokens/s over the run, time to first token and
+inter-token latency (p50/p99) seen by the clients, and errors. Every request runs to max tokens
+(`ignore_eos`, as vLLM's benchmarks do; tokens counted from the streamed usage), so runs with
+different models or adapters do the same work. The baseline serves the same requests one at a time
+with transformers' generate (greedy, the same max tokens), as a server without batching would. For
+16 clients and more, a mixed-adapter run follows: half of the requests name a LoRA adapter (the
+tour's, or a random one), served in the same batches as the base model's.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import argparse
 import copy
 import json
 import socket
-import threading
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -28,48 +33,50 @@ QUESTIONS = ["Tell me about the history of Rome.", "Explain how a bicycle works.
              "Give me tips for learning a language.", "Why is the sky blue?"]
 
 
-def start_server(model, tokenizer, adapters, max_batch):
-    import uvicorn
+def start_server(adapter, max_batch, log):
+    """`mighty serve` in its own process on a free loopback port; returns (url, process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mighty = Path(sys.executable).with_name("mighty")
+    command = [str(mighty), "serve", "--model", "smollm2-135m-instruct", "--name", "smollm2", "--port", str(port),
+               "--adapter", f"lora={adapter}", "--max-batch", str(max_batch), "--max-queue", "256", "--max-len", "1024"]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return url, server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    sys.exit(f"the server did not start; its log ({log}):\n{Path(log).read_text()}")
 
-    from mightylm.serve.adapters import AdapterBank
-    from mightylm.serve.app import create_app
-    from mightylm.serve.engine import Engine
 
-    bank = AdapterBank(model)
-    for name, path in adapters:
-        bank.add(name, path)
-    engine = Engine(model, tokenizer, bank, max_batch=max_batch, max_queue=256, max_len=1024).start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "smollm2"), log_level="error"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, engine
-
-
-def stream_one(url, model, question, max_tokens, tokenizer):
+def stream_one(url, model, question, max_tokens):
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    times, text = [], ""
+    times, tokens = [], 0
     with urllib.request.urlopen(request, timeout=300) as r:
         for line in r:
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
-            if delta:
+            event = json.loads(line[6:])
+            if not event["choices"]:  # the last chunk: usage
+                tokens = event["usage"]["completion_tokens"]
+            elif event["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
-                text += delta
-    tokens = len(tokenizer.encode(text, add_special_tokens=False))
     gaps = [b - a for a, b in zip(times, times[1:])]
     return {"tokens": tokens, "ttft": times[0] - t0 if times else None, "gaps": gaps, "seconds": time.perf_counter() - t0}
 
 
-def load(url, tokenizer, clients, per_client, max_tokens, models):
+def load(url, clients, per_client, max_tokens, models):
     jobs = [(models[i % len(models)], QUESTIONS[i % len(QUESTIONS)]) for i in range(clients * per_client)]
     errors, results = 0, []
 
@@ -78,7 +85,7 @@ def load(url, tokenizer, clients, per_client, max_tokens, models):
         out = []
         for model, q in jobs[c::clients]:
             try:
-                out.append(stream_one(url, model, q, max_tokens, tokenizer))
+                out.append(stream_one(url, model, q, max_tokens))
             except Exception:
                 errors += 1
         return out
@@ -96,27 +103,33 @@ def load(url, tokenizer, clients, per_client, max_tokens, models):
             "ttft_p99": q(ttft, 0.99), "itl_p50": q(gaps, 0.5), "itl_p99": q(gaps, 0.99), "seconds": seconds}
 
 
+def report(r, what):
+    print(f"{r['clients']:3d} clients{what}: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']*1e3:6.0f} ms "
+          f"p99 {r['ttft_p99']*1e3:6.0f} ms  ITL p50 {r['itl_p50']*1e3:5.0f} ms p99 {r['itl_p99']*1e3:5.0f} ms  "
+          f"errors {r['errors']}  ({r['requests']} requests, {r['seconds']:.0f} s)", flush=True)
+
+
 def baseline(hf, tokenizer, requests, max_tokens):
     """One request at a time with transformers' generate: tokens/s."""
     tokens, t0 = 0, time.perf_counter()
     for q in QUESTIONS[:requests]:
         ids = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": q}])])
         with torch.no_grad():
-            out = hf.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(tokenizer.stop_token_ids))
+            out = hf.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                              eos_token_id=list(tokenizer.stop_token_ids))  # every request max_tokens long
         tokens += out.shape[1] - ids.shape[1]
     return tokens / (time.perf_counter() - t0)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--adapter", default="runs/out/lora-demo/adapter", help="a LoRA adapter for the mixed run")
     args = p.parse_args()
     import mightylm
-    from pathlib import Path
 
     model, tokenizer = mightylm.load("smollm2-135m-instruct")
     adapter = args.adapter
@@ -126,21 +139,20 @@ def main():
         scratch = copy.deepcopy(model)
         apply_lora(scratch, targets=("q_proj", "v_proj"), r=8, alpha=16)
         adapter = save_lora(scratch, Path("bench/out/serve-lora"))
-    url, server, engine = start_server(model, tokenizer, [("lora", adapter)], args.max_batch)
-    print(f"server: continuous batching, max batch {args.max_batch}; {args.max_tokens} tokens per request, greedy")
+    Path("bench/out").mkdir(parents=True, exist_ok=True)
+    url, server = start_server(adapter, args.max_batch, "bench/out/serve.log")
+    print(f"server: mighty serve, max batch {args.max_batch}; {args.max_tokens} tokens per request, greedy")
     rows = []
-    for n in args.clients:
-        rows.append(load(url, tokenizer, n, args.requests_per_client, args.max_tokens, ["smollm2"]))
-        r = rows[-1]
-        print(f"{n:3d} clients: {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']*1e3:6.0f} ms p99 "
-              f"{r['ttft_p99']*1e3:6.0f} ms  ITL p50 {r['itl_p50']*1e3:5.0f} ms p99 {r['itl_p99']*1e3:5.0f} ms  "
-              f"errors {r['errors']}  ({r['requests']} requests, {r['seconds']:.0f} s)", flush=True)
-    top = args.clients[-1]
-    mixed = load(url, tokenizer, top, args.requests_per_client, args.max_tokens, ["smollm2", "smollm2:lora"])
-    print(f"{top:3d} clients, half on the LoRA adapter: {mixed['tokens_per_s']:7.1f} tok/s "
-          f"({mixed['tokens_per_s'] / rows[-1]['tokens_per_s']:.2f}x of base-only), errors {mixed['errors']}")
-    server.should_exit = True
-    engine.stop()
+    try:
+        for n in args.clients:
+            rows.append(load(url, n, args.requests_per_client, args.max_tokens, ["smollm2"]))
+            report(rows[-1], "")
+            if n >= 16:
+                mixed = load(url, n, args.requests_per_client, args.max_tokens, ["smollm2", "smollm2:lora"])
+                report(mixed, f", half on LoRA: {mixed['tokens_per_s'] / rows[-1]['tokens_per_s']:.2f}x of base-only")
+    finally:
+        server.terminate()
+        server.wait(30)
     from transformers import AutoModelForCausalLM
 
     hf_dir = Path("bench/out/smollm2-hf")

@@ -132,6 +132,33 @@ def test_streamed_usage_and_echo(server, tiny):
     assert all(c.usage is None for c in chunks[:-1])
     echoed = client.completions.create(model="tiny", prompt="To be", max_tokens=9, temperature=0, echo=True)
     assert echoed.choices[0].text == "To be" + whole.choices[0].text
+    forced = client.completions.create(model="tiny", prompt="To be", max_tokens=5, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert forced.usage.completion_tokens == 5 and forced.choices[0].finish_reason == "length"
+
+
+def test_ignore_eos_runs_through_stop_tokens(tiny):
+    """ignore_eos (vLLM's extension, for fixed-length benchmarks): with the greedy first token declared
+    a stop token, a request ends after 1 token, or runs to max_new_tokens when it ignores stops."""
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine, Sequence
+
+    model, tokenizer, _ = tiny
+    prompt = tokenizer.encode("To be")
+    first = generate(model, [prompt], Sampling(max_new_tokens=1))[0][0]
+    engine = Engine(model, tokenizer, AdapterBank(model), max_batch=2, max_len=64).start()
+    try:
+        ends = {}
+        for ignore in (False, True):
+            done = threading.Event()
+            seq = Sequence(prompt, Sampling(max_new_tokens=6, stop_token_ids=(first,)),
+                           lambda ev, done=done: ev["type"] == "done" and done.set(), ignore_eos=ignore)
+            engine.submit(seq)
+            assert done.wait(30)
+            ends[ignore] = (len(seq.generated), seq.finish_reason)
+    finally:
+        engine.stop()
+    assert ends == {False: (1, "stop"), True: (6, "length")}
 
 
 @pytest.mark.parametrize("adapter", [None, "lora", "prompt"])

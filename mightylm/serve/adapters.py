@@ -3,8 +3,8 @@ batch, without merging anything into the weights.
 
 - LoRA: every linear layer some adapter targets becomes a `MultiLoRALinear` (a module transform,
   like `apply_lora`): the base product for every row, plus, for each adapter present in the batch,
-  x[rows] A_i^T B_i^T * s_i on that adapter's rows only. Which row uses which adapter is one
-  (B,) tensor the engine sets before each forward (`AdapterBank.rows`).
+  x[rows] A_i^T (s_i B_i)^T added into that adapter's rows only. Which rows use which adapter is
+  worked out once per forward (`AdapterBank.set_rows`), not in each of the hundreds of layers.
 - Soft prompts (prompt tuning, P-tuning): the P virtual-token embeddings are put in front of the
   request's token embeddings at prefill (`Transformer.forward(embeds=...)`); decoding needs nothing.
 
@@ -29,18 +29,19 @@ class MultiLoRALinear(nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
         self.bank = bank
-        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # adapter id -> (A, B, scale)
+        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter id -> (A, scale * B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        rows = self.bank.rows
-        if rows is None or not self.pairs:
-            return y
-        for i in self.bank.present:
-            if i in self.pairs:
-                A, B, scale = self.pairs[i]
-                sel = rows == i  # (B,)
-                y[sel] += (x[sel] @ A.T) @ B.T * scale
+        for i, rows in self.bank.present.items():
+            pair = self.pairs.get(i)
+            if pair is None:
+                continue
+            A, B = pair
+            if rows is None:  # every row of the batch uses this adapter
+                y = y + F.linear(F.linear(x, A), B)
+            else:
+                y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), A), B))
         return y
 
 
@@ -52,13 +53,17 @@ class AdapterBank:
         self.ids: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
         self.prompts: dict[int, torch.Tensor] = {}  # adapter id -> (P, dim) virtual-token embeddings
-        self.rows: torch.Tensor | None = None  # (B,) adapter id of each row of the running batch
-        self.present: list[int] = []  # distinct non-zero ids in `rows`
+        # adapter id -> the batch rows that use it (None: all of them), for the ids in the running batch but 0
+        self.present: dict[int, torch.Tensor | None] = {}
         self._next = 1
 
     def set_rows(self, ids: list[int]) -> None:
-        self.rows = torch.tensor(ids, device=self.model.embed.weight.device)
-        self.present = sorted(set(ids) - {0})
+        """Say which adapter each row of the next forward passes uses (0: the base model)."""
+        device = self.model.embed.weight.device
+        self.present = {}
+        for i in sorted(set(ids) - {0}):
+            rows = [r for r, a in enumerate(ids) if a == i]
+            self.present[i] = None if len(rows) == len(ids) else torch.tensor(rows, device=device)
 
     def add(self, name: str, path: str | Path) -> str:
         """Load the adapter in `path` under `name`; returns what it is."""
@@ -87,7 +92,7 @@ class AdapterBank:
                     parent_name, _, leaf = module_name.rpartition(".")
                     module = MultiLoRALinear(module, self)
                     setattr(modules[parent_name], leaf, module)
-                module.pairs[i] = (pair["lora_A"].to(dtype), pair["lora_B"].to(dtype), lora_scaling(cfg))
+                module.pairs[i] = (pair["lora_A"].to(dtype), (pair["lora_B"] * lora_scaling(cfg)).to(dtype))
             return f"LoRA on {len(pairs)} layers"
         if kind in ("PROMPT_TUNING", "P_TUNING"):
             from mightylm.adapters.prompt import read_prompt

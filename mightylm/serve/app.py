@@ -31,7 +31,7 @@ from mightylm.serve.engine import Engine, QueueFull, Sequence
 MAX_BODY = 1 << 20  # bytes
 MAX_N = 8
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user", "stream_options",
-          "max_completion_tokens"}
+          "max_completion_tokens", "ignore_eos"}  # ignore_eos: vLLM's extension, for benchmarks of fixed length
 FIELDS = {"/v1/completions": COMMON | {"prompt", "echo", "logprobs"}, "/v1/chat/completions": COMMON | {"messages"},
           "/admin/adapters": {"name", "path"}}
 
@@ -185,6 +185,9 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                 or not isinstance(options.get("include_usage", False), bool):
             raise ApiError(400, "\"stream_options\" must be {\"include_usage\": true|false}", param="stream_options")
         echoed = prompt_text(body) if echo else ""
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "\"ignore_eos\" must be true or false", param="ignore_eos")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seqs = []
@@ -193,7 +196,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                 seed = None if s.seed is None else s.seed + i
                 settings = Sampling(**{**s.__dict__, "seed": seed})
                 emit = (lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))(i)
-                seqs.append(engine.submit(Sequence(prompt, settings, emit, adapter=adapter)))
+                seqs.append(engine.submit(Sequence(prompt, settings, emit, adapter=adapter, ignore_eos=ignore_eos)))
         except QueueFull as e:
             for seq in seqs:
                 seq.cancel()

@@ -71,6 +71,7 @@ class Sequence:
     sampling: Sampling
     emit: Callable[[dict], None]  # called from the engine thread with {"type": "text"|"done", ...}
     adapter: int = 0
+    ignore_eos: bool = False  # run to max_new_tokens through end-of-sequence tokens (for benchmarks)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -326,7 +327,7 @@ class Engine:
             seq.finish_reason = "cancelled"
             return
         stops = seq.sampling.stop_token_ids or self.tokenizer.stop_token_ids
-        if token in stops:
+        if token in stops and not seq.ignore_eos:
             seq.finish_reason = "stop"
             return
         seq._pending += seq._decoder.push(token)
