@@ -3,8 +3,9 @@ batch, without merging anything into the weights.
 
 - LoRA: every linear layer some adapter targets becomes a `MultiLoRALinear` (a module transform,
   like `apply_lora`): the base product for every row, plus, for each adapter present in the batch,
-  x[rows] A_i^T (s_i B_i)^T added into that adapter's rows only. Which rows use which adapter is
-  worked out once per forward (`AdapterBank.set_rows`), not in each of the hundreds of layers.
+  ((x A_i^T) * m_i) (s_i B_i)^T, where the row mask m_i is 1 on that adapter's rows and 0 elsewhere
+  (at LoRA ranks the product for every row costs less than gathering and scattering rows). The
+  masks are made once per forward (`AdapterBank.set_rows`), not in each of the hundreds of layers.
 - Soft prompts (prompt tuning, P-tuning): the P virtual-token embeddings are put in front of the
   request's token embeddings at prefill (`Transformer.forward(embeds=...)`); decoding needs nothing.
 
@@ -33,15 +34,14 @@ class MultiLoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        for i, rows in self.bank.present.items():
+        for i, mask in self.bank.present.items():
             pair = self.pairs.get(i)
             if pair is None:
                 continue
-            A, B = pair
-            if rows is None:  # every row of the batch uses this adapter
-                y = y + F.linear(F.linear(x, A), B)
-            else:
-                y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), A), B))
+            h = F.linear(x, pair[0])  # (B, T, r): every row, cheap at LoRA ranks
+            if mask is not None:
+                h = h * mask  # zero for the rows that use another adapter or none
+            y = y + F.linear(h, pair[1])
         return y
 
 
@@ -53,7 +53,7 @@ class AdapterBank:
         self.ids: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
         self.prompts: dict[int, torch.Tensor] = {}  # adapter id -> (P, dim) virtual-token embeddings
-        # adapter id -> the batch rows that use it (None: all of them), for the ids in the running batch but 0
+        # adapter id -> (B, 1, 1) 1.0 on the batch rows that use it (None: all of them), for the ids in the batch but 0
         self.present: dict[int, torch.Tensor | None] = {}
         self._next = 1
 
@@ -63,7 +63,8 @@ class AdapterBank:
         self.present = {}
         for i in sorted(set(ids) - {0}):
             rows = [r for r, a in enumerate(ids) if a == i]
-            self.present[i] = None if len(rows) == len(ids) else torch.tensor(rows, device=device)
+            mask = torch.tensor([[[float(a == i)]] for a in ids], dtype=self.model.embed.weight.dtype, device=device)
+            self.present[i] = None if len(rows) == len(ids) else mask  # (B, 1, 1)
 
     def add(self, name: str, path: str | Path) -> str:
         """Load the adapter in `path` under `name`; returns what it is."""
