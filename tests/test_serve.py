@@ -162,9 +162,10 @@ def test_ignore_eos_runs_through_stop_tokens(tiny):
 
 
 @pytest.mark.parametrize("adapter", [None, "lora", "prompt"])
-def test_prompt_scoring_equals_local_loglikelihood(server, tiny, adapter):
-    """echo + logprobs with max_tokens 0, read by `mighty eval`'s Endpoint, gives the log-likelihoods that
-    the evaluation's in-process LocalModel computes on the same model (and adapter)."""
+def test_eval_endpoint_against_the_server_equals_in_process(server, tiny, adapter):
+    """`mighty eval --endpoint` against `mighty serve` gives what the evaluation's in-process LocalModel
+    gives on the same model (and adapter): log-likelihoods via echo + logprobs with max_tokens 0, and
+    greedy generations with a stop string."""
     from mightylm.adapters import load_adapter
     from mightylm.evaluate.backend import Endpoint, LocalModel
 
@@ -179,6 +180,10 @@ def test_prompt_scoring_equals_local_loglikelihood(server, tiny, adapter):
     local = LocalModel(net.eval(), tokenizer).loglikelihood(requests)
     for (lp, greedy, n), (ref_lp, ref_greedy, ref_n) in zip(remote, local):
         assert n == ref_n and greedy == ref_greedy and lp == pytest.approx(ref_lp, abs=1e-4)
+    prompts = [c for c, _ in requests]  # generation too: mighty eval against mighty serve == in process
+    kwargs = dict(max_new_tokens=12, stop=("e",))
+    assert Endpoint(server.url + "/v1", name).generate(prompts, **kwargs) == LocalModel(net, tokenizer).generate(
+        prompts, **kwargs)
     status, reply, _ = server.post("/v1/completions", {"model": name, "prompt": "To be", "max_tokens": 0,
                                                         "echo": True, "logprobs": 3})
     lp = reply["choices"][0]["logprobs"]
