@@ -83,10 +83,8 @@ def test_pretrain_under_torchrun(tmp_path, corpus):
     import subprocess
     import sys
 
-    from test_train import free_port
-
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mightylm.cli", "pretrain", "--data", str(corpus), "--out", str(out), "--train.steps", "4", *TINY]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -142,14 +142,6 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_follow_one_process(tmp_path, mode):
     script = tmp_path / "run.py"
@@ -159,9 +151,9 @@ def test_two_processes_follow_one_process(tmp_path, mode):
     one = subprocess.run([sys.executable, script, tests, tmp_path / "one"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), script, tests, tmp_path / "two", mode], capture_output=True, text=True, env=env,
-                         timeout=300)
+    # --standalone: torchrun picks its own free rendezvous port (no race with a port chosen here)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, tests, tmp_path / "two", mode], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     losses = [[json.loads(l)["loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
