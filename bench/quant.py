@@ -9,8 +9,12 @@ int8 copy and the float table is only looked up (one row per token). Runs are in
 reads the whole table; for int8+head all but the float table), the speed a memory-bound decoder
 would reach.
 
-Then one matrix-vector product per format at SmolLM2's shapes, against PyTorch's own int8 kernel
-and bitsandbytes' NF4 (its CPU backend; installed with the test extras), on the same weights.
+torchao's int8 weight-only (`Int8WeightOnlyConfig` on the same seven projections, head float32 in
+our decode layout) runs in the same table where torchao is installed (the test extras install
+0.18.0, which does not ask for another torch); its int4 weight-only has no float32 CPU path.
+
+Then one matrix-vector product per format at SmolLM2's shapes, against PyTorch's own int8 kernel,
+torchao's int8 and bitsandbytes' NF4 (its CPU backend), on the same weights.
 
 Then QLoRA training memory: LoRA r=8 on every projection over a float32 base vs over an NF4 base
 (the same recipe), peak RSS of a fresh subprocess each, batch 4 x 256 tokens.
@@ -53,6 +57,19 @@ print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 """
 
 
+def torchao_int8(module):
+    """torchao's int8 weight-only on every nn.Linear but the head, in place; None without torchao."""
+    try:
+        import logging
+
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # it logs missing CUDA kernels on import
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return None
+    quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    return module
+
+
 def kernels_side_by_side(bandwidth: float, repeats: int = 200) -> None:
     """Microseconds per batch-1 product for each format, ours beside PyTorch's and bitsandbytes'."""
     from torch import nn
@@ -92,6 +109,9 @@ def kernels_side_by_side(bandwidth: float, repeats: int = 200) -> None:
                 "int4 g64 (torch _weight_int4pack_mm)": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x, packed4, 64, scales_and_zeros), out * n_in // 2),
                 "nf4 (ours)": (lambda: q4(x), out * n_in // 2)}
+        ao = torchao_int8(nn.Sequential(copy.deepcopy(lin)))
+        if ao is not None:
+            rows["int8 (torchao Int8WeightOnlyConfig)"] = (lambda: ao(x), out * n_in)
         if bnb is not None:
             packed, state = bnbf.quantize_4bit(lin.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
             rows["nf4 (bitsandbytes matmul_4bit)"] = (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), out * n_in // 2)
@@ -124,6 +144,10 @@ def main():
             quantize_(m, method)
         fuse_projections_(m)  # the decode layout for whatever stays float (all of float32; the head otherwise)
         models[method] = m
+    ao = torchao_int8(copy.deepcopy(base))
+    if ao is not None:
+        fuse_projections_(ao)  # only the float head: torchao's tensors are left as they are
+        models["int8 torchao"] = ao
     prompt = tok.encode("The history of the printing press begins in the fifteenth century, when")[:32]
     s, first = Sampling(max_new_tokens=args.new_tokens), Sampling(max_new_tokens=1)
     outputs = {k: generate(m, [prompt], s)[0] for k, m in models.items()}  # warm-up, and the tokens to compare
@@ -140,7 +164,7 @@ def main():
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth {bandwidth:.1f} GB/s; {torch.get_num_threads()} threads; 32-token prompt, "
           f"{args.new_tokens} new tokens; decode tok/s excludes the prefill")
-    print(f"{'weights':8s} {'MiB':>7s} {'decode tok/s':>12s} {'vs f32':>7s} {'bound':>7s} {'of bound':>8s} "
+    print(f"{'weights':12s} {'MiB':>7s} {'decode tok/s':>12s} {'vs f32':>7s} {'bound':>7s} {'of bound':>8s} "
           f"{'prefill ms':>10s} {'greedy tokens = f32':>20s}")
     f32 = None
     for k, m in models.items():
@@ -150,7 +174,7 @@ def main():
         read = size - (m.embed.weight.numel() * 4 if not m.head_shares_embedding else 0)  # the float table is only looked up
         bound = bandwidth * 1e9 / read
         same = sum(a == b for a, b in zip(outputs[k], outputs["float32"]))
-        print(f"{k:8s} {size / 2**20:7.1f} {speed:12.1f} {speed / f32:6.2f}x {bound:7.1f} {speed / bound:7.0%} "
+        print(f"{k:12s} {size / 2**20:7.1f} {speed:12.1f} {speed / f32:6.2f}x {bound:7.1f} {speed / bound:7.0%} "
               f"{statistics.median(prefill[k]) * 1e3:10.0f} {same:>14d}/{len(outputs['float32'])}", flush=True)
     kernels_side_by_side(bandwidth)
     if args.skip_training:

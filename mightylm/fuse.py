@@ -97,9 +97,14 @@ def _fuse_int8(parts: list[Int8Linear]) -> FusedInt8Projection:
     return FusedInt8Projection(weight, scale, bias)
 
 
+def _plain(module) -> bool:
+    """A plain nn.Linear over ordinary tensors (not a tensor subclass such as torchao's quantized weights)."""
+    return type(module) is nn.Linear and type(module.weight) in (torch.Tensor, nn.Parameter)
+
+
 def _fusion(parts: list[nn.Module]):
     """The fused callable for these projections, or None where they are not all plain or all int8."""
-    if all(type(p) is nn.Linear for p in parts):
+    if all(_plain(p) for p in parts):
         return _fuse(parts)
     if all(type(p) is Int8Linear for p in parts):
         return _fuse_int8(parts)
@@ -129,10 +134,10 @@ def fuse_projections_(model: Transformer) -> list[str]:
     for parent_name, parent in list(model.named_modules()):
         for name in ("o_proj", "down_proj"):
             child = getattr(parent, name, None)
-            if type(child) is nn.Linear:
+            if _plain(child):
                 _swap_linear(parent, name, DecodeLinear, _param(_input_major([child.weight]), child.weight))
                 converted.append(f"{parent_name}.{name}")
-    if type(model.lm_head) is nn.Linear:
+    if _plain(model.lm_head):
         if model.config.tie_embeddings:  # the head is the embedding table: re-lay the table itself
             model.embed.weight = _param(_input_major([model.embed.weight]), model.embed.weight)
             _swap_linear(model, "lm_head", DecodeLinear, model.embed.weight)

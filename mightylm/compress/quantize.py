@@ -240,7 +240,12 @@ def dequantize_(model: nn.Module) -> list[str]:
 def model_bytes(model: nn.Module) -> int:
     """Bytes of parameters and persistent buffers (a tied head counted once)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    tensors = list(model.parameters()) + list(model.buffers())
+    while tensors:
+        t = tensors.pop()
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (e.g. torchao's): count its inner tensors
+            tensors += [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+            continue
         if t.data_ptr() in seen or t.device.type == "meta":
             continue
         seen.add(t.data_ptr())
