@@ -121,3 +121,8 @@ class AdapterBank:
 
     def prefix(self, i: int) -> torch.Tensor | None:
         return self.prompts.get(i)
+
+    def prefix_len(self, i: int) -> int:
+        """Virtual tokens adapter `i` puts before every prompt (0 for LoRA and the base model)."""
+        prompt = self.prompts.get(i)
+        return 0 if prompt is None else prompt.shape[0]

@@ -175,8 +175,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         if logprobs is not None:
             raise ApiError(400, "\"logprobs\" is supported for the prompt only (echo: true with max_tokens: 0), "
                                 "not for generated tokens", param="logprobs")
-        virtual = bank.prefix(adapter)
-        s, n = sampling_of(body, len(prompt) + (0 if virtual is None else virtual.shape[0]))
+        s, n = sampling_of(body, len(prompt) + bank.prefix_len(adapter))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "\"stream\" must be true or false", param="stream")
@@ -281,8 +280,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         """echo + max_tokens 0: the prompt back with each token's log-probability (no generation)."""
         if body.get("stream") or body.get("n", 1) != 1:
             raise ApiError(400, "scoring a prompt (echo with max_tokens 0) takes neither stream nor n > 1")
-        virtual = bank.prefix(adapter)
-        if len(prompt) + (0 if virtual is None else virtual.shape[0]) > engine.max_len:
+        if len(prompt) + bank.prefix_len(adapter) > engine.max_len:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context holds {engine.max_len}",
                            param="prompt")
         scored = await asyncio.to_thread(engine.score, prompt, adapter, logprobs or 0)

@@ -118,7 +118,7 @@ class Engine:
 
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a sequence; raises QueueFull when the queue is at its bound, ValueError when it cannot fit."""
-        virtual = self._virtual(seq)
+        virtual = self.bank.prefix_len(seq.adapter)
         if len(seq.prompt) + virtual + seq.sampling.max_new_tokens > self.max_len:
             raise ValueError(f"the prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.sampling.max_new_tokens}) "
                              f"exceeds the context of {self.max_len} tokens")
@@ -155,13 +155,11 @@ class Engine:
         engine thread between steps: {"tokens", "token_logprobs" (first None), "top_logprobs", "text_offset"}."""
         def run():
             idx = torch.tensor([prompt], device=self.device)
-            virtual = self.bank.prefix(adapter)
             self.bank.set_rows([adapter])
-            if virtual is None:
+            if self.bank.prefix(adapter) is None:
                 logits = self.model(idx)
             else:
-                embeds = torch.cat([virtual[None].to(self.model.embed.weight.dtype), self.model.embed(idx)], dim=1)
-                logits = self.model(embeds=embeds)[:, virtual.shape[0]:]
+                logits = self.model(embeds=self._embed(prompt, adapter)[None])[:, self.bank.prefix_len(adapter):]
             logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
             picked = logp.gather(-1, idx[0, 1:, None])[:, 0].tolist()
             best = logp.topk(top, dim=-1) if top else None
@@ -208,9 +206,11 @@ class Engine:
         for seq in self.running + list(self.waiting):
             self._finish_all(seq, "abort", "the server is shutting down")
 
-    def _virtual(self, seq: Sequence) -> int:
-        prompt = self.bank.prefix(seq.adapter)
-        return 0 if prompt is None else prompt.shape[0]
+    def _embed(self, prompt: list[int], adapter: int) -> torch.Tensor:
+        """(P + T, dim): the adapter's virtual tokens, if any, then the prompt's token embeddings."""
+        rows = self.model.embed(torch.tensor(prompt, device=self.device))
+        prefix = self.bank.prefix(adapter)
+        return rows if prefix is None else torch.cat([prefix.to(rows.dtype), rows])
 
     def _admit(self) -> None:
         """Move the waiting sequences that fit into the pool, prefilling them in one forward pass."""
@@ -223,7 +223,8 @@ class Engine:
                     self.waiting.popleft()
                 self._finish_all(seq, "cancelled")
                 continue
-            need = max([len(seq.prompt) + self._virtual(seq)] + [n for _, n in group])
+            own = len(seq.prompt) + self.bank.prefix_len(seq.adapter)
+            need = max([own] + [n for _, n in group])
             new_tokens = max([seq.sampling.max_new_tokens] + [s.sampling.max_new_tokens for s, _ in group])
             if not self._fits(need, new_tokens):
                 self._compact()
@@ -231,7 +232,7 @@ class Engine:
                     break  # the rest waits for running sequences to finish
             with self.cond:
                 self.waiting.popleft()
-            group.append((seq, len(seq.prompt) + self._virtual(seq)))
+            group.append((seq, own))
         if group:
             self._prefill(group)
 
@@ -282,8 +283,7 @@ class Engine:
         self.bank.set_rows([seq.adapter for seq, _ in group])
         kwargs = dict(cache=_Rows(self.pool, first, last), start=self.t - width, pad=self.pads[first:last],
                       last_only=True)
-        prefixes = [self.bank.prefix(seq.adapter) for seq, _ in group]
-        if all(p is None for p in prefixes):
+        if all(need == len(seq.prompt) for seq, need in group):  # no soft prompt among them: token ids
             idx = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
             for j, (seq, _) in enumerate(group):
                 idx[j, width - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
@@ -291,11 +291,8 @@ class Engine:
         else:  # soft prompts: each row's own virtual tokens before its prompt, as embeddings
             weight = self.model.embed.weight
             embeds = torch.zeros(len(group), width, weight.shape[1], dtype=weight.dtype, device=self.device)
-            for j, ((seq, need), prefix) in enumerate(zip(group, prefixes)):
-                row = self.model.embed(torch.tensor(seq.prompt, device=self.device))
-                if prefix is not None:
-                    row = torch.cat([prefix.to(weight.dtype), row])
-                embeds[j, width - need:] = row
+            for j, (seq, need) in enumerate(group):
+                embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter)
             logits = self.model(embeds=embeds, **kwargs)[:, -1]
         for j, (seq, _) in enumerate(group):
             self._accept(first + j, int(sample(logits[j:j + 1], seq.sampling, seq._generator)[0]))
