@@ -46,6 +46,18 @@ def _chat(backend, chat: str) -> bool:
     return backend.has_chat_template if chat == "auto" else chat == "true"
 
 
+def _run_task(name: str, task, items: list, *, model, endpoint, api_key, batch_size, dtype, adapter, chat, out,
+             overwrite, **task_settings) -> None:
+    """Load the backend, record the settings, evaluate `items` with `task.evaluate` and print the summary."""
+    from mightylm.evaluate.results import ResultStore
+
+    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    use_chat = _chat(backend, chat)
+    settings = _settings(model, endpoint, adapter, **task_settings, chat=use_chat, dtype=dtype)
+    store = ResultStore(out, name, settings, overwrite=overwrite)
+    _print(task.evaluate(store, items, backend, chat=use_chat, batch_size=batch_size), out)
+
+
 def _print(summary: dict, out: str) -> None:
     metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["metrics"].items())
     print(f"{summary['task']}: {metrics}")
@@ -205,14 +217,11 @@ def arithmetic(
         adapter: An adapter directory to apply, unmerged.
     """
     from mightylm.evaluate import arithmetic as task
-    from mightylm.evaluate.results import ResultStore
 
     items = task.problems(tuple(ops or task.OPS), tuple(digits or (1, 2, 3, 4, 5)), n=n, seed=seed)
-    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
-    use_chat = _chat(backend, chat)
-    settings = _settings(model, endpoint, adapter, ops=ops, digits=digits, n=n, chat=use_chat, seed=seed, dtype=dtype)
-    store = ResultStore(out, "arithmetic", settings, overwrite=overwrite)
-    _print(task.evaluate(store, items, backend, chat=use_chat, batch_size=batch_size), out)
+    _run_task("arithmetic", task, items, model=model, endpoint=endpoint, api_key=api_key, batch_size=batch_size,
+              dtype=dtype, adapter=adapter, chat=chat, out=out, overwrite=overwrite, ops=ops, digits=digits, n=n,
+              seed=seed)
 
 
 def corr2cause(
@@ -250,17 +259,14 @@ def corr2cause(
         adapter: An adapter directory to apply, unmerged.
     """
     from mightylm.evaluate import corr2cause as task
-    from mightylm.evaluate.results import ResultStore
 
     sizes = tuple(nodes or (2, 3, 4))
     if not all(2 <= x <= 5 for x in sizes):
         raise ValueError(f"--nodes must be between 2 and 5, got {list(sizes)}")
     items = task.sample_examples(sizes, limit, seed)
-    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
-    use_chat = _chat(backend, chat)
-    settings = _settings(model, endpoint, adapter, nodes=list(sizes), limit=limit, chat=use_chat, seed=seed, dtype=dtype)
-    store = ResultStore(out, "corr2cause", settings, overwrite=overwrite)
-    _print(task.evaluate(store, items, backend, chat=use_chat, batch_size=batch_size), out)
+    _run_task("corr2cause", task, items, model=model, endpoint=endpoint, api_key=api_key, batch_size=batch_size,
+              dtype=dtype, adapter=adapter, chat=chat, out=out, overwrite=overwrite, nodes=list(sizes),
+              limit=limit, seed=seed)
 
 
 def choice(
