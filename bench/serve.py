@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -31,28 +29,6 @@ import torch
 QUESTIONS = ["Tell me about the history of Rome.", "Explain how a bicycle works.", "Write a short story about a cat.",
              "What are the benefits of exercise?", "Describe the water cycle.", "How do airplanes fly?",
              "Give me tips for learning a language.", "Why is the sky blue?"]
-
-
-def start_server(adapter, max_batch, log):
-    """`mighty serve` in its own process on a free loopback port; returns (url, process)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mighty = Path(sys.executable).with_name("mighty")
-    command = [str(mighty), "serve", "--model", "smollm2-135m-instruct", "--name", "smollm2", "--port", str(port),
-               "--adapter", f"lora={adapter}", "--max-batch", str(max_batch), "--max-queue", "256", "--max-len", "1024"]
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return url, server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    sys.exit(f"the server did not start; its log ({log}):\n{Path(log).read_text()}")
 
 
 def stream_one(url, model, question, max_tokens):
@@ -140,7 +116,14 @@ def main():
         apply_lora(scratch, targets=("q_proj", "v_proj"), r=8, alpha=16)
         adapter = save_lora(scratch, Path("bench/out/serve-lora"))
     Path("bench/out").mkdir(parents=True, exist_ok=True)
-    url, server = start_server(adapter, args.max_batch, "bench/out/serve.log")
+    from mightylm.serve.command import start_server
+
+    try:
+        url, server = start_server(["--model", "smollm2-135m-instruct", "--name", "smollm2", "--adapter", f"lora={adapter}",
+                                    "--max-batch", str(args.max_batch), "--max-queue", "256", "--max-len", "1024"],
+                                   "bench/out/serve.log")
+    except RuntimeError as e:
+        sys.exit(str(e))
     print(f"server: mighty serve, max batch {args.max_batch}; {args.max_tokens} tokens per request, greedy")
     rows = []
     try:

@@ -8,36 +8,11 @@ client (once streamed), then stop the server and print how to start it again and
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "Add the two numbers. Answer with the result only.\n\n57 + 38"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"the server exited with {server.returncode}; its log ({log}):\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    server.terminate()
-    sys.exit(f"the server did not answer /health within {timeout:.0f} s; its log ({log}):\n{log.read_text()}")
 
 
 def main():
@@ -48,16 +23,14 @@ def main():
 
     import openai
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = Path(args.log)
-    mighty = Path(sys.executable).with_name("mighty")
-    command = [str(mighty), "serve", "--model", MODEL, "--adapter", f"add={args.adapter}", "--port", str(port)]
-    print("$ mighty " + " ".join(command[1:]))
-    with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    from mightylm.serve.command import start_server
+
     try:
-        wait_healthy(url, server, log)
+        url, server = start_server(["--model", MODEL, "--adapter", f"add={args.adapter}"], args.log)
+    except RuntimeError as e:
+        sys.exit(str(e))
+    print("$ mighty " + " ".join(server.args[1:]))
+    try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         print("models:", ", ".join(m.id for m in client.models.list()))
         messages = [{"role": "user", "content": QUESTION}]

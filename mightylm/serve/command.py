@@ -65,3 +65,33 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.stop()
+
+
+def start_server(args: list[str], log: str | Path, timeout: float = 180.0):
+    """Start `mighty serve ARGS --port P` in a process of its own on a free loopback port and wait until
+    /health answers. Returns (base URL, the process); raises RuntimeError with the server's log when it
+    exits or does not answer within `timeout` seconds. For scripts and benchmarks that need a real server."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("mighty")), "serve", *args, "--port", str(port)]
+    log = Path(log)
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}; its log ({log}):\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return url, server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s; its log ({log}):\n{log.read_text()}")
