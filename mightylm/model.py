@@ -13,6 +13,8 @@ Seams for later techniques:
 - `Attention.attend(q, k, v, mask)`: the one method an attention adapter wraps.
 - `Block.mlp` is built by `make_mlp(config)`: the mixture-of-experts feed-forward plugs in there.
 - The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
+- `Transformer.forward(idx, labels=...)` returns the training loss instead of logits, through
+  `linear_cross_entropy`, which never holds the (B*T, vocab) logits at once.
 
 This file imports only torch and `mightylm.config`.
 """
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.config import ModelConfig
+
+IGNORE_INDEX = -100  # label of positions that are not scored (PyTorch's and Hugging Face's convention)
 
 
 class RMSNorm(nn.Module):
@@ -242,6 +246,7 @@ class Transformer(nn.Module):
         start: int = 0,
         pad: torch.Tensor | None = None,
         last_only: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T) or input embeddings `embeds` (B, T, dim).
 
@@ -250,6 +255,9 @@ class Transformer(nn.Module):
         pad: (B,) count of left-padding slots per row, for batches of prompts of different
             lengths; those slots are never attended to and RoPE positions start after them.
         last_only: compute logits for the last position only (generation needs nothing more).
+        labels: (B, T) next-token targets, IGNORE_INDEX where unscored: return the mean cross-entropy
+            over the scored positions (a scalar) instead of logits. With a plain linear head it is
+            computed a chunk of rows at a time (`linear_cross_entropy`).
         """
         if (idx is None) == (embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or embeds (input embeddings)")
@@ -276,7 +284,14 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif with_prefix:
             x = _drop_prefix(x, P, pad)  # (B, T, dim): outputs line up with the caller's tokens
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if labels is None:
+            return self.lm_head(x)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        # A replaced head (LoRA on the head, quantized): materialise the logits.
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def _mask(self, slots, total: int, pad, device):
         """Boolean attention mask (B|1, 1, T, total), or None where plain causal attention is exact."""
@@ -324,3 +339,59 @@ def _drop_prefix(x: torch.Tensor, P: int, pad: torch.Tensor | None) -> torch.Ten
     slot = torch.arange(total - P, device=x.device)[None]  # (1, T)
     src = torch.where(slot < pad[:, None], slot, slot + P)  # (B, T)
     return x.gather(1, src[..., None].expand(B, total - P, d))
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """mean(cross_entropy(h @ weight.T, labels)) over labels != IGNORE_INDEX, without the full logits.
+
+    h: (N, dim) final hidden states; weight: (vocab, dim), the LM head; labels: (N,).
+    The usual path keeps (N, vocab) logits, their log-softmax and its gradient alive at once: at
+    SmolLM2's 49,152-token vocabulary and 4 x 256 tokens that is three 200 MB tensors. Here rows
+    are taken `chunk_elements // vocab` at a time, and the gradients are computed in the same pass
+    (the loss is the graph's end, so d loss/d logits = (softmax - onehot) / n is known in forward):
+    backward only scales the stored grad_h (N, dim) and grad_weight (vocab, dim). Same products as
+    the usual forward + backward (logits, grad_h, grad_weight), no recomputation.
+    """
+    return _LinearCrossEntropy.apply(h, weight, labels, chunk_elements)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk_elements):
+        device = h.device.type
+        # Under autocast the products run in its dtype (as nn.Linear's would); softmax in float32.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(device, enabled=False):
+            hc, wc = h.to(dtype), weight.to(dtype)
+            scored = labels != IGNORE_INDEX
+            n = scored.sum().clamp(min=1)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros_like(weight) if need_w else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            rows = max(1, chunk_elements // weight.shape[0])
+            for s in range(0, h.shape[0], rows):
+                x, y, keep = hc[s:s + rows], labels[s:s + rows].clamp(min=0), scored[s:s + rows]
+                logp = (x @ wc.T).float().log_softmax(-1)  # (rows, vocab); one pass, unlike logsumexp
+                total -= (logp.gather(1, y[:, None])[:, 0] * keep).sum()
+                if not (need_h or need_w):
+                    continue
+                p = logp.exp_()  # softmax, in place
+                p[torch.arange(len(y), device=p.device), y] -= 1
+                p = p.mul_((keep / n)[:, None]).to(dtype)  # d loss / d logits for these rows
+                if need_h:
+                    grad_h[s:s + rows] = p @ wc
+                if need_w:
+                    if dtype == grad_w.dtype:
+                        grad_w.addmm_(p.T, x)
+                    else:
+                        grad_w += (p.T @ x).to(grad_w.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None)

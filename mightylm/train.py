@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from mightylm.data.loader import IGNORE, Loader
 
@@ -94,9 +93,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def cross_entropy(model, batch: dict) -> torch.Tensor:
-    """Mean next-token loss over labelled positions (labels are already shifted by the data)."""
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
+    """Mean next-token loss over labelled positions (labels are already shifted by the data).
+
+    The model computes it (`labels=`), so the full logits are never held (model.linear_cross_entropy)."""
+    return model(batch["input_ids"], labels=batch["labels"])
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:

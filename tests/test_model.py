@@ -89,3 +89,40 @@ def test_config_round_trips_through_hf():
     for name in ("smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b"):
         config = ModelConfig.from_preset(name)
         assert ModelConfig.from_hf(config.to_hf()) == config
+
+
+@pytest.mark.parametrize("chunk_elements", [256 * 7, 256 * 64, 1 << 24])  # 7 rows, 64 rows, all rows at once
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk_elements):
+    from mightylm.model import IGNORE_INDEX, linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(50, 32, requires_grad=True)
+    w = torch.randn(256, 32, requires_grad=True)
+    labels = torch.randint(0, 256, (50,))
+    labels[::3] = IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(h @ w.T, labels, ignore_index=IGNORE_INDEX)
+    grads = torch.autograd.grad(expected * 2.5, (h, w))  # a scale after the loss reaches both gradients
+    loss = linear_cross_entropy(h, w, labels, chunk_elements)
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(torch.autograd.grad(loss * 2.5, (h, w)), grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # validation: no gradients computed, same loss
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk_elements), expected)
+
+
+@pytest.mark.parametrize("overrides", [{"tie_embeddings": True}, {"tie_embeddings": False}])
+def test_forward_with_labels_returns_the_loss_and_its_gradients(overrides):
+    model = tiny(**overrides).train()
+    idx = torch.randint(0, 256, (2, 16))
+    labels = torch.randint(0, 256, (2, 16))
+    labels[0, :5] = -100
+    reference = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    want = torch.autograd.grad(reference, list(model.parameters()))
+    loss = model(idx, labels=labels)
+    torch.testing.assert_close(loss, reference)
+    for got, w in zip(torch.autograd.grad(loss, list(model.parameters())), want):
+        torch.testing.assert_close(got, w, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the products in bf16 as nn.Linear's would be
+        ours = model(idx, labels=labels)
+        theirs = torch.nn.functional.cross_entropy(model(idx).float().flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=1e-2)
