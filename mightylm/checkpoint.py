@@ -121,6 +121,19 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
     return load_hf(path, dtype=dtype, device=device)
 
 
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a model directory, GGUF file or embedded name, without loading the weights."""
+    path = resolve(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_tokenizer(_gguf_metadata(path)[1], path)
+    if path.is_dir():
+        try:
+            return Tokenizer.from_dir(path)
+        except TokenizerError as e:
+            raise CheckpointError(str(e)) from None
+    raise CheckpointError(f"{path}: not a model directory or a .gguf file")
+
+
 def _refuse_pickle(path: Path):
     if path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -280,19 +293,9 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
 def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
     """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized."""
     import numpy as np
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise CheckpointError(f"{path}: cannot be read as GGUF, truncated or corrupt? ({type(e).__name__}: {e})") from None
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception:
-            continue
+    reader, meta = _gguf_metadata(path)
     config = gguf_config(meta, reader, source=path)
     model = _build(config)
     state = {}
@@ -314,11 +317,31 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
             array = array.copy()
         state[ours] = (torch.from_numpy(np.ascontiguousarray(array)), path, t.name)
     _assign(model, state, dtype, device, source=path)
+    return model, _gguf_tokenizer(meta, path)
+
+
+def _gguf_metadata(path: Path):
+    """The reader (its tensors are memory-mapped, not read) and the metadata key/values of a GGUF file."""
+    from gguf import GGUFReader
+
     try:
-        tokenizer = from_gguf_metadata(meta, str(path))
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
+        raise CheckpointError(f"{path}: cannot be read as GGUF, truncated or corrupt? ({type(e).__name__}: {e})") from None
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:
+            continue
+    return reader, meta
+
+
+def _gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
+    try:
+        return from_gguf_metadata(meta, str(path))
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
-    return model, tokenizer
 
 
 def unpermute_qk(w, n_heads: int):

@@ -235,6 +235,15 @@ def test_endpoint_mode_against_a_stub_server(stub_url):
         Endpoint(stub_url, "stub", api_key="wrong").generate(["x"], max_new_tokens=1)
 
 
+def test_endpoint_perplexity_needs_the_served_models_tokenizer(tmp_path, capsys):
+    from mightylm.cli import main
+
+    assert main(["eval", "perplexity", "--endpoint", "http://127.0.0.1:9/v1", "--model", "served-name",
+                 "--out", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "--tokenizer: served-name: no such file" in err and "pass the served model's tokenizer" in err
+
+
 def test_endpoint_errors_are_clear():
     import socket
 

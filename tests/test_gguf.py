@@ -140,6 +140,21 @@ def test_gguf_logits_match_source(arch, qtype, tmp_path, bpe_tokenizer):
     assert tokenizer.chat_template == bpe_tokenizer.chat_template
 
 
+def test_load_tokenizer_reads_gguf_and_directories_without_the_weights(tmp_path, bpe_tokenizer):
+    from mightylm.checkpoint import load_tokenizer
+
+    hf = write_gguf(make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, tmp_path / "m.gguf")
+    mightylm.save(mightylm.load(tmp_path / "m.gguf")[0], bpe_tokenizer, tmp_path / "dir")
+    for source in (tmp_path / "m.gguf", tmp_path / "dir"):
+        tokenizer = load_tokenizer(source)
+        assert tokenizer.encode(SAMPLE_TEXT) == bpe_tokenizer.encode(SAMPLE_TEXT)
+        assert tokenizer.chat_template == bpe_tokenizer.chat_template
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty/tokenizer.json: not found"):
+        load_tokenizer(tmp_path / "empty")
+    assert hf is not None
+
+
 def test_truncated_gguf_is_reported(tmp_path, bpe_tokenizer):
     write_gguf(make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, tmp_path / "m.gguf")
     data = (tmp_path / "m.gguf").read_bytes()

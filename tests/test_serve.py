@@ -191,6 +191,26 @@ def test_eval_endpoint_against_the_server_equals_in_process(server, tiny, adapte
     assert len(lp["tokens"]) == len(tokenizer.encode("To be")) and all(len(t) <= 3 for t in lp["top_logprobs"][1:])
 
 
+def test_perplexity_over_the_endpoint_equals_local(server, tiny):
+    """`mighty eval perplexity --endpoint`: the same token windows, sent as token-id prompts and scored by
+    the server, give the local figure; ids outside the vocabulary are refused."""
+    from conftest import SAMPLE_TEXT
+    from mightylm.evaluate.backend import Endpoint
+    from mightylm.evaluate.perplexity import perplexity
+
+    model, tokenizer, _ = tiny
+    text = SAMPLE_TEXT * 3
+    local = perplexity(model, tokenizer, text, window=48, stride=20)
+    remote = perplexity(Endpoint(server.url + "/v1", "tiny"), tokenizer, text, window=48, stride=20, batch_size=3)
+    assert remote["tokens"] == local["tokens"] > 100 and remote["bytes"] == local["bytes"]
+    assert remote["nll"] == pytest.approx(local["nll"], rel=1e-5)
+    ids = tokenizer.encode("To be, or not")
+    status, reply, _ = server.post("/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True})
+    assert status == 200 and reply["choices"][0]["text"] == "To be, or not"
+    status, reply, _ = server.post("/v1/completions", {"model": "tiny", "prompt": [1, 10**6], "max_tokens": 1})
+    assert status == 400 and "10000" in reply["error"]["message"] and "vocabulary" in reply["error"]["message"]
+
+
 def test_one_prefill_pass_for_mixed_prompts_and_adapters(tiny):
     """Requests waiting together are prefilled in one forward pass (prompts of different lengths, LoRA,
     soft prompt and base rows left-padded side by side) and each still gets its greedy text alone."""

@@ -159,17 +159,35 @@ class Endpoint:
 
         return self._map(one, range(len(prompts)))
 
+    def _echo(self, prompt: str | list[int], top: int) -> dict:
+        """The prompt's `logprobs` record (tokens, token_logprobs, top_logprobs, text_offset), generating nothing."""
+        reply = self._post("/completions", {"model": self.name, "prompt": prompt, "max_tokens": 0, "echo": True,
+                                            "logprobs": top, "temperature": 0})
+        try:
+            lp = reply["choices"][0]["logprobs"]
+            if isinstance(lp["token_logprobs"], list) and isinstance(lp["text_offset"], list):
+                return lp
+        except (KeyError, IndexError, TypeError):
+            pass
+        raise EvalError(f"{self.url}/completions: no prompt log-probabilities in the reply; this task needs "
+                        "a server that supports echo with logprobs (vLLM, mighty serve)")
+
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float | None]]:
+        """Each token-id prompt's per-token log-probabilities (None for the first), scored as given."""
+        def one(ids):
+            logprobs = self._echo(ids, 0)["token_logprobs"]
+            if len(logprobs) != len(ids):
+                raise EvalError(f"{self.url}/completions: {len(logprobs)} log-probabilities for a prompt of {len(ids)} "
+                                "token ids; the server must take token-id prompts as given (vLLM, mighty serve)")
+            return logprobs
+
+        return self._map(one, prompts)
+
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         def one(request):
             context, continuation = request
-            reply = self._post("/completions", {"model": self.name, "prompt": context + continuation, "max_tokens": 0,
-                                                "echo": True, "logprobs": 1, "temperature": 0})
-            try:
-                lp = reply["choices"][0]["logprobs"]
-                offsets, logprobs, tops = lp["text_offset"], lp["token_logprobs"], lp.get("top_logprobs")
-            except (KeyError, IndexError, TypeError):
-                raise EvalError(f"{self.url}/completions: no prompt log-probabilities in the reply; this task needs "
-                                "a server that supports echo with logprobs (vLLM, mighty serve)") from None
+            lp = self._echo(context + continuation, 1)
+            offsets, logprobs, tops = lp["text_offset"], lp["token_logprobs"], lp.get("top_logprobs")
             picked = [i for i, off in enumerate(offsets) if off >= len(context)]
             if not picked or any(logprobs[i] is None for i in picked):
                 raise EvalError(f"{self.url}/completions: the echoed log-probabilities do not cover the continuation")

@@ -38,6 +38,17 @@ def _backend(model: str, endpoint: str | None, api_key: str | None, batch_size: 
     return LocalModel(net.eval(), tokenizer, name=model, batch_size=batch_size)
 
 
+def _endpoint_tokenizer(name: str):
+    from mightylm.checkpoint import CheckpointError, load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except CheckpointError as e:
+        raise ValueError(f"--tokenizer: {e}. Perplexity over an endpoint tokenizes the text here, so that its "
+                         "windows are the same as for a local model: pass the served model's tokenizer "
+                         "(a model directory, .gguf file or embedded name)") from None
+
+
 def _settings(model, endpoint, adapter, **task) -> dict:
     return {"model": model, "endpoint": endpoint, "adapter": adapter, **task}
 
@@ -76,8 +87,14 @@ def perplexity(
     batch_size: int = 4,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     adapter: str | None = None,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+    tokenizer: str | None = None,
 ) -> None:
     """Perplexity and bits per byte on a text, over fixed windows (the same for every model, so figures compare).
+
+    With --endpoint the text is tokenized here and the same windows are sent to the server as token ids and
+    scored there (echo with logprobs: mighty serve, vLLM), so the figure equals the local one for the same model.
 
     Args:
         text: A text file, a directory of them, JSONL with "text", or the embedded corpus name shakespeare.
@@ -92,6 +109,11 @@ def perplexity(
         batch_size: Windows per forward pass.
         dtype: Weight and activation precision.
         adapter: An adapter directory to apply, unmerged.
+        endpoint: Base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1); --model is then its
+            model name.
+        api_key: Bearer token for --endpoint.
+        tokenizer: With --endpoint: the served model's tokenizer (a model directory, .gguf file or embedded name);
+            default --model, when it names one here.
     """
     from mightylm.data.pretrain import collect_files, read_documents
     from mightylm.evaluate.perplexity import perplexity as measure
@@ -100,12 +122,15 @@ def perplexity(
     files = collect_files([text])
     files = files[-1:] if last_file else files
     body = "\n\n".join(doc for f in files for doc in read_documents(f))
-    settings = _settings(model, None, adapter, text=text, files=[f.name for f in files], window=window,
+    settings = _settings(model, endpoint, adapter, text=text, files=[f.name for f in files], window=window,
                          stride=stride, max_tokens=max_tokens, dtype=dtype)
     store = ResultStore(out, "perplexity", settings, overwrite=overwrite)
-    backend = _backend(model, None, None, batch_size, dtype, adapter)
-    result = measure(backend.model, backend.tokenizer, body, window=window, stride=stride, max_tokens=max_tokens,
-                     batch_size=batch_size)
+    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    if endpoint:
+        scorer, vocab = backend, _endpoint_tokenizer(tokenizer or model)
+    else:
+        scorer, vocab = backend.model, backend.tokenizer
+    result = measure(scorer, vocab, body, window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
     _print(store.finish({"metrics": {k: result[k] for k in ("perplexity", "bits_per_byte", "nll")},
                          "tokens": result["tokens"], "bytes": result["bytes"]}), out)
 

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP layer over the engine (FastAPI): it validates, queues and forwards.
 
     GET  /v1/models                 the base model and "<base>:<adapter>" for each loaded adapter
-    POST /v1/completions            prompt -> text; stream=true gives server-sent events; echo=true with
-                                    max_tokens=0 and logprobs=K scores the prompt (log-likelihood evaluation)
+    POST /v1/completions            prompt (text, or a list of token ids) -> text; stream=true gives server-sent
+                                    events; echo=true with max_tokens=0 and logprobs=K scores the prompt
+                                    (log-likelihood and perplexity evaluation)
     POST /v1/chat/completions       messages -> reply, through the model's chat template
     GET  /admin/adapters            loaded adapters;  POST {"name", "path"} loads one;  DELETE /admin/adapters/NAME
     GET  /health, GET /metrics      liveness and load; Prometheus text format
@@ -139,13 +140,24 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                      stop_token_ids=tokenizer.stop_token_ids)
         return s, n
 
+    def token_ids(prompt) -> bool:
+        return isinstance(prompt, list) and len(prompt) > 0 and all(type(t) is int for t in prompt)
+
     def prompt_of(body: dict, path: str) -> list[int]:
         if path == "/v1/completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
+            if token_ids(prompt):  # OpenAI's "array of tokens" form: the ids are used as given
+                vocab = engine.model.config.vocab_size
+                bad = next((t for t in prompt if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise ApiError(400, f"token id {bad} in \"prompt\" is outside the vocabulary (0..{vocab - 1})",
+                                   param="prompt")
+                return list(prompt)
             if not isinstance(prompt, str) or not prompt:
-                raise ApiError(400, "\"prompt\" must be a non-empty string", param="prompt")
+                raise ApiError(400, "\"prompt\" must be a non-empty string or a non-empty list of token ids",
+                               param="prompt")
             return tokenizer.encode(prompt)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -274,6 +286,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
     def prompt_text(body: dict) -> str:
         prompt = body["prompt"]
+        if token_ids(prompt):
+            return tokenizer.decode(prompt)
         return prompt if isinstance(prompt, str) else prompt[0]
 
     async def score(body: dict, adapter: int, prompt: list[int], logprobs: int | None):
