@@ -6,7 +6,7 @@ interleaved, medians. Then full fine-tuning at the SmolLM2-135M shape with AdamW
 fused into backward): peak memory, with stored activations and with activation checkpointing
 (where weights, gradients and optimizer state, what LOMO removes, dominate the peak).
 
-    .venv/bin/python bench/peft.py [--steps 10] [--repeats 2]
+    .venv/bin/python bench/peft.py [--steps 10] [--repeats 2] [--parts lora lomo]
 """
 
 from __future__ import annotations
@@ -31,13 +31,24 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=["lora", "lomo"], default=["lora", "lomo"])
     args = parser.parse_args()
+    if "lora" in args.parts:
+        lora_vs_peft(args)
+    if "lomo" in args.parts:
+        lomo_vs_adamw(args)
+
+
+def lora_vs_peft(args):
     print(f"{'LoRA r=8':14s} {'params':>8s} {'transformers+peft':>24s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s}")
     for shape in args.shapes:
         ours, ref = median_of("mightylm", shape, "lora", args), median_of("transformers", shape, "lora", args)
         print(f"{shape:14s} {ours['params_m']:7.1f}M {ref['tokens_per_s']:10.0f} tok/s {ref['peak_mb']:7.0f} MB "
               f"{ours['tokens_per_s']:8.0f} tok/s {ours['peak_mb']:6.0f} MB "
               f"{ours['tokens_per_s'] / ref['tokens_per_s']:6.2f}x {ours['peak_mb'] / ref['peak_mb']:6.2f}x")
+
+
+def lomo_vs_adamw(args):
     for suffix, label in (("", "stored activations"), ("+ckpt", "activation checkpointing")):
         adamw = median_of("mightylm", "smollm2-135m", "full" + suffix, args)
         lomo = median_of("mightylm", "smollm2-135m", "lomo" + suffix, args)

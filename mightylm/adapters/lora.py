@@ -62,7 +62,10 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        xa = self.lora_A(self.dropout(x))  # (..., r)
+        # y + scaling * xa @ B^T as one addmm: no separate scale and add passes over the (..., out) output,
+        # in forward or backward (measured: LoRA training 1.06x faster at 15M, 1.10x at SmolLM2-135M's shape).
+        return torch.addmm(y.flatten(0, -2), xa.flatten(0, -2), self.lora_B.weight.t(), alpha=self.scaling).view(y.shape)
 
     def delta(self) -> torch.Tensor:
         """B A * scaling, the (out, in) update the adapter adds to the weight."""
