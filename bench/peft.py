@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train import run  # noqa: E402  (the same subprocess runner as bench/train.py)
+from train import flops_per_token, gemm_peak_gflops, run  # noqa: E402  (bench/train.py's runner and bound)
 
 
 def median_of(framework: str, shape: str, method: str, args) -> dict:
@@ -40,12 +40,18 @@ def main():
 
 
 def lora_vs_peft(args):
-    print(f"{'LoRA r=8':14s} {'params':>8s} {'transformers+peft':>24s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s}")
+    peak = gemm_peak_gflops()
+    print(f"float32 GEMM peak here: {peak:.0f} GFLOP/s; 'bound': tokens/s if a step were only its matrix products "
+          "at that rate (4 FLOPs per frozen weight and token, attention, adapters neglected)")
+    print(f"{'LoRA r=8':14s} {'params':>8s} {'transformers+peft':>24s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s} "
+          f"{'bound':>10s} {'ours/bound':>10s}")
     for shape in args.shapes:
         ours, ref = median_of("mightylm", shape, "lora", args), median_of("transformers", shape, "lora", args)
+        bound = peak * 1e9 / flops_per_token(shape, "lora")
         print(f"{shape:14s} {ours['params_m']:7.1f}M {ref['tokens_per_s']:10.0f} tok/s {ref['peak_mb']:7.0f} MB "
               f"{ours['tokens_per_s']:8.0f} tok/s {ours['peak_mb']:6.0f} MB "
-              f"{ours['tokens_per_s'] / ref['tokens_per_s']:6.2f}x {ours['peak_mb'] / ref['peak_mb']:6.2f}x")
+              f"{ours['tokens_per_s'] / ref['tokens_per_s']:6.2f}x {ours['peak_mb'] / ref['peak_mb']:6.2f}x "
+              f"{bound:10.0f} {ours['tokens_per_s'] / bound:9.0%}")
 
 
 def lomo_vs_adamw(args):

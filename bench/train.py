@@ -90,6 +90,36 @@ def run(framework: str, shape: str, steps: int, warmup: int, precision: str = "f
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def gemm_peak_gflops() -> float:
+    """Measured float32 matrix-multiply rate of this machine (best of 2048^3 products), in GFLOP/s."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
+
+
+def flops_per_token(shape: str, method: str = "full", seq_len: int = 256) -> float:
+    """Matrix-multiply FLOPs one training token needs: 6 per weight for full training (forward, input
+    gradient, weight gradient), 4 per frozen weight (LoRA's base and head: no weight gradient; the rank-8
+    adapters add <1 %), plus causal attention (forward and a backward of twice its cost)."""
+    from mightylm.config import ModelConfig
+
+    c = ModelConfig.from_preset(shape)
+    block = c.n_layers * (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim)
+    head = c.vocab_size * c.dim
+    per_weight = 4 if method.startswith("lora") else 6
+    attention = 3 * c.n_layers * 2 * seq_len * c.n_heads * c.head_dim  # QK^T and AV over T/2 keys on average, x3
+    return per_weight * (block + head) + attention
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["micro-15m", "smollm2-135m"])
@@ -98,7 +128,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="bf16: autocast on both sides")
     args = parser.parse_args()
-    print(f"{'shape':14s} {'prec':4s} {'params':>8s} {'transformers':>22s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s}")
+    peak = gemm_peak_gflops()
+    print(f"float32 GEMM peak here: {peak:.0f} GFLOP/s (2048^3). 'bound': tokens/s if every step were only its "
+          "matrix products at that rate (fp32 rows; nothing else free of cost)")
+    print(f"{'shape':14s} {'prec':4s} {'params':>8s} {'transformers':>22s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s} "
+          f"{'bound':>10s} {'ours/bound':>10s}")
     for shape, precision in [(s, p) for s in args.shapes for p in args.precisions]:
         results = {"mightylm": [], "transformers": []}
         for _ in range(args.repeats):
@@ -106,9 +140,10 @@ def main():
                 results[framework].append(run(framework, shape, args.steps, args.warmup, precision))
         med = {f: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for f, rs in results.items()}
         ours, ref = med["mightylm"], med["transformers"]
+        bound = peak * 1e9 / flops_per_token(shape)
         print(f"{shape:14s} {precision:4s} {ours['params_m']:7.1f}M {ref['tokens_per_s']:8.0f} tok/s {ref['peak_mb']:6.0f} MB "
               f"{ours['tokens_per_s']:8.0f} tok/s {ours['peak_mb']:6.0f} MB {ours['tokens_per_s'] / ref['tokens_per_s']:6.2f}x "
-              f"{ours['peak_mb'] / ref['peak_mb']:6.2f}x")
+              f"{ours['peak_mb'] / ref['peak_mb']:6.2f}x {bound:10.0f} {ours['tokens_per_s'] / bound:9.0%}")
 
 
 if __name__ == "__main__":
