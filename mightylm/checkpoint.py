@@ -107,18 +107,24 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+         need_tokenizer: bool = False):
     """Load `(model, tokenizer)` from a Hugging Face directory, a GGUF file or an embedded name.
 
-    The tokenizer is None for a directory without tokenizer.json.
+    dtype: a torch dtype or its name ("bfloat16"). The tokenizer is None for a directory without
+    tokenizer.json, or an error with `need_tokenizer` (for callers that encode text).
     """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = resolve(path)
     if path.is_file():
         if path.suffix == ".gguf":
             return load_gguf(path, dtype=dtype, device=device)
         _refuse_pickle(path)
         raise CheckpointError(f"{path}: not a model directory or a .gguf file")
-    return load_hf(path, dtype=dtype, device=device)
+    model, tokenizer = load_hf(path, dtype=dtype, device=device)
+    if tokenizer is None and need_tokenizer:
+        raise CheckpointError(f"{path}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
+    return model, tokenizer
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -4,33 +4,10 @@ parser and the --help text from the signatures and docstrings."""
 from __future__ import annotations
 
 import sys
-import time
 from typing import Literal
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-def _load(model: str, dtype: str, adapter: str | None = None):
-    import torch
-
-    import mightylm
-    from mightylm.fuse import fuse_projections_
-
-    t0 = time.perf_counter()
-    print(f"loading {model} ...", file=sys.stderr, flush=True)
-    loaded, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
-    if tokenizer is None:
-        raise ValueError(f"{model}: has no tokenizer.json, so text cannot be encoded; add the tokenizer files")
-    if adapter:
-        from mightylm.adapters import load_adapter
-
-        what = load_adapter(loaded, adapter)  # applied unmerged, before the decode layout
-        print(f"applied {adapter}: {what}", file=sys.stderr)
-    fuse_projections_(loaded)  # inference-only layout: faster batch-1 decoding, same outputs
-    print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr, flush=True)
-    return loaded, tokenizer
 
 
 def generate(
@@ -65,11 +42,11 @@ def generate(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
     """
-    from mightylm.generate import Sampling, stream_text
+    from mightylm.generate import Sampling, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
-    m, tokenizer = _load(model, dtype, adapter)
+    m, tokenizer = load_for_generation(model, dtype, adapter)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     for piece in stream_text(m, tokenizer, ids, settings):
         sys.stdout.write(piece)
@@ -104,10 +81,10 @@ def chat(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
     """
-    from mightylm.generate import Sampling, stream_text
+    from mightylm.generate import Sampling, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tokenizer = _load(model, dtype, adapter)
+    m, tokenizer = load_for_generation(model, dtype, adapter)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

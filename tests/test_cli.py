@@ -30,9 +30,13 @@ def test_greedy_generate_prints_only_the_completion(hf_dir, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_errors_exit_2_with_a_message(tmp_path, capsys):
+def test_errors_exit_2_with_a_message(tmp_path, hf_dir, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "nope: no such file or directory" in capsys.readouterr().err
+    mightylm.save(mightylm.load(hf_dir[1])[0], None, tmp_path / "no-tokenizer")  # weights without tokenizer.json
+    for argv in (["generate", "--prompt", "x"], ["eval", "perplexity", "--out", str(tmp_path / "ev")]):
+        assert main([*argv, "--model", str(tmp_path / "no-tokenizer")]) == 2
+        assert "no-tokenizer: has no tokenizer.json, so text cannot be encoded" in capsys.readouterr().err
 
 
 def test_chat_reads_turns_from_a_pipe(hf_dir):

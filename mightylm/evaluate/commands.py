@@ -8,7 +8,6 @@ results.json and report.html for every task evaluated there.
 
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -21,21 +20,10 @@ def _backend(model: str, endpoint: str | None, api_key: str | None, batch_size: 
 
     if endpoint:
         return Endpoint(endpoint, model, api_key=api_key, concurrency=batch_size)
-    import torch
+    from mightylm.generate import load_for_generation
 
-    import mightylm
-    from mightylm.fuse import fuse_projections_
-
-    print(f"loading {model} ...", file=sys.stderr, flush=True)
-    net, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
-    if tokenizer is None:
-        raise ValueError(f"{model}: has no tokenizer.json; add the tokenizer files")
-    if adapter:
-        from mightylm.adapters import load_adapter
-
-        load_adapter(net, adapter)
-    fuse_projections_(net)
-    return LocalModel(net.eval(), tokenizer, name=model, batch_size=batch_size)
+    net, tokenizer = load_for_generation(model, dtype, adapter)
+    return LocalModel(net, tokenizer, name=model, batch_size=batch_size)
 
 
 def _endpoint_tokenizer(name: str):

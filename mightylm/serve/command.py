@@ -36,7 +36,6 @@ def serve(
         max_len: Tokens per sequence (prompt + completion), at most the model's context.
         dtype: Weight and activation precision (float32, bfloat16, float16).
     """
-    import torch
     import uvicorn
 
     import mightylm
@@ -49,9 +48,7 @@ def serve(
     if ":" in served:
         raise ValueError(f"model name {served!r} may not contain ':' (it separates the adapter); pass --name")
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    net, tokenizer = mightylm.load(model, dtype=getattr(torch, dtype))
-    if tokenizer is None:
-        raise ValueError(f"{model}: has no tokenizer.json; add the tokenizer files")
+    net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True)
     bank = AdapterBank(net.eval())
     for spec in adapter or []:
         adapter_name, eq, path = spec.partition("=")
