@@ -42,7 +42,7 @@ def main():
 def lora_vs_peft(args):
     peak = gemm_peak_gflops()
     print(f"float32 GEMM peak here: {peak:.0f} GFLOP/s; 'bound': tokens/s if a step were only its matrix products "
-          "at that rate (4 FLOPs per frozen weight and token, attention, adapters neglected)")
+          "at that rate (4 FLOPs per frozen weight and token, plus attention; the rank-8 adapters' own products neglected)")
     print(f"{'LoRA r=8':14s} {'params':>8s} {'transformers+peft':>24s} {'mightylm':>22s} {'speed':>7s} {'memory':>7s} "
           f"{'bound':>10s} {'ours/bound':>10s}")
     for shape in args.shapes:
