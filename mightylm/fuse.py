@@ -21,12 +21,14 @@ or detaches the fused copy; call `unfuse_projections_` first.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
 from mightylm.compress.quantize import Int8Linear
-from mightylm.kernels import gemv_int8, linear
-from mightylm.model import MLP, Attention, Transformer
+from mightylm.kernels import BlockArgs, Projection, gemv_int8, gemv_library, linear
+from mightylm.model import MLP, Attention, RMSNorm, Transformer
 
 
 class FusedProjection:
@@ -111,6 +113,71 @@ def _fusion(parts: list[nn.Module]):
     return None  # wrapped by another technique (LoRA, other quantization): leave them
 
 
+def _projection(p) -> tuple[Projection, tuple] | None:
+    """The native-kernel view of a fused or decode-layout projection (and the tensors it points into),
+    or None for any other kind of layer."""
+    if isinstance(p, (FusedProjection, DecodeLinear)) and p.weight.dtype == torch.float32 \
+            and p.weight.stride() == (1, p.weight.shape[0]):
+        tensors = (p.weight, p.bias)
+        return Projection(p.weight.data_ptr(), None, _ptr(p.bias)), tensors
+    if isinstance(p, (FusedInt8Projection, Int8Linear)) and p.weight.is_contiguous() and p.weight.shape[1] % 32 == 0:
+        scale = p.scale if isinstance(p, FusedInt8Projection) else p.weight_scale
+        if scale.dtype == torch.float32 and scale.is_contiguous():
+            return Projection(p.weight.data_ptr(), scale.data_ptr(), _ptr(p.bias)), (p.weight, scale, p.bias)
+    return None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class NativeDecodeBlock:
+    """Block.fused_decode: one token of one float32 sequence through a whole block in one native call
+    (`mighty_decode_block` in kernels/gemv.c: norms, RoPE, the cache write, attention over the cache,
+    SiLU and residuals in C, the products through the GEMVs). Returns None, so the block runs eagerly,
+    for anything else: several rows or tokens, gradients, another dtype, an attention adapter applied
+    after fusing, a full cache. It points at the weights as laid out when fused (the same footgun as
+    the fused projections: unfuse before replacing modules or weight tensors)."""
+
+    def __init__(self, block, config, parts: list[tuple[Projection, tuple]]):
+        self.attn = block.attn
+        norms = (block.attn_norm.weight, block.mlp_norm.weight)
+        self.keep = [t for _, tensors in parts for t in tensors] + list(norms)  # the pointers stay valid
+        (qkv, _), (o, _), (gate_up, _), (down, _) = parts
+        self.args = BlockArgs(qkv=qkv, o=o, gate_up=gate_up, down=down, attn_norm=norms[0].data_ptr(),
+                              mlp_norm=norms[1].data_ptr(), dim=config.dim, n_heads=config.n_heads,
+                              n_kv=config.n_kv_heads, head_dim=config.head_dim, ffn=config.ffn_dim,
+                              eps=block.attn_norm.eps)
+
+    def __call__(self, x, cos, sin, cache, start):
+        layer = self.attn.layer_idx
+        if (cache is None or x.shape[:2] != (1, 1) or cache.batch_size != 1 or start >= cache.max_len
+                or x.dtype != torch.float32 or cache.k[layer].dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and x.requires_grad) or "attend" in self.attn.__dict__
+                or torch.compiler.is_compiling()):
+            return None
+        out = x.contiguous().clone()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        a = self.args
+        a.k_cache, a.v_cache = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
+        a.cos, a.sin, a.pos, a.max_len, a.threads = cos.data_ptr(), sin.data_ptr(), start, cache.max_len, \
+            torch.get_num_threads()
+        gemv_library().mighty_decode_block(out.data_ptr(), ctypes.byref(a))
+        return out
+
+
+def _native_block(block, config) -> NativeDecodeBlock | None:
+    attn, mlp = block.attn, block.mlp
+    if gemv_library() is None or not isinstance(mlp, MLP) or attn.fused_qkv is None or mlp.fused_gate_up is None:
+        return None
+    parts = [_projection(p) for p in (attn.fused_qkv, attn.o_proj, mlp.fused_gate_up, mlp.down_proj)]
+    norms_ok = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.weight.is_contiguous()
+                   for n in (block.attn_norm, block.mlp_norm))
+    if None in parts or not norms_ok or config.head_dim % 2 or config.n_heads % config.n_kv_heads:
+        return None
+    return NativeDecodeBlock(block, config, parts)
+
+
 def _swap_linear(parent: nn.Module, name: str, cls: type[nn.Linear], weight: nn.Parameter) -> None:
     old = getattr(parent, name)
     new = cls(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
@@ -137,6 +204,10 @@ def fuse_projections_(model: Transformer) -> list[str]:
             if _plain(child):
                 _swap_linear(parent, name, DecodeLinear, _param(_input_major([child.weight]), child.weight))
                 converted.append(f"{parent_name}.{name}")
+    for i, block in enumerate(model.layers):
+        if block.fused_decode is None and (native := _native_block(block, model.config)) is not None:
+            block.fused_decode = native
+            converted.append(f"layers.{i}.native")
     if _plain(model.lm_head):
         if model.config.tie_embeddings:  # the head is the embedding table: re-lay the table itself
             model.embed.weight = _param(_input_major([model.embed.weight]), model.embed.weight)
@@ -152,6 +223,10 @@ def unfuse_projections_(model: Transformer) -> list[str]:
     """Undo `fuse_projections_`: plain nn.Linear modules with separate contiguous weights.
     Returns the names of what it converted."""
     converted = []
+    for i, block in enumerate(model.layers):
+        if block.fused_decode is not None:
+            block.fused_decode = None
+            converted.append(f"layers.{i}.native")
     for name, module in list(model.named_modules()):
         if isinstance(module, Attention) and module.fused_qkv is not None:
             module.fused_qkv = None

@@ -61,3 +61,47 @@ def test_int8_projections_fuse_with_the_same_outputs():
         assert "layers.0.attn.qkv" in converted and "layers.1.mlp.gate_up" in converted
         torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
     assert generate(model, prompts, s) == tokens
+
+
+def _decode_logits(model, prompt, steps):
+    """Prefill, then `steps` single-token decode calls feeding back the greedy token; all logits."""
+    cache = model.make_cache(1, prompt.shape[1] + steps)
+    out = [model(prompt, cache=cache, start=0)[:, -1]]
+    for t in range(prompt.shape[1], prompt.shape[1] + steps):
+        out.append(model(out[-1].argmax(-1)[:, None], cache=cache, start=t)[:, -1])
+    return torch.cat(out)
+
+
+def test_native_decode_block_equals_the_eager_block():
+    """fuse_projections_ gives each block one native call for single-token decoding (kernels/gemv.c);
+    it must give the eager block's logits: float32 and int8, grouped and multi-query attention, q/k/v
+    bias, a soft prompt shifting the cache slots, and the last slot of the cache."""
+    from mightylm.adapters.prompt import apply_prompt_tuning
+    from mightylm.compress.quantize import DEFAULT_TARGETS, quantize_
+    from mightylm.kernels import gemv_library
+
+    if gemv_library() is None:
+        import pytest
+
+        pytest.skip("no C compiler or no AVX2/FMA here: the native kernels are not built")
+    cases = [({"qkv_bias": True}, None, False), ({"n_kv_heads": 1}, None, True), ({}, "int8", False)]
+    for overrides, method, soft_prompt in cases:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
+        if method:
+            quantize_(model, method, targets=DEFAULT_TARGETS)
+        if soft_prompt:
+            apply_prompt_tuning(model, n_tokens=3)
+        converted = fuse_projections_(model)
+        assert "layers.0.native" in converted and all(b.fused_decode is not None for b in model.layers)
+        prompt = torch.randint(0, 256, (1, 9))
+        with torch.no_grad():
+            native = _decode_logits(model, prompt, 12)
+            saved = [block.fused_decode for block in model.layers]
+            for block in model.layers:
+                block.fused_decode = None
+            eager = _decode_logits(model, prompt, 12)
+        torch.testing.assert_close(native, eager, atol=2e-5, rtol=1e-4)
+        for block, native_block in zip(model.layers, saved):
+            block.fused_decode = native_block
+        assert "layers.1.native" in unfuse_projections_(model) and model.layers[1].fused_decode is None

@@ -2,7 +2,8 @@
 
 `linear(x, weight, bias)` is `F.linear` with a fast path for what batch-1 decoding does most: one
 float32 row times an input-major weight (see `mightylm/fuse.py`). `gemv_int8`, `gemv_int4` and
-`gemv_nf4` do the same for quantized weights (compress/), returning None where the caller must fall back. The fast path is the AVX2
+`gemv_nf4` do the same for quantized weights (compress/), returning None where the caller must fall back;
+`mighty_decode_block` (through `fuse.NativeDecodeBlock`) runs a whole block for one token. The fast path is the AVX2
 kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second.
 Without a compiler, AVX2/FMA or x86-64, or with MIGHTYLM_NO_KERNELS=1, everything goes through
 `F.linear` and only speed differs.
@@ -63,7 +64,24 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_int4.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.mighty_gemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_gemv_nf4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.mighty_decode_block.restype = None
+    lib.mighty_decode_block.argtypes = [ctypes.c_void_p, ctypes.POINTER(BlockArgs)]
     return lib
+
+
+class Projection(ctypes.Structure):
+    """gemv.c's mighty_proj: float32 input-major weight (scale NULL) or int8 rows with their scales."""
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class BlockArgs(ctypes.Structure):
+    """gemv.c's mighty_block: one block's weights, this layer's cache and the position being decoded."""
+    _fields_ = [("qkv", Projection), ("o", Projection), ("gate_up", Projection), ("down", Projection),
+                ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p)] + [(name, ctypes.c_long) for name in (
+                    "dim", "n_heads", "n_kv", "head_dim", "ffn", "max_len", "pos")] + [
+                ("eps", ctypes.c_float), ("threads", ctypes.c_int)]
 
 
 def gemv_library():

@@ -161,3 +161,101 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
     }
     free(xq);
 }
+
+
+/* ---- one whole transformer block for one token (batch-1 decoding) ----
+ *
+ * Eager PyTorch spends more time dispatching a block's ~25 small operations (norms, RoPE, the cache
+ * write, attention over the cache, SiLU, residual adds) than streaming its weights; this does the
+ * same arithmetic in one call, with the products through the GEMVs above:
+ *   x += o_proj(attention(rope(q), rope(k), v over the cache))   on rms_norm(x) * attn_norm
+ *   x += down_proj(silu(gate) * up)                              on rms_norm(x) * mlp_norm
+ * Each projection is float32 input-major (scale == NULL) or int8 output-major with per-row scales. */
+typedef struct {
+    const void *w;
+    const float *scale;
+    const float *bias;
+} mighty_proj;
+
+typedef struct {
+    mighty_proj qkv, o, gate_up, down;
+    const float *attn_norm, *mlp_norm;
+    float *k_cache, *v_cache;   /* this layer's (n_kv, max_len, head_dim), batch row 0 */
+    const float *cos, *sin;     /* (head_dim) for this position; sin with the rotate-half sign folded in */
+    long dim, n_heads, n_kv, head_dim, ffn, max_len, pos;
+    float eps;
+    int threads;
+} mighty_block;
+
+static void project(const mighty_proj *p, const float *x, float *y, float *scratch, long in, long out, int threads) {
+    if (p->scale)
+        mighty_gemv_int8(x, (const signed char *)p->w, p->scale, p->bias, y, in, out, threads);
+    else
+        mighty_gemv(x, (const float *)p->w, p->bias, y, scratch, in, out, threads);
+}
+
+static void rms_norm(const float *x, const float *w, float *y, long n, float eps) {
+    double ss = 0.0;
+    for (long i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (long i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *v, const float *cos, const float *sin, long hd) {
+    const long half = hd / 2;
+    for (long i = 0; i < half; i++) {  /* v*cos + roll(v, hd/2)*sin_signed */
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] + b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+void mighty_decode_block(float *x, const mighty_block *b) {
+    const long dim = b->dim, hd = b->head_dim, nh = b->n_heads, nkv = b->n_kv, ffn = b->ffn;
+    const long q_out = nh * hd, kv_out = nkv * hd, ctx = b->pos + 1;
+    const long widest = 2 * ffn > q_out + 2 * kv_out ? 2 * ffn : q_out + 2 * kv_out;
+    const int threads = b->threads < 1 ? 1 : b->threads;
+    float *h = malloc(sizeof(float) * (dim + q_out + 2 * kv_out + q_out + dim + 2 * ffn + nh * ctx
+                                       + (long)threads * (widest > dim ? widest : dim)));
+    float *qkv = h + dim, *att = qkv + q_out + 2 * kv_out, *tmp = att + q_out, *gu = tmp + dim;
+    float *scores = gu + 2 * ffn, *scratch = scores + nh * ctx;
+
+    rms_norm(x, b->attn_norm, h, dim, b->eps);
+    project(&b->qkv, h, qkv, scratch, dim, q_out + 2 * kv_out, threads);
+    float *q = qkv, *k = qkv + q_out, *v = k + kv_out;
+    for (long g = 0; g < nh; g++) rope(q + g * hd, b->cos, b->sin, hd);
+    for (long g = 0; g < nkv; g++) {
+        rope(k + g * hd, b->cos, b->sin, hd);
+        memcpy(b->k_cache + (g * b->max_len + b->pos) * hd, k + g * hd, sizeof(float) * hd);
+        memcpy(b->v_cache + (g * b->max_len + b->pos) * hd, v + g * hd, sizeof(float) * hd);
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+    const long group = nh / nkv;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long head = 0; head < nh; head++) {
+        const float *qh = q + head * hd;
+        const float *K = b->k_cache + (head / group) * b->max_len * hd, *V = b->v_cache + (head / group) * b->max_len * hd;
+        float *s = scores + head * ctx, *out = att + head * hd, top = -INFINITY, sum = 0.0f;
+        for (long t = 0; t < ctx; t++) {
+            float d = 0.0f;
+            for (long i = 0; i < hd; i++) d += qh[i] * K[t * hd + i];
+            s[t] = d * scale;
+            top = s[t] > top ? s[t] : top;
+        }
+        for (long t = 0; t < ctx; t++) sum += (s[t] = expf(s[t] - top));
+        memset(out, 0, sizeof(float) * hd);
+        for (long t = 0; t < ctx; t++) {
+            const float p = s[t] / sum;
+            for (long i = 0; i < hd; i++) out[i] += p * V[t * hd + i];
+        }
+    }
+    project(&b->o, att, tmp, scratch, q_out, dim, threads);
+    for (long i = 0; i < dim; i++) x[i] += tmp[i];
+
+    rms_norm(x, b->mlp_norm, h, dim, b->eps);
+    project(&b->gate_up, h, gu, scratch, dim, 2 * ffn, threads);
+    for (long i = 0; i < ffn; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[ffn + i];  /* silu(gate) * up */
+    project(&b->down, gu, tmp, scratch, ffn, dim, threads);
+    for (long i = 0; i < dim; i++) x[i] += tmp[i];
+    free(h);
+}
