@@ -13,6 +13,8 @@ Seams for later techniques:
 - `Attention.attend(q, k, v, mask)`: the one method an attention adapter wraps.
 - `Block.mlp` is built by `make_mlp(config)`: the mixture-of-experts feed-forward plugs in there.
 - The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
+- `Block.fused_decode`: a callable the decode layout (fuse.py) sets to run a whole block natively for
+  one token of one sequence; the block falls back to its modules wherever it returns None.
 - `Transformer.forward(idx, labels=...)` returns the training loss instead of logits, through
   `linear_cross_entropy`, which never holds the (B*T, vocab) logits at once.
 
@@ -178,8 +180,10 @@ class Block(nn.Module):
         self.fused_decode = None
 
     def forward(self, x, cos, sin, mask, cache, start):
-        if self.fused_decode is not None and mask is None and (y := self.fused_decode(x, cos, sin, cache, start)) is not None:
-            return y
+        if self.fused_decode is not None and mask is None:
+            y = self.fused_decode(x, cos, sin, cache, start)
+            if y is not None:
+                return y
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
