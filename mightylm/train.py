@@ -50,7 +50,7 @@ class TrainConfig:
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         grad_clip: Largest global gradient norm; null disables clipping.
-        bf16: bfloat16 autocast (GPUs, and CPUs with AVX512-BF16 or AMX).
+        bf16: bfloat16 autocast (GPUs, and CPUs with AVX512-BF16 or AMX; elsewhere emulated, ~100x slower: a warning).
         activation_checkpointing: Recompute each block in backward instead of storing its activations.
         eval_every: Validate every this many steps (and at the end).
         eval_batches: Validation batches per evaluation; null for the whole validation set.
@@ -130,6 +130,8 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
     board = _tensorboard(run_dir) if rank == 0 else None
     from tqdm import tqdm
 
+    if cfg.bf16 and _device(model).type == "cpu":
+        _warn_if_bf16_is_emulated()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
     autocast = torch.autocast("cuda" if _device(model).type == "cuda" else "cpu", dtype=torch.bfloat16) \
         if cfg.bf16 else nullcontext()
@@ -358,6 +360,20 @@ def _checkpoint_blocks(model) -> None:
             forward = block.forward
             block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
             block._checkpointed = True
+
+
+def _warn_if_bf16_is_emulated() -> None:
+    """bfloat16 matrix products need AVX512-BF16 or AMX (x86) or BF16 (Arm); without them PyTorch emulates
+    them: 1,404 ms against 10 ms in float32 for 1024x576 @ 576x1536 on an AVX2-only EPYC (bench/RESULTS.md)."""
+    from mightylm.kernels import cpu_flags
+
+    flags = cpu_flags()
+    if flags and not flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        import warnings
+
+        warnings.warn("bf16=True on a CPU without bfloat16 instructions (no avx512_bf16, amx_bf16 or bf16 in "
+                      "/proc/cpuinfo): its matrix products are emulated and can be ~100x slower than float32; "
+                      "train in float32 here (bf16: false)", stacklevel=3)
 
 
 def _peak_memory_mb(model) -> float:

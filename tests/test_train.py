@@ -178,3 +178,17 @@ def test_bf16_autocast_trains(tmp_path):
     summary = fit(model, Loader(dataset(), 4), tmp_path, config(steps=40, bf16=True), val=val, progress=False)
     assert summary["val_loss"] < before - 0.5
     assert model.embed.weight.dtype == torch.float32  # master weights stay float32
+
+
+def test_bf16_on_a_cpu_without_bfloat16_instructions_warns(tmp_path, monkeypatch):
+    import warnings
+
+    import mightylm.kernels
+
+    monkeypatch.setattr(mightylm.kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.warns(UserWarning, match="without bfloat16 instructions.*train in float32"):
+        fit(tiny_model(), Loader(dataset(8), 4), tmp_path / "a", config(steps=1, bf16=True), progress=False)
+    monkeypatch.setattr(mightylm.kernels, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*bfloat16 instructions")
+        fit(tiny_model(), Loader(dataset(8), 4), tmp_path / "b", config(steps=1, bf16=True), progress=False)

@@ -29,14 +29,18 @@ _lib = None
 _tried = False
 
 
-def _cpu_has_avx2_fma() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where they cannot be read."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return set()
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.partition(":")[2].split()}
+
+
+def _cpu_has_avx2_fma() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_flags()
 
 
 def _build() -> ctypes.CDLL | None:
