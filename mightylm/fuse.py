@@ -33,7 +33,7 @@ from torch import nn
 
 from mightylm.compress.quantize import Int8Linear
 from mightylm.kernels import BlockArgs, Projection, gemv_int8, gemv_library, linear
-from mightylm.model import MLP, Attention, RMSNorm, Transformer
+from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
 
 
 class FusedProjection:
@@ -156,7 +156,7 @@ class NativeDecodeBlock:
 
     def __call__(self, x, cos, sin, cache, start):
         layer = self.attn.layer_idx
-        if (cache is None or x.shape[:2] != (1, 1) or cache.batch_size != 1 or start >= cache.max_len
+        if (type(cache) is not KVCache or x.shape[:2] != (1, 1) or cache.batch_size != 1 or start >= cache.max_len
                 or x.dtype != torch.float32 or cache.k[layer].dtype != torch.float32 or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and x.requires_grad) or "attend" in self.attn.__dict__
                 or torch.compiler.is_compiling()):
