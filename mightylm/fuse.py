@@ -121,6 +121,8 @@ def _fusion(parts: list[nn.Module]):
 def _projection(p) -> tuple[Projection, tuple] | None:
     """The native-kernel view of a fused or decode-layout projection (and the tensors it points into),
     or None for any other kind of layer."""
+    if p.bias is not None and (p.bias.dtype != torch.float32 or not p.bias.is_contiguous()):
+        return None
     if isinstance(p, (FusedProjection, DecodeLinear)) and p.weight.dtype == torch.float32 \
             and p.weight.stride() == (1, p.weight.shape[0]):
         tensors = (p.weight, p.bias)
