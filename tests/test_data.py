@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 from mightylm.data import DataError
 from mightylm.data.loader import IGNORE, Loader
 from mightylm.data.pretrain import TokenStream
-from mightylm.data.sft import SFTDataset, read_jsonl
+from mightylm.data.sft import SFTDataset
 from mightylm.data.synthetic import generate_task
 
 from conftest import SAMPLE_TEXT
