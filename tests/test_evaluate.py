@@ -288,6 +288,24 @@ def test_emergence_trains_a_family_and_measures_it(tmp_path):
     assert (tmp_path / "emergence" / "models" / "32x2" / "checkpoint").is_dir()
 
 
+def test_emergence_with_several_seeds_reports_every_run_and_their_means(tmp_path):
+    from mightylm.evaluate import emergence as em
+    from mightylm.evaluate.results import ResultStore
+
+    family = em.Family(sizes=("8x1", "16x1"), digits=1, steps=20, batch_size=16, train_examples=200, test_examples=20,
+                       seed=3, seeds=2)
+    summary = em.run(ResultStore(tmp_path, "emergence", {}), family, progress=False)
+    assert [(r["size"], r["seed"]) for r in summary["runs"]] == [("8x1", 3), ("8x1", 4), ("16x1", 3), ("16x1", 4)]
+    for record in summary["models"]:
+        mine = [r for r in summary["runs"] if r["size"] == record["size"]]
+        assert record["runs"] == 2 and record["token_accuracy"] == pytest.approx(sum(r["token_accuracy"] for r in mine) / 2)
+    with pytest.raises(ValueError, match="more than half of the 100 distinct 1-digit problems"):
+        em.datasets(em.Family(digits=1))  # 500 held-out 1-digit problems do not exist (this used to loop forever)
+    a, b = (r for r in summary["runs"] if r["size"] == "16x1")
+    assert a["answer_loglik"] != b["answer_loglik"]  # other initialisation, other model
+    assert (tmp_path / "emergence" / "models" / "16x1@4" / "checkpoint").is_dir()
+
+
 def test_edit_distance():
     from mightylm.evaluate.emergence import _edit_distance
 

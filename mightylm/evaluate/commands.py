@@ -339,6 +339,7 @@ def emergence(
     lr: float = 3e-3,
     test_examples: int = 500,
     seed: int = 0,
+    seeds: int = 1,
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
 ) -> None:
@@ -359,6 +360,8 @@ def emergence(
         lr: Peak learning rate (cosine decay to a tenth).
         test_examples: Held-out problems (never seen in training).
         seed: Seed for data and initialisation.
+        seeds: Runs per size (initialisation and data order from seed, seed+1, ...; the same problems); the table
+            and the lines show their means, the figure every run as a dot. Time grows with it.
         out: The results directory (the models are kept in OUT/emergence/models).
         overwrite: Start afresh in --out even if it holds results made with other settings.
     """
@@ -367,10 +370,14 @@ def emergence(
     from mightylm.evaluate.emergence import Family, run
     from mightylm.evaluate.results import ResultStore
 
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
     family = Family(op=op, digits=digits, steps=steps, batch_size=batch_size, lr=lr, test_examples=test_examples,
-                    seed=seed, **({"sizes": tuple(sizes)} if sizes else {}))
+                    seed=seed, seeds=seeds, **({"sizes": tuple(sizes)} if sizes else {}))
     store = ResultStore(out, "emergence", asdict(family), overwrite=overwrite)
     summary = run(store, family)
+    if seeds > 1:
+        print(f"means over {seeds} runs per size (every run: {out}/emergence/summary.json, \"runs\")")
     print(f"{'model':>6s} {'params':>8s} {'exact':>6s} {'tok acc':>7s} {'acc^L':>6s} {'edit':>5s} {'loglik':>7s}")
     for r in summary["models"]:
         print(f"{r['size']:>6s} {r['params']:8d} {r['exact_match']:6.3f} {r['token_accuracy']:7.3f} "

@@ -11,6 +11,10 @@ a fixed width), then each is measured on held-out problems with
 Greedy decoding gets the whole answer right exactly when every teacher-forced token is ranked
 first, so exact match is close to per-token accuracy to the power of the answer length L when
 errors are spread evenly (Schaeffer et al., section 2); the summary reports both.
+
+At this scale whether a model learns carrying within a fixed step budget varies from run to run, so
+`seeds` > 1 trains every size several times (same problems, other initialisation and data order) and
+reports the means, with every run shown in the figure (bench/RESULTS.md has a 3-seed table).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Family:
     train_examples: int = 50_000
     test_examples: int = 500
     seed: int = 0
+    seeds: int = 1  # runs per size (initialisation and data order seed, seed+1, ...; the same problems)
 
 
 def answer_width(op: str, digits: int) -> int:
@@ -60,6 +65,10 @@ def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
     """Training items (loss on the answer and its end only) and held-out (prompt, answer) pairs."""
     if f.op not in OPS:
         raise ValueError(f"unknown operation {f.op!r}; known: {', '.join(OPS)}")
+    distinct = 10 ** (2 * f.digits)
+    if f.test_examples > distinct // 2:  # held-out problems are distinct and never trained on
+        raise ValueError(f"{f.test_examples} held-out problems is more than half of the {distinct} distinct "
+                         f"{f.digits}-digit problems; lower --test_examples (at most {distinct // 2})")
     rng = random.Random(f"{f.op}:{f.digits}:{f.seed}")
     test, seen = [], set()
     while len(test) < f.test_examples:
@@ -93,15 +102,17 @@ def build(size: str, seed: int):
     return Transformer(config)
 
 
-def train_one(size: str, f: Family, train: list[dict], run_dir: Path, progress: bool = True):
-    """Train one member with `fit`; a run interrupted midway resumes from its checkpoint."""
+def train_one(size: str, f: Family, train: list[dict], run_dir: Path, progress: bool = True, seed: int | None = None):
+    """Train one member with `fit` (initialisation and data order from `seed`, default f.seed); a run
+    interrupted midway resumes from its checkpoint."""
     from mightylm.data.loader import Loader
     from mightylm.train import TrainConfig, fit
 
-    model = build(size, f.seed)
+    seed = f.seed if seed is None else seed
+    model = build(size, seed)
     cfg = TrainConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, min_lr=f.lr / 10, warmup=50, weight_decay=0.1,
-                      eval_every=10**9, save_every=500, log_every=50, seed=f.seed)
-    fit(model, Loader(train, f.batch_size, seed=f.seed), run_dir, cfg,
+                      eval_every=10**9, save_every=500, log_every=50, seed=seed)
+    fit(model, Loader(train, f.batch_size, seed=seed), run_dir, cfg,
         resume=(run_dir / "checkpoint").exists(), progress=progress)
     return model.eval()
 
@@ -135,23 +146,36 @@ def _edit_distance(a: list[int], b: list[int]) -> int:
     return row[-1]
 
 
+METRICS = ("exact_match", "token_accuracy", "edit_distance", "answer_loglik", "token_accuracy_pow_L")
+
+
 def run(store, f: Family, *, progress: bool = True) -> dict:
+    """Train and measure every size (`f.seeds` runs each). The summary's "models" has one record per
+    size, averaged over its runs; "runs" has every run."""
     train, test = datasets(f)
-    items = [{"id": size} for size in f.sizes]
+    seeds = range(f.seed, f.seed + f.seeds)
+    # One run per size keeps the plain ids (and model directories) of a single-seed family.
+    items = [{"id": size if f.seeds == 1 else f"{size}@{s}", "size": size, "seed": s} for size in f.sizes for s in seeds]
 
     def score(chunk):
-        size = chunk[0]["id"]
-        model = train_one(size, f, train, store.dir / "models" / size, progress=progress)
-        return [{"size": size, "params": model.config.n_params, **measure(model, test)}]
+        item = chunk[0]
+        model = train_one(item["size"], f, train, store.dir / "models" / item["id"], progress=progress, seed=item["seed"])
+        return [{"size": item["size"], "seed": item["seed"], "params": model.config.n_params, **measure(model, test)}]
 
-    records = sorted(store.run(items, score, batch_size=1, progress=progress), key=lambda r: r["params"])
-    _plot(records, f, store.dir / "emergence.png")
+    runs = sorted(store.run(items, score, batch_size=1, progress=progress), key=lambda r: (r["params"], r["seed"]))
+    records = []
+    for size in dict.fromkeys(r["size"] for r in runs):
+        mine = [r for r in runs if r["size"] == size]
+        records.append({"size": size, "params": mine[0]["params"], "runs": len(mine),
+                        "answer_tokens": mine[0]["answer_tokens"],
+                        **{k: sum(r[k] for r in mine) / len(mine) for k in METRICS}})
+    _plot(records, runs, f, store.dir / "emergence.png")
     return store.finish({"metrics": {"largest_exact_match": records[-1]["exact_match"],
                                      "largest_token_accuracy": records[-1]["token_accuracy"]},
-                         "models": records, "family": asdict(f), "plots": ["emergence.png"]})
+                         "models": records, "runs": runs, "family": asdict(f), "plots": ["emergence.png"]})
 
 
-def _plot(records: list[dict], f: Family, path: Path) -> None:
+def _plot(records: list[dict], runs: list[dict], f: Family, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,6 +187,8 @@ def _plot(records: list[dict], f: Family, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (key, title) in zip(axes, panels):
         ax.plot(params, [r[key] for r in records], marker="o", color="C0" if key == "exact_match" else "C1")
+        if f.seeds > 1:  # every run as a dot, so a coin-toss size shows as two clusters
+            ax.scatter([r["params"] for r in runs], [r[key] for r in runs], s=12, color="black", alpha=0.35, zorder=3)
         if key == "exact_match":
             ax.plot(params, [r["token_accuracy_pow_L"] for r in records], ls="--", color="gray",
                     label=f"per-token accuracy ^ {records[0]['answer_tokens']}")
@@ -171,7 +197,8 @@ def _plot(records: list[dict], f: Family, path: Path) -> None:
         ax.set_xlabel("parameters")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{f.digits}-digit {f.op}: {len(records)} models trained {f.steps} steps each "
+    runs_note = f", {f.seeds} runs per size (dots; lines: means)" if f.seeds > 1 else ""
+    fig.suptitle(f"{f.digits}-digit {f.op}: {len(records)} models trained {f.steps} steps each{runs_note} "
                  f"(batch {f.batch_size}), {f.test_examples} held-out problems", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
