@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from mightylm.model import IGNORE_INDEX
+
+IGNORE = IGNORE_INDEX  # the label the loss skips; the model's constant, under the name the data modules use
 
 
 def collate(items: list[dict], pad_id: int = 0) -> dict:

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mightylm.model import IGNORE_INDEX
+
 VOCAB = "0123456789+*=$"  # "$" ends the answer
 EOS = VOCAB.index("$")
 OPS = {"addition": "+", "multiplication": "*"}
@@ -82,7 +84,7 @@ def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
         if prompt in seen:
             continue  # held-out problems never appear in training
         ids = encode(prompt + answer) + [EOS]
-        labels = [-100] * (len(prompt) - 1) + ids[len(prompt):]
+        labels = [IGNORE_INDEX] * (len(prompt) - 1) + ids[len(prompt):]
         train.append({"input_ids": torch.tensor(ids[:-1]), "labels": torch.tensor(labels)})
     return train, test
 
