@@ -89,6 +89,41 @@ def test_stop_strings_cut_completions(tiny):
     assert backend.generate(["To be"], max_new_tokens=20, stop=(stop,))[0] == full[:full.index(stop)]
 
 
+def test_enough_stops_a_row_early_and_keeps_what_it_has(tiny):
+    model, tok = tiny
+    backend = LocalModel(model, tok)
+    full = backend.generate(["To be", "The king"], max_new_tokens=30)
+    assert all(len(t) > 6 for t in full)
+    cut = backend.generate(["To be", "The king"], max_new_tokens=30, enough=lambda text: len(text) >= 4)
+    for short, long in zip(cut, full):
+        assert 4 <= len(short) < len(long) and long.startswith(short)
+
+
+REPLIES = [
+    "Here it is:\n```python\ndef f(x):\n    return x\n```\nThis returns x.\n```python\nprint(f(1))\n```",
+    "```\ndef f(x):\n    return 2 * x\n```",
+    "Use ```f``` inline, then:\n```py\nreturn x\n```\nmore ``` fences ```",
+    "no code block at all, just ``` one fence and prose",
+    "```python\ndef f(x):\n    return x  # never closed",
+    "```python\n\n```\n```python\ndef f(): pass\n```",
+]
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_stopping_at_the_first_closed_code_block_keeps_the_completion(reply):
+    from mightylm.evaluate.humaneval import completion_from_reply, has_closed_code_block
+
+    problem = {"entry_point": "f"}
+    full = completion_from_reply(problem, reply)
+    stops = [i for i in range(len(reply) + 1) if has_closed_code_block(reply[:i])]
+    if not stops:  # generation runs to the end: nothing to compare
+        assert not has_closed_code_block(reply)
+        return
+    for i in range(stops[0], len(reply) + 1):  # the stopping token may carry more text after the fence
+        assert completion_from_reply(problem, reply[:i]) == full, i
+    assert "return" in full or full.strip() == ""
+
+
 class _Scripted:
     """A backend that answers from a table (to check scoring, not models)."""
 

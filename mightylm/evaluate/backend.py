@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -52,7 +53,11 @@ class LocalModel:
         return bool(self.tokenizer.chat_template)
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, stop: tuple[str, ...] = (),
-                 temperature: float = 0.0, top_p: float | None = None, seeds: list[int] | None = None) -> list[str]:
+                 temperature: float = 0.0, top_p: float | None = None, seeds: list[int] | None = None,
+                 enough: Callable[[str], bool] | None = None) -> list[str]:
+        """Completions of `prompts`, each cut at its first `stop` string. A row also stops generating once
+        `enough(text so far)` is true (a caller's promise that later text would not change its answer:
+        for a chat reply, once its first code block is closed); endpoints cannot be told and generate on."""
         from mightylm.generate import Sampling, generate_steps
 
         out: list[str] = []
@@ -75,7 +80,7 @@ class LocalModel:
                         done[row] = True
                         continue
                     texts[row] += decoders[row].push(token)
-                    done[row] = any(x in texts[row] for x in stop if x)
+                    done[row] = any(x in texts[row] for x in stop if x) or bool(enough and enough(texts[row]))
                 if all(done):
                     break
             out += [truncate_at_stop(t + (d.flush() if not f else ""), stop) for t, d, f in zip(texts, decoders, done)]
@@ -145,8 +150,9 @@ class Endpoint:
             return list(pool.map(fn, items))
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, stop: tuple[str, ...] = (),
-                 temperature: float = 0.0, top_p: float | None = None, seeds: list[int] | None = None) -> list[str]:
-        def one(i):
+                 temperature: float = 0.0, top_p: float | None = None, seeds: list[int] | None = None,
+                 enough: Callable[[str], bool] | None = None) -> list[str]:
+        def one(i):  # `enough` cannot reach the server: replies come whole, which gives callers the same answers
             body = {"model": self.name, "prompt": prompts[i], "max_tokens": max_new_tokens,
                     "temperature": temperature, **({"stop": list(stop[:4])} if stop else {}),
                     **({"top_p": top_p} if top_p is not None else {}),

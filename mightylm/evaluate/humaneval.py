@@ -93,13 +93,23 @@ def chat_request(problem: dict) -> str:
             f"\n\n```python\n{problem['prompt'].strip()}\n```")
 
 
+CODE_BLOCK = r"```(?:python|py)?[ \t]*\n(.*?)"  # a fenced block's opening and body; ends at ``` (or the reply's end)
+
+
 def completion_from_reply(problem: dict, reply: str) -> str:
     """The text to put after the prompt, from a chat reply."""
-    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", reply, flags=re.DOTALL)
+    blocks = re.findall(CODE_BLOCK + "(?:```|$)", reply, flags=re.DOTALL)
     code = blocks[0] if blocks else reply
     if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.MULTILINE):
         return "\n" + code  # a whole function: it follows the docstring-only stub and replaces it
     return code
+
+
+def has_closed_code_block(reply: str) -> bool:
+    """True once a reply holds a closed code block. Its first such block is then the first block
+    `completion_from_reply` takes whatever follows (an earlier opening fence would have closed at this
+    block's own opening ```), so generation can stop there: replies often go on with prose."""
+    return re.search(CODE_BLOCK + "```", reply, flags=re.DOTALL) is not None
 
 
 def program(problem: dict, completion: str) -> str:
@@ -124,7 +134,8 @@ def evaluate(store, problems: dict, *, backend=None, samples: list[dict] | None 
             prompts = [backend.encode_chat([{"role": "user", "content": chat_request(p)}]) if chat else p["prompt"]
                        for p in asked]
             texts = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=() if chat else STOP,
-                                     temperature=temperature, top_p=top_p, seeds=seeds)
+                                     temperature=temperature, top_p=top_p, seeds=seeds,
+                                     enough=has_closed_code_block if chat else None)
             if chat:
                 texts = [completion_from_reply(p, t) for p, t in zip(asked, texts)]
             chunk = [s | {"completion": text} for s, text in zip(chunk, texts)]
