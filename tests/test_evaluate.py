@@ -124,6 +124,81 @@ def test_stopping_at_the_first_closed_code_block_keeps_the_completion(reply):
     assert "return" in full or full.strip() == ""
 
 
+WHOLE = """Sure:
+```python
+import math
+from typing import List
+
+LIMIT = 10
+UNUSED = print("runs")
+
+
+def helper(x):
+    return math.sqrt(x) < LIMIT
+
+
+def unused():
+    pass
+
+
+@staticmethod
+def f(xs: List[int]) -> bool:
+    return all(helper(x) for x in xs)
+
+# Test cases
+print(f([1, 2]))
+assert g(3)
+if __name__ == "__main__":
+    f([4])
+for i in range(3):
+    print(f([i]))
+```"""
+
+
+def test_a_whole_function_keeps_its_imports_and_what_it_uses_and_nothing_that_runs():
+    from mightylm.evaluate.humaneval import completion_from_reply
+
+    assert completion_from_reply({"entry_point": "f"}, WHOLE) == (
+        "\nimport math\n\nfrom typing import List\n\nLIMIT = 10\n\n"
+        "def helper(x):\n    return math.sqrt(x) < LIMIT\n\n"
+        "@staticmethod\ndef f(xs: List[int]) -> bool:\n    return all(helper(x) for x in xs)\n")
+    cut = "```python\ndef f(x):\n    return x + 1\n\nprint(f([1, 2,"  # a reply cut by the token limit
+    assert completion_from_reply({"entry_point": "f"}, cut) == "\ndef f(x):\n    return x + 1\n"
+    other = "```python\ndef g(x):\n    return x\n```"  # no f: left for the sandbox to fail
+    assert completion_from_reply({"entry_point": "f"}, "```python\nclass A:\n    def f(self): pass\nprint(1)\n```") \
+        == "\nclass A:\n    def f(self): pass\nprint(1)\n"
+    assert completion_from_reply({"entry_point": "f"}, other) == "def g(x):\n    return x\n"
+
+
+class _Chat:
+    """A chat backend that answers each HumanEval request from a table keyed by the function name."""
+
+    has_chat_template = True
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def encode_chat(self, messages):
+        return messages[-1]["content"]
+
+    def generate(self, prompts, **kw):
+        return [next(r for name, r in self.replies.items() if f"def {name}(" in p) for p in prompts]
+
+
+def test_model_written_tests_after_the_function_do_not_fail_it(tmp_path):
+    from mightylm.evaluate.humaneval import evaluate, read_problems
+    from mightylm.evaluate.results import ResultStore
+
+    problems = {t: p for t, p in read_problems().items() if t in ("HumanEval/0", "HumanEval/2")}
+    solved = {p["entry_point"]: p["prompt"] + p["canonical_solution"] for p in problems.values()}
+    replies = {  # right functions, followed by a wrong test of the model's own and by a cut-off print
+        "has_close_elements": f"```python\n{solved['has_close_elements']}\nassert has_close_elements([], 1.0)\n```",
+        "truncate_number": f"```python\n{solved['truncate_number']}\n# Test cases\nprint(truncate_number(3.5",
+    }
+    summary = evaluate(ResultStore(tmp_path, "chat", {}), problems, backend=_Chat(replies), chat=True, progress=False)
+    assert summary["status_counts"] == {"passed": 2}
+
+
 class _Scripted:
     """A backend that answers from a table (to check scoring, not models)."""
 

