@@ -30,6 +30,7 @@ from mightylm.generate import Sampling
 from mightylm.serve.engine import Engine, QueueFull, Sequence
 
 MAX_BODY = 1 << 20  # bytes
+DRAIN_LIMIT = 16 << 20  # bytes of an oversized body read and discarded before answering 413
 MAX_N = 8
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user", "stream_options",
           "max_completion_tokens", "ignore_eos"}  # ignore_eos: vLLM's extension, for benchmarks of fixed length
@@ -74,11 +75,18 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         return await call_next(request)
 
     async def body_of(request: Request, path: str) -> dict:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        # Read a body that is too large to its end (up to DRAIN_LIMIT) and throw it away, as nginx's lingering close
+        # does: answering while the client is still sending makes its kernel see a reset, not our 413.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= MAX_BODY:
+                chunks.append(chunk)
+            elif size > DRAIN_LIMIT:
+                break
+        if size > MAX_BODY:
             raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
