@@ -416,6 +416,28 @@ def test_emergence_with_several_seeds_reports_every_run_and_their_means(tmp_path
     assert (tmp_path / "emergence" / "models" / "16x1@4" / "checkpoint").is_dir()
 
 
+def test_emergence_recall_measures_the_problems_it_trained_on(tmp_path):
+    from mightylm.evaluate import emergence as em
+
+    family = em.Family(op="multiplication", digits=2, steps=150, batch_size=32, train_examples=64, test_examples=32,
+                       recall=True)
+    train, test = em.datasets(family)
+    trained = ["".join(em.VOCAB[t] for t in item["input_ids"].tolist()) for item in train]
+    assert len(train) == 64 and len(set(trained)) == 64  # a fixed set of distinct problems, each once per epoch
+    assert {p + a for p, a in test} <= set(trained)  # measured on trained problems (input ids: all but the end)
+    for p, a in test:
+        x, y = (int(n) for n in p[:-1].split("*"))
+        assert int(a) == x * y
+    model = em.train_one("32x2", family, train, tmp_path / "run", progress=False)
+    held_out = em.datasets(em.Family(op="multiplication", digits=2, test_examples=32))[1]
+    recalled, computed = em.measure(model, test), em.measure(model, held_out)
+    assert recalled["token_accuracy"] > computed["token_accuracy"] + 0.2  # it memorised products it cannot compute
+    with pytest.raises(ValueError, match="more than the 64 trained problems"):
+        em.datasets(em.Family(digits=2, train_examples=64, test_examples=100, recall=True))
+    with pytest.raises(ValueError, match="more than half of the 10000 distinct"):
+        em.datasets(em.Family(digits=2, train_examples=6000, recall=True))
+
+
 def test_edit_distance():
     from mightylm.evaluate.emergence import _edit_distance
 

@@ -15,6 +15,11 @@ errors are spread evenly (Schaeffer et al., section 2); the summary reports both
 At this scale whether a model learns carrying within a fixed step budget varies from run to run, so
 `seeds` > 1 trains every size several times (same problems, other initialisation and data order) and
 reports the means, with every run shown in the figure (bench/RESULTS.md has a 3-seed table).
+
+`recall=True` trains on a fixed set of `train_examples` distinct problems, seen many times, and measures
+`test_examples` of those same problems: the ability is then recalling trained products, which grows
+with the parameter count smoothly (capacity), where computing held-out ones at this scale is learned
+all at once or not at all. It is the setting in which the mirage shows on 2 CPU cores (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Family:
     test_examples: int = 500
     seed: int = 0
     seeds: int = 1  # runs per size (initialisation and data order seed, seed+1, ...; the same problems)
+    recall: bool = False  # measure on trained problems (train_examples distinct ones) instead of held-out ones
 
 
 def answer_width(op: str, digits: int) -> int:
@@ -68,6 +74,8 @@ def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
     if f.op not in OPS:
         raise ValueError(f"unknown operation {f.op!r}; known: {', '.join(OPS)}")
     distinct = 10 ** (2 * f.digits)
+    if f.recall:
+        return _recall_datasets(f, distinct)
     if f.test_examples > distinct // 2:  # held-out problems are distinct and never trained on
         raise ValueError(f"{f.test_examples} held-out problems is more than half of the {distinct} distinct "
                          f"{f.digits}-digit problems; lower --test_examples (at most {distinct // 2})")
@@ -83,10 +91,32 @@ def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
         prompt, answer = problem(rng, f.op, f.digits)
         if prompt in seen:
             continue  # held-out problems never appear in training
-        ids = encode(prompt + answer) + [EOS]
-        labels = [IGNORE_INDEX] * (len(prompt) - 1) + ids[len(prompt):]
-        train.append({"input_ids": torch.tensor(ids[:-1]), "labels": torch.tensor(labels)})
+        train.append(_item(prompt, answer))
     return train, test
+
+
+def _recall_datasets(f: Family, distinct: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """`train_examples` distinct problems, each once per epoch, and the first `test_examples` of them."""
+    if f.train_examples > distinct // 2:
+        raise ValueError(f"--train_examples {f.train_examples} is more than half of the {distinct} distinct "
+                         f"{f.digits}-digit problems; recall needs a fixed set well inside them")
+    if f.test_examples > f.train_examples:
+        raise ValueError(f"--test_examples {f.test_examples} is more than the {f.train_examples} trained problems "
+                         f"that recall is measured on")
+    rng = random.Random(f"recall:{f.op}:{f.digits}:{f.seed}")
+    problems = {}
+    while len(problems) < f.train_examples:
+        prompt, answer = problem(rng, f.op, f.digits)
+        problems.setdefault(prompt, answer)
+    pairs = list(problems.items())
+    return [_item(p, a) for p, a in pairs], pairs[:f.test_examples]
+
+
+def _item(prompt: str, answer: str) -> dict:
+    """Token ids of prompt + answer + end, with the loss on the answer and its end only."""
+    ids = encode(prompt + answer) + [EOS]
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + ids[len(prompt):]
+    return {"input_ids": torch.tensor(ids[:-1]), "labels": torch.tensor(labels)}
 
 
 def build(size: str, seed: int):
@@ -201,7 +231,8 @@ def _plot(records: list[dict], runs: list[dict], f: Family, path: Path) -> None:
         ax.grid(alpha=0.3)
     runs_note = f", {f.seeds} runs per size (dots; lines: means)" if f.seeds > 1 else ""
     fig.suptitle(f"{f.digits}-digit {f.op}: {len(records)} models trained {f.steps} steps each{runs_note} "
-                 f"(batch {f.batch_size}), {f.test_examples} held-out problems", fontsize=11)
+                 f"(batch {f.batch_size}), " + (f"{f.test_examples} of its {f.train_examples} trained problems (recall)"
+                                          if f.recall else f"{f.test_examples} held-out problems"), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
