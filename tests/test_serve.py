@@ -322,6 +322,9 @@ def test_api_keys_guard_every_endpoint(tiny):
         assert status == 401 and reply["error"]["type"] == "authentication_error"
         assert s.post("/v1/completions", body, {"Authorization": "Bearer nope"})[0] == 401
         assert s.post("/v1/completions", body, {"Authorization": "Bearer key-1"})[0] == 200
+        large = b'{"prompt": "' + b"x" * (12 << 20) + b'"}'  # refused unread, it used to come back as a reset
+        for _ in range(3):
+            assert s.post("/v1/completions", None, raw=large)[0] == 401
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(s.url + "/metrics", timeout=10)
         assert e.value.code == 401

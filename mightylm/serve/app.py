@@ -45,6 +45,16 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
+async def _drain(request: Request) -> None:
+    """Read what is left of a refused request's body (up to DRAIN_LIMIT) and throw it away, as nginx's lingering
+    close does: answering while the client is still sending makes its kernel see a reset, not our answer."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > DRAIN_LIMIT:
+            break
+
+
 def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
     app = FastAPI(title="mightylm", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer, bank = engine.tokenizer, engine.bank
@@ -71,12 +81,12 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         if api_keys and guarded:
             given = request.headers.get("authorization", "")
             if not given.startswith("Bearer ") or given[7:] not in api_keys:
+                await _drain(request)
                 return error(401, "missing or invalid API key: send Authorization: Bearer KEY", "authentication_error")
         return await call_next(request)
 
     async def body_of(request: Request, path: str) -> dict:
-        # Read a body that is too large to its end (up to DRAIN_LIMIT) and throw it away, as nginx's lingering close
-        # does: answering while the client is still sending makes its kernel see a reset, not our 413.
+        # Read a body that is too large to its end (up to DRAIN_LIMIT) and throw it away (see _drain).
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
