@@ -384,7 +384,8 @@ def test_emergence_trains_a_family_and_measures_it(tmp_path):
     from mightylm.evaluate import emergence as em
     from mightylm.evaluate.results import ResultStore
 
-    family = em.Family(sizes=("8x1", "32x2"), digits=2, steps=40, batch_size=32, train_examples=1000, test_examples=40)
+    family = em.Family(sizes=("8x1", "32x2"), op="addition", digits=2, steps=40, batch_size=32, train_examples=1000,
+                       test_examples=40, recall=False)
     train, test = em.datasets(family)
     assert {p for p, _ in test}.isdisjoint("".join(em.VOCAB[t] for t in item["input_ids"][:6].tolist()) for item in train)
     summary = em.run(ResultStore(tmp_path, "emergence", {}), family, progress=False)
@@ -402,15 +403,15 @@ def test_emergence_with_several_seeds_reports_every_run_and_their_means(tmp_path
     from mightylm.evaluate import emergence as em
     from mightylm.evaluate.results import ResultStore
 
-    family = em.Family(sizes=("8x1", "16x1"), digits=1, steps=20, batch_size=16, train_examples=200, test_examples=20,
-                       seed=3, seeds=2)
+    family = em.Family(sizes=("8x1", "16x1"), op="addition", digits=1, steps=20, batch_size=16, train_examples=200,
+                       test_examples=20, seed=3, seeds=2, recall=False)
     summary = em.run(ResultStore(tmp_path, "emergence", {}), family, progress=False)
     assert [(r["size"], r["seed"]) for r in summary["runs"]] == [("8x1", 3), ("8x1", 4), ("16x1", 3), ("16x1", 4)]
     for record in summary["models"]:
         mine = [r for r in summary["runs"] if r["size"] == record["size"]]
         assert record["runs"] == 2 and record["token_accuracy"] == pytest.approx(sum(r["token_accuracy"] for r in mine) / 2)
     with pytest.raises(ValueError, match="more than half of the 100 distinct 1-digit problems"):
-        em.datasets(em.Family(digits=1))  # 500 held-out 1-digit problems do not exist (this used to loop forever)
+        em.datasets(em.Family(digits=1, recall=False))  # 500 held-out 1-digit problems do not exist (this used to loop forever)
     a, b = (r for r in summary["runs"] if r["size"] == "16x1")
     assert a["answer_loglik"] != b["answer_loglik"]  # other initialisation, other model
     assert (tmp_path / "emergence" / "models" / "16x1@4" / "checkpoint").is_dir()
@@ -419,8 +420,7 @@ def test_emergence_with_several_seeds_reports_every_run_and_their_means(tmp_path
 def test_emergence_recall_measures_the_problems_it_trained_on(tmp_path):
     from mightylm.evaluate import emergence as em
 
-    family = em.Family(op="multiplication", digits=2, steps=150, batch_size=32, train_examples=64, test_examples=32,
-                       recall=True)
+    family = em.Family(digits=2, steps=150, batch_size=32, train_examples=64, test_examples=32)  # recall: the default
     train, test = em.datasets(family)
     trained = ["".join(em.VOCAB[t] for t in item["input_ids"].tolist()) for item in train]
     assert len(train) == 64 and len(set(trained)) == 64  # a fixed set of distinct problems, each once per epoch
@@ -429,13 +429,14 @@ def test_emergence_recall_measures_the_problems_it_trained_on(tmp_path):
         x, y = (int(n) for n in p[:-1].split("*"))
         assert int(a) == x * y
     model = em.train_one("32x2", family, train, tmp_path / "run", progress=False)
-    held_out = em.datasets(em.Family(op="multiplication", digits=2, test_examples=32))[1]
+    held_out = em.datasets(em.Family(digits=2, test_examples=32, recall=False))[1]
+    assert em.Family().train_examples == 2000 and em.Family(recall=False).train_examples == 50_000
     recalled, computed = em.measure(model, test), em.measure(model, held_out)
     assert recalled["token_accuracy"] > computed["token_accuracy"] + 0.2  # it memorised products it cannot compute
     with pytest.raises(ValueError, match="more than the 64 trained problems"):
-        em.datasets(em.Family(digits=2, train_examples=64, test_examples=100, recall=True))
+        em.datasets(em.Family(digits=2, train_examples=64, test_examples=100))
     with pytest.raises(ValueError, match="more than half of the 10000 distinct"):
-        em.datasets(em.Family(digits=2, train_examples=6000, recall=True))
+        em.datasets(em.Family(digits=2, train_examples=6000))
 
 
 def test_edit_distance():
