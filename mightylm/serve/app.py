@@ -30,7 +30,7 @@ from mightylm.generate import Sampling
 from mightylm.serve.engine import Engine, QueueFull, Sequence
 
 MAX_BODY = 1 << 20  # bytes
-DRAIN_LIMIT = 16 << 20  # bytes of an oversized body read and discarded before answering 413
+DRAIN_LIMIT = 16 << 20  # bytes of a refused body (413, 401) read and discarded before answering
 MAX_N = 8
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user", "stream_options",
           "max_completion_tokens", "ignore_eos"}  # ignore_eos: vLLM's extension, for benchmarks of fixed length
@@ -45,14 +45,18 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
-async def _drain(request: Request) -> None:
-    """Read what is left of a refused request's body (up to DRAIN_LIMIT) and throw it away, as nginx's lingering
-    close does: answering while the client is still sending makes its kernel see a reset, not our answer."""
-    size = 0
+async def _read_body(request: Request, keep: int) -> bytes | None:
+    """The request's body, or None when it is over `keep` bytes. A body that is refused is still read to its
+    end (up to DRAIN_LIMIT) and thrown away, as nginx's lingering close does: answering while the client is
+    still sending makes its kernel see a reset, not our answer."""
+    chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > DRAIN_LIMIT:
+        if size <= keep:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT:
             break
+    return b"".join(chunks) if size <= keep else None
 
 
 def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
@@ -81,22 +85,14 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         if api_keys and guarded:
             given = request.headers.get("authorization", "")
             if not given.startswith("Bearer ") or given[7:] not in api_keys:
-                await _drain(request)
+                await _read_body(request, keep=0)  # drained, not kept
                 return error(401, "missing or invalid API key: send Authorization: Bearer KEY", "authentication_error")
         return await call_next(request)
 
     async def body_of(request: Request, path: str) -> dict:
-        # Read a body that is too large to its end (up to DRAIN_LIMIT) and throw it away (see _drain).
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= MAX_BODY:
-                chunks.append(chunk)
-            elif size > DRAIN_LIMIT:
-                break
-        if size > MAX_BODY:
+        raw = await _read_body(request, keep=MAX_BODY)
+        if raw is None:
             raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        raw = b"".join(chunks)
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
