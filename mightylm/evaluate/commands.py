@@ -383,7 +383,8 @@ def emergence(
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     family = Family(op=op, digits=digits, steps=steps, batch_size=batch_size, lr=lr, test_examples=test_examples,
-                    seed=seed, seeds=seeds, recall=recall, train_examples=train_examples, **({"sizes": tuple(sizes)} if sizes else {}))
+                    seed=seed, seeds=seeds, recall=recall, train_examples=train_examples,
+                    **({"sizes": tuple(sizes)} if sizes else {}))
     store = ResultStore(out, "emergence", asdict(family), overwrite=overwrite)
     summary = run(store, family)
     if seeds > 1:

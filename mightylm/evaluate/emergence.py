@@ -86,12 +86,8 @@ def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
         raise ValueError(f"{f.test_examples} held-out problems is more than half of the {distinct} distinct "
                          f"{f.digits}-digit problems; lower --test_examples (at most {distinct // 2})")
     rng = random.Random(f"{f.op}:{f.digits}:{f.seed}")
-    test, seen = [], set()
-    while len(test) < f.test_examples:
-        p = problem(rng, f.op, f.digits)
-        if p[0] not in seen:
-            seen.add(p[0])
-            test.append(p)
+    test = _distinct_problems(rng, f, f.test_examples)
+    seen = {prompt for prompt, _ in test}
     train = []
     while len(train) < f.train_examples:
         prompt, answer = problem(rng, f.op, f.digits)
@@ -109,13 +105,17 @@ def _recall_datasets(f: Family, distinct: int) -> tuple[list[dict], list[tuple[s
     if f.test_examples > f.train_examples:
         raise ValueError(f"--test_examples {f.test_examples} is more than the {f.train_examples} trained problems "
                          f"that recall is measured on")
-    rng = random.Random(f"recall:{f.op}:{f.digits}:{f.seed}")
+    pairs = _distinct_problems(random.Random(f"recall:{f.op}:{f.digits}:{f.seed}"), f, f.train_examples)
+    return [_item(p, a) for p, a in pairs], pairs[:f.test_examples]
+
+
+def _distinct_problems(rng: random.Random, f: Family, n: int) -> list[tuple[str, str]]:
+    """The first `n` distinct (prompt, answer) pairs that `rng` draws, in the order drawn."""
     problems = {}
-    while len(problems) < f.train_examples:
+    while len(problems) < n:
         prompt, answer = problem(rng, f.op, f.digits)
         problems.setdefault(prompt, answer)
-    pairs = list(problems.items())
-    return [_item(p, a) for p, a in pairs], pairs[:f.test_examples]
+    return list(problems.items())
 
 
 def _item(prompt: str, answer: str) -> dict:
@@ -236,9 +236,10 @@ def _plot(records: list[dict], runs: list[dict], f: Family, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     runs_note = f", {f.seeds} runs per size (dots; lines: means)" if f.seeds > 1 else ""
+    measured = (f"{f.test_examples} of its {f.train_examples} trained problems (recall)" if f.recall
+                else f"{f.test_examples} held-out problems")
     fig.suptitle(f"{f.digits}-digit {f.op}: {len(records)} models trained {f.steps} steps each{runs_note} "
-                 f"(batch {f.batch_size}), " + (f"{f.test_examples} of its {f.train_examples} trained problems (recall)"
-                                          if f.recall else f"{f.test_examples} held-out problems"), fontsize=11)
+                 f"(batch {f.batch_size}), {measured}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
