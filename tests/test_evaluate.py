@@ -164,25 +164,10 @@ def test_a_whole_function_keeps_its_imports_and_what_it_uses_and_nothing_that_ru
         "@staticmethod\ndef f(xs: List[int]) -> bool:\n    return all(helper(x) for x in xs)\n")
     cut = "```python\ndef f(x):\n    return x + 1\n\nprint(f([1, 2,"  # a reply cut by the token limit
     assert completion_from_reply({"entry_point": "f"}, cut) == "\ndef f(x):\n    return x + 1\n"
-    other = "```python\ndef g(x):\n    return x\n```"  # no f: left for the sandbox to fail
     assert completion_from_reply({"entry_point": "f"}, "```python\nclass A:\n    def f(self): pass\nprint(1)\n```") \
         == "\nclass A:\n    def f(self): pass\nprint(1)\n"
+    other = "```python\ndef g(x):\n    return x\n```"  # no f: left for the sandbox to fail
     assert completion_from_reply({"entry_point": "f"}, other) == "def g(x):\n    return x\n"
-
-
-class _Chat:
-    """A chat backend that answers each HumanEval request from a table keyed by the function name."""
-
-    has_chat_template = True
-
-    def __init__(self, replies):
-        self.replies = replies
-
-    def encode_chat(self, messages):
-        return messages[-1]["content"]
-
-    def generate(self, prompts, **kw):
-        return [next(r for name, r in self.replies.items() if f"def {name}(" in p) for p in prompts]
 
 
 def test_model_written_tests_after_the_function_do_not_fail_it(tmp_path):
@@ -195,7 +180,8 @@ def test_model_written_tests_after_the_function_do_not_fail_it(tmp_path):
         "has_close_elements": f"```python\n{solved['has_close_elements']}\nassert has_close_elements([], 1.0)\n```",
         "truncate_number": f"```python\n{solved['truncate_number']}\n# Test cases\nprint(truncate_number(3.5",
     }
-    summary = evaluate(ResultStore(tmp_path, "chat", {}), problems, backend=_Chat(replies), chat=True, progress=False)
+    backend = _Chat(lambda prompt: next(r for name, r in replies.items() if f"def {name}(" in prompt))
+    summary = evaluate(ResultStore(tmp_path, "chat", {}), problems, backend=backend, chat=True, progress=False)
     assert summary["status_counts"] == {"passed": 2}
 
 
@@ -210,6 +196,15 @@ class _Scripted:
     def generate(self, prompts, **kw):
         self.calls += len(prompts)
         return [self.answers(p) for p in prompts]
+
+
+class _Chat(_Scripted):
+    """The same, for a backend with a chat template (the prompt it sees is the user's message)."""
+
+    has_chat_template = True
+
+    def encode_chat(self, messages):
+        return messages[-1]["content"]
 
 
 def test_arithmetic_scores_the_last_integer_and_plots(tmp_path):
