@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from mightylm.config import ConfigError, ModelConfig
+from mightylm.errors import MightyError
 from mightylm.model import Transformer
 from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MightyError, ValueError):
     """A checkpoint we cannot load or write; the message names the file and what is wrong."""
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
+from mightylm.options import ClosedUnitInterval, NonNegativeFloat, PositiveInt, Probability, Seed
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -13,11 +15,11 @@ DType = Literal["float32", "bfloat16", "float16"]
 def generate(
     prompt: str,
     model: str = DEFAULT_MODEL,
-    max_new_tokens: int = 128,
-    temperature: float = 0.7,
-    top_k: int | None = None,
-    top_p: float | None = 0.9,
-    seed: int | None = None,
+    max_new_tokens: PositiveInt = 128,
+    temperature: NonNegativeFloat = 0.7,
+    top_k: PositiveInt | None = None,
+    top_p: Probability | None = 0.9,
+    seed: Seed | None = None,
     stop: list[str] | None = None,
     chat: bool = False,
     dtype: DType = "float32",
@@ -57,10 +59,10 @@ def generate(
 def chat(
     model: str = DEFAULT_MODEL,
     system: str | None = None,
-    max_new_tokens: int = 512,
-    temperature: float = 0.7,
-    top_p: float | None = 0.9,
-    seed: int | None = None,
+    max_new_tokens: PositiveInt = 512,
+    temperature: NonNegativeFloat = 0.7,
+    top_p: Probability | None = 0.9,
+    seed: Seed | None = None,
     dtype: DType = "float32",
     adapter: str | None = None,
 ) -> None:
@@ -121,7 +123,7 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
-def merge(model: str, adapter: str, out: str, requantize: bool = False) -> None:
+def merge(model: str, adapter: str, out: str, requantize: bool = False, overwrite: bool = False) -> None:
     """Merge a LoRA adapter into its base model and write a full checkpoint transformers loads.
 
     A QLoRA adapter (trained over an NF4 base) is merged into a dequantized float copy of that base.
@@ -131,15 +133,19 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False) -> None:
     Args:
         model: The base model: a Hugging Face directory, a .gguf file, or an embedded model name.
         adapter: The LoRA adapter directory (ours or PEFT's, LoRA or QLoRA).
-        out: Where to write the merged checkpoint.
+        out: Where to write the merged checkpoint: a new or empty directory (written under a temporary name and
+            renamed when complete).
         requantize: For a QLoRA adapter: quantize the merged model again and write it quantized.
+        overwrite: Replace --out if it already holds something (never when it is the model or the adapter).
     """
     import torch
 
     import mightylm
     from mightylm.adapters import AdapterError, read_adapter_config
     from mightylm.adapters.lora import load_lora, lora_modules, strip_lora
+    from mightylm.outputs import check_output, written_into
 
+    target = check_output(out, inputs=[model, adapter], overwrite=overwrite)
     kind = read_adapter_config(adapter).get("peft_type")
     if kind != "LORA":
         raise AdapterError(f"{adapter}: a {kind} adapter adds inputs or attention, not weight updates, so it cannot "
@@ -168,8 +174,10 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False) -> None:
             with torch.no_grad():
                 print(f"re-quantized to {record['method']} after merging: outputs change by "
                       f"{_change(base(probe), reference)}")
-    mightylm.save(base, tokenizer, out)
-    print(f"merged {n} LoRA layers of {adapter} into {model}; wrote {out}")
+    with written_into(target) as tmp:
+        mightylm.save(base, tokenizer, tmp)
+    print(f"merged {n} LoRA layers of {adapter} into {model}; wrote {target}\n"
+          f"use it: mighty generate --model {target} --prompt \"...\"")
 
 
 MERGE_PROBE = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
@@ -188,13 +196,14 @@ def quantize(
     method: Literal["nf4", "int8", "int4", "smoothquant"],
     out: str,
     calib: str | None = None,
-    calib_windows: int = 8,
-    block_size: int = 64,
+    calib_windows: PositiveInt = 8,
+    block_size: PositiveInt = 64,
     double_quant: bool = True,
-    group_size: int = 64,
-    alpha: float = 0.5,
+    group_size: PositiveInt = 64,
+    alpha: ClosedUnitInterval = 0.5,
     per_token: bool = True,
     head: bool = False,
+    overwrite: bool = False,
 ) -> None:
     """Quantize a model's linear layers and write a checkpoint that `mighty generate` and `chat` load.
 
@@ -206,7 +215,7 @@ def quantize(
         model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
         method: nf4 (4.13 bits), int8 (weight-only, per channel), int4 (weight-only, per group), or
             smoothquant (W8A8 after migrating activation outliers; needs --calib).
-        out: The directory to write; it must not exist yet (or be empty).
+        out: The directory to write: a new or empty one (written under a temporary name and renamed when complete).
         calib: Text for SmoothQuant's calibration: a text file, a directory of them, JSONL with "text",
             or the embedded corpus name shakespeare.
         calib_windows: Calibration windows of 256 tokens.
@@ -217,21 +226,17 @@ def quantize(
         per_token: smoothquant: one activation scale per token (else one per tensor).
         head: Quantize the LM head too (nf4/int8/int4). A head tied to the embedding becomes its own
             quantized copy; decoding then reads it instead of the float table (faster, slightly lossier).
+        overwrite: Replace --out if it already holds something (never when it is the model or the calibration text).
     """
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     import torch
 
     import mightylm
     from mightylm.compress.quantize import QuantizationError, model_bytes, quantize_
+    from mightylm.outputs import check_output, written_into
 
     if head and method == "smoothquant":
         raise QuantizationError("--head applies to nf4, int8 and int4; SmoothQuant quantizes the projections only")
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise QuantizationError(f"{target}: already exists and is not empty; choose a new --out")
+    target = check_output(out, inputs=[model, calib], overwrite=overwrite)
     if method == "smoothquant" and not calib:
         raise QuantizationError("smoothquant needs --calib: text to measure activation ranges on")
     net, tokenizer = mightylm.load(model)
@@ -256,15 +261,8 @@ def quantize(
         names = quantize_(net, method, targets=DEFAULT_TARGETS + (("lm_head",) if head else ()), **params)
     with torch.no_grad():
         change = _change(net(probe), reference)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with written_into(target) as tmp:
         mightylm.save(net, tokenizer, tmp)
-        if target.exists():
-            target.rmdir()
-        tmp.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{method}: {len(names)} linear layers; {before_bytes / 2**20:.1f} MiB -> {model_bytes(net) / 2**20:.1f} MiB "
           f"({before_bytes / model_bytes(net):.2f}x smaller); outputs on a probe text: {change}; wrote {target}")
 
@@ -306,8 +304,12 @@ def _verbs() -> dict:
     from mightylm.evaluate.commands import VERBS as evaluate
     from mightylm.serve.command import serve
 
-    finetune = {"full": r.finetune_full, "lora": r.finetune_lora, "qlora": r.finetune_qlora, "prompt": r.finetune_prompt,
+    finetune = {"_help": "Fine-tune a model on instruction or chat JSONL: every weight (full), or an adapter "
+                         "(lora, qlora, prompt, ptuning, adapter).",
+                "full": r.finetune_full, "lora": r.finetune_lora, "qlora": r.finetune_qlora, "prompt": r.finetune_prompt,
                 "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter}
+    evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
+                         "humaneval, arithmetic, corr2cause, choice, emergence.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
             "quantize": quantize, "report": report, "eval": evaluate, "serve": serve}
 
@@ -344,25 +346,80 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _verb_path(argv: list[str]) -> list[str]:
+    """The verb words at the start of `argv` (`finetune lora`), as far as they name verbs."""
+    verbs, path = _verbs(), []
+    for word in argv:
+        if not isinstance(verbs, dict) or word not in verbs or word.startswith("_"):
+            break
+        path.append(word)
+        verbs = verbs[word]
+    return path
+
+
+def _usage(path: list[str]) -> str:
+    """The usage lines of the verb `path` names (the top level's when it names none)."""
+    import contextlib
+    import io
+
     from jsonargparse import auto_cli
 
-    from mightylm.adapters import AdapterError
-    from mightylm.checkpoint import CheckpointError
-    from mightylm.compress.quantize import QuantizationError
-    from mightylm.config import ConfigError
-    from mightylm.data import DataError
-    from mightylm.recipes import RunDirError
-    from mightylm.tokenizer import TokenizerError
-    from mightylm.train import TrainingError
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        auto_cli(_verbs(), args=[*path, "--help"], as_positional=False, prog="mighty")
+    return text.getvalue().split("\n\n")[0]
 
+
+def _check_text(argv: list[str]) -> None:
+    """Refuse arguments that are not UTF-8 (Python keeps their bytes as surrogates) before they reach a tokenizer."""
+    from mightylm.errors import UsageError
+
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as e:
+            option = next((a for a in reversed(argv[:i + 1]) if a.startswith("--")), f"argument {i + 1}")
+            raise UsageError(f"{option}: not valid UTF-8 text (byte 0x{ord(arg[e.start]) - 0xDC00:02x} at character "
+                             f"{e.start}); pass UTF-8 text (e.g. convert it with iconv -t UTF-8)") from None
+
+
+def _message(e: BaseException) -> str:
+    """One line for an error a user can fix: ours say everything; the OS's get the file and the reason."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}" + (f" (writing to {e.filename2})" if e.filename2 else "")
+    return str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Exit status: 0 done; 2 a user or environment error (one line, no traceback; --debug before
+    the verb shows it); 130 or 143 a run stopped by SIGINT or SIGTERM after saving what it had."""
+    import argparse
+    import signal
+
+    from jsonargparse import auto_cli
+
+    from mightylm.errors import MightyError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1]
+    argv = argv[1:] if debug else argv
+    result = None
     try:
-        argv = _underscore_options(sys.argv[1:] if argv is None else argv)
-        auto_cli(_verbs(), args=argv, as_positional=False,
-                 description="mightylm: small, efficient language models. `mighty VERB --help` explains a verb.")
-    except (AdapterError, CheckpointError, ConfigError, DataError, QuantizationError, RunDirError, TokenizerError,
-            TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        argv = _underscore_options(argv)
+        _check_text(argv)
+        result = auto_cli(_verbs(), args=argv, as_positional=False, exit_on_error=False, prog="mighty",
+                          description="mightylm: small, efficient language models. `mighty VERB --help` explains a "
+                                      "verb; `mighty --debug VERB ...` shows a traceback with an error.")
+    except argparse.ArgumentError as e:
+        path = _verb_path(argv)
+        print(_usage(path), file=sys.stderr)
+        print(f"error: {e}\nsee: mighty {' '.join(path + ['--help'])}", file=sys.stderr)
+        return 2
+    except (MightyError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -372,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if isinstance(result, dict) and result.get("interrupted"):  # a training run stopped by a signal, saved
+        return 128 + int(result.get("signal") or signal.SIGINT)
     return 0
 
 

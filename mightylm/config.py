@@ -12,11 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mightylm.errors import MightyError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_SCALING_TYPES = (None, "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(MightyError, ValueError):
     """A config.json or preset we cannot turn into a model; the message says which and why."""
 
 

@@ -10,12 +10,39 @@ import json
 import math
 from pathlib import Path
 
+from mightylm.errors import MightyError
+
+
+class ReportError(MightyError, FileNotFoundError):
+    """A run directory without readable metrics."""
+
+
+def read_metrics_lines(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line cut short (what a kill mid-write leaves) is dropped; a broken
+    line before the last is an error naming the file and the line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a metrics record")
+        except ValueError as e:
+            if number == len(lines):
+                break  # torn last line
+            raise ReportError(f"{path}:{number}: not a metrics record ({e}); the file is damaged before its last "
+                              "line") from None
+        rows.append(record)
+    return rows
+
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a training run directory?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise ReportError(f"{path}: not found; is {run_dir} a training run directory?")
+    rows = read_metrics_lines(path)
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 

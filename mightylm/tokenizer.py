@@ -17,8 +17,10 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from mightylm.errors import MightyError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(MightyError, ValueError):
     """A tokenizer file we cannot use; the message names the file and what is wrong."""
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from mightylm.data.loader import IGNORE, Loader
+from mightylm.errors import MightyError, UsageError
 
 
 @dataclass
@@ -79,8 +80,32 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False
 
+    def __post_init__(self):
+        """Refuse settings that would train on nothing or divide by zero, naming the option (--train.NAME)."""
+        at_least_one = ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every")
+        problems = [f"--train.{k} must be at least 1, got {getattr(self, k)}" for k in at_least_one
+                    if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        if self.eval_batches is not None and self.eval_batches < 1:
+            problems.append(f"--train.eval_batches must be at least 1 (or null for all), got {self.eval_batches}")
+        if not self.lr > 0:
+            problems.append(f"--train.lr must be above 0, got {self.lr}")
+        if self.min_lr < 0:
+            problems.append(f"--train.min_lr must be 0 or more, got {self.min_lr}")
+        if self.warmup < 0:
+            problems.append(f"--train.warmup must be 0 or more, got {self.warmup}")
+        if self.weight_decay < 0:
+            problems.append(f"--train.weight_decay must be 0 or more, got {self.weight_decay}")
+        problems += [f"--train.{k} must be from 0 up to (not including) 1, got {getattr(self, k)}"
+                     for k in ("beta1", "beta2") if not 0 <= getattr(self, k) < 1]
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"--train.grad_clip must be above 0 (or null for none), got {self.grad_clip}")
+        if not 0 <= self.seed < 2**63:
+            problems.append(f"--train.seed must be from 0 to 2^63 - 1, got {self.seed}")
+        if problems:
+            raise UsageError("; ".join(problems))
 
-class TrainingError(RuntimeError):
+
+class TrainingError(MightyError, RuntimeError):
     """A run that cannot go on; the message says why and what was kept."""
 
 
@@ -189,7 +214,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                 save_checkpoint(run_dir, model, optimizer, train, step, tokens)
             log_start += time.perf_counter() - paused
             if stop.requested:
-                summary["interrupted"] = True
+                summary.update(interrupted=True, signal=stop.signum)
                 bar.write(f"stopped by signal at step {step}; checkpoint saved in {run_dir / 'checkpoint'}")
                 break
     finally:
@@ -201,7 +226,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
             board.close()
     model.eval()
     summary.update(step=step, tokens=tokens, seconds=time.perf_counter() - started, peak_memory_mb=_peak_memory_mb(model),
-                   config=asdict(cfg), world_size=world)
+                   config=asdict(cfg), world_size=world, finished=step >= cfg.steps and not summary["interrupted"])
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -236,12 +261,18 @@ def save_checkpoint(run_dir: Path, model, optimizer, loader: Loader, step: int, 
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(model_state, str(tmp / "model.safetensors"))
-    tensors, meta = _flatten_optimizer(optimizer_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "data": loader.state_dict()}))
+    try:
+        save_file(model_state, str(tmp / "model.safetensors"))
+        tensors, meta = _flatten_optimizer(optimizer_state)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "data": loader.state_dict()}))
+    except (OSError, RuntimeError) as e:  # disk full, quota: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the checkpoint of the last save in {final} is kept" if final.exists() else "no earlier checkpoint exists"
+        raise TrainingError(f"{tmp}: writing the checkpoint of step {step} failed ({e}); {kept}. Free some space "
+                            "and continue with --resume true") from None
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -263,7 +294,14 @@ def load_checkpoint(run_dir: Path, model, optimizer, loader: Loader) -> tuple[in
         expected.discard("lm_head.weight")
     if set(weights) != expected:
         raise TrainingError(f"{path}: checkpoint does not fit the model (missing {sorted(expected - set(weights))[:3]}, "
-                            f"unexpected {sorted(set(weights) - expected)[:3]})")
+                            f"unexpected {sorted(set(weights) - expected)[:3]}); was it made with other settings?")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = [f"{k} {tuple(weights[k].shape)} (checkpoint) vs {shapes[k]} (now)" for k in sorted(weights)
+              if not dist.is_initialized() and tuple(weights[k].shape) != shapes[k]]
+    if differ:
+        raise TrainingError(f"{path}: the checkpoint holds a model of another shape ({'; '.join(differ[:3])}"
+                            f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}); resume with the run's own "
+                            "model options, or start a new --out")
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta)
     if dist.is_initialized():  # full tensors in, each rank keeps its shard (FSDP) or a replica (DDP)
@@ -326,9 +364,12 @@ def full_state_dict(model) -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop lines logged after the checkpoint we resume from (they will be logged again), and a last line cut
+    short by a kill."""
+    from mightylm.report import read_metrics_lines
+
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [json.dumps(r) for r in read_metrics_lines(path) if r["step"] <= step]
         path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -413,6 +454,7 @@ class _StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._previous = {}
         if _main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -421,7 +463,7 @@ class _StopSignal:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def restore(self):
         for sig, handler in self._previous.items():

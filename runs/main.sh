@@ -14,12 +14,12 @@ RUN=runs/out/shakespeare
 mkdir -p runs/out
 
 echo "== 1. pretraining from scratch on the embedded Shakespeare corpus (recipes/pretrain-shakespeare.yaml)"
-if [ -e "$RUN/checkpoint" ] && [ ! -e "$RUN/report.md" ]; then
-  $MIGHTY pretrain --config recipes/pretrain-shakespeare.yaml --out "$RUN" --resume true  # an interrupted run goes on
-elif [ ! -e "$RUN/report.md" ]; then
-  $MIGHTY pretrain --config recipes/pretrain-shakespeare.yaml --out "$RUN"
-else
+# summary.json says "finished": true only when the run trained all its steps; an interrupted run (Ctrl-C,
+# SIGTERM, a kill at any point) goes on from its last checkpoint, or from step 0 if it stopped before one.
+if [ -e "$RUN/summary.json" ] && grep -q '"finished": true' "$RUN/summary.json"; then
   echo "(already trained: $RUN; delete it to train again)"
+else
+  $MIGHTY pretrain --config recipes/pretrain-shakespeare.yaml --out "$RUN" --resume true
 fi
 echo
 cat "$RUN/report.md"

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mightylm.errors import MightyError
 
-class AdapterError(ValueError):
+
+class AdapterError(MightyError, ValueError):
     """An adapter that cannot be applied or loaded; the message names the file and what is wrong."""
 
 

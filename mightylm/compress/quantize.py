@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.compress.nf4 import NF4Linear, _FrozenLinear
+from mightylm.errors import MightyError
 from mightylm.kernels import gemv_int4, gemv_int8
 
 METHODS = ("nf4", "int8", "int4", "smoothquant")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(MightyError, ValueError):
     """A quantization request that cannot be carried out; the message says what and why."""
 
 

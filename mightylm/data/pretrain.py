@@ -61,10 +61,36 @@ def collect_files(sources: list[str | Path]) -> list[Path]:
     return files
 
 
-def read_documents(path: Path):
+def check_text_files(files: list[Path], encoding: str = "utf-8") -> None:
+    """Refuse binary files (a NUL byte in the first 64 KiB: executables, archives, random bytes) and an unknown
+    encoding before any work starts; undecodable text is refused as it is read (read_documents)."""
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"--encoding {encoding!r}: unknown encoding (e.g. utf-8, latin-1, cp1252)") from None
+    for path in files:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+        nul = head.find(b"\0")
+        if nul >= 0:
+            kind = "an ELF executable" if head.startswith(b"\x7fELF") else "binary data"
+            raise DataError(f"{path}: looks like {kind} (a NUL byte at offset {nul}), not text; "
+                            "pretraining reads text files, directories of them, or JSONL with a \"text\" field")
+
+
+def read_documents(path: Path, encoding: str = "utf-8"):
     """Yield the documents of one file: a text file is one document; JSONL gives one per line."""
     if path.suffix != ".jsonl":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}: not valid {encoding} at byte offset {e.start} (line {line}, byte "
+                            f"0x{raw[e.start]:02x}); if the file is in another encoding, pass it (pretrain --encoding latin-1, "
+                            "cp1252, ...) or convert the file to UTF-8 (iconv -f latin1 -t utf-8)") from None
         if text.strip():
             yield text
         return
@@ -74,8 +100,9 @@ def read_documents(path: Path):
         yield record["text"]
 
 
-def _fingerprint(files: list[Path], tokenizer) -> dict:
+def _fingerprint(files: list[Path], tokenizer, encoding: str = "utf-8") -> dict:
     return {
+        "encoding": encoding,
         "files": [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
         "tokenizer": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
     }
@@ -92,11 +119,11 @@ class TokenStream:
 
     @classmethod
     def build(cls, sources: list[str | Path], tokenizer, cache_dir: str | Path, *, batch_docs: int = 256,
-              progress: bool = True) -> "TokenStream":
+              progress: bool = True, encoding: str = "utf-8") -> "TokenStream":
         files = collect_files(sources)
         cache_dir = Path(cache_dir)
         bin_path, meta_path = cache_dir / "tokens.bin", cache_dir / "tokens.json"
-        fingerprint = _fingerprint(files, tokenizer)
+        fingerprint = _fingerprint(files, tokenizer, encoding)
         if meta_path.exists() and bin_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("fingerprint") == fingerprint:
@@ -113,7 +140,7 @@ class TokenStream:
                                           disable=not progress) as bar:
             for path in files:
                 batch = []
-                for doc in read_documents(path):
+                for doc in read_documents(path, encoding):
                     batch.append(doc)
                     if len(batch) == batch_docs:
                         count += _write(out, tokenizer, batch, eos, dtype)

@@ -21,8 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from mightylm.errors import MightyError
 
-class EvalError(ValueError):
+
+class EvalError(MightyError, ValueError):
     """An evaluation that cannot run: the message names what and where."""
 
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
+
+from mightylm.options import Port, PositiveInt
 
 
 def serve(
     model: str = "smollm2-135m-instruct",
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: Port = 8000,
     adapter: list[str] | None = None,
     api_key: list[str] | None = None,
     name: str | None = None,
-    max_batch: int = 16,
-    max_queue: int = 64,
-    max_len: int = 2048,
-    dtype: str = "float32",
+    max_batch: PositiveInt = 16,
+    max_queue: PositiveInt = 64,
+    max_len: PositiveInt = 2048,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
