@@ -83,6 +83,7 @@ def chat(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
     """
+    from mightylm.errors import UsageError
     from mightylm.generate import Sampling, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -92,13 +93,22 @@ def chat(
     history = list(start)
     if interactive:
         print("chat with the model; /reset to start over, /exit to quit", file=sys.stderr)
+    number = 0
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             break
-        text = line.strip()
+        number += 1
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            if not interactive:
+                raise UsageError(f"standard input, line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                 f"column {e.start + 1}); convert it first (e.g. iconv -t UTF-8)") from None
+            print(f"(that line is not valid UTF-8 at column {e.start + 1}; type it again)", file=sys.stderr)
+            continue
         if not text:
             continue
         if text == "/exit":
@@ -141,7 +151,7 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False, overwrit
     import torch
 
     import mightylm
-    from mightylm.adapters import AdapterError, read_adapter_config
+    from mightylm.adapters import AdapterError, read_adapter_config, warn_if_other_base
     from mightylm.adapters.lora import load_lora, lora_modules, strip_lora
     from mightylm.outputs import check_output, written_into
 
@@ -151,6 +161,7 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False, overwrit
         raise AdapterError(f"{adapter}: a {kind} adapter adds inputs or attention, not weight updates, so it cannot "
                            "be merged into the weights; apply it with --adapter instead")
     base, tokenizer = mightylm.load(model)
+    warn_if_other_base(base, read_adapter_config(adapter), adapter)
     n = len(load_lora(base, adapter))
     record = getattr(base, "quantization", None)
     if requantize and not record:
@@ -413,9 +424,14 @@ def main(argv: list[str] | None = None) -> int:
                                       "verb; `mighty --debug VERB ...` shows a traceback with an error.")
     except argparse.ArgumentError as e:
         path = _verb_path(argv)
+        message = str(e)
+        configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + \
+                  [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+        if configs:  # the YAML parser names its input "<unicode string>": name the recipe file instead
+            message = message.replace('"<unicode string>"', configs[-1])
         print(_usage(path), file=sys.stderr)
-        print(f"error: {e}\nsee: mighty {' '.join(path + ['--help'])}", file=sys.stderr)
-        return 2
+        print(f"error: {message}\nsee: mighty {' '.join(path + ['--help'])}", file=sys.stderr)
+        raise SystemExit(2) from None  # as argparse does for a command line it cannot parse
     except (MightyError, OSError) as e:
         if debug:
             raise

@@ -43,6 +43,12 @@ class ModelConfig:
     max_seq_len: int = 4096
 
     def __post_init__(self):
+        sizes = ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len")
+        bad = [f"{k}={getattr(self, k)!r}" for k in sizes + ("n_kv_heads", "head_dim", "sliding_window")
+               if (getattr(self, k) is not None or k in sizes)
+               and (isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1)]
+        if bad:
+            raise ConfigError(f"model sizes must be positive integers, got {', '.join(bad)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -91,6 +97,10 @@ class ModelConfig:
                 hf = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}: not UTF-8 text; a config.json is UTF-8 JSON") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: expected a JSON object with the model's settings, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -121,6 +131,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            if isinstance(e, ConfigError):
+                raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: a field has the wrong type or value ({e}); {_bad_fields(hf)}") from None
 
     def to_hf(self) -> dict:
         """The config.json that `transformers` reads back into the same architecture."""
@@ -154,6 +168,17 @@ class ModelConfig:
 
 
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _bad_fields(hf: dict) -> str:
+    """Which of config.json's size fields are not positive integers, for an error message."""
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "head_dim", "max_position_embeddings")
+    bad = [f"{k}={hf[k]!r}" for k in keys if k in hf and hf[k] is not None
+           and (isinstance(hf[k], bool) or not isinstance(hf[k], int) or hf[k] < 1)]
+    nulls = [k for k in keys[:4] + ("intermediate_size",) if k in hf and hf[k] is None]
+    return "expected positive integers: " + ", ".join(bad + [f"{k}=null" for k in nulls]) if bad or nulls else \
+        "check the numeric fields"
 
 
 def _rope_theta_from_hf(hf: dict) -> float:

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from mightylm.errors import UsageError
 from mightylm.model import KVCache, Transformer
 
 
@@ -37,13 +38,13 @@ class Sampling:
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | list[torch.Generator] | None = None
@@ -94,13 +95,13 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     (one per prompt) sample each row from its own generator instead of one for the batch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise UsageError("every prompt needs at least one token")
     device = model.embed.weight.device
     width = max(len(p) for p in prompts)
     total = width + s.max_new_tokens
     if total + model.prefix_len > model.config.max_seq_len:
         virtual = f" + {model.prefix_len} virtual tokens" if model.prefix_len else ""
-        raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({s.max_new_tokens}){virtual} exceeds the "
+        raise UsageError(f"prompt ({width} tokens) + max_new_tokens ({s.max_new_tokens}){virtual} exceeds the "
                          f"model's context of {model.config.max_seq_len} tokens")
     if s.max_new_tokens == 0:
         return

@@ -27,8 +27,9 @@ from mightylm.errors import OutputError
 
 
 def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
-                 own: Callable[[Path], bool] | None = None, option: str = "--out") -> Path:
-    """`out` as a Path if it may be written; raises OutputError naming it and saying what to do otherwise."""
+                 own: Callable[[Path], bool] | None = None, option: str = "--out", replace_hint: bool = True) -> Path:
+    """`out` as a Path if it may be written; raises OutputError naming it and saying what to do otherwise
+    (`replace_hint`: whether to mention --overwrite, for verbs where it replaces the whole target)."""
     target = Path(out)
     resolved = target.resolve()
     for given in inputs:
@@ -49,7 +50,7 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
         if held and not (own is not None and own(target)):
             shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
             raise OutputError(f"{option} {target}: already exists and is not empty (it holds {shown}); choose another "
-                              f"{option} or pass --overwrite true to replace it")
+                              f"{option}" + (" or pass --overwrite true to replace it" if replace_hint else ""))
     return target
 
 

@@ -63,6 +63,7 @@ def load_adapter(model, path: str | Path) -> str:
     from mightylm.adapters.prompt import load_prompt
 
     cfg = read_adapter_config(path)
+    warn_if_other_base(model, cfg, path)
     kind = cfg.get("peft_type")
     if kind == "LORA":
         return f"LoRA on {len(load_lora(model, path, cfg))} layers"
@@ -85,7 +86,54 @@ def save_adapter(model, path: str | Path, base_model: str = "", init_text: str |
     if len(kinds) != 1:
         raise AdapterError(f"save_adapter needs exactly one kind of adapter on the model, found {kinds or 'none'}")
     if kinds[0] == "lora":
-        return save_lora(model, path, base_model)
-    if kinds[0] == "prompt":
-        return save_prompt(model, path, base_model, init_text)
-    return save_llama_adapter(model, path, base_model)
+        out = save_lora(model, path, base_model)
+    elif kinds[0] == "prompt":
+        out = save_prompt(model, path, base_model, init_text)
+    else:
+        out = save_llama_adapter(model, path, base_model)
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(out) / "adapter_model.safetensors"  # in its metadata, which PEFT ignores (it warns on new config keys)
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt", BASE_KEY: base_fingerprint(model)})
+    return out
+
+
+BASE_KEY = "mightylm_base_fingerprint"
+
+
+def base_fingerprint(model) -> str:
+    """A short hash of what makes a base model itself: its config and 8 rows of its token embedding (rounded
+    to bfloat16, so a float32 and a bfloat16 load of the same weights agree; the embedding is never quantized
+    or adapted by our transforms). Two bases of the same shape but other weights differ here."""
+    import hashlib
+
+    import torch
+
+    weight = model.embed.weight.detach()
+    rows = torch.linspace(0, weight.shape[0] - 1, 8).long()
+    digest = hashlib.sha256(json.dumps(model.config.to_hf(), sort_keys=True).encode())
+    digest.update(weight[rows].float().cpu().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def warn_if_other_base(model, cfg: dict, path: str | Path) -> bool:
+    """Warn (and return True) when the adapter in `path` records a base other than `model` (in its safetensors
+    metadata): shapes alone do not tell, and an adapter on another base applies without an error but means
+    nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+            recorded = (f.metadata() or {}).get(BASE_KEY)
+    except (OSError, SafetensorError):
+        return False  # read_adapter names a missing or broken file
+    if not recorded or recorded == base_fingerprint(model):
+        return False
+    import warnings
+
+    made_for = cfg.get("base_model_name_or_path") or "another model"
+    warnings.warn(f"{path}: this adapter was trained on {made_for} (fingerprint {recorded}), and this model's "
+                  f"fingerprint is {base_fingerprint(model)}: a different base of the same shape, or the same one in "
+                  "another format (quantized GGUF vs float). Its outputs may be meaningless on this model",
+                  stacklevel=2)
+    return True

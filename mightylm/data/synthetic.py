@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 import string
 
+from mightylm.errors import UsageError
+
 TASKS = ("addition", "multiplication", "reverse", "sort")
 
 
@@ -39,9 +41,9 @@ _GENERATORS = {"addition": addition, "multiplication": multiplication, "reverse"
 def generate_task(task: str, n: int, *, seed: int = 0, size: int | None = None) -> list[dict]:
     """`n` examples of `task`; `size` is the number of digits (arithmetic) or items (reverse, sort)."""
     if task not in _GENERATORS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if n < 0 or (size is not None and size < 1):
-        raise ValueError(f"n must be >= 0 and size >= 1, got n={n}, size={size}")
+        raise UsageError(f"n must be >= 0 and size >= 1, got n={n}, size={size}")
     rng = random.Random(f"{task}:{seed}:{size}")
     make = _GENERATORS[task]
     return [make(rng) if size is None else make(rng, size) for _ in range(n)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from mightylm.data.synthetic import generate_task
+from mightylm.errors import UsageError
 
 OPS = {"addition": "+", "multiplication": "*"}
 
@@ -20,7 +21,7 @@ def problems(ops=("addition", "multiplication"), digits=(1, 2, 3, 4, 5), n: int 
     items = []
     for op in ops:
         if op not in OPS:
-            raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
+            raise UsageError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
         for d in digits:
             for i, ex in enumerate(generate_task(op, n, seed=seed, size=d)):
                 items.append({"id": f"{op}-{d}-{i}", "op": op, "digits": d, "question": ex["input"],

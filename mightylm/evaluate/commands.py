@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from mightylm.errors import UsageError
 from mightylm.options import MemoryMB, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, Seed
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -34,7 +35,7 @@ def _endpoint_tokenizer(name: str):
     try:
         return load_tokenizer(name)
     except CheckpointError as e:
-        raise ValueError(f"--tokenizer: {e}. Perplexity over an endpoint tokenizes the text here, so that its "
+        raise UsageError(f"--tokenizer: {e}. Perplexity over an endpoint tokenizes the text here, so that its "
                          "windows are the same as for a local model: pass the served model's tokenizer "
                          "(a model directory, .gguf file or embedded name)") from None
 
@@ -50,13 +51,22 @@ def _chat(backend, chat: str) -> bool:
 def _run_task(name: str, task, items: list, *, model, endpoint, api_key, batch_size, dtype, adapter, chat, out,
              overwrite, **task_settings) -> None:
     """Load the backend, record the settings, evaluate `items` with `task.evaluate` and print the summary."""
-    from mightylm.evaluate.results import ResultStore
 
     backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
     use_chat = _chat(backend, chat)
     settings = _settings(model, endpoint, adapter, **task_settings, chat=use_chat, dtype=dtype)
-    store = ResultStore(out, name, settings, overwrite=overwrite)
+    store = _store(out, name, settings, overwrite=overwrite)
     _print(task.evaluate(store, items, backend, chat=use_chat, batch_size=batch_size), out)
+
+
+def _store(out: str, task: str, settings: dict, *, overwrite: bool):
+    """The task's results in --out: a new or empty directory, or one holding evaluation results (which this run
+    adds to or resumes); anything else, or the model or adapter itself, is refused."""
+    from mightylm.evaluate.results import ResultStore, holds_results
+    from mightylm.outputs import check_output
+
+    check_output(out, inputs=[settings.get("model"), settings.get("adapter")], own=holds_results, replace_hint=False)
+    return ResultStore(out, task, settings, overwrite=overwrite)
 
 
 def _print(summary: dict, out: str) -> None:
@@ -107,14 +117,13 @@ def perplexity(
     """
     from mightylm.data.pretrain import collect_files, read_documents
     from mightylm.evaluate.perplexity import perplexity as measure
-    from mightylm.evaluate.results import ResultStore
 
     files = collect_files([text])
     files = files[-1:] if last_file else files
     body = "\n\n".join(doc for f in files for doc in read_documents(f))
     settings = _settings(model, endpoint, adapter, text=text, files=[f.name for f in files], window=window,
                          stride=stride, max_tokens=max_tokens, dtype=dtype)
-    store = ResultStore(out, "perplexity", settings, overwrite=overwrite)
+    store = _store(out, "perplexity", settings, overwrite=overwrite)
     backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
     if endpoint:
         scorer, vocab = backend, _endpoint_tokenizer(tokenizer or model)
@@ -179,7 +188,6 @@ def humaneval(
         adapter: An adapter directory to apply, unmerged.
     """
     from mightylm.evaluate import humaneval as task
-    from mightylm.evaluate.results import ResultStore
     from mightylm.evaluate.sandbox import Limits
 
     table = task.read_problems(problems)
@@ -192,7 +200,7 @@ def humaneval(
     settings = _settings(None if samples else model, endpoint, adapter, samples=samples, n=n, temperature=temperature,
                          top_p=top_p, max_new_tokens=max_new_tokens, limit=limit, timeout=timeout, memory_mb=memory_mb,
                          problems=problems, chat=use_chat, seed=seed, dtype=dtype)
-    store = ResultStore(out, "humaneval", settings, overwrite=overwrite)
+    store = _store(out, "humaneval", settings, overwrite=overwrite)
     summary = task.evaluate(store, table, backend=backend, samples=given, n=n, ks=ks, temperature=temperature,
                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                             limits=Limits(timeout=timeout, memory_mb=memory_mb), workers=workers,
@@ -278,7 +286,7 @@ def corr2cause(
 
     sizes = tuple(nodes or (2, 3, 4))
     if not all(2 <= x <= 5 for x in sizes):
-        raise ValueError(f"--nodes must be between 2 and 5, got {list(sizes)}")
+        raise UsageError(f"--nodes must be between 2 and 5, got {list(sizes)}")
     items = task.sample_examples(sizes, limit, seed)
     _run_task("corr2cause", task, items, model=model, endpoint=endpoint, api_key=api_key, batch_size=batch_size,
               dtype=dtype, adapter=adapter, chat=chat, out=out, overwrite=overwrite, nodes=list(sizes),
@@ -320,7 +328,6 @@ def choice(
     import random
 
     from mightylm.evaluate import multiple_choice as task
-    from mightylm.evaluate.results import ResultStore
 
     from pathlib import Path
 
@@ -328,7 +335,7 @@ def choice(
     if limit is not None and limit < len(questions):
         questions = [questions[i] for i in sorted(random.Random(seed).sample(range(len(questions)), limit))]
     settings = _settings(model, endpoint, adapter, data=data, scoring=scoring, limit=limit, seed=seed, dtype=dtype)
-    store = ResultStore(out, "mmlu" if data == "mmlu" else f"choice-{Path(data).stem}", settings, overwrite=overwrite)
+    store = _store(out, "mmlu" if data == "mmlu" else f"choice-{Path(data).stem}", settings, overwrite=overwrite)
     backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
     _print(task.evaluate(store, questions, backend, scoring=scoring, batch_size=batch_size), out)
 
@@ -380,14 +387,13 @@ def emergence(
     from dataclasses import asdict
 
     from mightylm.evaluate.emergence import Family, run
-    from mightylm.evaluate.results import ResultStore
 
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
     family = Family(op=op, digits=digits, steps=steps, batch_size=batch_size, lr=lr, test_examples=test_examples,
                     seed=seed, seeds=seeds, recall=recall, train_examples=train_examples,
                     **({"sizes": tuple(sizes)} if sizes else {}))
-    store = ResultStore(out, "emergence", asdict(family), overwrite=overwrite)
+    store = _store(out, "emergence", asdict(family), overwrite=overwrite)
     summary = run(store, family)
     if seeds > 1:
         print(f"means over {seeds} runs per size (every run: {out}/emergence/summary.json, \"runs\")")

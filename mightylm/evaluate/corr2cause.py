@@ -23,6 +23,7 @@ import itertools
 import random
 from collections import defaultdict
 
+from mightylm.errors import UsageError
 from mightylm.evaluate.multiple_choice import pick
 
 RELATIONS = ("parent", "child", "ancestor", "descendant", "confounder", "collider")
@@ -128,7 +129,7 @@ def holds(n: int, edges, relation: str, x: int, y: int) -> bool:
         return any((z, x) in edges and (z, y) in edges for z in range(n))
     if relation == "collider":
         return any((x, z) in edges and (y, z) in edges for z in range(n))
-    raise ValueError(f"unknown relation {relation!r}")
+    raise UsageError(f"unknown relation {relation!r}")
 
 
 def premise(n: int, edges) -> str:

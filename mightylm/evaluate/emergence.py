@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mightylm.errors import UsageError
 from mightylm.model import IGNORE_INDEX
 
 VOCAB = "0123456789+*=$"  # "$" ends the answer
@@ -78,12 +79,12 @@ def encode(text: str) -> list[int]:
 def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
     """Training items (loss on the answer and its end only) and held-out (prompt, answer) pairs."""
     if f.op not in OPS:
-        raise ValueError(f"unknown operation {f.op!r}; known: {', '.join(OPS)}")
+        raise UsageError(f"unknown operation {f.op!r}; known: {', '.join(OPS)}")
     distinct = 10 ** (2 * f.digits)
     if f.recall:
         return _recall_datasets(f, distinct)
     if f.test_examples > distinct // 2:  # held-out problems are distinct and never trained on
-        raise ValueError(f"{f.test_examples} held-out problems is more than half of the {distinct} distinct "
+        raise UsageError(f"{f.test_examples} held-out problems is more than half of the {distinct} distinct "
                          f"{f.digits}-digit problems; lower --test_examples (at most {distinct // 2})")
     rng = random.Random(f"{f.op}:{f.digits}:{f.seed}")
     test = _distinct_problems(rng, f, f.test_examples)
@@ -100,10 +101,10 @@ def datasets(f: Family) -> tuple[list[dict], list[tuple[str, str]]]:
 def _recall_datasets(f: Family, distinct: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """`train_examples` distinct problems, each once per epoch, and the first `test_examples` of them."""
     if f.train_examples > distinct // 2:
-        raise ValueError(f"--train_examples {f.train_examples} is more than half of the {distinct} distinct "
+        raise UsageError(f"--train_examples {f.train_examples} is more than half of the {distinct} distinct "
                          f"{f.digits}-digit problems; recall needs a fixed set well inside them")
     if f.test_examples > f.train_examples:
-        raise ValueError(f"--test_examples {f.test_examples} is more than the {f.train_examples} trained problems "
+        raise UsageError(f"--test_examples {f.test_examples} is more than the {f.train_examples} trained problems "
                          f"that recall is measured on")
     pairs = _distinct_problems(random.Random(f"recall:{f.op}:{f.digits}:{f.seed}"), f, f.train_examples)
     return [_item(p, a) for p, a in pairs], pairs[:f.test_examples]
@@ -132,7 +133,7 @@ def build(size: str, seed: int):
     try:
         dim, layers = (int(x) for x in size.lower().split("x"))
     except ValueError:
-        raise ValueError(f"a size is WIDTHxLAYERS (e.g. 64x3), got {size!r}") from None
+        raise UsageError(f"a size is WIDTHxLAYERS (e.g. 64x3), got {size!r}") from None
     heads = max(h for h in (1, 2, 4, 8) if dim % h == 0 and (dim // h >= 16 or h == 1))
     config = ModelConfig(vocab_size=16, dim=dim, n_layers=layers, n_heads=heads, ffn_dim=3 * dim,
                          max_seq_len=64, tie_embeddings=True)

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from mightylm.errors import UsageError
 from mightylm.model import IGNORE_INDEX
 
 
@@ -28,12 +29,12 @@ def perplexity(model, tokenizer, text: str, window: int = 256, stride: int | Non
     """
     stride = stride or window - 1
     if not 0 < stride < window:
-        raise ValueError(f"need 0 < stride < window, got stride={stride}, window={window}")
+        raise UsageError(f"need 0 < stride < window, got stride={stride}, window={window}")
     ids = tokenizer.encode(text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+        raise UsageError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
     spans = []  # (start, end, first scored position within the window)
     pos = 1  # the next token to score; the first token has no context
     while pos < len(ids):

@@ -23,6 +23,11 @@ from typing import Callable
 from mightylm.evaluate.backend import EvalError
 
 
+def holds_results(root: Path) -> bool:
+    """Whether `root` is an evaluation results directory (one this verb may add to and resume in)."""
+    return (root / "results.json").exists() or any((d / "settings.json").exists() for d in root.iterdir() if d.is_dir())
+
+
 class ResultStore:
     def __init__(self, out: str | Path, task: str, settings: dict, *, overwrite: bool = False):
         self.root, self.dir = Path(out), Path(out) / task

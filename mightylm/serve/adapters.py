@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.adapters import AdapterError, read_adapter_config
+from mightylm.adapters import AdapterError, read_adapter_config, warn_if_other_base
 
 
 class MultiLoRALinear(nn.Linear):
@@ -75,6 +75,7 @@ class AdapterBank:
         if name in self.ids:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         cfg = read_adapter_config(path)
+        warn_if_other_base(self.model, cfg, path)
         kind = cfg.get("peft_type")
         dtype = self.model.embed.weight.dtype
         if kind == "LORA":
