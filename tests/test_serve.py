@@ -289,7 +289,10 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(server):
         ({**ok, "stop": [1, 2]}, None), ({**ok, "n": 100}, None), ({**ok, "frobnicate": True}, None),
         ({**ok, "prompt": 42}, None), ({**ok, "prompt": "word " * 400}, None), ({**ok, "model": "gpt-4"}, None),
         ({**ok, "stream": "yes"}, None), (None, b'{"prompt": "' + b"x" * (1 << 21) + b'"}'),
-        ({**ok, "echo": "yes"}, None), ({**ok, "logprobs": 9}, None), ({**ok, "logprobs": 1}, None),
+        ({**ok, "echo": "yes"}, None), ({**ok, "logprobs": 21}, None), ({**ok, "logprobs": 1, "stream": True}, None),
+        ({**ok, "seed": 2**64}, None), ({**ok, "seed": -2**63 - 1}, None), ({**ok, "top_k": -2}, None),
+        ({**ok, "prompt": []}, None), ({**ok, "prompt": [[1, 2], "x", 3]}, None), ({**ok, "prompt": [[1, 10**9]]}, None),
+        ({**ok, "prompt": ["hello"] * 65}, None),
         ({**ok, "max_tokens": 0}, None), ({**ok, "stream_options": {"include_usage": 1}}, None),
         ({**ok, "echo": True, "max_tokens": 0, "logprobs": 1, "n": 2}, None),
     ]

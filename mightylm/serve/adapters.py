@@ -68,12 +68,14 @@ class AdapterBank:
 
     def add(self, name: str, path: str | Path) -> str:
         """Load the adapter in `path` under `name`; returns what it is."""
+        return self.install(self.prepare(name, path))
+
+    def prepare(self, name: str, path: str | Path) -> dict:
+        """Read and check the adapter in `path` (files, shapes, kind) without changing the model: the slow part
+        of loading, which a server runs off its engine thread. `install` then swaps it in."""
         from mightylm.adapters.lora import lora_scaling, read_lora
 
-        if not name or ":" in name or "/" in name:
-            raise AdapterError(f"adapter name {name!r}: use letters, digits, '-' or '_' (no ':' or '/')")
-        if name in self.ids:
-            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        self._check_name(name)
         cfg = read_adapter_config(path)
         warn_if_other_base(self.model, cfg, path)
         kind = cfg.get("peft_type")
@@ -83,28 +85,46 @@ class AdapterBank:
                 raise AdapterError(f"{path}: a QLoRA adapter needs its NF4 base; serve it merged (mighty merge) "
                                    "or start the server on the quantized base")
             cfg, pairs = read_lora(self.model, path, cfg)
-            i = self._new_id(name, "lora")
             modules = dict(self.model.named_modules())
-            for module_name, pair in pairs.items():
+            for module_name in pairs:
                 module = modules[module_name]
-                if not isinstance(module, MultiLoRALinear):
-                    if type(module) is not nn.Linear:
-                        raise AdapterError(f"{path}: {module_name} is a {type(module).__name__}; per-request LoRA "
-                                           "needs a plain linear base layer")
-                    parent_name, _, leaf = module_name.rpartition(".")
-                    module = MultiLoRALinear(module, self)
-                    setattr(modules[parent_name], leaf, module)
-                module.pairs[i] = (pair["lora_A"].to(dtype), (pair["lora_B"] * lora_scaling(cfg)).to(dtype))
-            return f"LoRA on {len(pairs)} layers"
+                if not isinstance(module, MultiLoRALinear) and type(module) is not nn.Linear:
+                    raise AdapterError(f"{path}: {module_name} is a {type(module).__name__}; per-request LoRA "
+                                       "needs a plain linear base layer")
+            scaling = lora_scaling(cfg)
+            return {"name": name, "kind": "lora", "pairs": {m: (p["lora_A"].to(dtype), (p["lora_B"] * scaling).to(dtype))
+                                                          for m, p in pairs.items()}}
         if kind in ("PROMPT_TUNING", "P_TUNING"):
             from mightylm.adapters.prompt import read_prompt
 
             prompt = read_prompt(self.model, path, cfg)
-            i = self._new_id(name, "prompt")
-            self.prompts[i] = prompt.to(dtype)
-            return f"{kind.lower().replace('_', ' ')}: {prompt.shape[0]} virtual tokens"
+            return {"name": name, "kind": "prompt", "prompt": prompt.to(dtype),
+                    "what": f"{kind.lower().replace('_', ' ')}: {prompt.shape[0]} virtual tokens"}
         raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {kind!r} cannot be served per request "
                            "(LORA, PROMPT_TUNING and P_TUNING can); merge it or apply it to the base with --adapter")
+
+    def install(self, prepared: dict) -> str:
+        """Put a prepared adapter in place (module swaps and dictionary updates only: quick, for between steps)."""
+        self._check_name(prepared["name"])
+        if prepared["kind"] == "prompt":
+            self.prompts[self._new_id(prepared["name"], "prompt")] = prepared["prompt"]
+            return prepared["what"]
+        i = self._new_id(prepared["name"], "lora")
+        modules = dict(self.model.named_modules())
+        for module_name, pair in prepared["pairs"].items():
+            module = modules[module_name]
+            if not isinstance(module, MultiLoRALinear):
+                parent_name, _, leaf = module_name.rpartition(".")
+                module = MultiLoRALinear(module, self)
+                setattr(modules[parent_name], leaf, module)
+            module.pairs[i] = pair
+        return f"LoRA on {len(prepared['pairs'])} layers"
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or ":" in name or "/" in name:
+            raise AdapterError(f"adapter name {name!r}: use letters, digits, '-' or '_' (no ':' or '/')")
+        if name in self.ids:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
 
     def _new_id(self, name: str, kind: str) -> int:
         i = self._next

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from mightylm.generate import Sampling
@@ -32,8 +32,11 @@ from mightylm.serve.engine import Engine, QueueFull, Sequence
 MAX_BODY = 1 << 20  # bytes
 DRAIN_LIMIT = 16 << 20  # bytes of a refused body (413, 401) read and discarded before answering
 MAX_N = 8
-COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user", "stream_options",
-          "max_completion_tokens", "ignore_eos"}  # ignore_eos: vLLM's extension, for benchmarks of fixed length
+MAX_PROMPTS = 64  # prompts in one legacy completions request (a list of strings or of token-id lists)
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI allows 5, vLLM 20)
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "user",
+          "stream_options", "max_completion_tokens", "ignore_eos"}  # ignore_eos: vLLM's extension, for benchmarks of fixed length
 FIELDS = {"/v1/completions": COMMON | {"prompt", "echo", "logprobs"}, "/v1/chat/completions": COMMON | {"messages"},
           "/admin/adapters": {"name", "path"}}
 
@@ -145,34 +148,54 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
             raise ApiError(400, "\"stop\" must be a string or a list of up to 4 non-empty strings", param="stop")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ApiError(400, f"\"seed\" must be an integer, got {seed!r}", param="seed")
         n = number("n", 1, 1, MAX_N, int)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not -2**63 <= seed <= 2**63 - MAX_N):  # seed + i for n samples stays an int64
+            raise ApiError(400, f"\"seed\" must be an integer from {-2**63} to {2**63 - MAX_N}, got {seed!r}",
+                           param="seed")
+        top_k = number("top_k", -1, -1, 1 << 20, int)  # vLLM's extension; -1 (or 0) turns it off
         s = Sampling(max_new_tokens=limit, temperature=float(number("temperature", 1.0, 0, 2)),
-                     top_p=float(number("top_p", 1.0, 1e-6, 1)), seed=seed, stop=tuple(stop),
-                     stop_token_ids=tokenizer.stop_token_ids)
+                     top_p=float(number("top_p", 1.0, 1e-6, 1)), top_k=top_k if top_k > 0 else None, seed=seed,
+                     stop=tuple(stop), stop_token_ids=tokenizer.stop_token_ids)
         return s, n
 
     def token_ids(prompt) -> bool:
         return isinstance(prompt, list) and len(prompt) > 0 and all(type(t) is int for t in prompt)
 
-    def prompt_of(body: dict, path: str) -> list[int]:
-        if path == "/v1/completions":
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if token_ids(prompt):  # OpenAI's "array of tokens" form: the ids are used as given
-                vocab = engine.model.config.vocab_size
-                bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    def prompts_of(body: dict, path: str) -> tuple[list[list[int]], list[str]]:
+        """The request's prompts as token ids, with their text (for echo). Legacy completions take, as OpenAI and
+        vLLM do, a string, a list of strings, a list of token ids, or a list of token-id lists; chat one
+        conversation."""
+        if path == "/v1/chat/completions":
+            return [chat_prompt(body)], [""]
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or token_ids(prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt or len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"\"prompt\" must be a non-empty string, a list of token ids, or a list of up to "
+                                f"{MAX_PROMPTS} strings or token-id lists", param="prompt")
+        ids, texts = [], []
+        vocab = engine.model.config.vocab_size
+        for i, one in enumerate(prompt):
+            if token_ids(one):  # OpenAI's "array of tokens" form: the ids are used as given
+                bad = next((t for t in one if not 0 <= t < vocab), None)
                 if bad is not None:
-                    raise ApiError(400, f"token id {bad} in \"prompt\" is outside the vocabulary (0..{vocab - 1})",
+                    raise ApiError(400, f"token id {bad} in \"prompt\"[{i}] is outside the vocabulary (0..{vocab - 1})",
                                    param="prompt")
-                return list(prompt)
-            if not isinstance(prompt, str) or not prompt:
-                raise ApiError(400, "\"prompt\" must be a non-empty string or a non-empty list of token ids",
+                ids.append(list(one))
+                texts.append(tokenizer.decode(one))
+            elif isinstance(one, str) and one:
+                ids.append(tokenizer.encode(one))
+                texts.append(one)
+            else:
+                raise ApiError(400, f"\"prompt\"[{i}] must be a non-empty string or a non-empty list of token ids",
                                param="prompt")
-            return tokenizer.encode(prompt)
+            if not ids[-1]:
+                raise ApiError(400, f"\"prompt\"[{i}] encodes to no tokens", param="prompt")
+        return ids, texts
+
+    def chat_prompt(body: dict) -> list[int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "\"messages\" must be a non-empty list of {role, content}", param="messages")
@@ -186,54 +209,61 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
 
+    def flag(body: dict, key: str) -> bool:
+        value = body.get(key, False)
+        if not isinstance(value, bool):
+            raise ApiError(400, f"\"{key}\" must be true or false", param=key)
+        return value
+
     async def generate(request: Request, path: str):
         body = await body_of(request, path)
         adapter = adapter_of(body)
-        prompt = prompt_of(body, path)
-        echo, logprobs = body.get("echo", False), body.get("logprobs")
-        if not isinstance(echo, bool):
-            raise ApiError(400, "\"echo\" must be true or false", param="echo")
+        prompts, texts = prompts_of(body, path)
+        echo, logprobs = flag(body, "echo"), body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                     or not 0 <= logprobs <= 5):
-            raise ApiError(400, f"\"logprobs\" must be an integer from 0 to 5, got {logprobs!r}", param="logprobs")
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise ApiError(400, f"\"logprobs\" must be an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}",
+                           param="logprobs")
         if echo and body.get("max_tokens") == 0:
-            return await score(body, adapter, prompt, logprobs)
-        if logprobs is not None:
-            raise ApiError(400, "\"logprobs\" is supported for the prompt only (echo: true with max_tokens: 0), "
-                                "not for generated tokens", param="logprobs")
-        s, n = sampling_of(body, len(prompt) + bank.prefix_len(adapter))
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "\"stream\" must be true or false", param="stream")
+            return await score(body, adapter, prompts, texts, logprobs)
+        longest = max(len(p) for p in prompts) + bank.prefix_len(adapter)
+        s, n = sampling_of(body, longest)
+        stream, ignore_eos = flag(body, "stream"), flag(body, "ignore_eos")
+        if stream and logprobs is not None:
+            raise ApiError(400, "\"logprobs\" is supported without streaming only (stream: false)", param="logprobs")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict) or set(options) - {"include_usage"} \
                 or not isinstance(options.get("include_usage", False), bool):
             raise ApiError(400, "\"stream_options\" must be {\"include_usage\": true|false}", param="stream_options")
-        echoed = prompt_text(body) if echo else ""
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise ApiError(400, "\"ignore_eos\" must be true or false", param="ignore_eos")
+        echoed = [text if echo else "" for text in texts]
+        prompt_scores = None
+        if echo and logprobs is not None:  # the prompt's own entries come first, as OpenAI's echo gives them
+            prompt_scores = [await asyncio.to_thread(engine.score, p, adapter, logprobs) for p in prompts]
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        seqs = []
+        seqs, total = [], len(prompts) * n
         try:
-            for i in range(n):
-                seed = None if s.seed is None else s.seed + i
+            for i in range(total):  # choice i: prompt i // n, its sample i % n (OpenAI's order)
+                seed = None if s.seed is None else s.seed + i % n
                 settings = Sampling(**{**s.__dict__, "seed": seed})
                 emit = (lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))(i)
-                seqs.append(engine.submit(Sequence(prompt, settings, emit, adapter=adapter, ignore_eos=ignore_eos)))
+                seqs.append(engine.submit(Sequence(prompts[i // n], settings, emit, adapter=adapter,
+                                                   ignore_eos=ignore_eos, logprobs=logprobs)))
         except QueueFull as e:
             for seq in seqs:
                 seq.cancel()
             raise ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         except ValueError as e:
+            for seq in seqs:
+                seq.cancel()
             raise ApiError(400, str(e), param="max_tokens") from None
         chat = path == "/v1/chat/completions"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         model = body["model"]
         kind = "chat.completion" if chat else "text_completion"
+        prompt_tokens = sum(len(p) for p in prompts)
 
         def chunk(i, text=None, finish=None, first=False):
             if chat:
@@ -245,19 +275,19 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                     "choices": [choice]}
 
         def usage_of(completion_tokens: int) -> dict:
-            return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
-                    "total_tokens": len(prompt) + completion_tokens}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
 
         if stream:
             async def sse():
                 done, generated = 0, 0
                 try:
-                    for i in range(n):
+                    for i in range(total):
                         if chat:
                             yield f"data: {json.dumps(chunk(i, first=True))}\n\n"
-                        elif echoed:
-                            yield f"data: {json.dumps(chunk(i, echoed))}\n\n"
-                    while done < n:
+                        elif echoed[i // n]:
+                            yield f"data: {json.dumps(chunk(i, echoed[i // n]))}\n\n"
+                    while done < total:
                         i, ev = await events.get()
                         if ev["type"] == "text":
                             yield f"data: {json.dumps(chunk(i, ev['text']))}\n\n"
@@ -277,46 +307,59 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, reasons, usage = [echoed] * n, [None] * n, [0] * n
+        texts_out, reasons, usage, scores = [echoed[i // n] for i in range(total)], [None] * total, [0] * total, \
+            [None] * total
         done = 0
         try:
-            while done < n:
-                i, ev = await events.get()
+            while done < total:
+                try:
+                    i, ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # nobody will read the answer: stop generating it
+                        return Response(status_code=499)
+                    continue
                 if ev["type"] == "text":
-                    texts[i] += ev["text"]
+                    texts_out[i] += ev["text"]
                 else:
                     done += 1
                     if ev.get("error"):
                         raise ApiError(500, f"generation failed: {ev['error']}", "server_error")
-                    reasons[i], usage[i] = _reason(ev), ev["completion_tokens"]
+                    reasons[i], usage[i], scores[i] = _reason(ev), ev["completion_tokens"], ev.get("logprobs")
         finally:
             for seq in seqs:
                 seq.cancel()
-        choices = [({"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i]}
-                    if chat else {"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None})
-                   for i in range(n)]
+
+        def logprobs_of(i: int) -> dict | None:
+            if logprobs is None:
+                return None
+            head = prompt_scores[i // n] if prompt_scores else None
+            start = len(echoed[i // n]) if echo else 0
+            return _merge(head, _entries(tokenizer, scores[i] or [], logprobs, start))
+
+        choices = [({"index": i, "message": {"role": "assistant", "content": texts_out[i]}, "finish_reason": reasons[i]}
+                    if chat else {"index": i, "text": texts_out[i], "finish_reason": reasons[i],
+                                  "logprobs": logprobs_of(i)})
+                   for i in range(total)]
         return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
                 "usage": usage_of(sum(usage))}
 
-    def prompt_text(body: dict) -> str:
-        prompt = body["prompt"]
-        if token_ids(prompt):
-            return tokenizer.decode(prompt)
-        return prompt if isinstance(prompt, str) else prompt[0]
-
-    async def score(body: dict, adapter: int, prompt: list[int], logprobs: int | None):
-        """echo + max_tokens 0: the prompt back with each token's log-probability (no generation)."""
+    async def score(body: dict, adapter: int, prompts: list[list[int]], texts: list[str], logprobs: int | None):
+        """echo + max_tokens 0: each prompt back with its tokens' log-probabilities (no generation)."""
         if body.get("stream") or body.get("n", 1) != 1:
             raise ApiError(400, "scoring a prompt (echo with max_tokens 0) takes neither stream nor n > 1")
-        if len(prompt) + bank.prefix_len(adapter) > engine.max_len:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context holds {engine.max_len}",
-                           param="prompt")
-        scored = await asyncio.to_thread(engine.score, prompt, adapter, logprobs or 0)
-        choice = {"index": 0, "text": prompt_text(body), "finish_reason": "length",
-                  "logprobs": scored if logprobs is not None else None}
+        for p in prompts:
+            if len(p) + bank.prefix_len(adapter) > engine.max_len:
+                raise ApiError(400, f"the prompt has {len(p)} tokens; the context holds {engine.max_len}",
+                               param="prompt")
+        choices = []
+        for i, (p, text) in enumerate(zip(prompts, texts)):
+            scored = await asyncio.to_thread(engine.score, p, adapter, logprobs or 0)
+            choices.append({"index": i, "text": text, "finish_reason": "length",
+                            "logprobs": scored if logprobs is not None else None})
+        used = sum(len(p) for p in prompts)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body["model"], "choices": [choice],
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}}
+                "model": body["model"], "choices": choices,
+                "usage": {"prompt_tokens": used, "completion_tokens": 0, "total_tokens": used}}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -341,12 +384,15 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         body = await body_of(request, "/admin/adapters")
         if not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
             raise ApiError(400, "send {\"name\": string, \"path\": adapter directory on the server}")
-        if not Path(body["path"]).is_dir():
-            raise ApiError(400, f"{body['path']}: no such adapter directory on the server", param="path")
         from mightylm.adapters import AdapterError
 
-        try:
-            what = await asyncio.to_thread(engine.call, lambda: bank.add(body["name"], body["path"]))
+        path = Path(body["path"])
+        if not (path / "adapter_config.json").is_file():  # one answer whether the directory exists or not
+            raise ApiError(400, f"{body['path']}: no such adapter directory on the server (one holding "
+                                "adapter_config.json and adapter_model.safetensors)", param="path")
+        try:  # files are read off the engine thread (a slow disk must not stall generation); the swap is quick
+            prepared = await asyncio.to_thread(bank.prepare, body["name"], path)
+            what = await asyncio.to_thread(engine.call, lambda: bank.install(prepared))
         except AdapterError as e:
             raise ApiError(400, str(e)) from None
         return {"name": body["name"], "model": f"{name}:{body['name']}", "loaded": what}
@@ -379,6 +425,32 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         return HTMLResponse((Path(__file__).parent / "chat.html").read_text())
 
     return app
+
+
+def _entries(tokenizer, scored: list, top: int, start: int) -> dict:
+    """OpenAI's legacy logprobs object for generated tokens: (token id, logprob, [(id, logprob), ...]) each, their
+    text offsets counted from `start` (the echoed prompt's length)."""
+    decoder, out = tokenizer.stream_decoder(), {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                "text_offset": []}
+    length = start
+    for token, logprob, best in scored:
+        out["tokens"].append(tokenizer.decode([token], skip_special_tokens=False))
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append({tokenizer.decode([i], skip_special_tokens=False): v for i, v in best} if top else None)
+        out["text_offset"].append(length)
+        length += len(decoder.push(token))
+    return out
+
+
+def _merge(head: dict | None, tail: dict) -> dict:
+    """The prompt's entries (echo), then the generated tokens'."""
+    if head is None:
+        return {**tail, "top_logprobs": tail["top_logprobs"] if any(t is not None for t in tail["top_logprobs"]) else None}
+    tops = None
+    if head["top_logprobs"] is not None or any(t is not None for t in tail["top_logprobs"]):
+        tops = (head["top_logprobs"] or [None] * len(head["tokens"])) + tail["top_logprobs"]
+    return {"tokens": head["tokens"] + tail["tokens"], "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
+            "top_logprobs": tops, "text_offset": head["text_offset"] + tail["text_offset"]}
 
 
 def _reason(event: dict) -> str:

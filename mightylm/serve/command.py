@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from mightylm.options import Port, PositiveInt
+from mightylm.options import Port, PositiveFloat, PositiveInt
+
+
+API_KEY_ENV = "MIGHTY_API_KEY"
 
 
 def serve(
@@ -15,41 +18,60 @@ def serve(
     port: Port = 8000,
     adapter: list[str] | None = None,
     api_key: list[str] | None = None,
+    api_key_file: str | None = None,
     name: str | None = None,
     max_batch: PositiveInt = 16,
     max_queue: PositiveInt = 64,
     max_len: PositiveInt = 2048,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    drain_timeout: PositiveFloat = 10.0,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Requests are batched continuously (new ones join between decode steps). A request picks an adapter
     with "model": "NAME:ADAPTER"; adapters load at start (--adapter NAME=DIR, repeatable) or at run time
     (POST /admin/adapters {"name", "path"}), and requests for different adapters share a batch.
+    API keys are best given in the environment (MIGHTY_API_KEY, several separated by commas) or a file
+    (--api-key-file, one per line): a key on the command line is visible to every user of `ps`.
+    SIGTERM or Ctrl-C stops accepting connections, lets running requests finish for up to --drain-timeout
+    seconds, then ends the rest and exits.
 
     Args:
         model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
         host: The address to listen on; the default accepts connections from this machine only.
         port: The port to listen on.
         adapter: NAME=DIR: a LoRA, prompt-tuning or P-tuning adapter served as "MODEL:NAME" (repeat for several).
-        api_key: Accept only requests with "Authorization: Bearer KEY" (repeat for several keys).
+        api_key: Accept only requests with "Authorization: Bearer KEY" (repeat for several keys). Prefer the
+            MIGHTY_API_KEY environment variable or --api-key-file: the command line is visible to `ps`.
+        api_key_file: A file with one API key per line (blank lines and lines starting with # are skipped).
         name: The model name clients send (default: the model directory's name or the embedded name).
         max_batch: Sequences decoded together (rows of the KV-cache pool).
         max_queue: Requests that may wait; beyond it clients get 429 with Retry-After.
         max_len: Tokens per sequence (prompt + completion), at most the model's context.
         dtype: Weight and activation precision (float32, bfloat16, float16).
+        drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
     """
+    import os
+
     import uvicorn
 
     import mightylm
     from mightylm.adapters import AdapterError
+    from mightylm.errors import UsageError
     from mightylm.serve.adapters import AdapterBank
     from mightylm.serve.app import create_app
     from mightylm.serve.engine import Engine
 
     served = name or Path(model.rstrip("/")).name.removesuffix(".gguf")
     if ":" in served:
-        raise ValueError(f"model name {served!r} may not contain ':' (it separates the adapter); pass --name")
+        raise UsageError(f"model name {served!r} may not contain ':' (it separates the adapter); pass --name")
+    keys = list(api_key or []) + [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    if api_key_file:
+        keys += [line.strip() for line in Path(api_key_file).read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise UsageError(f"--api-key-file {api_key_file}: holds no key (one per line)")
+    sock = _listen(host, port)  # before the slow load: a port in use is said at once
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True)
     bank = AdapterBank(net.eval())
@@ -59,12 +81,34 @@ def serve(
             raise AdapterError(f"--adapter {spec!r}: use NAME=DIR")
         print(f"adapter {adapter_name}: {bank.add(adapter_name, path)}", file=sys.stderr)
     engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len).start()
-    app = create_app(engine, served, api_keys=tuple(api_key or ()))
-    print(f"serving {served} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)", file=sys.stderr, flush=True)
+    app = create_app(engine, served, api_keys=tuple(keys))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout))
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {served} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)"
+          + (f"; {len(keys)} API key(s)" if keys else ""), file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        server.run(sockets=[sock])
     finally:
         engine.stop()
+        sock.close()
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port, or a UsageError saying why not (in use, no such address, not allowed)."""
+    import socket
+
+    from mightylm.errors import UsageError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                         + ("; another server uses that port: pass another --port" if e.errno == 98 else "")) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def start_server(args: list[str], log: str | Path, timeout: float = 180.0):

@@ -45,6 +45,14 @@ class Latency:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
+def _score(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under the model's distribution (before temperature and top-p, as OpenAI and
+    vLLM report it) and the `top` most likely tokens with theirs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = logp.topk(top) if top else None
+    return float(logp[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the client should retry later."""
 
@@ -72,7 +80,9 @@ class Sequence:
     emit: Callable[[dict], None]  # called from the engine thread with {"type": "text"|"done", ...}
     adapter: int = 0
     ignore_eos: bool = False  # run to max_new_tokens through end-of-sequence tokens (for benchmarks)
+    logprobs: int | None = None  # record each generated token's log-probability and this many alternatives
     generated: list[int] = field(default_factory=list)
+    scores: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per generated token
     finish_reason: str | None = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -81,6 +91,7 @@ class Sequence:
     _decoder: object = None
     _pending: str = ""
     _generator: torch.Generator | None = None
+    _error: str | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -198,11 +209,11 @@ class Engine:
                     self._admit()
                     if self.running:
                         self._decode()
-                except Exception as e:  # a failed step ends the sequences in it, never the server
-                    for seq in self.running + list(self.waiting):
-                        self._finish_all(seq, "error", str(e))
+                except Exception as e:  # a shared forward pass failed: it ends the rows in it, never the server
+                    for seq in self.running:
+                        self._finish_all(seq, "error", f"{type(e).__name__}: {e}")
                     self.running.clear()
-                    self.waiting.clear()
+                    self.t = 0
         for seq in self.running + list(self.waiting):
             self._finish_all(seq, "abort", "the server is shutting down")
 
@@ -275,28 +286,58 @@ class Engine:
             self.pads[row] = self.t - need
             self.running.append(seq)
             seq._decoder = self.tokenizer.stream_decoder()
-            if seq.sampling.seed is not None:
-                seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+            try:
+                if seq.sampling.seed is not None:
+                    seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+            except Exception as e:  # fails this row only (swept below, before any token)
+                self._fail(seq, e)
             self.stats["prompt_tokens"] += len(seq.prompt)
         last = first + len(group)
         self.stats["prefill_passes"] += 1
         self.bank.set_rows([seq.adapter for seq, _ in group])
         kwargs = dict(cache=_Rows(self.pool, first, last), start=self.t - width, pad=self.pads[first:last],
                       last_only=True)
-        if all(need == len(seq.prompt) for seq, need in group):  # no soft prompt among them: token ids
-            idx = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
-            for j, (seq, _) in enumerate(group):
-                idx[j, width - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
-            logits = self.model(idx, **kwargs)[:, -1]
-        else:  # soft prompts: each row's own virtual tokens before its prompt, as embeddings
-            weight = self.model.embed.weight
-            embeds = torch.zeros(len(group), width, weight.shape[1], dtype=weight.dtype, device=self.device)
-            for j, (seq, need) in enumerate(group):
-                embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter)
-            logits = self.model(embeds=embeds, **kwargs)[:, -1]
-        for j, (seq, _) in enumerate(group):
-            self._accept(first + j, int(sample(logits[j:j + 1], seq.sampling, seq._generator)[0]))
+        try:
+            if all(need == len(seq.prompt) for seq, need in group):  # no soft prompt among them: token ids
+                idx = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+                for j, (seq, _) in enumerate(group):
+                    idx[j, width - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
+                logits = self.model(idx, **kwargs)[:, -1]
+            else:  # soft prompts: each row's own virtual tokens before its prompt, as embeddings
+                weight = self.model.embed.weight
+                embeds = torch.zeros(len(group), width, weight.shape[1], dtype=weight.dtype, device=self.device)
+                for j, (seq, need) in enumerate(group):
+                    embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter)
+                logits = self.model(embeds=embeds, **kwargs)[:, -1]
+        except Exception as e:  # take the group out again; alone, each fails or succeeds on its own
+            del self.running[first:]
+            if not self.running:
+                self.t = 0
+            if len(group) == 1:
+                self._finish_all(group[0][0], "error", f"{type(e).__name__}: {e}")
+            else:
+                for one in group:
+                    self._prefill([one])
+            return
+        self._take(logits, first)
+
+    def _take(self, logits: torch.Tensor, first: int) -> None:
+        """Sample each row's next token from `logits` (rows first.. of the pool) and accept it; an error in one row
+        (its sampling settings, its generator, its text) ends that row only."""
+        for j, seq in enumerate(self.running[first:first + logits.shape[0]]):
+            if seq.finish_reason is not None:
+                continue
+            try:
+                token = int(sample(logits[j:j + 1], seq.sampling, seq._generator)[0])
+                if seq.logprobs is not None:
+                    seq.scores.append(_score(logits[j], token, seq.logprobs))
+                self._accept(first + j, token)
+            except Exception as e:
+                self._fail(seq, e)
         self._sweep()
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.finish_reason, seq._error = "error", f"{type(error).__name__}: {error}"
 
     def _decode(self) -> None:
         n = len(self.running)
@@ -304,9 +345,7 @@ class Engine:
         self.bank.set_rows([s.adapter for s in self.running])
         logits = self.model(tokens[:, None], cache=_Rows(self.pool, 0, n), start=self.t, pad=self.pads[:n])[:, -1]
         self.t += 1
-        for row, seq in enumerate(self.running):
-            self._accept(row, int(sample(logits[row:row + 1], seq.sampling, seq._generator)[0]))
-        self._sweep()
+        self._take(logits, 0)
 
     def _accept(self, row: int, token: int) -> None:
         """Record a sampled token, emit its text, and decide whether the sequence is finished."""
@@ -363,7 +402,7 @@ class Engine:
                 self.pads[row] = self.pads[last]
                 self.running[row] = self.running[last]
             self.running.pop()
-            self._finish_all(seq, seq.finish_reason or "cancelled")
+            self._finish_all(seq, seq.finish_reason or "cancelled", seq._error)
         if not self.running:
             self.t = 0
 
@@ -374,4 +413,12 @@ class Engine:
                  "completion_tokens": len(seq.generated)}
         if error:
             event["error"] = error
-        seq.emit(event)
+        if seq.logprobs is not None:
+            stops = seq.sampling.stop_token_ids or self.tokenizer.stop_token_ids
+            n = len(seq.scores) - (1 if reason == "stop" and seq.generated and seq.generated[-1] in stops
+                                   and not seq.ignore_eos else 0)
+            event["logprobs"] = [(token, *score) for token, score in zip(seq.generated[:n], seq.scores[:n])]
+        try:
+            seq.emit(event)
+        except Exception:  # a listener that is gone (its loop closed) must not stop the engine
+            pass
