@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -446,3 +447,230 @@ def test_list_options_repeat_on_the_command_line(capsys):
         main(["serve", "--adapter", "a=x", "--adapter", "b=y", "--api-key", "k1", "--print_config"])
     printed = capsys.readouterr().out
     assert "adapter:\n- a=x\n- b=y" in printed and "api_key:\n- k1" in printed
+
+
+# ---- issue 16: one bad request fails only itself; real clients work unchanged ----
+
+
+def test_a_poisoned_request_fails_alone_and_the_others_complete_unchanged(tiny):
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine, Sequence
+
+    model, tokenizer, _ = tiny
+    engine = Engine(model, tokenizer, AdapterBank(model), max_batch=8, max_len=256)
+    prompts = ["To be, or not", "The quick brown", "Hello there", "whether 'tis nobler"]
+    results = {i: {"text": "", "done": None} for i in range(len(prompts) + 1)}
+
+    def emit_for(i):
+        def emit(ev):
+            if ev["type"] == "text":
+                if i == 4:
+                    raise RuntimeError("this listener breaks on its first text")
+                results[i]["text"] += ev["text"]
+            else:
+                results[i]["done"] = ev
+        return emit
+
+    seeds = [None, None, 2**64, None]  # 2**64 overflows torch's generator: the row that poisoned the batch before
+    for i, (text, seed) in enumerate(zip(prompts, seeds)):
+        engine.submit(Sequence(tokenizer.encode(text), Sampling(max_new_tokens=12, seed=seed), emit_for(i)))
+    engine.submit(Sequence(tokenizer.encode("Hello there"), Sampling(max_new_tokens=12), emit_for(4)))
+    engine.start()
+    try:
+        deadline = time.time() + 30
+        while any(r["done"] is None for r in results.values()) and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.stop()
+    assert engine.stats["prefill_passes"] == 1  # they shared a batch
+    for i in (0, 1, 3):
+        assert results[i]["done"]["finish_reason"] in ("length", "stop") and "error" not in results[i]["done"]
+        assert results[i]["text"] == _reference(model, tokenizer, None, prompts[i], 12)
+    assert results[2]["done"]["finish_reason"] == "error" and "Overflow" in results[2]["done"]["error"]
+    assert results[4]["done"]["finish_reason"] == "error" and "listener breaks" in results[4]["done"]["error"]
+
+
+def _slow(model, seconds: float):
+    """A copy of `model` whose every forward pass takes at least `seconds` (so a test can act mid-generation)."""
+    slow = copy.deepcopy(model)
+    slow.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+    return slow
+
+
+def test_a_non_streaming_client_that_goes_away_frees_its_row(tiny):
+    model, tokenizer, _ = tiny
+    s = Server(_slow(model, 0.02), tokenizer, max_batch=2, max_len=256)
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "To be", "max_tokens": 200, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.time() + 10
+            while s.engine.load()["running"] == 0 and time.time() < deadline:
+                time.sleep(0.02)
+            assert s.engine.load()["running"] == 1
+        gone = time.time()
+        while s.engine.load()["running"] and time.time() < gone + 10:
+            time.sleep(0.02)
+        assert s.engine.load()["running"] == 0 and time.time() - gone < 2  # 200 tokens would take over 4 s
+        assert s.engine.stats["finished"].get("cancelled", 0) == 1
+        assert s.engine.stats["generated_tokens"] < 100
+    finally:
+        s.close()
+
+
+def test_loading_an_adapter_does_not_stall_generation(tiny, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tokenizer, root = tiny
+    s = Server(model, tokenizer, max_batch=4, max_len=256)
+    prepare = s.engine.bank.prepare
+
+    def slow_prepare(*args):  # a slow disk: reading the adapter takes 3 s
+        time.sleep(3)
+        return prepare(*args)
+
+    monkeypatch.setattr(s.engine.bank, "prepare", slow_prepare)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            loading = pool.submit(s.post, "/admin/adapters", {"name": "late", "path": str(root / "lora")})
+            time.sleep(0.3)
+            started = time.time()
+            status, reply, _ = s.post("/v1/completions", {"model": "tiny", "prompt": "To be", "max_tokens": 8})
+            assert status == 200 and time.time() - started < 2 and not loading.done()
+            assert loading.result(timeout=30)[0] == 200
+        assert s.post("/v1/completions", {"model": "tiny:late", "prompt": "x", "max_tokens": 2})[0] == 200
+        for path in (root / "nowhere", root):  # a missing directory and one without an adapter: the same answer
+            status, reply, _ = s.post("/admin/adapters", {"name": "bad", "path": str(path)})
+            assert status == 400 and reply["error"]["message"] == (f"{path}: no such adapter directory on the server "
+                                                                   "(one holding adapter_config.json and "
+                                                                   "adapter_model.safetensors)")
+    finally:
+        s.close()
+
+
+def test_legacy_completions_take_every_prompt_shape(server, tiny):
+    model, tokenizer, _ = tiny
+    texts = ["To be, or not", "The quick brown"]
+    ids = [tokenizer.encode(t) for t in texts]
+    alone = [server.post("/v1/completions", {"model": "tiny", "prompt": t, "max_tokens": 6, "temperature": 0})[1]
+             for t in texts]
+    expected = [a["choices"][0]["text"] for a in alone]
+    for prompt in (texts, ids):
+        status, reply, _ = server.post("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 6,
+                                                           "temperature": 0})
+        assert status == 200 and [c["index"] for c in reply["choices"]] == [0, 1]
+        assert [c["text"] for c in reply["choices"]] == expected
+        assert reply["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+    status, reply, _ = server.post("/v1/completions", {"model": "tiny", "prompt": texts, "max_tokens": 6,
+                                                       "temperature": 0, "n": 2})
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]  # prompt i's samples at i * n ...
+    assert [c["text"] for c in reply["choices"]] == [expected[0]] * 2 + [expected[1]] * 2
+    status, reply, _ = server.post("/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
+                                                       "logprobs": 0})
+    assert [c["text"] for c in reply["choices"]] == texts and reply["choices"][1]["logprobs"]["token_logprobs"][0] is None
+
+
+def _loglik(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """Log-likelihood of `continuation` after `context` and whether it is the greedy continuation, in process."""
+    idx = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(idx)[0, :-1].float(), dim=-1)[len(context) - 1:]
+    target = torch.tensor(continuation)
+    return float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
+def test_lm_eval_harness_requests_score_like_the_model(server, tiny):
+    """The two payloads lm-evaluation-harness's `local-completions` sends for log-likelihood tasks, parsed the way
+    its `parse_logprobs` does (lm_eval 0.4: token_logprobs[ctxlen:-1], greedy when each equals the top value)."""
+    model, tokenizer, _ = tiny
+    pairs = [("Question: To be, or not to", " be"), ("The quick brown", " fox jumps"), ("Hello", " sea")]
+    requests = [(tokenizer.encode(c), tokenizer.encode(c + x)[len(tokenizer.encode(c)):]) for c, x in pairs]
+    for tokenized in (True, False):
+        prompt = [c + x for c, x in requests] if tokenized else [c + x for c, x in pairs]
+        status, reply, _ = server.post("/v1/completions", {"model": "tiny", "prompt": prompt, "temperature": 0,
+                                                           "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True})
+        assert status == 200, reply
+        for choice, (context, continuation) in zip(sorted(reply["choices"], key=lambda c: c["index"]), requests):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(context) + len(continuation) + 1 and lp["token_logprobs"][0] is None
+            assert lp["top_logprobs"][0] is None and all(len(t) == 1 for t in lp["top_logprobs"][1:])
+            ctxlen = len(context)
+            score = sum(lp["token_logprobs"][ctxlen:-1])
+            greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1],
+                                                                 lp["top_logprobs"][ctxlen:-1]))
+            expected, expected_greedy = _loglik(model, context, continuation)
+            assert score == pytest.approx(expected, abs=1e-3) and greedy == expected_greedy
+            assert lp["text_offset"][:2] == [0, len(tokenizer.decode(context[:1]))]
+
+
+def test_logprobs_of_generated_tokens(server, tiny):
+    model, tokenizer, _ = tiny
+    prompt = tokenizer.encode("To be, or not")
+    status, reply, _ = server.post("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 8,
+                                                       "temperature": 0, "logprobs": 3, "ignore_eos": True})
+    assert status == 200, reply
+    lp = reply["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == reply["usage"]["completion_tokens"] == 8
+    generated = generate(model, [prompt], Sampling(max_new_tokens=8))[0]  # greedy, through stop tokens
+    assert lp["tokens"] == [tokenizer.decode([t], skip_special_tokens=False) for t in generated]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + generated]))[0].float(), dim=-1)
+    for k, (value, top) in enumerate(zip(lp["token_logprobs"], lp["top_logprobs"])):
+        row = logp[len(prompt) - 1 + k]
+        assert value == pytest.approx(float(row[generated[k]]), abs=1e-4) == pytest.approx(float(row.max()), abs=1e-4)
+        assert 1 <= len(top) <= 3 and max(top.values()) == value  # greedy: the token is its row's best
+    text = reply["choices"][0]["text"]
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"]) and max(lp["text_offset"]) <= len(text)
+
+
+def test_mighty_serve_takes_keys_from_the_environment_refuses_a_used_port_and_stops_on_sigterm(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mightylm
+    from mightylm.serve.command import start_server
+
+    model, tokenizer, _ = tiny
+    mightylm.save(model, tokenizer, tmp_path / "model")
+    os.environ["MIGHTY_API_KEY"] = "k1,k2"
+    try:
+        url, process = start_server(["--model", str(tmp_path / "model"), "--name", "tiny", "--max-batch", "1",
+                                     "--drain-timeout", "2"], tmp_path / "serve.log")
+    finally:
+        del os.environ["MIGHTY_API_KEY"]
+    try:
+        def post(key=None, **body):
+            request = urllib.request.Request(url + "/v1/completions", method="POST", data=json.dumps(
+                {"model": "tiny", "prompt": "To be", **body}).encode(), headers={
+                "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+            except OSError:
+                return None  # the server went away mid-request
+
+        assert post(max_tokens=2) == 401 and post("k2", max_tokens=2) == 200
+        assert "serving tiny at" in (tmp_path / "serve.log").read_text()
+        port = url.rsplit(":", 1)[1]
+        second = subprocess.run([str(Path(sys.executable).with_name("mighty")), "serve", "--model",
+                                 str(tmp_path / "model"), "--port", port], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr
+        assert "serving" not in second.stderr and "Traceback" not in second.stderr
+        with ThreadPoolExecutor(4) as pool:  # one running, three waiting on the single row
+            busy = [pool.submit(post, "k1", max_tokens=200, ignore_eos=True) for _ in range(4)]
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            started = time.time()
+            process.wait(timeout=30)
+            assert time.time() - started < 2 + 5  # the drain timeout, plus the engine's stop
+            [b.result() for b in busy]
+        assert process.returncode == 143  # drained, then exited with the shell's status for SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()

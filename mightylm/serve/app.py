@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 
 from mightylm.generate import Sampling
-from mightylm.serve.engine import Engine, QueueFull, Sequence
+from mightylm.serve.engine import Engine, QueueFull, Sequence, logprob_entries
 
 MAX_BODY = 1 << 20  # bytes
 DRAIN_LIMIT = 16 << 20  # bytes of a refused body (413, 401) read and discarded before answering
@@ -60,6 +60,13 @@ async def _read_body(request: Request, keep: int) -> bytes | None:
         elif size > DRAIN_LIMIT:
             break
     return b"".join(chunks) if size <= keep else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away. (Request.is_disconnected() never sees it behind a function
+    middleware, whose receive cannot be polled; a receive that waits does.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
@@ -310,13 +317,14 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         texts_out, reasons, usage, scores = [echoed[i // n] for i in range(total)], [None] * total, [0] * total, \
             [None] * total
         done = 0
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             while done < total:
+                if gone.done():  # nobody will read the answer: stop generating it
+                    return Response(status_code=499)
                 try:
                     i, ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():  # nobody will read the answer: stop generating it
-                        return Response(status_code=499)
                     continue
                 if ev["type"] == "text":
                     texts_out[i] += ev["text"]
@@ -326,6 +334,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                         raise ApiError(500, f"generation failed: {ev['error']}", "server_error")
                     reasons[i], usage[i], scores[i] = _reason(ev), ev["completion_tokens"], ev.get("logprobs")
         finally:
+            gone.cancel()
             for seq in seqs:
                 seq.cancel()
 
@@ -334,7 +343,10 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                 return None
             head = prompt_scores[i // n] if prompt_scores else None
             start = len(echoed[i // n]) if echo else 0
-            return _merge(head, _entries(tokenizer, scores[i] or [], logprobs, start))
+            scored = scores[i] or []
+            tail = logprob_entries(tokenizer, [t for t, _, _ in scored], [v for _, v, _ in scored],
+                                   [best for _, _, best in scored] if logprobs else None, start)
+            return _merge(head, tail)
 
         choices = [({"index": i, "message": {"role": "assistant", "content": texts_out[i]}, "finish_reason": reasons[i]}
                     if chat else {"index": i, "text": texts_out[i], "finish_reason": reasons[i],
@@ -427,30 +439,11 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
     return app
 
 
-def _entries(tokenizer, scored: list, top: int, start: int) -> dict:
-    """OpenAI's legacy logprobs object for generated tokens: (token id, logprob, [(id, logprob), ...]) each, their
-    text offsets counted from `start` (the echoed prompt's length)."""
-    decoder, out = tokenizer.stream_decoder(), {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                                                "text_offset": []}
-    length = start
-    for token, logprob, best in scored:
-        out["tokens"].append(tokenizer.decode([token], skip_special_tokens=False))
-        out["token_logprobs"].append(logprob)
-        out["top_logprobs"].append({tokenizer.decode([i], skip_special_tokens=False): v for i, v in best} if top else None)
-        out["text_offset"].append(length)
-        length += len(decoder.push(token))
-    return out
-
-
 def _merge(head: dict | None, tail: dict) -> dict:
-    """The prompt's entries (echo), then the generated tokens'."""
+    """The prompt's entries (echo), then the generated tokens' (both have alternatives, or neither)."""
     if head is None:
-        return {**tail, "top_logprobs": tail["top_logprobs"] if any(t is not None for t in tail["top_logprobs"]) else None}
-    tops = None
-    if head["top_logprobs"] is not None or any(t is not None for t in tail["top_logprobs"]):
-        tops = (head["top_logprobs"] or [None] * len(head["tokens"])) + tail["top_logprobs"]
-    return {"tokens": head["tokens"] + tail["tokens"], "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
-            "top_logprobs": tops, "text_offset": head["text_offset"] + tail["text_offset"]}
+        return tail
+    return {key: None if head[key] is None else head[key] + tail[key] for key in tail}
 
 
 def _reason(event: dict) -> str:

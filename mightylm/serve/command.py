@@ -52,6 +52,7 @@ def serve(
         drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
     """
     import os
+    import signal
 
     import uvicorn
 
@@ -86,11 +87,18 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {served} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)"
           + (f"; {len(keys)} API key(s)" if keys else ""), file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM and then raises the signal again: this handler turns that into a plain exit
+    # with the shell's status for SIGTERM (143), after the engine has stopped.
+    signal.signal(signal.SIGTERM, _exit_143)
     try:
         server.run(sockets=[sock])
     finally:
         engine.stop()
         sock.close()
+
+
+def _exit_143(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _listen(host: str, port: int):

@@ -53,6 +53,28 @@ def _score(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tupl
     return float(logp[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
 
 
+def logprob_entries(tokenizer, tokens: list[int], logprobs: list, tops: list | None, start: int = 0) -> dict:
+    """OpenAI's legacy logprobs object: each token's text, log-probability, alternatives ({text: logprob}, or
+    None) and offset in the text (counted from `start`). Alternatives whose texts coincide (pieces of one UTF-8
+    character all read "\ufffd") keep the likeliest, so the best alternative's value is always the row's best."""
+    decoder = tokenizer.stream_decoder()
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if tops is not None else None, "text_offset": []}
+    length = start
+    for k, (token, logprob) in enumerate(zip(tokens, logprobs)):
+        out["tokens"].append(tokenizer.decode([token], skip_special_tokens=False))
+        out["token_logprobs"].append(logprob)
+        if tops is not None:
+            alternatives = None
+            if tops[k] is not None:
+                alternatives = {}
+                for i, value in tops[k]:  # best first
+                    alternatives.setdefault(tokenizer.decode([i], skip_special_tokens=False), value)
+            out["top_logprobs"].append(alternatives)
+        out["text_offset"].append(length)
+        length += len(decoder.push(token))
+    return out
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the client should retry later."""
 
@@ -177,16 +199,8 @@ class Engine:
             return picked, best
 
         picked, best = self.call(run)
-        decoder, tokens, offsets, length = self.tokenizer.stream_decoder(), [], [], 0
-        for token in prompt:
-            offsets.append(length)
-            tokens.append(self.tokenizer.decode([token], skip_special_tokens=False))
-            length += len(decoder.push(token))
-        tops = None
-        if best is not None:
-            tops = [None] + [{self.tokenizer.decode([i], skip_special_tokens=False): v
-                              for i, v in zip(ids.tolist(), values.tolist())} for values, ids in zip(*best)]
-        return {"tokens": tokens, "token_logprobs": [None] + picked, "top_logprobs": tops, "text_offset": offsets}
+        tops = [None] + [list(zip(ids.tolist(), values.tolist())) for values, ids in zip(*best)] if top else None
+        return logprob_entries(self.tokenizer, prompt, [None] + picked, tops)
 
     def load(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting)}
