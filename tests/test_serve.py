@@ -674,3 +674,61 @@ def test_mighty_serve_takes_keys_from_the_environment_refuses_a_used_port_and_st
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_lm_evaluation_harness_scores_through_the_server_as_its_hf_backend(bpe_tokenizer, tmp_path, monkeypatch):
+    """EleutherAI's lm-evaluation-harness, unchanged: its `local-completions` client against our server gives
+    the accuracy and log-likelihoods its `hf` backend gives on the same weights, with tokenized requests and
+    with text."""
+    import os
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval[api] is in the test extras: pip install -e '.[test]'")
+    from lm_eval.tasks import TaskManager
+
+    import mightylm
+    from conftest import make_hf_model
+
+    model_dir = tmp_path / "model"
+    make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size).save_pretrained(model_dir)
+    bpe_tokenizer.save(model_dir)
+    questions = [{"question": "To be, or not to", "choices": ["be", "fox", "sea"], "answer": 0},
+                 {"question": "The quick brown", "choices": ["fox", "sea", "question"], "answer": 1},
+                 {"question": "whether 'tis nobler in the", "choices": ["mind", "dog", "café"], "answer": 0},
+                 {"question": "Héllo wörld, naïve", "choices": ["café", "arrows", "fortune"], "answer": 2},
+                 {"question": "slings and", "choices": ["arrows", "troubles"], "answer": 0}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        "task: mighty_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+        "    higher_is_better: true\n")
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    monkeypatch.chdir(tmp_path)  # lm-eval asks git for a commit hash of the working directory
+
+    def scores(results):
+        return results["results"]["mighty_mc"]["acc,none"], [r["resps"] for r in results["samples"]["mighty_mc"]]
+
+    acc, reference = scores(lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
+                                                    tasks=["mighty_mc"], task_manager=tasks, log_samples=True,
+                                                    device="cpu", batch_size=4))
+    net, tokenizer = mightylm.load(model_dir)
+    s = Server(net, tokenizer, max_batch=8, max_len=256)
+    try:
+        for tokenized in (True, False):
+            args = (f"model=tiny,base_url={s.url}/v1/completions,tokenizer={model_dir},tokenizer_backend=huggingface,"
+                    f"tokenized_requests={tokenized},num_concurrent=2,max_retries=1")
+            got_acc, got = scores(lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                                          tasks=["mighty_mc"], task_manager=tasks, log_samples=True))
+            assert got_acc == acc
+            flat = [r for question in got for choice in question for r in choice]
+            expected = [r for question in reference for choice in question for r in choice]
+            assert len(flat) == len(expected) == 14
+            for (loglik, greedy), (ref_loglik, ref_greedy) in zip(flat, expected):
+                assert loglik == pytest.approx(ref_loglik, abs=1e-3) and greedy == ref_greedy
+    finally:
+        s.close()
