@@ -5,17 +5,20 @@ the LM head. Module names follow Hugging Face's leaf names (`q_proj`, `gate_proj
 checkpoint maps in `checkpoint.py` stay trivial and techniques can target layers by those names.
 
 Seams for later techniques:
-- `Transformer.forward(idx=None, *, embeds=None, ...)`: the vision projector feeds embeddings
-  instead of token ids.
+- The model in named parts: `inputs(idx | embeds, pad, start)` (embedding + virtual-token prefix),
+  `trunk(x, cache, start, pad) -> h` (blocks + final norm), `head(h)` (logits) and `loss(h, labels)`;
+  `forward` is their composition. Distillation and recurrent memory read `h`, the vision model feeds
+  `embeds`, speculation verifies with `trunk` + `head`: they call the parts, forward gains no keywords.
 - `Transformer.prefix`: a module returning (P, dim) virtual-token embeddings that enter before
   every sequence (prompt tuning, P-tuning). The model places them after each row's left padding,
   shifts cache slots by P, and returns logits for the real tokens only, so callers never see them.
 - `Attention.attend(q, k, v, mask)`: the one method an attention adapter wraps.
-- `Block.mlp` is built by `make_mlp(config)`: the mixture-of-experts feed-forward plugs in there.
+- `Block.mlp` is built by `make_mlp(config, layer_idx)`: the mixture-of-experts feed-forward plugs in there.
+- RoPE scalings are a table, `ROPE_SCALINGS`; initialisation finds residual projections by leaf name.
 - The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
 - `Block.fused_decode`: a callable the decode layout (fuse.py) sets to run a whole block natively for
   one token of one sequence; the block falls back to its modules wherever it returns None.
-- `Transformer.forward(idx, labels=...)` returns the training loss instead of logits, through
+- `Transformer.loss` (and `forward(idx, labels=...)`) computes the training loss through
   `linear_cross_entropy`, which never holds the (B*T, vocab) logits at once.
 
 This file imports only torch and `mightylm.config`.
@@ -32,6 +35,7 @@ from torch import nn
 from mightylm.config import ModelConfig
 
 IGNORE_INDEX = -100  # label of positions that are not scored (PyTorch's and Hugging Face's convention)
+RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")  # leaf names of the layers that write into the residual stream
 
 
 class RMSNorm(nn.Module):
@@ -49,24 +53,36 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
+def _linear_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Position interpolation (Chen et al. 2023): every frequency divided by `factor`."""
+    return inv_freq / scaling["factor"]
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+# RoPE scalings by `rope_scaling["type"]`: (inverse frequencies, the scaling's settings) -> scaled frequencies.
+# The long-context work adds its kinds here (and to config.ROPE_SCALING_TYPES).
+ROPE_SCALINGS = {"linear": _linear_scaling, "llama3": _llama3_scaling}
+
+
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), with linear or Llama-3 scaling applied."""
+    """Inverse frequencies theta^(-2i/d), with the config's RoPE scaling (ROPE_SCALINGS) applied."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     scaling = config.rope_scaling or {}
-    if scaling.get("type") == "linear":  # position interpolation (Chen et al. 2023)
-        inv_freq = inv_freq / scaling["factor"]
-    elif scaling.get("type") == "llama3":
-        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
-        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
+    if scaling.get("type") is None:
+        return inv_freq
+    return ROPE_SCALINGS[scaling["type"]](inv_freq, scaling)
 
 
 def rope_cos_sin(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +179,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def make_mlp(config: ModelConfig) -> nn.Module:
-    """The feed-forward of one block; the mixture-of-experts issue adds its branch here."""
+def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
+    """The feed-forward of block `layer_idx`; the mixture-of-experts work adds its branch here (MoE models
+    may keep some blocks dense, hence the index)."""
     return MLP(config)
 
 
@@ -174,7 +191,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = make_mlp(config)
+        self.mlp = make_mlp(config, layer_idx)
         # (x, cos, sin, cache, start) -> x after this block for one token of one sequence, or None where it
         # does not apply; set by fuse.fuse_projections_ (one native call instead of ~25 small operations).
         self.fused_decode = None
@@ -207,10 +224,10 @@ class Transformer(nn.Module):
         """GPT-2 style init for training from scratch: N(0, 0.02) everywhere, with the two
         projections that write into the residual stream scaled by 1/sqrt(2 * n_layers) (GPT-2
         paper, section 2.3). Free on the meta device, where checkpoints are loaded."""
-        residual = {m for block in self.layers for m in (block.attn.o_proj, block.mlp.down_proj)}
-        for module in self.modules():
+        for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = (2 * self.config.n_layers) ** -0.5 if module in residual else 1.0
+                residual = name.rpartition(".")[2] in RESIDUAL_PROJECTIONS
+                scale = (2 * self.config.n_layers) ** -0.5 if residual else 1.0
                 nn.init.normal_(module.weight, std=0.02 * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -246,36 +263,27 @@ class Transformer(nn.Module):
             self._rope_cos, self._rope_sin, self._rope_len = cos.to(device), sin.to(device), size
         return self._rope_cos, self._rope_sin
 
-    def forward(
-        self,
-        idx: torch.Tensor | None = None,
-        *,
-        embeds: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        start: int = 0,
-        pad: torch.Tensor | None = None,
-        last_only: bool = False,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids `idx` (B, T) or input embeddings `embeds` (B, T, dim).
+    # ---- the model in named parts: forward = head(trunk(inputs(...))) or loss(trunk(inputs(...)), labels) ----
 
-        cache/start: write keys and values at cache slots start..start+T-1 and attend to all
-            slots before them (prefill with start=0, then decode one token at a time).
-        pad: (B,) count of left-padding slots per row, for batches of prompts of different
-            lengths; those slots are never attended to and RoPE positions start after them.
-        last_only: compute logits for the last position only (generation needs nothing more).
-        labels: (B, T) next-token targets, IGNORE_INDEX where unscored: return the mean cross-entropy
-            over the scored positions (a scalar) instead of logits. With a plain linear head it is
-            computed a chunk of rows at a time (`linear_cross_entropy`).
-        """
+    def inputs(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
+               pad: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """The trunk's input (B, T', dim): the embeddings of token ids `idx` (B, T), or `embeds` (B, T, dim) as
+        given, with the virtual-token prefix (prompt tuning) put in front of each row's tokens (after its left
+        padding) when a sequence starts (start == 0): T' = P + T then, else T."""
         if (idx is None) == (embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or embeds (input embeddings)")
         x = self.embed(idx) if embeds is None else embeds
-        P = self.prefix_len
-        with_prefix = P > 0 and start == 0  # a fresh sequence: the virtual tokens go in first
-        if with_prefix:
+        if self.prefix_len and start == 0:
             x = _insert_prefix(x, self.prefix().to(x.dtype), pad)  # (B, P + T, dim)
-        elif P:
+        return x
+
+    def trunk(self, x: torch.Tensor, *, cache: KVCache | None = None, start: int = 0,
+              pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """The blocks and the final norm over `x` from `inputs` (same `start` and `pad`): hidden states (B, T, dim)
+        lined up with the caller's tokens (virtual tokens dropped), or (B, 1, dim) with `last_only`."""
+        P = self.prefix_len
+        with_prefix = P > 0 and start == 0  # a fresh sequence: `inputs` put the virtual tokens in
+        if P and not with_prefix:
             start += P  # a later call (decoding): this sequence's cache slots sit behind its virtual tokens
         B, T, _ = x.shape
         cos, sin = self.rope(start + T, x.device)
@@ -293,14 +301,48 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif with_prefix:
             x = _drop_prefix(x, P, pad)  # (B, T, dim): outputs line up with the caller's tokens
-        x = self.norm(x)
-        if labels is None:
-            return self.lm_head(x)
+        return self.norm(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) from hidden states."""
+        return self.lm_head(h)
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the next-token `labels` (B, T; IGNORE_INDEX where unscored) given hidden states
+        (B, T, dim). With a plain linear head it is computed a chunk of rows at a time (`linear_cross_entropy`),
+        never holding the (B*T, vocab) logits."""
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
         # A replaced head (LoRA on the head, quantized): materialise the logits.
-        logits = self.lm_head(x)
+        logits = self.head(h)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        *,
+        embeds: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        pad: torch.Tensor | None = None,
+        last_only: bool = False,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T) or input embeddings `embeds` (B, T, dim): the
+        composition of `inputs`, `trunk` and `head` (or `loss`). New techniques call the parts; this gains no
+        keywords.
+
+        cache/start: write keys and values at cache slots start..start+T-1 and attend to all
+            slots before them (prefill with start=0, then decode one token at a time).
+        pad: (B,) count of left-padding slots per row, for batches of prompts of different
+            lengths; those slots are never attended to and RoPE positions start after them.
+        last_only: compute logits for the last position only (generation needs nothing more).
+        labels: (B, T) next-token targets, IGNORE_INDEX where unscored: return `loss` (a scalar) instead of
+            logits.
+        """
+        h = self.trunk(self.inputs(idx, embeds=embeds, pad=pad, start=start), cache=cache, start=start, pad=pad,
+                       last_only=last_only)
+        return self.head(h) if labels is None else self.loss(h, labels)
 
     def _mask(self, slots, total: int, pad, device):
         """Boolean attention mask (B|1, 1, T, total), or None where plain causal attention is exact."""

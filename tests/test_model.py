@@ -126,3 +126,47 @@ def test_forward_with_labels_returns_the_loss_and_its_gradients(overrides):
         ours = model(idx, labels=labels)
         theirs = torch.nn.functional.cross_entropy(model(idx).float().flatten(0, 1), labels.flatten())
     torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("prompt_tokens", [0, 3])
+def test_forward_is_head_of_trunk_of_inputs(prompt_tokens):
+    """The named parts compose to forward exactly: plain, left-padded, with a KV cache, with virtual tokens
+    (prompt tuning), and for the loss."""
+    from mightylm.adapters.prompt import apply_prompt_tuning
+
+    model = tiny()
+    if prompt_tokens:
+        apply_prompt_tuning(model, prompt_tokens, init=torch.randn(prompt_tokens, model.config.dim))
+    idx = torch.randint(0, 256, (2, 12))
+    pad = torch.tensor([0, 4])
+    labels = torch.randint(0, 256, (2, 12))
+
+    def parts(idx, *, cache=None, start=0, pad=None, last_only=False):
+        x = model.inputs(idx, pad=pad, start=start)
+        assert x.shape[1] == idx.shape[1] + (prompt_tokens if start == 0 else 0)
+        return model.trunk(x, cache=cache, start=start, pad=pad, last_only=last_only)
+
+    with torch.no_grad():
+        assert torch.equal(model(idx), model.head(parts(idx)))
+        assert torch.equal(model(idx, pad=pad), model.head(parts(idx, pad=pad)))
+        assert torch.equal(model(idx, last_only=True), model.head(parts(idx, last_only=True)))
+        assert torch.equal(model(idx, labels=labels), model.loss(parts(idx), labels))
+        a, b = model.make_cache(2, 16), model.make_cache(2, 16)
+        assert torch.equal(model(idx, cache=a, pad=pad), model.head(parts(idx, cache=b, pad=pad)))
+        step = torch.randint(0, 256, (2, 1))
+        assert torch.equal(model(step, cache=a, start=12, pad=pad), model.head(parts(step, cache=b, start=12, pad=pad)))
+    assert parts(idx).shape == (2, 12, model.config.dim)
+
+
+def test_rope_scalings_are_a_table_and_init_finds_residual_projections_by_name():
+    from mightylm.model import RESIDUAL_PROJECTIONS, ROPE_SCALINGS, rope_frequencies
+
+    assert set(ROPE_SCALINGS) == {"linear", "llama3"}
+    base = rope_frequencies(ModelConfig.from_preset("tiny"))
+    scaled = rope_frequencies(ModelConfig.from_preset("tiny", rope_scaling={"type": "linear", "factor": 4.0}))
+    torch.testing.assert_close(scaled, base / 4)
+    model = Transformer(ModelConfig.from_preset("tiny", n_layers=8))
+    stds = {name.rpartition(".")[2]: module.weight.std().item() for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith("layers.0.")}
+    for leaf, std in stds.items():  # N(0, 0.02), residual writers scaled by 1/sqrt(2 * n_layers) = 1/4
+        assert std == pytest.approx(0.02 / 4 if leaf in RESIDUAL_PROJECTIONS else 0.02, rel=0.15), leaf
