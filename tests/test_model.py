@@ -14,8 +14,8 @@ def tiny(**overrides) -> Transformer:
 
 
 def test_model_import_pulls_no_heavy_packages():
-    code = ("import sys, mightylm.model; bad = [m for m in ('transformers', 'peft', 'bitsandbytes', 'fastapi') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = ("import sys, mightylm.model; bad = [m for m in ('transformers', 'peft', 'bitsandbytes', 'fastapi', "
+            "'tokenizers', 'safetensors') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

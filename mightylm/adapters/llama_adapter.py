@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.adapters import AdapterError, read_adapter
+from mightylm.adapters.files import AdapterError, read_adapter
 
 PEFT_TYPE = "MIGHTYLM_LLAMA_ADAPTER"
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.adapters import AdapterError, read_adapter, read_adapter_config
+from mightylm.adapters.files import AdapterError, read_adapter, read_adapter_config
 from mightylm.checkpoint import HF_TO_OURS, OURS_TO_HF, rename
 
 PEFT_PREFIX = "base_model.model."

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mightylm.adapters import AdapterError, read_adapter
+from mightylm.adapters.files import AdapterError, read_adapter
 
 Encoder = Literal["none", "mlp", "lstm"]
 PEFT_TYPES = {"none": "PROMPT_TUNING", "mlp": "P_TUNING", "lstm": "P_TUNING"}

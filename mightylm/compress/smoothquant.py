@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mightylm.compress.quantize import DEFAULT_TARGETS, QuantizationError, int8_absmax
+from mightylm.compress import DEFAULT_TARGETS, QuantizationError
+from mightylm.compress.int8 import int8_absmax
 
 
 class W8A8Linear(nn.Module):

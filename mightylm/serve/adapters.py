@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.adapters import AdapterError, read_adapter_config, warn_if_other_base
+from mightylm.adapters import KINDS, AdapterError, kind_of, read_adapter_config, warn_if_other_base
 
 
 class MultiLoRALinear(nn.Linear):
@@ -78,6 +78,10 @@ class AdapterBank:
         self._check_name(name)
         cfg = read_adapter_config(path)
         warn_if_other_base(self.model, cfg, path)
+        if not kind_of(cfg, path).per_request:
+            served = ", ".join(t for k in KINDS if k.per_request for t in k.peft_types)
+            raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {cfg['peft_type']!r} cannot be served "
+                               f"per request ({served} can); merge it or apply it to the base with --adapter")
         kind = cfg.get("peft_type")
         dtype = self.model.embed.weight.dtype
         if kind == "LORA":
@@ -100,8 +104,7 @@ class AdapterBank:
             prompt = read_prompt(self.model, path, cfg)
             return {"name": name, "kind": "prompt", "prompt": prompt.to(dtype),
                     "what": f"{kind.lower().replace('_', ' ')}: {prompt.shape[0]} virtual tokens"}
-        raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {kind!r} cannot be served per request "
-                           "(LORA, PROMPT_TUNING and P_TUNING can); merge it or apply it to the base with --adapter")
+        raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {kind!r} has no per-request path here")
 
     def install(self, prepared: dict) -> str:
         """Put a prepared adapter in place (module swaps and dictionary updates only: quick, for between steps)."""
