@@ -107,6 +107,10 @@ def write_report(run_dir: str | Path, samples: dict[str, str] | None = None) -> 
         lines.append(f"| peak memory | {summary['peak_memory_mb']:,.0f} MB |")
     if train:
         lines.append(f"| final train loss | {train[-1]['loss']:.4f} |")
+        standard = {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "time"}
+        for key, value in train[-1].items():  # the loss's named parts (loss_fn's metrics)
+            if key not in standard and isinstance(value, (int, float)):
+                lines.append(f"| final {key} | {value:.4g} |")
     if val:
         lines.append(f"| final validation loss | {val[-1]['val_loss']:.4f} (perplexity {math.exp(val[-1]['val_loss']):.1f}) |")
     for prompt, text in (summary.get("samples") or {}).items():

@@ -2,7 +2,9 @@
 
 Every technique reaches it from outside: a transformed model (LoRA, QLoRA, prompt tuning), a
 `loss_fn` (distillation), or an `optimizer` (LOMO updates inside backward, so its step() is a
-no-op). There is no Trainer class and no callback list.
+no-op). There is no Trainer class and no callback list. `loss_fn(model, batch)` returns the loss or
+(loss, {name: value}); the named parts are logged with it. Blocks are found by type and tied heads
+are read from the model, so a wrapper around a Transformer trains here unchanged.
 
 What a run directory holds while training:
     metrics.jsonl            one JSON object per log line (train) and per validation
@@ -170,11 +172,15 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=_device(model))
+            parts: dict[str, float] = {}  # named parts of the loss (loss_fn's metrics), averaged over micro-batches
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(_device(model)) for k, v in train.next_batch().items()}
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 with (nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync()), autocast:
-                    loss = loss_fn(net, batch) / cfg.grad_accum
+                    loss, metrics_of_batch = _loss_and_metrics(loss_fn(net, batch))
+                    loss = loss / cfg.grad_accum
+                for key, value in metrics_of_batch.items():
+                    parts[key] = parts.get(key, 0.0) + float(value) / cfg.grad_accum
                 if hasattr(optimizer, "backward"):  # optimizers that update inside backward (LOMO)
                     optimizer.backward(loss)
                 else:
@@ -199,9 +205,11 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                 now = time.perf_counter()
                 record = {"step": step, "tokens": tokens, "loss": loss_sum.item(), "lr": lr,
                           "tokens_per_s": log_tokens / max(now - log_start, 1e-9),
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None, "time": now - started}
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None, "time": now - started,
+                          **parts}
                 _log(metrics, record, board)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                **{k: f"{v:.3g}" for k, v in parts.items()})
                 log_start, log_tokens = now, 0
             paused = time.perf_counter()  # validation and checkpoints do not count against tokens/s
             if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -243,7 +251,7 @@ def evaluate(net, val: Loader, loss_fn=cross_entropy, max_batches: int | None = 
         batch = {k: v.to(_device(net)) for k, v in batch.items()}
         n = int((batch["labels"] != IGNORE).sum())
         with autocast or nullcontext():
-            total += float(loss_fn(net, batch)) * n
+            total += float(_loss_and_metrics(loss_fn(net, batch))[0]) * n
         count += n
     return total / max(count, 1)
 
@@ -289,9 +297,7 @@ def load_checkpoint(run_dir: Path, model, optimizer, loader: Loader) -> tuple[in
         raise TrainingError(f"--resume: no checkpoint in {run_dir} (looked for {run_dir / 'checkpoint' / 'state.json'})")
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "model.safetensors"))
-    expected = set(model.state_dict())
-    if getattr(getattr(model, "config", None), "tie_embeddings", False):
-        expected.discard("lm_head.weight")
+    expected = set(model.state_dict()) - _tied_head_keys(model)
     if set(weights) != expected:
         raise TrainingError(f"{path}: checkpoint does not fit the model (missing {sorted(expected - set(weights))[:3]}, "
                             f"unexpected {sorted(set(weights) - expected)[:3]}); was it made with other settings?")
@@ -358,8 +364,8 @@ def full_state_dict(model) -> dict:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
-    if getattr(getattr(model, "config", None), "tie_embeddings", False):
-        state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores it once
+    for key in _tied_head_keys(model):
+        state.pop(key, None)  # shared with the embedding; safetensors stores it once
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -376,6 +382,29 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ---- small helpers ----
 
 
+def _loss_and_metrics(out) -> tuple[torch.Tensor, dict]:
+    """A loss_fn returns the loss, or (loss, {name: value}) with its named parts (distillation's CE and KL,
+    MoE's balancing loss): those go to the progress bar, metrics.jsonl and the report."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def _blocks(model) -> list:
+    """The transformer blocks inside `model`, found by type, so that wrappers (recurrent memory, a
+    vision-language model) train through the same loop: activation checkpointing and FSDP2 see them."""
+    from mightylm.model import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def _tied_head_keys(model) -> set[str]:
+    """State-dict keys of LM heads that are the embedding table (stored once, as the embedding), read from
+    the model (any Transformer inside a wrapper) rather than assumed at the top level."""
+    from mightylm.model import Transformer
+
+    return {f"{name}.lm_head.weight".lstrip(".") for name, m in model.named_modules()
+            if isinstance(m, Transformer) and m.head_shares_embedding}
+
+
 def _wrap(model, cfg: TrainConfig, world: int):
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
@@ -384,7 +413,7 @@ def _wrap(model, cfg: TrainConfig, world: int):
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        for block in _blocks(model):
             fully_shard(block)
         fully_shard(model)
         return model
@@ -396,7 +425,7 @@ def _wrap(model, cfg: TrainConfig, world: int):
 def _checkpoint_blocks(model) -> None:
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.layers:
+    for block in _blocks(model):
         if not getattr(block, "_checkpointed", False):
             forward = block.forward
             block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)

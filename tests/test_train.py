@@ -192,3 +192,49 @@ def test_bf16_on_a_cpu_without_bfloat16_instructions_warns(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*bfloat16 instructions")
         fit(tiny_model(), Loader(dataset(8), 4), tmp_path / "b", config(steps=1, bf16=True), progress=False)
+
+
+class _Wrapper(torch.nn.Module):
+    """A module around a Transformer (as recurrent memory or a vision-language model is), with an extra parameter."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, idx, labels):
+        h = self.inner.trunk(self.inner.inputs(idx))
+        return self.inner.loss(h * self.scale, labels)
+
+
+def _loss_with_parts(model, batch):
+    loss = model(batch["input_ids"], labels=batch["labels"])
+    return loss, {"ce": loss.detach(), "scale": model.scale.detach()}
+
+
+def _tied(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=2, tie_embeddings=True))
+
+
+def test_a_wrapper_trains_through_fit_with_named_loss_parts_checkpointing_and_resume(tmp_path):
+    from mightylm.report import write_report
+
+    model = _Wrapper(_tied())
+    assert model.inner.head_shares_embedding
+    cfg = config(steps=6, save_every=3, eval_every=3, activation_checkpointing=True)
+    val = Loader(dataset(8, seed=1), 4, shuffle=False)
+    fit(model, Loader(dataset(), 4, seed=3), tmp_path, cfg, val=val, loss_fn=_loss_with_parts, progress=False)
+    assert all(getattr(block, "_checkpointed", False) for block in model.inner.layers)  # found by type
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert all(r["ce"] == pytest.approx(r["loss"], rel=1e-5) and "scale" in r for r in train_rows)
+    assert "| final ce |" in write_report(tmp_path).read_text()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert "inner.embed.weight" in saved and "inner.lm_head.weight" not in saved and "scale" in saved
+    again = _Wrapper(_tied(seed=5))
+    summary = fit(again, Loader(dataset(), 4, seed=3), tmp_path, config(steps=8, save_every=3, eval_every=3),
+                  val=val, loss_fn=_loss_with_parts, resume=True, progress=False)
+    assert summary["step"] == 8 and again.inner.lm_head.weight is again.inner.embed.weight
