@@ -1,8 +1,11 @@
 """Generation: a few small functions over a static KV cache (after gpt-fast's generate.py).
 
-    prefill(model, idx, cache, pad)          -> logits of each row's last prompt position
+    prefill(model, idx | embeds, cache, pad) -> logits of each row's last prompt position
     decode_one_token(model, tok, cache, ...) -> logits of the next position
-    sample(logits, settings, generator)      -> next token ids
+    logits_to_probs(logits, settings)        -> the distribution tokens are drawn from
+    sample_from_probs(probs, generator)      -> token ids;  sample = the two composed
+    TextStream(tokenizer, stop)              -> incremental text with stop strings (used by the server and
+                                                evaluation too: one decode loop, one text stream)
     generate(...)                            -> token ids, batched (prompts of any lengths)
     stream_tokens(...) / stream_text(...)    -> one prompt, streamed, with stop tokens and strings
     load_for_generation(model, dtype, adapter) -> (model, tokenizer) ready to decode
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from mightylm.errors import UsageError
 from mightylm.model import KVCache, Transformer
@@ -47,12 +51,12 @@ class Sampling:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | list[torch.Generator] | None = None
-           ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). A list of generators gives each row its own random stream, so a
-    row's sample does not depend on which other rows share its batch."""
+def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """logits (B, V) -> the distribution tokens are drawn from (B, V): temperature, then top-k, then top-p.
+    Greedy settings (temperature 0) give one-hot rows at the argmax. Speculative decoding compares the draft's
+    and the target's distributions, so this is a function of its own (gpt-fast's split)."""
     if s.temperature == 0:
-        return logits.argmax(dim=-1)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / s.temperature
     if s.top_k is not None and s.top_k < logits.shape[-1]:
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
@@ -63,13 +67,33 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | list[
         drop = sorted_p.cumsum(dim=-1) - sorted_p > s.top_p  # mass before this token already covers top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # a distribution again (speculation compares them)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+                      ) -> torch.Tensor:
+    """probs (B, V) -> token ids (B,). A list of generators gives each row its own random stream, so a row's
+    sample does not depend on which other rows share its batch."""
     if isinstance(generator, list):
         return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache, pad: torch.Tensor | None = None) -> torch.Tensor:
-    return model(idx, cache=cache, start=0, pad=pad, last_only=True)[:, -1]
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | list[torch.Generator] | None = None
+           ) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): sample_from_probs(logits_to_probs(...)); greedy is the argmax itself
+    (no draw, so a generator is not advanced)."""
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    return sample_from_probs(logits_to_probs(logits, s), generator)
+
+
+def prefill(model: Transformer, idx: torch.Tensor | None, cache: KVCache, pad: torch.Tensor | None = None, *,
+            embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) of each row's last prompt position, the prompt given as token ids or as input embeddings
+    (a vision projector's output, soft prompts), written into `cache` from slot 0."""
+    return model(idx, embeds=embeds, cache=cache, start=0, pad=pad, last_only=True)[:, -1]
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, start: int,
@@ -149,27 +173,71 @@ def stream_text(model: Transformer, tokenizer, prompt: str | list[int], s: Sampl
     """Stream the completion of one prompt as text deltas.
 
     Ends at a stop token (not printed) or a stop string (not printed). Text that could be the
-    start of a stop string is held back until it is clear that it is not.
+    start of a stop string is held back until it is clear that it is not (TextStream).
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     s = Sampling(**{**s.__dict__, "stop_token_ids": tuple(s.stop_token_ids) or tokenizer.stop_token_ids})
-    decoder = tokenizer.stream_decoder()
-    pending = ""
+    text = TextStream(tokenizer, s.stop)
     for token in stream_tokens(model, ids, s):
         if token in s.stop_token_ids:
             break
-        pending += decoder.push(token)
-        cut = find_stop(pending, s.stop)
-        if cut is not None:
-            yield pending[:cut]
+        piece = text.push(token)
+        if text.stopped:
+            yield piece
             return
-        safe = len(pending) - held_back(pending, s.stop)
-        if safe > 0:
-            yield pending[:safe]
-            pending = pending[safe:]
-    pending += decoder.flush()
-    cut = find_stop(pending, s.stop)
-    yield pending if cut is None else pending[:cut]
+        if piece:
+            yield piece
+    yield text.finish()
+
+
+class TextStream:
+    """The text of one generated sequence, token by token: ids in, certain text out, cut before the first
+    stop string. Text that could be the start of a stop string is held back until it is clear that it is not,
+    and incomplete UTF-8 characters wait for their last byte. The one place streaming text is made: the
+    decode loop here, the server's engine and the evaluation backend use it.
+
+        text = TextStream(tokenizer, stop=("\n\n",))
+        for token in tokens:
+            out(text.push(token))        # '' while held back
+            if text.stopped: break       # a stop string was reached; its text is not given
+        out(text.finish())               # at the end: what was held back (cut at a stop string)
+    """
+
+    def __init__(self, tokenizer, stop=()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop = tuple(x for x in stop if x)
+        self.text = ""  # given out so far
+        self.pending = ""  # decoded, held back
+        self.stopped = False
+
+    @property
+    def seen(self) -> str:
+        """Everything decoded so far (given out or held back)."""
+        return self.text + self.pending
+
+    def push(self, token: int) -> str:
+        """The text `token` makes certain ('' while held back); at a stop string, the text before it, and
+        `stopped` is set."""
+        self.pending += self.decoder.push(token)
+        cut = find_stop(self.pending, self.stop)
+        if cut is not None:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+        else:
+            safe = len(self.pending) - held_back(self.pending, self.stop)
+            out, self.pending = self.pending[:safe], self.pending[safe:]
+        self.text += out
+        return out
+
+    def finish(self) -> str:
+        """At the end of generation: what was held back, incomplete characters flushed, cut at a stop string."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.flush()
+        cut = find_stop(self.pending, self.stop)
+        out = self.pending if cut is None else self.pending[:cut]
+        self.pending, self.stopped = "", cut is not None
+        self.text += out
+        return out
 
 
 def find_stop(text: str, stops) -> int | None:

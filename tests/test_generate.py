@@ -69,3 +69,51 @@ def test_bad_settings_and_overflow(model):
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], Sampling())
     assert generate(model, [[1, 2]], Sampling(max_new_tokens=0)) == [[]]
+
+
+def test_sample_is_probabilities_then_a_draw():
+    from mightylm.generate import logits_to_probs, sample_from_probs
+
+    logits = torch.randn(3, 50)
+    for s in (Sampling(temperature=0.7), Sampling(temperature=1.3, top_k=5), Sampling(temperature=1.0, top_p=0.6)):
+        probs = logits_to_probs(logits, s)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+        a, b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        assert torch.equal(sample(logits, s, a), sample_from_probs(probs, b))
+        if s.top_k:
+            assert int((probs[0] > 0).sum()) == 5
+    greedy = logits_to_probs(logits, Sampling(temperature=0))
+    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.equal(greedy.sum(-1), torch.ones(3))
+
+
+def test_text_stream_holds_back_stop_prefixes_and_cuts_at_stops(bpe_tokenizer):
+    from mightylm.generate import TextStream
+
+    text = "To be, or not to be, that is the question: whether 'tis nobler"
+    ids = bpe_tokenizer.encode(text)
+    whole = TextStream(bpe_tokenizer)
+    assert "".join(whole.push(t) for t in ids) + whole.finish() == text and not whole.stopped
+    cut = TextStream(bpe_tokenizer, stop=("that is", "nobler"))
+    given = ""
+    for t in ids:
+        given += cut.push(t)
+        assert not given.endswith("that") or cut.stopped  # "that" could begin "that is": held back
+        if cut.stopped:
+            break
+    assert cut.stopped and given == cut.text == "To be, or not to be, " and cut.finish() == ""
+    tail = TextStream(bpe_tokenizer, stop=("question?",))  # a prefix of a stop string at the end is given at finish
+    assert "".join(tail.push(t) for t in bpe_tokenizer.encode("the question")) + tail.finish() == "the question"
+
+
+def test_prefill_takes_embeddings():
+    from mightylm.config import ModelConfig
+    from mightylm.generate import prefill
+    from mightylm.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny")).eval()
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        by_ids = prefill(model, idx, model.make_cache(2, 16))
+        by_embeds = prefill(model, None, model.make_cache(2, 16), embeds=model.embed(idx))
+    assert torch.equal(by_ids, by_embeds)

@@ -60,7 +60,7 @@ class LocalModel:
         """Completions of `prompts`, each cut at its first `stop` string. A row also stops generating once
         `enough(text so far)` is true (a caller's promise that later text would not change its answer:
         for a chat reply, once its first code block is closed); endpoints cannot be told and generate on."""
-        from mightylm.generate import Sampling, generate_steps
+        from mightylm.generate import Sampling, TextStream, generate_steps
 
         out: list[str] = []
         for i in range(0, len(prompts), self.batch_size):
@@ -72,8 +72,7 @@ class LocalModel:
             s = Sampling(max_new_tokens=min(max_new_tokens, limit), temperature=temperature, top_p=top_p,
                          stop_token_ids=self.tokenizer.stop_token_ids)
             row_seeds = None if seeds is None or temperature == 0 else seeds[i:i + self.batch_size]
-            decoders = [self.tokenizer.stream_decoder() for _ in batch]
-            texts, done = [""] * len(batch), [False] * len(batch)
+            texts, done = [TextStream(self.tokenizer, stop) for _ in batch], [False] * len(batch)
             for step in generate_steps(self.model, batch, s, row_seeds):
                 for row, token in enumerate(step.tolist()):
                     if done[row]:
@@ -81,11 +80,12 @@ class LocalModel:
                     if token in s.stop_token_ids:
                         done[row] = True
                         continue
-                    texts[row] += decoders[row].push(token)
-                    done[row] = any(x in texts[row] for x in stop if x) or bool(enough and enough(texts[row]))
+                    texts[row].push(token)
+                    done[row] = texts[row].stopped or bool(enough and enough(texts[row].seen))
                 if all(done):
                     break
-            out += [truncate_at_stop(t + (d.flush() if not f else ""), stop) for t, d, f in zip(texts, decoders, done)]
+            # A row that ran to the token limit gives what it held back too; one that stopped keeps what it saw.
+            out += [t.seen if finished else t.text + t.finish() for t, finished in zip(texts, done)]
         return out
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from mightylm.generate import Sampling, find_stop, held_back, sample
+from mightylm.generate import Sampling, TextStream, sample
 
 
 class Latency:
@@ -110,8 +110,7 @@ class Sequence:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
-    _decoder: object = None
-    _pending: str = ""
+    _text: TextStream | None = None  # its text so far, with stop strings (generate.TextStream)
     _generator: torch.Generator | None = None
     _error: str | None = None
 
@@ -299,7 +298,7 @@ class Engine:
         for row, (seq, need) in enumerate(group, first):
             self.pads[row] = self.t - need
             self.running.append(seq)
-            seq._decoder = self.tokenizer.stream_decoder()
+            seq._text = TextStream(self.tokenizer, seq.sampling.stop)
             try:
                 if seq.sampling.seed is not None:
                     seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
@@ -380,22 +379,12 @@ class Engine:
         if token in stops and not seq.ignore_eos:
             seq.finish_reason = "stop"
             return
-        seq._pending += seq._decoder.push(token)
-        cut = find_stop(seq._pending, seq.sampling.stop)
-        if cut is not None:
-            self._emit_text(seq, seq._pending[:cut])
-            seq._pending, seq.finish_reason = "", "stop"
-            return
-        if len(seq.generated) >= seq.sampling.max_new_tokens:
-            seq._pending += seq._decoder.flush()
-            cut = find_stop(seq._pending, seq.sampling.stop)
-            self._emit_text(seq, seq._pending if cut is None else seq._pending[:cut])
-            seq._pending, seq.finish_reason = "", "length"
-            return
-        safe = len(seq._pending) - held_back(seq._pending, seq.sampling.stop)
-        if safe > 0:
-            self._emit_text(seq, seq._pending[:safe])
-            seq._pending = seq._pending[safe:]
+        self._emit_text(seq, seq._text.push(token))
+        if seq._text.stopped:
+            seq.finish_reason = "stop"
+        elif len(seq.generated) >= seq.sampling.max_new_tokens:
+            self._emit_text(seq, seq._text.finish())
+            seq.finish_reason = "length"
 
     def _emit_text(self, seq: Sequence, text: str) -> None:
         if text:
