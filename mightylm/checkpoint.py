@@ -251,11 +251,7 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
         raise CheckpointError(str(e)) from None
     files = _safetensors_files(path)
     model = _build(config)
-    record = _quantization_record(files[0])
-    if record:  # a quantized checkpoint: rebuild the same modules, then assign their stored tensors
-        from mightylm.compress.quantize import build_quantized_
-
-        build_quantized_(model, record)
+    _replay(model, _transforms_record(files[0]), files[0])  # e.g. quantized modules, before their tensors go in
     state = {}
     for file in files:
         for name, tensor in _read_safetensors(file).items():
@@ -303,8 +299,22 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
 
 
-def _quantization_record(file: Path) -> dict | None:
-    """What `mightylm.compress` applied to a checkpoint, from its safetensors metadata (None: not quantized)."""
+def _replay(model: Transformer, transforms: list[dict], file: Path) -> None:
+    """Apply a checkpoint's recorded transforms to the freshly built (meta) model, so that its stored tensors
+    have their modules to go into. A full checkpoint holds only transforms that change what is stored
+    (quantization); adapters are saved as adapter directories."""
+    for record in transforms:
+        if record.get("kind") != "quantize":
+            raise CheckpointError(f"{file}: records a {record.get('kind')!r} transform, which a full checkpoint "
+                                  "cannot hold (merge or strip adapters before saving)")
+        from mightylm.compress.quantize import build_quantized_
+
+        build_quantized_(model, record)
+
+
+def _transforms_record(file: Path) -> list[dict]:
+    """What was applied to a checkpoint, from its safetensors metadata: `mightylm_transforms`, or the single
+    quantization record that files written before the transforms list hold."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -312,12 +322,14 @@ def _quantization_record(file: Path) -> dict | None:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
-    if "mightylm_quantization" not in meta:
-        return None
     try:
-        return json.loads(meta["mightylm_quantization"])
+        if "mightylm_transforms" in meta:
+            return json.loads(meta["mightylm_transforms"])
+        if "mightylm_quantization" in meta:
+            return [{"kind": "quantize", **json.loads(meta["mightylm_quantization"])}]
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: its quantization metadata is not valid JSON ({e})") from None
+        raise CheckpointError(f"{file}: its transforms metadata is not valid JSON ({e})") from None
+    return []
 
 
 def _build(config: ModelConfig) -> Transformer:
@@ -363,9 +375,9 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
             raise CheckpointError(f"cannot save {name!r}: it has no Hugging Face name (merge or strip adapters first)")
         tensors[hf] = tensor.detach().contiguous().cpu()
     metadata = {"format": "pt"}
-    record = getattr(model, "quantization", None)
-    if record:  # recorded with the tensors, so loading rebuilds the same modules
-        metadata["mightylm_quantization"] = json.dumps(record)
+    record = model.quantization
+    if model.transforms:  # recorded with the tensors, so loading rebuilds the same modules
+        metadata["mightylm_transforms"] = json.dumps(model.transforms)
     tmp = path / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path / "model.safetensors")

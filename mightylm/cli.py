@@ -163,7 +163,7 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False, overwrit
     base, tokenizer = mightylm.load(model)
     warn_if_other_base(base, read_adapter_config(adapter), adapter)
     n = len(load_lora(base, adapter))
-    record = getattr(base, "quantization", None)
+    record = base.quantization
     if requantize and not record:
         raise AdapterError(f"--requantize: {adapter} is a LoRA adapter over a float base; nothing to re-quantize")
     probe = torch.tensor([tokenizer.encode(MERGE_PROBE)]) if tokenizer is not None else torch.arange(32)[None]
@@ -251,7 +251,7 @@ def quantize(
     if method == "smoothquant" and not calib:
         raise QuantizationError("smoothquant needs --calib: text to measure activation ranges on")
     net, tokenizer = mightylm.load(model)
-    if getattr(net, "quantization", None):
+    if net.quantization:
         raise QuantizationError(f"{model} is already quantized ({net.quantization['method']}); "
                                 "quantize the float model instead")
     probe = torch.tensor([tokenizer.encode(MERGE_PROBE)]) if tokenizer is not None else torch.arange(32)[None]

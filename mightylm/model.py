@@ -216,6 +216,11 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.prefix: nn.Module | None = None  # () -> (P, dim) virtual tokens; set by adapters.prompt
+        # What in-place transforms did to this model, in order: {"kind": "quantize" | "lora" | "prompt" |
+        # "llama_adapter" | ..., its settings}. Every transform records itself here; `save` writes the list into
+        # the checkpoint's metadata and `load` replays it. Values the modules hold (a LoRA rank, a prompt's
+        # length) are read from the modules, not from here.
+        self.transforms: list[dict] = []
         self._rope_len = 0
         self.init_weights()
 
@@ -233,6 +238,23 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
+
+    def applied(self, kind: str) -> dict | None:
+        """The record of the last `kind` transform applied to this model, or None."""
+        return next((t for t in reversed(self.transforms) if t["kind"] == kind), None)
+
+    def record_transform(self, kind: str, **settings) -> None:
+        self.transforms.append({"kind": kind, **settings})
+
+    def forget_transform(self, kind: str) -> None:
+        """Drop the records of `kind` (the transform was undone: dequantized, merged and stripped)."""
+        self.transforms = [t for t in self.transforms if t["kind"] != kind]
+
+    @property
+    def quantization(self) -> dict | None:
+        """What quantization was applied ({"method", its settings, "modules"}), read from `transforms`."""
+        record = self.applied("quantize")
+        return None if record is None else {k: v for k, v in record.items() if k != "kind"}
 
     @property
     def head_shares_embedding(self) -> bool:

@@ -92,7 +92,7 @@ def apply_llama_adapter(model: nn.Module, layers: int | None = None, length: int
         attn.adaption.train(model.training)
         attn.attend = functools.partial(_adapted_attend, attn)  # shadows the class method on this instance
         converted.append(f"layers.{i}.attn")
-    model.adapter_config = {"layers": layers, "length": length}
+    model.record_transform("llama_adapter", layers=layers, length=length)
     return converted
 
 
@@ -110,7 +110,9 @@ def save_llama_adapter(model: nn.Module, path: str | Path, base_model: str = "")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": PEFT_TYPE, "base_model_name_or_path": base_model, **model.adapter_config,
+    adapted = [block.attn.adaption for block in model.layers if getattr(block.attn, "adaption", None) is not None]
+    config = {"peft_type": PEFT_TYPE, "base_model_name_or_path": base_model, "layers": len(adapted),
+              "length": adapted[0].prompt.shape[0],
               "arch": c.arch, "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -134,7 +134,7 @@ def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha
         lora.train(module.training)  # a new module starts in training mode: keep the model's (eval: no dropout)
         setattr(parent, child, lora)
         converted.append(name)
-    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": list(targets)}
+    model.record_transform("lora", targets=list(targets), modules=converted)  # r, alpha, dropout: in the modules
     return converted
 
 
@@ -158,6 +158,11 @@ def strip_lora(model: nn.Module) -> None:
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    model.forget_transform("lora")
+
+
+def _dropout(m: LoRALinear) -> float:
+    return m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
 
 
 def _hf_module(name: str) -> str:
@@ -174,7 +179,11 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
     modules = lora_modules(model)
     if not modules:
         raise AdapterError("the model has no LoRA modules to save")
-    cfg = model.lora_config
+    settings = {(m.r, m.alpha, m.rslora, _dropout(m)) for m in modules.values()}  # read from the modules
+    if len(settings) > 1:
+        raise AdapterError(f"the model's LoRA modules differ in rank, alpha or dropout ({sorted(settings)}); PEFT's "
+                           "format holds one setting: apply LoRA once")
+    r, alpha, rslora, dropout = settings.pop()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -185,11 +194,11 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "use_rslora": cfg["rslora"],
-        "target_modules": sorted(cfg["targets"]), "bias": "none", "fan_in_fan_out": False,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}), "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
     }
-    record = getattr(model, "quantization", None)
+    record = model.quantization
     if record:  # QLoRA: the base these adapters were trained over, so loading can rebuild it
         config["mightylm_base_quantization"] = record
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -240,7 +249,7 @@ def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> li
     """Apply a PEFT-format LoRA adapter (ours or PEFT's) to `model`, unmerged. Returns converted names."""
     cfg = read_adapter_config(path) if cfg is None else cfg
     quantized = cfg.get("mightylm_base_quantization")
-    if quantized and not getattr(model, "quantization", None):  # a QLoRA adapter: rebuild its NF4 base first
+    if quantized and not model.quantization:  # a QLoRA adapter: rebuild its NF4 base first
         from mightylm.compress.quantize import quantize_like_
 
         quantize_like_(model, quantized)

@@ -44,7 +44,7 @@ class SoftPrompt(nn.Module):
     def __init__(self, init: torch.Tensor, encoder: Encoder = "none", hidden: int = 256):
         super().__init__()
         self.n_tokens, dim = init.shape
-        self.encoder = encoder
+        self.encoder, self.hidden = encoder, hidden
         self.embedding = nn.Parameter(init.detach().clone())  # (P, dim)
         self.lstm = None
         if encoder == "lstm":  # Liu et al.: bidirectional LSTM, then a two-layer MLP
@@ -100,7 +100,7 @@ def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, *, encoder: Encode
         p.requires_grad_(False)
     model.prefix = SoftPrompt(init.to(model.embed.weight), encoder, hidden)
     model.prefix.train(model.training)
-    model.prompt_config = {"n_tokens": n_tokens, "encoder": encoder, "hidden": hidden}
+    model.record_transform("prompt", n_tokens=n_tokens, encoder=encoder, **({"hidden": hidden} if encoder != "none" else {}))
     return model.prefix
 
 
@@ -110,21 +110,21 @@ def save_prompt(model: nn.Module, path: str | Path, base_model: str = "", init_t
 
     if model.prefix is None:
         raise AdapterError("the model has no soft prompt to save")
-    cfg, c = model.prompt_config, model.config
+    soft, c = model.prefix, model.config  # the settings are read from the prompt module
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         prompt = model.prefix().detach().float().contiguous().cpu()
     save_file({"prompt_embeddings": prompt}, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "peft_type": PEFT_TYPES[cfg["encoder"]], "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "num_virtual_tokens": cfg["n_tokens"], "token_dim": c.dim, "num_transformer_submodules": 1,
+        "peft_type": PEFT_TYPES[soft.encoder], "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "num_virtual_tokens": soft.n_tokens, "token_dim": c.dim, "num_transformer_submodules": 1,
         "num_attention_heads": c.n_heads, "num_layers": c.n_layers, "inference_mode": True,
     }
-    if cfg["encoder"] == "none":
+    if soft.encoder == "none":
         config.update(prompt_tuning_init="TEXT" if init_text else "SAMPLE_VOCAB", prompt_tuning_init_text=init_text)
     else:
-        config.update(encoder_reparameterization_type=cfg["encoder"].upper(), encoder_hidden_size=cfg["hidden"])
+        config.update(encoder_reparameterization_type=soft.encoder.upper(), encoder_hidden_size=soft.hidden)
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 

@@ -117,7 +117,7 @@ def quantize_(model: nn.Module, method: str, targets=DEFAULT_TARGETS, **params) 
     """Replace every linear layer whose leaf name is in `targets` by its `method` counterpart, in place.
     Returns the converted names. Refuses a model that is already quantized."""
     params = _check(method, params)
-    if getattr(model, "quantization", None):
+    if model.quantization:
         raise QuantizationError(f"the model is already quantized ({model.quantization['method']}); "
                                 "quantize the float model instead")
     if method == "smoothquant":
@@ -136,13 +136,13 @@ def quantize_(model: nn.Module, method: str, targets=DEFAULT_TARGETS, **params) 
     for name, linear in linears.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, build(linear, **params))
-    model.quantization = {"method": method, **params, "modules": sorted(linears)}
+    model.record_transform("quantize", method=method, **params, modules=sorted(linears))
     return sorted(linears)
 
 
 def _record_params(record: dict) -> dict:
-    """The method's settings in a quantization record (everything but the method and the module list)."""
-    return {k: v for k, v in record.items() if k not in ("method", "modules")}
+    """The method's settings in a quantization record (everything but the kind, the method and the modules)."""
+    return {k: v for k, v in record.items() if k not in ("kind", "method", "modules")}
 
 
 def quantize_like_(model: nn.Module, record: dict) -> list[str]:
@@ -172,7 +172,8 @@ def build_quantized_(model: nn.Module, record: dict) -> None:
             new = W8A8Linear(*args, per_token=params.get("per_token", True), device="meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    model.quantization = dict(record)
+    model.forget_transform("quantize")
+    model.record_transform("quantize", **{k: v for k, v in record.items() if k != "kind"})
 
 
 @torch.no_grad()
@@ -188,7 +189,7 @@ def dequantize_(model: nn.Module) -> list[str]:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, dense)
             names.append(name)
-    model.quantization = None
+    model.forget_transform("quantize")
     return names
 
 

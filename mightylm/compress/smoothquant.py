@@ -133,7 +133,7 @@ def smooth_quantize_(model: nn.Module, batches, alpha: float = 0.5, per_token: b
                      targets=DEFAULT_TARGETS, smooth: bool = True) -> list[str]:
     """Calibrate on `batches`, smooth (unless smooth=False: plain W8A8), then replace the targeted
     linear layers by W8A8Linear. Returns the converted names."""
-    if getattr(model, "quantization", None):
+    if model.quantization:
         raise QuantizationError(f"the model is already quantized ({model.quantization['method']}); "
                                 "quantize the float model instead")
     if smooth:
@@ -142,6 +142,6 @@ def smooth_quantize_(model: nn.Module, batches, alpha: float = 0.5, per_token: b
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, W8A8Linear.from_linear(model.get_submodule(name), per_token))
-    model.quantization = {"method": "smoothquant", "alpha": alpha if smooth else None, "per_token": per_token,
-                          "modules": names}
+    model.record_transform("quantize", method="smoothquant", alpha=alpha if smooth else None, per_token=per_token,
+                           modules=names)
     return names
