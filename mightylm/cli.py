@@ -265,10 +265,10 @@ def quantize(
             names = smooth_quantize_(net, _calibration_batches(calib, tokenizer, calib_windows), alpha=alpha,
                                      per_token=per_token)
     else:
-        params = {"nf4": {"block_size": block_size, "double_quant": double_quant}, "int8": {},
-                  "int4": {"group_size": group_size}}[method]
-        from mightylm.compress.quantize import DEFAULT_TARGETS
+        from mightylm.compress.quantize import DEFAULT_TARGETS, METHODS
 
+        given = dict(block_size=block_size, double_quant=double_quant, group_size=group_size)
+        params = {k: v for k, v in given.items() if k in METHODS[method].options}  # the method's own settings
         names = quantize_(net, method, targets=DEFAULT_TARGETS + (("lm_head",) if head else ()), **params)
     with torch.no_grad():
         change = _change(net(probe), reference)

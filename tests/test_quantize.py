@@ -335,3 +335,21 @@ def test_a_quantized_head_unties_from_the_embedding_and_round_trips(tmp_path, bp
     assert isinstance(loaded.lm_head, Int8Linear) and loaded.config.tie_embeddings
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), quantized, atol=0, rtol=0)
+
+
+def test_one_table_of_methods_serves_quantize_loading_and_the_cli():
+    import typing
+
+    from mightylm.cli import quantize as quantize_verb
+    from mightylm.compress.quantize import METHODS
+
+    assert typing.get_args(typing.get_type_hints(quantize_verb)["method"]) == tuple(METHODS)  # the CLI's choices
+    for name, method in METHODS.items():
+        defaults = method.check({})
+        assert set(defaults) == set(method.options) and all(k in method.options for k in method.built_with)
+        empty = method.empty(torch.nn.Linear(64, 32, device="meta"), defaults)
+        assert isinstance(empty, method.module) and (empty.in_features, empty.out_features) == (64, 32)
+    with pytest.raises(QuantizationError, match="nf4 block size must be 32, 64, .* or 4096, got 48"):
+        METHODS["nf4"].check({"block_size": 48})
+    with pytest.raises(QuantizationError, match="smoothquant alpha must be from 0 to 1"):
+        METHODS["smoothquant"].check({"alpha": 2.0})

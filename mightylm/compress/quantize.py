@@ -24,6 +24,8 @@ the table is not, so decoding reads far fewer bytes).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,12 +33,12 @@ from torch import nn
 from mightylm.compress import DEFAULT_TARGETS, QuantizationError
 from mightylm.compress.int8 import Int8Linear, int8_absmax
 from mightylm.compress.nf4 import NF4Linear, _FrozenLinear
+from mightylm.compress.smoothquant import W8A8Linear
 from mightylm.kernels import gemv_int4
 
-__all__ = ["DEFAULT_TARGETS", "METHODS", "QUANTIZED", "Int4Linear", "Int8Linear", "QuantizationError",
+__all__ = ["DEFAULT_TARGETS", "METHODS", "QUANTIZED", "Int4Linear", "Method", "Int8Linear", "QuantizationError",
            "build_quantized_", "dequantize_", "int8_absmax", "model_bytes", "quantize_", "quantize_like_"]
 
-METHODS = ("nf4", "int8", "int4", "smoothquant")
 
 
 _BYTE_TO_CODES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1).float()  # byte -> its 2 codes
@@ -98,30 +100,69 @@ class Int4Linear(nn.Module):
 QUANTIZED = (NF4Linear, Int8Linear, Int4Linear)
 
 
+@dataclass(frozen=True)
+class Method:
+    """One quantization method, beside its module class: its settings (each with its allowed values, the first
+    the default; None allows any number from 0 to 1), which of them its module is built with, and whether it
+    converts a float layer alone or needs calibration data first (SmoothQuant). `quantize_`, loading
+    (`build_quantized_`), the CLI and the checks all read METHODS: a new format is one entry here."""
+
+    name: str
+    module: type
+    options: dict
+    built_with: tuple[str, ...] = ()
+    weight_only: bool = True
+
+    def check(self, params: dict) -> dict:
+        """The settings, checked and with defaults filled in; a QuantizationError names what is wrong."""
+        unknown = set(params) - set(self.options)
+        if unknown:
+            raise QuantizationError(f"{self.name} takes no option(s) {sorted(unknown)}; it takes "
+                                    f"{sorted(self.options) or 'none'}")
+        out = {}
+        for key, allowed in self.options.items():
+            value = params.get(key, allowed[0] if allowed else None)
+            if allowed is None:
+                if value is not None and not 0 <= value <= 1:
+                    raise QuantizationError(f"{self.name} {key} must be from 0 to 1, got {value}")
+            elif value not in allowed:
+                names = [str(v) for v in sorted(allowed, key=str if isinstance(allowed[0], bool) else float)]
+                raise QuantizationError(f"{self.name} {key.replace('_', ' ')} must be {', '.join(names[:-1])} or "
+                                        f"{names[-1]}, got {value}")
+            out[key] = value
+        return out
+
+    def empty(self, linear: nn.Module, params: dict) -> nn.Module:
+        """An empty quantized module (meta device) shaped like `linear`, for a checkpoint's tensors."""
+        kwargs = {k: params[k] for k in self.built_with if k in params}
+        return self.module(linear.in_features, linear.out_features, linear.bias is not None, **kwargs, device="meta")
+
+
+METHODS = {m.name: m for m in (
+    Method("nf4", NF4Linear, {"block_size": (64, 32, 128, 256, 512, 1024, 2048, 4096), "double_quant": (True, False)},
+           built_with=("block_size", "double_quant")),
+    Method("int8", Int8Linear, {}),
+    Method("int4", Int4Linear, {"group_size": (64, 32, 128, 256)}, built_with=("group_size",)),
+    Method("smoothquant", W8A8Linear, {"alpha": None, "per_token": (True, False)}, built_with=("per_token",),
+           weight_only=False),
+)}
+
+
 def _check(method: str, params: dict) -> dict:
     if method not in METHODS:
         raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
-    allowed = {"nf4": {"block_size", "double_quant"}, "int8": set(), "int4": {"group_size"},
-               "smoothquant": {"alpha", "per_token"}}[method]
-    unknown = set(params) - allowed
-    if unknown:
-        raise QuantizationError(f"{method} takes no option(s) {sorted(unknown)}; it takes {sorted(allowed) or 'none'}")
-    if method == "int4" and params.get("group_size", 64) not in (32, 64, 128, 256):
-        raise QuantizationError(f"int4 group size must be 32, 64, 128 or 256, got {params['group_size']}")
-    if method == "nf4" and params.get("block_size", 64) not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise QuantizationError(f"NF4 block size must be a power of two from 32 to 4096, got {params['block_size']}")
-    return params
+    return METHODS[method].check(params)
 
 
 def quantize_(model: nn.Module, method: str, targets=DEFAULT_TARGETS, **params) -> list[str]:
     """Replace every linear layer whose leaf name is in `targets` by its `method` counterpart, in place.
     Returns the converted names. Refuses a model that is already quantized."""
     params = _check(method, params)
+    if not METHODS[method].weight_only:
+        raise QuantizationError(f"{method} needs calibration data: use compress.smoothquant.smooth_quantize_")
     if model.quantization:
         raise QuantizationError(f"the model is already quantized ({model.quantization['method']}); "
                                 "quantize the float model instead")
-    if method == "smoothquant":
-        raise QuantizationError("smoothquant needs calibration data: use compress.smoothquant.smooth_quantize_")
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets}
     if not linears:
         known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -132,7 +173,7 @@ def quantize_(model: nn.Module, method: str, targets=DEFAULT_TARGETS, **params) 
         if bad:
             raise QuantizationError(f"int4 group size {g} does not divide the inputs of {bad[0]} "
                                     f"({linears[bad[0]].in_features}); pick 32, 64 or 128 that does")
-    build = {"nf4": NF4Linear.from_linear, "int8": Int8Linear.from_linear, "int4": Int4Linear.from_linear}[method]
+    build = METHODS[method].module.from_linear
     for name, linear in linears.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, build(linear, **params))
@@ -155,23 +196,12 @@ def quantize_like_(model: nn.Module, record: dict) -> list[str]:
 def build_quantized_(model: nn.Module, record: dict) -> None:
     """Put empty quantized modules where `record` (a checkpoint's quantization record) says, so that
     the stored tensors can be assigned into them. Works on the meta device."""
-    from mightylm.compress.smoothquant import W8A8Linear
-
     method = record["method"]
     params = _check(method, _record_params(record))
     for name in record["modules"]:
-        old = model.get_submodule(name)
-        args = (old.in_features, old.out_features, old.bias is not None)
-        if method == "nf4":
-            new = NF4Linear(*args, **params, device="meta")
-        elif method == "int8":
-            new = Int8Linear(*args, device="meta")
-        elif method == "int4":
-            new = Int4Linear(*args, group_size=params.get("group_size", 64), device="meta")
-        else:
-            new = W8A8Linear(*args, per_token=params.get("per_token", True), device="meta")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        setattr(model.get_submodule(parent) if parent else model, child,
+                METHODS[method].empty(model.get_submodule(name), params))
     model.forget_transform("quantize")
     model.record_transform("quantize", **{k: v for k, v in record.items() if k != "kind"})
 
