@@ -133,3 +133,22 @@ def test_load_in_bfloat16_stays_close(hf_dir):
     with torch.no_grad():
         diff = (model(idx).float() - hf(idx).logits).abs().max().item()
     assert diff < 0.1
+
+
+def test_name_maps_are_data_with_named_placeholders():
+    from mightylm.checkpoint.names import (GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, HF_TO_OURS, OURS_TO_HF, rename,
+                                           rename_quantized, tensor_transform, unpermute_qk)
+
+    assert rename("model.layers.17.self_attn.q_proj.weight", HF_TO_OURS) == "layers.17.attn.q_proj.weight"
+    assert rename("layers.3.mlp.down_proj.weight", OURS_TO_HF) == "model.layers.3.mlp.down_proj.weight"
+    assert rename("blk.0.attn_k.bias", GGUF_TO_OURS) == "layers.0.attn.k_proj.bias"
+    assert rename("model.layers.2.something_else.weight", HF_TO_OURS) is None
+    assert rename_quantized("layers.4.attn.o_proj.weight_scale", OURS_TO_HF) == \
+        "model.layers.4.self_attn.o_proj.weight_scale"
+    # Two placeholders, in another order on each side (how the MoE maps will read): filled by name.
+    experts = {"blk.{layer}.ffn_gate.{expert}.weight": "layers.{layer}.mlp.experts.{expert}.gate_proj.weight"}
+    assert rename("blk.5.ffn_gate.12.weight", experts) == "layers.5.mlp.experts.12.gate_proj.weight"
+    swapped = {"e.{expert}.l.{layer}.w": "layers.{layer}.experts.{expert}.w"}
+    assert rename("e.7.l.2.w", swapped) == "layers.2.experts.7.w"
+    assert tensor_transform("layers.9.attn.q_proj.weight", GGUF_TENSOR_TRANSFORMS) == (unpermute_qk, "n_heads")
+    assert tensor_transform("layers.9.attn.v_proj.weight", GGUF_TENSOR_TRANSFORMS) is None

@@ -1,0 +1,70 @@
+"""Building a model from stored tensors, shared by the Hugging Face and GGUF readers: the error every
+checkpoint problem raises, the meta-device build, replaying recorded transforms, and the checked assignment
+(`load_state_dict(assign=True)`, so the weights exist in memory once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mightylm.config import ModelConfig
+from mightylm.errors import MightyError
+from mightylm.model import Transformer
+
+
+class CheckpointError(MightyError, ValueError):
+    """A checkpoint we cannot load or write; the message names the file and what is wrong."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(path: Path):
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: pickled PyTorch checkpoints are refused because loading them can run arbitrary code. "
+            "Convert it once, in an environment you trust, with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
+        )
+
+
+def build(config: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def replay(model: Transformer, transforms: list[dict], file: Path) -> None:
+    """Apply a checkpoint's recorded transforms to the freshly built (meta) model, so that its stored tensors
+    have their modules to go into. A full checkpoint holds only transforms that change what is stored
+    (quantization); adapters are saved as adapter directories."""
+    for record in transforms:
+        if record.get("kind") != "quantize":
+            raise CheckpointError(f"{file}: records a {record.get('kind')!r} transform, which a full checkpoint "
+                                  "cannot hold (merge or strip adapters before saving)")
+        from mightylm.compress.quantize import build_quantized_
+
+        build_quantized_(model, record)
+
+
+def assign(model: Transformer, state: dict, dtype, device, *, source) -> None:
+    """Check names and shapes against the model, convert, and assign in place."""
+    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.head_shares_embedding)}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    tensors = {}
+    for name, (tensor, file, stored_as) in state.items():
+        if name not in expected:
+            raise CheckpointError(f"{file}: tensor {stored_as!r} has no place in this model")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{file}: tensor {stored_as!r} has shape {tuple(tensor.shape)}, "
+                f"but the config asks for {tuple(expected[name].shape)}"
+            )
+        # Integer codes and quantization scales keep their stored types.
+        keep = not tensor.is_floating_point() or ".weight_" in name
+        tensors[name] = tensor.to(device=device, dtype=tensor.dtype if keep else dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()

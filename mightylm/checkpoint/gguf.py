@@ -1,0 +1,110 @@
+"""llama.cpp GGUF files: the config and tokenizer from the metadata, tensors dequantized with the `gguf`
+package, names mapped through names.GGUF_TO_OURS and the per-key transforms of names.GGUF_TENSOR_TRANSFORMS.
+The GGUF export work adds the writer beside the reader here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mightylm.checkpoint.build import CheckpointError, assign, build
+from mightylm.checkpoint.names import GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, rename, tensor_transform
+from mightylm.config import ConfigError, ModelConfig
+from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
+
+
+def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
+    """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    reader, meta = gguf_metadata(path)
+    config = gguf_config(meta, reader, source=path)
+    model = build(config)
+    state = {}
+    for t in reader.tensors:
+        ours = rename(t.name, GGUF_TO_OURS)
+        if ours is None:
+            if t.name == "rope_freqs.weight":
+                continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.tensor_type.name}, which we cannot dequantize") from None
+        array = array.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+        per_key = tensor_transform(ours, GGUF_TENSOR_TRANSFORMS) if config.arch == "llama" else None
+        if per_key is not None:  # llama.cpp's llama q/k rows are permuted for its RoPE kernel
+            transform, field = per_key
+            array = transform(array, getattr(config, field))
+        if not array.flags.writeable:  # F32/F16 tensors come back as views of the read-only file map
+            array = array.copy()
+        state[ours] = (torch.from_numpy(np.ascontiguousarray(array)), path, t.name)
+    assign(model, state, dtype, device, source=path)
+    return model, gguf_tokenizer(meta, path)
+
+
+def gguf_metadata(path: Path):
+    """The reader (its tensors are memory-mapped, not read) and the metadata key/values of a GGUF file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
+        raise CheckpointError(f"{path}: cannot be read as GGUF, truncated or corrupt? ({type(e).__name__}: {e})") from None
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:
+            continue
+    return reader, meta
+
+
+def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
+    try:
+        return from_gguf_metadata(meta, str(path))
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def gguf_config(meta: dict, reader, *, source) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: llama, qwen2")
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise CheckpointError(f"{source}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    n_heads = int(get("attention.head_count"))
+    dim = int(get("embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    scaling = None
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(f"{source}: llama3 RoPE scaling in GGUF (rope_freqs.weight) is not supported yet")
+    try:
+        return ModelConfig(
+            arch=arch,
+            vocab_size=int(vocab),
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
+            ffn_dim=int(get("feed_forward_length")),
+            head_dim=int(meta.get(f"{arch}.attention.key_length", dim // n_heads)),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_embeddings="output.weight" not in names,
+            qkv_bias=arch == "qwen2",
+            max_seq_len=int(get("context_length")),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
