@@ -11,6 +11,16 @@ SAMPLE_TEXT = (
 )
 
 
+def tiny(seed: int = 0, **overrides):
+    """The one tiny random model of the tests: the "tiny" preset (every architectural axis, milliseconds to run)
+    with `overrides`, seeded, in eval mode."""
+    from mightylm.config import ModelConfig
+    from mightylm.model import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,14 +9,9 @@ import torch.nn.functional as F
 
 from mightylm.adapters import AdapterError, load_adapter, save_adapter
 from mightylm.adapters.llama_adapter import apply_llama_adapter
-from mightylm.config import ModelConfig
 from mightylm.generate import Sampling, generate
-from mightylm.model import Transformer
 
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", **kw)).eval()
+from conftest import tiny
 
 
 def open_gates(model, seed=1):

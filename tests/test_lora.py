@@ -6,17 +6,12 @@ import torch
 import mightylm
 from mightylm.adapters import AdapterError
 from mightylm.adapters.lora import apply_lora, load_lora, merge_lora, save_lora, strip_lora
-from mightylm.config import ModelConfig
-from mightylm.model import Transformer
 
 from conftest import make_hf_model
 
+from conftest import tiny
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", **kw)).eval()
 
 
 def randomize_b(model, seed=1):

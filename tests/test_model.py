@@ -7,10 +7,7 @@ import torch
 from mightylm.config import ConfigError, ModelConfig
 from mightylm.model import KVCache, Transformer
 
-
-def tiny(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()
+from conftest import tiny
 
 
 def test_model_import_pulls_no_heavy_packages():

@@ -7,16 +7,11 @@ import torch
 import mightylm
 from mightylm.adapters import AdapterError, load_adapter, save_adapter
 from mightylm.adapters.prompt import apply_prompt_tuning, init_embeddings
-from mightylm.config import ModelConfig
 from mightylm.generate import Sampling, generate
-from mightylm.model import Transformer
 
 from conftest import make_hf_model
 
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", **kw)).eval()
+from conftest import tiny
 
 
 def test_prefix_equals_feeding_the_prompt_embeddings_in_front():

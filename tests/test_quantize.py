@@ -4,6 +4,8 @@ quantized checkpoints (save/load, metadata, the CLI), SmoothQuant on outlier cha
 import json
 
 import pytest
+
+import conftest
 import torch
 from torch import nn
 
@@ -12,8 +14,6 @@ from mightylm.compress.nf4 import NF4Linear, _blockwise, dequantize_nf4, dynamic
 from mightylm.compress.quantize import (Int4Linear, Int8Linear, QuantizationError, dequantize_, model_bytes,
                                         quantize_)
 from mightylm.compress.smoothquant import W8A8Linear, smooth_, activation_maxima, smooth_quantize_
-from mightylm.config import ModelConfig
-from mightylm.model import Transformer
 
 bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the NF4 reference (test extra)")
 
@@ -30,8 +30,7 @@ def rel_error(q, w):
 
 
 def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_preset("tiny", **kw)).eval()
+    model = conftest.tiny(seed, **kw)
     with torch.no_grad():  # GPT-2 init leaves a random model nearly constant; give it some contrast
         for p in model.parameters():
             p.mul_(5 if p.dim() == 2 else 1)

@@ -680,8 +680,6 @@ def test_lm_evaluation_harness_scores_through_the_server_as_its_hf_backend(bpe_t
     """EleutherAI's lm-evaluation-harness, unchanged: its `local-completions` client against our server gives
     the accuracy and log-likelihoods its `hf` backend gives on the same weights, with tokenized requests and
     with text."""
-    import os
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))

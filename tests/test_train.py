@@ -8,10 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from mightylm.config import ModelConfig
 from mightylm.data.loader import Loader
-from mightylm.model import Transformer
 from mightylm.train import TrainConfig, TrainingError, cross_entropy, evaluate, fit, lr_at
+
+from conftest import tiny
 
 
 def dataset(n=64, seq=16, vocab=64, seed=0):
@@ -26,8 +26,7 @@ def dataset(n=64, seq=16, vocab=64, seed=0):
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=2))
+    return tiny(seed, vocab_size=64, n_layers=2)
 
 
 def config(**overrides):
@@ -213,8 +212,7 @@ def _loss_with_parts(model, batch):
 
 
 def _tied(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=2, tie_embeddings=True))
+    return tiny(seed, vocab_size=64, n_layers=2, tie_embeddings=True)
 
 
 def test_a_wrapper_trains_through_fit_with_named_loss_parts_checkpointing_and_resume(tmp_path):

@@ -10,13 +10,8 @@ from mightylm.adapters.llama_adapter import apply_llama_adapter
 from mightylm.adapters.lora import apply_lora, save_lora, strip_lora
 from mightylm.adapters.prompt import apply_prompt_tuning
 from mightylm.compress.quantize import dequantize_, quantize_
-from mightylm.config import ModelConfig
-from mightylm.model import Transformer
 
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny", vocab_size=320)).eval()
+from conftest import tiny
 
 
 def kinds(model):
@@ -25,7 +20,7 @@ def kinds(model):
 
 @pytest.mark.parametrize("technique", ["qlora", "prompt", "ptuning", "llama_adapter"])
 def test_adapter_transforms_survive_save_and_load(tmp_path, technique):
-    model = tiny()
+    model = tiny(vocab_size=320)
     if technique == "qlora":
         quantize_(model, "nf4", targets=("q_proj", "v_proj"))
         apply_lora(model, ("q_proj", "v_proj"), r=4, alpha=8)
@@ -34,7 +29,7 @@ def test_adapter_transforms_survive_save_and_load(tmp_path, technique):
     else:
         apply_llama_adapter(model, layers=1, length=3)
     save_adapter(model, tmp_path / "a")
-    fresh = tiny()
+    fresh = tiny(vocab_size=320)
     assert fresh.transforms == []
     load_adapter(fresh, tmp_path / "a")
     assert kinds(fresh) == kinds(model) == {"qlora": ["quantize", "lora"], "prompt": ["prompt"],
@@ -49,7 +44,7 @@ def test_adapter_transforms_survive_save_and_load(tmp_path, technique):
 
 
 def test_quantization_is_recorded_written_and_replayed(tmp_path, bpe_tokenizer):
-    model = tiny()
+    model = tiny(vocab_size=320)
     names = quantize_(model, "int4", group_size=32)
     assert model.transforms == [{"kind": "quantize", "method": "int4", "group_size": 32, "modules": names}]
     assert model.quantization == {"method": "int4", "group_size": 32, "modules": names}  # read from the record
@@ -61,13 +56,13 @@ def test_quantization_is_recorded_written_and_replayed(tmp_path, bpe_tokenizer):
 
 
 def test_lora_settings_are_read_from_the_modules_not_a_stale_record(tmp_path):
-    model = tiny()
+    model = tiny(vocab_size=320)
     apply_lora(model, ("q_proj",), r=2, alpha=4)
     apply_lora(model, ("v_proj",), r=4, alpha=8)  # another rank on other layers: not one PEFT setting
     assert kinds(model) == ["lora", "lora"]
     with pytest.raises(AdapterError, match="differ in rank"):
         save_lora(model, tmp_path / "bad")
-    one = tiny()
+    one = tiny(vocab_size=320)
     apply_lora(one, ("q_proj", "v_proj"), r=3, alpha=6)
     save_lora(one, tmp_path / "good")
     import json
@@ -80,4 +75,4 @@ def test_lora_settings_are_read_from_the_modules_not_a_stale_record(tmp_path):
 
 def test_quantization_cannot_be_assigned_around_the_record():
     with pytest.raises(AttributeError):
-        tiny().quantization = {"method": "int8"}
+        tiny(vocab_size=320).quantization = {"method": "int8"}
