@@ -148,58 +148,18 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False, overwrit
         requantize: For a QLoRA adapter: quantize the merged model again and write it quantized.
         overwrite: Replace --out if it already holds something (never when it is the model or the adapter).
     """
-    import torch
-
     import mightylm
-    from mightylm.adapters import AdapterError, read_adapter_config, warn_if_other_base
-    from mightylm.adapters.lora import load_lora, lora_modules, strip_lora
+    from mightylm.adapters.merge import check_mergeable, merge_into_base
     from mightylm.outputs import check_output, written_into
 
     target = check_output(out, inputs=[model, adapter], overwrite=overwrite)
-    kind = read_adapter_config(adapter).get("peft_type")
-    if kind != "LORA":
-        raise AdapterError(f"{adapter}: a {kind} adapter adds inputs or attention, not weight updates, so it cannot "
-                           "be merged into the weights; apply it with --adapter instead")
+    check_mergeable(adapter)  # before the model is loaded
     base, tokenizer = mightylm.load(model)
-    warn_if_other_base(base, read_adapter_config(adapter), adapter)
-    n = len(load_lora(base, adapter))
-    record = base.quantization
-    if requantize and not record:
-        raise AdapterError(f"--requantize: {adapter} is a LoRA adapter over a float base; nothing to re-quantize")
-    probe = torch.tensor([tokenizer.encode(MERGE_PROBE)]) if tokenizer is not None else torch.arange(32)[None]
-    with torch.no_grad():
-        reference = base(probe)  # the adapter as trained: unmerged, over the (quantized) base
-    for m in lora_modules(base).values():
-        m.dequantize_base()
-    strip_lora(base)
-    if record:
-        from mightylm.compress.quantize import dequantize_
-
-        dequantize_(base)  # the quantized layers LoRA did not adapt become float too
-        with torch.no_grad():
-            print(f"merged into a dequantized float copy: outputs change by {_change(base(probe), reference)}")
-        if requantize:
-            from mightylm.compress.quantize import quantize_like_
-
-            quantize_like_(base, record)
-            with torch.no_grad():
-                print(f"re-quantized to {record['method']} after merging: outputs change by "
-                      f"{_change(base(probe), reference)}")
+    n = merge_into_base(base, tokenizer, adapter, requantize=requantize)
     with written_into(target) as tmp:
         mightylm.save(base, tokenizer, tmp)
     print(f"merged {n} LoRA layers of {adapter} into {model}; wrote {target}\n"
           f"use it: mighty generate --model {target} --prompt \"...\"")
-
-
-MERGE_PROBE = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
-
-
-def _change(logits, reference) -> str:
-    """How far `logits` are from `reference`: max abs difference, relative RMS, greedy-token agreement."""
-    rms = ((logits - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
-    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    return (f"max |dlogit| {(logits - reference).abs().max().item():.4f}, relative RMS {rms:.2e}, "
-            f"same argmax at {agree:.0%} of positions")
 
 
 def quantize(
@@ -242,6 +202,7 @@ def quantize(
     import torch
 
     import mightylm
+    from mightylm.compress.probe import output_change, probe_ids
     from mightylm.compress.quantize import QuantizationError, model_bytes, quantize_
     from mightylm.outputs import check_output, written_into
 
@@ -254,15 +215,16 @@ def quantize(
     if net.quantization:
         raise QuantizationError(f"{model} is already quantized ({net.quantization['method']}); "
                                 "quantize the float model instead")
-    probe = torch.tensor([tokenizer.encode(MERGE_PROBE)]) if tokenizer is not None else torch.arange(32)[None]
+    probe = probe_ids(tokenizer)
     before_bytes = model_bytes(net)
     with torch.no_grad():
         reference = net(probe)
     if method == "smoothquant":
+        from mightylm.compress.calibration import calibration_batches
         from mightylm.compress.smoothquant import smooth_quantize_
 
         with torch.no_grad():
-            names = smooth_quantize_(net, _calibration_batches(calib, tokenizer, calib_windows), alpha=alpha,
+            names = smooth_quantize_(net, calibration_batches(calib, tokenizer, calib_windows), alpha=alpha,
                                      per_token=per_token)
     else:
         from mightylm.compress.quantize import DEFAULT_TARGETS, METHODS
@@ -271,32 +233,11 @@ def quantize(
         params = {k: v for k, v in given.items() if k in METHODS[method].options}  # the method's own settings
         names = quantize_(net, method, targets=DEFAULT_TARGETS + (("lm_head",) if head else ()), **params)
     with torch.no_grad():
-        change = _change(net(probe), reference)
+        change = output_change(net(probe), reference)
     with written_into(target) as tmp:
         mightylm.save(net, tokenizer, tmp)
     print(f"{method}: {len(names)} linear layers; {before_bytes / 2**20:.1f} MiB -> {model_bytes(net) / 2**20:.1f} MiB "
           f"({before_bytes / model_bytes(net):.2f}x smaller); outputs on a probe text: {change}; wrote {target}")
-
-
-def _calibration_batches(calib: str, tokenizer, windows: int, length: int = 256) -> list:
-    """Up to `windows` token windows of `length` from the calibration text, with clear errors when it is too little."""
-    import torch
-
-    from mightylm.compress.quantize import QuantizationError
-    from mightylm.data.pretrain import collect_files, read_documents
-
-    ids: list[int] = []
-    for file in collect_files([calib]):
-        for doc in read_documents(file):
-            ids += tokenizer.encode(doc)
-            if len(ids) >= windows * length:
-                break
-    if len(ids) < 64:
-        raise QuantizationError(f"{calib}: {len(ids)} tokens of calibration text; SmoothQuant needs at least 64 "
-                                "(a few paragraphs of ordinary text)")
-    n = min(windows, max(1, len(ids) // length))
-    size = min(length, len(ids))
-    return [torch.tensor(ids[i * size:(i + 1) * size])[None] for i in range(n)]
 
 
 def report(run_dir: str) -> None:
