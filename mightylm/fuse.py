@@ -12,7 +12,8 @@ from memory. Measured on SmolLM2-135M's shapes (2 cores, float32, bench/RESULTS.
 3. One native call per block (`NativeDecodeBlock`, set as `Block.fused_decode`): for one token of
    one sequence the norms, RoPE, cache write, attention over the cache, SiLU and residual adds run
    in C around the same GEMVs, instead of ~25 eager operations whose dispatch cost more than the
-   weights' streaming (SmolLM2-135M, bench/native_block.py: float32 1.42x, int8 1.64x faster). Anything else
+   weights' streaming (SmolLM2-135M on a 2-core AMD EPYC with AVX2, bench/native_block.py: float32 1.42x,
+   int8 1.64x faster). Anything else
    (prefill, batches, gradients, LLaMA-Adapter) still runs the eager block.
 
 int8 layers (compress/quantize.py) are fused the same way (stacked rows and scales, one int8

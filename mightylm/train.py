@@ -130,7 +130,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused=True: one vectorized kernel for all parameters (CPU and CUDA); measured here on 135M
+    # fused=True: one vectorized kernel for all parameters (CPU and CUDA); measured on a 2-core AMD EPYC on 135M
     # parameters: 53 ms per step against 332 ms for the per-parameter loop. Same update up to rounding.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=all(p.device.type in ("cpu", "cuda") for p in model.parameters()))

@@ -49,7 +49,7 @@ class Int8Linear(nn.Module):
         if x.numel() == self.in_features and (y := gemv_int8(x, self.weight, self.weight_scale, self.bias)) is not None:
             return y  # one row (decoding): the native kernel streams the int8 weight once
         # Several rows (prefill, training): dequantize once, then a float GEMM. On this CPU that is
-        # 16x faster than PyTorch's _weight_int8pack_mm at 32 rows (bench/RESULTS.md).
+        # 16x faster than PyTorch's _weight_int8pack_mm at 32 rows (2-core AMD EPYC, bench/RESULTS.md).
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ Each quantized module keeps the layer's `weight` key (now the integer codes) bes
 One row at a time (decoding) goes through AVX2 GEMV kernels of our own that read the packed codes
 (mightylm/kernels); several rows (prefill, training) dequantize once and use a float GEMM.
 PyTorch's packed CPU ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were measured
-and not used: on this CPU they run 4-16x slower than either path (bench/RESULTS.md).
+and not used: on the project's 2-core AMD EPYC they ran 4-16x slower than either path (bench/RESULTS.md).
 What was applied is stored with the checkpoint (`quantization_record`) and rebuilt on load, never
 guessed from a file name. The embedding table and the LM head stay in float by default; with
 "lm_head" among the targets the head is quantized too, and where it was tied to the embedding it
