@@ -219,6 +219,9 @@ def pretrain(
     rank, world = _distributed(device)
     files = collect_files(data)
     check_text_files(files, encoding)
+    overrides = {k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                        ffn_dim=ffn_dim).items() if v is not None}
+    ModelConfig.from_preset(preset, vocab_size=vocab_size, **overrides)  # a bad shape is refused before any work
     resume = _prepare_out(out, verb="pretrain", resume=resume, overwrite=overwrite, inputs=[*files, tokenizer],
                           data=data_identity(files), rank=rank)
 
@@ -236,8 +239,6 @@ def pretrain(
 
     tok, stream = _rank0_first(rank, world, prepare)
     train_windows, val_windows = stream.split(seq_len, val_fraction)
-    overrides = {k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                        ffn_dim=ffn_dim).items() if v is not None}
     config = ModelConfig.from_preset(preset, vocab_size=tok.vocab_size, max_seq_len=max(seq_len, 256), **overrides)
     recorded = _read_run_args(out).get("model")
     if resume and recorded and recorded != json.loads(json.dumps(asdict(config))):

@@ -218,6 +218,8 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, co
     ("--seq_len", "0", 'Parser key "seq_len"'),
     ("--val_fraction", "1.5", 'Parser key "val_fraction"'),
     ("--n_layers", "-2", 'Parser key "n_layers"'),
+    ("--n_heads", "5", "dim 32 is not divisible by n_heads 5"),
+    ("--preset", "nope", "unknown preset 'nope'"),
 ])
 def test_bad_training_options_are_refused_before_any_work(tmp_path, corpus, option, value, expected, capsys):
     out = tmp_path / "run"
