@@ -33,12 +33,8 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        q, scale = int8_absmax(linear.weight.detach())
-        new.weight, new.weight_scale = q, scale.squeeze(1)  # (out, in), (out,)
-        if linear.bias is not None:
-            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return new
+        return take_int8_weights(cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta"),
+                                 linear)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
@@ -54,3 +50,14 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@torch.no_grad()
+def take_int8_weights(new: nn.Module, linear: nn.Linear) -> nn.Module:
+    """Fill `new` (an int8 layer on the meta device) from a float layer: int8 `weight` (out, in), one
+    `weight_scale` per output channel (out,), and the bias, frozen. Weight-only int8 and W8A8 share it."""
+    q, scale = int8_absmax(linear.weight.detach())
+    new.weight, new.weight_scale = q, scale.squeeze(1)
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return new

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mightylm.compress import DEFAULT_TARGETS, QuantizationError
-from mightylm.compress.int8 import int8_absmax
+from mightylm.compress.int8 import int8_absmax, take_int8_weights
 
 
 class W8A8Linear(nn.Module):
@@ -42,13 +42,8 @@ class W8A8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, per_token: bool = True) -> W8A8Linear:
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token=per_token,
-                  device="meta")
-        q, scale = int8_absmax(linear.weight.detach())
-        new.weight, new.weight_scale = q, scale.squeeze(1)
-        if linear.bias is not None:
-            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return new
+        return take_int8_weights(cls(linear.in_features, linear.out_features, linear.bias is not None,
+                                     per_token=per_token, device="meta"), linear)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
