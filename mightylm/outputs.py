@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -70,9 +70,9 @@ def _check_writable(target: Path, option: str) -> None:
 
 @contextmanager
 def written_into(target: Path) -> Iterator[Path]:
-    """A new temporary directory beside `target`; renamed to `target` when the block completes (an old
-    target, which check_output let through only with --overwrite, is removed only then). On an error or interruption the temporary directory is
-    removed and `target` is as it was."""
+    """A new temporary directory beside `target`; renamed to `target` when the block completes (an old target,
+    which check_output let through only with --overwrite, is removed only then). On an error or interruption
+    the temporary directory is removed and `target` is as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -87,9 +87,17 @@ def written_into(target: Path) -> Iterator[Path]:
                 os.replace(target, old)
         os.replace(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp, quiet=True)
         if old is not None:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            remove(old, quiet=True)
+
+
+def remove(path: Path, *, quiet: bool = False) -> None:
+    """Delete a file or a directory tree, if there is one (what --overwrite replaces, or a temporary leftover);
+    `quiet` ignores errors (cleanup that must not hide the error being raised)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=quiet)
+        return
+    with suppress(OSError) if quiet else nullcontext():
+        path.unlink(missing_ok=True)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import sys
 from dataclasses import asdict
 from typing import Literal
@@ -78,15 +77,17 @@ def _save_final(model, tokenizer, out: Path, rank: int, world: int) -> None:
 
 def _checkpoint_step(out: Path) -> int | None:
     """The step of the run's last checkpoint, or None when it has none (yet)."""
-    for name in ("checkpoint", "checkpoint.old"):  # .old: a crash between the two renames of save_checkpoint
-        state = out / name / "state.json"
-        if state.exists():
-            try:
-                return int(json.loads(state.read_text())["step"])
-            except (ValueError, KeyError, TypeError):
-                raise RunDirError(f"{state}: unreadable ({state.stat().st_size} bytes); the checkpoint is damaged. "
-                                  "Start again with --overwrite true") from None
-    return None
+    from mightylm.train import checkpoint_dir
+
+    path = checkpoint_dir(out)
+    if path is None:
+        return None
+    state = path / "state.json"
+    try:
+        return int(json.loads(state.read_text())["step"])
+    except (ValueError, KeyError, TypeError):
+        raise RunDirError(f"{state}: unreadable ({state.stat().st_size} bytes); the checkpoint is damaged. "
+                          "Start again with --overwrite true") from None
 
 
 def _prepare_out(out: Path, *, verb: str, resume: bool, overwrite: bool, inputs: list, data: dict,
@@ -94,7 +95,7 @@ def _prepare_out(out: Path, *, verb: str, resume: bool, overwrite: bool, inputs:
     """Check the run directory and decide whether the run resumes (returned). On rank 0, write run_args.json at
     once, so a run stopped at any point is recognised as this verb's own: a later plain rerun or --resume
     proceeds (from its checkpoint, or from step 0 when it stopped before its first one)."""
-    from mightylm.outputs import check_output
+    from mightylm.outputs import check_output, remove
 
     def own(path: Path) -> bool:
         return (path / "run_args.json").exists()
@@ -102,8 +103,8 @@ def _prepare_out(out: Path, *, verb: str, resume: bool, overwrite: bool, inputs:
     if rank != 0:
         return resume and not overwrite and _checkpoint_step(out) is not None
     check_output(out, inputs=inputs, overwrite=overwrite, own=own)
-    if overwrite and out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if overwrite:
+        remove(out)
     step = _checkpoint_step(out)
     if resume and step is None:
         if out.exists():
@@ -124,8 +125,7 @@ def _prepare_out(out: Path, *, verb: str, resume: bool, overwrite: bool, inputs:
         raise RunDirError(f"--resume: {out} holds a {recorded['verb']} run, not {verb}; resume it with that verb")
     if not resume:  # what an earlier attempt left is replaced, never appended to
         for name in ("metrics.jsonl", "summary.json", "report.md", "report.png", "checkpoint.tmp", "tensorboard"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
     _write_run_args(out, {**recorded, "verb": verb, "data_identity": data})
     return resume

@@ -287,23 +287,31 @@ def save_checkpoint(run_dir: Path, model, optimizer, loader: Loader, step: int, 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_dir(run_dir: Path) -> Path | None:
+    """The run's last complete checkpoint: checkpoint/, or checkpoint.old/ after a crash between the two renames
+    of save_checkpoint; None when there is none (yet)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (Path(run_dir) / name / "state.json").exists():
+            return Path(run_dir) / name
+    return None
+
+
 def load_checkpoint(run_dir: Path, model, optimizer, loader: Loader) -> tuple[int, int]:
     from safetensors.torch import load_file
 
-    path = run_dir / "checkpoint"
-    if not path.exists() and (run_dir / "checkpoint.old").exists():
-        path = run_dir / "checkpoint.old"  # a crash between the two renames of save_checkpoint
-    if not (path / "state.json").exists():
+    path = checkpoint_dir(run_dir)
+    if path is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir} (looked for {run_dir / 'checkpoint' / 'state.json'})")
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "model.safetensors"))
-    expected = set(model.state_dict()) - _tied_head_keys(model)
+    current = model.state_dict()
+    expected = set(current) - _tied_head_keys(model)
     if set(weights) != expected:
         raise TrainingError(f"{path}: checkpoint does not fit the model (missing {sorted(expected - set(weights))[:3]}, "
                             f"unexpected {sorted(set(weights) - expected)[:3]}); was it made with other settings?")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    differ = [f"{k} {tuple(weights[k].shape)} (checkpoint) vs {shapes[k]} (now)" for k in sorted(weights)
-              if not dist.is_initialized() and tuple(weights[k].shape) != shapes[k]]
+    differ = [] if dist.is_initialized() else [  # FSDP shards have their own shapes; full tensors go in below
+        f"{k} {tuple(weights[k].shape)} (checkpoint) vs {tuple(current[k].shape)} (now)" for k in sorted(weights)
+        if weights[k].shape != current[k].shape]
     if differ:
         raise TrainingError(f"{path}: the checkpoint holds a model of another shape ({'; '.join(differ[:3])}"
                             f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}); resume with the run's own "
