@@ -270,11 +270,7 @@ def _list_options(argv: list[str]) -> set[str]:
     """The list-valued parameters of the verb `argv` names (they may be repeated on the command line)."""
     import inspect
 
-    verb = _verbs()
-    for word in argv:
-        if not isinstance(verb, dict) or word not in verb:
-            break
-        verb = verb[word]
+    verb = _verb_of(argv)[1]
     if isinstance(verb, dict):
         return set()
     return {name for name, p in inspect.signature(verb).parameters.items() if "list[" in str(p.annotation)}
@@ -298,15 +294,16 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
-def _verb_path(argv: list[str]) -> list[str]:
-    """The verb words at the start of `argv` (`finetune lora`), as far as they name verbs."""
-    verbs, path = _verbs(), []
+def _verb_of(argv: list[str]) -> tuple[list[str], object]:
+    """The verb words at the start of `argv` (`finetune lora`), as far as they name verbs, and what they name: a
+    function, or a dict of verbs when they stop at a group."""
+    verb, path = _verbs(), []
     for word in argv:
-        if not isinstance(verbs, dict) or word not in verbs or word.startswith("_"):
+        if not isinstance(verb, dict) or word not in verb or word.startswith("_"):
             break
         path.append(word)
-        verbs = verbs[word]
-    return path
+        verb = verb[word]
+    return path, verb
 
 
 def _usage(path: list[str]) -> str:
@@ -364,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                           description="mightylm: small, efficient language models. `mighty VERB --help` explains a "
                                       "verb; `mighty --debug VERB ...` shows a traceback with an error.")
     except argparse.ArgumentError as e:
-        path = _verb_path(argv)
+        path = _verb_of(argv)[0]
         message = str(e)
         configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + \
                   [a.partition("=")[2] for a in argv if a.startswith("--config=")]

@@ -49,6 +49,10 @@ class ModelConfig:
                and (isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1)]
         if bad:
             raise ConfigError(f"model sizes must be positive integers, got {', '.join(bad)}")
+        bad = [f"{k}={getattr(self, k)!r}" for k in ("norm_eps", "rope_theta") if isinstance(getattr(self, k), bool)
+               or not isinstance(getattr(self, k), (int, float)) or not getattr(self, k) > 0]
+        if bad:
+            raise ConfigError(f"norm_eps and rope_theta must be positive numbers, got {', '.join(bad)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -134,7 +138,7 @@ class ModelConfig:
         except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
             if isinstance(e, ConfigError):
                 raise ConfigError(f"{source}: {e}") from None
-            raise ConfigError(f"{source}: a field has the wrong type or value ({e}); {_bad_fields(hf)}") from None
+            raise ConfigError(f"{source}: a field has the wrong type or value ({e})") from None
 
     def to_hf(self) -> dict:
         """The config.json that `transformers` reads back into the same architecture."""
@@ -168,17 +172,6 @@ class ModelConfig:
 
 
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-def _bad_fields(hf: dict) -> str:
-    """Which of config.json's size fields are not positive integers, for an error message."""
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "head_dim", "max_position_embeddings")
-    bad = [f"{k}={hf[k]!r}" for k in keys if k in hf and hf[k] is not None
-           and (isinstance(hf[k], bool) or not isinstance(hf[k], int) or hf[k] < 1)]
-    nulls = [k for k in keys[:4] + ("intermediate_size",) if k in hf and hf[k] is None]
-    return "expected positive integers: " + ", ".join(bad + [f"{k}=null" for k in nulls]) if bad or nulls else \
-        "check the numeric fields"
 
 
 def _rope_theta_from_hf(hf: dict) -> float:

@@ -265,7 +265,10 @@ def test_environment_and_input_errors_are_one_line(tmp_path, hf_dir, corpus, cap
     assert "--prompt: not valid UTF-8" in _error(capsys)
     for text, expected in (("[1, 2]", "expected a JSON object"), ('{"model_type": "llama", "vocab_size": null, '
                            '"hidden_size": "64", "num_hidden_layers": 2, "num_attention_heads": 4, '
-                           '"intermediate_size": 8}', "model sizes must be positive integers")):
+                           '"intermediate_size": 8}', "model sizes must be positive integers"),
+                           ('{"model_type": "llama", "vocab_size": 8, "hidden_size": 64, "num_hidden_layers": 2, '
+                            '"num_attention_heads": 4, "intermediate_size": 8, "rms_norm_eps": "x"}',
+                            "norm_eps and rope_theta must be positive numbers, got norm_eps='x'")):
         bad = tmp_path / f"bad{len(text)}"
         bad.mkdir()
         (bad / "config.json").write_text(text)

@@ -78,13 +78,13 @@ class AdapterBank:
         self._check_name(name)
         cfg = read_adapter_config(path)
         warn_if_other_base(self.model, cfg, path)
-        if not kind_of(cfg, path).per_request:
+        kind = kind_of(cfg, path)
+        if not kind.per_request:
             served = ", ".join(t for k in KINDS if k.per_request for t in k.peft_types)
             raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {cfg['peft_type']!r} cannot be served "
                                f"per request ({served} can); merge it or apply it to the base with --adapter")
-        kind = cfg.get("peft_type")
         dtype = self.model.embed.weight.dtype
-        if kind == "LORA":
+        if kind.name == "lora":
             if cfg.get("mightylm_base_quantization"):
                 raise AdapterError(f"{path}: a QLoRA adapter needs its NF4 base; serve it merged (mighty merge) "
                                    "or start the server on the quantized base")
@@ -98,13 +98,11 @@ class AdapterBank:
             scaling = lora_scaling(cfg)
             return {"name": name, "kind": "lora", "pairs": {m: (p["lora_A"].to(dtype), (p["lora_B"] * scaling).to(dtype))
                                                           for m, p in pairs.items()}}
-        if kind in ("PROMPT_TUNING", "P_TUNING"):
-            from mightylm.adapters.prompt import read_prompt
+        from mightylm.adapters.prompt import read_prompt  # the other kind served per request: soft prompts
 
-            prompt = read_prompt(self.model, path, cfg)
-            return {"name": name, "kind": "prompt", "prompt": prompt.to(dtype),
-                    "what": f"{kind.lower().replace('_', ' ')}: {prompt.shape[0]} virtual tokens"}
-        raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {kind!r} has no per-request path here")
+        prompt = read_prompt(self.model, path, cfg)
+        return {"name": name, "kind": "prompt", "prompt": prompt.to(dtype),
+                "what": f"{cfg['peft_type'].lower().replace('_', ' ')}: {prompt.shape[0]} virtual tokens"}
 
     def install(self, prepared: dict) -> str:
         """Put a prepared adapter in place (module swaps and dictionary updates only: quick, for between steps)."""

@@ -375,8 +375,7 @@ class Engine:
         if seq.cancelled:
             seq.finish_reason = "cancelled"
             return
-        stops = seq.sampling.stop_token_ids or self.tokenizer.stop_token_ids
-        if token in stops and not seq.ignore_eos:
+        if token in self._stops(seq) and not seq.ignore_eos:
             seq.finish_reason = "stop"
             return
         self._emit_text(seq, seq._text.push(token))
@@ -385,6 +384,10 @@ class Engine:
         elif len(seq.generated) >= seq.sampling.max_new_tokens:
             self._emit_text(seq, seq._text.finish())
             seq.finish_reason = "length"
+
+    def _stops(self, seq: Sequence) -> tuple[int, ...]:
+        """The token ids that end `seq`: its own, else the tokenizer's."""
+        return seq.sampling.stop_token_ids or self.tokenizer.stop_token_ids
 
     def _emit_text(self, seq: Sequence, text: str) -> None:
         if text:
@@ -417,8 +420,7 @@ class Engine:
         if error:
             event["error"] = error
         if seq.logprobs is not None:
-            stops = seq.sampling.stop_token_ids or self.tokenizer.stop_token_ids
-            n = len(seq.scores) - (1 if reason == "stop" and seq.generated and seq.generated[-1] in stops
+            n = len(seq.scores) - (1 if reason == "stop" and seq.generated and seq.generated[-1] in self._stops(seq)
                                    and not seq.ignore_eos else 0)
             event["logprobs"] = [(token, *score) for token, score in zip(seq.generated[:n], seq.scores[:n])]
         try:
