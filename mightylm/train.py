@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mightylm import adapters
 from mightylm.data.loader import IGNORE, Loader
 from mightylm.errors import MightyError, UsageError
 
@@ -138,11 +139,14 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loader | None = None,
         loss_fn=cross_entropy, optimizer=None, resume: bool = False, progress: bool = True) -> dict:
-    """Train `model` for `cfg.steps` optimizer steps. Returns a summary of the run."""
+    """Train `model` for `cfg.steps` optimizer steps. Returns a summary of the run. A model that carries adapters
+    trains those only (`adapters.mark_trainable`); any other trains what requires grad."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(cfg.seed)
+    if adapters.present(model):  # after the last transform: the adapters train, the base does not
+        adapters.mark_trainable(model)
     net = _wrap(model, cfg, world)  # what forward/backward go through (DDP/FSDP wrapper or the model)
     optimizer = optimizer or make_optimizer(model, cfg)
     if hasattr(optimizer, "backward") and (cfg.grad_accum > 1 or cfg.grad_clip is not None or world > 1):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mightylm.adapters import mark_trainable
 from mightylm.adapters import AdapterError, load_adapter, save_adapter
 from mightylm.adapters.llama_adapter import apply_llama_adapter
 from mightylm.generate import Sampling, generate
@@ -31,6 +32,7 @@ def test_zero_init_leaves_the_model_unchanged_and_counts_trainables():
     with torch.no_grad():
         torch.testing.assert_close(model(idx), before, atol=0, rtol=0)
     c = model.config
+    mark_trainable(model)
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"layers.1.attn.adaption.prompt": 6 * c.dim, "layers.1.attn.adaption.gate": c.n_heads}
 
@@ -77,6 +79,7 @@ def test_cached_batched_decoding_matches_alone_and_save_load_round_trips(tmp_pat
 def test_gates_and_prompts_train_while_the_base_stays_frozen():
     model = tiny().train()
     apply_llama_adapter(model, layers=2, length=4)
+    mark_trainable(model)
     base = {n: p.clone() for n, p in model.named_parameters() if "adaption" not in n}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     idx = torch.randint(0, 256, (4, 12))

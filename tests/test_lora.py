@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mightylm
+from mightylm.adapters import mark_trainable
 from mightylm.adapters import AdapterError
 from mightylm.adapters.lora import apply_lora, load_lora, merge_lora, save_lora, strip_lora
 
@@ -31,6 +32,7 @@ def test_zero_init_leaves_the_model_unchanged_and_counts_trainables():
     assert len(converted) == 2 * 7 + 1
     with torch.no_grad():
         torch.testing.assert_close(model(idx), before, atol=0, rtol=0)
+    mark_trainable(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     c = model.config
     per_layer = 4 * ((c.dim + c.n_heads * c.head_dim) * 2 + (c.dim + c.n_kv_heads * c.head_dim) * 2

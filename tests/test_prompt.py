@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mightylm
+from mightylm.adapters import mark_trainable
 from mightylm.adapters import AdapterError, load_adapter, save_adapter
 from mightylm.adapters.prompt import apply_prompt_tuning, init_embeddings
 from mightylm.generate import Sampling, generate
@@ -55,6 +56,7 @@ def test_text_initialisation_and_trainable_counts():
     torch.testing.assert_close(init, model.embed.weight[[3, 4, 5, 3, 4, 5, 3]])
     apply_prompt_tuning(model, 7, init_ids=ids)
     torch.testing.assert_close(model.prefix(), init)
+    mark_trainable(model)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix.embedding"]
 
     ptuned = tiny()
@@ -62,6 +64,7 @@ def test_text_initialisation_and_trainable_counts():
     torch.testing.assert_close(ptuned.prefix(), init)  # residual encoder: text init holds at step 0
     dim = ptuned.config.dim
     expected = 7 * dim + (dim * 16 + 16) + (16 * 16 + 16) + (16 * dim + dim)
+    assert mark_trainable(ptuned) == expected
     assert sum(p.numel() for p in ptuned.parameters() if p.requires_grad) == expected
 
 
@@ -72,6 +75,7 @@ def test_the_prompt_trains_and_the_base_does_not(encoder):
         for p in model.parameters():
             p.mul_(5 if p.dim() == 2 else 1)
     apply_prompt_tuning(model, 4, encoder=encoder, hidden=16)
+    mark_trainable(model)
     base = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("prefix")}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     idx = torch.randint(0, 256, (1, 12)).repeat(4, 1)  # one sequence to fit: the prompt can steer towards it

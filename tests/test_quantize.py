@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import mightylm
+from mightylm.adapters import mark_trainable
 from mightylm.compress.nf4 import NF4Linear, _blockwise, dequantize_nf4, dynamic_map, nf4_bits_per_param, quantize_nf4
 from mightylm.compress.quantize import (Int4Linear, Int8Linear, QuantizationError, dequantize_, model_bytes,
                                         quantize_)
@@ -216,6 +217,7 @@ def test_qlora_trains_saves_loads_and_merges(tmp_path, capsys, bpe_tokenizer):
     model, _ = mightylm.load(base_dir)
     quantize_(model, "nf4")
     apply_lora(model, ("q_proj", "v_proj", "gate_proj"), r=4, alpha=8)
+    mark_trainable(model)
     model.train()
     frozen = {n: b.clone() for n, b in model.named_buffers()}
     params = [p for p in model.parameters() if p.requires_grad]

@@ -76,3 +76,30 @@ def test_lora_settings_are_read_from_the_modules_not_a_stale_record(tmp_path):
 def test_quantization_cannot_be_assigned_around_the_record():
     with pytest.raises(AttributeError):
         tiny(vocab_size=320).quantization = {"method": "int8"}
+
+
+def test_trainability_is_marked_once_after_all_transforms(tmp_path):
+    """A soft prompt applied after LoRA used to freeze the LoRA weights (each apply_* froze everything but its
+    own); now the transforms only add modules and mark_trainable (called by fit) trains every adapter."""
+    from mightylm.adapters import mark_trainable
+    from mightylm.data.loader import Loader
+    from mightylm.train import TrainConfig, fit
+
+    model = tiny()
+    apply_lora(model, ("q_proj", "v_proj"), r=2, alpha=4)
+    apply_prompt_tuning(model, 3)
+    c = model.config
+    lora = c.n_layers * 2 * ((c.dim + c.n_heads * c.head_dim) + (c.dim + c.n_kv_heads * c.head_dim))
+    assert mark_trainable(model) == lora + 3 * c.dim
+    assert {n.split(".")[-2] if "lora_" in n else n for n, p in model.named_parameters() if p.requires_grad} == \
+        {"lora_A", "lora_B", "prefix.embedding"}
+
+    for p in model.parameters():  # as after apply_* alone: fit marks them itself
+        p.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    items = [{"input_ids": row[:-1], "labels": row[1:]} for row in torch.randint(0, 256, (4, 9))]
+    fit(model, Loader(items, 2, shuffle=False), tmp_path, TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup=1,
+        eval_every=10**9, save_every=10**9), progress=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_B" in n or "lora_A" in n or n == "prefix.embedding" for n in moved)
+    assert "prefix.embedding" in moved and any("lora_B" in n for n in moved)

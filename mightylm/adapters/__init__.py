@@ -9,6 +9,10 @@ An adapter directory holds adapter_config.json + adapter_model.safetensors (PEFT
 `peft_type` says which technique). `KINDS` is the one list of adapter kinds: `load_adapter` applies
 any of them, `save_adapter` writes whichever the model carries, and the server asks it which kinds it
 can serve per request.
+
+The `apply_*` transforms only add their modules; which parameters train is decided once, after the last
+transform, by `mark_trainable` (every adapter's parameters, nothing of the base), so that transforms compose
+(LoRA and a soft prompt train together). `train.fit` calls it for a model that carries adapters.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from mightylm.adapters import llama_adapter, lora, prompt
 from mightylm.adapters.files import (BASE_KEY, AdapterError, base_fingerprint, read_adapter, read_adapter_config,
                                      stamp_base, warn_if_other_base)
 
-__all__ = ["BASE_KEY", "KINDS", "AdapterError", "AdapterKind", "base_fingerprint", "kind_of", "load_adapter",
+__all__ = ["BASE_KEY", "KINDS", "AdapterError", "AdapterKind", "base_fingerprint", "kind_of", "load_adapter", "mark_trainable",
            "read_adapter", "read_adapter_config", "save_adapter", "warn_if_other_base"]
 
 
@@ -37,18 +41,27 @@ class AdapterKind:
     save: Callable  # (model, path, base_model, init_text) -> Path
     present: Callable  # (model) -> bool
     per_request: bool
+    parameters: Callable  # (model) -> list of the kind's parameters: what trains
+
+
+def _soft_prompts(model) -> list:
+    """The soft prompts in a model, found by type (so also inside a wrapper)."""
+    return [m for m in model.modules() if isinstance(m, prompt.SoftPrompt)]
 
 
 KINDS = (
     AdapterKind("lora", ("LORA",), lambda m, p, c: f"LoRA on {len(lora.load_lora(m, p, c))} layers",
-                lambda m, p, base, text: lora.save_lora(m, p, base), lambda m: bool(lora.lora_modules(m)), True),
+                lambda m, p, base, text: lora.save_lora(m, p, base), lambda m: bool(lora.lora_modules(m)), True,
+                lambda m: [p for module in lora.lora_modules(m).values() for p in (module.lora_A.weight, module.lora_B.weight)]),
     AdapterKind("prompt", tuple(sorted(set(prompt.PEFT_TYPES.values()))),
                 lambda m, p, c: f"{c['peft_type'].lower().replace('_', ' ')}: {prompt.load_prompt(m, p, c)} virtual tokens",
-                prompt.save_prompt, lambda m: m.prefix is not None, True),
+                prompt.save_prompt, lambda m: bool(_soft_prompts(m)), True,
+                lambda m: [p for module in _soft_prompts(m) for p in module.parameters()]),
     AdapterKind("llama_adapter", (llama_adapter.PEFT_TYPE,),
                 lambda m, p, c: f"LLaMA-Adapter on {len(llama_adapter.load_llama_adapter(m, p, c))} layers",
                 lambda m, p, base, text: llama_adapter.save_llama_adapter(m, p, base),
-                lambda m: bool(llama_adapter.adapter_state(m)), False),
+                lambda m: bool(llama_adapter.adapter_state(m)), False,
+                lambda m: [p for n, p in m.named_parameters() if ".attn.adaption." in n]),
 )
 
 
@@ -62,19 +75,38 @@ def kind_of(cfg: dict, path: str | Path) -> AdapterKind:
                        f"applies ({known})")
 
 
+def present(model) -> list[AdapterKind]:
+    """The kinds of adapter the model carries."""
+    return [kind for kind in KINDS if kind.present(model)]
+
+
+def mark_trainable(model) -> int:
+    """Train exactly the parameters of the adapters the model carries (all kinds together) and freeze the rest;
+    returns how many values train. Call it once, after the last transform."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = {id(p): p for kind in present(model) for p in kind.parameters(model)}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in trainable.values())
+
+
 def load_adapter(model, path: str | Path) -> str:
-    """Apply the adapter in `path` (any of KINDS), unmerged; returns a one-line description of what was applied."""
+    """Apply the adapter in `path` (any of KINDS), unmerged, and mark what trains; returns a one-line description
+    of what was applied."""
     cfg = read_adapter_config(path)
     warn_if_other_base(model, cfg, path)
-    return kind_of(cfg, path).load(model, path, cfg)
+    what = kind_of(cfg, path).load(model, path, cfg)
+    mark_trainable(model)
+    return what
 
 
 def save_adapter(model, path: str | Path, base_model: str = "", init_text: str | None = None) -> Path:
     """Write whichever adapter the model carries (exactly one kind) to `path`, with its base's fingerprint."""
-    present = [kind for kind in KINDS if kind.present(model)]
-    if len(present) != 1:
+    kinds = present(model)
+    if len(kinds) != 1:
         raise AdapterError(f"save_adapter needs exactly one kind of adapter on the model, found "
-                           f"{[k.name for k in present] or 'none'}")
-    out = present[0].save(model, path, base_model, init_text)
+                           f"{[k.name for k in kinds] or 'none'}")
+    out = kinds[0].save(model, path, base_model, init_text)
     stamp_base(model, out)
     return out

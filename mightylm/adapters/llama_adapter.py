@@ -67,15 +67,14 @@ def _adapted_attend(attn: nn.Module, q, k, v, mask):
 
 def apply_llama_adapter(model: nn.Module, layers: int | None = None, length: int = 10, seed: int = 0) -> list[str]:
     """Add K=`length` adaption prompts to each of the top `layers` blocks (default: all but the bottom two,
-    as the paper adapts 30 of LLaMA-7B's 32), freeze everything else, and return the adapted module names."""
+    as the paper adapts 30 of LLaMA-7B's 32), and return the adapted module names (`adapters.mark_trainable`
+    decides what trains)."""
     n = model.config.n_layers
     layers = max(1, n - 2) if layers is None else layers
     if not 1 <= layers <= n:
         raise AdapterError(f"LLaMA-Adapter layers must be between 1 and the model's {n} blocks, got {layers}")
     if length < 1 or length > 4096:
         raise AdapterError(f"the adaption prompt length must be between 1 and 4096, got {length}")
-    for p in model.parameters():
-        p.requires_grad_(False)
     # The prompts enter k_proj/v_proj directly, which expect normed hidden states, so they start as
     # N(0, 1) vectors times the layer's attention-norm gain: the scale those projections see (the
     # authors' nn.Embedding init is N(0, 1), LLaMA's norm gains being near 1).

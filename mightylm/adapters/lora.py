@@ -7,8 +7,8 @@ which keeps the update's size stable as r grows.
 
 How it hooks in: `apply_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16)` swaps each
 targeted `nn.Linear` for a `LoRALinear` in place, keeping the base `weight`/`bias` keys and
-tensors, freezes everything else, and returns the names it converted. The one training loop
-then trains it like any model. `merge_lora` folds B A into W for deployment.
+tensors, and returns the names it converted; `adapters.mark_trainable` (called by the one training
+loop) then freezes everything but the adapters. `merge_lora` folds B A into W for deployment.
 
 Files are PEFT's: adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.<HF module name>.lora_A.weight`, so `peft.PeftModel.from_pretrained` loads
@@ -106,7 +106,7 @@ def _linear_leaves(model: nn.Module) -> dict[str, nn.Module]:
 def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, rslora: bool = False) -> list[str]:
     """Wrap every linear layer whose leaf name is in `targets` (e.g. "lm_head" too) with LoRA,
-    freeze all other parameters, and return the converted module names."""
+    and return the converted module names (`adapters.mark_trainable` decides what trains)."""
     if r < 1:
         raise AdapterError(f"LoRA rank r must be >= 1, got {r}")
     if alpha <= 0 or not 0 <= dropout < 1:
@@ -119,8 +119,6 @@ def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha
     unknown = [t for t in targets if t not in known]
     if unknown or not targets:
         raise AdapterError(f"unknown LoRA target module(s) {unknown or '(none given)'}; this model has: {', '.join(known)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
     converted = []
     for name, module in leaves.items():
         if name.rsplit(".", 1)[-1] not in targets:

@@ -6,7 +6,7 @@ Both learn P "virtual token" embeddings that enter the frozen model before every
   an MLP, section 3.2 of Liu et al.) whose input embeddings and weights are what is trained.
 
 How it hooks in: `apply_prompt_tuning(model, n_tokens=20, encoder="none"|"mlp"|"lstm")` sets
-`model.prefix` (the model's seam for virtual tokens) and freezes everything else. The model
+`model.prefix` (the model's seam for virtual tokens); `adapters.mark_trainable` freezes the rest. The model
 places the virtual tokens after each row's left padding, keeps them in the KV cache, and returns
 logits for the real tokens only, so the training loop and generation need no change.
 
@@ -83,8 +83,8 @@ def init_embeddings(model: nn.Module, n_tokens: int, init_ids: list[int] | None 
 
 def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, *, encoder: Encoder = "none", hidden: int = 256,
                         init_ids: list[int] | None = None, init: torch.Tensor | None = None, seed: int = 0) -> SoftPrompt:
-    """Give `model` P trainable virtual tokens (prompt tuning, or P-tuning with encoder mlp/lstm) and freeze
-    everything else. `init` (P, dim) overrides the text/vocabulary initialisation. Returns the prompt module."""
+    """Give `model` P trainable virtual tokens (prompt tuning, or P-tuning with encoder mlp/lstm); what trains
+    is decided by `adapters.mark_trainable`. `init` (P, dim) overrides the text/vocabulary initialisation. Returns the prompt module."""
     if model.prefix is not None:
         raise AdapterError(f"the model already has {model.prefix_len} virtual tokens; apply one soft prompt only")
     if n_tokens < 1 or n_tokens >= model.config.max_seq_len:
@@ -96,8 +96,6 @@ def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, *, encoder: Encode
         init = init_embeddings(model, n_tokens, init_ids, seed)
     elif tuple(init.shape) != (n_tokens, model.config.dim):
         raise AdapterError(f"prompt of shape {tuple(init.shape)}; this model needs ({n_tokens}, {model.config.dim})")
-    for p in model.parameters():
-        p.requires_grad_(False)
     model.prefix = SoftPrompt(init.to(model.embed.weight), encoder, hidden)
     model.prefix.train(model.training)
     model.record_transform("prompt", n_tokens=n_tokens, encoder=encoder, **({"hidden": hidden} if encoder != "none" else {}))
