@@ -52,7 +52,7 @@ def worker(method: str, base: str, data: str, test: str, out: str, steps: int, l
     del model
     train = TrainConfig(steps=steps, batch_size=8, lr=lr, min_lr=lr / 10, warmup=6, weight_decay=0.0,
                         eval_every=steps, save_every=steps, log_every=5, eval_batches=None)
-    common = dict(model=base, data=data, out=out, val_data=test, max_len=128, train=train)
+    common = dict(model=base, data=data, out=out, sft=recipes.SFTData(val_data=test, max_len=128), train=train)
     t = time.perf_counter()
     printed = io.StringIO()  # the recipe prints its trainable-parameter count
     with contextlib.redirect_stdout(printed):
@@ -87,11 +87,12 @@ def run(method: str, recipes, common: dict, adapter_layers: int = 28) -> None:
     if method.startswith("full"):
         recipes.finetune_full(**common, optimizer=method.removeprefix("full-"))
     elif method == "lora":
-        recipes.finetune_lora(**common, r=8, alpha=16, dropout=0.0)
+        recipes.finetune_lora(**common, lora=recipes.LoRA(r=8, alpha=16, dropout=0.0))
     elif method == "prompt":
-        recipes.finetune_prompt(**common, n_tokens=20, init_text=INIT)
+        recipes.finetune_prompt(**common, prompt=recipes.SoftPrompt(n_tokens=20, init_text=INIT))
     elif method == "ptuning":
-        recipes.finetune_ptuning(**common, n_tokens=20, encoder="mlp", hidden=256, init_text=INIT)
+        recipes.finetune_ptuning(**common, prompt=recipes.SoftPrompt(n_tokens=20, init_text=INIT), encoder="mlp",
+                                 hidden=256)
     else:
         recipes.finetune_adapter(**common, layers=adapter_layers, length=10)
 

@@ -199,45 +199,21 @@ def quantize(
             quantized copy; decoding then reads it instead of the float table (faster, slightly lossier).
         overwrite: Replace --out if it already holds something (never when it is the model or the calibration text).
     """
-    import torch
-
     import mightylm
-    from mightylm.compress.probe import output_change, probe_ids
-    from mightylm.compress.quantize import QuantizationError, model_bytes, quantize_
+    from mightylm.compress.convert import check_request, quantize_model
     from mightylm.outputs import check_output, written_into
 
-    if head and method == "smoothquant":
-        raise QuantizationError("--head applies to nf4, int8 and int4; SmoothQuant quantizes the projections only")
+    check_request(method, calib=calib, head=head)
     target = check_output(out, inputs=[model, calib], overwrite=overwrite)
-    if method == "smoothquant" and not calib:
-        raise QuantizationError("smoothquant needs --calib: text to measure activation ranges on")
     net, tokenizer = mightylm.load(model)
-    if net.quantization:
-        raise QuantizationError(f"{model} is already quantized ({net.quantization['method']}); "
-                                "quantize the float model instead")
-    probe = probe_ids(tokenizer)
-    before_bytes = model_bytes(net)
-    with torch.no_grad():
-        reference = net(probe)
-    if method == "smoothquant":
-        from mightylm.compress.calibration import calibration_batches
-        from mightylm.compress.smoothquant import smooth_quantize_
-
-        with torch.no_grad():
-            names = smooth_quantize_(net, calibration_batches(calib, tokenizer, calib_windows), alpha=alpha,
-                                     per_token=per_token)
-    else:
-        from mightylm.compress.quantize import DEFAULT_TARGETS, METHODS
-
-        given = dict(block_size=block_size, double_quant=double_quant, group_size=group_size)
-        params = {k: v for k, v in given.items() if k in METHODS[method].options}  # the method's own settings
-        names = quantize_(net, method, targets=DEFAULT_TARGETS + (("lm_head",) if head else ()), **params)
-    with torch.no_grad():
-        change = output_change(net(probe), reference)
+    done = quantize_model(net, tokenizer, method, calib=calib, calib_windows=calib_windows, head=head,
+                          block_size=block_size, double_quant=double_quant, group_size=group_size, alpha=alpha,
+                          per_token=per_token)
     with written_into(target) as tmp:
         mightylm.save(net, tokenizer, tmp)
-    print(f"{method}: {len(names)} linear layers; {before_bytes / 2**20:.1f} MiB -> {model_bytes(net) / 2**20:.1f} MiB "
-          f"({before_bytes / model_bytes(net):.2f}x smaller); outputs on a probe text: {change}; wrote {target}")
+    before, after = done["bytes_before"], done["bytes_after"]
+    print(f"{method}: {len(done['modules'])} linear layers; {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+          f"({before / after:.2f}x smaller); outputs on a probe text: {done['change']}; wrote {target}")
 
 
 def report(run_dir: str) -> None:
@@ -266,26 +242,49 @@ def _verbs() -> dict:
             "quantize": quantize, "report": report, "eval": evaluate, "serve": serve}
 
 
-def _list_options(argv: list[str]) -> set[str]:
-    """The list-valued parameters of the verb `argv` names (they may be repeated on the command line)."""
+def _group_fields(verb) -> dict[str, str]:
+    """The options of the verb's groups (dataclass parameters: --lora.r, --train.lr) that may be given without
+    the group's name (--r, --lr): those whose name no parameter and no other group of the verb uses."""
+    import dataclasses
     import inspect
+    import typing
 
-    verb = _verb_of(argv)[1]
-    if isinstance(verb, dict):
-        return set()
-    return {name for name, p in inspect.signature(verb).parameters.items() if "list[" in str(p.annotation)}
+    own = set(inspect.signature(verb).parameters)
+    owners: dict[str, list[str]] = {}
+    for name, hint in typing.get_type_hints(verb).items():
+        if name in own and dataclasses.is_dataclass(hint):
+            for f in dataclasses.fields(hint):
+                owners.setdefault(f.name, []).append(f"{name}.{f.name}")
+    return {field: full[0] for field, full in owners.items() if len(full) == 1 and field not in own}
+
+
+def _list_options(verb) -> set[str]:
+    """The list-valued options of a verb, its groups' included (they may be repeated on the command line)."""
+    import dataclasses
+    import typing
+
+    found = set()
+    for name, hint in typing.get_type_hints(verb).items():
+        if dataclasses.is_dataclass(hint):
+            found |= {f"{name}.{f.name}" for f in dataclasses.fields(hint) if "list[" in str(f.type)}
+        elif "list[" in str(hint):
+            found.add(name)
+    return found
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
-    """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens, and list options repeated
-    (`--adapter a=x --adapter b=y`) as well as given as a JSON list: jsonargparse appends only with
-    `--name+ value`."""
-    repeatable = _list_options(argv)
+    """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens; a group's option without its group's
+    name (--r for --lora.r) where that is unambiguous; and list options repeated (`--adapter a=x --adapter b=y`)
+    as well as given as a JSON list: jsonargparse appends only with `--name+ value`."""
+    verb = _verb_of(argv)[1]
+    grouped = {} if isinstance(verb, dict) else _group_fields(verb)
+    repeatable = set() if isinstance(verb, dict) else _list_options(verb)
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = name.replace("-", "_")
+            name = grouped.get(name, name)
             given = value if eq else (argv[i + 1] if i + 1 < len(argv) else "[")
             if name in repeatable and not given.lstrip().startswith("["):
                 name += "+"
@@ -355,11 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[1:] if debug else argv
     result = None
     try:
-        argv = _underscore_options(argv)
+        typed, argv = argv, _underscore_options(argv)
         _check_text(argv)
         result = auto_cli(_verbs(), args=argv, as_positional=False, exit_on_error=False, prog="mighty",
                           description="mightylm: small, efficient language models. `mighty VERB --help` explains a "
-                                      "verb; `mighty --debug VERB ...` shows a traceback with an error.")
+                                      "verb; `mighty --debug VERB ...` shows a traceback with an error. A "
+                                      "group's option may be given without the group's name where that is "
+                                      "unambiguous (--r for --lora.r, --steps for --train.steps).")
     except argparse.ArgumentError as e:
         path = _verb_of(argv)[0]
         message = str(e)
@@ -367,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                   [a.partition("=")[2] for a in argv if a.startswith("--config=")]
         if configs:  # the YAML parser names its input "<unicode string>": name the recipe file instead
             message = message.replace('"<unicode string>"', configs[-1])
+        verb = _verb_of(argv)[1]
+        for short, full in ({} if isinstance(verb, dict) else _group_fields(verb)).items():
+            if any(a.startswith("--") and a[2:].partition("=")[0].replace("-", "_") == short for a in typed):
+                message = message.replace(f'"{full}"', f'"{short}" ({full})')  # named as it was typed
         print(_usage(path), file=sys.stderr)
         print(f"error: {message}\nsee: mighty {' '.join(path + ['--help'])}", file=sys.stderr)
         raise SystemExit(2) from None  # as argparse does for a command line it cannot parse

@@ -17,7 +17,7 @@ import mightylm
 from mightylm.adapters.lora import load_lora
 from mightylm.data.synthetic import generate_task
 from mightylm.generate import Sampling, generate
-from mightylm.recipes import finetune_lora
+from mightylm.recipes import LoRA, SFTData, finetune_lora
 from mightylm.train import TrainConfig
 
 MODEL = "smollm2-135m-instruct"
@@ -61,7 +61,7 @@ def main():
     print("  e.g.", [(e["input"], a) for e, a in zip(test[:3], answers[:3])])
     t = time.perf_counter()
     run = out / "adapter"
-    finetune_lora(MODEL, str(data), str(run), r=8, alpha=16, dropout=0.0, val_fraction=0.05, max_len=128,
+    finetune_lora(MODEL, str(data), str(run), lora=LoRA(r=8, alpha=16, dropout=0.0), sft=SFTData(max_len=128),
                   train=TrainConfig(steps=args.steps, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=6, weight_decay=0.0,
                                     eval_every=args.steps, save_every=args.steps, log_every=5))
     minutes = (time.perf_counter() - t) / 60

@@ -49,3 +49,44 @@ def test_chat_reads_turns_from_a_pipe(hf_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("assistant> ") == 2
     assert "you> hello" in result.stdout and "you> again" in result.stdout
+
+
+def test_group_options_may_be_given_without_the_group_name():
+    """The fine-tune verbs share option groups (dataclasses: --lora.r, --sft.max_len, --train.steps); a group's
+    option without its group's name is that option when no parameter and no other group of the verb has the name."""
+    from dataclasses import dataclass
+
+    from mightylm.cli import _group_fields, _underscore_options
+
+    argv = ["finetune", "qlora", "--r", "4", "--block-size=128", "--targets", "q_proj", "--targets", "v_proj",
+            "--max_len", "64", "--steps", "3", "--lora.alpha", "8", "--out", "o"]
+    assert _underscore_options(argv) == ["finetune", "qlora", "--lora.r", "4", "--nf4.block_size=128",
+                                         "--lora.targets+", "q_proj", "--lora.targets+", "v_proj", "--sft.max_len",
+                                         "64", "--train.steps", "3", "--lora.alpha", "8", "--out", "o"]
+
+    @dataclass
+    class A:
+        size: int = 1
+        rate: float = 0.1
+
+    @dataclass
+    class B:
+        size: int = 2
+
+    def verb(rate: float = 0.0, a: A = A(), b: B = B()) -> None:
+        """A verb whose groups share a name and one field clashes with a parameter."""
+
+    assert _group_fields(verb) == {}  # size is in two groups, rate is the verb's own
+
+
+def test_fine_tune_help_lists_every_grouped_option(capsys):
+    import dataclasses
+
+    from mightylm.recipes import LoRA, NF4, SFTData
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "qlora", "--help"])
+    text = capsys.readouterr().out
+    for group, cls in (("lora", LoRA), ("nf4", NF4), ("sft", SFTData)):
+        for f in dataclasses.fields(cls):
+            assert f"--{group}.{f.name}" in text

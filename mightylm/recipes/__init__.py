@@ -1,0 +1,21 @@
+"""Training recipes: the functions behind `mighty pretrain` and `mighty finetune <method>`.
+
+    pretrain.py  a model from scratch on plain text
+    finetune.py  full fine-tuning and the adapter methods on instruction or chat JSONL
+    groups.py    the option groups they share (SFT data, LoRA, NF4, soft prompt) as dataclasses
+    rundir.py    the run directory: ownership, resuming, run_args.json, torchrun ranks
+
+Each verb is a plain function with typed arguments; `recipes/*.yaml` files mirror those arguments
+(`mighty pretrain --config recipes/pretrain-shakespeare.yaml --train.lr 1e-3`). A finished run
+directory is a normal Hugging Face checkpoint (config.json, model.safetensors, tokenizer files)
+that `mighty generate` and `transformers` load, or an adapter in PEFT's layout, plus metrics.jsonl,
+summary.json, report.png, report.md and checkpoint/ (what `--resume` continues from).
+"""
+
+from mightylm.recipes.finetune import (finetune_adapter, finetune_full, finetune_lora, finetune_ptuning,
+                                       finetune_prompt, finetune_qlora)
+from mightylm.recipes.groups import NF4, LoRA, SFTData, SoftPrompt
+from mightylm.recipes.pretrain import pretrain
+
+__all__ = ["NF4", "LoRA", "SFTData", "SoftPrompt", "finetune_adapter", "finetune_full", "finetune_lora",
+           "finetune_ptuning", "finetune_prompt", "finetune_qlora", "pretrain"]
