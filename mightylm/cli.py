@@ -24,6 +24,7 @@ def generate(
     chat: bool = False,
     dtype: DType = "float32",
     adapter: str | None = None,
+    stats: bool = False,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -43,17 +44,21 @@ def generate(
         dtype: Weight and activation precision.
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
+        stats: Print the prompt's prefill and the decoding speed (tokens/s) to stderr at the end.
     """
-    from mightylm.generate import Sampling, load_for_generation, stream_text
+    from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
     m, tokenizer = load_for_generation(model, dtype, adapter)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
-    for piece in stream_text(m, tokenizer, ids, settings):
+    timings = Timings()
+    for piece in stream_text(m, tokenizer, ids, settings, timings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if stats:
+        print(timings.report(), file=sys.stderr)
 
 
 def chat(
@@ -65,6 +70,7 @@ def chat(
     seed: Seed | None = None,
     dtype: DType = "float32",
     adapter: str | None = None,
+    stats: bool = False,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -82,9 +88,10 @@ def chat(
         dtype: Weight and activation precision.
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
+        stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
     """
     from mightylm.errors import UsageError
-    from mightylm.generate import Sampling, load_for_generation, stream_text
+    from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     m, tokenizer = load_for_generation(model, dtype, adapter)
@@ -125,11 +132,13 @@ def chat(
             del history[len(start):len(start) + 2]
             ids = tokenizer.encode_chat(history)
         print("assistant> ", end="", flush=True)
-        reply = ""
-        for piece in stream_text(m, tokenizer, ids, settings):
+        reply, timings = "", Timings()
+        for piece in stream_text(m, tokenizer, ids, settings, timings):
             reply += piece
             print(piece, end="", flush=True)
         print()
+        if stats:
+            print(timings.report(), file=sys.stderr)
         history.append({"role": "assistant", "content": reply})
 
 
@@ -384,9 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # only a run that imported it can have joined a group
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if isinstance(result, dict) and result.get("interrupted"):  # a training run stopped by a signal, saved
         return 128 + int(result.get("signal") or signal.SIGINT)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mightylm.errors import MightyError
+from mightylm.errors import MightyError, UsageError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_SCALING_TYPES = (None, "linear", "llama3")
@@ -241,3 +241,72 @@ PRESETS: dict[str, ModelConfig] = {
         sliding_window=4096, max_seq_len=32768,
     ),
 }
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run.
+
+    Args:
+        steps: Optimizer steps to train for.
+        batch_size: Sequences per micro-batch (per process).
+        grad_accum: Micro-batches per optimizer step.
+        lr: Peak learning rate (reached after warm-up).
+        min_lr: Learning rate at the end of the cosine decay.
+        warmup: Linear warm-up steps.
+        weight_decay: AdamW weight decay for matrices (norms and biases get none).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: Largest global gradient norm; null disables clipping.
+        bf16: bfloat16 autocast (GPUs, and CPUs with AVX512-BF16 or AMX; elsewhere emulated, ~100x slower: a warning).
+        activation_checkpointing: Recompute each block in backward instead of storing its activations.
+        eval_every: Validate every this many steps (and at the end).
+        eval_batches: Validation batches per evaluation; null for the whole validation set.
+        save_every: Write a checkpoint every this many steps (and at the end).
+        log_every: Write a metrics line every this many steps.
+        seed: Seed for initialisation and data order.
+        fsdp: Under torchrun, shard parameters with FSDP2 instead of replicating them with DDP.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_batches: int | None = 50
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    fsdp: bool = False
+
+    def __post_init__(self):
+        """Refuse settings that would train on nothing or divide by zero, naming the option (--train.NAME)."""
+        at_least_one = ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every")
+        problems = [f"--train.{k} must be at least 1, got {getattr(self, k)}" for k in at_least_one
+                    if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        if self.eval_batches is not None and self.eval_batches < 1:
+            problems.append(f"--train.eval_batches must be at least 1 (or null for all), got {self.eval_batches}")
+        if not self.lr > 0:
+            problems.append(f"--train.lr must be above 0, got {self.lr}")
+        if self.min_lr < 0:
+            problems.append(f"--train.min_lr must be 0 or more, got {self.min_lr}")
+        if self.warmup < 0:
+            problems.append(f"--train.warmup must be 0 or more, got {self.warmup}")
+        if self.weight_decay < 0:
+            problems.append(f"--train.weight_decay must be 0 or more, got {self.weight_decay}")
+        problems += [f"--train.{k} must be from 0 up to (not including) 1, got {getattr(self, k)}"
+                     for k in ("beta1", "beta2") if not 0 <= getattr(self, k) < 1]
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"--train.grad_clip must be above 0 (or null for none), got {self.grad_clip}")
+        if not 0 <= self.seed < 2**63:
+            problems.append(f"--train.seed must be from 0 to 2^63 - 1, got {self.seed}")
+        if problems:
+            raise UsageError("; ".join(problems))

@@ -28,6 +28,7 @@ or detaches the fused copy; call `unfuse_projections_` first.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 from torch import nn
@@ -193,6 +194,24 @@ def _swap_linear(parent: nn.Module, name: str, cls: type[nn.Linear], weight: nn.
     setattr(parent, name, new)
 
 
+def _give_back_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc's malloc_trim). Each re-laid weight frees the old copy, but
+    glibc keeps freed chunks of a few MB in its heap, so without this the decode layout would hold both copies'
+    worth of resident memory (measured on SmolLM2-135M: 1017 MiB resident after fusing, 765 MiB with it)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): nothing to do
+        return None
+
+
 @torch.no_grad()
 def fuse_projections_(model: Transformer) -> list[str]:
     """Apply the decode layout in place. Returns the names of what it converted (empty if nothing)."""
@@ -206,12 +225,14 @@ def fuse_projections_(model: Transformer) -> list[str]:
             module.fused_gate_up = _fusion([module.gate_proj, module.up_proj])
             if module.fused_gate_up is not None:
                 converted.append(f"{name}.gate_up")
+                _give_back_freed_memory()  # once per block: the peak stays near one copy of the weights
     for parent_name, parent in list(model.named_modules()):
         for name in ("o_proj", "down_proj"):
             child = getattr(parent, name, None)
             if _plain(child):
                 _swap_linear(parent, name, DecodeLinear, _param(_input_major([child.weight]), child.weight))
                 converted.append(f"{parent_name}.{name}")
+        _give_back_freed_memory()
     for i, block in enumerate(model.layers):
         if block.fused_decode is None and (native := _native_block(block, model.config)) is not None:
             block.fused_decode = native
@@ -223,6 +244,7 @@ def fuse_projections_(model: Transformer) -> list[str]:
         else:
             _swap_linear(model, "lm_head", DecodeLinear, _param(_input_major([model.lm_head.weight]), model.lm_head.weight))
         converted.append("lm_head")
+    _give_back_freed_memory()
     return converted
 
 

@@ -169,16 +169,44 @@ def stream_tokens(model: Transformer, prompt: list[int], s: Sampling) -> Iterato
         yield int(step[0])
 
 
-def stream_text(model: Transformer, tokenizer, prompt: str | list[int], s: Sampling) -> Iterator[str]:
+@dataclass
+class Timings:
+    """Where one completion's time went (`mighty generate --stats`): the prompt's prefill (up to the first
+    generated token) and the decoding of the tokens after it."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    new_tokens: int = 0
+    decode_s: float = 0.0
+
+    def report(self) -> str:
+        decoded = self.new_tokens - 1  # the first token comes out of the prefill
+        rate = f"{decoded / self.decode_s:.1f} tokens/s" if decoded > 0 and self.decode_s > 0 else "-"
+        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
+                f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.1f} tokens/s); decode: {max(decoded, 0)} tokens "
+                f"in {self.decode_s:.3f} s ({rate})")
+
+
+def stream_text(model: Transformer, tokenizer, prompt: str | list[int], s: Sampling,
+                timings: Timings | None = None) -> Iterator[str]:
     """Stream the completion of one prompt as text deltas.
 
     Ends at a stop token (not printed) or a stop string (not printed). Text that could be the
-    start of a stop string is held back until it is clear that it is not (TextStream).
+    start of a stop string is held back until it is clear that it is not (TextStream). `timings`, when
+    given, is filled in as the tokens come.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     s = Sampling(**{**s.__dict__, "stop_token_ids": tuple(s.stop_token_ids) or tokenizer.stop_token_ids})
     text = TextStream(tokenizer, s.stop)
+    timings = timings if timings is not None else Timings()
+    timings.prompt_tokens, start = len(ids), time.perf_counter()
     for token in stream_tokens(model, ids, s):
+        now = time.perf_counter()
+        if timings.new_tokens == 0:
+            timings.prefill_s = now - start
+        else:
+            timings.decode_s = now - start - timings.prefill_s
+        timings.new_tokens += 1
         if token in s.stop_token_ids:
             break
         piece = text.push(token)

@@ -228,7 +228,10 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """GPT-2 style init for training from scratch: N(0, 0.02) everywhere, with the two
         projections that write into the residual stream scaled by 1/sqrt(2 * n_layers) (GPT-2
-        paper, section 2.3). Free on the meta device, where checkpoints are loaded."""
+        paper, section 2.3). Skipped on the meta device, where checkpoints are loaded: their tensors are
+        assigned, and the first meta-device `normal_` of a process costs ~2.5 s of PyTorch's own set-up."""
+        if self.embed.weight.is_meta:
+            return
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 residual = name.rpartition(".")[2] in RESIDUAL_PROJECTIONS

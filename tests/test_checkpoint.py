@@ -152,3 +152,18 @@ def test_name_maps_are_data_with_named_placeholders():
     assert rename("e.7.l.2.w", swapped) == "layers.2.experts.7.w"
     assert tensor_transform("layers.9.attn.q_proj.weight", GGUF_TENSOR_TRANSFORMS) == (unpermute_qk, "n_heads")
     assert tensor_transform("layers.9.attn.v_proj.weight", GGUF_TENSOR_TRANSFORMS) is None
+
+
+def test_loading_builds_without_initialising_and_stays_off_dynamo(tmp_path, bpe_tokenizer):
+    """A checkpoint's model is built on the meta device with nn.init skipped: the first meta-device init of a
+    process imports torch._dynamo (~2.5 s of a cold `mighty generate`); loading must not."""
+    import subprocess
+    import sys
+
+    from conftest import tiny
+
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, tmp_path / "m")
+    code = (f"import sys, mightylm\nmodel, _ = mightylm.load({str(tmp_path / 'm')!r})\n"
+            "print('torch._dynamo' in sys.modules, float(model.embed.weight.abs().sum()) > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

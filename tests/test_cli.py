@@ -90,3 +90,23 @@ def test_fine_tune_help_lists_every_grouped_option(capsys):
     for group, cls in (("lora", LoRA), ("nf4", NF4), ("sft", SFTData)):
         for f in dataclasses.fields(cls):
             assert f"--{group}.{f.name}" in text
+
+
+@pytest.mark.parametrize("hf_dir", ["llama"], indirect=True)
+def test_generate_stats_report_prefill_and_decode_speed(hf_dir, capsys):
+    import re
+
+    _, path, _ = hf_dir
+    assert main(["generate", "--model", str(path), "--prompt", "To be or not", "--temperature", "0",
+                 "--max-new-tokens", "6", "--stats", "true"]) == 0
+    captured = capsys.readouterr()
+    line = captured.err.strip().splitlines()[-1]
+    match = re.fullmatch(r"prefill: (\d+) tokens in [\d.]+ s \([\d.]+ tokens/s\); decode: (\d+) tokens in [\d.]+ s "
+                         r"\(([\d.]+ tokens/s|-)\)", line)
+    assert match, line
+    model, tok = mightylm.load(path)
+    assert int(match[1]) == len(tok.encode("To be or not"))
+    generated = generate(model, [tok.encode("To be or not")], Sampling(max_new_tokens=6,
+                                                                      stop_token_ids=tok.stop_token_ids))[0]
+    assert int(match[2]) == len(generated) - 1  # the first token comes out of the prefill
+    assert "prefill" not in captured.out

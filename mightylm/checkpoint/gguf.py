@@ -1,5 +1,5 @@
-"""llama.cpp GGUF files: the config and tokenizer from the metadata, tensors dequantized with the `gguf`
-package, names mapped through names.GGUF_TO_OURS and the per-key transforms of names.GGUF_TENSOR_TRANSFORMS.
+"""llama.cpp GGUF files: the config and tokenizer from the metadata, tensors dequantized (gguf_file.py reads
+the container), names mapped through names.GGUF_TO_OURS and the per-key transforms of names.GGUF_TENSOR_TRANSFORMS.
 The GGUF export work adds the writer beside the reader here."""
 
 from __future__ import annotations
@@ -16,50 +16,40 @@ from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
 def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
     """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized."""
-    import numpy as np
-    from gguf.quants import dequantize
+    from mightylm.checkpoint.gguf_file import dequantize
 
-    reader, meta = gguf_metadata(path)
-    config = gguf_config(meta, reader, source=path)
+    file, meta = gguf_metadata(path)
+    config = gguf_config(meta, file, source=path)
     model = build(config)
     state = {}
-    for t in reader.tensors:
+    for t in file.tensors:
         ours = rename(t.name, GGUF_TO_OURS)
         if ours is None:
             if t.name == "rope_freqs.weight":
                 continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
         try:
-            array = dequantize(t.data, t.tensor_type)
+            tensor = dequantize(t)
         except NotImplementedError:
-            raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.tensor_type.name}, which we cannot dequantize") from None
-        array = array.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+            raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") from None
         per_key = tensor_transform(ours, GGUF_TENSOR_TRANSFORMS) if config.arch == "llama" else None
         if per_key is not None:  # llama.cpp's llama q/k rows are permuted for its RoPE kernel
             transform, field = per_key
-            array = transform(array, getattr(config, field))
-        if not array.flags.writeable:  # F32/F16 tensors come back as views of the read-only file map
-            array = array.copy()
-        state[ours] = (torch.from_numpy(np.ascontiguousarray(array)), path, t.name)
+            tensor = transform(tensor, getattr(config, field)).contiguous()
+        state[ours] = (tensor, path, t.name)
     assign(model, state, dtype, device, source=path)
     return model, gguf_tokenizer(meta, path)
 
 
 def gguf_metadata(path: Path):
-    """The reader (its tensors are memory-mapped, not read) and the metadata key/values of a GGUF file."""
-    from gguf import GGUFReader
+    """The opened file (its tensors are views of a memory map, not read) and its metadata key/values."""
+    from mightylm.checkpoint.gguf_file import GGUFFile, GGUFFormatError
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise CheckpointError(f"{path}: cannot be read as GGUF, truncated or corrupt? ({type(e).__name__}: {e})") from None
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception:
-            continue
-    return reader, meta
+        file = GGUFFile(path)
+    except GGUFFormatError as e:
+        raise CheckpointError(f"{path}: cannot be read as GGUF: {e}") from None
+    return file, file.meta
 
 
 def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
@@ -69,7 +59,7 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
         raise CheckpointError(str(e)) from None
 
 
-def gguf_config(meta: dict, reader, *, source) -> ModelConfig:
+def gguf_config(meta: dict, file, *, source) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in ("llama", "qwen2"):
         raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: llama, qwen2")
@@ -80,7 +70,7 @@ def gguf_config(meta: dict, reader, *, source) -> ModelConfig:
             raise CheckpointError(f"{source}: GGUF metadata lacks {arch}.{key}")
         return value
 
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in file.tensors}
     n_heads = int(get("attention.head_count"))
     dim = int(get("embedding_length"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])

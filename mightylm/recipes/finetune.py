@@ -13,7 +13,7 @@ from mightylm.options import PositiveInt
 from mightylm.recipes.groups import LoRA, NF4, SFTData, SoftPrompt
 from mightylm.recipes.rundir import (RunDirError, distributed, prepare_out, read_run_args, samples, save_final,
                                      write_run_args)
-from mightylm.train import TrainConfig
+from mightylm.config import TrainConfig
 
 
 def finetune_full(

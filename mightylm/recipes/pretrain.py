@@ -6,12 +6,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from mightylm.options import Fraction, PositiveInt
 from mightylm.recipes.rundir import (RunDirError, distributed, prepare_out, rank0_first, read_run_args, samples,
                                      save_final, write_run_args)
-from mightylm.train import TrainConfig
+from mightylm.config import TrainConfig
 
 
 def pretrain(
@@ -59,6 +58,8 @@ def pretrain(
         sample_prompts: Prompts for the sample generations in the report.
         device: Where to train (cpu, cuda).
     """
+    import torch
+
     from mightylm import load
     from mightylm.config import ModelConfig
     from mightylm.data.loader import Loader

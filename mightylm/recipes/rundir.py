@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from mightylm.errors import MightyError
 
@@ -23,6 +22,7 @@ class RunDirError(MightyError, ValueError):
 
 def distributed(device: str) -> tuple[int, int]:
     """(rank, world size): joins the process group when started by torchrun, else (0, 1)."""
+    import torch
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -50,6 +50,8 @@ def rank0_first(rank: int, world: int, work):
 
 def save_final(model, tokenizer, out: Path, rank: int, world: int) -> None:
     """Write the run directory's Hugging Face checkpoint from rank 0 (full weights, also under FSDP)."""
+    import torch
+
     from mightylm import save
     from mightylm.model import Transformer
     from mightylm.train import full_state_dict
