@@ -55,7 +55,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def cross_entropy(model, batch: dict) -> torch.Tensor:
     """Mean next-token loss over labelled positions (labels are already shifted by the data).
 
-    The model computes it (`labels=`), so the full logits are never held (model.linear_cross_entropy)."""
+    The model computes it (`labels=`), so the full logits are never held (model.linear_cross_entropy). Packed
+    rows carry `documents`, so that attention stays within each packed conversation."""
+    if "documents" in batch:
+        return model(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
     return model(batch["input_ids"], labels=batch["labels"])
 
 

@@ -87,6 +87,33 @@ def test_sft_labels_cover_only_the_answer(tmp_path, bpe_tokenizer):
     assert answers[1] == "Hello!<|im_end|>\nFarewell.<|im_end|>\n"
     packed = SFTDataset.from_jsonl(path, bpe_tokenizer, max_len=256, pack=True)
     assert len(packed) == 1 and (packed[0]["labels"] != IGNORE).sum() == sum((d["labels"] != IGNORE).sum() for d in data)
+    lengths = sorted((len(data[i]["input_ids"]) for i in range(len(data))), reverse=True)  # longest placed first
+    assert packed[0]["documents"].tolist() == [0] * lengths[0] + [1] * lengths[1]  # attention stays within each
+
+    from mightylm.data.loader import collate
+
+    short = {k: v[:lengths[0] + 2] for k, v in packed[0].items()}
+    batch = collate([packed[0], short], pad_id=0)
+    assert batch["documents"][1].tolist() == [0] * lengths[0] + [1] * 2 + [2] * (sum(lengths) - lengths[0] - 2)
+
+
+def test_packing_fills_rows_best_fit_and_keeps_every_example_whole():
+    import random
+
+    rng = random.Random(0)
+    items = [([n] * n, [n] * n) for n in (rng.randint(20, 800) for _ in range(200))]
+    data = SFTDataset([(ids + [0], [1] * (len(ids) + 1)) for ids, _ in items], max_len=1024, pack=True)
+    total = sum(len(ids) for ids, _ in items)
+    assert len(data) <= -(-total // 1024) + 3  # within a few rows of the bound (in order: 108 rows against a bound of 79)
+    seen = []
+    for row in range(len(data)):
+        item = data[row]
+        assert len(item["input_ids"]) <= 1024
+        for doc in item["documents"].unique():
+            ids = item["input_ids"][item["documents"] == doc].tolist()
+            assert ids == [ids[0]] * ids[0]  # one whole example per document
+            seen.append(ids[0])
+    assert sorted(seen) == sorted(len(ids) for ids, _ in items)
 
 
 @pytest.mark.parametrize("content,message", [

@@ -167,3 +167,43 @@ def test_rope_scalings_are_a_table_and_init_finds_residual_projections_by_name()
             if isinstance(module, torch.nn.Linear) and name.startswith("layers.0.")}
     for leaf, std in stds.items():  # N(0, 0.02), residual writers scaled by 1/sqrt(2 * n_layers) = 1/4
         assert std == pytest.approx(0.02 / 4 if leaf in RESIDUAL_PROJECTIONS else 0.02, rel=0.15), leaf
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"sliding_window": 6}], ids=["llama", "qwen2", "window"])
+def test_a_packed_row_computes_exactly_its_documents_one_by_one(overrides):
+    """Packing with `documents`: attention never crosses a document and positions restart with each, so the loss
+    and every gradient equal those of the documents run as separate (right-padded) rows."""
+    from mightylm.data.loader import IGNORE
+
+    torch.manual_seed(0)
+    lengths = (5, 9, 4)
+    docs = [torch.randint(0, 256, (n,)) for n in lengths]
+    labels = [torch.where(torch.rand(n) < 0.6, torch.randint(0, 256, (n,)), IGNORE) for n in lengths]
+    width = max(lengths)
+    rows = torch.zeros(len(docs), width, dtype=torch.long)
+    row_labels = torch.full((len(docs), width), IGNORE)
+    for i, (d, l) in enumerate(zip(docs, labels)):
+        rows[i, :len(d)], row_labels[i, :len(l)] = d, l
+    packed, packed_labels = torch.cat(docs)[None], torch.cat(labels)[None]
+    documents = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+
+    results = []
+    for how in ("one by one", "packed", "packed without documents"):
+        model = tiny(**overrides).train()
+        if how == "one by one":
+            loss = model(rows, labels=row_labels)
+        else:
+            loss = model(packed, labels=packed_labels, documents=documents if how == "packed" else None)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (alone, alone_grads), (together, together_grads), (crossing, _) = results
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(together_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.allclose(crossing, alone, rtol=1e-4)  # without `documents` the packed row attends across
+
+    model = tiny(**overrides)
+    with torch.no_grad():  # and the logits of each document, position by position
+        logits = model(packed, documents=documents)[0].split(lengths)
+        for i, d in enumerate(docs):
+            torch.testing.assert_close(logits[i], model(d[None])[0], rtol=1e-5, atol=1e-5)

@@ -222,3 +222,16 @@ def test_qlora_verb_trains_over_nf4_and_generate_rebuilds_the_base(tmp_path, rev
     assert main(["generate", "--model", str(base), "--adapter", str(out), "--prompt", "To be", "--temperature", "0",
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_packed_lora_finetune_trains_and_a_packed_soft_prompt_is_refused(tmp_path, hf_dir, capsys, reverse_jsonl):
+    _, path, _ = hf_dir
+    common = ["--model", str(path), "--data", str(reverse_jsonl), "--sft.pack", "true", "--sft.max_len", "128",
+              "--train.steps", "2", "--train.batch_size", "2", "--train.warmup", "1", "--train.eval_every", "2",
+              "--train.log_every", "1"]
+    assert main(["finetune", "lora", *common, "--out", str(tmp_path / "lora")]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and all(r["loss"] == r["loss"] for r in rows if "loss" in r)
+    capsys.readouterr()
+    assert main(["finetune", "prompt", *common, "--out", str(tmp_path / "prompt")]) == 2
+    assert "--sft.pack true cannot train a soft prompt" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 checkpoints save and restore, so a resumed run sees exactly the batches it would have seen.
 
 Every item is a dict with `input_ids` and `labels` (1-D, same length; label -100 is ignored by
-the loss). Items of different lengths are right-padded to the longest in the batch.
+the loss), and for packed rows `documents` (which document each token belongs to). Items of different
+lengths are right-padded to the longest in the batch.
 Under torch.distributed each rank takes its slice of every global batch, so N processes with a
 per-rank batch of B see the same data as one process with a batch of N*B.
 """
@@ -24,7 +25,15 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         n = len(item["input_ids"])
         input_ids[row, :n] = item["input_ids"]
         labels[row, :n] = item["labels"]
-    return {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels}
+    if "documents" in items[0]:  # packed rows: the padding at a row's end is one more document of its own
+        documents = torch.empty((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["documents"])
+            documents[row, :n] = item["documents"]
+            documents[row, n:] = (item["documents"][-1] + 1) if n else 0
+        batch["documents"] = documents
+    return batch
 
 
 class Loader:

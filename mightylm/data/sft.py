@@ -4,7 +4,9 @@ the chat shape ({"messages": [{"role", "content"}, ...]}), rendered with the mod
 The loss covers only what the assistant says: for each assistant turn, the template is rendered
 up to the turn (with the generation prompt) and through it; the tokens in between are the
 answer and are the only labelled ones. Examples longer than `max_len` are cut (and say so once).
-`pack=True` concatenates examples into windows of `max_len` to waste no compute on padding.
+`pack=True` concatenates examples into windows of `max_len` to waste no compute on padding; each token
+is tagged with its example, and the model attends within an example only and restarts its positions, so a
+packed row trains exactly as its examples would one by one.
 """
 
 from __future__ import annotations
@@ -98,17 +100,33 @@ class SFTDataset:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        ids, labels = self.items[i]
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+        ids, labels, *documents = self.items[i]
+        item = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+        if documents:
+            item["documents"] = torch.tensor(documents[0], dtype=torch.long)
+        return item
 
 
 def _pack(items, max_len: int):
-    packed, ids, labels = [], [], []
-    for a, b in items:
-        if ids and len(ids) + len(a) > max_len:
-            packed.append((ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + a, labels + b
-    if ids:
-        packed.append((ids, labels))
-    return packed
+    """Rows of up to `max_len` tokens holding whole examples, each token tagged with its example's number in the
+    row, so that attention and positions stay within it (Transformer.forward `documents`). Best-fit decreasing:
+    the longest examples are placed first, each into the row it fills most tightly, which leaves far less
+    padding than filling rows in order (bench/sft.py: 28 -> 22 rows of 1024 for 21,302 tokens)."""
+    import bisect
+
+    rows: list[tuple[list, list, list]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row number), sorted
+    for a, b in sorted(items, key=lambda item: len(item[0]), reverse=True):
+        i = bisect.bisect_left(room, (len(a), -1))  # the row with the least room that still fits
+        if i == len(room):
+            rows.append(([], [], []))
+            number, free = len(rows) - 1, max_len
+        else:
+            free, number = room.pop(i)
+        ids, labels, documents = rows[number]
+        document = documents[-1] + 1 if documents else 0
+        ids += a
+        labels += b
+        documents += [document] * len(a)
+        bisect.insort(room, (free - len(a), number))
+    return rows

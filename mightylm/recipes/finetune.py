@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
+from mightylm.errors import UsageError
 from mightylm.options import PositiveInt
 from mightylm.recipes.groups import LoRA, NF4, SFTData, SoftPrompt
 from mightylm.recipes.rundir import (RunDirError, distributed, prepare_out, read_run_args, samples, save_final,
@@ -281,6 +282,9 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
         raise RunDirError(f"{model}: fine-tuning needs a tokenizer with a chat template")
     if adapt is not None:
         what = adapt(net, tok)  # checks its settings (targets, rank, lengths) before any data is read
+        if sft.pack and net.prefix_len:
+            raise UsageError(f"--sft.pack true cannot train a soft prompt: its virtual tokens would start each packed "
+                             f"row, not each conversation; run {verb} without packing")
         trainable = mark_trainable(net)
         print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / net.config.n_params:.2f}% of "
               f"{net.config.n_params:,})")
