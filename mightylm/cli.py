@@ -236,6 +236,48 @@ def report(run_dir: str) -> None:
     print(write_report(run_dir).read_text())
 
 
+def env() -> None:
+    """Print what this machine offers mightylm: versions, the CPU and its flags, the native kernels' instruction
+    set (chosen at run time from the flags; MIGHTYLM_ISA=avx2 forces the baseline), threads, bf16, GPU.
+    Benchmarks quote this; compare figures only from the same machine."""
+    import importlib.metadata
+    import os
+    import platform
+
+    import torch
+
+    from mightylm import kernels
+
+    flags = kernels.cpu_flags()
+    model = next((line.partition(":")[2].strip() for line in _read("/proc/cpuinfo").splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    shown = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    lib = kernels.gemv_library()
+    rows = [
+        ("mightylm", importlib.metadata.version("mightylm")),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("CPU", f"{model}, {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads"),
+        ("CPU flags", " ".join(shown) or "(none read)"),
+        ("kernels", "unavailable: PyTorch is used (no compiler, no AVX2/FMA, or MIGHTYLM_NO_KERNELS=1)" if lib is None
+         else f"{kernels.kernel_isa()} (this CPU can run: {', '.join(kernels.available_isas())})"),
+        ("bf16", "native (avx512_bf16 / amx_bf16)" if flags & {"avx512_bf16", "amx_bf16"}
+         else "emulated (no avx512_bf16 or amx_bf16): --train.bf16 is slow here"),
+        ("GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CUDA not available)"),
+        ("cache", os.environ.get("MIGHTYLM_CACHE", os.path.expanduser("~/.cache/mightylm"))),
+    ]
+    for name, value in rows:
+        print(f"{name + ':':11s}{value}")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _verbs() -> dict:
     from mightylm import recipes as r
     from mightylm.evaluate.commands import VERBS as evaluate
@@ -248,7 +290,7 @@ def _verbs() -> dict:
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
                          "humaneval, arithmetic, corr2cause, choice, emergence.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
-            "quantize": quantize, "report": report, "eval": evaluate, "serve": serve}
+            "quantize": quantize, "report": report, "eval": evaluate, "serve": serve, "env": env}
 
 
 def _group_fields(verb) -> dict[str, str]:

@@ -110,3 +110,14 @@ def test_generate_stats_report_prefill_and_decode_speed(hf_dir, capsys):
                                                                       stop_token_ids=tok.stop_token_ids))[0]
     assert int(match[2]) == len(generated) - 1  # the first token comes out of the prefill
     assert "prefill" not in captured.out
+
+
+def test_env_says_which_kernel_path_runs(capsys):
+    from mightylm import kernels
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("kernels:"))
+    expected = kernels.kernel_isa() or "unavailable"
+    assert line.split()[1] == expected
+    assert "torch:" in out and "CPU flags:" in out

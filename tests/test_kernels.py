@@ -69,3 +69,35 @@ def test_int8_int4_and_nf4_gemv_match_their_dequantized_weights(out, n_in):
             expected = F.linear(x, module.dequantize(), lin.bias)
             torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(module(x), y, atol=0, rtol=0)  # and the module takes that path
+
+
+@pytest.fixture
+def isa():
+    before = kernels.kernel_isa()
+    yield kernels.set_kernel_isa
+    if before is not None:
+        kernels.set_kernel_isa(before)
+
+
+@pytest.mark.parametrize("path", kernels.ISAS)
+@pytest.mark.parametrize("out, n_in", [(37, 64), (576, 1536), (1536, 576), (100, 1024)])
+def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in):
+    """The float32 and int8 products of each instruction-set path (AVX2 baseline, AVX-512 + VNNI) against PyTorch;
+    a path the CPU lacks is skipped, saying so."""
+    if kernels.gemv_library() is None:
+        pytest.skip("no native kernels here (no compiler or no AVX2)")
+    if path not in kernels.available_isas():
+        pytest.skip(f"this CPU lacks the {path} path's flags {sorted(kernels.ISA_FLAGS[path])}")
+    isa(path)
+    assert kernels.kernel_isa() == path
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, n_in), torch.randn(out, n_in), torch.randn(out)
+    input_major = w.t().contiguous().t()  # (out, in) view of an (in, out) row-major tensor: the decode layout
+    torch.testing.assert_close(kernels.linear(x, input_major, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    if n_in % 32 == 0:
+        q = torch.randint(-127, 128, (out, n_in), dtype=torch.int8)
+        scale = torch.rand(out) / 100
+        expected = F.linear(x, q.float() * scale[:, None], b)
+        got = kernels.gemv_int8(x, q, scale, b)
+        # the kernel rounds x to int16 (relative 1.5e-5 of max|x|): the error grows with the row's length
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(scale.max()) * n_in ** 0.5 * 127)

@@ -4,7 +4,9 @@
 float32 row times an input-major weight (see `mightylm/fuse.py`). `gemv_int8`, `gemv_int4` and
 `gemv_nf4` do the same for quantized weights (compress/), returning None where the caller must fall back;
 `mighty_decode_block` (through `fuse.NativeDecodeBlock`) runs a whole block for one token. The fast path is the AVX2
-kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second.
+kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second; its float32 and
+int8 products also have AVX-512 (VNNI) versions, used where the CPU has them (MIGHTYLM_ISA=avx2 forces the
+baseline; `mighty env` shows the choice).
 Without a compiler, AVX2/FMA or x86-64, or with MIGHTYLM_NO_KERNELS=1, everything goes through
 `F.linear` and only speed differs.
 """
@@ -70,7 +72,49 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_nf4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.mighty_decode_block.restype = None
     lib.mighty_decode_block.argtypes = [ctypes.c_void_p, ctypes.POINTER(BlockArgs)]
+    lib.mighty_set_isa.restype, lib.mighty_set_isa.argtypes = None, [ctypes.c_int]
+    lib.mighty_isa.restype, lib.mighty_isa.argtypes = ctypes.c_int, []
+    lib.mighty_set_isa(ISAS.index(_chosen_isa()))
     return lib
+
+
+# The kernels' instruction sets, in the order gemv.c numbers them, with the CPU flags each needs.
+ISAS = ("avx2", "avx512")
+ISA_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}}
+
+
+def available_isas() -> list[str]:
+    """The kernel paths this CPU can run."""
+    flags = cpu_flags()
+    return [name for name in ISAS if ISA_FLAGS[name] <= flags]
+
+
+def _chosen_isa() -> str:
+    """The widest path the CPU has, or MIGHTYLM_ISA (avx2 | avx512) when set and available."""
+    available = available_isas()
+    forced = os.environ.get("MIGHTYLM_ISA")
+    if forced:
+        if forced not in available:
+            warnings.warn(f"mightylm: MIGHTYLM_ISA={forced} is not available on this CPU ({', '.join(available)} "
+                          "are); using the widest available")
+        else:
+            return forced
+    return available[-1]
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the native kernels use now (None without them)."""
+    lib = gemv_library()
+    return None if lib is None else ISAS[lib.mighty_isa()]
+
+
+def set_kernel_isa(name: str) -> None:
+    """Use the `name` path from now on (tests compare every path the CPU has against PyTorch)."""
+    if name not in available_isas():
+        raise ValueError(f"kernel path {name!r} is not available on this CPU; available: {available_isas()}")
+    lib = gemv_library()
+    if lib is not None:
+        lib.mighty_set_isa(ISAS.index(name))
 
 
 class Projection(ctypes.Structure):
