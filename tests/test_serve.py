@@ -656,7 +656,12 @@ def test_mighty_serve_takes_keys_from_the_environment_refuses_a_used_port_and_st
                 return None  # the server went away mid-request
 
         assert post(max_tokens=2) == 401 and post("k2", max_tokens=2) == 200
-        assert "serving tiny at" in (tmp_path / "serve.log").read_text()
+        log = (tmp_path / "serve.log").read_text()
+        assert "serving tiny at" in log
+        c = model.config  # the pool's size, printed at start: 1 row x the context, keys and values, float32
+        pool = 2 * c.n_layers * c.n_kv_heads * c.head_dim * min(2048, c.max_seq_len) * 4
+        assert f"KV-cache pool: 1 x {min(2048, c.max_seq_len)} tokens (--max_batch x --max_len), up to " \
+               f"{pool / 2**20:,.0f} MiB" in log
         port = url.rsplit(":", 1)[1]
         second = subprocess.run([str(Path(sys.executable).with_name("mighty")), "serve", "--model",
                                  str(tmp_path / "model"), "--port", port], capture_output=True, text=True, timeout=120)

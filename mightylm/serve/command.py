@@ -82,6 +82,9 @@ def serve(
             raise AdapterError(f"--adapter {spec!r}: use NAME=DIR")
         print(f"adapter {adapter_name}: {bank.add(adapter_name, path)}", file=sys.stderr)
     engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len).start()
+    pool = sum(t.numel() * t.element_size() for t in engine.pool.k + engine.pool.v)
+    print(f"KV-cache pool: {max_batch} x {engine.max_len} tokens (--max_batch x --max_len), up to "
+          f"{pool / 2**20:,.0f} MiB as it fills", file=sys.stderr)
     app = create_app(engine, served, api_keys=tuple(keys))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout))
     shown = f"[{host}]" if ":" in host else host
