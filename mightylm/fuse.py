@@ -33,8 +33,9 @@ import functools
 import torch
 from torch import nn
 
+from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int8Linear
-from mightylm.kernels import BlockArgs, Projection, gemv_int8, gemv_library, linear
+from mightylm.kernels import BlockArgs, Projection, gemv_int8, gemv_library, gemv_nf4, linear
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
 
 
@@ -106,6 +107,43 @@ def _fuse_int8(parts: list[Int8Linear]) -> FusedInt8Projection:
     return FusedInt8Projection(weight, scale, bias)
 
 
+class FusedNF4Projection:
+    """The NF4 counterpart: q/k/v (or gate/up) codes and float absmax stacked (the layers' own `weight` codes
+    become views of it), one kernel call for all of them. Needs blocks that do not straddle rows
+    (in_features % block_size == 0)."""
+
+    def __init__(self, weight: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None, out: int, n_in: int,
+                 block: int):
+        self.weight, self.absmax, self.bias, self.out, self.n_in, self.block = weight, absmax, bias, out, n_in, block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = gemv_nf4(x, self.weight, self.absmax, NF4_LEVELS, self.out, self.block, self.bias)
+        if y is None:  # several rows: dequantize, then a float GEMM
+            w = dequantize_nf4({"weight": self.weight, "weight_absmax": self.absmax}, (self.out, self.n_in), self.block)
+            y = torch.nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y
+
+
+def _nf4_absmax(p: NF4Linear) -> torch.Tensor:
+    if p._absmax is None:
+        p._absmax = dequantize_absmax(p.state()).contiguous()
+    return p._absmax
+
+
+def _fuse_nf4(parts: list[NF4Linear]) -> FusedNF4Projection:
+    weight = torch.cat([p.weight for p in parts])
+    absmax = torch.cat([_nf4_absmax(p) for p in parts])
+    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+    codes = blocks = rows = 0
+    for p in parts:
+        n = p.out_features * p.in_features
+        p.weight, p._absmax = weight[codes:codes + n // 2], absmax[blocks:blocks + n // p.block_size]
+        if bias is not None:
+            p.bias = nn.Parameter(bias[rows:rows + p.out_features], requires_grad=False)
+        codes, blocks, rows = codes + n // 2, blocks + n // p.block_size, rows + p.out_features
+    return FusedNF4Projection(weight, absmax, bias, rows, parts[0].in_features, parts[0].block_size)
+
+
 def _plain(module) -> bool:
     """A plain nn.Linear over ordinary tensors (not a tensor subclass such as torchao's quantized weights)."""
     return type(module) is nn.Linear and type(module.weight) in (torch.Tensor, nn.Parameter)
@@ -117,6 +155,9 @@ def _fusion(parts: list[nn.Module]):
         return _fuse(parts)
     if all(type(p) is Int8Linear for p in parts):
         return _fuse_int8(parts)
+    if all(type(p) is NF4Linear and p.block_size == parts[0].block_size and p.in_features % p.block_size == 0
+           and p.block_size % 16 == 0 for p in parts):
+        return _fuse_nf4(parts)
     return None  # wrapped by another technique (LoRA, other quantization): leave them
 
 
@@ -128,11 +169,18 @@ def _projection(p) -> tuple[Projection, tuple] | None:
     if isinstance(p, (FusedProjection, DecodeLinear)) and p.weight.dtype == torch.float32 \
             and p.weight.stride() == (1, p.weight.shape[0]):
         tensors = (p.weight, p.bias)
-        return Projection(p.weight.data_ptr(), None, _ptr(p.bias)), tensors
+        return Projection(p.weight.data_ptr(), None, _ptr(p.bias), kind=Projection.FLOAT32), tensors
     if isinstance(p, (FusedInt8Projection, Int8Linear)) and p.weight.is_contiguous() and p.weight.shape[1] % 32 == 0:
         scale = p.scale if isinstance(p, FusedInt8Projection) else p.weight_scale
         if scale.dtype == torch.float32 and scale.is_contiguous():
-            return Projection(p.weight.data_ptr(), scale.data_ptr(), _ptr(p.bias)), (p.weight, scale, p.bias)
+            return (Projection(p.weight.data_ptr(), scale.data_ptr(), _ptr(p.bias), kind=Projection.INT8),
+                    (p.weight, scale, p.bias))
+    if isinstance(p, NF4Linear) and p.in_features % p.block_size == 0 and p.block_size % 16 == 0:
+        p = FusedNF4Projection(p.weight, _nf4_absmax(p), p.bias, p.out_features, p.in_features, p.block_size)
+    if isinstance(p, FusedNF4Projection) and p.weight.is_contiguous():
+        levels = NF4_LEVELS  # a module-level constant: it outlives the block
+        return (Projection(p.weight.data_ptr(), p.absmax.data_ptr(), _ptr(p.bias), levels.data_ptr(), p.block,
+                           Projection.NF4), (p.weight, p.absmax, p.bias, levels))
     return None
 
 

@@ -118,8 +118,12 @@ def set_kernel_isa(name: str) -> None:
 
 
 class Projection(ctypes.Structure):
-    """gemv.c's mighty_proj: float32 input-major weight (scale NULL) or int8 rows with their scales."""
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+    """gemv.c's mighty_proj: a float32 input-major weight (kind 0), int8 rows with their scales (1), or NF4 codes
+    with a float absmax per block and the 16 levels (2)."""
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("levels", ctypes.c_void_p), ("block", ctypes.c_long), ("kind", ctypes.c_int)]
+
+    FLOAT32, INT8, NF4 = 0, 1, 2
 
 
 class BlockArgs(ctypes.Structure):

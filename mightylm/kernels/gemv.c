@@ -239,11 +239,16 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  * same arithmetic in one call, with the products through the GEMVs above:
  *   x += o_proj(attention(rope(q), rope(k), v over the cache))   on rms_norm(x) * attn_norm
  *   x += down_proj(silu(gate) * up)                              on rms_norm(x) * mlp_norm
- * Each projection is float32 input-major (scale == NULL) or int8 output-major with per-row scales. */
+ * Each projection is float32 input-major, int8 output-major with per-row scales, or NF4 (codes two per byte,
+ * one float absmax per block of `block` inputs, `levels` the 16 NF4 values). */
+enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2 };
 typedef struct {
     const void *w;
-    const float *scale;
+    const float *scale;   /* int8: per-row scales; NF4: per-block absmax */
     const float *bias;
+    const float *levels;  /* NF4 only */
+    long block;           /* NF4 only */
+    int kind;
 } mighty_proj;
 
 typedef struct {
@@ -256,11 +261,18 @@ typedef struct {
     int threads;
 } mighty_block;
 
+/* scratch: at least max(in, (threads - 1) * out) floats */
 static void project(const mighty_proj *p, const float *x, float *y, float *scratch, long in, long out, int threads) {
-    if (p->scale)
+    if (p->kind == PROJ_INT8) {
         mighty_gemv_int8(x, (const signed char *)p->w, p->scale, p->bias, y, in, out, threads);
-    else
+    } else if (p->kind == PROJ_NF4) {
+        float *xe = scratch, *xo = scratch + in / 2;  /* x at even / odd positions: the high / low nibbles */
+        for (long j = 0; j < in / 2; j++) { xe[j] = x[2 * j]; xo[j] = x[2 * j + 1]; }
+        mighty_gemv_nf4(xe, xo, (const unsigned char *)p->w, p->scale, p->levels, p->bias, y, in, out, p->block,
+                        threads);
+    } else {
         mighty_gemv(x, (const float *)p->w, p->bias, y, scratch, in, out, threads);
+    }
 }
 
 static void rms_norm(const float *x, const float *w, float *y, long n, float eps) {
