@@ -36,10 +36,10 @@ def main():
     prompt = tok.encode("The history of the printing press begins in the fifteenth century, when")[:32]
     s = Sampling(max_new_tokens=64)
     print(f"{'weights':10s} {'native tok/s':>12s} {'eager tok/s':>11s} {'speed-up':>8s} {'same tokens':>11s}")
-    for method in ("float32", "int8", "int8+head", "nf4"):
+    for method in ("float32", "int8", "int8+head", "nf4", "int4"):
         model = copy.deepcopy(base)
-        if method == "nf4":
-            quantize_(model, "nf4")
+        if method in ("nf4", "int4"):
+            quantize_(model, method)
         elif method != "float32":
             quantize_(model, "int8", targets=DEFAULT_TARGETS + (("lm_head",) if method == "int8+head" else ()))
         fuse_projections_(model)

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
-from mightylm.compress.quantize import Int8Linear
-from mightylm.kernels import BlockArgs, Projection, gemv_int8, gemv_library, gemv_nf4, linear
+from mightylm.compress.quantize import Int4Linear, Int8Linear
+from mightylm.kernels import BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4, linear
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
 
 
@@ -144,6 +144,38 @@ def _fuse_nf4(parts: list[NF4Linear]) -> FusedNF4Projection:
     return FusedNF4Projection(weight, absmax, bias, rows, parts[0].in_features, parts[0].block_size)
 
 
+class FusedInt4Projection:
+    """The int4 counterpart: q/k/v (or gate/up) codes, scales and zeros stacked by rows (the layers' own become
+    views of them), one kernel call for all of them."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+                 group: int):
+        self.weight, self.scale, self.zero, self.bias, self.group = weight, scale, zero, bias, group
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.weight.shape[0]
+        y = gemv_int4(x, self.weight, self.scale, self.zero, out, self.group, self.bias)
+        if y is None:  # several rows: dequantize, then a float GEMM
+            codes = torch.stack([self.weight >> 4, self.weight & 0xF], dim=-1).view(out, -1, self.group).float()
+            w = ((codes - 8) * self.scale[..., None] + self.zero[..., None]).view(out, -1)  # as Int4Linear
+            y = torch.nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y
+
+
+def _fuse_int4(parts: list[Int4Linear]) -> FusedInt4Projection:
+    weight, scale, zero = (torch.cat([getattr(p, name) for p in parts]) for name in
+                           ("weight", "weight_scale", "weight_zero"))
+    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+    start = 0
+    for p in parts:
+        end = start + p.out_features
+        p.weight, p.weight_scale, p.weight_zero = weight[start:end], scale[start:end], zero[start:end]
+        if bias is not None:
+            p.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return FusedInt4Projection(weight, scale, zero, bias, parts[0].group_size)
+
+
 def _plain(module) -> bool:
     """A plain nn.Linear over ordinary tensors (not a tensor subclass such as torchao's quantized weights)."""
     return type(module) is nn.Linear and type(module.weight) in (torch.Tensor, nn.Parameter)
@@ -158,6 +190,8 @@ def _fusion(parts: list[nn.Module]):
     if all(type(p) is NF4Linear and p.block_size == parts[0].block_size and p.in_features % p.block_size == 0
            and p.block_size % 16 == 0 for p in parts):
         return _fuse_nf4(parts)
+    if all(type(p) is Int4Linear and p.group_size == parts[0].group_size and p.group_size % 16 == 0 for p in parts):
+        return _fuse_int4(parts)
     return None  # wrapped by another technique (LoRA, other quantization): leave them
 
 
@@ -177,6 +211,12 @@ def _projection(p) -> tuple[Projection, tuple] | None:
                     (p.weight, scale, p.bias))
     if isinstance(p, NF4Linear) and p.in_features % p.block_size == 0 and p.block_size % 16 == 0:
         p = FusedNF4Projection(p.weight, _nf4_absmax(p), p.bias, p.out_features, p.in_features, p.block_size)
+    if isinstance(p, Int4Linear) and p.group_size % 16 == 0:
+        p = FusedInt4Projection(p.weight, p.weight_scale, p.weight_zero, p.bias, p.group_size)
+    if isinstance(p, FusedInt4Projection) and all(t.is_contiguous() and (t is p.weight or t.dtype == torch.float32)
+                                                  for t in (p.weight, p.scale, p.zero)):
+        return (Projection(p.weight.data_ptr(), p.scale.data_ptr(), _ptr(p.bias), None, p.group, Projection.INT4,
+                           p.zero.data_ptr()), (p.weight, p.scale, p.zero, p.bias))
     if isinstance(p, FusedNF4Projection) and p.weight.is_contiguous():
         levels = NF4_LEVELS  # a module-level constant: it outlives the block
         return (Projection(p.weight.data_ptr(), p.absmax.data_ptr(), _ptr(p.bias), levels.data_ptr(), p.block,

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mightylm.config import ModelConfig
@@ -63,20 +64,20 @@ def test_int8_projections_fuse_with_the_same_outputs():
     assert generate(model, prompts, s) == tokens
 
 
-def test_nf4_projections_fuse_with_the_same_outputs():
-    """NF4 q/k/v and gate/up stacked into one projection each (codes as views, nothing stored twice): the same
-    logits for several rows (dequantized) and for single-token decoding (the NF4 kernel)."""
-    from mightylm.compress.nf4 import NF4Linear
-    from mightylm.compress.quantize import quantize_
+@pytest.mark.parametrize("method", ["nf4", "int4"])
+def test_4bit_projections_fuse_with_the_same_outputs(method):
+    """NF4 or int4 q/k/v and gate/up stacked into one projection each (codes as views, nothing stored twice): the
+    same logits for several rows (dequantized) and for single-token decoding (the 4-bit kernels)."""
+    from mightylm.compress.quantize import QUANTIZED, quantize_
     from mightylm.generate import Sampling, generate
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny")).eval()
-    quantize_(model, "nf4")
+    model = Transformer(ModelConfig.from_preset("tiny", qkv_bias=True)).eval()
+    quantize_(model, method)
     prompts = [[5, 17, 9, 33, 2, 8], [40, 41]]
     s = Sampling(max_new_tokens=8)
     idx = torch.randint(0, 256, (2, 10))
-    codes = sum(m.weight.numel() for m in model.modules() if isinstance(m, NF4Linear))
+    codes = sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZED))
     with torch.no_grad():
         before, tokens = model(idx), generate(model, prompts, s)
         converted = fuse_projections_(model)
@@ -85,7 +86,7 @@ def test_nf4_projections_fuse_with_the_same_outputs():
     assert generate(model, prompts, s) == tokens
     attn = model.layers[0].attn
     assert attn.q_proj.weight.data_ptr() == attn.fused_qkv.weight.data_ptr()  # a view, not a copy
-    assert sum(m.weight.numel() for m in model.modules() if isinstance(m, NF4Linear)) == codes
+    assert sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZED)) == codes
 
 
 def _decode_logits(model, prompt, steps):
@@ -110,7 +111,7 @@ def test_native_decode_block_equals_the_eager_block():
 
         pytest.skip("no C compiler or no AVX2/FMA here: the native kernels are not built")
     cases = [({"qkv_bias": True}, None, False), ({"n_kv_heads": 1}, None, True), ({}, "int8", False),
-             ({}, "nf4", False), ({"qkv_bias": True}, "nf4", True)]
+             ({}, "nf4", False), ({"qkv_bias": True}, "nf4", True), ({"qkv_bias": True}, "int4", False)]
     for overrides, method, soft_prompt in cases:
         torch.manual_seed(0)
         model = Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()

@@ -118,12 +118,13 @@ def set_kernel_isa(name: str) -> None:
 
 
 class Projection(ctypes.Structure):
-    """gemv.c's mighty_proj: a float32 input-major weight (kind 0), int8 rows with their scales (1), or NF4 codes
-    with a float absmax per block and the 16 levels (2)."""
+    """gemv.c's mighty_proj: a float32 input-major weight (kind 0), int8 rows with their scales (1), NF4 codes
+    with a float absmax per block and the 16 levels (2), or int4 codes with a scale and zero per group (3)."""
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("levels", ctypes.c_void_p), ("block", ctypes.c_long), ("kind", ctypes.c_int)]
+                ("levels", ctypes.c_void_p), ("block", ctypes.c_long), ("kind", ctypes.c_int),
+                ("zero", ctypes.c_void_p)]
 
-    FLOAT32, INT8, NF4 = 0, 1, 2
+    FLOAT32, INT8, NF4, INT4 = 0, 1, 2, 3
 
 
 class BlockArgs(ctypes.Structure):

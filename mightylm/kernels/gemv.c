@@ -239,16 +239,18 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  * same arithmetic in one call, with the products through the GEMVs above:
  *   x += o_proj(attention(rope(q), rope(k), v over the cache))   on rms_norm(x) * attn_norm
  *   x += down_proj(silu(gate) * up)                              on rms_norm(x) * mlp_norm
- * Each projection is float32 input-major, int8 output-major with per-row scales, or NF4 (codes two per byte,
- * one float absmax per block of `block` inputs, `levels` the 16 NF4 values). */
-enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2 };
+ * Each projection is float32 input-major, int8 output-major with per-row scales, NF4 (codes two per byte,
+ * one float absmax per block of `block` inputs, `levels` the 16 NF4 values) or int4 (codes two per byte, a
+ * scale and a zero per group of `block` inputs). */
+enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3 };
 typedef struct {
     const void *w;
-    const float *scale;   /* int8: per-row scales; NF4: per-block absmax */
+    const float *scale;   /* int8: per-row scales; NF4: per-block absmax; int4: (out, in / block) scales */
     const float *bias;
     const float *levels;  /* NF4 only */
-    long block;           /* NF4 only */
+    long block;           /* NF4: block; int4: group */
     int kind;
+    const float *zero;    /* int4 only: (out, in / block) */
 } mighty_proj;
 
 typedef struct {
@@ -270,6 +272,18 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
         for (long j = 0; j < in / 2; j++) { xe[j] = x[2 * j]; xo[j] = x[2 * j + 1]; }
         mighty_gemv_nf4(xe, xo, (const unsigned char *)p->w, p->scale, p->levels, p->bias, y, in, out, p->block,
                         threads);
+    } else if (p->kind == PROJ_INT4) {
+        const long groups = in / p->block;
+        float *buf = malloc(sizeof(float) * (in + groups)), *xe = buf, *xo = buf + in / 2, *xsum = buf + in;
+        for (long j = 0; j < in / 2; j++) { xe[j] = x[2 * j]; xo[j] = x[2 * j + 1]; }
+        for (long g = 0; g < groups; g++) {
+            float t = 0.0f;
+            for (long j = g * p->block; j < (g + 1) * p->block; j++) t += x[j];
+            xsum[g] = t;
+        }
+        mighty_gemv_int4(xe, xo, (const unsigned char *)p->w, p->scale, p->zero, xsum, p->bias, y, in, out, p->block,
+                         threads);
+        free(buf);
     } else {
         mighty_gemv(x, (const float *)p->w, p->bias, y, scratch, in, out, threads);
     }
