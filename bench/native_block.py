@@ -36,9 +36,11 @@ def main():
     prompt = tok.encode("The history of the printing press begins in the fifteenth century, when")[:32]
     s = Sampling(max_new_tokens=64)
     print(f"{'weights':10s} {'native tok/s':>12s} {'eager tok/s':>11s} {'speed-up':>8s} {'same tokens':>11s}")
-    for method in ("float32", "int8", "int8+head", "nf4", "int4"):
+    for method in ("float32", "int8", "int8+head", "nf4", "int4", "gguf blocks"):
         model = copy.deepcopy(base)
-        if method in ("nf4", "int4"):
+        if method == "gguf blocks":  # the file's own Q4_1 (and Q8_0) projections, as stored
+            model, _ = mightylm.load("smollm2-135m-instruct", keep_blocks=True)
+        elif method in ("nf4", "int4"):
             quantize_(model, method)
         elif method != "float32":
             quantize_(model, "int8", targets=DEFAULT_TARGETS + (("lm_head",) if method == "int8+head" else ()))

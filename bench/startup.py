@@ -64,6 +64,8 @@ def main() -> None:
         "mighty --help": [*mighty, "--help"],
         "mighty generate, 1 token": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1",
                                      "--temperature", "0"],
+        "... --blocks true": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1", "--temperature",
+                              "0", "--blocks", "true"],
     }
     results = {name: median_of(cmd, args.repeats) for name, cmd in rows.items()}
     if importlib.util.find_spec("llama_cpp"):

@@ -25,6 +25,7 @@ def generate(
     dtype: DType = "float32",
     adapter: str | None = None,
     stats: bool = False,
+    blocks: bool = False,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -45,12 +46,14 @@ def generate(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: Print the prompt's prefill and the decoding speed (tokens/s) to stderr at the end.
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection weights as stored (less memory, no dequantizing
+            at start), multiplied by native kernels that read the blocks; other files and types load as usual.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
-    m, tokenizer = load_for_generation(model, dtype, adapter)
+    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
     for piece in stream_text(m, tokenizer, ids, settings, timings):
@@ -71,6 +74,7 @@ def chat(
     dtype: DType = "float32",
     adapter: str | None = None,
     stats: bool = False,
+    blocks: bool = False,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -89,12 +93,13 @@ def chat(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection weights as stored (see `mighty generate --help`).
     """
     from mightylm.errors import UsageError
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tokenizer = load_for_generation(model, dtype, adapter)
+    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

@@ -33,9 +33,11 @@ import functools
 import torch
 from torch import nn
 
+from mightylm.compress.gguf_blocks import GGUFLinear, dequantize_blocks
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear
-from mightylm.kernels import BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4, linear
+from mightylm.kernels import (BlockArgs, Projection, gemv_ggml, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
+                              linear)
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
 
 
@@ -176,6 +178,34 @@ def _fuse_int4(parts: list[Int4Linear]) -> FusedInt4Projection:
     return FusedInt4Projection(weight, scale, zero, bias, parts[0].group_size)
 
 
+class FusedGGUFProjection:
+    """GGUF blocks of q/k/v (or gate/up) stacked by rows (the layers' own become views), one kernel call."""
+
+    def __init__(self, weight: torch.Tensor, ggml_type: int, bias: torch.Tensor | None, n_in: int):
+        self.weight, self.ggml_type, self.bias, self.n_in = weight, ggml_type, bias, n_in
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.weight.shape[0]
+        y = gemv_ggml(x, self.weight, self.ggml_type, out, self.bias)
+        if y is None:  # several rows: dequantize, then a float GEMM
+            w = dequantize_blocks(self.weight, self.ggml_type, (out, self.n_in)).to(x.dtype)
+            y = torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y
+
+
+def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
+    weight = torch.cat([p.weight for p in parts])
+    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+    start = 0
+    for p in parts:
+        end = start + p.out_features
+        p.weight = weight[start:end]
+        if bias is not None:
+            p.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return FusedGGUFProjection(weight, parts[0].ggml_type, bias, parts[0].in_features)
+
+
 def _plain(module) -> bool:
     """A plain nn.Linear over ordinary tensors (not a tensor subclass such as torchao's quantized weights)."""
     return type(module) is nn.Linear and type(module.weight) in (torch.Tensor, nn.Parameter)
@@ -192,6 +222,8 @@ def _fusion(parts: list[nn.Module]):
         return _fuse_nf4(parts)
     if all(type(p) is Int4Linear and p.group_size == parts[0].group_size and p.group_size % 16 == 0 for p in parts):
         return _fuse_int4(parts)
+    if all(type(p) is GGUFLinear and p.ggml_type == parts[0].ggml_type for p in parts):
+        return _fuse_gguf(parts)
     return None  # wrapped by another technique (LoRA, other quantization): leave them
 
 
@@ -211,6 +243,11 @@ def _projection(p) -> tuple[Projection, tuple] | None:
                     (p.weight, scale, p.bias))
     if isinstance(p, NF4Linear) and p.in_features % p.block_size == 0 and p.block_size % 16 == 0:
         p = FusedNF4Projection(p.weight, _nf4_absmax(p), p.bias, p.out_features, p.in_features, p.block_size)
+    if isinstance(p, GGUFLinear):
+        p = FusedGGUFProjection(p.weight, p.ggml_type, p.bias, p.in_features)
+    if isinstance(p, FusedGGUFProjection) and p.weight.is_contiguous():
+        return (Projection(p.weight.data_ptr(), None, _ptr(p.bias), None, p.ggml_type, Projection.GGML),
+                (p.weight, p.bias))
     if isinstance(p, Int4Linear) and p.group_size % 16 == 0:
         p = FusedInt4Projection(p.weight, p.weight_scale, p.weight_zero, p.bias, p.group_size)
     if isinstance(p, FusedInt4Projection) and all(t.is_contiguous() and (t is p.weight or t.dtype == torch.float32)

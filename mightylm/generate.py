@@ -284,7 +284,8 @@ def held_back(text: str, stops) -> int:
     return best
 
 
-def load_for_generation(model: str, dtype: str = "float32", adapter: str | None = None, log=None):
+def load_for_generation(model: str, dtype: str = "float32", adapter: str | None = None, log=None,
+                        keep_blocks: bool = False):
     """(model, tokenizer) for `mighty generate|chat|eval`: loaded (a tokenizer required), the adapter
     applied unmerged, then the decode layout (fuse.fuse_projections_: same outputs, faster batch-1
     decoding). Progress lines go to `log`."""
@@ -294,7 +295,7 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
     log = log or sys.stderr  # looked up now: a default bound at import would keep a replaced stream
     t0 = time.perf_counter()
     print(f"loading {model} ...", file=log, flush=True)
-    loaded, tokenizer = load(model, dtype=dtype, need_tokenizer=True)
+    loaded, tokenizer = load(model, dtype=dtype, need_tokenizer=True, keep_blocks=keep_blocks)
     if adapter:
         from mightylm.adapters import load_adapter
 

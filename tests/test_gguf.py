@@ -361,3 +361,42 @@ def test_our_gguf_reader_names_a_truncated_or_foreign_file(tmp_path):
     (tmp_path / "v.gguf").write_bytes(b"GGUF" + (7).to_bytes(4, "little") + bytes(16))
     with pytest.raises(GGUFFormatError, match="version 7"):
         GGUFFile(tmp_path / "v.gguf")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_path, bpe_tokenizer):
+    """keep_blocks=True: the projections stay as stored (GGUFLinear), one row at a time through the native
+    block kernels, several rows dequantized; logits equal those of the dequantized float32 model within
+    float32 rounding, in prefill, in single-token decoding and through the fused native block."""
+    from mightylm.checkpoint import CheckpointError
+    from mightylm.compress.gguf_blocks import GGUFLinear
+    from mightylm.fuse import fuse_projections_
+
+    hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    dense, _ = mightylm.load(tmp_path / "m.gguf")
+    kept, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    modules = [m for m in kept.modules() if isinstance(m, GGUFLinear)]
+    assert len(modules) == 7 * kept.config.n_layers and kept.applied("gguf_blocks")
+    per_block = GGML_QUANT_SIZES[qtype][1]  # bytes per 32 weights: 34, 18 or 20, as stored in the file
+    assert sum(m.weight.numel() for m in modules) == sum(m.in_features // 32 * per_block * m.out_features
+                                                         for m in modules)
+    idx = torch.randint(0, dense.config.vocab_size, (2, 12))
+
+    def decode(model, steps=6):
+        cache = model.make_cache(1, 4 + steps)
+        out = [model(idx[:1, :4], cache=cache, start=0)[:, -1]]
+        for t in range(4, 4 + steps):
+            out.append(model(out[-1].argmax(-1)[:, None], cache=cache, start=t)[:, -1])
+        return torch.cat(out)
+
+    with torch.no_grad():
+        torch.testing.assert_close(kept(idx), dense(idx), atol=1e-4, rtol=1e-4)
+        reference = decode(dense)
+        torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
+        converted = fuse_projections_(kept)
+        assert "layers.0.native" in converted and "layers.0.attn.qkv" in converted
+        torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
+    with pytest.raises(CheckpointError, match="keeps a GGUF file's blocks"):
+        mightylm.save(kept, None, tmp_path / "out")

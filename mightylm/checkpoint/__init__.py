@@ -46,17 +46,18 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-         need_tokenizer: bool = False):
+         need_tokenizer: bool = False, keep_blocks: bool = False):
     """Load `(model, tokenizer)` from a Hugging Face directory, a GGUF file or an embedded name.
 
     dtype: a torch dtype or its name ("bfloat16"). The tokenizer is None for a directory without
-    tokenizer.json, or an error with `need_tokenizer` (for callers that encode text).
+    tokenizer.json, or an error with `need_tokenizer` (for callers that encode text). keep_blocks: a GGUF
+    file's Q8_0 / Q4_0 / Q4_1 projections stay as stored (for inference; no effect on other files).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = resolve(path)
     if path.is_file():
         if path.suffix == ".gguf":
-            return load_gguf(path, dtype=dtype, device=device)
+            return load_gguf(path, dtype=dtype, device=device, keep_blocks=keep_blocks)
         refuse_pickle(path)
         raise CheckpointError(f"{path}: not a model directory or a .gguf file")
     model, tokenizer = load_hf(path, dtype=dtype, device=device)

@@ -14,22 +14,28 @@ from mightylm.config import ConfigError, ModelConfig
 from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
 
-def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
-    """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized."""
+def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: bool = False):
+    """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized; with
+    `keep_blocks`, the projections stored as Q8_0 / Q4_0 / Q4_1 stay as stored (compress/gguf_blocks.GGUFLinear)."""
     from mightylm.checkpoint.gguf_file import dequantize
 
     file, meta = gguf_metadata(path)
     config = gguf_config(meta, file, source=path)
     model = build(config)
-    state = {}
+    state, kept = {}, []
     for t in file.tensors:
         ours = rename(t.name, GGUF_TO_OURS)
         if ours is None:
             if t.name == "rope_freqs.weight":
                 continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
+        if keep_blocks and _keepable(ours, t):
+            tensor = _kept_blocks(model, ours, t)
+            kept.append(ours.removesuffix(".weight"))
+        else:
+            tensor = None
         try:
-            tensor = dequantize(t)
+            tensor = dequantize(t) if tensor is None else tensor
         except NotImplementedError:
             raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") from None
         per_key = tensor_transform(ours, GGUF_TENSOR_TRANSFORMS) if config.arch == "llama" else None
@@ -38,7 +44,34 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu"):
             tensor = transform(tensor, getattr(config, field)).contiguous()
         state[ours] = (tensor, path, t.name)
     assign(model, state, dtype, device, source=path)
+    if kept:
+        model.record_transform("gguf_blocks", modules=kept)
     return model, gguf_tokenizer(meta, path)
+
+
+def _keepable(ours: str, t) -> bool:
+    from mightylm.compress import DEFAULT_TARGETS
+    from mightylm.compress.gguf_blocks import KEPT
+
+    leaf = ours.removesuffix(".weight").rpartition(".")[2]
+    return ours.endswith(".weight") and leaf in DEFAULT_TARGETS and t.type in KEPT and len(t.shape) == 2 \
+        and t.shape[1] % 32 == 0
+
+
+def _kept_blocks(model, ours: str, t) -> torch.Tensor:
+    """Put a GGUFLinear (meta) where the projection `ours` is and return its stored blocks, (out, row bytes)."""
+    import warnings
+
+    from mightylm.compress.gguf_blocks import GGUFLinear
+
+    name = ours.removesuffix(".weight")
+    parent, _, child = name.rpartition(".")
+    old = model.get_submodule(name)
+    setattr(model.get_submodule(parent), child, GGUFLinear(t.shape[1], t.shape[0], old.bias is not None,
+                                                           ggml_type=t.type, device="meta"))
+    with warnings.catch_warnings():  # a read-only view of the file's map: copied below
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(t.data).view(t.shape[0], -1).clone()
 
 
 def gguf_metadata(path: Path):

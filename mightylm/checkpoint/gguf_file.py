@@ -7,12 +7,8 @@ each key/value is a string, a u32 value type and the value (arrays: u32 element 
 each tensor is a string name, u32 dims, u64 sizes (fastest-varying first), u32 type, u64 offset into the
 data section, which starts at the next multiple of `general.alignment` (32 by default).
 
-Block formats (ggml-common.h), each a row of 32 values (256 for K-quants) with float16 scales:
-    Q8_0  d, 32 x int8 q                       w = d * q
-    Q4_0  d, 16 bytes of nibbles               w = d * (q - 8)      (low nibbles are values 0-15, high 16-31)
-    Q4_1  d, m, 16 bytes of nibbles            w = d * q + m
-    Q6_K  128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, d   w = d * scale * (q - 32)
-Other types fall back to the `gguf` package's numpy dequantizers.
+The block formats small models ship in are dequantized with torch (compress/gguf_blocks.py); other types
+fall back to the `gguf` package's numpy dequantizers.
 """
 
 from __future__ import annotations
@@ -26,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mightylm.compress.gguf_blocks import BLOCKS, TYPE_NAMES, dequantize_blocks
+
 # value types of the key/value section: struct format, or None for string (8) and array (9)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
@@ -33,10 +31,6 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 
 _U64 = struct.Struct("<Q")
 
-F32, F16, Q4_0, Q4_1, Q8_0, Q6_K, BF16 = 0, 1, 2, 3, 8, 14, 30
-# ggml type -> (values per block, bytes per block)
-BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q6_K: (256, 210)}
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q6_K: "Q6_K", BF16: "BF16"}
 
 
 class GGUFFormatError(ValueError):
@@ -177,51 +171,8 @@ def dequantize(t: Tensor) -> torch.Tensor:
     with warnings.catch_warnings():  # torch warns that the map is read-only; every path below copies out of it
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.from_numpy(t.data)
-    if t.type == F32:
-        out = raw.view(torch.float32).clone()
-    elif t.type == F16:
-        out = raw.view(torch.float16).float()
-    elif t.type == BF16:
-        out = raw.view(torch.bfloat16).float()
-    elif t.type in (Q8_0, Q4_0, Q4_1):
-        out = _dequantize_32(raw, t.type)
-    elif t.type == Q6_K:
-        out = _dequantize_q6_k(raw)
-    else:
-        from gguf.quants import dequantize as reference
+    if t.type in BLOCKS:
+        return dequantize_blocks(raw, t.type, t.shape)
+    from gguf.quants import dequantize as reference
 
-        out = torch.from_numpy(np.ascontiguousarray(reference(t.data, t.type)).astype(np.float32))
-    return out.reshape(t.shape)
-
-
-def _dequantize_32(raw: torch.Tensor, kind: int) -> torch.Tensor:
-    per_block, block_bytes = BLOCKS[kind]
-    blocks = raw.view(-1, block_bytes)  # (n_blocks, bytes)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n, 1)
-    # in place where possible: the embedding table of a small model is ~110 MB as float32, and the peak of a
-    # cold start is this step
-    if kind == Q8_0:
-        return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(d).flatten()
-    packed = blocks[:, block_bytes - 16:]  # (n, 16): value j in the low nibble of byte j, value j + 16 in the high
-    q = torch.cat([packed & 0xF, packed >> 4], dim=1).float()  # (n, 32)
-    if kind == Q4_0:
-        return q.sub_(8).mul_(d).flatten()
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return q.mul_(d).add_(m).flatten()
-
-
-def _dequantize_q6_k(raw: torch.Tensor) -> torch.Tensor:
-    """Q6_K: 256 values in 16 groups of 16, each group with an int8 scale, all times one float16 d
-    (dequantize_row_q6_K in ggml-quants.c)."""
-    blocks = raw.view(-1, 210)
-    n = blocks.shape[0]
-    ql, qh = blocks[:, :128].view(n, 2, 64), blocks[:, 128:192].view(n, 2, 32)  # two halves of 128 values
-    scales = blocks[:, 192:208].contiguous().view(torch.int8).float().view(n, 2, 8)
-    d = blocks[:, 208:210].contiguous().view(torch.float16).float().view(n, 1, 1)
-    # within a half: values l, l+32, l+64, l+96 (l < 32) take ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high
-    # nibbles, and 2 bits each from qh[l] (bits 0-1, 2-3, 4-5, 6-7)
-    lo = torch.stack([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=2)
-    hi = torch.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=2)  # (n, 2, 4, 32)
-    q = (lo.to(torch.int16) | (hi.to(torch.int16) << 4)) - 32  # (n, 2, 4, 32)
-    scale = scales.view(n, 2, 4, 2).repeat_interleave(16, dim=3)  # group of 16: (n, 2, 4, 32)
-    return (d.unsqueeze(-1) * scale * q.float()).flatten()
+    return torch.from_numpy(np.ascontiguousarray(reference(t.data, t.type)).astype(np.float32)).reshape(t.shape)

@@ -95,6 +95,9 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer files)."""
     from safetensors.torch import save_file
 
+    if model.applied("gguf_blocks"):
+        raise CheckpointError("this model keeps a GGUF file's blocks as stored (loaded with keep_blocks, for "
+                              "inference); load the file without it to save, merge or train")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}

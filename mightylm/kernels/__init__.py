@@ -72,6 +72,9 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_nf4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.mighty_decode_block.restype = None
     lib.mighty_decode_block.argtypes = [ctypes.c_void_p, ctypes.POINTER(BlockArgs)]
+    lib.mighty_gemv_ggml.restype = None
+    lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_set_isa.restype, lib.mighty_set_isa.argtypes = None, [ctypes.c_int]
     lib.mighty_isa.restype, lib.mighty_isa.argtypes = ctypes.c_int, []
     lib.mighty_set_isa(ISAS.index(_chosen_isa()))
@@ -119,12 +122,13 @@ def set_kernel_isa(name: str) -> None:
 
 class Projection(ctypes.Structure):
     """gemv.c's mighty_proj: a float32 input-major weight (kind 0), int8 rows with their scales (1), NF4 codes
-    with a float absmax per block and the 16 levels (2), or int4 codes with a scale and zero per group (3)."""
+    with a float absmax per block and the 16 levels (2), int4 codes with a scale and zero per group (3), or GGUF
+    Q8_0/Q4_0/Q4_1 blocks as stored (4; `block` holds the ggml type)."""
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("levels", ctypes.c_void_p), ("block", ctypes.c_long), ("kind", ctypes.c_int),
                 ("zero", ctypes.c_void_p)]
 
-    FLOAT32, INT8, NF4, INT4 = 0, 1, 2, 3
+    FLOAT32, INT8, NF4, INT4, GGML = 0, 1, 2, 3, 4
 
 
 class BlockArgs(ctypes.Structure):
@@ -196,6 +200,22 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(*x.shape[:-1], out)
     lib.mighty_gemv_int8(x.data_ptr(), weight.data_ptr(), scale.contiguous().data_ptr(),
                          bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out, torch.get_num_threads())
+    return y
+
+
+def gemv_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (..., in) one float32 row @ a GGUF Q8_0 / Q4_0 / Q4_1 weight (out rows of in / 32 blocks, uint8) + bias,
+    or None where the kernel cannot take it."""
+    n_in = x.shape[-1]
+    if not (_single_row(x, n_in) and n_in % 32 == 0 and ggml_type in (2, 3, 8) and blocks.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and (lib := gemv_library()) is not None):
+        return None
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out)
+    lib.mighty_gemv_ggml(x.data_ptr(), blocks.data_ptr(), ggml_type, bias.data_ptr() if bias is not None else None,
+                         y.data_ptr(), n_in, out, torch.get_num_threads())
     return y
 
 

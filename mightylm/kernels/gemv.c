@@ -170,6 +170,62 @@ void mighty_gemv_int4(const float *xe, const float *xo, const unsigned char *W, 
     }
 }
 
+/* GGUF's own blocks of 32 weights, read as stored (ggml-common.h), W (out, in / 32 blocks) row-major:
+ *   Q8_0 (type 8):  fp16 d, 32 int8 q                 w = d * q
+ *   Q4_0 (type 2):  fp16 d, 16 bytes                   w = d * (q - 8)
+ *   Q4_1 (type 3):  fp16 d, fp16 m, 16 bytes           w = d * q + m
+ * with byte j holding value j in its low nibble and value j + 16 in its high one. Per block,
+ *   sum_j w_j x_j = d * sum_j q_j x_j + (m or -8 d) * sum_j x_j,
+ * so the block sums of x (xsum, in / 32) are computed once per call. */
+__attribute__((target("avx2,fma,f16c")))
+static inline float half_to_float(const unsigned char *p) {
+    unsigned short h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
+                      long out, int nthreads) {
+    const long blocks = in / 32, bytes = type == 8 ? 34 : type == 3 ? 20 : 18;
+    float *xsum = malloc(sizeof(float) * (blocks > 0 ? blocks : 1));
+    for (long b = 0; b < blocks; b++) {
+        float t = 0.0f;
+        for (long j = 0; j < 32; j++) t += x[32 * b + j];
+        xsum[b] = t;
+    }
+    const __m256i nibble = _mm256_set1_epi32(15);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long o = 0; o < out; o++) {
+        const unsigned char *row = W + o * blocks * bytes;
+        __m256 acc = _mm256_setzero_ps();
+        float offsets = 0.0f;
+        for (long b = 0; b < blocks; b++) {
+            const unsigned char *blk = row + b * bytes;
+            const float *xb = x + 32 * b;
+            const float d = half_to_float(blk);
+            __m256 part = _mm256_setzero_ps();
+            if (type == 8) {
+                for (int k = 0; k < 32; k += 8) {
+                    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + k)));
+                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xb + k), part);
+                }
+            } else {
+                const unsigned char *qs = blk + bytes - 16;
+                for (int k = 0; k < 16; k += 8) {
+                    const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + k)));
+                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), _mm256_loadu_ps(xb + k), part);
+                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), _mm256_loadu_ps(xb + 16 + k), part);
+                }
+                offsets += (type == 3 ? half_to_float(blk + 2) : -8.0f * d) * xsum[b];
+            }
+            acc = _mm256_fmadd_ps(part, _mm256_set1_ps(d), acc);
+        }
+        y[o] = hsum(acc) + offsets + (bias ? bias[o] : 0.0f);
+    }
+    free(xsum);
+}
+
 /* int8 weights, per output channel: y[o] = scale[o] * sum_j W[o][j] x[j] (+ bias[o]), W (out, in) row-major,
  * in % 32 == 0. x is first rounded to int16, xq = round(x / xs) with xs = max|x| / 32767 (an error
  * of at most 1.5e-5 of the largest input, far below the weights' int8 rounding); then every product
@@ -241,14 +297,14 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  *   x += down_proj(silu(gate) * up)                              on rms_norm(x) * mlp_norm
  * Each projection is float32 input-major, int8 output-major with per-row scales, NF4 (codes two per byte,
  * one float absmax per block of `block` inputs, `levels` the 16 NF4 values) or int4 (codes two per byte, a
- * scale and a zero per group of `block` inputs). */
-enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3 };
+ * scale and a zero per group of `block` inputs), or GGUF's Q8_0 / Q4_0 / Q4_1 blocks as stored. */
+enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4 };
 typedef struct {
     const void *w;
     const float *scale;   /* int8: per-row scales; NF4: per-block absmax; int4: (out, in / block) scales */
     const float *bias;
     const float *levels;  /* NF4 only */
-    long block;           /* NF4: block; int4: group */
+    long block;           /* NF4: block; int4: group; GGUF blocks: the ggml type (8 Q8_0, 2 Q4_0, 3 Q4_1) */
     int kind;
     const float *zero;    /* int4 only: (out, in / block) */
 } mighty_proj;
@@ -272,6 +328,8 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
         for (long j = 0; j < in / 2; j++) { xe[j] = x[2 * j]; xo[j] = x[2 * j + 1]; }
         mighty_gemv_nf4(xe, xo, (const unsigned char *)p->w, p->scale, p->levels, p->bias, y, in, out, p->block,
                         threads);
+    } else if (p->kind == PROJ_GGML) {
+        mighty_gemv_ggml(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_INT4) {
         const long groups = in / p->block;
         float *buf = malloc(sizeof(float) * (in + groups)), *xe = buf, *xo = buf + in / 2, *xsum = buf + in;

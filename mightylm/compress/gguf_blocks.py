@@ -1,0 +1,105 @@
+"""GGUF's block formats (ggml-common.h) as torch code: dequantizers, and `GGUFLinear`, a frozen linear layer that
+keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks exactly as stored (loading with keep_blocks=True), multiplied by
+one row at a time with a native kernel that reads the blocks (kernels/gemv.c, mighty_gemv_ggml) and
+dequantized for several rows.
+
+Each format is rows of blocks with float16 scales:
+    Q8_0  d, 32 x int8 q                       w = d * q
+    Q4_0  d, 16 bytes of nibbles               w = d * (q - 8)      (low nibbles are values 0-15, high 16-31)
+    Q4_1  d, m, 16 bytes of nibbles            w = d * q + m
+    Q6_K  128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, d   w = d * scale * (q - 32)  (256 values)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mightylm.kernels import gemv_ggml
+
+F32, F16, Q4_0, Q4_1, Q8_0, Q6_K, BF16 = 0, 1, 2, 3, 8, 14, 30
+# ggml type -> (values per block, bytes per block)
+BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q6_K: (256, 210)}
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q6_K: "Q6_K", BF16: "BF16"}
+KEPT = (Q8_0, Q4_0, Q4_1)  # the formats GGUFLinear keeps packed
+
+
+def dequantize_blocks(raw: torch.Tensor, kind: int, shape) -> torch.Tensor:
+    """float32 values, shaped `shape`, of `raw` (uint8, the stored bytes) in ggml type `kind` (one of BLOCKS)."""
+    if kind == F32:
+        out = raw.view(torch.float32).clone()
+    elif kind == F16:
+        out = raw.view(torch.float16).float()
+    elif kind == BF16:
+        out = raw.view(torch.bfloat16).float()
+    elif kind in (Q8_0, Q4_0, Q4_1):
+        out = _dequantize_32(raw.reshape(-1), kind)
+    elif kind == Q6_K:
+        out = _dequantize_q6_k(raw.reshape(-1))
+    else:
+        raise NotImplementedError(f"ggml type {kind}")
+    return out.reshape(shape)
+
+
+class GGUFLinear(nn.Module):
+    """A frozen linear layer holding a GGUF tensor's blocks as stored: `weight` is (out, in / 32 * block bytes)
+    uint8, `ggml_type` says which format."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, ggml_type: int = Q8_0,
+                 device=None):
+        super().__init__()
+        if ggml_type not in KEPT or in_features % 32:
+            raise ValueError(f"GGUFLinear keeps {[TYPE_NAMES[t] for t in KEPT]} with inputs a multiple of 32, got "
+                             f"type {ggml_type} and {in_features} inputs")
+        self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
+        row = in_features // 32 * BLOCKS[ggml_type][1]
+        self.register_buffer("weight", torch.empty(out_features, row, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_blocks(self.weight, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
+            y = gemv_ggml(x, self.weight, self.ggml_type, self.out_features, self.bias)
+            if y is not None:
+                return y
+        w = self.dequantize(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, type={TYPE_NAMES[self.ggml_type]}"
+
+
+def _dequantize_32(raw: torch.Tensor, kind: int) -> torch.Tensor:
+    per_block, block_bytes = BLOCKS[kind]
+    blocks = raw.view(-1, block_bytes)  # (n_blocks, bytes)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()  # (n, 1)
+    # in place where possible: the embedding table of a small model is ~110 MB as float32, and the peak of a
+    # cold start is this step
+    if kind == Q8_0:
+        return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(d).flatten()
+    packed = blocks[:, block_bytes - 16:]  # (n, 16): value j in the low nibble of byte j, value j + 16 in the high
+    q = torch.cat([packed & 0xF, packed >> 4], dim=1).float()  # (n, 32)
+    if kind == Q4_0:
+        return q.sub_(8).mul_(d).flatten()
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return q.mul_(d).add_(m).flatten()
+
+
+def _dequantize_q6_k(raw: torch.Tensor) -> torch.Tensor:
+    """Q6_K: 256 values in 16 groups of 16, each group with an int8 scale, all times one float16 d
+    (dequantize_row_q6_K in ggml-quants.c)."""
+    blocks = raw.view(-1, 210)
+    n = blocks.shape[0]
+    ql, qh = blocks[:, :128].view(n, 2, 64), blocks[:, 128:192].view(n, 2, 32)  # two halves of 128 values
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float().view(n, 2, 8)
+    d = blocks[:, 208:210].contiguous().view(torch.float16).float().view(n, 1, 1)
+    # within a half: values l, l+32, l+64, l+96 (l < 32) take ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high
+    # nibbles, and 2 bits each from qh[l] (bits 0-1, 2-3, 4-5, 6-7)
+    lo = torch.stack([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=2)
+    hi = torch.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=2)  # (n, 2, 4, 32)
+    q = (lo.to(torch.int16) | (hi.to(torch.int16) << 4)) - 32  # (n, 2, 4, 32)
+    scale = scales.view(n, 2, 4, 2).repeat_interleave(16, dim=3)  # group of 16: (n, 2, 4, 32)
+    return (d.unsqueeze(-1) * scale * q.float()).flatten()
