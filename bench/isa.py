@@ -1,5 +1,6 @@
 """Batch-1 decode speed of each native-kernel instruction set the CPU has (AVX2 baseline, AVX-512 with VNNI),
-on SmolLM2-135M-Instruct in float32 and int8 (+ int8 head), in one process, paths interleaved.
+on SmolLM2-135M-Instruct in float32, int8 (+ int8 head) and the file's own Q4_1 blocks kept as stored, in one
+process, paths interleaved.
 
     .venv/bin/python bench/isa.py [--tokens 64] [--repeats 3]
 """
@@ -35,9 +36,9 @@ def main() -> None:
 
     print("CPU flags:", " ".join(sorted(f for f in kernels.cpu_flags() if f.startswith(("avx", "amx", "fma")))))
     models = {}
-    for name in ("float32", "int8 + int8 head"):
-        model, tok = mightylm.load("smollm2-135m-instruct")
-        if name != "float32":
+    for name in ("float32", "int8 + int8 head", "GGUF blocks (Q4_1)"):
+        model, tok = mightylm.load("smollm2-135m-instruct", keep_blocks=name.startswith("GGUF"))
+        if name.startswith("int8"):
             quantize_(model, "int8", targets=DEFAULT_TARGETS + ("lm_head",))
         fuse_projections_(model)
         models[name] = model.eval()

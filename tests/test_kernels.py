@@ -101,3 +101,13 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
         got = kernels.gemv_int8(x, q, scale, b)
         # the kernel rounds x to int16 (relative 1.5e-5 of max|x|): the error grows with the row's length
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(scale.max()) * n_in ** 0.5 * 127)
+        from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks
+
+        for ggml_type in (8, 2, 3):  # GGUF's Q8_0, Q4_0 and Q4_1 blocks as stored, with finite fp16 scales
+            size = BLOCKS[ggml_type][1]
+            raw = torch.randint(0, 256, (out, n_in // 32, size), dtype=torch.uint8)
+            scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
+            raw[..., :4 if ggml_type == 3 else 2] = scales[..., :4 if ggml_type == 3 else 2]
+            raw = raw.view(out, -1)
+            expected = F.linear(x, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
+            torch.testing.assert_close(kernels.gemv_ggml(x, raw, ggml_type, out, b), expected, rtol=1e-4, atol=1e-4)
