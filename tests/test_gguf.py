@@ -400,3 +400,23 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
         torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
     with pytest.raises(CheckpointError, match="keeps a GGUF file's blocks"):
         mightylm.save(kept, None, tmp_path / "out")
+
+
+def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
+    """`generate --blocks true --adapter DIR`: LoRA wraps the kept blocks as it wraps any quantized base."""
+    from mightylm.adapters.lora import apply_lora, save_lora
+    from mightylm.generate import load_for_generation
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    dense, _ = mightylm.load(tmp_path / "m.gguf")
+    apply_lora(dense, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained-looking adapter: the update is not zero
+    save_lora(dense, tmp_path / "lora", base_model=str(tmp_path / "m.gguf"))
+    idx = torch.randint(0, dense.config.vocab_size, (1, 10))
+    kept, _ = load_for_generation(str(tmp_path / "m.gguf"), adapter=str(tmp_path / "lora"), keep_blocks=True)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(idx), dense(idx), atol=1e-4, rtol=1e-4)
