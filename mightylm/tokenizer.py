@@ -212,12 +212,24 @@ def _compile_template(source: str):
 # ---- training ----
 
 
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def check_bpe_vocab(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> None:
+    """Refuse a vocabulary a byte-level BPE cannot have: every byte and the special tokens come first."""
+    smallest = 256 + len(special_tokens)
+    if vocab_size < smallest:
+        raise TokenizerError(f"a byte-level BPE needs a vocabulary of at least {smallest} tokens (256 bytes and "
+                             f"{len(special_tokens)} special tokens), got {vocab_size}; pass --vocab_size {smallest} "
+                             "or more (thousands are usual)")
+
+
 def train_bpe(
     files: list[str | Path] = (),
     vocab_size: int = 8192,
     *,
     texts=None,
-    special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
     chat_template: str | None = None,
     show_progress: bool = True,
 ) -> Tokenizer:
@@ -231,6 +243,7 @@ def train_bpe(
     missing = [str(f) for f in files if not Path(f).exists()]
     if missing:
         raise TokenizerError(f"training files not found: {', '.join(missing)}")
+    check_bpe_vocab(vocab_size, special_tokens)
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

@@ -365,3 +365,14 @@ def test_finetune_full_says_where_the_model_is(tmp_path, hf_dir, chat_jsonl, cap
                  "--train.steps", "1", "--train.batch_size", "2", "--train.warmup", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"the model is in {out}" in printed and f"mighty generate --model {out}" in printed
+
+
+def test_pretraining_refuses_a_vocabulary_a_byte_level_bpe_cannot_have(tmp_path, capsys):
+    from mightylm.cli import main
+
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("To be, or not to be, that is the question. " * 50)
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), "--vocab_size", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "at least 259 tokens (256 bytes and 3 special tokens), got 10" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made

@@ -67,7 +67,7 @@ def pretrain(
     from mightylm.data.pretrain import TokenStream, check_text_files, collect_files, read_documents
     from mightylm.model import Transformer
     from mightylm.report import write_report
-    from mightylm.tokenizer import Tokenizer, train_bpe
+    from mightylm.tokenizer import Tokenizer, check_bpe_vocab, train_bpe
     from mightylm.train import fit
 
     data = [data] if isinstance(data, str) else data
@@ -78,6 +78,8 @@ def pretrain(
     overrides = {k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                         ffn_dim=ffn_dim).items() if v is not None}
     ModelConfig.from_preset(preset, vocab_size=vocab_size, **overrides)  # a bad shape is refused before any work
+    if not tokenizer:
+        check_bpe_vocab(vocab_size)
     resume = prepare_out(out, verb="pretrain", resume=resume, overwrite=overwrite, inputs=[*files, tokenizer],
                          data=data_identity(files), rank=rank)
 
