@@ -35,7 +35,7 @@ from torch import nn
 
 from mightylm.compress.gguf_blocks import GGUFLinear, dequantize_blocks
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
-from mightylm.compress.quantize import Int4Linear, Int8Linear
+from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.kernels import (BlockArgs, Projection, gemv_ggml, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
                               linear)
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
@@ -158,9 +158,8 @@ class FusedInt4Projection:
         out = self.weight.shape[0]
         y = gemv_int4(x, self.weight, self.scale, self.zero, out, self.group, self.bias)
         if y is None:  # several rows: dequantize, then a float GEMM
-            codes = torch.stack([self.weight >> 4, self.weight & 0xF], dim=-1).view(out, -1, self.group).float()
-            w = ((codes - 8) * self.scale[..., None] + self.zero[..., None]).view(out, -1)  # as Int4Linear
-            y = torch.nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            w = dequantize_int4(self.weight, self.scale, self.zero, self.group).to(x.dtype)
+            y = torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return y
 
 

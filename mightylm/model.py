@@ -184,6 +184,11 @@ class DocumentMask:
             spans.append(tuple(zip(starts, starts[1:] + [T])))
         return cls(tuple(spans), window)
 
+    def positions(self, device) -> torch.Tensor:
+        """(B, T) each token's position within its document: 0 where a document starts, counting up from there."""
+        return torch.stack([torch.cat([torch.arange(end - start, device=device) for start, end in spans])
+                            for spans in self.spans])
+
     def attend(self, q, k, v, gqa: bool) -> torch.Tensor:
         """(B, nh, T, hs) from q (B, nh, T, hs), k and v (B, nkv, T, hs)."""
         rows = []
@@ -381,10 +386,10 @@ class Transformer(nn.Module):
             raise ValueError("packed rows (documents=) cannot carry a soft prompt: its virtual tokens would "
                              "start the row, not each document; train prompt tuning unpacked")
         B, T, _ = x.shape
-        pos = _positions_in_documents(documents)  # (B, T)
+        mask = DocumentMask.of(documents, self.config.sliding_window)
+        pos = mask.positions(x.device)  # (B, T)
         cos, sin = self.rope(T, x.device)
         cos, sin = cos[pos][:, None].to(x.dtype), sin[pos][:, None].to(x.dtype)  # (B, 1, T, hs)
-        mask = DocumentMask.of(documents, self.config.sliding_window)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, None, 0)
         return self.norm(x[:, -1:] if last_only else x)
@@ -453,16 +458,6 @@ class Transformer(nn.Module):
             # A padding query would see nothing (NaN in softmax); let it see itself. Its output is unused.
             mask = mask | (keys[None, :] == slots[:, None])[None, None]
         return mask
-
-
-def _positions_in_documents(documents: torch.Tensor) -> torch.Tensor:
-    """(B, T) each token's position within its document: 0 where a document starts, counting up from there."""
-    T = documents.shape[1]
-    slots = torch.arange(T, device=documents.device).expand_as(documents)
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    first = torch.where(starts, slots, torch.zeros_like(slots)).cummax(dim=1).values  # (B, T) its document's start
-    return slots - first
 
 
 def _insert_prefix(x: torch.Tensor, prefix: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:

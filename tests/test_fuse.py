@@ -45,14 +45,15 @@ def test_fused_layout_keeps_outputs_state_and_memory():
 
 def test_int8_projections_fuse_with_the_same_outputs():
     from mightylm.compress.quantize import DEFAULT_TARGETS, quantize_
-    from mightylm.config import ModelConfig
-    from mightylm.fuse import fuse_projections_
-    from mightylm.generate import Sampling, generate
-    from mightylm.model import Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", tie_embeddings=True)).eval()
     quantize_(model, "int8", targets=DEFAULT_TARGETS + ("lm_head",))
+    _fusing_keeps_outputs(model)
+
+
+def _fusing_keeps_outputs(model):
+    """fuse_projections_ fuses q/k/v and gate/up and keeps the logits of several rows and the generated tokens."""
     prompts = [[5, 17, 9, 33, 2, 8], [40, 41]]
     s = Sampling(max_new_tokens=8)
     idx = torch.randint(0, 256, (2, 10))
@@ -69,21 +70,12 @@ def test_4bit_projections_fuse_with_the_same_outputs(method):
     """NF4 or int4 q/k/v and gate/up stacked into one projection each (codes as views, nothing stored twice): the
     same logits for several rows (dequantized) and for single-token decoding (the 4-bit kernels)."""
     from mightylm.compress.quantize import QUANTIZED, quantize_
-    from mightylm.generate import Sampling, generate
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", qkv_bias=True)).eval()
     quantize_(model, method)
-    prompts = [[5, 17, 9, 33, 2, 8], [40, 41]]
-    s = Sampling(max_new_tokens=8)
-    idx = torch.randint(0, 256, (2, 10))
     codes = sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZED))
-    with torch.no_grad():
-        before, tokens = model(idx), generate(model, prompts, s)
-        converted = fuse_projections_(model)
-        assert "layers.0.attn.qkv" in converted and "layers.1.mlp.gate_up" in converted
-        torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
-    assert generate(model, prompts, s) == tokens
+    _fusing_keeps_outputs(model)
     attn = model.layers[0].attn
     assert attn.q_proj.weight.data_ptr() == attn.fused_qkv.weight.data_ptr()  # a view, not a copy
     assert sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZED)) == codes

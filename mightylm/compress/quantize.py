@@ -44,6 +44,13 @@ __all__ = ["DEFAULT_TARGETS", "METHODS", "QUANTIZED", "Int4Linear", "Method", "I
 _BYTE_TO_CODES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1).float()  # byte -> its 2 codes
 
 
+def dequantize_int4(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 (out, in) from int4 codes (out, in / 2, two per byte) and their (out, in / group) scales and zeros."""
+    out = weight.shape[0]
+    q = _BYTE_TO_CODES[weight.long()].view(out, -1, group_size)  # (out, groups, g)
+    return ((q - 8) * scale[..., None] + zero[..., None]).view(out, -1)
+
+
 class Int4Linear(nn.Module):
     """Weight-only int4, asymmetric, one (scale, zero) per group of `group_size` inputs."""
 
@@ -79,9 +86,7 @@ class Int4Linear(nn.Module):
         return torch.stack([self.weight >> 4, self.weight & 0xF], dim=-1).view(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = _BYTE_TO_CODES[self.weight.long()].view(self.out_features, -1, self.group_size)  # (out, groups, g)
-        w = (q - 8) * self.weight_scale[..., None] + self.weight_zero[..., None]
-        return w.view(self.out_features, self.in_features).to(dtype)
+        return dequantize_int4(self.weight, self.weight_scale, self.weight_zero, self.group_size).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

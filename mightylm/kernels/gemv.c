@@ -177,7 +177,7 @@ void mighty_gemv_int4(const float *xe, const float *xo, const unsigned char *W, 
  * with byte j holding value j in its low nibble and value j + 16 in its high one. Per block,
  *   sum_j w_j x_j = d * sum_j q_j x_j + (m or -8 d) * sum_j x_j,
  * so the block sums of x (xsum, in / 32) are computed once per call. */
-__attribute__((target("avx2,fma,f16c")))
+__attribute__((target("f16c")))
 static inline float half_to_float(const unsigned char *p) {
     unsigned short h;
     memcpy(&h, p, 2);
@@ -197,9 +197,7 @@ static void ggml_rows512(const float *x, const float *xsum, const unsigned char 
         for (long b = 0; b < blocks; b++) {
             const unsigned char *blk = row + b * bytes;
             const float *xb = x + 32 * b;
-            unsigned short h;
-            memcpy(&h, blk, 2);
-            const float d = _cvtsh_ss(h);
+            const float d = half_to_float(blk);
             __m512 part;
             if (type == 8) {
                 const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
@@ -210,9 +208,7 @@ static void ggml_rows512(const float *x, const float *xsum, const unsigned char 
                 const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + bytes - 16)));
                 part = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, nibble)), _mm512_loadu_ps(xb));
                 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_loadu_ps(xb + 16), part);
-                unsigned short hm;
-                memcpy(&hm, blk + 2, 2);
-                offsets += (type == 3 ? _cvtsh_ss(hm) : -8.0f * d) * xsum[b];
+                offsets += (type == 3 ? half_to_float(blk + 2) : -8.0f * d) * xsum[b];
             }
             acc = _mm512_fmadd_ps(part, _mm512_set1_ps(d), acc);
         }
