@@ -33,10 +33,10 @@ import functools
 import torch
 from torch import nn
 
-from mightylm.compress.gguf_blocks import GGUFLinear, dequantize_blocks
+from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
-from mightylm.kernels import (BlockArgs, Projection, gemv_ggml, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
+from mightylm.kernels import (BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
                               linear)
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
 
@@ -184,12 +184,7 @@ class FusedGGUFProjection:
         self.weight, self.ggml_type, self.bias, self.n_in = weight, ggml_type, bias, n_in
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.weight.shape[0]
-        y = gemv_ggml(x, self.weight, self.ggml_type, out, self.bias)
-        if y is None:  # several rows: dequantize, then a float GEMM
-            w = dequantize_blocks(self.weight, self.ggml_type, (out, self.n_in)).to(x.dtype)
-            y = torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        return y
+        return gguf_linear(x, self.weight, self.ggml_type, self.n_in, self.bias)
 
 
 def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:

@@ -366,9 +366,10 @@ def test_our_gguf_reader_names_a_truncated_or_foreign_file(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
 def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_path, bpe_tokenizer):
-    """keep_blocks=True: the projections stay as stored (GGUFLinear), one row at a time through the native
-    block kernels, several rows dequantized; logits equal those of the dequantized float32 model within
-    float32 rounding, in prefill, in single-token decoding and through the fused native block."""
+    """keep_blocks=True: the projections and the head (tied to the embedding or not) stay as stored (GGUFLinear),
+    multiplied by the native block kernels (one row, a few rows) or dequantized (many rows); logits equal those of
+    the dequantized float32 model within float32 rounding, in prefill, in single-token decoding and through the
+    fused native block."""
     from mightylm.checkpoint import CheckpointError
     from mightylm.compress.gguf_blocks import GGUFLinear
     from mightylm.fuse import fuse_projections_
@@ -378,11 +379,13 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     dense, _ = mightylm.load(tmp_path / "m.gguf")
     kept, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
     modules = [m for m in kept.modules() if isinstance(m, GGUFLinear)]
-    assert len(modules) == 7 * kept.config.n_layers and kept.applied("gguf_blocks")
+    assert len(modules) == 7 * kept.config.n_layers + 1 and kept.applied("gguf_blocks")
+    assert isinstance(kept.lm_head, GGUFLinear) and kept.lm_head.out_features == kept.config.vocab_size
     per_block = GGML_QUANT_SIZES[qtype][1]  # bytes per 32 weights: 34, 18 or 20, as stored in the file
     assert sum(m.weight.numel() for m in modules) == sum(m.in_features // 32 * per_block * m.out_features
                                                          for m in modules)
     idx = torch.randint(0, dense.config.vocab_size, (2, 12))
+    long_idx = torch.randint(0, dense.config.vocab_size, (2, 40))  # 80 rows: past KERNEL_ROWS, dequantized
 
     def decode(model, steps=6):
         cache = model.make_cache(1, 4 + steps)
@@ -393,6 +396,7 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
 
     with torch.no_grad():
         torch.testing.assert_close(kept(idx), dense(idx), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(kept(long_idx), dense(long_idx), atol=1e-4, rtol=1e-4)
         reference = decode(dense)
         torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
         converted = fuse_projections_(kept)

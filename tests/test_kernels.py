@@ -82,8 +82,8 @@ def isa():
 @pytest.mark.parametrize("path", kernels.ISAS)
 @pytest.mark.parametrize("out, n_in", [(37, 64), (576, 1536), (1536, 576), (100, 1024)])
 def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in):
-    """The float32 and int8 products of each instruction-set path (AVX2 baseline, AVX-512 + VNNI) against PyTorch;
-    a path the CPU lacks is skipped, saying so."""
+    """The float32, int8 and GGUF-block products of each instruction-set path (AVX2 baseline, AVX-512 + VNNI) against
+    PyTorch; a path the CPU lacks is skipped, saying so."""
     if kernels.gemv_library() is None:
         pytest.skip("no native kernels here (no compiler or no AVX2)")
     if path not in kernels.available_isas():
@@ -109,5 +109,9 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
             scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
             raw[..., :4 if ggml_type == 3 else 2] = scales[..., :4 if ggml_type == 3 else 2]
             raw = raw.view(out, -1)
-            expected = F.linear(x, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
-            torch.testing.assert_close(kernels.gemv_ggml(x, raw, ggml_type, out, b), expected, rtol=1e-4, atol=1e-4)
+            for rows in (1, 15):  # one row streams the blocks; 15 = 8 + 4 + 2 + 1 rows share each block's unpacking
+                xs = torch.randn(rows, n_in)
+                expected = F.linear(xs, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
+                # float32 arithmetic in another order: float rounding, nothing more
+                torch.testing.assert_close(kernels.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
+                                           atol=2e-6 * float(expected.abs().max()))

@@ -16,7 +16,9 @@ from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
 def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: bool = False):
     """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized; with
-    `keep_blocks`, the projections stored as Q8_0 / Q4_0 / Q4_1 stay as stored (compress/gguf_blocks.GGUFLinear)."""
+    `keep_blocks`, the projections and the head stored as Q8_0 / Q4_0 / Q4_1 stay as stored
+    (compress/gguf_blocks.GGUFLinear). A head tied to the embedding then reads the table's blocks, while token
+    lookups read the dequantized table."""
     from mightylm.checkpoint.gguf_file import dequantize
 
     file, meta = gguf_metadata(path)
@@ -44,6 +46,12 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
             tensor = transform(tensor, getattr(config, field)).contiguous()
         state[ours] = (tensor, path, t.name)
     assign(model, state, dtype, device, source=path)
+    if keep_blocks and config.tie_embeddings:
+        embedding = next(t for t in file.tensors if rename(t.name, GGUF_TO_OURS) == "embed.weight")
+        if _keepable("lm_head.weight", embedding):
+            model.lm_head = _blocks_module(model.lm_head, embedding)
+            model.lm_head.weight = _stored(embedding)
+            kept.append("lm_head")
     if kept:
         model.record_transform("gguf_blocks", modules=kept)
     return model, gguf_tokenizer(meta, path)
@@ -54,22 +62,30 @@ def _keepable(ours: str, t) -> bool:
     from mightylm.compress.gguf_blocks import KEPT
 
     leaf = ours.removesuffix(".weight").rpartition(".")[2]
-    return ours.endswith(".weight") and leaf in DEFAULT_TARGETS and t.type in KEPT and len(t.shape) == 2 \
-        and t.shape[1] % 32 == 0
+    return ours.endswith(".weight") and leaf in (*DEFAULT_TARGETS, "lm_head") and t.type in KEPT \
+        and len(t.shape) == 2 and t.shape[1] % 32 == 0
 
 
 def _kept_blocks(model, ours: str, t) -> torch.Tensor:
     """Put a GGUFLinear (meta) where the projection `ours` is and return its stored blocks, (out, row bytes)."""
-    import warnings
-
-    from mightylm.compress.gguf_blocks import GGUFLinear
-
     name = ours.removesuffix(".weight")
     parent, _, child = name.rpartition(".")
-    old = model.get_submodule(name)
-    setattr(model.get_submodule(parent), child, GGUFLinear(t.shape[1], t.shape[0], old.bias is not None,
-                                                           ggml_type=t.type, device="meta"))
-    with warnings.catch_warnings():  # a read-only view of the file's map: copied below
+    parent = model.get_submodule(parent) if parent else model
+    setattr(parent, child, _blocks_module(getattr(parent, child), t))
+    return _stored(t)
+
+
+def _blocks_module(old, t):
+    from mightylm.compress.gguf_blocks import GGUFLinear
+
+    return GGUFLinear(t.shape[1], t.shape[0], old.bias is not None, ggml_type=t.type, device="meta")
+
+
+def _stored(t) -> torch.Tensor:
+    """The tensor's blocks as stored, (rows, row bytes), copied out of the file's map."""
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only view of the map: copied at once
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(t.data).view(t.shape[0], -1).clone()
 

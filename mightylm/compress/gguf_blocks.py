@@ -1,7 +1,7 @@
 """GGUF's block formats (ggml-common.h) as torch code: dequantizers, and `GGUFLinear`, a frozen linear layer that
-keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks exactly as stored (loading with keep_blocks=True), multiplied by
-one row at a time with a native kernel that reads the blocks (kernels/gemv.c, mighty_gemv_ggml) and
-dequantized for several rows.
+keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks exactly as stored (loading with keep_blocks=True), multiplied by a
+native kernel that reads the blocks (kernels/gguf_blocks.c), and dequantized where the kernel cannot serve (other
+dtypes, gradients to the input, many rows).
 
 Each format is rows of blocks with float16 scales:
     Q8_0  d, 32 x int8 q                       w = d * q
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.kernels import gemv_ggml
+from mightylm.kernels import matmul_ggml
 
 F32, F16, Q4_0, Q4_1, Q8_0, Q6_K, BF16 = 0, 1, 2, 3, 8, 14, 30
 # ggml type -> (values per block, bytes per block)
@@ -61,15 +61,27 @@ class GGUFLinear(nn.Module):
         return dequantize_blocks(self.weight, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
-            y = gemv_ggml(x, self.weight, self.ggml_type, self.out_features, self.bias)
-            if y is not None:
-                return y
-        w = self.dequantize(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return gguf_linear(x, self.weight, self.ggml_type, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={TYPE_NAMES[self.ggml_type]}"
+
+
+# Up to this many rows the kernel (each block unpacked once per 8 rows) beats dequantizing the whole weight for a
+# float GEMM; measured in bench/gguf_rows.py.
+KERNEL_ROWS = 64
+
+
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, n_in: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, dequantized blocks, bias): through the block kernel where it serves, else dequantized."""
+    out = blocks.shape[0]
+    if x.numel() <= KERNEL_ROWS * n_in:
+        y = matmul_ggml(x, blocks, ggml_type, out, bias)
+        if y is not None:
+            return y
+    w = dequantize_blocks(blocks, ggml_type, (out, n_in)).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def _dequantize_32(raw: torch.Tensor, kind: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 `linear(x, weight, bias)` is `F.linear` with a fast path for what batch-1 decoding does most: one
 float32 row times an input-major weight (see `mightylm/fuse.py`). `gemv_int8`, `gemv_int4` and
-`gemv_nf4` do the same for quantized weights (compress/), returning None where the caller must fall back;
+`gemv_nf4` do the same for quantized weights (compress/), and `matmul_ggml` for GGUF's blocks with any number of
+rows (gguf_blocks.c), returning None where the caller must fall back;
 `mighty_decode_block` (through `fuse.NativeDecodeBlock`) runs a whole block for one token. The fast path is the AVX2
 kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second; its float32 and
 int8 products also have AVX-512 (VNNI) versions, used where the CPU has them (MIGHTYLM_ISA=avx2 forces the
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_SOURCE = Path(__file__).with_name("gemv.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "gguf_blocks.c")]
+_HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
 _tried = False
 
@@ -49,7 +51,7 @@ def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler or not _cpu_has_avx2_fma():
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, _HEADER])
     tag = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MIGHTYLM_CACHE", Path.home() / ".cache" / "mightylm"))
     target = cache / f"gemv-{tag}.so"
@@ -57,7 +59,7 @@ def _build() -> ctypes.CDLL | None:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(out), "-lm"]
+            cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *map(str, _SOURCES), "-o", str(out), "-lm"]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 warnings.warn(f"mightylm: could not build the gemv kernel, using PyTorch ({result.stderr[-300:]})")
@@ -75,6 +77,9 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.mighty_gemm_ggml.restype = None
+    lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_set_isa.restype, lib.mighty_set_isa.argtypes = None, [ctypes.c_int]
     lib.mighty_isa.restype, lib.mighty_isa.argtypes = ctypes.c_int, []
     lib.mighty_set_isa(ISAS.index(_chosen_isa()))
@@ -203,19 +208,21 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return y
 
 
-def gemv_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., in) one float32 row @ a GGUF Q8_0 / Q4_0 / Q4_1 weight (out rows of in / 32 blocks, uint8) + bias,
-    or None where the kernel cannot take it."""
+def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 weight (out rows of in / 32 blocks, uint8) + bias, or
+    None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
+    unpacking)."""
     n_in = x.shape[-1]
-    if not (_single_row(x, n_in) and n_in % 32 == 0 and ggml_type in (2, 3, 8) and blocks.is_contiguous()
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+    if not (x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling() and n_in % 32 == 0 and ggml_type in (2, 3, 8)
+            and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out)
-    lib.mighty_gemv_ggml(x.data_ptr(), blocks.data_ptr(), ggml_type, bias.data_ptr() if bias is not None else None,
-                         y.data_ptr(), n_in, out, torch.get_num_threads())
+    lib.mighty_gemm_ggml(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type,
+                         bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out, torch.get_num_threads())
     return y
 
 

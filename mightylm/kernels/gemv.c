@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
+
 static void band(const float *x, const float *W, float *y, long i0, long i1, long out) {
     memset(y, 0, (size_t)out * sizeof(float));
     long i = i0;
@@ -73,11 +75,11 @@ static void band512(const float *x, const float *W, float *y, long i0, long i1, 
 
 /* Which instruction set the products use: 0 AVX2 + FMA (the baseline), 1 AVX-512F (float32) with AVX-512 VNNI
  * (int8) where the CPU has them. Chosen once by the caller from the CPU's flags (mighty_set_isa). */
-static int isa = 0;
+int mighty_isa_level = 0;
 
-void mighty_set_isa(int which) { isa = which; }
+void mighty_set_isa(int which) { mighty_isa_level = which; }
 
-int mighty_isa(void) { return isa; }
+int mighty_isa(void) { return mighty_isa_level; }
 
 /* scratch: (nthreads - 1) * out floats for the other threads' partial sums. bias may be NULL. */
 void mighty_gemv(const float *x, const float *W, const float *bias, float *y, float *scratch,
@@ -89,7 +91,7 @@ void mighty_gemv(const float *x, const float *W, const float *bias, float *y, fl
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         const long i0 = in * t / n, i1 = in * (t + 1) / n;
         float *mine = t == 0 ? y : scratch + (long)(t - 1) * out;
-        if (isa) band512(x, W, mine, i0, i1, out); else band(x, W, mine, i0, i1, out);
+        if (mighty_isa_level) band512(x, W, mine, i0, i1, out); else band(x, W, mine, i0, i1, out);
         if (t == 0) used = n;
     }
     for (int t = 1; t < used; t++) {
@@ -102,13 +104,6 @@ void mighty_gemv(const float *x, const float *W, const float *bias, float *y, fl
 
 
 /* ---- quantized weights, output-major: each thread takes a band of output rows ---- */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* NF4: codes packed two per byte (first in the high nibble), blocks of `block` along each row
  * (in % block == 0, block % 16 == 0), one float absmax per block; `levels` the 16 NF4 values.
@@ -170,99 +165,6 @@ void mighty_gemv_int4(const float *xe, const float *xo, const unsigned char *W, 
     }
 }
 
-/* GGUF's own blocks of 32 weights, read as stored (ggml-common.h), W (out, in / 32 blocks) row-major:
- *   Q8_0 (type 8):  fp16 d, 32 int8 q                 w = d * q
- *   Q4_0 (type 2):  fp16 d, 16 bytes                   w = d * (q - 8)
- *   Q4_1 (type 3):  fp16 d, fp16 m, 16 bytes           w = d * q + m
- * with byte j holding value j in its low nibble and value j + 16 in its high one. Per block,
- *   sum_j w_j x_j = d * sum_j q_j x_j + (m or -8 d) * sum_j x_j,
- * so the block sums of x (xsum, in / 32) are computed once per call. */
-__attribute__((target("f16c")))
-static inline float half_to_float(const unsigned char *p) {
-    unsigned short h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
-/* The same with AVX-512: a block's 32 values in two 16-wide FMAs. */
-__attribute__((target("avx512f,avx512bw,f16c")))
-static void ggml_rows512(const float *x, const float *xsum, const unsigned char *W, int type, const float *bias,
-                         float *y, long blocks, long bytes, long out, int nthreads) {
-    const __m512i nibble = _mm512_set1_epi32(15);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (long o = 0; o < out; o++) {
-        const unsigned char *row = W + o * blocks * bytes;
-        __m512 acc = _mm512_setzero_ps();
-        float offsets = 0.0f;
-        for (long b = 0; b < blocks; b++) {
-            const unsigned char *blk = row + b * bytes;
-            const float *xb = x + 32 * b;
-            const float d = half_to_float(blk);
-            __m512 part;
-            if (type == 8) {
-                const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
-                const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)));
-                part = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), _mm512_loadu_ps(xb));
-                part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), _mm512_loadu_ps(xb + 16), part);
-            } else {
-                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + bytes - 16)));
-                part = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, nibble)), _mm512_loadu_ps(xb));
-                part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_loadu_ps(xb + 16), part);
-                offsets += (type == 3 ? half_to_float(blk + 2) : -8.0f * d) * xsum[b];
-            }
-            acc = _mm512_fmadd_ps(part, _mm512_set1_ps(d), acc);
-        }
-        y[o] = _mm512_reduce_add_ps(acc) + offsets + (bias ? bias[o] : 0.0f);
-    }
-}
-
-__attribute__((target("avx2,fma,f16c")))
-void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
-                      long out, int nthreads) {
-    const long blocks = in / 32, bytes = type == 8 ? 34 : type == 3 ? 20 : 18;
-    float *xsum = malloc(sizeof(float) * (blocks > 0 ? blocks : 1));
-    for (long b = 0; b < blocks; b++) {
-        float t = 0.0f;
-        for (long j = 0; j < 32; j++) t += x[32 * b + j];
-        xsum[b] = t;
-    }
-    if (isa) {
-        ggml_rows512(x, xsum, W, type, bias, y, blocks, bytes, out, nthreads);
-        free(xsum);
-        return;
-    }
-    const __m256i nibble = _mm256_set1_epi32(15);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (long o = 0; o < out; o++) {
-        const unsigned char *row = W + o * blocks * bytes;
-        __m256 acc = _mm256_setzero_ps();
-        float offsets = 0.0f;
-        for (long b = 0; b < blocks; b++) {
-            const unsigned char *blk = row + b * bytes;
-            const float *xb = x + 32 * b;
-            const float d = half_to_float(blk);
-            __m256 part = _mm256_setzero_ps();
-            if (type == 8) {
-                for (int k = 0; k < 32; k += 8) {
-                    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + k)));
-                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xb + k), part);
-                }
-            } else {
-                const unsigned char *qs = blk + bytes - 16;
-                for (int k = 0; k < 16; k += 8) {
-                    const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + k)));
-                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), _mm256_loadu_ps(xb + k), part);
-                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), _mm256_loadu_ps(xb + 16 + k), part);
-                }
-                offsets += (type == 3 ? half_to_float(blk + 2) : -8.0f * d) * xsum[b];
-            }
-            acc = _mm256_fmadd_ps(part, _mm256_set1_ps(d), acc);
-        }
-        y[o] = hsum(acc) + offsets + (bias ? bias[o] : 0.0f);
-    }
-    free(xsum);
-}
-
 /* int8 weights, per output channel: y[o] = scale[o] * sum_j W[o][j] x[j] (+ bias[o]), W (out, in) row-major,
  * in % 32 == 0. x is first rounded to int16, xq = round(x / xs) with xs = max|x| / 32767 (an error
  * of at most 1.5e-5 of the largest input, far below the weights' int8 rounding); then every product
@@ -298,7 +200,7 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
     const float xs = amax > 0.0f ? amax / 32767.0f : 1.0f;
     short *xq = (short *)aligned_alloc(64, (size_t)((in * sizeof(short) + 63) / 64 * 64));
     for (long j = 0; j < in; j++) xq[j] = (short)lrintf(x[j] / xs);
-    if (isa) {
+    if (mighty_isa_level) {
         int8_rows512(W, xq, scale, bias, y, xs, in, out, nthreads);
         free(xq);
         return;

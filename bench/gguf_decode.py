@@ -1,0 +1,166 @@
+"""Batch-1 decode of GGUF files as stored: mightylm (blocks kept, native kernels) against llama.cpp, each in its own
+fresh process (torch in llama.cpp's process halves its speed), same file, same prompt tokens, greedy, decode only.
+
+Files: the embedded SmolLM2-135M-Instruct as shipped (Q4_1 projections, Q8_0 embedding and tied head) and the same
+weights re-quantized by the gguf package's quantizers to all-Q8_0 and all-Q4_0 (from the shipped file, dequantized).
+Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times;
+the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
+read per token over the measured read bandwidth. llama.cpp runs with n_batch=1 (its batched quantized prefill
+crashed on the Intel machine) and as many threads as torch uses here.
+
+llama.cpp comes from llama-cpp-python, a bench-only extra built from source (10-20 min), best in its own venv:
+    python -m venv /tmp/cppvenv && /tmp/cppvenv/bin/pip install llama-cpp-python==0.3.36
+    .venv/bin/python bench/gguf_decode.py --llama-python /tmp/cppvenv/bin/python [--repeats 3] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+OURS = """
+import json, sys, time, torch
+import mightylm
+from mightylm.fuse import fuse_projections_
+from mightylm.generate import Sampling, generate_steps
+path, n, repeats, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+model, _ = mightylm.load(path, keep_blocks=True)
+fuse_projections_(model)
+rates, tokens = [], None
+with torch.inference_mode():
+    for _ in range(repeats + 1):  # the first is a warm-up
+        steps = generate_steps(model, [prompt], Sampling(max_new_tokens=n + 1))
+        out = [int(next(steps)[0])]  # the prefill's token
+        t = time.perf_counter()
+        out += [int(step[0]) for step in steps]
+        rates.append(n / (time.perf_counter() - t))
+        tokens = out
+print(json.dumps({"rates": rates[1:], "tokens": tokens}))
+"""
+
+LLAMA_CPP = """
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, n, repeats, prompt, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+llm = Llama(model_path=path, n_ctx=len(prompt) + n + 8, n_threads=threads, n_batch=1, verbose=False)
+vocab = llm.n_vocab()
+last = lambda: int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))  # the last token's
+rates, tokens = [], None
+for _ in range(repeats + 1):
+    llm.reset()
+    llm.eval(prompt)
+    out = [last()]
+    t = time.perf_counter()
+    for _ in range(n):
+        llm.eval([out[-1]])
+        out.append(last())
+    rates.append(n / (time.perf_counter() - t))
+    tokens = out
+print(json.dumps({"rates": rates[1:], "tokens": tokens}))
+"""
+
+
+def requantized(source: str, qtype_name: str, directory: str) -> str:
+    """The file with every 2-D tensor re-quantized to `qtype_name` by the gguf package (metadata copied)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    qtype = GGMLQuantizationType[qtype_name]
+    reader = GGUFReader(source)
+    path = f"{directory}/smollm2-135m-{qtype_name.lower()}.gguf"
+    writer = GGUFWriter(path, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key == "general.file_type":
+            writer.add_file_type({"Q8_0": 7, "Q4_0": 2}[qtype_name])
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(key, field.contents(), vtype, field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).astype(np.float32)
+        if array.ndim == 2:
+            writer.add_tensor(t.name, quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, array, raw_dtype=GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (its own venv)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    args = p.parse_args()
+    import torch
+
+    from mightylm.checkpoint import load_tokenizer, resolve
+    from mightylm.kernels import cpu_flags, kernel_isa
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decode import read_bandwidth_gbs
+
+    threads = torch.get_num_threads()
+    bandwidth = read_bandwidth_gbs()
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    print(f"CPU flags: {' '.join(flags)}; kernel path {kernel_isa()}; {threads} threads; "
+          f"read bandwidth {bandwidth:.1f} GB/s")
+    shipped = str(resolve("smollm2-135m-instruct"))
+    tokenizer = load_tokenizer(shipped)
+    prompt = tokenizer.encode("The history of the printing press begins in the fifteenth century, when a goldsmith "
+                              "in Mainz combined a screw press, oil-based ink and movable metal type")[:32]
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {"Q4_1 (as shipped)": shipped, "Q8_0": requantized(shipped, "Q8_0", scratch),
+                 "Q4_0": requantized(shipped, "Q4_0", scratch)}
+        print(f"{'file':18s} {'MiB':>5s} {'llama.cpp tok/s':>15s} {'mightylm tok/s':>14s} {'ratio':>6s} "
+              f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree")
+        for name, path in files.items():
+            common = [path, str(args.new_tokens), str(args.repeats), json.dumps(prompt)]
+            ours, rss_ours = measure([sys.executable, "-c", OURS, *common])
+            theirs, rss_cpp = (measure([args.llama_python, "-c", LLAMA_CPP, *common, str(threads)])
+                               if args.llama_python else (None, float("nan")))
+            rate = statistics.median(ours["rates"])
+            size = os.path.getsize(path) / 2**20
+            bound = bandwidth * 1e9 / os.path.getsize(path)  # every weight read once per token
+            if theirs is None:
+                print(f"{name:18s} {size:5.0f} {'-':>15s} {rate:14.1f} {'-':>6s} {'-':>7s} {rss_ours:8.0f} {bound:6.0f}")
+                continue
+            cpp = statistics.median(theirs["rates"])
+            agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
+            print(f"{name:18s} {size:5.0f} {cpp:15.1f} {rate:14.1f} {rate / cpp:5.2f}x {rss_cpp:7.0f} {rss_ours:8.0f}"
+                  f" {bound:6.0f}  {agree}/{len(ours['tokens'])}")
+    if not args.llama_python:
+        print("no --llama-python: llama.cpp is not measured in this run")
+
+
+def measure(cmd: list[str]) -> tuple[dict, float]:
+    """Run a worker in a fresh wrapper process, so that the peak RSS read is that worker's alone."""
+    wrapper = ("import json, os, resource, subprocess, sys\n"
+               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "sys.stderr.write(r.stderr)\n"
+               "if r.returncode: sys.exit(r.returncode)\n"
+               "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+               "print(json.dumps({'worker': json.loads(r.stdout.strip().splitlines()[-1]), 'rss': peak}))\n")
+    r = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"{cmd[0]} failed:\n{r.stderr[-2000:]}")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    return result["worker"], result["rss"]
+
+
+if __name__ == "__main__":
+    main()
