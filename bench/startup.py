@@ -5,7 +5,7 @@ extra, never in `make test`), llama.cpp loading the same GGUF file and generatin
 Each figure is the median of --repeats fresh processes, run one after another (never two at once), so the
 OS file cache is warm after the first: this measures our start, not the disk.
 
-    .venv/bin/python bench/startup.py [--repeats 3]
+    .venv/bin/python bench/startup.py [--repeats 3] [--llama-python /tmp/cppvenv/bin/python]
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def median_of(cmd: list[str], repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--llama-python", default=None,
+                   help="a Python with llama-cpp-python installed (its own venv; default: this one, if it has it)")
     args = p.parse_args()
     from mightylm.checkpoint import resolve
     from mightylm.kernels import cpu_flags
@@ -64,13 +66,13 @@ def main() -> None:
         "mighty --help": [*mighty, "--help"],
         "mighty generate, 1 token": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1",
                                      "--temperature", "0"],
-        "... --blocks true": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1", "--temperature",
-                              "0", "--blocks", "true"],
+        "... --blocks false": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1", "--temperature",
+                               "0", "--blocks", "false"],
     }
     results = {name: median_of(cmd, args.repeats) for name, cmd in rows.items()}
-    if importlib.util.find_spec("llama_cpp"):
-        results["llama.cpp load + 1 token"] = median_of([sys.executable, "-c", LLAMA_CPP, gguf, "Hello"],
-                                                        args.repeats)
+    llama_python = args.llama_python or (sys.executable if importlib.util.find_spec("llama_cpp") else None)
+    if llama_python:
+        results["llama.cpp load + 1 token"] = median_of([llama_python, "-c", LLAMA_CPP, gguf, "Hello"], args.repeats)
     else:
         print("llama-cpp-python is not installed: llama.cpp's figure is not measured in this run")
     for name, r in results.items():

@@ -25,7 +25,7 @@ def generate(
     dtype: DType = "float32",
     adapter: str | None = None,
     stats: bool = False,
-    blocks: bool = False,
+    blocks: bool = True,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -46,8 +46,9 @@ def generate(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: Print the prompt's prefill and the decoding speed (tokens/s) to stderr at the end.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection weights as stored (less memory, no dequantizing
-            at start), multiplied by native kernels that read the blocks; other files and types load as usual.
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (a quarter of the
+            memory, a faster start and decode), multiplied by native kernels that read the blocks; false dequantizes
+            them to --dtype at load. Other files and types, and any --dtype but float32, load dequantized.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
@@ -74,7 +75,7 @@ def chat(
     dtype: DType = "float32",
     adapter: str | None = None,
     stats: bool = False,
-    blocks: bool = False,
+    blocks: bool = True,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -93,7 +94,8 @@ def chat(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection weights as stored (see `mighty generate --help`).
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (see
+            `mighty generate --help`); false dequantizes them at load.
     """
     from mightylm.errors import UsageError
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text

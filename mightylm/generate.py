@@ -286,7 +286,8 @@ def held_back(text: str, stops) -> int:
 
 def load_for_generation(model: str, dtype: str = "float32", adapter: str | None = None, log=None,
                         keep_blocks: bool = False):
-    """(model, tokenizer) for `mighty generate|chat|eval`: loaded (a tokenizer required), the adapter
+    """(model, tokenizer) for `mighty generate|chat|eval`: loaded (a tokenizer required; a GGUF file's blocks kept
+    as stored with `keep_blocks` when the dtype is float32, the one the block kernels compute in), the adapter
     applied unmerged, then the decode layout (fuse.fuse_projections_: same outputs, faster batch-1
     decoding). Progress lines go to `log`."""
     from mightylm.checkpoint import load
@@ -295,7 +296,7 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
     log = log or sys.stderr  # looked up now: a default bound at import would keep a replaced stream
     t0 = time.perf_counter()
     print(f"loading {model} ...", file=log, flush=True)
-    loaded, tokenizer = load(model, dtype=dtype, need_tokenizer=True, keep_blocks=keep_blocks)
+    loaded, tokenizer = load(model, dtype=dtype, need_tokenizer=True, keep_blocks=keep_blocks and dtype == "float32")
     if adapter:
         from mightylm.adapters import load_adapter
 

@@ -371,7 +371,7 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     the dequantized float32 model within float32 rounding, in prefill, in single-token decoding and through the
     fused native block."""
     from mightylm.checkpoint import CheckpointError
-    from mightylm.compress.gguf_blocks import GGUFLinear
+    from mightylm.compress.gguf_blocks import KERNEL_ROWS, GGUFLinear
     from mightylm.fuse import fuse_projections_
 
     hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
@@ -385,7 +385,8 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     assert sum(m.weight.numel() for m in modules) == sum(m.in_features // 32 * per_block * m.out_features
                                                          for m in modules)
     idx = torch.randint(0, dense.config.vocab_size, (2, 12))
-    long_idx = torch.randint(0, dense.config.vocab_size, (2, 40))  # 80 rows: past KERNEL_ROWS, dequantized
+    long_idx = torch.randint(0, dense.config.vocab_size, (2, 80))  # 160 rows: past KERNEL_ROWS, dequantized
+    assert long_idx.numel() > KERNEL_ROWS
 
     def decode(model, steps=6):
         cache = model.make_cache(1, 4 + steps)
@@ -424,3 +425,58 @@ def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     kept, _ = load_for_generation(str(tmp_path / "m.gguf"), adapter=str(tmp_path / "lora"), keep_blocks=True)
     with torch.no_grad():
         torch.testing.assert_close(kept(idx), dense(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
+    """`mighty serve` keeps a GGUF file's blocks by default: a batch of requests, with and without a LoRA
+    adapter, is decoded by the block kernels several rows at a time, and every request gets the tokens the
+    dequantized model gives it alone."""
+    import threading
+
+    from mightylm.adapters.lora import apply_lora, save_lora
+    from mightylm.compress.gguf_blocks import GGUFLinear
+    from mightylm.generate import Sampling, generate
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine, Sequence
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q4_1)
+    dense, _ = mightylm.load(tmp_path / "m.gguf")
+    lora = dense.__class__(dense.config)
+    lora.load_state_dict(dense.state_dict())
+    apply_lora(lora, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_lora(lora, tmp_path / "lora", base_model=str(tmp_path / "m.gguf"))
+    kept, tokenizer = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    assert isinstance(kept.lm_head, GGUFLinear)
+    bank = AdapterBank(kept.eval())
+    bank.add("lora", tmp_path / "lora")
+    prompts = [tokenizer.encode(text) for text in ("To be", "The quick brown fox", "whether 'tis nobler")]
+    jobs = [(p, adapter) for p in prompts for adapter in (None, "lora")]
+    got, finished, done = [None] * len(jobs), set(), threading.Event()
+
+    def emit_for(i):
+        def emit(ev):
+            if ev["type"] == "done":
+                finished.add(i)
+                if len(finished) == len(jobs):
+                    done.set()
+        return emit
+
+    engine = Engine(kept, tokenizer, bank, max_batch=8, max_len=64)
+    seqs = [Sequence(p, Sampling(max_new_tokens=8), emit_for(i), adapter=bank.ids.get(a, 0))
+            for i, (p, a) in enumerate(jobs)]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    for seq, (p, adapter) in zip(seqs, jobs):
+        reference = lora if adapter else dense
+        with torch.no_grad():
+            assert seq.generated == generate(reference, [p], Sampling(max_new_tokens=8))[0], adapter

@@ -1,8 +1,8 @@
 """Per-request adapters for serving: many LoRA adapters and soft prompts over one base model, in one
 batch, without merging anything into the weights.
 
-- LoRA: every linear layer some adapter targets becomes a `MultiLoRALinear` (a module transform,
-  like `apply_lora`): the base product for every row, plus, for each adapter present in the batch,
+- LoRA: every linear layer some adapter targets (a plain nn.Linear, or a GGUF file's blocks kept as stored) is
+  wrapped in a `MultiLoRALinear` (a module transform, like `apply_lora`): the base layer's product for every row, plus, for each adapter present in the batch,
   ((x A_i^T) * m_i) (s_i B_i)^T, where the row mask m_i is 1 on that adapter's rows and 0 elsewhere
   (at LoRA ranks the product for every row costs less than gathering and scattering rows). The
   masks are made once per forward (`AdapterBank.set_rows`), not in each of the hundreds of layers.
@@ -21,19 +21,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.adapters import KINDS, AdapterError, kind_of, read_adapter_config, warn_if_other_base
+from mightylm.compress.gguf_blocks import GGUFLinear
 
 
-class MultiLoRALinear(nn.Linear):
-    """nn.Linear (the base's own tensors) + any number of LoRA adapters chosen per row."""
+class MultiLoRALinear(nn.Module):
+    """A base linear layer (nn.Linear, or GGUFLinear's kept blocks) + any number of LoRA adapters chosen per row."""
 
-    def __init__(self, base: nn.Linear, bank: "AdapterBank"):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias
+    def __init__(self, base: nn.Module, bank: "AdapterBank"):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.bank = bank
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter id -> (A, scale * B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         for i, mask in self.bank.present.items():
             pair = self.pairs.get(i)
             if pair is None:
@@ -92,9 +94,9 @@ class AdapterBank:
             modules = dict(self.model.named_modules())
             for module_name in pairs:
                 module = modules[module_name]
-                if not isinstance(module, MultiLoRALinear) and type(module) is not nn.Linear:
+                if not isinstance(module, (MultiLoRALinear, GGUFLinear)) and type(module) is not nn.Linear:
                     raise AdapterError(f"{path}: {module_name} is a {type(module).__name__}; per-request LoRA "
-                                       "needs a plain linear base layer")
+                                       "needs a plain linear base layer (or a GGUF file's kept blocks)")
             scaling = lora_scaling(cfg)
             return {"name": name, "kind": "lora", "pairs": {m: (p["lora_A"].to(dtype), (p["lora_B"] * scaling).to(dtype))
                                                           for m, p in pairs.items()}}

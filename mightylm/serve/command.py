@@ -25,6 +25,7 @@ def serve(
     max_len: PositiveInt = 2048,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     drain_timeout: PositiveFloat = 10.0,
+    blocks: bool = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -50,6 +51,8 @@ def serve(
         max_len: Tokens per sequence (prompt + completion), at most the model's context.
         dtype: Weight and activation precision (float32, bfloat16, float16).
         drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (float32 only), one
+            kernel call per projection for the whole batch; false dequantizes them at load.
     """
     import os
     import signal
@@ -74,7 +77,7 @@ def serve(
             raise UsageError(f"--api-key-file {api_key_file}: holds no key (one per line)")
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True)
+    net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")
     bank = AdapterBank(net.eval())
     for spec in adapter or []:
         adapter_name, eq, path = spec.partition("=")
