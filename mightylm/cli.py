@@ -232,6 +232,44 @@ def quantize(
           f"({before / after:.2f}x smaller); outputs on a probe text: {done['change']}; wrote {target}")
 
 
+def upcycle(model: str, out: str, experts: PositiveInt = 8, top_k: PositiveInt = 2, overwrite: bool = False) -> None:
+    """Turn a dense model into a sparse mixture of experts (sparse upcycling, Komatsuzaki et al. 2023).
+
+    Every feed-forward becomes --experts copies of itself behind a fresh router that sends each token to --top-k
+    of them, with the chosen weights renormalised: the written model computes what the dense one did (same
+    logits) until it is trained, e.g. with `mighty finetune full --model DIR` (the router losses are added to
+    the loss while training: per-layer balancing, and the experts' utilisation is logged).
+    A Llama or Mistral model is written as Mixtral, a Qwen2 model as Qwen2-MoE, which transformers loads.
+
+    Args:
+        model: A dense Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        out: The directory to write: a new or empty one (written under a temporary name and renamed when complete).
+        experts: Experts per layer (each a copy of the dense feed-forward: the feed-forward weights grow this much).
+        top_k: Experts each token is sent to (at most --experts).
+        overwrite: Replace --out if it already holds something (never when it is the model).
+    """
+    import mightylm
+    from mightylm.errors import UsageError
+    from mightylm.model import MLP
+    from mightylm.moe import upcycle_
+    from mightylm.outputs import check_output, written_into
+
+    if top_k > experts:
+        raise UsageError(f"--top_k {top_k} is more than --experts {experts}: each token can go to at most every expert")
+    target = check_output(out, inputs=[model], overwrite=overwrite)
+    net, tokenizer = mightylm.load(model)
+    dense = net.config.n_params
+    try:
+        upcycle_(net, n_experts=experts, top_k=top_k, expert=MLP)
+    except ValueError as e:
+        raise UsageError(f"{model}: {e}") from None
+    with written_into(target) as tmp:
+        mightylm.save(net, tokenizer, tmp)
+    c = net.config
+    print(f"{c.arch}: {c.n_layers} layers x {experts} experts, top-{top_k}; {dense / 1e6:.0f}M -> "
+          f"{c.n_params / 1e6:.0f}M parameters, {c.active_params / 1e6:.0f}M active per token; wrote {target}")
+
+
 def report(run_dir: str) -> None:
     """Write report.png and report.md for a training run directory and print the summary.
 
@@ -297,7 +335,7 @@ def _verbs() -> dict:
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
                          "humaneval, arithmetic, corr2cause, choice, emergence.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
-            "quantize": quantize, "report": report, "eval": evaluate, "serve": serve, "env": env}
+            "quantize": quantize, "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env}
 
 
 def _group_fields(verb) -> dict[str, str]:

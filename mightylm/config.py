@@ -2,7 +2,8 @@
 
 A `ModelConfig` holds only architectural facts. Branches in `model.py` exist for exactly the axes
 named here: grouped-query attention (`n_kv_heads`), tied embeddings, RoPE scaling, q/k/v bias
-(Qwen2) and sliding-window attention (Mistral).
+(Qwen2), sliding-window attention (Mistral), q/k RMSNorm and q/k/v clipping (OLMoE), and sparse
+mixture-of-experts feed-forwards (`n_experts` > 0: Mixtral, Qwen2-MoE, OLMoE; see moe.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from mightylm.errors import MightyError, UsageError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "olmoe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe")
 ROPE_SCALING_TYPES = (None, "linear", "llama3")
 
 
@@ -41,6 +43,18 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 adds a bias to q, k and v projections
     sliding_window: int | None = None  # Mistral: attend to at most this many previous positions
     max_seq_len: int = 4096
+    # OLMoE: RMSNorm over the whole q and k projections (before the heads split), and q/k/v clamped to +-clip_qkv
+    qk_norm: bool = False
+    clip_qkv: float | None = None
+    # Sparse mixture of experts (moe.py): n_experts > 0 makes the feed-forward of the sparse layers a router over
+    # that many SwiGLU experts of expert_ffn_dim (None: ffn_dim), each token sent to experts_per_token of them.
+    n_experts: int = 0
+    experts_per_token: int = 2
+    expert_ffn_dim: int | None = None
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1 (Mixtral yes, Qwen2-MoE/OLMoE no)
+    shared_expert_ffn_dim: int | None = None  # Qwen2-MoE: an always-on expert of this size behind a sigmoid gate
+    decoder_sparse_step: int = 1  # Qwen2-MoE: layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
 
     def __post_init__(self):
         sizes = ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len")
@@ -66,7 +80,29 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("type")
         if rope_type not in ROPE_SCALING_TYPES:
             raise ConfigError(f"unsupported rope scaling {rope_type!r}; supported: none, linear, llama3")
+        self.mlp_only_layers = tuple(self.mlp_only_layers)
+        if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 0 \
+                or self.n_experts == 1:
+            raise ConfigError(f"n_experts must be 0 (a dense model) or at least 2, got {self.n_experts!r}")
+        if self.n_experts:
+            if not 1 <= self.experts_per_token <= self.n_experts:
+                raise ConfigError(f"experts_per_token (top-k) must be between 1 and n_experts={self.n_experts}, "
+                                  f"got {self.experts_per_token}")
+            if self.decoder_sparse_step < 1:
+                raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        elif self.arch in MOE_MODEL_TYPES:
+            raise ConfigError(f"a {self.arch} model needs n_experts >= 2")
 
+    def sparse_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` has a mixture-of-experts feed-forward (Qwen2-MoE's rule; every layer for
+        Mixtral and OLMoE)."""
+        return (self.n_experts > 0 and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token passes through (the chosen experts only), counting a tied embedding once."""
+        return self._count(active=True)
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
@@ -78,12 +114,26 @@ class ModelConfig:
     @property
     def n_params(self) -> int:
         """Parameter count, counting a tied embedding once."""
+        return self._count(active=False)
+
+    def _count(self, active: bool) -> int:
         attn = self.dim * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
         if self.qkv_bias:
             attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
-        layer = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        if self.qk_norm:
+            attn += self.head_dim * (self.n_heads + self.n_kv_heads)
+        total = 0
+        for i in range(self.n_layers):
+            if self.sparse_layer(i):
+                experts = self.experts_per_token if active else self.n_experts
+                ffn = experts * 3 * self.dim * (self.expert_ffn_dim or self.ffn_dim) + self.n_experts * self.dim
+                if self.shared_expert_ffn_dim:
+                    ffn += 3 * self.dim * self.shared_expert_ffn_dim + self.dim
+            else:
+                ffn = 3 * self.dim * self.ffn_dim
+            total += attn + ffn + 2 * self.dim
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + self.n_layers * layer + self.dim + head
+        return self.vocab_size * self.dim + total + self.dim + head
 
     # ---- Hugging Face config.json ----
 
@@ -114,9 +164,10 @@ class ModelConfig:
         try:
             rope_scaling = _rope_scaling_from_hf(hf)
             sliding = hf.get("sliding_window")
-            if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            if model_type in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
                 sliding = None
             return cls(
+                **_moe_from_hf(model_type, hf),
                 arch=model_type,
                 vocab_size=hf["vocab_size"],
                 dim=hf["hidden_size"],
@@ -129,7 +180,8 @@ class ModelConfig:
                 rope_theta=_rope_theta_from_hf(hf),
                 rope_scaling=rope_scaling,
                 tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
-                qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                qkv_bias=(model_type == "qwen2" or bool(hf.get("attention_bias", False))
+                          or (model_type == "qwen2_moe" and hf.get("qkv_bias", True))),
                 sliding_window=sliding,
                 max_seq_len=hf.get("max_position_embeddings", 4096),
             )
@@ -165,13 +217,44 @@ class ModelConfig:
             hf["mlp_bias"] = False
         if self.arch == "mistral":
             hf["sliding_window"] = self.sliding_window
-        if self.arch == "qwen2":
+        if self.arch in ("qwen2", "qwen2_moe"):
             hf["use_sliding_window"] = self.sliding_window is not None
             hf["sliding_window"] = self.sliding_window
+        if self.arch == "mixtral":
+            hf.update(sliding_window=self.sliding_window, num_local_experts=self.n_experts,
+                      num_experts_per_tok=self.experts_per_token, intermediate_size=self.expert_ffn_dim or self.ffn_dim)
+        if self.arch == "qwen2_moe":
+            hf.update(num_experts=self.n_experts, num_experts_per_tok=self.experts_per_token,
+                      moe_intermediate_size=self.expert_ffn_dim or self.ffn_dim, norm_topk_prob=self.norm_topk_prob,
+                      shared_expert_intermediate_size=self.shared_expert_ffn_dim or 0,
+                      decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
+                      qkv_bias=self.qkv_bias)
+        if self.arch == "olmoe":
+            hf.update(num_experts=self.n_experts, num_experts_per_tok=self.experts_per_token,
+                      intermediate_size=self.expert_ffn_dim or self.ffn_dim, norm_topk_prob=self.norm_topk_prob,
+                      clip_qkv=self.clip_qkv, attention_bias=self.qkv_bias)
         return hf
 
 
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+
+
+def _moe_from_hf(model_type: str, hf: dict) -> dict:
+    """The mixture-of-experts fields of a Mixtral, Qwen2-MoE or OLMoE config.json (empty for dense types)."""
+    if model_type == "mixtral":
+        return dict(n_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
+                    norm_topk_prob=True)
+    if model_type == "qwen2_moe":
+        shared = hf.get("shared_expert_intermediate_size") or None
+        return dict(n_experts=hf.get("num_experts", 60), experts_per_token=hf.get("num_experts_per_tok", 4),
+                    expert_ffn_dim=hf.get("moe_intermediate_size", 1408), norm_topk_prob=hf.get("norm_topk_prob", False),
+                    shared_expert_ffn_dim=shared, decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                    mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()))
+    if model_type == "olmoe":
+        return dict(n_experts=hf.get("num_experts", 64), experts_per_token=hf.get("num_experts_per_tok", 8),
+                    norm_topk_prob=hf.get("norm_topk_prob", False), qk_norm=True, clip_qkv=hf.get("clip_qkv"))
+    return {}
 
 
 def _rope_theta_from_hf(hf: dict) -> float:
@@ -239,6 +322,22 @@ PRESETS: dict[str, ModelConfig] = {
     "mistral-7b": ModelConfig(
         arch="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
         sliding_window=4096, max_seq_len=32768,
+    ),
+    # Mixture-of-experts shapes: the real ones for size and memory estimates, a tiny one for tests.
+    "tiny-moe": ModelConfig(arch="mixtral", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                            max_seq_len=256, n_experts=4, experts_per_token=2),
+    "mixtral-8x7b": ModelConfig(
+        arch="mixtral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        rope_theta=1e6, max_seq_len=32768, n_experts=8, experts_per_token=2,
+    ),
+    "qwen1.5-moe-a2.7b": ModelConfig(
+        arch="qwen2_moe", vocab_size=151936, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5632,
+        rope_theta=1e6, qkv_bias=True, max_seq_len=8192, n_experts=60, experts_per_token=4, expert_ffn_dim=1408,
+        norm_topk_prob=False, shared_expert_ffn_dim=5632,
+    ),
+    "olmoe-1b-7b": ModelConfig(
+        arch="olmoe", vocab_size=50304, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=1024,
+        max_seq_len=4096, qk_norm=True, n_experts=64, experts_per_token=8, norm_topk_prob=False,
     ),
 }
 

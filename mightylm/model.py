@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2) in one file.
+"""The Llama-family decoder (Llama, Mistral, Qwen2; Mixtral, Qwen2-MoE and OLMoE with moe.py) in one file.
 
 RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU, repeated, then a final norm and
 the LM head. Module names follow Hugging Face's leaf names (`q_proj`, `gate_proj`, ...) so that the
@@ -13,7 +13,12 @@ Seams for later techniques:
   every sequence (prompt tuning, P-tuning). The model places them after each row's left padding,
   shifts cache slots by P, and returns logits for the real tokens only, so callers never see them.
 - `Attention.attend(q, k, v, mask)`: the one method an attention adapter wraps.
-- `Block.mlp` is built by `make_mlp(config, layer_idx)`: the mixture-of-experts feed-forward plugs in there.
+- `Block.mlp` is built by `make_mlp(config, layer_idx)`: the mixture-of-experts feed-forward (moe.MoE) plugs in
+  there for the sparse layers of a config with `n_experts`.
+- Architecture axes of the config enter as follows: `n_kv_heads` (grouped-query attention in `attend`),
+  `qkv_bias` (the q/k/v Linear biases), `qk_norm` and `clip_qkv` (OLMoE: `Attention.forward` before the heads
+  split), `sliding_window` (the mask), `rope_scaling` (ROPE_SCALINGS), `tie_embeddings` (the head shares the
+  table), `n_experts` and friends (`make_mlp`).
 - RoPE scalings are a table, `ROPE_SCALINGS`; initialisation finds residual projections by leaf name.
 - The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
 - `Block.fused_decode`: a callable the decode layout (fuse.py) sets to run a whole block natively for
@@ -21,7 +26,8 @@ Seams for later techniques:
 - `Transformer.loss` (and `forward(idx, labels=...)`) computes the training loss through
   `linear_cross_entropy`, which never holds the (B*T, vocab) logits at once.
 
-This file imports only torch and `mightylm.config`.
+This file imports only torch, `mightylm.config` and `mightylm.moe` (which imports neither it nor anything else of
+ours: it is handed the expert class).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.config import ModelConfig
+from mightylm.moe import MoE
 
 IGNORE_INDEX = -100  # label of positions that are not scored (PyTorch's and Hugging Face's convention)
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")  # leaf names of the layers that write into the residual stream
@@ -135,6 +142,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        if config.qk_norm:  # OLMoE: over the whole projections, before the heads split
+            self.q_norm = RMSNorm(config.n_heads * config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.n_kv_heads * config.head_dim, config.norm_eps)
+        self.clip_qkv = config.clip_qkv
         self.fused_qkv = None  # a callable x -> cat(q, k, v), set by fuse.fuse_projections_
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
@@ -144,6 +155,10 @@ class Attention(nn.Module):
                 [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -208,13 +223,15 @@ class DocumentMask:
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)); `ffn_dim` (default config.ffn_dim) wide,
+    which the experts of a mixture set to their own size."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ffn_dim: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        ffn_dim = ffn_dim or config.ffn_dim
+        self.gate_proj = nn.Linear(config.dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, config.dim, bias=False)
         self.fused_gate_up = None  # a callable x -> cat(gate, up), set by fuse.fuse_projections_
 
     def forward(self, x):
@@ -226,8 +243,10 @@ class MLP(nn.Module):
 
 
 def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
-    """The feed-forward of block `layer_idx`; the mixture-of-experts work adds its branch here (MoE models
-    may keep some blocks dense, hence the index)."""
+    """The feed-forward of block `layer_idx`: a mixture of SwiGLU experts in the sparse layers of a
+    mixture-of-experts config (moe.py; Qwen2-MoE keeps some layers dense, hence the index), else one SwiGLU."""
+    if config.sparse_layer(layer_idx):
+        return MoE(config, MLP)
     return MLP(config)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mightylm import adapters
+from mightylm import adapters, moe
 from mightylm.config import TrainConfig  # noqa: F401  (re-exported: mightylm.train.TrainConfig)
 from mightylm.data.loader import IGNORE, Loader
 from mightylm.errors import MightyError
@@ -52,14 +52,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def cross_entropy(model, batch: dict) -> torch.Tensor:
+def cross_entropy(model, batch: dict) -> torch.Tensor | tuple[torch.Tensor, dict]:
     """Mean next-token loss over labelled positions (labels are already shifted by the data).
 
     The model computes it (`labels=`), so the full logits are never held (model.linear_cross_entropy). Packed
-    rows carry `documents`, so that attention stays within each packed conversation."""
+    rows carry `documents`, so that attention stays within each packed conversation. A model with experts adds,
+    while training, its router losses (moe.router_losses: per-layer balancing by default) and logs them with the
+    experts' lowest and highest utilisation."""
     if "documents" in batch:
-        return model(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
-    return model(batch["input_ids"], labels=batch["labels"])
+        loss = model(batch["input_ids"], labels=batch["labels"], documents=batch["documents"])
+    else:
+        loss = model(batch["input_ids"], labels=batch["labels"])
+    if model.training and moe.moe_layers(model):
+        extra, parts = moe.router_losses(model)
+        return loss + extra, {"ce": float(loss.detach()), **parts}
+    return loss
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -57,6 +57,26 @@ HF_CONFIGS = {
         model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=512,
     ),
+    # mixtral: 4 experts, top-2 renormalised, untied head
+    "mixtral": dict(
+        model_type="mixtral", hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+        max_position_embeddings=512,
+    ),
+    # qwen2_moe: layer 0 dense (decoder_sparse_step 2), layer 1 sparse with a gated shared expert, top-2 not
+    # renormalised, q/k/v bias
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=False, tie_word_embeddings=False,
+        max_position_embeddings=512,
+    ),
+    # olmoe: q/k RMSNorm over the whole projections, 4 experts top-2 not renormalised
+    "olmoe": dict(
+        model_type="olmoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=False,
+        max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    ),
 }
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.adapters.files import AdapterError, read_adapter, read_adapter_config
-from mightylm.checkpoint import HF_TO_OURS, OURS_TO_HF, rename
+from mightylm.checkpoint import hf_to_ours, ours_to_hf, rename
 
 PEFT_PREFIX = "base_model.model."
 
@@ -164,8 +164,8 @@ def _dropout(m: LoRALinear) -> float:
     return m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
 
 
-def _hf_module(name: str) -> str:
-    hf = rename(name + ".weight", OURS_TO_HF)
+def _hf_module(name: str, arch: str) -> str:
+    hf = rename(name + ".weight", ours_to_hf(arch))
     if hf is None:
         raise AdapterError(f"module {name} has no Hugging Face name")
     return hf.removesuffix(".weight")
@@ -187,7 +187,7 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in modules.items():
-        hf = PEFT_PREFIX + _hf_module(name)
+        hf = PEFT_PREFIX + _hf_module(name, model.config.arch)
         tensors[f"{hf}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
         tensors[f"{hf}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -217,7 +217,7 @@ def read_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> tu
     for key, tensor in tensors.items():
         module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         which = "lora_" + which.replace(".default", "").split(".")[0]
-        name = rename(module + ".weight", HF_TO_OURS)
+        name = rename(module + ".weight", hf_to_ours(model.config.arch))
         if name is None:
             raise AdapterError(f"{weights_file}: tensor {key!r} names no module of a {model.config.arch} model")
         name = name.removesuffix(".weight")

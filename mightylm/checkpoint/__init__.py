@@ -23,10 +23,12 @@ from mightylm.checkpoint.assets import CHUNKED, EMBEDDED, Chunked, assemble, cac
 from mightylm.checkpoint.build import PICKLE_SUFFIXES, CheckpointError, refuse_pickle
 from mightylm.checkpoint.gguf import gguf_config, gguf_metadata, gguf_tokenizer, load_gguf
 from mightylm.checkpoint.hf import load_hf, save
-from mightylm.checkpoint.names import GGUF_TO_OURS, HF_TO_OURS, OURS_TO_HF, rename, unpermute_qk
+from mightylm.checkpoint.names import (GGUF_TO_OURS, HF_TO_OURS, OURS_TO_HF, hf_to_ours, ours_to_hf, rename,
+                                       unpermute_qk)
 from mightylm.tokenizer import Tokenizer, TokenizerError
 
 __all__ = ["CHUNKED", "EMBEDDED", "GGUF_TO_OURS", "HF_TO_OURS", "OURS_TO_HF", "PICKLE_SUFFIXES", "CheckpointError",
+           "hf_to_ours", "ours_to_hf",
            "Chunked", "assemble", "cache_dir", "gguf_config", "load", "load_gguf", "load_hf", "load_tokenizer", "rename",
            "resolve", "save", "unpermute_qk"]
 

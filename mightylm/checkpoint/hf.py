@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mightylm.checkpoint.build import CheckpointError, assign, build, refuse_pickle, replay
-from mightylm.checkpoint.names import HF_TO_OURS, OURS_TO_HF, rename, rename_quantized
+from mightylm.checkpoint.names import hf_to_ours, ours_to_hf, rename, rename_quantized, split_fused_experts
 from mightylm.config import ConfigError, ModelConfig
 from mightylm.model import Transformer
 from mightylm.tokenizer import Tokenizer
@@ -24,10 +24,10 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
     files = _safetensors_files(path)
     model = build(config)
     replay(model, _transforms_record(files[0]), files[0])  # e.g. quantized modules, before their tensors go in
-    state = {}
+    state, names = {}, hf_to_ours(config.arch)
     for file in files:
-        for name, tensor in _read_safetensors(file).items():
-            ours = rename_quantized(name, HF_TO_OURS)
+        for name, tensor in (pair for item in _read_safetensors(file).items() for pair in split_fused_experts(*item)):
+            ours = rename_quantized(name, names)
             if ours is None:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # a derived buffer some older checkpoints store
@@ -100,11 +100,11 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
                               "inference); load the file without it to save, merge or train")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors, names = {}, ours_to_hf(model.config.arch)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.head_shares_embedding:
             continue
-        hf = rename_quantized(name, OURS_TO_HF)
+        hf = rename_quantized(name, names)
         if hf is None:
             raise CheckpointError(f"cannot save {name!r}: it has no Hugging Face name (merge or strip adapters first)")
         tensors[hf] = tensor.detach().contiguous().cpu()
@@ -116,7 +116,7 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path / "model.safetensors")
     config = model.config.to_hf()
-    config["torch_dtype"] = str(tensors[rename("embed.weight", OURS_TO_HF)].dtype).removeprefix("torch.")
+    config["torch_dtype"] = str(tensors[rename("embed.weight", names)].dtype).removeprefix("torch.")
     if record:
         config["mightylm_quantization"] = {k: v for k, v in record.items() if k != "modules"}
     generation = {}

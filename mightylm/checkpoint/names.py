@@ -1,6 +1,7 @@
 """Checkpoint names as data: Hugging Face's and llama.cpp's tensor names -> ours, with named placeholders
-(`{layer}`; the mixture-of-experts work adds `{expert}`), and the per-key transforms some formats need
-(llama.cpp's q/k row permutation). `rename` maps one name through any of these dicts, either way.
+(`{layer}`, `{expert}`), and the per-key transforms some formats need (llama.cpp's q/k row permutation).
+`rename` maps one name through any of these dicts, either way; `hf_to_ours(arch)` / `ours_to_hf(arch)` are the
+maps of one family (Mixtral names its experts differently from Qwen2-MoE and OLMoE).
 """
 
 from __future__ import annotations
@@ -23,9 +24,58 @@ HF_TO_OURS = {
     "model.layers.{layer}.mlp.down_proj.weight": "layers.{layer}.mlp.down_proj.weight",
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
+    # mixture of experts as Qwen2-MoE and OLMoE name it (and OLMoE's q/k norms)
+    "model.layers.{layer}.mlp.gate.weight": "layers.{layer}.mlp.gate.weight",
+    "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight": "layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+    "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight": "layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+    "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight": "layers.{layer}.mlp.experts.{expert}.down_proj.weight",
+    "model.layers.{layer}.mlp.shared_expert.gate_proj.weight": "layers.{layer}.mlp.shared_expert.gate_proj.weight",
+    "model.layers.{layer}.mlp.shared_expert.up_proj.weight": "layers.{layer}.mlp.shared_expert.up_proj.weight",
+    "model.layers.{layer}.mlp.shared_expert.down_proj.weight": "layers.{layer}.mlp.shared_expert.down_proj.weight",
+    "model.layers.{layer}.mlp.shared_expert_gate.weight": "layers.{layer}.mlp.shared_expert_gate.weight",
+    "model.layers.{layer}.self_attn.q_norm.weight": "layers.{layer}.attn.q_norm.weight",
+    "model.layers.{layer}.self_attn.k_norm.weight": "layers.{layer}.attn.k_norm.weight",
+}
+
+# Mixtral's own names for the same tensors (w1 = gate, w3 = up, w2 = down)
+MIXTRAL_HF_TO_OURS = {
+    "model.layers.{layer}.block_sparse_moe.gate.weight": "layers.{layer}.mlp.gate.weight",
+    "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight": "layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+    "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight": "layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+    "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight": "layers.{layer}.mlp.experts.{expert}.down_proj.weight",
 }
 
 OURS_TO_HF = {v: k for k, v in HF_TO_OURS.items()}
+
+
+def hf_to_ours(arch: str) -> dict[str, str]:
+    """HF name -> ours for the `arch` family (Mixtral reads its own names and the others')."""
+    return {**HF_TO_OURS, **MIXTRAL_HF_TO_OURS} if arch == "mixtral" else HF_TO_OURS
+
+
+def ours_to_hf(arch: str) -> dict[str, str]:
+    """Ours -> the HF name the `arch` family's transformers class loads."""
+    if arch == "mixtral":
+        return {**OURS_TO_HF, **{v: k for k, v in MIXTRAL_HF_TO_OURS.items()}}
+    return OURS_TO_HF
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*\.(?:mlp|block_sparse_moe)\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def split_fused_experts(name: str, tensor):
+    """transformers 5 keeps a layer's experts as 3-D parameters (`experts.gate_up_proj` (E, 2 I, dim) and
+    `experts.down_proj` (E, dim, I)); a checkpoint saved that way is split here into the per-expert tensors
+    (`experts.{e}.gate_proj.weight`, ...) every other layout uses. Other names pass through unchanged."""
+    match = _FUSED_EXPERTS.match(name)
+    if match is None:
+        return [(name, tensor)]
+    prefix, kind = match.groups()
+    if kind == "down_proj":
+        return [(f"{prefix}.{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
+    gate, up = tensor.chunk(2, dim=1)
+    return [pair for e in range(tensor.shape[0])
+            for pair in ((f"{prefix}.{e}.gate_proj.weight", gate[e]), (f"{prefix}.{e}.up_proj.weight", up[e]))]
 
 GGUF_TO_OURS = {
     "token_embd.weight": "embed.weight",
