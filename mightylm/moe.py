@@ -63,14 +63,22 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         logits, chosen, weights = self.route(flat)
         self.router_logits = logits
-        out = torch.zeros_like(flat)
-        for e in torch.unique(chosen).tolist():  # only the experts some token chose run, on their tokens
-            token, slot = torch.where(chosen == e)
-            y = self.experts[e](flat[token]) * weights[token, slot, None]
-            out = out.index_add(0, token, y.to(out.dtype))
+        if flat.shape[0] == 1:  # one token (batch-1 decoding): its k experts, no grouping needed
+            out = sum(self.experts[e](flat) * w for e, w in zip(chosen[0].tolist(), weights[0]))
+        else:
+            out = self._grouped(flat, chosen, weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view(shape)
+
+    def _grouped(self, flat, chosen, weights):
+        """Tokens grouped by expert: each chosen expert runs once, on exactly the tokens that chose it."""
+        out = torch.zeros_like(flat)
+        for e in torch.unique(chosen).tolist():
+            token, slot = torch.where(chosen == e)
+            y = self.experts[e](flat[token]) * weights[token, slot, None]
+            out = out.index_add(0, token, y.to(out.dtype))
+        return out
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -135,6 +143,33 @@ def z_loss(logits: list[torch.Tensor], mask: torch.Tensor | None = None) -> torc
     return torch.stack(losses).mean()
 
 
+WATCH_STEPS = 50  # a dead or dominant expert is reported once it has been so for this many training steps
+
+
+def _watch(layers: list[MoE], util: torch.Tensor) -> None:
+    """Warn (once per kind and layer) when an expert has had no tokens, or one expert has taken more than half of
+    a layer's routings, for WATCH_STEPS steps in a row; and when top-1 routing renormalises its one weight to 1.0,
+    which leaves the router without any gradient."""
+    import warnings
+
+    for i, (layer, row) in enumerate(zip(layers, util)):
+        if layer.top_k == 1 and layer.norm_topk_prob:
+            warnings.warn("mightylm: top-1 routing with renormalised weights gives every token weight 1.0, so the "
+                          "router gets no gradient from the language-model loss (only from the balancing loss); "
+                          "use top-k >= 2 or norm_topk_prob=False", stacklevel=3)
+        streak = getattr(layer, "_streak", None)
+        if streak is None or streak.shape != (2, row.numel()):
+            streak = layer._streak = torch.zeros(2, row.numel(), dtype=torch.long)
+        dead, dominant = (row == 0).cpu(), (row > row.numel() / 2).cpu()
+        streak[0] = (streak[0] + 1) * dead
+        streak[1] = (streak[1] + 1) * dominant
+        for kind, what in ((0, "received no tokens"), (1, "took over half of the layer's routings (router collapse)")):
+            experts = (streak[kind] == WATCH_STEPS).nonzero().flatten().tolist()
+            if experts:
+                warnings.warn(f"mightylm: MoE layer {i}: expert(s) {experts} {what} for {WATCH_STEPS} training steps "
+                              "in a row; raise the balancing coefficient or check the learning rate", stacklevel=3)
+
+
 @torch.no_grad()
 def usage(logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(layers, E) utilisation: each expert's share of the layer's routings over the fair share 1/E (1.0 fair,
@@ -168,6 +203,7 @@ def router_losses(model: nn.Module, balance: str = "per_layer", aux_coef: float 
     z = z_loss(logits, mask)
     util = usage(logits, top_k, mask)
     extra = aux_coef * aux + z_coef * z
+    _watch(moe_layers(model), util)
     return extra, {"moe_balance": float(aux.detach()), "moe_z": float(z.detach()), "moe_util_min": float(util.min()),
                    "moe_util_max": float(util.max())}
 

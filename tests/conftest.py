@@ -68,7 +68,7 @@ HF_CONFIGS = {
     "qwen2_moe": dict(
         model_type="qwen2_moe", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=False, tie_word_embeddings=False,
+        shared_expert_intermediate_size=64, decoder_sparse_step=2, norm_topk_prob=False, tie_word_embeddings=False,
         max_position_embeddings=512,
     ),
     # olmoe: q/k RMSNorm over the whole projections, 4 experts top-2 not renormalised

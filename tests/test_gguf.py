@@ -30,7 +30,15 @@ HF_TO_GGUF = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe"}  # llama.cpp's names where they differ from HF's
 
 
 def gguf_name(name: str) -> str:
@@ -67,7 +75,7 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
     through that quantization, i.e. what a correct loader must reproduce exactly."""
     c = hf.config
     arch = c.model_type
-    w = GGUFWriter(str(path), arch)
+    w = GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -77,6 +85,15 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
     w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_weights_norm(getattr(c, "norm_topk_prob", True))
+        if getattr(c, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     spec = json.loads(tokenizer.backend.to_str())
     vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
     added = {t["content"] for t in spec["added_tokens"]}
@@ -95,7 +112,16 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         array = tensor.numpy().astype(np.float32)
-        if arch == "llama" and ("q_proj" in name or "k_proj" in name):
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):  # (E, 2I, dim), (E, dim, I)
+            layer = name.split(".")[2]
+            parts = (("gate", array[:, :array.shape[1] // 2]), ("up", array[:, array.shape[1] // 2:])) \
+                if name.endswith("gate_up_proj") else (("down", array),)
+            for kind, stacked in parts:  # llama.cpp's stacked experts, float32 here
+                w.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight", np.ascontiguousarray(stacked))
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            array = array.reshape(-1)  # a vector in llama.cpp's files
+        if arch in ("llama", "mixtral") and ("q_proj" in name or "k_proj" in name):
             heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
             array = permute(array, heads)
         if array.ndim == 2 and qtype != GGMLQuantizationType.F32:
@@ -103,7 +129,7 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
             w.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
             with torch.no_grad():  # what the file now holds, un-permuted back for the reference
                 back = dequantize(packed, qtype)
-                if arch == "llama" and ("q_proj" in name or "k_proj" in name):
+                if arch in ("llama", "mixtral") and ("q_proj" in name or "k_proj" in name):
                     heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
                     back = back.reshape(heads, -1, 2, array.shape[1]).swapaxes(1, 2).reshape(array.shape)
                 tensor.copy_(torch.from_numpy(back))
@@ -480,3 +506,23 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
         reference = lora if adapter else dense
         with torch.no_grad():
             assert seq.generated == generate(reference, [p], Sampling(max_new_tokens=8))[0], adapter
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_gguf_mixture_of_experts_files_load_with_the_source_logits(arch, qtype, tmp_path, bpe_tokenizer):
+    """GGUF MoE files as llama.cpp lays them out (written with the gguf package's writer from a random model):
+    stacked `ffn_*_exps` experts split per expert, the router, Qwen2-MoE's shared expert and its vector gate,
+    OLMoE's q/k norms, Mixtral as llama.cpp's `llama` with an expert count (q/k rows permuted)."""
+    from conftest import HF_CONFIGS
+
+    hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size)
+    if arch == "qwen2_moe":
+        assert HF_CONFIGS[arch]["decoder_sparse_step"] == 2
+        hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, decoder_sparse_step=1)  # GGUF has no such key
+    hf = write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    model, _ = mightylm.load(tmp_path / "m.gguf")
+    assert model.config.arch == arch and model.config.n_experts == 4
+    idx = torch.randint(0, bpe_tokenizer.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)

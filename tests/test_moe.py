@@ -194,3 +194,53 @@ def test_mighty_upcycle_writes_a_mixtral_with_the_dense_logits(hf_dir, tmp_path,
         torch.testing.assert_close(moe(ids), dense(ids), atol=1e-5, rtol=1e-5)
     assert main(["upcycle", "--model", str(path), "--out", str(tmp_path / "x"), "--experts", "2", "--top_k", "3"]) == 2
     assert "more than --experts 2" in capsys.readouterr().err
+
+
+def test_experts_stored_as_fused_3d_tensors_load_too(tmp_path):
+    """transformers 5 holds a layer's experts as two 3-D parameters (`mlp.experts.gate_up_proj`, `down_proj`); a
+    checkpoint written from that state dict as it is loads with the same logits as the per-expert layout."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf = make_hf_model("mixtral")
+    state = hf.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state  # the installed transformers' own layout
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    ours, _ = mightylm.load(tmp_path)
+    ids = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_at_a_time_equals_the_whole_sequence():
+    """Batch-1 decoding takes the one-token path (its k experts directly); the logits equal the grouped path's."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny-moe", shared_expert_ffn_dim=32, arch="qwen2_moe",
+                                                norm_topk_prob=False)).eval()
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        whole = model(ids)
+        cache = model.make_cache(1, 8)
+        steps = [model(ids[:, t:t + 1], cache=cache, start=t)[:, -1] for t in range(8)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_training_warns_about_dead_experts():
+    """A router that sends every token to the same two of four experts: after WATCH_STEPS steps the other two are
+    reported dead, once."""
+    import mightylm.moe as moe
+
+    model = Transformer(ModelConfig.from_preset("tiny-moe"))
+    with torch.no_grad():
+        for layer in moe.moe_layers(model):
+            layer.gate.weight.zero_()
+            layer.gate.weight[0] += 5.0  # every token (all the same) scores the experts alike but for 0 and 1
+            layer.gate.weight[1] -= 5.0
+    model.train()
+    ids = torch.ones(2, 6, dtype=torch.long)
+    with pytest.warns(UserWarning, match=r"expert\(s\) \[\d, \d\] received no tokens for 50"):
+        for _ in range(moe.WATCH_STEPS):
+            model(ids)
+            moe.router_losses(model)

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from mightylm.checkpoint.build import CheckpointError, assign, build
-from mightylm.checkpoint.names import GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, rename, tensor_transform
+from mightylm.checkpoint.names import (GGUF_STACKED_EXPERTS, GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, rename,
+                                       tensor_transform)
 from mightylm.config import ConfigError, ModelConfig
 from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
@@ -27,10 +28,20 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
     state, kept = {}, []
     for t in file.tensors:
         ours = rename(t.name, GGUF_TO_OURS)
+        stacked_experts = rename(t.name, {k: k for k in GGUF_STACKED_EXPERTS}) is not None
+        if ours is None and not stacked_experts and t.name != "rope_freqs.weight":
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
         if ours is None:
             if t.name == "rope_freqs.weight":
                 continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
-            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
+            try:
+                stacked = dequantize(t)  # (experts, out, in)
+            except NotImplementedError:
+                raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") \
+                    from None
+            for e in range(stacked.shape[0]):
+                state[rename(t.name.replace(".ffn_", f".{e}.ffn_", 1), _per_expert())] = (stacked[e], path, t.name)
+            continue
         if keep_blocks and _keepable(ours, t):
             tensor = _kept_blocks(model, ours, t)
             kept.append(ours.removesuffix(".weight"))
@@ -40,7 +51,9 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
             tensor = dequantize(t) if tensor is None else tensor
         except NotImplementedError:
             raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") from None
-        per_key = tensor_transform(ours, GGUF_TENSOR_TRANSFORMS) if config.arch == "llama" else None
+        if ours.endswith("shared_expert_gate.weight"):
+            tensor = tensor.reshape(1, -1)  # llama.cpp stores the shared expert's gate as a vector
+        per_key = tensor_transform(ours, GGUF_TENSOR_TRANSFORMS) if config.arch in ("llama", "mixtral") else None
         if per_key is not None:  # llama.cpp's llama q/k rows are permuted for its RoPE kernel
             transform, field = per_key
             tensor = transform(tensor, getattr(config, field)).contiguous()
@@ -55,6 +68,12 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
     if kept:
         model.record_transform("gguf_blocks", modules=kept)
     return model, gguf_tokenizer(meta, path)
+
+
+def _per_expert() -> dict[str, str]:
+    """GGUF_STACKED_EXPERTS with the expert index as a path component (blk.L.E.ffn_gate_exps.weight), so that
+    `rename` fills {layer} and {expert} from one name."""
+    return {k.replace(".ffn_", ".{expert}.ffn_", 1): v for k, v in GGUF_STACKED_EXPERTS.items()}
 
 
 def _keepable(ours: str, t) -> bool:
@@ -108,10 +127,14 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
         raise CheckpointError(str(e)) from None
 
 
+GGUF_ARCHS = ("llama", "qwen2", "qwen2moe", "olmoe")  # llama.cpp's names; a llama file with experts is Mixtral
+
+
 def gguf_config(meta: dict, file, *, source) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: llama, qwen2")
+    if arch not in GGUF_ARCHS:
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
+                              f"{', '.join(GGUF_ARCHS)}")
 
     def get(key, default=None):
         value = meta.get(f"{arch}.{key}", default)
@@ -128,9 +151,20 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
         scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
     if "rope_freqs.weight" in names:
         raise CheckpointError(f"{source}: llama3 RoPE scaling in GGUF (rope_freqs.weight) is not supported yet")
+    experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    moe = {}
+    if experts:
+        moe = dict(n_experts=experts, experts_per_token=int(get("expert_used_count")),
+                   expert_ffn_dim=int(meta.get(f"{arch}.expert_feed_forward_length") or 0) or None,
+                   shared_expert_ffn_dim=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0) or None,
+                   # Mixtral (llama.cpp's llama with experts) renormalises; Qwen2-MoE and OLMoE say so when they do
+                   norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch == "llama")))
+    ours = {"llama": "mixtral" if experts else "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "olmoe": "olmoe"}
     try:
         return ModelConfig(
-            arch=arch,
+            **moe,
+            arch=ours[arch],
+            qk_norm=arch == "olmoe",
             vocab_size=int(vocab),
             dim=dim,
             n_layers=int(get("block_count")),
@@ -142,7 +176,7 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             tie_embeddings="output.weight" not in names,
-            qkv_bias=arch == "qwen2",
+            qkv_bias=arch in ("qwen2", "qwen2moe"),
             max_seq_len=int(get("context_length")),
         )
     except ConfigError as e:

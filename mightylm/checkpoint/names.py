@@ -93,6 +93,23 @@ GGUF_TO_OURS = {
     "blk.{layer}.ffn_down.weight": "layers.{layer}.mlp.down_proj.weight",
     "output_norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
+    # mixture of experts: the router, Qwen2-MoE's shared expert, OLMoE's q/k norms (the experts themselves come
+    # stacked, `ffn_{gate,up,down}_exps`, and are split by GGUF_STACKED_EXPERTS)
+    "blk.{layer}.ffn_gate_inp.weight": "layers.{layer}.mlp.gate.weight",
+    "blk.{layer}.ffn_gate_shexp.weight": "layers.{layer}.mlp.shared_expert.gate_proj.weight",
+    "blk.{layer}.ffn_up_shexp.weight": "layers.{layer}.mlp.shared_expert.up_proj.weight",
+    "blk.{layer}.ffn_down_shexp.weight": "layers.{layer}.mlp.shared_expert.down_proj.weight",
+    "blk.{layer}.ffn_gate_inp_shexp.weight": "layers.{layer}.mlp.shared_expert_gate.weight",
+    "blk.{layer}.attn_q_norm.weight": "layers.{layer}.attn.q_norm.weight",
+    "blk.{layer}.attn_k_norm.weight": "layers.{layer}.attn.k_norm.weight",
+}
+
+# llama.cpp stacks a layer's experts into one 3-D tensor each: GGUF name -> our per-expert name ({expert} is the
+# index along the first axis)
+GGUF_STACKED_EXPERTS = {
+    "blk.{layer}.ffn_gate_exps.weight": "layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+    "blk.{layer}.ffn_up_exps.weight": "layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+    "blk.{layer}.ffn_down_exps.weight": "layers.{layer}.mlp.experts.{expert}.down_proj.weight",
 }
 
 _NUMBER = re.compile(r"\.(\d+)(?=\.|$)")  # a numeric path component: a layer or an expert index
