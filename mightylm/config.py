@@ -1,8 +1,9 @@
 """Model configuration: one flat dataclass for the Llama family, named presets, and config.json I/O.
 
 A `ModelConfig` holds only architectural facts. Branches in `model.py` exist for exactly the axes
-named here: grouped-query attention (`n_kv_heads`), tied embeddings, RoPE scaling, q/k/v bias
-(Qwen2), sliding-window attention (Mistral), q/k RMSNorm and q/k/v clipping (OLMoE), and sparse
+named here: grouped-query attention (`n_kv_heads`), tied embeddings, RoPE scaling, partial rotary
+embeddings (Phi-3 / Phi-4-mini), q/k/v bias (Qwen2), sliding-window attention (Mistral, Phi-3), q/k RMSNorm and
+q/k/v clipping (OLMoE), and sparse
 mixture-of-experts feed-forwards (`n_experts` > 0: Mixtral, Qwen2-MoE, OLMoE; see moe.py).
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from mightylm.errors import MightyError, UsageError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "mixtral", "qwen2_moe", "olmoe")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe")
 ROPE_SCALING_TYPES = (None, "linear", "llama3")
 
@@ -43,6 +44,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 adds a bias to q, k and v projections
     sliding_window: int | None = None  # Mistral: attend to at most this many previous positions
     max_seq_len: int = 4096
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this of each head's dimensions
     # OLMoE: RMSNorm over the whole q and k projections (before the heads split), and q/k/v clamped to +-clip_qkv
     qk_norm: bool = False
     clip_qkv: float | None = None
@@ -81,6 +83,9 @@ class ModelConfig:
         if rope_type not in ROPE_SCALING_TYPES:
             raise ConfigError(f"unsupported rope scaling {rope_type!r}; supported: none, linear, llama3")
         self.mlp_only_layers = tuple(self.mlp_only_layers)
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and give an even "
+                              f"number of rotated dimensions (head_dim {self.head_dim} x it = {self.rotary_dim})")
         if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 0 \
                 or self.n_experts == 1:
             raise ConfigError(f"n_experts must be 0 (a dense model) or at least 2, got {self.n_experts!r}")
@@ -92,6 +97,11 @@ class ModelConfig:
                 raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         elif self.arch in MOE_MODEL_TYPES:
             raise ConfigError(f"a {self.arch} model needs n_experts >= 2")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each head that RoPE rotates (all of them unless partial_rotary_factor < 1)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def sparse_layer(self, layer_idx: int) -> bool:
         """Whether block `layer_idx` has a mixture-of-experts feed-forward (Qwen2-MoE's rule; every layer for
@@ -164,6 +174,8 @@ class ModelConfig:
         try:
             rope_scaling = _rope_scaling_from_hf(hf)
             sliding = hf.get("sliding_window")
+            params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+            partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
             if model_type in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
                 sliding = None
             return cls(
@@ -184,6 +196,7 @@ class ModelConfig:
                           or (model_type == "qwen2_moe" and hf.get("qkv_bias", True))),
                 sliding_window=sliding,
                 max_seq_len=hf.get("max_position_embeddings", 4096),
+                partial_rotary_factor=partial,
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
@@ -215,8 +228,15 @@ class ModelConfig:
         if self.arch == "llama":
             hf["attention_bias"] = self.qkv_bias
             hf["mlp_bias"] = False
-        if self.arch == "mistral":
+        if self.arch in ("mistral", "phi3"):
             hf["sliding_window"] = self.sliding_window
+        if self.partial_rotary_factor != 1.0:
+            hf["partial_rotary_factor"] = self.partial_rotary_factor
+            if hf["rope_scaling"] is None:
+                hf["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
+                                         "partial_rotary_factor": self.partial_rotary_factor}
+        if self.arch == "phi3":
+            hf["pad_token_id"] = None  # Phi3Config's default (32000) is outside a small vocabulary
         if self.arch in ("qwen2", "qwen2_moe"):
             hf["use_sliding_window"] = self.sliding_window is not None
             hf["sliding_window"] = self.sliding_window
@@ -237,6 +257,7 @@ class ModelConfig:
 
 
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "phi3": "Phi3ForCausalLM",
                      "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 

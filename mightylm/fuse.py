@@ -298,8 +298,8 @@ def _native_block(block, config) -> NativeDecodeBlock | None:
     attn, mlp = block.attn, block.mlp
     if gemv_library() is None or not isinstance(mlp, MLP) or attn.fused_qkv is None or mlp.fused_gate_up is None:
         return None  # a mixture of experts (moe.MoE) runs eagerly: only the chosen experts' weights are read
-    if hasattr(attn, "q_norm") or attn.clip_qkv is not None:
-        return None  # OLMoE's q/k norms and clipping are not in the native block
+    if hasattr(attn, "q_norm") or attn.clip_qkv is not None or config.rotary_dim != config.head_dim:
+        return None  # OLMoE's q/k norms and clipping, partial rotary embeddings: not in the native block
     parts = [_projection(p) for p in (attn.fused_qkv, attn.o_proj, mlp.fused_gate_up, mlp.down_proj)]
     norms_ok = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.weight.is_contiguous()
                    for n in (block.attn_norm, block.mlp_norm))

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2; Mixtral, Qwen2-MoE and OLMoE with moe.py) in one file.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Phi-3; Mixtral, Qwen2-MoE and OLMoE with moe.py) in one file.
 
 RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU, repeated, then a final norm and
 the LM head. Module names follow Hugging Face's leaf names (`q_proj`, `gate_proj`, ...) so that the
@@ -16,7 +16,8 @@ Seams for later techniques:
 - `Block.mlp` is built by `make_mlp(config, layer_idx)`: the mixture-of-experts feed-forward (moe.MoE) plugs in
   there for the sparse layers of a config with `n_experts`.
 - Architecture axes of the config enter as follows: `n_kv_heads` (grouped-query attention in `attend`),
-  `qkv_bias` (the q/k/v Linear biases), `qk_norm` and `clip_qkv` (OLMoE: `Attention.forward` before the heads
+  `qkv_bias` (the q/k/v Linear biases), `partial_rotary_factor` (`apply_rope` turns the first `rotary_dim`
+  dimensions of each head), `qk_norm` and `clip_qkv` (OLMoE: `Attention.forward` before the heads
   split), `sliding_window` (the mask), `rope_scaling` (ROPE_SCALINGS), `tie_embeddings` (the head shares the
   table), `n_experts` and friends (`make_mlp`).
 - RoPE scalings are a table, `ROPE_SCALINGS`; initialisation finds residual projections by leaf name.
@@ -85,7 +86,7 @@ ROPE_SCALINGS = {"linear": _linear_scaling, "llama3": _llama3_scaling}
 
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), with the config's RoPE scaling (ROPE_SCALINGS) applied."""
-    d = config.head_dim
+    d = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     scaling = config.rope_scaling or {}
     if scaling.get("type") is None:
@@ -94,7 +95,7 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed-sin tables (max_len, head_dim) for the rotate-half layout of HF checkpoints.
+    """cos and signed-sin tables (max_len, rotary_dim) for the rotate-half layout of HF checkpoints.
 
     Rotate-half RoPE is x*cos + cat(-x2, x1)*sin. With the sign folded into the table
     (sin_signed = cat(-sin, sin)) it becomes x*cos + roll(x, hs/2)*sin_signed: fewer ops per
@@ -105,8 +106,13 @@ def rope_cos_sin(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hs); cos, sin_signed: (B|1, 1, T, hs)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+    """x: (B, nh, T, hs); cos, sin_signed: (B|1, 1, T, rd). With partial rotary embeddings (rd < hs) only the first rd
+    dimensions of each head turn; the rest pass through."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + x.roll(rd // 2, dims=-1) * sin_signed
+    turned = x[..., :rd]
+    return torch.cat((turned * cos + turned.roll(rd // 2, dims=-1) * sin_signed, x[..., rd:]), dim=-1)
 
 
 class KVCache:

@@ -57,6 +57,12 @@ HF_CONFIGS = {
         model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=512,
     ),
+    # phi3: q/k/v and gate/up stored fused, partial rotary embeddings (Phi-4-mini's 0.75), a sliding window
+    "phi3": dict(
+        model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512, sliding_window=8,
+        partial_rotary_factor=0.75, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
     # mixtral: 4 experts, top-2 renormalised, untied head
     "mixtral": dict(
         model_type="mixtral", hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

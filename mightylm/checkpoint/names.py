@@ -60,6 +60,39 @@ def ours_to_hf(arch: str) -> dict[str, str]:
     return OURS_TO_HF
 
 
+# Families that store several projections as one tensor (rows stacked in this order): Phi-3's qkv_proj and
+# gate_up_proj. Loading splits them into the per-projection names above; saving stacks them again.
+FUSED_HF = {
+    "phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")},
+}
+
+
+def split_fused(arch: str, name: str, tensor, sizes: dict[str, int]):
+    """[(per-projection HF name, rows)] of a stacked tensor of `arch` (FUSED_HF), or [(name, tensor)] for any
+    other; `sizes` gives each part's rows by its leaf name (q_proj, k_proj, ...)."""
+    for fused, parts in FUSED_HF.get(arch, {}).items():
+        if name.endswith(f".{fused}.weight"):
+            prefix = name[: -len(f"{fused}.weight")]
+            rows = [sizes[p.rpartition(".")[2]] for p in parts]
+            if sum(rows) != tensor.shape[0]:
+                raise ValueError(f"{name}: {tensor.shape[0]} rows, expected {' + '.join(map(str, rows))}")
+            return [(f"{prefix}{p}.weight", t) for p, t in zip(parts, tensor.split(rows))]
+    return [(name, tensor)]
+
+
+def stack_fused(arch: str, tensors: dict) -> dict:
+    """The inverse of split_fused over a whole state dict of HF names (ordered as the model's)."""
+    import torch
+
+    for fused, parts in FUSED_HF.get(arch, {}).items():
+        for name in [n for n in tensors if n.endswith(f".{parts[0]}.weight")]:
+            prefix = name[: -len(f"{parts[0]}.weight")]
+            pieces = [tensors.pop(f"{prefix}{p}.weight") for p in parts]
+            tensors[f"{prefix}{fused}.weight"] = torch.cat(pieces).contiguous()
+    return tensors
+
+
 _FUSED_EXPERTS = re.compile(r"^(.*\.(?:mlp|block_sparse_moe)\.experts)\.(gate_up_proj|down_proj)$")
 
 
