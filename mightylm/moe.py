@@ -48,6 +48,8 @@ class MoE(nn.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
         self.router_logits: torch.Tensor | None = None  # (tokens, E) of the last forward, for the losses
+        # how training weighs the router losses (set_router_losses; read by router_losses)
+        self.balance, self.aux_coef, self.z_coef = "per_layer", 0.01, 0.001
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits (N, E), the k experts of each token (N, k), their weights (N, k)) for x (N, dim)."""
@@ -185,15 +187,32 @@ def usage(logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = No
     return torch.stack(rows)
 
 
-def router_losses(model: nn.Module, balance: str = "per_layer", aux_coef: float = 0.01, z_coef: float = 0.0,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+BALANCES = ("per_layer", "hf", "off")
+
+
+def set_router_losses(model: nn.Module, balance: str = "per_layer", aux_coef: float = 0.01,
+                      z_coef: float = 0.001) -> None:
+    """How training weighs the router losses of every MoE layer of `model` (a no-op for a dense model)."""
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be per_layer, hf or off, got {balance!r}")
+    for layer in moe_layers(model):
+        layer.balance, layer.aux_coef, layer.z_coef = balance, aux_coef, z_coef
+
+
+def router_losses(model: nn.Module, balance: str | None = None, aux_coef: float | None = None,
+                  z_coef: float | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The router terms to add to the language-model loss after a forward of `model`, and the metrics to log:
-    the balancing loss (`balance`: "per_layer", "hf" or "off") times `aux_coef`, the z-loss times `z_coef`, and the
-    lowest and highest expert utilisation over the layers (0.0 is a dead expert; near E is collapse)."""
-    if balance not in ("per_layer", "hf", "off"):
+    the balancing loss (`balance`: "per_layer", "hf" or "off") times `aux_coef`, the z-loss times `z_coef` (each
+    defaulting to the layers' settings, see set_router_losses: per_layer, 0.01, 0.001), and the lowest and highest
+    expert utilisation over the layers (0.0 is a dead expert; near E is collapse)."""
+    first = moe_layers(model)[0]
+    balance = first.balance if balance is None else balance
+    aux_coef = first.aux_coef if aux_coef is None else aux_coef
+    z_coef = first.z_coef if z_coef is None else z_coef
+    if balance not in BALANCES:
         raise ValueError(f"balance must be per_layer, hf or off, got {balance!r}")
     logits = router_logits(model)
-    top_k = moe_layers(model)[0].top_k
+    top_k = first.top_k
     if balance == "per_layer":
         aux = balancing_loss(logits, top_k, mask)
     elif balance == "hf":

@@ -244,3 +244,27 @@ def test_training_warns_about_dead_experts():
         for _ in range(moe.WATCH_STEPS):
             model(ids)
             moe.router_losses(model)
+
+
+@pytest.mark.parametrize("balance, balanced_value", [("per_layer", 1.0), ("hf", 2.0)])
+def test_pretraining_a_mixture_takes_the_router_options(tmp_path, balance, balanced_value):
+    """`mighty pretrain --preset tiny-moe --router.balance ...`: the run logs the chosen balancing loss (ours reads
+    about 1 for a near-uniform router, transformers' about k = 2) and the result loads as a Mixtral."""
+    import json
+
+    from mightylm.cli import main
+
+    from conftest import SAMPLE_TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 40)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--preset", "tiny-moe", "--dim", "32",
+                 "--vocab_size", "300", "--seq_len", "32", "--sample_prompts", "[To be]", "--train.steps", "3",
+                 "--train.batch_size", "4", "--train.warmup", "1", "--train.log_every", "1",
+                 "--train.eval_every", "100", "--train.save_every", "100", "--router.balance", balance,
+                 "--router.z_coef", "0"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"moe_balance"' in line]
+    assert rows and all(r["moe_balance"] == pytest.approx(balanced_value, rel=0.15) for r in rows)
+    model, _ = mightylm.load(out)
+    assert model.config.arch == "mixtral" and model.config.n_experts == 4

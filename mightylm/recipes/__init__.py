@@ -14,8 +14,8 @@ summary.json, report.png, report.md and checkpoint/ (what `--resume` continues f
 
 from mightylm.recipes.finetune import (finetune_adapter, finetune_full, finetune_lora, finetune_ptuning,
                                        finetune_prompt, finetune_qlora)
-from mightylm.recipes.groups import NF4, LoRA, SFTData, SoftPrompt
+from mightylm.recipes.groups import NF4, LoRA, Router, SFTData, SoftPrompt
 from mightylm.recipes.pretrain import pretrain
 
-__all__ = ["NF4", "LoRA", "SFTData", "SoftPrompt", "finetune_adapter", "finetune_full", "finetune_lora",
+__all__ = ["NF4", "LoRA", "Router", "SFTData", "SoftPrompt", "finetune_adapter", "finetune_full", "finetune_lora",
            "finetune_ptuning", "finetune_prompt", "finetune_qlora", "pretrain"]

@@ -11,7 +11,7 @@ from typing import Literal
 
 from mightylm.errors import UsageError
 from mightylm.options import PositiveInt
-from mightylm.recipes.groups import LoRA, NF4, SFTData, SoftPrompt
+from mightylm.recipes.groups import LoRA, NF4, Router, SFTData, SoftPrompt
 from mightylm.recipes.rundir import (RunDirError, distributed, prepare_out, read_run_args, samples, save_final,
                                      write_run_args)
 from mightylm.config import TrainConfig
@@ -28,6 +28,7 @@ def finetune_full(
     overwrite: bool = False,
     device: str = "cpu",
     optimizer: Literal["adamw", "lomo"] = "adamw",
+    router: Router = Router(),
 ) -> dict:
     """Supervised fine-tuning of every weight of a model on instruction or chat JSONL.
 
@@ -43,10 +44,11 @@ def finetune_full(
         device: Where to train (cpu, cuda).
         optimizer: adamw, or lomo (Lv et al. 2023: SGD fused into backward, no gradients or optimizer
             state kept; --train.grad_clip becomes its two-pass clipping; lr is an SGD learning rate).
+        router: A mixture-of-experts model's router losses (--router.balance, --router.aux_coef, --router.z_coef).
     """
     return _finetune(model, data, out, sft, train, resume, overwrite, device,
                      "finetune full",
-                     optimizer=optimizer)
+                     optimizer=optimizer, router=router)
 
 
 def finetune_lora(
@@ -255,7 +257,7 @@ def _soft_prompt(prompt: SoftPrompt, encoder: str, hidden: int, seed: int):
 
 def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig, resume: bool, overwrite: bool,
               device: str, verb: str, adapt=None, settings: dict | None = None, optimizer: str = "adamw",
-              init_text: str | None = None) -> dict:
+              init_text: str | None = None, router: Router = Router()) -> dict:
     """The body every fine-tuning verb shares. With `adapt(net, tokenizer) -> description`: transform the
     model first (then only the adapters train), train, and save only the adapter."""
     import mightylm
@@ -263,6 +265,7 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
     from mightylm.data import data_identity
     from mightylm.data.loader import Loader
     from mightylm.data.sft import SFTDataset, read_jsonl, to_messages
+    from mightylm.moe import set_router_losses
     from mightylm.report import write_report
     from mightylm.train import fit
 
@@ -278,6 +281,7 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
     resume = prepare_out(out, verb=verb, resume=resume, overwrite=overwrite, inputs=[model, *sources],
                          data=data_identity(sources), rank=rank)
     net, tok = mightylm.load(model, device=device)
+    set_router_losses(net, **asdict(router))
     if tok is None or not tok.chat_template:
         raise RunDirError(f"{model}: fine-tuning needs a tokenizer with a chat template")
     if adapt is not None:

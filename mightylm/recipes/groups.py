@@ -7,6 +7,7 @@ has that name (the CLI rewrites it). Python callers pass the dataclasses: `finet
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mightylm.errors import UsageError
 from mightylm.options import Fraction, PositiveFloat, PositiveInt
@@ -35,6 +36,26 @@ class SFTData:
             raise UsageError(f"--sft.val_fraction must be from 0 up to (not including) 1, got {self.val_fraction}")
         if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 1:
             raise UsageError(f"--sft.max_len must be at least 1, got {self.max_len}")
+
+
+@dataclass(frozen=True)
+class Router:
+    """The router losses a mixture-of-experts model trains with (ignored for dense models).
+
+    Args:
+        balance: per_layer (Switch balancing per layer, averaged: 1.0 when balanced), hf (transformers' loss, which
+            pools all layers' statistics first and reads k when balanced), or off.
+        aux_coef: Weight of the balancing loss.
+        z_coef: Weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2; keeps the logits small).
+    """
+
+    balance: Literal["per_layer", "hf", "off"] = "per_layer"
+    aux_coef: float = 0.01
+    z_coef: float = 0.001
+
+    def __post_init__(self):
+        if self.aux_coef < 0 or self.z_coef < 0:
+            raise UsageError(f"--router.aux_coef and --router.z_coef must be >= 0, got {self.aux_coef}, {self.z_coef}")
 
 
 @dataclass(frozen=True)

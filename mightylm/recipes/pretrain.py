@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from mightylm.options import Fraction, PositiveInt
+from mightylm.recipes.groups import Router
 from mightylm.recipes.rundir import (RunDirError, distributed, prepare_out, rank0_first, read_run_args, samples,
                                      save_final, write_run_args)
 from mightylm.config import TrainConfig
@@ -32,6 +33,7 @@ def pretrain(
     overwrite: bool = False,
     sample_prompts: list[str] | None = None,
     device: str = "cpu",
+    router: Router = Router(),
 ) -> dict:
     """Pretrain a model from scratch on plain text.
 
@@ -57,6 +59,8 @@ def pretrain(
             refused, and a run with a checkpoint needs --resume).
         sample_prompts: Prompts for the sample generations in the report.
         device: Where to train (cpu, cuda).
+        router: The router losses of a mixture-of-experts preset such as tiny-moe (--router.balance,
+            --router.aux_coef, --router.z_coef).
     """
     import torch
 
@@ -66,6 +70,7 @@ def pretrain(
     from mightylm.data import data_identity
     from mightylm.data.pretrain import TokenStream, check_text_files, collect_files, read_documents
     from mightylm.model import Transformer
+    from mightylm.moe import set_router_losses
     from mightylm.report import write_report
     from mightylm.tokenizer import Tokenizer, check_bpe_vocab, train_bpe
     from mightylm.train import fit
@@ -105,6 +110,7 @@ def pretrain(
                           "pass the run's own shape options, or start a new --out")
     torch.manual_seed(train.seed)
     model = Transformer(config).to(device)
+    set_router_losses(model, **asdict(router))
     print(f"model: {config.n_params / 1e6:.2f}M parameters; data: {len(stream):,} tokens "
           f"({len(train_windows)} training and {len(val_windows)} validation windows of {seq_len})")
     if rank == 0:
