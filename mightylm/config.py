@@ -2,8 +2,9 @@
 
 A `ModelConfig` holds only architectural facts. Branches in `model.py` exist for exactly the axes
 named here: grouped-query attention (`n_kv_heads`), tied embeddings, RoPE scaling, partial rotary
-embeddings (Phi-3 / Phi-4-mini), q/k/v bias (Qwen2), sliding-window attention (Mistral, Phi-3), q/k RMSNorm and
-q/k/v clipping (OLMoE), and sparse
+embeddings (Phi-3 / Phi-4-mini, Phi-2), q/k/v bias (Qwen2, Phi-2), sliding-window attention (Mistral, Phi-3),
+Phi-2's LayerNorm, parallel attention + MLP, GELU MLP and output/head biases, q/k RMSNorm and q/k/v clipping
+(OLMoE), and sparse
 mixture-of-experts feed-forwards (`n_experts` > 0: Mixtral, Qwen2-MoE, OLMoE; see moe.py).
 """
 
@@ -13,10 +14,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from mightylm.errors import MightyError, UsageError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "mixtral", "qwen2_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3", "mixtral", "qwen2_moe", "olmoe")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe")
 ROPE_SCALING_TYPES = (None, "linear", "llama3")
 
@@ -45,6 +47,13 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: attend to at most this many previous positions
     max_seq_len: int = 4096
     partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this of each head's dimensions
+    # Phi-1.5 / Phi-2: LayerNorm (with bias) instead of RMSNorm, attention and MLP side by side from one norm
+    # (x + attn(n(x)) + mlp(n(x))), a GELU MLP (up, gelu, down, with biases), biases on o_proj and the head
+    norm: Literal["rms", "layer"] = "rms"
+    parallel_block: bool = False
+    mlp_act: Literal["swiglu", "gelu"] = "swiglu"
+    o_bias: bool = False
+    head_bias: bool = False
     # OLMoE: RMSNorm over the whole q and k projections (before the heads split), and q/k/v clamped to +-clip_qkv
     qk_norm: bool = False
     clip_qkv: float | None = None
@@ -132,6 +141,9 @@ class ModelConfig:
             attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
         if self.qk_norm:
             attn += self.head_dim * (self.n_heads + self.n_kv_heads)
+        if self.o_bias:
+            attn += self.dim
+        norm = self.dim * (2 if self.norm == "layer" else 1)
         total = 0
         for i in range(self.n_layers):
             if self.sparse_layer(i):
@@ -139,11 +151,13 @@ class ModelConfig:
                 ffn = experts * 3 * self.dim * (self.expert_ffn_dim or self.ffn_dim) + self.n_experts * self.dim
                 if self.shared_expert_ffn_dim:
                     ffn += 3 * self.dim * self.shared_expert_ffn_dim + self.dim
+            elif self.mlp_act == "gelu":
+                ffn = 2 * self.dim * self.ffn_dim + self.ffn_dim + self.dim
             else:
                 ffn = 3 * self.dim * self.ffn_dim
-            total += attn + ffn + 2 * self.dim
-        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + total + self.dim + head
+            total += attn + ffn + norm * (1 if self.parallel_block else 2)
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim + (self.vocab_size if self.head_bias else 0)
+        return self.vocab_size * self.dim + total + norm + head
 
     # ---- Hugging Face config.json ----
 
@@ -188,15 +202,16 @@ class ModelConfig:
                 n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                 ffn_dim=hf["intermediate_size"],
                 head_dim=hf.get("head_dim"),
-                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                norm_eps=hf.get("rms_norm_eps", hf.get("layer_norm_eps", 1e-6)),
                 rope_theta=_rope_theta_from_hf(hf),
                 rope_scaling=rope_scaling,
                 tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
-                qkv_bias=(model_type == "qwen2" or bool(hf.get("attention_bias", False))
+                qkv_bias=(model_type in ("qwen2", "phi") or bool(hf.get("attention_bias", False))
                           or (model_type == "qwen2_moe" and hf.get("qkv_bias", True))),
                 sliding_window=sliding,
                 max_seq_len=hf.get("max_position_embeddings", 4096),
                 partial_rotary_factor=partial,
+                **_phi_from_hf(model_type, hf),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
@@ -222,9 +237,12 @@ class ModelConfig:
             "rope_scaling": _rope_scaling_to_hf(self.rope_scaling),
             "tie_word_embeddings": self.tie_embeddings,
             "max_position_embeddings": self.max_seq_len,
-            "hidden_act": "silu",
+            "hidden_act": "gelu_new" if self.mlp_act == "gelu" else "silu",
             "torch_dtype": "float32",
         }
+        if self.arch == "phi":
+            hf.update(layer_norm_eps=self.norm_eps, qk_layernorm=False)
+            del hf["rms_norm_eps"]
         if self.arch == "llama":
             hf["attention_bias"] = self.qkv_bias
             hf["mlp_bias"] = False
@@ -257,8 +275,19 @@ class ModelConfig:
 
 
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "phi3": "Phi3ForCausalLM",
+                     "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
                      "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+
+
+def _phi_from_hf(model_type: str, hf: dict) -> dict:
+    """Phi-1.5 / Phi-2's axes (empty for the other types). Refuses what we do not build: q/k LayerNorms."""
+    if model_type != "phi":
+        return {}
+    if hf.get("qk_layernorm"):
+        raise ConfigError("phi with qk_layernorm is not supported (no released Phi checkpoint uses it)")
+    if hf.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"phi with hidden_act {hf.get('hidden_act')!r} is not supported; supported: gelu_new")
+    return dict(norm="layer", parallel_block=True, mlp_act="gelu", o_bias=True, head_bias=True)
 
 
 def _moe_from_hf(model_type: str, hf: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Phi-3; Mixtral, Qwen2-MoE and OLMoE with moe.py) in one file.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Phi-2, Phi-3; Mixtral, Qwen2-MoE and OLMoE with moe.py) in one
+file.
 
 RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU, repeated, then a final norm and
 the LM head. Module names follow Hugging Face's leaf names (`q_proj`, `gate_proj`, ...) so that the
@@ -16,7 +17,9 @@ Seams for later techniques:
 - `Block.mlp` is built by `make_mlp(config, layer_idx)`: the mixture-of-experts feed-forward (moe.MoE) plugs in
   there for the sparse layers of a config with `n_experts`.
 - Architecture axes of the config enter as follows: `n_kv_heads` (grouped-query attention in `attend`),
-  `qkv_bias` (the q/k/v Linear biases), `partial_rotary_factor` (`apply_rope` turns the first `rotary_dim`
+  `qkv_bias`, `o_bias`, `head_bias` (Linear biases), `norm` (`make_norm`: RMSNorm or LayerNorm), `parallel_block`
+  (`Block.forward`: attention and MLP from one norm, summed), `mlp_act` (`make_mlp`: SwiGLU or Phi-2's GELU MLP),
+  `partial_rotary_factor` (`apply_rope` turns the first `rotary_dim`
   dimensions of each head), `qk_norm` and `clip_qkv` (OLMoE: `Attention.forward` before the heads
   split), `sliding_window` (the mask), `rope_scaling` (ROPE_SCALINGS), `tie_embeddings` (the head shares the
   table), `n_experts` and friends (`make_mlp`).
@@ -60,6 +63,13 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Half precision: normalise in float32, cast back, then scale (transformers' order).
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The block and final norms: RMSNorm, or LayerNorm with a bias (Phi-2; config.norm == "layer")."""
+    if config.norm == "layer":
+        return nn.LayerNorm(dim or config.dim, eps=config.norm_eps)
+    return RMSNorm(dim or config.dim, config.norm_eps)
 
 
 def _linear_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -147,7 +157,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.o_bias)
         if config.qk_norm:  # OLMoE: over the whole projections, before the heads split
             self.q_norm = RMSNorm(config.n_heads * config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.n_kv_heads * config.head_dim, config.norm_eps)
@@ -248,20 +258,36 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class GeluMLP(nn.Module):
+    """Phi-2's feed-forward: down(gelu_tanh(up(x))), with biases (Hugging Face's fc1 = up_proj, fc2 = down_proj)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
 def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
     """The feed-forward of block `layer_idx`: a mixture of SwiGLU experts in the sparse layers of a
-    mixture-of-experts config (moe.py; Qwen2-MoE keeps some layers dense, hence the index), else one SwiGLU."""
+    mixture-of-experts config (moe.py; Qwen2-MoE keeps some layers dense, hence the index), a GELU MLP for Phi-2,
+    else one SwiGLU."""
     if config.sparse_layer(layer_idx):
         return MoE(config, MLP)
+    if config.mlp_act == "gelu":
+        return GeluMLP(config)
     return MLP(config)
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        # Phi-2 runs attention and MLP side by side from attn_norm's output: no second norm
+        self.mlp_norm = None if config.parallel_block else make_norm(config)
         self.mlp = make_mlp(config, layer_idx)
         # (x, cos, sin, cache, start) -> x after this block for one token of one sequence, or None where it
         # does not apply; set by fuse.fuse_projections_ (one native call instead of ~25 small operations).
@@ -272,6 +298,9 @@ class Block(nn.Module):
             y = self.fused_decode(x, cos, sin, cache, start)
             if y is not None:
                 return y
+        if self.mlp_norm is None:  # parallel block
+            h = self.attn_norm(x)
+            return x + self.attn(h, cos, sin, mask, cache, start) + self.mlp(h)
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -282,8 +311,8 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.prefix: nn.Module | None = None  # () -> (P, dim) virtual tokens; set by adapters.prompt

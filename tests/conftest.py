@@ -57,6 +57,11 @@ HF_CONFIGS = {
         model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=512,
     ),
+    # phi (Phi-2): LayerNorm, parallel attention + GELU MLP, partial rotary (0.5), biases everywhere, untied
+    "phi": dict(
+        model_type="phi", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, partial_rotary_factor=0.5, tie_word_embeddings=False, max_position_embeddings=512,
+    ),
     # phi3: q/k/v and gate/up stored fused, partial rotary embeddings (Phi-4-mini's 0.75), a sliding window
     "phi3": dict(
         model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

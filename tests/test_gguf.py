@@ -37,8 +37,21 @@ HF_TO_GGUF = {
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
+    # phi (Phi-2) and phi3
+    "model.final_layernorm.weight": "output_norm.weight",
+    "model.final_layernorm.bias": "output_norm.bias",
+    "lm_head.bias": "output.bias",
+    "input_layernorm.bias": "attn_norm.bias",
+    "self_attn.dense.weight": "attn_output.weight",
+    "self_attn.dense.bias": "attn_output.bias",
+    "mlp.fc1.weight": "ffn_up.weight",
+    "mlp.fc1.bias": "ffn_up.bias",
+    "mlp.fc2.weight": "ffn_down.weight",
+    "mlp.fc2.bias": "ffn_down.bias",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
-GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe"}  # llama.cpp's names where they differ from HF's
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "phi": "phi2"}  # llama.cpp's names where they differ
 
 
 def gguf_name(name: str) -> str:
@@ -83,7 +96,15 @@ def write_gguf(hf, tokenizer, path, qtype=GGMLQuantizationType.F32, extra=None):
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "phi":
+        w.add_layer_norm_eps(c.layer_norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch in ("phi", "phi3"):
+        head_dim = c.hidden_size // c.num_attention_heads
+        w.add_rope_dimension_count(int(head_dim * c.rope_parameters["partial_rotary_factor"]))
+    if arch == "phi3" and c.sliding_window:
+        w.add_sliding_window(c.sliding_window)
     w.add_vocab_size(c.vocab_size)
     experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
     if experts:
@@ -523,6 +544,20 @@ def test_gguf_mixture_of_experts_files_load_with_the_source_logits(arch, qtype, 
     hf = write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
     model, _ = mightylm.load(tmp_path / "m.gguf")
     assert model.config.arch == arch and model.config.n_experts == 4
+    idx = torch.randint(0, bpe_tokenizer.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["phi", "phi3"])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_phi_gguf_files_load_with_the_source_logits(arch, qtype, tmp_path, bpe_tokenizer):
+    """llama.cpp's phi2 (LayerNorms with biases, parallel block, GELU MLP, partial rotary, head bias) and phi3
+    (q/k/v in one attn_qkv, gate and up in one ffn_up, split by rows on load) files."""
+    hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size)
+    hf = write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    model, _ = mightylm.load(tmp_path / "m.gguf")
+    assert model.config.arch == arch and model.config.rotary_dim < model.config.head_dim
     idx = torch.randint(0, bpe_tokenizer.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)

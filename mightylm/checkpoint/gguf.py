@@ -29,6 +29,12 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
     for t in file.tensors:
         ours = rename(t.name, GGUF_TO_OURS)
         stacked_experts = rename(t.name, {k: k for k in GGUF_STACKED_EXPERTS}) is not None
+        fused = _fused_parts(t.name, config)
+        if fused:  # q/k/v in one tensor (phi2, phi3), gate and up in one (phi3): split by rows
+            whole = dequantize(t)
+            for (name, rows), part in zip(fused, whole.split([rows for _, rows in fused])):
+                state[name] = (part, path, t.name)
+            continue
         if ours is None and not stacked_experts and t.name != "rope_freqs.weight":
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
         if ours is None:
@@ -68,6 +74,22 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
     if kept:
         model.record_transform("gguf_blocks", modules=kept)
     return model, gguf_tokenizer(meta, path)
+
+
+def _fused_parts(name: str, config) -> list[tuple[str, int]]:
+    """[(our name, rows)] of a GGUF tensor that stacks several of our projections, else []."""
+    layer, _, rest = name.removeprefix("blk.").partition(".")
+    if not name.startswith("blk.") or not layer.isdigit():
+        return []
+    c, prefix = config, f"layers.{layer}."
+    if rest in ("attn_qkv.weight", "attn_qkv.bias"):
+        kind = rest.rpartition(".")[2]
+        return [(f"{prefix}attn.{p}.{kind}", rows) for p, rows in (("q_proj", c.n_heads * c.head_dim),
+                                                                  ("k_proj", c.n_kv_heads * c.head_dim),
+                                                                  ("v_proj", c.n_kv_heads * c.head_dim))]
+    if rest == "ffn_up.weight" and c.arch == "phi3":  # llama.cpp keeps Phi-3's gate_up_proj whole as ffn_up
+        return [(f"{prefix}mlp.gate_proj.weight", c.ffn_dim), (f"{prefix}mlp.up_proj.weight", c.ffn_dim)]
+    return []
 
 
 def _per_expert() -> dict[str, str]:
@@ -127,7 +149,8 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
         raise CheckpointError(str(e)) from None
 
 
-GGUF_ARCHS = ("llama", "qwen2", "qwen2moe", "olmoe")  # llama.cpp's names; a llama file with experts is Mixtral
+# llama.cpp's architecture names; a llama file with experts is Mixtral
+GGUF_ARCHS = ("llama", "qwen2", "qwen2moe", "olmoe", "phi2", "phi3")
 
 
 def gguf_config(meta: dict, file, *, source) -> ModelConfig:
@@ -159,10 +182,21 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
                    shared_expert_ffn_dim=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0) or None,
                    # Mixtral (llama.cpp's llama with experts) renormalises; Qwen2-MoE and OLMoE say so when they do
                    norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch == "llama")))
-    ours = {"llama": "mixtral" if experts else "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "olmoe": "olmoe"}
+    ours = {"llama": "mixtral" if experts else "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
+            "phi2": "phi", "phi3": "phi3"}
+    phi = dict(norm="layer", parallel_block=True, mlp_act="gelu", o_bias=True, head_bias="output.bias" in names) \
+        if arch == "phi2" else {}
+    head_dim = int(meta.get(f"{arch}.attention.key_length", dim // n_heads))
+    rotary = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    eps = meta.get(f"{arch}.attention.layer_norm_epsilon" if arch == "phi2" else f"{arch}.attention.layer_norm_rms_epsilon")
+    if eps is None:
+        raise CheckpointError(f"{source}: GGUF metadata lacks the norm epsilon of a {arch} model")
     try:
         return ModelConfig(
             **moe,
+            **phi,
+            partial_rotary_factor=rotary / head_dim,
+            sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0) or None if arch == "phi3" else None,
             arch=ours[arch],
             qk_norm=arch == "olmoe",
             vocab_size=int(vocab),
@@ -171,12 +205,12 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
             n_heads=n_heads,
             n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
             ffn_dim=int(get("feed_forward_length")),
-            head_dim=int(meta.get(f"{arch}.attention.key_length", dim // n_heads)),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            head_dim=head_dim,
+            norm_eps=float(eps),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             tie_embeddings="output.weight" not in names,
-            qkv_bias=arch in ("qwen2", "qwen2moe"),
+            qkv_bias=arch in ("qwen2", "qwen2moe") or f"blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
             max_seq_len=int(get("context_length")),
         )
     except ConfigError as e:

@@ -45,19 +45,33 @@ MIXTRAL_HF_TO_OURS = {
     "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight": "layers.{layer}.mlp.experts.{expert}.down_proj.weight",
 }
 
+# Phi-1.5 / Phi-2's names (LayerNorms with biases, `dense` for o_proj, `fc1` / `fc2` for its GELU MLP)
+PHI_HF_TO_OURS = {
+    "model.layers.{layer}.input_layernorm.bias": "layers.{layer}.attn_norm.bias",
+    "model.layers.{layer}.self_attn.dense.weight": "layers.{layer}.attn.o_proj.weight",
+    "model.layers.{layer}.self_attn.dense.bias": "layers.{layer}.attn.o_proj.bias",
+    "model.layers.{layer}.mlp.fc1.weight": "layers.{layer}.mlp.up_proj.weight",
+    "model.layers.{layer}.mlp.fc1.bias": "layers.{layer}.mlp.up_proj.bias",
+    "model.layers.{layer}.mlp.fc2.weight": "layers.{layer}.mlp.down_proj.weight",
+    "model.layers.{layer}.mlp.fc2.bias": "layers.{layer}.mlp.down_proj.bias",
+    "model.final_layernorm.weight": "norm.weight",
+    "model.final_layernorm.bias": "norm.bias",
+    "lm_head.bias": "lm_head.bias",
+}
+
+FAMILY_HF_TO_OURS = {"mixtral": MIXTRAL_HF_TO_OURS, "phi": PHI_HF_TO_OURS}
+
 OURS_TO_HF = {v: k for k, v in HF_TO_OURS.items()}
 
 
 def hf_to_ours(arch: str) -> dict[str, str]:
-    """HF name -> ours for the `arch` family (Mixtral reads its own names and the others')."""
-    return {**HF_TO_OURS, **MIXTRAL_HF_TO_OURS} if arch == "mixtral" else HF_TO_OURS
+    """HF name -> ours for the `arch` family (its own names first, then the shared ones)."""
+    return {**FAMILY_HF_TO_OURS.get(arch, {}), **HF_TO_OURS}
 
 
 def ours_to_hf(arch: str) -> dict[str, str]:
     """Ours -> the HF name the `arch` family's transformers class loads."""
-    if arch == "mixtral":
-        return {**OURS_TO_HF, **{v: k for k, v in MIXTRAL_HF_TO_OURS.items()}}
-    return OURS_TO_HF
+    return {**OURS_TO_HF, **{v: k for k, v in FAMILY_HF_TO_OURS.get(arch, {}).items()}}
 
 
 # Families that store several projections as one tensor (rows stacked in this order): Phi-3's qkv_proj and
@@ -133,6 +147,13 @@ GGUF_TO_OURS = {
     "blk.{layer}.ffn_up_shexp.weight": "layers.{layer}.mlp.shared_expert.up_proj.weight",
     "blk.{layer}.ffn_down_shexp.weight": "layers.{layer}.mlp.shared_expert.down_proj.weight",
     "blk.{layer}.ffn_gate_inp_shexp.weight": "layers.{layer}.mlp.shared_expert_gate.weight",
+    # Phi-2's biases (its LayerNorms, output projection, GELU MLP and head)
+    "blk.{layer}.attn_norm.bias": "layers.{layer}.attn_norm.bias",
+    "blk.{layer}.attn_output.bias": "layers.{layer}.attn.o_proj.bias",
+    "blk.{layer}.ffn_up.bias": "layers.{layer}.mlp.up_proj.bias",
+    "blk.{layer}.ffn_down.bias": "layers.{layer}.mlp.down_proj.bias",
+    "output_norm.bias": "norm.bias",
+    "output.bias": "lm_head.bias",
     "blk.{layer}.attn_q_norm.weight": "layers.{layer}.attn.q_norm.weight",
     "blk.{layer}.attn_k_norm.weight": "layers.{layer}.attn.k_norm.weight",
 }
