@@ -39,6 +39,7 @@ from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.kernels import (BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
                               linear)
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
+from mightylm.moe import MoE
 
 
 class FusedProjection:
@@ -267,15 +268,27 @@ class NativeDecodeBlock:
     after fusing, a full cache. It points at the weights as laid out when fused (the same footgun as
     the fused projections: unfuse before replacing modules or weight tensors)."""
 
-    def __init__(self, block, config, parts: list[tuple[Projection, tuple]]):
+    def __init__(self, block, config, parts: list[tuple[Projection, tuple]],
+                 experts: tuple[tuple[Projection, tuple], list, list] | None = None):
         self.attn = block.attn
         norms = (block.attn_norm.weight, block.mlp_norm.weight)
         self.keep = [t for _, tensors in parts for t in tensors] + list(norms)  # the pointers stay valid
-        (qkv, _), (o, _), (gate_up, _), (down, _) = parts
+        (qkv, _), (o, _) = parts[:2]
+        gate_up, down = (parts[2][0], parts[3][0]) if experts is None else (Projection(), Projection())
         self.args = BlockArgs(qkv=qkv, o=o, gate_up=gate_up, down=down, attn_norm=norms[0].data_ptr(),
                               mlp_norm=norms[1].data_ptr(), dim=config.dim, n_heads=config.n_heads,
                               n_kv=config.n_kv_heads, head_dim=config.head_dim, ffn=config.ffn_dim,
                               eps=block.attn_norm.eps)
+        if experts is not None:  # a mixture of experts: the router and every expert's two projections
+            (router, router_tensors), gate_ups, downs = experts
+            arrays = [(Projection * len(gate_ups))(*[p for p, _ in gate_ups]),
+                      (Projection * len(downs))(*[p for p, _ in downs])]
+            self.keep += [*router_tensors, *(t for _, ts in gate_ups + downs for t in ts), *arrays]
+            mlp = block.mlp
+            a = self.args
+            a.router, a.expert_gate_up, a.expert_down = router, arrays[0], arrays[1]
+            a.n_experts, a.top_k, a.norm_topk = len(gate_ups), mlp.top_k, int(mlp.norm_topk_prob)
+            a.ffn = config.expert_ffn_dim or config.ffn_dim
 
     def __call__(self, x, cos, sin, cache, start):
         layer = self.attn.layer_idx
@@ -296,14 +309,28 @@ class NativeDecodeBlock:
 
 def _native_block(block, config) -> NativeDecodeBlock | None:
     attn, mlp = block.attn, block.mlp
-    if gemv_library() is None or not isinstance(mlp, MLP) or attn.fused_qkv is None or mlp.fused_gate_up is None:
-        return None  # a mixture of experts (moe.MoE) runs eagerly: only the chosen experts' weights are read
+    if gemv_library() is None or attn.fused_qkv is None:
+        return None
     if hasattr(attn, "q_norm") or attn.clip_qkv is not None or config.rotary_dim != config.head_dim:
         return None  # OLMoE's q/k norms and clipping, partial rotary embeddings: not in the native block
-    parts = [_projection(p) for p in (attn.fused_qkv, attn.o_proj, mlp.fused_gate_up, mlp.down_proj)]
     norms_ok = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.weight.is_contiguous()
                    for n in (block.attn_norm, block.mlp_norm))
-    if None in parts or not norms_ok or config.head_dim % 2 or config.n_heads % config.n_kv_heads:
+    if not norms_ok or config.head_dim % 2 or config.n_heads % config.n_kv_heads:
+        return None
+    parts = [_projection(p) for p in (attn.fused_qkv, attn.o_proj)]
+    if isinstance(mlp, MoE):  # the router and the top-k experts in C too (no shared expert; up to 256 experts)
+        if mlp.shared_expert is not None or len(mlp.experts) > 256 or type(mlp.gate) is not DecodeLinear \
+                or any(e.fused_gate_up is None for e in mlp.experts):
+            return None
+        experts = (_projection(mlp.gate), [_projection(e.fused_gate_up) for e in mlp.experts],
+                   [_projection(e.down_proj) for e in mlp.experts])
+        if None in parts or experts[0] is None or None in experts[1] or None in experts[2]:
+            return None
+        return NativeDecodeBlock(block, config, parts, experts)
+    if not isinstance(mlp, MLP) or mlp.fused_gate_up is None:
+        return None
+    parts += [_projection(p) for p in (mlp.fused_gate_up, mlp.down_proj)]
+    if None in parts:
         return None
     return NativeDecodeBlock(block, config, parts)
 
@@ -348,7 +375,7 @@ def fuse_projections_(model: Transformer) -> list[str]:
                 converted.append(f"{name}.gate_up")
                 _give_back_freed_memory()  # once per block: the peak stays near one copy of the weights
     for parent_name, parent in list(model.named_modules()):
-        for name in ("o_proj", "down_proj"):
+        for name in ("o_proj", "down_proj") + (("gate",) if isinstance(parent, MoE) else ()):  # MoE: the router
             child = getattr(parent, name, None)
             if _plain(child):
                 _swap_linear(parent, name, DecodeLinear, _param(_input_major([child.weight]), child.weight))

@@ -188,6 +188,7 @@ def usage(logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = No
 
 
 BALANCES = ("per_layer", "hf", "off")
+UTIL_PREFIX = "moe_util.L"  # metrics.jsonl keys moe_util.L{layer}.E{expert}: the report's layer x expert heatmap
 
 
 def set_router_losses(model: nn.Module, balance: str = "per_layer", aux_coef: float = 0.01,
@@ -223,8 +224,9 @@ def router_losses(model: nn.Module, balance: str | None = None, aux_coef: float 
     util = usage(logits, top_k, mask)
     extra = aux_coef * aux + z_coef * z
     _watch(moe_layers(model), util)
+    cells = {f"{UTIL_PREFIX}{layer}.E{e}": float(u) for layer, row in enumerate(util) for e, u in enumerate(row)}
     return extra, {"moe_balance": float(aux.detach()), "moe_z": float(z.detach()), "moe_util_min": float(util.min()),
-                   "moe_util_max": float(util.max())}
+                   "moe_util_max": float(util.max()), **cells}
 
 
 # the Hugging Face family an upcycled model is saved as: the dense family's blocks with experts

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mightylm.errors import MightyError
 
+UTIL_PREFIX = "moe_util.L"  # = moe.UTIL_PREFIX (not imported: this module stays free of torch)
+
 
 class ReportError(MightyError, FileNotFoundError):
     """A run directory without readable metrics."""
@@ -76,6 +78,38 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def plot_experts(run_dir: str | Path, train: list[dict]) -> Path | None:
+    """experts.png: each MoE layer's expert utilisation (1.0 fair, 0.0 dead) over training, one row per (layer,
+    expert), one column per logged step; None for a run without experts."""
+    keys = sorted({k for r in train for k in r if k.startswith(UTIL_PREFIX)},
+                  key=lambda k: tuple(int(part[1:]) for part in k.removeprefix("moe_util.").split(".")))
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in train if keys[0] in r]
+    grid = [[r.get(k, float("nan")) for r in rows] for k in keys]
+    layers = sorted({k.split(".")[1] for k in keys}, key=lambda name: int(name[1:]))
+    experts = len(keys) // len(layers)
+    fig, ax = plt.subplots(figsize=(8, min(12, 1.5 + 0.12 * len(keys))), dpi=120)
+    image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=2, interpolation="nearest",
+                      extent=(rows[0]["step"], rows[-1]["step"], len(keys), 0))
+    for i in range(1, len(layers)):
+        ax.axhline(i * experts, color="white", linewidth=0.6)
+    ax.set_yticks([(i + 0.5) * experts for i in range(len(layers))], [f"layer {name[1:]}" for name in layers])
+    ax.set_xlabel("step")
+    ax.set_title(f"Expert utilisation ({experts} experts per layer; 1.0 fair, 0.0 dead)")
+    fig.colorbar(image, ax=ax, label="load / fair load")
+    fig.tight_layout()
+    out = Path(run_dir) / "experts.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def _centred_mean(values: list[float], half: int) -> list[float]:
     """Mean over a window of +-half points around each one (narrower at the ends): no lag."""
     out = []
@@ -95,9 +129,11 @@ def write_report(run_dir: str | Path, samples: dict[str, str] | None = None) -> 
         summary["samples"] = samples
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     png = plot_losses(run_dir)
+    experts = plot_experts(run_dir, train)
     seconds = summary.get("seconds") or (train[-1]["time"] if train else 0)
     tokens = train[-1]["tokens"] if train else 0
     lines = [f"# Run report: {run_dir.resolve().name}", "", f"![loss curves]({png.name})", "",
+             *([f"![expert utilisation]({experts.name})", ""] if experts else []),
              "| | |", "|---|---|",
              f"| steps | {train[-1]['step'] if train else 0} |",
              f"| tokens seen | {tokens:,} |",
@@ -109,7 +145,7 @@ def write_report(run_dir: str | Path, samples: dict[str, str] | None = None) -> 
         lines.append(f"| final train loss | {train[-1]['loss']:.4f} |")
         standard = {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "time"}
         for key, value in train[-1].items():  # the loss's named parts (loss_fn's metrics)
-            if key not in standard and isinstance(value, (int, float)):
+            if key not in standard and not key.startswith(UTIL_PREFIX) and isinstance(value, (int, float)):
                 lines.append(f"| final {key} | {value:.4g} |")
     if val:
         lines.append(f"| final validation loss | {val[-1]['val_loss']:.4f} (perplexity {math.exp(val[-1]['val_loss']):.1f}) |")

@@ -110,7 +110,8 @@ def test_an_upcycled_model_saves_as_mixtral_that_transformers_loads(tmp_path):
 
 
 def test_training_adds_the_router_losses_and_logs_expert_usage(tmp_path):
-    """fit with the default loss on a model with experts: the step's loss is CE + 0.01 x per-layer balancing, and
+    """fit with the default loss on a model with experts: the step's loss is CE + 0.01 x per-layer balancing +
+    0.001 x z-loss, and
     metrics.jsonl carries the CE, the balancing and z losses and the experts' lowest and highest utilisation."""
     import json
 
@@ -123,7 +124,7 @@ def test_training_adds_the_router_losses_and_logs_expert_usage(tmp_path):
     batch = {"input_ids": ids[:4, :-1], "labels": ids[:4, 1:]}
     model.train()
     loss, parts = cross_entropy(model, batch)
-    assert loss.item() == pytest.approx(parts["ce"] + 0.01 * parts["moe_balance"], rel=1e-5)
+    assert loss.item() == pytest.approx(parts["ce"] + 0.01 * parts["moe_balance"] + 0.001 * parts["moe_z"], rel=1e-5)
     model.eval()
     assert torch.is_tensor(cross_entropy(model, batch))  # validation: the language-model loss alone
     loader = Loader([{"input_ids": row[:-1], "labels": row[1:]} for row in ids], 4, seed=0)
@@ -266,5 +267,37 @@ def test_pretraining_a_mixture_takes_the_router_options(tmp_path, balance, balan
                  "--router.z_coef", "0"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"moe_balance"' in line]
     assert rows and all(r["moe_balance"] == pytest.approx(balanced_value, rel=0.15) for r in rows)
+    # the report draws each layer's experts over training, keyed as moe.UTIL_PREFIX says
+    from mightylm import moe, report
+
+    assert report.UTIL_PREFIX == moe.UTIL_PREFIX and {"moe_util.L0.E0", "moe_util.L1.E3"} <= rows[0].keys()
+    assert (out / "experts.png").stat().st_size > 0 and "experts.png" in (out / "report.md").read_text()
+    assert "final moe_util.L" not in (out / "report.md").read_text()
     model, _ = mightylm.load(out)
     assert model.config.arch == "mixtral" and model.config.n_experts == 4
+
+
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_the_native_decode_block_runs_the_router_and_experts(renormalise):
+    """fuse_projections_ on a mixture: the router and every expert go into the native decode block (C: softmax,
+    top-k, the k experts' GEMVs); decoding gives the eager model's logits."""
+    from mightylm.fuse import fuse_projections_
+    from mightylm.kernels import gemv_library
+
+    if gemv_library() is None:
+        pytest.skip("no native kernels here (no compiler or no AVX2)")
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny-moe", norm_topk_prob=renormalise, arch="mixtral" if renormalise
+                                     else "qwen2_moe", qkv_bias=not renormalise)
+    model = Transformer(config).eval()
+    ids = torch.randint(0, 256, (1, 10))
+
+    def decode(m):
+        cache = m.make_cache(1, 10)
+        with torch.no_grad():
+            return torch.cat([m(ids[:, t:t + 1], cache=cache, start=t)[:, -1] for t in range(10)])
+
+    expected = decode(model)
+    converted = fuse_projections_(model)
+    assert "layers.0.native" in converted and "layers.1.native" in converted
+    torch.testing.assert_close(decode(model), expected, atol=1e-4, rtol=1e-4)

@@ -137,8 +137,12 @@ class Projection(ctypes.Structure):
 
 
 class BlockArgs(ctypes.Structure):
-    """gemv.c's mighty_block: one block's weights, this layer's cache and the position being decoded."""
+    """gemv.c's mighty_block: one block's weights (a mixture of experts' router and experts when n_experts > 0),
+    this layer's cache and the position being decoded."""
     _fields_ = [("qkv", Projection), ("o", Projection), ("gate_up", Projection), ("down", Projection),
+                ("router", Projection), ("expert_gate_up", ctypes.POINTER(Projection)),
+                ("expert_down", ctypes.POINTER(Projection)), ("n_experts", ctypes.c_long), ("top_k", ctypes.c_long),
+                ("norm_topk", ctypes.c_int),
                 ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p)] + [(name, ctypes.c_long) for name in (

@@ -250,6 +250,13 @@ typedef struct {
 
 typedef struct {
     mighty_proj qkv, o, gate_up, down;
+    /* a mixture of experts in place of gate_up / down when n_experts > 0: the router (input-major float32, kind 0),
+     * and each expert's fused gate_up and down projections; each token runs its top_k experts, their softmax
+     * weights renormalised to sum to 1 when norm_topk (moe.py) */
+    mighty_proj router;
+    const mighty_proj *expert_gate_up, *expert_down;
+    long n_experts, top_k;
+    int norm_topk;
     const float *attn_norm, *mlp_norm;
     float *k_cache, *v_cache;   /* this layer's (n_kv, max_len, head_dim), batch row 0 */
     const float *cos, *sin;     /* (head_dim) for this position; sin with the rotate-half sign folded in */
@@ -302,6 +309,39 @@ static void rope(float *v, const float *cos, const float *sin, long hd) {
     }
 }
 
+/* x += sum over the token's top_k experts of weight_e * down_e(silu(gate_e(h)) * up_e(h)), as moe.MoE computes it:
+ * softmax over all router logits (in float), the k largest (ties to the lower index, as torch.topk), optionally
+ * renormalised. ffn is the experts' width; gu and tmp are scratch of 2 * ffn and dim floats. */
+static void moe_ffn(float *x, const float *h, const mighty_block *b, float *gu, float *tmp, float *scratch,
+                    int threads) {
+    const long dim = b->dim, ffn = b->ffn, E = b->n_experts, k = b->top_k;
+    float logits[256], weight[256];
+    long chosen[256];
+    project(&b->router, h, logits, scratch, dim, E, threads);
+    float top = -INFINITY, sum = 0.0f;
+    for (long e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
+    for (long e = 0; e < E; e++) sum += (logits[e] = expf(logits[e] - top));
+    float picked = 0.0f;
+    for (long j = 0; j < k; j++) {
+        long best = -1;
+        for (long e = 0; e < E; e++) {
+            int taken = 0;
+            for (long i = 0; i < j; i++) taken |= chosen[i] == e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        chosen[j] = best;
+        weight[j] = logits[best] / sum;
+        picked += weight[j];
+    }
+    for (long j = 0; j < k; j++) {
+        const float w = b->norm_topk ? weight[j] / picked : weight[j];
+        project(&b->expert_gate_up[chosen[j]], h, gu, scratch, dim, 2 * ffn, threads);
+        for (long i = 0; i < ffn; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[ffn + i];
+        project(&b->expert_down[chosen[j]], gu, tmp, scratch, ffn, dim, threads);
+        for (long i = 0; i < dim; i++) x[i] += w * tmp[i];
+    }
+}
+
 void mighty_decode_block(float *x, const mighty_block *b) {
     const long dim = b->dim, hd = b->head_dim, nh = b->n_heads, nkv = b->n_kv, ffn = b->ffn;
     const long q_out = nh * hd, kv_out = nkv * hd, ctx = b->pos + 1;
@@ -345,6 +385,11 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     for (long i = 0; i < dim; i++) x[i] += tmp[i];
 
     rms_norm(x, b->mlp_norm, h, dim, b->eps);
+    if (b->n_experts > 0) {
+        moe_ffn(x, h, b, gu, tmp, scratch, threads);
+        free(h);
+        return;
+    }
     project(&b->gate_up, h, gu, scratch, dim, 2 * ffn, threads);
     for (long i = 0; i < ffn; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[ffn + i];  /* silu(gate) * up */
     project(&b->down, gu, tmp, scratch, ffn, dim, threads);
