@@ -3,7 +3,8 @@
 Every technique reaches it from outside: a transformed model (LoRA, QLoRA, prompt tuning), a
 `loss_fn` (distillation), or an `optimizer` (LOMO updates inside backward, so its step() is a
 no-op). There is no Trainer class and no callback list. `loss_fn(model, batch)` returns the loss or
-(loss, {name: value}); the named parts are logged with it. Blocks are found by type and tied heads
+(loss, {name: value}); the named parts are logged with it (those with a dot in the name, such as a mixture's
+per-expert utilisation `moe_util.L0.E3`, go to metrics.jsonl only, not to the progress bar). Blocks are found by type and tied heads
 are read from the model, so a wrapper around a Transformer trains here unchanged.
 
 What a run directory holds while training:
@@ -155,7 +156,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                           **parts}
                 _log(metrics, record, board)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                **{k: f"{v:.3g}" for k, v in parts.items()})
+                                **{k: f"{v:.3g}" for k, v in parts.items() if "." not in k})  # dotted: detail
                 log_start, log_tokens = now, 0
             paused = time.perf_counter()  # validation and checkpoints do not count against tokens/s
             if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):

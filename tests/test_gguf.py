@@ -222,13 +222,14 @@ def test_llama3_rope_freqs_are_refused_clearly(tmp_path, bpe_tokenizer):
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    w = GGUFWriter(str(tmp_path / "phi.gguf"), "phi2")
+    w = GGUFWriter(str(tmp_path / "phi.gguf"), "gemma")
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match="GGUF architecture 'phi2' is not supported; supported: llama, qwen2"):
+    with pytest.raises(CheckpointError, match="GGUF architecture 'gemma' is not supported; supported: llama, qwen2, "
+                                              "qwen2moe, olmoe, phi2, phi3"):
         mightylm.load(tmp_path / "phi.gguf")
 
 

@@ -33,7 +33,7 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
         if fused:  # q/k/v in one tensor (phi2, phi3), gate and up in one (phi3): split by rows
             whole = dequantize(t)
             for (name, rows), part in zip(fused, whole.split([rows for _, rows in fused])):
-                state[name] = (part, path, t.name)
+                state[name] = (part.clone(), path, t.name)  # copies: parts must not share storage
             continue
         if ours is None and not stacked_experts and t.name != "rope_freqs.weight":
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
@@ -46,7 +46,8 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
                 raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") \
                     from None
             for e in range(stacked.shape[0]):
-                state[rename(t.name.replace(".ffn_", f".{e}.ffn_", 1), _per_expert())] = (stacked[e], path, t.name)
+                state[rename(t.name.replace(".ffn_", f".{e}.ffn_", 1), _per_expert())] = (stacked[e].clone(), path,
+                                                                                          t.name)
             continue
         if keep_blocks and _keepable(ours, t):
             tensor = _kept_blocks(model, ours, t)

@@ -91,7 +91,8 @@ def split_fused(arch: str, name: str, tensor, sizes: dict[str, int]):
             rows = [sizes[p.rpartition(".")[2]] for p in parts]
             if sum(rows) != tensor.shape[0]:
                 raise ValueError(f"{name}: {tensor.shape[0]} rows, expected {' + '.join(map(str, rows))}")
-            return [(f"{prefix}{p}.weight", t) for p, t in zip(parts, tensor.split(rows))]
+            # copies, not views of one tensor: an in-place update of one part (LOMO) must not touch the others
+            return [(f"{prefix}{p}.weight", t.clone()) for p, t in zip(parts, tensor.split(rows))]
     return [(name, tensor)]
 
 
@@ -118,11 +119,12 @@ def split_fused_experts(name: str, tensor):
     if match is None:
         return [(name, tensor)]
     prefix, kind = match.groups()
-    if kind == "down_proj":
-        return [(f"{prefix}.{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
+    if kind == "down_proj":  # copies, not views (see split_fused)
+        return [(f"{prefix}.{e}.down_proj.weight", tensor[e].clone()) for e in range(tensor.shape[0])]
     gate, up = tensor.chunk(2, dim=1)
     return [pair for e in range(tensor.shape[0])
-            for pair in ((f"{prefix}.{e}.gate_proj.weight", gate[e]), (f"{prefix}.{e}.up_proj.weight", up[e]))]
+            for pair in ((f"{prefix}.{e}.gate_proj.weight", gate[e].clone()),
+                         (f"{prefix}.{e}.up_proj.weight", up[e].clone()))]
 
 GGUF_TO_OURS = {
     "token_embd.weight": "embed.weight",

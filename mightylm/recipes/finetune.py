@@ -83,7 +83,7 @@ def finetune_lora(
     from mightylm.adapters.lora import apply_lora
 
     return _finetune(model, data, out, sft, train, resume, overwrite, device, "finetune lora",
-                     adapt=lambda net, tok: f"LoRA on {len(apply_lora(net, **lora.settings()))} layers",
+                     adapt=lambda net, tok: f"LoRA on {len(apply_lora(net, **lora.settings(net)))} layers",
                      settings=asdict(lora))
 
 
@@ -125,7 +125,7 @@ def finetune_qlora(
 
     def adapt(net, tok):
         quantize_(net, "nf4", targets=tuple(lora.targets), block_size=nf4.block_size, double_quant=nf4.double_quant)
-        return f"QLoRA (NF4 base) on {len(apply_lora(net, **lora.settings()))} layers"
+        return f"QLoRA (NF4 base) on {len(apply_lora(net, **lora.settings(net)))} layers"
 
     return _finetune(model, data, out, sft, train, resume, overwrite, device, "finetune qlora", adapt=adapt,
                      settings={**asdict(lora), **asdict(nf4)})

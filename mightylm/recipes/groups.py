@@ -6,7 +6,7 @@ has that name (the CLI rewrites it). Python callers pass the dataclasses: `finet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from mightylm.errors import UsageError
@@ -63,22 +63,28 @@ class LoRA:
     """The low-rank update (Hu et al. 2021): W + (alpha / r) B A on each targeted layer.
 
     Args:
-        targets: Leaf names of the linear layers to adapt (add lm_head to adapt the head too).
+        targets: Leaf names of the linear layers to adapt (add lm_head to adapt the head too); unset: every
+            attention and feed-forward projection the model has (q/k/v/o_proj, gate/up/down_proj; with experts,
+            theirs too).
         r: Rank of the update.
         alpha: Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).
         dropout: Dropout on the adapter's input during training.
         rslora: Use rank-stabilised scaling alpha / sqrt(r).
     """
 
-    targets: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    targets: list[str] | None = None
     r: PositiveInt = 8
     alpha: PositiveFloat = 16.0
     dropout: Fraction = 0.05
     rslora: bool = False
 
-    def settings(self) -> dict:
-        """The keyword arguments of `apply_lora`."""
-        return {"targets": tuple(self.targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+    def settings(self, model) -> dict:
+        """The keyword arguments of `apply_lora` for `model`."""
+        targets = self.targets
+        if targets is None:
+            leaves = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+            targets = [t for t in ALL_PROJECTIONS if t in leaves]
+        return {"targets": tuple(targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
                 "rslora": self.rslora}
 
 
