@@ -301,3 +301,20 @@ def test_the_native_decode_block_runs_the_router_and_experts(renormalise):
     converted = fuse_projections_(model)
     assert "layers.0.native" in converted and "layers.1.native" in converted
     torch.testing.assert_close(decode(model), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch, targets, leaves", [
+    ("phi", ["dense", "fc1", "fc2"], {"o_proj", "up_proj", "down_proj"}),
+    ("phi3", ["qkv_proj", "gate_up_proj"], {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}),
+    ("mixtral", ["w1", "w2"], {"gate_proj", "down_proj"}),
+])
+def test_lora_takes_each_familys_own_layer_names(arch, targets, leaves, tmp_path):
+    """Phi-2's dense/fc1/fc2, Phi-3's fused qkv_proj/gate_up_proj and Mixtral's w1/w2/w3 name our layers."""
+    from mightylm.adapters.lora import LoRALinear, apply_lora
+
+    hf = make_hf_model(arch)
+    hf.save_pretrained(tmp_path)
+    model, _ = mightylm.load(tmp_path)
+    converted = apply_lora(model, targets, r=2, alpha=4)
+    assert {name.rpartition(".")[2] for name in converted} == leaves
+    assert all(isinstance(model.get_submodule(name), LoRALinear) for name in converted)

@@ -27,6 +27,7 @@ from torch import nn
 
 from mightylm.adapters.files import AdapterError, read_adapter, read_adapter_config
 from mightylm.checkpoint import hf_to_ours, ours_to_hf, rename
+from mightylm.checkpoint.names import our_leaves
 
 PEFT_PREFIX = "base_model.model."
 
@@ -105,8 +106,9 @@ def _linear_leaves(model: nn.Module) -> dict[str, nn.Module]:
 
 def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, rslora: bool = False) -> list[str]:
-    """Wrap every linear layer whose leaf name is in `targets` (e.g. "lm_head" too) with LoRA,
-    and return the converted module names (`adapters.mark_trainable` decides what trains)."""
+    """Wrap every linear layer whose leaf name is in `targets` (e.g. "lm_head" too; a family's own names such as
+    Phi-2's fc1 or Phi-3's qkv_proj are taken too, names.LEAF_ALIASES) with LoRA, and return the converted module
+    names (`adapters.mark_trainable` decides what trains)."""
     if r < 1:
         raise AdapterError(f"LoRA rank r must be >= 1, got {r}")
     if alpha <= 0 or not 0 <= dropout < 1:
@@ -114,6 +116,8 @@ def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha
     if any(getattr(m, "fused_qkv", None) or getattr(m, "fused_gate_up", None) for m in model.modules()):
         raise AdapterError("the model has fused projections (fuse_projections_); apply LoRA before fusing, "
                            "or call fuse.unfuse_projections_ first")
+    config = getattr(model, "config", None)
+    targets = our_leaves(config.arch, targets) if config is not None else tuple(targets)
     leaves = _linear_leaves(model)
     known = sorted({name.rsplit(".", 1)[-1] for name in leaves})
     unknown = [t for t in targets if t not in known]

@@ -61,6 +61,21 @@ PHI_HF_TO_OURS = {
 
 FAMILY_HF_TO_OURS = {"mixtral": MIXTRAL_HF_TO_OURS, "phi": PHI_HF_TO_OURS}
 
+# A family's own leaf names for our modules, so that techniques targeting layers by name (LoRA) take the names the
+# family's users know: Phi-2's dense/fc1/fc2, Phi-3's fused qkv_proj/gate_up_proj (which we keep as separate
+# layers), Mixtral's w1/w3/w2.
+LEAF_ALIASES = {
+    "phi": {"dense": ("o_proj",), "fc1": ("up_proj",), "fc2": ("down_proj",)},
+    "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+    "mixtral": {"w1": ("gate_proj",), "w3": ("up_proj",), "w2": ("down_proj",)},
+}
+
+
+def our_leaves(arch: str, names) -> tuple[str, ...]:
+    """Leaf names with the `arch` family's aliases (LEAF_ALIASES) replaced by ours."""
+    aliases = LEAF_ALIASES.get(arch, {})
+    return tuple(dict.fromkeys(ours for name in names for ours in aliases.get(name, (name,))))
+
 OURS_TO_HF = {v: k for k, v in HF_TO_OURS.items()}
 
 
