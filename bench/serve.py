@@ -1,6 +1,7 @@
 """Load test of `mighty serve` against a naive baseline, on 127.0.0.1 only, bounded in count and time.
 
     .venv/bin/python bench/serve.py [--clients 1 4 16 64] [--requests-per-client 2] [--max-tokens 64]
+                                    [--blocks true|false] [--skip-baseline]
 
 The server is `mighty serve` (SmolLM2-135M-Instruct, continuous batching) in a process of its own
 on a loopback port, as deployed; N concurrent clients (threads here) each send streaming chat
@@ -104,6 +105,9 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--adapter", default="runs/out/lora-demo/adapter", help="a LoRA adapter for the mixed run")
+    p.add_argument("--blocks", default="true", choices=["true", "false"],
+                   help="mighty serve --blocks: keep the GGUF blocks (the default) or dequantize them at load")
+    p.add_argument("--skip-baseline", action="store_true", help="do not time transformers' one-at-a-time baseline")
     args = p.parse_args()
     import mightylm
 
@@ -120,11 +124,13 @@ def main():
 
     try:
         url, server = start_server(["--model", "smollm2-135m-instruct", "--name", "smollm2", "--adapter", f"lora={adapter}",
-                                    "--max-batch", str(args.max_batch), "--max-queue", "256", "--max-len", "1024"],
+                                    "--max-batch", str(args.max_batch), "--max-queue", "256", "--max-len", "1024",
+                                    "--blocks", args.blocks],
                                    "bench/out/serve.log")
     except RuntimeError as e:
         sys.exit(str(e))
-    print(f"server: mighty serve, max batch {args.max_batch}; {args.max_tokens} tokens per request, greedy")
+    print(f"server: mighty serve --blocks {args.blocks}, max batch {args.max_batch}; {args.max_tokens} tokens per "
+          "request, greedy")
     rows = []
     try:
         for n in args.clients:
@@ -133,9 +139,14 @@ def main():
             if n >= 16:
                 mixed = load(url, n, args.requests_per_client, args.max_tokens, ["smollm2", "smollm2:lora"])
                 report(mixed, f", half on LoRA: {mixed['tokens_per_s'] / rows[-1]['tokens_per_s']:.2f}x of base-only")
+        memory = {k: v for k, v in (line.split(":", 1) for line in Path(f"/proc/{server.pid}/status").read_text()
+                                    .splitlines()) if k in ("VmHWM", "VmRSS")}
+        print(f"server memory: resident {memory['VmRSS'].strip()}, peak {memory['VmHWM'].strip()}")
     finally:
         server.terminate()
         server.wait(30)
+    if args.skip_baseline:
+        return
     from transformers import AutoModelForCausalLM
 
     hf_dir = Path("bench/out/smollm2-hf")

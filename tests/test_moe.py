@@ -318,3 +318,50 @@ def test_lora_takes_each_familys_own_layer_names(arch, targets, leaves, tmp_path
     converted = apply_lora(model, targets, r=2, alpha=4)
     assert {name.rpartition(".")[2] for name in converted} == leaves
     assert all(isinstance(model.get_submodule(name), LoRALinear) for name in converted)
+
+
+def test_a_peft_adapter_on_phi3s_fused_layers_applies_to_our_separate_ones(tmp_path):
+    """PEFT on transformers' Phi3 adapts qkv_proj and gate_up_proj as single layers; loaded here, each of our q/k/v
+    (gate/up) layers takes the whole A and its rows of B: the logits equal PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    from mightylm.adapters.lora import load_lora
+
+    hf = make_hf_model("phi3")
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"],
+                                               init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    ours, _ = mightylm.load(tmp_path / "base")
+    load_lora(ours, tmp_path / "lora")
+    ids = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["phi", "phi3"])
+def test_our_lora_on_phi_loads_in_peft_with_the_same_logits(arch, tmp_path):
+    """save_lora on Phi-2 writes its own names (dense, fc1, fc2); on Phi-3 the q/k/v (gate/up) adapters become one
+    of rank 3r (2r) on the stacked layer with a block-diagonal B and PEFT's rank/alpha patterns. PEFT loads either
+    onto transformers' model with our logits, and we read our file back unchanged."""
+    from peft import PeftModel
+
+    from mightylm.adapters.lora import apply_lora, load_lora, save_lora
+
+    hf = make_hf_model(arch)
+    hf.save_pretrained(tmp_path / "base")
+    ours, _ = mightylm.load(tmp_path / "base")
+    apply_lora(ours, ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"), r=2, alpha=6)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_lora(ours, tmp_path / "lora")
+    ids = torch.randint(0, 320, (1, 10))
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "lora").eval()
+    again, _ = mightylm.load(tmp_path / "base")
+    load_lora(again, tmp_path / "lora")
+    with torch.no_grad():
+        expected = ours(ids)
+        torch.testing.assert_close(peft_model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again(ids), expected, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,7 @@ from torch import nn
 
 from mightylm.adapters.files import AdapterError, read_adapter, read_adapter_config
 from mightylm.checkpoint import hf_to_ours, ours_to_hf, rename
-from mightylm.checkpoint.names import our_leaves
+from mightylm.checkpoint.names import fused_parts, our_leaves, projection_rows
 
 PEFT_PREFIX = "base_model.model."
 
@@ -194,12 +194,17 @@ def save_lora(model: nn.Module, path: str | Path, base_model: str = "") -> Path:
         hf = PEFT_PREFIX + _hf_module(name, model.config.arch)
         tensors[f"{hf}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
         tensors[f"{hf}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    tensors, patterns = _stack_fused_lora(tensors, model.config, scaling, rslora)
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}), "bias": "none", "fan_in_fan_out": False,
-        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+        # the Hugging Face leaf names (Phi-2's dense/fc1/fc2, Phi-3's stacked qkv_proj/gate_up_proj), which PEFT finds
+        "target_modules": sorted({key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0].rpartition(".")[2]
+                                  for key in tensors}),
+        "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, **patterns,
     }
     record = model.quantization
     if record:  # QLoRA: the base these adapters were trained over, so loading can rebuild it
@@ -218,7 +223,7 @@ def read_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> tu
     cfg["target_modules"] = [targets] if isinstance(targets, str) else targets
     leaves = dict(model.named_modules())
     ours: dict[str, dict] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in _split_fused_lora(tensors, model.config, cfg["r"]).items():
         module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         which = "lora_" + which.replace(".default", "").split(".")[0]
         name = rename(module + ".weight", hf_to_ours(model.config.arch))
@@ -241,6 +246,69 @@ def read_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> tu
     if incomplete or not ours:
         raise AdapterError(f"{weights_file}: no lora_A/lora_B pair for {incomplete[:3] or 'any module'}")
     return cfg, ours
+
+
+def _stack_fused_lora(tensors: dict, config, scaling: float, rslora: bool) -> tuple[dict, dict]:
+    """The inverse of _split_fused_lora for saving: adapters on our separate q/k/v (gate/up) layers of a family that
+    stores them stacked (Phi-3) become one adapter of rank n * r on the stacked layer, A the parts' A's stacked and B
+    block-diagonal (a part without an adapter contributes zeros), the same update exactly. PEFT's rank_pattern and
+    alpha_pattern give those layers their rank and an alpha that keeps the scaling."""
+    from mightylm.checkpoint.names import FUSED_HF
+
+    fused = FUSED_HF.get(config.arch, {})
+    if not fused:
+        return tensors, {}
+    rows, patterns = projection_rows(config), {"rank_pattern": {}, "alpha_pattern": {}}
+    layers = sorted({key.removeprefix(PEFT_PREFIX).partition(".layers.")[2].partition(".")[0] for key in tensors
+                     if ".layers." in key})
+    for layer in layers:
+        prefix = f"{PEFT_PREFIX}model.layers.{layer}."
+        for stacked, parts in fused.items():
+            keys = [(f"{prefix}{p}.lora_A.weight", f"{prefix}{p}.lora_B.weight") for p in parts]
+            present = [(a, b) for a, b in keys if a in tensors]
+            if not present:
+                continue
+            r, dim = tensors[present[0][0]].shape
+            As, Bs = [], []
+            for (a, b), part in zip(keys, parts):
+                As.append(tensors.pop(a) if a in tensors else torch.zeros(r, dim))
+                Bs.append(tensors.pop(b) if b in tensors else torch.zeros(rows[part.rpartition(".")[2]], r))
+            tensors[f"{prefix}{stacked}.lora_A.weight"] = torch.cat(As).contiguous()
+            tensors[f"{prefix}{stacked}.lora_B.weight"] = torch.block_diag(*Bs).contiguous()
+            rank = r * len(parts)
+            leaf = stacked.rpartition(".")[2]
+            patterns["rank_pattern"][leaf] = rank
+            patterns["alpha_pattern"][leaf] = scaling * (math.sqrt(rank) if rslora else rank)
+    return tensors, patterns
+
+
+def _split_fused_lora(tensors: dict, config, r: int) -> dict:
+    """An adapter on a layer the family stores stacked (Phi-3's qkv_proj, gate_up_proj) as adapters of rank r on our
+    separate layers, the same update exactly: one of rank r (PEFT's) gives each part the whole A and its rows of B;
+    one of rank n * r with a block-diagonal B (ours, _stack_fused_lora) gives each part its own A and B block."""
+    out = {}
+    for key, tensor in tensors.items():
+        module, _, rest = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        parts = fused_parts(config.arch, module, projection_rows(config))
+        if parts is None:
+            out[key] = tensor
+            continue
+        if not rest.startswith("A"):
+            continue  # taken with its A below
+        a, b = tensor, tensors[f"{PEFT_PREFIX}{module}.lora_B{rest[1:]}"]
+        rows = [n for _, n in parts]
+        if a.shape[0] == r:
+            pairs = [(a, piece) for piece in b.split(rows)]
+        elif a.shape[0] == r * len(parts) and torch.equal(torch.block_diag(*[blk[:, i * r:(i + 1) * r] for i, blk in
+                                                                             enumerate(b.split(rows))]), b):
+            pairs = [(a[i * r:(i + 1) * r], piece[:, i * r:(i + 1) * r]) for i, piece in enumerate(b.split(rows))]
+        else:
+            raise AdapterError(f"{module}: a LoRA of rank {a.shape[0]} on a stacked layer (rank {r} expected, or "
+                               f"{r * len(parts)} with a block-diagonal B); per-layer ranks are not supported")
+        for (part, _), (pa, pb) in zip(parts, pairs):
+            out[f"{PEFT_PREFIX}{part}.lora_{rest}"] = pa.clone()
+            out[f"{PEFT_PREFIX}{part}.lora_B{rest[1:]}"] = pb.clone()
+    return out
 
 
 def lora_scaling(cfg: dict) -> float:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from mightylm.checkpoint.build import CheckpointError, assign, build, refuse_pickle, replay
-from mightylm.checkpoint.names import (hf_to_ours, ours_to_hf, rename, rename_quantized, split_fused,
-                                       split_fused_experts, stack_fused)
+from mightylm.checkpoint.names import (hf_to_ours, ours_to_hf, projection_rows, rename, rename_quantized,
+                                       split_fused, split_fused_experts, stack_fused)
 from mightylm.config import ConfigError, ModelConfig
 from mightylm.model import Transformer
 from mightylm.tokenizer import Tokenizer
@@ -26,9 +26,7 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
     model = build(config)
     replay(model, _transforms_record(files[0]), files[0])  # e.g. quantized modules, before their tensors go in
     state, names = {}, hf_to_ours(config.arch)
-    c = config
-    sizes = {"q_proj": c.n_heads * c.head_dim, "k_proj": c.n_kv_heads * c.head_dim, "v_proj": c.n_kv_heads * c.head_dim,
-             "gate_proj": c.ffn_dim, "up_proj": c.ffn_dim}
+    sizes = projection_rows(config)
     for file in files:
         tensors = (pair for item in _read_safetensors(file).items() for pair in split_fused_experts(*item))
         for name, tensor in (pair for item in tensors for pair in split_fused(config.arch, *item, sizes)):

@@ -97,18 +97,34 @@ FUSED_HF = {
 }
 
 
+def fused_parts(arch: str, module: str, sizes: dict[str, int]) -> list[tuple[str, int]] | None:
+    """[(per-projection HF module name, rows)] of a module `arch` stores stacked (FUSED_HF), or None; `sizes`
+    gives each part's rows by its leaf name (q_proj, k_proj, ...)."""
+    for fused, parts in FUSED_HF.get(arch, {}).items():
+        if module.endswith(f".{fused}"):
+            prefix = module[: -len(fused)]
+            return [(f"{prefix}{p}", sizes[p.rpartition(".")[2]]) for p in parts]
+    return None
+
+
 def split_fused(arch: str, name: str, tensor, sizes: dict[str, int]):
     """[(per-projection HF name, rows)] of a stacked tensor of `arch` (FUSED_HF), or [(name, tensor)] for any
-    other; `sizes` gives each part's rows by its leaf name (q_proj, k_proj, ...)."""
-    for fused, parts in FUSED_HF.get(arch, {}).items():
-        if name.endswith(f".{fused}.weight"):
-            prefix = name[: -len(f"{fused}.weight")]
-            rows = [sizes[p.rpartition(".")[2]] for p in parts]
-            if sum(rows) != tensor.shape[0]:
-                raise ValueError(f"{name}: {tensor.shape[0]} rows, expected {' + '.join(map(str, rows))}")
-            # copies, not views of one tensor: an in-place update of one part (LOMO) must not touch the others
-            return [(f"{prefix}{p}.weight", t.clone()) for p, t in zip(parts, tensor.split(rows))]
-    return [(name, tensor)]
+    other."""
+    parts = fused_parts(arch, name.removesuffix(".weight"), sizes) if name.endswith(".weight") else None
+    if parts is None:
+        return [(name, tensor)]
+    rows = [n for _, n in parts]
+    if sum(rows) != tensor.shape[0]:
+        raise ValueError(f"{name}: {tensor.shape[0]} rows, expected {' + '.join(map(str, rows))}")
+    # copies, not views of one tensor: an in-place update of one part (LOMO) must not touch the others
+    return [(f"{p}.weight", t.clone()) for (p, _), t in zip(parts, tensor.split(rows))]
+
+
+def projection_rows(config) -> dict[str, int]:
+    """Each projection's output rows by leaf name, for splitting stacked tensors."""
+    c = config
+    return {"q_proj": c.n_heads * c.head_dim, "k_proj": c.n_kv_heads * c.head_dim,
+            "v_proj": c.n_kv_heads * c.head_dim, "gate_proj": c.ffn_dim, "up_proj": c.ffn_dim}
 
 
 def stack_fused(arch: str, tensors: dict) -> dict:
