@@ -96,9 +96,14 @@ def _flat_mask(mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
     return (torch.ones(n, device=device) if mask is None else mask.reshape(-1).to(device=device, dtype=torch.float32))
 
 
-def _routed(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    return probs, torch.topk(probs, top_k, dim=-1).indices
+def _routing(layer: torch.Tensor, top_k: int, mask: torch.Tensor | None):
+    """One layer's (router probabilities (N, E), token mask (N,), routings per expert (E,), mask-weighted)."""
+    m = _flat_mask(mask, layer.shape[0], layer.device)
+    probs = torch.softmax(layer.float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    counts = torch.zeros(layer.shape[-1], device=layer.device).scatter_add_(0, chosen.reshape(-1),
+                                                                           m.repeat_interleave(top_k))
+    return probs, m, counts
 
 
 def balancing_loss(logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,14 +112,10 @@ def balancing_loss(logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | 
     `mask` (B, T) or (N,): 1 for tokens to count (padding 0)."""
     losses = []
     for layer in logits:
-        n_experts = layer.shape[-1]
-        m = _flat_mask(mask, layer.shape[0], layer.device)
-        probs, chosen = _routed(layer, top_k)
-        counts = torch.zeros(n_experts, device=layer.device).scatter_add_(0, chosen.reshape(-1),
-                                                                          m.repeat_interleave(top_k))
+        probs, m, counts = _routing(layer, top_k, mask)
         f = counts / (m.sum() * top_k)
         p = (probs * m[:, None]).sum(0) / m.sum()
-        losses.append(n_experts * (f * p).sum())
+        losses.append(layer.shape[-1] * (f * p).sum())
     return torch.stack(losses).mean()
 
 
@@ -126,10 +127,8 @@ def hf_balancing_loss(logits: list[torch.Tensor], n_experts: int, top_k: int,
     prob_sum = torch.zeros(n_experts, device=logits[0].device)
     rows = 0.0
     for layer in logits:
-        m = _flat_mask(mask, layer.shape[0], layer.device)
-        probs, chosen = _routed(layer, top_k)
-        counts = counts + torch.zeros(n_experts, device=layer.device).scatter_add_(0, chosen.reshape(-1),
-                                                                                   m.repeat_interleave(top_k))
+        probs, m, layer_counts = _routing(layer, top_k, mask)
+        counts = counts + layer_counts
         prob_sum = prob_sum + (probs * m[:, None]).sum(0)
         rows = rows + m.sum()
     return n_experts * ((counts / rows) * (prob_sum / rows)).sum()
@@ -178,12 +177,8 @@ def usage(logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = No
     0.0 dead, E all of them)."""
     rows = []
     for layer in logits:
-        n_experts = layer.shape[-1]
-        m = _flat_mask(mask, layer.shape[0], layer.device)
-        _, chosen = _routed(layer, top_k)
-        counts = torch.zeros(n_experts, device=layer.device).scatter_add_(0, chosen.reshape(-1),
-                                                                          m.repeat_interleave(top_k))
-        rows.append(counts / counts.sum().clamp(min=1) * n_experts)
+        _, _, counts = _routing(layer, top_k, mask)
+        rows.append(counts / counts.sum().clamp(min=1) * layer.shape[-1])
     return torch.stack(rows)
 
 
