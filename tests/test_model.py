@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,20 @@ def test_a_packed_row_computes_exactly_its_documents_one_by_one(overrides):
         logits = model(packed, documents=documents)[0].split(lengths)
         for i, d in enumerate(docs):
             torch.testing.assert_close(logits[i], model(d[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_a_kv_cache_holds_memory_for_the_slots_written_not_its_size():
+    """A server's pool is max_batch x max_len slots; the pages of slots never written stay unmapped (an anonymous
+    memory map, zero-filled on first touch), so a 1 GiB cache costs little until filled; what is read is zeros."""
+    def resident_mib():
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    config = ModelConfig(vocab_size=256, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=128, max_seq_len=4096)
+    before = resident_mib()
+    cache = KVCache(config, batch_size=16, max_len=2048)  # 8 layers x 2 x 16 x 8 x 2048 x 64 x 4 bytes = 1 GiB
+    assert sum(t.numel() * t.element_size() for t in cache.k + cache.v) == 2**30
+    k, v = cache.update(0, 0, torch.ones(16, 8, 10, 64), torch.ones(16, 8, 10, 64))
+    assert k.shape == (16, 8, 10, 64) and float(cache.k[0][:, :, 10:20].abs().sum()) == 0.0
+    assert resident_mib() - before < 200
