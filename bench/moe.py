@@ -37,29 +37,17 @@ def shape(**overrides):
     return ModelConfig(**base)
 
 
-def loss_with(balance: str):
-    """The training loss with a given balancing (moe.router_losses), the rest as train.cross_entropy."""
-    from mightylm import moe
-
-    def loss_fn(model, batch):
-        loss = model(batch["input_ids"], labels=batch["labels"])
-        if model.training and moe.moe_layers(model):
-            extra, parts = moe.router_losses(model, balance=balance)
-            return loss + extra, {"ce": float(loss.detach()), **parts}
-        return loss
-    return loss_fn
-
-
 def train(model, windows, val, steps: int, run: Path, balance: str = "per_layer"):
     import json
 
     from mightylm.data.loader import Loader
+    from mightylm.moe import set_router_losses
     from mightylm.train import TrainConfig, fit
 
     cfg = TrainConfig(steps=steps, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=20, eval_every=max(steps // 6, 1),
                       eval_batches=8, save_every=10**9, log_every=10, seed=0)
-    fit(model, Loader(windows, 8, seed=0), run, cfg, val=Loader(val, 8, shuffle=False), loss_fn=loss_with(balance),
-        progress=False)
+    set_router_losses(model, balance=balance)  # the default loss adds them, as `mighty pretrain --router.balance`
+    fit(model, Loader(windows, 8, seed=0), run, cfg, val=Loader(val, 8, shuffle=False), progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
     last = [r for r in rows if "moe_util_min" in r][-1:] or [{}]

@@ -279,6 +279,10 @@ _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
                      "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
+# Phi-1.5 / Phi-2's architecture axes, from a config.json or a GGUF file alike
+PHI_AXES = dict(norm="layer", parallel_block=True, mlp_act="gelu", o_bias=True, head_bias=True)
+
+
 def _phi_from_hf(model_type: str, hf: dict) -> dict:
     """Phi-1.5 / Phi-2's axes (empty for the other types). Refuses what we do not build: q/k LayerNorms."""
     if model_type != "phi":
@@ -287,7 +291,7 @@ def _phi_from_hf(model_type: str, hf: dict) -> dict:
         raise ConfigError("phi with qk_layernorm is not supported (no released Phi checkpoint uses it)")
     if hf.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ConfigError(f"phi with hidden_act {hf.get('hidden_act')!r} is not supported; supported: gelu_new")
-    return dict(norm="layer", parallel_block=True, mlp_act="gelu", o_bias=True, head_bias=True)
+    return dict(PHI_AXES)
 
 
 def _moe_from_hf(model_type: str, hf: dict) -> dict:

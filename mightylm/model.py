@@ -19,9 +19,8 @@ Seams for later techniques:
 - Architecture axes of the config enter as follows: `n_kv_heads` (grouped-query attention in `attend`),
   `qkv_bias`, `o_bias`, `head_bias` (Linear biases), `norm` (`make_norm`: RMSNorm or LayerNorm), `parallel_block`
   (`Block.forward`: attention and MLP from one norm, summed), `mlp_act` (`make_mlp`: SwiGLU or Phi-2's GELU MLP),
-  `partial_rotary_factor` (`apply_rope` turns the first `rotary_dim`
-  dimensions of each head), `qk_norm` and `clip_qkv` (OLMoE: `Attention.forward` before the heads
-  split), `sliding_window` (the mask), `rope_scaling` (ROPE_SCALINGS), `tie_embeddings` (the head shares the
+  `partial_rotary_factor` (`apply_rope` turns the first `rotary_dim` dimensions of each head), `qk_norm` and
+  `clip_qkv` (OLMoE: `Attention.forward` before the heads split), `sliding_window` (the mask), `rope_scaling` (ROPE_SCALINGS), `tie_embeddings` (the head shares the
   table), `n_experts` and friends (`make_mlp`).
 - RoPE scalings are a table, `ROPE_SCALINGS`; initialisation finds residual projections by leaf name.
 - The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
@@ -65,11 +64,11 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
-def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+def make_norm(config: ModelConfig) -> nn.Module:
     """The block and final norms: RMSNorm, or LayerNorm with a bias (Phi-2; config.norm == "layer")."""
     if config.norm == "layer":
-        return nn.LayerNorm(dim or config.dim, eps=config.norm_eps)
-    return RMSNorm(dim or config.dim, config.norm_eps)
+        return nn.LayerNorm(config.dim, eps=config.norm_eps)
+    return RMSNorm(config.dim, config.norm_eps)
 
 
 def _linear_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

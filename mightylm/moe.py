@@ -87,9 +87,10 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def router_logits(model: nn.Module) -> list[torch.Tensor]:
-    """Each MoE layer's router logits from the model's last forward, in layer order."""
-    return [m.router_logits for m in moe_layers(model) if m.router_logits is not None]
+def router_logits(model: nn.Module, layers: list[MoE] | None = None) -> list[torch.Tensor]:
+    """Each MoE layer's router logits from the model's last forward, in layer order (`layers`: moe_layers(model),
+    when the caller has them)."""
+    return [m.router_logits for m in (moe_layers(model) if layers is None else layers) if m.router_logits is not None]
 
 
 def _flat_mask(mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
@@ -201,13 +202,14 @@ def router_losses(model: nn.Module, balance: str | None = None, aux_coef: float 
     the balancing loss (`balance`: "per_layer", "hf" or "off") times `aux_coef`, the z-loss times `z_coef` (each
     defaulting to the layers' settings, see set_router_losses: per_layer, 0.01, 0.001), and the lowest and highest
     expert utilisation over the layers (0.0 is a dead expert; near E is collapse)."""
-    first = moe_layers(model)[0]
+    layers = moe_layers(model)  # one walk over the modules per step
+    first = layers[0]
     balance = first.balance if balance is None else balance
     aux_coef = first.aux_coef if aux_coef is None else aux_coef
     z_coef = first.z_coef if z_coef is None else z_coef
     if balance not in BALANCES:
         raise ValueError(f"balance must be per_layer, hf or off, got {balance!r}")
-    logits = router_logits(model)
+    logits = router_logits(model, layers)
     top_k = first.top_k
     if balance == "per_layer":
         aux = balancing_loss(logits, top_k, mask)
@@ -218,7 +220,7 @@ def router_losses(model: nn.Module, balance: str | None = None, aux_coef: float 
     z = z_loss(logits, mask)
     util = usage(logits, top_k, mask)
     extra = aux_coef * aux + z_coef * z
-    _watch(moe_layers(model), util)
+    _watch(layers, util)
     cells = {f"{UTIL_PREFIX}{layer}.E{e}": float(u) for layer, row in enumerate(util) for e, u in enumerate(row)}
     return extra, {"moe_balance": float(aux.detach()), "moe_z": float(z.detach()), "moe_util_min": float(util.min()),
                    "moe_util_max": float(util.max()), **cells}

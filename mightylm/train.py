@@ -4,8 +4,8 @@ Every technique reaches it from outside: a transformed model (LoRA, QLoRA, promp
 `loss_fn` (distillation), or an `optimizer` (LOMO updates inside backward, so its step() is a
 no-op). There is no Trainer class and no callback list. `loss_fn(model, batch)` returns the loss or
 (loss, {name: value}); the named parts are logged with it (those with a dot in the name, such as a mixture's
-per-expert utilisation `moe_util.L0.E3`, go to metrics.jsonl only, not to the progress bar). Blocks are found by type and tied heads
-are read from the model, so a wrapper around a Transformer trains here unchanged.
+per-expert utilisation `moe_util.L0.E3`, go to metrics.jsonl only, not to the progress bar). Blocks are found
+by type and tied heads are read from the model, so a wrapper around a Transformer trains here unchanged.
 
 What a run directory holds while training:
     metrics.jsonl            one JSON object per log line (train) and per validation

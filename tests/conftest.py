@@ -115,3 +115,32 @@ def hf_dir(request, tmp_path_factory, bpe_tokenizer):
     model.save_pretrained(path)
     bpe_tokenizer.save(path)
     return arch, path, model
+
+
+def serve_all(engine, jobs, timeout: float = 60):
+    """Submit (prompt ids, Sampling, adapter id) jobs to a serve Engine together, run it until all are done, stop
+    it; returns their Sequences (`.generated` holds each one's tokens)."""
+    import threading
+
+    from mightylm.serve.engine import Sequence
+
+    finished, done = set(), threading.Event()
+
+    def emit_for(i):
+        def emit(ev):  # called in the engine thread
+            if ev["type"] == "done":
+                finished.add(i)
+                if len(finished) == len(jobs):
+                    done.set()
+        return emit
+
+    seqs = [Sequence(prompt, sampling, emit_for(i), adapter=adapter) for i, (prompt, sampling, adapter) in
+            enumerate(jobs)]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.start()
+    try:
+        assert done.wait(timeout)
+    finally:
+        engine.stop()
+    return seqs

@@ -12,7 +12,7 @@ from gguf.quants import dequantize, quantize
 import mightylm
 from mightylm.checkpoint import CHUNKED, CheckpointError
 
-from conftest import SAMPLE_TEXT, make_hf_model
+from conftest import SAMPLE_TEXT, make_hf_model, serve_all
 
 HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -479,13 +479,11 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     """`mighty serve` keeps a GGUF file's blocks by default: a batch of requests, with and without a LoRA
     adapter, is decoded by the block kernels several rows at a time, and every request gets the tokens the
     dequantized model gives it alone."""
-    import threading
-
     from mightylm.adapters.lora import apply_lora, save_lora
     from mightylm.compress.gguf_blocks import GGUFLinear
     from mightylm.generate import Sampling, generate
     from mightylm.serve.adapters import AdapterBank
-    from mightylm.serve.engine import Engine, Sequence
+    from mightylm.serve.engine import Engine
 
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
     write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q4_1)
@@ -504,26 +502,8 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     bank.add("lora", tmp_path / "lora")
     prompts = [tokenizer.encode(text) for text in ("To be", "The quick brown fox", "whether 'tis nobler")]
     jobs = [(p, adapter) for p in prompts for adapter in (None, "lora")]
-    got, finished, done = [None] * len(jobs), set(), threading.Event()
-
-    def emit_for(i):
-        def emit(ev):
-            if ev["type"] == "done":
-                finished.add(i)
-                if len(finished) == len(jobs):
-                    done.set()
-        return emit
-
-    engine = Engine(kept, tokenizer, bank, max_batch=8, max_len=64)
-    seqs = [Sequence(p, Sampling(max_new_tokens=8), emit_for(i), adapter=bank.ids.get(a, 0))
-            for i, (p, a) in enumerate(jobs)]
-    for seq in seqs:
-        engine.submit(seq)
-    engine.start()
-    try:
-        assert done.wait(60)
-    finally:
-        engine.stop()
+    seqs = serve_all(Engine(kept, tokenizer, bank, max_batch=8, max_len=64),
+                     [(p, Sampling(max_new_tokens=8), bank.ids.get(a, 0)) for p, a in jobs])
     for seq, (p, adapter) in zip(seqs, jobs):
         reference = lora if adapter else dense
         with torch.no_grad():

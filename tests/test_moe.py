@@ -11,7 +11,7 @@ from mightylm.model import MLP, Transformer
 from mightylm.moe import (MoE, balancing_loss, hf_balancing_loss, router_logits, router_losses, upcycle_, usage,
                           z_loss)
 
-from conftest import make_hf_model
+from conftest import make_hf_model, serve_all
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
 
@@ -370,34 +370,15 @@ def test_our_lora_on_phi_loads_in_peft_with_the_same_logits(arch, tmp_path):
 def test_the_server_batches_a_mixture_of_experts(bpe_tokenizer):
     """`mighty serve` on a mixture: requests batched together (prefill grouped by expert, decode rows side by side)
     each get the tokens the model generates for them alone."""
-    import threading
-
     from mightylm.generate import Sampling, generate
     from mightylm.serve.adapters import AdapterBank
-    from mightylm.serve.engine import Engine, Sequence
+    from mightylm.serve.engine import Engine
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny-moe", vocab_size=bpe_tokenizer.vocab_size)).eval()
     prompts = [bpe_tokenizer.encode(t) for t in ("To be", "The quick brown fox jumps", "whether 'tis nobler")]
-    done, finished = threading.Event(), set()
-
-    def emit_for(i):
-        def emit(ev):
-            if ev["type"] == "done":
-                finished.add(i)
-                if len(finished) == len(prompts):
-                    done.set()
-        return emit
-
-    engine = Engine(model, bpe_tokenizer, AdapterBank(model), max_batch=4, max_len=64)
-    seqs = [Sequence(p, Sampling(max_new_tokens=6), emit_for(i)) for i, p in enumerate(prompts)]
-    for seq in seqs:
-        engine.submit(seq)
-    engine.start()
-    try:
-        assert done.wait(60)
-    finally:
-        engine.stop()
+    seqs = serve_all(Engine(model, bpe_tokenizer, AdapterBank(model), max_batch=4, max_len=64),
+                     [(p, Sampling(max_new_tokens=6), 0) for p in prompts])
     with torch.no_grad():
         for seq, p in zip(seqs, prompts):
             assert seq.generated == generate(model, [p], Sampling(max_new_tokens=6))[0]

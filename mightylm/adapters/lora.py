@@ -286,16 +286,18 @@ def _split_fused_lora(tensors: dict, config, r: int) -> dict:
     """An adapter on a layer the family stores stacked (Phi-3's qkv_proj, gate_up_proj) as adapters of rank r on our
     separate layers, the same update exactly: one of rank r (PEFT's) gives each part the whole A and its rows of B;
     one of rank n * r with a block-diagonal B (ours, _stack_fused_lora) gives each part its own A and B block."""
-    out = {}
+    out, sizes = {}, projection_rows(config)
     for key, tensor in tensors.items():
         module, _, rest = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-        parts = fused_parts(config.arch, module, projection_rows(config))
+        parts = fused_parts(config.arch, module, sizes)
         if parts is None:
             out[key] = tensor
             continue
         if not rest.startswith("A"):
             continue  # taken with its A below
-        a, b = tensor, tensors[f"{PEFT_PREFIX}{module}.lora_B{rest[1:]}"]
+        a, b = tensor, tensors.get(f"{PEFT_PREFIX}{module}.lora_B{rest[1:]}")
+        if b is None:
+            raise AdapterError(f"{module}: a lora_A without its lora_B")
         rows = [n for _, n in parts]
         if a.shape[0] == r:
             pairs = [(a, piece) for piece in b.split(rows)]

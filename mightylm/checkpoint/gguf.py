@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from mightylm.checkpoint.build import CheckpointError, assign, build
-from mightylm.checkpoint.names import (GGUF_STACKED_EXPERTS, GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, rename,
-                                       tensor_transform)
-from mightylm.config import ConfigError, ModelConfig
+from mightylm.checkpoint.names import (GGUF_STACKED_EXPERTS, GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, projection_rows,
+                                       rename, tensor_transform)
+from mightylm.config import PHI_AXES, ConfigError, ModelConfig
 from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
 
@@ -20,44 +20,33 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
     `keep_blocks`, the projections and the head stored as Q8_0 / Q4_0 / Q4_1 stay as stored
     (compress/gguf_blocks.GGUFLinear). A head tied to the embedding then reads the table's blocks, while token
     lookups read the dequantized table."""
-    from mightylm.checkpoint.gguf_file import dequantize
-
     file, meta = gguf_metadata(path)
     config = gguf_config(meta, file, source=path)
     model = build(config)
     state, kept = {}, []
     for t in file.tensors:
         ours = rename(t.name, GGUF_TO_OURS)
-        stacked_experts = rename(t.name, {k: k for k in GGUF_STACKED_EXPERTS}) is not None
         fused = _fused_parts(t.name, config)
         if fused:  # q/k/v in one tensor (phi2, phi3), gate and up in one (phi3): split by rows
-            whole = dequantize(t)
+            whole = _dequantized(t, path)
             for (name, rows), part in zip(fused, whole.split([rows for _, rows in fused])):
                 state[name] = (part.clone(), path, t.name)  # copies: parts must not share storage
             continue
-        if ours is None and not stacked_experts and t.name != "rope_freqs.weight":
-            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
-        if ours is None:
-            if t.name == "rope_freqs.weight":
-                continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
-            try:
-                stacked = dequantize(t)  # (experts, out, in)
-            except NotImplementedError:
-                raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") \
-                    from None
+        if ours is None and rename(t.name, {k: k for k in GGUF_STACKED_EXPERTS}) is not None:
+            stacked = _dequantized(t, path)  # (experts, out, in)
             for e in range(stacked.shape[0]):
                 state[rename(t.name.replace(".ffn_", f".{e}.ffn_", 1), _per_expert())] = (stacked[e].clone(), path,
                                                                                           t.name)
             continue
+        if ours is None:
+            if t.name == "rope_freqs.weight":
+                continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
         if keep_blocks and _keepable(ours, t):
             tensor = _kept_blocks(model, ours, t)
             kept.append(ours.removesuffix(".weight"))
         else:
-            tensor = None
-        try:
-            tensor = dequantize(t) if tensor is None else tensor
-        except NotImplementedError:
-            raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") from None
+            tensor = _dequantized(t, path)
         if ours.endswith("shared_expert_gate.weight"):
             tensor = tensor.reshape(1, -1)  # llama.cpp stores the shared expert's gate as a vector
         per_key = tensor_transform(ours, GGUF_TENSOR_TRANSFORMS) if config.arch in ("llama", "mixtral") else None
@@ -77,19 +66,26 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
     return model, gguf_tokenizer(meta, path)
 
 
+def _dequantized(t, path) -> torch.Tensor:
+    from mightylm.checkpoint.gguf_file import dequantize
+
+    try:
+        return dequantize(t)
+    except NotImplementedError:
+        raise CheckpointError(f"{path}: tensor {t.name!r} uses {t.type_name}, which we cannot dequantize") from None
+
+
 def _fused_parts(name: str, config) -> list[tuple[str, int]]:
     """[(our name, rows)] of a GGUF tensor that stacks several of our projections, else []."""
     layer, _, rest = name.removeprefix("blk.").partition(".")
     if not name.startswith("blk.") or not layer.isdigit():
         return []
-    c, prefix = config, f"layers.{layer}."
+    rows, prefix = projection_rows(config), f"layers.{layer}."
     if rest in ("attn_qkv.weight", "attn_qkv.bias"):
         kind = rest.rpartition(".")[2]
-        return [(f"{prefix}attn.{p}.{kind}", rows) for p, rows in (("q_proj", c.n_heads * c.head_dim),
-                                                                  ("k_proj", c.n_kv_heads * c.head_dim),
-                                                                  ("v_proj", c.n_kv_heads * c.head_dim))]
-    if rest == "ffn_up.weight" and c.arch == "phi3":  # llama.cpp keeps Phi-3's gate_up_proj whole as ffn_up
-        return [(f"{prefix}mlp.gate_proj.weight", c.ffn_dim), (f"{prefix}mlp.up_proj.weight", c.ffn_dim)]
+        return [(f"{prefix}attn.{p}.{kind}", rows[p]) for p in ("q_proj", "k_proj", "v_proj")]
+    if rest == "ffn_up.weight" and config.arch == "phi3":  # llama.cpp keeps Phi-3's gate_up_proj whole as ffn_up
+        return [(f"{prefix}mlp.{p}.weight", rows[p]) for p in ("gate_proj", "up_proj")]
     return []
 
 
@@ -185,8 +181,7 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
                    norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch == "llama")))
     ours = {"llama": "mixtral" if experts else "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
             "phi2": "phi", "phi3": "phi3"}
-    phi = dict(norm="layer", parallel_block=True, mlp_act="gelu", o_bias=True, head_bias="output.bias" in names) \
-        if arch == "phi2" else {}
+    phi = {**PHI_AXES, "head_bias": "output.bias" in names} if arch == "phi2" else {}
     head_dim = int(meta.get(f"{arch}.attention.key_length", dim // n_heads))
     rotary = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     eps = meta.get(f"{arch}.attention.layer_norm_epsilon" if arch == "phi2" else f"{arch}.attention.layer_norm_rms_epsilon")

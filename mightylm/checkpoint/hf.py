@@ -29,7 +29,7 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
     sizes = projection_rows(config)
     for file in files:
         tensors = (pair for item in _read_safetensors(file).items() for pair in split_fused_experts(*item))
-        for name, tensor in (pair for item in tensors for pair in split_fused(config.arch, *item, sizes)):
+        for name, tensor in (pair for item in tensors for pair in _split_fused(file, config.arch, *item, sizes)):
             ours = rename_quantized(name, names)
             if ours is None:
                 if name.endswith("rotary_emb.inv_freq"):
@@ -41,6 +41,13 @@ def load_hf(path: Path, *, dtype=torch.float32, device="cpu"):
     assign(model, state, dtype, device, source=path)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     return model, tokenizer
+
+
+def _split_fused(file: Path, arch: str, name: str, tensor: torch.Tensor, sizes: dict[str, int]):
+    try:
+        return split_fused(arch, name, tensor, sizes)
+    except ValueError as e:  # a stacked tensor whose rows do not fit config.json
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def _safetensors_files(path: Path) -> list[Path]:

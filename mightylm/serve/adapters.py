@@ -2,7 +2,8 @@
 batch, without merging anything into the weights.
 
 - LoRA: every linear layer some adapter targets (a plain nn.Linear, or a GGUF file's blocks kept as stored) is
-  wrapped in a `MultiLoRALinear` (a module transform, like `apply_lora`): the base layer's product for every row, plus, for each adapter present in the batch,
+  wrapped in a `MultiLoRALinear` (a module transform, like `apply_lora`): the base layer's product for every row,
+  plus, for each adapter present in the batch,
   ((x A_i^T) * m_i) (s_i B_i)^T, where the row mask m_i is 1 on that adapter's rows and 0 elsewhere
   (at LoRA ranks the product for every row costs less than gathering and scattering rows). The
   masks are made once per forward (`AdapterBank.set_rows`), not in each of the hundreds of layers.
