@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-from mightylm.options import ClosedUnitInterval, NonNegativeFloat, PositiveInt, Probability, Seed
+from mightylm.options import ClosedUnitInterval, Fraction, NonNegativeFloat, PositiveInt, Probability, Seed
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DType = Literal["float32", "bfloat16", "float16"]
@@ -232,6 +232,84 @@ def quantize(
           f"({before / after:.2f}x smaller); outputs on a probe text: {done['change']}; wrote {target}")
 
 
+def prune(
+    model: str,
+    out: str,
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda",
+    sparsity: Fraction | None = None,
+    pattern: str | None = None,
+    structured: bool = False,
+    ffn: ClosedUnitInterval = 1.0,
+    heads: ClosedUnitInterval = 1.0,
+    dim: ClosedUnitInterval = 1.0,
+    layers: PositiveInt | None = None,
+    calib: str = "shakespeare",
+    calib_windows: PositiveInt = 16,
+    overwrite: bool = False,
+) -> None:
+    """Prune a model and write an ordinary checkpoint (transformers loads it; what was pruned is recorded with it).
+
+    Unstructured or N:M pruning zeroes weights of the projections (--sparsity 0.5, or --pattern 2:4): magnitude
+    needs nothing else; wanda and sparsegpt weigh each weight by its inputs on --calib text, block by block. A 2:4
+    model decodes through a kernel that reads only its kept weights. Fine-tuning a pruned model
+    (`mighty finetune full`, `mighty distill`) keeps its zeros.
+    Structured pruning (--structured true, Minitron-style) removes whole FFN neurons, key/value head groups,
+    embedding channels and blocks, ranked by their activations on --calib: the result is a smaller config
+    that decodes faster. Train it back with `mighty distill --teacher <the original>`.
+    Prints the parameters, the sparsity and how far the outputs moved on a probe text.
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        out: The directory to write: a new or empty one (written under a temporary name and renamed when complete).
+        method: magnitude, wanda (Sun et al. 2023) or sparsegpt (Frantar & Alistarh 2023), for unstructured / N:M.
+        sparsity: The fraction of each projection's weights to zero (0 up to 1).
+        pattern: N:M instead of a sparsity: zero N of every M consecutive inputs (2:4, 4:8).
+        structured: Remove whole units instead (--ffn, --heads, --dim, --layers).
+        ffn: structured: the fraction of FFN neurons kept in each block.
+        heads: structured: the fraction of key/value head groups kept in each block (their query heads go with them).
+        dim: structured: the fraction of embedding channels kept.
+        layers: structured: the number of blocks kept (the least influential go; default all).
+        calib: Calibration text: a text file, a directory of them, JSONL with "text", or the embedded corpus
+            shakespeare.
+        calib_windows: Calibration windows of 256 tokens.
+        overwrite: Replace --out if it already holds something (never when it is the model or the calibration text).
+    """
+    import mightylm
+    from mightylm.compress.calibration import calibration_batches
+    from mightylm.compress.probe import output_change, probe_ids
+    from mightylm.errors import UsageError
+    from mightylm.compress.prune import check_request, parse_pattern, prune_, sparsity_of
+    from mightylm.outputs import check_output, written_into
+
+    if structured:
+        if sparsity is not None or pattern is not None:
+            raise UsageError("--structured removes whole units (--ffn, --heads, --dim, --layers); --sparsity and "
+                             "--pattern are for unstructured pruning: use one or the other")
+    else:
+        check_request(method, sparsity, parse_pattern(pattern))
+    target = check_output(out, inputs=[model, calib], overwrite=overwrite)
+    net, tokenizer = mightylm.load(model)
+    probe = probe_ids(tokenizer)
+    reference = net(probe)
+    before = net.config.n_params
+    batches = None if method == "magnitude" and not structured else calibration_batches(
+        calib, tokenizer, calib_windows, method="structured pruning" if structured else method)
+    if structured:
+        from mightylm.compress.structured import measure, prune_structured
+
+        net = prune_structured(net, measure(net, batches), ffn=ffn, heads=heads, dim=dim, layers=layers)
+        c = net.config
+        what = (f"{c.n_layers} layers, dim {c.dim}, {c.n_heads} heads ({c.n_kv_heads} key/value), ffn {c.ffn_dim}; "
+                f"{before / 1e6:.1f}M -> {c.n_params / 1e6:.1f}M parameters")
+    else:
+        names = prune_(net, method, sparsity=sparsity, pattern=parse_pattern(pattern), batches=batches, progress=True)
+        what = f"{len(names)} projections {sparsity_of(net, names):.1%} zero"
+    change = output_change(net(probe), reference)
+    with written_into(target) as tmp:
+        mightylm.save(net, tokenizer, tmp)
+    print(f"{'structured' if structured else method}: {what}; outputs on a probe text: {change}; wrote {target}")
+
+
 def upcycle(model: str, out: str, experts: PositiveInt = 8, top_k: PositiveInt = 2, overwrite: bool = False) -> None:
     """Turn a dense model into a sparse mixture of experts (sparse upcycling, Komatsuzaki et al. 2023).
 
@@ -335,7 +413,7 @@ def _verbs() -> dict:
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
                          "humaneval, arithmetic, corr2cause, choice, emergence.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
-            "quantize": quantize, "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env}
+            "quantize": quantize, "prune": prune, "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env}
 
 
 def _group_fields(verb) -> dict[str, str]:

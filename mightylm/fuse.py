@@ -36,8 +36,9 @@ from torch import nn
 from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
+from mightylm.compress.sparse24 import Sparse24Linear, unpack_24
 from mightylm.kernels import (BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
-                              linear)
+                              gemv_sparse24, linear)
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
 from mightylm.moe import MoE
 
@@ -201,6 +202,34 @@ def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
     return FusedGGUFProjection(weight, parts[0].ggml_type, bias, parts[0].in_features)
 
 
+class FusedSparse24Projection:
+    """2:4 sparse q/k/v (or gate/up): kept values and positions stacked by rows (the layers' own become views),
+    one kernel call."""
+
+    def __init__(self, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None):
+        self.values, self.index, self.bias = values, index, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = gemv_sparse24(x, self.values, self.index, self.values.shape[0], self.bias)
+        if y is None:  # several rows: the dense weight, then a GEMM
+            y = torch.nn.functional.linear(x, unpack_24(self.values, self.index).to(x.dtype),
+                                           None if self.bias is None else self.bias.to(x.dtype))
+        return y
+
+
+def _fuse_sparse24(parts: list[Sparse24Linear]) -> FusedSparse24Projection:
+    values, index = torch.cat([p.values for p in parts]), torch.cat([p.index for p in parts])
+    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+    start = 0
+    for p in parts:
+        end = start + p.out_features
+        p.values, p.index = values[start:end], index[start:end]
+        if bias is not None:
+            p.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return FusedSparse24Projection(values, index, bias)
+
+
 def _plain(module) -> bool:
     """A plain nn.Linear over ordinary tensors (not a tensor subclass such as torchao's quantized weights)."""
     return type(module) is nn.Linear and type(module.weight) in (torch.Tensor, nn.Parameter)
@@ -219,6 +248,8 @@ def _fusion(parts: list[nn.Module]):
         return _fuse_int4(parts)
     if all(type(p) is GGUFLinear and p.ggml_type == parts[0].ggml_type for p in parts):
         return _fuse_gguf(parts)
+    if all(type(p) is Sparse24Linear for p in parts):
+        return _fuse_sparse24(parts)
     return None  # wrapped by another technique (LoRA, other quantization): leave them
 
 
@@ -243,6 +274,12 @@ def _projection(p) -> tuple[Projection, tuple] | None:
     if isinstance(p, FusedGGUFProjection) and p.weight.is_contiguous():
         return (Projection(p.weight.data_ptr(), None, _ptr(p.bias), None, p.ggml_type, Projection.GGML),
                 (p.weight, p.bias))
+    if isinstance(p, Sparse24Linear):
+        p = FusedSparse24Projection(p.values, p.index, p.bias)
+    if isinstance(p, FusedSparse24Projection) and p.values.is_contiguous() and p.index.is_contiguous() \
+            and p.values.shape[1] % 4 == 0:
+        return (Projection(p.values.data_ptr(), None, _ptr(p.bias), None, 0, Projection.SPARSE24, None,
+                           p.index.data_ptr()), (p.values, p.index, p.bias))
     if isinstance(p, Int4Linear) and p.group_size % 16 == 0:
         p = FusedInt4Projection(p.weight, p.weight_scale, p.weight_zero, p.bias, p.group_size)
     if isinstance(p, FusedInt4Projection) and all(t.is_contiguous() and (t is p.weight or t.dtype == torch.float32)

@@ -291,6 +291,7 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
     applied unmerged, then the decode layout (fuse.fuse_projections_: same outputs, faster batch-1
     decoding). Progress lines go to `log`."""
     from mightylm.checkpoint import load
+    from mightylm.compress.sparse24 import pack_24_
     from mightylm.fuse import fuse_projections_
 
     log = log or sys.stderr  # looked up now: a default bound at import would keep a replaced stream
@@ -301,6 +302,7 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
         from mightylm.adapters import load_adapter
 
         print(f"applied {adapter}: {load_adapter(loaded, adapter)}", file=log)  # before the decode layout
+    pack_24_(loaded)  # a 2:4-pruned model: only its kept weights are read while decoding
     fuse_projections_(loaded)
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
     return loaded.eval(), tokenizer

@@ -403,6 +403,14 @@ class Transformer(nn.Module):
             self._rope_cos, self._rope_sin, self._rope_len = cos.to(device), sin.to(device), size
         return self._rope_cos, self._rope_sin
 
+    def fresh_sequence(self, T: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What `trunk` calls each block with for a fresh, unpadded sequence of T tokens: the RoPE tables
+        (1, 1, T, hs) and the mask (None where plain causal attention is exact). For techniques that run blocks one
+        at a time (pruning's calibration)."""
+        cos, sin = self.rope(T, device)
+        mask = self._mask(torch.arange(T, device=device), T, None, device)
+        return cos[:T][None, None].to(dtype), sin[:T][None, None].to(dtype), mask
+
     # ---- the model in named parts: forward = head(trunk(inputs(...))) or loss(trunk(inputs(...)), labels) ----
 
     def inputs(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,

@@ -1,7 +1,7 @@
 """fit(): the one training loop. Read it top to bottom.
 
-Every technique reaches it from outside: a transformed model (LoRA, QLoRA, prompt tuning), a
-`loss_fn` (distillation), or an `optimizer` (LOMO updates inside backward, so its step() is a
+Every technique reaches it from outside: a transformed model (LoRA, QLoRA, prompt tuning, a pruned model whose
+zeros stay zeros), a `loss_fn` (distillation), or an `optimizer` (LOMO updates inside backward, so its step() is a
 no-op). There is no Trainer class and no callback list. `loss_fn(model, batch)` returns the loss or
 (loss, {name: value}); the named parts are logged with it (those with a dot in the name, such as a mixture's
 per-expert utilisation `moe_util.L0.E3`, go to metrics.jsonl only, not to the progress bar). Blocks are found
@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from mightylm import adapters, moe
+from mightylm.compress.prune import keep_pruned_
 from mightylm.config import TrainConfig  # noqa: F401  (re-exported: mightylm.train.TrainConfig)
 from mightylm.data.loader import IGNORE, Loader
 from mightylm.errors import MightyError
@@ -90,6 +91,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
     torch.manual_seed(cfg.seed)
     if adapters.present(model):  # after the last transform: the adapters train, the base does not
         adapters.mark_trainable(model)
+    keep_pruned_(model)  # a pruned model's zeros stay zeros (their gradients are masked)
     net = _wrap(model, cfg, world)  # what forward/backward go through (DDP/FSDP wrapper or the model)
     optimizer = optimizer or make_optimizer(model, cfg)
     if hasattr(optimizer, "backward") and (cfg.grad_accum > 1 or cfg.grad_clip is not None or world > 1):

@@ -30,8 +30,11 @@ def merge_into_base(base, tokenizer, adapter: str | Path, *, requantize: bool = 
     from mightylm.compress.probe import output_change, probe_ids
     from mightylm.compress.quantize import dequantize_, quantize_like_
 
+    from mightylm.compress.prune import pruned_masks, reapply_mask_
+
     cfg = check_mergeable(adapter)
     warn_if_other_base(base, cfg, adapter)
+    masks = pruned_masks(base)  # a pruned base stays pruned: its zeros are put back after the merge
     n = len(load_lora(base, adapter, cfg))
     record = base.quantization
     if requantize and not record:
@@ -41,6 +44,10 @@ def merge_into_base(base, tokenizer, adapter: str | Path, *, requantize: bool = 
     for m in lora_modules(base).values():
         m.dequantize_base()
     strip_lora(base)
+    if masks:
+        reapply_mask_(base, masks)
+        log(f"the base is pruned ({base.applied('prune')['method']}): its zeros re-applied after merging; outputs "
+            f"change by {output_change(base(probe), reference)}")
     if record:
         dequantize_(base)  # the quantized layers LoRA did not adapt become float too
         log(f"merged into a dequantized float copy: outputs change by {output_change(base(probe), reference)}")

@@ -48,11 +48,19 @@ def build(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
+# Transforms whose record is kept with the model and whose modules stay plain: replaying them is recording them.
+RECORD_ONLY = ("prune", "structured_prune")
+
+
 def replay(model: Transformer, transforms: list[dict], file: Path) -> None:
     """Apply a checkpoint's recorded transforms to the freshly built (meta) model, so that its stored tensors
     have their modules to go into. A full checkpoint holds only transforms that change what is stored
-    (quantization); adapters are saved as adapter directories."""
+    (quantization) or that only describe it (pruning: the zeros are in the tensors; the record says which layers,
+    so that training keeps them); adapters are saved as adapter directories."""
     for record in transforms:
+        if record.get("kind") in RECORD_ONLY:
+            model.record_transform(**record)
+            continue
         if record.get("kind") != "quantize":
             raise CheckpointError(f"{file}: records a {record.get('kind')!r} transform, which a full checkpoint "
                                   "cannot hold (merge or strip adapters before saving)")

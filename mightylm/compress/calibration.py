@@ -1,5 +1,5 @@
-"""Calibration text for the methods that measure activations (SmoothQuant now; pruning's Wanda and SparseGPT
-next): token windows from a text file, a directory, JSONL or an embedded corpus, with clear errors when there
+"""Calibration text for the methods that measure activations (SmoothQuant, pruning's Wanda, SparseGPT and
+structured importance): token windows from a text file, a directory, JSONL or an embedded corpus, with clear errors when there
 is too little."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import torch
 from mightylm.compress import QuantizationError
 
 
-def calibration_batches(calib: str, tokenizer, windows: int, length: int = 256) -> list[torch.Tensor]:
-    """Up to `windows` token windows (1, length) from the calibration text."""
+def calibration_batches(calib: str, tokenizer, windows: int, length: int = 256,
+                        method: str = "SmoothQuant") -> list[torch.Tensor]:
+    """Up to `windows` token windows (1, length) from the calibration text; `method` names who needs them in the
+    error for too little text."""
     from mightylm.data.pretrain import collect_files, read_documents
 
     ids: list[int] = []
@@ -20,7 +22,7 @@ def calibration_batches(calib: str, tokenizer, windows: int, length: int = 256) 
             if len(ids) >= windows * length:
                 break
     if len(ids) < 64:
-        raise QuantizationError(f"{calib}: {len(ids)} tokens of calibration text; SmoothQuant needs at least 64 "
+        raise QuantizationError(f"{calib}: {len(ids)} tokens of calibration text; {method} needs at least 64 "
                                 "(a few paragraphs of ordinary text)")
     n = min(windows, max(1, len(ids) // length))
     size = min(length, len(ids))

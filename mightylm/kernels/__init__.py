@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "gguf_blocks.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "gguf_blocks.c", "sparse24.c")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
 _tried = False
@@ -80,6 +80,8 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemm_ggml.restype = None
     lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.mighty_gemv_sparse24.restype = None
+    lib.mighty_gemv_sparse24.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_set_isa.restype, lib.mighty_set_isa.argtypes = None, [ctypes.c_int]
     lib.mighty_isa.restype, lib.mighty_isa.argtypes = ctypes.c_int, []
     lib.mighty_set_isa(ISAS.index(_chosen_isa()))
@@ -128,12 +130,13 @@ def set_kernel_isa(name: str) -> None:
 class Projection(ctypes.Structure):
     """gemv.c's mighty_proj: a float32 input-major weight (kind 0), int8 rows with their scales (1), NF4 codes
     with a float absmax per block and the 16 levels (2), int4 codes with a scale and zero per group (3), or GGUF
-    Q8_0/Q4_0/Q4_1 blocks as stored (4; `block` holds the ggml type)."""
+    Q8_0/Q4_0/Q4_1 blocks as stored (4; `block` holds the ggml type), or 2:4 sparse kept values with their
+    positions in `index` (5)."""
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("levels", ctypes.c_void_p), ("block", ctypes.c_long), ("kind", ctypes.c_int),
-                ("zero", ctypes.c_void_p)]
+                ("zero", ctypes.c_void_p), ("index", ctypes.c_void_p)]
 
-    FLOAT32, INT8, NF4, INT4, GGML = 0, 1, 2, 3, 4
+    FLOAT32, INT8, NF4, INT4, GGML, SPARSE24 = 0, 1, 2, 3, 4, 5
 
 
 class BlockArgs(ctypes.Structure):
@@ -262,4 +265,21 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     lib.mighty_gemv_int4(xe.data_ptr(), xo.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                          xsum.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out,
                          group, torch.get_num_threads())
+    return y
+
+
+def gemv_sparse24(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, out: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (..., in) one float32 row @ a 2:4 sparse weight (out, in)^T + bias, or None. values: (out, in / 2) float32,
+    index: (out, in / 8) uint8, as compress/sparse24.py packs them (sparse24.c)."""
+    n_in = x.shape[-1]
+    if not (_single_row(x, n_in) and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
+            and index.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and (lib := gemv_library()) is not None):
+        return None
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out)
+    lib.mighty_gemv_sparse24(x.data_ptr(), values.data_ptr(), index.data_ptr(),
+                             bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out,
+                             torch.get_num_threads())
     return y

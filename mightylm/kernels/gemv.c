@@ -236,8 +236,9 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  *   x += down_proj(silu(gate) * up)                              on rms_norm(x) * mlp_norm
  * Each projection is float32 input-major, int8 output-major with per-row scales, NF4 (codes two per byte,
  * one float absmax per block of `block` inputs, `levels` the 16 NF4 values) or int4 (codes two per byte, a
- * scale and a zero per group of `block` inputs), or GGUF's Q8_0 / Q4_0 / Q4_1 blocks as stored. */
-enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4 };
+ * scale and a zero per group of `block` inputs), GGUF's Q8_0 / Q4_0 / Q4_1 blocks as stored, or 2:4 sparse
+ * (kept values and their 2-bit positions, sparse24.c). */
+enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4, PROJ_SPARSE24 = 5 };
 typedef struct {
     const void *w;
     const float *scale;   /* int8: per-row scales; NF4: per-block absmax; int4: (out, in / block) scales */
@@ -246,6 +247,7 @@ typedef struct {
     long block;           /* NF4: block; int4: group; GGUF blocks: the ggml type (8 Q8_0, 2 Q4_0, 3 Q4_1) */
     int kind;
     const float *zero;    /* int4 only: (out, in / block) */
+    const unsigned char *index;  /* 2:4 only: the kept values' positions (w holds the values) */
 } mighty_proj;
 
 typedef struct {
@@ -274,6 +276,8 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
         for (long j = 0; j < in / 2; j++) { xe[j] = x[2 * j]; xo[j] = x[2 * j + 1]; }
         mighty_gemv_nf4(xe, xo, (const unsigned char *)p->w, p->scale, p->levels, p->bias, y, in, out, p->block,
                         threads);
+    } else if (p->kind == PROJ_SPARSE24) {
+        mighty_gemv_sparse24(x, (const float *)p->w, p->index, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_GGML) {
         mighty_gemv_ggml(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_INT4) {
