@@ -310,6 +310,62 @@ def prune(
     print(f"{'structured' if structured else method}: {what}; outputs on a probe text: {change}; wrote {target}")
 
 
+def distill_data(
+    teacher: str,
+    prompts: str,
+    out: str,
+    style: Literal["step_by_step", "recall_then_answer", "direct", "mixed"] = "step_by_step",
+    max_new_tokens: PositiveInt = 256,
+    temperature: NonNegativeFloat = 0.0,
+    seed: Seed = 0,
+    batch_size: PositiveInt = 8,
+    overwrite: bool = False,
+) -> None:
+    """Have a teacher answer prompts under a reasoning instruction and write chat JSONL without it (Orca 2).
+
+    Sequence-level distillation with explanation data: the teacher is told how to answer (step by step, recall
+    then answer, or directly) in a system message; the written conversations keep only the user's prompt and the
+    teacher's answer ("prompt erasure"), so a student fine-tuned on them (`mighty finetune full|lora --data OUT`)
+    learns the strategy without being told. Works across tokenizers (the student sees text only).
+
+    Args:
+        teacher: The teacher: a Hugging Face directory, a .gguf file, or an embedded model name (with a chat template).
+        prompts: JSONL ({"prompt"}, {"instruction", "input"?} or {"messages"}) or a text file, one prompt per line.
+        out: The chat JSONL to write (a new file; written under a temporary name and renamed when complete).
+        style: The system instruction: step_by_step, recall_then_answer, direct, or mixed (cycles through them).
+        max_new_tokens: Longest answer, in tokens.
+        temperature: Sampling temperature of the teacher; 0 is greedy.
+        seed: Random seed for sampling.
+        batch_size: Prompts answered together.
+        overwrite: Replace --out if it exists.
+    """
+    import os
+    from pathlib import Path
+
+    from mightylm.compress.explanations import explanation_data, read_prompts, write_jsonl
+    from mightylm.errors import UsageError
+    from mightylm.generate import load_for_generation
+
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise UsageError(f"{target} exists; pass --overwrite true to replace it, or choose another --out")
+    if target.resolve() == Path(prompts).resolve():
+        raise UsageError(f"--out {target} is the prompts file; write the answers elsewhere")
+    questions = read_prompts(prompts)
+    model, tokenizer = load_for_generation(teacher)
+    if not tokenizer.chat_template:
+        raise UsageError(f"{teacher}: the teacher needs a chat template (its system message carries the instruction)")
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        n = write_jsonl(explanation_data(model, tokenizer, questions, style=style, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, seed=seed, batch_size=batch_size), tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {n} conversations ({style}; the system instruction erased) to {target}\n"
+          f"train a student on them: mighty finetune full --model STUDENT --data {target}")
+
+
 def upcycle(model: str, out: str, experts: PositiveInt = 8, top_k: PositiveInt = 2, overwrite: bool = False) -> None:
     """Turn a dense model into a sparse mixture of experts (sparse upcycling, Komatsuzaki et al. 2023).
 
@@ -413,7 +469,8 @@ def _verbs() -> dict:
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
                          "humaneval, arithmetic, corr2cause, choice, emergence.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
-            "quantize": quantize, "prune": prune, "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env}
+            "quantize": quantize, "prune": prune, "distill": r.distill, "distill-data": distill_data,
+            "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env}
 
 
 def _group_fields(verb) -> dict[str, str]:

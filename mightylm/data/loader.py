@@ -2,7 +2,8 @@
 checkpoints save and restore, so a resumed run sees exactly the batches it would have seen.
 
 Every item is a dict with `input_ids` and `labels` (1-D, same length; label -100 is ignored by
-the loss), and for packed rows `documents` (which document each token belongs to). Items of different
+the loss), and for packed rows `documents` (which document each token belongs to); any other key is a per-token
+extra (first dimension the tokens, such as a teacher cache's top-k) padded with zeros. Items of different
 lengths are right-padded to the longest in the batch.
 Under torch.distributed each rank takes its slice of every global batch, so N processes with a
 per-rank batch of B see the same data as one process with a batch of N*B.
@@ -33,6 +34,12 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
             documents[row, :n] = item["documents"]
             documents[row, n:] = (item["documents"][-1] + 1) if n else 0
         batch["documents"] = documents
+    for key in items[0].keys() - {"input_ids", "labels", "documents"}:  # per-token extras (a teacher cache's top-k)
+        first = items[0][key]
+        extra = torch.zeros((len(items), width, *first.shape[1:]), dtype=first.dtype)
+        for row, item in enumerate(items):
+            extra[row, :len(item[key])] = item[key]
+        batch[key] = extra
     return batch
 
 

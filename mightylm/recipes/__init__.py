@@ -1,6 +1,7 @@
 """Training recipes: the functions behind `mighty pretrain` and `mighty finetune <method>`.
 
     pretrain.py  a model from scratch on plain text
+    distill.py   a student trained on a teacher's distributions (knowledge distillation)
     finetune.py  full fine-tuning and the adapter methods on instruction or chat JSONL
     groups.py    the option groups they share (SFT data, LoRA, NF4, soft prompt) as dataclasses
     rundir.py    the run directory: ownership, resuming, run_args.json, torchrun ranks
@@ -12,10 +13,11 @@ that `mighty generate` and `transformers` load, or an adapter in PEFT's layout, 
 summary.json, report.png, report.md and checkpoint/ (what `--resume` continues from).
 """
 
+from mightylm.recipes.distill import distill
 from mightylm.recipes.finetune import (finetune_adapter, finetune_full, finetune_lora, finetune_ptuning,
                                        finetune_prompt, finetune_qlora)
 from mightylm.recipes.groups import NF4, LoRA, Router, SFTData, SoftPrompt
 from mightylm.recipes.pretrain import pretrain
 
-__all__ = ["NF4", "LoRA", "Router", "SFTData", "SoftPrompt", "finetune_adapter", "finetune_full", "finetune_lora",
+__all__ = ["NF4", "LoRA", "Router", "SFTData", "SoftPrompt", "distill", "finetune_adapter", "finetune_full", "finetune_lora",
            "finetune_ptuning", "finetune_prompt", "finetune_qlora", "pretrain"]
