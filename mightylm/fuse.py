@@ -211,7 +211,7 @@ class FusedSparse24Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = gemv_sparse24(x, self.values, self.index, self.values.shape[0], self.bias)
-        if y is None:  # several rows: the dense weight, then a GEMM
+        if y is None:  # many rows (a long prompt): the dense weight, then a GEMM
             y = torch.nn.functional.linear(x, unpack_24(self.values, self.index).to(x.dtype),
                                            None if self.bias is None else self.bias.to(x.dtype))
         return y

@@ -1,8 +1,8 @@
 """2:4 sparse weights as stored for decoding: `pack_24_(model)` replaces every linear layer whose weights keep at
 most 2 of each 4 consecutive inputs (what `prune_(..., pattern=(2, 4))` leaves) by a Sparse24Linear holding only
-the kept values and their 2-bit positions (2.25 bytes per weight instead of 4). One row (batch-1 decoding) goes
-through the native kernel in kernels/sparse24.c, which reads only those; several rows rebuild the dense weight
-for a GEMM. The product equals the masked dense one.
+the kept values and their 2-bit positions (2.25 bytes per weight instead of 4). Up to 32 rows (batch-1 decoding,
+a short prompt) go through the native kernel in kernels/sparse24.c, which reads only those; more rebuild the
+dense weight for a GEMM. The product equals the masked dense one.
 
 Like the fused decode layout (fuse.py) this is an inference layout, not a checkpoint format: the pruned
 checkpoint stays an ordinary dense one (zeros stored) that transformers loads, and `load_for_generation` packs it
@@ -65,10 +65,9 @@ class Sparse24Linear(nn.Module):
         return unpack_24(self.values, self.index).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features:
-            y = gemv_sparse24(x, self.values, self.index, self.out_features, self.bias)
-            if y is not None:
-                return y
+        y = gemv_sparse24(x, self.values, self.index, self.out_features, self.bias)  # up to 32 rows
+        if y is not None:
+            return y
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -80,8 +80,9 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemm_ggml.restype = None
     lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    lib.mighty_gemv_sparse24.restype = None
-    lib.mighty_gemv_sparse24.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.mighty_gemm_sparse24.restype = None
+    lib.mighty_gemm_sparse24.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + [
+        ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_set_isa.restype, lib.mighty_set_isa.argtypes = None, [ctypes.c_int]
     lib.mighty_isa.restype, lib.mighty_isa.argtypes = ctypes.c_int, []
     lib.mighty_set_isa(ISAS.index(_chosen_isa()))
@@ -268,18 +269,26 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     return y
 
 
+# Up to this many rows the 2:4 kernel reads each weight row once for all of them; more (a long prompt's prefill) go
+# through the dense weight and a GEMM.
+SPARSE24_ROWS = 32
+
+
 def gemv_sparse24(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, out: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., in) one float32 row @ a 2:4 sparse weight (out, in)^T + bias, or None. values: (out, in / 2) float32,
-    index: (out, in / 8) uint8, as compress/sparse24.py packs them (sparse24.c)."""
+    """x (..., in) float32 rows (at most SPARSE24_ROWS) @ a 2:4 sparse weight (out, in)^T + bias, or None.
+    values: (out, in / 2) float32, index: (out, in / 8) uint8, as compress/sparse24.py packs them (sparse24.c)."""
     n_in = x.shape[-1]
-    if not (_single_row(x, n_in) and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
+    rows = x.numel() // max(n_in, 1)
+    if not (1 <= rows <= SPARSE24_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+            and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
             and index.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out)
-    lib.mighty_gemv_sparse24(x.data_ptr(), values.data_ptr(), index.data_ptr(),
+    lib.mighty_gemm_sparse24(x.data_ptr(), rows, values.data_ptr(), index.data_ptr(),
                              bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out,
                              torch.get_num_threads())
     return y

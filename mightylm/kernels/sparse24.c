@@ -77,15 +77,25 @@ static float row_avx512(const float *x, const float *v, const unsigned char *idx
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + row_tail(x, v, idx, c, in);
 }
 
-/* in % 4 == 0. bias may be NULL. */
-void mighty_gemv_sparse24(const float *x, const float *values, const unsigned char *index, const float *bias,
-                          float *y, long in, long out, int nthreads) {
+/* y (rows, out) = x (rows, in) @ W^T (+ bias), in % 8 == 0, bias may be NULL. Each thread takes a band of output
+ * rows; a weight row is read from memory once and stays in L1 while every input row uses it (a short prompt's
+ * prefill costs about one decode step's traffic). */
+void mighty_gemm_sparse24(const float *x, long rows, const float *values, const unsigned char *index,
+                          const float *bias, float *y, long in, long out, int nthreads) {
     const int wide = mighty_isa_level;
     #pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
     for (long o = 0; o < out; o++) {
         const float *v = values + o * (in / 2);
         const unsigned char *idx = index + o * (in / 8);
-        const float r = wide ? row_avx512(x, v, idx, in) : row_avx2(x, v, idx, in);
-        y[o] = bias ? r + bias[o] : r;
+        for (long r = 0; r < rows; r++) {
+            const float *xr = x + r * in;
+            const float d = wide ? row_avx512(xr, v, idx, in) : row_avx2(xr, v, idx, in);
+            y[r * out + o] = bias ? d + bias[o] : d;
+        }
     }
+}
+
+void mighty_gemv_sparse24(const float *x, const float *values, const unsigned char *index, const float *bias,
+                          float *y, long in, long out, int nthreads) {
+    mighty_gemm_sparse24(x, 1, values, index, bias, y, in, out, nthreads);
 }
