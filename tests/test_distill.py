@@ -98,6 +98,29 @@ def test_chunked_equals_unchunked_in_value_and_gradient(loss):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_the_one_pass_head_loss_equals_ce_plus_the_checkpointed_kd():
+    """A plain head takes CE and KD from one head product with their gradients in the same pass; the fallback (for
+    a replaced head) computes them apart: same value, same gradients."""
+    teacher, student = models()
+    student.train()
+    b = batch()
+    d = Distiller(teacher, loss="srkl", temperature=1.5, kd_ratio=0.4, chunk_rows=7)
+    grads = []
+    for fused in (True, False):
+        student.zero_grad()
+        if fused:
+            value, _ = d(student, b)
+        else:
+            h = student.trunk(student.inputs(b["input_ids"]))
+            m = b["labels"] != -100
+            value = 0.6 * student.loss(h, b["labels"]) + 0.4 * d.kd(student.head, h[m], teacher.trunk(
+                teacher.inputs(b["input_ids"]))[m].detach(), vocab=64)
+        value.backward()
+        grads.append([value.detach()] + [p.grad.clone() for p in student.parameters()])
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
 def test_the_distiller_mixes_ce_and_kd_and_matches_full_logits():
     teacher, student = models()
     student.train()
@@ -112,7 +135,7 @@ def test_the_distiller_mixes_ce_and_kd_and_matches_full_logits():
     assert parts["kd"] == pytest.approx(float(kd), rel=1e-5) and parts["ce"] == pytest.approx(float(ce), rel=1e-5)
     assert float(value.detach()) == pytest.approx(0.7 * float(ce) + 0.3 * float(kd), rel=1e-5)
     student.eval()  # validation: the student's CE alone
-    assert float(d(student, b)) == pytest.approx(float(ce), rel=1e-5)
+    assert float(d(student, b).detach()) == pytest.approx(float(ce), rel=1e-5)
 
 
 def test_a_padded_teacher_vocabulary_is_sliced():
@@ -290,3 +313,16 @@ def test_distill_data_erases_the_instruction_the_teacher_answered_under(tmp_path
                  str(tmp_path / "out.jsonl")]) != 0  # exists: not overwritten
     records = list(explanation_data(teacher, tok, ["a", "b"], style="direct", max_new_tokens=2, progress=False))
     assert all(r["style"] == "direct" for r in records)
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_a_quantized_teacher_gives_nearly_the_float_teachers_loss(method):
+    from mightylm.compress.quantize import quantize_
+
+    teacher, student = models()
+    student.train()
+    b = batch()
+    exact, _ = Distiller(teacher, kd_ratio=1.0)(student, b)
+    quantize_(teacher, method)
+    approx, _ = Distiller(teacher, kd_ratio=1.0)(student, b)
+    assert float(approx) == pytest.approx(float(exact), rel=0.05) and float(approx) != float(exact)

@@ -14,9 +14,10 @@ averaged over the labelled tokens and multiplied by T^2 (Hinton's scaling, which
 changes), then mixed: loss = (1 - kd_ratio) * CE + kd_ratio * KD. CE and KD are logged separately.
 
 Memory: the (tokens, vocab) logits are never held whole. The student's trunk runs once; its hidden states and the
-teacher's go through the heads a chunk of rows at a time, each chunk under activation checkpointing, so the
-student's chunk logits are recomputed in backward instead of kept (SmolLM2's 49,152-token vocabulary times 4 x 256
-tokens would be 200 MB per copy).
+teacher's go through the heads a chunk of rows at a time (SmolLM2's 49,152-token vocabulary times 4 x 256 tokens
+would be 200 MB per copy). With a plain linear head, CE and KD share each chunk's logits and their gradients are
+taken in the same pass (`_HeadLoss`, as `model.linear_cross_entropy` does for CE); a replaced head (LoRA on it)
+computes CE apart and the KD chunks under activation checkpointing.
 
 Teachers: a frozen model run under no_grad (optionally quantized to int8 or NF4 first to save memory), or an
 offline top-k cache (teacher_cache.py) with no teacher in memory. With top_k the teacher's distribution is
@@ -109,9 +110,8 @@ class Distiller:
     def __call__(self, model, batch: dict):
         ids, labels, documents = batch["input_ids"], batch["labels"], batch.get("documents")
         h = model.trunk(model.inputs(ids), documents=documents)
-        ce = model.loss(h, labels)
         if not model.training or self.kd_ratio == 0:
-            return ce
+            return model.loss(h, labels)
         scored = labels != IGNORE_INDEX
         if "teacher_ids" in batch:
             target = (batch["teacher_ids"][scored], batch["teacher_logprobs"][scored])
@@ -121,28 +121,42 @@ class Distiller:
         else:
             with torch.no_grad():
                 target = self.teacher.trunk(self.teacher.inputs(ids), documents=documents)[scored]
+        head = model.lm_head
+        if type(head) is torch.nn.Linear and head.bias is None:  # one pass over the head for both terms
+            parts = {}
+            loss = _HeadLoss.apply(h[scored], head.weight, labels[scored], target, self, parts)
+            return loss, parts
+        ce = model.loss(h, labels)  # a replaced head (LoRA on it, quantized): CE, then the KD term apart
         kd = self.kd(model.head, h[scored], target, vocab=model.config.vocab_size)
         loss = (1 - self.kd_ratio) * ce + self.kd_ratio * kd
         return loss, {"ce": float(ce.detach()), "kd": float(kd.detach())}
 
+    def rows(self, vocab: int) -> int:
+        return self.chunk_rows or max(1, (1 << 24) // vocab)
+
     def kd(self, head, h: torch.Tensor, target, vocab: int) -> torch.Tensor:
         """Mean divergence (times T^2) over the rows of the student's hidden states h (N, dim), against the
-        teacher's hidden states (N, dim_t) or a top-k target (ids (N, k), log-probabilities (N, k))."""
+        teacher's hidden states (N, dim_t) or a top-k target (ids (N, k), log-probabilities (N, k)); each chunk's
+        logits are recomputed in backward (activation checkpointing) rather than kept."""
         n = h.shape[0]
         if n == 0:
             return h.sum() * 0
-        rows = self.chunk_rows or max(1, (1 << 24) // vocab)
         total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, n, rows):
-            part = target[s:s + rows] if torch.is_tensor(target) else (target[0][s:s + rows], target[1][s:s + rows])
+        for s in range(0, n, self.rows(vocab)):
+            part = _rows(target, s, self.rows(vocab))
             if torch.is_grad_enabled() and h.requires_grad:
-                total = total + checkpoint(self._chunk, head, h[s:s + rows], part, vocab, use_reentrant=False)
+                total = total + checkpoint(self._chunk, head, h[s:s + self.rows(vocab)], part, vocab,
+                                           use_reentrant=False)
             else:
-                total = total + self._chunk(head, h[s:s + rows], part, vocab)
+                total = total + self._chunk(head, h[s:s + self.rows(vocab)], part, vocab)
         return total / n * self.temperature ** 2
 
     def _chunk(self, head, h, target, vocab: int) -> torch.Tensor:
-        log_q = F.log_softmax(head(h).float()[:, :vocab] / self.temperature, dim=-1)
+        return self.divergence_sum(head(h).float()[:, :vocab], target, vocab)
+
+    def divergence_sum(self, logits: torch.Tensor, target, vocab: int) -> torch.Tensor:
+        """The summed divergence of the student's logits (rows, vocab) from the teacher's part for those rows."""
+        log_q = F.log_softmax(logits / self.temperature, dim=-1)
         if torch.is_tensor(target):  # the teacher's hidden states: its logits now, sliced to the student's vocabulary
             with torch.no_grad():
                 logits_p = self.teacher.head(target).float()[:, :vocab]
@@ -156,6 +170,55 @@ class Distiller:
             log_p = F.log_softmax(logprobs.float() / self.temperature, dim=-1)
             log_q = log_q.gather(-1, ids.long())
         return divergence(log_q, log_p, self.loss, beta=self.beta, skew=self.skew).sum()
+
+
+def _rows(target, start: int, n: int):
+    """Rows start..start+n of the teacher's part: hidden states, or a top-k pair."""
+    return target[start:start + n] if torch.is_tensor(target) else (target[0][start:start + n],
+                                                                     target[1][start:start + n])
+
+
+class _HeadLoss(torch.autograd.Function):
+    """(1 - a) CE + a T^2 KD over a plain linear head, for the labelled rows h (N, dim), a chunk of rows at a time,
+    with d loss / d logits taken in the same pass (the loss is the graph's end, as in model.linear_cross_entropy):
+    backward only scales the stored grad_h (N, dim) and grad_weight (vocab, dim). One head product per chunk for
+    both terms, no logits kept or recomputed. `parts` receives the CE and KD means for the log."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, target, distiller, parts):
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, vocab, a, t2 = h.shape[0], weight.shape[0], distiller.kd_ratio, distiller.temperature ** 2
+        ce_total = kd_total = 0.0
+        with torch.autocast(device, enabled=False):
+            hc, wc = h.to(dtype), weight.to(dtype)
+            grad_h = torch.zeros_like(h) if need_h else None
+            grad_w = torch.zeros_like(weight) if need_w else None
+            step = distiller.rows(vocab)
+            for s in range(0, n, step):
+                x = hc[s:s + step]
+                logits = (x @ wc.T).float().requires_grad_()
+                with torch.enable_grad():
+                    ce = F.cross_entropy(logits, labels[s:s + step], reduction="sum")
+                    kd = distiller.divergence_sum(logits, _rows(target, s, step), vocab)
+                    (g,) = torch.autograd.grad(((1 - a) * ce + a * t2 * kd) / n, logits)
+                ce_total, kd_total = ce_total + float(ce), kd_total + float(kd)
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[s:s + step] = (g @ wc).to(h.dtype)
+                if need_w:
+                    grad_w += (g.T @ x).to(grad_w.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        n = max(n, 1)
+        parts.update(ce=ce_total / n, kd=kd_total / n * t2)
+        return torch.tensor((1 - a) * ce_total / n + a * t2 * kd_total / n, device=h.device)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None, None, None)
 
 
 def teacher_top_k(teacher, ids: torch.Tensor, k: int, vocab: int, documents: torch.Tensor | None = None):
