@@ -5,7 +5,8 @@
 #   2. load the embedded SmolLM2-135M-Instruct (GGUF) and generate and chat with it
 #   3. LoRA-fine-tune SmolLM2 on a task it fails zero-shot and show accuracy before and after
 #   4. quantize the fine-tuned model (int8, NF4) and show size and quality before and after
-#   5. serve SmolLM2 with that adapter (mighty serve) and ask it through the openai client
+#   5. prune SmolLM2 to 2:4 with Wanda and decode it through the 2:4 kernel beside the dense model
+#   6. serve SmolLM2 with that adapter (mighty serve) and ask it through the openai client
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIGHTY=.venv/bin/mighty
@@ -56,7 +57,17 @@ echo "== 6. the fine-tuned model quantized: size, held-out perplexity and exact 
 .venv/bin/python runs/quant_demo.py --adapter runs/out/lora-demo/adapter --methods int8 nf4 2> runs/out/quant-demo.log
 
 echo
-echo "== 7. mighty serve: the base model and the adapter side by side, asked with the openai client"
+echo "== 7. 2:4 pruning with Wanda (calibrated on Shakespeare), then greedy decoding, dense float32 and 2:4"
+$MIGHTY prune --model $MODEL --method wanda --pattern 2:4 --calib shakespeare --out runs/out/wanda-2-4 \
+  --overwrite true 2> runs/out/prune.log
+for M in "$MODEL --blocks false" runs/out/wanda-2-4; do
+  echo "-- $M:"
+  $MIGHTY generate --model $M --chat true --prompt "What is the capital of France?" --temperature 0 \
+    --max-new-tokens 48 --stats true 2>&1 | grep -v "^loading\|^loaded"
+done
+
+echo
+echo "== 8. mighty serve: the base model and the adapter side by side, asked with the openai client"
 .venv/bin/python runs/serve_demo.py --adapter runs/out/lora-demo/adapter --log runs/out/serve-demo.log
 
 echo
