@@ -232,16 +232,18 @@ def sparsity_of(model: nn.Module, names) -> float:
 def keep_pruned_(model: nn.Module) -> int:
     """Keep a pruned model's zeros through training: each pruned weight's gradient is masked where the weight is
     zero, so AdamW (whose update of a weight with zero gradient and zero moments is zero, and whose decay of zero
-    is zero), SGD and LOMO leave them at zero. Returns the number of masked layers (0 for an unpruned model)."""
-    record = model.applied("prune")
-    if not record:
-        return 0
-    for name in record["modules"]:
-        weight = model.get_submodule(name).weight
-        if getattr(weight, "_prune_hook", None) is None and weight.requires_grad:
-            keep = (weight != 0).to(weight.dtype)
-            weight._prune_hook = weight.register_hook(lambda g, k=keep: g * k)
-    return len(record["modules"])
+    is zero), SGD and LOMO leave them at zero. Pruned models inside a wrapper are found too. Returns the number of
+    masked layers (0 for an unpruned model)."""
+    masked = 0
+    for _, inner in model.named_modules():
+        record = inner.applied("prune") if hasattr(inner, "transforms") else None
+        for name in (record or {}).get("modules", []):
+            weight = inner.get_submodule(name).weight
+            if getattr(weight, "_prune_hook", None) is None and weight.requires_grad:
+                keep = (weight != 0).to(weight.dtype)
+                weight._prune_hook = weight.register_hook(lambda g, k=keep: g * k)
+            masked += 1
+    return masked
 
 
 @torch.no_grad()
