@@ -97,17 +97,24 @@ class FusedInt8Projection:
         return y
 
 
-def _fuse_int8(parts: list[Int8Linear]) -> FusedInt8Projection:
-    weight = torch.cat([p.weight for p in parts])
-    scale = torch.cat([p.weight_scale for p in parts])
+def _stack_rows(parts: list[nn.Module], names: tuple[str, ...]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Each named tensor of the parts (and their biases) concatenated by rows; the parts' own become row views of the
+    result, so nothing is stored twice and state_dict() is unchanged."""
+    stacked = [torch.cat([getattr(p, name) for p in parts]) for name in names]
     bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
     start = 0
     for p in parts:
         end = start + p.out_features
-        p.weight, p.weight_scale = weight[start:end], scale[start:end]
+        for name, tensor in zip(names, stacked):
+            setattr(p, name, tensor[start:end])
         if bias is not None:
             p.bias = nn.Parameter(bias[start:end], requires_grad=False)
         start = end
+    return stacked, bias
+
+
+def _fuse_int8(parts: list[Int8Linear]) -> FusedInt8Projection:
+    (weight, scale), bias = _stack_rows(parts, ("weight", "weight_scale"))
     return FusedInt8Projection(weight, scale, bias)
 
 
@@ -166,16 +173,7 @@ class FusedInt4Projection:
 
 
 def _fuse_int4(parts: list[Int4Linear]) -> FusedInt4Projection:
-    weight, scale, zero = (torch.cat([getattr(p, name) for p in parts]) for name in
-                           ("weight", "weight_scale", "weight_zero"))
-    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
-    start = 0
-    for p in parts:
-        end = start + p.out_features
-        p.weight, p.weight_scale, p.weight_zero = weight[start:end], scale[start:end], zero[start:end]
-        if bias is not None:
-            p.bias = nn.Parameter(bias[start:end], requires_grad=False)
-        start = end
+    (weight, scale, zero), bias = _stack_rows(parts, ("weight", "weight_scale", "weight_zero"))
     return FusedInt4Projection(weight, scale, zero, bias, parts[0].group_size)
 
 
@@ -190,15 +188,7 @@ class FusedGGUFProjection:
 
 
 def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
-    weight = torch.cat([p.weight for p in parts])
-    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
-    start = 0
-    for p in parts:
-        end = start + p.out_features
-        p.weight = weight[start:end]
-        if bias is not None:
-            p.bias = nn.Parameter(bias[start:end], requires_grad=False)
-        start = end
+    (weight,), bias = _stack_rows(parts, ("weight",))
     return FusedGGUFProjection(weight, parts[0].ggml_type, bias, parts[0].in_features)
 
 
@@ -218,15 +208,7 @@ class FusedSparse24Projection:
 
 
 def _fuse_sparse24(parts: list[Sparse24Linear]) -> FusedSparse24Projection:
-    values, index = torch.cat([p.values for p in parts]), torch.cat([p.index for p in parts])
-    bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
-    start = 0
-    for p in parts:
-        end = start + p.out_features
-        p.values, p.index = values[start:end], index[start:end]
-        if bias is not None:
-            p.bias = nn.Parameter(bias[start:end], requires_grad=False)
-        start = end
+    (values, index), bias = _stack_rows(parts, ("values", "index"))
     return FusedSparse24Projection(values, index, bias)
 
 
