@@ -26,6 +26,8 @@ def generate(
     adapter: str | None = None,
     stats: bool = False,
     blocks: bool = True,
+    draft: str | None = None,
+    gamma: PositiveInt = 4,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -49,20 +51,33 @@ def generate(
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (a quarter of the
             memory, a faster start and decode), multiplied by native kernels that read the blocks; false dequantizes
             them to --dtype at load. Other files and types, and any --dtype but float32, load dequantized.
+        draft: Speculative decoding (same output, fewer passes of the model): a smaller model with the same
+            tokenizer (a directory, .gguf or embedded name), prompt-lookup (drafts copied from the prompt's n-grams;
+            prompt-lookup:N for the longest n), or layers:N (the model's own first N blocks).
+        gamma: Speculative decoding: tokens drafted per pass of the model.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
     m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
+    source, spec_stats = None, None
+    if draft:
+        from mightylm.speculative import Stats, make_draft, speculative_tokens
+
+        drafter = make_draft(draft, m, load=lambda path: load_for_generation(path, dtype, log=sys.stderr)[0])
+        spec_stats = Stats()
+        source = lambda ids, s: speculative_tokens(m, ids, s, drafter, gamma, stats=spec_stats)  # noqa: E731
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
-    for piece in stream_text(m, tokenizer, ids, settings, timings):
+    for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if stats:
         print(timings.report(), file=sys.stderr)
+        if spec_stats is not None:
+            print(spec_stats.report(), file=sys.stderr)
 
 
 def chat(

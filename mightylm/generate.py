@@ -188,19 +188,20 @@ class Timings:
 
 
 def stream_text(model: Transformer, tokenizer, prompt: str | list[int], s: Sampling,
-                timings: Timings | None = None) -> Iterator[str]:
+                timings: Timings | None = None, source=None) -> Iterator[str]:
     """Stream the completion of one prompt as text deltas.
 
     Ends at a stop token (not printed) or a stop string (not printed). Text that could be the
     start of a stop string is held back until it is clear that it is not (TextStream). `timings`, when
-    given, is filled in as the tokens come.
+    given, is filled in as the tokens come. `source(ids, settings)` yields the tokens instead of plain decoding
+    (speculative decoding: speculative.speculative_tokens).
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     s = Sampling(**{**s.__dict__, "stop_token_ids": tuple(s.stop_token_ids) or tokenizer.stop_token_ids})
     text = TextStream(tokenizer, s.stop)
     timings = timings if timings is not None else Timings()
     timings.prompt_tokens, start = len(ids), time.perf_counter()
-    for token in stream_tokens(model, ids, s):
+    for token in (source or (lambda i, st: stream_tokens(model, i, st)))(ids, s):
         now = time.perf_counter()
         if timings.new_tokens == 0:
             timings.prefill_s = now - start

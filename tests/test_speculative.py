@@ -1,0 +1,161 @@
+"""Speculative decoding: the exact rule keeps the target's distribution (statistically, vLLM's protocol), greedy
+speculation equals plain greedy decoding token for token for every draft kind (with LoRA on the target too), and
+bad input is refused."""
+
+import pytest
+import torch
+
+import conftest
+from mightylm.errors import UsageError
+from mightylm.generate import Sampling, generate, logits_to_probs
+from mightylm.speculative import (DraftModel, PromptLookup, Stats, accept, check_draft, self_draft,
+                                  speculative_tokens)
+
+
+def first_tokens(p, q, n, seed=0):
+    """n independent runs of the rule with one drafted token x ~ q: the first emitted token of each."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.multinomial(q, n, replacement=True, generator=g)  # (n,)
+    P = p[None, None].expand(n, 2, -1)
+    Q = q[None, None].expand(n, 1, -1)
+    accepted, resampled = accept(P, Q, x[:, None], g)
+    return torch.where(accepted > 0, x, resampled)
+
+
+def l1(counts, dist):
+    return (counts / counts.sum() - dist).abs().sum().item()
+
+
+def chi_square_p(counts, dist):
+    expected = dist * counts.sum()
+    keep = expected > 0
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2))
+
+
+@pytest.mark.parametrize("settings", [
+    Sampling(temperature=1.0), Sampling(temperature=0.7), Sampling(temperature=1.3, top_k=6),
+    Sampling(temperature=1.0, top_p=0.8), "same"])
+def test_the_rule_samples_the_targets_distribution(settings):
+    """vLLM's protocol: vocabulary 10, random draft and target distributions; the empirical distribution of what
+    the rule emits approaches the target's (its distance shrinks ~10x from 1,000 to 100,000 draws) and stays far
+    from random references, and a chi-square test does not reject."""
+    g = torch.Generator().manual_seed(1)
+    s = Sampling(temperature=1.0) if settings == "same" else settings
+    p = logits_to_probs(torch.randn(1, 10, generator=g) * 2, s)[0]
+    q = p.clone() if settings == "same" else logits_to_probs(torch.randn(1, 10, generator=g) * 2, s)[0]
+    refs = [torch.distributions.Dirichlet(torch.ones(10)).sample() for _ in range(5)]
+    small = torch.bincount(first_tokens(p, q, 1_000), minlength=10).float()
+    large = torch.bincount(first_tokens(p, q, 100_000, seed=2), minlength=10).float()
+    assert l1(large, p) < l1(small, p) / 3
+    assert l1(large, p) * 20 < min(l1(large, r) for r in refs)
+    assert chi_square_p(large, p) > 1e-3
+    # and a rule that always accepted the draft would follow q instead: the test can tell
+    if settings != "same":
+        draws = torch.multinomial(q, 100_000, replacement=True, generator=torch.Generator().manual_seed(3))
+        assert chi_square_p(torch.bincount(draws, minlength=10).float(), p) < 1e-6
+
+
+def test_the_rule_on_hand_built_cases():
+    p = torch.tensor([[[0.0, 0.6, 0.4], [0.0, 0.6, 0.4], [0.0, 0.0, 1.0]]])  # (1, 3, V)
+    q = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (1, 2, V)
+    # token 1: p/q = 0.6; token 2: p/q = 0.4
+    counts = torch.zeros(3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        n, nxt = accept(p, q, torch.tensor([[1, 2]]), g)
+        counts[n] += 1
+    assert counts[0] / 2000 == pytest.approx(0.4, abs=0.04)  # first rejected: residual max(0, p - q) = token 2
+    assert counts[2] / 2000 == pytest.approx(0.24, abs=0.04)  # both accepted: bonus from p[2] = token 2
+    n, nxt = accept(p, q, torch.tensor([[0, 2]]), g)  # a draft the target gives 0: always rejected
+    assert int(n) == 0 and int(nxt) in (1, 2)
+    greedy_p = torch.nn.functional.one_hot(torch.tensor([[1, 2, 0]]), 3).float()
+    greedy_q = torch.nn.functional.one_hot(torch.tensor([[1, 1]]), 3).float()
+    n, nxt = accept(greedy_p, greedy_q, torch.tensor([[1, 1]]))
+    assert (int(n), int(nxt)) == (1, 2)  # accept while the draft equals the argmax, then the target's argmax
+
+
+def tiny_pair(vocab=96):
+    target = conftest.tiny(0, vocab_size=vocab, n_layers=3)
+    draft = conftest.tiny(1, vocab_size=vocab, n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
+    return target, draft
+
+
+def plain(target, prompt, s):
+    return generate(target, [prompt], s)[0]
+
+
+@pytest.mark.parametrize("kind", ["model", "target-itself", "prompt-lookup", "layers"])
+@pytest.mark.parametrize("gamma,adaptive", [(1, False), (4, False), (3, True)])
+def test_greedy_speculation_equals_plain_greedy(kind, gamma, adaptive):
+    target, small = tiny_pair()
+    draft = {"model": lambda: DraftModel(small), "target-itself": lambda: DraftModel(target),
+             "prompt-lookup": lambda: PromptLookup(vocab_size=96), "layers": lambda: self_draft(target, 1)}[kind]()
+    prompt = [5, 9, 30, 7, 11, 5, 9, 30, 2]
+    s = Sampling(max_new_tokens=24, temperature=0)
+    stats = Stats()
+    got = list(speculative_tokens(target, prompt, s, draft, gamma, adaptive=adaptive, stats=stats))
+    assert got == plain(target, prompt, s)
+    assert stats.tokens == 24 and stats.target_passes < 24 or kind != "target-itself"
+    if kind == "target-itself":
+        assert stats.acceptance == 1.0
+
+
+def test_greedy_speculation_with_lora_on_the_target_and_stop_tokens():
+    from mightylm.adapters.lora import apply_lora
+
+    target, small = tiny_pair()
+    apply_lora(target, targets=("q_proj", "v_proj"), r=4)
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    target.eval()
+    prompt = [3, 4, 5, 6]
+    expected = plain(target, prompt, Sampling(max_new_tokens=20, temperature=0))
+    stop = expected[7]
+    s = Sampling(max_new_tokens=20, temperature=0, stop_token_ids=(stop,))
+    got = list(speculative_tokens(target, prompt, s, DraftModel(small), 4))
+    assert got == plain(target, prompt, s) and got[-1] == stop
+
+
+def test_sampled_speculation_with_the_target_as_draft_accepts_everything():
+    target, _ = tiny_pair()
+    stats = Stats()
+    s = Sampling(max_new_tokens=16, temperature=0.8, top_k=20, seed=3)
+    tokens = list(speculative_tokens(target, [1, 2, 3], s, DraftModel(target), 4, stats=stats))
+    assert len(tokens) == 16 and stats.acceptance == 1.0
+    assert stats.tokens_per_pass > 3
+
+
+def test_bad_drafts_and_settings():
+    target, small = tiny_pair()
+    other = conftest.tiny(1, vocab_size=64, n_layers=1)
+    with pytest.raises(UsageError, match="vocabulary of 64 tokens and the target 96"):
+        check_draft(target, other, "the target", "the draft")
+    with pytest.warns(UserWarning, match="not smaller"):
+        check_draft(small, target)
+    with pytest.raises(UsageError, match="gamma"):
+        list(speculative_tokens(target, [1, 2], Sampling(max_new_tokens=4), DraftModel(small), 0))
+    with pytest.raises(UsageError, match="n-gram"):
+        PromptLookup(max_ngram=0)
+    with pytest.raises(UsageError, match="1 <= N < 3"):
+        self_draft(target, 3)
+
+
+def test_mighty_generate_with_a_draft(tmp_path, bpe_tokenizer, capsys):
+    import mightylm
+    from mightylm.cli import main
+
+    vocab = bpe_tokenizer.vocab_size
+    mightylm.save(conftest.tiny(0, vocab_size=vocab, n_layers=3), bpe_tokenizer, tmp_path / "t")
+    mightylm.save(conftest.tiny(1, vocab_size=vocab, n_layers=1), bpe_tokenizer, tmp_path / "d")
+    outputs = []
+    for extra in ([], ["--draft", str(tmp_path / "d")], ["--draft", "prompt-lookup"], ["--draft", "layers:2"]):
+        assert main(["generate", "--model", str(tmp_path / "t"), "--prompt", "To be, or not to be", "--temperature",
+                     "0", "--max_new_tokens", "12", "--stats", "true", *extra]) == 0
+        captured = capsys.readouterr()
+        outputs.append(captured.out)
+        assert ("tokens per target pass" in captured.err) == bool(extra)
+    assert len(set(outputs)) == 1
