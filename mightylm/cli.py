@@ -61,13 +61,7 @@ def generate(
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
     m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
-    source, spec_stats = None, None
-    if draft:
-        from mightylm.speculative import Stats, make_draft, speculative_tokens
-
-        drafter = make_draft(draft, m, load=lambda path: load_for_generation(path, dtype, log=sys.stderr)[0])
-        spec_stats = Stats()
-        source = lambda ids, s: speculative_tokens(m, ids, s, drafter, gamma, stats=spec_stats)  # noqa: E731
+    source, spec_stats = _speculative(m, draft, gamma, dtype)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
     for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
@@ -78,6 +72,18 @@ def generate(
         print(timings.report(), file=sys.stderr)
         if spec_stats is not None:
             print(spec_stats.report(), file=sys.stderr)
+
+
+def _speculative(model, draft: str | None, gamma: int, dtype: str):
+    """(token source for stream_text, its statistics) for --draft, or (None, None) without one."""
+    if not draft:
+        return None, None
+    from mightylm.generate import load_for_generation
+    from mightylm.speculative import Stats, make_draft, speculative_tokens
+
+    drafter = make_draft(draft, model, load=lambda path: load_for_generation(path, dtype, log=sys.stderr)[0])
+    stats = Stats()
+    return (lambda ids, s: speculative_tokens(model, ids, s, drafter, gamma, stats=stats)), stats
 
 
 def chat(
@@ -91,6 +97,8 @@ def chat(
     adapter: str | None = None,
     stats: bool = False,
     blocks: bool = True,
+    draft: str | None = None,
+    gamma: PositiveInt = 4,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -111,12 +119,16 @@ def chat(
         stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (see
             `mighty generate --help`); false dequantizes them at load.
+        draft: Speculative decoding: a smaller model with the same tokenizer, prompt-lookup, or layers:N (see
+            `mighty generate --help`).
+        gamma: Speculative decoding: tokens drafted per pass of the model.
     """
     from mightylm.errors import UsageError
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
+    source, spec_stats = _speculative(m, draft, gamma, dtype)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -155,12 +167,14 @@ def chat(
             ids = tokenizer.encode_chat(history)
         print("assistant> ", end="", flush=True)
         reply, timings = "", Timings()
-        for piece in stream_text(m, tokenizer, ids, settings, timings):
+        for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
             reply += piece
             print(piece, end="", flush=True)
         print()
         if stats:
             print(timings.report(), file=sys.stderr)
+            if spec_stats is not None:
+                print(spec_stats.report(), file=sys.stderr)
         history.append({"role": "assistant", "content": reply})
 
 

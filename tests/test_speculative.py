@@ -159,3 +159,20 @@ def test_mighty_generate_with_a_draft(tmp_path, bpe_tokenizer, capsys):
         outputs.append(captured.out)
         assert ("tokens per target pass" in captured.err) == bool(extra)
     assert len(set(outputs)) == 1
+
+
+def test_mighty_chat_with_a_draft_answers_as_without(tmp_path, bpe_tokenizer):
+    import subprocess
+    import sys
+
+    import mightylm
+
+    mightylm.save(conftest.tiny(0, vocab_size=bpe_tokenizer.vocab_size, n_layers=3), bpe_tokenizer, tmp_path / "t")
+    outs = []
+    for extra in ([], ["--draft", "layers:1", "--gamma", "3", "--stats", "true"]):
+        result = subprocess.run([sys.executable, "-m", "mightylm.cli", "chat", "--model", str(tmp_path / "t"),
+                                 "--temperature", "0", "--max-new-tokens", "8", *extra],
+                                input="hello\nagain\n", capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        outs.append(result.stdout)
+    assert outs[0] == outs[1] and "tokens per target pass" in result.stderr
