@@ -279,11 +279,19 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+# Up to this many consecutive tokens of one sequence go through the native block together (a speculative
+# verification pass, a short prompt's tail); GGUF blocks and 2:4 weights are read once for all of them.
+NATIVE_ROWS = 16
+
+
 class NativeDecodeBlock:
-    """Block.fused_decode: one token of one float32 sequence through a whole block in one native call
+    """Block.fused_decode: one token (or up to NATIVE_ROWS consecutive ones) of one float32 sequence through a whole
+    block in one native call
     (`mighty_decode_block` in kernels/gemv.c: norms, RoPE, the cache write, attention over the cache,
-    SiLU and residuals in C, the products through the GEMVs). Returns None, so the block runs eagerly,
-    for anything else: several rows or tokens, gradients, another dtype, an attention adapter applied
+    SiLU and residuals in C, the products through the GEMVs). Several tokens go through it only where every
+    projection reads its weights once for all of them (GGUF blocks, 2:4); float32, int8, int4 and NF4 would read
+    them once per token, slower than the eager block's GEMMs. Returns None, so the block runs eagerly, for
+    anything else: batches, padding or a sliding window, gradients, another dtype, an attention adapter applied
     after fusing, a full cache. It points at the weights as laid out when fused (the same footgun as
     the fused projections: unfuse before replacing modules or weight tensors)."""
 
@@ -293,6 +301,8 @@ class NativeDecodeBlock:
         norms = (block.attn_norm.weight, block.mlp_norm.weight)
         self.keep = [t for _, tensors in parts for t in tensors] + list(norms)  # the pointers stay valid
         (qkv, _), (o, _) = parts[:2]
+        shared = (Projection.GGML, Projection.SPARSE24)  # kinds whose weights are read once for several rows
+        self.max_rows = NATIVE_ROWS if experts is None and all(p.kind in shared for p, _ in parts) else 1
         gate_up, down = (parts[2][0], parts[3][0]) if experts is None else (Projection(), Projection())
         self.args = BlockArgs(qkv=qkv, o=o, gate_up=gate_up, down=down, attn_norm=norms[0].data_ptr(),
                               mlp_norm=norms[1].data_ptr(), dim=config.dim, n_heads=config.n_heads,
@@ -309,19 +319,22 @@ class NativeDecodeBlock:
             a.n_experts, a.top_k, a.norm_topk = len(gate_ups), mlp.top_k, int(mlp.norm_topk_prob)
             a.ffn = config.expert_ffn_dim or config.ffn_dim
 
-    def __call__(self, x, cos, sin, cache, start):
+    def __call__(self, x, cos, sin, cache, start, mask=None):
         layer = self.attn.layer_idx
-        if (type(cache) is not KVCache or x.shape[:2] != (1, 1) or cache.batch_size != 1 or start >= cache.max_len
-                or x.dtype != torch.float32 or cache.k[layer].dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and x.requires_grad) or "attend" in self.attn.__dict__
-                or torch.compiler.is_compiling()):
-            return None
+        rows = x.shape[1]
+        if (type(cache) is not KVCache or x.shape[0] != 1 or rows > self.max_rows or cache.batch_size != 1
+                or start + rows > cache.max_len or x.dtype != torch.float32 or cache.k[layer].dtype != torch.float32
+                or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)
+                or "attend" in self.attn.__dict__ or torch.compiler.is_compiling()
+                or (mask is not None and not (mask.shape[0] == 1 and bool(mask[0, 0, -1].all())))):
+            return None  # (a mask whose last row is not all True holds padding or a sliding window: eager)
         out = x.contiguous().clone()
         cos, sin = cos.contiguous(), sin.contiguous()
         a = self.args
         a.k_cache, a.v_cache = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
         a.cos, a.sin, a.pos, a.max_len, a.threads = cos.data_ptr(), sin.data_ptr(), start, cache.max_len, \
             torch.get_num_threads()
+        a.rows = rows
         gemv_library().mighty_decode_block(out.data_ptr(), ctypes.byref(a))
         return out
 

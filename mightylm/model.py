@@ -304,13 +304,13 @@ class Block(nn.Module):
         # Phi-2 runs attention and MLP side by side from attn_norm's output: no second norm
         self.mlp_norm = None if config.parallel_block else make_norm(config)
         self.mlp = make_mlp(config, layer_idx)
-        # (x, cos, sin, cache, start) -> x after this block for one token of one sequence, or None where it
-        # does not apply; set by fuse.fuse_projections_ (one native call instead of ~25 small operations).
+        # (x, cos, sin, cache, start, mask) -> x after this block for one or a few tokens of one sequence, or None
+        # where it does not apply; set by fuse.fuse_projections_ (one native call instead of ~25 small operations).
         self.fused_decode = None
 
     def forward(self, x, cos, sin, mask, cache, start):
-        if self.fused_decode is not None and mask is None:
-            y = self.fused_decode(x, cos, sin, cache, start)
+        if self.fused_decode is not None and (mask is None or x.shape[1] > 1):  # it checks a few rows' mask itself
+            y = self.fused_decode(x, cos, sin, cache, start, mask)
             if y is not None:
                 return y
         if self.mlp_norm is None:  # parallel block

@@ -336,3 +336,33 @@ def test_structured_pruning_refuses_what_it_cannot_shrink():
     moe = conftest.tiny(0, arch="mixtral", n_experts=4)
     with pytest.raises(PruningError, match="dense float Llama"):
         measure(moe, calib(moe))
+
+
+def test_the_native_block_over_several_tokens_equals_the_eager_block():
+    """A few consecutive tokens of one sequence (a speculative verification pass, a short prompt) go through the
+    native block when its projections read their weights once for all rows (2:4 here)."""
+    from mightylm.fuse import fuse_projections_
+
+    if kernels.gemv_library() is None:
+        pytest.skip("no native kernels here")
+    model = conftest.tiny(0, dim=128, ffn_dim=256)
+    prune_(model, "magnitude", pattern=(2, 4))
+    pack_24_(model)
+    fuse_projections_(model)
+    assert model.layers[0].fused_decode.max_rows > 1
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for native in (True, False):
+        saved = [b.fused_decode for b in model.layers]
+        if not native:
+            for b in model.layers:
+                b.fused_decode = None
+        cache = model.make_cache(1, 16)
+        with torch.no_grad():
+            first = model(ids[:, :3], cache=cache, start=0)
+            rest = model(ids[:, 3:], cache=cache, start=3)  # 6 rows at positions 3..8
+        outs.append((first, rest, cache.k[1][:, :, :9].clone()))
+        for b, f in zip(model.layers, saved):
+            b.fused_decode = f
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

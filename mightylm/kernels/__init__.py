@@ -142,7 +142,7 @@ class Projection(ctypes.Structure):
 
 class BlockArgs(ctypes.Structure):
     """gemv.c's mighty_block: one block's weights (a mixture of experts' router and experts when n_experts > 0),
-    this layer's cache and the position being decoded."""
+    this layer's cache, the first position being decoded and how many consecutive tokens (rows)."""
     _fields_ = [("qkv", Projection), ("o", Projection), ("gate_up", Projection), ("down", Projection),
                 ("router", Projection), ("expert_gate_up", ctypes.POINTER(Projection)),
                 ("expert_down", ctypes.POINTER(Projection)), ("n_experts", ctypes.c_long), ("top_k", ctypes.c_long),
@@ -151,7 +151,7 @@ class BlockArgs(ctypes.Structure):
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p)] + [(name, ctypes.c_long) for name in (
                     "dim", "n_heads", "n_kv", "head_dim", "ffn", "max_len", "pos")] + [
-                ("eps", ctypes.c_float), ("threads", ctypes.c_int)]
+                ("eps", ctypes.c_float), ("threads", ctypes.c_int), ("rows", ctypes.c_long)]
 
 
 def gemv_library():

@@ -265,6 +265,7 @@ typedef struct {
     long dim, n_heads, n_kv, head_dim, ffn, max_len, pos;
     float eps;
     int threads;
+    long rows;                  /* tokens of this sequence decoded together (speculative verification): 1 or more */
 } mighty_block;
 
 /* scratch: at least max(in, (threads - 1) * out) floats */
@@ -294,6 +295,24 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
         free(buf);
     } else {
         mighty_gemv(x, (const float *)p->w, p->bias, y, scratch, in, out, threads);
+    }
+}
+
+void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
+                      long in, long out, int nthreads);
+
+/* Several rows (x (rows, in) -> y (rows, out)): GGUF blocks and 2:4 weights are read once for all rows; the other
+ * kinds run row by row. */
+static void project_rows(const mighty_proj *p, const float *x, float *y, float *scratch, long in, long out, long rows,
+                         int threads) {
+    if (rows == 1) {
+        project(p, x, y, scratch, in, out, threads);
+    } else if (p->kind == PROJ_GGML) {
+        mighty_gemm_ggml(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
+    } else if (p->kind == PROJ_SPARSE24) {
+        mighty_gemm_sparse24(x, rows, (const float *)p->w, p->index, p->bias, y, in, out, threads);
+    } else {
+        for (long r = 0; r < rows; r++) project(p, x + r * in, y + r * out, scratch, in, out, threads);
     }
 }
 
@@ -346,32 +365,39 @@ static void moe_ffn(float *x, const float *h, const mighty_block *b, float *gu, 
     }
 }
 
+/* x (rows, dim): the block over `rows` consecutive tokens of one sequence at positions pos .. pos + rows - 1, each
+ * attending to the cache up to itself; cos / sin (rows, head_dim). */
 void mighty_decode_block(float *x, const mighty_block *b) {
     const long dim = b->dim, hd = b->head_dim, nh = b->n_heads, nkv = b->n_kv, ffn = b->ffn;
-    const long q_out = nh * hd, kv_out = nkv * hd, ctx = b->pos + 1;
-    const long widest = 2 * ffn > q_out + 2 * kv_out ? 2 * ffn : q_out + 2 * kv_out;
+    const long R = b->rows < 1 ? 1 : b->rows;
+    const long q_out = nh * hd, kv_out = nkv * hd, qkv_out = q_out + 2 * kv_out, ctx_max = b->pos + R;
+    const long widest = 2 * ffn > qkv_out ? 2 * ffn : qkv_out;
     const int threads = b->threads < 1 ? 1 : b->threads;
-    float *h = malloc(sizeof(float) * (dim + q_out + 2 * kv_out + q_out + dim + 2 * ffn + nh * ctx
+    float *h = malloc(sizeof(float) * (R * (dim + qkv_out + q_out + dim + 2 * ffn) + R * nh * ctx_max
                                        + (long)threads * (widest > dim ? widest : dim)));
-    float *qkv = h + dim, *att = qkv + q_out + 2 * kv_out, *tmp = att + q_out, *gu = tmp + dim;
-    float *scores = gu + 2 * ffn, *scratch = scores + nh * ctx;
+    float *qkv = h + R * dim, *att = qkv + R * qkv_out, *tmp = att + R * q_out, *gu = tmp + R * dim;
+    float *scores = gu + R * 2 * ffn, *scratch = scores + R * nh * ctx_max;
 
-    rms_norm(x, b->attn_norm, h, dim, b->eps);
-    project(&b->qkv, h, qkv, scratch, dim, q_out + 2 * kv_out, threads);
-    float *q = qkv, *k = qkv + q_out, *v = k + kv_out;
-    for (long g = 0; g < nh; g++) rope(q + g * hd, b->cos, b->sin, hd);
-    for (long g = 0; g < nkv; g++) {
-        rope(k + g * hd, b->cos, b->sin, hd);
-        memcpy(b->k_cache + (g * b->max_len + b->pos) * hd, k + g * hd, sizeof(float) * hd);
-        memcpy(b->v_cache + (g * b->max_len + b->pos) * hd, v + g * hd, sizeof(float) * hd);
+    for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->attn_norm, h + r * dim, dim, b->eps);
+    project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads);
+    for (long r = 0; r < R; r++) {
+        float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
+        const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
+        for (long g = 0; g < nh; g++) rope(q + g * hd, cos, sin, hd);
+        for (long g = 0; g < nkv; g++) {
+            rope(k + g * hd, cos, sin, hd);
+            memcpy(b->k_cache + (g * b->max_len + b->pos + r) * hd, k + g * hd, sizeof(float) * hd);
+            memcpy(b->v_cache + (g * b->max_len + b->pos + r) * hd, v + g * hd, sizeof(float) * hd);
+        }
     }
     const float scale = 1.0f / sqrtf((float)hd);
     const long group = nh / nkv;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long head = 0; head < nh; head++) {
-        const float *qh = q + head * hd;
+    for (long job = 0; job < R * nh; job++) {
+        const long r = job / nh, head = job % nh, ctx = b->pos + r + 1;
+        const float *qh = qkv + r * qkv_out + head * hd;
         const float *K = b->k_cache + (head / group) * b->max_len * hd, *V = b->v_cache + (head / group) * b->max_len * hd;
-        float *s = scores + head * ctx, *out = att + head * hd, top = -INFINITY, sum = 0.0f;
+        float *s = scores + job * ctx_max, *out = att + r * q_out + head * hd, top = -INFINITY, sum = 0.0f;
         for (long t = 0; t < ctx; t++) {
             float d = 0.0f;
             for (long i = 0; i < hd; i++) d += qh[i] * K[t * hd + i];
@@ -385,18 +411,27 @@ void mighty_decode_block(float *x, const mighty_block *b) {
             for (long i = 0; i < hd; i++) out[i] += p * V[t * hd + i];
         }
     }
-    project(&b->o, att, tmp, scratch, q_out, dim, threads);
-    for (long i = 0; i < dim; i++) x[i] += tmp[i];
+    project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
+    for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
 
-    rms_norm(x, b->mlp_norm, h, dim, b->eps);
+    for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->mlp_norm, h + r * dim, dim, b->eps);
     if (b->n_experts > 0) {
-        moe_ffn(x, h, b, gu, tmp, scratch, threads);
+        for (long r = 0; r < R; r++) moe_ffn(x + r * dim, h + r * dim, b, gu, tmp, scratch, threads);
         free(h);
         return;
     }
-    project(&b->gate_up, h, gu, scratch, dim, 2 * ffn, threads);
-    for (long i = 0; i < ffn; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[ffn + i];  /* silu(gate) * up */
-    project(&b->down, gu, tmp, scratch, ffn, dim, threads);
-    for (long i = 0; i < dim; i++) x[i] += tmp[i];
+    project_rows(&b->gate_up, h, gu, scratch, dim, 2 * ffn, R, threads);
+    for (long r = 0; r < R; r++) {
+        float *g = gu + r * 2 * ffn;
+        for (long i = 0; i < ffn; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[ffn + i];  /* silu(gate) * up */
+    }
+    /* down reads silu(gate) * up of each row: the first ffn values of its 2 * ffn */
+    if (R == 1) {
+        project(&b->down, gu, tmp, scratch, ffn, dim, threads);
+    } else {
+        for (long r = 1; r < R; r++) memmove(gu + r * ffn, gu + r * 2 * ffn, sizeof(float) * ffn);
+        project_rows(&b->down, gu, tmp, scratch, ffn, dim, R, threads);
+    }
+    for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
     free(h);
 }
