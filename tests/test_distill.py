@@ -326,3 +326,15 @@ def test_a_quantized_teacher_gives_nearly_the_float_teachers_loss(method):
     quantize_(teacher, method)
     approx, _ = Distiller(teacher, kd_ratio=1.0)(student, b)
     assert float(approx) == pytest.approx(float(exact), rel=0.05) and float(approx) != float(exact)
+
+
+def test_the_distill_recipe_parses():
+    """recipes/distill-half.yaml is read by the verb's parser (a typo in it would fail here, not after a prune)."""
+    from pathlib import Path
+
+    from mightylm.cli import main
+
+    recipe = Path(__file__).parent.parent / "recipes" / "distill-half.yaml"
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--config", str(recipe), "--print_config"])
+    assert e.value.code == 0
