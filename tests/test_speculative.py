@@ -176,3 +176,24 @@ def test_mighty_chat_with_a_draft_answers_as_without(tmp_path, bpe_tokenizer):
         assert result.returncode == 0, result.stderr
         outs.append(result.stdout)
     assert outs[0] == outs[1] and "tokens per target pass" in result.stderr
+
+
+def test_greedy_speculation_equals_transformers_assisted_generation(tmp_path):
+    """The same target and draft (tiny random Llamas saved by transformers): our speculative greedy tokens equal
+    transformers' generate(assistant_model=draft, do_sample=False), and both equal plain greedy decoding."""
+    pytest.importorskip("transformers")
+    import mightylm
+
+    target_hf = conftest.make_hf_model("llama", vocab_size=128, seed=0, num_hidden_layers=3)
+    draft_hf = conftest.make_hf_model("llama", vocab_size=128, seed=1, num_hidden_layers=1)
+    target_hf.generation_config.pad_token_id = draft_hf.generation_config.pad_token_id = 0
+    target_hf.save_pretrained(tmp_path / "t")
+    draft_hf.save_pretrained(tmp_path / "d")
+    target, _ = mightylm.load(tmp_path / "t")
+    draft, _ = mightylm.load(tmp_path / "d")
+    prompt = [5, 9, 30, 7, 11, 5, 9]
+    with torch.no_grad():
+        theirs = target_hf.generate(torch.tensor([prompt]), assistant_model=draft_hf, do_sample=False,
+                                    max_new_tokens=20, min_new_tokens=20)[0, len(prompt):].tolist()
+    ours = list(speculative_tokens(target, prompt, Sampling(max_new_tokens=20, temperature=0), DraftModel(draft), 4))
+    assert ours == theirs == plain(target, prompt, Sampling(max_new_tokens=20, temperature=0))
