@@ -338,3 +338,19 @@ def test_the_distill_recipe_parses():
     with pytest.raises(SystemExit) as e:
         main(["distill", "--config", str(recipe), "--print_config"])
     assert e.value.code == 0
+
+
+def test_mighty_distill_from_a_preset_on_chat_jsonl(tmp_path, bpe_tokenizer):
+    from mightylm.cli import main
+
+    mightylm.save(conftest.tiny(1, vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, tmp_path / "teacher")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} {i} {i}"}) for i in range(12)))
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--student_config", "tiny", "--data", str(data),
+            "--out", str(tmp_path / "run"), "--loss", "rkl", "--train.steps", "3", "--train.batch_size", "2",
+            "--train.eval_every", "3", "--sft.max_len", "64"]
+    assert main(args) == 0
+    student, _ = mightylm.load(tmp_path / "run")
+    assert student.config.vocab_size == bpe_tokenizer.vocab_size and student.config.dim == 64
+    assert main(args) != 0  # the run directory is not overwritten without --overwrite or --resume
+    assert main([*args[:3], "--student", str(tmp_path / "teacher"), *args[3:], "--overwrite", "true"]) != 0  # both
