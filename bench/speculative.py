@@ -8,7 +8,7 @@ et al.'s formula predicts from the measured acceptance a and the draft's cost c 
 E[tokens per pass] / (gamma c + 1) with E = (1 - a^(gamma + 1)) / (1 - a), is printed beside the measured one
 (c = 0 for prompt lookup, N / n_layers for early layers).
 
-    .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96]
+    .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--adaptive", action="store_true", help="grow gamma after a full acceptance, shrink it after a rejection")
+    ap.add_argument("--drafts", nargs="*", default=["prompt-lookup", "layers:8", "layers:15"])
     args = ap.parse_args()
 
     from mightylm.cli import env
@@ -52,6 +54,7 @@ def main() -> None:
     L = model.config.n_layers
     drafts = {"prompt-lookup": (lambda: PromptLookup(vocab_size=model.config.vocab_size), 0.0),
               "layers:8": (lambda: self_draft(model, 8), 8 / L), "layers:15": (lambda: self_draft(model, 15), 15 / L)}
+    drafts = {name: drafts[name] for name in args.drafts}
     print(f"\ngamma {args.gamma}, {args.max_new_tokens} new tokens, decode only (after the first token)\n")
     print("| prompt | T | draft | acceptance | tokens/pass | plain tok/s | speculative tok/s | speed-up | predicted |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -63,7 +66,8 @@ def main() -> None:
             for name, (make, cost) in drafts.items():
                 plain_tokens, plain_rate = run(lambda: stream_tokens(model, ids, s), args.max_new_tokens)
                 stats = Stats()
-                spec_tokens, spec_rate = run(lambda: speculative_tokens(model, ids, s, make(), args.gamma, stats=stats),
+                spec_tokens, spec_rate = run(lambda: speculative_tokens(model, ids, s, make(), args.gamma,
+                                                                                    adaptive=args.adaptive, stats=stats),
                                              args.max_new_tokens)
                 if temperature == 0:
                     assert spec_tokens == plain_tokens, "greedy speculation must reproduce plain decoding"

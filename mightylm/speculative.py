@@ -103,7 +103,7 @@ class PromptLookup:
     longest n from `max_ngram` down to `min_ngram` that occurs)."""
 
     max_ngram: int = 3
-    min_ngram: int = 1
+    min_ngram: int = 2  # a single repeated token predicts little and costs a wider verification pass
     vocab_size: int = 0
 
     def __post_init__(self):
@@ -213,9 +213,15 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
         drafts, q = draft.propose(context, g, s, generator)
         pos = len(context) - 1  # the slot of `token`, not yet in the target's cache
         logits = model(torch.tensor([[token, *drafts]]), cache=cache, start=pos)[0]  # (len(drafts) + 1, V)
-        p = logits_to_probs(logits, s)
-        n, nxt = accept(p[None], q[None].to(p.dtype), torch.tensor([drafts], dtype=torch.long).view(1, -1), generator)
-        n = int(n[0])
+        if s.temperature == 0:  # the rule with one-hot p and q, without building them: the argmax prefix
+            best = logits.argmax(-1).tolist()
+            n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
+            nxt = [best[n]]
+        else:
+            p = logits_to_probs(logits, s)
+            n, nxt = accept(p[None], q[None].to(p.dtype), torch.tensor([drafts], dtype=torch.long).view(1, -1),
+                            generator)
+            n = int(n[0])
         stats.drafted += len(drafts)
         stats.accepted += n
         stats.target_passes += 1

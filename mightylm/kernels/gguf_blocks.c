@@ -100,6 +100,7 @@ AVX512 void many_rows512(const float *x, long ldx, const unsigned char *row, int
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         const unsigned char *blk = row + b * bytes;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         __m512 w0, w1;
         codes512(blk, type, &w0, &w1);
         const float d = half_to_float(blk);
@@ -180,6 +181,7 @@ AVX2 void many_rows256(const float *x, long ldx, const unsigned char *row, int t
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         const unsigned char *blk = row + b * bytes;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         __m256 w[4];
         codes256(blk, type, w);
         const float d = half_to_float(blk);
