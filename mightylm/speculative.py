@@ -199,41 +199,35 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
     room = len(prompt) + s.max_new_tokens + gamma + 2
     cache = model.make_cache(1, room)
     draft.reset(room + 8)
-    token = int(sample(prefill(model, torch.tensor([prompt]), cache), s, generator)[0])
+    pending = [int(sample(prefill(model, torch.tensor([prompt]), cache), s, generator)[0])]
     context, produced, g = list(prompt), 0, gamma
     stops = set(s.stop_token_ids)
     while True:
-        yield token
-        produced += 1
-        stats.tokens += 1
-        context.append(token)
-        if token in stops or produced >= s.max_new_tokens:
-            return
-        g = min(g, s.max_new_tokens - produced - 1)  # never draft past the end
-        drafts, q = draft.propose(context, g, s, generator)
-        pos = len(context) - 1  # the slot of `token`, not yet in the target's cache
-        logits = model(torch.tensor([[token, *drafts]]), cache=cache, start=pos)[0]  # (len(drafts) + 1, V)
-        if s.temperature == 0:  # the rule with one-hot p and q, without building them: the argmax prefix
-            best = logits.argmax(-1).tolist()
-            n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
-            nxt = [best[n]]
-        else:
-            p = logits_to_probs(logits, s)
-            n, nxt = accept(p[None], q[None].to(p.dtype), torch.tensor([drafts], dtype=torch.long).view(1, -1),
-                            generator)
-            n = int(n[0])
-        stats.drafted += len(drafts)
-        stats.accepted += n
-        stats.target_passes += 1
-        stats.history.append(n)
-        for t in drafts[:n]:
+        for t in pending:  # the accepted drafts and the next token; the last is not yet in the target's cache
             yield t
             produced += 1
             stats.tokens += 1
             context.append(t)
             if t in stops or produced >= s.max_new_tokens:
                 return
-        token = int(nxt[0])
+        g = min(g, s.max_new_tokens - produced - 1)  # never draft past the end
+        drafts, q = draft.propose(context, g, s, generator)
+        pos = len(context) - 1  # the slot of the context's last token
+        logits = model(torch.tensor([[context[-1], *drafts]]), cache=cache, start=pos)[0]  # (len(drafts) + 1, V)
+        if s.temperature == 0:  # the rule with one-hot p and q, without building them: the argmax prefix
+            best = logits.argmax(-1).tolist()
+            n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
+            nxt = best[n]
+        else:
+            p = logits_to_probs(logits, s)
+            n, nxt = accept(p[None], q[None].to(p.dtype), torch.tensor([drafts], dtype=torch.long).view(1, -1),
+                            generator)
+            n, nxt = int(n[0]), int(nxt[0])
+        stats.drafted += len(drafts)
+        stats.accepted += n
+        stats.target_passes += 1
+        stats.history.append(n)
+        pending = drafts[:n] + [nxt]
         if adaptive:
             g = gamma = min(gamma + 1, 16) if drafts and n == len(drafts) else max(1, gamma - 1)
         else:
