@@ -23,10 +23,12 @@ from torch import nn
 
 from mightylm.adapters import KINDS, AdapterError, kind_of, read_adapter_config, warn_if_other_base
 from mightylm.compress.gguf_blocks import GGUFLinear
+from mightylm.compress.sparse24 import Sparse24Linear
 
 
 class MultiLoRALinear(nn.Module):
-    """A base linear layer (nn.Linear, or GGUFLinear's kept blocks) + any number of LoRA adapters chosen per row."""
+    """A base linear layer (nn.Linear, GGUFLinear's kept blocks or 2:4 Sparse24Linear) + any number of LoRA adapters
+    chosen per row."""
 
     def __init__(self, base: nn.Module, bank: "AdapterBank"):
         super().__init__()
@@ -95,9 +97,10 @@ class AdapterBank:
             modules = dict(self.model.named_modules())
             for module_name in pairs:
                 module = modules[module_name]
-                if not isinstance(module, (MultiLoRALinear, GGUFLinear)) and type(module) is not nn.Linear:
+                bases = (MultiLoRALinear, GGUFLinear, Sparse24Linear)
+                if not isinstance(module, bases) and type(module) is not nn.Linear:
                     raise AdapterError(f"{path}: {module_name} is a {type(module).__name__}; per-request LoRA "
-                                       "needs a plain linear base layer (or a GGUF file's kept blocks)")
+                                       "needs a plain linear base layer (or a GGUF file's kept blocks, or 2:4 weights)")
             scaling = lora_scaling(cfg)
             return {"name": name, "kind": "lora", "pairs": {m: (p["lora_A"].to(dtype), (p["lora_B"] * scaling).to(dtype))
                                                           for m, p in pairs.items()}}

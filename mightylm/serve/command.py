@@ -61,6 +61,7 @@ def serve(
 
     import mightylm
     from mightylm.adapters import AdapterError
+    from mightylm.compress.sparse24 import pack_24_
     from mightylm.errors import UsageError
     from mightylm.serve.adapters import AdapterBank
     from mightylm.serve.app import create_app
@@ -78,6 +79,7 @@ def serve(
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")
+    pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
     bank = AdapterBank(net.eval())
     for spec in adapter or []:
         adapter_name, eq, path = spec.partition("=")
