@@ -144,3 +144,41 @@ def serve_all(engine, jobs, timeout: float = 60):
     finally:
         engine.stop()
     return seqs
+
+
+def random_lora(base, targets, out, base_model: str):
+    """A copy of `base` with LoRA (r 4) on `targets` whose B matrices are random, so that it changes the outputs,
+    saved in PEFT's format to `out`; returns the copy (the adapter applied, unmerged)."""
+    import copy
+
+    from mightylm.adapters.lora import apply_lora, save_lora
+
+    lora = copy.deepcopy(base)
+    apply_lora(lora, targets, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_lora(lora, out, base_model=base_model)
+    return lora.eval()
+
+
+def serve_with_and_without_lora(served, tokenizer, lora_dir, dense, lora, max_new_tokens: int = 8):
+    """Three prompts, each with and without the adapter in `lora_dir`, served in one batch by an Engine over
+    `served`; every request gets the tokens its reference (`lora` or `dense`) gives it alone. Returns the
+    Sequences, in the order (prompt 1 without, prompt 1 with, prompt 2 without, ...)."""
+    from mightylm.generate import Sampling, generate
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+
+    bank = AdapterBank(served.eval())
+    bank.add("lora", lora_dir)
+    prompts = [tokenizer.encode(text) for text in ("To be", "The quick brown fox", "whether 'tis nobler")]
+    jobs = [(p, adapter) for p in prompts for adapter in (None, "lora")]
+    seqs = serve_all(Engine(served, tokenizer, bank, max_batch=8, max_len=64),
+                     [(p, Sampling(max_new_tokens=max_new_tokens), bank.ids.get(a, 0)) for p, a in jobs])
+    for seq, (p, adapter) in zip(seqs, jobs):
+        with torch.no_grad():
+            expected = generate(lora if adapter else dense, [p], Sampling(max_new_tokens=max_new_tokens))[0]
+        assert seq.generated == expected, adapter
+    return seqs

@@ -12,7 +12,7 @@ from gguf.quants import dequantize, quantize
 import mightylm
 from mightylm.checkpoint import CHUNKED, CheckpointError
 
-from conftest import SAMPLE_TEXT, make_hf_model, serve_all
+from conftest import SAMPLE_TEXT, make_hf_model, random_lora, serve_with_and_without_lora
 
 HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -479,35 +479,15 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     """`mighty serve` keeps a GGUF file's blocks by default: a batch of requests, with and without a LoRA
     adapter, is decoded by the block kernels several rows at a time, and every request gets the tokens the
     dequantized model gives it alone."""
-    from mightylm.adapters.lora import apply_lora, save_lora
     from mightylm.compress.gguf_blocks import GGUFLinear
-    from mightylm.generate import Sampling, generate
-    from mightylm.serve.adapters import AdapterBank
-    from mightylm.serve.engine import Engine
 
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
     write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q4_1)
     dense, _ = mightylm.load(tmp_path / "m.gguf")
-    lora = dense.__class__(dense.config)
-    lora.load_state_dict(dense.state_dict())
-    apply_lora(lora, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    save_lora(lora, tmp_path / "lora", base_model=str(tmp_path / "m.gguf"))
+    lora = random_lora(dense, ("q_proj", "v_proj", "down_proj"), tmp_path / "lora", str(tmp_path / "m.gguf"))
     kept, tokenizer = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
     assert isinstance(kept.lm_head, GGUFLinear)
-    bank = AdapterBank(kept.eval())
-    bank.add("lora", tmp_path / "lora")
-    prompts = [tokenizer.encode(text) for text in ("To be", "The quick brown fox", "whether 'tis nobler")]
-    jobs = [(p, adapter) for p in prompts for adapter in (None, "lora")]
-    seqs = serve_all(Engine(kept, tokenizer, bank, max_batch=8, max_len=64),
-                     [(p, Sampling(max_new_tokens=8), bank.ids.get(a, 0)) for p, a in jobs])
-    for seq, (p, adapter) in zip(seqs, jobs):
-        reference = lora if adapter else dense
-        with torch.no_grad():
-            assert seq.generated == generate(reference, [p], Sampling(max_new_tokens=8))[0], adapter
+    serve_with_and_without_lora(kept, tokenizer, tmp_path / "lora", dense, lora)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])

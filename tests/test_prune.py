@@ -371,34 +371,15 @@ def test_the_native_block_over_several_tokens_equals_the_eager_block():
 def test_the_server_serves_a_24_model_packed_with_and_without_a_lora(tmp_path, bpe_tokenizer):
     """`mighty serve` packs a 2:4 checkpoint: a batch of mixed requests (with and without a per-request LoRA)
     gets the tokens of the dense masked model, one by one."""
-    from conftest import serve_all
-
-    from mightylm.adapters.lora import apply_lora, save_lora
-    from mightylm.generate import Sampling, generate
-    from mightylm.serve.adapters import AdapterBank
-    from mightylm.serve.engine import Engine
+    from conftest import random_lora, serve_with_and_without_lora
 
     model = conftest.tiny(0, vocab_size=bpe_tokenizer.vocab_size, dim=128, ffn_dim=256)
     prune_(model, "magnitude", pattern=(2, 4))
     mightylm.save(model, bpe_tokenizer, tmp_path / "m")
     dense, _ = mightylm.load(tmp_path / "m")
-    lora, _ = mightylm.load(tmp_path / "m")
-    apply_lora(lora, ("q_proj", "down_proj"), r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    save_lora(lora, tmp_path / "lora", base_model=str(tmp_path / "m"))
+    lora = random_lora(dense, ("q_proj", "down_proj"), tmp_path / "lora", str(tmp_path / "m"))
     served, tok = mightylm.load(tmp_path / "m")
     assert len(pack_24_(served)) == 14
-    bank = AdapterBank(served.eval())
-    bank.add("lora", tmp_path / "lora")
-    prompts = [tok.encode(text) for text in ("To be", "The quick brown fox", "whether 'tis nobler")]
-    jobs = [(p, adapter) for p in prompts for adapter in (None, "lora")]
-    seqs = serve_all(Engine(served, tok, bank, max_batch=8, max_len=64),
-                     [(p, Sampling(max_new_tokens=8), bank.ids.get(a, 0)) for p, a in jobs])
-    for seq, (p, adapter) in zip(seqs, jobs):
-        with torch.no_grad():
-            assert seq.generated == generate(lora if adapter else dense, [p], Sampling(max_new_tokens=8))[0], adapter
+    seqs = serve_with_and_without_lora(served, tok, tmp_path / "lora", dense, lora)
     assert any(a.generated != b.generated for a, b in zip(seqs[::2], seqs[1::2]))  # the adapter mattered
     assert isinstance(served.layers[0].attn.q_proj.base, Sparse24Linear)  # LoRA composed over the packed base
