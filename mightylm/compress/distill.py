@@ -141,14 +141,13 @@ class Distiller:
         n = h.shape[0]
         if n == 0:
             return h.sum() * 0
-        total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, n, self.rows(vocab)):
-            part = _rows(target, s, self.rows(vocab))
+        total, step = h.new_zeros((), dtype=torch.float32), self.rows(vocab)
+        for s in range(0, n, step):
+            part = _rows(target, s, step)
             if torch.is_grad_enabled() and h.requires_grad:
-                total = total + checkpoint(self._chunk, head, h[s:s + self.rows(vocab)], part, vocab,
-                                           use_reentrant=False)
+                total = total + checkpoint(self._chunk, head, h[s:s + step], part, vocab, use_reentrant=False)
             else:
-                total = total + self._chunk(head, h[s:s + self.rows(vocab)], part, vocab)
+                total = total + self._chunk(head, h[s:s + step], part, vocab)
         return total / n * self.temperature ** 2
 
     def _chunk(self, head, h, target, vocab: int) -> torch.Tensor:

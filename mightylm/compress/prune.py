@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mightylm.compress import DEFAULT_TARGETS, QuantizationError
+from mightylm.compress import DEFAULT_TARGETS, QuantizationError, target_linears
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -136,10 +136,10 @@ class _Statistics:
         self.value = torch.zeros(n_in, n_in) if method == "sparsegpt" else torch.zeros(n_in)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1, x.shape[-1]) if x.dim() > 2 else x.detach().float()
-        new = 1  # one calibration window per call
-        self.value *= self.samples / (self.samples + new)
-        self.samples += new
+        """One calibration window's inputs (..., n_in)."""
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        self.value *= self.samples / (self.samples + 1)
+        self.samples += 1
         if self.method == "sparsegpt":
             x = (2 / self.samples) ** 0.5 * x
             self.value += x.T @ x
@@ -157,10 +157,6 @@ def _mask(method: str, weight: torch.Tensor, stats: _Statistics | None, sparsity
 # ---- the transform ----
 
 
-def _targets(module: nn.Module, targets) -> dict[str, nn.Linear]:
-    return {n: m for n, m in module.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets}
-
-
 @torch.no_grad()
 def prune_(model: nn.Module, method: str, *, sparsity: float | None = None, pattern: tuple[int, int] | None = None,
            batches: list[torch.Tensor] | None = None, targets=DEFAULT_TARGETS, progress: bool = False) -> list[str]:
@@ -175,10 +171,7 @@ def prune_(model: nn.Module, method: str, *, sparsity: float | None = None, patt
                            "model with the settings you want")
     if method != "magnitude" and not batches:
         raise PruningError(f"{method} needs calibration text (--calib): it weighs each weight by its inputs")
-    layers = _targets(model, targets)
-    if not layers:
-        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise PruningError(f"no linear layer named {list(targets)}; this model has {known}")
+    layers = target_linears(model, targets, PruningError)
     if pattern is not None:
         bad = [n for n, m in layers.items() if m.in_features % pattern[1]]
         if bad:
@@ -192,7 +185,7 @@ def prune_(model: nn.Module, method: str, *, sparsity: float | None = None, patt
     else:
         hidden = [model.inputs(idx) for idx in batches]  # each block's inputs, one tensor per window
         for i, block in enumerate(tqdm(model.layers, desc=f"{method}", disable=not progress)):
-            mine = _targets(block, targets)
+            mine = target_linears(block, targets)
             stats = {n: _Statistics(m.in_features, method) for n, m in mine.items()}
             hooks = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.add(args[0])) for n, m in mine.items()]
             try:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.compress import DEFAULT_TARGETS, QuantizationError
+from mightylm.compress import DEFAULT_TARGETS, QuantizationError, target_linears
 from mightylm.compress.int8 import Int8Linear, int8_absmax
 from mightylm.compress.nf4 import NF4Linear, _FrozenLinear
 from mightylm.compress.smoothquant import W8A8Linear
@@ -168,10 +168,7 @@ def quantize_(model: nn.Module, method: str, targets=DEFAULT_TARGETS, **params) 
     if model.quantization:
         raise QuantizationError(f"the model is already quantized ({model.quantization['method']}); "
                                 "quantize the float model instead")
-    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets}
-    if not linears:
-        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise QuantizationError(f"no linear layer named {list(targets)}; this model has {known}")
+    linears = target_linears(model, targets, QuantizationError)
     if method == "int4":  # check every layer before converting any
         g = params.get("group_size", 64)
         bad = [n for n, m in linears.items() if m.in_features % g]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mightylm.compress import DEFAULT_TARGETS, QuantizationError
+from mightylm.compress import DEFAULT_TARGETS, QuantizationError, target_linears
 from mightylm.compress.int8 import int8_absmax, take_int8_weights
 
 
@@ -133,7 +133,7 @@ def smooth_quantize_(model: nn.Module, batches, alpha: float = 0.5, per_token: b
                                 "quantize the float model instead")
     if smooth:
         smooth_(model, activation_maxima(model, batches, targets), alpha)
-    names = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets)
+    names = sorted(target_linears(model, targets))
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, W8A8Linear.from_linear(model.get_submodule(name), per_token))
