@@ -26,12 +26,18 @@ from mightylm.compress.distill import DistillationError, teacher_top_k
 
 def fingerprint(dataset) -> str:
     """sha256 of every item's token ids (and so of the tokenizer and the data that made them)."""
-    h = hashlib.sha256()
+    return _scan(dataset)[0]
+
+
+def _scan(dataset) -> tuple[str, list[int]]:
+    """(fingerprint, each item's length), in one pass over the items."""
+    h, lengths = hashlib.sha256(), []
     for i in range(len(dataset)):
-        ids = dataset[i]["input_ids"]
-        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        ids = np.asarray(dataset[i]["input_ids"], dtype=np.int64)
+        h.update(ids.tobytes())
         h.update(b"|")
-    return h.hexdigest()
+        lengths.append(len(ids))
+    return h.hexdigest(), lengths
 
 
 class TeacherCache:
@@ -76,8 +82,7 @@ class TeacherCache:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta_file = path / "meta.json"
-        print_ = fingerprint(dataset)
-        lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+        print_, lengths = _scan(dataset)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         fresh = {"k": k, "vocab": vocab, "items": len(dataset), "tokens": offsets[-1], "fingerprint": print_,
                  "offsets": offsets, "done": 0}
@@ -110,7 +115,7 @@ class TeacherCache:
                 meta["done"] = i + 1
                 _write_meta(meta_file, meta)
         del ids_map, lp_map
-        return cls(path, dataset)
+        return cls(path)  # its fingerprint was compared with the dataset's above
 
 
 def _write_meta(file: Path, meta: dict) -> None:
