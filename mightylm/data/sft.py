@@ -93,8 +93,13 @@ class SFTDataset:
 
     @classmethod
     def from_records(cls, records: list[dict], tokenizer, *, max_len: int = 512, pack: bool = False) -> "SFTDataset":
-        return cls([tokenize_chat(to_messages(r, f"record {i}"), tokenizer) for i, r in enumerate(records)],
-                   max_len, pack)
+        return cls.from_conversations([to_messages(r, f"record {i}") for i, r in enumerate(records)], tokenizer,
+                                      max_len=max_len, pack=pack)
+
+    @classmethod
+    def from_conversations(cls, conversations: list[list[dict]], tokenizer, *, max_len: int = 512,
+                           pack: bool = False) -> "SFTDataset":
+        return cls([tokenize_chat(messages, tokenizer) for messages in conversations], max_len, pack)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -105,6 +110,22 @@ class SFTDataset:
         if documents:
             item["documents"] = torch.tensor(documents[0], dtype=torch.long)
         return item
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """Every line of a JSONL file as chat messages (a malformed line is refused with the file and line number)."""
+    return [to_messages(record, f"{path}:{number}") for number, record in read_jsonl(path)]
+
+
+def hold_out(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, validation): a seeded shuffle, then `fraction` of the conversations held out (at least one when
+    there are two or more)."""
+    import random
+
+    rows = list(conversations)
+    random.Random(seed).shuffle(rows)
+    n_val = max(1, int(len(rows) * fraction)) if len(rows) > 1 else 0
+    return rows[n_val:], rows[:n_val]
 
 
 def _pack(items, max_len: int):

@@ -125,7 +125,7 @@ def distill(
                                          max_seq_len=max(seq_len, sft.max_len, 256))
         torch.manual_seed(train.seed)
         net = Transformer(config).to(device)
-    train_set, val_set = _datasets(data, tok, out, seq_len, val_fraction, sft, train.seed)
+    train_set, val_set = _datasets(data, text_data, tok, out, seq_len, val_fraction, sft, train.seed)
     print(f"teacher {teacher}: {teacher_net.config.n_params / 1e6:.1f}M parameters; student: "
           f"{net.config.n_params / 1e6:.1f}M; {len(train_set)} training and {len(val_set or [])} validation sequences")
     distiller = Distiller(teacher_net, loss=loss, temperature=temperature, kd_ratio=kd_ratio, beta=beta, skew=skew,
@@ -171,22 +171,18 @@ def _is_text(data: str) -> bool:
     return True
 
 
-def _datasets(data: str, tok, out: Path, seq_len: int, val_fraction: float, sft: SFTData, seed: int):
-    """(training set, validation set or None) from plain text windows or SFT JSONL."""
-    if _is_text(data):
+def _datasets(data: str, text: bool, tok, out: Path, seq_len: int, val_fraction: float, sft: SFTData, seed: int):
+    """(training set, validation set or None) from plain text windows (`text`) or SFT JSONL."""
+    if text:
         from mightylm.data.pretrain import TokenStream, collect_files
 
         stream = TokenStream.build(collect_files([data]), tok, out / "data")  # cached: a resume re-reads it
         return stream.split(seq_len, val_fraction)
-    import random
+    from mightylm.data.sft import SFTDataset, hold_out, read_conversations
 
-    from mightylm.data.sft import SFTDataset, read_jsonl, to_messages
-
-    rows = [to_messages(record, f"{data}:{number}") for number, record in read_jsonl(data)]
-    val_rows = [to_messages(r, f"{sft.val_data}:{n}") for n, r in read_jsonl(sft.val_data)] if sft.val_data else []
+    rows = read_conversations(data)
+    val_rows = read_conversations(sft.val_data) if sft.val_data else []
     if not sft.val_data:
-        random.Random(seed).shuffle(rows)
-        n_val = max(1, int(len(rows) * sft.val_fraction)) if len(rows) > 1 else 0
-        rows, val_rows = rows[n_val:], rows[:n_val]
-    make = lambda rs, pack: SFTDataset.from_records([{"messages": m} for m in rs], tok, max_len=sft.max_len, pack=pack)
-    return make(rows, sft.pack), (make(val_rows, False) if val_rows else None)
+        rows, val_rows = hold_out(rows, sft.val_fraction, seed)
+    train_set = SFTDataset.from_conversations(rows, tok, max_len=sft.max_len, pack=sft.pack)
+    return train_set, (SFTDataset.from_conversations(val_rows, tok, max_len=sft.max_len) if val_rows else None)

@@ -4,7 +4,6 @@ an adapter (lora, qlora, prompt, ptuning, adapter). Each verb states its options
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -264,7 +263,7 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
     from mightylm.adapters import mark_trainable, save_adapter
     from mightylm.data import data_identity
     from mightylm.data.loader import Loader
-    from mightylm.data.sft import SFTDataset, read_jsonl, to_messages
+    from mightylm.data.sft import SFTDataset, hold_out, read_conversations
     from mightylm.moe import set_router_losses
     from mightylm.report import write_report
     from mightylm.train import fit
@@ -276,8 +275,8 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
     missing = [d for d in sources if not d.is_file()]
     if missing:
         raise RunDirError(f"{missing[0]}: no such file; --data and --val_data take JSONL files")
-    rows = [to_messages(record, f"{data}:{number}") for number, record in read_jsonl(data)]
-    val_rows = [to_messages(r, f"{val_data}:{n}") for n, r in read_jsonl(val_data)] if val_data else []
+    rows = read_conversations(data)
+    val_rows = read_conversations(val_data) if val_data else []
     resume = prepare_out(out, verb=verb, resume=resume, overwrite=overwrite, inputs=[model, *sources],
                          data=data_identity(sources), rank=rank)
     net, tok = mightylm.load(model, device=device)
@@ -293,14 +292,12 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
         print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / net.config.n_params:.2f}% of "
               f"{net.config.n_params:,})")
     if not val_data:
-        random.Random(train.seed).shuffle(rows)
-        n_val = max(1, int(len(rows) * sft.val_fraction)) if len(rows) > 1 else 0
-        rows, val_rows = rows[n_val:], rows[:n_val]
-    train_set = SFTDataset.from_records([{"messages": m} for m in rows], tok, max_len=sft.max_len, pack=sft.pack)
+        rows, val_rows = hold_out(rows, sft.val_fraction, train.seed)
+    train_set = SFTDataset.from_conversations(rows, tok, max_len=sft.max_len, pack=sft.pack)
     loader = Loader(train_set, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0, rank=rank, world_size=world)
     val = None
     if val_rows:
-        val_set = SFTDataset.from_records([{"messages": m} for m in val_rows], tok, max_len=sft.max_len)
+        val_set = SFTDataset.from_conversations(val_rows, tok, max_len=sft.max_len)
         val = Loader(val_set, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
     if rank == 0:
         write_run_args(out, {**read_run_args(out), "model": model, "data": data, "max_len": sft.max_len,
