@@ -36,9 +36,9 @@ from torch import nn
 from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
-from mightylm.compress.sparse24 import Sparse24Linear, unpack_24
+from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
 from mightylm.kernels import (BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
-                              gemv_sparse24, linear)
+                              linear)
 from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
 from mightylm.moe import MoE
 
@@ -200,11 +200,7 @@ class FusedSparse24Projection:
         self.values, self.index, self.bias = values, index, bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = gemv_sparse24(x, self.values, self.index, self.values.shape[0], self.bias)
-        if y is None:  # many rows (a long prompt): the dense weight, then a GEMM
-            y = torch.nn.functional.linear(x, unpack_24(self.values, self.index).to(x.dtype),
-                                           None if self.bias is None else self.bias.to(x.dtype))
-        return y
+        return sparse24_linear(x, self.values, self.index, self.bias)
 
 
 def _fuse_sparse24(parts: list[Sparse24Linear]) -> FusedSparse24Projection:

@@ -47,6 +47,16 @@ def unpack_24(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return dense.scatter_(-1, positions, values.reshape(out, half // 2, 2)).reshape(out, 2 * half)
 
 
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias for a 2:4 weight W stored as `pack_24` does: the native kernel for up to 32 rows, else the
+    dense weight rebuilt for a GEMM."""
+    y = gemv_sparse24(x, values, index, values.shape[0], bias)
+    if y is not None:
+        return y
+    return F.linear(x, unpack_24(values, index).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 class Sparse24Linear(nn.Module):
     """A linear layer whose weight keeps 2 of every 4 inputs, stored as kept values and their positions."""
 
@@ -65,10 +75,7 @@ class Sparse24Linear(nn.Module):
         return unpack_24(self.values, self.index).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = gemv_sparse24(x, self.values, self.index, self.out_features, self.bias)  # up to 32 rows
-        if y is not None:
-            return y
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return sparse24_linear(x, self.values, self.index, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2:4 sparse"

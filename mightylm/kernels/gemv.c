@@ -278,7 +278,7 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
         mighty_gemv_nf4(xe, xo, (const unsigned char *)p->w, p->scale, p->levels, p->bias, y, in, out, p->block,
                         threads);
     } else if (p->kind == PROJ_SPARSE24) {
-        mighty_gemv_sparse24(x, (const float *)p->w, p->index, p->bias, y, in, out, threads);
+        mighty_gemm_sparse24(x, 1, (const float *)p->w, p->index, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_GGML) {
         mighty_gemv_ggml(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_INT4) {

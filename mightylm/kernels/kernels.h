@@ -31,7 +31,5 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
 
 void mighty_gemm_sparse24(const float *x, long rows, const float *values, const unsigned char *index,
                           const float *bias, float *y, long in, long out, int nthreads);
-void mighty_gemv_sparse24(const float *x, const float *values, const unsigned char *index, const float *bias,
-                          float *y, long in, long out, int nthreads);
 
 #endif

@@ -94,8 +94,3 @@ void mighty_gemm_sparse24(const float *x, long rows, const float *values, const 
         }
     }
 }
-
-void mighty_gemv_sparse24(const float *x, const float *values, const unsigned char *index, const float *bias,
-                          float *y, long in, long out, int nthreads) {
-    mighty_gemm_sparse24(x, 1, values, index, bias, y, in, out, nthreads);
-}
