@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -69,9 +69,8 @@ def _sampled(logits: torch.Tensor, s: Sampling, generator) -> tuple[torch.Tensor
 class DraftModel:
     """A smaller model with the target's vocabulary, decoding on its own KV cache."""
 
-    def __init__(self, model, max_len: int | None = None):
+    def __init__(self, model):
         self.model, self.cache, self.fed = model.eval(), None, []
-        self.max_len = max_len
 
     def reset(self, max_len: int) -> None:
         self.cache, self.fed = self.model.make_cache(1, max_len), []
@@ -165,7 +164,6 @@ class Stats:
     accepted: int = 0
     target_passes: int = 0
     tokens: int = 0
-    history: list[int] = field(default_factory=list)  # accepted count per pass
 
     @property
     def acceptance(self) -> float:
@@ -226,7 +224,6 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
         stats.drafted += len(drafts)
         stats.accepted += n
         stats.target_passes += 1
-        stats.history.append(n)
         pending = drafts[:n] + [nxt]
         if adaptive:
             g = gamma = min(gamma + 1, 16) if drafts and n == len(drafts) else max(1, gamma - 1)
