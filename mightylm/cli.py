@@ -303,23 +303,27 @@ def prune(
         calib_windows: Calibration windows of 256 tokens.
         overwrite: Replace --out if it already holds something (never when it is the model or the calibration text).
     """
+    import torch
+
     import mightylm
     from mightylm.compress.calibration import calibration_batches
     from mightylm.compress.probe import output_change, probe_ids
-    from mightylm.errors import UsageError
     from mightylm.compress.prune import check_request, parse_pattern, prune_, sparsity_of
+    from mightylm.errors import UsageError
     from mightylm.outputs import check_output, written_into
 
+    n_m = parse_pattern(pattern)
     if structured:
         if sparsity is not None or pattern is not None:
             raise UsageError("--structured removes whole units (--ffn, --heads, --dim, --layers); --sparsity and "
                              "--pattern are for unstructured pruning: use one or the other")
     else:
-        check_request(method, sparsity, parse_pattern(pattern))
+        check_request(method, sparsity, n_m)
     target = check_output(out, inputs=[model, calib], overwrite=overwrite)
     net, tokenizer = mightylm.load(model)
     probe = probe_ids(tokenizer)
-    reference = net(probe)
+    with torch.no_grad():
+        reference = net(probe)
     before = net.config.n_params
     batches = None if method == "magnitude" and not structured else calibration_batches(
         calib, tokenizer, calib_windows, method="structured pruning" if structured else method)
@@ -331,9 +335,10 @@ def prune(
         what = (f"{c.n_layers} layers, dim {c.dim}, {c.n_heads} heads ({c.n_kv_heads} key/value), ffn {c.ffn_dim}; "
                 f"{before / 1e6:.1f}M -> {c.n_params / 1e6:.1f}M parameters")
     else:
-        names = prune_(net, method, sparsity=sparsity, pattern=parse_pattern(pattern), batches=batches, progress=True)
+        names = prune_(net, method, sparsity=sparsity, pattern=n_m, batches=batches, progress=True)
         what = f"{len(names)} projections {sparsity_of(net, names):.1%} zero"
-    change = output_change(net(probe), reference)
+    with torch.no_grad():
+        change = output_change(net(probe), reference)
     with written_into(target) as tmp:
         mightylm.save(net, tokenizer, tmp)
     print(f"{'structured' if structured else method}: {what}; outputs on a probe text: {change}; wrote {target}")
