@@ -200,6 +200,12 @@ def test_a_cache_build_resumes_and_refuses_other_data(tmp_path):
         TeacherCache(tmp_path / "c", other)
     with pytest.raises(DistillationError, match="other data, tokenizer or k"):
         TeacherCache.build(teacher, data, tmp_path / "c", k=8, vocab=64, progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "ids.bin").write_text("a user's file")
+    with pytest.raises(DistillationError, match="not a teacher cache"):
+        TeacherCache.build(teacher, data, mine, k=4, vocab=64, progress=False)
+    assert (mine / "ids.bin").read_text() == "a user's file"
 
 
 def test_distillation_trains_through_fit_and_moves_the_student_toward_the_teacher(tmp_path):

@@ -80,8 +80,11 @@ class TeacherCache:
         from tqdm import tqdm
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         meta_file = path / "meta.json"
+        if path.is_dir() and any(path.iterdir()) and not meta_file.exists():
+            raise DistillationError(f"{path}: holds files that are not a teacher cache; give a new or empty directory "
+                                    "for --teacher_cache (nothing there was changed)")
+        path.mkdir(parents=True, exist_ok=True)
         print_, lengths = _scan(dataset)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         fresh = {"k": k, "vocab": vocab, "items": len(dataset), "tokens": offsets[-1], "fingerprint": print_,
