@@ -735,3 +735,130 @@ def test_lm_evaluation_harness_scores_through_the_server_as_its_hf_backend(bpe_t
                 assert loglik == pytest.approx(ref_loglik, abs=1e-3) and greedy == ref_greedy
     finally:
         s.close()
+
+
+# ---- speculative decoding in the server (issue 21) ----
+
+def _run(engine, jobs) -> list[dict]:
+    """Submit (prompt ids, Sampling, Sequence options) jobs together, run the engine until all are done; each
+    result is {"text", "done" (the done event)}."""
+    from mightylm.serve.engine import Sequence
+
+    results = [{"text": "", "done": None} for _ in jobs]
+    finished = threading.Event()
+
+    def emit_for(i):
+        def emit(ev):
+            if ev["type"] == "text":
+                results[i]["text"] += ev["text"]
+            else:
+                results[i]["done"] = ev
+                if all(r["done"] for r in results):
+                    finished.set()
+        return emit
+
+    for i, (ids, s, options) in enumerate(jobs):
+        engine.submit(Sequence(ids, s, emit_for(i), **options))
+    engine.start()
+    try:
+        assert finished.wait(60)
+    finally:
+        engine.stop()
+    return results
+
+
+def _draft_for(base, kind):
+    import conftest
+    from mightylm.speculative import PromptLookup
+
+    if kind == "prompt-lookup":
+        return PromptLookup(vocab_size=base.config.vocab_size)
+    if kind == "target":
+        return copy.deepcopy(base)
+    return conftest.tiny(1, vocab_size=base.config.vocab_size, n_layers=1, dim=32, n_heads=2, n_kv_heads=1,
+                         ffn_dim=64)
+
+
+@pytest.mark.parametrize("kind", ["prompt-lookup", "model", "target"])
+@pytest.mark.parametrize("max_len", [256, 40])  # 40: the pool runs full, so rows are compacted and steps narrowed
+def test_greedy_speculative_batches_equal_each_request_alone(tiny, kind, max_len):
+    """Mixed requests in one batch (LoRA, soft prompt and base rows; different lengths; one opted out), every step
+    as wide as the drafts allow: each row's text equals plain greedy decoding of it alone."""
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+
+    model, tokenizer, root = tiny
+    bank = AdapterBank(copy.deepcopy(model))
+    bank.add("lora", root / "lora")
+    bank.add("prompt", root / "prompt")
+    engine = Engine(bank.model, tokenizer, bank, max_batch=6, max_len=max_len, draft=_draft_for(model, kind), gamma=4,
+                    always_speculate=True)
+    texts = ["To be, or not to be, or not", "The quick brown fox", "ab ab ab ab", "whether 'tis nobler in the mind"]
+    jobs = [(text, adapter, opt_out) for text, adapter, opt_out in
+            zip(texts + texts[:2], [None, "lora", "prompt", None, None, "lora"], [False] * 5 + [True])]
+    budget = lambda text, adapter: min(20, max_len - len(tokenizer.encode(text)) - bank.prefix_len(bank.ids.get(adapter, 0)))
+    results = _run(engine, [(tokenizer.encode(text), Sampling(max_new_tokens=budget(text, adapter), temperature=0),
+                             {"adapter": bank.ids.get(adapter, 0), "speculative": not opt_out})
+                            for text, adapter, opt_out in jobs])
+    for (text, adapter, opt_out), r in zip(jobs, results):
+        assert r["done"]["finish_reason"] in ("stop", "length"), r["done"]
+        assert r["text"] == _reference(model, tokenizer, adapter and root / adapter, text, budget(text, adapter)), \
+            (text, adapter)
+    assert results[-1]["done"]["drafted"] == 0  # the opted-out request took no drafts
+    assert engine.stats["speculative_passes"] > 0 and engine.stats["drafted_tokens"] > 0
+    if kind == "target":  # the target drafting for itself: every drafted token of an adapter-free row is accepted
+        plain_rows = [r["done"] for (_, adapter, opt_out), r in zip(jobs, results) if adapter is None and not opt_out]
+        assert all(d["accepted"] == d["drafted"] > 0 for d in plain_rows)
+
+
+def test_sampled_speculative_rows_with_the_target_as_draft_accept_nearly_all(tiny):
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+
+    model, tokenizer, _ = tiny
+    engine = Engine(model, tokenizer, AdapterBank(model), max_batch=4, max_len=128, draft=copy.deepcopy(model),
+                    gamma=3, always_speculate=True)
+    results = _run(engine, [(tokenizer.encode(text), Sampling(max_new_tokens=24, temperature=0.8, top_k=40, seed=i),
+                             {"ignore_eos": True}) for i, text in enumerate(["To be", "The quick", "Hello"])])
+    for r in results:
+        assert r["done"]["completion_tokens"] == 24
+        assert r["done"]["accepted"] >= 0.9 * r["done"]["drafted"] > 0  # p == q up to rounding: min(1, p/q) ~ 1
+    assert engine.stats["speculative_passes"] < 24  # several tokens per target pass
+
+
+def test_the_width_is_chosen_by_expected_tokens_per_second():
+    from mightylm.serve.speculation import PassCost, choose_width, expected_tokens
+
+    assert expected_tokens(0.5, 0) == 1 and expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 4) == 5
+    cheap_rows, linear = PassCost(), PassCost()
+    for rows in (1, 2, 4, 8, 16, 32):
+        cheap_rows.observe(rows, 0.010 + 0.0001 * rows)  # weight-bound: extra rows nearly free
+        linear.observe(rows, 0.0001 + 0.005 * rows)  # compute-bound: every row costs the same
+    assert cheap_rows.predict(10) == pytest.approx(0.011) and linear.predict(10) == pytest.approx(0.0501)
+    assert choose_width([4], [0.7], 4, cheap_rows) == 4  # one stream, extra rows cheap: as wide as allowed
+    assert choose_width([4] * 8, [0.5] * 8, 4, linear) == 0  # rows cost what they yield: plain steps
+    assert choose_width([0] * 8, [0.9] * 8, 4, cheap_rows) == 0  # nothing drafted: nothing to gain
+
+
+def test_the_server_reports_speculation_in_usage_and_metrics(tiny):
+    model, tokenizer, _ = tiny
+    server = Server(model, tokenizer, max_batch=4, max_len=128, draft=_draft_for(model, "model"), always_speculate=True)
+    try:
+        body = {"model": "tiny", "prompt": "To be, or not", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        status, reply, _ = server.post("/v1/completions", body)
+        assert status == 200, reply
+        spec = reply["usage"]["speculative"]
+        assert spec["drafted_tokens"] > 0 and spec["acceptance_rate"] == pytest.approx(
+            spec["accepted_tokens"] / spec["drafted_tokens"], abs=1e-4)
+        status, off, _ = server.post("/v1/completions", {**body, "speculative": False})
+        assert status == 200 and off["usage"]["speculative"]["drafted_tokens"] == 0
+        assert off["choices"][0]["text"] == reply["choices"][0]["text"]
+        status, bad, _ = server.post("/v1/completions", {**body, "speculative": "no"})
+        assert status == 400 and bad["error"]["param"] == "speculative"
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert f"mightylm_draft_tokens_total {spec['drafted_tokens']}" in metrics
+        assert f"mightylm_accepted_draft_tokens_total {spec['accepted_tokens']}" in metrics
+    finally:
+        server.close()

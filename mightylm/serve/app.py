@@ -9,6 +9,9 @@
     GET  /health, GET /metrics      liveness and load; Prometheus text format
     GET  /                          the chat page
 
+With `mighty serve --draft`, steps may be speculative: a request can opt out with "speculative": false, and its
+usage gains {"speculative": {"drafted_tokens", "accepted_tokens", "acceptance_rate"}}.
+
 Every error is an OpenAI-style error object with a 4xx/5xx status; a bad request never stops the
 server. With API keys, /v1, /admin and /metrics need "Authorization: Bearer KEY" (401 otherwise).
 """
@@ -36,7 +39,8 @@ MAX_PROMPTS = 64  # prompts in one legacy completions request (a list of strings
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI allows 5, vLLM 20)
 DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "user",
-          "stream_options", "max_completion_tokens", "ignore_eos"}  # ignore_eos: vLLM's extension, for benchmarks of fixed length
+          "stream_options", "max_completion_tokens", "ignore_eos",  # ignore_eos: vLLM's, for fixed-length benchmarks
+          "speculative"}  # ours: false keeps a request out of speculative steps (with `mighty serve --draft`)
 FIELDS = {"/v1/completions": COMMON | {"prompt", "echo", "logprobs"}, "/v1/chat/completions": COMMON | {"messages"},
           "/admin/adapters": {"name", "path"}}
 
@@ -236,6 +240,9 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         longest = max(len(p) for p in prompts) + bank.prefix_len(adapter)
         s, n = sampling_of(body, longest)
         stream, ignore_eos = flag(body, "stream"), flag(body, "ignore_eos")
+        speculative = body.get("speculative", True)
+        if not isinstance(speculative, bool):
+            raise ApiError(400, "\"speculative\" must be true or false", param="speculative")
         if stream and logprobs is not None:
             raise ApiError(400, "\"logprobs\" is supported without streaming only (stream: false)", param="logprobs")
         options = body.get("stream_options") or {}
@@ -255,7 +262,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                 settings = Sampling(**{**s.__dict__, "seed": seed})
                 emit = (lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))(i)
                 seqs.append(engine.submit(Sequence(prompts[i // n], settings, emit, adapter=adapter,
-                                                   ignore_eos=ignore_eos, logprobs=logprobs)))
+                                                   ignore_eos=ignore_eos, logprobs=logprobs,
+                                                   speculative=speculative)))
         except QueueFull as e:
             for seq in seqs:
                 seq.cancel()
@@ -281,9 +289,15 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
             return {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": model,
                     "choices": [choice]}
 
+        drafted, accepted = [0] * total, [0] * total  # per choice, from its "done" event
+
         def usage_of(completion_tokens: int) -> dict:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}
+            if engine.draft is not None:  # our extension: how speculation went for this request
+                usage["speculative"] = {"drafted_tokens": sum(drafted), "accepted_tokens": sum(accepted),
+                                        "acceptance_rate": round(sum(accepted) / max(sum(drafted), 1), 4)}
+            return usage
 
         if stream:
             async def sse():
@@ -301,6 +315,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                         else:
                             done += 1
                             generated += ev["completion_tokens"]
+                            drafted[i], accepted[i] = ev.get("drafted", 0), ev.get("accepted", 0)
                             if ev.get("error"):
                                 yield f"data: {json.dumps({'error': {'message': ev['error'], 'type': 'server_error'}})}\n\n"
                             yield f"data: {json.dumps(chunk(i, finish=_reason(ev)))}\n\n"
@@ -333,6 +348,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                     if ev.get("error"):
                         raise ApiError(500, f"generation failed: {ev['error']}", "server_error")
                     reasons[i], usage[i], scores[i] = _reason(ev), ev["completion_tokens"], ev.get("logprobs")
+                    drafted[i], accepted[i] = ev.get("drafted", 0), ev.get("accepted", 0)
         finally:
             gone.cancel()
             for seq in seqs:
@@ -457,6 +473,11 @@ def render_metrics(engine: Engine) -> str:
              "# TYPE mightylm_generated_tokens_total counter",
              f"mightylm_generated_tokens_total {s['generated_tokens']}",
              "# TYPE mightylm_prefill_passes_total counter", f"mightylm_prefill_passes_total {s['prefill_passes']}",
+             "# TYPE mightylm_speculative_passes_total counter",
+             f"mightylm_speculative_passes_total {s['speculative_passes']}",
+             "# TYPE mightylm_draft_tokens_total counter", f"mightylm_draft_tokens_total {s['drafted_tokens']}",
+             "# TYPE mightylm_accepted_draft_tokens_total counter",
+             f"mightylm_accepted_draft_tokens_total {s['accepted_tokens']}",
              "# TYPE mightylm_finished_total counter"]
     lines += [f'mightylm_finished_total{{reason="{k}"}} {v}' for k, v in sorted(s["finished"].items())]
     lines += ["# TYPE mightylm_queue_length gauge", f"mightylm_queue_length {load['waiting']}",

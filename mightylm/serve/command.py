@@ -26,6 +26,8 @@ def serve(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     drain_timeout: PositiveFloat = 10.0,
     blocks: bool = True,
+    draft: str | None = None,
+    gamma: PositiveInt = 4,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -53,6 +55,12 @@ def serve(
         drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (float32 only), one
             kernel call per projection for the whole batch; false dequantizes them at load.
+        draft: Speculative decoding: prompt-lookup (or prompt-lookup:N, the longest n-gram) or a smaller model
+            sharing the vocabulary (a directory or .gguf). Each step verifies every row's drafted tokens in one
+            pass and keeps exactly what the model itself would sample; a step speculates only when the measured
+            pass times and acceptance say it gives more tokens per second. Requests opt out with
+            "speculative": false; their usage reports drafted and accepted tokens.
+        gamma: The most drafted tokens per row and step (with --draft).
     """
     import os
     import signal
@@ -86,7 +94,18 @@ def serve(
         if not eq:
             raise AdapterError(f"--adapter {spec!r}: use NAME=DIR")
         print(f"adapter {adapter_name}: {bank.add(adapter_name, path)}", file=sys.stderr)
-    engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len).start()
+    speculate = None
+    if draft:
+        from mightylm.speculative import make_draft
+
+        if draft.startswith("layers:"):
+            raise UsageError("--draft layers:N is for `mighty generate|chat`; the server takes prompt-lookup or a "
+                             "draft model")
+        speculate = make_draft(draft, net, load=lambda path: _load_draft(path, dtype, blocks))
+        speculate = getattr(speculate, "model", speculate)  # the engine keeps a draft model's cache itself
+        print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step", file=sys.stderr)
+    engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
+                    draft=speculate, gamma=gamma).start()
     pool = sum(t.numel() * t.element_size() for t in engine.pool.k + engine.pool.v)
     print(f"KV-cache pool: {max_batch} x {engine.max_len} tokens (--max_batch x --max_len), up to "
           f"{pool / 2**20:,.0f} MiB as it fills", file=sys.stderr)
@@ -103,6 +122,16 @@ def serve(
     finally:
         engine.stop()
         sock.close()
+
+
+def _load_draft(path: str, dtype: str, blocks: bool):
+    import mightylm
+    from mightylm.compress.sparse24 import pack_24_
+
+    print(f"loading the draft {path} ...", file=sys.stderr, flush=True)
+    model, _ = mightylm.load(path, dtype=dtype, keep_blocks=blocks and dtype == "float32")
+    pack_24_(model)
+    return model.eval()
 
 
 def _exit_143(signum, frame):

@@ -14,6 +14,10 @@ smallest pad (compaction).
 
 Each sequence samples with its own settings and random generator; its text is decoded
 incrementally and checked for stop strings here, so the HTTP layer only forwards events.
+
+With a draft (`mighty serve --draft`), a step may be speculative (serve/speculation.py): every row's drafts are
+verified in one pass, each row keeps what the exact rule accepts, and the rows that accepted fewer move right so
+that all rows' next tokens again share slot `t`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from typing import Callable
 
 import torch
 
-from mightylm.generate import Sampling, TextStream, sample
+from mightylm.generate import Sampling, TextStream, logits_to_probs, sample
+from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PassCost, PooledDraft, choose_width, \
+    timed
+from mightylm.speculative import PromptLookup, accept
 
 
 class Latency:
@@ -102,28 +109,44 @@ class Sequence:
     emit: Callable[[dict], None]  # called from the engine thread with {"type": "text"|"done", ...}
     adapter: int = 0
     ignore_eos: bool = False  # run to max_new_tokens through end-of-sequence tokens (for benchmarks)
+    speculative: bool = True  # may take drafted tokens when the server has a draft (false: plain steps only)
     logprobs: int | None = None  # record each generated token's log-probability and this many alternatives
     generated: list[int] = field(default_factory=list)
     scores: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per generated token
     finish_reason: str | None = None
     cancelled: bool = False
+    drafted: int = 0  # drafted tokens verified for this sequence, and how many of them were accepted
+    accepted: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
     _text: TextStream | None = None  # its text so far, with stop strings (generate.TextStream)
     _generator: torch.Generator | None = None
     _error: str | None = None
+    _alpha: float | None = None  # running acceptance of its drafts (None: not measured yet)
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
 class Engine:
-    def __init__(self, model, tokenizer, bank, *, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048):
+    def __init__(self, model, tokenizer, bank, *, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048,
+                 draft=None, gamma: int = 4, always_speculate: bool = False):
+        """`draft`: None, a speculative.PromptLookup, or a draft model sharing the target's vocabulary; `gamma`:
+        the most drafted tokens a row takes per step; `always_speculate`: every step as wide as the drafts allow,
+        whatever it costs (tests and benchmarks; by default each step's width is chosen by its expected speed)."""
+        if gamma < 1:
+            raise ValueError(f"gamma (drafted tokens per step) must be at least 1, got {gamma}")
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len, model.config.max_seq_len)
         self.pool = model.make_cache(max_batch, self.max_len)
+        self.gamma, self.always_speculate = gamma, always_speculate
+        self.draft = draft if draft is None or isinstance(draft, PromptLookup) else \
+            PooledDraft(draft, max_batch, self.max_len)
+        self.cost = PassCost()  # the target's pass time by token-rows, for choosing the speculative width
+        self.alpha = ALPHA_PRIOR  # running acceptance over all rows: a new row's first guess
+        self.plain_steps = 0  # steps since the last speculative one
         self.device = model.embed.weight.device
         self.pads = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.t = 0  # the next cache slot every running row writes
@@ -133,7 +156,8 @@ class Engine:
         self.cond = threading.Condition()
         self.stopped = False
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "ttft": Latency(), "itl": Latency(),
-                      "finished": {}, "prefill_passes": 0}
+                      "finished": {}, "prefill_passes": 0, "drafted_tokens": 0, "accepted_tokens": 0,
+                      "speculative_passes": 0}
         self.thread = threading.Thread(target=self._loop, name="mightylm-engine", daemon=True)
 
     # ---- called from other threads ----
@@ -267,6 +291,12 @@ class Engine:
         t = max(self.t, need) if self.running else need
         return t + max([new_tokens] + [self._remaining(s) for s in self.running]) <= self.max_len
 
+    def _caches(self) -> list[torch.Tensor]:
+        """Every cache tensor whose rows and slots follow the running sequences: the target's, and a draft
+        model's."""
+        own = self.pool.k + self.pool.v
+        return own + self.draft.caches() if isinstance(self.draft, PooledDraft) else own
+
     def _compact(self) -> None:
         n = len(self.running)
         if not n:
@@ -275,17 +305,21 @@ class Engine:
         m = int(self.pads[:n].min())
         if m == 0:
             return
-        for K in self.pool.k + self.pool.v:
+        for K in self._caches():
             K[:n, :, :self.t - m] = K[:n, :, m:self.t].clone()
         self.pads[:n] -= m
         self.t -= m
+        if isinstance(self.draft, PooledDraft):
+            self.draft.valid = max(self.draft.valid - m, 0)
 
     def _shift_right(self, d: int) -> None:
         n = len(self.running)
-        for K in self.pool.k + self.pool.v:
+        for K in self._caches():
             K[:n, :, d:self.t + d] = K[:n, :, :self.t].clone()
         self.pads[:n] += d
         self.t += d
+        if isinstance(self.draft, PooledDraft):
+            self.draft.valid += d
 
     def _prefill(self, group: list[tuple[Sequence, int]]) -> None:
         """Prefill new sequences into rows after the running ones, left-padded so each ends at slot t."""
@@ -322,6 +356,12 @@ class Engine:
                 for j, (seq, need) in enumerate(group):
                     embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter)
                 logits = self.model(embeds=embeds, **kwargs)[:, -1]
+            if isinstance(self.draft, PooledDraft):  # the draft model sees the prompts' tokens (no soft prompts)
+                if first == 0:
+                    self.draft.valid = self.t
+                self.draft.prefill(_Rows(self.draft.pool, first, last), [seq.prompt for seq, _ in group],
+                                   torch.tensor([self.t - len(seq.prompt) for seq, _ in group], device=self.device),
+                                   self.t)
         except Exception as e:  # take the group out again; alone, each fails or succeeds on its own
             del self.running[first:]
             if not self.running:
@@ -353,12 +393,116 @@ class Engine:
         seq.finish_reason, seq._error = "error", f"{type(error).__name__}: {error}"
 
     def _decode(self) -> None:
+        if self.draft is not None and self._speculate():
+            return
         n = len(self.running)
         tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
         self.bank.set_rows([s.adapter for s in self.running])
-        logits = self.model(tokens[:, None], cache=_Rows(self.pool, 0, n), start=self.t, pad=self.pads[:n])[:, -1]
+        logits, seconds = timed(lambda: self.model(tokens[:, None], cache=_Rows(self.pool, 0, n), start=self.t,
+                                                   pad=self.pads[:n])[:, -1], self.device)
+        self.cost.observe(n, seconds)
         self.t += 1
         self._take(logits, 0)
+
+    def _speculate(self) -> bool:
+        """One speculative step over the running rows when its expected tokens per second beat a plain step's
+        (serve/speculation.py); False, having done nothing, when they do not."""
+        n = len(self.running)
+        longest = max(self._remaining(s) for s in self.running)
+        if self.t + self.gamma + longest > self.max_len:
+            self._compact()  # room for the verification pass (rows that accept less are moved right after it)
+        cap = min(self.gamma, self.max_len - self.t - longest)
+        limits = [min(cap, self._remaining(s) - 1) if s.speculative and s.finish_reason is None else 0
+                  for s in self.running]  # never draft past a row's last token
+        if cap < 1 or not any(limits):
+            return False
+        histories = [s.prompt + s.generated for s in self.running]
+        alphas = [self.alpha if s._alpha is None else s._alpha for s in self.running]
+        pooled = isinstance(self.draft, PooledDraft)
+        if not pooled:  # prompt lookup costs nothing to ask first
+            looked = [self.draft.propose(h, g, s.sampling) if g else ([], None)
+                      for h, g, s in zip(histories, limits, self.running)]
+            limits = [len(tokens) for tokens, _ in looked]
+        if self.always_speculate or not any(limits):
+            width = max(limits)
+        else:
+            width = choose_width(limits, alphas, cap, self.cost, self.draft.cost if pooled else None)
+        if width == 0 and self.plain_steps >= PROBE_EVERY and any(limits):
+            width = 1  # not measured for a while: one narrow step to see whether acceptance changed
+        if width == 0:
+            self.plain_steps += 1
+            return False
+        self.plain_steps = 0
+        if pooled:
+            virtual = torch.tensor([self.bank.prefix_len(s.adapter) for s in self.running], device=self.device)
+            tokens, dists = self.draft.propose(lambda pool: _Rows(pool, 0, n), histories, self.pads[:n] + virtual,
+                                               self.t, width, [s.sampling for s in self.running],
+                                               [s._generator for s in self.running])
+            drafts = [(ts[:min(width, g)], q[:min(width, g)]) for ts, q, g in zip(tokens, dists, limits)]
+        else:
+            drafts = [(ts[:width], q if q is None else q[:width]) for ts, q in looked]
+        idx = torch.zeros(n, width + 1, dtype=torch.long)
+        for i, (seq, (ts, _)) in enumerate(zip(self.running, drafts)):
+            idx[i, 0] = seq.generated[-1]
+            idx[i, 1:1 + len(ts)] = torch.tensor(ts, dtype=torch.long)  # a shorter row's last slots: never accepted
+        self.bank.set_rows([s.adapter for s in self.running])
+        logits, seconds = timed(lambda: self.model(idx.to(self.device), cache=_Rows(self.pool, 0, n), start=self.t,
+                                                   pad=self.pads[:n]), self.device)  # (n, width + 1, V)
+        self.cost.observe(n * (width + 1), seconds)
+        self.stats["speculative_passes"] += 1
+        counts = [self._verify(i, logits[i], *drafts[i]) for i in range(n)]
+        live = [k for seq, k in zip(self.running, counts) if seq.finish_reason is None and not seq.cancelled]
+        top = max(live, default=0)
+        for i, k in enumerate(counts):  # every row's next token goes to slot t + top + 1
+            if k < top and self.running[i].finish_reason is None:
+                self._shift_row(i, top - k, self.t + k + 1)
+        self.t += top + 1
+        if pooled:
+            self.draft.valid = self.t - 1  # a fully accepted row's last draft was never fed to the draft model
+        self._sweep()
+        return True
+
+    def _verify(self, row: int, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None) -> int:
+        """Accept row `row`'s drafted tokens by the exact rule (the argmax prefix when greedy) given the target's
+        logits at its [last, drafts...] positions, take the accepted ones and the target's next token; returns
+        how many drafts were accepted. An error here ends this row only."""
+        seq = self.running[row]
+        try:
+            if seq.sampling.temperature == 0:
+                best = logits[:len(drafts) + 1].argmax(-1).tolist()
+                k = next((j for j, d in enumerate(drafts) if d != best[j]), len(drafts))
+                nxt = best[k]
+            else:
+                p = logits_to_probs(logits[:len(drafts) + 1], seq.sampling)
+                q = q.to(p) if q is not None else p[:0]
+                k, nxt = accept(p[None], q[None], torch.tensor([drafts], dtype=torch.long).view(1, -1),
+                                seq._generator)
+                k, nxt = int(k[0]), int(nxt[0])
+            if drafts:
+                rate = k / len(drafts)
+                seq._alpha = rate if seq._alpha is None else (1 - ALPHA_WEIGHT) * seq._alpha + ALPHA_WEIGHT * rate
+                self.alpha = (1 - ALPHA_WEIGHT) * self.alpha + ALPHA_WEIGHT * rate
+                seq.drafted += len(drafts)
+                seq.accepted += k
+                self.stats["drafted_tokens"] += len(drafts)
+                self.stats["accepted_tokens"] += k
+            for j, token in enumerate(drafts[:k] + [nxt]):
+                if seq.logprobs is not None:
+                    seq.scores.append(_score(logits[j], token, seq.logprobs))
+                self._accept(row, token)
+                if seq.finish_reason is not None:
+                    break
+            return k
+        except Exception as e:
+            self._fail(seq, e)
+            return 0
+
+    def _shift_row(self, row: int, d: int, end: int) -> None:
+        """Move row `row`'s cache slots pad..end-1 right by d (its pad grows by d)."""
+        pad = int(self.pads[row])
+        for K in self._caches():
+            K[row, :, pad + d:end + d] = K[row, :, pad:end].clone()
+        self.pads[row] += d
 
     def _accept(self, row: int, token: int) -> None:
         """Record a sampled token, emit its text, and decide whether the sequence is finished."""
@@ -403,7 +547,7 @@ class Engine:
                 continue
             last = len(self.running) - 1
             if row != last:
-                for K in self.pool.k + self.pool.v:
+                for K in self._caches():
                     K[row, :, :self.t] = K[last, :, :self.t]
                 self.pads[row] = self.pads[last]
                 self.running[row] = self.running[last]
@@ -419,6 +563,8 @@ class Engine:
                  "completion_tokens": len(seq.generated)}
         if error:
             event["error"] = error
+        if self.draft is not None:
+            event["drafted"], event["accepted"] = seq.drafted, seq.accepted
         if seq.logprobs is not None:
             n = len(seq.scores) - (1 if reason == "stop" and seq.generated and seq.generated[-1] in self._stops(seq)
                                    and not seq.ignore_eos else 0)
