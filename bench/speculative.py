@@ -9,12 +9,23 @@ E[tokens per pass] / (gamma c + 1) with E = (1 - a^(gamma + 1)) / (1 - a), is pr
 (c = 0 for prompt lookup, N / n_layers for early layers).
 
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
+    .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
+
+--server: `mighty serve --draft D` in a process of its own (the width of each step chosen by the server from its
+measured pass times and acceptance), N concurrent clients (loopback only) sending the three prompts round robin,
+greedy, each request to max tokens (ignore_eos, so every run does the same work); rounds of opted-out requests
+("speculative": false: plain steps) alternate with speculative ones; total generated tokens/s and the acceptance
+the responses' usage reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 PROMPTS = {
     "chat": "What are three good habits for staying healthy? Answer in a short list.",
@@ -37,13 +48,77 @@ def run(source, n: int) -> tuple[list[int], float]:
     return first + rest, len(rest) / max(time.perf_counter() - t, 1e-9)
 
 
+def serve_load(url: str, clients: int, per_client: int, max_tokens: int, speculative: bool = True) -> dict:
+    """N clients sending greedy chat requests back to back: total tokens/s and the usage's speculation figures."""
+    def one(i):
+        body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": list(PROMPTS.values())[i % len(PROMPTS)]}],
+                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "speculative": speculative}
+        request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as r:
+            return json.loads(r.read())["usage"]
+
+    one(0)  # warm-up (first-call costs; the server's pass-time model)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        usages = list(pool.map(one, range(clients * per_client)))
+    seconds = time.perf_counter() - t
+    drafted = sum(u.get("speculative", {}).get("drafted_tokens", 0) for u in usages)
+    accepted = sum(u.get("speculative", {}).get("accepted_tokens", 0) for u in usages)
+    return {"rate": sum(u["completion_tokens"] for u in usages) / seconds, "drafted": drafted,
+            "acceptance": accepted / max(drafted, 1)}
+
+
+def server_bench(args) -> None:
+    """One server per draft; rounds alternate requests with "speculative": false (the plain steps the same server
+    takes for opted-out rows) and true, so both see the same process, warm-up and machine drift; medians of
+    --rounds."""
+    import statistics
+
+    from mightylm.cli import env
+    from mightylm.serve.command import start_server
+
+    env()
+    print(f"\nmighty serve, {args.max_new_tokens} tokens per request, greedy, {args.per_client} requests per client, "
+          f"median of {args.rounds} rounds in ABBA order\n")
+    print("| draft | clients | plain tok/s | speculative tok/s | ratio | drafted | acceptance |")
+    print("|---|---|---|---|---|---|---|")
+    log = tempfile.mkdtemp(prefix="bench-spec-")
+    for draft in args.server_drafts:
+        for clients in args.clients:
+            url, proc = start_server(["--max-batch", str(max(clients, 1)), "--max-len", "1024", "--draft", draft,
+                                      "--gamma", str(args.gamma)], f"{log}/serve.log")
+            try:
+                runs = {False: [], True: []}
+                for r in range(args.rounds):
+                    for speculative in ((False, True) if r % 2 == 0 else (True, False)):  # ABBA: drift cancels
+                        runs[speculative].append(serve_load(url, clients, args.per_client, args.max_new_tokens,
+                                                            speculative))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            plain = statistics.median(r["rate"] for r in runs[False])
+            spec = statistics.median(r["rate"] for r in runs[True])
+            drafted = sum(r["drafted"] for r in runs[True])
+            acceptance = statistics.mean(r["acceptance"] for r in runs[True] if r["drafted"]) if drafted else 0
+            print(f"| {draft} | {clients} | {plain:.1f} | {spec:.1f} | {spec / plain:.2f}x | {drafted} | "
+                  f"{acceptance:.0%} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--adaptive", action="store_true", help="grow gamma after a full acceptance, shrink it after a rejection")
     ap.add_argument("--drafts", nargs="*", default=["prompt-lookup", "layers:8", "layers:15"])
+    ap.add_argument("--server", action="store_true", help="measure `mighty serve --draft` under concurrent clients")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--per-client", type=int, default=3)
+    ap.add_argument("--server-drafts", nargs="+", default=["prompt-lookup"])
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.server:
+        return server_bench(args)
 
     from mightylm.cli import env
     from mightylm.generate import Sampling, load_for_generation, stream_tokens

@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 
 from mightylm.generate import Sampling, TextStream, logits_to_probs, sample
-from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PassCost, PooledDraft, choose_width, \
-    timed
+from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PROBE_MAX, PassCost, PooledDraft, \
+    choose_width, timed
 from mightylm.speculative import PromptLookup, accept
 
 
@@ -147,6 +147,7 @@ class Engine:
         self.cost = PassCost()  # the target's pass time by token-rows, for choosing the speculative width
         self.alpha = ALPHA_PRIOR  # running acceptance over all rows: a new row's first guess
         self.plain_steps = 0  # steps since the last speculative one
+        self.probe_gap = PROBE_EVERY  # plain steps before a narrow speculative step measures again
         self.device = model.embed.weight.device
         self.pads = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.t = 0  # the next cache slot every running row writes
@@ -416,19 +417,24 @@ class Engine:
                   for s in self.running]  # never draft past a row's last token
         if cap < 1 or not any(limits):
             return False
-        histories = [s.prompt + s.generated for s in self.running]
         alphas = [self.alpha if s._alpha is None else s._alpha for s in self.running]
         pooled = isinstance(self.draft, PooledDraft)
-        if not pooled:  # prompt lookup costs nothing to ask first
+        draft_cost = self.draft.cost if pooled else None
+        probe = self.plain_steps >= self.probe_gap
+        if not (self.always_speculate or probe or choose_width(limits, alphas, cap, self.cost, draft_cost)):
+            self.plain_steps += 1  # not even full drafts for every row would pay: a plain step, nothing looked up
+            return False
+        histories = [s.prompt + s.generated for s in self.running]
+        if not pooled:  # prompt lookup: what each row's text offers
             looked = [self.draft.propose(h, g, s.sampling) if g else ([], None)
                       for h, g, s in zip(histories, limits, self.running)]
             limits = [len(tokens) for tokens, _ in looked]
-        if self.always_speculate or not any(limits):
-            width = max(limits)
-        else:
-            width = choose_width(limits, alphas, cap, self.cost, self.draft.cost if pooled else None)
-        if width == 0 and self.plain_steps >= PROBE_EVERY and any(limits):
-            width = 1  # not measured for a while: one narrow step to see whether acceptance changed
+        width = max(limits) if self.always_speculate or not any(limits) else \
+            choose_width(limits, alphas, cap, self.cost, draft_cost)
+        if width:
+            self.probe_gap = PROBE_EVERY
+        elif probe and any(limits):  # not measured for a while: one narrow step measures acceptance and cost again
+            width, self.probe_gap = 1, min(2 * self.probe_gap, PROBE_MAX)
         if width == 0:
             self.plain_steps += 1
             return False

@@ -24,7 +24,10 @@ from mightylm.speculative import _sampled
 
 ALPHA_PRIOR = 0.5  # the acceptance assumed for a row that has not been measured yet
 ALPHA_WEIGHT = 0.3  # weight of the newest pass in a row's running acceptance
-PROBE_EVERY = 32  # after this many steps without speculating, one narrow step measures acceptance again
+PROBE_EVERY = 16  # steps without speculating before one narrow step measures acceptance and pass cost again; the
+# gap doubles after each probe (up to PROBE_MAX) until the policy speculates by itself, so under a load where it
+# does not pay, probing costs a fraction of a percent
+PROBE_MAX = 1024
 
 
 def expected_tokens(alpha: float, g: int) -> float:
@@ -56,8 +59,8 @@ class PassCost:
             return float(rows)  # nothing measured yet: proportional to the rows (only ratios are compared)
         mx, my = self.x / self.n, self.y / self.n
         vx = self.xx / self.n - mx * mx
-        if vx <= 1e-6 * max(mx * mx, 1):  # one size seen so far: assume a weight-bound pass, slowly growing
-            return my * (1 + 0.25 * (rows - mx) / max(mx, 1))
+        if vx <= 1e-6 * max(mx * mx, 1):  # one size seen so far: assume the worst, every row costs the same
+            return my * rows / max(mx, 1)
         b = max((self.xy / self.n - mx * my) / vx, 0.0)
         return max(my - b * mx, 0.0) + b * rows
 
