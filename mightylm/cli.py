@@ -28,6 +28,7 @@ def generate(
     blocks: bool = True,
     draft: str | None = None,
     gamma: PositiveInt = 4,
+    draft_adapter: str | None = None,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -55,13 +56,15 @@ def generate(
             tokenizer (a directory, .gguf or embedded name), prompt-lookup (drafts copied from the prompt's n-grams;
             prompt-lookup:N for the longest n), or layers:N (the model's own first N blocks).
         gamma: Speculative decoding: tokens drafted per pass of the model.
+        draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
+            of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
     m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
-    source, spec_stats = _speculative(m, draft, gamma, dtype)
+    source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
     for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
@@ -74,14 +77,20 @@ def generate(
             print(spec_stats.report(), file=sys.stderr)
 
 
-def _speculative(model, draft: str | None, gamma: int, dtype: str):
+def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter: str | None = None):
     """(token source for stream_text, its statistics) for --draft, or (None, None) without one."""
+    from mightylm.errors import UsageError
+
+    if draft_adapter and (not draft or draft.startswith(("prompt-lookup", "layers:"))):
+        raise UsageError("--draft_adapter applies to a draft model (--draft PATH); a layers:N draft shares the "
+                         "model's own weights and adapter, prompt lookup has none")
     if not draft:
         return None, None
     from mightylm.generate import load_for_generation
     from mightylm.speculative import Stats, make_draft, speculative_tokens
 
-    drafter = make_draft(draft, model, load=lambda path: load_for_generation(path, dtype, log=sys.stderr)[0])
+    drafter = make_draft(draft, model, load=lambda path: load_for_generation(path, dtype, draft_adapter,
+                                                                             log=sys.stderr)[0])
     stats = Stats()
     return (lambda ids, s: speculative_tokens(model, ids, s, drafter, gamma, stats=stats)), stats
 
@@ -99,6 +108,7 @@ def chat(
     blocks: bool = True,
     draft: str | None = None,
     gamma: PositiveInt = 4,
+    draft_adapter: str | None = None,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -122,13 +132,15 @@ def chat(
         draft: Speculative decoding: a smaller model with the same tokenizer, prompt-lookup, or layers:N (see
             `mighty generate --help`).
         gamma: Speculative decoding: tokens drafted per pass of the model.
+        draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
+            of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
     """
     from mightylm.errors import UsageError
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
-    source, spec_stats = _speculative(m, draft, gamma, dtype)
+    source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
