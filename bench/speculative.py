@@ -9,6 +9,7 @@ E[tokens per pass] / (gamma c + 1) with E = (1 - a^(gamma + 1)) / (1 - a), is pr
 (c = 0 for prompt lookup, N / n_layers for early layers).
 
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
+    .venv/bin/python bench/speculative.py --transformers [--gamma 4] [--max-new-tokens 96]
     .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
 
 --server: `mighty serve --draft D` in a process of its own (the width of each step chosen by the server from its
@@ -105,6 +106,62 @@ def server_bench(args) -> None:
                   f"{acceptance:.0%} |", flush=True)
 
 
+def transformers_bench(args) -> None:
+    """Greedy, whole generate (prefill + decode) timed, median of 3, interleaved: transformers' generate plain and
+    with its prompt-lookup assisted generation (prompt_lookup_num_tokens=gamma) on the same GGUF file read as
+    float32, beside ours plain and with --draft prompt-lookup (the blocks kept, as `mighty generate` runs)."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mightylm.checkpoint import resolve
+    from mightylm.cli import env
+    from mightylm.generate import Sampling, load_for_generation, stream_tokens
+    from mightylm.speculative import PromptLookup, speculative_tokens
+
+    env()
+    path = resolve("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ours, tok = load_for_generation("smollm2-135m-instruct", keep_blocks=True)
+    print(f"\ngreedy, up to {args.max_new_tokens} new tokens, whole generate timed (tokens/s), median of 3\n")
+    print("| prompt | transformers | transformers prompt lookup | mightylm | mightylm prompt lookup | "
+          "ours / theirs (prompt lookup) | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, text in PROMPTS.items():
+        ids = tok.encode_chat([{"role": "user", "content": text}])
+        s = Sampling(max_new_tokens=args.max_new_tokens, stop_token_ids=tok.stop_token_ids)
+        eos = list(tok.stop_token_ids)
+
+        def theirs(lookup):
+            with torch.inference_mode():
+                extra = {"prompt_lookup_num_tokens": args.gamma} if lookup else {}
+                out = hf.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=eos[0], **extra)
+            return out[0, len(ids):].tolist()
+
+        def mine(lookup):
+            if lookup:
+                return list(speculative_tokens(ours, ids, s, PromptLookup(vocab_size=ours.config.vocab_size),
+                                               args.gamma))
+            return list(stream_tokens(ours, ids, s))
+
+        runs = {name: [] for name in ("hf", "hf-pl", "ours", "ours-pl")}
+        tokens = {}
+        for _ in range(3):
+            for name, fn in (("hf", lambda: theirs(False)), ("hf-pl", lambda: theirs(True)),
+                             ("ours", lambda: mine(False)), ("ours-pl", lambda: mine(True))):
+                t = time.perf_counter()
+                tokens[name] = fn()
+                runs[name].append(len(tokens[name]) / (time.perf_counter() - t))
+        rate = {name: statistics.median(v) for name, v in runs.items()}
+        same = tokens["hf"] == tokens["hf-pl"] and tokens["ours"] == tokens["ours-pl"]
+        print(f"| {kind} | {rate['hf']:.1f} | {rate['hf-pl']:.1f} ({rate['hf-pl'] / rate['hf']:.2f}x) | "
+              f"{rate['ours']:.1f} | {rate['ours-pl']:.1f} ({rate['ours-pl'] / rate['ours']:.2f}x) | "
+              f"{rate['ours-pl'] / rate['hf-pl']:.2f}x | {'yes' if same else 'no'}"
+              f"{' (ours = theirs)' if tokens['ours'] == tokens['hf'] else ''} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gamma", type=int, default=4)
@@ -116,9 +173,13 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=3)
     ap.add_argument("--server-drafts", nargs="+", default=["prompt-lookup"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--transformers", action="store_true",
+                    help="side by side with transformers' generate, plain and with its prompt-lookup assisted generation")
     args = ap.parse_args()
     if args.server:
         return server_bench(args)
+    if args.transformers:
+        return transformers_bench(args)
 
     from mightylm.cli import env
     from mightylm.generate import Sampling, load_for_generation, stream_tokens
