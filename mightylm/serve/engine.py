@@ -439,6 +439,7 @@ class Engine:
             self.plain_steps += 1
             return False
         self.plain_steps = 0
+        began = time.perf_counter()
         if pooled:
             virtual = torch.tensor([self.bank.prefix_len(s.adapter) for s in self.running], device=self.device)
             tokens, dists = self.draft.propose(lambda pool: _Rows(pool, 0, n), histories, self.pads[:n] + virtual,
@@ -452,9 +453,8 @@ class Engine:
             idx[i, 0] = seq.generated[-1]
             idx[i, 1:1 + len(ts)] = torch.tensor(ts, dtype=torch.long)  # a shorter row's last slots: never accepted
         self.bank.set_rows([s.adapter for s in self.running])
-        logits, seconds = timed(lambda: self.model(idx.to(self.device), cache=_Rows(self.pool, 0, n), start=self.t,
-                                                   pad=self.pads[:n]), self.device)  # (n, width + 1, V)
-        self.cost.observe(n * (width + 1), seconds)
+        logits = self.model(idx.to(self.device), cache=_Rows(self.pool, 0, n), start=self.t,
+                            pad=self.pads[:n])  # (n, width + 1, V)
         self.stats["speculative_passes"] += 1
         counts = [self._verify(i, logits[i], *drafts[i]) for i in range(n)]
         live = [k for seq, k in zip(self.running, counts) if seq.finish_reason is None and not seq.cancelled]
@@ -465,6 +465,12 @@ class Engine:
         self.t += top + 1
         if pooled:
             self.draft.valid = self.t - 1  # a fully accepted row's last draft was never fed to the draft model
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        # the whole step, moves included (moving rows costs ~2 ms per 100 slots of a row on a CPU; what the width
+        # must pay for), less the draft model's own passes, which choose_width counts separately
+        drafting = self.draft.last if pooled else 0.0
+        self.cost.observe(n * (width + 1), time.perf_counter() - began - drafting)
         self._sweep()
         return True
 

@@ -102,6 +102,7 @@ class PooledDraft:
         self.pool = model.make_cache(max_batch, max_len)
         self.valid = 0
         self.cost = PassCost()
+        self.last = 0.0  # seconds the latest proposal took
         self.device = model.embed.weight.device
 
     def caches(self) -> list[torch.Tensor]:
@@ -121,6 +122,7 @@ class PooledDraft:
         """g drafted tokens per row and the distributions they were drawn from ((g, V) each). `rows` is the engine's
         view of its pool rows, histories[i] row i's tokens (prompt + generated; the last at slot t), pads the
         draft's pads."""
+        began = time.perf_counter()
         B = len(histories)
         start = min(self.valid, t)
         idx = torch.zeros(B, t + 1 - start, dtype=torch.long)
@@ -143,4 +145,5 @@ class PooledDraft:
                 logits, seconds = timed(lambda: self.model(step, cache=rows(self.pool), start=t + 1 + k,
                                                            pad=pads)[:, -1], self.device)
                 self.cost.observe(B, seconds)
+        self.last = time.perf_counter() - began
         return tokens, [torch.stack(d) for d in dists]
