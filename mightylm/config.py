@@ -20,7 +20,20 @@ from mightylm.errors import MightyError, UsageError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3", "mixtral", "qwen2_moe", "olmoe")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe")
-ROPE_SCALING_TYPES = (None, "linear", "llama3")
+REQUIRED = object()
+# Each RoPE scaling type's settings (transformers' names) with their defaults; REQUIRED ones must be given.
+# model.ROPE_SCALINGS computes each; `original_max_position_embeddings` is the length the model was trained at.
+ROPE_SCALING_KEYS = {
+    "linear": {"factor": REQUIRED},
+    "dynamic": {"factor": REQUIRED, "original_max_position_embeddings": REQUIRED},
+    "yarn": {"factor": REQUIRED, "original_max_position_embeddings": REQUIRED, "attention_factor": None,
+             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None, "truncate": True},
+    "llama3": {"factor": REQUIRED, "low_freq_factor": REQUIRED, "high_freq_factor": REQUIRED,
+               "original_max_position_embeddings": REQUIRED},
+    "longrope": {"short_factor": REQUIRED, "long_factor": REQUIRED, "original_max_position_embeddings": REQUIRED,
+                 "factor": None, "attention_factor": None},
+}
+ROPE_SCALING_TYPES = (None, *ROPE_SCALING_KEYS)
 
 
 class ConfigError(MightyError, ValueError):
@@ -39,8 +52,7 @@ class ModelConfig:
     head_dim: int | None = None  # None means dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # None, or {"type": "linear", "factor": f}, or {"type": "llama3", "factor", "low_freq_factor",
-    # "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1 paper, section 3.3 code).
+    # None, or {"type": one of ROPE_SCALING_KEYS, its settings}; missing optional settings are filled in
     rope_scaling: dict | None = None
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 adds a bias to q, k and v projections
@@ -88,9 +100,7 @@ class ModelConfig:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.arch not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"unsupported arch {self.arch!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        rope_type = (self.rope_scaling or {}).get("type")
-        if rope_type not in ROPE_SCALING_TYPES:
-            raise ConfigError(f"unsupported rope scaling {rope_type!r}; supported: none, linear, llama3")
+        self.rope_scaling = _checked_rope_scaling(self.rope_scaling, self.rotary_dim if self.head_dim else None)
         self.mlp_only_layers = tuple(self.mlp_only_layers)
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
             raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and give an even "
@@ -209,7 +219,9 @@ class ModelConfig:
                 qkv_bias=(model_type in ("qwen2", "phi") or bool(hf.get("attention_bias", False))
                           or (model_type == "qwen2_moe" and hf.get("qkv_bias", True))),
                 sliding_window=sliding,
-                max_seq_len=hf.get("max_position_embeddings", 4096),
+                # dynamic NTK's max_position_embeddings is the trained length; the context it reaches is factor x
+                max_seq_len=int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+                if rope_scaling and rope_scaling["type"] == "dynamic" else hf.get("max_position_embeddings", 4096),
                 partial_rotary_factor=partial,
                 **_phi_from_hf(model_type, hf),
             )
@@ -236,7 +248,8 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "rope_scaling": _rope_scaling_to_hf(self.rope_scaling),
             "tie_word_embeddings": self.tie_embeddings,
-            "max_position_embeddings": self.max_seq_len,
+            "max_position_embeddings": self.rope_scaling["original_max_position_embeddings"]
+            if self.rope_scaling and self.rope_scaling["type"] == "dynamic" else self.max_seq_len,
             "hidden_act": "gelu_new" if self.mlp_act == "gelu" else "silu",
             "torch_dtype": "float32",
         }
@@ -317,30 +330,96 @@ def _rope_theta_from_hf(hf: dict) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+def _checked_rope_scaling(scaling: dict | None, rotary_dim: int | None) -> dict | None:
+    """The scaling with its optional settings filled in, or a ConfigError that says what is wrong."""
+    if not scaling or scaling.get("type") is None:
+        if scaling and set(scaling) - {"type"}:
+            raise ConfigError(f"rope scaling {scaling} has no type; supported: {', '.join(ROPE_SCALING_KEYS)}")
+        return None
+    kind = scaling["type"]
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"unsupported rope scaling {kind!r}; supported: {', '.join(ROPE_SCALING_KEYS)}")
+    keys = ROPE_SCALING_KEYS[kind]
+    unknown = set(scaling) - set(keys) - {"type"}
+    if unknown:
+        raise ConfigError(f"rope scaling {kind!r} does not take {', '.join(sorted(unknown))}; it takes "
+                          f"{', '.join(keys)}")
+    missing = [k for k, default in keys.items() if default is REQUIRED and scaling.get(k) is None]
+    if missing:
+        raise ConfigError(f"rope scaling {kind!r} needs {', '.join(missing)}")
+    out = {"type": kind, **{k: scaling.get(k, None if default is REQUIRED else default) for k, default in keys.items()}}
+    for key in ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "low_freq_factor", "high_freq_factor"):
+        value = out.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"rope scaling {kind!r}: {key} must be a positive number, got {value!r}")
+        if value is not None:
+            out[key] = float(value)
+    if out.get("original_max_position_embeddings") is not None:
+        out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            out[key] = [float(x) for x in out[key]]
+            if rotary_dim is not None and len(out[key]) != rotary_dim // 2:
+                raise ConfigError(f"rope scaling 'longrope': {key} has {len(out[key])} entries; the rotary "
+                                  f"dimension {rotary_dim} needs {rotary_dim // 2} (one per frequency)")
+    return out
+
+
+def parse_rope_scaling(spec: str | dict | None, trained_len: int) -> dict | None:
+    """A scaling from its command-line spelling, TYPE:FACTOR for linear, dynamic and yarn ("yarn:4"), with
+    `trained_len` as the original length; a dict passes through (checked). "none" (or None) is no scaling."""
+    if spec is None or spec == "none":
+        return None
+    if isinstance(spec, dict):
+        return _checked_rope_scaling(spec, None)
+    kind, _, factor = spec.partition(":")
+    if kind not in ("linear", "dynamic", "yarn"):
+        raise ConfigError(f"--rope-scaling {spec}: write linear:F, dynamic:F or yarn:F (F > 1, the context over the "
+                          f"trained length); {', '.join(k for k in ROPE_SCALING_KEYS if k not in ('linear', 'dynamic', 'yarn'))} "
+                          "take per-model settings from a config")
+    try:
+        value = float(factor)
+    except ValueError:
+        raise ConfigError(f"--rope-scaling {spec}: the factor after ':' must be a number") from None
+    if not value > 1:
+        raise ConfigError(f"--rope-scaling {spec}: a factor must exceed 1 to extend the context (got {value:g})")
+    scaling = {"type": kind, "factor": value}
+    if kind != "linear":
+        scaling["original_max_position_embeddings"] = trained_len
+    return _checked_rope_scaling(scaling, None)
+
+
 def _rope_scaling_from_hf(hf: dict) -> dict | None:
+    """Our rope_scaling from a config.json's `rope_scaling` (`type` or `rope_type`) or transformers 5's
+    `rope_parameters`, the trained length filled in as transformers does: a top-level
+    `original_max_position_embeddings` first (Phi-3), then the scaling's own, then max_position_embeddings
+    (which dynamic NTK always takes)."""
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
-    if kind == "linear":
-        return {"type": "linear", "factor": float(scaling["factor"])}
-    if kind == "llama3":
-        return {
-            "type": "llama3",
-            "factor": float(scaling["factor"]),
-            "low_freq_factor": float(scaling["low_freq_factor"]),
-            "high_freq_factor": float(scaling["high_freq_factor"]),
-            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
-        }
-    raise ConfigError(f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"rope scaling type {kind!r} is not supported; supported: default, "
+                          f"{', '.join(ROPE_SCALING_KEYS)}")
+    out = {"type": kind, **{k: scaling[k] for k in ROPE_SCALING_KEYS[kind] if scaling.get(k) is not None}}
+    trained = hf.get("max_position_embeddings", 4096)
+    if kind == "dynamic":
+        out["original_max_position_embeddings"] = trained
+    elif kind in ("yarn", "llama3", "longrope"):
+        out["original_max_position_embeddings"] = hf.get("original_max_position_embeddings") or \
+            out.get("original_max_position_embeddings") or trained
+    return out
 
 
 def _rope_scaling_to_hf(scaling: dict | None) -> dict | None:
     if scaling is None:
         return None
-    out = {k: v for k, v in scaling.items() if k != "type"}
+    out = {k: v for k, v in scaling.items() if k != "type" and v is not None}
+    if scaling["type"] == "dynamic":  # transformers takes the trained length from max_position_embeddings
+        del out["original_max_position_embeddings"]
     return {"rope_type": scaling["type"], **out}
 
 

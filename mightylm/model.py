@@ -22,7 +22,7 @@ Seams for later techniques:
   `partial_rotary_factor` (`apply_rope` turns the first `rotary_dim` dimensions of each head), `qk_norm` and
   `clip_qkv` (OLMoE: `Attention.forward` before the heads split), `sliding_window` (the mask), `rope_scaling` (ROPE_SCALINGS), `tie_embeddings` (the head shares the
   table), `n_experts` and friends (`make_mlp`).
-- RoPE scalings are a table, `ROPE_SCALINGS`; initialisation finds residual projections by leaf name.
+- RoPE scalings are a table, `ROPE_SCALINGS` (linear, dynamic NTK, YaRN, llama3, LongRoPE); initialisation finds residual projections by leaf name.
 - The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
 - `Block.fused_decode`: a callable the decode layout (fuse.py) sets to run a whole block natively for
   one token of one sequence; the block falls back to its modules wherever it returns None.
@@ -35,6 +35,7 @@ ours: it is handed the expert class).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.config import ModelConfig
+from mightylm.config import ModelConfig, parse_rope_scaling
 from mightylm.moe import MoE
 
 IGNORE_INDEX = -100  # label of positions that are not scored (PyTorch's and Hugging Face's convention)
@@ -71,47 +72,142 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return RMSNorm(config.dim, config.norm_eps)
 
 
-def _linear_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+# RoPE scalings, by `rope_scaling["type"]`: f(inverse frequencies theta^(-2i/d), the scaling's settings, the config,
+# the sequence's length) -> (scaled inverse frequencies, attention factor). The attention factor multiplies the cos
+# and sin tables (YaRN's "mscale", LongRoPE's), as transformers does. Each follows transformers'
+# modeling_rope_utils (tests compare inverse frequencies, factors and whole-model logits); the config's dict holds
+# every setting with its default filled in (config.ROPE_SCALING_KEYS).
+
+def _linear_scaling(inv_freq: torch.Tensor, s: dict, config: ModelConfig, seq_len: int):
     """Position interpolation (Chen et al. 2023): every frequency divided by `factor`."""
-    return inv_freq / scaling["factor"]
+    return inv_freq / s["factor"], 1.0
 
 
-def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+def _dynamic_scaling(inv_freq: torch.Tensor, s: dict, config: ModelConfig, seq_len: int):
+    """Dynamic NTK (bloc97, emozilla 2023): unscaled up to the trained length L; past it the base grows with the
+    sequence, theta' = theta (factor T / L - (factor - 1))^(d / (d - 2)), recomputed as T grows."""
+    L, factor, d = s["original_max_position_embeddings"], s["factor"], config.rotary_dim
+    if seq_len <= L:
+        return inv_freq, 1.0
+    base = config.rope_theta * (factor * seq_len / L - (factor - 1)) ** (d / (d - 2))
+    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)), 1.0
+
+
+def _yarn_scaling(inv_freq: torch.Tensor, s: dict, config: ModelConfig, seq_len: int):
+    """YaRN (Peng et al. 2023, eqs. 17-23): dimensions that turn fewer than beta_slow times over the original
+    length L are interpolated (divided by `factor`), those that turn more than beta_fast times are kept, a linear
+    ramp in between; the attention factor is 0.1 ln(factor) + 1 (or mscale / mscale_all_dim's ratio) unless
+    given."""
+    d, base, factor, L = config.rotary_dim, config.rope_theta, s["factor"], s["original_max_position_embeddings"]
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = s["attention_factor"]
+    if attention is None:
+        attention = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]) \
+            if s["mscale"] and s["mscale_all_dim"] else mscale(factor)
+
+    def dimension(rotations: float) -> float:  # the dimension that turns `rotations` times over L
+        return d * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension(s["beta_fast"]), dimension(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    kept = 1 - ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 1: extrapolate
+    return inv_freq / factor * (1 - kept) + inv_freq * kept, attention
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, s: dict, config: ModelConfig, seq_len: int):
     """Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between."""
-    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    factor, old_len = s["factor"], s["original_max_position_embeddings"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
+    return torch.where(medium, smoothed, scaled), 1.0
 
 
-# RoPE scalings by `rope_scaling["type"]`: (inverse frequencies, the scaling's settings) -> scaled frequencies.
-# The long-context work adds its kinds here (and to config.ROPE_SCALING_TYPES).
-ROPE_SCALINGS = {"linear": _linear_scaling, "llama3": _llama3_scaling}
+def _longrope_scaling(inv_freq: torch.Tensor, s: dict, config: ModelConfig, seq_len: int):
+    """LongRoPE (Ding et al. 2024; Phi-3): each dimension's frequency divided by its own factor, the short list up
+    to the original length L and the long one past it; attention factor sqrt(1 + ln(factor) / ln(L)) unless
+    given, factor defaulting to the context over L. (A GGUF file's rope_freqs, llama.cpp's per-dimension
+    divisors, read as both lists with attention factor 1.)"""
+    L = s["original_max_position_embeddings"]
+    factor = s["factor"] or config.max_seq_len / L
+    attention = s["attention_factor"]
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(L))
+    divisors = s["long_factor"] if seq_len > L else s["short_factor"]
+    return inv_freq / torch.tensor(divisors, dtype=torch.float32), attention
 
 
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), with the config's RoPE scaling (ROPE_SCALINGS) applied."""
+ROPE_SCALINGS = {"linear": _linear_scaling, "dynamic": _dynamic_scaling, "yarn": _yarn_scaling,
+                 "llama3": _llama3_scaling, "longrope": _longrope_scaling}
+
+
+def rope_frequencies(config: ModelConfig, seq_len: int = 0) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies theta^(-2i/d) with the config's RoPE scaling applied, attention factor) for a sequence
+    of `seq_len` positions (dynamic NTK and LongRoPE depend on it)."""
     d = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     scaling = config.rope_scaling or {}
     if scaling.get("type") is None:
-        return inv_freq
-    return ROPE_SCALINGS[scaling["type"]](inv_freq, scaling)
+        return inv_freq, 1.0
+    return ROPE_SCALINGS[scaling["type"]](inv_freq, scaling, config, seq_len)
 
 
-def rope_cos_sin(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed-sin tables (max_len, rotary_dim) for the rotate-half layout of HF checkpoints.
+def rope_regime(config: ModelConfig, seq_len: int):
+    """What the RoPE table of a sequence of `seq_len` positions depends on beyond the config: the length itself
+    past the trained one for dynamic NTK, short or long for LongRoPE, nothing (None) otherwise."""
+    scaling = config.rope_scaling or {}
+    kind, L = scaling.get("type"), scaling.get("original_max_position_embeddings", 0)
+    if kind == "dynamic":
+        return seq_len if seq_len > L else None
+    if kind == "longrope":
+        return seq_len > L
+    return None
+
+
+def rope_cos_sin(config: ModelConfig, max_len: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed-sin tables (max_len, rotary_dim) for the rotate-half layout of HF checkpoints, for a sequence
+    of `seq_len` positions (default max_len), times the scaling's attention factor.
 
     Rotate-half RoPE is x*cos + cat(-x2, x1)*sin. With the sign folded into the table
     (sin_signed = cat(-sin, sin)) it becomes x*cos + roll(x, hs/2)*sin_signed: fewer ops per
     call and bit-identical results (negation is exact).
     """
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_frequencies(config))  # (T, hs/2)
-    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+    inv_freq, attention = rope_frequencies(config, max_len if seq_len is None else seq_len)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+    if attention != 1.0:
+        cos, sin = cos * attention, sin * attention
+    return cos, sin
+
+
+def set_rope_scaling(model: "Transformer", scaling: str | dict | None) -> str:
+    """Give a loaded model another RoPE scaling ("yarn:4", "linear:2", "dynamic:2", a scaling dict, or "none"), its
+    context growing by the factor over the length it was trained at (the current scaling's original length, else
+    its context). The cos/sin tables are made again on the next call. Returns what changed, to be said."""
+    old = model.config
+    trained = (old.rope_scaling or {}).get("original_max_position_embeddings") or old.max_seq_len
+    new = parse_rope_scaling(scaling, trained)
+    context = trained if new is None else int(round(trained * new["factor"])) if new.get("factor") else old.max_seq_len
+    model.config = dataclasses.replace(old, rope_scaling=new, max_seq_len=max(context, trained))
+    for module in model.modules():  # blocks and attention hold the config too
+        if module is not model and getattr(module, "config", None) is old:
+            module.config = model.config
+    model._rope_len, model._rope_regime = 0, None
+
+    def name(s):
+        return "none" if s is None else f"{s['type']}" + (f" x{s['factor']:g}" if s.get("factor") else "")
+    return (f"RoPE scaling {name(old.rope_scaling)} -> {name(new)} (trained length {trained}); context "
+            f"{old.max_seq_len} -> {model.config.max_seq_len} tokens")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -337,6 +433,7 @@ class Transformer(nn.Module):
         # length) are read from the modules, not from here.
         self.transforms: list[dict] = []
         self._rope_len = 0
+        self._rope_regime = None
         self.init_weights()
 
     @torch.no_grad()
@@ -396,11 +493,16 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, length + self.prefix_len, dtype=dtype, device=device)
 
     def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables covering `length` positions, grown (doubling) and cached as needed."""
-        if length > self._rope_len or self._rope_cos.device != torch.device(device):
-            size = max(length, 2 * self._rope_len, 256)
-            cos, sin = rope_cos_sin(self.config, size)
+        """cos/sin tables covering `length` positions of a sequence that long, grown (doubling) and cached as
+        needed, and made again when the scaling's regime changes (dynamic NTK past the trained length: every
+        length; LongRoPE: short or long). Keys already in a KV cache keep the rotation they were made with, as in
+        transformers."""
+        regime = rope_regime(self.config, length)
+        if length > self._rope_len or regime != self._rope_regime or self._rope_cos.device != torch.device(device):
+            size = max(length, 2 * self._rope_len if regime == self._rope_regime else 0, 256)
+            cos, sin = rope_cos_sin(self.config, size, seq_len=length)
             self._rope_cos, self._rope_sin, self._rope_len = cos.to(device), sin.to(device), size
+            self._rope_regime = regime
         return self._rope_cos, self._rope_sin
 
     def fresh_sequence(self, T: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

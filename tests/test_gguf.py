@@ -2,6 +2,7 @@
 them (q/k rows permuted for llama), then loaded back and compared with the source model."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("qtype", QTYPES, ids=[q.name for q in QTYPES])
 def test_gguf_logits_match_source(arch, qtype, tmp_path, bpe_tokenizer):
-    # llama.cpp stores llama3 RoPE scaling as a rope_freqs tensor, which we refuse (tested below).
+    # llama.cpp stores llama3 RoPE scaling as a rope_freqs tensor (tested below).
     # K-quants pack rows in blocks of 256, so every input dimension is 256 there.
     wide = dict(hidden_size=256, intermediate_size=256) if qtype in K_QUANT_SCALES else {}
     hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, **wide)
@@ -213,12 +214,37 @@ def test_truncated_gguf_is_reported(tmp_path, bpe_tokenizer):
         mightylm.load(tmp_path / "junk.gguf")
 
 
-def test_llama3_rope_freqs_are_refused_clearly(tmp_path, bpe_tokenizer):
-    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+def llama_cpp_rope_factors(config) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's convert_hf_to_gguf.py writes for llama3 scaling: per rotary frequency, the
+    divisor 1 (high frequencies), factor (low ones) or the smooth blend between."""
+    s = config.rope_parameters
+    dim = config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (s["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    old, low, high, factor = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_freqs_are_read_with_the_source_logits(tmp_path, bpe_tokenizer):
+    """llama.cpp bakes llama3 scaling into a rope_freqs tensor of per-frequency divisors; read back, the logits past
+    the original length (16 here) equal the source model's."""
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size)
     path = tmp_path / "m.gguf"
-    write_gguf(hf, bpe_tokenizer, path, extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
-    with pytest.raises(CheckpointError, match="m.gguf: llama3 RoPE scaling in GGUF"):
-        mightylm.load(path)
+    write_gguf(hf, bpe_tokenizer, path, extra={"rope_freqs.weight": llama_cpp_rope_factors(hf.config)})
+    model, _ = mightylm.load(path)
+    assert model.config.rope_scaling["type"] == "longrope" and model.config.rope_scaling["attention_factor"] == 1.0
+    idx = torch.randint(0, model.config.vocab_size, (1, 64))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
 
 
 def test_unsupported_gguf_architecture(tmp_path):

@@ -78,9 +78,12 @@ def test_config_errors_are_clear(tmp_path):
         ModelConfig.from_hf(tmp_path)
     with pytest.raises(ConfigError, match="not divisible"):
         ModelConfig(dim=10, n_heads=3)
-    with pytest.raises(ConfigError, match="rope scaling"):
+    with pytest.raises(ConfigError, match="rope scaling 'yarn' needs factor"):
         ModelConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
                              "num_attention_heads": 2, "intermediate_size": 8, "rope_scaling": {"rope_type": "yarn"}})
+    with pytest.raises(ConfigError, match="supported: default, linear, dynamic, yarn, llama3, longrope"):
+        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "intermediate_size": 8, "rope_scaling": {"rope_type": "su"}})
 
 
 def test_config_round_trips_through_hf():
@@ -159,9 +162,9 @@ def test_forward_is_head_of_trunk_of_inputs(prompt_tokens):
 def test_rope_scalings_are_a_table_and_init_finds_residual_projections_by_name():
     from mightylm.model import RESIDUAL_PROJECTIONS, ROPE_SCALINGS, rope_frequencies
 
-    assert set(ROPE_SCALINGS) == {"linear", "llama3"}
-    base = rope_frequencies(ModelConfig.from_preset("tiny"))
-    scaled = rope_frequencies(ModelConfig.from_preset("tiny", rope_scaling={"type": "linear", "factor": 4.0}))
+    assert set(ROPE_SCALINGS) == {"linear", "dynamic", "yarn", "llama3", "longrope"}
+    base, _ = rope_frequencies(ModelConfig.from_preset("tiny"))
+    scaled, _ = rope_frequencies(ModelConfig.from_preset("tiny", rope_scaling={"type": "linear", "factor": 4.0}))
     torch.testing.assert_close(scaled, base / 4)
     model = Transformer(ModelConfig.from_preset("tiny", n_layers=8))
     stds = {name.rpartition(".")[2]: module.weight.std().item() for name, module in model.named_modules()

@@ -40,7 +40,7 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
             continue
         if ours is None:
             if t.name == "rope_freqs.weight":
-                continue  # llama.cpp's precomputed llama3 factors; we derive them from the config
+                continue  # llama.cpp's precomputed llama3 factors: in the config already (gguf_config)
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
         if keep_blocks and _keepable(ours, t):
             tensor = _kept_blocks(model, ours, t)
@@ -167,10 +167,20 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
     dim = int(get("embedding_length"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
     scaling = None
-    if meta.get(f"{arch}.rope.scaling.type") == "linear":
-        scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
-    if "rope_freqs.weight" in names:
-        raise CheckpointError(f"{source}: llama3 RoPE scaling in GGUF (rope_freqs.weight) is not supported yet")
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        scaling = {"type": kind, "factor": float(get("rope.scaling.factor"))}
+        if kind == "yarn":
+            scaling["original_max_position_embeddings"] = int(meta.get(f"{arch}.rope.scaling.original_context_length")
+                                                              or get("context_length"))
+    elif kind not in (None, "none"):
+        raise CheckpointError(f"{source}: RoPE scaling {kind!r} in GGUF is not supported; supported: linear, yarn, "
+                              "and llama3's precomputed rope_freqs")
+    if "rope_freqs.weight" in names:  # llama.cpp's per-dimension divisors (llama3's factors, precomputed)
+        tensor = next(t for t in file.tensors if t.name == "rope_freqs.weight")
+        divisors = _dequantized(tensor, source).flatten().tolist()
+        scaling = {"type": "longrope", "short_factor": divisors, "long_factor": divisors, "attention_factor": 1.0,
+                   "original_max_position_embeddings": int(get("context_length"))}
     experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
     moe = {}
     if experts:

@@ -1,0 +1,142 @@
+"""RoPE scaling (issue 22, first part): every type's inverse frequencies and attention factor equal transformers'
+modeling_rope_utils, whole-model logits equal LlamaForCausalLM at 3x the original length, both config spellings
+round-trip, and a scaling set on a loaded model really changes it."""
+
+import json
+
+import pytest
+import torch
+
+import mightylm
+from mightylm.config import ConfigError, ModelConfig
+from mightylm.model import rope_frequencies, set_rope_scaling
+
+ORIGINAL = 32  # the trained length of the tiny models here; sequences run to 3x it
+HEAD_DIM = 16  # 8 frequencies per head
+
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 3.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
+    "yarn-attention-beta-untruncated": {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": ORIGINAL,
+                                        "attention_factor": 1.2, "beta_fast": 16.0, "beta_slow": 2.0,
+                                        "truncate": False},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL, "mscale": 0.8,
+                    "mscale_all_dim": 0.5},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": ORIGINAL},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                 "long_factor": [1.0 + 0.7 * i for i in range(8)], "original_max_position_embeddings": ORIGINAL},
+    "longrope-factor": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0 + i for i in range(8)],
+                        "original_max_position_embeddings": ORIGINAL, "factor": 6.0},
+}
+
+
+def hf_model(scaling: dict, max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=HEAD_DIM,
+                         max_position_embeddings=max_positions, rope_scaling=dict(scaling), rope_theta=10000.0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def max_positions(scaling: dict) -> int:
+    """max_position_embeddings as such models ship it: the trained length for dynamic NTK, the context otherwise."""
+    return ORIGINAL if scaling["rope_type"] == "dynamic" else 4 * ORIGINAL
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+def test_frequencies_and_attention_factor_equal_transformers(name):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = SCALINGS[name]
+    hf = hf_model(scaling, max_positions(scaling))
+    ours = ModelConfig.from_hf(hf.config.to_dict())
+    for seq_len in (ORIGINAL // 2, ORIGINAL, 3 * ORIGINAL):
+        theirs, their_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf.config, "cpu", seq_len=seq_len)
+        mine, my_factor = rope_frequencies(ours, seq_len)
+        torch.testing.assert_close(mine, theirs.float(), rtol=1e-6, atol=0)
+        assert my_factor == pytest.approx(their_factor, rel=1e-6), seq_len
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+def test_logits_equal_transformers_at_three_times_the_original_length(name, tmp_path):
+    scaling = SCALINGS[name]
+    hf = hf_model(scaling, max_positions(scaling))
+    hf.save_pretrained(tmp_path)
+    model, _ = mightylm.load(tmp_path)
+    idx = torch.randint(0, 128, (2, 3 * ORIGINAL))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        torch.testing.assert_close(model(idx), expected, rtol=1e-4, atol=1e-4)
+        short = idx[:, :ORIGINAL // 2]  # inside the original length (LongRoPE's short factors; dynamic unscaled)
+        torch.testing.assert_close(model(short), hf(short).logits, rtol=1e-4, atol=1e-4)
+    if scaling["rope_type"] == "dynamic":
+        assert model.config.max_seq_len == 3 * ORIGINAL  # the context dynamic NTK reaches: factor x trained length
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+def test_both_spellings_round_trip(name):
+    scaling = SCALINGS[name]
+    base = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 96, "head_dim": HEAD_DIM,
+            "max_position_embeddings": max_positions(scaling)}
+    old = {k if k != "rope_type" else "type": v for k, v in scaling.items()}
+    configs = [ModelConfig.from_hf({**base, "rope_scaling": scaling}),
+               ModelConfig.from_hf({**base, "rope_scaling": old}),
+               ModelConfig.from_hf({**base, "rope_parameters": {**scaling, "rope_theta": 10000.0}})]
+    assert configs[0] == configs[1] == configs[2]
+    assert ModelConfig.from_hf(json.loads(json.dumps(configs[0].to_hf()))) == configs[0]
+
+
+def test_phi3_original_length_outside_the_scaling_wins():
+    config = ModelConfig.from_hf({"model_type": "phi3", "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 4, "intermediate_size": 96, "max_position_embeddings": 128,
+                                  "original_max_position_embeddings": 16,
+                                  "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
+                                                   "long_factor": [2.0] * 8}})
+    assert config.rope_scaling["original_max_position_embeddings"] == 16
+
+
+def test_scaling_set_on_a_loaded_model_changes_it_and_says_so():
+    from conftest import tiny
+
+    model = tiny(max_seq_len=ORIGINAL)
+    idx = torch.randint(0, 256, (1, 2 * ORIGINAL))
+    with torch.no_grad():
+        before = model(idx)
+        said = set_rope_scaling(model, "yarn:4")
+        after = model(idx)
+    assert said == f"RoPE scaling none -> yarn x4 (trained length {ORIGINAL}); context {ORIGINAL} -> {4 * ORIGINAL} tokens"
+    assert model.config.max_seq_len == 4 * ORIGINAL and model.layers[0].attn.config is model.config \
+        if hasattr(model.layers[0].attn, "config") else True
+    assert not torch.allclose(before, after, atol=1e-3)  # the tables were made again
+    fresh = tiny(max_seq_len=4 * ORIGINAL, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": ORIGINAL})
+    with torch.no_grad():
+        torch.testing.assert_close(after, fresh(idx))  # same weights (same seed), same scaling: same logits
+        assert "yarn x4 -> none" in set_rope_scaling(model, "none")
+        torch.testing.assert_close(model(idx), before)
+
+
+def test_bad_scalings_are_refused_clearly():
+    with pytest.raises(ConfigError, match="unsupported rope scaling 'ntk'; supported: linear, dynamic, yarn, llama3, "
+                                          "longrope"):
+        ModelConfig.from_preset("tiny", rope_scaling={"type": "ntk", "factor": 2.0})
+    with pytest.raises(ConfigError, match="'yarn' does not take alpha"):
+        ModelConfig.from_preset("tiny", rope_scaling={"type": "yarn", "factor": 2.0, "alpha": 1,
+                                                      "original_max_position_embeddings": 64})
+    with pytest.raises(ConfigError, match="needs original_max_position_embeddings"):
+        ModelConfig.from_preset("tiny", rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="short_factor has 3 entries; the rotary dimension 16 needs 8"):
+        ModelConfig.from_preset("tiny", rope_scaling={"type": "longrope", "short_factor": [1.0] * 3,
+                                                      "long_factor": [1.0] * 8, "original_max_position_embeddings": 8})
+    model = mightylm.Transformer(ModelConfig.from_preset("tiny"))
+    with pytest.raises(ConfigError, match="must exceed 1 to extend"):
+        set_rope_scaling(model, "yarn:0.5")
+    with pytest.raises(ConfigError, match="write linear:F, dynamic:F or yarn:F"):
+        set_rope_scaling(model, "llama3:8")
+    with pytest.raises(ConfigError, match="must be a number"):
+        set_rope_scaling(model, "yarn:four")
