@@ -29,6 +29,7 @@ def generate(
     draft: str | None = None,
     gamma: PositiveInt = 4,
     draft_adapter: str | None = None,
+    rope_scaling: str | None = None,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -58,12 +59,14 @@ def generate(
         gamma: Speculative decoding: tokens drafted per pass of the model.
         draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
+        rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
+            yarn:4: four times the trained length), or none; what changed is printed to stderr.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
-    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
+    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
     source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
@@ -109,6 +112,7 @@ def chat(
     draft: str | None = None,
     gamma: PositiveInt = 4,
     draft_adapter: str | None = None,
+    rope_scaling: str | None = None,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -134,12 +138,14 @@ def chat(
         gamma: Speculative decoding: tokens drafted per pass of the model.
         draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
+        rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
+            yarn:4: four times the trained length), or none; what changed is printed to stderr.
     """
     from mightylm.errors import UsageError
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks)
+    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
     source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []

@@ -286,11 +286,12 @@ def held_back(text: str, stops) -> int:
 
 
 def load_for_generation(model: str, dtype: str = "float32", adapter: str | None = None, log=None,
-                        keep_blocks: bool = False):
+                        keep_blocks: bool = False, rope_scaling: str | None = None):
     """(model, tokenizer) for `mighty generate|chat|eval`: loaded (a tokenizer required; a GGUF file's blocks kept
     as stored with `keep_blocks` when the dtype is float32, the one the block kernels compute in), the adapter
-    applied unmerged, then the decode layout (fuse.fuse_projections_: same outputs, faster batch-1
-    decoding). Progress lines go to `log`."""
+    applied unmerged, another RoPE scaling set when asked (model.set_rope_scaling: "yarn:4", "none", ...), then
+    the decode layout (fuse.fuse_projections_: same outputs, faster batch-1 decoding). Progress lines go to
+    `log`."""
     from mightylm.checkpoint import load
     from mightylm.compress.sparse24 import pack_24_
     from mightylm.fuse import fuse_projections_
@@ -303,6 +304,10 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
         from mightylm.adapters import load_adapter
 
         print(f"applied {adapter}: {load_adapter(loaded, adapter)}", file=log)  # before the decode layout
+    if rope_scaling:
+        from mightylm.model import set_rope_scaling
+
+        print(set_rope_scaling(loaded, rope_scaling), file=log)
     pack_24_(loaded)  # a 2:4-pruned model: only its kept weights are read while decoding
     fuse_projections_(loaded)
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log, flush=True)

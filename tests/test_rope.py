@@ -140,3 +140,17 @@ def test_bad_scalings_are_refused_clearly():
         set_rope_scaling(model, "llama3:8")
     with pytest.raises(ConfigError, match="must be a number"):
         set_rope_scaling(model, "yarn:four")
+
+
+def test_mighty_generate_takes_a_rope_scaling(tmp_path, bpe_tokenizer, capsys):
+    from conftest import tiny
+
+    from mightylm.cli import main
+
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size, max_seq_len=64), bpe_tokenizer, tmp_path / "m")
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "To be", "--max_new_tokens", "4",
+            "--temperature", "0"]
+    assert main(args + ["--rope_scaling", "yarn:4"]) == 0
+    assert "RoPE scaling none -> yarn x4 (trained length 64); context 64 -> 256 tokens" in capsys.readouterr().err
+    assert main(args + ["--rope_scaling", "yarn:1"]) != 0
+    assert "must exceed 1" in capsys.readouterr().err

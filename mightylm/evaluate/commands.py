@@ -29,6 +29,8 @@ class Target:
         api_key: The endpoint's API key (bearer token).
         dtype: Weight and activation precision of a local model.
         adapter: An adapter directory to apply to a local model, unmerged.
+        rope_scaling: Another RoPE scaling for a local model, TYPE:FACTOR with linear, dynamic or yarn (e.g.
+            yarn:4), or none.
     """
 
     model: str = DEFAULT_MODEL
@@ -36,6 +38,7 @@ class Target:
     api_key: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     adapter: str | None = None
+    rope_scaling: str | None = None
 
 
 def _backend(target: Target, batch_size: int):
@@ -45,7 +48,7 @@ def _backend(target: Target, batch_size: int):
         return Endpoint(target.endpoint, target.model, api_key=target.api_key, concurrency=batch_size)
     from mightylm.generate import load_for_generation
 
-    net, tokenizer = load_for_generation(target.model, target.dtype, target.adapter)
+    net, tokenizer = load_for_generation(target.model, target.dtype, target.adapter, rope_scaling=target.rope_scaling)
     return LocalModel(net, tokenizer, name=target.model, batch_size=batch_size)
 
 

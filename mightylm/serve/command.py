@@ -28,6 +28,7 @@ def serve(
     blocks: bool = True,
     draft: str | None = None,
     gamma: PositiveInt = 4,
+    rope_scaling: str | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -61,6 +62,8 @@ def serve(
             pass times and acceptance say it gives more tokens per second. Requests opt out with
             "speculative": false; their usage reports drafted and accepted tokens.
         gamma: The most drafted tokens per row and step (with --draft).
+        rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
+            yarn:4), or none; --max_len may then grow to the new context.
     """
     import os
     import signal
@@ -87,6 +90,10 @@ def serve(
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")
+    if rope_scaling:
+        from mightylm.model import set_rope_scaling
+
+        print(set_rope_scaling(net, rope_scaling), file=sys.stderr)
     pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
     bank = AdapterBank(net.eval())
     for spec in adapter or []:
