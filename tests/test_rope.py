@@ -154,3 +154,69 @@ def test_mighty_generate_takes_a_rope_scaling(tmp_path, bpe_tokenizer, capsys):
     assert "RoPE scaling none -> yarn x4 (trained length 64); context 64 -> 256 tokens" in capsys.readouterr().err
     assert main(args + ["--rope_scaling", "yarn:1"]) != 0
     assert "must exceed 1" in capsys.readouterr().err
+
+
+def test_passkey_prompts_have_the_asked_length_and_depth(bpe_tokenizer):
+    from conftest import SAMPLE_TEXT
+
+    from mightylm.evaluate.longctx import INTRO, NEEDLE, QUESTION, first_number, passkey, passkey_items
+
+    items = passkey_items(bpe_tokenizer, SAMPLE_TEXT * 40, [200, 400], [0.0, 0.5, 1.0], samples=2, seed=1)
+    assert len(items) == 12 and len({i["key"] for i in items}) > 1
+    for item in items:
+        assert len(item["ids"]) == item["length"]
+        text = bpe_tokenizer.decode(item["ids"])
+        assert NEEDLE.format(key=item["key"]) in text and text.endswith(QUESTION)
+        intro, needle = bpe_tokenizer.encode(INTRO), bpe_tokenizer.encode(NEEDLE.format(key=item["key"]))
+        room = item["length"] - len(intro) - len(needle) - len(bpe_tokenizer.encode(QUESTION))  # filler tokens
+        where = next(i for i in range(len(item["ids"])) if item["ids"][i:i + len(needle)] == needle)
+        assert where - len(intro) == round(item["depth"] * room)  # filler tokens before the needle
+    assert first_number(" 71432. Remember") == 71432 and first_number("no digits") is None
+
+    class Oracle:  # answers every prompt's key: the bookkeeping must then say 100 %
+        def __init__(self, items):
+            self.keys = {tuple(i["ids"]): i["key"] for i in items}
+
+    import mightylm.evaluate.longctx as longctx
+
+    oracle = Oracle(items[:6])
+    original = longctx.greedy
+    longctx.greedy = lambda model, ids, n: bpe_tokenizer.encode(f" {oracle.keys.get(tuple(ids), 12345)}.")
+    try:
+        result = passkey(None, bpe_tokenizer, items)
+    finally:
+        longctx.greedy = original
+    assert result["accuracy"] == 0.5 and result["by_length_depth"]["200"] == {"0": 1.0, "0.5": 1.0, "1": 1.0}
+    assert result["by_length_depth"]["400"] == {"0": 0.0, "0.5": 0.0, "1": 0.0}
+
+
+def test_perplexity_by_position_averages_the_token_losses(bpe_tokenizer):
+    from conftest import SAMPLE_TEXT, tiny
+
+    from mightylm.evaluate.longctx import position_perplexity
+
+    model = tiny(vocab_size=bpe_tokenizer.vocab_size, max_seq_len=64)
+    result = position_perplexity(model, bpe_tokenizer, SAMPLE_TEXT * 20, length=128, bucket=32, windows=2)
+    ids = torch.tensor([bpe_tokenizer.encode(SAMPLE_TEXT * 20)[:256]]).view(2, 128)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                                reduction="none").view(2, 127).mean(0)
+    assert [b["positions"] for b in result["buckets"]] == ["1-32", "33-64", "65-96", "97-127"]
+    assert result["buckets"][1]["nll"] == pytest.approx(float(nll[32:64].mean()), rel=1e-5)
+    assert result["nll"] == pytest.approx(float(nll.mean()), rel=1e-5)
+
+
+def test_mighty_eval_longctx_runs_past_the_context(tmp_path, bpe_tokenizer, capsys):
+    from conftest import SAMPLE_TEXT, tiny
+
+    from mightylm.cli import main
+
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size, max_seq_len=128), bpe_tokenizer, tmp_path / "m")
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 30)
+    assert main(["eval", "longctx", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "text.txt"),
+                 "--lengths", "200", "--lengths", "384", "--samples", "1", "--bucket", "64",
+                 "--rope_scaling", "yarn:2", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "passkey accuracy by length" in printed and "321-383" in printed
+    summary = json.loads((tmp_path / "out" / "longctx" / "summary.json").read_text())
+    assert len(summary["answers"]) == 6 and summary["settings"]["rope_scaling"] == "yarn:2"

@@ -391,5 +391,71 @@ def emergence(
     print(f"figure: {out}/emergence/emergence.png, report: {out}/report.html")
 
 
+def longctx(
+    target: Target = Target(),
+    lengths: list[PositiveInt] | None = None,
+    depths: list[float] | None = None,
+    samples: PositiveInt = 3,
+    text: str = "shakespeare",
+    ppl_length: PositiveInt | None = None,
+    bucket: PositiveInt = 256,
+    windows: PositiveInt = 2,
+    seed: Seed = 0,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+) -> None:
+    """Long context: passkey retrieval by prompt length and depth, and perplexity by position.
+
+    A five-digit pass key is stated once at a depth of filler text (the corpus) and asked for at the end; the
+    greedy answer must start with it. Perplexity is scored over windows of --ppl_length tokens and averaged per
+    bucket of positions. Both run past the model's context on purpose: compare a model at and beyond its trained
+    length, with and without --rope_scaling (e.g. yarn:4), or after `mighty finetune ... --rope_scaling`.
+
+    Args:
+        target: The model evaluated (a local one: --model, --adapter, --dtype, --rope_scaling).
+        lengths: Prompt lengths in tokens (repeat the option); default 1/4, 1/2, 1 and 2 times the context.
+        depths: Where the key sits, 0 (start) to 1 (end) (repeat); default 0.1, 0.5, 0.9.
+        samples: Prompts per length and depth (different keys and filler).
+        text: The filler and held-out text: a file, directory, JSONL with "text", or the embedded corpus name.
+        ppl_length: Tokens per perplexity window (default the longest passkey length).
+        bucket: Positions per perplexity bucket.
+        windows: Perplexity windows averaged (disjoint, from the start of the text).
+        seed: Seed for the keys and where the filler is cut.
+        out: The results directory.
+        overwrite: Start this task afresh in --out even if it holds results made with other settings.
+    """
+    from mightylm.data.pretrain import collect_files, read_documents
+    from mightylm.evaluate import longctx as task
+
+    if target.endpoint:
+        raise UsageError("longctx evaluates a local model (it runs past the model's context, which a server refuses)")
+    body = "\n\n".join(doc for f in collect_files([text]) for doc in read_documents(f))
+    backend = _backend(target, 1)
+    model, tokenizer = backend.model, backend.tokenizer
+    context = model.config.max_seq_len
+    lengths = sorted(lengths or [context // 4, context // 2, context, 2 * context])
+    depths = depths or [0.1, 0.5, 0.9]
+    settings = _settings(target, rope_scaling=target.rope_scaling, lengths=lengths, depths=depths, samples=samples,
+                         text=text, ppl_length=ppl_length, bucket=bucket, windows=windows, seed=seed)
+    store = _store(out, "longctx", settings, overwrite=overwrite)
+    items = task.passkey_items(tokenizer, body, lengths, depths, samples, seed)
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc="passkey", unit="prompt") as bar:
+        keys = task.passkey(model, tokenizer, items, progress=lambda item: bar.update(1))
+    ppl = task.position_perplexity(model, tokenizer, body, ppl_length or max(lengths), bucket, windows)
+    print(f"context {context} tokens; passkey accuracy by length (rows) and depth (columns):")
+    print(f"{'length':>8s} " + " ".join(f"{d:>6s}" for d in next(iter(keys["by_length_depth"].values()))))
+    for length, row in keys["by_length_depth"].items():
+        print(f"{length:>8s} " + " ".join(f"{v:6.2f}" for v in row.values()))
+    print(f"perplexity by position ({ppl['windows']} window(s) of {ppl_length or max(lengths)} tokens):")
+    for b in ppl["buckets"]:
+        print(f"  {b['positions']:>13s}  {b['perplexity']:8.2f}")
+    _print(store.finish({"metrics": {"passkey_accuracy": keys["accuracy"], "nll": ppl["nll"]},
+                         "passkey": keys["by_length_depth"], "perplexity_by_position": ppl["buckets"],
+                         "answers": [{k: i[k] for k in ("length", "depth", "key", "answer", "correct")}
+                                     for i in items]}), out)
+
+
 VERBS = {"perplexity": perplexity, "humaneval": humaneval, "arithmetic": arithmetic, "corr2cause": corr2cause,
-         "choice": choice, "emergence": emergence}
+         "choice": choice, "emergence": emergence, "longctx": longctx}

@@ -1,0 +1,121 @@
+"""Long-context evaluation: passkey retrieval by length and depth, and perplexity by position.
+
+Passkey (Mohtashami & Jaggi 2023, the needle-in-a-haystack form): a five-digit number is stated once, at a given
+depth (0 = start, 1 = end) of filler text from a corpus, and asked for at the end; the model's greedy answer is
+right when its first number is the key. Lengths are the prompt's tokens, so a model is measured inside and past the
+length it was trained at (and with a RoPE scaling, `mighty eval longctx --rope_scaling yarn:4`).
+
+Perplexity by position: windows of `length` tokens of held-out text scored in one pass each, the negative
+log-likelihood averaged per bucket of positions; a model that cannot use its positions past some length shows it as
+a rise in the later buckets.
+
+Both run past the model's declared context on purpose (that is what they measure), through the decode loop's
+parts (generate.prefill, decode_one_token), not `generate`, which refuses that.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from mightylm.errors import UsageError
+from mightylm.generate import decode_one_token, prefill
+
+INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_items(tokenizer, filler: str, lengths: list[int], depths: list[float], samples: int,
+                  seed: int = 0) -> list[dict]:
+    """One prompt per (length, depth, sample): {"length", "depth", "key", "ids"}; the filler is cut from
+    different places of `filler` for each sample."""
+    rng = random.Random(seed)
+    body = tokenizer.encode(filler)
+    intro, question = tokenizer.encode(INTRO), tokenizer.encode(QUESTION)
+    items = []
+    for length in lengths:
+        for depth in depths:
+            if not 0 <= depth <= 1:
+                raise UsageError(f"a depth is a fraction of the text, 0 (start) to 1 (end); got {depth}")
+            for _ in range(samples):
+                key = rng.randrange(10000, 100000)
+                needle = tokenizer.encode(NEEDLE.format(key=key))
+                room = length - len(intro) - len(needle) - len(question)
+                if room < 1:
+                    raise UsageError(f"length {length} leaves no room for filler around the question "
+                                     f"({length - room} tokens); use lengths of at least {length - room + 16}")
+                if room > len(body):
+                    raise UsageError(f"length {length} needs {room} tokens of filler; the text has {len(body)}")
+                start = rng.randrange(0, len(body) - room + 1)
+                filler_ids = body[start:start + room]
+                cut = round(depth * room)
+                ids = intro + filler_ids[:cut] + needle + filler_ids[cut:] + question
+                items.append({"length": length, "depth": depth, "key": key, "ids": ids})
+    return items
+
+
+@torch.inference_mode()
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after `ids`, past the model's declared context if need be."""
+    cache = model.make_cache(1, len(ids) + n)
+    token = prefill(model, torch.tensor([ids]), cache).argmax(-1)
+    out = [int(token)]
+    for step in range(n - 1):
+        token = decode_one_token(model, token, cache, len(ids) + step).argmax(-1)
+        out.append(int(token))
+    return out
+
+
+def first_number(text: str) -> int | None:
+    digits = ""
+    for ch in text:
+        if ch.isdigit():
+            digits += ch
+        elif digits:
+            break
+    return int(digits) if digits else None
+
+
+def passkey(model, tokenizer, items: list[dict], answer_tokens: int = 8, progress=None) -> dict:
+    """Accuracy overall and by (length, depth); each item gets "answer" and "correct"."""
+    for item in items:
+        item["answer"] = tokenizer.decode(greedy(model, item["ids"], answer_tokens))
+        item["correct"] = first_number(item["answer"]) == item["key"]
+        if progress:
+            progress(item)
+    table: dict[str, dict[str, float]] = {}
+    for length in sorted({i["length"] for i in items}):
+        row = {}
+        for depth in sorted({i["depth"] for i in items}):
+            cell = [i["correct"] for i in items if i["length"] == length and i["depth"] == depth]
+            row[f"{depth:g}"] = sum(cell) / len(cell)
+        table[str(length)] = row
+    return {"accuracy": sum(i["correct"] for i in items) / len(items), "by_length_depth": table}
+
+
+@torch.inference_mode()
+def position_perplexity(model, tokenizer, text: str, length: int, bucket: int, windows: int = 1) -> dict:
+    """Mean negative log-likelihood (nats/token) and perplexity per bucket of positions, over up to `windows`
+    disjoint windows of `length` tokens from the start of `text`."""
+    if bucket < 1 or bucket > length:
+        raise UsageError(f"need 1 <= bucket <= length, got bucket {bucket}, length {length}")
+    ids = tokenizer.encode(text)
+    count = min(windows, len(ids) // length)
+    if count < 1:
+        raise UsageError(f"the text has {len(ids)} tokens; one window needs {length}")
+    nll = torch.zeros(length - 1)
+    for w in range(count):
+        idx = torch.tensor([ids[w * length:(w + 1) * length]])
+        logits = model(idx)[0, :-1].float()  # (length - 1, V): position p predicts token p + 1
+        nll += F.cross_entropy(logits, idx[0, 1:], reduction="none")
+    nll /= count
+    buckets = []
+    for start in range(0, length - 1, bucket):
+        part = nll[start:start + bucket]
+        mean = float(part.mean())
+        buckets.append({"positions": f"{start + 1}-{start + len(part)}", "nll": mean, "perplexity": math.exp(mean)})
+    return {"windows": count, "buckets": buckets, "nll": float(nll.mean())}
