@@ -862,3 +862,37 @@ def test_the_server_reports_speculation_in_usage_and_metrics(tiny):
         assert f"mightylm_accepted_draft_tokens_total {spec['accepted_tokens']}" in metrics
     finally:
         server.close()
+
+
+# ---- chunked prefill (issue 22) ----
+
+@pytest.mark.parametrize("draft", [None, "model"])
+def test_long_prompts_are_prefilled_in_chunks_while_others_decode(tiny, draft):
+    """Prompts longer than prefill_chunk are prefilled a chunk per step on their own cache, decode steps of the
+    running rows in between, then join the pool: every text equals plain greedy decoding alone (LoRA and soft
+    prompt rows included, and with a draft model whose pool must follow)."""
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+
+    model, tokenizer, root = tiny
+    bank = AdapterBank(copy.deepcopy(model))
+    bank.add("lora", root / "lora")
+    bank.add("prompt", root / "prompt")
+    engine = Engine(bank.model, tokenizer, bank, max_batch=4, max_len=256, prefill_chunk=8,
+                    draft=_draft_for(model, draft) if draft else None, always_speculate=bool(draft))
+    during = {"steps": 0}
+    decode = engine._decode
+
+    def counted():
+        during["steps"] += engine.staging is not None
+        decode()
+
+    engine._decode = counted
+    long_text = "whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune"
+    jobs = [("To be", None), (long_text, "lora"), ("Hi", None), (long_text[:40], "prompt"), (long_text, None)]
+    results = _run(engine, [(tokenizer.encode(text), Sampling(max_new_tokens=12, temperature=0),
+                             {"adapter": bank.ids.get(adapter, 0)}) for text, adapter in jobs])
+    for (text, adapter), r in zip(jobs, results):
+        assert r["text"] == _reference(model, tokenizer, adapter and root / adapter, text, 12), (text, adapter)
+    assert engine.stats["prefill_chunks"] >= 3 * 3  # three long prompts, each several chunks
+    assert during["steps"] > 0  # the short requests decoded while a long prompt was being prefilled

@@ -29,6 +29,7 @@ def serve(
     draft: str | None = None,
     gamma: PositiveInt = 4,
     rope_scaling: str | None = None,
+    prefill_chunk: PositiveInt = 512,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -64,6 +65,9 @@ def serve(
         gamma: The most drafted tokens per row and step (with --draft).
         rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
             yarn:4), or none; --max_len may then grow to the new context.
+        prefill_chunk: Prompts longer than this many tokens are prefilled in chunks between decode steps (each
+            about one decode step long while others are decoding, at most this many tokens), so that running
+            streams keep flowing while a long prompt arrives.
     """
     import os
     import signal
@@ -112,7 +116,7 @@ def serve(
         speculate = getattr(speculate, "model", speculate)  # the engine keeps a draft model's cache itself
         print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step", file=sys.stderr)
     engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                    draft=speculate, gamma=gamma).start()
+                    draft=speculate, gamma=gamma, prefill_chunk=prefill_chunk).start()
     pool = sum(t.numel() * t.element_size() for t in engine.pool.k + engine.pool.v)
     print(f"KV-cache pool: {max_batch} x {engine.max_len} tokens (--max_batch x --max_len), up to "
           f"{pool / 2**20:,.0f} MiB as it fills", file=sys.stderr)

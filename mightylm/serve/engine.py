@@ -15,6 +15,12 @@ smallest pad (compaction).
 Each sequence samples with its own settings and random generator; its text is decoded
 incrementally and checked for stop strings here, so the HTTP layer only forwards events.
 
+A prompt longer than `prefill_chunk` tokens is prefilled on a cache of its own, one chunk per step between decode
+steps (so the running streams keep flowing), and joins the pool when it is complete: its keys and values are copied
+into a free row, right-aligned to end at slot t like any other prompt. While rows are decoding, a chunk is sized
+to take about as long as one decode step (from the measured prefill rate), so the gaps between their tokens at
+most about double.
+
 With a draft (`mighty serve --draft`), a step may be speculative (serve/speculation.py): every row's drafts are
 verified in one pass, each row keeps what the exact rule accepts, and the rows that accepted fewer move right so
 that all rows' next tokens again share slot `t`.
@@ -129,18 +135,35 @@ class Sequence:
         self.cancelled = True
 
 
+@dataclass
+class _Staging:
+    """A long prompt being prefilled chunk by chunk on its own cache before it joins the pool."""
+
+    seq: Sequence
+    embeds: torch.Tensor  # (P + T, dim): its virtual tokens, if any, and its prompt
+    cache: object  # a KVCache of one row
+    done: int = 0  # slots written so far
+    logits: torch.Tensor | None = None  # (1, V) after the last chunk
+
+
 class Engine:
     def __init__(self, model, tokenizer, bank, *, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048,
-                 draft=None, gamma: int = 4, always_speculate: bool = False):
+                 draft=None, gamma: int = 4, always_speculate: bool = False, prefill_chunk: int = 512):
         """`draft`: None, a speculative.PromptLookup, or a draft model sharing the target's vocabulary; `gamma`:
         the most drafted tokens a row takes per step; `always_speculate`: every step as wide as the drafts allow,
-        whatever it costs (tests and benchmarks; by default each step's width is chosen by its expected speed)."""
+        whatever it costs (tests and benchmarks; by default each step's width is chosen by its expected speed);
+        `prefill_chunk`: prompts longer than this many tokens are prefilled that many at a time between decode
+        steps."""
         if gamma < 1:
             raise ValueError(f"gamma (drafted tokens per step) must be at least 1, got {gamma}")
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len, model.config.max_seq_len)
         self.pool = model.make_cache(max_batch, self.max_len)
+        self.prefill_chunk = prefill_chunk
+        self.staging: _Staging | None = None
+        self.step_seconds = 0.0  # the latest decode step's wall time
+        self.prefill_rate = 0.0  # tokens per second of the latest prefill chunk
         self.gamma, self.always_speculate = gamma, always_speculate
         self.draft = draft if draft is None or isinstance(draft, PromptLookup) else \
             PooledDraft(draft, max_batch, self.max_len)
@@ -158,7 +181,7 @@ class Engine:
         self.stopped = False
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "ttft": Latency(), "itl": Latency(),
                       "finished": {}, "prefill_passes": 0, "drafted_tokens": 0, "accepted_tokens": 0,
-                      "speculative_passes": 0}
+                      "speculative_passes": 0, "prefill_chunks": 0}
         self.thread = threading.Thread(target=self._loop, name="mightylm-engine", daemon=True)
 
     # ---- called from other threads ----
@@ -235,7 +258,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not (self.stopped or self.ops or self.waiting or self.running):
+                    while not (self.stopped or self.ops or self.waiting or self.running or self.staging):
                         self.cond.wait()
                     if self.stopped:
                         break
@@ -245,14 +268,19 @@ class Engine:
                     op()
                 try:
                     self._admit()
+                    if self.staging is not None:
+                        self._stage()
                     if self.running:
+                        began = time.perf_counter()
                         self._decode()
+                        self.step_seconds = time.perf_counter() - began
                 except Exception as e:  # a shared forward pass failed: it ends the rows in it, never the server
                     for seq in self.running:
                         self._finish_all(seq, "error", f"{type(e).__name__}: {e}")
                     self.running.clear()
                     self.t = 0
-        for seq in self.running + list(self.waiting):
+        staged = [self.staging.seq] if self.staging is not None else []
+        for seq in self.running + staged + list(self.waiting):
             self._finish_all(seq, "abort", "the server is shutting down")
 
     def _embed(self, prompt: list[int], adapter: int) -> torch.Tensor:
@@ -264,7 +292,8 @@ class Engine:
     def _admit(self) -> None:
         """Move the waiting sequences that fit into the pool, prefilling them in one forward pass."""
         group: list[tuple[Sequence, int]] = []
-        while self.waiting and len(self.running) + len(group) < self.max_batch:
+        reserved = self.staging is not None  # a long prompt being prefilled will need a row
+        while self.waiting and len(self.running) + len(group) + reserved < self.max_batch:
             with self.cond:
                 seq = self.waiting[0]
             if seq.cancelled:
@@ -273,6 +302,14 @@ class Engine:
                 self._finish_all(seq, "cancelled")
                 continue
             own = len(seq.prompt) + self.bank.prefix_len(seq.adapter)
+            if own > self.prefill_chunk:
+                if self.staging is not None:
+                    break  # one long prompt at a time; the queue keeps its order
+                with self.cond:
+                    self.waiting.popleft()
+                self.staging = _Staging(seq, self._embed(seq.prompt, seq.adapter), self.model.make_cache(1, own))
+                reserved = True
+                continue
             need = max([own] + [n for _, n in group])
             new_tokens = max([seq.sampling.max_new_tokens] + [s.sampling.max_new_tokens for s, _ in group])
             if not self._fits(need, new_tokens):
@@ -284,6 +321,63 @@ class Engine:
             group.append((seq, own))
         if group:
             self._prefill(group)
+
+    def _stage(self) -> None:
+        """Prefill the next chunk of the staged long prompt; when it is complete and a row fits, move it into the
+        pool and take its first token."""
+        st = self.staging
+        if st.seq.cancelled:
+            self.staging = None
+            self._finish_all(st.seq, "cancelled")
+            return
+        total = st.embeds.shape[0]
+        if st.done < total:
+            size = self.prefill_chunk
+            if self.running:  # about one decode step's time (the first chunk measures the rate)
+                size = min(size, max(16, int(self.prefill_rate * self.step_seconds)) if self.prefill_rate else 64)
+            end = min(st.done + size, total)
+            began = time.perf_counter()
+            try:
+                self.bank.set_rows([st.seq.adapter])
+                st.logits = self.model(embeds=st.embeds[None, st.done:end], cache=st.cache, start=st.done,
+                                       last_only=True)[:, -1]
+            except Exception as e:  # this prompt's own failure
+                self.staging = None
+                self._finish_all(st.seq, "error", f"{type(e).__name__}: {e}")
+                return
+            self.prefill_rate = (end - st.done) / max(time.perf_counter() - began, 1e-6)
+            st.done = end
+            self.stats["prefill_chunks"] += 1
+            if st.done < total:
+                return
+        seq, need = st.seq, total
+        if len(self.running) >= self.max_batch or not self._fits(need, seq.sampling.max_new_tokens):
+            self._compact()
+            if len(self.running) >= self.max_batch or not self._fits(need, seq.sampling.max_new_tokens):
+                return  # joins when running sequences have made room
+        if not self.running:
+            self.t = need
+        elif need > self.t:
+            self._shift_right(need - self.t)
+        row = len(self.running)
+        for K, staged in zip(self.pool.k + self.pool.v, st.cache.k + st.cache.v):
+            K[row, :, self.t - need:self.t] = staged[0, :, :need]
+        self.pads[row] = self.t - need
+        self.running.append(seq)
+        self.staging = None
+        seq._text = TextStream(self.tokenizer, seq.sampling.stop)
+        self.stats["prompt_tokens"] += len(seq.prompt)
+        try:
+            if seq.sampling.seed is not None:
+                seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+            if isinstance(self.draft, PooledDraft):
+                if row == 0:
+                    self.draft.valid = self.t
+                self.draft.prefill(_Rows(self.draft.pool, row, row + 1), [seq.prompt],
+                                   torch.tensor([self.t - len(seq.prompt)], device=self.device), self.t)
+        except Exception as e:  # fails this row only (swept in _take, before any token)
+            self._fail(seq, e)
+        self._take(st.logits, row)
 
     def _remaining(self, seq: Sequence) -> int:
         return seq.sampling.max_new_tokens - len(seq.generated)
