@@ -5,7 +5,8 @@
 Three runs of the server (SmolLM2-135M-Instruct, its own process, loopback only), each with --streams clients
 streaming greedy replies to max tokens (ignore_eos): without a long prompt; with one --prompt-tokens prompt (the
 held-out play) sent 3 s in and prefilled in one pass (--prefill_chunk larger than it); and the same prompt
-prefilled in chunks (the default --prefill_chunk 512, each chunk about one decode step long while others decode).
+prefilled in chunks (the default --prefill_chunk 512, each chunk about half a decode step long while others
+decode).
 Reported: the streams' inter-token latency p50 / p99 / max, their tokens/s, and the long prompt's time to its
 first token. Goal (issue 22): p99 with the long prompt no more than 2x its value without it.
 """

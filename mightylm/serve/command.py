@@ -66,7 +66,7 @@ def serve(
         rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
             yarn:4), or none; --max_len may then grow to the new context.
         prefill_chunk: Prompts longer than this many tokens are prefilled in chunks between decode steps (each
-            about one decode step long while others are decoding, at most this many tokens), so that running
+            about half a decode step long while others are decoding, at most this many tokens), so that running
             streams keep flowing while a long prompt arrives.
     """
     import os

@@ -18,8 +18,8 @@ incrementally and checked for stop strings here, so the HTTP layer only forwards
 A prompt longer than `prefill_chunk` tokens is prefilled on a cache of its own, one chunk per step between decode
 steps (so the running streams keep flowing), and joins the pool when it is complete: its keys and values are copied
 into a free row, right-aligned to end at slot t like any other prompt. While rows are decoding, a chunk is sized
-to take about as long as one decode step (from the measured prefill rate), so the gaps between their tokens at
-most about double.
+to take half a decode step (CHUNK_SHARE, from the measured prefill rate), so the gaps between their tokens grow
+by about half meanwhile.
 
 With a draft (`mighty serve --draft`), a step may be speculative (serve/speculation.py): every row's drafts are
 verified in one pass, each row keeps what the exact rule accepts, and the rows that accepted fewer move right so
@@ -86,6 +86,13 @@ def logprob_entries(tokenizer, tokens: list[int], logprobs: list, tops: list | N
         out["text_offset"].append(length)
         length += len(decoder.push(token))
     return out
+
+
+# While rows decode, a long prompt's prefill gets at most this share of the time decode steps take (a chunk sized
+# to that share of one step, and no chunk while the prefill is ahead of its share), so the gaps between the running
+# rows' tokens grow by about that much while it is prefilled (bench/long_prompt.py).
+CHUNK_SHARE = 0.5
+MIN_CHUNK = 8  # tokens; a chunk's fixed cost (every layer's operations) makes smaller ones mostly overhead
 
 
 class QueueFull(RuntimeError):
@@ -163,6 +170,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.staging: _Staging | None = None
         self.step_seconds = 0.0  # the latest decode step's wall time
+        self.prefill_ahead = 0.0  # seconds the staged prefill took beyond its share of the decode steps' time
         self.prefill_rate = 0.0  # tokens per second of the latest prefill chunk
         self.gamma, self.always_speculate = gamma, always_speculate
         self.draft = draft if draft is None or isinstance(draft, PromptLookup) else \
@@ -274,6 +282,7 @@ class Engine:
                         began = time.perf_counter()
                         self._decode()
                         self.step_seconds = time.perf_counter() - began
+                        self.prefill_ahead = max(self.prefill_ahead - CHUNK_SHARE * self.step_seconds, 0.0)
                 except Exception as e:  # a shared forward pass failed: it ends the rows in it, never the server
                     for seq in self.running:
                         self._finish_all(seq, "error", f"{type(e).__name__}: {e}")
@@ -332,9 +341,12 @@ class Engine:
             return
         total = st.embeds.shape[0]
         if st.done < total:
+            if self.running and self.prefill_ahead > 0:
+                return  # the prefill has had its share of the time; the running rows take a step first
             size = self.prefill_chunk
-            if self.running:  # about one decode step's time (the first chunk measures the rate)
-                size = min(size, max(16, int(self.prefill_rate * self.step_seconds)) if self.prefill_rate else 64)
+            if self.running:  # CHUNK_SHARE of a decode step's time (the first chunk measures the rate)
+                size = min(size, max(MIN_CHUNK, int(CHUNK_SHARE * self.prefill_rate * self.step_seconds))
+                           if self.prefill_rate else 64)
             end = min(st.done + size, total)
             began = time.perf_counter()
             try:
@@ -345,7 +357,10 @@ class Engine:
                 self.staging = None
                 self._finish_all(st.seq, "error", f"{type(e).__name__}: {e}")
                 return
-            self.prefill_rate = (end - st.done) / max(time.perf_counter() - began, 1e-6)
+            seconds = time.perf_counter() - began
+            self.prefill_rate = (end - st.done) / max(seconds, 1e-6)
+            if self.running:
+                self.prefill_ahead += seconds
             st.done = end
             self.stats["prefill_chunks"] += 1
             if st.done < total:
@@ -661,6 +676,10 @@ class Engine:
             self._finish_all(seq, seq.finish_reason or "cancelled", seq._error)
         if not self.running:
             self.t = 0
+        elif 2 * int(self.pads[:len(self.running)].min()) >= self.t:
+            # a long sequence left: the rest sit far right, and every step would attend over the padding before
+            # them; moving them left costs a copy of their own slots only
+            self._compact()
 
     def _finish_all(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.finish_reason = reason
