@@ -220,3 +220,25 @@ def test_mighty_eval_longctx_runs_past_the_context(tmp_path, bpe_tokenizer, caps
     assert "passkey accuracy by length" in printed and "321-383" in printed
     summary = json.loads((tmp_path / "out" / "longctx" / "summary.json").read_text())
     assert len(summary["answers"]) == 6 and summary["settings"]["rope_scaling"] == "yarn:2"
+
+
+def test_context_extension_by_fine_tuning_keeps_the_scaling(tmp_path, bpe_tokenizer, capsys):
+    """`mighty finetune full|lora --rope_scaling yarn:2` trains under the new scaling: a full fine-tune's checkpoint
+    holds it (transformers reads it back), a LoRA run says to use the adapter with it."""
+    from conftest import tiny
+
+    from mightylm.cli import main
+
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size, max_seq_len=64), bpe_tokenizer, tmp_path / "m")
+    rows = [{"instruction": "Repeat the words.", "input": " ".join(["to be or not"] * 6), "output": "to be or not " * 6}
+            for _ in range(8)]
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "long.jsonl"), "--rope_scaling", "yarn:2",
+              "--sft.max_len", "128", "--train.steps", "2", "--train.batch_size", "2", "--train.warmup", "1"]
+    assert main(["finetune", "full", *common, "--out", str(tmp_path / "full")]) == 0
+    assert "context 64 -> 128 tokens" in capsys.readouterr().out
+    tuned, _ = mightylm.load(tmp_path / "full")
+    assert tuned.config.rope_scaling["type"] == "yarn" and tuned.config.max_seq_len == 128
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
+    assert main(["finetune", "lora", *common, "--out", str(tmp_path / "lora")]) == 0
+    assert f"--adapter {tmp_path / 'lora'} --rope_scaling yarn:2" in capsys.readouterr().out

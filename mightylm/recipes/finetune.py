@@ -28,6 +28,7 @@ def finetune_full(
     device: str = "cpu",
     optimizer: Literal["adamw", "lomo"] = "adamw",
     router: Router = Router(),
+    rope_scaling: str | None = None,
 ) -> dict:
     """Supervised fine-tuning of every weight of a model on instruction or chat JSONL.
 
@@ -44,10 +45,13 @@ def finetune_full(
         optimizer: adamw, or lomo (Lv et al. 2023: SGD fused into backward, no gradients or optimizer
             state kept; --train.grad_clip becomes its two-pass clipping; lr is an SGD learning rate).
         router: A mixture-of-experts model's router losses (--router.balance, --router.aux_coef, --router.z_coef).
+        rope_scaling: Context extension: train under another RoPE scaling, TYPE:FACTOR with linear, dynamic or
+            yarn (e.g. yarn:4 for four times the trained length; raise --sft.max_len to use it); the checkpoint
+            keeps the scaling.
     """
     return _finetune(model, data, out, sft, train, resume, overwrite, device,
                      "finetune full",
-                     optimizer=optimizer, router=router)
+                     optimizer=optimizer, router=router, rope_scaling=rope_scaling)
 
 
 def finetune_lora(
@@ -61,6 +65,7 @@ def finetune_lora(
     resume: bool = False,
     overwrite: bool = False,
     device: str = "cpu",
+    rope_scaling: str | None = None,
 ) -> dict:
     """LoRA fine-tuning on instruction or chat JSONL: only low-rank adapters are trained.
 
@@ -78,12 +83,14 @@ def finetune_lora(
         overwrite: Delete what `out` holds and start afresh (otherwise a directory that is not this verb's run is
             refused, and a run with a checkpoint needs --resume).
         device: Where to train (cpu, cuda).
+        rope_scaling: Context extension: train under another RoPE scaling, TYPE:FACTOR with linear, dynamic or
+            yarn (e.g. yarn:4; raise --sft.max_len to use it). Use the adapter with the same --rope_scaling.
     """
     from mightylm.adapters.lora import apply_lora
 
     return _finetune(model, data, out, sft, train, resume, overwrite, device, "finetune lora",
                      adapt=lambda net, tok: f"LoRA on {len(apply_lora(net, **lora.settings(net)))} layers",
-                     settings=asdict(lora))
+                     settings=asdict(lora), rope_scaling=rope_scaling)
 
 
 def finetune_qlora(
@@ -256,7 +263,7 @@ def _soft_prompt(prompt: SoftPrompt, encoder: str, hidden: int, seed: int):
 
 def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig, resume: bool, overwrite: bool,
               device: str, verb: str, adapt=None, settings: dict | None = None, optimizer: str = "adamw",
-              init_text: str | None = None, router: Router = Router()) -> dict:
+              init_text: str | None = None, router: Router = Router(), rope_scaling: str | None = None) -> dict:
     """The body every fine-tuning verb shares. With `adapt(net, tokenizer) -> description`: transform the
     model first (then only the adapters train), train, and save only the adapter."""
     import mightylm
@@ -280,6 +287,10 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
     resume = prepare_out(out, verb=verb, resume=resume, overwrite=overwrite, inputs=[model, *sources],
                          data=data_identity(sources), rank=rank)
     net, tok = mightylm.load(model, device=device)
+    if rope_scaling:
+        from mightylm.model import set_rope_scaling
+
+        print(set_rope_scaling(net, rope_scaling))  # before the adapter, so that its wrappers see the new tables
     set_router_losses(net, **asdict(router))
     if tok is None or not tok.chat_template:
         raise RunDirError(f"{model}: fine-tuning needs a tokenizer with a chat template")
@@ -301,7 +312,8 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
         val = Loader(val_set, train.batch_size, shuffle=False, pad_id=tok.pad_id or 0)
     if rank == 0:
         write_run_args(out, {**read_run_args(out), "model": model, "data": data, "max_len": sft.max_len,
-                             "sft": asdict(sft), "adapter": settings, "optimizer": optimizer, "world_size": world, "train": asdict(train)})
+                             "sft": asdict(sft), "adapter": settings, "optimizer": optimizer, "world_size": world,
+                             "rope_scaling": rope_scaling, "train": asdict(train)})
     opt = None
     if optimizer == "lomo":
         from mightylm.optim.lomo import LOMO
@@ -322,6 +334,8 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
     prompts = [tok.apply_chat_template([m for m in conv if m["role"] != "assistant"][:1]) for conv in (val_rows or rows)[:3]]
     report = write_report(out, samples(sampler, tok, prompts, max_new_tokens=48))
     use = f"--model {model} --adapter {out}" if adapt is not None else f"--model {out}"
+    if rope_scaling and adapt is not None:
+        use += f" --rope_scaling {rope_scaling}"  # the base's checkpoint does not hold it; a full fine-tune's does
     what = "stopped by a signal; saved" if summary["interrupted"] else "done"
     print(f"{what}: {summary['step']} steps, {summary['tokens']:,} tokens, validation loss "
           f"{summary.get('val_loss', float('nan')):.3f}; report in {report}\n"
