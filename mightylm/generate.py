@@ -135,7 +135,10 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     elif s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     idx, pad = _left_pad(prompts, 0, device)
-    cache = model.make_cache(len(prompts), total)
+    # A sliding-window model's unpadded rows keep only their window (memory constant in the generated length)
+    window = model.config.sliding_window
+    rolling = window is not None and pad is None and total + model.prefix_len > window
+    cache = model.make_cache(len(prompts), total, rolling=rolling)
     stops = torch.tensor(list(s.stop_token_ids) or [-1], device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     token = sample(prefill(model, idx, cache, pad), s, generator)

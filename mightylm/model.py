@@ -259,6 +259,49 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class RollingKVCache:
+    """A sliding-window model's KV cache that keeps only the last `window` positions (Mistral's rolling buffer), so
+    its memory stays constant however long the generation: position p lives in slot p % window.
+
+    Decoding one token attends over the whole buffer, in slot order (softmax does not depend on the order, and every
+    position kept is inside the window; no mask). Several new tokens at once (a prompt, a chunk) attend over the
+    positions kept before them, gathered in order, and over themselves, under the window mask `mask` gives; the
+    last `window` of them are then kept. One sequence per row, no left padding.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, window: int, *, dtype=torch.float32, device=None):
+        shape = (batch_size, config.n_kv_heads, window, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.window, self.batch_size = window, batch_size
+
+    def _kept(self, start: int) -> torch.Tensor:
+        """The positions before `start` that a query at `start` may still see, oldest first."""
+        return torch.arange(max(0, start - self.window + 1), start)
+
+    def mask(self, start: int, T: int, device) -> torch.Tensor | None:
+        """(1, 1, T, kept + T) for the queries start..start+T-1 over [the kept positions, the new ones]; None for
+        one token."""
+        if T == 1:
+            return None
+        keys = torch.cat([self._kept(start), torch.arange(start, start + T)]).to(device)
+        queries = torch.arange(start, start + T, device=device)
+        return ((keys[None, :] <= queries[:, None]) & (keys[None, :] > queries[:, None] - self.window))[None, None]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        K, V, T, W = self.k[layer], self.v[layer], k.shape[2], self.window
+        if T == 1:
+            K[:, :, start % W], V[:, :, start % W] = k[:, :, 0], v[:, :, 0]
+            n = min(start + 1, W)
+            return K[:, :, :n], V[:, :, :n]
+        slots = self._kept(start) % W
+        keys, values = torch.cat([K[:, :, slots], k], dim=2), torch.cat([V[:, :, slots], v], dim=2)
+        keep = min(T, W)
+        slots = torch.arange(start + T - keep, start + T) % W
+        K[:, :, slots], V[:, :, slots] = k[:, :, T - keep:], v[:, :, T - keep:]
+        return keys, values
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -486,10 +529,16 @@ class Transformer(nn.Module):
         """Virtual tokens placed before every sequence (0 without prompt tuning)."""
         return 0 if self.prefix is None else self.prefix.n_tokens
 
-    def make_cache(self, batch_size: int, length: int, *, dtype=None, device=None) -> KVCache:
-        """A KV cache for `length` real tokens per row (room for the virtual ones is added)."""
+    def make_cache(self, batch_size: int, length: int, *, dtype=None, device=None,
+                   rolling: bool = False) -> KVCache | RollingKVCache:
+        """A KV cache for `length` real tokens per row (room for the virtual ones is added); `rolling`, for a
+        sliding-window model: a RollingKVCache of the window's size, whatever `length` is."""
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
+        if rolling:
+            if self.config.sliding_window is None:
+                raise ValueError("a rolling KV cache is for sliding-window models; this one attends to every position")
+            return RollingKVCache(self.config, batch_size, self.config.sliding_window, dtype=dtype, device=device)
         return KVCache(self.config, batch_size, length + self.prefix_len, dtype=dtype, device=device)
 
     def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -548,7 +597,13 @@ class Transformer(nn.Module):
             pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T) RoPE positions
             cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, hs)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = self._mask(slots, start + T, pad, x.device)
+        if isinstance(cache, RollingKVCache):
+            if pad is not None:
+                raise ValueError("a rolling KV cache holds one unpadded sequence per row; decode padded batches "
+                                 "with a full cache")
+            mask = cache.mask(start, T, x.device)
+        else:
+            mask = self._mask(slots, start + T, pad, x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start)
         if last_only:

@@ -228,3 +228,43 @@ def test_a_kv_cache_holds_memory_for_the_slots_written_not_its_size():
     k, v = cache.update(0, 0, torch.ones(16, 8, 10, 64), torch.ones(16, 8, 10, 64))
     assert k.shape == (16, 8, 10, 64) and float(cache.k[0][:, :, 10:20].abs().sum()) == 0.0
     assert resident_mib() - before < 200
+
+
+@pytest.mark.parametrize("prompt_len", [3, 6, 13])  # inside the window, equal to it, past it
+def test_a_rolling_cache_decodes_like_the_full_window_forward(prompt_len):
+    """A sliding-window model (window 6) with a RollingKVCache of 6 slots: prompt, then a 5-token chunk, then one
+    token at a time to 30 positions, each step's logits equal the full forward with the window mask; the cache's
+    memory never grows."""
+    from mightylm.model import RollingKVCache
+
+    model = tiny(sliding_window=6)
+    idx = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.make_cache(2, 30, rolling=True)
+        assert isinstance(cache, RollingKVCache) and cache.k[0].shape[2] == 6
+        steps = [model(idx[:, :prompt_len], cache=cache, start=0)]
+        steps.append(model(idx[:, prompt_len:prompt_len + 5], cache=cache, start=prompt_len))
+        steps += [model(idx[:, t:t + 1], cache=cache, start=t) for t in range(prompt_len + 5, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.k[0].shape[2] == 6
+
+
+def test_generation_with_a_rolling_cache_equals_the_full_cache():
+    from mightylm.generate import Sampling, generate
+
+    model = tiny(sliding_window=8)
+    prompt = torch.randint(0, 256, (12,)).tolist()
+    s = Sampling(max_new_tokens=40)
+    made = []
+    original = model.make_cache
+    model.make_cache = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
+    rolling = generate(model, [prompt], s)  # one unpadded row past its window: the rolling cache
+    assert type(made[0]).__name__ == "RollingKVCache"
+    with torch.no_grad():
+        ids = list(prompt)
+        for _ in range(40):  # the full forward each step, window mask and all
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert rolling[0] == ids[len(prompt):]
+    with pytest.raises(ValueError, match="for sliding-window models"):
+        tiny().make_cache(1, 10, rolling=True)
