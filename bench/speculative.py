@@ -11,6 +11,7 @@ E[tokens per pass] / (gamma c + 1) with E = (1 - a^(gamma + 1)) / (1 - a), is pr
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
     .venv/bin/python bench/speculative.py --transformers [--gamma 4] [--max-new-tokens 96]
     .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
+    .venv/bin/python bench/speculative.py --engine [--clients 1 8] [--rounds 4]
 
 --server: `mighty serve --draft D` in a process of its own (the width of each step chosen by the server from its
 measured pass times and acceptance), N concurrent clients (loopback only) sending the three prompts round robin,
@@ -162,6 +163,72 @@ def transformers_bench(args) -> None:
               f"{' (ours = theirs)' if tokens['ours'] == tokens['hf'] else ''} |", flush=True)
 
 
+def engine_bench(args) -> None:
+    """The server's engine in this process (no HTTP), the same load as --server, rounds of opted-out and
+    speculative requests alternating (ABBA) on one engine, and the time the engine spent in its speculative path:
+    deciding not to speculate, and in the speculative steps it took."""
+    import threading
+
+    import mightylm
+    from mightylm.cli import env
+    from mightylm.generate import Sampling
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine, Sequence
+    from mightylm.speculative import PromptLookup
+
+    env()
+    net, tok = mightylm.load("smollm2-135m-instruct", need_tokenizer=True, keep_blocks=True)
+    spent = {"declined": 0.0, "speculated": 0.0}
+    speculate = Engine._speculate
+
+    def timed_speculate(self):
+        began = time.perf_counter()
+        took = speculate(self)
+        spent["speculated" if took else "declined"] += time.perf_counter() - began
+        return took
+
+    Engine._speculate = timed_speculate
+    texts = list(PROMPTS.values())
+    print(f"\nthe engine in process, {args.max_new_tokens} tokens per request, greedy, {args.per_client} requests per "
+          f"client, rounds in ABBA order\n")
+    print("| clients | round | tok/s | speculative steps | drafted | declining s | speculating s | decode s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for clients in args.clients:
+        engine = Engine(net.eval(), tok, AdapterBank(net), max_batch=clients, max_len=1024,
+                        draft=PromptLookup(vocab_size=net.config.vocab_size), gamma=args.gamma).start()
+
+        def client(c, speculative):
+            for r in range(args.per_client):
+                done = threading.Event()
+                ids = tok.encode_chat([{"role": "user", "content": texts[(c + r) % len(texts)]}])
+                engine.submit(Sequence(ids, Sampling(max_new_tokens=args.max_new_tokens), lambda ev: ev["type"] == "done"
+                                       and done.set(), ignore_eos=True, speculative=speculative))
+                done.wait(600)
+
+        rates = {False: [], True: []}
+        for r in range(args.rounds):
+            for speculative in ((False, True) if r % 2 == 0 else (True, False)):
+                before = dict(engine.stats)
+                spent.update(declined=0.0, speculated=0.0)
+                began = time.perf_counter()
+                threads = [threading.Thread(target=client, args=(c, speculative)) for c in range(clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                seconds = time.perf_counter() - began
+                rate = clients * args.per_client * args.max_new_tokens / seconds
+                rates[speculative].append(rate)
+                print(f"| {clients} | {'speculative' if speculative else 'plain'} | {rate:.1f} | "
+                      f"{engine.stats['speculative_passes'] - before['speculative_passes']} | "
+                      f"{engine.stats['drafted_tokens'] - before['drafted_tokens']} | {spent['declined']:.2f} | "
+                      f"{spent['speculated']:.2f} | {seconds:.1f} |", flush=True)
+        engine.stop()
+        plain, spec = sum(rates[False]) / len(rates[False]), sum(rates[True]) / len(rates[True])
+        print(f"| {clients} | mean | plain {plain:.1f}, speculative {spec:.1f}: {spec / plain:.2f}x | | | | | |")
+    Engine._speculate = speculate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gamma", type=int, default=4)
@@ -173,6 +240,8 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=3)
     ap.add_argument("--server-drafts", nargs="+", default=["prompt-lookup"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engine", action="store_true", help="the server's engine in process under --clients threads, "
+                    "with the time its speculative path takes")
     ap.add_argument("--transformers", action="store_true",
                     help="side by side with transformers' generate, plain and with its prompt-lookup assisted generation")
     args = ap.parse_args()
@@ -180,6 +249,8 @@ def main() -> None:
         return server_bench(args)
     if args.transformers:
         return transformers_bench(args)
+    if args.engine:
+        return engine_bench(args)
 
     from mightylm.cli import env
     from mightylm.generate import Sampling, load_for_generation, stream_tokens
