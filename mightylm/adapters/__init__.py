@@ -81,11 +81,15 @@ def present(model) -> list[AdapterKind]:
 
 
 def mark_trainable(model) -> int:
-    """Train exactly the parameters of the adapters the model carries (all kinds together) and freeze the rest;
-    returns how many values train. Call it once, after the last transform."""
+    """Train exactly the parameters of the adapters the model carries (all kinds together), and those a wrapper
+    names with `trains_with_adapters()` (the memory of rmt.RecurrentMemory), and freeze the rest; returns how many
+    values train. Call it once, after the last transform."""
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = {id(p): p for kind in present(model) for p in kind.parameters(model)}
+    for module in model.modules():  # wrappers whose own parameters train with the adapters (rmt: the memory)
+        if hasattr(module, "trains_with_adapters"):
+            trainable.update({id(p): p for p in module.trains_with_adapters()})
     for p in trainable.values():
         p.requires_grad_(True)
     return sum(p.numel() for p in trainable.values())
