@@ -214,12 +214,14 @@ def test_mighty_eval_longctx_runs_past_the_context(tmp_path, bpe_tokenizer, caps
     mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size, max_seq_len=128), bpe_tokenizer, tmp_path / "m")
     (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 30)
     assert main(["eval", "longctx", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "text.txt"),
-                 "--lengths", "200", "--lengths", "384", "--samples", "1", "--bucket", "64",
+                 "--lengths", "256", "--lengths", "384", "--samples", "1", "--bucket", "64",
                  "--rope_scaling", "yarn:2", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "passkey accuracy by length" in printed and "321-383" in printed
     summary = json.loads((tmp_path / "out" / "longctx" / "summary.json").read_text())
-    assert len(summary["answers"]) == 6 and summary["settings"]["rope_scaling"] == "yarn:2"
+    assert len(summary["answers"]) == 2 * 3 + 2 + 2 and summary["settings"]["rope_scaling"] == "yarn:2"
+    assert set(summary["metrics"]) == {"passkey_accuracy", "qa1_accuracy", "qa2_accuracy", "nll"}
+    assert "qa2 accuracy by length: 256" in printed
 
 
 def test_context_extension_by_fine_tuning_keeps_the_scaling(tmp_path, bpe_tokenizer, capsys):
@@ -242,3 +244,37 @@ def test_context_extension_by_fine_tuning_keeps_the_scaling(tmp_path, bpe_tokeni
     assert json.loads((tmp_path / "full" / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
     assert main(["finetune", "lora", *common, "--out", str(tmp_path / "lora")]) == 0
     assert f"--adapter {tmp_path / 'lora'} --rope_scaling yarn:2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["qa1", "qa2"])
+def test_fact_questions_hide_a_consistent_story(task, bpe_tokenizer):
+    """The story's facts sit in order inside the filler, the question ends the prompt, and the expected room is the
+    one the facts imply (recomputed here from the prompt's text)."""
+    import re
+
+    from conftest import SAMPLE_TEXT
+
+    from mightylm.evaluate.longctx import facts, fact_items, first_place
+
+    items = fact_items(bpe_tokenizer, SAMPLE_TEXT * 60, [600, 900], task, samples=3, seed=2)
+    assert len(items) == 6
+    for item in items:
+        text = bpe_tokenizer.decode(item["ids"])
+        assert len(item["ids"]) == item["length"] and text.rstrip().endswith("is in the")
+        moves = re.findall(r"(\w+) went to the (\w+)\.", text)
+        where = dict(moves)  # the last move of each person wins
+        if task == "qa1":
+            person = re.search(r"Where is (\w+)\?", text).group(1)
+        else:
+            person = re.search(r"(\w+) picked up the", text).group(1)
+        assert item["key"] == where[person]
+    assert first_place(" office, then the kitchen") == "office" and first_place("nowhere") is None
+
+    import mightylm.evaluate.longctx as longctx
+
+    original = longctx.greedy
+    longctx.greedy = lambda model, ids, n: bpe_tokenizer.encode(" " + next(i["key"] for i in items if i["ids"] == ids))
+    try:
+        assert facts(None, bpe_tokenizer, items)["accuracy"] == 1.0
+    finally:
+        longctx.greedy = original

@@ -393,6 +393,7 @@ def emergence(
 
 def longctx(
     target: Target = Target(),
+    tasks: list[Literal["passkey", "qa1", "qa2"]] | None = None,
     lengths: list[PositiveInt] | None = None,
     depths: list[float] | None = None,
     samples: PositiveInt = 3,
@@ -404,18 +405,21 @@ def longctx(
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
 ) -> None:
-    """Long context: passkey retrieval by prompt length and depth, and perplexity by position.
+    """Long context: passkey retrieval by prompt length and depth, BABILong-style fact questions by length, and
+    perplexity by position.
 
     A five-digit pass key is stated once at a depth of filler text (the corpus) and asked for at the end; the
-    greedy answer must start with it. Perplexity is scored over windows of --ppl_length tokens and averaged per
-    bucket of positions. Both run past the model's context on purpose: compare a model at and beyond its trained
+    greedy answer must start with it. qa1 hides four "X went to the room" facts in the filler and asks where one
+    person is; qa2 has someone pick up an object and move, and asks where the object is. Perplexity is scored
+    over windows of --ppl_length tokens and averaged per bucket of positions. Both run past the model's context on purpose: compare a model at and beyond its trained
     length, with and without --rope_scaling (e.g. yarn:4), or after `mighty finetune ... --rope_scaling`.
 
     Args:
         target: The model evaluated (a local one: --model, --adapter, --dtype, --rope_scaling).
+        tasks: passkey, qa1, qa2 (repeat the option; default all three).
         lengths: Prompt lengths in tokens (repeat the option); default 1/4, 1/2, 1 and 2 times the context.
         depths: Where the key sits, 0 (start) to 1 (end) (repeat); default 0.1, 0.5, 0.9.
-        samples: Prompts per length and depth (different keys and filler).
+        samples: Prompts per length and depth for passkey, per length for qa1 and qa2 (other keys, stories, filler).
         text: The filler and held-out text: a file, directory, JSONL with "text", or the embedded corpus name.
         ppl_length: Tokens per perplexity window (default the longest passkey length).
         bucket: Positions per perplexity bucket.
@@ -435,26 +439,38 @@ def longctx(
     context = model.config.max_seq_len
     lengths = sorted(lengths or [context // 4, context // 2, context, 2 * context])
     depths = depths or [0.1, 0.5, 0.9]
-    settings = _settings(target, rope_scaling=target.rope_scaling, lengths=lengths, depths=depths, samples=samples,
-                         text=text, ppl_length=ppl_length, bucket=bucket, windows=windows, seed=seed)
+    tasks = list(dict.fromkeys(tasks or task.TASKS))
+    settings = _settings(target, rope_scaling=target.rope_scaling, tasks=tasks, lengths=lengths, depths=depths,
+                         samples=samples, text=text, ppl_length=ppl_length, bucket=bucket, windows=windows, seed=seed)
     store = _store(out, "longctx", settings, overwrite=overwrite)
-    items = task.passkey_items(tokenizer, body, lengths, depths, samples, seed)
     from tqdm import tqdm
 
-    with tqdm(total=len(items), desc="passkey", unit="prompt") as bar:
-        keys = task.passkey(model, tokenizer, items, progress=lambda item: bar.update(1))
+    metrics, summary, answers = {}, {}, []
+    print(f"context {context} tokens")
+    for name in tasks:
+        items = task.passkey_items(tokenizer, body, lengths, depths, samples, seed) if name == "passkey" else \
+            task.fact_items(tokenizer, body, lengths, name, samples, seed)
+        with tqdm(total=len(items), desc=name, unit="prompt") as bar:
+            run = task.passkey if name == "passkey" else task.facts
+            result = run(model, tokenizer, items, progress=lambda item: bar.update(1))
+        metrics[f"{name}_accuracy"] = result["accuracy"]
+        if name == "passkey":
+            summary["passkey"] = result["by_length_depth"]
+            print("passkey accuracy by length (rows) and depth (columns):")
+            print(f"{'length':>8s} " + " ".join(f"{d:>6s}" for d in next(iter(result["by_length_depth"].values()))))
+            for length, row in result["by_length_depth"].items():
+                print(f"{length:>8s} " + " ".join(f"{v:6.2f}" for v in row.values()))
+        else:
+            summary[name] = result["by_length"]
+            print(f"{name} accuracy by length: " + ", ".join(f"{k} {v:.2f}" for k, v in result["by_length"].items()))
+        answers += [{"task": name, **{k: i.get(k) for k in ("length", "depth", "key", "answer", "correct")}}
+                    for i in items]
     ppl = task.position_perplexity(model, tokenizer, body, ppl_length or max(lengths), bucket, windows)
-    print(f"context {context} tokens; passkey accuracy by length (rows) and depth (columns):")
-    print(f"{'length':>8s} " + " ".join(f"{d:>6s}" for d in next(iter(keys["by_length_depth"].values()))))
-    for length, row in keys["by_length_depth"].items():
-        print(f"{length:>8s} " + " ".join(f"{v:6.2f}" for v in row.values()))
     print(f"perplexity by position ({ppl['windows']} window(s) of {ppl_length or max(lengths)} tokens):")
     for b in ppl["buckets"]:
         print(f"  {b['positions']:>13s}  {b['perplexity']:8.2f}")
-    _print(store.finish({"metrics": {"passkey_accuracy": keys["accuracy"], "nll": ppl["nll"]},
-                         "passkey": keys["by_length_depth"], "perplexity_by_position": ppl["buckets"],
-                         "answers": [{k: i[k] for k in ("length", "depth", "key", "answer", "correct")}
-                                     for i in items]}), out)
+    _print(store.finish({"metrics": {**metrics, "nll": ppl["nll"]}, **summary,
+                         "perplexity_by_position": ppl["buckets"], "answers": answers}), out)
 
 
 VERBS = {"perplexity": perplexity, "humaneval": humaneval, "arithmetic": arithmetic, "corr2cause": corr2cause,

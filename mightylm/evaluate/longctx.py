@@ -1,9 +1,14 @@
-"""Long-context evaluation: passkey retrieval by length and depth, and perplexity by position.
+"""Long-context evaluation: passkey retrieval by length and depth, BABILong-style fact questions by length, and
+perplexity by position.
 
 Passkey (Mohtashami & Jaggi 2023, the needle-in-a-haystack form): a five-digit number is stated once, at a given
 depth (0 = start, 1 = end) of filler text from a corpus, and asked for at the end; the model's greedy answer is
-right when its first number is the key. Lengths are the prompt's tokens, so a model is measured inside and past the
-length it was trained at (and with a RoPE scaling, `mighty eval longctx --rope_scaling yarn:4`).
+right when its first number is the key. Fact questions (Kuratov et al. 2024, BABILong, from bAbI's tasks): qa1,
+a single supporting fact (people move between rooms; where is one of them?), and qa2, two supporting facts (someone
+picks up an object and moves; where is the object?), the facts spread in order at random places of the filler;
+right when the first room named in the answer is the room. Lengths are the prompt's tokens, so a model is
+measured inside and past the length it was trained at (and with a RoPE scaling, `mighty eval longctx
+--rope_scaling yarn:4`).
 
 Perplexity by position: windows of `length` tokens of held-out text scored in one pass each, the negative
 log-likelihood averaged per bucket of positions; a model that cannot use its positions past some length shows it as
@@ -58,6 +63,71 @@ def passkey_items(tokenizer, filler: str, lengths: list[int], depths: list[float
     return items
 
 
+NAMES = ("Mary", "John", "Sandra", "Daniel")
+PLACES = ("bathroom", "hallway", "kitchen", "garden", "office", "bedroom")
+OBJECTS = ("football", "apple", "milk")
+STORY_INTRO = "A short story is hidden inside a lot of irrelevant text. Read it and answer the question about it.\n\n"
+TASKS = ("passkey", "qa1", "qa2")
+
+
+def _story(task: str, rng: random.Random) -> tuple[list[str], str, str]:
+    """(facts in order, the question ending where the answer begins, the answer room)."""
+    where = {}
+    facts = []
+    if task == "qa1":
+        for _ in range(4):
+            name, place = rng.choice(NAMES), rng.choice(PLACES)
+            facts.append(f" {name} went to the {place}. ")
+            where[name] = place
+        name = rng.choice(sorted(where))
+        return facts, f"\n\nQuestion: Where is {name}? Answer: {name} is in the", where[name]
+    holder, thing = rng.choice(NAMES), rng.choice(OBJECTS)
+    others = [n for n in NAMES if n != holder]
+    steps = [f" {holder} picked up the {thing}. "]
+    for _ in range(3):  # the holder moves; others move around them
+        name = rng.choice([holder] + others)
+        place = rng.choice(PLACES)
+        steps.append(f" {name} went to the {place}. ")
+        where[name] = place
+    if holder not in where:
+        place = rng.choice(PLACES)
+        steps.append(f" {holder} went to the {place}. ")
+        where[holder] = place
+    return steps, f"\n\nQuestion: Where is the {thing}? Answer: The {thing} is in the", where[holder]
+
+
+def fact_items(tokenizer, filler: str, lengths: list[int], task: str, samples: int, seed: int = 0) -> list[dict]:
+    """One prompt per (length, sample): {"task", "length", "key" (the room), "ids"}: the story's facts at sorted
+    random places of filler cut from `filler`, the question at the end."""
+    if task not in ("qa1", "qa2"):
+        raise UsageError(f"unknown fact task {task!r}; known: qa1, qa2")
+    rng = random.Random(f"{seed}-{task}")
+    body = tokenizer.encode(filler)
+    intro = tokenizer.encode(STORY_INTRO)
+    items = []
+    for length in lengths:
+        for _ in range(samples):
+            facts, question, room_name = _story(task, rng)
+            fact_ids = [tokenizer.encode(f) for f in facts]
+            question_ids = tokenizer.encode(question)
+            room = length - len(intro) - sum(map(len, fact_ids)) - len(question_ids)
+            if room < len(facts):
+                raise UsageError(f"length {length} leaves no room for filler around the story ({length - room} "
+                                 f"tokens); use lengths of at least {length - room + 16}")
+            if room > len(body):
+                raise UsageError(f"length {length} needs {room} tokens of filler; the text has {len(body)}")
+            start = rng.randrange(0, len(body) - room + 1)
+            filler_ids = body[start:start + room]
+            cuts = sorted(rng.sample(range(room + 1), len(facts)))
+            ids, last = list(intro), 0
+            for cut, fact in zip(cuts, fact_ids):
+                ids += filler_ids[last:cut] + fact
+                last = cut
+            items.append({"task": task, "length": length, "key": room_name,
+                          "ids": ids + filler_ids[last:] + question_ids})
+    return items
+
+
 @torch.inference_mode()
 def greedy(model, ids: list[int], n: int) -> list[int]:
     """n greedy tokens after `ids`, past the model's declared context if need be."""
@@ -80,13 +150,15 @@ def first_number(text: str) -> int | None:
     return int(digits) if digits else None
 
 
+def first_place(text: str) -> str | None:
+    """The first room named in `text`."""
+    found = [(text.find(p), p) for p in PLACES if p in text]
+    return min(found)[1] if found else None
+
+
 def passkey(model, tokenizer, items: list[dict], answer_tokens: int = 8, progress=None) -> dict:
-    """Accuracy overall and by (length, depth); each item gets "answer" and "correct"."""
-    for item in items:
-        item["answer"] = tokenizer.decode(greedy(model, item["ids"], answer_tokens))
-        item["correct"] = first_number(item["answer"]) == item["key"]
-        if progress:
-            progress(item)
+    """Passkey accuracy overall and by (length, depth); each item gets "answer" and "correct"."""
+    _answer(model, tokenizer, items, answer_tokens, progress)
     table: dict[str, dict[str, float]] = {}
     for length in sorted({i["length"] for i in items}):
         row = {}
@@ -95,6 +167,25 @@ def passkey(model, tokenizer, items: list[dict], answer_tokens: int = 8, progres
             row[f"{depth:g}"] = sum(cell) / len(cell)
         table[str(length)] = row
     return {"accuracy": sum(i["correct"] for i in items) / len(items), "by_length_depth": table}
+
+
+def facts(model, tokenizer, items: list[dict], answer_tokens: int = 6, progress=None) -> dict:
+    """Fact-question accuracy overall and by length; each item gets "answer" and "correct"."""
+    _answer(model, tokenizer, items, answer_tokens, progress)
+    by_length = {}
+    for length in sorted({i["length"] for i in items}):
+        cell = [i["correct"] for i in items if i["length"] == length]
+        by_length[str(length)] = sum(cell) / len(cell)
+    return {"accuracy": sum(i["correct"] for i in items) / len(items), "by_length": by_length}
+
+
+def _answer(model, tokenizer, items: list[dict], answer_tokens: int, progress) -> None:
+    for item in items:
+        item["answer"] = tokenizer.decode(greedy(model, item["ids"], answer_tokens))
+        found = first_place(item["answer"]) if item.get("task", "passkey") != "passkey" else first_number(item["answer"])
+        item["correct"] = found == item["key"]
+        if progress:
+            progress(item)
 
 
 @torch.inference_mode()
