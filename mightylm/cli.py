@@ -30,6 +30,7 @@ def generate(
     gamma: PositiveInt = 4,
     draft_adapter: str | None = None,
     rope_scaling: str | None = None,
+    rmt: str | None = None,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -61,13 +62,29 @@ def generate(
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
         rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
             yarn:4: four times the trained length), or none; what changed is printed to stderr.
+        rmt: A `mighty finetune rmt` run directory: the prompt is read segment by segment into its memory and the
+            reply decoded after it (its LoRA adapter applied to --model).
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()))
+    if rmt and (adapter or draft):
+        from mightylm.errors import UsageError
+
+        raise UsageError("--rmt brings its own adapter and decodes segment by segment: use it without --adapter "
+                         "and --draft")
+    if rmt:
+        from pathlib import Path
+
+        adapter = rmt if (Path(rmt) / "adapter_config.json").is_file() else None
     m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
     source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+    if rmt:
+        from mightylm.rmt import generate_rmt, load_rmt
+
+        wrapped = load_rmt(m, rmt, apply_adapter=False)
+        source = lambda ids, s: generate_rmt(wrapped, ids, s)  # noqa: E731
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
     for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
@@ -515,9 +532,9 @@ def _verbs() -> dict:
     from mightylm.serve.command import serve
 
     finetune = {"_help": "Fine-tune a model on instruction or chat JSONL: every weight (full), or an adapter "
-                         "(lora, qlora, prompt, ptuning, adapter).",
+                         "(lora, qlora, prompt, ptuning, adapter), or a recurrent memory with LoRA (rmt).",
                 "full": r.finetune_full, "lora": r.finetune_lora, "qlora": r.finetune_qlora, "prompt": r.finetune_prompt,
-                "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter}
+                "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter, "rmt": r.finetune_rmt}
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
                          "humaneval, arithmetic, corr2cause, choice, emergence, longctx.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,

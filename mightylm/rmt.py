@@ -162,3 +162,43 @@ def load_memory(path: str | Path) -> tuple[torch.Tensor, list[int]]:
 
     tensors = load_file(str(path))
     return tensors["memory"], tensors.get("tail", torch.zeros(0, dtype=torch.long)).tolist()
+
+
+SETTINGS_FILE, MEMORY_FILE = "rmt.json", "rmt_memory.safetensors"
+
+
+def save_rmt(rmt: RecurrentMemory, path: str | Path) -> None:
+    """The wrapper's settings and learned memory beside an adapter in a run directory (`mighty finetune rmt`)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    (path / SETTINGS_FILE).write_text(json.dumps({"segment": rmt.segment, "memory": rmt.n_memory, "bptt": rmt.bptt},
+                                                 indent=2) + "\n")
+    save_file({"memory": rmt.memory.detach().contiguous().cpu()}, str(path / MEMORY_FILE))
+
+
+def load_rmt(base: Transformer, path: str | Path, apply_adapter: bool = True) -> RecurrentMemory:
+    """A RecurrentMemory around `base` from a `mighty finetune rmt` run directory (the adapter in it, if any, is
+    applied to `base` first unless `apply_adapter` is false: the caller applied it)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / SETTINGS_FILE).is_file():
+        raise UsageError(f"{path}: not a recurrent-memory run (no {SETTINGS_FILE}); make one with mighty finetune rmt")
+    settings = json.loads((path / SETTINGS_FILE).read_text())
+    if apply_adapter and (path / "adapter_config.json").is_file():
+        from mightylm.adapters import load_adapter
+
+        load_adapter(base, path)
+    rmt = RecurrentMemory(base, settings["segment"], settings["memory"], settings["bptt"])
+    memory = load_file(str(path / MEMORY_FILE))["memory"]
+    if memory.shape != rmt.memory.shape:
+        raise UsageError(f"{path / MEMORY_FILE}: memory of shape {tuple(memory.shape)}, this model needs "
+                         f"{tuple(rmt.memory.shape)}: it was trained on another base")
+    with torch.no_grad():
+        rmt.memory.copy_(memory)
+    return rmt.eval()

@@ -101,3 +101,36 @@ def test_fit_trains_the_wrapper_whole_or_lora_plus_memory(tmp_path):
     summary = fit(rmt, Loader(dataset(), 4), tmp_path / "lora", config(steps=20, lr=3e-2), val=val, progress=False)
     assert summary["val_loss"] < before
     assert torch.equal(rmt.base.layers[0].mlp.up_proj.weight, frozen) and not torch.equal(rmt.memory, memory)
+
+
+def test_mighty_finetune_rmt_and_generate_with_it(tmp_path, bpe_tokenizer, capsys):
+    """`mighty finetune rmt` trains LoRA + memory over segments and writes adapter, settings and memory;
+    `mighty generate --rmt DIR` decodes what generate_rmt over the loaded wrapper gives."""
+    import json
+
+    import mightylm
+    from mightylm.cli import main
+    from mightylm.rmt import generate_rmt, load_rmt
+
+    mightylm.save(tiny(vocab_size=bpe_tokenizer.vocab_size, max_seq_len=128), bpe_tokenizer, tmp_path / "m")
+    rows = [{"instruction": "Repeat the words.", "input": " ".join(["to be or not"] * 4), "output": "to be or not"}
+            for _ in range(8)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "rmt"
+    assert main(["finetune", "rmt", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out",
+                 str(out), "--segment", "16", "--memory", "4", "--r", "4", "--train.steps", "2",
+                 "--train.batch_size", "2", "--train.warmup", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 memory slots over segments of 16 tokens" in printed and f"--rmt {out}" in printed
+    assert {"adapter_config.json", "rmt.json", "rmt_memory.safetensors"} <= {p.name for p in out.iterdir()}
+    prompt = "to be or not to be, that is the question"
+    assert main(["generate", "--model", str(tmp_path / "m"), "--rmt", str(out), "--prompt", prompt,
+                 "--temperature", "0", "--max_new_tokens", "20"]) == 0
+    text = capsys.readouterr().out
+    base, tok = mightylm.load(tmp_path / "m")
+    wrapped = load_rmt(base, out)
+    ids = [t for t in generate_rmt(wrapped, tok.encode(prompt), Sampling(max_new_tokens=20, stop_token_ids=tok.stop_token_ids))
+           if t not in tok.stop_token_ids]
+    assert text.rstrip("\n") == tok.decode(ids)
+    assert main(["generate", "--model", str(tmp_path / "m"), "--rmt", str(tmp_path / "m"), "--prompt", "x"]) != 0
+    assert "not a recurrent-memory run" in capsys.readouterr().err

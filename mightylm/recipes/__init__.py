@@ -2,7 +2,7 @@
 
     pretrain.py  a model from scratch on plain text
     distill.py   a student trained on a teacher's distributions (knowledge distillation)
-    finetune.py  full fine-tuning and the adapter methods on instruction or chat JSONL
+    finetune.py  full fine-tuning, the adapter methods and the recurrent memory (rmt) on instruction or chat JSONL
     groups.py    the option groups they share (SFT data, LoRA, NF4, soft prompt) as dataclasses
     rundir.py    the run directory: ownership, resuming, run_args.json, torchrun ranks
 
@@ -15,9 +15,9 @@ summary.json, report.png, report.md and checkpoint/ (what `--resume` continues f
 
 from mightylm.recipes.distill import distill
 from mightylm.recipes.finetune import (finetune_adapter, finetune_full, finetune_lora, finetune_ptuning,
-                                       finetune_prompt, finetune_qlora)
+                                       finetune_prompt, finetune_qlora, finetune_rmt)
 from mightylm.recipes.groups import NF4, LoRA, Router, SFTData, SoftPrompt
 from mightylm.recipes.pretrain import pretrain
 
-__all__ = ["NF4", "LoRA", "Router", "SFTData", "SoftPrompt", "distill", "finetune_adapter", "finetune_full", "finetune_lora",
+__all__ = ["NF4", "LoRA", "Router", "SFTData", "SoftPrompt", "distill", "finetune_adapter", "finetune_full", "finetune_lora", "finetune_rmt",
            "finetune_ptuning", "finetune_prompt", "finetune_qlora", "pretrain"]

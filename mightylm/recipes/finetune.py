@@ -261,11 +261,61 @@ def _soft_prompt(prompt: SoftPrompt, encoder: str, hidden: int, seed: int):
     return adapt
 
 
+def finetune_rmt(
+    model: str,
+    data: str,
+    out: str = "runs/rmt",
+    segment: PositiveInt = 128,
+    memory: PositiveInt = 16,
+    bptt: PositiveInt | None = 2,
+    lora: LoRA = LoRA(),
+    sft: SFTData = SFTData(max_len=1024),
+    train: TrainConfig = TrainConfig(steps=200, lr=2e-4, min_lr=2e-5, warmup=20, batch_size=2, eval_every=50,
+                                     save_every=100, weight_decay=0.0),
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """Recurrent Memory Transformer (Bulatov et al.): LoRA on the decoder plus --memory learned memory slots, the
+    input run in segments of --segment tokens, each reading the memory the one before wrote.
+
+    The run directory holds the LoRA adapter (PEFT's format), rmt.json (segment, memory, bptt) and the memory;
+    use it with `mighty generate --model MODEL --rmt DIR`. Conversations longer than one segment are what it
+    is for (--sft.max_len sets how long they may be).
+
+    Args:
+        model: A Hugging Face directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        data: JSONL, one example per line: {"instruction", "input"?, "output"} or {"messages": [{"role", "content"}]}.
+        out: The run directory.
+        segment: Tokens per segment.
+        memory: Memory slots (read at each segment's start, written at its end).
+        bptt: Segments a loss reaches back through (backpropagation through time); null for all.
+        lora: The low-rank update on the decoder (--lora.r, --lora.alpha, --lora.targets, ...).
+        sft: How the JSONL becomes training and validation sequences (--sft.max_len, --sft.val_data, ...).
+        train: Optimisation settings (--train.steps, --train.lr, --train.batch_size, ...).
+        resume: Continue the run in `out` from its last checkpoint.
+        overwrite: Delete what `out` holds and start afresh.
+        device: Where to train (cpu, cuda).
+    """
+    from mightylm.adapters.lora import apply_lora
+    from mightylm.rmt import RecurrentMemory
+
+    if sft.pack:
+        raise UsageError("--sft.pack true cannot train a recurrent memory: a packed row's conversations would share "
+                         "one memory; run finetune rmt without packing")
+    return _finetune(model, data, out, sft, train, resume, overwrite, device, "finetune rmt",
+                     adapt=lambda net, tok: f"LoRA on {len(apply_lora(net, **lora.settings(net)))} layers",
+                     settings={**asdict(lora), "segment": segment, "memory": memory, "bptt": bptt},
+                     wrap=lambda net: RecurrentMemory(net, segment, memory, bptt))
+
+
 def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig, resume: bool, overwrite: bool,
               device: str, verb: str, adapt=None, settings: dict | None = None, optimizer: str = "adamw",
-              init_text: str | None = None, router: Router = Router(), rope_scaling: str | None = None) -> dict:
+              init_text: str | None = None, router: Router = Router(), rope_scaling: str | None = None,
+              wrap=None) -> dict:
     """The body every fine-tuning verb shares. With `adapt(net, tokenizer) -> description`: transform the
-    model first (then only the adapters train), train, and save only the adapter."""
+    model first (then only the adapters train), train, and save only the adapter. With `wrap(net) -> module`
+    (rmt): train the wrapper, saved beside the adapter."""
     import mightylm
     from mightylm.adapters import mark_trainable, save_adapter
     from mightylm.data import data_identity
@@ -299,6 +349,10 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
         if sft.pack and net.prefix_len:
             raise UsageError(f"--sft.pack true cannot train a soft prompt: its virtual tokens would start each packed "
                              f"row, not each conversation; run {verb} without packing")
+        base = net
+        if wrap is not None:
+            net = wrap(net)
+            what += f", {net.n_memory} memory slots over segments of {net.segment} tokens"
         trainable = mark_trainable(net)
         print(f"{what}: {trainable:,} trainable parameters ({100 * trainable / net.config.n_params:.2f}% of "
               f"{net.config.n_params:,})")
@@ -324,16 +378,28 @@ def _finetune(model: str, data: str, out: str, sft: SFTData, train: TrainConfig,
     if adapt is not None:
         if rank != 0:
             return summary
-        save_adapter(net, out, base_model=str(model), init_text=init_text)
-        sampler = net
+        save_adapter(base, out, base_model=str(model), init_text=init_text)
+        sampler = base
+        if wrap is not None:
+            from mightylm.rmt import save_rmt
+
+            save_rmt(net, out)
     else:
         save_final(net, tok, out, rank, world)
         if rank != 0:
             return summary
         sampler, _ = mightylm.load(out)
     prompts = [tok.apply_chat_template([m for m in conv if m["role"] != "assistant"][:1]) for conv in (val_rows or rows)[:3]]
-    report = write_report(out, samples(sampler, tok, prompts, max_new_tokens=48))
+    source = None
+    if wrap is not None:
+        from mightylm.rmt import generate_rmt
+
+        net.eval()
+        source = lambda ids, s: generate_rmt(net, ids, s)  # noqa: E731  (the samples read the learned memory)
+    report = write_report(out, samples(sampler, tok, prompts, max_new_tokens=48, source=source))
     use = f"--model {model} --adapter {out}" if adapt is not None else f"--model {out}"
+    if wrap is not None:
+        use = f"--model {model} --rmt {out}"
     if rope_scaling and adapt is not None:
         use += f" --rope_scaling {rope_scaling}"  # the base's checkpoint does not hold it; a full fine-tune's does
     what = "stopped by a signal; saved" if summary["interrupted"] else "done"

@@ -143,9 +143,11 @@ def _describe(identity: dict) -> str:
                                                 for f in files[:3])
 
 
-def samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 60) -> dict[str, str]:
+def samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 60, source=None) -> dict[str, str]:
+    """Sampled replies for the run report; `source(ids, settings)` yields the tokens instead of plain decoding
+    (generate.stream_text)."""
     from mightylm.generate import Sampling, stream_text
 
     model.eval()
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=0)
-    return {p: "".join(stream_text(model, tokenizer, p, settings)) for p in prompts}
+    return {p: "".join(stream_text(model, tokenizer, p, settings, source=source)) for p in prompts}
