@@ -34,6 +34,19 @@ NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
+def _filler(body: list[int], length: int, used: int, least: int, rng: random.Random) -> list[int]:
+    """The filler tokens that bring a prompt of `used` other tokens to `length`, cut from a random place of `body`
+    (at least `least` of them)."""
+    room = length - used
+    if room < least:
+        raise UsageError(f"length {length} leaves no room for filler around the question ({used} tokens); use "
+                         f"lengths of at least {used + 16}")
+    if room > len(body):
+        raise UsageError(f"length {length} needs {room} tokens of filler; the text has {len(body)}")
+    start = rng.randrange(0, len(body) - room + 1)
+    return body[start:start + room]
+
+
 def passkey_items(tokenizer, filler: str, lengths: list[int], depths: list[float], samples: int,
                   seed: int = 0) -> list[dict]:
     """One prompt per (length, depth, sample): {"length", "depth", "key", "ids"}; the filler is cut from
@@ -49,15 +62,8 @@ def passkey_items(tokenizer, filler: str, lengths: list[int], depths: list[float
             for _ in range(samples):
                 key = rng.randrange(10000, 100000)
                 needle = tokenizer.encode(NEEDLE.format(key=key))
-                room = length - len(intro) - len(needle) - len(question)
-                if room < 1:
-                    raise UsageError(f"length {length} leaves no room for filler around the question "
-                                     f"({length - room} tokens); use lengths of at least {length - room + 16}")
-                if room > len(body):
-                    raise UsageError(f"length {length} needs {room} tokens of filler; the text has {len(body)}")
-                start = rng.randrange(0, len(body) - room + 1)
-                filler_ids = body[start:start + room]
-                cut = round(depth * room)
+                filler_ids = _filler(body, length, len(intro) + len(needle) + len(question), 1, rng)
+                cut = round(depth * len(filler_ids))
                 ids = intro + filler_ids[:cut] + needle + filler_ids[cut:] + question
                 items.append({"length": length, "depth": depth, "key": key, "ids": ids})
     return items
@@ -110,15 +116,9 @@ def fact_items(tokenizer, filler: str, lengths: list[int], task: str, samples: i
             facts, question, room_name = _story(task, rng)
             fact_ids = [tokenizer.encode(f) for f in facts]
             question_ids = tokenizer.encode(question)
-            room = length - len(intro) - sum(map(len, fact_ids)) - len(question_ids)
-            if room < len(facts):
-                raise UsageError(f"length {length} leaves no room for filler around the story ({length - room} "
-                                 f"tokens); use lengths of at least {length - room + 16}")
-            if room > len(body):
-                raise UsageError(f"length {length} needs {room} tokens of filler; the text has {len(body)}")
-            start = rng.randrange(0, len(body) - room + 1)
-            filler_ids = body[start:start + room]
-            cuts = sorted(rng.sample(range(room + 1), len(facts)))
+            filler_ids = _filler(body, length, len(intro) + sum(map(len, fact_ids)) + len(question_ids), len(facts),
+                                 rng)
+            cuts = sorted(rng.sample(range(len(filler_ids) + 1), len(facts)))
             ids, last = list(intro), 0
             for cut, fact in zip(cuts, fact_ids):
                 ids += filler_ids[last:cut] + fact
