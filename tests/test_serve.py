@@ -896,3 +896,42 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_decode(tiny, draft):
         assert r["text"] == _reference(model, tokenizer, adapter and root / adapter, text, 12), (text, adapter)
     assert engine.stats["prefill_chunks"] >= 3 * 3  # three long prompts, each several chunks
     assert during["steps"] > 0  # the short requests decoded while a long prompt was being prefilled
+
+
+def test_mighty_serve_with_a_draft_model_chunked_prefill_and_a_rope_scaling(tiny, tmp_path):
+    """The command wires --draft (a model directory), --gamma, --prefill_chunk and --rope_scaling into the engine;
+    a self-draft (layers:N) is refused there with what to use instead."""
+    import subprocess
+    import sys
+
+    import mightylm
+    from mightylm.serve.command import start_server
+
+    model, tokenizer, _ = tiny
+    mightylm.save(model, tokenizer, tmp_path / "model")
+    mightylm.save(_draft_for(model, "model"), tokenizer, tmp_path / "draft")
+    log = tmp_path / "serve.log"
+    url, process = start_server(["--model", str(tmp_path / "model"), "--name", "tiny", "--draft", str(tmp_path / "draft"),
+                                 "--gamma", "3", "--prefill_chunk", "8", "--rope_scaling", "yarn:2"], log)
+    try:
+        long_prompt = "whether 'tis nobler in the mind to suffer the slings and arrows"  # over 8 tokens: chunked
+        request = urllib.request.Request(url + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": "tiny", "prompt": long_prompt, "max_tokens": 6,
+                                                          "temperature": 0}).encode())
+        with urllib.request.urlopen(request, timeout=60) as r:
+            reply = json.loads(r.read())
+        assert reply["usage"]["completion_tokens"] >= 1 and "speculative" in reply["usage"]
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            assert "mightylm_draft_tokens_total" in r.read().decode()
+    finally:
+        process.terminate()
+        process.wait(30)
+    printed = log.read_text()
+    assert "speculative decoding: " in printed and "up to 3 drafted tokens" in printed
+    assert "RoPE scaling none -> yarn x2" in printed
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    refused = subprocess.run([sys.executable, "-m", "mightylm.cli", "serve", "--model", str(tmp_path / "model"),
+                              "--draft", "layers:1", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--draft layers:N is for `mighty generate|chat`" in refused.stderr
