@@ -198,10 +198,7 @@ def set_rope_scaling(model: "Transformer", scaling: str | dict | None) -> str:
     trained = (old.rope_scaling or {}).get("original_max_position_embeddings") or old.max_seq_len
     new = parse_rope_scaling(scaling, trained)
     context = trained if new is None else int(round(trained * new["factor"])) if new.get("factor") else old.max_seq_len
-    model.config = dataclasses.replace(old, rope_scaling=new, max_seq_len=max(context, trained))
-    for module in model.modules():  # blocks and attention hold the config too
-        if module is not model and getattr(module, "config", None) is old:
-            module.config = model.config
+    model.config = dataclasses.replace(old, rope_scaling=new, max_seq_len=max(context, trained))  # only it holds it
     model._rope_len, model._rope_regime = 0, None
 
     def name(s):

@@ -110,8 +110,7 @@ def test_scaling_set_on_a_loaded_model_changes_it_and_says_so():
         said = set_rope_scaling(model, "yarn:4")
         after = model(idx)
     assert said == f"RoPE scaling none -> yarn x4 (trained length {ORIGINAL}); context {ORIGINAL} -> {4 * ORIGINAL} tokens"
-    assert model.config.max_seq_len == 4 * ORIGINAL and model.layers[0].attn.config is model.config \
-        if hasattr(model.layers[0].attn, "config") else True
+    assert model.config.max_seq_len == 4 * ORIGINAL
     assert not torch.allclose(before, after, atol=1e-3)  # the tables were made again
     fresh = tiny(max_seq_len=4 * ORIGINAL, rope_scaling={"type": "yarn", "factor": 4.0,
                                                          "original_max_position_embeddings": ORIGINAL})
