@@ -370,26 +370,12 @@ class Engine:
             self._compact()
             if len(self.running) >= self.max_batch or not self._fits(need, seq.sampling.max_new_tokens):
                 return  # joins when running sequences have made room
-        if not self.running:
-            self.t = need
-        elif need > self.t:
-            self._shift_right(need - self.t)
-        row = len(self.running)
+        row = self._seat([(seq, need)])
         for K, staged in zip(self.pool.k + self.pool.v, st.cache.k + st.cache.v):
             K[row, :, self.t - need:self.t] = staged[0, :, :need]
-        self.pads[row] = self.t - need
-        self.running.append(seq)
         self.staging = None
-        seq._text = TextStream(self.tokenizer, seq.sampling.stop)
-        self.stats["prompt_tokens"] += len(seq.prompt)
         try:
-            if seq.sampling.seed is not None:
-                seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
-            if isinstance(self.draft, PooledDraft):
-                if row == 0:
-                    self.draft.valid = self.t
-                self.draft.prefill(_Rows(self.draft.pool, row, row + 1), [seq.prompt],
-                                   torch.tensor([self.t - len(seq.prompt)], device=self.device), self.t)
+            self._draft_prefill(row, [seq])
         except Exception as e:  # fails this row only (swept in _take, before any token)
             self._fail(seq, e)
         self._take(st.logits, row)
@@ -431,8 +417,10 @@ class Engine:
         if isinstance(self.draft, PooledDraft):
             self.draft.valid += d
 
-    def _prefill(self, group: list[tuple[Sequence, int]]) -> None:
-        """Prefill new sequences into rows after the running ones, left-padded so each ends at slot t."""
+    def _seat(self, group: list[tuple[Sequence, int]]) -> int:
+        """Give new sequences (each with the slots it needs) the rows after the running ones, each ending at slot
+        t (the running rows moved right when one needs more than t): its pad, text stream and generator. Returns
+        the first of their rows."""
         width = max(need for _, need in group)
         if not self.running:
             self.t = width
@@ -446,9 +434,23 @@ class Engine:
             try:
                 if seq.sampling.seed is not None:
                     seq._generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
-            except Exception as e:  # fails this row only (swept below, before any token)
+            except Exception as e:  # fails this row only (swept in _take, before any token)
                 self._fail(seq, e)
             self.stats["prompt_tokens"] += len(seq.prompt)
+        return first
+
+    def _draft_prefill(self, first: int, seqs: list[Sequence]) -> None:
+        """A draft model's pool gets the prompts of the rows first.. (their tokens only: no soft prompts)."""
+        if isinstance(self.draft, PooledDraft):
+            if first == 0:
+                self.draft.valid = self.t
+            self.draft.prefill(_Rows(self.draft.pool, first, first + len(seqs)), [seq.prompt for seq in seqs],
+                               torch.tensor([self.t - len(seq.prompt) for seq in seqs], device=self.device), self.t)
+
+    def _prefill(self, group: list[tuple[Sequence, int]]) -> None:
+        """Prefill new sequences into rows after the running ones, left-padded so each ends at slot t."""
+        width = max(need for _, need in group)
+        first = self._seat(group)
         last = first + len(group)
         self.stats["prefill_passes"] += 1
         self.bank.set_rows([seq.adapter for seq, _ in group])
@@ -466,12 +468,7 @@ class Engine:
                 for j, (seq, need) in enumerate(group):
                     embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter)
                 logits = self.model(embeds=embeds, **kwargs)[:, -1]
-            if isinstance(self.draft, PooledDraft):  # the draft model sees the prompts' tokens (no soft prompts)
-                if first == 0:
-                    self.draft.valid = self.t
-                self.draft.prefill(_Rows(self.draft.pool, first, last), [seq.prompt for seq, _ in group],
-                                   torch.tensor([self.t - len(seq.prompt) for seq, _ in group], device=self.device),
-                                   self.t)
+            self._draft_prefill(first, [seq for seq, _ in group])
         except Exception as e:  # take the group out again; alone, each fails or succeeds on its own
             del self.running[first:]
             if not self.running:

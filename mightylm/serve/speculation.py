@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mightylm.generate import Sampling
+from mightylm.generate import Sampling, _left_pad
 from mightylm.speculative import _sampled
 
 ALPHA_PRIOR = 0.5  # the acceptance assumed for a row that has not been measured yet
@@ -111,11 +111,8 @@ class PooledDraft:
     def prefill(self, view, prompts: list[list[int]], pads: torch.Tensor, t: int) -> None:
         """Write new rows' prompts (right-aligned to end at slot t - 1, as in the target's pool) into the pool rows
         of `view`."""
-        width = max(len(p) for p in prompts)
-        idx = torch.zeros(len(prompts), width, dtype=torch.long)
-        for j, p in enumerate(prompts):
-            idx[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        self.model(idx.to(self.device), cache=view, start=t - width, pad=pads, last_only=True)
+        idx, _ = _left_pad(prompts, 0, self.device)
+        self.model(idx, cache=view, start=t - idx.shape[1], pad=pads, last_only=True)
 
     def propose(self, rows, histories: list[list[int]], pads: torch.Tensor, t: int, g: int,
                 settings: list[Sampling], generators: list) -> tuple[list[list[int]], list[torch.Tensor]]:
