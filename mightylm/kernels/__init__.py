@@ -195,9 +195,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _float_rows(x: torch.Tensor) -> bool:
+    """x may go to a native kernel: float32 on the CPU, no gradient wanted, not being compiled."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling())
+
+
 def _single_row(x: torch.Tensor, n_in: int) -> bool:
-    return (x.numel() == n_in and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling())
+    return x.numel() == n_in and _float_rows(x)
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -222,8 +227,7 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
     unpacking)."""
     n_in = x.shape[-1]
-    if not (x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.compiler.is_compiling() and n_in % 32 == 0 and ggml_type in (2, 3, 8)
+    if not (_float_rows(x) and n_in % 32 == 0 and ggml_type in (2, 3, 8)
             and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None
@@ -280,9 +284,7 @@ def gemv_sparse24(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, ou
     values: (out, in / 2) float32, index: (out, in / 8) uint8, as compress/sparse24.py packs them (sparse24.c)."""
     n_in = x.shape[-1]
     rows = x.numel() // max(n_in, 1)
-    if not (1 <= rows <= SPARSE24_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
-            and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
+    if not (1 <= rows <= SPARSE24_ROWS and _float_rows(x) and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
             and index.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None
