@@ -91,6 +91,9 @@ def serve(
                  if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
             raise UsageError(f"--api-key-file {api_key_file}: holds no key (one per line)")
+    if draft and draft.startswith("layers:"):  # before the slow load, like the port
+        raise UsageError("--draft layers:N is for `mighty generate|chat`; the server takes prompt-lookup or a "
+                         "draft model")
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")
@@ -109,9 +112,6 @@ def serve(
     if draft:
         from mightylm.speculative import make_draft
 
-        if draft.startswith("layers:"):
-            raise UsageError("--draft layers:N is for `mighty generate|chat`; the server takes prompt-lookup or a "
-                             "draft model")
         speculate = make_draft(draft, net, load=lambda path: _load_draft(path, dtype, blocks))
         speculate = getattr(speculate, "model", speculate)  # the engine keeps a draft model's cache itself
         print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step", file=sys.stderr)
