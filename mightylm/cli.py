@@ -242,6 +242,107 @@ def merge(model: str, adapter: str, out: str, requantize: bool = False, overwrit
           f"use it: mighty generate --model {target} --prompt \"...\"")
 
 
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+
+
+def export(
+    out: str,
+    model: str = DEFAULT_MODEL,
+    format: Literal["gguf", "gguf-lora", "hf"] = "gguf",
+    type: GGUFType = "f16",
+    head_type: GGUFType | None = None,
+    adapter: str | None = None,
+    check: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """Export a model to GGUF for llama.cpp, Ollama and LM Studio, a LoRA adapter to llama.cpp's adapter GGUF.
+
+    One GGUF file holds the weights, the tokenizer and the chat template; --format hf writes a Hugging Face
+    directory instead (so one verb converts either way, GGUF to safetensors too). The GGUF quantizers are byte for byte those of the `gguf` package (llama.cpp's reference ones). A model
+    quantized our way (int8, int4, NF4) is dequantized and re-quantized, and the added error is printed. With
+    --check (the default) the written file is read back and its outputs on a probe text compared with the
+    model's.
+
+    Examples:
+        mighty export --model runs/merged --type q8_0 --out model.q8_0.gguf
+        mighty export --model smollm2-135m-instruct --adapter runs/lora --type q4_1 --out tuned.gguf
+        mighty export --model smollm2-135m-instruct --adapter runs/lora --format gguf-lora --out lora.gguf
+        llama-cli -m tuned.gguf -p "Hello"      (or: mighty generate --model tuned.gguf --prompt "Hello")
+
+    Args:
+        out: The file to write (.gguf), or the directory for --format hf; written under a temporary name and
+            renamed when complete.
+        model: The model (or, for gguf-lora, the adapter's base): a Hugging Face directory, a .gguf file or an
+            embedded model name.
+        format: gguf (a whole model), gguf-lora (the LoRA in --adapter, for llama.cpp's --lora), or hf.
+        type: The GGUF type of the weight matrices: f32, f16, bf16, q8_0, q4_0 or q4_1 (gguf-lora: f32, f16,
+            bf16 or q8_0). Norms and other vectors stay f32; matrices whose rows are not a multiple of 32 take f16.
+        head_type: The type of the token embedding and the head (default: q8_0 for q4_0/q4_1, as llama.cpp's
+            quantizer keeps them at higher precision, else --type).
+        adapter: A LoRA adapter directory: merged into the model before writing (gguf, hf), or the adapter to
+            convert (gguf-lora).
+        check: Read the written file back and print how far its outputs are from the model's.
+        overwrite: Replace --out if it exists (never when it is the model or the adapter).
+    """
+    from pathlib import Path
+
+    import torch
+
+    import mightylm
+    from mightylm.compress.probe import output_change, probe_ids
+    from mightylm.errors import UsageError
+    from mightylm.outputs import check_output, written_into
+
+    target = check_output(out, inputs=[model, adapter], overwrite=overwrite)
+    if format != "hf" and (target.suffix != ".gguf" or target.is_dir()):
+        raise UsageError(f"--out {out}: a GGUF file is written to a file name ending in .gguf (readers find it by it)")
+    if format == "gguf-lora":
+        from mightylm.adapters import load_adapter
+        from mightylm.adapters.gguf import export_gguf_lora
+
+        if adapter is None:
+            raise UsageError("--format gguf-lora writes the LoRA adapter given by --adapter DIR; none was given")
+        base, tokenizer = mightylm.load(model)
+        report = export_gguf_lora(base, adapter, target, kind=type)
+        print(report.summary())
+        if check:
+            probe = probe_ids(tokenizer)
+            with torch.no_grad():
+                load_adapter(base, adapter)
+                reference = base(probe)
+                written, _ = mightylm.load(model)
+                load_adapter(written, target)
+                print(f"read back onto {model}: {output_change(written(probe), reference)} (against the adapter as "
+                      "trained)")
+        print(f"use it: llama-cli -m BASE.gguf --lora {target}   (or: mighty generate --model {model} "
+              f"--adapter {target})")
+        return
+    base, tokenizer = mightylm.load(model)
+    if adapter is not None:
+        from mightylm.adapters.merge import check_mergeable, merge_into_base
+
+        check_mergeable(adapter)
+        n = merge_into_base(base, tokenizer, adapter)
+        print(f"merged {n} LoRA layers of {adapter}")
+    if format == "hf":
+        with written_into(target) as tmp:
+            mightylm.save(base, tokenizer, tmp)
+        print(f"wrote {target}\nuse it: mighty generate --model {target} --prompt \"...\"")
+        return
+    from mightylm.checkpoint.gguf_export import export_gguf
+
+    probe = probe_ids(tokenizer)
+    with torch.no_grad():
+        reference = base(probe)
+    report = export_gguf(base, tokenizer, target, kind=type, head_kind=head_type, name=Path(str(model)).name)
+    print(report.summary())
+    if check:
+        written, _ = mightylm.load(target)
+        with torch.no_grad():
+            print(f"read back: {output_change(written(probe), reference)} (against the model written)")
+    print(f"use it: llama-cli -m {target}   (or: mighty generate --model {target} --prompt \"...\")")
+
+
 def quantize(
     model: str,
     method: Literal["nf4", "int8", "int4", "smoothquant"],
@@ -538,7 +639,7 @@ def _verbs() -> dict:
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
                          "humaneval, arithmetic, corr2cause, choice, emergence, longctx.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
-            "quantize": quantize, "prune": prune, "distill": r.distill, "distill-data": distill_data,
+            "export": export, "quantize": quantize, "prune": prune, "distill": r.distill, "distill-data": distill_data,
             "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env}
 
 

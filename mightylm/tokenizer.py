@@ -284,7 +284,7 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _PRE_SPLITS = {
-    "default": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT],
+    "default": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT], "gpt-2": [_GPT2_SPLIT],
     "smollm": [r"\p{N}", _GPT2_SPLIT],  # digits one by one, then GPT-2's pattern
     "llama3": [_LLAMA3_SPLIT], "llama-bpe": [_LLAMA3_SPLIT], "llama-v3": [_LLAMA3_SPLIT],
     "qwen2": [_QWEN2_SPLIT],
@@ -358,3 +358,95 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
                 found.append((-scores[i], vocab[left], vocab[right], left, right))
     found.sort()
     return [(left, right) for *_, left, right in found]
+
+
+# ---- writing a vocabulary into GGUF metadata ----
+
+# llama.cpp names a BPE pre-tokenizer by the sha256 of str(the ids of this text), encoded with special tokens as
+# transformers does (convert_hf_to_gguf.py, get_vocab_base_pre); the hashes below are the ones it lists for the
+# families small models come from.
+PRE_PROBE = (
+    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated)'
+    ' ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天'
+    '～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s '
+    'there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+)
+KNOWN_PRE_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2 / Qwen2.5
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
+    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",
+}
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNUSED, CONTROL, USER_DEFINED = 1, 5, 3, 4
+
+
+def pre_tokenizer_name(tokenizer: Tokenizer) -> tuple[str, str]:
+    """(llama.cpp's `tokenizer.ggml.pre` name, how it was found) for a byte-level BPE tokenizer: by the probe hash
+    for a known tokenizer, else by the shape of its pre-tokenizer (GPT-2's regex inside ByteLevel: "gpt-2"; digits
+    split first, then GPT-2's regex, as SmolLM: "smollm"), else "default" (llama.cpp's default split; a warning
+    is due: text may split differently there)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(tokenizer.encode(PRE_PROBE)).encode()).hexdigest()
+    if digest in KNOWN_PRE_HASHES:
+        return KNOWN_PRE_HASHES[digest], "probe hash"
+    pre = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
+        return "gpt-2", "ByteLevel with GPT-2's split"
+    patterns = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    if patterns == [r"\p{N}", _GPT2_SPLIT]:
+        return "smollm", "digits, then GPT-2's split"
+    if patterns in ([_LLAMA3_SPLIT], [_QWEN2_SPLIT]):
+        return ("llama-bpe" if patterns == [_LLAMA3_SPLIT] else "qwen2"), "its split pattern"
+    return "default", f"unknown (probe hash {digest[:16]}...)"
+
+
+def gguf_vocab(tokenizer: Tokenizer, n_vocab: int) -> tuple[dict, str]:
+    """The `tokenizer.*` GGUF metadata of a byte-level BPE tokenizer (llama.cpp's "gpt2" model), its token list
+    padded with unused tokens to the model's `n_vocab` rows, and a note on the pre-tokenizer (how its name was
+    found). The inverse of `from_gguf_metadata`."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")) + json.dumps(decoder):
+        raise TokenizerError(f"only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style) can be written to "
+                             f"GGUF yet; this one is a {model.get('type')} model with pre-tokenizer "
+                             f"{(spec.get('pre_tokenizer') or {}).get('type')}")
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= n_vocab:
+        raise TokenizerError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} "
+                             "embedding rows")
+    added = tokenizer.backend.get_added_tokens_decoder()
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [UNUSED] * n_vocab
+    for token, i in vocab.items():
+        tokens[i] = token
+        types[i] = (CONTROL if added[i].special else USER_DEFINED) if i in added else NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre, how = pre_tokenizer_name(tokenizer)
+    probe = "a"
+    with_specials, plain = tokenizer.encode(probe), tokenizer.encode(probe, add_special_tokens=False)
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_bos_token": len(with_specials) > len(plain) and with_specials[0] == tokenizer.bos_id,
+        "tokenizer.ggml.add_eos_token": len(with_specials) > len(plain) and with_specials[-1] == tokenizer.eos_id,
+    }
+    for key, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("padding", tokenizer.pad_id)):
+        if i is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = i
+    others = [i for i in tokenizer.stop_token_ids if i != tokenizer.eos_id]
+    if others:  # the end of a chat turn (<|im_end|>, <|eot_id|>): llama.cpp stops there too
+        meta["tokenizer.ggml.eot_token_id"] = others[0]
+    if tokenizer.chat_template:
+        meta["tokenizer.chat_template"] = tokenizer.chat_template
+    return meta, f"{pre} ({how})"

@@ -97,7 +97,13 @@ def mark_trainable(model) -> int:
 
 def load_adapter(model, path: str | Path) -> str:
     """Apply the adapter in `path` (any of KINDS), unmerged, and mark what trains; returns a one-line description
-    of what was applied."""
+    of what was applied. A `.gguf` file is llama.cpp's LoRA adapter GGUF (`mighty export --format gguf-lora`)."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        from mightylm.adapters.gguf import load_gguf_lora
+
+        what = f"LoRA on {len(load_gguf_lora(model, path))} layers (llama.cpp's adapter GGUF)"
+        mark_trainable(model)
+        return what
     cfg = read_adapter_config(path)
     warn_if_other_base(model, cfg, path)
     what = kind_of(cfg, path).load(model, path, cfg)

@@ -327,12 +327,18 @@ def load_lora(model: nn.Module, path: str | Path, cfg: dict | None = None) -> li
 
         quantize_like_(model, quantized)
     cfg, ours = read_lora(model, path, cfg)
+    return apply_pairs(model, cfg, ours, Path(path) / "adapter_model.safetensors")
+
+
+def apply_pairs(model: nn.Module, cfg: dict, ours: dict[str, dict], source: Path) -> list[str]:
+    """Apply LoRA (cfg's r, alpha, targets) and set each module's A and B from `ours` ({module: {lora_A, lora_B}},
+    read from `source`). Returns converted names."""
     converted = apply_lora(model, tuple(cfg["target_modules"]), r=cfg["r"], alpha=cfg["lora_alpha"],
                            dropout=cfg.get("lora_dropout", 0.0), rslora=cfg.get("use_rslora", False))
     modules = lora_modules(model)
     missing = [n for n in converted if n not in ours]
     if missing:
-        raise AdapterError(f"{Path(path) / 'adapter_model.safetensors'}: no weights for {missing[:3]}")
+        raise AdapterError(f"{source}: no weights for {missing[:3]}")
     with torch.no_grad():
         for name, pair in ours.items():
             for which, tensor in pair.items():

@@ -28,12 +28,12 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
         ours = rename(t.name, GGUF_TO_OURS)
         fused = _fused_parts(t.name, config)
         if fused:  # q/k/v in one tensor (phi2, phi3), gate and up in one (phi3): split by rows
-            whole = _dequantized(t, path)
+            whole = dequantized(t, path)
             for (name, rows), part in zip(fused, whole.split([rows for _, rows in fused])):
                 state[name] = (part.clone(), path, t.name)  # copies: parts must not share storage
             continue
         if ours is None and rename(t.name, {k: k for k in GGUF_STACKED_EXPERTS}) is not None:
-            stacked = _dequantized(t, path)  # (experts, out, in)
+            stacked = dequantized(t, path)  # (experts, out, in)
             for e in range(stacked.shape[0]):
                 state[rename(t.name.replace(".ffn_", f".{e}.ffn_", 1), _per_expert())] = (stacked[e].clone(), path,
                                                                                           t.name)
@@ -46,7 +46,7 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
             tensor = _kept_blocks(model, ours, t)
             kept.append(ours.removesuffix(".weight"))
         else:
-            tensor = _dequantized(t, path)
+            tensor = dequantized(t, path)
         if ours.endswith("shared_expert_gate.weight"):
             tensor = tensor.reshape(1, -1)  # llama.cpp stores the shared expert's gate as a vector
         per_key = tensor_transform(ours, GGUF_TENSOR_TRANSFORMS) if config.arch in ("llama", "mixtral") else None
@@ -66,7 +66,7 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
     return model, gguf_tokenizer(meta, path)
 
 
-def _dequantized(t, path) -> torch.Tensor:
+def dequantized(t, path) -> torch.Tensor:
     from mightylm.checkpoint.gguf_file import dequantize
 
     try:
@@ -178,7 +178,7 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
                               "and llama3's precomputed rope_freqs")
     if "rope_freqs.weight" in names:  # llama.cpp's per-dimension divisors (llama3's factors, precomputed)
         tensor = next(t for t in file.tensors if t.name == "rope_freqs.weight")
-        divisors = _dequantized(tensor, source).flatten().tolist()
+        divisors = dequantized(tensor, source).flatten().tolist()
         scaling = {"type": "longrope", "short_factor": divisors, "long_factor": divisors, "attention_factor": 1.0,
                    "original_max_position_embeddings": int(get("context_length"))}
     experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
@@ -202,7 +202,10 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
             **moe,
             **phi,
             partial_rotary_factor=rotary / head_dim,
-            sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0) or None if arch == "phi3" else None,
+            # llama.cpp reads it for phi3; we write it for Mistral-style llama files too (llama.cpp ignores it there)
+            sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0) or None
+            if arch in ("phi3", "llama") else None,
+            clip_qkv=meta.get(f"{arch}.attention.clamp_kqv"),
             arch=ours[arch],
             qk_norm=arch == "olmoe",
             vocab_size=int(vocab),
@@ -216,8 +219,9 @@ def gguf_config(meta: dict, file, *, source) -> ModelConfig:
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             tie_embeddings="output.weight" not in names,
-            qkv_bias=arch in ("qwen2", "qwen2moe") or f"blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
+            qkv_bias=arch in ("qwen2", "qwen2moe") or "blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
             max_seq_len=int(get("context_length")),
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
+

@@ -236,6 +236,13 @@ def unpermute_qk(w, n_heads: int):
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def permute_qk(w, n_heads: int):
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py): each head's rows from rotate-half order (first
+    half, second half) to interleaved pairs, (nh, 2, hs/2) -> (nh, hs/2, 2); `unpermute_qk` undoes it."""
+    shape = w.shape
+    return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
 # Per-key transforms of llama.cpp's llama tensors, as data: our name -> (transform, the config field it needs).
 GGUF_TENSOR_TRANSFORMS = {
     "layers.{layer}.attn.q_proj.weight": (unpermute_qk, "n_heads"),

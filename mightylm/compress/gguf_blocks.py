@@ -1,4 +1,5 @@
-"""GGUF's block formats (ggml-common.h) as torch code: dequantizers, and `GGUFLinear`, a frozen linear layer that
+"""GGUF's block formats (ggml-common.h) as torch code: dequantizers, quantizers for the writer (byte for byte what
+the `gguf` package's numpy quantizers write), and `GGUFLinear`, a frozen linear layer that
 keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks exactly as stored (loading with keep_blocks=True), multiplied by a
 native kernel that reads the blocks (kernels/gguf_blocks.c), and dequantized where the kernel cannot serve (other
 dtypes, gradients to the input, many rows).
@@ -40,6 +41,67 @@ def dequantize_blocks(raw: torch.Tensor, kind: int, shape) -> torch.Tensor:
     else:
         raise NotImplementedError(f"ggml type {kind}")
     return out.reshape(shape)
+
+
+WRITABLE = (F32, F16, BF16, Q8_0, Q4_0, Q4_1)  # the types quantize_blocks writes
+# Rows quantized per step: the temporaries of one step stay ~100 MB even for a 150k-token embedding table.
+_ROWS_PER_STEP = 4096
+
+
+@torch.no_grad()
+def quantize_blocks(values: torch.Tensor, kind: int) -> torch.Tensor:
+    """The stored bytes, (rows, row bytes) uint8, of `values` (rows, n) in ggml type `kind` (one of WRITABLE).
+
+    Block formats take rows whose length is a multiple of 32. The arithmetic is float32 in the order of
+    gguf.quants (and ggml-quants.c's reference quantizers), so the bytes are the same:
+        Q8_0  d = max|x| / 127, q = round-half-away(x / d)
+        Q4_0  d = (the x of largest |x|) / -8, q = min(15, trunc(x / d + 8.5))     (x = d * (q - 8))
+        Q4_1  d = (max - min) / 15, m = min, q = min(15, trunc((x - m) / d + 0.5))  (x = d * q + m)
+    where "/ d" is a product with 1 / d (0 when d is 0), and d and m are stored as float16.
+    """
+    values = values.detach().to("cpu", torch.float32)
+    rows, n = values.shape
+    if kind == F32:
+        return values.contiguous().view(torch.uint8).view(rows, -1).clone()
+    if kind in (F16, BF16):
+        return values.to(torch.float16 if kind == F16 else torch.bfloat16).view(torch.uint8).view(rows, -1)
+    if kind not in (Q8_0, Q4_0, Q4_1):
+        raise ValueError(f"cannot write ggml type {TYPE_NAMES.get(kind, kind)}; writable: "
+                         f"{', '.join(TYPE_NAMES[t] for t in WRITABLE)}")
+    if n % 32:
+        raise ValueError(f"{TYPE_NAMES[kind]} stores rows in blocks of 32 values; these rows have {n}")
+    out = torch.empty(rows, n // 32 * BLOCKS[kind][1], dtype=torch.uint8)
+    for start in range(0, rows, _ROWS_PER_STEP):
+        chunk = values[start:start + _ROWS_PER_STEP]
+        out[start:start + len(chunk)] = _quantize_32(chunk.reshape(-1, 32), kind).view(len(chunk), -1)
+    return out
+
+
+def _quantize_32(x: torch.Tensor, kind: int) -> torch.Tensor:
+    """(blocks, 32) float32 -> (blocks, block bytes) uint8."""
+    def inverse(d):
+        return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+    def f16_bytes(t):
+        return t.to(torch.float16).view(torch.uint8)  # (blocks, 2)
+
+    if kind == Q8_0:
+        d = x.abs().amax(dim=1, keepdim=True) / 127
+        scaled = x * inverse(d)
+        a = scaled.abs()  # roundf: half away from zero (a - floor(a) is exact in float32)
+        q = torch.copysign(a.floor() + (a - a.floor() >= 0.5).float(), scaled)
+        return torch.cat([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
+    if kind == Q4_0:
+        largest = x.gather(1, x.abs().argmax(dim=1, keepdim=True))  # signed; the first on ties, as numpy's argmax
+        d = largest / -8
+        q = (x * inverse(d) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+        head = f16_bytes(d)
+    else:
+        low, high = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+        d = (high - low) / 15
+        q = ((x - low) * inverse(d) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+        head = torch.cat([f16_bytes(d), f16_bytes(low)], dim=1)
+    return torch.cat([head, q[:, :16] | (q[:, 16:] << 4)], dim=1)  # value j low nibble, j + 16 high
 
 
 class GGUFLinear(nn.Module):
