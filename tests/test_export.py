@@ -276,3 +276,20 @@ def test_mighty_export_writes_checks_and_refuses_to_overwrite(tmp_path, bpe_toke
     assert main(["export", "--model", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     with torch.no_grad():
         assert (mightylm.load(tmp_path / "hf")[0](idx) - merged(idx)).abs().max() <= 1e-6
+
+
+def test_a_model_quantized_our_way_is_requantized_and_the_report_says_so(tmp_path, bpe_tokenizer):
+    from mightylm.compress.quantize import quantize_
+
+    hf = make_hf_model("qwen2", vocab_size=bpe_tokenizer.vocab_size)
+    hf.save_pretrained(tmp_path / "src")
+    model = mightylm.load(tmp_path / "src")[0]
+    quantize_(model, "int8")
+    report = export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", kind="q8_0")
+    assert len(report.requantized) == 7 * model.config.n_layers
+    assert "written from their dequantized weights" in report.summary()
+    back = mightylm.load(tmp_path / "m.gguf")[0]
+    idx = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.no_grad():  # int8 then Q8_0: close to the int8 model, which is what was exported
+        change = (back(idx) - model(idx)).pow(2).mean().sqrt() / model(idx).pow(2).mean().sqrt()
+    assert change < 0.05

@@ -66,17 +66,23 @@ def base_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def warn_if_other_base(model, cfg: dict, path: str | Path) -> bool:
-    """Warn (and return True) when the adapter in `path` records a base other than `model` (in its safetensors
-    metadata): shapes alone do not tell, and an adapter on another base applies without an error but means
-    nothing."""
+def recorded_base(path: str | Path) -> str | None:
+    """The fingerprint of the base the adapter in `path` was trained on, if its safetensors metadata records one
+    (None also for a missing or broken file: read_adapter names those)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
-            recorded = (f.metadata() or {}).get(BASE_KEY)
+            return (f.metadata() or {}).get(BASE_KEY)
     except (OSError, SafetensorError):
-        return False  # read_adapter names a missing or broken file
+        return None
+
+
+def warn_if_other_base(model, cfg: dict, path: str | Path) -> bool:
+    """Warn (and return True) when the adapter in `path` records a base other than `model` (in its safetensors
+    metadata): shapes alone do not tell, and an adapter on another base applies without an error but means
+    nothing."""
+    recorded = recorded_base(path)
     if not recorded or recorded == base_fingerprint(model):
         return False
     import warnings

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 
-from mightylm.adapters.files import BASE_KEY, AdapterError, base_fingerprint, read_adapter_config
+from mightylm.adapters.files import AdapterError, base_fingerprint, read_adapter_config, recorded_base
 from mightylm.adapters.lora import apply_pairs, lora_scaling, read_lora
 from mightylm.checkpoint.build import CheckpointError
 from mightylm.checkpoint.gguf import dequantized, gguf_metadata
 from mightylm.checkpoint.gguf_export import (GGUF_ARCH, OURS_TO_GGUF, PERMUTED, QK_PERMUTATION, TYPES, ExportReport,
-                                             tensor_type)
+                                             add_tensor, tensor_type, written_gguf)
 from mightylm.checkpoint.names import GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, permute_qk, rename, tensor_transform
-from mightylm.compress.gguf_blocks import TYPE_NAMES, quantize_blocks
 
 LORA_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's adapter loader takes
 
@@ -27,8 +26,6 @@ def export_gguf_lora(model, adapter: str | os.PathLike, path: str | os.PathLike,
     GGUF: `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha` (llama.cpp scales by alpha / r, so
     an rsLoRA adapter's alpha is written as alpha * sqrt(r)), and per adapted matrix `<name>.lora_a` (r, in) and
     `<name>.lora_b` (out, r) under llama.cpp's tensor names, B's rows permuted like the q/k weights they update."""
-    import gguf
-
     if kind not in LORA_TYPES:
         raise CheckpointError(f"cannot write a LoRA GGUF in {kind!r}; llama.cpp's adapters take: {', '.join(LORA_TYPES)}")
     c, path = model.config, Path(path)
@@ -41,7 +38,7 @@ def export_gguf_lora(model, adapter: str | os.PathLike, path: str | os.PathLike,
         raise AdapterError(f"{adapter}: trains whole modules ({', '.join(cfg['modules_to_save'])}) beside its low-rank "
                            "pairs; llama.cpp's LoRA GGUF holds only lora_a/lora_b pairs. Merge it instead "
                            "(mighty export --adapter DIR --format gguf)")
-    recorded = _recorded_base(adapter, BASE_KEY)
+    recorded = recorded_base(adapter)
     if recorded and recorded != base_fingerprint(model):
         raise AdapterError(f"{adapter}: trained on another base ({cfg.get('base_model_name_or_path') or 'unnamed'}, "
                            f"fingerprint {recorded}; this model's is {base_fingerprint(model)}); export it with the "
@@ -51,9 +48,7 @@ def export_gguf_lora(model, adapter: str | os.PathLike, path: str | os.PathLike,
     alpha = lora_scaling(cfg) * r  # llama.cpp's scale is alpha / r
     report = ExportReport(path, kind, notes=[f"LoRA rank {r}, alpha {alpha:g} (scale {alpha / r:g}), "
                                              f"{len(pairs)} matrices"])
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH[c.arch])
-    try:
+    with written_gguf(path, GGUF_ARCH[c.arch]) as writer:
         writer.add_string("general.type", "adapter")
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
@@ -66,28 +61,8 @@ def export_gguf_lora(model, adapter: str | os.PathLike, path: str | os.PathLike,
             if per_key is not None:
                 b = permute_qk(b, getattr(c, per_key[1])).contiguous()
             for suffix, values in (("lora_a", pair["lora_A"].float()), ("lora_b", b)):
-                t = tensor_type(name, values, TYPES[kind])
-                data = quantize_blocks(values, t)
-                writer.add_tensor(f"{name}.{suffix}", data.numpy(), raw_dtype=gguf.GGMLQuantizationType(t))
-                report.tensors[TYPE_NAMES[t]] = report.tensors.get(TYPE_NAMES[t], 0) + 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                add_tensor(writer, f"{name}.{suffix}", values, tensor_type(name, values, TYPES[kind]), report)
     return report
-
-
-def _recorded_base(adapter, key: str) -> str | None:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
-            return (f.metadata() or {}).get(key)
-    except (OSError, SafetensorError):
-        return None  # read_lora names a missing or broken file
 
 
 def read_gguf_lora(model, path: Path) -> tuple[dict, dict[str, dict]]:

@@ -15,6 +15,7 @@ A file is written under a temporary name beside the target and renamed into plac
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from torch import nn
 
 from mightylm.checkpoint.build import CheckpointError
 from mightylm.checkpoint.names import GGUF_STACKED_EXPERTS, GGUF_TO_OURS, permute_qk, rename, tensor_transform
-from mightylm.compress.gguf_blocks import BF16, F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, quantize_blocks
+from mightylm.compress.gguf_blocks import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, dequantize_blocks,
+                                          quantize_blocks)
 
 TYPES = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 FILE_TYPES = {F32: 0, F16: 1, Q4_0: 2, Q4_1: 3, Q8_0: 7, BF16: 32}  # llama.cpp's LLAMA_FTYPE_* (general.file_type)
@@ -77,8 +79,6 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, kind: str = "f16",
     """Write `model` (and `tokenizer`'s vocabulary and chat template) as a GGUF file at `path` in type `kind`; the
     token embedding and the head in `head_kind` (default: q8_0 for the 4-bit types, as llama.cpp's quantizer keeps
     them at higher precision and small models ship them, else `kind`)."""
-    import gguf
-
     from mightylm.tokenizer import TokenizerError, gguf_vocab
 
     head_kind = head_kind or ("q8_0" if kind in ("q4_0", "q4_1") else kind)
@@ -106,22 +106,30 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, kind: str = "f16",
                             f"{config.sliding_window} tokens it attends to the whole context (we do not)")
     tensors, report.requantized = _float_tensors(model)
     err, ref = 0.0, 0.0
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with written_gguf(path, arch) as writer:
         for key, value in meta.items():
             _add(writer, key, value)
         for gguf_name, values in _gguf_tensors(model, tensors):
             t = tensor_type(gguf_name, values, head_qtype if gguf_name in HEAD else qtype)
-            data = quantize_blocks(values.reshape(-1, values.shape[-1]), t)
+            data = add_tensor(writer, gguf_name, values, t, report)
             if t in (Q8_0, Q4_0, Q4_1):
-                from mightylm.compress.gguf_blocks import dequantize_blocks
-
-                back = dequantize_blocks(data, t, values.shape)
-                err += (back - values).pow(2).sum().item()
+                err += (dequantize_blocks(data, t, values.shape) - values).pow(2).sum().item()
                 ref += values.pow(2).sum().item()
-            writer.add_tensor(gguf_name, data.view(*values.shape[:-1], -1).numpy(), raw_dtype=gguf.GGMLQuantizationType(t))
-            report.tensors[TYPE_NAMES[t]] = report.tensors.get(TYPE_NAMES[t], 0) + 1
+    report.weight_error = (err / ref) ** 0.5 if ref else None
+    return report
+
+
+@contextmanager
+def written_gguf(path: Path, arch: str):
+    """A GGUFWriter for `arch` onto a temporary name beside `path`: when the block completes, the header, the
+    metadata and the tensors are written and the file renamed to `path`; on an error (or an interruption) the
+    temporary file is removed and `path` is as it was."""
+    import gguf
+
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -129,8 +137,17 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, kind: str = "f16",
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    report.weight_error = (err / ref) ** 0.5 if ref else None
-    return report
+
+
+def add_tensor(writer, name: str, values: torch.Tensor, kind: int, report: ExportReport) -> torch.Tensor:
+    """Quantize `values` (float32, any rank; blocks along the last axis) to ggml type `kind`, add them to the file
+    under `name` and count them in the report; returns the stored bytes, (rows, row bytes)."""
+    import gguf
+
+    data = quantize_blocks(values.reshape(-1, values.shape[-1]), kind)
+    writer.add_tensor(name, data.view(*values.shape[:-1], -1).numpy(), raw_dtype=gguf.GGMLQuantizationType(kind))
+    report.tensors[TYPE_NAMES[kind]] = report.tensors.get(TYPE_NAMES[kind], 0) + 1
+    return data
 
 
 def _add(writer, key: str, value) -> None:
