@@ -318,10 +318,14 @@ def export(
               f"--adapter {target})")
         return
     base, tokenizer = mightylm.load(model)
+    probe = probe_ids(tokenizer)
+    unadapted = None
     if adapter is not None:
         from mightylm.adapters.merge import check_mergeable, merge_into_base
 
         check_mergeable(adapter)
+        with torch.no_grad():
+            unadapted = base(probe)
         n = merge_into_base(base, tokenizer, adapter)
         print(f"merged {n} LoRA layers of {adapter}")
     if format == "hf":
@@ -331,7 +335,6 @@ def export(
         return
     from mightylm.checkpoint.gguf_export import export_gguf
 
-    probe = probe_ids(tokenizer)
     with torch.no_grad():
         reference = base(probe)
     report = export_gguf(base, tokenizer, target, kind=type, head_kind=head_type, name=Path(str(model)).name)
@@ -339,7 +342,13 @@ def export(
     if check:
         written, _ = mightylm.load(target)
         with torch.no_grad():
-            print(f"read back: {output_change(written(probe), reference)} (against the model written)")
+            out = written(probe)
+        print(f"read back: {output_change(out, reference)} (against the model written)")
+        if unadapted is not None and (out - unadapted).norm() < (out - reference).norm():
+            print(f"warning: the written file is closer to the model without the adapter than with it: quantizing to "
+                  f"{type} erased most of the adapter's update (a base already stored in that format keeps its grid, "
+                  "and a small update rounds back onto it). Export the adapter on its own (--format gguf-lora, "
+                  "applied with llama-cli --lora) or choose another --type", file=sys.stderr)
     print(f"use it: llama-cli -m {target}   (or: mighty generate --model {target} --prompt \"...\")")
 
 
