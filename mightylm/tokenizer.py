@@ -383,7 +383,7 @@ KNOWN_PRE_HASHES = {
     "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",
 }
 # GGUF token types (llama.cpp's llama_token_type)
-NORMAL, UNUSED, CONTROL, USER_DEFINED = 1, 5, 3, 4
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def pre_tokenizer_name(tokenizer: Tokenizer) -> tuple[str, str]:
@@ -409,38 +409,68 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> tuple[str, str]:
 
 
 def gguf_vocab(tokenizer: Tokenizer, n_vocab: int) -> tuple[dict, str]:
-    """The `tokenizer.*` GGUF metadata of a byte-level BPE tokenizer (llama.cpp's "gpt2" model), its token list
-    padded with unused tokens to the model's `n_vocab` rows, and a note on the pre-tokenizer (how its name was
-    found). The inverse of `from_gguf_metadata`."""
+    """The `tokenizer.*` GGUF metadata of a BPE tokenizer, its token list padded with unused tokens to the model's
+    `n_vocab` rows, and a note on how it was written. The inverse of `from_gguf_metadata`:
+    - byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM style): llama.cpp's "gpt2" model, with merges and the
+      pre-tokenizer's name (see pre_tokenizer_name);
+    - SentencePiece-style BPE (byte fallback, "\u2581" for spaces: Llama 2, Mistral): llama.cpp's "llama" model,
+      merges given as scores (a token's score is minus the rank of the merge that makes it, so the best-scored
+      pair merges first, as in BPE), byte tokens <0xXX> typed as bytes."""
     spec = json.loads(tokenizer.backend.to_str())
-    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")) + json.dumps(decoder):
-        raise TokenizerError(f"only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style) can be written to "
-                             f"GGUF yet; this one is a {model.get('type')} model with pre-tokenizer "
-                             f"{(spec.get('pre_tokenizer') or {}).get('type')}")
+    model = spec.get("model") or {}
+    around = json.dumps([spec.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")], ensure_ascii=False)
+    if model.get("type") == "BPE" and "ByteLevel" in around:
+        kind = "gpt2"
+    elif model.get("type") == "BPE" and model.get("byte_fallback") and "\u2581" in around:
+        kind = "llama"
+    else:
+        raise TokenizerError(f"only BPE tokenizers, byte-level (GPT-2, Llama 3, Qwen2, SmolLM style) or SentencePiece-"
+                             f"style with byte fallback (Llama 2, Mistral), can be written to GGUF; this one is a "
+                             f"{model.get('type')} model with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}")
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= n_vocab:
         raise TokenizerError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} "
                              "embedding rows")
     added = tokenizer.backend.get_added_tokens_decoder()
+    unk = model.get("unk_token")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
     for token, i in vocab.items():
         tokens[i] = token
-        types[i] = (CONTROL if added[i].special else USER_DEFINED) if i in added else NORMAL
+        if i in added:
+            types[i] = CONTROL if added[i].special else USER_DEFINED
+        elif kind == "llama" and token == unk:
+            types[i] = UNKNOWN
+        elif kind == "llama" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types[i] = BYTE
+        else:
+            types[i] = NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    pre, how = pre_tokenizer_name(tokenizer)
     probe = "a"
     with_specials, plain = tokenizer.encode(probe), tokenizer.encode(probe, add_special_tokens=False)
     meta = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.model": kind,
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.add_bos_token": len(with_specials) > len(plain) and with_specials[0] == tokenizer.bos_id,
         "tokenizer.ggml.add_eos_token": len(with_specials) > len(plain) and with_specials[-1] == tokenizer.eos_id,
     }
+    if kind == "gpt2":
+        pre, how = pre_tokenizer_name(tokenizer)
+        meta.update({"tokenizer.ggml.pre": pre, "tokenizer.ggml.merges": merges})
+        note = f"{pre} ({how})"
+    else:
+        scores = [0.0] * n_vocab
+        scored = set()
+        for rank, merge in enumerate(merges):
+            i = vocab.get(merge.replace(" ", "", 1))
+            if i is not None and i not in scored:
+                scores[i], scored = -float(rank), scored | {i}
+        meta.update({"tokenizer.ggml.pre": "default", "tokenizer.ggml.scores": scores,
+                     "tokenizer.ggml.add_space_prefix": True})
+        if unk in vocab:
+            meta["tokenizer.ggml.unknown_token_id"] = vocab[unk]
+        note = "SentencePiece-style BPE (merges as scores)"
     for key, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("padding", tokenizer.pad_id)):
         if i is not None:
             meta[f"tokenizer.ggml.{key}_token_id"] = i
@@ -449,4 +479,4 @@ def gguf_vocab(tokenizer: Tokenizer, n_vocab: int) -> tuple[dict, str]:
         meta["tokenizer.ggml.eot_token_id"] = others[0]
     if tokenizer.chat_template:
         meta["tokenizer.chat_template"] = tokenizer.chat_template
-    return meta, f"{pre} ({how})"
+    return meta, note

@@ -316,3 +316,32 @@ def test_exporting_a_small_update_onto_its_bases_grid_warns_that_it_was_erased(t
         assert main(["export", "--model", str(tmp_path / "base.gguf"), "--adapter", str(tmp_path / "lora"),
                      "--type", kind, "--out", str(tmp_path / f"tuned-{kind}.gguf")]) == 0
         assert ("erased most of the adapter's update" in capsys.readouterr().err) == warned
+
+
+def test_a_sentencepiece_style_tokenizer_is_written_with_scores_and_byte_tokens(tmp_path):
+    """A Llama 2 / Mistral style vocabulary (BPE with byte fallback, "\u2581" for spaces) is written as llama.cpp's
+    "llama" model: merges as scores, <0xXX> typed as bytes. Read back by our loader and by transformers' GGUF
+    tokenizer, it encodes as the source does."""
+    from transformers import AutoTokenizer
+
+    from mightylm.config import ModelConfig
+    from mightylm.model import Transformer
+    from mightylm.tokenizer import from_gguf_metadata
+
+    pieces = ["\u2581", "t", "h", "e", "o", "\u2581t", "he", "\u2581the", "\u2581to", "r", "\u2581th", "er", "\u2581o"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * len(pieces),
+            "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces))],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    source = from_gguf_metadata(meta, "spm")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=288, dim=64, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64))
+    report = export_gguf(model, source, tmp_path / "m.gguf", kind="f32")
+    assert "SentencePiece-style" in report.summary()
+    fields = {name: f.contents() for name, f in GGUFReader(tmp_path / "m.gguf").fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.token_type"][3] == 6
+    ours = mightylm.load(tmp_path / "m.gguf")[1]
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ["the other", "to the three", " hot tea", "théo ©"]:
+        assert ours.encode(text) == source.encode(text) == theirs(text).input_ids, text
