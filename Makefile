@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: main test install bench clean browser
+.PHONY: main test install bench clean browser llama-cpp
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,5 +35,15 @@ browser:
 bench: $(STAMP)
 	$(PY) bench/decode.py
 
+# llama.cpp for the side-by-side benchmarks (bench/export.py, chain.py, gguf_decode.py, startup.py): a bench-only
+# extra in its own venv (torch in llama.cpp's process halves its speed). pip builds llama.cpp from source:
+# 10-20 minutes on 2 cores. Never part of `make test`.
+LLAMA_VENV := .venv-llama
+llama-cpp: $(LLAMA_VENV)/.installed
+$(LLAMA_VENV)/.installed:
+	python3 -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check llama-cpp-python==0.3.36 numpy
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs/out
+	rm -rf $(VENV) $(LLAMA_VENV) runs/out

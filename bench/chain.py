@@ -16,7 +16,8 @@ loader, blocks kept as stored where they can be):
 Every process runs alone, one after another, so the tok/s columns compare within one run (this VM's speed
 drifts between runs; compare ratios, not absolute figures across runs).
 
-    .venv/bin/python bench/chain.py [--llama-python /tmp/cppvenv/bin/python] [--adapter runs/out/lora-demo/adapter]
+    make llama-cpp     # once, optional: llama.cpp in .venv-llama (10-20 minutes), used by default
+    .venv/bin/python bench/chain.py [--llama-python PYTHON] [--adapter runs/out/lora-demo/adapter]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+LLAMA_PYTHON = str(ROOT / ".venv-llama/bin/python")  # `make llama-cpp`
 sys.path.insert(0, str(ROOT / "runs"))
 
 PROMPTS = ["The three primary colors are", "Once upon a time, in a small village,", "def fibonacci(n):",
@@ -107,7 +109,8 @@ def greedy_runs(model, prompts: list[list[int]]) -> list[list[int]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", default="runs/out/lora-demo/adapter")
-    p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (its own venv)")
+    p.add_argument("--llama-python", default=LLAMA_PYTHON if Path(LLAMA_PYTHON).exists() else None,
+                   help="a Python with llama-cpp-python installed, in its own venv (default: .venv-llama from `make llama-cpp`)")
     p.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_1", "q4_0"])
     p.add_argument("--tokens", type=int, default=2048, help="held-out Shakespeare tokens for perplexity")
     args = p.parse_args()

@@ -9,8 +9,8 @@ llama.cpp quantizes the activations of Q8_0/Q4_0/Q4_1 products to 8 bits and we 
 within that rounding, not exactly; F32 differs only by summation order.
 
 llama.cpp comes from llama-cpp-python, a bench-only extra built from source (10-20 min), in its own venv:
-    python -m venv /tmp/cppvenv && /tmp/cppvenv/bin/pip install llama-cpp-python==0.3.36
-    .venv/bin/python bench/export.py --llama-python /tmp/cppvenv/bin/python
+    make llama-cpp                       # .venv-llama, used by default
+    .venv/bin/python bench/export.py [--llama-python OTHER_PYTHON]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+LLAMA_PYTHON = str(Path(__file__).resolve().parent.parent / ".venv-llama/bin/python")  # `make llama-cpp`
 TEXT = "Hello world! Héllo wörld, naïve café. 東京タワー 123456 + 7 = ?\n  def f(x):\n\treturn x ** 2  🙂"
 PROMPT = "The capital of France is"
 
@@ -73,10 +74,14 @@ def compare(name: str, size: float, theirs: dict, greedy: list[int], last: torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python installed (its own venv)")
+    p.add_argument("--llama-python", default=LLAMA_PYTHON if Path(LLAMA_PYTHON).exists() else None,
+                   help="a Python with llama-cpp-python installed, in its own venv (default: .venv-llama from `make llama-cpp`)")
     p.add_argument("--types", nargs="+", default=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
+    if args.llama_python is None:
+        raise SystemExit("llama.cpp is not installed: `make llama-cpp` builds it into .venv-llama (10-20 minutes), or "
+                         "pass --llama-python PYTHON")
 
     import mightylm
     from mightylm.adapters import load_adapter

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LLAMA_PYTHON = str(ROOT / ".venv-llama/bin/python")  # `make llama-cpp`
 
 OURS = """
 import json, sys, time, torch
@@ -102,7 +103,8 @@ def requantized(source: str, qtype_name: str, directory: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed (its own venv)")
+    p.add_argument("--llama-python", default=LLAMA_PYTHON if Path(LLAMA_PYTHON).exists() else None,
+                   help="a Python with llama-cpp-python installed, in its own venv (default: .venv-llama from `make llama-cpp`)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args()
