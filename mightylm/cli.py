@@ -640,6 +640,7 @@ def _verbs() -> dict:
     from mightylm import recipes as r
     from mightylm.evaluate.commands import VERBS as evaluate
     from mightylm.serve.command import serve
+    from mightylm.serve.registry_commands import VERBS as registry
 
     finetune = {"_help": "Fine-tune a model on instruction or chat JSONL: every weight (full), or an adapter "
                          "(lora, qlora, prompt, ptuning, adapter), or a recurrent memory with LoRA (rmt).",
@@ -649,7 +650,7 @@ def _verbs() -> dict:
                          "humaneval, arithmetic, corr2cause, choice, emergence, longctx.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
             "export": export, "quantize": quantize, "prune": prune, "distill": r.distill, "distill-data": distill_data,
-            "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env}
+            "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env, **registry}
 
 
 def _group_fields(verb) -> dict[str, str]:

@@ -6,6 +6,11 @@
                                     (log-likelihood and perplexity evaluation)
     POST /v1/chat/completions       messages -> reply, through the model's chat template
     GET  /admin/adapters            loaded adapters;  POST {"name", "path"} loads one;  DELETE /admin/adapters/NAME
+    With a registry (`mighty serve --registry DIR`, serve/registry.py): keys belong to users, "base:NAME" is the
+    user's own adapter NAME (or one an admin shared), and each user manages their own under /admin/registry:
+    GET  /admin/registry/adapters[/NAME]        (?owner=, ?version=: admins see everyone's)
+    POST /admin/registry/adapters/NAME/promote {"version"}, .../rollback {};  DELETE /admin/registry/adapters/NAME
+    DELETE /admin/registry/users/USER (forget me: keys, adapters, logs);  PUT .../USER/logging {"enabled"}
     GET  /health, GET /metrics      liveness and load; Prometheus text format
     GET  /                          the chat page
 
@@ -42,7 +47,8 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed"
           "stream_options", "max_completion_tokens", "ignore_eos",  # ignore_eos: vLLM's, for fixed-length benchmarks
           "speculative"}  # ours: false keeps a request out of speculative steps (with `mighty serve --draft`)
 FIELDS = {"/v1/completions": COMMON | {"prompt", "echo", "logprobs"}, "/v1/chat/completions": COMMON | {"messages"},
-          "/admin/adapters": {"name", "path"}}
+          "/admin/adapters": {"name", "path"}, "promote": {"version", "owner"}, "rollback": {"owner"},
+          "logging": {"enabled"}}
 
 
 class ApiError(Exception):
@@ -73,7 +79,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
+def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), personal=None):
+    """The app over `engine`, serving `name`. `personal` (serve/personal.PersonalAdapters): API keys, adapters and
+    their management come from a registry of users."""
     app = FastAPI(title="mightylm", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer, bank = engine.tokenizer, engine.bank
 
@@ -96,7 +104,15 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         guarded = request.url.path.startswith(("/v1", "/admin", "/metrics"))
-        if api_keys and guarded:
+        if personal is not None and guarded:  # keys belong to users of the registry
+            given = request.headers.get("authorization", "")
+            user = await asyncio.to_thread(personal.registry.user_of_key, given[7:]) \
+                if given.startswith("Bearer ") else None
+            if user is None:
+                await _read_body(request, keep=0)
+                return error(401, "missing or invalid API key: send Authorization: Bearer KEY", "authentication_error")
+            request.state.user = user
+        elif api_keys and guarded:
             given = request.headers.get("authorization", "")
             if not given.startswith("Bearer ") or given[7:] not in api_keys:
                 await _read_body(request, keep=0)  # drained, not kept
@@ -120,19 +136,41 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
             raise ApiError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
         return body
 
-    def adapter_of(body: dict) -> int:
+    async def adapter_of(body: dict, request: Request) -> int:
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "\"model\" is required: a string (see GET /v1/models)", param="model")
         base, _, adapter = model.partition(":")
         if base != name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {name!r} and "
-                                f"{', '.join(repr(f'{name}:{a}') for a in bank.ids) or 'no adapters'}",
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {name!r} (see GET /v1/models)",
                            "not_found", "model")
-        if adapter and adapter not in bank.ids:
+        if not adapter:
+            return 0
+        if adapter in bank.ids and (personal is None or adapter not in personal.loaded):
+            return bank.ids[adapter]  # loaded for everyone (--adapter, /admin/adapters)
+        if personal is None:
             raise ApiError(404, f"adapter {adapter!r} is not loaded; loaded: {', '.join(bank.ids) or 'none'}",
                            "not_found", "model")
-        return bank.ids.get(adapter, 0)
+        return await registry_call(personal.adapter_id, request.state.user, adapter)
+
+    async def registry_call(fn, *args, **kwargs):
+        """A registry operation, its refusals as HTTP errors (404 never says whose adapter it was)."""
+        from mightylm.adapters import AdapterError
+        from mightylm.serve.personal import BudgetFull
+        from mightylm.serve.registry import Forbidden, NotFound, RegistryError
+
+        try:
+            if asyncio.iscoroutinefunction(fn):
+                return await fn(*args, **kwargs)
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except NotFound as e:
+            raise ApiError(404, str(e), "not_found", "model") from None
+        except Forbidden as e:
+            raise ApiError(403, str(e), "permission_error") from None
+        except BudgetFull as e:
+            raise ApiError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
+        except (RegistryError, AdapterError) as e:
+            raise ApiError(400, str(e)) from None
 
     def sampling_of(body: dict, prompt_len: int) -> tuple[Sampling, int]:
         def number(key, default, lo, hi, kind=(int, float)):
@@ -228,7 +266,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
     async def generate(request: Request, path: str):
         body = await body_of(request, path)
-        adapter = adapter_of(body)
+        adapter = await adapter_of(body, request)
         prompts, texts = prompts_of(body, path)
         echo, logprobs = flag(body, "echo"), body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
@@ -274,6 +312,12 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                 seq.cancel()
             raise ApiError(400, str(e), param="max_tokens") from None
         chat = path == "/v1/chat/completions"
+        user = getattr(request.state, "user", None)
+
+        def log_turn(reply: str) -> None:  # a user's conversation, if they opted in
+            if chat and personal is not None and user is not None:
+                personal.log(user, body["messages"], reply, body["model"])
+
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         model = body["model"]
@@ -301,7 +345,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
         if stream:
             async def sse():
-                done, generated = 0, 0
+                done, generated, first = 0, 0, ""
                 try:
                     for i in range(total):
                         if chat:
@@ -311,6 +355,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                     while done < total:
                         i, ev = await events.get()
                         if ev["type"] == "text":
+                            first += ev["text"] if i == 0 else ""
                             yield f"data: {json.dumps(chunk(i, ev['text']))}\n\n"
                         else:
                             done += 1
@@ -323,6 +368,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                         last = {**chunk(0), "choices": [], "usage": usage_of(generated)}
                         yield f"data: {json.dumps(last)}\n\n"
                     yield "data: [DONE]\n\n"
+                    await asyncio.to_thread(log_turn, first)
                 finally:  # the client went away, or we are done: free the rows either way
                     for seq in seqs:
                         seq.cancel()
@@ -364,6 +410,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
                                    [best for _, _, best in scored] if logprobs else None, start)
             return _merge(head, tail)
 
+        await asyncio.to_thread(log_turn, texts_out[0])
         choices = [({"index": i, "message": {"role": "assistant", "content": texts_out[i]}, "finish_reason": reasons[i]}
                     if chat else {"index": i, "text": texts_out[i], "finish_reason": reasons[i],
                                   "logprobs": logprobs_of(i)})
@@ -398,17 +445,27 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         return await generate(request, "/v1/chat/completions")
 
     @app.get("/v1/models")
-    async def models():
-        names = [name] + [f"{name}:{a}" for a in bank.ids]
+    async def models(request: Request):
+        shared = [a for a in bank.ids if personal is None or a not in personal.loaded]
+        names = [name] + [f"{name}:{a}" for a in shared]
+        if personal is not None:
+            names += await asyncio.to_thread(personal.visible_models, request.state.user, name)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mightylm"}
                                            for m in names]}
 
+    def admin_only(request: Request) -> None:
+        if personal is not None and not request.state.user.admin:
+            raise ApiError(403, "loading adapters from server paths is for admin keys; users manage their own adapters "
+                                "under /admin/registry", "permission_error")
+
     @app.get("/admin/adapters")
-    async def adapters():
+    async def adapters(request: Request):
+        admin_only(request)
         return {"adapters": [{"name": a, "kind": bank.kinds[a], "model": f"{name}:{a}"} for a in bank.ids]}
 
     @app.post("/admin/adapters")
     async def add_adapter(request: Request):
+        admin_only(request)
         body = await body_of(request, "/admin/adapters")
         if not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
             raise ApiError(400, "send {\"name\": string, \"path\": adapter directory on the server}")
@@ -426,7 +483,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
         return {"name": body["name"], "model": f"{name}:{body['name']}", "loaded": what}
 
     @app.delete("/admin/adapters/{adapter}")
-    async def remove_adapter(adapter: str):
+    async def remove_adapter(adapter: str, request: Request):
+        admin_only(request)
         if adapter not in bank.ids:
             raise ApiError(404, f"adapter {adapter!r} is not loaded", "not_found")
 
@@ -439,6 +497,61 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = ()):
 
         await asyncio.to_thread(engine.call, remove)
         return {"name": adapter, "unloaded": True}
+
+    if personal is not None:
+        registry = personal.registry
+
+        def version_of(value) -> int | None:
+            if value is None:
+                return None
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ApiError(400, f"\"version\" must be an integer, got {value!r}", param="version") from None
+
+        @app.get("/admin/registry/adapters")
+        async def registry_list(request: Request, owner: str | None = None):
+            records = await registry_call(registry.list, request.state.user, owner=owner)
+            return {"adapters": [r.public() for r in records]}
+
+        @app.get("/admin/registry/adapters/{adapter}")
+        async def registry_show(adapter: str, request: Request, owner: str | None = None, version: str | None = None):
+            record = await registry_call(registry.show, request.state.user, adapter, owner=owner,
+                                         version=version_of(version))
+            return record.public()
+
+        @app.post("/admin/registry/adapters/{adapter}/promote")
+        async def registry_promote(adapter: str, request: Request):
+            body = await body_of(request, "promote")
+            record = await registry_call(registry.promote, request.state.user, adapter, version_of(body.get("version")),
+                                         owner=body.get("owner"))
+            return record.public()
+
+        @app.post("/admin/registry/adapters/{adapter}/rollback")
+        async def registry_rollback(adapter: str, request: Request):
+            body = await body_of(request, "rollback")
+            return (await registry_call(registry.rollback, request.state.user, adapter, owner=body.get("owner"))).public()
+
+        @app.delete("/admin/registry/adapters/{adapter}")
+        async def registry_delete(adapter: str, request: Request, owner: str | None = None, version: str | None = None):
+            versions = await registry_call(registry.delete, request.state.user, adapter, owner=owner,
+                                           version=version_of(version))
+            await asyncio.to_thread(engine.call, lambda: personal.unload(owner or request.state.user.name, adapter))
+            return {"name": adapter, "deleted_versions": versions}
+
+        @app.delete("/admin/registry/users/{user}")
+        async def registry_forget(user: str, request: Request):
+            gone = await registry_call(registry.forget_user, request.state.user, user)
+            await asyncio.to_thread(engine.call, lambda: personal.unload(user))
+            return {"forgotten": gone}
+
+        @app.put("/admin/registry/users/{user}/logging")
+        async def registry_logging(user: str, request: Request):
+            body = await body_of(request, "logging")
+            if not isinstance(body.get("enabled"), bool):
+                raise ApiError(400, "send {\"enabled\": true|false}", param="enabled")
+            await registry_call(registry.set_logging, request.state.user, user, body["enabled"])
+            return {"user": user, "log_conversations": body["enabled"]}
 
     @app.get("/health")
     async def health():

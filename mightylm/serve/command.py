@@ -30,6 +30,9 @@ def serve(
     gamma: PositiveInt = 4,
     rope_scaling: str | None = None,
     prefill_chunk: PositiveInt = 512,
+    registry: str | None = None,
+    adapter_budget_mb: PositiveInt = 256,
+    pin: list[str] | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -68,6 +71,12 @@ def serve(
         prefill_chunk: Prompts longer than this many tokens are prefilled in chunks between decode steps (each
             about half a decode step long while others are decoding, at most this many tokens), so that running
             streams keep flowing while a long prompt arrives.
+        registry: A state directory of personal adapters (made by `mighty users add`, filled by `mighty adapters
+            register`): API keys then belong to its users, "MODEL:NAME" is the asking user's adapter NAME (its
+            live version, loaded on first use), and users manage their own adapters under /admin/registry.
+        adapter_budget_mb: With --registry: memory for loaded personal adapters; the least recently used are
+            unloaded to make room (never pinned ones, nor one a request is using).
+        pin: With --registry: OWNER/NAME adapters that stay loaded once used (repeatable).
     """
     import os
     import signal
@@ -120,7 +129,19 @@ def serve(
     pool = sum(t.numel() * t.element_size() for t in engine.pool.k + engine.pool.v)
     print(f"KV-cache pool: {max_batch} x {engine.max_len} tokens (--max_batch x --max_len), up to "
           f"{pool / 2**20:,.0f} MiB as it fills", file=sys.stderr)
-    app = create_app(engine, served, api_keys=tuple(keys))
+    personal = None
+    if registry:
+        from mightylm.serve.personal import PersonalAdapters
+        from mightylm.serve.registry import Registry
+
+        if keys:
+            raise UsageError("--registry gives every user their own API keys (mighty users add); drop --api-key, "
+                             "--api-key-file and MIGHTY_API_KEY")
+        personal = PersonalAdapters(Registry(registry), engine, budget_bytes=adapter_budget_mb << 20,
+                                    pinned=tuple(pin or ()))
+        print(f"personal adapters from {registry}: {len(personal.registry.users())} users, budget "
+              f"{adapter_budget_mb} MiB", file=sys.stderr)
+    app = create_app(engine, served, api_keys=tuple(keys), personal=personal)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout))
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {served} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)"
