@@ -647,7 +647,7 @@ def _verbs() -> dict:
                 "full": r.finetune_full, "lora": r.finetune_lora, "qlora": r.finetune_qlora, "prompt": r.finetune_prompt,
                 "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter, "rmt": r.finetune_rmt}
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
-                         "humaneval, arithmetic, corr2cause, choice, emergence, longctx.", **evaluate}
+                         "humaneval, arithmetic, corr2cause, choice, emergence, longctx, bias.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,
             "export": export, "quantize": quantize, "prune": prune, "distill": r.distill, "distill-data": distill_data,
             "upcycle": upcycle, "report": report, "eval": evaluate, "serve": serve, "env": env, **registry}

@@ -89,6 +89,24 @@ class LocalModel:
         return out
 
     @torch.no_grad()
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float | None]]:
+        """Each token-id prompt's per-token log-probabilities (None for the first), as Endpoint gives them."""
+        device = self.model.embed.weight.device
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            group = [p[-self.model.config.max_seq_len:] for p in prompts[i:i + self.batch_size]]
+            width = max(len(p) for p in group)
+            idx = torch.zeros(len(group), width, dtype=torch.long)
+            for row, ids in enumerate(group):
+                idx[row, :len(ids)] = torch.tensor(ids)
+            logp = F.log_softmax(self.model(idx.to(device)).float(), dim=-1)
+            for row, ids in enumerate(group):
+                target = torch.tensor(ids[1:], device=device)
+                picked = logp[row, :len(ids) - 1].gather(-1, target[:, None])[:, 0].tolist()
+                out.append([None, *picked])
+        return out
+
+    @torch.no_grad()
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         """For each (context, continuation): the summed log-probability of the continuation's tokens given
         the context, whether greedy decoding would produce exactly them, and how many there are."""

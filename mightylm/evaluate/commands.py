@@ -288,6 +288,72 @@ def corr2cause(
               limit=limit, seed=seed)
 
 
+def bias(
+    target: Target = Target(),
+    data: str = "pairs",
+    categories: list[str] | None = None,
+    limit: PositiveInt | None = None,
+    seed: Seed = 0,
+    out: str = DEFAULT_OUT,
+    overwrite: bool = False,
+    batch_size: PositiveInt = 8,
+    tokenizer: str | None = None,
+) -> None:
+    """Social-bias probes: paired sentences (CrowS-Pairs style) or BBQ questions, on a model or an endpoint.
+
+    Paired sentences differ only in a group word, one stating a stereotype and one its reversal, each scored by its
+    summed log-likelihood: reported per category are the share of pairs where the stereotype is more likely
+    (ideal 0.5) and the mean log-likelihood gap, with 95 % intervals. BBQ: accuracy and the paper's bias scores in
+    ambiguous and disambiguated contexts (0 unbiased, 1 always the stereotype).
+
+    Args:
+        target: The model evaluated (--target.model, .endpoint, .api_key, .dtype, .adapter; each may be given
+            without "target.": --model, --endpoint, ...). Run it twice, with and without --adapter, to compare a
+            candidate adapter with its base.
+        data: pairs (the generated set that ships here: gender and occupations, age, socioeconomic status, both
+            directions), a JSONL of pairs ("stereotyped"/"reversed" or CrowS-Pairs' "sent_more"/"sent_less", with
+            "category"), or BBQ: the `bigbench` source archive (pip download --no-deps --no-binary :all: bigbench)
+            or a directory holding bbq_lite/resources/*.json.
+        categories: BBQ categories to keep (file names: Age, Gender_identity, SES, ...; repeat the option for
+            several); default all.
+        limit: Evaluate a seeded sample of this many items; null for all.
+        seed: Seed of the sample.
+        out: The results directory.
+        overwrite: Start this task afresh in --out even if it holds results made with other settings.
+        batch_size: Sequences per forward pass (requests in flight for an endpoint).
+        tokenizer: With --endpoint and paired sentences: the served model's tokenizer (a model directory, .gguf file
+            or embedded name); default --model.
+    """
+    from pathlib import Path
+
+    from mightylm.evaluate import bias as task
+
+    path = Path(data)
+    is_bbq = data != "pairs" and (path.is_dir() or path.suffix in (".gz", ".tgz", ".tar"))
+    backend = _backend(target, batch_size)
+    name = "bias_bbq" if is_bbq else "bias_pairs"
+    store = _store(out, name, _settings(target, data=data, categories=categories, limit=limit, seed=seed),
+                   overwrite=overwrite)
+
+    def sample(items: list) -> list:
+        import random
+
+        return items if limit is None or limit >= len(items) else random.Random(seed).sample(items, limit)
+
+    if is_bbq:
+        items = sample(task.bbq_examples(path, tuple(categories or ())))
+        _print(task.evaluate_bbq(store, items, backend, batch_size=batch_size), out)
+        return
+    pairs = sample(task.sentence_pairs() if data == "pairs" else task.read_pairs(path))
+    vocab = _endpoint_tokenizer(tokenizer or target.model) if target.endpoint else backend.tokenizer
+    summary = task.evaluate_pairs(store, pairs, backend, vocab, batch_size=batch_size)
+    for category, row in summary["by_category"].items():
+        low, high = row["share_ci95"]
+        print(f"  {category}: {row['pairs']} pairs, stereotype preferred in {row['stereotype_share']:.0%} "
+              f"[{low:.0%}, {high:.0%}], mean gap {row['mean_gap']:+.3f} nats")
+    _print(summary, out)
+
+
 def choice(
     data: str = "mmlu",
     target: Target = Target(),
@@ -474,4 +540,4 @@ def longctx(
 
 
 VERBS = {"perplexity": perplexity, "humaneval": humaneval, "arithmetic": arithmetic, "corr2cause": corr2cause,
-         "choice": choice, "emergence": emergence, "longctx": longctx}
+         "choice": choice, "emergence": emergence, "longctx": longctx, "bias": bias}
