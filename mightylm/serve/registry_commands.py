@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from mightylm.options import PositiveInt
+from mightylm.options import Fraction, PositiveFloat, PositiveInt
 
 LOCAL = "(local admin)"  # the actor of command-line calls: filesystem access is admin access
 
@@ -180,6 +180,40 @@ def adapters_share(registry: str, user: str, name: str, shared: bool = True) -> 
     print(f"{user}/{name}: shared={str(shared).lower()}")
 
 
+def personalize(registry: str, user: str, model: str = "smollm2-135m-instruct", name: str = "personal",
+                steps: PositiveInt = 60, rank: PositiveInt = 8, lr: PositiveFloat = 2e-3,
+                min_conversations: PositiveInt = 8, held_out: Fraction = 0.2, max_general_rise: PositiveFloat = 0.05,
+                max_bias_shift: PositiveFloat = 0.1, max_gap_rise: PositiveFloat = 0.25) -> None:
+    """Train a LoRA on a user's own logged conversations, register it, and make it live only if it passes.
+
+    The candidate must lower the user's held-out perplexity (their last conversations), keep the perplexity on
+    the embedded held-out text within --max_general_rise, and leave the bias probe (mighty eval bias's paired
+    sentences) within --max_bias_shift and --max_gap_rise of the base. The report says which check failed; a
+    candidate that failed stays registered (not live) with its evaluation.
+
+    Args:
+        registry: The state directory (its logs/USER.jsonl holds the conversations of users who opted in).
+        user: The user.
+        model: The base model the server runs.
+        name: The adapter's name (requests use "MODEL:NAME"); each run adds a version.
+        steps: Training steps (batches of 4 conversations).
+        rank: LoRA rank (alpha is twice it).
+        lr: Peak learning rate.
+        min_conversations: Refuse with fewer logged conversations than this.
+        held_out: Share of the user's conversations (the latest) kept for evaluation.
+        max_general_rise: Largest allowed relative rise of the general perplexity.
+        max_bias_shift: Largest allowed move of the stereotype share away from 0.5.
+        max_gap_rise: Largest allowed rise of the mean stereotype gap, in nats.
+    """
+    from mightylm.serve.personalize import Gate, personalize as run
+
+    reg, admin = _open(registry)
+    outcome = run(reg, admin, user, model=model, name=name, steps=steps, r=rank, lr=lr,
+                  min_conversations=min_conversations, held_out=held_out,
+                  gate=Gate(max_general_rise, max_bias_shift, max_gap_rise))
+    print(outcome.report(user, name))
+
+
 VERBS = {
     "users": {"_help": "Users of a personal-adapter registry and their API keys: add, key, list, forget, logging.",
               "add": users_add, "key": users_key, "list": users_list, "forget": users_forget, "logging": users_logging},
@@ -187,4 +221,5 @@ VERBS = {
                  "register": adapters_register, "list": adapters_list, "show": adapters_show,
                  "promote": adapters_promote, "rollback": adapters_rollback, "delete": adapters_delete,
                  "share": adapters_share},
+    "personalize": personalize,
 }
