@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: main test install bench clean browser llama-cpp
+.PHONY: main test install bench clean browser postgres llama-cpp
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 main: $(STAMP)
 	bash runs/main.sh
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(PY) -m pytest -q
 
 # The chat page is tested in a real headless Chromium: Debian's chromium + chromium-driver (about 20 s once).
@@ -31,6 +31,14 @@ browser:
 	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
 	  echo "WARNING: could not install Debian chromium + chromium-driver; the browser test will skip"; }
+
+# The registry's PostgreSQL tests start their own server from Debian's postgresql package (about 30 s once).
+# Without it (no apt, no root) those tests skip and say so.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q postgresql >/dev/null 2>&1; } || \
+	  echo "WARNING: could not install Debian postgresql; the registry's PostgreSQL tests will skip"; }
 
 bench: $(STAMP)
 	$(PY) bench/decode.py

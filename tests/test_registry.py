@@ -1,8 +1,15 @@
 """The personal-adapter registry (serve/registry.py): versions and promotion, ownership (every path), a restart,
 concurrent changes, "forget me", and the bad inputs (another base, a corrupt or locked database)."""
 
+import os
+import shutil
+import socket
 import sqlite3
+import subprocess
+import tempfile
 import threading
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -30,13 +37,58 @@ def adapters(base, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of our own on a free loopback port (Debian's server binaries; as root, run as the postgres
+    user), for the registry's tests; skipped, saying why, where it cannot start."""
+    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (Debian package postgresql; `make test` installs it where apt works)")
+    pytest.importorskip("psycopg", reason="psycopg is in the test extras: make install")
+    data = Path(tempfile.mkdtemp(prefix="mightylm-pg-"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(data, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run(*args):
+        return subprocess.run([*as_user, str(bindir / args[0]), *args[1:]], capture_output=True, text=True, timeout=120)
+
+    done = run("initdb", "-D", str(data / "db"), "-A", "trust", "-U", "postgres", "--no-sync")
+    if done.returncode == 0:
+        done = run("pg_ctl", "-D", str(data / "db"), "-w", "-l", str(data / "log"), "start", "-o",
+                   f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off")
+    if done.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
+        pytest.skip(f"could not start PostgreSQL: {(done.stderr or done.stdout)[-300:]}")
+    yield f"postgresql://postgres@127.0.0.1:{port}"
+    run("pg_ctl", "-D", str(data / "db"), "-m", "immediate", "stop")
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_registry(request, tmp_path):
+    """Registry(state) on SQLite, or on a fresh database of the test's PostgreSQL server."""
+    if request.param == "sqlite":
+        return lambda: Registry(tmp_path)
+    import psycopg
+
+    server = request.getfixturevalue("postgres")
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return lambda: Registry(tmp_path, url=f"{server}/{name}")
+
+
 def people(registry):
     keys = {name: registry.add_user(name, admin=name == "root") for name in ("alice", "bob", "root")}
     return {name: registry.user_of_key(key) for name, key in keys.items()}, keys
 
 
-def test_versions_promotion_rollback_and_a_restart(tmp_path, base, adapters):
-    registry = Registry(tmp_path)
+def test_versions_promotion_rollback_and_a_restart(open_registry, base, adapters):
+    registry = open_registry()
     users, keys = people(registry)
     alice, fp = users["alice"], base_fingerprint(base)
     v1 = registry.register(alice, "style", adapters / "a", fp, run="run-1")
@@ -52,14 +104,14 @@ def test_versions_promotion_rollback_and_a_restart(tmp_path, base, adapters):
     assert registry.resolve(alice, "style").version == 1
     assert registry.rollback(alice, "style").version == 2  # the version live before the live one: v2 again
     assert registry.rollback(alice, "style").version == 1
-    again = Registry(tmp_path)  # a restart: everything is still there, keys included
+    again = open_registry()  # a restart: everything is still there, keys included
     assert again.user_of_key(keys["alice"]) == alice and again.user_of_key("mk-wrong") is None
     assert [(r.version, r.status) for r in again.list(alice)] == [(1, "live"), (2, "retired")]
     assert again.resolve(alice, "style").run == "run-1"
 
 
-def test_a_user_never_reaches_another_users_adapters(tmp_path, base, adapters):
-    registry = Registry(tmp_path)
+def test_a_user_never_reaches_another_users_adapters(open_registry, base, adapters):
+    registry = open_registry()
     users, _ = people(registry)
     alice, bob, root = users["alice"], users["bob"], users["root"]
     fp = base_fingerprint(base)
@@ -104,8 +156,8 @@ def test_an_adapter_for_another_base_and_bad_names_are_refused(tmp_path, base, a
     assert registry.list(alice) == [] and not list((tmp_path / "adapters").glob("*/*/v*"))
 
 
-def test_concurrent_promotions_rollbacks_and_deletions_keep_one_live_version(tmp_path, base, adapters):
-    registry = Registry(tmp_path)
+def test_concurrent_promotions_rollbacks_and_deletions_keep_one_live_version(open_registry, tmp_path, base, adapters):
+    registry = open_registry()
     users, _ = people(registry)
     alice, root = users["alice"], users["root"]
     fp = base_fingerprint(base)
@@ -114,7 +166,7 @@ def test_concurrent_promotions_rollbacks_and_deletions_keep_one_live_version(tmp
     errors, done = [], []
 
     def worker(i):
-        other = Registry(tmp_path)  # as another server process would: its own connections
+        other = open_registry()  # as another server process would: its own connections
         for step in range(12):
             try:
                 kind = (i + step) % 4
@@ -142,12 +194,13 @@ def test_concurrent_promotions_rollbacks_and_deletions_keep_one_live_version(tmp
     assert len(versions) == len(set(versions)) and sum(r.status == "live" for r in records) <= 1
     on_disk = sorted(int(p.name[1:]) for p in (tmp_path / "adapters" / "alice" / "style").iterdir())
     assert on_disk == sorted(versions)  # every record has its files and no files lack a record
-    with sqlite3.connect(tmp_path / "registry.db") as con:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if registry.url is None:
+        with sqlite3.connect(tmp_path / "registry.db") as con:
+            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_forgetting_a_user_leaves_nothing_of_theirs(tmp_path, base, adapters):
-    registry = Registry(tmp_path)
+def test_forgetting_a_user_leaves_nothing_of_theirs(open_registry, tmp_path, base, adapters):
+    registry = open_registry()
     users, keys = people(registry)
     alice, bob = users["alice"], users["bob"]
     fp = base_fingerprint(base)
@@ -164,6 +217,12 @@ def test_forgetting_a_user_leaves_nothing_of_theirs(tmp_path, base, adapters):
     assert leftovers == []
     for file in tmp_path.glob("registry.db*"):  # the database itself (and its WAL) holds no trace of her
         assert b"alice" not in file.read_bytes(), file
+    if registry.url:  # PostgreSQL: no row anywhere names her
+        import psycopg
+
+        with psycopg.connect(registry.url) as con:
+            for table, column in (("users", "name"), ("keys", "owner"), ("adapters", "owner")):
+                assert con.execute(f"SELECT COUNT(*) FROM {table} WHERE {column} = 'alice'").fetchone()[0] == 0
     assert [r.owner for r in registry.list(bob)] == ["bob"]
 
 

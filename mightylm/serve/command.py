@@ -31,6 +31,7 @@ def serve(
     rope_scaling: str | None = None,
     prefill_chunk: PositiveInt = 512,
     registry: str | None = None,
+    registry_db: str | None = None,
     adapter_budget_mb: PositiveInt = 256,
     pin: list[str] | None = None,
 ) -> None:
@@ -74,6 +75,9 @@ def serve(
         registry: A state directory of personal adapters (made by `mighty users add`, filled by `mighty adapters
             register`): API keys then belong to its users, "MODEL:NAME" is the asking user's adapter NAME (its
             live version, loaded on first use), and users manage their own adapters under /admin/registry.
+        registry_db: With --registry: the records in this PostgreSQL database (postgresql://user@host/db; or the
+            MIGHTY_REGISTRY_DB environment variable, which keeps a password off the command line), shared by several
+            server processes; the adapter files stay under --registry, which they must all reach.
         adapter_budget_mb: With --registry: memory for loaded personal adapters; the least recently used are
             unloaded to make room (never pinned ones, nor one a request is using).
         pin: With --registry: OWNER/NAME adapters that stay loaded once used (repeatable).
@@ -137,7 +141,8 @@ def serve(
         if keys:
             raise UsageError("--registry gives every user their own API keys (mighty users add); drop --api-key, "
                              "--api-key-file and MIGHTY_API_KEY")
-        personal = PersonalAdapters(Registry(registry), engine, budget_bytes=adapter_budget_mb << 20,
+        url = registry_db or os.environ.get("MIGHTY_REGISTRY_DB") or None
+        personal = PersonalAdapters(Registry(registry, url=url), engine, budget_bytes=adapter_budget_mb << 20,
                                     pinned=tuple(pin or ()))
         print(f"personal adapters from {registry}: {len(personal.registry.users())} users, budget "
               f"{adapter_budget_mb} MiB", file=sys.stderr)

@@ -2,6 +2,8 @@
 directory that also holds the adapter files, so that records and files live and die together.
 
     STATE/registry.db                       users, keys (sha256 digests, never the keys), adapter records
+                                            (or, for several server processes, the same tables in PostgreSQL:
+                                            Registry(STATE, url="postgresql://..."), files still under STATE)
     STATE/adapters/OWNER/NAME/vVERSION/     the files a record points to (copied in when registered)
     STATE/logs/OWNER.jsonl                  conversations of users who opted in (the server appends)
 
@@ -33,19 +35,22 @@ from pathlib import Path
 from mightylm.errors import MightyError
 
 SCHEMA_VERSION = 1
+# One schema for SQLite and PostgreSQL ({id}: the auto-numbered key's type in each)
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY, admin INTEGER NOT NULL DEFAULT 0, log_conversations INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL);
+    created DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
-    digest TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE, created REAL NOT NULL);
+    digest TEXT PRIMARY KEY, owner TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    created DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS adapters (
-    id INTEGER PRIMARY KEY, owner TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE, name TEXT NOT NULL,
+    id {id}, owner TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE, name TEXT NOT NULL,
     version INTEGER NOT NULL, base TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('candidate', 'live', 'retired')), shared INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL, promoted REAL, parent INTEGER, run TEXT, evaluation TEXT,
+    created DOUBLE PRECISION NOT NULL, promoted DOUBLE PRECISION, parent INTEGER, run TEXT, evaluation TEXT,
     UNIQUE (owner, name, version));
-CREATE UNIQUE INDEX IF NOT EXISTS one_live ON adapters (owner, name) WHERE status = 'live';
+CREATE UNIQUE INDEX IF NOT EXISTS one_live ON adapters (owner, name) WHERE status = 'live'
 """
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 BUSY_SECONDS = 5.0
@@ -95,54 +100,59 @@ class Record:
 
 
 class Registry:
-    """The registry in `state` (created if missing). Safe to share between threads and processes: every call is
-    one short transaction on its own connection."""
+    """The registry in `state` (created if missing), its tables in `state`/registry.db or, given `url`
+    ("postgresql://..."), in that PostgreSQL database. Safe to share between threads and processes: every call is
+    one short transaction on its own connection, and writers take the tables in turn."""
 
-    def __init__(self, state: str | Path):
+    def __init__(self, state: str | Path, url: str | None = None):
         self.state = Path(state)
-        self.db = self.state / "registry.db"
+        self.url = url
+        self.db = url or self.state / "registry.db"  # what error messages name
         self.state.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # one writer per process at a time; SQLite serialises processes
-        with self._connect() as con:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RegistryError(f"{self.db}: written by a newer mightylm (schema {version}, this one knows "
+        self._lock = threading.Lock()  # one writer per process at a time; the database serialises processes
+        with self._write() as con:
+            for statement in SCHEMA.format(id="BIGSERIAL PRIMARY KEY" if url else "INTEGER PRIMARY KEY").split(";"):
+                con.execute(statement)
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                con.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise RegistryError(f"{self.db}: written by a newer mightylm (schema {row[0]}, this one knows "
                                     f"{SCHEMA_VERSION}); upgrade mightylm")
-            con.executescript(SCHEMA)
-            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ---- connections ----
 
     @contextmanager
     def _connect(self):
+        errors = _database_errors(self.url)
         try:
-            con = sqlite3.connect(self.db, timeout=BUSY_SECONDS, isolation_level=None)
-            con.execute("PRAGMA journal_mode = WAL")
-            con.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as e:
+            con = _Postgres(self.url) if self.url else _SQLite(self.db)
+        except errors as e:
             raise self._explain(e) from None
         try:
             yield con
-        except sqlite3.DatabaseError as e:
+        except errors as e:
             raise self._explain(e) from None
         finally:
             con.close()
 
-    def _explain(self, e: sqlite3.DatabaseError) -> RegistryError:
-        text = str(e)
-        if "locked" in text or "busy" in text:
+    def _explain(self, e: Exception) -> RegistryError:
+        text = str(e).strip()
+        if "locked" in text or "busy" in text or "lock timeout" in text:
             return RegistryError(f"{self.db}: locked by another process for over {BUSY_SECONDS:.0f} s ({text}); "
                                  "retry, or stop the process that holds it")
         if "not a database" in text or "malformed" in text or "corrupt" in text:
             return RegistryError(f"{self.db}: not a readable registry database ({text}); it was left as it is. Move "
                                  "it away to start an empty registry, or restore it from a backup")
-        return RegistryError(f"{self.db}: {text}")
+        if self.url and ("connect" in text or "connection" in text):
+            return RegistryError(f"cannot reach the registry database at {_safe(self.url)} ({text})")
+        return RegistryError(f"{_safe(str(self.db))}: {text}")
 
     @contextmanager
     def _write(self):
-        """One write transaction (BEGIN IMMEDIATE: taken whole or waited for, never interleaved)."""
+        """One write transaction, taken whole or waited for, never interleaved with another writer's."""
         with self._lock, self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
+            con.begin()
             try:
                 yield con
                 con.execute("COMMIT")
@@ -171,7 +181,7 @@ class Registry:
 
     def user_of_key(self, key: str) -> User | None:
         with self._connect() as con:
-            row = con.execute("SELECT u.name, u.admin, u.log_conversations FROM keys k JOIN users u ON u.name = k.user "
+            row = con.execute("SELECT u.name, u.admin, u.log_conversations FROM keys k JOIN users u ON u.name = k.owner "
                               "WHERE k.digest = ?", (_digest(key),)).fetchone()
         return None if row is None else User(row[0], bool(row[1]), bool(row[2]))
 
@@ -211,8 +221,8 @@ class Registry:
         log = self.log_path(user)
         had_log = log.exists()
         log.unlink(missing_ok=True)
-        with self._connect() as con:  # give the deleted rows' pages back to the file system, not just free-listed
-            con.execute("VACUUM")
+        with self._connect() as con:  # rewrite the file without the deleted rows' pages (not just free-listed)
+            con.vacuum()
         return {"user": user, "adapters": n, "log": had_log}
 
     # ---- adapters ----
@@ -262,11 +272,12 @@ class Registry:
         """The adapters `actor` may see: their own and the shared ones (an admin: everyone's, or `owner`'s)."""
         with self._connect() as con:
             if actor.admin:
-                rows = con.execute(f"SELECT {_COLUMNS} FROM adapters WHERE ? IS NULL OR owner = ? "
+                rows = con.execute(f"SELECT {_COLUMNS} FROM adapters WHERE CAST(? AS TEXT) IS NULL OR owner = ? "
                                    "ORDER BY owner, name, version", (owner, owner)).fetchall()
             else:
-                rows = con.execute(f"SELECT {_COLUMNS} FROM adapters WHERE (owner = ? OR shared = 1) AND (? IS NULL OR "
-                                   "owner = ?) ORDER BY owner, name, version", (actor.name, owner, owner)).fetchall()
+                rows = con.execute(f"SELECT {_COLUMNS} FROM adapters WHERE (owner = ? OR shared = 1) AND "
+                                   "(CAST(? AS TEXT) IS NULL OR owner = ?) ORDER BY owner, name, version",
+                                   (actor.name, owner, owner)).fetchall()
         return [_record(r) for r in rows]
 
     def show(self, actor: User, name: str, *, owner: str | None = None, version: int | None = None) -> Record:
@@ -356,6 +367,72 @@ class Registry:
     def _may_change(self, actor: User, record: Record) -> None:
         if record.owner != actor.name and not actor.admin:
             raise Forbidden(f"adapter {record.name!r} is shared with you by an admin: you may use it, not change it")
+
+
+class _SQLite:
+    def __init__(self, path: Path):
+        self.con = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+        self.con.execute("PRAGMA journal_mode = WAL")
+        self.con.execute("PRAGMA foreign_keys = ON")
+
+    def begin(self):
+        self.con.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+
+    def execute(self, sql: str, params=()):
+        return self.con.execute(sql, params)
+
+    def executemany(self, sql: str, rows):
+        self.con.executemany(sql, rows)
+
+    def vacuum(self):
+        self.con.execute("VACUUM")
+        self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and empty the write-ahead log that held them
+
+    def close(self):
+        self.con.close()
+
+
+class _Postgres:
+    """The same calls over psycopg: '?' placeholders become '%s'; a writer locks the tables it changes."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self.con = psycopg.connect(url, autocommit=True, connect_timeout=int(BUSY_SECONDS))
+        self.con.execute(f"SET lock_timeout = {int(BUSY_SECONDS * 1000)}")
+
+    def begin(self):
+        self.con.execute("BEGIN")
+        if self.con.execute("SELECT to_regclass('adapters')").fetchone()[0] is not None:
+            self.con.execute("LOCK TABLE users, keys, adapters IN SHARE ROW EXCLUSIVE MODE")
+
+    def execute(self, sql: str, params=()):
+        return self.con.execute(sql.replace("?", "%s"), params) if sql.strip() else self.con.execute("SELECT 1")
+
+    def executemany(self, sql: str, rows):
+        with self.con.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
+    def vacuum(self):
+        self.con.execute("VACUUM users, keys, adapters")
+
+    def close(self):
+        self.con.close()
+
+
+def _database_errors(url: str | None) -> tuple:
+    if not url:
+        return (sqlite3.DatabaseError,)
+    try:
+        import psycopg
+    except ImportError:
+        raise RegistryError(f"{_safe(url)}: a PostgreSQL registry needs psycopg: pip install 'psycopg[binary]'") from None
+    return (psycopg.Error,)
+
+
+def _safe(url: str) -> str:
+    """A connection URL without its password, for messages."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 _COLUMNS = ("id, owner, name, version, base, kind, path, status, shared, created, promoted, parent, run, evaluation")

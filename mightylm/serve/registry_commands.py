@@ -1,6 +1,8 @@
 """`mighty users ...` and `mighty adapters ...`: the registry of personal adapters (serve/registry.py) from the
 command line. Whoever can write the state directory manages it as an admin; `mighty serve --registry DIR`
-serves it, and users manage their own adapters over HTTP under /admin/registry."""
+serves it, and users manage their own adapters over HTTP under /admin/registry. With MIGHTY_REGISTRY_DB set to a
+PostgreSQL URL (postgresql://user@host/db), the records live there (shared by several servers) and the files
+under --registry."""
 
 from __future__ import annotations
 
@@ -11,10 +13,16 @@ from mightylm.options import Fraction, PositiveFloat, PositiveInt
 LOCAL = "(local admin)"  # the actor of command-line calls: filesystem access is admin access
 
 
+REGISTRY_DB_ENV = "MIGHTY_REGISTRY_DB"
+
+
 def _open(registry: str):
+    import os
+
     from mightylm.serve.registry import Registry, User
 
-    return Registry(registry), User(LOCAL, admin=True, log_conversations=False)
+    return Registry(registry, url=os.environ.get(REGISTRY_DB_ENV) or None), User(LOCAL, admin=True,
+                                                                                    log_conversations=False)
 
 
 def users_add(registry: str, user: str, admin: bool = False, log_conversations: bool = False) -> None:
