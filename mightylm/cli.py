@@ -31,6 +31,7 @@ def generate(
     draft_adapter: str | None = None,
     rope_scaling: str | None = None,
     rmt: str | None = None,
+    attention_sinks: str | None = None,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -64,11 +65,14 @@ def generate(
             yarn:4: four times the trained length), or none; what changed is printed to stderr.
         rmt: A `mighty finetune rmt` run directory: the prompt is read segment by segment into its memory and the
             reply decoded after it (its LoRA adapter applied to --model).
+        attention_sinks: SIZE[:SINKS]: keep only the first SINKS tokens (default 4) and the latest, SIZE in all
+            (StreamingLLM), positions counted within that cache: memory stays constant and text may run past the
+            model's context. Measured in bench/sinks.py: without the sinks such a window loses the text.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop=tuple(stop or ()))
+                        seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
     if rmt and (adapter or draft):
         from mightylm.errors import UsageError
 
@@ -95,6 +99,22 @@ def generate(
         print(timings.report(), file=sys.stderr)
         if spec_stats is not None:
             print(spec_stats.report(), file=sys.stderr)
+
+
+def _sinks(spec: str | None) -> tuple[int, int] | None:
+    """--attention_sinks SIZE[:SINKS] as (size, sinks)."""
+    if spec is None:
+        return None
+    from mightylm.errors import UsageError
+
+    size, _, sinks = spec.partition(":")
+    try:
+        size, sinks = int(size), int(sinks or 4)
+    except ValueError:
+        raise UsageError(f"--attention_sinks {spec!r}: give SIZE or SIZE:SINKS, e.g. 1024:4") from None
+    if not 0 <= sinks < size - 1:
+        raise UsageError(f"--attention_sinks {spec!r}: the cache needs more slots than sinks + 1")
+    return size, sinks
 
 
 def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter: str | None = None):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mightylm.errors import UsageError
-from mightylm.model import KVCache, Transformer
+from mightylm.model import KVCache, SinkKVCache, Transformer
 
 
 @dataclass
@@ -39,6 +39,9 @@ class Sampling:
     seed: int | None = None  # fixes sampling; same seed, same text
     stop_token_ids: tuple[int, ...] = ()  # end a sequence when one of these is produced
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (text-level, see stream_text)
+    # (cache size, sinks): StreamingLLM's cache (model.SinkKVCache) of a fixed size, for generating past the
+    # model's context with constant memory; one unpadded prompt length per batch
+    attention_sinks: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -123,7 +126,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     device = model.embed.weight.device
     width = max(len(p) for p in prompts)
     total = width + s.max_new_tokens
-    if total + model.prefix_len > model.config.max_seq_len:
+    if total + model.prefix_len > model.config.max_seq_len and s.attention_sinks is None:
         virtual = f" + {model.prefix_len} virtual tokens" if model.prefix_len else ""
         raise UsageError(f"prompt ({width} tokens) + max_new_tokens ({s.max_new_tokens}){virtual} exceeds the "
                          f"model's context of {model.config.max_seq_len} tokens")
@@ -135,13 +138,23 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     elif s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     idx, pad = _left_pad(prompts, 0, device)
-    # A sliding-window model's unpadded rows keep only their window (memory constant in the generated length)
-    window = model.config.sliding_window
-    rolling = window is not None and pad is None and total + model.prefix_len > window
-    cache = model.make_cache(len(prompts), total, rolling=rolling)
+    if s.attention_sinks is not None:
+        if pad is not None or model.prefix_len:
+            raise UsageError("attention sinks take prompts of one length per batch and no soft prompt")
+        size, sinks = s.attention_sinks
+        cache = SinkKVCache(model.config, len(prompts), size, sinks, dtype=model.embed.weight.dtype, device=device)
+        logits = prefill(model, idx[:, :size], cache)  # what fits at once, then the rest of the prompt one by one
+        for t in range(size, width):
+            logits = decode_one_token(model, idx[:, t], cache, t)
+    else:
+        # A sliding-window model's unpadded rows keep only their window (memory constant in the generated length)
+        window = model.config.sliding_window
+        rolling = window is not None and pad is None and total + model.prefix_len > window
+        cache = model.make_cache(len(prompts), total, rolling=rolling)
+        logits = prefill(model, idx, cache, pad)
     stops = torch.tensor(list(s.stop_token_ids) or [-1], device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    token = sample(prefill(model, idx, cache, pad), s, generator)
+    token = sample(logits, s, generator)
     for step in range(s.max_new_tokens):
         yield token
         done |= torch.isin(token, stops)

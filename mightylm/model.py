@@ -299,6 +299,57 @@ class RollingKVCache:
         return keys, values
 
 
+class SinkKVCache:
+    """StreamingLLM's cache (Xiao et al. 2024, "Efficient Streaming Language Models with Attention Sinks") for models
+    without a sliding window: the first `sinks` positions (the "attention sinks" that softmax leans on) and the most
+    recent ones, `size` slots in all, so memory stays constant however long the text. As the paper does, positions
+    are those within the cache, not in the text: keys are kept before RoPE and rotated at their place in the cache
+    at every step (sinks 0..S-1, then the recent ones in order), and a query takes the place after them, so RoPE never
+    sees a distance the model was not trained on. One sequence per row, no padding; after the first `size` tokens,
+    one token per call.
+    """
+
+    raw_keys = True  # Attention hands over keys before RoPE; `update` rotates them
+
+    def __init__(self, config: ModelConfig, batch_size: int, size: int, sinks: int = 4, *, dtype=torch.float32,
+                 device=None):
+        if not 0 <= sinks < size - 1:
+            raise ValueError(f"attention sinks: {sinks} sinks need a cache of more than {sinks + 1} slots, got {size}")
+        shape = (batch_size, config.n_kv_heads, size, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.size, self.sinks, self.batch_size = size, sinks, batch_size
+        cos, sin = rope_cos_sin(config, size)
+        self.cos, self.sin = cos.to(device, dtype)[None, None], sin.to(device, dtype)[None, None]  # (1, 1, size, hs)
+
+    def position(self, start: int) -> int:
+        """The cache position of the token at text position `start`: itself until the cache is full, then the last."""
+        return min(start, self.size - 1)
+
+    def _slot(self, p: int) -> int:
+        S = self.sinks
+        return p if p < S else S + (p - S) % (self.size - S)
+
+    def _order(self, end: int) -> torch.Tensor:
+        """Slots of the positions kept once text positions < `end` are in, sinks first, then oldest to newest."""
+        if end <= self.size:
+            return torch.arange(end)
+        recent = range(end - (self.size - self.sinks), end)
+        return torch.tensor([*range(self.sinks), *(self._slot(p) for p in recent)])
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        if T > 1 and start + T > self.size:
+            raise ValueError(f"attention sinks: {start + T} positions at once exceed the cache's {self.size}; feed "
+                             "the rest one token at a time")
+        slots = torch.tensor([self._slot(p) for p in range(start, start + T)])
+        self.k[layer][:, :, slots], self.v[layer][:, :, slots] = k, v
+        order = self._order(start + T)
+        n = len(order)
+        keys = apply_rope(self.k[layer][:, :, order], self.cos[:, :, :n], self.sin[:, :, :n])
+        return keys, self.v[layer][:, :, order]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -329,7 +380,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin)
+        if not getattr(cache, "raw_keys", False):  # SinkKVCache rotates keys at their place in the cache itself
+            k = apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, nkv, S, hs), S = start + T
         y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
@@ -586,6 +639,17 @@ class Transformer(nn.Module):
         if P and not with_prefix:
             start += P  # a later call (decoding): this sequence's cache slots sit behind its virtual tokens
         B, T, _ = x.shape
+        if isinstance(cache, SinkKVCache):  # queries sit at their place in the cache, not in the text
+            if pad is not None or P:
+                raise ValueError("attention sinks hold one unpadded sequence per row, without a soft prompt")
+            first = cache.position(start)  # several tokens at once only while they fit: then first == start
+            slots = torch.arange(first, first + T, device=x.device)
+            cos, sin = self.rope(first + T, x.device)
+            cos, sin = cos[slots][None, None].to(x.dtype), sin[slots][None, None].to(x.dtype)
+            mask = self._mask(slots, first + T, None, x.device)
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, cache, start)
+            return self.norm(x[:, -1:] if last_only else x)
         cos, sin = self.rope(start + T, x.device)
         slots = torch.arange(start, start + T, device=x.device)
         if pad is None:

@@ -121,3 +121,12 @@ def test_env_says_which_kernel_path_runs(capsys):
     expected = kernels.kernel_isa() or "unavailable"
     assert line.split()[1] == expected
     assert "torch:" in out and "CPU flags:" in out
+
+
+def test_attention_sinks_option_is_checked_and_generates(hf_dir, capsys):
+    arch, path, _ = hf_dir
+    for bad, said in (("x", "give SIZE or SIZE:SINKS"), ("4:4", "more slots than sinks + 1")):
+        assert main(["generate", "--model", str(path), "--prompt", "To be", "--attention_sinks", bad]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--prompt", "To be", "--temperature", "0", "--max-new-tokens", "8",
+                 "--attention_sinks", "16:2"]) == 0

@@ -268,3 +268,50 @@ def test_generation_with_a_rolling_cache_equals_the_full_cache():
     assert rolling[0] == ids[len(prompt):]
     with pytest.raises(ValueError, match="for sliding-window models"):
         tiny().make_cache(1, 10, rolling=True)
+
+
+def test_a_sink_cache_equals_the_full_cache_while_the_text_fits():
+    from mightylm.model import SinkKVCache
+
+    model = tiny(sliding_window=None)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        full = model(idx)
+        cache = SinkKVCache(model.config, 2, 16, sinks=4)
+        steps = [model(idx[:, :5], cache=cache, start=0)] + [model(idx[:, t:t + 1], cache=cache, start=t)
+                                                             for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceed the cache's 16"):
+        model(idx[:, :3], cache=cache, start=15)
+
+
+def test_past_its_size_a_sink_cache_sees_the_sinks_and_the_latest_tokens_at_positions_within_the_cache():
+    """One layer, so a token's key and value depend on the token alone: once the cache is full, each step's logits
+    equal a fresh forward over [the 2 sinks, the latest 6 tokens] at positions 0..7 (StreamingLLM's rule); memory
+    stays 8 slots."""
+    from mightylm.model import SinkKVCache
+
+    model = tiny(sliding_window=None, n_layers=1)
+    ids = torch.randint(0, 256, (1, 30))
+    cache = SinkKVCache(model.config, 1, 8, sinks=2)
+    with torch.no_grad():
+        model(ids[:, :8], cache=cache, start=0)
+        for t in range(8, 30):
+            step = model(ids[:, t:t + 1], cache=cache, start=t)[0, -1]
+            kept = torch.cat([ids[:, :2], ids[:, t - 5:t + 1]], dim=1)
+            torch.testing.assert_close(step, model(kept)[0, -1], atol=1e-5, rtol=1e-5)
+    assert cache.k[0].shape[2] == 8
+
+
+def test_generation_with_attention_sinks_runs_past_the_context_and_starts_like_the_full_cache():
+    from mightylm.generate import Sampling, generate
+
+    model = tiny(sliding_window=None, max_seq_len=32)
+    prompt = torch.randint(0, 256, (6,)).tolist()
+    with pytest.raises(Exception, match="exceeds the model's context of 32"):
+        generate(model, [prompt], Sampling(max_new_tokens=60))
+    sinks = generate(model, [prompt], Sampling(max_new_tokens=60, attention_sinks=(16, 4)))[0]
+    assert len(sinks) == 60
+    assert sinks[:10] == generate(model, [prompt], Sampling(max_new_tokens=10))[0]  # 16 positions: all fit
+    long_prompt = torch.randint(0, 256, (40,)).tolist()  # longer than the cache: the rest fed one by one
+    assert len(generate(model, [long_prompt], Sampling(max_new_tokens=5, attention_sinks=(16, 4)))[0]) == 5
