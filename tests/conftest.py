@@ -182,3 +182,26 @@ def serve_with_and_without_lora(served, tokenizer, lora_dir, dense, lora, max_ne
             expected = generate(lora if adapter else dense, [p], Sampling(max_new_tokens=max_new_tokens))[0]
         assert seq.generated == expected, adapter
     return seqs
+
+
+def run_app(app):
+    """Serve an ASGI app with uvicorn on a free loopback port in a daemon thread: (base URL, a stop function)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop

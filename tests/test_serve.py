@@ -15,6 +15,8 @@ import torch
 
 from mightylm.generate import Sampling, generate
 
+from conftest import run_app
+
 
 @pytest.fixture(scope="module")
 def tiny(bpe_tokenizer, tmp_path_factory):
@@ -53,8 +55,6 @@ def _reference(model, tokenizer, adapter_dir, text, max_tokens):
 
 class Server:
     def __init__(self, model, tokenizer, adapters=(), keys=(), **engine_args):
-        import uvicorn
-
         from mightylm.serve.adapters import AdapterBank
         from mightylm.serve.app import create_app
         from mightylm.serve.engine import Engine
@@ -63,18 +63,10 @@ class Server:
         for name, path in adapters:
             bank.add(name, path)
         self.engine = Engine(bank.model, tokenizer, bank, **engine_args).start()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, "tiny", api_keys=keys), log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
+        self.url, self._stop = run_app(create_app(self.engine, "tiny", api_keys=keys))
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        self._stop()
         self.engine.stop()
 
     def post(self, path, body, headers=None, raw=None):
