@@ -236,3 +236,25 @@ def test_packed_lora_finetune_trains_and_a_packed_soft_prompt_is_refused(tmp_pat
     capsys.readouterr()
     assert main(["finetune", "prompt", *common, "--out", str(tmp_path / "prompt")]) == 2
     assert "--sft.pack true cannot train a soft prompt" in capsys.readouterr().err
+
+
+def test_pretrain_goes_on_from_a_model_and_extends_its_context(tmp_path, corpus, capsys):
+    """--init trains a made model further: here on windows four times its trained length under YaRN x4; the result
+    records the scaling and the new context, and the shape options are refused beside --init."""
+    base = tmp_path / "base"
+    assert main(["pretrain", "--data", str(corpus), "--out", str(base), "--train.steps", "3", *TINY]) == 0
+    before, _ = mightylm.load(base)
+    trained = before.config.max_seq_len
+    out = tmp_path / "long"
+    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--init", str(base), "--seq_len",
+                 str(4 * trained), "--rope_scaling", "yarn:4", "--train.steps", "2", "--train.batch_size", "2"]) == 0
+    model, tokenizer = mightylm.load(out)
+    assert model.config.rope_scaling["type"] == "yarn" and model.config.max_seq_len == 4 * trained
+    assert model.config.rope_scaling["original_max_position_embeddings"] == trained
+    assert tokenizer.vocab_size == 300 and not torch.equal(model.embed.weight, before.embed.weight)
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "x"), "--init", str(base),
+                 "--dim", "64"]) == 2
+    assert "drop the shape options" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "y"), "--init", str(base), "--seq_len",
+                 str(2 * trained)]) == 2
+    assert "extend it with --rope_scaling" in capsys.readouterr().err

@@ -34,8 +34,13 @@ def pretrain(
     sample_prompts: list[str] | None = None,
     device: str = "cpu",
     router: Router = Router(),
+    init: str | None = None,
+    rope_scaling: str | None = None,
 ) -> dict:
-    """Pretrain a model from scratch on plain text.
+    """Pretrain a model from scratch on plain text, or go on training one (--init), e.g. to extend its context.
+
+    Context extension: `--init MODEL --seq_len 1024 --rope_scaling yarn:4` trains a model made at a short window on
+    windows of the new length (the text packed to it), positions past the old window under the new scaling.
 
     Args:
         data: A text file, a directory of .txt/.md/.jsonl files, a JSONL file with a "text" field, or the
@@ -61,6 +66,10 @@ def pretrain(
         device: Where to train (cpu, cuda).
         router: The router losses of a mixture-of-experts preset such as tiny-moe (--router.balance,
             --router.aux_coef, --router.z_coef).
+        init: Start from this model (a directory, .gguf file or embedded name): its shape, weights and tokenizer
+            (the shape options and --tokenizer are then not taken).
+        rope_scaling: With --init: train under another RoPE scaling, TYPE:FACTOR with linear, dynamic or yarn (e.g.
+            yarn:4 for four times the trained length; raise --seq_len to use it). The checkpoint records it.
     """
     import torch
 
@@ -82,7 +91,21 @@ def pretrain(
     check_text_files(files, encoding)
     overrides = {k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                         ffn_dim=ffn_dim).items() if v is not None}
-    ModelConfig.from_preset(preset, vocab_size=vocab_size, **overrides)  # a bad shape is refused before any work
+    if init is not None:
+        from mightylm.errors import UsageError
+
+        if overrides or tokenizer:
+            raise UsageError("--init trains that model as it is: drop the shape options and --tokenizer")
+        from mightylm.checkpoint import resolve
+
+        tokenizer = resolve(init)  # its tokenizer (a directory or a .gguf file), read in prepare()
+    elif rope_scaling:
+        from mightylm.errors import UsageError
+
+        raise UsageError("--rope_scaling is for going on training a model (--init); a new model learns its own "
+                         "positions up to --seq_len")
+    else:
+        ModelConfig.from_preset(preset, vocab_size=vocab_size, **overrides)  # a bad shape is refused before any work
     if not tokenizer:
         check_bpe_vocab(vocab_size)
     resume = prepare_out(out, verb="pretrain", resume=resume, overwrite=overwrite, inputs=[*files, tokenizer],
@@ -91,6 +114,10 @@ def pretrain(
     def prepare():
         if (resume or rank != 0) and (out / "tokenizer.json").exists():
             tok = Tokenizer.from_dir(out)
+        elif init is not None:
+            from mightylm.checkpoint import load_tokenizer
+
+            tok = load_tokenizer(init)
         elif tokenizer:
             tok = Tokenizer.from_dir(tokenizer)
         else:
@@ -102,19 +129,33 @@ def pretrain(
 
     tok, stream = rank0_first(rank, world, prepare)
     train_windows, val_windows = stream.split(seq_len, val_fraction)
-    config = ModelConfig.from_preset(preset, vocab_size=tok.vocab_size, max_seq_len=max(seq_len, 256), **overrides)
+    start = None
+    if init is not None:
+        start, _ = load(init)
+        if rope_scaling:
+            from mightylm.model import set_rope_scaling
+
+            print(set_rope_scaling(start, rope_scaling))
+        if seq_len > start.config.max_seq_len:
+            from mightylm.errors import UsageError
+
+            raise UsageError(f"--seq_len {seq_len} is past {init}'s context of {start.config.max_seq_len}; extend it "
+                             "with --rope_scaling (e.g. yarn:4)")
+        config = start.config
+    else:
+        config = ModelConfig.from_preset(preset, vocab_size=tok.vocab_size, max_seq_len=max(seq_len, 256), **overrides)
     recorded = read_run_args(out).get("model")
     if resume and recorded and recorded != json.loads(json.dumps(asdict(config))):
         differ = ", ".join(f"{k} {recorded.get(k)} -> {v}" for k, v in asdict(config).items() if recorded.get(k) != v)
         raise RunDirError(f"--resume: {out} trained another model shape than these options ask for ({differ}); "
                           "pass the run's own shape options, or start a new --out")
     torch.manual_seed(train.seed)
-    model = Transformer(config).to(device)
+    model = (start if start is not None else Transformer(config)).to(device)
     set_router_losses(model, **asdict(router))
     print(f"model: {config.n_params / 1e6:.2f}M parameters; data: {len(stream):,} tokens "
           f"({len(train_windows)} training and {len(val_windows)} validation windows of {seq_len})")
     if rank == 0:
-        write_run_args(out, {**read_run_args(out), "data": [str(d) for d in data], "preset": preset,
+        write_run_args(out, {**read_run_args(out), "data": [str(d) for d in data], "preset": preset, "init": init,
                              "model": asdict(config), "seq_len": seq_len, "world_size": world,
                              "train": asdict(train)})
     loader = Loader(train_windows, train.batch_size, seed=train.seed, pad_id=tok.pad_id or 0, rank=rank,
