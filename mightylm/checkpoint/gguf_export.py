@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from mightylm.checkpoint.build import CheckpointError
-from mightylm.checkpoint.names import GGUF_STACKED_EXPERTS, GGUF_TO_OURS, permute_qk, rename, tensor_transform
+from mightylm.checkpoint.names import (GGUF_STACKED_EXPERTS, GGUF_TENSOR_TRANSFORMS, GGUF_TO_OURS, permute_qk,
+                                       rename, tensor_transform)
 from mightylm.compress.gguf_blocks import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, dequantize_blocks,
                                           quantize_blocks)
 
@@ -235,9 +236,11 @@ def _gguf_tensors(model, tensors: dict[str, torch.Tensor]):
     c = model.config
     scaling = c.rope_scaling or {}
     if scaling.get("type") in ("llama3", "longrope"):
+        import dataclasses
+
         from mightylm.model import rope_frequencies
 
-        plain = 1.0 / (c.rope_theta ** (torch.arange(0, c.rotary_dim, 2, dtype=torch.int64).float() / c.rotary_dim))
+        plain = rope_frequencies(dataclasses.replace(c, rope_scaling=None))[0]
         yield "rope_freqs.weight", plain / rope_frequencies(c, c.max_seq_len)[0]
     stacks: dict[str, list] = {}
     for ours, values in tensors.items():
@@ -260,10 +263,8 @@ def _gguf_tensors(model, tensors: dict[str, torch.Tensor]):
         raise CheckpointError(f"incomplete experts: {sorted(stacks)}")
 
 
-QK_PERMUTATION = {"layers.{layer}.attn.q_proj.weight": (permute_qk, "n_heads"),
-            "layers.{layer}.attn.q_proj.bias": (permute_qk, "n_heads"),
-            "layers.{layer}.attn.k_proj.weight": (permute_qk, "n_kv_heads"),
-            "layers.{layer}.attn.k_proj.bias": (permute_qk, "n_kv_heads")}
+# The reader's per-key table (names.GGUF_TENSOR_TRANSFORMS: unpermute_qk) with the permutation the writer applies
+QK_PERMUTATION = {name: (permute_qk, field) for name, (_, field) in GGUF_TENSOR_TRANSFORMS.items()}
 
 
 def tensor_type(name: str, values: torch.Tensor, qtype: int) -> int:
