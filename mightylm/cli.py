@@ -32,6 +32,7 @@ def generate(
     rope_scaling: str | None = None,
     rmt: str | None = None,
     attention_sinks: str | None = None,
+    image: list[str] | None = None,
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -68,6 +69,9 @@ def generate(
         attention_sinks: SIZE[:SINKS]: keep only the first SINKS tokens (default 4) and the latest, SIZE in all
             (StreamingLLM), positions counted within that cache: memory stays constant and text may run past the
             model's context. Measured in bench/sinks.py: without the sinks such a window loses the text.
+        image: An image file (PNG, JPEG, WebP) for a vision-language model (a LLaVA directory or a `mighty finetune
+            vlm` model); repeat for several. The prompt marks each with <image> (e.g. "USER: <image>\nWhat is
+            this? ASSISTANT:"); a prompt without one gets it in front.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
@@ -82,14 +86,28 @@ def generate(
         from pathlib import Path
 
         adapter = rmt if (Path(rmt) / "adapter_config.json").is_file() else None
-    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
-    source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+    vision = _vision_model(model, image, dtype, adapter=adapter, draft=draft, rmt=rmt, sinks=attention_sinks,
+                           rope_scaling=rope_scaling)
+    if vision:
+        from mightylm.multimodal.generate import image_tokens, prompt_ids
+
+        vlm, tokenizer, images = vision
+        m, spec_stats = vlm.language, None
+        ids = prompt_ids(vlm, tokenizer, prompt, len(images), chat=chat)
+        source = lambda ids, s: image_tokens(vlm, ids, s, images)  # noqa: E731
+        prompt = ids
+    else:
+        m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
+        source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
     if rmt:
         from mightylm.rmt import generate_rmt, load_rmt
 
         wrapped = load_rmt(m, rmt, apply_adapter=False)
         source = lambda ids, s: generate_rmt(wrapped, ids, s)  # noqa: E731
-    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    if isinstance(prompt, list):
+        ids = prompt
+    else:
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
     for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
         sys.stdout.write(piece)
@@ -99,6 +117,28 @@ def generate(
         print(timings.report(), file=sys.stderr)
         if spec_stats is not None:
             print(spec_stats.report(), file=sys.stderr)
+
+
+def _vision_model(model: str, image: list[str] | None, dtype: str, **refused):
+    """(vlm, tokenizer, images) when `model` is a vision-language model, else None (refusing --image then)."""
+    from mightylm.errors import UsageError
+    from mightylm.multimodal.checkpoint import is_vlm
+
+    if not is_vlm(model):
+        if image:
+            raise UsageError(f"{model} is a text-only model; --image needs a vision-language model (a Hugging Face "
+                             "LLaVA directory or a `mighty finetune vlm` run's model directory)")
+        return None
+    given = [f"--{k}" for k, v in refused.items() if v]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be used with a vision-language model yet")
+    from mightylm.multimodal.checkpoint import load_vlm
+    from mightylm.multimodal.images import open_image
+
+    images = [open_image(p) for p in image or []]
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    vlm, tokenizer = load_vlm(model, dtype=getattr(__import__("torch"), dtype))
+    return vlm, tokenizer, images
 
 
 def _sinks(spec: str | None) -> tuple[int, int] | None:
@@ -150,6 +190,7 @@ def chat(
     gamma: PositiveInt = 4,
     draft_adapter: str | None = None,
     rope_scaling: str | None = None,
+    image: list[str] | None = None,
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -177,13 +218,25 @@ def chat(
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
         rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
             yarn:4: four times the trained length), or none; what changed is printed to stderr.
+        image: An image file for a vision-language model, attached to the first message (repeat for several);
+            during the chat, `/image FILE` attaches one to the next message.
     """
     from mightylm.errors import UsageError
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
-    source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+    vision = _vision_model(model, image, dtype, adapter=adapter, draft=draft, rope_scaling=rope_scaling)
+    if vision:
+        from mightylm.multimodal.generate import image_tokens, prompt_ids
+        from mightylm.multimodal.images import ImageError, open_image
+        from mightylm.multimodal.vlm import IMAGE_TOKEN
+
+        vlm, tokenizer, pending = vision
+        m, spec_stats = vlm.language, None
+    else:
+        m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
+        source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+    seen = []  # the images of the conversation so far, in order (a vision-language model)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -210,16 +263,35 @@ def chat(
         if text == "/exit":
             break
         if text == "/reset":
-            history = list(start)
+            history, seen = list(start), []
+            continue
+        if text.startswith("/image"):
+            if not vision:
+                print("(this model reads text only; /image needs a vision-language model)", file=sys.stderr)
+                continue
+            try:
+                pending.append(open_image(text.removeprefix("/image").strip()))
+            except ImageError as e:
+                print(f"({e})", file=sys.stderr)
             continue
         if not interactive:
             print(f"you> {text}")
+        if vision and pending:
+            text = (IMAGE_TOKEN + "\n") * len(pending) * (vlm.mode == "llava") + text
+            seen, pending = seen + pending, []
         history.append({"role": "user", "content": text})
-        ids = tokenizer.encode_chat(history)
+        encode = (lambda h: prompt_ids(vlm, tokenizer, "", len(seen), messages=list(h))) if vision \
+            else tokenizer.encode_chat
+        ids = encode(history)
         # Forget the oldest turns (keeping any system message) until the reply fits in the context.
         while len(ids) + max_new_tokens + m.prefix_len > m.config.max_seq_len and len(history) > len(start) + 1:
+            if vision:  # the forgotten turns' images go with them
+                gone = sum(h["content"].count(IMAGE_TOKEN) for h in history[len(start):len(start) + 2])
+                seen = seen[gone:]
             del history[len(start):len(start) + 2]
-            ids = tokenizer.encode_chat(history)
+            ids = encode(history)
+        if vision:
+            source = lambda ids, s, images=list(seen): image_tokens(vlm, ids, s, images)  # noqa: E731
         print("assistant> ", end="", flush=True)
         reply, timings = "", Timings()
         for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):

@@ -115,11 +115,13 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.inference_mode()
 def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
-                   row_seeds: list[int] | None = None) -> Iterator[torch.Tensor]:
+                   row_seeds: list[int] | None = None, *, embed=None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step; finished rows repeat a stop token.
 
     Stops when every row has produced a stop token or `max_new_tokens` is reached. `row_seeds`
-    (one per prompt) sample each row from its own generator instead of one for the batch.
+    (one per prompt) sample each row from its own generator instead of one for the batch. `embed`, a function
+    from the left-padded prompt ids (B, W) to their input embeddings (B, W, dim), replaces the embedding lookup
+    of the prompt (a vision-language model writes its image tokens over the placeholders there).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token")
@@ -139,7 +141,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
         generator = torch.Generator(device=device).manual_seed(s.seed)
     idx, pad = _left_pad(prompts, 0, device)
     if s.attention_sinks is not None:
-        if pad is not None or model.prefix_len:
+        if pad is not None or model.prefix_len or embed:
             raise UsageError("attention sinks take prompts of one length per batch and no soft prompt")
         size, sinks = s.attention_sinks
         cache = SinkKVCache(model.config, len(prompts), size, sinks, dtype=model.embed.weight.dtype, device=device)
@@ -151,7 +153,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
         window = model.config.sliding_window
         rolling = window is not None and pad is None and total + model.prefix_len > window
         cache = model.make_cache(len(prompts), total, rolling=rolling)
-        logits = prefill(model, idx, cache, pad)
+        logits = prefill(model, None, cache, pad, embeds=embed(idx)) if embed else prefill(model, idx, cache, pad)
     stops = torch.tensor(list(s.stop_token_ids) or [-1], device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     token = sample(logits, s, generator)

@@ -47,14 +47,18 @@ class AdaptionPrompt(nn.Module):
         super().__init__()
         self.prompt = nn.Parameter(init.detach().clone())  # (K, dim)
         self.gate = nn.Parameter(torch.zeros(1, n_heads, 1, 1, dtype=init.dtype, device=init.device))
+        # The multimodal variant (section 3.3): each row's projected global image feature (B, 1, dim), added to
+        # every prompt of the layer; set for the length of a forward pass or a generation by multimodal.adapter.
+        self.visual: torch.Tensor | None = None
 
     def forward(self, attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
         """q (B, nh, T, hs) -> the gated prompt attention (B, nh, T, hs) added to the block's own."""
-        K = self.prompt.shape[0]
-        k = attn.k_proj(self.prompt).view(1, K, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, nkv, K, hs)
-        v = attn.v_proj(self.prompt).view(1, K, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        prompt = self.prompt[None] if self.visual is None else self.prompt[None] + self.visual  # (1|B, K, dim)
+        B, K = prompt.shape[:2]
+        k = attn.k_proj(prompt).view(B, K, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1|B, nkv, K, hs)
+        v = attn.v_proj(prompt).view(B, K, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         group = attn.n_heads // attn.n_kv_heads  # grouped-query attention: each kv head serves `group` queries
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (1, nh, K, hs)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (1|B, nh, K, hs)
         scores = (q @ k.transpose(2, 3)) / math.sqrt(attn.head_dim)  # (B, nh, T, K)
         weights = self.gate.tanh() * F.softmax(scores.float(), dim=-1).to(q.dtype)
         return weights @ v

