@@ -735,9 +735,11 @@ def _verbs() -> dict:
     from mightylm.serve.registry_commands import VERBS as registry
 
     finetune = {"_help": "Fine-tune a model on instruction or chat JSONL: every weight (full), or an adapter "
-                         "(lora, qlora, prompt, ptuning, adapter), or a recurrent memory with LoRA (rmt).",
+                         "(lora, qlora, prompt, ptuning, adapter), or a recurrent memory with LoRA (rmt); or "
+                         "give a model sight (vlm).",
                 "full": r.finetune_full, "lora": r.finetune_lora, "qlora": r.finetune_qlora, "prompt": r.finetune_prompt,
-                "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter, "rmt": r.finetune_rmt}
+                "ptuning": r.finetune_ptuning, "adapter": r.finetune_adapter, "rmt": r.finetune_rmt,
+                "vlm": r.finetune_vlm}
     evaluate = {"_help": "Evaluate a model (local or behind an OpenAI-compatible endpoint) on a task: perplexity, "
                          "humaneval, arithmetic, corr2cause, choice, emergence, longctx, bias.", **evaluate}
     return {"generate": generate, "chat": chat, "pretrain": r.pretrain, "finetune": finetune, "merge": merge,

@@ -47,6 +47,7 @@ def llava_dir(tmp_path_factory):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.add_special_tokens([AddedToken("<image>", special=True)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the text as given
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8)
     text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -231,3 +232,82 @@ def test_multimodal_llama_adapter_leaves_the_model_unchanged_at_step_0(llava_dir
     assert vlm.image_tokens == 0
     with pytest.raises(SpliceError, match="takes its images through the adapter"):
         vlm(torch.tensor([[vlm.image_token_id, 5]]), pixels=pixels)
+
+
+def _data_url(image) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(_png(image)).decode()
+
+
+class _Reply:
+    def __init__(self, status_code: int, text: str):
+        self.status_code, self.text = status_code, text
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def _post(url: str, payload: bytes) -> _Reply:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=payload, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return _Reply(r.status, r.read().decode())
+    except urllib.error.HTTPError as e:
+        return _Reply(e.code, e.read().decode())
+
+
+def test_server_takes_image_url_parts_and_refuses_bad_images(llava_dir):
+    from conftest import run_app
+    from mightylm.generate import Sampling
+    from mightylm.multimodal.generate import image_tokens, prompt_ids
+    from mightylm.multimodal.llava import load_llava
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.app import create_app
+    from mightylm.serve.engine import Engine
+
+    path, _, _ = llava_dir
+    vlm, tokenizer = load_llava(path)
+    image = _image(7)
+    expected_ids = list(image_tokens(vlm, prompt_ids(vlm, tokenizer, PROMPT, 1), Sampling(max_new_tokens=8, temperature=0),
+                                     [image]))
+    expected = tokenizer.decode([t for t in expected_ids if t not in tokenizer.stop_token_ids])
+    engine = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=4, max_len=128, vision=vlm).start()
+    text_only = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=2, max_len=64).start()
+    url, stop = run_app(create_app(engine, "llava"))
+    url_text, stop_text = run_app(create_app(text_only, "text"))
+
+    def chat(base, parts, model="llava"):
+        return _post(f"{base}/v1/chat/completions", json.dumps({
+            "model": model, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": parts}]}).encode())
+
+    try:
+        with_image = [{"type": "text", "text": "USER : "}, {"type": "image_url", "image_url": {"url": _data_url(image)}},
+                      {"type": "text", "text": "t5 t7 ASSISTANT :"}]
+        # the chat template of this tokenizer is none: the parts join to PROMPT's text, the image where it stood
+        reply = chat(url, with_image)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+        bad = {
+            "not a readable image": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}],
+            "remote image URLs are not fetched": [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}],
+            "5 images in one request": [{"type": "image_url", "image_url": {"url": _data_url(image)}}] * 5,
+        }
+        for message, parts in bad.items():
+            r = chat(url, parts)
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        big = _post(f"{url}/v1/chat/completions", b"{" + b" " * (29 << 20) + b"}")
+        assert big.status_code == 413 and "20 MiB each" in big.json()["error"]["message"]
+        r = chat(url_text, with_image, "text")
+        assert r.status_code == 400 and "reads text only" in r.json()["error"]["message"]
+        again = chat(url, with_image)  # the server kept serving
+        assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == expected
+    finally:
+        stop()
+        stop_text()
+        engine.stop()
+        text_only.stop()

@@ -16,6 +16,7 @@ import torch
 from mightylm.model import IGNORE_INDEX
 
 IGNORE = IGNORE_INDEX  # the label the loss skips; the model's constant, under the name the data modules use
+PER_SAMPLE = {"image_features"}  # keys that hold one tensor per sample rather than one row per token
 
 
 def collate(items: list[dict], pad_id: int = 0) -> dict:
@@ -34,7 +35,9 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
             documents[row, :n] = item["documents"]
             documents[row, n:] = (item["documents"][-1] + 1) if n else 0
         batch["documents"] = documents
-    for key in items[0].keys() - {"input_ids", "labels", "documents"}:  # per-token extras (a teacher cache's top-k)
+    for key in items[0].keys() & PER_SAMPLE:  # one tensor per sample, of one shape (an image's features): stacked
+        batch[key] = torch.stack([item[key] for item in items])
+    for key in items[0].keys() - {"input_ids", "labels", "documents", *PER_SAMPLE}:  # per-token extras (top-k)
         first = items[0][key]
         extra = torch.zeros((len(items), width, *first.shape[1:]), dtype=first.dtype)
         for row, item in enumerate(items):

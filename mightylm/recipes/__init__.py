@@ -3,6 +3,7 @@
     pretrain.py  a model from scratch on plain text
     distill.py   a student trained on a teacher's distributions (knowledge distillation)
     finetune.py  full fine-tuning, the adapter methods and the recurrent memory (rmt) on instruction or chat JSONL
+    vlm.py       the two training stages of a vision-language model (and the multimodal LLaMA-Adapter)
     groups.py    the option groups they share (SFT data, LoRA, NF4, soft prompt) as dataclasses
     rundir.py    the run directory: ownership, resuming, run_args.json, torchrun ranks
 
@@ -18,6 +19,7 @@ from mightylm.recipes.finetune import (finetune_adapter, finetune_full, finetune
                                        finetune_prompt, finetune_qlora, finetune_rmt)
 from mightylm.recipes.groups import NF4, LoRA, Router, SFTData, SoftPrompt
 from mightylm.recipes.pretrain import pretrain
+from mightylm.recipes.vlm import VisionData, finetune_vlm
 
 __all__ = ["NF4", "LoRA", "Router", "SFTData", "SoftPrompt", "distill", "finetune_adapter", "finetune_full", "finetune_lora", "finetune_rmt",
-           "finetune_ptuning", "finetune_prompt", "finetune_qlora", "pretrain"]
+           "finetune_ptuning", "finetune_prompt", "finetune_qlora", "finetune_vlm", "pretrain", "VisionData"]

@@ -34,10 +34,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+import torch
+
+from mightylm.errors import MightyError
 from mightylm.generate import Sampling
+from mightylm.multimodal.images import MAX_IMAGE_BYTES
+from mightylm.multimodal.vlm import IMAGE_TOKEN
 from mightylm.serve.engine import Engine, QueueFull, Sequence, logprob_entries
 
 MAX_BODY = 1 << 20  # bytes
+MAX_IMAGE_BODY = 28 << 20  # bytes, for a vision-language model: a 20 MiB image is ~27 MiB as base64
+MAX_IMAGES = 4  # images in one chat request
 DRAIN_LIMIT = 16 << 20  # bytes of a refused body (413, 401) read and discarded before answering
 MAX_N = 8
 MAX_PROMPTS = 64  # prompts in one legacy completions request (a list of strings or of token-id lists)
@@ -119,10 +126,14 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
                 return error(401, "missing or invalid API key: send Authorization: Bearer KEY", "authentication_error")
         return await call_next(request)
 
+    vision = engine.vision  # a VisionLanguageModel: chat messages may carry images
+    body_limit = MAX_IMAGE_BODY if vision is not None else MAX_BODY
+
     async def body_of(request: Request, path: str) -> dict:
-        raw = await _read_body(request, keep=MAX_BODY)
+        raw = await _read_body(request, keep=body_limit)
         if raw is None:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+            raise ApiError(413, f"request body over {body_limit} bytes" + (
+                f" (images: at most {MAX_IMAGE_BYTES >> 20} MiB each)" if vision is not None else ""))
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -244,19 +255,78 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
                 raise ApiError(400, f"\"prompt\"[{i}] encodes to no tokens", param="prompt")
         return ids, texts
 
-    def chat_prompt(body: dict) -> list[int]:
+    def chat_messages(body: dict) -> tuple[list[dict], list[str]]:
+        """The conversation with text content, and the data URLs of its images in order. OpenAI's content parts
+        ({"type": "text", "text"} / {"type": "image_url", "image_url": {"url"}}) are joined; each image becomes the
+        model's placeholder where it stood."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "\"messages\" must be a non-empty list of {role, content}", param="messages")
+        out, urls = [], []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
-                raise ApiError(400, f"messages[{i}] must be {{\"role\": system|user|assistant, \"content\": string}}",
-                               param="messages")
+                    or not isinstance(m.get("content"), (str, list)):
+                raise ApiError(400, f"messages[{i}] must be {{\"role\": system|user|assistant, \"content\": string "
+                                    "or list of parts}", param="messages")
+            content = m["content"]
+            if isinstance(content, list):
+                text = ""
+                for j, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text" and isinstance(part.get("text"), str):
+                        text += part["text"]
+                    elif kind == "image_url":
+                        url = part.get("image_url")
+                        url = url.get("url") if isinstance(url, dict) else url
+                        if not isinstance(url, str):
+                            raise ApiError(400, f"messages[{i}].content[{j}]: image_url needs {{\"url\": ...}}",
+                                           param="messages")
+                        if vision is None:
+                            raise ApiError(400, f"messages[{i}].content[{j}]: this model reads text only; images "
+                                                "need a vision-language model", param="messages")
+                        if not url.startswith("data:"):
+                            raise ApiError(400, f"messages[{i}].content[{j}]: remote image URLs are not fetched; "
+                                                "send the image inline as a data: URL (data:image/png;base64,...)",
+                                           param="messages")
+                        urls.append(url)
+                        text += IMAGE_TOKEN + "\n"
+                    else:
+                        raise ApiError(400, f"messages[{i}].content[{j}] must be a text or image_url part",
+                                       param="messages")
+                content = text
+            out.append({"role": m["role"], "content": content})
+        if len(urls) > MAX_IMAGES:
+            raise ApiError(400, f"{len(urls)} images in one request; at most {MAX_IMAGES}", param="messages")
+        return out, urls
+
+    def chat_prompt(body: dict) -> list[int]:
+        messages, urls = chat_messages(body)
         try:
-            return tokenizer.encode_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+            if vision is not None:
+                from mightylm.multimodal.generate import prompt_ids
+
+                return prompt_ids(vision, tokenizer, "", len(urls), messages=messages)
+            return tokenizer.encode_chat(messages)
+        except MightyError as e:  # placeholders that do not match the images
+            raise ApiError(400, str(e), param="messages") from None
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+
+    def images_of(body: dict, path: str) -> torch.Tensor | None:
+        """The request's images as projected image tokens (N, T, dim), or None (a thread: the encoder runs)."""
+        if path != "/v1/chat/completions" or vision is None:
+            return None
+        _, urls = chat_messages(body)
+        if not urls:
+            return None
+        from mightylm.multimodal.images import decode_data_url, open_image
+
+        try:
+            images = [open_image(decode_data_url(u), name=f"image {k + 1}") for k, u in enumerate(urls)]
+        except MightyError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        with torch.inference_mode():
+            return vision.project(vision.encode(vision.processor(images)))
 
     def flag(body: dict, key: str) -> bool:
         value = body.get(key, False)
@@ -268,6 +338,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
         body = await body_of(request, path)
         adapter = await adapter_of(body, request)
         prompts, texts = prompts_of(body, path)
+        images = await asyncio.to_thread(images_of, body, path)
         echo, logprobs = flag(body, "echo"), body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_LOGPROBS):
@@ -301,7 +372,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
                 emit = (lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))(i)
                 seqs.append(engine.submit(Sequence(prompts[i // n], settings, emit, adapter=adapter,
                                                    ignore_eos=ignore_eos, logprobs=logprobs,
-                                                   speculative=speculative)))
+                                                   speculative=speculative, images=images)))
         except QueueFull as e:
             for seq in seqs:
                 seq.cancel()

@@ -46,7 +46,9 @@ def serve(
     seconds, then ends the rest and exits.
 
     Args:
-        model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
+        model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct); a
+            vision-language model (a LLaVA directory or a `mighty finetune vlm` run) takes images in chat messages
+            as OpenAI image_url parts with data: URLs (remote URLs are refused; at most 4 images of 20 MiB).
         host: The address to listen on; the default accepts connections from this machine only.
         port: The port to listen on.
         adapter: NAME=DIR: a LoRA, prompt-tuning or P-tuning adapter served as "MODEL:NAME" (repeat for several).
@@ -109,7 +111,17 @@ def serve(
                          "draft model")
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")
+    from mightylm.multimodal.checkpoint import is_vlm, load_vlm
+
+    vision = None
+    if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns request images into tokens
+        vision, tokenizer = load_vlm(model, dtype=getattr(__import__("torch"), dtype))
+        if vision.mode != "llava":
+            raise UsageError(f"{model}: the multimodal LLaMA-Adapter conditions the whole batch on one image; the "
+                             "server serves LLaVA-style models (image tokens in the text)")
+        net = vision.language
+    else:
+        net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")
     if rope_scaling:
         from mightylm.model import set_rope_scaling
 
@@ -129,7 +141,7 @@ def serve(
         speculate = getattr(speculate, "model", speculate)  # the engine keeps a draft model's cache itself
         print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step", file=sys.stderr)
     engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                    draft=speculate, gamma=gamma, prefill_chunk=prefill_chunk).start()
+                    draft=speculate, gamma=gamma, prefill_chunk=prefill_chunk, vision=vision).start()
     pool = sum(t.numel() * t.element_size() for t in engine.pool.k + engine.pool.v)
     print(f"KV-cache pool: {max_batch} x {engine.max_len} tokens (--max_batch x --max_len), up to "
           f"{pool / 2**20:,.0f} MiB as it fills", file=sys.stderr)

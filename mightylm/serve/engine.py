@@ -137,6 +137,7 @@ class Sequence:
     _generator: torch.Generator | None = None
     _error: str | None = None
     _alpha: float | None = None  # running acceptance of its drafts (None: not measured yet)
+    images: torch.Tensor | None = None  # projected image tokens (N, T_img, dim) written over the prompt's placeholders
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -155,7 +156,7 @@ class _Staging:
 
 class Engine:
     def __init__(self, model, tokenizer, bank, *, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048,
-                 draft=None, gamma: int = 4, always_speculate: bool = False, prefill_chunk: int = 512):
+                 draft=None, gamma: int = 4, always_speculate: bool = False, prefill_chunk: int = 512, vision=None):
         """`draft`: None, a speculative.PromptLookup, or a draft model sharing the target's vocabulary; `gamma`:
         the most drafted tokens a row takes per step; `always_speculate`: every step as wide as the drafts allow,
         whatever it costs (tests and benchmarks; by default each step's width is chosen by its expected speed);
@@ -164,6 +165,7 @@ class Engine:
         if gamma < 1:
             raise ValueError(f"gamma (drafted tokens per step) must be at least 1, got {gamma}")
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
+        self.vision = vision  # a VisionLanguageModel whose decoder is `model`: requests may carry images
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len, model.config.max_seq_len)
         self.pool = model.make_cache(max_batch, self.max_len)
@@ -292,9 +294,18 @@ class Engine:
         for seq in self.running + staged + list(self.waiting):
             self._finish_all(seq, "abort", "the server is shutting down")
 
-    def _embed(self, prompt: list[int], adapter: int) -> torch.Tensor:
-        """(P + T, dim): the adapter's virtual tokens, if any, then the prompt's token embeddings."""
-        rows = self.model.embed(torch.tensor(prompt, device=self.device))
+    def splice(self, idx: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if self.vision is None:
+            raise ValueError("this model reads text only")
+        return self.vision.embed(idx, images)
+
+    def _embed(self, prompt: list[int], adapter: int, images: torch.Tensor | None = None) -> torch.Tensor:
+        """(P + T, dim): the adapter's virtual tokens, if any, then the prompt's token embeddings (a vision-language
+        model's image tokens written over its placeholders: `self.splice`)."""
+        if images is not None:
+            rows = self.splice(torch.tensor([prompt], device=self.device), images)[0]
+        else:
+            rows = self.model.embed(torch.tensor(prompt, device=self.device))
         prefix = self.bank.prefix(adapter)
         return rows if prefix is None else torch.cat([prefix.to(rows.dtype), rows])
 
@@ -316,7 +327,8 @@ class Engine:
                     break  # one long prompt at a time; the queue keeps its order
                 with self.cond:
                     self.waiting.popleft()
-                self.staging = _Staging(seq, self._embed(seq.prompt, seq.adapter), self.model.make_cache(1, own))
+                self.staging = _Staging(seq, self._embed(seq.prompt, seq.adapter, seq.images),
+                                        self.model.make_cache(1, own))
                 reserved = True
                 continue
             need = max([own] + [n for _, n in group])
@@ -457,16 +469,16 @@ class Engine:
         kwargs = dict(cache=_Rows(self.pool, first, last), start=self.t - width, pad=self.pads[first:last],
                       last_only=True)
         try:
-            if all(need == len(seq.prompt) for seq, need in group):  # no soft prompt among them: token ids
+            if all(need == len(seq.prompt) and seq.images is None for seq, need in group):  # plain token ids
                 idx = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
                 for j, (seq, _) in enumerate(group):
                     idx[j, width - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
                 logits = self.model(idx, **kwargs)[:, -1]
-            else:  # soft prompts: each row's own virtual tokens before its prompt, as embeddings
+            else:  # soft prompts or images: each row's own embeddings (virtual tokens, image tokens)
                 weight = self.model.embed.weight
                 embeds = torch.zeros(len(group), width, weight.shape[1], dtype=weight.dtype, device=self.device)
                 for j, (seq, need) in enumerate(group):
-                    embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter)
+                    embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter, seq.images)
                 logits = self.model(embeds=embeds, **kwargs)[:, -1]
             self._draft_prefill(first, [seq for seq, _ in group])
         except Exception as e:  # take the group out again; alone, each fails or succeeds on its own
