@@ -370,30 +370,6 @@ def test_chat_page_is_served(server):
     assert "<title>mightylm chat</title>" in page and "/v1/chat/completions" in page and "stream: true" in page
 
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
-
-
-@pytest.fixture
-def browser(tmp_path):
-    import os
-
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("Debian chromium + chromium-driver are not installed; `make test` installs them")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=900,700", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-
-
 def test_chat_page_streams_a_reply_in_a_real_browser(server, tiny, browser, tmp_path):
     """Headless Chromium: pick an adapter, send a message, watch the reply arrive piece by piece; the text
     equals the greedy reply of the same conversation through the same adapter; a screenshot is kept."""

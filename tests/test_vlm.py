@@ -311,3 +311,50 @@ def test_server_takes_image_url_parts_and_refuses_bad_images(llava_dir):
         stop_text()
         engine.stop()
         text_only.stop()
+
+
+def test_chat_page_attaches_an_image_in_a_real_browser(llava_dir, browser, tmp_path):
+    """Headless Chromium: attach a PNG with the page's Image button, send a message; the reply equals the greedy
+    reply of the same conversation and image through `image_tokens`; the thumbnail shows in the log."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    from conftest import run_app
+    from mightylm.generate import Sampling
+    from mightylm.multimodal.generate import image_tokens, prompt_ids
+    from mightylm.multimodal.llava import load_llava
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.app import create_app
+    from mightylm.serve.engine import Engine
+
+    path, _, _ = llava_dir
+    vlm, tokenizer = load_llava(path)
+    _image(11).save(tmp_path / "photo.png")
+    messages = [{"role": "user", "content": "<image>\nt5 t7 ASSISTANT :"}]
+    ids = prompt_ids(vlm, tokenizer, "", 1, messages=messages)
+    engine = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=2, max_len=48, vision=vlm).start()
+    url, stop = run_app(create_app(engine, "llava"))
+    try:
+        s = Sampling(max_new_tokens=48 - len(ids), temperature=0, stop_token_ids=tokenizer.stop_token_ids)
+        expected = tokenizer.decode([t for t in image_tokens(vlm, ids, s, [Image.open(tmp_path / "photo.png")])
+                                     if t not in tokenizer.stop_token_ids])
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        temp = browser.find_element(By.ID, "temp")
+        temp.clear()
+        temp.send_keys("0")
+        browser.find_element(By.ID, "image").send_keys(str(tmp_path / "photo.png"))
+        wait.until(lambda d: d.find_element(By.ID, "pending").text == "photo.png")
+        browser.find_element(By.ID, "input").send_keys("t5 t7 ASSISTANT :", Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")
+                   and d.find_element(By.ID, "send").is_enabled())
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        reply = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .text").get_attribute("textContent")
+        assert reply == expected and reply
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.user img")  # the thumbnail
+        assert browser.find_element(By.ID, "pending").text == ""  # the image went with that message only
+    finally:
+        stop()
+        engine.stop()
