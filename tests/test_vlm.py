@@ -358,3 +358,83 @@ def test_chat_page_attaches_an_image_in_a_real_browser(llava_dir, browser, tmp_p
     finally:
         stop()
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory, bpe_tokenizer):
+    """A tiny decoder directory (with a ChatML tokenizer) and a tiny CLIPVisionModel directory with its processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from conftest import make_hf_model
+
+    root = tmp_path_factory.mktemp("vlm-parts")
+    make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size).save_pretrained(root / "language")
+    bpe_tokenizer.save(root / "language")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8)).save_pretrained(root / "vision")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "vision")
+    return root / "language", root / "vision"
+
+
+def test_image_chat_samples_score_only_the_answer(tiny_parts):
+    from mightylm.data.loader import Loader
+    from mightylm.model import IGNORE_INDEX
+    from mightylm.multimodal.checkpoint import build_vlm
+    from mightylm.multimodal.data import ImageChatDataset, cached_features, scenes
+
+    language, vision = tiny_parts
+    vlm, tokenizer = build_vlm(str(language), str(vision))
+    assert vlm.strategy == "default" and vlm.image_tokens == 16
+    samples = scenes(8, seed=0)
+    features = cached_features(vlm, [s.image for s in samples], None, progress=False)
+    data = ImageChatDataset(vlm, tokenizer, samples, features, stage=2)
+    item = data[0]
+    image = item["input_ids"] == vlm.image_token_id
+    assert int(image.sum()) == 16 and bool((item["labels"][image] == IGNORE_INDEX).all())
+    scored = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(scored).strip().startswith(samples[0].answer)
+    batch = Loader(data, 4).next_batch()
+    assert batch["image_features"].shape == (4, 16, 32)
+    with pytest.raises(ValueError, match="sample 0: .* over max_len 20; raise it"):
+        ImageChatDataset(vlm, tokenizer, samples, features, stage=2, max_len=20)
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "pixel_shuffle", "adapter"])
+def test_finetune_vlm_trains_saves_and_generates(tiny_parts, tmp_path, projector, capsys):
+    from mightylm.multimodal.checkpoint import load_vlm
+
+    language, vision = tiny_parts
+    out = tmp_path / "run"
+    argv = ["finetune", "vlm", "--model", str(language), "--vision", str(vision), "--stage", "2", "--projector",
+            projector, "--out", str(out), "--data.sources", "scenes", "--data.train_samples", "32",
+            "--data.test_samples", "8", "--train.steps", "12", "--train.batch_size", "4", "--train.lr", "3e-3"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["after"]) == {"colour", "shape", "count", "position"}
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    vlm, tokenizer = load_vlm(out)
+    assert vlm.mode == ("adapter" if projector == "adapter" else "llava")
+    _image(2, (64, 64)).save(tmp_path / "x.png")
+    assert main(["generate", "--model", str(out), "--image", str(tmp_path / "x.png"), "--prompt", "What colour?",
+                 "--chat", "true", "--temperature", "0", "--max_new_tokens", "4"]) == 0
+    # the run's model and a reload compute the same loss on a batch
+    from mightylm.data.loader import collate
+    from mightylm.multimodal.data import ImageChatDataset, cached_features, scenes
+
+    samples = scenes(4, seed=5)
+    features = cached_features(vlm, [s.image for s in samples], None, progress=False)
+    batch = collate([ImageChatDataset(vlm, tokenizer, samples, features, 2)[i] for i in range(4)])
+    again, _ = load_vlm(out)
+    with torch.no_grad():
+        a = vlm(batch["input_ids"], features=batch["image_features"].float(), labels=batch["labels"])
+        b = again(batch["input_ids"], features=batch["image_features"].float(), labels=batch["labels"])
+    assert float(a) == pytest.approx(float(b), abs=1e-6)
+
+
+def test_generate_image_on_a_text_model_is_refused(tiny_parts, tmp_path, capsys):
+    language, _ = tiny_parts
+    _image().save(tmp_path / "x.png")
+    assert main(["generate", "--model", str(language), "--image", str(tmp_path / "x.png"), "--prompt", "hi"]) == 2
+    assert "is a text-only model; --image needs a vision-language model" in capsys.readouterr().err
