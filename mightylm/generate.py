@@ -167,9 +167,9 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
 
 
 def generate(model: Transformer, prompts: list[list[int]], s: Sampling,
-             row_seeds: list[int] | None = None) -> list[list[int]]:
+             row_seeds: list[int] | None = None, *, embed=None) -> list[list[int]]:
     """Completions (token ids) for a batch of prompts; each ends at and includes its stop token."""
-    steps = list(generate_steps(model, prompts, s, row_seeds))
+    steps = list(generate_steps(model, prompts, s, row_seeds, embed=embed))
     out = []
     stops = set(s.stop_token_ids)
     for row in range(len(prompts)):

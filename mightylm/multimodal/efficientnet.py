@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # (repeats, kernel, stride, expansion, in, out) per stage: EfficientNet-B0's table (paper, table 1) at Lite0's

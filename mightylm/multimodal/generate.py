@@ -53,17 +53,24 @@ def looking_at(vlm: VisionLanguageModel, images: list, rows: int = 1):
     """While open: the `embed` function for generate_steps (image tokens written over the placeholders), or None
     for the adapter way in, whose layers are conditioned on the image until the block ends."""
     pixels = pixels_of(vlm, images)
-    features = None if pixels is None else vlm.encode(pixels)
+    with seeing(vlm, None if pixels is None else vlm.encode(pixels), rows) as embed:
+        yield embed
+
+
+@contextmanager
+def seeing(vlm: VisionLanguageModel, features: torch.Tensor | None, rows: int = 1):
+    """`looking_at` from encoder features (N, T, width) already computed (a feature cache): in reading order for
+    the image tokens, one per row for the adapter way in."""
     if vlm.mode == "adapter":
-        if features is not None and rows > 1:
-            raise UsageError("the multimodal LLaMA-Adapter decodes one image-conditioned prompt at a time")
-        vlm.condition(features)
+        if features is not None and features.shape[0] not in (1, rows):
+            raise UsageError("the multimodal LLaMA-Adapter takes one image per prompt")
+        vlm.condition(None if features is None else features.float())
         try:
             yield None
         finally:
             vlm.condition(None)
         return
-    projected = None if features is None else vlm.project(features)
+    projected = None if features is None else vlm.project(features.float())
     yield lambda idx: vlm.embed(idx, projected)
 
 

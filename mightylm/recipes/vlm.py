@@ -14,12 +14,9 @@ run directory ends with the model in our layout (vlm.json + projector + adapter:
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
 
 from mightylm.config import TrainConfig
 from mightylm.recipes.groups import LoRA
@@ -43,11 +40,6 @@ class VisionData:
     max_len: int = 256
 
 
-def vlm_loss(model, batch: dict) -> torch.Tensor:
-    """The next-token loss given cached image features (placeholder positions unscored)."""
-    return model(batch["input_ids"], features=batch["image_features"].float(), labels=batch["labels"])
-
-
 def load_samples(data: VisionData, split: str, seed: int):
     from mightylm.multimodal import data as d
 
@@ -63,55 +55,6 @@ def load_samples(data: VisionData, split: str, seed: int):
 
             raise UsageError(f"--data.sources: unknown source {source!r} (scenes, fashion)")
     return samples
-
-
-@torch.inference_mode()
-def answer_accuracy(vlm, tokenizer, samples, features, *, batch_size: int = 16, max_new_tokens: int = 6) -> dict:
-    """Exact-match accuracy per question type: the greedy reply, lower-cased without the final full stop, equals
-    the answer. Returns {type: {"accuracy", "n", "chance", "examples"}}."""
-    from mightylm.generate import Sampling, generate
-    from mightylm.multimodal.data import CHANCE, conversation
-    from mightylm.multimodal.generate import prompt_ids
-
-    settings = Sampling(max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=tokenizer.stop_token_ids)
-    by_kind: dict[str, list[int]] = {}
-    for i, sample in enumerate(samples):
-        by_kind.setdefault(sample.kind, []).append(i)
-    results = {}
-    for kind, rows in by_kind.items():
-        right, examples = 0, []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            prompts = [prompt_ids(vlm, tokenizer, "", 1, messages=conversation(samples[i], 2, "")[:2]) for i in chunk]
-            feats = torch.stack([features[i] for i in chunk]).float()
-            if vlm.mode == "adapter":
-                vlm.condition(feats)
-                try:
-                    replies = generate(vlm.language, prompts, settings)
-                finally:
-                    vlm.condition(None)
-            else:
-                projected = vlm.project(feats)
-                from mightylm.generate import generate_steps
-
-                steps = list(generate_steps(vlm.language, prompts, settings, embed=lambda idx: vlm.embed(idx, projected)))
-                stops = set(settings.stop_token_ids)
-                replies = []
-                for row in range(len(chunk)):
-                    ids = []
-                    for step in steps:
-                        if int(step[row]) in stops:
-                            break
-                        ids.append(int(step[row]))
-                    replies.append(ids)
-            for i, reply in zip(chunk, replies):
-                text = tokenizer.decode([t for t in reply if t not in settings.stop_token_ids]).strip()
-                ok = re.sub(r"[.!]+$", "", text.lower()).strip() == samples[i].answer
-                right += ok
-                if len(examples) < 3:
-                    examples.append({"answer": samples[i].answer, "reply": text})
-        results[kind] = {"accuracy": right / len(rows), "n": len(rows), "chance": CHANCE[kind], "examples": examples}
-    return results
 
 
 def finetune_vlm(
@@ -155,6 +98,7 @@ def finetune_vlm(
     from mightylm.multimodal.adapter import apply_multimodal_adapter
     from mightylm.multimodal.checkpoint import build_vlm, load_vlm, save_vlm
     from mightylm.multimodal.data import ImageChatDataset, cached_features
+    from mightylm.multimodal.score import answer_accuracy, captions, features_loss
     from mightylm.recipes.rundir import prepare_out, write_run_args
     from mightylm.train import fit
 
@@ -192,14 +136,14 @@ def finetune_vlm(
     write_run_args(out, {"model": model, "vision": vision, "stage": stage, "init": init, "projector": projector,
                          "data": asdict(data), "lora": asdict(lora), "train": asdict(train)})
     before = answer_accuracy(vlm, tokenizer, test_samples, test_features) if evaluate_before else None
-    summary = fit(vlm, loader, out, train, val=val, loss_fn=vlm_loss)
+    summary = fit(vlm, loader, out, train, val=val, loss_fn=features_loss)
     save_vlm(vlm, out)
     trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
     after = answer_accuracy(vlm, tokenizer, test_samples, test_features)
     results = {"stage": stage, "mode": vlm.mode, "projector": projector, "trainable_parameters": trainable,
                "train_seconds": summary["seconds"], "encode_seconds": encode_s, "steps": summary["step"],
                "val_loss": summary.get("val_loss"), "before": before, "after": after,
-               "captions": _captions(vlm, tokenizer, test_samples, test_features) if stage == 1 else None}
+               "captions": captions(vlm, tokenizer, test_samples, test_features) if stage == 1 else None}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for kind, r in after.items():
         was = f"{before[kind]['accuracy']:.0%} -> " if before else ""
@@ -207,30 +151,3 @@ def finetune_vlm(
     print(f"{trainable:,} trainable parameters, {summary['seconds']:.0f} s; the model is in {out}: "
           f"mighty generate --model {out} --image FILE --chat true --prompt \"...\"")
     return results
-
-
-@torch.inference_mode()
-def _captions(vlm, tokenizer, samples, features, n: int = 4) -> list[dict]:
-    from mightylm.generate import Sampling, generate_steps
-    from mightylm.multimodal.data import conversation
-    from mightylm.multimodal.generate import prompt_ids
-
-    out = []
-    for i in range(0, len(samples), max(1, len(samples) // n))[:n]:
-        messages = conversation(samples[i], 1, "")[:2]
-        ids = prompt_ids(vlm, tokenizer, "", 1, messages=messages)
-        feats = features[i:i + 1].float()
-        s = Sampling(max_new_tokens=16, temperature=0, stop_token_ids=tokenizer.stop_token_ids)
-        if vlm.mode == "adapter":
-            vlm.condition(feats)
-            embed = None
-        else:
-            projected = vlm.project(feats)
-            embed = lambda idx: vlm.embed(idx, projected)  # noqa: E731
-        try:
-            reply = [int(t[0]) for t in generate_steps(vlm.language, [ids], s, embed=embed)]
-        finally:
-            vlm.condition(None) if vlm.mode == "adapter" else None
-        out.append({"truth": samples[i].caption,
-                    "caption": tokenizer.decode([t for t in reply if t not in s.stop_token_ids]).strip()})
-    return out
