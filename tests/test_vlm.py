@@ -438,3 +438,48 @@ def test_generate_image_on_a_text_model_is_refused(tiny_parts, tmp_path, capsys)
     _image().save(tmp_path / "x.png")
     assert main(["generate", "--model", str(language), "--image", str(tmp_path / "x.png"), "--prompt", "hi"]) == 2
     assert "is a text-only model; --image needs a vision-language model" in capsys.readouterr().err
+
+
+def test_newer_llava_key_spelling_loads_the_same(llava_dir, tmp_path):
+    """model.language_model.*, lm_head.weight, model.vision_tower.*, model.multi_modal_projector.*"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mightylm.multimodal.llava import load_llava
+
+    path, reference, processor = llava_dir
+    newer = tmp_path / "newer"
+    shutil.copytree(path, newer)
+    renames = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+    tensors = {}
+    for name, t in load_file(str(path / "model.safetensors")).items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        tensors[name] = t
+    save_file(tensors, str(newer / "model.safetensors"))
+    vlm, _ = load_llava(newer)
+    inputs = processor(images=_image(), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(vlm(inputs["input_ids"], pixels=inputs["pixel_values"]), reference(**inputs).logits,
+                                   rtol=0, atol=1e-5)
+
+
+def test_chat_with_an_image_answers_as_generate_does(llava_dir, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    path, _, _ = llava_dir
+    _image(9).save(tmp_path / "img.png")
+    args = ["--model", str(path), "--image", str(tmp_path / "img.png"), "--temperature", "0", "--max_new_tokens", "6"]
+    assert main(["generate", *args, "--prompt", "t5 t7 ASSISTANT :", "--chat", "true"]) == 0
+    expected = capsys.readouterr().out.strip()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"t5 t7 ASSISTANT :\n")))
+    assert main(["chat", *args]) == 0
+    assert f"assistant> {expected}" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"/image {tmp_path / 'img.png'}\nt5 t7 ASSISTANT :\n".encode())))
+    assert main(["chat", "--model", str(path), "--temperature", "0", "--max_new_tokens", "6"]) == 0
+    assert f"assistant> {expected}" in capsys.readouterr().out  # /image attaches it to the next message
