@@ -35,6 +35,9 @@ QUESTIONS = {
     "class": "What item of clothing is this? Answer in one or two words.",
 }
 SYSTEM = "You look at images."
+# Every answer a question type can have: the closed set `score.choice_accuracy` ranks
+CANDIDATES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": NUMBERS[1:], "position": ("left", "right"),
+              "class": FASHION_CLASSES}
 CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "count": 1 / 4, "position": 1 / 2,
           "class": 1 / len(FASHION_CLASSES)}
 

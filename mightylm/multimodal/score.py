@@ -8,7 +8,7 @@ import re
 import torch
 
 from mightylm.generate import Sampling, generate
-from mightylm.multimodal.data import CHANCE, conversation
+from mightylm.multimodal.data import CANDIDATES, CHANCE, conversation
 from mightylm.multimodal.generate import prompt_ids, seeing
 
 
@@ -42,6 +42,37 @@ def answer_accuracy(vlm, tokenizer, samples, features, *, batch_size: int = 16, 
                     examples.append({"answer": samples[i].answer, "reply": text})
         results[kind] = {"accuracy": right / len(rows), "n": len(rows), "chance": CHANCE[kind], "examples": examples}
     return results
+
+
+@torch.inference_mode()
+def choice_accuracy(vlm, tokenizer, samples, features, *, batch_size: int = 8) -> dict:
+    """Closed-set accuracy per question type: the answer the model gives the highest log-probability among every
+    answer of its type (CANDIDATES), after the same prompt and image. Unlike exact match, it does not ask the
+    model to answer in the expected form, so an untrained model scores near chance: the baseline to beat."""
+    right: dict[str, list[int]] = {}
+    for start in range(0, len(samples), batch_size):
+        rows, image_of, spans = [], [], []  # one row per (sample, candidate); where its answer is
+        for i in range(start, min(start + batch_size, len(samples))):
+            prompt = prompt_ids(vlm, tokenizer, "", 1, messages=conversation(samples[i], 2, "")[:2])
+            for option in CANDIDATES[samples[i].kind]:
+                answer = tokenizer.encode(option, add_special_tokens=False)
+                rows.append(prompt + answer)
+                image_of.append(i)
+                spans.append((len(prompt), answer))
+        idx = torch.zeros(len(rows), max(map(len, rows)) - 1, dtype=torch.long)  # right-padded; causal, so harmless
+        for r, ids in enumerate(rows):
+            idx[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+        h = vlm.hidden(idx, features=features[image_of].float())
+        scores = []
+        for r, (begin, answer) in enumerate(spans):  # logits at the answers' positions only (the vocabulary is large)
+            logprobs = torch.log_softmax(vlm.language.head(h[r, begin - 1 + torch.arange(len(answer))]).float(), -1)
+            scores.append(float(logprobs[torch.arange(len(answer)), torch.tensor(answer)].sum()))
+        for i in sorted(set(image_of)):
+            options = CANDIDATES[samples[i].kind]
+            mine = [scores[r] for r in range(len(rows)) if image_of[r] == i]
+            best = options[max(range(len(options)), key=mine.__getitem__)]
+            right.setdefault(samples[i].kind, []).append(int(best == samples[i].answer))
+    return {kind: {"accuracy": sum(r) / len(r), "n": len(r), "chance": CHANCE[kind]} for kind, r in right.items()}
 
 
 @torch.inference_mode()

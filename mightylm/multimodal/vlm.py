@@ -96,19 +96,25 @@ class VisionLanguageModel(nn.Module):
                 labels: torch.Tensor | None = None, first_sample: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab), or the mean next-token loss with `labels` (placeholder positions carry no loss).
         Images come as encoder features (cached) or pixels, one per sample for the adapter way in."""
+        h = self.hidden(idx, features=features, pixels=pixels, first_sample=first_sample)
+        if labels is None:
+            return self.language.head(h)
+        return self.language.loss(h, labels.masked_fill(idx == self.image_token_id, IGNORE_INDEX))
+
+    def hidden(self, idx: torch.Tensor, *, features: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
+               first_sample: int = 0) -> torch.Tensor:
+        """The decoder's final hidden states (B, T, dim) for token ids and images (see `forward`)."""
         if features is None and pixels is not None:
             features = self.encode(pixels)
         if self.mode == "adapter":
             check_spans(idx == self.image_token_id, 0, 0, first_sample)
             self.condition(features)
             try:
-                return self.language(idx, labels=labels)
+                return self.language.trunk(self.language.inputs(idx))
             finally:
                 self.condition(None)
         x = self.embed(idx, None if features is None else self.project(features), first_sample=first_sample)
-        if labels is not None:
-            labels = labels.masked_fill(idx == self.image_token_id, IGNORE_INDEX)
-        return self.language(embeds=x, labels=labels)
+        return self.language.trunk(self.language.inputs(embeds=x))
 
 
 def check_spans(is_image: torch.Tensor, n_images: int, per_image: int, first_sample: int = 0) -> None:

@@ -8,7 +8,8 @@
 
 The encoder is frozen, so its features are computed once per image and cached on disk; training reads them. The
 run directory ends with the model in our layout (vlm.json + projector + adapter: `mighty generate --model DIR
---image ...`) and results.json: exact-match accuracy per question type on held-out samples.
+--image ...`) and results.json: per question type on held-out samples, exact match of the greedy reply and the
+closed-set choice (the most likely of the type's answers: near chance before training, whatever the reply's form).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def finetune_vlm(
     from mightylm.multimodal.adapter import apply_multimodal_adapter
     from mightylm.multimodal.checkpoint import build_vlm, load_vlm, save_vlm
     from mightylm.multimodal.data import ImageChatDataset, cached_features
-    from mightylm.multimodal.score import answer_accuracy, captions, features_loss
+    from mightylm.multimodal.score import answer_accuracy, captions, choice_accuracy, features_loss
     from mightylm.recipes.rundir import prepare_out, write_run_args
     from mightylm.train import fit
 
@@ -136,18 +137,23 @@ def finetune_vlm(
     write_run_args(out, {"model": model, "vision": vision, "stage": stage, "init": init, "projector": projector,
                          "data": asdict(data), "lora": asdict(lora), "train": asdict(train)})
     before = answer_accuracy(vlm, tokenizer, test_samples, test_features) if evaluate_before else None
+    choice_before = choice_accuracy(vlm, tokenizer, test_samples, test_features) if evaluate_before else None
     summary = fit(vlm, loader, out, train, val=val, loss_fn=features_loss)
     save_vlm(vlm, out)
     trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
     after = answer_accuracy(vlm, tokenizer, test_samples, test_features)
+    choice_after = choice_accuracy(vlm, tokenizer, test_samples, test_features)
     results = {"stage": stage, "mode": vlm.mode, "projector": projector, "trainable_parameters": trainable,
                "train_seconds": summary["seconds"], "encode_seconds": encode_s, "steps": summary["step"],
                "val_loss": summary.get("val_loss"), "before": before, "after": after,
+               "choice_before": choice_before, "choice_after": choice_after,
                "captions": captions(vlm, tokenizer, test_samples, test_features) if stage == 1 else None}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for kind, r in after.items():
         was = f"{before[kind]['accuracy']:.0%} -> " if before else ""
-        print(f"{kind:9s} {was}{r['accuracy']:.0%} exact match on {r['n']} held-out samples (chance {r['chance']:.0%})")
+        was_choice = f"{choice_before[kind]['accuracy']:.0%} -> " if choice_before else ""
+        print(f"{kind:9s} exact match {was}{r['accuracy']:.0%}, closed-set choice {was_choice}"
+              f"{choice_after[kind]['accuracy']:.0%} on {r['n']} held-out samples (chance {r['chance']:.0%})")
     print(f"{trainable:,} trainable parameters, {summary['seconds']:.0f} s; the model is in {out}: "
           f"mighty generate --model {out} --image FILE --chat true --prompt \"...\"")
     return results
