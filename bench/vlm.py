@@ -60,7 +60,8 @@ def main() -> None:
     first = runs["stage 1 (projector, captions)"]
     for title, before, after in (("exact match of the greedy reply", "before", "after"),
                                  ("closed-set choice (most likely answer of the type)", "choice_before", "choice_after")):
-        print(f"\n{title}, held-out samples ({', '.join(f'{k} {first[after][k][chr(110)]}' for k in kinds)}):")
+        counts = ", ".join(f"{k} {first[after][k]['n']}" for k in kinds)
+        print(f"\n{title}, held-out samples ({counts}):")
         print("\n| model | trainable | train s | " + " | ".join(kinds) + " |")
         print("|---|---:|---:|" + "---:|" * len(kinds))
         print("| chance | | | " + " | ".join(f"{first['after'][k]['chance']:.0%}" for k in kinds) + " |")
