@@ -39,10 +39,12 @@ ACTIVATIONS = {"gelu": "mlp2x_gelu"}
 
 
 def is_llava(path: Path) -> bool:
+    """A LLaVA directory; anything unreadable is not (its own loader then says what is wrong)."""
     try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "llava"
-    except (OSError, json.JSONDecodeError):
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):  # missing, not UTF-8, not JSON
         return False
+    return isinstance(config, dict) and config.get("model_type") == "llava"
 
 
 def load_llava(path: str | Path, *, dtype=torch.float32) -> tuple[VisionLanguageModel, Tokenizer | None]:
