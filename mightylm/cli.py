@@ -137,7 +137,7 @@ def _vision_model(model: str, image: list[str] | None, dtype: str, **refused):
 
     images = [open_image(p) for p in image or []]
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    vlm, tokenizer = load_vlm(model, dtype=getattr(__import__("torch"), dtype))
+    vlm, tokenizer = load_vlm(model, dtype=dtype)
     return vlm, tokenizer, images
 
 

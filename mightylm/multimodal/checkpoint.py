@@ -115,9 +115,10 @@ def save_vlm(vlm: VisionLanguageModel, path: str | Path, *, language: str | None
 
 
 def load_vlm(path: str | Path, *, dtype=torch.float32):
-    """(VisionLanguageModel, tokenizer) from a LLaVA directory or our layout."""
+    """(VisionLanguageModel, tokenizer) from a LLaVA directory or our layout; dtype a torch dtype or its name."""
     from mightylm.multimodal.llava import is_llava, load_llava
 
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = Path(path)
     if is_llava(path):
         vlm, tokenizer = load_llava(path, dtype=dtype)

@@ -168,7 +168,7 @@ class ImageChatDataset:
     def __init__(self, vlm, tokenizer, samples: list[Sample], features: torch.Tensor, stage: int, max_len: int = 256):
         from mightylm.data.sft import tokenize_chat
         from mightylm.model import IGNORE_INDEX
-        from mightylm.multimodal.vlm import IMAGE_TOKEN, check_spans
+        from mightylm.multimodal.vlm import IMAGE_TOKEN, check_spans, expand_images
 
         mark = IMAGE_TOKEN if vlm.mode == "llava" else ""
         self.items = []
@@ -177,7 +177,7 @@ class ImageChatDataset:
             if mark:  # each placeholder becomes the image's span; its positions are never scored
                 n = vlm.image_tokens
                 scored = [s for t, s in zip(ids, scored) for _ in range(n if t == vlm.image_token_id else 1)]
-                ids = [t for t in ids for _ in range(n if t == vlm.image_token_id else 1)]
+                ids = expand_images(ids, vlm.image_token_id, n)
             if len(ids) > max_len:
                 raise ValueError(f"sample {i}: {len(ids)} tokens with its image, over max_len {max_len}; raise it "
                                  "(an image span is never truncated)")

