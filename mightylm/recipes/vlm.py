@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from mightylm.config import TrainConfig
 from mightylm.recipes.groups import LoRA
@@ -61,9 +62,9 @@ def load_samples(data: VisionData, split: str, seed: int):
 def finetune_vlm(
     model: str = "smollm2-135m-instruct",
     vision: str = "efficientnet-lite0",
-    stage: int = 1,
+    stage: Literal[1, 2] = 1,
     init: str | None = None,
-    projector: str = "mlp2x_gelu",
+    projector: Literal["mlp2x_gelu", "linear", "pixel_shuffle", "adapter"] = "mlp2x_gelu",
     out: str = "runs/vlm",
     data: VisionData = VisionData(),
     lora: LoRA = LoRA(r=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -105,6 +106,8 @@ def finetune_vlm(
 
     if stage not in (1, 2):
         raise UsageError(f"--stage {stage}: 1 (alignment) or 2 (instruction tuning)")
+    if init and not (Path(init) / "vlm.json").is_file():
+        raise UsageError(f"--init {init}: not a `mighty finetune vlm` run (it has no vlm.json)")
     out = Path(out)
     prepare_out(out, verb="finetune vlm", resume=False, overwrite=overwrite, inputs=[model] + ([init] if init else []),
                 data={"sources": data.sources, "train_samples": data.train_samples, "stage": stage})
