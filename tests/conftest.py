@@ -118,7 +118,7 @@ def hf_dir(request, tmp_path_factory, bpe_tokenizer):
 
 
 def serve_all(engine, jobs, timeout: float = 60):
-    """Submit (prompt ids, Sampling, adapter id) jobs to a serve Engine together, run it until all are done, stop
+    """Submit (prompt ids, Sampling, adapter id[, more Sequence fields]) jobs to a serve Engine together, run it until all are done, stop
     it; returns their Sequences (`.generated` holds each one's tokens)."""
     import threading
 
@@ -134,8 +134,8 @@ def serve_all(engine, jobs, timeout: float = 60):
                     done.set()
         return emit
 
-    seqs = [Sequence(prompt, sampling, emit_for(i), adapter=adapter) for i, (prompt, sampling, adapter) in
-            enumerate(jobs)]
+    seqs = [Sequence(prompt, sampling, emit_for(i), adapter=adapter, **(more[0] if more else {}))
+            for i, (prompt, sampling, adapter, *more) in enumerate(jobs)]
     for seq in seqs:
         engine.submit(seq)
     engine.start()

@@ -483,3 +483,55 @@ def test_chat_with_an_image_answers_as_generate_does(llava_dir, tmp_path, monkey
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"/image {tmp_path / 'img.png'}\nt5 t7 ASSISTANT :\n".encode())))
     assert main(["chat", "--model", str(path), "--temperature", "0", "--max_new_tokens", "6"]) == 0
     assert f"assistant> {expected}" in capsys.readouterr().out  # /image attaches it to the next message
+
+
+def test_server_conditions_each_row_on_its_own_image_with_the_multimodal_adapter(llava_dir):
+    """The adapter way in: rows of one batch with different images (or none) each get the reply the model gives that
+    request alone, in the engine and over HTTP; a second image in one request is refused."""
+    from conftest import run_app, serve_all
+    from mightylm.generate import Sampling
+    from mightylm.multimodal.adapter import apply_multimodal_adapter, visual_terms
+    from mightylm.multimodal.generate import image_tokens, prompt_ids
+    from mightylm.multimodal.llava import load_llava
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.app import create_app
+    from mightylm.serve.engine import Engine
+
+    path, _, _ = llava_dir
+    vlm, tokenizer = load_llava(path)
+    apply_multimodal_adapter(vlm, layers=2, length=4)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for adaption in (b.attn.adaption for b in vlm.language.layers):
+            adaption.gate.fill_(3.0)  # gates well open: the image decides the reply
+        vlm.visual_prompt.weight.mul_(30)
+    text = "USER : t5 t7 ASSISTANT :"
+    ids = prompt_ids(vlm, tokenizer, text, 1)
+    s = Sampling(max_new_tokens=8, temperature=0)
+    images = [_image(1), _image(5, (40, 60)), None]
+    alone = [list(image_tokens(vlm, ids, s, [im] if im else [])) for im in images]
+    assert alone[0] != alone[1] or alone[0] != alone[2], "the images should change the reply for this test to mean much"
+    with torch.inference_mode():
+        terms = [visual_terms(vlm, vlm.encode(vlm.processor([im]))) if im else None for im in images]
+    engine = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=4, max_len=64, vision=vlm)
+    seqs = serve_all(engine, [(ids, s, 0, {"visual": t}) for t in terms])  # one batch: submitted before it starts
+    assert [seq.generated for seq in seqs] == alone
+
+    engine = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=4, max_len=64, vision=vlm).start()
+    url, stop = run_app(create_app(engine, "mm"))
+
+    def chat(n_images):
+        parts = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": _data_url(images[1])}}] * n_images
+        return _post(f"{url}/v1/chat/completions", json.dumps({
+            "model": "mm", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": parts}]}).encode())
+
+    try:
+        reply = chat(1)
+        assert reply.status_code == 200, reply.text
+        expected = tokenizer.decode([t for t in alone[1] if t not in tokenizer.stop_token_ids])
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+        r = chat(2)
+        assert r.status_code == 400 and "one image per prompt" in r.json()["error"]["message"], r.text
+    finally:
+        stop()
+        engine.stop()

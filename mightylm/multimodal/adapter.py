@@ -39,12 +39,30 @@ def adaption_modules(vlm) -> list[nn.Module]:
     return [block.attn.adaption for block in vlm.language.layers if getattr(block.attn, "adaption", None) is not None]
 
 
+def visual_terms(vlm, features: torch.Tensor) -> torch.Tensor:
+    """The images' encoder features (N, T, width) -> each image's term for the prompts (N, 1, dim): the projected
+    global feature."""
+    pooled = features.float().mean(dim=1).to(vlm.visual_prompt.weight.dtype)  # (N, width) global feature
+    return vlm.visual_prompt(pooled)[:, None, :]
+
+
 def set_visual(vlm, features: torch.Tensor | None) -> None:
     """Condition every adapted layer on the images' encoder features (B, T, width), one image per row, or clear it
     (None)."""
-    visual = None
-    if features is not None:
-        pooled = features.float().mean(dim=1).to(vlm.visual_prompt.weight.dtype)  # (B, width) global feature
-        visual = vlm.visual_prompt(pooled)[:, None, :]  # (B, 1, dim)
+    _set(vlm, None if features is None else visual_terms(vlm, features))
+
+
+def set_visual_rows(vlm, terms: list[torch.Tensor | None]) -> None:
+    """Condition each row of the next forward pass on its own image (a term from `visual_terms`, (1, dim)) or on
+    none (None: a zero term, which is the text-only prompt exactly): a server's batch mixes requests."""
+    if all(t is None for t in terms):
+        _set(vlm, None)
+        return
+    dim = next(t for t in terms if t is not None).shape[-1]
+    zero = vlm.visual_prompt.weight.new_zeros(1, dim)
+    _set(vlm, torch.stack([zero if t is None else t.reshape(1, dim) for t in terms]))  # (B, 1, dim)
+
+
+def _set(vlm, visual: torch.Tensor | None) -> None:
     for adaption in adaption_modules(vlm):
         adaption.visual = visual

@@ -90,6 +90,12 @@ class VisionLanguageModel(nn.Module):
 
         set_visual(self, features)
 
+    def condition_rows(self, terms: list[torch.Tensor | None]) -> None:
+        """The adapter way in, row by row: each row's image term (`visual_terms`, from its own request) or None."""
+        from mightylm.multimodal.adapter import set_visual_rows
+
+        set_visual_rows(self, terms)
+
     # ---- training and scoring ----
 
     def forward(self, idx: torch.Tensor, *, features: torch.Tensor | None = None, pixels: torch.Tensor | None = None,

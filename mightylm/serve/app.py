@@ -38,6 +38,7 @@ import torch
 
 from mightylm.errors import MightyError
 from mightylm.generate import Sampling
+from mightylm.multimodal.adapter import visual_terms
 from mightylm.multimodal.images import MAX_IMAGE_BYTES
 from mightylm.multimodal.vlm import IMAGE_TOKEN
 from mightylm.serve.engine import Engine, QueueFull, Sequence, logprob_entries
@@ -128,6 +129,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
 
     vision = engine.vision  # a VisionLanguageModel: chat messages may carry images
     body_limit = MAX_IMAGE_BODY if vision is not None else MAX_BODY
+    image_field = "visual" if vision is not None and vision.mode == "adapter" else "images"  # of a Sequence
 
     async def body_of(request: Request, path: str) -> dict:
         raw = await _read_body(request, keep=body_limit)
@@ -286,7 +288,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
                                                 "send the image inline as a data: URL (data:image/png;base64,...)",
                                            param="messages")
                         urls.append(url)
-                        text += IMAGE_TOKEN + "\n"
+                        text += IMAGE_TOKEN + "\n" if vision.mode == "llava" else ""  # the adapter way: not in the text
                     else:
                         raise ApiError(400, f"messages[{i}].content[{j}] must be a text or image_url part",
                                        param="messages")
@@ -309,7 +311,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
 
     def images_of(urls: list[str]) -> torch.Tensor | None:
-        """Images (data URLs) as projected image tokens (N, T, dim), or None (in a thread: the encoder runs)."""
+        """Images (data URLs) as projected image tokens (N, T, dim), or for the multimodal LLaMA-Adapter as the one
+        image's term for the prompts (1, 1, dim); None without images (in a thread: the encoder runs)."""
         if not urls:
             return None
         from mightylm.multimodal.images import decode_data_url, open_image
@@ -319,7 +322,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
         except MightyError as e:
             raise ApiError(400, str(e), param="messages") from None
         with torch.inference_mode():
-            return vision.project(vision.encode(vision.processor(images)))
+            features = vision.encode(vision.processor(images))
+            return vision.project(features) if vision.mode == "llava" else visual_terms(vision, features)
 
     def flag(body: dict, key: str) -> bool:
         value = body.get(key, False)
@@ -369,7 +373,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
                 emit = (lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))(i)
                 seqs.append(engine.submit(Sequence(prompts[i // n], settings, emit, adapter=adapter,
                                                    ignore_eos=ignore_eos, logprobs=logprobs,
-                                                   speculative=speculative, images=images)))
+                                                   speculative=speculative, **{image_field: images})))
         except QueueFull as e:
             for seq in seqs:
                 seq.cancel()

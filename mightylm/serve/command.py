@@ -48,7 +48,8 @@ def serve(
     Args:
         model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct); a
             vision-language model (a LLaVA directory or a `mighty finetune vlm` run) takes images in chat messages
-            as OpenAI image_url parts with data: URLs (remote URLs are refused; at most 4 images of 20 MiB).
+            as OpenAI image_url parts with data: URLs (remote URLs are refused; at most 4 images of 20 MiB; one
+            for a multimodal LLaMA-Adapter, which conditions each request's rows on its own image).
         host: The address to listen on; the default accepts connections from this machine only.
         port: The port to listen on.
         adapter: NAME=DIR: a LoRA, prompt-tuning or P-tuning adapter served as "MODEL:NAME" (repeat for several).
@@ -115,10 +116,7 @@ def serve(
 
     vision = None
     if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns request images into tokens
-        vision, tokenizer = load_vlm(model, dtype=dtype)
-        if vision.mode != "llava":
-            raise UsageError(f"{model}: the multimodal LLaMA-Adapter conditions the whole batch on one image; the "
-                             "server serves LLaVA-style models (image tokens in the text)")
+        vision, tokenizer = load_vlm(model, dtype=dtype)  # (or, the adapter way in, into each row's prompt term)
         net = vision.language
     else:
         net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")

@@ -138,6 +138,7 @@ class Sequence:
     _error: str | None = None
     _alpha: float | None = None  # running acceptance of its drafts (None: not measured yet)
     images: torch.Tensor | None = None  # projected image tokens (N, T_img, dim) written over the prompt's placeholders
+    visual: torch.Tensor | None = None  # or, for a multimodal LLaMA-Adapter, its image's term (1, 1, dim)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -245,7 +246,7 @@ class Engine:
         engine thread between steps: {"tokens", "token_logprobs" (first None), "top_logprobs", "text_offset"}."""
         def run():
             idx = torch.tensor([prompt], device=self.device)
-            self.bank.set_rows([adapter])
+            self._rows([adapter])
             if self.bank.prefix(adapter) is None:
                 logits = self.model(idx)
             else:
@@ -293,6 +294,13 @@ class Engine:
         staged = [self.staging.seq] if self.staging is not None else []
         for seq in self.running + staged + list(self.waiting):
             self._finish_all(seq, "abort", "the server is shutting down")
+
+    def _rows(self, adapters: list[int], visuals: list[torch.Tensor | None] | None = None) -> None:
+        """Before each forward pass: every row's LoRA adapter, and, for a multimodal LLaMA-Adapter, every row's
+        image (None: none, the text-only prompts)."""
+        self.bank.set_rows(adapters)
+        if self.vision is not None and self.vision.mode == "adapter":
+            self.vision.condition_rows(visuals or [None] * len(adapters))
 
     def _embed(self, prompt: list[int], adapter: int, images: torch.Tensor | None = None) -> torch.Tensor:
         """(P + T, dim): the adapter's virtual tokens, if any, then the prompt's token embeddings (a vision-language
@@ -357,7 +365,7 @@ class Engine:
             end = min(st.done + size, total)
             began = time.perf_counter()
             try:
-                self.bank.set_rows([st.seq.adapter])
+                self._rows([st.seq.adapter], [st.seq.visual])
                 st.logits = self.model(embeds=st.embeds[None, st.done:end], cache=st.cache, start=st.done,
                                        last_only=True)[:, -1]
             except Exception as e:  # this prompt's own failure
@@ -460,7 +468,7 @@ class Engine:
         first = self._seat(group)
         last = first + len(group)
         self.stats["prefill_passes"] += 1
-        self.bank.set_rows([seq.adapter for seq, _ in group])
+        self._rows([seq.adapter for seq, _ in group], [seq.visual for seq, _ in group])
         kwargs = dict(cache=_Rows(self.pool, first, last), start=self.t - width, pad=self.pads[first:last],
                       last_only=True)
         try:
@@ -511,7 +519,7 @@ class Engine:
             return
         n = len(self.running)
         tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
-        self.bank.set_rows([s.adapter for s in self.running])
+        self._rows([s.adapter for s in self.running], [s.visual for s in self.running])
         logits, seconds = timed(lambda: self.model(tokens[:, None], cache=_Rows(self.pool, 0, n), start=self.t,
                                                    pad=self.pads[:n])[:, -1], self.device)
         self.cost.observe(n, seconds)
@@ -565,7 +573,7 @@ class Engine:
         for i, (seq, (ts, _)) in enumerate(zip(self.running, drafts)):
             idx[i, 0] = seq.generated[-1]
             idx[i, 1:1 + len(ts)] = torch.tensor(ts, dtype=torch.long)  # a shorter row's last slots: never accepted
-        self.bank.set_rows([s.adapter for s in self.running])
+        self._rows([s.adapter for s in self.running], [s.visual for s in self.running])
         logits = self.model(idx.to(self.device), cache=_Rows(self.pool, 0, n), start=self.t,
                             pad=self.pads[:n])  # (n, width + 1, V)
         self.stats["speculative_passes"] += 1
