@@ -53,9 +53,10 @@ def generate(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: Print the prompt's prefill and the decoding speed (tokens/s) to stderr at the end.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (a quarter of the
-            memory, a faster start and decode), multiplied by native kernels that read the blocks; false dequantizes
-            them to --dtype at load. Other files and types, and any --dtype but float32, load dequantized.
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (a
+            quarter to a half of the memory, a faster start and decode), multiplied by native kernels that read the
+            blocks; false dequantizes them to --dtype at load. Other files and types, and any --dtype but float32,
+            load dequantized.
         draft: Speculative decoding (same output, fewer passes of the model): a smaller model with the same
             tokenizer (a directory, .gguf or embedded name), prompt-lookup (drafts copied from the prompt's n-grams;
             prompt-lookup:N for the longest n), or layers:N (the model's own first N blocks).
@@ -209,7 +210,7 @@ def chat(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (see
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (see
             `mighty generate --help`); false dequantizes them at load.
         draft: Speculative decoding: a smaller model with the same tokenizer, prompt-lookup, or layers:N (see
             `mighty generate --help`).

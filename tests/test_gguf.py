@@ -438,7 +438,7 @@ def test_our_gguf_reader_names_a_truncated_or_foreign_file(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16], ids=lambda q: q.name)
 def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_path, bpe_tokenizer):
     """keep_blocks=True: the projections and the head (tied to the embedding or not) stay as stored (GGUFLinear),
     multiplied by the native block kernels (one row, a few rows) or dequantized (many rows); logits equal those of
@@ -455,8 +455,8 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     modules = [m for m in kept.modules() if isinstance(m, GGUFLinear)]
     assert len(modules) == 7 * kept.config.n_layers + 1 and kept.applied("gguf_blocks")
     assert isinstance(kept.lm_head, GGUFLinear) and kept.lm_head.out_features == kept.config.vocab_size
-    per_block = GGML_QUANT_SIZES[qtype][1]  # bytes per 32 weights: 34, 18 or 20, as stored in the file
-    assert sum(m.weight.numel() for m in modules) == sum(m.in_features // 32 * per_block * m.out_features
+    block, size = GGML_QUANT_SIZES[qtype]  # bytes per 32 weights: 34, 18 or 20; 2 per F16 / BF16 value
+    assert sum(m.weight.numel() for m in modules) == sum(m.in_features // block * size * m.out_features
                                                          for m in modules)
     idx = torch.randint(0, dense.config.vocab_size, (2, 12))
     long_idx = torch.randint(0, dense.config.vocab_size, (2, 80))  # 160 rows: past KERNEL_ROWS, dequantized

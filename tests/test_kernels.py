@@ -115,3 +115,10 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
                 # float32 arithmetic in another order: float rounding, nothing more
                 torch.testing.assert_close(kernels.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
                                            atol=2e-6 * float(expected.abs().max()))
+        for ggml_type, dtype in ((1, torch.float16), (30, torch.bfloat16)):  # F16 / BF16 rows as stored
+            raw = (torch.randn(out, n_in) / 10).to(dtype).view(torch.uint8)  # (out, 2 in) bytes
+            for rows in (1, 15):
+                xs = torch.randn(rows, n_in)
+                expected = F.linear(xs, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
+                torch.testing.assert_close(kernels.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
+                                           atol=2e-6 * float(expected.abs().max()))

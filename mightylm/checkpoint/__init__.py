@@ -53,7 +53,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, d
 
     dtype: a torch dtype or its name ("bfloat16"). The tokenizer is None for a directory without
     tokenizer.json, or an error with `need_tokenizer` (for callers that encode text). keep_blocks: a GGUF
-    file's Q8_0 / Q4_0 / Q4_1 projections stay as stored (for inference; no effect on other files).
+    file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projections stay as stored (for inference; no effect on other files).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = resolve(path)

@@ -17,7 +17,7 @@ from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
 def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: bool = False):
     """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized; with
-    `keep_blocks`, the projections and the head stored as Q8_0 / Q4_0 / Q4_1 stay as stored
+    `keep_blocks`, the projections and the head stored as Q8_0 / Q4_0 / Q4_1 / F16 / BF16 stay as stored
     (compress/gguf_blocks.GGUFLinear). A head tied to the embedding then reads the table's blocks, while token
     lookups read the dequantized table."""
     file, meta = gguf_metadata(path)
@@ -125,7 +125,7 @@ def _stored(t) -> torch.Tensor:
 
     with warnings.catch_warnings():  # a read-only view of the map: copied at once
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(t.data).view(t.shape[0], -1).clone()
+        return torch.from_numpy(t.data).reshape(-1).view(torch.uint8).view(t.shape[0], -1).clone()  # F16: its bytes
 
 
 def gguf_metadata(path: Path):

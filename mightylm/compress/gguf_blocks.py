@@ -1,6 +1,6 @@
 """GGUF's block formats (ggml-common.h) as torch code: dequantizers, quantizers for the writer (byte for byte what
-the `gguf` package's numpy quantizers write), and `GGUFLinear`, a frozen linear layer that
-keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks exactly as stored (loading with keep_blocks=True), multiplied by a
+the `gguf` package's numpy quantizers write), and `GGUFLinear`, a frozen linear layer that keeps a GGUF file's
+Q8_0 / Q4_0 / Q4_1 blocks (and F16 / BF16 rows) exactly as stored (loading with keep_blocks=True), multiplied by a
 native kernel that reads the blocks (kernels/gguf_blocks.c), and dequantized where the kernel cannot serve (other
 dtypes, gradients to the input, many rows).
 
@@ -23,7 +23,7 @@ F32, F16, Q4_0, Q4_1, Q8_0, Q6_K, BF16 = 0, 1, 2, 3, 8, 14, 30
 # ggml type -> (values per block, bytes per block)
 BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q6_K: (256, 210)}
 TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q6_K: "Q6_K", BF16: "BF16"}
-KEPT = (Q8_0, Q4_0, Q4_1)  # the formats GGUFLinear keeps packed
+KEPT = (Q8_0, Q4_0, Q4_1, F16, BF16)  # the formats GGUFLinear keeps as stored
 
 
 def dequantize_blocks(raw: torch.Tensor, kind: int, shape) -> torch.Tensor:
@@ -105,8 +105,8 @@ def _quantize_32(x: torch.Tensor, kind: int) -> torch.Tensor:
 
 
 class GGUFLinear(nn.Module):
-    """A frozen linear layer holding a GGUF tensor's blocks as stored: `weight` is (out, in / 32 * block bytes)
-    uint8, `ggml_type` says which format."""
+    """A frozen linear layer holding a GGUF tensor's blocks as stored: `weight` is (out, row bytes) uint8 (in / 32
+    blocks, or in 16-bit values for F16 / BF16), `ggml_type` says which format."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, ggml_type: int = Q8_0,
                  device=None):
@@ -115,7 +115,8 @@ class GGUFLinear(nn.Module):
             raise ValueError(f"GGUFLinear keeps {[TYPE_NAMES[t] for t in KEPT]} with inputs a multiple of 32, got "
                              f"type {ggml_type} and {in_features} inputs")
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
-        row = in_features // 32 * BLOCKS[ggml_type][1]
+        per_block, block_bytes = BLOCKS[ggml_type]
+        row = in_features // per_block * block_bytes
         self.register_buffer("weight", torch.empty(out_features, row, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 

@@ -131,7 +131,7 @@ def set_kernel_isa(name: str) -> None:
 class Projection(ctypes.Structure):
     """gemv.c's mighty_proj: a float32 input-major weight (kind 0), int8 rows with their scales (1), NF4 codes
     with a float absmax per block and the 16 levels (2), int4 codes with a scale and zero per group (3), or GGUF
-    Q8_0/Q4_0/Q4_1 blocks as stored (4; `block` holds the ggml type), or 2:4 sparse kept values with their
+    Q8_0/Q4_0/Q4_1 blocks or F16/BF16 rows as stored (4; `block` holds the ggml type), or 2:4 sparse kept values with their
     positions in `index` (5)."""
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("levels", ctypes.c_void_p), ("block", ctypes.c_long), ("kind", ctypes.c_int),
@@ -223,11 +223,11 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 weight (out rows of in / 32 blocks, uint8) + bias, or
+    """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 / F16 / BF16 weight (out rows of its bytes) + bias, or
     None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
     unpacking)."""
     n_in = x.shape[-1]
-    if not (_float_rows(x) and n_in % 32 == 0 and ggml_type in (2, 3, 8)
+    if not (_float_rows(x) and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30)
             and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None

@@ -3,6 +3,8 @@
  *   Q4_0 (type 2):  fp16 d, 16 bytes                   w = d * q - 8 d
  *   Q4_1 (type 3):  fp16 d, fp16 m, 16 bytes           w = d * q + m
  * with byte j holding value j in its low nibble and value j + 16 in its high one. In short, w = d * q + c.
+ * F16 (type 1) and BF16 (type 30) rows are taken as blocks of 32 plain values (64 bytes; d = 1, c = 0), converted
+ * to float32 in registers (vcvtph2ps; a 16-bit shift for bfloat16).
  *
  *   y[r][0:out] = x[r][0:in] @ W^T (+ bias)      for each of `rows` rows of x
  *
@@ -18,7 +20,7 @@
 
 #include "kernels.h"
 
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, BF16 = 30 };
 
 /* Decoding reads each weight once, from L3 or memory; the hardware prefetchers of the machines here did not keep
  * ahead of two threads streaming blocks (perf: the stall sat on each block's first load), so the loop asks for the
@@ -33,7 +35,14 @@ static void fill_half_table(void) {
     for (int h = 0; h < 65536; h++) mighty_half_table[h] = _cvtsh_ss((unsigned short)h);
 }
 
-static inline long block_bytes(int type) { return type == Q8_0 ? 34 : type == Q4_1 ? 20 : 18; }
+static inline long block_bytes(int type) {
+    return type == Q8_0 ? 34 : type == Q4_1 ? 20 : type == Q4_0 ? 18 : 64;  /* F16, BF16: 32 values of 2 bytes */
+}
+
+static inline int plain(int type) { return type == F16 || type == BF16; }
+
+/* The block's scale d (1 for plain 16-bit values). */
+static inline float block_scale(const unsigned char *blk, int type) { return plain(type) ? 1.0f : half_to_float(blk); }
 
 /* The block's constant term c (see above). */
 static inline float block_offset(const unsigned char *blk, int type, float d) {
@@ -57,6 +66,14 @@ AVX512 void codes512(const unsigned char *blk, int type, __m512 *c0, __m512 *c1)
     if (type == Q8_0) {
         *c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
         *c1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+    } else if (type == F16) {
+        *c0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        *c1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+    } else if (type == BF16) {  /* bfloat16 is the top half of a float32 */
+        *c0 = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)blk)), 16));
+        *c1 = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + 32))), 16));
     } else {
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + block_bytes(type) - 16)));
         *c0 = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
@@ -68,8 +85,8 @@ AVX512 void codes512(const unsigned char *blk, int type, __m512 *c0, __m512 *c1)
 AVX512 __m512 block_dot512(const unsigned char *blk, int type, const float *xb, float xsum, float *off, float *d) {
     __m512 c0, c1;
     codes512(blk, type, &c0, &c1);
-    *d = half_to_float(blk);
-    if (type != Q8_0) *off += block_offset(blk, type, *d) * xsum;
+    *d = block_scale(blk, type);
+    if (type != Q8_0 && !plain(type)) *off += block_offset(blk, type, *d) * xsum;
     return _mm512_fmadd_ps(c1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(c0, _mm512_loadu_ps(xb)));
 }
 
@@ -103,7 +120,7 @@ AVX512 void many_rows512(const float *x, long ldx, const unsigned char *row, int
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         __m512 w0, w1;
         codes512(blk, type, &w0, &w1);
-        const float d = half_to_float(blk);
+        const float d = block_scale(blk, type);
         const __m512 vd = _mm512_set1_ps(d), vc = _mm512_set1_ps(block_offset(blk, type, d));
         w0 = _mm512_fmadd_ps(w0, vd, vc);
         w1 = _mm512_fmadd_ps(w1, vd, vc);
@@ -140,6 +157,12 @@ AVX2 void codes256(const unsigned char *blk, int type, __m256 c[4]) {
     if (type == Q8_0) {
         for (int k = 0; k < 4; k++)
             c[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * k))));
+    } else if (type == F16) {
+        for (int k = 0; k < 4; k++) c[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * k)));
+    } else if (type == BF16) {
+        for (int k = 0; k < 4; k++)
+            c[k] = _mm256_castsi256_ps(
+                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(blk + 16 * k))), 16));
     } else {
         const unsigned char *qs = blk + block_bytes(type) - 16;
         const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
@@ -162,12 +185,12 @@ AVX2 float one_row256(const float *x, const float *xsum, const unsigned char *ro
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         __m256 c[4];
         codes256(blk, type, c);
-        const float d = half_to_float(blk);
+        const float d = block_scale(blk, type);
         __m256 p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
         __m256 q = _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
         p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
         q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
-        if (type != Q8_0) off += block_offset(blk, type, d) * xsum[b];
+        if (type != Q8_0 && !plain(type)) off += block_offset(blk, type, d) * xsum[b];
         a0 = _mm256_fmadd_ps(p, _mm256_set1_ps(d), a0);
         a1 = _mm256_fmadd_ps(q, _mm256_set1_ps(d), a1);
     }
@@ -184,7 +207,7 @@ AVX2 void many_rows256(const float *x, long ldx, const unsigned char *row, int t
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         __m256 w[4];
         codes256(blk, type, w);
-        const float d = half_to_float(blk);
+        const float d = block_scale(blk, type);
         const __m256 vd = _mm256_set1_ps(d), vc = _mm256_set1_ps(block_offset(blk, type, d));
         for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(w[k], vd, vc);
         for (int r = 0; r < R; r++) {
@@ -220,7 +243,9 @@ static void gemm512(const float *x, long rows, const float *xsum, const unsigned
     for (long o = 0; o < out; o++) {
         if (type == Q8_0) out_row512(x, rows, xsum, W, Q8_0, bias, y, in, out, o);
         else if (type == Q4_0) out_row512(x, rows, xsum, W, Q4_0, bias, y, in, out, o);
-        else out_row512(x, rows, xsum, W, Q4_1, bias, y, in, out, o);
+        else if (type == Q4_1) out_row512(x, rows, xsum, W, Q4_1, bias, y, in, out, o);
+        else if (type == F16) out_row512(x, rows, xsum, W, F16, bias, y, in, out, o);
+        else out_row512(x, rows, xsum, W, BF16, bias, y, in, out, o);
     }
 }
 
@@ -231,11 +256,13 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
     for (long o = 0; o < out; o++) {
         if (type == Q8_0) out_row256(x, rows, xsum, W, Q8_0, bias, y, in, out, o);
         else if (type == Q4_0) out_row256(x, rows, xsum, W, Q4_0, bias, y, in, out, o);
-        else out_row256(x, rows, xsum, W, Q4_1, bias, y, in, out, o);
+        else if (type == Q4_1) out_row256(x, rows, xsum, W, Q4_1, bias, y, in, out, o);
+        else if (type == F16) out_row256(x, rows, xsum, W, F16, bias, y, in, out, o);
+        else out_row256(x, rows, xsum, W, BF16, bias, y, in, out, o);
     }
 }
 
-/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0; type 8, 2 or 3; bias may be NULL. */
+/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0; type 8, 2, 3, 1 or 30; bias may be NULL. */
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;

@@ -62,8 +62,8 @@ def serve(
         max_len: Tokens per sequence (prompt + completion), at most the model's context.
         dtype: Weight and activation precision (float32, bfloat16, float16).
         drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 projection and head weights as stored (float32 only), one
-            kernel call per projection for the whole batch; false dequantizes them at load.
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (float32
+            only), one kernel call per projection for the whole batch; false dequantizes them at load.
         draft: Speculative decoding: prompt-lookup (or prompt-lookup:N, the longest n-gram) or a smaller model
             sharing the vocabulary (a directory or .gguf). Each step verifies every row's drafted tokens in one
             pass and keeps exactly what the model itself would sample; a step speculates only when the measured
