@@ -2,7 +2,8 @@
 fresh process (torch in llama.cpp's process halves its speed), same file, same prompt tokens, greedy, decode only.
 
 Files: the embedded SmolLM2-135M-Instruct as shipped (Q4_1 projections, Q8_0 embedding and tied head) and the same
-weights re-quantized by the gguf package's quantizers to all-Q8_0 and all-Q4_0 (from the shipped file, dequantized).
+weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all-F16 and all-BF16 (from the shipped
+file, dequantized).
 Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times;
 the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
 read per token over the measured read bandwidth. llama.cpp runs with n_batch=1 (its batched quantized prefill
@@ -11,6 +12,7 @@ crashed on the Intel machine) and as many threads as torch uses here.
 llama.cpp comes from llama-cpp-python, a bench-only extra built from source (10-20 min), best in its own venv:
     python -m venv /tmp/cppvenv && /tmp/cppvenv/bin/pip install llama-cpp-python==0.3.36
     .venv/bin/python bench/gguf_decode.py --llama-python /tmp/cppvenv/bin/python [--repeats 3] [--new-tokens 64]
+        [--formats Q4_1 Q8_0 Q4_0 F16 BF16]
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PYTHON = str(ROOT / ".venv-llama/bin/python")  # `make llama-cpp`
+
+FORMATS = ("Q4_1", "Q8_0", "Q4_0", "F16", "BF16")  # Q4_1: the shipped file; the others re-quantized from it
 
 OURS = """
 import json, sys, time, torch
@@ -84,7 +88,7 @@ def requantized(source: str, qtype_name: str, directory: str) -> str:
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         if key == "general.file_type":
-            writer.add_file_type({"Q8_0": 7, "Q4_0": 2}[qtype_name])
+            writer.add_file_type({"Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32}[qtype_name])  # llama_ftype
             continue
         vtype = field.types[0]
         writer.add_key_value(key, field.contents(), vtype, field.types[-1] if vtype == GGUFValueType.ARRAY else None)
@@ -107,6 +111,7 @@ def main() -> None:
                    help="a Python with llama-cpp-python installed, in its own venv (default: .venv-llama from `make llama-cpp`)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     args = p.parse_args()
     import torch
 
@@ -126,8 +131,8 @@ def main() -> None:
     prompt = tokenizer.encode("The history of the printing press begins in the fifteenth century, when a goldsmith "
                               "in Mainz combined a screw press, oil-based ink and movable metal type")[:32]
     with tempfile.TemporaryDirectory() as scratch:
-        files = {"Q4_1 (as shipped)": shipped, "Q8_0": requantized(shipped, "Q8_0", scratch),
-                 "Q4_0": requantized(shipped, "Q4_0", scratch)}
+        files = {f"{name} (as shipped)" if name == "Q4_1" else name:
+                 shipped if name == "Q4_1" else requantized(shipped, name, scratch) for name in args.formats}
         print(f"{'file':18s} {'MiB':>5s} {'llama.cpp tok/s':>15s} {'mightylm tok/s':>14s} {'ratio':>6s} "
               f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree")
         for name, path in files.items():

@@ -448,7 +448,7 @@ def unfuse_projections_(model: Transformer) -> list[str]:
                 if child.bias is not None:  # q/k/v biases were views into the fused bias
                     getattr(module, child_name).bias = _param(child.bias.clone(), child.bias)
                 converted.append(f"{name}.{child_name}" if name else child_name)
-    if not model.embed.weight.is_contiguous():
+    if isinstance(model.embed, nn.Embedding) and not model.embed.weight.is_contiguous():
         model.embed.weight = _param(model.embed.weight.contiguous(), model.embed.weight)
     if type(model.lm_head) is DecodeLinear:
         _swap_linear(model, "lm_head", nn.Linear, model.embed.weight if model.config.tie_embeddings

@@ -125,7 +125,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token")
-    device = model.embed.weight.device
+    device = model.device
     width = max(len(p) for p in prompts)
     total = width + s.max_new_tokens
     if total + model.prefix_len > model.config.max_seq_len and s.attention_sinks is None:
@@ -144,7 +144,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
         if pad is not None or model.prefix_len or embed:
             raise UsageError("attention sinks take prompts of one length per batch and no soft prompt")
         size, sinks = s.attention_sinks
-        cache = SinkKVCache(model.config, len(prompts), size, sinks, dtype=model.embed.weight.dtype, device=device)
+        cache = SinkKVCache(model.config, len(prompts), size, sinks, dtype=model.dtype, device=device)
         logits = prefill(model, idx[:, :size], cache)  # what fits at once, then the rest of the prompt one by one
         for t in range(size, width):
             logits = decode_one_token(model, idx[:, t], cache, t)

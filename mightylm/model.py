@@ -565,6 +565,15 @@ class Transformer(nn.Module):
         return None if record is None else {k: v for k, v in record.items() if k != "kind"}
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the activations: the embedding table's (a table kept as GGUF blocks says its own)."""
+        return self.embed.dtype if hasattr(self.embed, "blocks") else self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device if hasattr(self.embed, "blocks") else self.embed.weight.device
+
+    @property
     def head_shares_embedding(self) -> bool:
         """The head is the embedding table (tied, and not replaced by a quantized copy)."""
         return self.config.tie_embeddings and isinstance(self.lm_head, nn.Linear)
@@ -583,8 +592,8 @@ class Transformer(nn.Module):
                    rolling: bool = False) -> KVCache | RollingKVCache:
         """A KV cache for `length` real tokens per row (room for the virtual ones is added); `rolling`, for a
         sliding-window model: a RollingKVCache of the window's size, whatever `length` is."""
-        dtype = dtype or self.embed.weight.dtype
-        device = device or self.embed.weight.device
+        dtype = dtype or self.dtype
+        device = device or self.device
         if rolling:
             if self.config.sliding_window is None:
                 raise ValueError("a rolling KV cache is for sliding-window models; this one attends to every position")

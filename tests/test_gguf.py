@@ -445,7 +445,7 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     the dequantized float32 model within float32 rounding, in prefill, in single-token decoding and through the
     fused native block."""
     from mightylm.checkpoint import CheckpointError
-    from mightylm.compress.gguf_blocks import KERNEL_ROWS, GGUFLinear
+    from mightylm.compress.gguf_blocks import KERNEL_ROWS, GGUFEmbedding, GGUFLinear
     from mightylm.fuse import fuse_projections_
 
     hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
@@ -455,6 +455,11 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     modules = [m for m in kept.modules() if isinstance(m, GGUFLinear)]
     assert len(modules) == 7 * kept.config.n_layers + 1 and kept.applied("gguf_blocks")
     assert isinstance(kept.lm_head, GGUFLinear) and kept.lm_head.out_features == kept.config.vocab_size
+    # the table stays as stored too (lookups dequantize their rows); a tied head reads the very same bytes
+    assert isinstance(kept.embed, GGUFEmbedding) and kept.dtype == torch.float32
+    assert (kept.lm_head.weight.data_ptr() == kept.embed.blocks.data_ptr()) == kept.config.tie_embeddings
+    some = torch.randint(0, dense.config.vocab_size, (3, 5))
+    assert torch.equal(kept.embed(some), dense.embed(some))
     block, size = GGML_QUANT_SIZES[qtype]  # bytes per 32 weights: 34, 18 or 20; 2 per F16 / BF16 value
     assert sum(m.weight.numel() for m in modules) == sum(m.in_features // block * size * m.out_features
                                                          for m in modules)
@@ -479,6 +484,21 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
         torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
     with pytest.raises(CheckpointError, match="keeps a GGUF file's blocks"):
         mightylm.save(kept, None, tmp_path / "out")
+
+
+def test_the_embedded_model_keeps_no_float_copy_of_its_weights():
+    """`mighty generate`'s default load of the shipped Q4_1/Q8_0 file: every weight matrix, the embedding table
+    included, stays as its stored bytes (92 MiB), read from the file rather than through its map; what is float32
+    is the norms (~0.1 MiB). This is what keeps resident memory near llama.cpp's (bench/RESULTS.md)."""
+    from mightylm.compress.gguf_blocks import GGUFEmbedding
+
+    model, _ = mightylm.load("smollm2-135m-instruct", keep_blocks=True)
+    sizes = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+    assert isinstance(model.embed, GGUFEmbedding)
+    assert sizes[torch.uint8] == pytest.approx(96.5e6, rel=0.01) and sizes[torch.float32] < 1e6, sizes
+    assert model.lm_head.weight.data_ptr() == model.embed.blocks.data_ptr()
 
 
 def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):

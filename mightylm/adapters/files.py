@@ -59,10 +59,11 @@ def base_fingerprint(model) -> str:
 
     import torch
 
-    weight = model.embed.weight.detach()
-    rows = torch.linspace(0, weight.shape[0] - 1, 8).long()
+    rows = torch.linspace(0, model.config.vocab_size - 1, 8).long()
     digest = hashlib.sha256(json.dumps(model.config.to_hf(), sort_keys=True).encode())
-    digest.update(weight[rows].float().cpu().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    with torch.no_grad():  # (a lookup: the table may be kept as GGUF blocks)
+        values = model.embed(rows.to(model.device))
+    digest.update(values.float().cpu().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

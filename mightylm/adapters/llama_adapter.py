@@ -83,7 +83,6 @@ def apply_llama_adapter(model: nn.Module, layers: int | None = None, length: int
     # N(0, 1) vectors times the layer's attention-norm gain: the scale those projections see (the
     # authors' nn.Embedding init is N(0, 1), LLaMA's norm gains being near 1).
     generator = torch.Generator().manual_seed(seed)
-    weight = model.embed.weight
     converted = []
     for i in range(n - layers, n):
         attn = model.layers[i].attn
@@ -91,7 +90,7 @@ def apply_llama_adapter(model: nn.Module, layers: int | None = None, length: int
             continue  # already adapted
         scale = model.layers[i].attn_norm.weight.detach().float().abs().mean()
         init = torch.randn(length, model.config.dim, generator=generator) * scale
-        attn.adaption = AdaptionPrompt(length, model.config.dim, attn.n_heads, init.to(weight))
+        attn.adaption = AdaptionPrompt(length, model.config.dim, attn.n_heads, init.to(dtype=model.dtype, device=model.device))
         attn.adaption.train(model.training)
         attn.attend = functools.partial(_adapted_attend, attn)  # shadows the class method on this instance
         converted.append(f"layers.{i}.attn")

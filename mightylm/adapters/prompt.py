@@ -73,12 +73,12 @@ class SoftPrompt(nn.Module):
 
 def init_embeddings(model: nn.Module, n_tokens: int, init_ids: list[int] | None = None, seed: int = 0) -> torch.Tensor:
     """(P, dim) starting prompt: the embeddings of `init_ids` cycled to P tokens, or of P random vocabulary tokens."""
-    vocab = model.embed.weight
     if init_ids:
         ids = torch.tensor((init_ids * (n_tokens // len(init_ids) + 1))[:n_tokens])
     else:
-        ids = torch.randint(0, vocab.shape[0], (n_tokens,), generator=torch.Generator().manual_seed(seed))
-    return vocab.detach()[ids.to(vocab.device)].float().to(vocab.dtype)
+        ids = torch.randint(0, model.config.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.embed(ids.to(model.device)).detach()
 
 
 def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, *, encoder: Encoder = "none", hidden: int = 256,
@@ -96,7 +96,7 @@ def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, *, encoder: Encode
         init = init_embeddings(model, n_tokens, init_ids, seed)
     elif tuple(init.shape) != (n_tokens, model.config.dim):
         raise AdapterError(f"prompt of shape {tuple(init.shape)}; this model needs ({n_tokens}, {model.config.dim})")
-    model.prefix = SoftPrompt(init.to(model.embed.weight), encoder, hidden)
+    model.prefix = SoftPrompt(init.to(dtype=model.dtype, device=model.device), encoder, hidden)
     model.prefix.train(model.training)
     model.record_transform("prompt", n_tokens=n_tokens, encoder=encoder, **({"hidden": hidden} if encoder != "none" else {}))
     return model.prefix

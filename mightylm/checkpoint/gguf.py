@@ -17,9 +17,8 @@ from mightylm.tokenizer import Tokenizer, TokenizerError, from_gguf_metadata
 
 def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: bool = False):
     """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized; with
-    `keep_blocks`, the projections and the head stored as Q8_0 / Q4_0 / Q4_1 / F16 / BF16 stay as stored
-    (compress/gguf_blocks.GGUFLinear). A head tied to the embedding then reads the table's blocks, while token
-    lookups read the dequantized table."""
+    `keep_blocks`, the projections, the head and the embedding table stored as Q8_0 / Q4_0 / Q4_1 / F16 / BF16
+    stay as stored (compress/gguf_blocks.GGUFLinear, GGUFEmbedding); a head tied to the table reads its bytes."""
     file, meta = gguf_metadata(path)
     config = gguf_config(meta, file, source=path)
     model = build(config)
@@ -42,8 +41,16 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
             if t.name == "rope_freqs.weight":
                 continue  # llama.cpp's precomputed llama3 factors: in the config already (gguf_config)
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {config.arch} model")
-        if keep_blocks and _keepable(ours, t):
-            tensor = _kept_blocks(model, ours, t)
+        if keep_blocks and ours == "embed.weight" and _keepable("lm_head.weight", t):
+            model.embed = _embedding_module(t)  # token lookups read the blocks
+            ours, tensor = "embed.blocks", _stored(file, t)
+            kept.append("embed")
+            if config.tie_embeddings:  # the head is the table: the same bytes
+                model.lm_head = _blocks_module(model.lm_head, t)
+                state["lm_head.weight"] = (tensor, path, t.name)
+                kept.append("lm_head")
+        elif keep_blocks and _keepable(ours, t):
+            tensor = _kept_blocks(model, ours, file, t)
             kept.append(ours.removesuffix(".weight"))
         else:
             tensor = dequantized(t, path)
@@ -55,12 +62,6 @@ def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: boo
             tensor = transform(tensor, getattr(config, field)).contiguous()
         state[ours] = (tensor, path, t.name)
     assign(model, state, dtype, device, source=path)
-    if keep_blocks and config.tie_embeddings:
-        embedding = next(t for t in file.tensors if rename(t.name, GGUF_TO_OURS) == "embed.weight")
-        if _keepable("lm_head.weight", embedding):
-            model.lm_head = _blocks_module(model.lm_head, embedding)
-            model.lm_head.weight = _stored(embedding)
-            kept.append("lm_head")
     if kept:
         model.record_transform("gguf_blocks", modules=kept)
     return model, gguf_tokenizer(meta, path)
@@ -104,13 +105,19 @@ def _keepable(ours: str, t) -> bool:
         and len(t.shape) == 2 and t.shape[1] % 32 == 0
 
 
-def _kept_blocks(model, ours: str, t) -> torch.Tensor:
+def _kept_blocks(model, ours: str, file, t) -> torch.Tensor:
     """Put a GGUFLinear (meta) where the projection `ours` is and return its stored blocks, (out, row bytes)."""
     name = ours.removesuffix(".weight")
     parent, _, child = name.rpartition(".")
     parent = model.get_submodule(parent) if parent else model
     setattr(parent, child, _blocks_module(getattr(parent, child), t))
-    return _stored(t)
+    return _stored(file, t)
+
+
+def _embedding_module(t):
+    from mightylm.compress.gguf_blocks import GGUFEmbedding
+
+    return GGUFEmbedding(t.shape[0], t.shape[1], ggml_type=t.type, device="meta")
 
 
 def _blocks_module(old, t):
@@ -119,13 +126,9 @@ def _blocks_module(old, t):
     return GGUFLinear(t.shape[1], t.shape[0], old.bias is not None, ggml_type=t.type, device="meta")
 
 
-def _stored(t) -> torch.Tensor:
-    """The tensor's blocks as stored, (rows, row bytes), copied out of the file's map."""
-    import warnings
-
-    with warnings.catch_warnings():  # a read-only view of the map: copied at once
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(t.data).reshape(-1).view(torch.uint8).view(t.shape[0], -1).clone()  # F16: its bytes
+def _stored(file, t) -> torch.Tensor:
+    """The tensor's blocks as stored, (rows, row bytes), read from the file (not through its map)."""
+    return torch.from_numpy(file.read(t)).view(t.shape[0], -1)
 
 
 def gguf_metadata(path: Path):

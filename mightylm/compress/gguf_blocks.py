@@ -130,6 +130,36 @@ class GGUFLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, type={TYPE_NAMES[self.ggml_type]}"
 
 
+class GGUFEmbedding(nn.Module):
+    """A frozen token embedding holding a GGUF table's blocks as stored: `blocks` (vocab, row bytes) uint8; a lookup
+    dequantizes only the rows it reads. A head tied to the table reads the same bytes (a GGUFLinear sharing the
+    tensor), so a small model keeps one packed copy rather than a float32 table beside it (113 MB for
+    SmolLM2-135M's Q8_0 table). It has no float `weight`: code asks the model for its `dtype` and `device`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, ggml_type: int, device=None):
+        super().__init__()
+        if ggml_type not in KEPT or embedding_dim % 32:
+            raise ValueError(f"GGUFEmbedding keeps {[TYPE_NAMES[t] for t in KEPT]} with rows a multiple of 32, got "
+                             f"type {ggml_type} and {embedding_dim} columns")
+        self.num_embeddings, self.embedding_dim, self.ggml_type = num_embeddings, embedding_dim, ggml_type
+        per_block, block_bytes = BLOCKS[ggml_type]
+        self.register_buffer("blocks", torch.empty(num_embeddings, embedding_dim // per_block * block_bytes,
+                                                   dtype=torch.uint8, device=device))
+        self.dtype = torch.float32  # what lookups return (the model's activations)
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks[idx.reshape(-1)]
+        x = dequantize_blocks(rows, self.ggml_type, (rows.shape[0], self.embedding_dim)).to(self.dtype)
+        return x.reshape(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={TYPE_NAMES[self.ggml_type]}"
+
+
 # Up to this many rows the kernel (each block unpacked once per 8 rows) is at least as fast as dequantizing the
 # whole weight for a float GEMM. Measured on SmolLM2-135M's Q4_1 gate_proj (1536 x 576), AVX-512, 2 threads:
 # 32 rows 0.70 against 1.75 ms, 128 rows 2.82 against 2.78 ms, 512 rows 15.7 against 5.8 ms.

@@ -91,7 +91,7 @@ class LocalModel:
     @torch.no_grad()
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float | None]]:
         """Each token-id prompt's per-token log-probabilities (None for the first), as Endpoint gives them."""
-        device = self.model.embed.weight.device
+        device = self.model.device
         out = []
         for i in range(0, len(prompts), self.batch_size):
             group = [p[-self.model.config.max_seq_len:] for p in prompts[i:i + self.batch_size]]
@@ -118,7 +118,7 @@ class LocalModel:
                 raise EvalError(f"the continuation {continuation!r} has no tokens")
             ids = (ctx + cont)[-self.model.config.max_seq_len:]
             encoded.append((ids, min(len(cont), len(ids) - 1)))
-        device = self.model.embed.weight.device
+        device = self.model.device
         out = []
         for i in range(0, len(encoded), self.batch_size):
             group = encoded[i:i + self.batch_size]

@@ -59,7 +59,7 @@ def _local_nll(model, ids: list[int], spans: list[tuple[int, int, int]]) -> floa
         chunk = torch.tensor(ids[s:e])
         idx[row, :e - s] = chunk
         labels[row, first - 1:e - s - 1] = chunk[first:]  # position t predicts token t + 1
-    device = model.embed.weight.device
+    device = model.device
     return model(idx.to(device), labels=labels.to(device)).item() * int((labels != IGNORE_INDEX).sum())
 
 

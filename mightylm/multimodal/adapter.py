@@ -26,8 +26,7 @@ def apply_multimodal_adapter(vlm, layers: int | None = None, length: int = 10, s
 
 def add_visual_prompt(vlm) -> None:
     """The projection from the pooled image feature to the decoder's width (for a decoder already adapted)."""
-    weight = vlm.language.embed.weight
-    projection = nn.Linear(vlm.vision.width, vlm.config.dim).to(weight)
+    projection = nn.Linear(vlm.vision.width, vlm.config.dim).to(dtype=vlm.language.dtype, device=vlm.language.device)
     with torch.no_grad():  # the visual term starts at the prompts' scale (the gates are what start at zero)
         nn.init.normal_(projection.weight, std=vlm.vision.width ** -0.5)
         nn.init.zeros_(projection.bias)

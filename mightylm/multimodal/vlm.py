@@ -72,7 +72,7 @@ class VisionLanguageModel(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(N, T, vision width) -> (N, image_tokens, dim) in the decoder's dtype."""
-        return self.projector(features).to(self.language.embed.weight.dtype)
+        return self.projector(features).to(self.language.dtype)
 
     def embed(self, idx: torch.Tensor, images: torch.Tensor | None, *, first_sample: int = 0) -> torch.Tensor:
         """Input embeddings (B, T, dim) of token ids `idx` with projected images (N, image_tokens, dim) written over

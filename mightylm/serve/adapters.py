@@ -64,11 +64,11 @@ class AdapterBank:
 
     def set_rows(self, ids: list[int]) -> None:
         """Say which adapter each row of the next forward passes uses (0: the base model)."""
-        device = self.model.embed.weight.device
+        device = self.model.device
         self.present = {}
         for i in sorted(set(ids) - {0}):
             rows = [r for r, a in enumerate(ids) if a == i]
-            mask = torch.tensor([[[float(a == i)]] for a in ids], dtype=self.model.embed.weight.dtype, device=device)
+            mask = torch.tensor([[[float(a == i)]] for a in ids], dtype=self.model.dtype, device=device)
             self.present[i] = None if len(rows) == len(ids) else mask  # (B, 1, 1)
 
     def add(self, name: str, path: str | Path) -> str:
@@ -88,7 +88,7 @@ class AdapterBank:
             served = ", ".join(t for k in KINDS if k.per_request for t in k.peft_types)
             raise AdapterError(f"{Path(path) / 'adapter_config.json'}: peft_type {cfg['peft_type']!r} cannot be served "
                                f"per request ({served} can); merge it or apply it to the base with --adapter")
-        dtype = self.model.embed.weight.dtype
+        dtype = self.model.dtype
         if kind.name == "lora":
             if cfg.get("mightylm_base_quantization"):
                 raise AdapterError(f"{path}: a QLoRA adapter needs its NF4 base; serve it merged (mighty merge) "

@@ -182,7 +182,7 @@ class Engine:
         self.alpha = ALPHA_PRIOR  # running acceptance over all rows: a new row's first guess
         self.plain_steps = 0  # steps since the last speculative one
         self.probe_gap = PROBE_EVERY  # plain steps before a narrow speculative step measures again
-        self.device = model.embed.weight.device
+        self.device = model.device
         self.pads = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.t = 0  # the next cache slot every running row writes
         self.running: list[Sequence] = []  # row i of the pool holds running[i]
@@ -478,8 +478,8 @@ class Engine:
                     idx[j, width - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
                 logits = self.model(idx, **kwargs)[:, -1]
             else:  # soft prompts or images: each row's own embeddings (virtual tokens, image tokens)
-                weight = self.model.embed.weight
-                embeds = torch.zeros(len(group), width, weight.shape[1], dtype=weight.dtype, device=self.device)
+                embeds = torch.zeros(len(group), width, self.model.config.dim, dtype=self.model.dtype,
+                                     device=self.device)
                 for j, (seq, need) in enumerate(group):
                     embeds[j, width - need:] = self._embed(seq.prompt, seq.adapter, seq.images)
                 logits = self.model(embeds=embeds, **kwargs)[:, -1]

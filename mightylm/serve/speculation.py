@@ -103,7 +103,7 @@ class PooledDraft:
         self.valid = 0
         self.cost = PassCost()
         self.last = 0.0  # seconds the latest proposal took
-        self.device = model.embed.weight.device
+        self.device = model.device
 
     def caches(self) -> list[torch.Tensor]:
         return self.pool.k + self.pool.v
