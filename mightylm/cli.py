@@ -71,7 +71,7 @@ def generate(
             (StreamingLLM), positions counted within that cache: memory stays constant and text may run past the
             model's context. Measured in bench/sinks.py: without the sinks such a window loses the text.
         image: An image file (PNG, JPEG, WebP) for a vision-language model (a LLaVA directory or a `mighty finetune
-            vlm` model); repeat for several. The prompt marks each with <image> (e.g. "USER: <image>\nWhat is
+            vlm` model); repeat for several. The prompt marks each with <image> (e.g. "USER: <image>\\nWhat is
             this? ASSISTANT:"); a prompt without one gets it in front.
     """
     from mightylm.generate import Sampling, Timings, load_for_generation, stream_text

@@ -20,6 +20,40 @@ def test_help_explains_every_verb(capsys):
         assert "--max_new_tokens" in capsys.readouterr().out
 
 
+def test_every_option_of_every_verb_has_its_description_in_help(capsys):
+    """jsonargparse takes each option's help from the verb's docstring (docstring_parser, Google style): one stray
+    line at the margin (a "\\n" written as a newline) ends the Args section and every option of the verb loses its
+    description. Checked the way jsonargparse parses, and in one --help."""
+    import dataclasses
+    import inspect
+    import typing
+
+    import docstring_parser
+
+    from mightylm.cli import _verbs
+
+    def walk(verbs, path=()):
+        for name, verb in verbs.items():
+            if isinstance(verb, dict):
+                yield from walk(verb, (*path, name))
+            elif name != "_help":
+                yield (*path, name), verb
+
+    undocumented = {}
+    for path, verb in walk(_verbs()):
+        doc = docstring_parser.parse(verb.__doc__ or "", style=docstring_parser.DocstringStyle.AUTO)
+        described = {p.arg_name for p in doc.params if p.description}
+        hints = typing.get_type_hints(verb)
+        missing = [n for n in inspect.signature(verb).parameters
+                   if n not in described and not dataclasses.is_dataclass(hints.get(n))]  # groups: their own docs
+        if missing:
+            undocumented[" ".join(path)] = missing
+    assert not undocumented
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "Generate at most this many tokens." in capsys.readouterr().out
+
+
 def test_greedy_generate_prints_only_the_completion(hf_dir, capsys):
     arch, path, _ = hf_dir
     model, tokenizer = mightylm.load(path)
