@@ -6,7 +6,8 @@ weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all
 file, dequantized).
 Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times;
 the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
-read per token over the measured read bandwidth. llama.cpp runs with n_batch=1 (its batched quantized prefill
+read per token over the measured read bandwidth. For the block types, ours runs a second time with
+int8_activations_ (llama.cpp's arithmetic: each decoded token's activations rounded to 8 bits per block). llama.cpp runs with n_batch=1 (its batched quantized prefill
 crashed on the Intel machine) and as many threads as torch uses here.
 
 llama.cpp comes from llama-cpp-python, a bench-only extra built from source (10-20 min), best in its own venv:
@@ -38,6 +39,9 @@ from mightylm.fuse import fuse_projections_
 from mightylm.generate import Sampling, generate_steps
 path, n, repeats, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 model, _ = mightylm.load(path, keep_blocks=True)
+if sys.argv[5:] == ["int8"]:
+    from mightylm.compress.gguf_blocks import int8_activations_
+    int8_activations_(model)
 fuse_projections_(model)
 rates, tokens = [], None
 with torch.inference_mode():
@@ -134,7 +138,7 @@ def main() -> None:
         files = {f"{name} (as shipped)" if name == "Q4_1" else name:
                  shipped if name == "Q4_1" else requantized(shipped, name, scratch) for name in args.formats}
         print(f"{'file':18s} {'MiB':>5s} {'llama.cpp tok/s':>15s} {'mightylm tok/s':>14s} {'ratio':>6s} "
-              f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree")
+              f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree  | int8 activations: tok/s  ratio  agree")
         for name, path in files.items():
             common = [path, str(args.new_tokens), str(args.repeats), json.dumps(prompt)]
             ours, rss_ours = measure([sys.executable, "-c", OURS, *common])
@@ -148,8 +152,14 @@ def main() -> None:
                 continue
             cpp = statistics.median(theirs["rates"])
             agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
-            print(f"{name:18s} {size:5.0f} {cpp:15.1f} {rate:14.1f} {rate / cpp:5.2f}x {rss_cpp:7.0f} {rss_ours:8.0f}"
-                  f" {bound:6.0f}  {agree}/{len(ours['tokens'])}")
+            line = (f"{name:18s} {size:5.0f} {cpp:15.1f} {rate:14.1f} {rate / cpp:5.2f}x {rss_cpp:7.0f} {rss_ours:8.0f}"
+                    f" {bound:6.0f}  {agree:>5d}/{len(ours['tokens'])}")
+            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0"):  # llama.cpp's arithmetic: activations to 8 bits
+                int8, _ = measure([sys.executable, "-c", OURS, *common, "int8"])
+                rate8 = statistics.median(int8["rates"])
+                agree8 = sum(a == b for a, b in zip(int8["tokens"], theirs["tokens"]))
+                line += f"  | {rate8:26.1f} {rate8 / cpp:5.2f}x {agree8:>4d}/{len(int8['tokens'])}"
+            print(line)
     if not args.llama_python:
         print("no --llama-python: llama.cpp is not measured in this run")
 

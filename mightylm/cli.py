@@ -26,6 +26,7 @@ def generate(
     adapter: str | None = None,
     stats: bool = False,
     blocks: bool = True,
+    int8_activations: bool = False,
     draft: str | None = None,
     gamma: PositiveInt = 4,
     draft_adapter: str | None = None,
@@ -57,6 +58,10 @@ def generate(
             quarter to a half of the memory, a faster start and decode), multiplied by native kernels that read the
             blocks; false dequantizes them to --dtype at load. Other files and types, and any --dtype but float32,
             load dequantized.
+        int8_activations: With --blocks: round each decoded token's activations to 8 bits per block of 32 before
+            the Q8_0 / Q4_0 / Q4_1 blocks multiply them, in integers, as llama.cpp does: faster decoding, at the
+            cost of float32's exact result (logits move by the rounding; greedy text can differ where two tokens
+            were nearly tied).
         draft: Speculative decoding (same output, fewer passes of the model): a smaller model with the same
             tokenizer (a directory, .gguf or embedded name), prompt-lookup (drafts copied from the prompt's n-grams;
             prompt-lookup:N for the longest n), or layers:N (the model's own first N blocks).
@@ -98,7 +103,8 @@ def generate(
         source = lambda ids, s: image_tokens(vlm, ids, s, images)  # noqa: E731
         prompt = ids
     else:
-        m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
+        m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
+                                           int8_activations=int8_activations)
         source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
     if rmt:
         from mightylm.rmt import generate_rmt, load_rmt
@@ -187,6 +193,7 @@ def chat(
     adapter: str | None = None,
     stats: bool = False,
     blocks: bool = True,
+    int8_activations: bool = False,
     draft: str | None = None,
     gamma: PositiveInt = 4,
     draft_adapter: str | None = None,
@@ -212,6 +219,8 @@ def chat(
         stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (see
             `mighty generate --help`); false dequantizes them at load.
+        int8_activations: With --blocks: decoded tokens' activations rounded to 8 bits per block (see `mighty
+            generate --help`).
         draft: Speculative decoding: a smaller model with the same tokenizer, prompt-lookup, or layers:N (see
             `mighty generate --help`).
         gamma: Speculative decoding: tokens drafted per pass of the model.
@@ -235,7 +244,8 @@ def chat(
         vlm, tokenizer, pending = vision
         m, spec_stats = vlm.language, None
     else:
-        m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling)
+        m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
+                                           int8_activations=int8_activations)
         source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
     seen = []  # the images of the conversation so far, in order (a vision-language model)
     interactive = sys.stdin.isatty()

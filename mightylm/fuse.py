@@ -180,16 +180,18 @@ def _fuse_int4(parts: list[Int4Linear]) -> FusedInt4Projection:
 class FusedGGUFProjection:
     """GGUF blocks of q/k/v (or gate/up) stacked by rows (the layers' own become views), one kernel call."""
 
-    def __init__(self, weight: torch.Tensor, ggml_type: int, bias: torch.Tensor | None, n_in: int):
+    def __init__(self, weight: torch.Tensor, ggml_type: int, bias: torch.Tensor | None, n_in: int,
+                 int8_activations: bool = False):
         self.weight, self.ggml_type, self.bias, self.n_in = weight, ggml_type, bias, n_in
+        self.int8_activations = int8_activations
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return gguf_linear(x, self.weight, self.ggml_type, self.n_in, self.bias)
+        return gguf_linear(x, self.weight, self.ggml_type, self.n_in, self.bias, self.int8_activations)
 
 
 def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
     (weight,), bias = _stack_rows(parts, ("weight",))
-    return FusedGGUFProjection(weight, parts[0].ggml_type, bias, parts[0].in_features)
+    return FusedGGUFProjection(weight, parts[0].ggml_type, bias, parts[0].in_features, parts[0].int8_activations)
 
 
 class FusedSparse24Projection:
@@ -224,7 +226,8 @@ def _fusion(parts: list[nn.Module]):
         return _fuse_nf4(parts)
     if all(type(p) is Int4Linear and p.group_size == parts[0].group_size and p.group_size % 16 == 0 for p in parts):
         return _fuse_int4(parts)
-    if all(type(p) is GGUFLinear and p.ggml_type == parts[0].ggml_type for p in parts):
+    if all(type(p) is GGUFLinear and p.ggml_type == parts[0].ggml_type
+           and p.int8_activations == parts[0].int8_activations for p in parts):
         return _fuse_gguf(parts)
     if all(type(p) is Sparse24Linear for p in parts):
         return _fuse_sparse24(parts)
@@ -248,10 +251,10 @@ def _projection(p) -> tuple[Projection, tuple] | None:
     if isinstance(p, NF4Linear) and p.in_features % p.block_size == 0 and p.block_size % 16 == 0:
         p = FusedNF4Projection(p.weight, _nf4_absmax(p), p.bias, p.out_features, p.in_features, p.block_size)
     if isinstance(p, GGUFLinear):
-        p = FusedGGUFProjection(p.weight, p.ggml_type, p.bias, p.in_features)
+        p = FusedGGUFProjection(p.weight, p.ggml_type, p.bias, p.in_features, p.int8_activations)
     if isinstance(p, FusedGGUFProjection) and p.weight.is_contiguous():
-        return (Projection(p.weight.data_ptr(), None, _ptr(p.bias), None, p.ggml_type, Projection.GGML),
-                (p.weight, p.bias))
+        kind = Projection.GGML_Q8X if p.int8_activations else Projection.GGML
+        return Projection(p.weight.data_ptr(), None, _ptr(p.bias), None, p.ggml_type, kind), (p.weight, p.bias)
     if isinstance(p, Sparse24Linear):
         p = FusedSparse24Projection(p.values, p.index, p.bias)
     if isinstance(p, FusedSparse24Projection) and p.values.is_contiguous() and p.index.is_contiguous() \

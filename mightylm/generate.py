@@ -304,12 +304,13 @@ def held_back(text: str, stops) -> int:
 
 
 def load_for_generation(model: str, dtype: str = "float32", adapter: str | None = None, log=None,
-                        keep_blocks: bool = False, rope_scaling: str | None = None):
+                        keep_blocks: bool = False, rope_scaling: str | None = None, int8_activations: bool = False):
     """(model, tokenizer) for `mighty generate|chat|eval`: loaded (a tokenizer required; a GGUF file's blocks kept
     as stored with `keep_blocks` when the dtype is float32, the one the block kernels compute in), the adapter
     applied unmerged, another RoPE scaling set when asked (model.set_rope_scaling: "yarn:4", "none", ...), then
-    the decode layout (fuse.fuse_projections_: same outputs, faster batch-1 decoding). Progress lines go to
-    `log`."""
+    the decode layout (fuse.fuse_projections_: same outputs, faster batch-1 decoding); `int8_activations`: the kept
+    blocks multiply decoded tokens in llama.cpp's arithmetic (compress.gguf_blocks.int8_activations_). Progress
+    lines go to `log`."""
     from mightylm.checkpoint import load
     from mightylm.compress.sparse24 import pack_24_
     from mightylm.fuse import fuse_projections_
@@ -327,6 +328,12 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
 
         print(set_rope_scaling(loaded, rope_scaling), file=log)
     pack_24_(loaded)  # a 2:4-pruned model: only its kept weights are read while decoding
+    if int8_activations:
+        from mightylm.compress.gguf_blocks import int8_activations_
+
+        if not int8_activations_(loaded):
+            print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 blocks kept in this model; it changes nothing",
+                  file=log)
     fuse_projections_(loaded)
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
     return loaded.eval(), tokenizer

@@ -486,6 +486,50 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
         mightylm.save(kept, None, tmp_path / "out")
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_int8_activations_reach_every_kept_product_and_stay_near_float32(qtype, tmp_path, bpe_tokenizer, capsys):
+    """int8_activations_ (llama.cpp's arithmetic for decoded tokens): the native decode block and the module path
+    give the same logits (the flag reaches both), they differ from float32's by the activations' rounding only
+    (a few per cent, relative), and prompts (several rows) keep float32."""
+    from mightylm.compress.gguf_blocks import int8_activations_
+    from mightylm.fuse import fuse_projections_
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    exact, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    modules, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    native, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    assert len(int8_activations_(modules)) == 7 * modules.config.n_layers + 1 and modules.applied("int8_activations")
+    int8_activations_(native)
+    assert "layers.0.native" in fuse_projections_(native)
+    idx = torch.randint(0, exact.config.vocab_size, (1, 8))
+
+    def steps(model):
+        cache = model.make_cache(1, 16)
+        out = [model(idx, cache=cache, start=0)[:, -1]]
+        for t in range(8, 14):
+            out.append(model(idx[:, t - 8:t - 7], cache=cache, start=t)[:, -1])  # fixed tokens: same inputs
+        return torch.cat(out)
+
+    with torch.no_grad():
+        a, b, c = steps(exact), steps(modules), steps(native)
+    torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-4)  # the prompt's pass: float32
+    error = (b[1:] - a[1:]).norm() / a[1:].norm()
+    assert 1e-4 < error < 0.05, error
+    # the option of `mighty generate` / `chat`: the same greedy tokens as the module path above
+    from mightylm.cli import main
+    from mightylm.generate import Sampling, generate, load_for_generation
+
+    loaded, tokenizer = load_for_generation(str(tmp_path / "m.gguf"), keep_blocks=True, int8_activations=True)
+    assert loaded.applied("int8_activations")
+    expected = tokenizer.decode(generate(modules, [tokenizer.encode("To be")], Sampling(max_new_tokens=6))[0])
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "To be", "--temperature", "0",
+                 "--max_new_tokens", "6", "--int8_activations", "true"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_the_embedded_model_keeps_no_float_copy_of_its_weights():
     """`mighty generate`'s default load of the shipped Q4_1/Q8_0 file: every weight matrix, the embedding table
     included, stays as its stored bytes (92 MiB), read from the file rather than through its map; what is float32

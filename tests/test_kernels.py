@@ -79,6 +79,62 @@ def isa():
         kernels.set_kernel_isa(before)
 
 
+def _q8x_reference(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, out: int, n_in: int) -> torch.Tensor:
+    """The int8-activation product in PyTorch, the kernel's arithmetic written out: x rounded per block of 32 to
+    xq = round(x / dx), dx = max|x| / 127 (float32, as the kernel computes them), exact integer block sums, then
+    Q4_0 d dx (q . xq - 8 sum xq), Q4_1 d dx (q . xq) + m dx sum xq, Q8_0 d dx (q . xq), summed in float64."""
+    from mightylm.compress.gguf_blocks import BLOCKS
+
+    xb = x.reshape(n_in // 32, 32)
+    dx = xb.abs().amax(dim=1) / 127
+    xq = torch.round(xb * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))[:, None])
+    blocks = raw.view(out, n_in // 32, BLOCKS[ggml_type][1])
+    d = blocks[..., :2].contiguous().view(torch.float16).double()[..., 0] * dx.double()
+    if ggml_type == 8:
+        q = blocks[..., 2:].contiguous().view(torch.int8).double()
+    else:
+        packed = blocks[..., -16:]
+        q = torch.cat([packed & 15, packed >> 4], dim=-1).double()
+    dots = (q * xq.double()).sum(-1)  # (out, blocks): exact integers
+    xs = xq.double().sum(-1)
+    if ggml_type == 2:
+        return (d * (dots - 8 * xs)).sum(-1)
+    if ggml_type == 3:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).double()[..., 0]
+        return (d * dots + m * dx.double() * xs).sum(-1)
+    return (d * dots).sum(-1)
+
+
+@pytest.mark.parametrize("path", kernels.ISAS)
+def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
+    """matmul_ggml(int8_activations=True), one row, on each path the CPU has (VNNI's vpdpbusd; AVX2's maddubs):
+    equal to the integer arithmetic written out in PyTorch, and within the activations' rounding of the float32
+    product (Q8_0 codes of -128 included: their sign moves onto x)."""
+    from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks
+
+    if kernels.gemv_library() is None:
+        pytest.skip("no native kernels here (no compiler or no AVX2)")
+    if path not in kernels.available_isas():
+        pytest.skip(f"this CPU lacks the {path} path's flags {sorted(kernels.ISA_FLAGS[path])}")
+    isa(path)
+    torch.manual_seed(0)
+    out, n_in = 303, 576  # 75 groups of four output rows and three alone
+    for ggml_type in (8, 2, 3):
+        size = BLOCKS[ggml_type][1]
+        raw = torch.randint(0, 256, (out, n_in // 32, size), dtype=torch.uint8)
+        scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
+        raw[..., :4 if ggml_type == 3 else 2] = scales[..., :4 if ggml_type == 3 else 2]
+        raw = raw.view(out, -1)
+        x = torch.randn(1, n_in)
+        x[0, 64:96] = 0  # a block of zeros: dx = 0
+        got = kernels.matmul_ggml(x, raw, ggml_type, out, None, int8_activations=True)
+        expected = _q8x_reference(x[0], raw, ggml_type, out, n_in)
+        torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+        exact = F.linear(x, dequantize_blocks(raw, ggml_type, (out, n_in)))[0]
+        error = (got[0] - exact).norm() / exact.norm()
+        assert 1e-5 < error < 0.02, f"type {ggml_type}: relative error {error:.2e} against the float32 product"
+
+
 @pytest.mark.parametrize("path", kernels.ISAS)
 @pytest.mark.parametrize("out, n_in", [(37, 64), (576, 1536), (1536, 576), (100, 1024)])
 def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in):

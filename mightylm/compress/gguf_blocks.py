@@ -119,12 +119,13 @@ class GGUFLinear(nn.Module):
         row = in_features // per_block * block_bytes
         self.register_buffer("weight", torch.empty(out_features, row, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.int8_activations = False  # set by int8_activations_
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_blocks(self.weight, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gguf_linear(x, self.weight, self.ggml_type, self.in_features, self.bias)
+        return gguf_linear(x, self.weight, self.ggml_type, self.in_features, self.bias, self.int8_activations)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={TYPE_NAMES[self.ggml_type]}"
@@ -160,6 +161,21 @@ class GGUFEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, type={TYPE_NAMES[self.ggml_type]}"
 
 
+def int8_activations_(model: nn.Module) -> list[str]:
+    """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 blocks: each single-token product rounds its input
+    to 8 bits per block of 32 (scale max|x| / 127) and multiplies in integers (kernels/gguf_blocks.c), about twice
+    as fast per block as float32; prompts and batches keep float32. Logits move by the activations' rounding, and
+    greedy text can part from the float32 model's where its top two tokens are close (llama.cpp's does too).
+    Apply before `fuse_projections_`. Returns the modules changed."""
+    changed = [name for name, m in model.named_modules()
+               if isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1)]
+    for name in changed:
+        model.get_submodule(name).int8_activations = True
+    if changed:
+        model.record_transform("int8_activations", modules=changed)
+    return changed
+
+
 # Up to this many rows the kernel (each block unpacked once per 8 rows) is at least as fast as dequantizing the
 # whole weight for a float GEMM. Measured on SmolLM2-135M's Q4_1 gate_proj (1536 x 576), AVX-512, 2 threads:
 # 32 rows 0.70 against 1.75 ms, 128 rows 2.82 against 2.78 ms, 512 rows 15.7 against 5.8 ms.
@@ -167,11 +183,12 @@ KERNEL_ROWS = 128
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, n_in: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, dequantized blocks, bias): through the block kernel where it serves, else dequantized."""
+                bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
+    """F.linear(x, dequantized blocks, bias): through the block kernel where it serves, else dequantized.
+    `int8_activations`: single rows are rounded to 8 bits per block first (see int8_activations_)."""
     out = blocks.shape[0]
     if x.numel() <= KERNEL_ROWS * n_in:
-        y = matmul_ggml(x, blocks, ggml_type, out, bias)
+        y = matmul_ggml(x, blocks, ggml_type, out, bias, int8_activations)
         if y is not None:
             return y
     w = dequantize_blocks(blocks, ggml_type, (out, n_in)).to(x.dtype)

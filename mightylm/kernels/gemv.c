@@ -238,7 +238,8 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  * one float absmax per block of `block` inputs, `levels` the 16 NF4 values) or int4 (codes two per byte, a
  * scale and a zero per group of `block` inputs), GGUF's Q8_0 / Q4_0 / Q4_1 blocks or F16 / BF16 rows as stored, or 2:4 sparse
  * (kept values and their 2-bit positions, sparse24.c). */
-enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4, PROJ_SPARSE24 = 5 };
+enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4, PROJ_SPARSE24 = 5,
+       PROJ_GGML_Q8X = 6 /* GGUF blocks, one row's activations rounded to 8 bits (gguf_blocks.c) */ };
 typedef struct {
     const void *w;
     const float *scale;   /* int8: per-row scales; NF4: per-block absmax; int4: (out, in / block) scales */
@@ -281,6 +282,8 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
         mighty_gemm_sparse24(x, 1, (const float *)p->w, p->index, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_GGML) {
         mighty_gemv_ggml(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
+    } else if (p->kind == PROJ_GGML_Q8X) {
+        mighty_gemv_ggml_q8x(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_INT4) {
         const long groups = in / p->block;
         float *buf = malloc(sizeof(float) * (in + groups)), *xe = buf, *xo = buf + in / 2, *xsum = buf + in;
@@ -298,16 +301,13 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
     }
 }
 
-void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
-                      long in, long out, int nthreads);
-
 /* Several rows (x (rows, in) -> y (rows, out)): GGUF blocks and 2:4 weights are read once for all rows; the other
  * kinds run row by row. */
 static void project_rows(const mighty_proj *p, const float *x, float *y, float *scratch, long in, long out, long rows,
                          int threads) {
     if (rows == 1) {
         project(p, x, y, scratch, in, out, threads);
-    } else if (p->kind == PROJ_GGML) {
+    } else if (p->kind == PROJ_GGML || p->kind == PROJ_GGML_Q8X) {  /* several rows: float arithmetic */
         mighty_gemm_ggml(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_SPARSE24) {
         mighty_gemm_sparse24(x, rows, (const float *)p->w, p->index, p->bias, y, in, out, threads);

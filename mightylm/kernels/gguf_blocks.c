@@ -15,6 +15,7 @@
  * into up to 8 rows held in registers, so the unpacking is shared by the rows.
  * Float32 arithmetic throughout: the result is dequantize-then-multiply up to float rounding. Each thread takes a
  * band of output rows (OpenMP), as the other quantized products do. */
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 
@@ -275,4 +276,161 @@ void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int typ
 void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
                       long out, int nthreads) {
     mighty_gemm_ggml(x, 1, W, type, bias, y, in, out, nthreads);
+}
+
+/* ---- Activations rounded to 8 bits, as llama.cpp multiplies (opt-in: `int8_activations_`) ----
+ * One row of x is quantized per block of 32 as ggml's Q8_0 quantizes (dx = max|x| / 127, xq = x / dx rounded to
+ * nearest even, dx kept in float32), and each block product is an exact integer dot product scaled once:
+ *   Q4_0  d dx (q . xq - 8 sum xq)      Q4_1  d dx (q . xq) + m dx sum xq      Q8_0  d dx (q . xq)
+ * u8 x s8 products four at a time into int32 (AVX-512 VNNI's vpdpbusd on 256-bit registers; AVX2's vpmaddubsw +
+ * vpmaddwd, which cannot saturate here: |q| <= 128, |xq| <= 127). Q8_0's signed codes enter as |q| with their sign
+ * moved onto xq. About twice as fast per block as the float path (a C microbenchmark, one AMD EPYC core, the
+ * weights in L2: 0.9 against 1.8 ns per Q4_0 block), at the cost of the activations' rounding (~0.4 % of each
+ * block's largest value): logits move within quantization noise, and near-ties can split, as in llama.cpp. */
+
+/* x (in) -> xq (in), dx and sum xq per block (8 floats at a time; rounding to nearest even, as nearbyintf) */
+__attribute__((target("avx2,fma")))
+static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (long b = 0; b < in / 32; b++) {
+        const float *xb = x + 32 * b;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float d = _mm_cvtss_f32(h) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4], s = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(id)));  /* MXCSR: nearest even */
+            s = _mm256_add_epi32(s, q[k]);
+        }
+        /* int32 -> int8 in order: packs interleave 128-bit lanes, a permute puts them back */
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(xq + 32 * b),
+                            _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        dx[b] = d;
+        xs[b] = _mm_cvtsi128_si32(t);
+    }
+}
+
+/* 32 unsigned codes (u8) of a block and xq with the codes' signs moved onto it (Q8_0) */
+__attribute__((target("avx2"), always_inline)) static inline void codes_u8(const unsigned char *blk, int type,
+                                                                          __m256i *q, __m256i *xv) {
+    if (type == Q8_0) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        *q = _mm256_abs_epi8(w);
+        *xv = _mm256_sign_epi8(*xv, w);
+    } else {
+        const __m128i r = _mm_loadu_si128((const __m128i *)(blk + block_bytes(type) - 16));
+        *q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(r, 4), r), _mm256_set1_epi8(15));
+    }
+}
+
+#define Q8X(name, attrs, DOT)                                                                                       \
+    attrs float name(const signed char *xq, const float *dx, const int *xs, const unsigned char *row, int type,    \
+                     long blocks) {                                                                                \
+        const long bytes = block_bytes(type);                                                                      \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                                 \
+        float off = 0.0f;                                                                                          \
+        for (long b = 0; b < blocks; b++) {                                                                        \
+            const unsigned char *blk = row + b * bytes;                                                            \
+            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                               \
+            __m256i q, xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));                                    \
+            codes_u8(blk, type, &q, &xv);                                                                          \
+            const float d = half_to_float(blk) * dx[b];                                                            \
+            const __m256 s = _mm256_cvtepi32_ps(DOT(q, xv));                                                       \
+            if (b & 1) a1 = _mm256_fmadd_ps(s, _mm256_set1_ps(d), a1);                                            \
+            else a0 = _mm256_fmadd_ps(s, _mm256_set1_ps(d), a0);                                                   \
+            if (type == Q4_0) off -= 8.0f * d * (float)xs[b];                                                     \
+            else if (type == Q4_1) off += half_to_float(blk + 2) * dx[b] * (float)xs[b];                          \
+        }                                                                                                          \
+        return hsum(_mm256_add_ps(a0, a1)) + off;                                                                  \
+    }
+
+/* Output rows o .. o + 3 (`row_bytes` apart): each block of xq loaded once for the four, one reduction for all. */
+#define Q8X4(name, attrs, DOT)                                                                                      \
+    attrs void name(const signed char *xq, const float *dx, const int *xs, const unsigned char *row, long row_bytes, \
+                    int type, long blocks, float *y) {                                                             \
+        const long bytes = block_bytes(type);                                                                      \
+        __m256 acc[4];                                                                                             \
+        float off[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                                  \
+        for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                                 \
+        for (long b = 0; b < blocks; b++) {                                                                        \
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));                               \
+            for (int r = 0; r < 4; r++) {                                                                          \
+                const unsigned char *blk = row + r * row_bytes + b * bytes;                                        \
+                _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                           \
+                __m256i q, xv = x0;                                                                                \
+                codes_u8(blk, type, &q, &xv);                                                                      \
+                const float d = half_to_float(blk) * dx[b];                                                        \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(q, xv)), _mm256_set1_ps(d), acc[r]);              \
+                if (type == Q4_0) off[r] -= 8.0f * d * (float)xs[b];                                              \
+                else if (type == Q4_1) off[r] += half_to_float(blk + 2) * dx[b] * (float)xs[b];                   \
+            }                                                                                                      \
+        }                                                                                                          \
+        const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));          \
+        const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));                       \
+        _mm_storeu_ps(y, _mm_add_ps(t, _mm_loadu_ps(off)));                                                        \
+    }
+
+#define DOT_VNNI(q, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
+#define DOT_AVX2(q, x) _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1))
+Q8X(row_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) static inline,
+    DOT_VNNI)
+Q8X(row_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
+Q8X4(four_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) static inline,
+     DOT_VNNI)
+Q8X4(four_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
+
+/* Rows in groups of four, the rest one at a time; the type a constant in each copy of the loops. */
+#define GEMV_Q8X(four, one)                                                                                        \
+    const long blocks = in / 32, row_bytes = blocks * block_bytes(type), groups = out / 4;                         \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
+    for (long g = 0; g < groups; g++) {                                                                            \
+        const unsigned char *rows = W + 4 * g * row_bytes;                                                         \
+        if (type == Q8_0) four(xq, dx, xs, rows, row_bytes, Q8_0, blocks, y + 4 * g);                             \
+        else if (type == Q4_0) four(xq, dx, xs, rows, row_bytes, Q4_0, blocks, y + 4 * g);                        \
+        else four(xq, dx, xs, rows, row_bytes, Q4_1, blocks, y + 4 * g);                                           \
+    }                                                                                                              \
+    for (long o = 4 * groups; o < out; o++) y[o] = one(xq, dx, xs, W + o * row_bytes, type, blocks);
+
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+static void gemv_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const unsigned char *W, int type,
+                          float *y, long in, long out, int nthreads) {
+    GEMV_Q8X(four_q8x_vnni, row_q8x_vnni)
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void gemv_q8x_avx2(const signed char *xq, const float *dx, const int *xs, const unsigned char *W, int type,
+                          float *y, long in, long out, int nthreads) {
+    GEMV_Q8X(four_q8x_avx2, row_q8x_avx2)
+}
+
+/* One row x (in) @ Q8_0 / Q4_0 / Q4_1 blocks with x rounded to 8 bits per block (above); other types: the float
+ * path. in % 32 == 0; bias may be NULL. */
+void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
+                          long out, int nthreads) {
+    if (type != Q8_0 && type != Q4_0 && type != Q4_1) {
+        mighty_gemm_ggml(x, 1, W, type, bias, y, in, out, nthreads);
+        return;
+    }
+    if (nthreads < 1) nthreads = 1;
+    signed char *xq = malloc(in);
+    float *dx = malloc(sizeof(float) * (in / 32 > 0 ? in / 32 : 1));
+    int *xs = malloc(sizeof(int) * (in / 32 > 0 ? in / 32 : 1));
+    quantize_x8(x, in, xq, dx, xs);
+    if (mighty_isa_level) gemv_q8x_vnni(xq, dx, xs, W, type, y, in, out, nthreads);
+    else gemv_q8x_avx2(xq, dx, xs, W, type, y, in, out, nthreads);
+    if (bias)
+        for (long o = 0; o < out; o++) y[o] += bias[o];
+    free(xq);
+    free(dx);
+    free(xs);
 }
