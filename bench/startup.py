@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,15 +29,27 @@ print(time.perf_counter() - t)
 """
 
 
+# Started by a small Python that imports nothing large: a child's peak RSS (ru_maxrss) keeps the high-water mark
+# of the process it was forked from, so spawned from this script (torch imported) every child read >= 220 MiB.
+WRAPPER = """
+import os, subprocess, sys, time
+t = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(child.pid, 0)
+wall = time.perf_counter() - t
+if os.waitstatus_to_exitcode(status) != 0:
+    sys.exit(child.stderr.read().decode()[-2000:])
+print(wall, usage.ru_maxrss / 1024)
+"""
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one fresh process (its own rusage, from wait4)."""
-    t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{child.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    """(wall seconds, peak RSS in MiB) of one fresh process (its own rusage, from wait4 in a small wrapper)."""
+    r = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    wall, rss = r.stdout.split()
+    return float(wall), float(rss)
 
 
 def median_of(cmd: list[str], repeats: int) -> dict:
