@@ -104,6 +104,16 @@ def _quantize_32(x: torch.Tensor, kind: int) -> torch.Tensor:
     return torch.cat([head, q[:, :16] | (q[:, 16:] << 4)], dim=1)  # value j low nibble, j + 16 high
 
 
+def stored_rows(kind: str, rows: int, columns: int, ggml_type: int, device=None) -> torch.Tensor:
+    """An empty (rows, row bytes) uint8 tensor for `rows` rows of `columns` values stored in `ggml_type` (one of
+    KEPT; columns a multiple of 32, the kernels' block)."""
+    if ggml_type not in KEPT or columns % 32:
+        raise ValueError(f"{kind} keeps {[TYPE_NAMES[t] for t in KEPT]} with rows a multiple of 32 values, got "
+                         f"type {ggml_type} and {columns} values")
+    per_block, block_bytes = BLOCKS[ggml_type]
+    return torch.empty(rows, columns // per_block * block_bytes, dtype=torch.uint8, device=device)
+
+
 class GGUFLinear(nn.Module):
     """A frozen linear layer holding a GGUF tensor's blocks as stored: `weight` is (out, row bytes) uint8 (in / 32
     blocks, or in 16-bit values for F16 / BF16), `ggml_type` says which format."""
@@ -111,13 +121,8 @@ class GGUFLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, ggml_type: int = Q8_0,
                  device=None):
         super().__init__()
-        if ggml_type not in KEPT or in_features % 32:
-            raise ValueError(f"GGUFLinear keeps {[TYPE_NAMES[t] for t in KEPT]} with inputs a multiple of 32, got "
-                             f"type {ggml_type} and {in_features} inputs")
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
-        per_block, block_bytes = BLOCKS[ggml_type]
-        row = in_features // per_block * block_bytes
-        self.register_buffer("weight", torch.empty(out_features, row, dtype=torch.uint8, device=device))
+        self.register_buffer("weight", stored_rows("GGUFLinear", out_features, in_features, ggml_type, device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.int8_activations = False  # set by int8_activations_
 
@@ -139,13 +144,8 @@ class GGUFEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, ggml_type: int, device=None):
         super().__init__()
-        if ggml_type not in KEPT or embedding_dim % 32:
-            raise ValueError(f"GGUFEmbedding keeps {[TYPE_NAMES[t] for t in KEPT]} with rows a multiple of 32, got "
-                             f"type {ggml_type} and {embedding_dim} columns")
         self.num_embeddings, self.embedding_dim, self.ggml_type = num_embeddings, embedding_dim, ggml_type
-        per_block, block_bytes = BLOCKS[ggml_type]
-        self.register_buffer("blocks", torch.empty(num_embeddings, embedding_dim // per_block * block_bytes,
-                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("blocks", stored_rows("GGUFEmbedding", num_embeddings, embedding_dim, ggml_type, device))
         self.dtype = torch.float32  # what lookups return (the model's activations)
 
     @property
