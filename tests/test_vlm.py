@@ -535,3 +535,62 @@ def test_server_conditions_each_row_on_its_own_image_with_the_multimodal_adapter
     finally:
         stop()
         engine.stop()
+
+
+def test_server_fetches_image_urls_only_when_allowed(llava_dir):
+    """`mighty serve --allow_image_urls`: an http image (a loopback server here) gives the reply its data URL gives;
+    a missing one is a 400 naming the answer; without the option the same request is refused."""
+    import http.server
+    import threading
+
+    from conftest import run_app
+    from mightylm.multimodal.llava import load_llava
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.app import create_app
+    from mightylm.serve.engine import Engine
+
+    path, _, _ = llava_dir
+    vlm, tokenizer = load_llava(path)
+    png = _png(_image(7))
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/cat.png":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{images.server_address[1]}"
+    engine = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=2, max_len=128, vision=vlm).start()
+    url, stop = run_app(create_app(engine, "llava", allow_image_urls=True))
+    url_off, stop_off = run_app(create_app(engine, "llava"))
+
+    def chat(server, image_url):
+        return _post(f"{server}/v1/chat/completions", json.dumps({
+            "model": "llava", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "USER : "}, {"type": "image_url", "image_url": {"url": image_url}},
+                {"type": "text", "text": "t5 t7 ASSISTANT :"}]}]}).encode())
+
+    try:
+        inline = chat(url, "data:image/png;base64," + __import__("base64").b64encode(png).decode())
+        fetched = chat(url, f"{base}/cat.png")
+        assert inline.status_code == fetched.status_code == 200, fetched.text
+        assert fetched.json()["choices"][0]["message"]["content"] == inline.json()["choices"][0]["message"]["content"]
+        missing = chat(url, f"{base}/dog.png")
+        assert missing.status_code == 400 and "answered 404" in missing.json()["error"]["message"], missing.text
+        refused = chat(url_off, f"{base}/cat.png")
+        assert refused.status_code == 400 and "--allow_image_urls" in refused.json()["error"]["message"]
+    finally:
+        stop()
+        stop_off()
+        engine.stop()
+        images.shutdown()

@@ -87,9 +87,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), personal=None):
+def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), personal=None,
+               allow_image_urls: bool = False):
     """The app over `engine`, serving `name`. `personal` (serve/personal.PersonalAdapters): API keys, adapters and
-    their management come from a registry of users."""
+    their management come from a registry of users. `allow_image_urls`: a vision-language model's requests may
+    name http(s) images, which the server then fetches (off by default: the server would reach out wherever a
+    request points)."""
     app = FastAPI(title="mightylm", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer, bank = engine.tokenizer, engine.bank
 
@@ -283,10 +286,11 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
                         if vision is None:
                             raise ApiError(400, f"messages[{i}].content[{j}]: this model reads text only; images "
                                                 "need a vision-language model", param="messages")
-                        if not url.startswith("data:"):
-                            raise ApiError(400, f"messages[{i}].content[{j}]: remote image URLs are not fetched; "
-                                                "send the image inline as a data: URL (data:image/png;base64,...)",
-                                           param="messages")
+                        if not url.startswith("data:") and not (allow_image_urls
+                                                                and url.startswith(("http://", "https://"))):
+                            raise ApiError(400, f"messages[{i}].content[{j}]: remote image URLs are not fetched "
+                                                "(the server's --allow_image_urls would); send the image inline as "
+                                                "a data: URL (data:image/png;base64,...)", param="messages")
                         urls.append(url)
                         text += IMAGE_TOKEN + "\n" if vision.mode == "llava" else ""  # the adapter way: not in the text
                     else:
@@ -315,10 +319,11 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
         image's term for the prompts (1, 1, dim); None without images (in a thread: the encoder runs)."""
         if not urls:
             return None
-        from mightylm.multimodal.images import decode_data_url, open_image
+        from mightylm.multimodal.images import decode_data_url, fetch_image_url, open_image
 
         try:
-            images = [open_image(decode_data_url(u), name=f"image {k + 1}") for k, u in enumerate(urls)]
+            images = [open_image(decode_data_url(u) if u.startswith("data:") else fetch_image_url(u),
+                                 name=f"image {k + 1}") for k, u in enumerate(urls)]
         except MightyError as e:
             raise ApiError(400, str(e), param="messages") from None
         with torch.inference_mode():

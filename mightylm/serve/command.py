@@ -34,6 +34,7 @@ def serve(
     registry_db: str | None = None,
     adapter_budget_mb: PositiveInt = 256,
     pin: list[str] | None = None,
+    allow_image_urls: bool = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -48,7 +49,8 @@ def serve(
     Args:
         model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct); a
             vision-language model (a LLaVA directory or a `mighty finetune vlm` run) takes images in chat messages
-            as OpenAI image_url parts with data: URLs (remote URLs are refused; at most 4 images of 20 MiB; one
+            as OpenAI image_url parts with data: URLs (http(s) URLs only with --allow_image_urls; at most 4 images of
+            20 MiB; one
             for a multimodal LLaMA-Adapter, which conditions each request's rows on its own image).
         host: The address to listen on; the default accepts connections from this machine only.
         port: The port to listen on.
@@ -84,6 +86,8 @@ def serve(
         adapter_budget_mb: With --registry: memory for loaded personal adapters; the least recently used are
             unloaded to make room (never pinned ones, nor one a request is using).
         pin: With --registry: OWNER/NAME adapters that stay loaded once used (repeatable).
+        allow_image_urls: A vision-language model may be sent http(s) image URLs, which the server fetches (20 MiB
+            and 10 s at most each). Off by default: the server would then reach whatever address a request names.
     """
     import os
     import signal
@@ -156,7 +160,9 @@ def serve(
                                     pinned=tuple(pin or ()))
         print(f"personal adapters from {registry}: {len(personal.registry.users())} users, budget "
               f"{adapter_budget_mb} MiB", file=sys.stderr)
-    app = create_app(engine, served, api_keys=tuple(keys), personal=personal)
+    if allow_image_urls and vision is None:
+        raise UsageError("--allow_image_urls is for a vision-language model; this one reads text only")
+    app = create_app(engine, served, api_keys=tuple(keys), personal=personal, allow_image_urls=allow_image_urls)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout))
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {served} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)"
