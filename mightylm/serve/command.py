@@ -50,8 +50,7 @@ def serve(
         model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct); a
             vision-language model (a LLaVA directory or a `mighty finetune vlm` run) takes images in chat messages
             as OpenAI image_url parts with data: URLs (http(s) URLs only with --allow_image_urls; at most 4 images of
-            20 MiB; one
-            for a multimodal LLaMA-Adapter, which conditions each request's rows on its own image).
+            20 MiB; one for a multimodal LLaMA-Adapter, which conditions each request's rows on its own image).
         host: The address to listen on; the default accepts connections from this machine only.
         port: The port to listen on.
         adapter: NAME=DIR: a LoRA, prompt-tuning or P-tuning adapter served as "MODEL:NAME" (repeat for several).
