@@ -142,10 +142,20 @@ AVX512 void out_row512(const float *x, long rows, const float *xsum, const unsig
         y[o] = one_row512(x, xsum, row, type, blocks);
     } else {
         long r = 0;
-        for (; r + 8 <= rows; r += 8) many_rows512(x + r * in, in, row, type, blocks, y + r * out + o, out, 8);
-        if (rows - r >= 4) { many_rows512(x + r * in, in, row, type, blocks, y + r * out + o, out, 4); r += 4; }
-        if (rows - r >= 2) { many_rows512(x + r * in, in, row, type, blocks, y + r * out + o, out, 2); r += 2; }
-        if (rows - r >= 1) many_rows512(x + r * in, in, row, type, blocks, y + r * out + o, out, 1);
+        for (; r < rows; r += 8) {  /* the rest in one pass (a speculative step verifies 2-9 rows) */
+            const float *xr = x + r * in;
+            float *yr = y + r * out + o;
+            switch (rows - r < 8 ? rows - r : 8) {
+                case 8: many_rows512(xr, in, row, type, blocks, yr, out, 8); break;
+                case 7: many_rows512(xr, in, row, type, blocks, yr, out, 7); break;
+                case 6: many_rows512(xr, in, row, type, blocks, yr, out, 6); break;
+                case 5: many_rows512(xr, in, row, type, blocks, yr, out, 5); break;
+                case 4: many_rows512(xr, in, row, type, blocks, yr, out, 4); break;
+                case 3: many_rows512(xr, in, row, type, blocks, yr, out, 3); break;
+                case 2: many_rows512(xr, in, row, type, blocks, yr, out, 2); break;
+                default: many_rows512(xr, in, row, type, blocks, yr, out, 1);
+            }
+        }
     }
     if (bias)
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
@@ -227,9 +237,16 @@ AVX2 void out_row256(const float *x, long rows, const float *xsum, const unsigne
         y[o] = one_row256(x, xsum, row, type, blocks);
     } else {
         long r = 0;
-        for (; r + 4 <= rows; r += 4) many_rows256(x + r * in, in, row, type, blocks, y + r * out + o, out, 4);
-        if (rows - r >= 2) { many_rows256(x + r * in, in, row, type, blocks, y + r * out + o, out, 2); r += 2; }
-        if (rows - r >= 1) many_rows256(x + r * in, in, row, type, blocks, y + r * out + o, out, 1);
+        for (; r < rows; r += 4) {
+            const float *xr = x + r * in;
+            float *yr = y + r * out + o;
+            switch (rows - r < 4 ? rows - r : 4) {
+                case 4: many_rows256(xr, in, row, type, blocks, yr, out, 4); break;
+                case 3: many_rows256(xr, in, row, type, blocks, yr, out, 3); break;
+                case 2: many_rows256(xr, in, row, type, blocks, yr, out, 2); break;
+                default: many_rows256(xr, in, row, type, blocks, yr, out, 1);
+            }
+        }
     }
     if (bias)
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
