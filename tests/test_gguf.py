@@ -502,6 +502,8 @@ def test_int8_activations_reach_every_kept_product_and_stay_near_float32(qtype, 
     assert len(int8_activations_(modules)) == 7 * modules.config.n_layers + 1 and modules.applied("int8_activations")
     int8_activations_(native)
     assert "layers.0.native" in fuse_projections_(native)
+    with pytest.raises(ValueError, match="before fuse_projections_"):
+        int8_activations_(native)
     idx = torch.randint(0, exact.config.vocab_size, (1, 8))
 
     def steps(model):

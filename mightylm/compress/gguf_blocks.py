@@ -166,7 +166,11 @@ def int8_activations_(model: nn.Module) -> list[str]:
     to 8 bits per block of 32 (scale max|x| / 127) and multiplies in integers (kernels/gguf_blocks.c), about twice
     as fast per block as float32; prompts and batches keep float32. Logits move by the activations' rounding, and
     greedy text can part from the float32 model's where its top two tokens are close (llama.cpp's does too).
-    Apply before `fuse_projections_`. Returns the modules changed."""
+    Apply before `fuse_projections_` (the fused copies are made from the modules). Returns the modules changed."""
+    if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
+           for m in model.modules()):
+        raise ValueError("int8_activations_ goes before fuse_projections_: the decode layout copies the modules' "
+                         "settings (undo it with unfuse_projections_ first)")
     changed = [name for name, m in model.named_modules()
                if isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1)]
     for name in changed:
