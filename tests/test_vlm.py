@@ -416,6 +416,14 @@ def test_finetune_vlm_trains_saves_and_generates(tiny_parts, tmp_path, projector
     assert losses[-1] < losses[0]
     vlm, tokenizer = load_vlm(out)
     assert vlm.mode == ("adapter" if projector == "adapter" else "llava")
+    # a chat without a system message gets the one the model was trained with, as its training conversations had it
+    from mightylm.multimodal.data import SYSTEM
+    from mightylm.multimodal.generate import prompt_ids
+
+    assert vlm.system == SYSTEM
+    ids = prompt_ids(vlm, tokenizer, "What colour?", 1, chat=True)
+    assert SYSTEM in tokenizer.decode(ids) and ids == prompt_ids(vlm, tokenizer, "", 1, messages=[
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": "What colour?"}])
     _image(2, (64, 64)).save(tmp_path / "x.png")
     assert main(["generate", "--model", str(out), "--image", str(tmp_path / "x.png"), "--prompt", "What colour?",
                  "--chat", "true", "--temperature", "0", "--max_new_tokens", "4"]) == 0

@@ -5,7 +5,7 @@ Two layouts:
         model.safetensors, loadable by transformers;
     ours, for any encoder and projector (EfficientNet-Lite0, pixel shuffle, the multimodal LLaMA-Adapter):
         vlm.json          the parts: the decoder (an embedded name or a directory), the encoder, the projector's
-                          settings, the image token, the feature layer
+                          settings, the image token, the feature layer, the system message it was trained with
         projector.safetensors   or visual_prompt.safetensors (the adapter way in)
         adapter/          the decoder's adapter (LoRA or LLaMA-Adapter), when trained
     The decoder and encoder are referenced, not copied: a trained model is a few MB over its parts.
@@ -110,6 +110,8 @@ def save_vlm(vlm: VisionLanguageModel, path: str | Path, *, language: str | None
             "image_tokens": vlm.image_tokens}
     if vlm.projector is not None:
         spec["projector"] = {"kind": vlm.projector.kind, "shuffle": vlm.projector.shuffle}
+    if vlm.system:
+        spec["system"] = vlm.system
     (path / "vlm.json").write_text(json.dumps(spec, indent=2) + "\n")
     return path
 
@@ -151,6 +153,7 @@ def load_vlm(path: str | Path, *, dtype=torch.float32):
         vlm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
         if (path / "adapter").is_dir():
             load_adapter(vlm.language, path / "adapter")
+    vlm.system = spec.get("system")
     if spec.get("image_tokens") is not None and spec["image_tokens"] != vlm.image_tokens:
         raise CheckpointError(f"{spec_file}: records {spec['image_tokens']} image tokens, the parts give "
                               f"{vlm.image_tokens}")

@@ -20,10 +20,13 @@ from mightylm.multimodal.vlm import IMAGE_TOKEN, VisionLanguageModel, check_span
 def prompt_ids(vlm: VisionLanguageModel, tokenizer, text: str, n_images: int, *, chat: bool = False,
                messages: list[dict] | None = None) -> list[int]:
     """Token ids of a prompt with `n_images` images: the text (or chat `messages`) encoded, a placeholder put in
-    front of the (last user) text when there is none, each placeholder expanded to the model's image tokens."""
+    front of the (last user) text when there is none, each placeholder expanded to the model's image tokens. A
+    chat without a system message gets the one the model was trained with (`vlm.system`), if it records one."""
     mark = IMAGE_TOKEN if vlm.mode == "llava" else ""
     if messages is None:
         messages = [{"role": "user", "content": text}] if chat else None
+    if messages and vlm.system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": vlm.system}, *messages]
     if n_images and mark:
         texts = [m["content"] for m in messages] if messages else [text]
         if not any(mark in t for t in texts):

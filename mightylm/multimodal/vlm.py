@@ -38,6 +38,7 @@ class VisionLanguageModel(nn.Module):
         self.processor = processor  # images.ImageProcessor: how pixels are prepared for `vision`
         self.vision_name = vision_name  # "efficientnet-lite0", or "" for a tower stored with the model
         self.visual_prompt: nn.Module | None = None  # set by multimodal.adapter (the LLaMA-Adapter way in)
+        self.system: str | None = None  # the system message it was trained with: a chat without one gets it
         for p in self.vision.parameters():
             p.requires_grad_(False)  # the encoder stays frozen (its features can then be cached)
 

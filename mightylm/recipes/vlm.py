@@ -99,7 +99,7 @@ def finetune_vlm(
     from mightylm.errors import UsageError
     from mightylm.multimodal.adapter import apply_multimodal_adapter
     from mightylm.multimodal.checkpoint import build_vlm, load_vlm, save_vlm
-    from mightylm.multimodal.data import ImageChatDataset, cached_features
+    from mightylm.multimodal.data import SYSTEM, ImageChatDataset, cached_features
     from mightylm.multimodal.score import answer_accuracy, captions, choice_accuracy, features_loss
     from mightylm.recipes.rundir import prepare_out, write_run_args
     from mightylm.train import fit
@@ -123,6 +123,7 @@ def finetune_vlm(
 
         if not present(vlm.language):
             apply_lora(vlm.language, **lora.settings(vlm.language))
+    vlm.system = SYSTEM  # the system message its conversations carry (data.conversation): its default in use
     for p in vlm.parameters():
         p.requires_grad_(False)
     for p in vlm.trains_with_adapters():  # stage 1: only these; with adapters, fit adds theirs (mark_trainable)
