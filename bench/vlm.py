@@ -4,7 +4,7 @@ after stage 2 (projector + LoRA on questions); and the multimodal LLaMA-Adapter 
 the same steps. Accuracy two ways: exact match of the greedy reply, and the closed-set choice (the type's most
 likely answer, near chance before training). Prints markdown tables (paste into bench/RESULTS.md with the CPU flags) and writes bench/vlm.json.
 
-    python bench/vlm.py [--train_samples 600] [--stage1_steps 60] [--stage2_steps 120] [--out runs/bench-vlm]
+    python bench/vlm.py [--train_samples 1200] [--test_samples 200] [--stage1_steps 60] [--stage2_steps 300] [--out runs/bench-vlm]
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ def cpu_flags() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_samples", type=int, default=600)
-    p.add_argument("--test_samples", type=int, default=100)
+    p.add_argument("--train_samples", type=int, default=1200)
+    p.add_argument("--test_samples", type=int, default=200)
     p.add_argument("--stage1_steps", type=int, default=60)
-    p.add_argument("--stage2_steps", type=int, default=120)
+    p.add_argument("--stage2_steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--out", default="runs/bench-vlm")
     a = p.parse_args()
