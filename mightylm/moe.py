@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mightylm.config import ModelConfig
