@@ -55,7 +55,10 @@ class RecurrentMemory(nn.Module):
             raise UsageError(f"a segment's layout (2 x {memory} memory + {segment} tokens) exceeds the decoder's "
                              f"context of {base.config.max_seq_len}")
         self.base, self.segment, self.n_memory, self.bptt = base, segment, memory, bptt
-        scale = float(base.embed.weight.detach().float().std())
+        table = getattr(base.embed, "weight", None)  # (a table kept as GGUF blocks has none: looked up whole)
+        if table is None:
+            table = base.embed(torch.arange(base.config.vocab_size, device=base.device))
+        scale = float(table.detach().float().std())
         self.memory = nn.Parameter(torch.randn(memory, base.config.dim) * scale)  # (M, dim)
 
     @property
@@ -67,7 +70,7 @@ class RecurrentMemory(nn.Module):
         return [self.memory]
 
     def initial_memory(self, batch: int) -> torch.Tensor:
-        return self.memory.to(self.base.embed.weight.dtype)[None].expand(batch, -1, -1)  # (B, M, dim)
+        return self.memory.to(self.base.dtype)[None].expand(batch, -1, -1)  # (B, M, dim)
 
     def segment_pass(self, tokens: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One segment: (hidden states of its tokens (B, S, dim), the memory it writes (B, M, dim))."""

@@ -547,6 +547,24 @@ def test_the_embedded_model_keeps_no_float_copy_of_its_weights():
     assert model.lm_head.weight.data_ptr() == model.embed.blocks.data_ptr()
 
 
+def test_a_recurrent_memory_wraps_a_kept_gguf_model(tmp_path, bpe_tokenizer):
+    """`mighty generate --rmt RUN` over a GGUF base (blocks and table kept): the memory wraps it as it wraps the
+    dequantized model, same segment outputs."""
+    from mightylm.rmt import RecurrentMemory
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    dense, _ = mightylm.load(tmp_path / "m.gguf")
+    kept, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    a, b = RecurrentMemory(dense, 8, 2, None), RecurrentMemory(kept, 8, 2, None)
+    assert a.memory.std().item() == pytest.approx(b.memory.std().item(), rel=0.5)  # the same init scale
+    with torch.no_grad():
+        b.memory.copy_(a.memory)
+        tokens = torch.randint(0, dense.config.vocab_size, (1, 8))
+        for x, y in zip(a.segment_pass(tokens, a.initial_memory(1)), b.segment_pass(tokens, b.initial_memory(1))):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+
+
 def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     """`generate --blocks true --adapter DIR`: LoRA wraps the kept blocks as it wraps any quantized base."""
     from mightylm.adapters.lora import apply_lora, save_lora
