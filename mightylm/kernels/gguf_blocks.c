@@ -350,38 +350,18 @@ __attribute__((target("avx2"), always_inline)) static inline void codes_u8(const
     }
 }
 
-#define Q8X(name, attrs, DOT)                                                                                       \
-    attrs float name(const signed char *xq, const float *dx, const int *xs, const unsigned char *row, int type,    \
-                     long blocks) {                                                                                \
-        const long bytes = block_bytes(type);                                                                      \
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                                 \
-        float off = 0.0f;                                                                                          \
-        for (long b = 0; b < blocks; b++) {                                                                        \
-            const unsigned char *blk = row + b * bytes;                                                            \
-            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                               \
-            __m256i q, xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));                                    \
-            codes_u8(blk, type, &q, &xv);                                                                          \
-            const float d = half_to_float(blk) * dx[b];                                                            \
-            const __m256 s = _mm256_cvtepi32_ps(DOT(q, xv));                                                       \
-            if (b & 1) a1 = _mm256_fmadd_ps(s, _mm256_set1_ps(d), a1);                                            \
-            else a0 = _mm256_fmadd_ps(s, _mm256_set1_ps(d), a0);                                                   \
-            if (type == Q4_0) off -= 8.0f * d * (float)xs[b];                                                     \
-            else if (type == Q4_1) off += half_to_float(blk + 2) * dx[b] * (float)xs[b];                          \
-        }                                                                                                          \
-        return hsum(_mm256_add_ps(a0, a1)) + off;                                                                  \
-    }
-
-/* Output rows o .. o + 3 (`row_bytes` apart): each block of xq loaded once for the four, one reduction for all. */
-#define Q8X4(name, attrs, DOT)                                                                                      \
+/* Output rows o .. o + n - 1 (n <= 4, `row_bytes` apart) for one row of xq: each block of xq loaded once for the
+ * rows, their four sums reduced together. */
+#define Q8X_ROWS(name, attrs, DOT)                                                                                  \
     attrs void name(const signed char *xq, const float *dx, const int *xs, const unsigned char *row, long row_bytes, \
-                    int type, long blocks, float *y) {                                                             \
+                    int type, long blocks, float *y, const int n) {                                                \
         const long bytes = block_bytes(type);                                                                      \
         __m256 acc[4];                                                                                             \
-        float off[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                                  \
+        float off[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sums[4];                                                         \
         for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                                 \
         for (long b = 0; b < blocks; b++) {                                                                        \
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));                               \
-            for (int r = 0; r < 4; r++) {                                                                          \
+            for (int r = 0; r < n; r++) {                                                                          \
                 const unsigned char *blk = row + r * row_bytes + b * bytes;                                        \
                 _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                           \
                 __m256i q, xv = x0;                                                                                \
@@ -394,40 +374,40 @@ __attribute__((target("avx2"), always_inline)) static inline void codes_u8(const
         }                                                                                                          \
         const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));          \
         const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));                       \
-        _mm_storeu_ps(y, _mm_add_ps(t, _mm_loadu_ps(off)));                                                        \
+        _mm_storeu_ps(sums, _mm_add_ps(t, _mm_loadu_ps(off)));                                                     \
+        for (int r = 0; r < n; r++) y[r] = sums[r];                                                                \
     }
 
 #define DOT_VNNI(q, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
 #define DOT_AVX2(q, x) _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1))
-Q8X(row_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) static inline,
-    DOT_VNNI)
-Q8X(row_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
-Q8X4(four_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) static inline,
-     DOT_VNNI)
-Q8X4(four_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
+Q8X_ROWS(rows_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline))
+         static inline, DOT_VNNI)
+Q8X_ROWS(rows_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
 
-/* Rows in groups of four, the rest one at a time; the type a constant in each copy of the loops. */
-#define GEMV_Q8X(four, one)                                                                                        \
+/* Rows in groups of four (the type a constant in each copy of the loops), then the last 1-3. */
+#define GEMV_Q8X(rows_q8x)                                                                                         \
     const long blocks = in / 32, row_bytes = blocks * block_bytes(type), groups = out / 4;                         \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
     for (long g = 0; g < groups; g++) {                                                                            \
         const unsigned char *rows = W + 4 * g * row_bytes;                                                         \
-        if (type == Q8_0) four(xq, dx, xs, rows, row_bytes, Q8_0, blocks, y + 4 * g);                             \
-        else if (type == Q4_0) four(xq, dx, xs, rows, row_bytes, Q4_0, blocks, y + 4 * g);                        \
-        else four(xq, dx, xs, rows, row_bytes, Q4_1, blocks, y + 4 * g);                                           \
+        if (type == Q8_0) rows_q8x(xq, dx, xs, rows, row_bytes, Q8_0, blocks, y + 4 * g, 4);                      \
+        else if (type == Q4_0) rows_q8x(xq, dx, xs, rows, row_bytes, Q4_0, blocks, y + 4 * g, 4);                 \
+        else rows_q8x(xq, dx, xs, rows, row_bytes, Q4_1, blocks, y + 4 * g, 4);                                    \
     }                                                                                                              \
-    for (long o = 4 * groups; o < out; o++) y[o] = one(xq, dx, xs, W + o * row_bytes, type, blocks);
+    if (out > 4 * groups)                                                                                          \
+        rows_q8x(xq, dx, xs, W + 4 * groups * row_bytes, row_bytes, type, blocks, y + 4 * groups,                   \
+                 (int)(out - 4 * groups));
 
 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 static void gemv_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const unsigned char *W, int type,
                           float *y, long in, long out, int nthreads) {
-    GEMV_Q8X(four_q8x_vnni, row_q8x_vnni)
+    GEMV_Q8X(rows_q8x_vnni)
 }
 
 __attribute__((target("avx2,fma,f16c")))
 static void gemv_q8x_avx2(const signed char *xq, const float *dx, const int *xs, const unsigned char *W, int type,
                           float *y, long in, long out, int nthreads) {
-    GEMV_Q8X(four_q8x_avx2, row_q8x_avx2)
+    GEMV_Q8X(rows_q8x_avx2)
 }
 
 /* One row x (in) @ Q8_0 / Q4_0 / Q4_1 blocks with x rounded to 8 bits per block (above); other types: the float
