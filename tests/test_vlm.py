@@ -602,3 +602,10 @@ def test_server_fetches_image_urls_only_when_allowed(llava_dir):
         stop_off()
         engine.stop()
         images.shutdown()
+
+
+def test_allow_image_urls_on_a_text_model_is_refused_before_loading(tiny_parts, capsys):
+    language, _ = tiny_parts
+    assert main(["serve", "--model", str(language), "--allow_image_urls", "true", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow_image_urls is for a vision-language model" in err and "loading" not in err

@@ -113,10 +113,12 @@ def serve(
     if draft and draft.startswith("layers:"):  # before the slow load, like the port
         raise UsageError("--draft layers:N is for `mighty generate|chat`; the server takes prompt-lookup or a "
                          "draft model")
-    sock = _listen(host, port)  # before the slow load: a port in use is said at once
-    print(f"loading {model} ...", file=sys.stderr, flush=True)
     from mightylm.multimodal.checkpoint import is_vlm, load_vlm
 
+    if allow_image_urls and not is_vlm(model):  # before the slow load, like the port
+        raise UsageError("--allow_image_urls is for a vision-language model; this one reads text only")
+    sock = _listen(host, port)  # before the slow load: a port in use is said at once
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
     vision = None
     if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns request images into tokens
         vision, tokenizer = load_vlm(model, dtype=dtype)  # (or, the adapter way in, into each row's prompt term)
@@ -159,8 +161,6 @@ def serve(
                                     pinned=tuple(pin or ()))
         print(f"personal adapters from {registry}: {len(personal.registry.users())} users, budget "
               f"{adapter_budget_mb} MiB", file=sys.stderr)
-    if allow_image_urls and vision is None:
-        raise UsageError("--allow_image_urls is for a vision-language model; this one reads text only")
     app = create_app(engine, served, api_keys=tuple(keys), personal=personal, allow_image_urls=allow_image_urls)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout))
     shown = f"[{host}]" if ":" in host else host
