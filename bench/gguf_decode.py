@@ -7,8 +7,9 @@ file, dequantized).
 Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times;
 the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
 read per token over the measured read bandwidth. For the block types, ours runs a second time with
-int8_activations_ (llama.cpp's arithmetic: each decoded token's activations rounded to 8 bits per block). llama.cpp runs with n_batch=1 (its batched quantized prefill
-crashed on the Intel machine) and as many threads as torch uses here.
+int8_activations_ (llama.cpp's arithmetic: each decoded token's activations rounded to 8 bits per block).
+llama.cpp runs with n_batch=1 (its batched quantized prefill crashed on the Intel machine) and as many threads as
+torch uses here.
 
 llama.cpp comes from llama-cpp-python, a bench-only extra built from source (10-20 min), best in its own venv:
     python -m venv /tmp/cppvenv && /tmp/cppvenv/bin/pip install llama-cpp-python==0.3.36

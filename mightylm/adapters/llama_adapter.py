@@ -90,7 +90,8 @@ def apply_llama_adapter(model: nn.Module, layers: int | None = None, length: int
             continue  # already adapted
         scale = model.layers[i].attn_norm.weight.detach().float().abs().mean()
         init = torch.randn(length, model.config.dim, generator=generator) * scale
-        attn.adaption = AdaptionPrompt(length, model.config.dim, attn.n_heads, init.to(dtype=model.dtype, device=model.device))
+        attn.adaption = AdaptionPrompt(length, model.config.dim, attn.n_heads,
+                                       init.to(dtype=model.dtype, device=model.device))
         attn.adaption.train(model.training)
         attn.attend = functools.partial(_adapted_attend, attn)  # shadows the class method on this instance
         converted.append(f"layers.{i}.attn")

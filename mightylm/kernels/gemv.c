@@ -236,8 +236,8 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  *   x += down_proj(silu(gate) * up)                              on rms_norm(x) * mlp_norm
  * Each projection is float32 input-major, int8 output-major with per-row scales, NF4 (codes two per byte,
  * one float absmax per block of `block` inputs, `levels` the 16 NF4 values) or int4 (codes two per byte, a
- * scale and a zero per group of `block` inputs), GGUF's Q8_0 / Q4_0 / Q4_1 blocks or F16 / BF16 rows as stored, or 2:4 sparse
- * (kept values and their 2-bit positions, sparse24.c). */
+ * scale and a zero per group of `block` inputs), GGUF's Q8_0 / Q4_0 / Q4_1 blocks or F16 / BF16 rows as stored,
+ * or 2:4 sparse (kept values and their 2-bit positions, sparse24.c). */
 enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4, PROJ_SPARSE24 = 5,
        PROJ_GGML_Q8X = 6 /* GGUF blocks, one row's activations rounded to 8 bits (gguf_blocks.c) */ };
 typedef struct {
@@ -245,7 +245,7 @@ typedef struct {
     const float *scale;   /* int8: per-row scales; NF4: per-block absmax; int4: (out, in / block) scales */
     const float *bias;
     const float *levels;  /* NF4 only */
-    long block;           /* NF4: block; int4: group; GGUF blocks: the ggml type (8 Q8_0, 2 Q4_0, 3 Q4_1, 1 F16, 30 BF16) */
+    long block;           /* NF4: block; int4: group; GGUF: the ggml type (8 Q8_0, 2 Q4_0, 3 Q4_1, 1 F16, 30 BF16) */
     int kind;
     const float *zero;    /* int4 only: (out, in / block) */
     const unsigned char *index;  /* 2:4 only: the kept values' positions (w holds the values) */
