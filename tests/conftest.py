@@ -207,6 +207,22 @@ def run_app(app):
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
+def run_http(handler):
+    """Serve a http.server request handler class on a free loopback port in a daemon thread (a stub for clients
+    under test): (base URL, a stop function)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+
+    return f"http://127.0.0.1:{server.server_address[1]}", stop
+
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
 
 

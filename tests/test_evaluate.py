@@ -2,12 +2,12 @@
 equivalence classes, batch-size independence, resume, endpoint mode against a stub server, bad input."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
 
+from conftest import run_http
 from mightylm.evaluate.backend import Endpoint, EvalError, LocalModel
 
 
@@ -323,12 +323,9 @@ class _StubServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    base, stop = run_http(_StubServer)
+    yield f"{base}/v1"
+    stop()
 
 
 def test_endpoint_mode_against_a_stub_server(stub_url):

@@ -549,9 +549,8 @@ def test_server_fetches_image_urls_only_when_allowed(llava_dir):
     """`mighty serve --allow_image_urls`: an http image (a loopback server here) gives the reply its data URL gives;
     a missing one is a 400 naming the answer; without the option the same request is refused."""
     import http.server
-    import threading
 
-    from conftest import run_app
+    from conftest import run_app, run_http
     from mightylm.multimodal.llava import load_llava
     from mightylm.serve.adapters import AdapterBank
     from mightylm.serve.app import create_app
@@ -575,9 +574,7 @@ def test_server_fetches_image_urls_only_when_allowed(llava_dir):
         def log_message(self, *args):
             pass
 
-    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
-    threading.Thread(target=images.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{images.server_address[1]}"
+    base, stop_images = run_http(Images)
     engine = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=2, max_len=128, vision=vlm).start()
     url, stop = run_app(create_app(engine, "llava", allow_image_urls=True))
     url_off, stop_off = run_app(create_app(engine, "llava"))
@@ -601,7 +598,7 @@ def test_server_fetches_image_urls_only_when_allowed(llava_dir):
         stop()
         stop_off()
         engine.stop()
-        images.shutdown()
+        stop_images()
 
 
 def test_allow_image_urls_on_a_text_model_is_refused_before_loading(tiny_parts, capsys):
