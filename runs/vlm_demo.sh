@@ -4,11 +4,12 @@
 # and Fashion-MNIST; 60 + 300 steps), then three questions about a scene none of them saw. About 35 minutes on 2
 # cores (each finetune prints its held-out accuracy per question type; results.json in each run directory).
 # Needs Fashion-MNIST: `make fashion-mnist` (Debian's dataset-fashion-mnist).
+# Writes runs/out/vlm-demo/{vlm1,vlm2,vlm-adapter,scene.png}, replacing those of an earlier run of this script.
 #   bash runs/vlm_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=.venv/bin/mighty
-OUT=runs/out
+OUT=runs/out/vlm-demo  # its own directories: a run of yours under runs/out is never overwritten
 TRAIN=(--data.train_samples 1200 --data.test_samples 200 --train.batch_size 8 --train.weight_decay 0.0
        --train.log_every 10 --train.save_every 1000000)
 $M finetune vlm --stage 1 --out "$OUT/vlm1" --overwrite true "${TRAIN[@]}" \
