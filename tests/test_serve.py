@@ -330,13 +330,22 @@ def test_api_keys_guard_every_endpoint(tiny):
         s.close()
 
 
-def test_a_full_queue_answers_429_and_disconnects_free_rows(tiny):
+def test_a_full_queue_answers_429_and_disconnects_free_rows(tiny, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     model, tokenizer, _ = tiny
+    # Every forward pass takes 10 ms more, so a 200-token reply lasts over 2 s: the row is still busy when the
+    # other requests arrive and when the streaming client goes away (the tiny model alone could finish first).
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     s = Server(model, tokenizer, max_batch=1, max_queue=1, max_len=256)
     try:
-        body = {"model": "tiny", "prompt": "To be", "max_tokens": 200, "temperature": 0}
+        body = {"model": "tiny", "prompt": "To be", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(lambda _: s.post("/v1/completions", body), range(6)))
         statuses = sorted(r[0] for r in results)
