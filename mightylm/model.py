@@ -23,7 +23,9 @@ Seams for later techniques:
   `clip_qkv` (OLMoE: `Attention.forward` before the heads split), `sliding_window` (the mask), `rope_scaling` (ROPE_SCALINGS), `tie_embeddings` (the head shares the
   table), `n_experts` and friends (`make_mlp`).
 - RoPE scalings are a table, `ROPE_SCALINGS` (linear, dynamic NTK, YaRN, llama3, LongRoPE); initialisation finds residual projections by leaf name.
-- The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules.
+- The KV cache is a `KVCache` object passed to `forward`, not state hidden in the modules. `Segments` passed as
+  `trunk`'s cache runs several batches, each on its own cache, in one pass (a server's decode step carrying a
+  chunk of a long prompt): the projections see all their tokens at once, attention is per segment.
 - `Block.fused_decode`: a callable the decode layout (fuse.py) sets to run a whole block natively for
   one token of one sequence; the block falls back to its modules wherever it returns None.
 - `Transformer.loss` (and `forward(idx, labels=...)`) computes the training loss through
@@ -350,6 +352,43 @@ class SinkKVCache:
         return keys, self.v[layer][:, :, order]
 
 
+@dataclass
+class Segment:
+    """One batch of a `Segments` pass: `rows` rows of `tokens` new tokens each, written at slots start.. of `cache`
+    (anything with KVCache's `update`), `pad` (rows,) left-padding slots per row as in `forward`."""
+
+    cache: object
+    start: int
+    rows: int
+    tokens: int
+    pad: torch.Tensor | None = None
+
+
+class Segments:
+    """Several independent batches in one forward pass: a server's decode step (its rows, one token each, on the
+    pool) and a chunk of a long prompt being prefilled (one row on its own cache), say. Pass it as `trunk`'s
+    `cache` with an input of shape (N, 1, dim): the segments' tokens one per row, segment by segment, row-major
+    within each. Every projection then runs once over all N tokens (per-row adapters see one row per token); only
+    attention is done per segment, on its own cache, with its own slots, padding, RoPE positions and mask, so each
+    segment computes what it would alone."""
+
+    def __init__(self, segments: list[Segment]):
+        self.parts = segments
+        self.tokens = sum(s.rows * s.tokens for s in segments)
+
+    def attend(self, attn: "Attention", q, k, v, masks: list) -> torch.Tensor:
+        """q (N, nh, 1, hs), k and v (N, nkv, 1, hs) after RoPE -> the attention output (N, nh, 1, hs)."""
+        out, a = [], 0
+        for s, mask in zip(self.parts, masks):
+            b = a + s.rows * s.tokens
+            split = lambda t: t[a:b, :, 0].view(s.rows, s.tokens, t.shape[1], -1).transpose(1, 2)  # noqa: E731
+            keys, values = s.cache.update(attn.layer_idx, s.start, split(k), split(v))
+            y = attn.attend(split(q), keys, values, mask)  # (rows, nh, tokens, hs)
+            out.append(y.transpose(1, 2).reshape(b - a, y.shape[1], 1, y.shape[3]))
+            a = b
+        return torch.cat(out)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -383,9 +422,12 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         if not getattr(cache, "raw_keys", False):  # SinkKVCache rotates keys at their place in the cache itself
             k = apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, start, k, v)  # (B, nkv, S, hs), S = start + T
-        y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
+        if isinstance(cache, Segments):  # each segment's rows attend over their own cache
+            y = cache.attend(self, q, k, v, mask)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, start, k, v)  # (B, nkv, S, hs), S = start + T
+            y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q, k, v, mask):
@@ -640,9 +682,12 @@ class Transformer(nn.Module):
               documents: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks and the final norm over `x` from `inputs` (same `start` and `pad`): hidden states (B, T, dim)
         lined up with the caller's tokens (virtual tokens dropped), or (B, 1, dim) with `last_only`.
-        `documents` (B, T): packed rows, see `forward`."""
+        `documents` (B, T): packed rows, see `forward`. `cache` may be `Segments` (x (N, 1, dim); start, pad and
+        last_only unused: each segment has its own)."""
         if documents is not None:
             return self._packed_trunk(x, documents, last_only)
+        if isinstance(cache, Segments):
+            return self._segments_trunk(x, cache)
         P = self.prefix_len
         with_prefix = P > 0 and start == 0  # a fresh sequence: `inputs` put the virtual tokens in
         if P and not with_prefix:
@@ -680,6 +725,30 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif with_prefix:
             x = _drop_prefix(x, P, pad)  # (B, T, dim): outputs line up with the caller's tokens
+        return self.norm(x)
+
+    def _segments_trunk(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """The trunk over several batches in one pass (`Segments`): x (N, 1, dim) -> hidden states (N, 1, dim)."""
+        if self.prefix_len:
+            raise ValueError("segments carry their soft prompts in their embeddings; the model's own prefix would "
+                             "start only a fresh sequence")
+        if x.shape[0] != segments.tokens or x.shape[1] != 1:
+            raise ValueError(f"segments of {segments.tokens} tokens take an input of shape ({segments.tokens}, 1, "
+                             f"dim), got {tuple(x.shape)}")
+        coss, sins, masks = [], [], []
+        for s in segments.parts:
+            if isinstance(s.cache, (RollingKVCache, SinkKVCache)):
+                raise ValueError("segments attend over full caches (a rolling or sink cache has its own positions)")
+            cos, sin = self.rope(s.start + s.tokens, x.device)  # each segment's table, as it would have alone
+            slots = torch.arange(s.start, s.start + s.tokens, device=x.device)
+            pos = slots[None].expand(s.rows, -1) if s.pad is None else (slots[None] - s.pad[:, None]).clamp(min=0)
+            coss.append(cos[pos.flatten()])
+            sins.append(sin[pos.flatten()])
+            masks.append(self._mask(slots, s.start + s.tokens, s.pad, x.device))
+        cos = torch.cat(coss)[:, None, None].to(x.dtype)  # (N, 1, 1, hs)
+        sin = torch.cat(sins)[:, None, None].to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks, segments, 0)
         return self.norm(x)
 
     def _packed_trunk(self, x: torch.Tensor, documents: torch.Tensor, last_only: bool) -> torch.Tensor:

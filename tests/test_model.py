@@ -43,6 +43,34 @@ def test_left_padded_rows_match_unpadded():
     torch.testing.assert_close(padded[0], model(a)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [  # dynamic NTK trained at 11: the chunk's table differs from the rows'
+    {}, {"rope_scaling": {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 11}}])
+def test_segments_in_one_pass_equal_each_batch_alone(overrides):
+    """A padded decode step of 3 rows and a 5-token chunk of a prompt on its own cache, in one pass (`Segments`):
+    the same logits and cache contents as the two forward passes apart."""
+    from mightylm.model import Segment, Segments
+
+    model = tiny(**overrides)
+    rows, prompt = torch.randint(0, 256, (3, 9)), torch.randint(0, 256, (1, 14))
+    pad = torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        caches = [[KVCache(model.config, 3, 12), KVCache(model.config, 1, 16)] for _ in range(2)]
+        for pool, own in caches:  # history: the rows' prompts (left-padded), the chunk's first 9 tokens
+            model(rows, cache=pool, start=0, pad=pad)
+            model(prompt[:, :9], cache=own, start=0)
+        (pool, own), (pool2, own2) = caches
+        step = torch.randint(0, 256, (3, 1))
+        apart = [model(step, cache=pool, start=9, pad=pad)[:, 0], model(prompt[:, 9:], cache=own, start=9)[0]]
+        x = model.embed(torch.cat([step[:, 0], prompt[0, 9:]]))[:, None]  # (3 + 5, 1, dim)
+        segments = Segments([Segment(pool2, 9, 3, 1, pad), Segment(own2, 9, 1, 5)])
+        together = model.head(model.trunk(x, cache=segments))[:, 0]
+    torch.testing.assert_close(together, torch.cat(apart), atol=1e-5, rtol=1e-5)
+    for a, b in zip(pool.k + pool.v + own.k + own.v, pool2.k + pool2.v + own2.k + own2.v):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(8, 1, dim\)"):
+        model.trunk(x[:, 0][None], cache=segments)
+
+
 def test_embeds_input_equals_token_input():
     model = tiny()
     idx = torch.randint(0, 256, (2, 9))
