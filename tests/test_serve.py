@@ -860,9 +860,9 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_decode(tiny, draft):
     during = {"steps": 0}
     decode = engine._decode
 
-    def counted():
+    def counted(carry=None):
         during["steps"] += engine.staging is not None
-        decode()
+        return decode(carry)
 
     engine._decode = counted
     long_text = "whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune"
@@ -873,6 +873,34 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_decode(tiny, draft):
         assert r["text"] == _reference(model, tokenizer, adapter and root / adapter, text, 12), (text, adapter)
     assert engine.stats["prefill_chunks"] >= 3 * 3  # three long prompts, each several chunks
     assert during["steps"] > 0  # the short requests decoded while a long prompt was being prefilled
+    if draft is None:  # plain steps carried chunks in their own pass (speculative ones run them apart)
+        assert engine.stats["carried_chunks"] > 0
+
+
+def test_a_carried_chunk_that_fails_is_run_apart_and_no_row_suffers(tiny, monkeypatch):
+    """If the pass carrying a chunk raises, the chunk and the step are run again apart: every text is still what
+    plain greedy decoding alone gives."""
+    from mightylm.model import Segments
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+
+    model, tokenizer, _ = tiny
+    bank = AdapterBank(copy.deepcopy(model))
+    engine = Engine(bank.model, tokenizer, bank, max_batch=4, max_len=256, prefill_chunk=8)
+    failed = []
+
+    def broken(self, *args):
+        failed.append(1)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(Segments, "attend", broken)
+    long_text = "whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune"
+    jobs = ["To be", long_text, "Hi"]
+    results = _run(engine, [(tokenizer.encode(text), Sampling(max_new_tokens=12, temperature=0), {})
+                            for text in jobs])
+    for text, r in zip(jobs, results):
+        assert r["text"] == _reference(model, tokenizer, None, text, 12), text
+    assert failed and engine.stats["carried_chunks"] == 0 and engine.stats["prefill_chunks"] >= 3
 
 
 def test_mighty_serve_with_a_draft_model_chunked_prefill_and_a_rope_scaling(tiny, tmp_path):

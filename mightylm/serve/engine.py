@@ -15,11 +15,13 @@ smallest pad (compaction).
 Each sequence samples with its own settings and random generator; its text is decoded
 incrementally and checked for stop strings here, so the HTTP layer only forwards events.
 
-A prompt longer than `prefill_chunk` tokens is prefilled on a cache of its own, one chunk per step between decode
-steps (so the running streams keep flowing), and joins the pool when it is complete: its keys and values are copied
-into a free row, right-aligned to end at slot t like any other prompt. While rows are decoding, a chunk is sized
-to take half a decode step (CHUNK_SHARE, from the measured prefill rate), so the gaps between their tokens grow
-by about half meanwhile.
+A prompt longer than `prefill_chunk` tokens is prefilled on a cache of its own, a chunk per step (so the running
+streams keep flowing), and joins the pool when it is complete: its keys and values are copied into a free row,
+right-aligned to end at slot t like any other prompt. While rows are decoding, each decode step carries the next
+chunk in its own forward pass (model.Segments: the projections run once over the rows' tokens and the chunk's,
+attention is per segment), the chunk sized so that it adds about half a step (CHUNK_SHARE, from the measured cost
+of the last one): the gaps between the running rows' tokens grow by about half meanwhile. Where a step cannot
+carry it (a speculative step, a multimodal LLaMA-Adapter's per-row image terms) the chunk runs as a pass of its own.
 
 With a draft (`mighty serve --draft`), a step may be speculative (serve/speculation.py): every row's drafts are
 verified in one pass, each row keeps what the exact rule accepts, and the rows that accepted fewer move right so
@@ -37,6 +39,7 @@ from typing import Callable
 import torch
 
 from mightylm.generate import Sampling, TextStream, logits_to_probs, sample
+from mightylm.model import Segment, Segments
 from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PROBE_MAX, PassCost, PooledDraft, \
     choose_width, timed
 from mightylm.speculative import PromptLookup, accept
@@ -92,7 +95,9 @@ def logprob_entries(tokenizer, tokens: list[int], logprobs: list, tops: list | N
 # to that share of one step, and no chunk while the prefill is ahead of its share), so the gaps between the running
 # rows' tokens grow by about that much while it is prefilled (bench/long_prompt.py).
 CHUNK_SHARE = 0.5
-MIN_CHUNK = 8  # tokens; a chunk's fixed cost (every layer's operations) makes smaller ones mostly overhead
+MIN_CHUNK = 8  # tokens in a chunk run as a pass of its own: its fixed cost (every layer's operations) makes smaller
+# ones mostly overhead; a chunk carried by a decode step shares that cost, and may be a single token
+FIRST_CARRIED = 4  # tokens in the first chunk a decode step carries, before its cost is measured
 
 
 class QueueFull(RuntimeError):
@@ -174,7 +179,9 @@ class Engine:
         self.staging: _Staging | None = None
         self.step_seconds = 0.0  # the latest decode step's wall time
         self.prefill_ahead = 0.0  # seconds the staged prefill took beyond its share of the decode steps' time
-        self.prefill_rate = 0.0  # tokens per second of the latest prefill chunk
+        self.prefill_rate = 0.0  # tokens per second of the latest prefill chunk run alone
+        self.carry_rate = 0.0  # tokens per second a chunk carried by a decode step added to it (the latest one)
+        self.carried = 0  # tokens in the latest chunk a decode step carried
         self.gamma, self.always_speculate = gamma, always_speculate
         self.draft = draft if draft is None or isinstance(draft, PromptLookup) else \
             PooledDraft(draft, max_batch, self.max_len)
@@ -192,7 +199,7 @@ class Engine:
         self.stopped = False
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "ttft": Latency(), "itl": Latency(),
                       "finished": {}, "prefill_passes": 0, "drafted_tokens": 0, "accepted_tokens": 0,
-                      "speculative_passes": 0, "prefill_chunks": 0}
+                      "speculative_passes": 0, "prefill_chunks": 0, "carried_chunks": 0}
         self.thread = threading.Thread(target=self._loop, name="mightylm-engine", daemon=True)
 
     # ---- called from other threads ----
@@ -279,13 +286,13 @@ class Engine:
                     op()
                 try:
                     self._admit()
-                    if self.staging is not None:
-                        self._stage()
+                    carry = self._stage() if self.staging is not None else None
                     if self.running:
                         began = time.perf_counter()
-                        self._decode()
-                        self.step_seconds = time.perf_counter() - began
-                        self.prefill_ahead = max(self.prefill_ahead - CHUNK_SHARE * self.step_seconds, 0.0)
+                        chunk_seconds = self._decode(carry)
+                        self.step_seconds = time.perf_counter() - began - chunk_seconds
+                        self.prefill_ahead = max(self.prefill_ahead + chunk_seconds
+                                                 - CHUNK_SHARE * self.step_seconds, 0.0)
                 except Exception as e:  # a shared forward pass failed: it ends the rows in it, never the server
                     for seq in self.running:
                         self._finish_all(seq, "error", f"{type(e).__name__}: {e}")
@@ -346,45 +353,35 @@ class Engine:
         if group:
             self._prefill(group)
 
-    def _stage(self) -> None:
-        """Prefill the next chunk of the staged long prompt; when it is complete and a row fits, move it into the
-        pool and take its first token."""
+    def _stage(self) -> int | None:
+        """Advance the staged long prompt: returns where the chunk the coming decode step should carry ends (None:
+        none), or prefills a chunk as a pass of its own (nothing running, or a step that cannot carry it); when the
+        prompt is complete and a row fits, moves it into the pool and takes its first token."""
         st = self.staging
         if st.seq.cancelled:
             self.staging = None
             self._finish_all(st.seq, "cancelled")
-            return
+            return None
         total = st.embeds.shape[0]
         if st.done < total:
             if self.running and self.prefill_ahead > 0:
-                return  # the prefill has had its share of the time; the running rows take a step first
+                return None  # the prefill has had its share of the time; the running rows take a step first
+            if self.running and self._can_carry():
+                return min(st.done + self._carried_size(), total)
             size = self.prefill_chunk
             if self.running:  # CHUNK_SHARE of a decode step's time (the first chunk measures the rate)
                 size = min(size, max(MIN_CHUNK, int(CHUNK_SHARE * self.prefill_rate * self.step_seconds))
                            if self.prefill_rate else 64)
-            end = min(st.done + size, total)
-            began = time.perf_counter()
-            try:
-                self._rows([st.seq.adapter], [st.seq.visual])
-                st.logits = self.model(embeds=st.embeds[None, st.done:end], cache=st.cache, start=st.done,
-                                       last_only=True)[:, -1]
-            except Exception as e:  # this prompt's own failure
-                self.staging = None
-                self._finish_all(st.seq, "error", f"{type(e).__name__}: {e}")
-                return
-            seconds = time.perf_counter() - began
-            self.prefill_rate = (end - st.done) / max(seconds, 1e-6)
+            seconds = self._prefill_chunk(min(st.done + size, total))
             if self.running:
                 self.prefill_ahead += seconds
-            st.done = end
-            self.stats["prefill_chunks"] += 1
-            if st.done < total:
-                return
+            if self.staging is None or st.done < total:
+                return None
         seq, need = st.seq, total
         if len(self.running) >= self.max_batch or not self._fits(need, seq.sampling.max_new_tokens):
             self._compact()
             if len(self.running) >= self.max_batch or not self._fits(need, seq.sampling.max_new_tokens):
-                return  # joins when running sequences have made room
+                return None  # joins when running sequences have made room
         row = self._seat([(seq, need)])
         for K, staged in zip(self.pool.k + self.pool.v, st.cache.k + st.cache.v):
             K[row, :, self.t - need:self.t] = staged[0, :, :need]
@@ -394,6 +391,41 @@ class Engine:
         except Exception as e:  # fails this row only (swept in _take, before any token)
             self._fail(seq, e)
         self._take(st.logits, row)
+        return None
+
+    def _can_carry(self) -> bool:
+        """Whether a decode step can carry a chunk of the staged prompt: once a plain step's cost is measured (the
+        chunk's own cost is what the step takes beyond it), and not for a multimodal LLaMA-Adapter (its image terms
+        are per row of a pass, the chunk's tokens being rows of the running rows' pass here)."""
+        return self.cost.n > 0 and not self.model.prefix_len and \
+            not (self.vision is not None and self.vision.mode == "adapter")
+
+    def _carried_size(self) -> int:
+        """Tokens of the next carried chunk: what adds CHUNK_SHARE of a plain step at the latest chunk's measured
+        rate, growing at most twofold from one chunk to the next (one fast measurement must not make a long step)."""
+        if not self.carry_rate:
+            return FIRST_CARRIED
+        budget = CHUNK_SHARE * self.cost.predict(len(self.running))
+        return max(1, min(int(budget * self.carry_rate), 2 * self.carried, self.prefill_chunk))
+
+    def _prefill_chunk(self, end: int) -> float:
+        """Prefill the staged prompt up to `end` in a pass of its own; returns its seconds. Its failure ends that
+        prompt only."""
+        st = self.staging
+        began = time.perf_counter()
+        try:
+            self._rows([st.seq.adapter], [st.seq.visual])
+            st.logits = self.model(embeds=st.embeds[None, st.done:end], cache=st.cache, start=st.done,
+                                   last_only=True)[:, -1]
+        except Exception as e:  # this prompt's own failure
+            self.staging = None
+            self._finish_all(st.seq, "error", f"{type(e).__name__}: {e}")
+            return time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        self.prefill_rate = (end - st.done) / max(seconds, 1e-6)
+        st.done = end
+        self.stats["prefill_chunks"] += 1
+        return seconds
 
     def _remaining(self, seq: Sequence) -> int:
         return seq.sampling.max_new_tokens - len(seq.generated)
@@ -514,9 +546,19 @@ class Engine:
     def _fail(self, seq: Sequence, error: Exception) -> None:
         seq.finish_reason, seq._error = "error", f"{type(error).__name__}: {error}"
 
-    def _decode(self) -> None:
+    def _decode(self, carry: int | None = None) -> float:
+        """One step of the running rows; with `carry`, the staged prompt's chunk up to there goes in the same pass
+        (or, after a speculative step, in one of its own). Returns the seconds the chunk added."""
         if self.draft is not None and self._speculate():
-            return
+            return self._prefill_chunk(carry) if carry is not None else 0.0
+        if carry is not None:
+            try:
+                return self._carrying(carry)
+            except Exception:  # alone, the chunk fails or succeeds on its own, and so does the step
+                seconds = self._prefill_chunk(carry)
+                began = time.perf_counter()
+                self._decode()
+                return seconds + max(time.perf_counter() - began - self.cost.predict(len(self.running)), 0.0)
         n = len(self.running)
         tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
         self._rows([s.adapter for s in self.running], [s.visual for s in self.running])
@@ -525,6 +567,34 @@ class Engine:
         self.cost.observe(n, seconds)
         self.t += 1
         self._take(logits, 0)
+        return 0.0
+
+    def _carrying(self, end: int) -> float:
+        """A plain step of the running rows that carries the staged prompt's tokens up to `end` (model.Segments: the
+        rows on the pool, the chunk on its own cache, one pass); returns the seconds it took beyond a plain step."""
+        st, n = self.staging, len(self.running)
+        size = end - st.done
+        tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
+        x = torch.cat([self.model.embed(tokens), st.embeds[st.done:end]])[:, None]  # (n + size, 1, dim)
+        segments = Segments([Segment(_Rows(self.pool, 0, n), self.t, n, 1, self.pads[:n]),
+                             Segment(st.cache, st.done, 1, size)])
+        adapters = [s.adapter for s in self.running]
+
+        def step():
+            self._rows(adapters + [st.seq.adapter] * size)  # one row per token
+            h = self.model.trunk(x, cache=segments)  # (n + size, 1, dim)
+            self._rows(adapters + [st.seq.adapter])
+            return self.model.head(torch.cat([h[:n], h[-1:]]))[:, -1]  # the rows' next tokens, the chunk's last
+
+        logits, seconds = timed(step, self.device)
+        extra = max(seconds - self.cost.predict(n), 0.1 * seconds)  # never 0: a rate must stay finite
+        self.carry_rate, self.carried = size / extra, size
+        st.done, st.logits = end, logits[n:]
+        self.stats["prefill_chunks"] += 1
+        self.stats["carried_chunks"] += 1
+        self.t += 1
+        self._take(logits[:n], 0)
+        return extra
 
     def _speculate(self) -> bool:
         """One speculative step over the running rows when its expected tokens per second beat a plain step's
