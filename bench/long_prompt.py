@@ -1,6 +1,7 @@
 """Chunked prefill in `mighty serve`: inter-token latency of running streams while a long prompt arrives.
 
-    .venv/bin/python bench/long_prompt.py [--streams 8] [--prompt-tokens 4096] [--max-tokens 160]
+    .venv/bin/python bench/long_prompt.py [--streams 8] [--prompt-tokens 4096] [--max-tokens 160] [--repeat 3]
+        [--runs without one-pass chunked]
 
 Three runs of the server (SmolLM2-135M-Instruct, its own process, loopback only), each with --streams clients
 streaming greedy replies to max tokens (ignore_eos): without a long prompt; with one --prompt-tokens prompt (the
@@ -77,11 +78,19 @@ def run(args, chunk: int | None, ids: list[int] | None, log: str) -> dict:
             "long": late.get("seconds")}
 
 
+RUNS = ("without", "one-pass", "chunked")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                    help="which servers to run (the ratio needs 'without')")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the servers this many times, in turn; each row is the median of its repeats and the "
+                         "ratio the median of the ratios of runs made side by side (the VM's speed drifts)")
     args = ap.parse_args()
 
     from mightylm.cli import env
@@ -89,17 +98,27 @@ def main() -> None:
     env()
     ids = long_prompt_ids(args.prompt_tokens)
     log = tempfile.mkdtemp(prefix="bench-long-") + "/serve.log"
-    rows = [("no long prompt", run(args, None, None, log)),
-            (f"{args.prompt_tokens}-token prompt, one pass", run(args, args.prompt_tokens + 1, ids, log)),
-            (f"{args.prompt_tokens}-token prompt, chunked", run(args, 512, ids, log))]
-    base = rows[0][1]["p99"]
-    print(f"\n{args.streams} streams x {args.max_tokens} tokens; the long prompt sent 3 s in\n")
+    settings = {"without": ("no long prompt", None, None),
+                "one-pass": (f"{args.prompt_tokens}-token prompt, one pass", args.prompt_tokens + 1, ids),
+                "chunked": (f"{args.prompt_tokens}-token prompt, chunked", 512, ids)}
+    results = {name: [] for name in args.runs}
+    for _ in range(args.repeat):
+        for name in args.runs:
+            _, chunk, prompt = settings[name]
+            results[name].append(run(args, chunk, prompt, log))
+            print(name, {k: round(v, 3) for k, v in results[name][-1].items() if v is not None}, flush=True)
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    print(f"\n{args.streams} streams x {args.max_tokens} tokens; the long prompt sent 3 s in; "
+          f"median of {args.repeat} run(s)\n")
     print("| run | ITL p50 | ITL p99 | ITL max | p99 / without | streams tok/s | long prompt's first token |")
     print("|---|---|---|---|---|---|---|")
-    for name, r in rows:
+    for name, rs in results.items():
+        r = {k: median([x[k] for x in rs]) if rs[0][k] is not None else None for k in rs[0]}
+        ratio = f"{median([x['p99'] / b['p99'] for x, b in zip(rs, results['without'])]):.2f}x" \
+            if "without" in results else "-"
         first = f"{r['long']:.1f} s" if r["long"] else "-"
-        print(f"| {name} | {r['p50'] * 1e3:.0f} ms | {r['p99'] * 1e3:.0f} ms | {r['max'] * 1e3:.0f} ms | "
-              f"{r['p99'] / base:.2f}x | {r['rate']:.1f} | {first} |")
+        print(f"| {settings[name][0]} | {r['p50'] * 1e3:.0f} ms | {r['p99'] * 1e3:.0f} ms | {r['max'] * 1e3:.0f} ms | "
+              f"{ratio} | {r['rate']:.1f} | {first} |")
 
 
 if __name__ == "__main__":
