@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -107,14 +108,13 @@ def main() -> None:
             _, chunk, prompt = settings[name]
             results[name].append(run(args, chunk, prompt, log))
             print(name, {k: round(v, 3) for k, v in results[name][-1].items() if v is not None}, flush=True)
-    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     print(f"\n{args.streams} streams x {args.max_tokens} tokens; the long prompt sent 3 s in; "
           f"median of {args.repeat} run(s)\n")
     print("| run | ITL p50 | ITL p99 | ITL max | p99 / without | streams tok/s | long prompt's first token |")
     print("|---|---|---|---|---|---|---|")
     for name, rs in results.items():
-        r = {k: median([x[k] for x in rs]) if rs[0][k] is not None else None for k in rs[0]}
-        ratio = f"{median([x['p99'] / b['p99'] for x, b in zip(rs, results['without'])]):.2f}x" \
+        r = {k: statistics.median([x[k] for x in rs]) if rs[0][k] is not None else None for k in rs[0]}
+        ratio = f"{statistics.median([x['p99'] / b['p99'] for x, b in zip(rs, results['without'])]):.2f}x" \
             if "without" in results else "-"
         first = f"{r['long']:.1f} s" if r["long"] else "-"
         print(f"| {settings[name][0]} | {r['p50'] * 1e3:.0f} ms | {r['p99'] * 1e3:.0f} ms | {r['max'] * 1e3:.0f} ms | "
