@@ -159,6 +159,7 @@ def draw(accuracy: dict, costs: dict, chance: float, path: str) -> None:
                    ylabel="ms per token" if panel == "time" else "peak memory added (MiB)")
             ax.set_xticks(xs, [str(n) for n in xs])
             ax.minorticks_off()
+            ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

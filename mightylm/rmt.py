@@ -103,11 +103,12 @@ class RecurrentMemory(nn.Module):
 @torch.inference_mode()
 def read(rmt: RecurrentMemory, ids: list[int], memory: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
     """The memory after every full segment of `ids` but the last, and the tokens left after them (at least one; a
-    whole segment when `ids` fills its segments exactly)."""
+    whole segment when `ids` fills its segments exactly). Only the memory is kept from segment to segment, so reading
+    takes the same memory however long `ids` is (bench/longctx.py)."""
     whole = (len(ids) - 1) // rmt.segment * rmt.segment
     memory = rmt.initial_memory(1) if memory is None else memory
-    if whole:
-        _, memory = rmt.run(torch.tensor([ids[:whole]]), memory)
+    for start in range(0, whole, rmt.segment):  # the segments' hidden states are dropped as soon as made
+        _, memory = rmt.segment_pass(torch.tensor([ids[start:start + rmt.segment]]), memory)
     return memory, ids[whole:]
 
 
