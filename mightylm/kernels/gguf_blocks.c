@@ -305,9 +305,11 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
  * weights in L2: 0.9 against 1.8 ns per Q4_0 block), at the cost of the activations' rounding (~0.4 % of each
  * block's largest value): logits move within quantization noise, and near-ties can split, as in llama.cpp. */
 
-/* x (in) -> xq (in), dx and sum xq per block (8 floats at a time; rounding to nearest even, as nearbyintf) */
+/* x (in) -> xq (in), dx and sum xq per block (8 floats at a time; rounding to nearest even, as nearbyintf), and
+ * per block the 8 int32 lanes of -8 (1, 1, 1, 1) . xq four bytes at a time: Q4_0's offset, -8 sum xq, laid out as the
+ * integer dot products' lanes, so that it starts their accumulator and costs nothing per row. */
 __attribute__((target("avx2,fma")))
-static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs) {
+static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs, int *c8) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (long b = 0; b < in / 32; b++) {
         const float *xb = x + 32 * b;
@@ -334,6 +336,10 @@ static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
         dx[b] = d;
         xs[b] = _mm_cvtsi128_si32(t);
+        for (int i = 0; i < 8; i++) {
+            const signed char *four = xq + 32 * b + 4 * i;
+            c8[8 * b + i] = -8 * (four[0] + four[1] + four[2] + four[3]);
+        }
     }
 }
 
@@ -353,23 +359,24 @@ __attribute__((target("avx2"), always_inline)) static inline void codes_u8(const
 /* Output rows o .. o + n - 1 (n <= 4, `row_bytes` apart) for one row of xq: each block of xq loaded once for the
  * rows, their four sums reduced together. */
 #define Q8X_ROWS(name, attrs, DOT)                                                                                  \
-    attrs void name(const signed char *xq, const float *dx, const int *xs, const unsigned char *row, long row_bytes, \
-                    int type, long blocks, float *y, const int n) {                                                \
+    attrs void name(const signed char *xq, const float *dx, const int *xs, const int *c8, const unsigned char *row, \
+                    long row_bytes, int type, long blocks, float *y, const int n) {                                \
         const long bytes = block_bytes(type);                                                                      \
         __m256 acc[4];                                                                                             \
         float off[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sums[4];                                                         \
         for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                                 \
         for (long b = 0; b < blocks; b++) {                                                                        \
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));                               \
+            const __m256i c0 = type == Q4_0 ? _mm256_loadu_si256((const __m256i *)(c8 + 8 * b))                  \
+                                            : _mm256_setzero_si256();                                              \
             for (int r = 0; r < n; r++) {                                                                          \
                 const unsigned char *blk = row + r * row_bytes + b * bytes;                                        \
                 _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                           \
                 __m256i q, xv = x0;                                                                                \
                 codes_u8(blk, type, &q, &xv);                                                                      \
                 const float d = half_to_float(blk) * dx[b];                                                        \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(q, xv)), _mm256_set1_ps(d), acc[r]);              \
-                if (type == Q4_0) off[r] -= 8.0f * d * (float)xs[b];                                              \
-                else if (type == Q4_1) off[r] += half_to_float(blk + 2) * dx[b] * (float)xs[b];                   \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(c0, q, xv)), _mm256_set1_ps(d), acc[r]);          \
+                if (type == Q4_1) off[r] += half_to_float(blk + 2) * dx[b] * (float)xs[b];                        \
             }                                                                                                      \
         }                                                                                                          \
         const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));          \
@@ -378,8 +385,8 @@ __attribute__((target("avx2"), always_inline)) static inline void codes_u8(const
         for (int r = 0; r < n; r++) y[r] = sums[r];                                                                \
     }
 
-#define DOT_VNNI(q, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
-#define DOT_AVX2(q, x) _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1))
+#define DOT_VNNI(c, q, x) _mm256_dpbusd_epi32(c, q, x) /* c + the products, four at a time */
+#define DOT_AVX2(c, q, x) _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)))
 Q8X_ROWS(rows_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline))
          static inline, DOT_VNNI)
 Q8X_ROWS(rows_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
@@ -390,23 +397,23 @@ Q8X_ROWS(rows_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) 
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
     for (long g = 0; g < groups; g++) {                                                                            \
         const unsigned char *rows = W + 4 * g * row_bytes;                                                         \
-        if (type == Q8_0) rows_q8x(xq, dx, xs, rows, row_bytes, Q8_0, blocks, y + 4 * g, 4);                      \
-        else if (type == Q4_0) rows_q8x(xq, dx, xs, rows, row_bytes, Q4_0, blocks, y + 4 * g, 4);                 \
-        else rows_q8x(xq, dx, xs, rows, row_bytes, Q4_1, blocks, y + 4 * g, 4);                                    \
+        if (type == Q8_0) rows_q8x(xq, dx, xs, c8, rows, row_bytes, Q8_0, blocks, y + 4 * g, 4);                  \
+        else if (type == Q4_0) rows_q8x(xq, dx, xs, c8, rows, row_bytes, Q4_0, blocks, y + 4 * g, 4);             \
+        else rows_q8x(xq, dx, xs, c8, rows, row_bytes, Q4_1, blocks, y + 4 * g, 4);                                \
     }                                                                                                              \
     if (out > 4 * groups)                                                                                          \
-        rows_q8x(xq, dx, xs, W + 4 * groups * row_bytes, row_bytes, type, blocks, y + 4 * groups,                   \
+        rows_q8x(xq, dx, xs, c8, W + 4 * groups * row_bytes, row_bytes, type, blocks, y + 4 * groups,               \
                  (int)(out - 4 * groups));
 
 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
-static void gemv_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const unsigned char *W, int type,
-                          float *y, long in, long out, int nthreads) {
+static void gemv_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const int *c8, const unsigned char *W,
+                          int type, float *y, long in, long out, int nthreads) {
     GEMV_Q8X(rows_q8x_vnni)
 }
 
 __attribute__((target("avx2,fma,f16c")))
-static void gemv_q8x_avx2(const signed char *xq, const float *dx, const int *xs, const unsigned char *W, int type,
-                          float *y, long in, long out, int nthreads) {
+static void gemv_q8x_avx2(const signed char *xq, const float *dx, const int *xs, const int *c8, const unsigned char *W,
+                          int type, float *y, long in, long out, int nthreads) {
     GEMV_Q8X(rows_q8x_avx2)
 }
 
@@ -422,12 +429,14 @@ void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, cons
     signed char *xq = malloc(in);
     float *dx = malloc(sizeof(float) * (in / 32 > 0 ? in / 32 : 1));
     int *xs = malloc(sizeof(int) * (in / 32 > 0 ? in / 32 : 1));
-    quantize_x8(x, in, xq, dx, xs);
-    if (mighty_isa_level) gemv_q8x_vnni(xq, dx, xs, W, type, y, in, out, nthreads);
-    else gemv_q8x_avx2(xq, dx, xs, W, type, y, in, out, nthreads);
+    int *c8 = malloc(sizeof(int) * 8 * (in / 32 > 0 ? in / 32 : 1));
+    quantize_x8(x, in, xq, dx, xs, c8);
+    if (mighty_isa_level) gemv_q8x_vnni(xq, dx, xs, c8, W, type, y, in, out, nthreads);
+    else gemv_q8x_avx2(xq, dx, xs, c8, W, type, y, in, out, nthreads);
     if (bias)
         for (long o = 0; o < out; o++) y[o] += bias[o];
     free(xq);
     free(dx);
     free(xs);
+    free(c8);
 }
