@@ -69,6 +69,10 @@ def test_segments_in_one_pass_equal_each_batch_alone(overrides):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"\(8, 1, dim\)"):
         model.trunk(x[:, 0][None], cache=segments)
+    from mightylm.model import SinkKVCache
+
+    with pytest.raises(ValueError, match="full caches"):  # a sink cache has positions of its own
+        model.trunk(x[:1], cache=Segments([Segment(SinkKVCache(model.config, 1, 16), 0, 1, 1)]))
 
 
 def test_embeds_input_equals_token_input():
