@@ -305,9 +305,10 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
  * weights in L2: 0.9 against 1.8 ns per Q4_0 block), at the cost of the activations' rounding (~0.4 % of each
  * block's largest value): logits move within quantization noise, and near-ties can split, as in llama.cpp. */
 
-/* x (in) -> xq (in), dx and sum xq per block (8 floats at a time; rounding to nearest even, as nearbyintf), and
- * per block the 8 int32 lanes of -8 (1, 1, 1, 1) . xq four bytes at a time: Q4_0's offset, -8 sum xq, laid out as the
- * integer dot products' lanes, so that it starts their accumulator and costs nothing per row. */
+/* x (in) -> xq (in), dx and sum xq per block (8 floats at a time; rounding to nearest even, as nearbyintf), and,
+ * when c8 is not NULL (Q4_0), per block the 8 int32 lanes of -8 (1, 1, 1, 1) . xq four bytes at a time: Q4_0's
+ * offset, -8 sum xq, laid out as the integer dot products' lanes, so that it starts their accumulator and costs
+ * nothing per row. */
 __attribute__((target("avx2,fma")))
 static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs, int *c8) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -336,7 +337,7 @@ static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
         dx[b] = d;
         xs[b] = _mm_cvtsi128_si32(t);
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; c8 && i < 8; i++) {
             const signed char *four = xq + 32 * b + 4 * i;
             c8[8 * b + i] = -8 * (four[0] + four[1] + four[2] + four[3]);
         }
@@ -438,7 +439,7 @@ void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, cons
     signed char *xq = malloc(in);
     float *dx = malloc(sizeof(float) * (in / 32 > 0 ? in / 32 : 1));
     int *xs = malloc(sizeof(int) * (in / 32 > 0 ? in / 32 : 1));
-    int *c8 = malloc(sizeof(int) * 8 * (in / 32 > 0 ? in / 32 : 1));
+    int *c8 = type == Q4_0 ? malloc(sizeof(int) * 8 * (in / 32 > 0 ? in / 32 : 1)) : NULL;
     quantize_x8(x, in, xq, dx, xs, c8);
     if (mighty_isa_level) gemv_q8x_vnni(xq, dx, xs, c8, W, type, y, in, out, nthreads);
     else gemv_q8x_avx2(xq, dx, xs, c8, W, type, y, in, out, nthreads);

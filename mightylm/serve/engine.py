@@ -552,13 +552,14 @@ class Engine:
         if self.draft is not None and self._speculate():
             return self._prefill_chunk(carry) if carry is not None else 0.0
         if carry is not None:
-            try:
-                return self._carrying(carry)
-            except Exception:  # alone, the chunk fails or succeeds on its own, and so does the step
-                seconds = self._prefill_chunk(carry)
-                began = time.perf_counter()
-                self._decode()
-                return seconds + max(time.perf_counter() - began - self.cost.predict(len(self.running)), 0.0)
+            extra = self._carrying(carry)
+            if extra is not None:
+                return extra
+            # the carrying pass failed: alone, the chunk fails or succeeds on its own, and so does the step
+            seconds = self._prefill_chunk(carry)
+            began = time.perf_counter()
+            self._decode()
+            return seconds + max(time.perf_counter() - began - self.cost.predict(len(self.running)), 0.0)
         n = len(self.running)
         tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
         self._rows([s.adapter for s in self.running], [s.visual for s in self.running])
@@ -569,9 +570,10 @@ class Engine:
         self._take(logits, 0)
         return 0.0
 
-    def _carrying(self, end: int) -> float:
+    def _carrying(self, end: int) -> float | None:
         """A plain step of the running rows that carries the staged prompt's tokens up to `end` (model.Segments: the
-        rows on the pool, the chunk on its own cache, one pass); returns the seconds it took beyond a plain step."""
+        rows on the pool, the chunk on its own cache, one pass); returns the seconds it took beyond a plain step, or
+        None, with nothing advanced, when the pass raised (its writes are at the slots a rerun writes again)."""
         st, n = self.staging, len(self.running)
         size = end - st.done
         tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
@@ -586,7 +588,10 @@ class Engine:
             self._rows(adapters + [st.seq.adapter])
             return self.model.head(torch.cat([h[:n], h[-1:]]))[:, -1]  # the rows' next tokens, the chunk's last
 
-        logits, seconds = timed(step, self.device)
+        try:
+            logits, seconds = timed(step, self.device)
+        except Exception:
+            return None
         extra = max(seconds - self.cost.predict(n), 0.1 * seconds)  # never 0: a rate must stay finite
         self.carry_rate, self.carried = size / extra, size
         st.done, st.logits = end, logits[n:]
