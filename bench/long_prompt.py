@@ -93,6 +93,8 @@ def main() -> None:
                     help="run the servers this many times, in turn; each row is the median of its repeats and the "
                          "ratio the median of the ratios of runs made side by side (the VM's speed drifts)")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
 
     from mightylm.cli import env
 

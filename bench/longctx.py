@@ -88,6 +88,11 @@ def main() -> None:
     ap.add_argument("--figure", default=str(BENCH / "figures" / "longctx.png"))
     ap.add_argument("--results", default=str(BENCH / "longctx.json"))
     args = ap.parse_args()
+    for name in ("segments", "lengths"):
+        if min(getattr(args, name)) < 1:
+            ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.steps < 1:
+        ap.error(f"--steps must be positive, got {args.steps}")
 
     import torch
 

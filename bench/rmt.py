@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--curriculum", action="store_true",
                     help="train each model on 1, 2, 4, ... segments, then all of them, in equal shares of the steps")
     args = ap.parse_args()
+    for name in ("segments", "segment", "steps"):
+        value = getattr(args, name)
+        if min(value if isinstance(value, list) else [value]) < 1:
+            ap.error(f"--{name} must be positive, got {value}")
 
     from mightylm.cli import env
 
