@@ -85,6 +85,8 @@ def main() -> None:
         value = getattr(args, name)
         if min(value if isinstance(value, list) else [value]) < 1:
             ap.error(f"--{name} must be positive, got {value}")
+    if args.memory < 0:
+        ap.error(f"--memory must be 0 or more, got {args.memory}")
 
     from mightylm.cli import env
 
