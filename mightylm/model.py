@@ -27,7 +27,8 @@ Seams for later techniques:
   `trunk`'s cache runs several batches, each on its own cache, in one pass (a server's decode step carrying a
   chunk of a long prompt): the projections see all their tokens at once, attention is per segment.
 - `Block.fused_decode`: a callable the decode layout (fuse.py) sets to run a whole block natively for
-  one token of one sequence; the block falls back to its modules wherever it returns None.
+  one token of one sequence; the block falls back to its modules wherever it returns None. `Transformer.fused_decode`
+  (likewise) runs every block in one native call.
 - `Transformer.loss` (and `forward(idx, labels=...)`) computes the training loss through
   `linear_cross_entropy`, which never holds the (B*T, vocab) logits at once.
 
@@ -558,6 +559,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
+        # (x, cos, sin, cache, start, mask) -> x after every block, or None; set by fuse.fuse_projections_
+        self.fused_decode = None
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -719,13 +722,22 @@ class Transformer(nn.Module):
             mask = cache.mask(start, T, x.device)
         else:
             mask = self._mask(slots, start + T, pad, x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+        x = self._blocks(x, cos, sin, mask, cache, start)
         if last_only:
             x = x[:, -1:]
         elif with_prefix:
             x = _drop_prefix(x, P, pad)  # (B, T, dim): outputs line up with the caller's tokens
         return self.norm(x)
+
+    def _blocks(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
+        """Every block in turn, or all of them in one native call where the decode layout set one (fused_decode)."""
+        if self.fused_decode is not None and (mask is None or x.shape[1] > 1):  # it checks a few rows' mask itself
+            y = self.fused_decode(x, cos, sin, cache, start, mask)
+            if y is not None:
+                return y
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, start)
+        return x
 
     def _segments_trunk(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         """The trunk over several batches in one pass (`Segments`): x (N, 1, dim) -> hidden states (N, 1, dim)."""

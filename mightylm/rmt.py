@@ -178,6 +178,7 @@ def save_rmt(rmt: RecurrentMemory, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     (path / SETTINGS_FILE).write_text(json.dumps({"segment": rmt.segment, "memory": rmt.n_memory, "bptt": rmt.bptt},
                                                  indent=2) + "\n")
     save_file({"memory": rmt.memory.detach().contiguous().cpu()}, str(path / MEMORY_FILE))

@@ -124,3 +124,47 @@ def test_native_decode_block_equals_the_eager_block():
         for block, native_block in zip(model.layers, saved):
             block.fused_decode = native_block
         assert "layers.1.native" in unfuse_projections_(model) and model.layers[1].fused_decode is None
+
+
+def test_one_native_call_runs_every_block_as_the_blocks_do():
+    """fuse_projections_ also sets Transformer.fused_decode: every block in one native call (mighty_decode_blocks)
+    for a decoded token. It gives exactly the logits of the blocks' own native calls one by one, with each new
+    cache (its pointers are not kept from the last), and steps aside (the blocks run as they are) when a block's
+    own native call is taken away; unfuse_projections_ removes it."""
+    from mightylm.compress.quantize import DEFAULT_TARGETS, quantize_
+    from mightylm.fuse import NativeDecodeStack
+    from mightylm.kernels import gemv_library
+
+    if gemv_library() is None:
+        pytest.skip("no C compiler or no AVX2/FMA here: the native kernels are not built")
+    for method in (None, "int8"):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_preset("tiny", qkv_bias=True)).eval()
+        if method:
+            quantize_(model, method, targets=DEFAULT_TARGETS)
+        assert "layers.native" in fuse_projections_(model)
+        stack = model.fused_decode
+        assert isinstance(stack, NativeDecodeStack)
+        ran = []
+
+        def counted(*args):
+            y = stack(*args)
+            ran.append(y is not None)
+            return y
+
+        model.fused_decode = counted
+        prompt = torch.randint(0, 256, (1, 9))
+        with torch.no_grad():
+            stacked = _decode_logits(model, prompt, 8)
+            assert ran == [False] + [True] * 8  # the prompt's 9 rows run block by block (eager here)
+            assert torch.equal(_decode_logits(model, prompt, 8), stacked)  # a second cache
+            model.fused_decode = None
+            one_by_one = _decode_logits(model, prompt, 8)
+            assert torch.equal(stacked, one_by_one)
+            model.fused_decode, ran[:] = counted, []
+            model.layers[1].fused_decode = None
+            mixed = _decode_logits(model, prompt, 8)
+            assert not any(ran)
+        torch.testing.assert_close(mixed, one_by_one, atol=2e-5, rtol=1e-4)
+        model.fused_decode = stack
+        assert "layers.native" in unfuse_projections_(model) and model.fused_decode is None

@@ -4,7 +4,8 @@
 float32 row times an input-major weight (see `mightylm/fuse.py`). `gemv_int8`, `gemv_int4` and
 `gemv_nf4` do the same for quantized weights (compress/), and `matmul_ggml` for GGUF's blocks with any number of
 rows (gguf_blocks.c), returning None where the caller must fall back;
-`mighty_decode_block` (through `fuse.NativeDecodeBlock`) runs a whole block for one token. The fast path is the AVX2
+`mighty_decode_block` (through `fuse.NativeDecodeBlock`) runs a whole block for one token, `mighty_decode_blocks`
+(`fuse.NativeDecodeStack`) all of a model's blocks in one call. The fast path is the AVX2
 kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second; its float32 and
 int8 products also have AVX-512 (VNNI) versions, used where the CPU has them (MIGHTYLM_ISA=avx2 forces the
 baseline; `mighty env` shows the choice).
@@ -74,6 +75,10 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_nf4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.mighty_decode_block.restype = None
     lib.mighty_decode_block.argtypes = [ctypes.c_void_p, ctypes.POINTER(BlockArgs)]
+    lib.mighty_decode_blocks.restype = None
+    lib.mighty_decode_blocks.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 3 + [
+                                         ctypes.c_int]
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]

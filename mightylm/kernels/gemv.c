@@ -435,3 +435,24 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
     free(h);
 }
+
+/* All n blocks of a model for the same token(s) in one call: each block as described by blocks[i], with this call's
+ * caches (k_caches[i], v_caches[i]), RoPE rows, positions and threads (the struct is copied, so concurrent callers
+ * never see each other's). One call per block from Python cost ~35 us each in the interpreter (the checks, the
+ * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. */
+void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, float *const *k_caches,
+                          float *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
+                          long rows, int threads) {
+    for (long i = 0; i < n; i++) {
+        mighty_block b = *blocks[i];
+        b.k_cache = k_caches[i];
+        b.v_cache = v_caches[i];
+        b.cos = cos;
+        b.sin = sin;
+        b.pos = pos;
+        b.max_len = max_len;
+        b.rows = rows;
+        b.threads = threads;
+        mighty_decode_block(x, &b);
+    }
+}
