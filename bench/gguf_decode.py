@@ -34,16 +34,11 @@ LLAMA_PYTHON = str(ROOT / ".venv-llama/bin/python")  # `make llama-cpp`
 FORMATS = ("Q4_1", "Q8_0", "Q4_0", "F16", "BF16")  # Q4_1: the shipped file; the others re-quantized from it
 
 OURS = """
-import json, sys, time, torch
-import mightylm
-from mightylm.fuse import fuse_projections_
-from mightylm.generate import Sampling, generate_steps
+import io, json, sys, time, torch
+from mightylm.generate import Sampling, generate_steps, load_for_generation
 path, n, repeats, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-model, _ = mightylm.load(path, keep_blocks=True)
-if sys.argv[5:] == ["int8"]:
-    from mightylm.compress.gguf_blocks import int8_activations_
-    int8_activations_(model)
-fuse_projections_(model)
+# what `mighty generate` loads: the blocks kept, the decode layout, the loaded objects out of the collector's reach
+model, _ = load_for_generation(path, keep_blocks=True, int8_activations=sys.argv[5:] == ["int8"], log=io.StringIO())
 rates, tokens = [], None
 with torch.inference_mode():
     for _ in range(repeats + 1):  # the first is a warm-up

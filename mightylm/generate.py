@@ -335,5 +335,18 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
             print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 blocks kept in this model; it changes nothing",
                   file=log)
     fuse_projections_(loaded)
+    freeze_what_lives()
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
     return loaded.eval(), tokenizer
+
+
+def freeze_what_lives() -> None:
+    """Put every object alive now (torch's ~160k, the model's, the tokenizer's) out of the cyclic garbage
+    collector's reach (gc.freeze, after a last collection): they live as long as the process, and every full
+    collection walked all of them, which cost decoding 5-8 % of its time (SmolLM2-135M Q4_0, bench/RESULTS.md).
+    Objects made later are collected as before. For the processes that load a model to serve or decode
+    (`mighty generate|chat|eval|serve`)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()

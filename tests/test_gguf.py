@@ -523,8 +523,12 @@ def test_int8_activations_reach_every_kept_product_and_stay_near_float32(qtype, 
     from mightylm.cli import main
     from mightylm.generate import Sampling, generate, load_for_generation
 
+    import gc
+
+    gc.unfreeze()
     loaded, tokenizer = load_for_generation(str(tmp_path / "m.gguf"), keep_blocks=True, int8_activations=True)
     assert loaded.applied("int8_activations")
+    assert gc.get_freeze_count() > 0  # the loaded objects are out of the cyclic collector's reach
     expected = tokenizer.decode(generate(modules, [tokenizer.encode("To be")], Sampling(max_new_tokens=6))[0])
     capsys.readouterr()
     assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "To be", "--temperature", "0",

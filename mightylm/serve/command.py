@@ -97,6 +97,7 @@ def serve(
     from mightylm.adapters import AdapterError
     from mightylm.compress.sparse24 import pack_24_
     from mightylm.errors import UsageError
+    from mightylm.generate import freeze_what_lives
     from mightylm.serve.adapters import AdapterBank
     from mightylm.serve.app import create_app
     from mightylm.serve.engine import Engine
@@ -162,6 +163,7 @@ def serve(
         print(f"personal adapters from {registry}: {len(personal.registry.users())} users, budget "
               f"{adapter_budget_mb} MiB", file=sys.stderr)
     app = create_app(engine, served, api_keys=tuple(keys), personal=personal, allow_image_urls=allow_image_urls)
+    freeze_what_lives()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout))
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {served} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)"
