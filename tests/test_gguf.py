@@ -458,8 +458,11 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     # the table stays as stored too (lookups dequantize their rows); a tied head reads the very same bytes
     assert isinstance(kept.embed, GGUFEmbedding) and kept.dtype == torch.float32
     assert (kept.lm_head.weight.data_ptr() == kept.embed.blocks.data_ptr()) == kept.config.tie_embeddings
-    some = torch.randint(0, dense.config.vocab_size, (3, 5))
-    assert torch.equal(kept.embed(some), dense.embed(some))
+    some = torch.randint(0, dense.config.vocab_size, (3, 5))  # a few rows: the C lookup (kernels.ggml_rows)
+    many = torch.randint(0, dense.config.vocab_size, (2, 40))  # more than GGML_ROWS: dequantized in torch
+    assert torch.equal(kept.embed(some), dense.embed(some)) and torch.equal(kept.embed(many), dense.embed(many))
+    with pytest.raises(IndexError):
+        kept.embed(torch.tensor([[dense.config.vocab_size]]))
     block, size = GGML_QUANT_SIZES[qtype]  # bytes per 32 weights: 34, 18 or 20; 2 per F16 / BF16 value
     assert sum(m.weight.numel() for m in modules) == sum(m.in_features // block * size * m.out_features
                                                          for m in modules)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.kernels import matmul_ggml
+from mightylm.kernels import ggml_rows, matmul_ggml
 
 F32, F16, Q4_0, Q4_1, Q8_0, Q6_K, BF16 = 0, 1, 2, 3, 8, 14, 30
 # ggml type -> (values per block, bytes per block)
@@ -153,9 +153,11 @@ class GGUFEmbedding(nn.Module):
         return self.blocks.device
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = self.blocks[idx.reshape(-1)]
-        x = dequantize_blocks(rows, self.ggml_type, (rows.shape[0], self.embedding_dim)).to(self.dtype)
-        return x.reshape(*idx.shape, self.embedding_dim)
+        x = ggml_rows(self.blocks, self.ggml_type, idx, self.embedding_dim)  # a few rows: one C call
+        if x is None:
+            rows = self.blocks[idx.reshape(-1)]
+            x = dequantize_blocks(rows, self.ggml_type, (rows.shape[0], self.embedding_dim))
+        return x.to(self.dtype).reshape(*idx.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, type={TYPE_NAMES[self.ggml_type]}"

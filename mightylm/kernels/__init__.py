@@ -86,6 +86,9 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_ggml_q8x.argtypes = lib.mighty_gemv_ggml.argtypes
     lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.mighty_ggml_rows.restype = ctypes.c_int
+    lib.mighty_ggml_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
+                                     ctypes.c_long, ctypes.c_void_p]
     lib.mighty_gemm_sparse24.restype = None
     lib.mighty_gemm_sparse24.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + [
         ctypes.c_long, ctypes.c_long, ctypes.c_int]
@@ -248,6 +251,25 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     else:
         lib.mighty_gemm_ggml(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in,
                              out, torch.get_num_threads())
+    return y
+
+
+# Up to this many looked-up rows (a decoded token, a short prompt) the C lookup serves; more go through torch.
+GGML_ROWS = 64
+
+
+def ggml_rows(blocks: torch.Tensor, ggml_type: int, idx: torch.Tensor, n_in: int) -> torch.Tensor | None:
+    """Rows `idx` of a GGUF table (blocks (rows, row bytes) uint8, Q8_0 / Q4_0 / Q4_1 / F16 / BF16) as float32
+    (idx.numel(), n_in), equal to dequantizing them in torch (gguf_blocks.c), or None where the kernel cannot take
+    them (many rows, no kernels)."""
+    if not (idx.numel() <= GGML_ROWS and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30) and blocks.is_contiguous()
+            and blocks.device.type == "cpu" and (lib := gemv_library()) is not None):
+        return None
+    idx = idx.reshape(-1).to(torch.long).contiguous()
+    y = torch.empty(idx.numel(), n_in)
+    if lib.mighty_ggml_rows(blocks.data_ptr(), blocks.shape[0], ggml_type, idx.data_ptr(), idx.numel(), n_in,
+                            y.data_ptr()):
+        raise IndexError(f"token id out of range: the table has {blocks.shape[0]} rows")
     return y
 
 

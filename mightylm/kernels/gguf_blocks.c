@@ -450,3 +450,52 @@ void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, cons
     free(xs);
     free(c8);
 }
+
+/* ---- Rows of a table as float32 (an embedding lookup) ----
+ * y (n, in) = the rows idx[0..n) of W dequantized, value for value as compress/gguf_blocks.py's dequantize_blocks
+ * computes them (d * q, d * (q - 8), d * q + m rounded after each operation: no fused multiply-add; bfloat16 and
+ * float16 exactly). For a decoded token's lookup the dozen torch operations of that path cost ~0.1-0.25 ms,
+ * 2-4 % of the token. Returns -1, having written nothing, where an index is outside the n_rows of W. */
+__attribute__((optimize("fp-contract=off")))
+int mighty_ggml_rows(const unsigned char *W, long n_rows, int type, const long *idx, long n, long in, float *y) {
+    const long blocks = in / 32, bytes = block_bytes(type), row_bytes = blocks * bytes;
+    for (long r = 0; r < n; r++)
+        if (idx[r] < 0 || idx[r] >= n_rows) return -1;  /* an id past the table: nothing read */
+    for (long r = 0; r < n; r++) {
+        const unsigned char *row = W + idx[r] * row_bytes;
+        float *out = y + r * in;
+        for (long b = 0; b < blocks; b++) {
+            const unsigned char *blk = row + b * bytes;
+            float *o = out + 32 * b;
+            if (type == F16 || type == BF16) {
+                for (int j = 0; j < 32; j++) {
+                    unsigned short h;
+                    memcpy(&h, blk + 2 * j, 2);
+                    if (type == F16) {
+                        o[j] = mighty_half_table[h];
+                    } else {
+                        const unsigned int bits = (unsigned int)h << 16;
+                        memcpy(o + j, &bits, 4);
+                    }
+                }
+            } else if (type == Q8_0) {
+                const float d = half_to_float(blk);
+                for (int j = 0; j < 32; j++) o[j] = (float)(signed char)blk[2 + j] * d;
+            } else {
+                const float d = half_to_float(blk), m = type == Q4_1 ? half_to_float(blk + 2) : 0.0f;
+                const unsigned char *qs = blk + bytes - 16;
+                for (int j = 0; j < 16; j++) {
+                    const int lo = qs[j] & 15, hi = qs[j] >> 4;
+                    if (type == Q4_0) {
+                        o[j] = (float)(lo - 8) * d;
+                        o[j + 16] = (float)(hi - 8) * d;
+                    } else {
+                        o[j] = (float)lo * d + m;
+                        o[j + 16] = (float)hi * d + m;
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
