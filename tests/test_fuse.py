@@ -103,7 +103,9 @@ def test_native_decode_block_equals_the_eager_block():
 
         pytest.skip("no C compiler or no AVX2/FMA here: the native kernels are not built")
     cases = [({"qkv_bias": True}, None, False), ({"n_kv_heads": 1}, None, True), ({}, "int8", False),
-             ({}, "nf4", False), ({"qkv_bias": True}, "nf4", True), ({"qkv_bias": True}, "int4", False)]
+             ({}, "nf4", False), ({"qkv_bias": True}, "nf4", True), ({"qkv_bias": True}, "int4", False),
+             ({"dim": 128, "n_heads": 2, "n_kv_heads": 1}, None, False),  # head_dim 64: attention 64 at a time
+             ({"dim": 72, "n_heads": 6, "n_kv_heads": 2}, None, False)]  # head_dim 12: 8, then one at a time
     for overrides, method, soft_prompt in cases:
         torch.manual_seed(0)
         model = Transformer(ModelConfig.from_preset("tiny", **overrides)).eval()

@@ -86,6 +86,7 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_ggml_q8x.argtypes = lib.mighty_gemv_ggml.argtypes
     lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.mighty_exp.restype, lib.mighty_exp.argtypes = None, [ctypes.c_void_p, ctypes.c_long]
     lib.mighty_ggml_rows.restype = ctypes.c_int
     lib.mighty_ggml_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
                                      ctypes.c_long, ctypes.c_void_p]
