@@ -285,7 +285,10 @@ void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int typ
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
     float *xsum = rows == 1 ? block_sums(x, in) : NULL;
-    if (mighty_isa_level) gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
+    /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
+     * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
+     * conversions are split in two there); not measured on Intel's AVX-512. */
+    if (mighty_isa_level && !(rows == 1 && plain(type))) gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     else gemm256(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     free(xsum);
 }
