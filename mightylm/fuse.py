@@ -40,7 +40,7 @@ from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
 from mightylm.kernels import (BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
                               linear)
-from mightylm.model import MLP, Attention, KVCache, RMSNorm, Transformer
+from mightylm.model import MLP, Attention, KVCache, KVRows, RMSNorm, Transformer
 from mightylm.moe import MoE
 
 
@@ -279,6 +279,10 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+# Up to this many sequences of a server's batch (one token each) go through the native blocks together, where every
+# projection reads its weights once for all rows (GGUF blocks, 2:4).
+NATIVE_BATCH = 32
+
 # Up to this many consecutive tokens of one sequence go through the native block together (a speculative
 # verification pass, a short prompt's tail); GGUF blocks and 2:4 weights are read once for all of them.
 NATIVE_ROWS = 16
@@ -367,11 +371,15 @@ class NativeDecodeStack:
                             (ctypes.c_void_p * n)(*(cache.v[i].data_ptr() for i in range(n))))
         return self._caches[1:]
 
+    def _unchanged(self) -> bool:
+        """No block's native call was replaced and no attention adapter was added since the stack was made."""
+        return not (any("attend" in n.attn.__dict__ for n in self.natives)
+                    or any(b.fused_decode is not n for b, n in zip(self.blocks, self.natives)))
+
     def __call__(self, x, cos, sin, cache, start, mask=None):
-        first = self.natives[0]
-        if (x.shape[1] > self.max_rows or not first.applies(x, cache, start, mask)
-                or any("attend" in n.attn.__dict__ for n in self.natives)
-                or any(b.fused_decode is not n for b, n in zip(self.blocks, self.natives))
+        if type(cache) is KVRows:
+            return self._batch(x, cos, sin, cache, start, mask)
+        if (x.shape[1] > self.max_rows or not self.natives[0].applies(x, cache, start, mask) or not self._unchanged()
                 or len(cache.k) != len(self.natives)):
             return None
         out = x.contiguous().clone()
@@ -379,7 +387,41 @@ class NativeDecodeStack:
         keys, values = self._pointers(cache)
         gemv_library().mighty_decode_blocks(out.data_ptr(), self.args, len(self.natives), keys, values,
                                             cos.data_ptr(), sin.data_ptr(), start, cache.max_len, x.shape[1],
-                                            torch.get_num_threads())
+                                            torch.get_num_threads(), None, 0)
+        return out
+
+    def _batch(self, x, cos, sin, rows, start, mask):
+        """A server's decode step: one token for each of B sequences in rows a..b-1 of a pool (KVRows), left-padded
+        (row r's tokens in slots pad_r .. start). Runs where every projection reads its weights once for all rows
+        (GGUF blocks, 2:4: `max_rows` > 1) and B is at most NATIVE_BATCH; the pads are read off the mask, which
+        must allow exactly those slots (no window)."""
+        pool, B = rows.pool, x.shape[0]
+        if (x.shape[1] != 1 or B != rows.b - rows.a or B > NATIVE_BATCH or self.max_rows == 1
+                or type(pool) is not KVCache or len(pool.k) != len(self.natives) or start + 1 > pool.max_len
+                or not all(t.is_contiguous() for t in (pool.k[0], pool.v[0]))
+                or x.dtype != torch.float32 or pool.k[0].dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling()
+                or not self._unchanged()):
+            return None
+        if mask is None:
+            pads = torch.zeros(B, dtype=torch.long)
+        else:
+            allowed = mask.reshape(mask.shape[0], -1)
+            if allowed.shape != (B, start + 1):
+                return None
+            pads = allowed.to(torch.uint8).argmax(-1)  # each row's first slot
+            if not bool((allowed.sum(-1) == start + 1 - pads).all()):
+                return None  # not left padding alone (a window, holes): the blocks one by one
+        out = x.contiguous().clone()
+        cos = cos.expand(B, *cos.shape[1:]).contiguous()
+        sin = sin.expand(B, *sin.shape[1:]).contiguous()
+        n, stride = len(self.natives), pool.k[0][0].numel()  # floats per row of the pool
+        offset = rows.a * stride * 4
+        keys = (ctypes.c_void_p * n)(*(pool.k[i].data_ptr() + offset for i in range(n)))
+        values = (ctypes.c_void_p * n)(*(pool.v[i].data_ptr() + offset for i in range(n)))
+        pads = pads.to(torch.long).contiguous()
+        gemv_library().mighty_decode_blocks(out.data_ptr(), self.args, n, keys, values, cos.data_ptr(), sin.data_ptr(),
+                                            start, pool.max_len, B, torch.get_num_threads(), pads.data_ptr(), stride)
         return out
 
 

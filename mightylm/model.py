@@ -259,6 +259,21 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class KVRows:
+    """Rows a..b-1 of a KVCache (a server's pool), with the cache interface the model calls: several sequences
+    decoded together, each in its own row."""
+
+    def __init__(self, pool: KVCache, a: int, b: int):
+        self.pool, self.a, self.b = pool, a, b
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        K, V = self.pool.k[layer], self.pool.v[layer]
+        K[self.a:self.b, :, start:end] = k
+        V[self.a:self.b, :, start:end] = v
+        return K[self.a:self.b, :, :end], V[self.a:self.b, :, :end]
+
+
 class RollingKVCache:
     """A sliding-window model's KV cache that keeps only the last `window` positions (Mistral's rolling buffer), so
     its memory stays constant however long the generation: position p lives in slot p % window.
@@ -730,8 +745,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _blocks(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
-        """Every block in turn, or all of them in one native call where the decode layout set one (fused_decode)."""
-        if self.fused_decode is not None and (mask is None or x.shape[1] > 1):  # it checks a few rows' mask itself
+        """Every block in turn, or all of them in one native call where the decode layout set one (fused_decode,
+        which checks the cache, the rows and the mask itself)."""
+        if self.fused_decode is not None:
             y = self.fused_decode(x, cos, sin, cache, start, mask)
             if y is not None:
                 return y

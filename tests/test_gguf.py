@@ -593,10 +593,17 @@ def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
 
 
 def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
-    """`mighty serve` keeps a GGUF file's blocks by default: a batch of requests, with and without a LoRA
-    adapter, is decoded by the block kernels several rows at a time, and every request gets the tokens the
+    """`mighty serve` keeps a GGUF file's blocks by default: a batch of requests, without adapters through the
+    decode layout (every block in one native call per step), then with and without a LoRA adapter (which undoes the
+    layout), is decoded by the block kernels several rows at a time, and every request gets the tokens the
     dequantized model gives it alone."""
+    from conftest import serve_all
+
     from mightylm.compress.gguf_blocks import GGUFLinear
+    from mightylm.fuse import fuse_projections_
+    from mightylm.generate import Sampling, generate
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
 
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
     write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q4_1)
@@ -604,7 +611,40 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     lora = random_lora(dense, ("q_proj", "v_proj", "down_proj"), tmp_path / "lora", str(tmp_path / "m.gguf"))
     kept, tokenizer = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
     assert isinstance(kept.lm_head, GGUFLinear)
-    serve_with_and_without_lora(kept, tokenizer, tmp_path / "lora", dense, lora)
+    # without adapters, as `mighty serve` starts over kept blocks: the decode layout, each step in one native call
+    fuse_projections_(kept)
+    stack, ran = kept.fused_decode, []
+    kept.fused_decode = lambda *args: _count(stack, ran, args)
+    prompts = [tokenizer.encode(text) for text in ("To be", "The quick brown fox", "whether 'tis nobler")]
+    seqs = serve_all(Engine(kept, tokenizer, AdapterBank(kept), max_batch=4, max_len=64),
+                     [(p, Sampling(max_new_tokens=8), 0) for p in prompts])
+    with torch.no_grad():
+        assert [s.generated for s in seqs] == [generate(dense, [p], Sampling(max_new_tokens=8))[0] for p in prompts]
+    assert sum(ran) >= 7  # the batch's decode steps ran natively
+    # with a LoRA adapter in the bank, the eager blocks run the wrapped layers (the fused products go) and the
+    # native calls run only the passes without LoRA rows
+    bank = AdapterBank(kept)
+    bank.add("lora", tmp_path / "lora")
+    assert kept.layers[0].attn.fused_qkv is None
+    ran[:] = []
+    jobs = [(p, a) for p in prompts for a in (0, bank.ids["lora"])]
+    mixed = serve_all(Engine(kept, tokenizer, bank, max_batch=8, max_len=64),
+                      [(p, Sampling(max_new_tokens=8), a) for p, a in jobs])
+    assert not any(ran)  # every step had LoRA rows
+    again = serve_all(Engine(kept, tokenizer, bank, max_batch=8, max_len=64),  # base rows only: native
+                      [(p, Sampling(max_new_tokens=8), 0) for p in prompts])
+    assert sum(ran) >= 7
+    with torch.no_grad():
+        for seq, (p, a) in zip(mixed + again, jobs + [(p, 0) for p in prompts]):
+            assert seq.generated == generate(lora if a else dense, [p], Sampling(max_new_tokens=8))[0], a
+    plain, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)  # without the layout, as before
+    serve_with_and_without_lora(plain, tokenizer, tmp_path / "lora", dense, lora)
+
+
+def _count(stack, ran, args):
+    y = stack(*args)
+    ran.append(y is not None)
+    return y
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
@@ -639,3 +679,45 @@ def test_phi_gguf_files_load_with_the_source_logits(arch, qtype, tmp_path, bpe_t
     idx = torch.randint(0, bpe_tokenizer.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
+def test_a_batch_of_sequences_decodes_in_one_native_call(qtype, tmp_path, bpe_tokenizer):
+    """A server's decode step (KVRows: one token for each of several left-padded sequences, in rows 1-3 of a pool)
+    runs every block in one native call over the kept GGUF blocks (NativeDecodeStack's batch mode): the logits and
+    the pool's keys equal those of the blocks run eagerly."""
+    from mightylm.fuse import fuse_projections_
+    from mightylm.model import KVRows
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    model, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    assert "layers.native" in fuse_projections_(model)
+    stack, ran = model.fused_decode, []
+
+    def counted(*args):
+        y = stack(*args)
+        ran.append(y is not None)
+        return y
+
+    lengths, width = [5, 9, 7], 9
+    g = torch.Generator().manual_seed(0)
+    idx, pads = torch.zeros(3, width, dtype=torch.long), torch.tensor([width - n for n in lengths])
+    for r, n in enumerate(lengths):
+        idx[r, width - n:] = torch.randint(1, model.config.vocab_size, (n,), generator=g)
+
+    def run(native: bool):
+        model.fused_decode = counted if native else None
+        pool = model.make_cache(4, 24)
+        rows = KVRows(pool, 1, 4)
+        with torch.no_grad():
+            logits = [model(idx, cache=rows, start=0, pad=pads)[:, -1]]
+            for t in range(width, width + 6):
+                logits.append(model(logits[-1].argmax(-1)[:, None], cache=rows, start=t, pad=pads)[:, -1])
+        return torch.stack(logits), pool.k[1][:, :, :width + 6].clone()
+
+    (native, native_keys), (eager, eager_keys) = run(True), run(False)
+    assert ran == [False] + [True] * 6  # the prompts' rows go block by block; every decode step in one call
+    torch.testing.assert_close(native, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native_keys, eager_keys, atol=1e-5, rtol=1e-5)
+    assert not native_keys[0].any()  # row 0 of the pool is not one of the batch's

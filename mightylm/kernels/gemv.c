@@ -267,6 +267,11 @@ typedef struct {
     float eps;
     int threads;
     long rows;                  /* tokens of this sequence decoded together (speculative verification): 1 or more */
+    /* or, when pads is not NULL, `rows` sequences (a server's batch), one token each, all at slot pos: row r's cache
+     * is row_stride floats after row r - 1's, its tokens sit in slots pads[r] .. pos (left padding), and it attends
+     * to those only */
+    const long *pads;
+    long row_stride;
 } mighty_block;
 
 /* scratch: at least max(in, (threads - 1) * out) floats */
@@ -456,7 +461,8 @@ static void moe_ffn(float *x, const float *h, const mighty_block *b, float *gu, 
 void mighty_decode_block(float *x, const mighty_block *b) {
     const long dim = b->dim, hd = b->head_dim, nh = b->n_heads, nkv = b->n_kv, ffn = b->ffn;
     const long R = b->rows < 1 ? 1 : b->rows;
-    const long q_out = nh * hd, kv_out = nkv * hd, qkv_out = q_out + 2 * kv_out, ctx_max = b->pos + R;
+    const long q_out = nh * hd, kv_out = nkv * hd, qkv_out = q_out + 2 * kv_out;
+    const long *pads = b->pads, ctx_max = b->pos + (pads ? 1 : R);
     const long widest = 2 * ffn > qkv_out ? 2 * ffn : qkv_out;
     const int threads = b->threads < 1 ? 1 : b->threads;
     float *h = malloc(sizeof(float) * (R * (dim + qkv_out + q_out + dim + 2 * ffn) + R * nh * ctx_max
@@ -470,19 +476,21 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
         const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
         for (long g = 0; g < nh; g++) rope(q + g * hd, cos, sin, hd);
+        const long slot = pads ? b->pos : b->pos + r, row = pads ? r * b->row_stride : 0;
         for (long g = 0; g < nkv; g++) {
             rope(k + g * hd, cos, sin, hd);
-            memcpy(b->k_cache + (g * b->max_len + b->pos + r) * hd, k + g * hd, sizeof(float) * hd);
-            memcpy(b->v_cache + (g * b->max_len + b->pos + r) * hd, v + g * hd, sizeof(float) * hd);
+            memcpy(b->k_cache + row + (g * b->max_len + slot) * hd, k + g * hd, sizeof(float) * hd);
+            memcpy(b->v_cache + row + (g * b->max_len + slot) * hd, v + g * hd, sizeof(float) * hd);
         }
     }
     const float scale = 1.0f / sqrtf((float)hd);
     const long group = nh / nkv;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long job = 0; job < R * nh; job++) {
-        const long r = job / nh, head = job % nh, ctx = b->pos + r + 1;
-        const float *qh = qkv + r * qkv_out + head * hd;
-        const float *K = b->k_cache + (head / group) * b->max_len * hd, *V = b->v_cache + (head / group) * b->max_len * hd;
+        const long r = job / nh, head = job % nh, first = pads ? pads[r] : 0;
+        const long ctx = (pads ? b->pos + 1 : b->pos + r + 1) - first;  /* slots first .. first + ctx - 1 */
+        const long at = (pads ? r * b->row_stride : 0) + ((head / group) * b->max_len + first) * hd;
+        const float *qh = qkv + r * qkv_out + head * hd, *K = b->k_cache + at, *V = b->v_cache + at;
         float *s = scores + job * ctx_max, *out = att + r * q_out + head * hd, top = -INFINITY, sum = 0.0f;
         for (long t = 0; t < ctx; t++) {
             s[t] = dot(qh, K + t * hd, hd) * scale;
@@ -520,14 +528,17 @@ void mighty_decode_block(float *x, const mighty_block *b) {
 }
 
 /* All n blocks of a model for the same token(s) in one call: each block as described by blocks[i], with this call's
- * caches (k_caches[i], v_caches[i]), RoPE rows, positions and threads (the struct is copied, so concurrent callers
+ * caches (k_caches[i], v_caches[i]), RoPE rows, positions, threads and rows (consecutive tokens of one sequence, or
+ * with pads a batch of sequences, see mighty_block) (the struct is copied, so concurrent callers
  * never see each other's). One call per block from Python cost ~35 us each in the interpreter (the checks, the
  * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. */
 void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, float *const *k_caches,
                           float *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
-                          long rows, int threads) {
+                          long rows, int threads, const long *pads, long row_stride) {
     for (long i = 0; i < n; i++) {
         mighty_block b = *blocks[i];
+        b.pads = pads;
+        b.row_stride = row_stride;
         b.k_cache = k_caches[i];
         b.v_cache = v_caches[i];
         b.cos = cos;

@@ -10,7 +10,10 @@ batch, without merging anything into the weights.
 - Soft prompts (prompt tuning, P-tuning): the P virtual-token embeddings are put in front of the
   request's token embeddings at prefill (`Transformer.forward(embeds=...)`); decoding needs nothing.
 
-Adapters can be added and removed while serving; the engine does it between steps.
+Adapters can be added and removed while serving; the engine does it between steps. Over kept GGUF blocks or 2:4
+weights the server starts in the decode layout (fuse.py: a batch's decode step in one native call); the native calls
+know no adapter, so once LoRA layers are wrapped they run only the passes without LoRA rows, and the others run the
+blocks eagerly through the wrapped layers (`AdapterBank.set_rows`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class AdapterBank:
         # adapter id -> (B, 1, 1) 1.0 on the batch rows that use it (None: all of them), for the ids in the batch but 0
         self.present: dict[int, torch.Tensor | None] = {}
         self._next = 1
+        self._natives = None  # (the model's native stack, each block's native call) once LoRA layers are wrapped
 
     def set_rows(self, ids: list[int]) -> None:
         """Say which adapter each row of the next forward passes uses (0: the base model)."""
@@ -70,6 +74,29 @@ class AdapterBank:
             rows = [r for r, a in enumerate(ids) if a == i]
             mask = torch.tensor([[[float(a == i)]] for a in ids], dtype=self.model.dtype, device=device)
             self.present[i] = None if len(rows) == len(ids) else mask  # (B, 1, 1)
+        if self._natives is not None:  # the native calls know no adapter: they run only passes without LoRA rows
+            stack, blocks = self._natives
+            on = not any(i in self.lora_ids for i in self.present)
+            self.model.fused_decode = stack if on else None
+            for block, native in zip(self.model.layers, blocks):
+                block.fused_decode = native if on else None
+
+    def _keep_natives_apart(self) -> None:
+        """Before the first LoRA wraps layers of a model in the decode layout (as `mighty serve` starts over kept
+        GGUF blocks or 2:4 weights): the fused q/k/v and gate/up products the eager blocks would call instead of the
+        wrapped layers go (their weights stay, the layers' own are views into them), and the native calls, which
+        read the same weights, are kept for the passes without LoRA rows (set_rows)."""
+        if self._natives is None and getattr(self.model, "fused_decode", None) is not None:
+            self._natives = (self.model.fused_decode, [block.fused_decode for block in self.model.layers])
+        for m in self.model.modules():
+            if getattr(m, "fused_qkv", None) is not None:
+                m.fused_qkv = None
+            if getattr(m, "fused_gate_up", None) is not None:
+                m.fused_gate_up = None
+
+    @property
+    def lora_ids(self) -> set[int]:
+        return {self.ids[name] for name, kind in self.kinds.items() if kind == "lora"}
 
     def add(self, name: str, path: str | Path) -> str:
         """Load the adapter in `path` under `name`; returns what it is."""
@@ -116,6 +143,7 @@ class AdapterBank:
         if prepared["kind"] == "prompt":
             self.prompts[self._new_id(prepared["name"], "prompt")] = prepared["prompt"]
             return prepared["what"]
+        self._keep_natives_apart()
         i = self._new_id(prepared["name"], "lora")
         modules = dict(self.model.named_modules())
         for module_name, pair in prepared["pairs"].items():

@@ -95,8 +95,10 @@ def serve(
 
     import mightylm
     from mightylm.adapters import AdapterError
-    from mightylm.compress.sparse24 import pack_24_
+    from mightylm.compress.gguf_blocks import GGUFLinear
+    from mightylm.compress.sparse24 import Sparse24Linear, pack_24_
     from mightylm.errors import UsageError
+    from mightylm.fuse import fuse_projections_
     from mightylm.generate import freeze_what_lives
     from mightylm.serve.adapters import AdapterBank
     from mightylm.serve.app import create_app
@@ -131,6 +133,10 @@ def serve(
 
         print(set_rope_scaling(net, rope_scaling), file=sys.stderr)
     pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
+    if any(isinstance(m, (GGUFLinear, Sparse24Linear)) for m in net.modules()):
+        # kept GGUF blocks or 2:4 weights are read once for all rows: a decode step of the batch runs every block in
+        # one native call (the decode layout, fuse.py); a LoRA adapter loaded later undoes it (AdapterBank.install)
+        fuse_projections_(net)
     bank = AdapterBank(net.eval())
     for spec in adapter or []:
         adapter_name, eq, path = spec.partition("=")

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from mightylm.generate import Sampling, TextStream, logits_to_probs, sample
-from mightylm.model import Segment, Segments
+from mightylm.model import KVRows, Segment, Segments
 from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PROBE_MAX, PassCost, PooledDraft, \
     choose_width, timed
 from mightylm.speculative import PromptLookup, accept
@@ -102,20 +102,6 @@ FIRST_CARRIED = 4  # tokens in the first chunk a decode step carries, before its
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the client should retry later."""
-
-
-class _Rows:
-    """A view of rows a..b-1 of the pool, with the KVCache interface the model calls."""
-
-    def __init__(self, pool, a: int, b: int):
-        self.pool, self.a, self.b = pool, a, b
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        end = start + k.shape[2]
-        K, V = self.pool.k[layer], self.pool.v[layer]
-        K[self.a:self.b, :, start:end] = k
-        V[self.a:self.b, :, start:end] = v
-        return K[self.a:self.b, :, :end], V[self.a:self.b, :, :end]
 
 
 @dataclass
@@ -491,7 +477,7 @@ class Engine:
         if isinstance(self.draft, PooledDraft):
             if first == 0:
                 self.draft.valid = self.t
-            self.draft.prefill(_Rows(self.draft.pool, first, first + len(seqs)), [seq.prompt for seq in seqs],
+            self.draft.prefill(KVRows(self.draft.pool, first, first + len(seqs)), [seq.prompt for seq in seqs],
                                torch.tensor([self.t - len(seq.prompt) for seq in seqs], device=self.device), self.t)
 
     def _prefill(self, group: list[tuple[Sequence, int]]) -> None:
@@ -501,7 +487,7 @@ class Engine:
         last = first + len(group)
         self.stats["prefill_passes"] += 1
         self._rows([seq.adapter for seq, _ in group], [seq.visual for seq, _ in group])
-        kwargs = dict(cache=_Rows(self.pool, first, last), start=self.t - width, pad=self.pads[first:last],
+        kwargs = dict(cache=KVRows(self.pool, first, last), start=self.t - width, pad=self.pads[first:last],
                       last_only=True)
         try:
             if all(need == len(seq.prompt) and seq.images is None for seq, need in group):  # plain token ids
@@ -563,7 +549,7 @@ class Engine:
         n = len(self.running)
         tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
         self._rows([s.adapter for s in self.running], [s.visual for s in self.running])
-        logits, seconds = timed(lambda: self.model(tokens[:, None], cache=_Rows(self.pool, 0, n), start=self.t,
+        logits, seconds = timed(lambda: self.model(tokens[:, None], cache=KVRows(self.pool, 0, n), start=self.t,
                                                    pad=self.pads[:n])[:, -1], self.device)
         self.cost.observe(n, seconds)
         self.t += 1
@@ -578,7 +564,7 @@ class Engine:
         size = end - st.done
         tokens = torch.tensor([s.generated[-1] for s in self.running], device=self.device)
         x = torch.cat([self.model.embed(tokens), st.embeds[st.done:end]])[:, None]  # (n + size, 1, dim)
-        segments = Segments([Segment(_Rows(self.pool, 0, n), self.t, n, 1, self.pads[:n]),
+        segments = Segments([Segment(KVRows(self.pool, 0, n), self.t, n, 1, self.pads[:n]),
                              Segment(st.cache, st.done, 1, size)])
         adapters = [s.adapter for s in self.running]
 
@@ -638,7 +624,7 @@ class Engine:
         began = time.perf_counter()
         if pooled:
             virtual = torch.tensor([self.bank.prefix_len(s.adapter) for s in self.running], device=self.device)
-            tokens, dists = self.draft.propose(lambda pool: _Rows(pool, 0, n), histories, self.pads[:n] + virtual,
+            tokens, dists = self.draft.propose(lambda pool: KVRows(pool, 0, n), histories, self.pads[:n] + virtual,
                                                self.t, width, [s.sampling for s in self.running],
                                                [s._generator for s in self.running])
             drafts = [(ts[:min(width, g)], q[:min(width, g)]) for ts, q, g in zip(tokens, dists, limits)]
@@ -649,7 +635,7 @@ class Engine:
             idx[i, 0] = seq.generated[-1]
             idx[i, 1:1 + len(ts)] = torch.tensor(ts, dtype=torch.long)  # a shorter row's last slots: never accepted
         self._rows([s.adapter for s in self.running], [s.visual for s in self.running])
-        logits = self.model(idx.to(self.device), cache=_Rows(self.pool, 0, n), start=self.t,
+        logits = self.model(idx.to(self.device), cache=KVRows(self.pool, 0, n), start=self.t,
                             pad=self.pads[:n])  # (n, width + 1, V)
         self.stats["speculative_passes"] += 1
         counts = [self._verify(i, logits[i], *drafts[i]) for i in range(n)]
