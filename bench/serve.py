@@ -1,7 +1,7 @@
 """Load test of `mighty serve` against a naive baseline, on 127.0.0.1 only, bounded in count and time.
 
     .venv/bin/python bench/serve.py [--clients 1 4 16 64] [--requests-per-client 2] [--max-tokens 64]
-                                    [--blocks true|false] [--skip-baseline]
+                                    [--blocks true|false] [--int8-activations] [--skip-baseline]
 
 The server is `mighty serve` (SmolLM2-135M-Instruct, continuous batching) in a process of its own
 on a loopback port, as deployed; N concurrent clients (threads here) each send streaming chat
@@ -107,6 +107,8 @@ def main():
     p.add_argument("--adapter", default="runs/out/lora-demo/adapter", help="a LoRA adapter for the mixed run")
     p.add_argument("--blocks", default="true", choices=["true", "false"],
                    help="mighty serve --blocks: keep the GGUF blocks (the default) or dequantize them at load")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="mighty serve --int8_activations true: decoded tokens in llama.cpp's arithmetic")
     p.add_argument("--skip-baseline", action="store_true", help="do not time transformers' one-at-a-time baseline")
     args = p.parse_args()
     import mightylm
@@ -125,11 +127,12 @@ def main():
     try:
         url, server = start_server(["--model", "smollm2-135m-instruct", "--name", "smollm2", "--adapter", f"lora={adapter}",
                                     "--max-batch", str(args.max_batch), "--max-queue", "256", "--max-len", "1024",
-                                    "--blocks", args.blocks],
+                                    "--blocks", args.blocks, "--int8_activations", str(args.int8_activations).lower()],
                                    "bench/out/serve.log")
     except RuntimeError as e:
         sys.exit(str(e))
-    print(f"server: mighty serve --blocks {args.blocks}, max batch {args.max_batch}; {args.max_tokens} tokens per "
+    print(f"server: mighty serve --blocks {args.blocks} --int8_activations {str(args.int8_activations).lower()}, "
+          f"max batch {args.max_batch}; {args.max_tokens} tokens per "
           "request, greedy")
     rows = []
     try:

@@ -307,6 +307,8 @@ class NativeDecodeBlock:
         (qkv, _), (o, _) = parts[:2]
         shared = (Projection.GGML, Projection.SPARSE24)  # kinds whose weights are read once for several rows
         self.max_rows = NATIVE_ROWS if experts is None and all(p.kind in shared for p, _ in parts) else 1
+        # a server's batch (one token of each of several sequences): the same, and GGUF blocks with int8 activations
+        self.batches = experts is None and all(p.kind in (*shared, Projection.GGML_Q8X) for p, _ in parts)
         gate_up, down = (parts[2][0], parts[3][0]) if experts is None else (Projection(), Projection())
         self.args = BlockArgs(qkv=qkv, o=o, gate_up=gate_up, down=down, attn_norm=norms[0].data_ptr(),
                               mlp_norm=norms[1].data_ptr(), dim=config.dim, n_heads=config.n_heads,
@@ -360,6 +362,7 @@ class NativeDecodeStack:
         self.blocks, self.natives = blocks, natives
         self.args = (ctypes.POINTER(BlockArgs) * len(natives))(*(ctypes.pointer(n.args) for n in natives))
         self.max_rows = min(n.max_rows for n in natives)
+        self.batches = all(n.batches for n in natives)
         # (a weak reference to the last cache, its per-layer key and value pointers): a cache serves a whole
         # generation, and its buffers never move
         self._caches = (lambda: None, None, None)
@@ -393,10 +396,10 @@ class NativeDecodeStack:
     def _batch(self, x, cos, sin, rows, start, mask):
         """A server's decode step: one token for each of B sequences in rows a..b-1 of a pool (KVRows), left-padded
         (row r's tokens in slots pad_r .. start). Runs where every projection reads its weights once for all rows
-        (GGUF blocks, 2:4: `max_rows` > 1) and B is at most NATIVE_BATCH; the pads are read off the mask, which
-        must allow exactly those slots (no window)."""
+        (GGUF blocks, also with int8 activations, each row then rounded as it would be alone; 2:4) and B is at
+        most NATIVE_BATCH; the pads are read off the mask, which must allow exactly those slots (no window)."""
         pool, B = rows.pool, x.shape[0]
-        if (x.shape[1] != 1 or B != rows.b - rows.a or B > NATIVE_BATCH or self.max_rows == 1
+        if (x.shape[1] != 1 or B != rows.b - rows.a or B > NATIVE_BATCH or not self.batches
                 or type(pool) is not KVCache or len(pool.k) != len(self.natives) or start + 1 > pool.max_len
                 or not all(t.is_contiguous() for t in (pool.k[0], pool.v[0]))
                 or x.dtype != torch.float32 or pool.k[0].dtype != torch.float32 or x.device.type != "cpu"

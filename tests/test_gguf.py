@@ -721,3 +721,53 @@ def test_a_batch_of_sequences_decodes_in_one_native_call(qtype, tmp_path, bpe_to
     torch.testing.assert_close(native, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(native_keys, eager_keys, atol=1e-5, rtol=1e-5)
     assert not native_keys[0].any()  # row 0 of the pool is not one of the batch's
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_a_batch_in_llama_cpps_arithmetic_gives_each_row_what_it_gets_alone(qtype, tmp_path, bpe_tokenizer):
+    """With int8_activations_ a server's batch (one token of each of several sequences, x (B, 1, in)) is rounded to
+    8 bits row by row, as each sequence would be alone, through the native call and through the blocks one by one:
+    every sequence's decoded logits equal those of the same sequence decoded by itself (tests/test_kernels.py checks
+    the kernel bit for bit), and differ from float32's by the rounding only."""
+    from mightylm.compress.gguf_blocks import int8_activations_
+    from mightylm.fuse import fuse_projections_
+    from mightylm.model import KVRows
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    model, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    int8_activations_(model)
+    fuse_projections_(model)
+    assert model.fused_decode.batches and model.fused_decode.max_rows == 1  # a sequence's tokens stay float32
+    lengths, width, steps = [5, 9, 7], 9, 5
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in lengths]
+    follow = torch.randint(1, model.config.vocab_size, (3, steps), generator=g)  # the same next tokens both ways
+    idx, pads = torch.zeros(3, width, dtype=torch.long), torch.tensor([width - n for n in lengths])
+    for r, p in enumerate(prompts):
+        idx[r, width - len(p):] = p
+    with torch.no_grad():
+        rows = KVRows(model.make_cache(3, 16), 0, 3)
+        model(idx, cache=rows, start=0, pad=pads)
+        batch = torch.stack([model(follow[:, t:t + 1], cache=rows, start=width + t, pad=pads)[:, -1]
+                             for t in range(steps)], 1)  # (3, steps, vocab)
+        for r, p in enumerate(prompts):
+            cache = model.make_cache(1, 16)
+            model(p[None], cache=cache, start=0)
+            alone = torch.stack([model(follow[r:r + 1, t:t + 1], cache=cache, start=len(p) + t)[0, -1]
+                                 for t in range(steps)])
+            torch.testing.assert_close(batch[r], alone, atol=1e-5, rtol=1e-5)
+
+    def batch_logits(net):
+        with torch.no_grad():
+            rows = KVRows(net.make_cache(3, 16), 0, 3)
+            net(idx, cache=rows, start=0, pad=pads)
+            return torch.stack([net(follow[:, t:t + 1], cache=rows, start=width + t, pad=pads)[:, -1]
+                                for t in range(steps)], 1)
+
+    model.fused_decode = None  # the blocks one by one: the same rounding
+    torch.testing.assert_close(batch_logits(model), batch, atol=1e-4, rtol=1e-4)
+    float32, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    fuse_projections_(float32)
+    rounding = float((batch - batch_logits(float32)).norm() / batch.norm())
+    assert 1e-4 < rounding < 0.05, rounding

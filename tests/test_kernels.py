@@ -133,6 +133,13 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         exact = F.linear(x, dequantize_blocks(raw, ggml_type, (out, n_in)))[0]
         error = (got[0] - exact).norm() / exact.norm()
         assert 1e-5 < error < 0.02, f"type {ggml_type}: relative error {error:.2e} against the float32 product"
+        # a server's batch (mighty_gemm_ggml_q8x, several rows in one call): each row exactly what it gets alone
+        rows, bias = torch.randn(5, n_in), torch.randn(out)
+        together = torch.empty(5, out)
+        kernels.gemv_library().mighty_gemm_ggml_q8x(rows.data_ptr(), 5, raw.data_ptr(), ggml_type, bias.data_ptr(),
+                                                    together.data_ptr(), n_in, out, 2)
+        alone = torch.cat([kernels.matmul_ggml(r[None], raw, ggml_type, out, bias, int8_activations=True) for r in rows])
+        assert torch.equal(together, alone), ggml_type
 
 
 @pytest.mark.parametrize("path", kernels.ISAS)

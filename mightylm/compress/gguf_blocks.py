@@ -166,7 +166,8 @@ class GGUFEmbedding(nn.Module):
 def int8_activations_(model: nn.Module) -> list[str]:
     """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 blocks: each single-token product rounds its input
     to 8 bits per block of 32 (scale max|x| / 127) and multiplies in integers (kernels/gguf_blocks.c), about twice
-    as fast per block as float32; prompts and batches keep float32. Logits move by the activations' rounding, and
+    as fast per block as float32; so does each row of a batch of sequences decoding one token each (a server's
+    step: every row as it would be alone); prompts keep float32. Logits move by the activations' rounding, and
     greedy text can part from the float32 model's where its top two tokens are close (llama.cpp's does too).
     Apply before `fuse_projections_` (the fused copies are made from the modules). Returns the modules changed."""
     if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None

@@ -307,12 +307,16 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
 }
 
 /* Several rows (x (rows, in) -> y (rows, out)): GGUF blocks and 2:4 weights are read once for all rows; the other
- * kinds run row by row. */
+ * kinds run row by row. GGUF blocks with int8 activations (PROJ_GGML_Q8X) round a batch's rows (`batch`: each row
+ * a sequence's decoded token) to 8 bits as each would be alone; a sequence's several tokens stay float32, as a
+ * prompt does in the module path. */
 static void project_rows(const mighty_proj *p, const float *x, float *y, float *scratch, long in, long out, long rows,
-                         int threads) {
+                         int threads, int batch) {
     if (rows == 1) {
         project(p, x, y, scratch, in, out, threads);
-    } else if (p->kind == PROJ_GGML || p->kind == PROJ_GGML_Q8X) {  /* several rows: float arithmetic */
+    } else if (p->kind == PROJ_GGML_Q8X && batch) {  /* a batch's rows: each its sequence's token, as alone */
+        mighty_gemm_ggml_q8x(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
+    } else if (p->kind == PROJ_GGML || p->kind == PROJ_GGML_Q8X) {  /* a sequence's tokens: float arithmetic */
         mighty_gemm_ggml(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_SPARSE24) {
         mighty_gemm_sparse24(x, rows, (const float *)p->w, p->index, p->bias, y, in, out, threads);
@@ -471,7 +475,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     float *scores = gu + R * 2 * ffn, *scratch = scores + R * nh * ctx_max;
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->attn_norm, h + r * dim, dim, b->eps);
-    project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads);
+    project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads, pads != NULL);
     for (long r = 0; r < R; r++) {
         float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
         const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
@@ -502,7 +506,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         for (long t = 0; t < ctx; t++) s[t] /= sum;
         weighted_rows(s, V, ctx, hd, out);
     }
-    project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
+    project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads, pads != NULL);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->mlp_norm, h + r * dim, dim, b->eps);
@@ -511,7 +515,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         free(h);
         return;
     }
-    project_rows(&b->gate_up, h, gu, scratch, dim, 2 * ffn, R, threads);
+    project_rows(&b->gate_up, h, gu, scratch, dim, 2 * ffn, R, threads, pads != NULL);
     for (long r = 0; r < R; r++) {
         float *g = gu + r * 2 * ffn;
         silu_mul(g, g + ffn, ffn);  /* silu(gate) * up */
@@ -521,7 +525,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         project(&b->down, gu, tmp, scratch, ffn, dim, threads);
     } else {
         for (long r = 1; r < R; r++) memmove(gu + r * ffn, gu + r * 2 * ffn, sizeof(float) * ffn);
-        project_rows(&b->down, gu, tmp, scratch, ffn, dim, R, threads);
+        project_rows(&b->down, gu, tmp, scratch, ffn, dim, R, threads, pads != NULL);
     }
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
     free(h);

@@ -418,6 +418,79 @@ Q8X_ROWS(rows_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) 
         rows_q8x(xq, dx, xs, c8, W + 4 * groups * row_bytes, row_bytes, type, blocks, y + 4 * groups,               \
                  (int)(out - 4 * groups));
 
+/* Several rows, each its own sequence's decoded token (a server's batch): every row quantized as above; then for
+ * each output row, each weight block is unpacked once and multiplied into up to 8 rows of x, each row's sum taken
+ * in the order the one-row kernel takes it (so a row gets exactly what it gets alone). */
+#define Q8X_MANY(name, attrs, DOT)                                                                                 \
+    attrs void name(const signed char *xq, const float *dx, const int *xs, const int *c8, long in,                 \
+                    const unsigned char *row, int type, long blocks, float *y, long ldy, const int R) {            \
+        const long bytes = block_bytes(type);                                                                      \
+        __m256 acc[8];                                                                                             \
+        float off[8];                                                                                              \
+        for (int r = 0; r < R; r++) {                                                                              \
+            acc[r] = _mm256_setzero_ps();                                                                          \
+            off[r] = 0.0f;                                                                                         \
+        }                                                                                                          \
+        for (long b = 0; b < blocks; b++) {                                                                        \
+            const unsigned char *blk = row + b * bytes;                                                            \
+            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                               \
+            const float d = half_to_float_f16c(blk), m = type == Q4_1 ? half_to_float_f16c(blk + 2) : 0.0f;        \
+            __m256i q, w = _mm256_setzero_si256();                                                                 \
+            if (type == Q8_0) {                                                                                    \
+                w = _mm256_loadu_si256((const __m256i *)(blk + 2));                                                \
+                q = _mm256_abs_epi8(w);                                                                            \
+            } else {                                                                                               \
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + bytes - 16));                         \
+                q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15));       \
+            }                                                                                                      \
+            for (int r = 0; r < R; r++) {                                                                          \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * in + 32 * b));                         \
+                if (type == Q8_0) xv = _mm256_sign_epi8(xv, w);                                                    \
+                const long rb = r * blocks + b;                                                                    \
+                const __m256i c0 = type == Q4_0 ? _mm256_loadu_si256((const __m256i *)(c8 + 8 * rb))             \
+                                                : _mm256_setzero_si256();                                          \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(c0, q, xv)), _mm256_set1_ps(d * dx[rb]), acc[r]); \
+                if (type == Q4_1) off[r] += m * dx[rb] * (float)xs[rb];                                            \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int r = 0; r < R; r++) { /* ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): Q8X_ROWS's order */   \
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r], acc[r]), _mm256_setzero_ps());                 \
+            y[r * ldy] = (_mm256_cvtss_f32(h) + _mm_cvtss_f32(_mm256_extractf128_ps(h, 1))) + off[r];             \
+        }                                                                                                          \
+    }
+
+Q8X_MANY(many_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline))
+         static inline, DOT_VNNI)
+Q8X_MANY(many_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
+
+#define GEMM_Q8X(many_q8x)                                                                                         \
+    const long blocks = in / 32;                                                                                   \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
+    for (long o = 0; o < out; o++) {                                                                               \
+        const unsigned char *row = W + o * blocks * block_bytes(type);                                             \
+        for (long r = 0; r < rows; r += 8) {                                                                       \
+            const int n = rows - r < 8 ? (int)(rows - r) : 8;                                                      \
+            const signed char *xr = xq + r * in;                                                                   \
+            const float *dr = dx + r * blocks;                                                                     \
+            const int *sr = xs + r * blocks, *cr = c8 ? c8 + r * 8 * blocks : NULL;                                \
+            if (type == Q8_0) many_q8x(xr, dr, sr, cr, in, row, Q8_0, blocks, y + r * out + o, out, n);            \
+            else if (type == Q4_0) many_q8x(xr, dr, sr, cr, in, row, Q4_0, blocks, y + r * out + o, out, n);       \
+            else many_q8x(xr, dr, sr, cr, in, row, Q4_1, blocks, y + r * out + o, out, n);                         \
+        }                                                                                                          \
+    }
+
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+static void gemm_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const int *c8, long rows,
+                          const unsigned char *W, int type, float *y, long in, long out, int nthreads) {
+    GEMM_Q8X(many_q8x_vnni)
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void gemm_q8x_avx2(const signed char *xq, const float *dx, const int *xs, const int *c8, long rows,
+                          const unsigned char *W, int type, float *y, long in, long out, int nthreads) {
+    GEMM_Q8X(many_q8x_avx2)
+}
+
 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 static void gemv_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const int *c8, const unsigned char *W,
                           int type, float *y, long in, long out, int nthreads) {
@@ -430,28 +503,39 @@ static void gemv_q8x_avx2(const signed char *xq, const float *dx, const int *xs,
     GEMV_Q8X(rows_q8x_avx2)
 }
 
-/* One row x (in) @ Q8_0 / Q4_0 / Q4_1 blocks with x rounded to 8 bits per block (above); other types: the float
- * path. in % 32 == 0; bias may be NULL. */
-void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
-                          long out, int nthreads) {
+/* `rows` rows x (rows, in), each rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 blocks; other types:
+ * the float path. Each row's result is what it gets alone. in % 32 == 0; bias may be NULL. */
+void mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
+                          long in, long out, int nthreads) {
     if (type != Q8_0 && type != Q4_0 && type != Q4_1) {
-        mighty_gemm_ggml(x, 1, W, type, bias, y, in, out, nthreads);
+        mighty_gemm_ggml(x, rows, W, type, bias, y, in, out, nthreads);
         return;
     }
     if (nthreads < 1) nthreads = 1;
-    signed char *xq = malloc(in);
-    float *dx = malloc(sizeof(float) * (in / 32 > 0 ? in / 32 : 1));
-    int *xs = malloc(sizeof(int) * (in / 32 > 0 ? in / 32 : 1));
-    int *c8 = type == Q4_0 ? malloc(sizeof(int) * 8 * (in / 32 > 0 ? in / 32 : 1)) : NULL;
-    quantize_x8(x, in, xq, dx, xs, c8);
-    if (mighty_isa_level) gemv_q8x_vnni(xq, dx, xs, c8, W, type, y, in, out, nthreads);
-    else gemv_q8x_avx2(xq, dx, xs, c8, W, type, y, in, out, nthreads);
+    const long blocks = in / 32 > 0 ? in / 32 : 1;
+    signed char *xq = malloc(rows * in);
+    float *dx = malloc(sizeof(float) * rows * blocks);
+    int *xs = malloc(sizeof(int) * rows * blocks);
+    int *c8 = type == Q4_0 ? malloc(sizeof(int) * 8 * rows * blocks) : NULL;
+    for (long r = 0; r < rows; r++)
+        quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks, c8 ? c8 + r * 8 * blocks : NULL);
+    if (rows == 1 && mighty_isa_level) gemv_q8x_vnni(xq, dx, xs, c8, W, type, y, in, out, nthreads);
+    else if (rows == 1) gemv_q8x_avx2(xq, dx, xs, c8, W, type, y, in, out, nthreads);
+    else if (mighty_isa_level) gemm_q8x_vnni(xq, dx, xs, c8, rows, W, type, y, in, out, nthreads);
+    else gemm_q8x_avx2(xq, dx, xs, c8, rows, W, type, y, in, out, nthreads);
     if (bias)
-        for (long o = 0; o < out; o++) y[o] += bias[o];
+        for (long r = 0; r < rows; r++)
+            for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
     free(xq);
     free(dx);
     free(xs);
     free(c8);
+}
+
+/* One row x (in): mighty_gemm_ggml_q8x with one row. */
+void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
+                          long out, int nthreads) {
+    mighty_gemm_ggml_q8x(x, 1, W, type, bias, y, in, out, nthreads);
 }
 
 /* ---- Rows of a table as float32 (an embedding lookup) ----

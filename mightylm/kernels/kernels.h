@@ -32,6 +32,9 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads);
 
+void mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
+                          long in, long out, int nthreads);
+
 void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
                           long out, int nthreads);
 

@@ -26,6 +26,7 @@ def serve(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     drain_timeout: PositiveFloat = 10.0,
     blocks: bool = True,
+    int8_activations: bool = False,
     draft: str | None = None,
     gamma: PositiveInt = 4,
     rope_scaling: str | None = None,
@@ -64,7 +65,11 @@ def serve(
         dtype: Weight and activation precision (float32, bfloat16, float16).
         drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (float32
-            only), one kernel call per projection for the whole batch; false dequantizes them at load.
+            only), a decode step of the whole batch in one native call; false dequantizes them at load.
+        int8_activations: With --blocks: every decoded token's activations rounded to 8 bits per block of 32 and its
+            Q8_0 / Q4_0 / Q4_1 products taken in integers, as llama.cpp does (each request's row as it would be alone,
+            so as `mighty generate --int8_activations` gives it; prompts stay float32); not float32's result. Batches
+            are faster so on Q8_0 files, slower on Q4_0 / Q4_1 (bench/RESULTS.md).
         draft: Speculative decoding: prompt-lookup (or prompt-lookup:N, the longest n-gram) or a smaller model
             sharing the vocabulary (a directory or .gguf). Each step verifies every row's drafted tokens in one
             pass and keeps exactly what the model itself would sample; a step speculates only when the measured
@@ -133,6 +138,12 @@ def serve(
 
         print(set_rope_scaling(net, rope_scaling), file=sys.stderr)
     pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
+    if int8_activations:
+        from mightylm.compress.gguf_blocks import int8_activations_
+
+        if not int8_activations_(net):
+            print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 blocks kept in this model; it changes nothing",
+                  file=sys.stderr)
     if any(isinstance(m, (GGUFLinear, Sparse24Linear)) for m in net.modules()):
         # kept GGUF blocks or 2:4 weights are read once for all rows: a decode step of the batch runs every block in
         # one native call (the decode layout, fuse.py); a LoRA adapter loaded later undoes it (AdapterBank.install)
