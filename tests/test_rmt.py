@@ -134,3 +134,19 @@ def test_mighty_finetune_rmt_and_generate_with_it(tmp_path, bpe_tokenizer, capsy
     assert text.rstrip("\n") == tok.decode(ids)
     assert main(["generate", "--model", str(tmp_path / "m"), "--rmt", str(tmp_path / "m"), "--prompt", "x"]) != 0
     assert "not a recurrent-memory run" in capsys.readouterr().err
+    # `mighty eval longctx --rmt DIR`: the fact prompts read through the memory, answered as generate_rmt does
+    from conftest import SAMPLE_TEXT
+
+    from mightylm.evaluate.longctx import fact_items
+
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 20)
+    assert main(["eval", "longctx", "--model", str(tmp_path / "m"), "--rmt", str(out), "--tasks", "qa1",
+                 "--lengths", "256", "--samples", "2", "--text", str(tmp_path / "text.txt"), "--bucket", "32",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "recurrent memory: 4 slots over segments of 16 tokens" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "eval" / "longctx" / "summary.json").read_text())
+    assert summary["settings"]["rmt"] == str(out) and summary["settings"]["adapter"] == str(out)
+    items = fact_items(tok, SAMPLE_TEXT * 20, [256], "qa1", 2, seed=0)
+    expected = [tok.decode(list(generate_rmt(wrapped, i["ids"], Sampling(max_new_tokens=6, temperature=0.0))))
+                for i in items]
+    assert [a["answer"] for a in summary["answers"]] == expected

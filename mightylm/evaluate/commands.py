@@ -468,6 +468,7 @@ def longctx(
     bucket: PositiveInt = 256,
     windows: PositiveInt = 2,
     seed: Seed = 0,
+    rmt: str | None = None,
     out: str = DEFAULT_OUT,
     overwrite: bool = False,
 ) -> None:
@@ -491,23 +492,39 @@ def longctx(
         bucket: Positions per perplexity bucket.
         windows: Perplexity windows averaged (disjoint, from the start of the text).
         seed: Seed for the keys and where the filler is cut.
+        rmt: A `mighty finetune rmt` run directory: passkey and fact prompts are read segment by segment into its
+            memory, then answered (its adapter applied to --model; perplexity by position is the adapted model's,
+            without the memory).
         out: The results directory.
         overwrite: Start this task afresh in --out even if it holds results made with other settings.
     """
+    from pathlib import Path
+
     from mightylm.data.pretrain import collect_files, read_documents
     from mightylm.evaluate import longctx as task
 
     if target.endpoint:
         raise UsageError("longctx evaluates a local model (it runs past the model's context, which a server refuses)")
     body = "\n\n".join(doc for f in collect_files([text]) for doc in read_documents(f))
+    if rmt and target.adapter:
+        raise UsageError("--rmt brings its own adapter: use it without --adapter")
+    if rmt and (Path(rmt) / "adapter_config.json").is_file():  # applied at load, before the decode layout
+        target = dataclasses.replace(target, adapter=rmt)
     backend = _backend(target, 1)
     model, tokenizer = backend.model, backend.tokenizer
+    reader = model
+    if rmt:
+        from mightylm.rmt import load_rmt
+
+        reader = load_rmt(model, rmt, apply_adapter=False)
+        print(f"recurrent memory: {reader.n_memory} slots over segments of {reader.segment} tokens ({rmt})")
     context = model.config.max_seq_len
     lengths = sorted(lengths or [context // 4, context // 2, context, 2 * context])
     depths = depths or [0.1, 0.5, 0.9]
     tasks = list(dict.fromkeys(tasks or task.TASKS))
     settings = _settings(target, rope_scaling=target.rope_scaling, tasks=tasks, lengths=lengths, depths=depths,
-                         samples=samples, text=text, ppl_length=ppl_length, bucket=bucket, windows=windows, seed=seed)
+                         samples=samples, text=text, ppl_length=ppl_length, bucket=bucket, windows=windows, seed=seed,
+                         rmt=rmt)
     store = _store(out, "longctx", settings, overwrite=overwrite)
     from tqdm import tqdm
 
@@ -518,7 +535,7 @@ def longctx(
             task.fact_items(tokenizer, body, lengths, name, samples, seed)
         with tqdm(total=len(items), desc=name, unit="prompt") as bar:
             run = task.passkey if name == "passkey" else task.facts
-            result = run(model, tokenizer, items, progress=lambda item: bar.update(1))
+            result = run(reader, tokenizer, items, progress=lambda item: bar.update(1))
         metrics[f"{name}_accuracy"] = result["accuracy"]
         if name == "passkey":
             summary["passkey"] = result["by_length_depth"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mightylm.errors import UsageError
-from mightylm.generate import decode_one_token, prefill
+from mightylm.generate import Sampling, decode_one_token, prefill
 
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -130,7 +130,12 @@ def fact_items(tokenizer, filler: str, lengths: list[int], task: str, samples: i
 
 @torch.inference_mode()
 def greedy(model, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens after `ids`, past the model's declared context if need be."""
+    """n greedy tokens after `ids`, past the model's declared context if need be; a RecurrentMemory reads `ids`
+    segment by segment into its memory first (rmt.generate_rmt)."""
+    from mightylm.rmt import RecurrentMemory, generate_rmt
+
+    if isinstance(model, RecurrentMemory):
+        return list(generate_rmt(model, ids, Sampling(max_new_tokens=n, temperature=0.0)))
     cache = model.make_cache(1, len(ids) + n)
     token = prefill(model, torch.tensor([ids]), cache).argmax(-1)
     out = [int(token)]
