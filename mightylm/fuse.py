@@ -38,7 +38,7 @@ from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
-from mightylm.kernels import (BlockArgs, Projection, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
+from mightylm.kernels import (BlockArgs, Projection, float_rows, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
                               linear)
 from mightylm.model import MLP, Attention, KVCache, KVRows, RMSNorm, Transformer
 from mightylm.moe import MoE
@@ -329,10 +329,8 @@ class NativeDecodeBlock:
         """Whether this call can run natively (see the class)."""
         rows = x.shape[1]
         return not (type(cache) is not KVCache or x.shape[0] != 1 or rows > self.max_rows or cache.batch_size != 1
-                    or start + rows > cache.max_len or x.dtype != torch.float32
-                    or cache.k[self.attn.layer_idx].dtype != torch.float32 or x.device.type != "cpu"
-                    or (torch.is_grad_enabled() and x.requires_grad) or "attend" in self.attn.__dict__
-                    or torch.compiler.is_compiling()
+                    or start + rows > cache.max_len or not float_rows(x)
+                    or cache.k[self.attn.layer_idx].dtype != torch.float32 or "attend" in self.attn.__dict__
                     or (mask is not None and not (mask.shape[0] == 1 and bool(mask[0, 0, -1].all()))))
         # (a mask whose last row is not all True holds padding or a sliding window: eager)
 
@@ -401,10 +399,8 @@ class NativeDecodeStack:
         pool, B = rows.pool, x.shape[0]
         if (x.shape[1] != 1 or B != rows.b - rows.a or B > NATIVE_BATCH or not self.batches
                 or type(pool) is not KVCache or len(pool.k) != len(self.natives) or start + 1 > pool.max_len
-                or not all(t.is_contiguous() for t in (pool.k[0], pool.v[0]))
-                or x.dtype != torch.float32 or pool.k[0].dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling()
-                or not self._unchanged()):
+                or not all(t.is_contiguous() for t in (pool.k[0], pool.v[0])) or not float_rows(x)
+                or pool.k[0].dtype != torch.float32 or not self._unchanged()):
             return None
         if mask is None:
             pads = torch.zeros(B, dtype=torch.long)
@@ -422,7 +418,6 @@ class NativeDecodeStack:
         offset = rows.a * stride * 4
         keys = (ctypes.c_void_p * n)(*(pool.k[i].data_ptr() + offset for i in range(n)))
         values = (ctypes.c_void_p * n)(*(pool.v[i].data_ptr() + offset for i in range(n)))
-        pads = pads.to(torch.long).contiguous()
         gemv_library().mighty_decode_blocks(out.data_ptr(), self.args, n, keys, values, cos.data_ptr(), sin.data_ptr(),
                                             start, pool.max_len, B, torch.get_num_threads(), pads.data_ptr(), stride)
         return out

@@ -82,8 +82,7 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    lib.mighty_gemm_ggml.restype = lib.mighty_gemv_ggml_q8x.restype = lib.mighty_gemm_ggml_q8x.restype = None
-    lib.mighty_gemv_ggml_q8x.argtypes = lib.mighty_gemv_ggml.argtypes
+    lib.mighty_gemm_ggml.restype = lib.mighty_gemm_ggml_q8x.restype = None
     lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_gemm_ggml_q8x.argtypes = lib.mighty_gemm_ggml.argtypes
@@ -209,14 +208,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _float_rows(x: torch.Tensor) -> bool:
+def float_rows(x: torch.Tensor) -> bool:
     """x may go to a native kernel: float32 on the CPU, no gradient wanted, not being compiled."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
             and not torch.compiler.is_compiling())
 
 
 def _single_row(x: torch.Tensor, n_in: int) -> bool:
-    return x.numel() == n_in and _float_rows(x)
+    return x.numel() == n_in and float_rows(x)
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -244,7 +243,7 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     x (..., 1, in), one token of each of several sequences (a server's batch), as it would alone, while a
     sequence's several tokens (a prompt) stay float32."""
     n_in = x.shape[-1]
-    if not (_float_rows(x) and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30)
+    if not (float_rows(x) and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30)
             and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None
@@ -325,7 +324,7 @@ def gemv_sparse24(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, ou
     values: (out, in / 2) float32, index: (out, in / 8) uint8, as compress/sparse24.py packs them (sparse24.c)."""
     n_in = x.shape[-1]
     rows = x.numel() // max(n_in, 1)
-    if not (1 <= rows <= SPARSE24_ROWS and _float_rows(x) and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
+    if not (1 <= rows <= SPARSE24_ROWS and float_rows(x) and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
             and index.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None

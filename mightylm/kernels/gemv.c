@@ -288,7 +288,7 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
     } else if (p->kind == PROJ_GGML) {
         mighty_gemv_ggml(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_GGML_Q8X) {
-        mighty_gemv_ggml_q8x(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
+        mighty_gemm_ggml_q8x(x, 1, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_INT4) {
         const long groups = in / p->block;
         float *buf = malloc(sizeof(float) * (in + groups)), *xe = buf, *xo = buf + in / 2, *xsum = buf + in;
@@ -533,8 +533,8 @@ void mighty_decode_block(float *x, const mighty_block *b) {
 
 /* All n blocks of a model for the same token(s) in one call: each block as described by blocks[i], with this call's
  * caches (k_caches[i], v_caches[i]), RoPE rows, positions, threads and rows (consecutive tokens of one sequence, or
- * with pads a batch of sequences, see mighty_block) (the struct is copied, so concurrent callers
- * never see each other's). One call per block from Python cost ~35 us each in the interpreter (the checks, the
+ * with pads a batch of sequences, see mighty_block); the struct is copied, so concurrent callers never see each
+ * other's. One call per block from Python cost ~35 us each in the interpreter (the checks, the
  * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. */
 void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, float *const *k_caches,
                           float *const *v_caches, const float *cos, const float *sin, long pos, long max_len,

@@ -532,11 +532,6 @@ void mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *W, int
     free(c8);
 }
 
-/* One row x (in): mighty_gemm_ggml_q8x with one row. */
-void mighty_gemv_ggml_q8x(const float *x, const unsigned char *W, int type, const float *bias, float *y, long in,
-                          long out, int nthreads) {
-    mighty_gemm_ggml_q8x(x, 1, W, type, bias, y, in, out, nthreads);
-}
 
 /* ---- Rows of a table as float32 (an embedding lookup) ----
  * y (n, in) = the rows idx[0..n) of W dequantized, value for value as compress/gguf_blocks.py's dequantize_blocks

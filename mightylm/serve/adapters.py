@@ -76,7 +76,7 @@ class AdapterBank:
             self.present[i] = None if len(rows) == len(ids) else mask  # (B, 1, 1)
         if self._natives is not None:  # the native calls know no adapter: they run only passes without LoRA rows
             stack, blocks = self._natives
-            on = not any(i in self.lora_ids for i in self.present)
+            on = not (self.lora_ids & self.present.keys())
             self.model.fused_decode = stack if on else None
             for block, native in zip(self.model.layers, blocks):
                 block.fused_decode = native if on else None
