@@ -2,7 +2,7 @@
 learned memory slots, trained on 2 CPU cores to carry BABILong-style facts across segments.
 
     .venv/bin/python bench/rmt_smollm2.py [--segment 64] [--memory 8] [--steps 100 300] [--stages 2 4]
-        [--batch 4] [--eval-segments 4 8 16] [--samples 100] [--out bench/out/rmt-smollm2]
+        [--batch 4] [--eval-segments 4 8 16] [--samples 100] [--out bench/out/rmt-smollm2] [--overwrite]
 
 Task: qa1 (`mightylm.evaluate.longctx.fact_items`): four "X went to the room" facts at random places of Shakespeare
 filler, then "Where is X? Answer: X is in the"; right when the next token (greedy) is the room's first token
@@ -65,11 +65,14 @@ def main() -> None:
     ap.add_argument("--eval-segments", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--samples", type=int, default=100, help="held-out prompts per length")
     ap.add_argument("--out", default=str(BENCH / "out" / "rmt-smollm2"))
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     args = ap.parse_args()
     for name in ("segment", "memory", "stages", "steps", "batch", "eval_segments", "samples"):
         value = getattr(args, name)
         if min(value if isinstance(value, list) else [value]) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        ap.error(f"--out {args.out} holds files (an earlier run?); pass --overwrite to replace them or another --out")
     if len(args.steps) != len(args.stages):
         ap.error(f"--steps needs one count per stage: {len(args.stages)} stages, {len(args.steps)} counts")
 
