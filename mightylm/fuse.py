@@ -305,10 +305,10 @@ class NativeDecodeBlock:
         norms = (block.attn_norm.weight, block.mlp_norm.weight)
         self.keep = [t for _, tensors in parts for t in tensors] + list(norms)  # the pointers stay valid
         (qkv, _), (o, _) = parts[:2]
-        shared = (Projection.GGML, Projection.SPARSE24)  # kinds whose weights are read once for several rows
+        shared = (Projection.GGML, Projection.GGML_Q8X, Projection.SPARSE24)  # weights read once for several rows
         self.max_rows = NATIVE_ROWS if experts is None and all(p.kind in shared for p, _ in parts) else 1
-        # a server's batch (one token of each of several sequences): the same, and GGUF blocks with int8 activations
-        self.batches = experts is None and all(p.kind in (*shared, Projection.GGML_Q8X) for p, _ in parts)
+        # a server's batch (one token of each of several sequences): the same
+        self.batches = experts is None and all(p.kind in shared for p, _ in parts)
         gate_up, down = (parts[2][0], parts[3][0]) if experts is None else (Projection(), Projection())
         self.args = BlockArgs(qkv=qkv, o=o, gate_up=gate_up, down=down, attn_norm=norms[0].data_ptr(),
                               mlp_norm=norms[1].data_ptr(), dim=config.dim, n_heads=config.n_heads,

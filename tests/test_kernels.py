@@ -107,39 +107,46 @@ def _q8x_reference(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, out: int,
 
 @pytest.mark.parametrize("path", kernels.ISAS)
 def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
-    """matmul_ggml(int8_activations=True), one row, on each path the CPU has (VNNI's vpdpbusd; AVX2's maddubs):
-    equal to the integer arithmetic written out in PyTorch, and within the activations' rounding of the float32
-    product (Q8_0 codes of -128 included: their sign moves onto x)."""
-    from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks
+    """matmul_ggml(int8_activations=True) over weights in tiles of 16 rows (tile_blocks), on each path the CPU has
+    (VNNI's vpdpbusd; AVX2's maddubs): equal to the integer arithmetic written out in PyTorch, within the
+    activations' rounding of the float32 product (Q8_0 codes of -128 included), every row of several exactly what
+    it gets alone, and the same bits on every path (the integers are exact, the float operations the same)."""
+    from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks, tile_blocks, untile_blocks
 
     if kernels.gemv_library() is None:
         pytest.skip("no native kernels here (no compiler or no AVX2)")
     if path not in kernels.available_isas():
         pytest.skip(f"this CPU lacks the {path} path's flags {sorted(kernels.ISA_FLAGS[path])}")
-    isa(path)
     torch.manual_seed(0)
-    out = 303  # 75 groups of four output rows and three alone
+    out = 304  # 19 tiles of 16 rows
     for ggml_type, n_in in ((8, 576), (2, 576), (3, 576), (2, 544), (3, 544)):  # 544: an odd count of blocks
         size = BLOCKS[ggml_type][1]
         raw = torch.randint(0, 256, (out, n_in // 32, size), dtype=torch.uint8)
         scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
         raw[..., :4 if ggml_type == 3 else 2] = scales[..., :4 if ggml_type == 3 else 2]
         raw = raw.view(out, -1)
+        tiles = tile_blocks(raw, ggml_type)
+        assert tiles.shape == raw.shape and torch.equal(untile_blocks(tiles, ggml_type), raw)
         x = torch.randn(1, n_in)
         x[0, 64:96] = 0  # a block of zeros: dx = 0
-        got = kernels.matmul_ggml(x, raw, ggml_type, out, None, int8_activations=True)
+        isa(path)
+        got = kernels.matmul_ggml(x, tiles, ggml_type, out, None, int8_activations=True)
         expected = _q8x_reference(x[0], raw, ggml_type, out, n_in)
         torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
         exact = F.linear(x, dequantize_blocks(raw, ggml_type, (out, n_in)))[0]
         error = (got[0] - exact).norm() / exact.norm()
         assert 1e-5 < error < 0.02, f"type {ggml_type}: relative error {error:.2e} against the float32 product"
-        # a server's batch (mighty_gemm_ggml_q8x, several rows in one call): each row exactly what it gets alone
-        rows, bias = torch.randn(5, n_in), torch.randn(out)
-        together = torch.empty(5, out)
-        kernels.gemv_library().mighty_gemm_ggml_q8x(rows.data_ptr(), 5, raw.data_ptr(), ggml_type, bias.data_ptr(),
-                                                    together.data_ptr(), n_in, out, 2)
-        alone = torch.cat([kernels.matmul_ggml(r[None], raw, ggml_type, out, bias, int8_activations=True) for r in rows])
+        # several rows in one call (a prompt, a speculative step, a server's batch; 11: a pass of 8 and one of 3):
+        # each row exactly what it gets alone
+        rows, bias = torch.randn(11, n_in), torch.randn(out)
+        together = kernels.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True)
+        alone = torch.cat([kernels.matmul_ggml(r[None], tiles, ggml_type, out, bias, int8_activations=True)
+                           for r in rows])
         assert torch.equal(together, alone), ggml_type
+        isa("avx2")  # the baseline path: the same bits
+        assert torch.equal(kernels.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
+    with pytest.raises(ValueError, match="tiles"):
+        tile_blocks(raw[:40], 3)  # 40 rows: not whole tiles
 
 
 @pytest.mark.parametrize("path", kernels.ISAS)

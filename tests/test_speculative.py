@@ -230,3 +230,40 @@ def test_a_draft_with_its_own_adapter(tmp_path, bpe_tokenizer, capsys):
     assert rates[2] == 100 and rates[1] < 100
     assert main(common + ["--draft", "prompt-lookup", "--draft_adapter", str(tmp_path / "lora")]) != 0
     assert "--draft_adapter applies to a draft model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8-activations"])
+def test_greedy_speculation_over_kept_gguf_blocks_equals_plain_greedy(int8, tmp_path, bpe_tokenizer,
+                                                                        monkeypatch):
+    """The decode layout over a GGUF file's kept Q4_1 blocks, as `mighty generate` runs it (and with
+    --int8_activations, where a verification pass's rows are each rounded as a decoded token is): prompt lookup's
+    verification passes go through the native blocks several rows at once, and the tokens are plain greedy's."""
+    from gguf import GGMLQuantizationType
+
+    import mightylm
+    from mightylm.compress.gguf_blocks import int8_activations_
+    from mightylm.fuse import fuse_projections_
+    from test_gguf import make_hf_model, write_gguf
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", GGMLQuantizationType.Q4_1)
+    model, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    if int8:
+        assert int8_activations_(model)
+    fuse_projections_(model)
+    rows, native = [], type(model.fused_decode).__call__
+
+    def counting(self, x, *args, **kwargs):  # the rows of each call the native stack took
+        y = native(self, x, *args, **kwargs)
+        rows.append(x.shape[1] if y is not None else 0)
+        return y
+
+    monkeypatch.setattr(type(model.fused_decode), "__call__", counting)
+    prompt = [5, 9, 30, 7, 11, 5, 9, 30, 2, 5, 9, 30, 7, 11]
+    s = Sampling(max_new_tokens=24, temperature=0)
+    stats = Stats()
+    with torch.no_grad():
+        got = list(speculative_tokens(model, prompt, s, PromptLookup(vocab_size=model.config.vocab_size), 4,
+                                      stats=stats))
+        assert stats.drafted and any(r > 1 for r in rows)  # verification passes went native, several rows at once
+        assert got == plain(model, prompt, s)

@@ -124,10 +124,11 @@ class GGUFLinear(nn.Module):
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
         self.register_buffer("weight", stored_rows("GGUFLinear", out_features, in_features, ggml_type, device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
-        self.int8_activations = False  # set by int8_activations_
+        self.int8_activations = False  # set by int8_activations_, which also reorders `weight` into tiles
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_blocks(self.weight, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
+        raw = untile_blocks(self.weight, self.ggml_type) if self.int8_activations else self.weight
+        return dequantize_blocks(raw, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gguf_linear(x, self.weight, self.ggml_type, self.in_features, self.bias, self.int8_activations)
@@ -163,21 +164,80 @@ class GGUFEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, type={TYPE_NAMES[self.ggml_type]}"
 
 
+TILE = 16  # output rows per tile of int8_activations_'s layout (kernels/gguf_blocks.c)
+
+
+def _tile_parts(raw: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head bytes (out, blocks, 2 or 4): d, and m for Q4_1; codes (out, blocks, 32) uint8: 0-15, or Q8_0's q + 128)."""
+    out = raw.shape[0]
+    blocks = raw.view(out, -1, BLOCKS[kind][1])
+    head = 4 if kind == Q4_1 else 2
+    if kind == Q8_0:
+        codes = blocks[..., 2:] ^ 0x80  # q + 128 as an unsigned byte
+    else:
+        packed = blocks[..., head:]
+        codes = torch.cat([packed & 15, packed >> 4], dim=-1)
+    return blocks[..., :head], codes
+
+
+def tile_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
+    """Q8_0 / Q4_0 / Q4_1 rows (out, row bytes) reordered into the tiles of 16 rows the int8-activation kernel reads
+    (kernels/gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the codes with lane l of
+    step s holding row l's values 4 s .. 4 s + 3 (Q4: steps s and s + 4 in one byte's low and high nibbles). The
+    same number of bytes, so the result has raw's shape; out must be a multiple of 16. untile_blocks inverts it."""
+    out, row_bytes = raw.shape
+    if kind not in (Q8_0, Q4_0, Q4_1) or out % TILE:
+        raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 rows in groups of {TILE}; got {TYPE_NAMES.get(kind, kind)} "
+                         f"with {out} rows")
+    head, codes = _tile_parts(raw, kind)
+    g, nb = out // TILE, head.shape[1]
+    head = head.reshape(g, TILE, nb, -1, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)  # [16 d][16 m]
+    steps = codes.reshape(g, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4)  # (g, blocks, step, lane, 4)
+    if kind != Q8_0:
+        steps = steps[:, :, :4] | (steps[:, :, 4:] << 4)
+    return torch.cat([head, steps.reshape(g, nb, -1)], dim=-1).reshape(out, row_bytes)
+
+
+def untile_blocks(tiles: torch.Tensor, kind: int) -> torch.Tensor:
+    """The stored rows back from tile_blocks' layout."""
+    out, row_bytes = tiles.shape
+    g, bytes_ = out // TILE, BLOCKS[kind][1]
+    nb, head = row_bytes // bytes_, 4 if kind == Q4_1 else 2
+    t = tiles.reshape(g, nb, TILE * bytes_)
+    heads = t[..., :TILE * head].reshape(g, nb, head // 2, TILE, 2).permute(0, 3, 1, 2, 4).reshape(out, nb, head)
+    steps = t[..., TILE * head:]
+    if kind == Q8_0:
+        codes = steps.reshape(g, nb, 8, TILE, 4) ^ 0x80
+    else:
+        chunks = steps.reshape(g, nb, 4, TILE, 4)
+        codes = torch.cat([chunks & 15, chunks >> 4], dim=2)  # steps 0-3, then 4-7
+    codes = codes.permute(0, 3, 1, 2, 4).reshape(out, nb, 32)
+    if kind != Q8_0:
+        codes = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat([heads, codes], dim=-1).reshape(out, row_bytes)
+
+
 def int8_activations_(model: nn.Module) -> list[str]:
-    """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 blocks: each single-token product rounds its input
-    to 8 bits per block of 32 (scale max|x| / 127) and multiplies in integers (kernels/gguf_blocks.c), about twice
-    as fast per block as float32; so does each row of a batch of sequences decoding one token each (a server's
-    step: every row as it would be alone); prompts keep float32. Logits move by the activations' rounding, and
-    greedy text can part from the float32 model's where its top two tokens are close (llama.cpp's does too).
-    Apply before `fuse_projections_` (the fused copies are made from the modules). Returns the modules changed."""
+    """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 blocks: every row of every product (a decoded token,
+    a prompt's tokens, a speculative step's drafts, a server's batch) rounds its input to 8 bits per block of 32
+    (scale max|x| / 127), each row by itself, and multiplies in integers (kernels/gguf_blocks.c), 16 weight rows
+    at a time: faster than float32 for one row and much faster for several. The layers' blocks are reordered in
+    place into the kernel's tiles (tile_blocks: the same bytes; `dequantize` reads them back), so layers whose
+    output count is not a multiple of 16 keep float32; a head tied to the embedding table gets its own tiled copy.
+    Logits move by the activations' rounding, and greedy text can part from the float32 model's where its top two
+    tokens are close (llama.cpp's does too). Apply before `fuse_projections_` (the fused copies are made from the
+    modules). Returns the modules changed."""
     if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
            for m in model.modules()):
         raise ValueError("int8_activations_ goes before fuse_projections_: the decode layout copies the modules' "
                          "settings (undo it with unfuse_projections_ first)")
-    changed = [name for name, m in model.named_modules()
-               if isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1)]
-    for name in changed:
-        model.get_submodule(name).int8_activations = True
+    changed = []
+    for name, m in model.named_modules():
+        if isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1) and m.out_features % TILE == 0 \
+                and not m.int8_activations:
+            m.weight = tile_blocks(m.weight, m.ggml_type)  # a new tensor: a tied table keeps the stored rows
+            m.int8_activations = True
+            changed.append(name)
     if changed:
         model.record_transform("int8_activations", modules=changed)
     return changed
@@ -192,13 +252,15 @@ KERNEL_ROWS = 128
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, n_in: int,
                 bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
     """F.linear(x, dequantized blocks, bias): through the block kernel where it serves, else dequantized.
-    `int8_activations`: single rows are rounded to 8 bits per block first (see int8_activations_)."""
+    `int8_activations`: the blocks are in tiles and every row is rounded to 8 bits per block first (see
+    int8_activations_), through the kernel for any number of rows."""
     out = blocks.shape[0]
-    if x.numel() <= KERNEL_ROWS * n_in:
+    if int8_activations or x.numel() <= KERNEL_ROWS * n_in:
         y = matmul_ggml(x, blocks, ggml_type, out, bias, int8_activations)
         if y is not None:
             return y
-    w = dequantize_blocks(blocks, ggml_type, (out, n_in)).to(x.dtype)
+    raw = untile_blocks(blocks, ggml_type) if int8_activations else blocks
+    w = dequantize_blocks(raw, ggml_type, (out, n_in)).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 

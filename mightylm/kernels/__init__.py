@@ -82,7 +82,7 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    lib.mighty_gemm_ggml.restype = lib.mighty_gemm_ggml_q8x.restype = None
+    lib.mighty_gemm_ggml.restype, lib.mighty_gemm_ggml_q8x.restype = None, ctypes.c_int
     lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_gemm_ggml_q8x.argtypes = lib.mighty_gemm_ggml.argtypes
@@ -238,10 +238,9 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
                 bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor | None:
     """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 / F16 / BF16 weight (out rows of its bytes) + bias, or
     None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
-    unpacking). `int8_activations`: a single row of x is rounded to 8 bits per block of 32 first and the block
-    types multiply in integers, as llama.cpp does (about twice as fast; not float32's result); so does each row of
-    x (..., 1, in), one token of each of several sequences (a server's batch), as it would alone, while a
-    sequence's several tokens (a prompt) stay float32."""
+    unpacking). `int8_activations`: the blocks are in tiles of 16 rows (compress.gguf_blocks.tile_blocks) and every
+    row of x is rounded to 8 bits per block of 32, by itself, and multiplied in integers, as llama.cpp does (not
+    float32's result)."""
     n_in = x.shape[-1]
     if not (float_rows(x) and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30)
             and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
@@ -250,9 +249,11 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out)
     b = bias.data_ptr() if bias is not None else None
-    if int8_activations and (x.numel() == n_in or (x.dim() >= 2 and x.shape[-2] == 1)):
-        lib.mighty_gemm_ggml_q8x(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in,
-                                 out, torch.get_num_threads())
+    if int8_activations:
+        if lib.mighty_gemm_ggml_q8x(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(),
+                                    n_in, out, torch.get_num_threads()) != 0:
+            raise ValueError(f"int8 activations take tiles of Q8_0 / Q4_0 / Q4_1 rows ({out} rows of {n_in}, type "
+                             f"{ggml_type})")
     else:
         lib.mighty_gemm_ggml(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in,
                              out, torch.get_num_threads())

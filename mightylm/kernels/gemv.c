@@ -239,7 +239,7 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  * scale and a zero per group of `block` inputs), GGUF's Q8_0 / Q4_0 / Q4_1 blocks or F16 / BF16 rows as stored,
  * or 2:4 sparse (kept values and their 2-bit positions, sparse24.c). */
 enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4, PROJ_SPARSE24 = 5,
-       PROJ_GGML_Q8X = 6 /* GGUF blocks, one row's activations rounded to 8 bits (gguf_blocks.c) */ };
+       PROJ_GGML_Q8X = 6 /* GGUF blocks in tiles of 16 rows, activations rounded to 8 bits (gguf_blocks.c) */ };
 typedef struct {
     const void *w;
     const float *scale;   /* int8: per-row scales; NF4: per-block absmax; int4: (out, in / block) scales */
@@ -307,16 +307,15 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
 }
 
 /* Several rows (x (rows, in) -> y (rows, out)): GGUF blocks and 2:4 weights are read once for all rows; the other
- * kinds run row by row. GGUF blocks with int8 activations (PROJ_GGML_Q8X) round a batch's rows (`batch`: each row
- * a sequence's decoded token) to 8 bits as each would be alone; a sequence's several tokens stay float32, as a
- * prompt does in the module path. */
+ * kinds run row by row. GGUF tiles with int8 activations (PROJ_GGML_Q8X) round every row to 8 bits as it would be
+ * alone (a prompt's tokens, a speculative step's, a server's batch). */
 static void project_rows(const mighty_proj *p, const float *x, float *y, float *scratch, long in, long out, long rows,
-                         int threads, int batch) {
+                         int threads) {
     if (rows == 1) {
         project(p, x, y, scratch, in, out, threads);
-    } else if (p->kind == PROJ_GGML_Q8X && batch) {  /* a batch's rows: each its sequence's token, as alone */
+    } else if (p->kind == PROJ_GGML_Q8X) {
         mighty_gemm_ggml_q8x(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
-    } else if (p->kind == PROJ_GGML || p->kind == PROJ_GGML_Q8X) {  /* a sequence's tokens: float arithmetic */
+    } else if (p->kind == PROJ_GGML) {
         mighty_gemm_ggml(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_SPARSE24) {
         mighty_gemm_sparse24(x, rows, (const float *)p->w, p->index, p->bias, y, in, out, threads);
@@ -475,7 +474,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     float *scores = gu + R * 2 * ffn, *scratch = scores + R * nh * ctx_max;
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->attn_norm, h + r * dim, dim, b->eps);
-    project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads, pads != NULL);
+    project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads);
     for (long r = 0; r < R; r++) {
         float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
         const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
@@ -506,7 +505,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         for (long t = 0; t < ctx; t++) s[t] /= sum;
         weighted_rows(s, V, ctx, hd, out);
     }
-    project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads, pads != NULL);
+    project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->mlp_norm, h + r * dim, dim, b->eps);
@@ -515,7 +514,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         free(h);
         return;
     }
-    project_rows(&b->gate_up, h, gu, scratch, dim, 2 * ffn, R, threads, pads != NULL);
+    project_rows(&b->gate_up, h, gu, scratch, dim, 2 * ffn, R, threads);
     for (long r = 0; r < R; r++) {
         float *g = gu + r * 2 * ffn;
         silu_mul(g, g + ffn, ffn);  /* silu(gate) * up */
@@ -525,7 +524,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         project(&b->down, gu, tmp, scratch, ffn, dim, threads);
     } else {
         for (long r = 1; r < R; r++) memmove(gu + r * ffn, gu + r * 2 * ffn, sizeof(float) * ffn);
-        project_rows(&b->down, gu, tmp, scratch, ffn, dim, R, threads, pads != NULL);
+        project_rows(&b->down, gu, tmp, scratch, ffn, dim, R, threads);
     }
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
     free(h);

@@ -299,21 +299,34 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
 }
 
 /* ---- Activations rounded to 8 bits, as llama.cpp multiplies (opt-in: `int8_activations_`) ----
- * One row of x is quantized per block of 32 as ggml's Q8_0 quantizes (dx = max|x| / 127, xq = x / dx rounded to
- * nearest even, dx kept in float32), and each block product is an exact integer dot product scaled once:
- *   Q4_0  d dx (q . xq - 8 sum xq)      Q4_1  d dx (q . xq) + m dx sum xq      Q8_0  d dx (q . xq)
- * u8 x s8 products four at a time into int32 (AVX-512 VNNI's vpdpbusd on 256-bit registers; AVX2's vpmaddubsw +
- * vpmaddwd, which cannot saturate here: |q| <= 128, |xq| <= 127). Q8_0's signed codes enter as |q| with their sign
- * moved onto xq. About twice as fast per block as the float path (a C microbenchmark, one AMD EPYC core, the
- * weights in L2: 0.9 against 1.8 ns per Q4_0 block), at the cost of the activations' rounding (~0.4 % of each
- * block's largest value): logits move within quantization noise, and near-ties can split, as in llama.cpp. */
+ * Each row of x is quantized per block of 32 as ggml's Q8_0 quantizes (dx = max|x| / 127, xq = x / dx rounded to
+ * nearest even, dx kept in float32), every row by itself, so that a row's result never depends on the rows beside
+ * it: a prompt's tokens, a speculative step's drafts and a server's batch each get what one decoded token gets.
+ *
+ * The weights are first laid out in tiles of 16 output rows (compress/gguf_blocks.py, tile_blocks; the same bytes
+ * as stored, reordered): for rows 16 g .. 16 g + 15 and block b, one tile of
+ *     16 fp16 d | 16 fp16 m (Q4_1 only) | the codes
+ * with the codes in "steps": step s (values 4 s .. 4 s + 3 of the block) is one 64-byte vector whose 4-byte lane l
+ * holds row l's four codes. Q4_0 / Q4_1: 64-byte chunk t (t < 4) holds step t in its low nibbles and step t + 4 in
+ * its high ones (256 bytes); Q8_0: the 8 steps of q + 128 as unsigned bytes (512 bytes). One vpdpbusd per step
+ * multiplies the 16 rows' codes by x's four values broadcast, so 8 of them give the 16 rows' exact integer block
+ * sums in one register, scaled once for the 16 (llama.cpp's repacked x86 formats do the same with 8 rows); a tile
+ * is unpacked once for up to 8 rows of x. Per output row, in block order, in float32:
+ *     Q4_0  acc += (q . xq - 8 sum xq) * (d dx)
+ *     Q4_1  acc += (q . xq) * (d dx);  acc += m * (dx sum xq)
+ *     Q8_0  acc += ((q + 128) . xq - 128 sum xq) * (d dx)
+ * The integers are exact and the float operations the same lane for lane on every path, so AVX2 (vpmaddubsw +
+ * vpmaddwd on each half of a tile, which cannot saturate here: |q| <= 15, or Q8_0's |q| <= 128 with its sign moved
+ * onto xq, times |xq| <= 127) gives AVX-512's bits. The cost is the activations' rounding (~0.4 % of each block's
+ * largest value): logits move within quantization noise, and near-ties can split, as in llama.cpp. */
 
-/* x (in) -> xq (in), dx and sum xq per block (8 floats at a time; rounding to nearest even, as nearbyintf), and,
- * when c8 is not NULL (Q4_0), per block the 8 int32 lanes of -8 (1, 1, 1, 1) . xq four bytes at a time: Q4_0's
- * offset, -8 sum xq, laid out as the integer dot products' lanes, so that it starts their accumulator and costs
- * nothing per row. */
+#define TILE 16
+
+static inline long tile_bytes(int type) { return TILE * block_bytes(type); }
+
+/* One row: x (in) -> xq (in), and dx and sum xq per block (8 floats at a time; rounding to nearest even). */
 __attribute__((target("avx2,fma")))
-static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs, int *c8) {
+static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (long b = 0; b < in / 32; b++) {
         const float *xb = x + 32 * b;
@@ -340,196 +353,167 @@ static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
         dx[b] = d;
         xs[b] = _mm_cvtsi128_si32(t);
-        for (int i = 0; c8 && i < 8; i++) {
-            const signed char *four = xq + 32 * b + 4 * i;
-            c8[8 * b + i] = -8 * (four[0] + four[1] + four[2] + four[3]);
+    }
+}
+
+static inline int four(const signed char *p) {  /* four int8 values as one int32 lane */
+    int v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The integer block sum's starting value: the codes' offset times sum xq */
+static inline int start(int type, int xs) { return type == Q4_0 ? -8 * xs : type == Q8_0 ? -128 * xs : 0; }
+
+/* R rows of xq (stride in) times the 16 output rows of one group of tiles -> y[r * ldy + 0..15] */
+__attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"), always_inline)) static inline
+void tile_rows512(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
+                  const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
+    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : 32;
+    __m512 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (long b = 0; b < blocks; b++) {
+        const unsigned char *t = T + b * bytes, *c = t + head;
+        for (long k = 0; k < bytes; k += 64) _mm_prefetch((const char *)t + PREFETCH + k, _MM_HINT_T0);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t));
+        const __m512 m = type == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 32)))
+                                      : _mm512_setzero_ps();
+        __m512i s[8];
+        if (type == Q8_0) {
+            for (int k = 0; k < 8; k++) s[k] = _mm512_loadu_si512(c + 64 * k);
+        } else {
+            for (int k = 0; k < 4; k++) {
+                const __m512i v = _mm512_loadu_si512(c + 64 * k);
+                s[k] = _mm512_and_si512(v, _mm512_set1_epi8(15));
+                s[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const long rb = r * blocks + b;
+            const signed char *xb = xq + r * in + 32 * b;
+            __m512i i0 = _mm512_set1_epi32(start(type, xs[rb])), i1 = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++) {  /* two chains of four: the sum is an exact integer either way */
+                i0 = _mm512_dpbusd_epi32(i0, s[k], _mm512_set1_epi32(four(xb + 4 * k)));
+                i1 = _mm512_dpbusd_epi32(i1, s[k + 4], _mm512_set1_epi32(four(xb + 16 + 4 * k)));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(dx[rb])), acc[r]);
+            if (type == Q4_1) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(dxs[rb]), acc[r]);
         }
     }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
 }
 
-/* float16 -> float32 by the F16C instruction: here, where the activations are integers and a block's work is a few
- * instructions, the 256 KB table's reads missed the cache behind the streamed weights (perf: the stall sat on
- * them) */
-__attribute__((target("f16c"), always_inline)) static inline float half_to_float_f16c(const unsigned char *p) {
-    unsigned short h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
-/* 32 unsigned codes (u8) of a block and xq with the codes' signs moved onto it (Q8_0) */
-__attribute__((target("avx2"), always_inline)) static inline void codes_u8(const unsigned char *blk, int type,
-                                                                          __m256i *q, __m256i *xv) {
-    if (type == Q8_0) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        *q = _mm256_abs_epi8(w);
-        *xv = _mm256_sign_epi8(*xv, w);
-    } else {
-        const __m128i r = _mm_loadu_si128((const __m128i *)(blk + block_bytes(type) - 16));
-        *q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(r, 4), r), _mm256_set1_epi8(15));
+/* The same on AVX2, one half of each tile (8 output rows) at a time */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+void tile_rows256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
+                  const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
+    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[8];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        for (long b = 0; b < blocks; b++) {
+            const unsigned char *t = T + b * bytes, *c = t + head + 32 * h;
+            for (long k = 0; h == 0 && k < bytes; k += 64) _mm_prefetch((const char *)t + PREFETCH + k, _MM_HINT_T0);
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16 * h)));
+            const __m256 m = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 32 + 16 * h)))
+                                          : _mm256_setzero_ps();
+            __m256i s[8];  /* Q8_0: the signed codes q */
+            if (type == Q8_0) {
+                for (int k = 0; k < 8; k++)
+                    s[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c + 64 * k)), _mm256_set1_epi8(-128));
+            } else {
+                for (int k = 0; k < 4; k++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * k));
+                    s[k] = _mm256_and_si256(v, _mm256_set1_epi8(15));
+                    s[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const long rb = r * blocks + b;
+                const signed char *xb = xq + r * in + 32 * b;
+                __m256i i0 = _mm256_set1_epi32(type == Q4_0 ? -8 * xs[rb] : 0);  /* Q8_0: q . xq directly */
+                for (int k = 0; k < 8; k++) {
+                    __m256i x4 = _mm256_set1_epi32(four(xb + 4 * k)), q = s[k];
+                    if (type == Q8_0) {
+                        x4 = _mm256_sign_epi8(x4, q);
+                        q = _mm256_abs_epi8(q);
+                    }
+                    i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x4), ones));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])), acc[r]);
+                if (type == Q4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[rb]), acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ldy + 8 * h, acc[r]);
     }
 }
 
-/* Output rows o .. o + n - 1 (n <= 4, `row_bytes` apart) for one row of xq: each block of xq loaded once for the
- * rows, their four sums reduced together. */
-#define Q8X_ROWS(name, attrs, DOT)                                                                                  \
-    attrs void name(const signed char *xq, const float *dx, const int *xs, const int *c8, const unsigned char *row, \
-                    long row_bytes, int type, long blocks, float *y, const int n) {                                \
-        const long bytes = block_bytes(type);                                                                      \
-        __m256 acc[4];                                                                                             \
-        float off[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sums[4];                                                         \
-        for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                                 \
-        for (long b = 0; b < blocks; b++) {                                                                        \
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));                               \
-            const __m256i c0 = type == Q4_0 ? _mm256_loadu_si256((const __m256i *)(c8 + 8 * b))                  \
-                                            : _mm256_setzero_si256();                                              \
-            for (int r = 0; r < n; r++) {                                                                          \
-                const unsigned char *blk = row + r * row_bytes + b * bytes;                                        \
-                _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                           \
-                __m256i q, xv = x0;                                                                                \
-                codes_u8(blk, type, &q, &xv);                                                                      \
-                const float d = half_to_float_f16c(blk) * dx[b];                                                   \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(c0, q, xv)), _mm256_set1_ps(d), acc[r]);          \
-                if (type == Q4_1) off[r] += half_to_float_f16c(blk + 2) * dx[b] * (float)xs[b];                   \
-            }                                                                                                      \
-        }                                                                                                          \
-        const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));          \
-        const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));                       \
-        _mm_storeu_ps(sums, _mm_add_ps(t, _mm_loadu_ps(off)));                                                     \
-        for (int r = 0; r < n; r++) y[r] = sums[r];                                                                \
-    }
-
-#define DOT_VNNI(c, q, x) _mm256_dpbusd_epi32(c, q, x) /* c + the products, four at a time */
-#define DOT_AVX2(c, q, x) _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)))
-Q8X_ROWS(rows_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline))
-         static inline, DOT_VNNI)
-Q8X_ROWS(rows_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
-
-/* Rows in groups of four (the type a constant in each copy of the loops), then the last 1-3. */
-#define GEMV_Q8X(rows_q8x)                                                                                         \
-    const long blocks = in / 32, row_bytes = blocks * block_bytes(type), groups = out / 4;                         \
+/* Every group of 16 output rows (a band of them per thread), the rows of x 8 at a time (R and the type constants in
+ * each copy of the loops, so that the accumulators stay in registers). */
+#define GEMM_TILES(tile_rows)                                                                                      \
+    const long blocks = in / 32, groups = out / TILE;                                                              \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
     for (long g = 0; g < groups; g++) {                                                                            \
-        const unsigned char *rows = W + 4 * g * row_bytes;                                                         \
-        if (type == Q8_0) rows_q8x(xq, dx, xs, c8, rows, row_bytes, Q8_0, blocks, y + 4 * g, 4);                  \
-        else if (type == Q4_0) rows_q8x(xq, dx, xs, c8, rows, row_bytes, Q4_0, blocks, y + 4 * g, 4);             \
-        else rows_q8x(xq, dx, xs, c8, rows, row_bytes, Q4_1, blocks, y + 4 * g, 4);                                \
-    }                                                                                                              \
-    if (out > 4 * groups)                                                                                          \
-        rows_q8x(xq, dx, xs, c8, W + 4 * groups * row_bytes, row_bytes, type, blocks, y + 4 * groups,               \
-                 (int)(out - 4 * groups));
-
-/* Several rows, each its own sequence's decoded token (a server's batch): every row quantized as above; then for
- * each output row, each weight block is unpacked once and multiplied into up to 8 rows of x, each row's sum taken
- * in the order the one-row kernel takes it (so a row gets exactly what it gets alone). */
-#define Q8X_MANY(name, attrs, DOT)                                                                                 \
-    attrs void name(const signed char *xq, const float *dx, const int *xs, const int *c8, long in,                 \
-                    const unsigned char *row, int type, long blocks, float *y, long ldy, const int R) {            \
-        const long bytes = block_bytes(type);                                                                      \
-        __m256 acc[8];                                                                                             \
-        float off[8];                                                                                              \
-        for (int r = 0; r < R; r++) {                                                                              \
-            acc[r] = _mm256_setzero_ps();                                                                          \
-            off[r] = 0.0f;                                                                                         \
-        }                                                                                                          \
-        for (long b = 0; b < blocks; b++) {                                                                        \
-            const unsigned char *blk = row + b * bytes;                                                            \
-            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);                                               \
-            const float d = half_to_float_f16c(blk), m = type == Q4_1 ? half_to_float_f16c(blk + 2) : 0.0f;        \
-            __m256i q, w = _mm256_setzero_si256();                                                                 \
-            if (type == Q8_0) {                                                                                    \
-                w = _mm256_loadu_si256((const __m256i *)(blk + 2));                                                \
-                q = _mm256_abs_epi8(w);                                                                            \
-            } else {                                                                                               \
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + bytes - 16));                         \
-                q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15));       \
-            }                                                                                                      \
-            for (int r = 0; r < R; r++) {                                                                          \
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * in + 32 * b));                         \
-                if (type == Q8_0) xv = _mm256_sign_epi8(xv, w);                                                    \
-                const long rb = r * blocks + b;                                                                    \
-                const __m256i c0 = type == Q4_0 ? _mm256_loadu_si256((const __m256i *)(c8 + 8 * rb))             \
-                                                : _mm256_setzero_si256();                                          \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(c0, q, xv)), _mm256_set1_ps(d * dx[rb]), acc[r]); \
-                if (type == Q4_1) off[r] += m * dx[rb] * (float)xs[rb];                                            \
-            }                                                                                                      \
-        }                                                                                                          \
-        for (int r = 0; r < R; r++) { /* ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): Q8X_ROWS's order */   \
-            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r], acc[r]), _mm256_setzero_ps());                 \
-            y[r * ldy] = (_mm256_cvtss_f32(h) + _mm_cvtss_f32(_mm256_extractf128_ps(h, 1))) + off[r];             \
-        }                                                                                                          \
-    }
-
-Q8X_MANY(many_q8x_vnni, __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline))
-         static inline, DOT_VNNI)
-Q8X_MANY(many_q8x_avx2, __attribute__((target("avx2,fma,f16c"), always_inline)) static inline, DOT_AVX2)
-
-#define GEMM_Q8X(many_q8x)                                                                                         \
-    const long blocks = in / 32;                                                                                   \
-    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
-    for (long o = 0; o < out; o++) {                                                                               \
-        const unsigned char *row = W + o * blocks * block_bytes(type);                                             \
+        const unsigned char *tg = T + g * blocks * tile_bytes(type);                                               \
         for (long r = 0; r < rows; r += 8) {                                                                       \
-            const int n = rows - r < 8 ? (int)(rows - r) : 8;                                                      \
             const signed char *xr = xq + r * in;                                                                   \
-            const float *dr = dx + r * blocks;                                                                     \
-            const int *sr = xs + r * blocks, *cr = c8 ? c8 + r * 8 * blocks : NULL;                                \
-            if (type == Q8_0) many_q8x(xr, dr, sr, cr, in, row, Q8_0, blocks, y + r * out + o, out, n);            \
-            else if (type == Q4_0) many_q8x(xr, dr, sr, cr, in, row, Q4_0, blocks, y + r * out + o, out, n);       \
-            else many_q8x(xr, dr, sr, cr, in, row, Q4_1, blocks, y + r * out + o, out, n);                         \
+            const float *dr = dx + r * blocks, *sr = dxs + r * blocks;                                             \
+            const int *nr = xs + r * blocks;                                                                       \
+            float *yr = y + r * out + TILE * g;                                                                    \
+            const int n = rows - r < 8 ? (int)(rows - r) : 8;                                                      \
+            TILE_CASES(tile_rows, Q8_0) else TILE_CASES(tile_rows, Q4_0) else TILE_CASES(tile_rows, Q4_1)          \
         }                                                                                                          \
     }
 
-__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
-static void gemm_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const int *c8, long rows,
-                          const unsigned char *W, int type, float *y, long in, long out, int nthreads) {
-    GEMM_Q8X(many_q8x_vnni)
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static void gemm_q8x_avx2(const signed char *xq, const float *dx, const int *xs, const int *c8, long rows,
-                          const unsigned char *W, int type, float *y, long in, long out, int nthreads) {
-    GEMM_Q8X(many_q8x_avx2)
-}
-
-__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
-static void gemv_q8x_vnni(const signed char *xq, const float *dx, const int *xs, const int *c8, const unsigned char *W,
-                          int type, float *y, long in, long out, int nthreads) {
-    GEMV_Q8X(rows_q8x_vnni)
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static void gemv_q8x_avx2(const signed char *xq, const float *dx, const int *xs, const int *c8, const unsigned char *W,
-                          int type, float *y, long in, long out, int nthreads) {
-    GEMV_Q8X(rows_q8x_avx2)
-}
-
-/* `rows` rows x (rows, in), each rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 blocks; other types:
- * the float path. Each row's result is what it gets alone. in % 32 == 0; bias may be NULL. */
-void mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
-                          long in, long out, int nthreads) {
-    if (type != Q8_0 && type != Q4_0 && type != Q4_1) {
-        mighty_gemm_ggml(x, rows, W, type, bias, y, in, out, nthreads);
-        return;
+#define TILE_CASES(tile_rows, TYPE)                                                                                \
+    if (type == TYPE) switch (n) {                                                                                 \
+        case 8: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 8); break;                               \
+        case 7: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 7); break;                               \
+        case 6: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 6); break;                               \
+        case 5: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 5); break;                               \
+        case 4: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 4); break;                               \
+        case 3: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 3); break;                               \
+        case 2: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 2); break;                               \
+        default: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 1);                                     \
     }
+
+__attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
+static void gemm_tiles512(const signed char *xq, const float *dx, const int *xs, const float *dxs, long rows,
+                          const unsigned char *T, int type, float *y, long in, long out, int nthreads) {
+    GEMM_TILES(tile_rows512)
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void gemm_tiles256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long rows,
+                          const unsigned char *T, int type, float *y, long in, long out, int nthreads) {
+    GEMM_TILES(tile_rows256)
+}
+
+/* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 weights laid out
+ * in tiles of 16 rows (+ bias, which may be NULL). in % 32 == 0, out % 16 == 0. Returns -1, having written
+ * nothing, for another type or shape. */
+int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+                         long in, long out, int nthreads) {
+    if ((type != Q8_0 && type != Q4_0 && type != Q4_1) || in % 32 || out % TILE || in < 32) return -1;
     if (nthreads < 1) nthreads = 1;
-    const long blocks = in / 32 > 0 ? in / 32 : 1;
+    const long blocks = in / 32;
     signed char *xq = malloc(rows * in);
-    float *dx = malloc(sizeof(float) * rows * blocks);
+    float *dx = malloc(sizeof(float) * rows * blocks), *dxs = malloc(sizeof(float) * rows * blocks);
     int *xs = malloc(sizeof(int) * rows * blocks);
-    int *c8 = type == Q4_0 ? malloc(sizeof(int) * 8 * rows * blocks) : NULL;
-    for (long r = 0; r < rows; r++)
-        quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks, c8 ? c8 + r * 8 * blocks : NULL);
-    if (rows == 1 && mighty_isa_level) gemv_q8x_vnni(xq, dx, xs, c8, W, type, y, in, out, nthreads);
-    else if (rows == 1) gemv_q8x_avx2(xq, dx, xs, c8, W, type, y, in, out, nthreads);
-    else if (mighty_isa_level) gemm_q8x_vnni(xq, dx, xs, c8, rows, W, type, y, in, out, nthreads);
-    else gemm_q8x_avx2(xq, dx, xs, c8, rows, W, type, y, in, out, nthreads);
+    for (long r = 0; r < rows; r++) quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks);
+    for (long i = 0; i < rows * blocks; i++) dxs[i] = dx[i] * (float)xs[i];
+    if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
+    else gemm_tiles256(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
     if (bias)
         for (long r = 0; r < rows; r++)
             for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
     free(xq);
     free(dx);
+    free(dxs);
     free(xs);
-    free(c8);
+    return 0;
 }
 
 

@@ -32,8 +32,8 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads);
 
-void mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
-                          long in, long out, int nthreads);
+int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+                         long in, long out, int nthreads);
 
 void mighty_gemm_sparse24(const float *x, long rows, const float *values, const unsigned char *index,
                           const float *bias, float *y, long in, long out, int nthreads);

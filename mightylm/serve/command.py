@@ -66,10 +66,10 @@ def serve(
         drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (float32
             only), a decode step of the whole batch in one native call; false dequantizes them at load.
-        int8_activations: With --blocks: every decoded token's activations rounded to 8 bits per block of 32 and its
-            Q8_0 / Q4_0 / Q4_1 products taken in integers, as llama.cpp does (each request's row as it would be alone,
-            so as `mighty generate --int8_activations` gives it; prompts stay float32); not float32's result. Batches
-            are faster so on Q8_0 files, slower on Q4_0 / Q4_1 (bench/RESULTS.md).
+        int8_activations: With --blocks: every token's activations (prompts' too) rounded to 8 bits per block of
+            32 and its Q8_0 / Q4_0 / Q4_1 products taken in integers, as llama.cpp does, each request's rows as they
+            would be alone (so as `mighty generate --int8_activations` gives them); not float32's result. Batches
+            and prompts are several times faster so (bench/RESULTS.md).
         draft: Speculative decoding: prompt-lookup (or prompt-lookup:N, the longest n-gram) or a smaller model
             sharing the vocabulary (a directory or .gguf). Each step verifies every row's drafted tokens in one
             pass and keeps exactly what the model itself would sample; a step speculates only when the measured
