@@ -231,11 +231,16 @@ def int8_activations_(model: nn.Module) -> list[str]:
            for m in model.modules()):
         raise ValueError("int8_activations_ goes before fuse_projections_: the decode layout copies the modules' "
                          "settings (undo it with unfuse_projections_ first)")
+    tables = {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
     changed = []
     for name, m in model.named_modules():
         if isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1) and m.out_features % TILE == 0 \
                 and not m.int8_activations:
-            m.weight = tile_blocks(m.weight, m.ggml_type)  # a new tensor: a tied table keeps the stored rows
+            tiles = tile_blocks(m.weight, m.ggml_type)
+            if m.weight.untyped_storage().data_ptr() in tables:
+                m.weight = tiles  # a tied head: the table's lookups keep reading the stored rows
+            else:
+                m.weight.copy_(tiles)  # in place: one weight's copy at a time at the peak of loading
             m.int8_activations = True
             changed.append(name)
     if changed:
