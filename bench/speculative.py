@@ -85,14 +85,15 @@ def server_bench(args) -> None:
 
     env()
     print(f"\nmighty serve, {args.max_new_tokens} tokens per request, greedy, {args.per_client} requests per client, "
-          f"median of {args.rounds} rounds in ABBA order\n")
+          f"median of {args.rounds} rounds in ABBA order, int8 activations {args.int8_activations}\n")
     print("| draft | clients | plain tok/s | speculative tok/s | ratio | drafted | acceptance |")
     print("|---|---|---|---|---|---|---|")
     log = tempfile.mkdtemp(prefix="bench-spec-")
     for draft in args.server_drafts:
         for clients in args.clients:
             url, proc = start_server(["--max-batch", str(max(clients, 1)), "--max-len", "1024", "--draft", draft,
-                                      "--gamma", str(args.gamma)], f"{log}/serve.log")
+                                      "--gamma", str(args.gamma),
+                                      "--int8_activations", str(args.int8_activations).lower()], f"{log}/serve.log")
             try:
                 runs = {False: [], True: []}
                 for r in range(args.rounds):
