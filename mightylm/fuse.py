@@ -388,17 +388,18 @@ class NativeDecodeStack:
         keys, values = self._pointers(cache)
         gemv_library().mighty_decode_blocks(out.data_ptr(), self.args, len(self.natives), keys, values,
                                             cos.data_ptr(), sin.data_ptr(), start, cache.max_len, x.shape[1],
-                                            torch.get_num_threads(), None, 0)
+                                            torch.get_num_threads(), None, 0, 1)
         return out
 
     def _batch(self, x, cos, sin, rows, start, mask):
-        """A server's decode step: one token for each of B sequences in rows a..b-1 of a pool (KVRows), left-padded
-        (row r's tokens in slots pad_r .. start). Runs where every projection reads its weights once for all rows
-        (GGUF blocks, also with int8 activations, each row then rounded as it would be alone; 2:4) and B is at
-        most NATIVE_BATCH; the pads are read off the mask, which must allow exactly those slots (no window)."""
-        pool, B = rows.pool, x.shape[0]
-        if (x.shape[1] != 1 or B != rows.b - rows.a or B > NATIVE_BATCH or not self.batches
-                or type(pool) is not KVCache or len(pool.k) != len(self.natives) or start + 1 > pool.max_len
+        """A server's decode step: T tokens (one, or a speculative step's verified ones) for each of B sequences in
+        rows a..b-1 of a pool (KVRows), left-padded (row r's tokens in slots pad_r .. start + T - 1, each attending
+        up to itself). Runs where every projection reads its weights once for all rows (GGUF blocks, also with int8
+        activations, each row then rounded as it would be alone; 2:4), B is at most NATIVE_BATCH and T at most
+        NATIVE_ROWS; the pads are read off the mask, which must allow exactly those slots (no window)."""
+        pool, (B, T) = rows.pool, x.shape[:2]
+        if (B > NATIVE_BATCH or T > NATIVE_ROWS or B != rows.b - rows.a or not self.batches
+                or type(pool) is not KVCache or len(pool.k) != len(self.natives) or start + T > pool.max_len
                 or not all(t.is_contiguous() for t in (pool.k[0], pool.v[0])) or not float_rows(x)
                 or pool.k[0].dtype != torch.float32 or not self._unchanged()):
             return None
@@ -406,20 +407,25 @@ class NativeDecodeStack:
             pads = torch.zeros(B, dtype=torch.long)
         else:
             allowed = mask.reshape(mask.shape[0], -1)
-            if allowed.shape != (B, start + 1):
+            if allowed.shape != (B, T * (start + T)):
                 return None
-            pads = allowed.to(torch.uint8).argmax(-1)  # each row's first slot
-            if not bool((allowed.sum(-1) == start + 1 - pads).all()):
+            allowed = allowed.view(B, T, start + T)
+            pads = allowed[:, -1].to(torch.uint8).argmax(-1)  # each row's first slot
+            slots, queries = torch.arange(start + T), start + torch.arange(T)[:, None]
+            # a row's slots up to each query, and a padding query itself (model._mask)
+            expected = (slots >= pads[:, None, None]) & (slots <= queries) | (slots == queries)
+            if not torch.equal(allowed, expected):
                 return None  # not left padding alone (a window, holes): the blocks one by one
         out = x.contiguous().clone()
-        cos = cos.expand(B, *cos.shape[1:]).contiguous()
+        cos = cos.expand(B, *cos.shape[1:]).contiguous()  # (B, 1, T, hs): one row for each token-row
         sin = sin.expand(B, *sin.shape[1:]).contiguous()
         n, stride = len(self.natives), pool.k[0][0].numel()  # floats per row of the pool
         offset = rows.a * stride * 4
         keys = (ctypes.c_void_p * n)(*(pool.k[i].data_ptr() + offset for i in range(n)))
         values = (ctypes.c_void_p * n)(*(pool.v[i].data_ptr() + offset for i in range(n)))
         gemv_library().mighty_decode_blocks(out.data_ptr(), self.args, n, keys, values, cos.data_ptr(), sin.data_ptr(),
-                                            start, pool.max_len, B, torch.get_num_threads(), pads.data_ptr(), stride)
+                                            start, pool.max_len, B, torch.get_num_threads(), pads.data_ptr(), stride,
+                                            T)
         return out
 
 

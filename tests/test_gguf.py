@@ -687,9 +687,10 @@ def test_phi_gguf_files_load_with_the_source_logits(arch, qtype, tmp_path, bpe_t
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
 def test_a_batch_of_sequences_decodes_in_one_native_call(qtype, tmp_path, bpe_tokenizer):
-    """A server's decode step (KVRows: one token for each of several left-padded sequences, in rows 1-3 of a pool)
-    runs every block in one native call over the kept GGUF blocks (NativeDecodeStack's batch mode): the logits and
-    the pool's keys equal those of the blocks run eagerly."""
+    """A server's decode step (KVRows: one token for each of several left-padded sequences, in rows 1-3 of a pool),
+    its padded prompts read at once and a speculative step's several tokens per row each run every block in one
+    native call over the kept GGUF blocks (NativeDecodeStack's batch mode): the logits and the pool's keys equal
+    those of the blocks run eagerly."""
     from mightylm.fuse import fuse_projections_
     from mightylm.model import KVRows
 
@@ -721,10 +722,23 @@ def test_a_batch_of_sequences_decodes_in_one_native_call(qtype, tmp_path, bpe_to
         return torch.stack(logits), pool.k[1][:, :, :width + 6].clone()
 
     (native, native_keys), (eager, eager_keys) = run(True), run(False)
-    assert ran == [False] + [True] * 6  # the prompts' rows go block by block; every decode step in one call
+    assert ran == [True] * 7  # the padded prompts (9 tokens a row) and every decode step in one call each
     torch.testing.assert_close(native, eager, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(native_keys, eager_keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(native_keys, eager_keys, atol=1e-5, rtol=1e-5)  # padding slots too
     assert not native_keys[0].any()  # row 0 of the pool is not one of the batch's
+    # a speculative step: 3 tokens for every row at once (rows accept different counts later), after the prompts
+    follow = torch.randint(1, model.config.vocab_size, (3, 3), generator=g)
+    outputs = []
+    for native in (True, False):
+        model.fused_decode = counted if native else None
+        pool = model.make_cache(4, 24)
+        rows = KVRows(pool, 1, 4)
+        with torch.no_grad():
+            model(idx, cache=rows, start=0, pad=pads)
+            outputs.append((model(follow, cache=rows, start=width, pad=pads), pool.k[-1][:, :, :width + 3].clone()))
+    assert ran[-2:] == [True, True]
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)

@@ -78,7 +78,7 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_decode_blocks.restype = None
     lib.mighty_decode_blocks.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 3 + [
-                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
+                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]
@@ -154,7 +154,7 @@ class Projection(ctypes.Structure):
 class BlockArgs(ctypes.Structure):
     """gemv.c's mighty_block: one block's weights (a mixture of experts' router and experts when n_experts > 0),
     this layer's cache, the first position being decoded and how many consecutive tokens (rows), or a batch of
-    sequences (pads: each row's first slot; row_stride: floats between rows of the cache)."""
+    sequences (pads: each row's first slot; row_stride: floats between rows of the cache; tokens: each row's)."""
     _fields_ = [("qkv", Projection), ("o", Projection), ("gate_up", Projection), ("down", Projection),
                 ("router", Projection), ("expert_gate_up", ctypes.POINTER(Projection)),
                 ("expert_down", ctypes.POINTER(Projection)), ("n_experts", ctypes.c_long), ("top_k", ctypes.c_long),
@@ -164,7 +164,7 @@ class BlockArgs(ctypes.Structure):
                 ("sin", ctypes.c_void_p)] + [(name, ctypes.c_long) for name in (
                     "dim", "n_heads", "n_kv", "head_dim", "ffn", "max_len", "pos")] + [
                 ("eps", ctypes.c_float), ("threads", ctypes.c_int), ("rows", ctypes.c_long),
-                ("pads", ctypes.c_void_p), ("row_stride", ctypes.c_long)]
+                ("pads", ctypes.c_void_p), ("row_stride", ctypes.c_long), ("tokens", ctypes.c_long)]
 
 
 def gemv_library():

@@ -267,11 +267,12 @@ typedef struct {
     float eps;
     int threads;
     long rows;                  /* tokens of this sequence decoded together (speculative verification): 1 or more */
-    /* or, when pads is not NULL, `rows` sequences (a server's batch), one token each, all at slot pos: row r's cache
-     * is row_stride floats after row r - 1's, its tokens sit in slots pads[r] .. pos (left padding), and it attends
-     * to those only */
+    /* or, when pads is not NULL, `rows` sequences (a server's batch), `tokens` each, at slots pos .. pos + tokens - 1:
+     * row r's cache is row_stride floats after row r - 1's, its tokens sit in slots pads[r] .. (left padding), and
+     * each attends to its own row's slots up to itself; x holds row r's tokens one after another */
     const long *pads;
     long row_stride;
+    long tokens;
 } mighty_block;
 
 /* scratch: at least max(in, (threads - 1) * out) floats */
@@ -460,12 +461,14 @@ static void moe_ffn(float *x, const float *h, const mighty_block *b, float *gu, 
 }
 
 /* x (rows, dim): the block over `rows` consecutive tokens of one sequence at positions pos .. pos + rows - 1, each
- * attending to the cache up to itself; cos / sin (rows, head_dim). */
+ * attending to the cache up to itself; cos / sin (rows, head_dim). With pads: rows x tokens token-rows (see
+ * mighty_block), cos / sin one row for each. */
 void mighty_decode_block(float *x, const mighty_block *b) {
     const long dim = b->dim, hd = b->head_dim, nh = b->n_heads, nkv = b->n_kv, ffn = b->ffn;
-    const long R = b->rows < 1 ? 1 : b->rows;
+    const long *pads = b->pads, T = pads && b->tokens > 1 ? b->tokens : 1;  /* tokens per sequence of a batch */
+    const long R = (b->rows < 1 ? 1 : b->rows) * T;
     const long q_out = nh * hd, kv_out = nkv * hd, qkv_out = q_out + 2 * kv_out;
-    const long *pads = b->pads, ctx_max = b->pos + (pads ? 1 : R);
+    const long ctx_max = b->pos + (pads ? T : R);
     const long widest = 2 * ffn > qkv_out ? 2 * ffn : qkv_out;
     const int threads = b->threads < 1 ? 1 : b->threads;
     float *h = malloc(sizeof(float) * (R * (dim + qkv_out + q_out + dim + 2 * ffn) + R * nh * ctx_max
@@ -479,7 +482,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
         const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
         for (long g = 0; g < nh; g++) rope(q + g * hd, cos, sin, hd);
-        const long slot = pads ? b->pos : b->pos + r, row = pads ? r * b->row_stride : 0;
+        const long slot = b->pos + (pads ? r % T : r), row = pads ? r / T * b->row_stride : 0;
         for (long g = 0; g < nkv; g++) {
             rope(k + g * hd, cos, sin, hd);
             memcpy(b->k_cache + row + (g * b->max_len + slot) * hd, k + g * hd, sizeof(float) * hd);
@@ -490,9 +493,10 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     const long group = nh / nkv;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long job = 0; job < R * nh; job++) {
-        const long r = job / nh, head = job % nh, first = pads ? pads[r] : 0;
-        const long ctx = (pads ? b->pos + 1 : b->pos + r + 1) - first;  /* slots first .. first + ctx - 1 */
-        const long at = (pads ? r * b->row_stride : 0) + ((head / group) * b->max_len + first) * hd;
+        const long r = job / nh, head = job % nh, seq = pads ? r / T : 0, slot = b->pos + (pads ? r % T : r);
+        /* slots first .. slot; a padding slot of a prompt read at once sees itself alone, as model._mask has it */
+        const long first = pads ? (slot < pads[seq] ? slot : pads[seq]) : 0, ctx = slot + 1 - first;
+        const long at = seq * b->row_stride + ((head / group) * b->max_len + first) * hd;
         const float *qh = qkv + r * qkv_out + head * hd, *K = b->k_cache + at, *V = b->v_cache + at;
         float *s = scores + job * ctx_max, *out = att + r * q_out + head * hd, top = -INFINITY, sum = 0.0f;
         for (long t = 0; t < ctx; t++) {
@@ -537,11 +541,12 @@ void mighty_decode_block(float *x, const mighty_block *b) {
  * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. */
 void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, float *const *k_caches,
                           float *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
-                          long rows, int threads, const long *pads, long row_stride) {
+                          long rows, int threads, const long *pads, long row_stride, long tokens) {
     for (long i = 0; i < n; i++) {
         mighty_block b = *blocks[i];
         b.pads = pads;
         b.row_stride = row_stride;
+        b.tokens = tokens;
         b.k_cache = k_caches[i];
         b.v_cache = v_caches[i];
         b.cos = cos;
