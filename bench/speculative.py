@@ -239,9 +239,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--adaptive", action="store_true", help="grow gamma after a full acceptance, shrink it after a rejection")
     ap.add_argument("--drafts", nargs="*", default=["prompt-lookup", "layers:8", "layers:15"])
-    ap.add_argument("--int8-activations", action="store_true",
-                    help="the model in llama.cpp's arithmetic (mighty generate --int8_activations), plain and speculative")
-    ap.add_argument("--completions", type=int, default=4, help="HumanEval prompts for the code-completion row (0: none)")
+    ap.add_argument("--int8-activations", action="store_true", help="the model in llama.cpp's arithmetic (mighty "
+                    "generate --int8_activations), plain and speculative")
+    ap.add_argument("--completions", type=int, default=4,
+                    help="HumanEval prompts for the code-completion row (0: none)")
     ap.add_argument("--server", action="store_true", help="measure `mighty serve --draft` under concurrent clients")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--per-client", type=int, default=3)

@@ -126,43 +126,48 @@ def serve(
     if allow_image_urls and not is_vlm(model):  # before the slow load, like the port
         raise UsageError("--allow_image_urls is for a vision-language model; this one reads text only")
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
-    print(f"loading {model} ...", file=sys.stderr, flush=True)
-    vision = None
-    if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns request images into tokens
-        vision, tokenizer = load_vlm(model, dtype=dtype)  # (or, the adapter way in, into each row's prompt term)
-        net = vision.language
-    else:
-        net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True, keep_blocks=blocks and dtype == "float32")
-    if rope_scaling:
-        from mightylm.model import set_rope_scaling
 
-        print(set_rope_scaling(net, rope_scaling), file=sys.stderr)
-    pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
-    if int8_activations:
-        from mightylm.compress.gguf_blocks import int8_activations_
+    def build():  # loads and makes the engine on the thread that then runs its loop (_on_engine_thread)
+        print(f"loading {model} ...", file=sys.stderr, flush=True)
+        vision = None
+        if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns images into tokens
+            vision, tokenizer = load_vlm(model, dtype=dtype)  # (or, the adapter way in, into each row's prompt term)
+            net = vision.language
+        else:
+            net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True,
+                                           keep_blocks=blocks and dtype == "float32")
+        if rope_scaling:
+            from mightylm.model import set_rope_scaling
 
-        if not int8_activations_(net):
-            print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 blocks kept in this model; it changes nothing",
-                  file=sys.stderr)
-    if any(isinstance(m, (GGUFLinear, Sparse24Linear)) for m in net.modules()):
-        # kept GGUF blocks or 2:4 weights are read once for all rows: a decode step of the batch runs every block in
-        # one native call (the decode layout, fuse.py), except steps with LoRA rows (AdapterBank.set_rows)
-        fuse_projections_(net)
-    bank = AdapterBank(net.eval())
-    for spec in adapter or []:
-        adapter_name, eq, path = spec.partition("=")
-        if not eq:
-            raise AdapterError(f"--adapter {spec!r}: use NAME=DIR")
-        print(f"adapter {adapter_name}: {bank.add(adapter_name, path)}", file=sys.stderr)
-    speculate = None
-    if draft:
-        from mightylm.speculative import make_draft
+            print(set_rope_scaling(net, rope_scaling), file=sys.stderr)
+        pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
+        if int8_activations:
+            from mightylm.compress.gguf_blocks import int8_activations_
 
-        speculate = make_draft(draft, net, load=lambda path: _load_draft(path, dtype, blocks))
-        speculate = getattr(speculate, "model", speculate)  # the engine keeps a draft model's cache itself
-        print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step", file=sys.stderr)
-    engine = Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                    draft=speculate, gamma=gamma, prefill_chunk=prefill_chunk, vision=vision).start()
+            if not int8_activations_(net):
+                print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 blocks kept in this model; it changes nothing",
+                      file=sys.stderr)
+        if any(isinstance(m, (GGUFLinear, Sparse24Linear)) for m in net.modules()):
+            # kept GGUF blocks or 2:4 weights are read once for all rows: a decode step of the batch runs every
+            # block in one native call (the decode layout, fuse.py), except steps with LoRA rows (AdapterBank.set_rows)
+            fuse_projections_(net)
+        bank = AdapterBank(net.eval())
+        for spec in adapter or []:
+            adapter_name, eq, path = spec.partition("=")
+            if not eq:
+                raise AdapterError(f"--adapter {spec!r}: use NAME=DIR")
+            print(f"adapter {adapter_name}: {bank.add(adapter_name, path)}", file=sys.stderr)
+        speculate = None
+        if draft:
+            from mightylm.speculative import make_draft
+
+            speculate = make_draft(draft, net, load=lambda path: _load_draft(path, dtype, blocks))
+            speculate = getattr(speculate, "model", speculate)  # the engine keeps a draft model's cache itself
+            print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step", file=sys.stderr)
+        return Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
+                      draft=speculate, gamma=gamma, prefill_chunk=prefill_chunk, vision=vision)
+
+    engine = _on_engine_thread(build)
     pool = sum(t.numel() * t.element_size() for t in engine.pool.k + engine.pool.v)
     print(f"KV-cache pool: {max_batch} x {engine.max_len} tokens (--max_batch x --max_len), up to "
           f"{pool / 2**20:,.0f} MiB as it fills", file=sys.stderr)
@@ -193,6 +198,30 @@ def serve(
     finally:
         engine.stop()
         sock.close()
+
+
+def _on_engine_thread(build):
+    """The engine `build()` makes, its loop running on the thread that made it (a daemon; Engine.stop ends it).
+    Every OpenMP parallel region of the server then starts from that one thread: with the model loaded on the
+    main thread and the steps taken on another, libgomp kept a team for each, counted more worker threads than
+    cores and stopped spinning between regions, so each of a step's ~120 small products paid a thread wake-up
+    (measured: a decode step 3.5x slower, bench/RESULTS.md). Exceptions from `build` are raised here."""
+    import threading
+    from concurrent.futures import Future
+
+    made = Future()
+
+    def run():
+        try:
+            engine = build()
+        except BaseException as e:  # handed to the caller (a bad --adapter, a missing file)
+            made.set_exception(e)
+            return
+        made.set_result(engine)
+        engine.run()
+
+    threading.Thread(target=run, name="mightylm-engine", daemon=True).start()
+    return made.result()
 
 
 def _load_draft(path: str, dtype: str, blocks: bool):

@@ -194,11 +194,18 @@ class Engine:
         self.thread.start()
         return self
 
+    def run(self) -> None:
+        """The loop on the calling thread (instead of start's own), until stop(): for a server that loaded the
+        model on this thread (serve/command.py, _on_engine_thread)."""
+        self.thread = threading.current_thread()
+        self._loop()
+
     def stop(self) -> None:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():  # (run()'s thread may not have taken over yet; its loop then sees `stopped`)
+            self.thread.join(timeout=10)
 
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a sequence; raises QueueFull when the queue is at its bound, ValueError when it cannot fit."""
