@@ -2,6 +2,7 @@
 the multimodal LLaMA-Adapter at step 0."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -277,6 +278,13 @@ def test_server_takes_image_url_parts_and_refuses_bad_images(llava_dir):
     expected = tokenizer.decode([t for t in expected_ids if t not in tokenizer.stop_token_ids])
     engine = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=4, max_len=128, vision=vlm).start()
     text_only = Engine(vlm.language, tokenizer, AdapterBank(vlm.language), max_batch=2, max_len=64).start()
+    encoded_on, encode = [], vlm.encode  # every OpenMP region of a server starts from the engine's thread
+
+    def recording_encode(pixels):
+        encoded_on.append(threading.current_thread())
+        return encode(pixels)
+
+    vlm.encode = recording_encode
     url, stop = run_app(create_app(engine, "llava"))
     url_text, stop_text = run_app(create_app(text_only, "text"))
 
@@ -306,6 +314,7 @@ def test_server_takes_image_url_parts_and_refuses_bad_images(llava_dir):
         assert r.status_code == 400 and "reads text only" in r.json()["error"]["message"]
         again = chat(url, with_image)  # the server kept serving
         assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == expected
+        assert encoded_on == [engine.thread, engine.thread]
     finally:
         stop()
         stop_text()

@@ -104,7 +104,10 @@ class AdapterBank:
 
     def prepare(self, name: str, path: str | Path) -> dict:
         """Read and check the adapter in `path` (files, shapes, kind) without changing the model: the slow part
-        of loading, which a server runs off its engine thread. `install` then swaps it in."""
+        of loading, which a server runs off its engine thread. It does no arithmetic on the tensors (a large
+        tensor's would start an OpenMP team in that thread, and with two teams libgomp stops spinning between the
+        engine's products: serve/command.py, _on_engine_thread); `install` scales and converts them and swaps them
+        in."""
         from mightylm.adapters.lora import lora_scaling, read_lora
 
         self._check_name(name)
@@ -128,20 +131,21 @@ class AdapterBank:
                 if not isinstance(module, bases) and type(module) is not nn.Linear:
                     raise AdapterError(f"{path}: {module_name} is a {type(module).__name__}; per-request LoRA "
                                        "needs a plain linear base layer (or a GGUF file's kept blocks, or 2:4 weights)")
-            scaling = lora_scaling(cfg)
-            return {"name": name, "kind": "lora", "pairs": {m: (p["lora_A"].to(dtype), (p["lora_B"] * scaling).to(dtype))
-                                                          for m, p in pairs.items()}}
+            return {"name": name, "kind": "lora", "dtype": dtype, "scaling": lora_scaling(cfg),
+                    "pairs": {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}}
         from mightylm.adapters.prompt import read_prompt  # the other kind served per request: soft prompts
 
         prompt = read_prompt(self.model, path, cfg)
-        return {"name": name, "kind": "prompt", "prompt": prompt.to(dtype),
+        return {"name": name, "kind": "prompt", "dtype": dtype, "prompt": prompt,
                 "what": f"{cfg['peft_type'].lower().replace('_', ' ')}: {prompt.shape[0]} virtual tokens"}
 
     def install(self, prepared: dict) -> str:
-        """Put a prepared adapter in place (module swaps and dictionary updates only: quick, for between steps)."""
+        """Put a prepared adapter in place (conversions of small tensors, module swaps and dictionary updates:
+        quick, for between steps, on the engine's thread)."""
         self._check_name(prepared["name"])
+        dtype = prepared["dtype"]
         if prepared["kind"] == "prompt":
-            self.prompts[self._new_id(prepared["name"], "prompt")] = prepared["prompt"]
+            self.prompts[self._new_id(prepared["name"], "prompt")] = prepared["prompt"].to(dtype)
             return prepared["what"]
         self._keep_natives_apart()
         i = self._new_id(prepared["name"], "lora")
@@ -152,7 +156,8 @@ class AdapterBank:
                 parent_name, _, leaf = module_name.rpartition(".")
                 module = MultiLoRALinear(module, self)
                 setattr(modules[parent_name], leaf, module)
-            module.pairs[i] = pair
+            A, B = pair
+            module.pairs[i] = (A.to(dtype), (B * prepared["scaling"]).to(dtype))
         return f"LoRA on {len(prepared['pairs'])} layers"
 
     def _check_name(self, name: str) -> None:

@@ -314,21 +314,31 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
 
-    def images_of(urls: list[str]) -> torch.Tensor | None:
-        """Images (data URLs) as projected image tokens (N, T, dim), or for the multimodal LLaMA-Adapter as the one
-        image's term for the prompts (1, 1, dim); None without images (in a thread: the encoder runs)."""
-        if not urls:
-            return None
+    def read_images(urls: list[str]) -> list:
+        """The request's images (data URLs, or fetched with --allow_image_urls), opened and checked (in a thread:
+        fetching may wait on the network)."""
         from mightylm.multimodal.images import decode_data_url, fetch_image_url, open_image
 
         try:
-            images = [open_image(decode_data_url(u) if u.startswith("data:") else fetch_image_url(u),
-                                 name=f"image {k + 1}") for k, u in enumerate(urls)]
+            return [open_image(decode_data_url(u) if u.startswith("data:") else fetch_image_url(u),
+                               name=f"image {k + 1}") for k, u in enumerate(urls)]
         except MightyError as e:
             raise ApiError(400, str(e), param="messages") from None
+
+    def encode_images(images: list) -> torch.Tensor:
+        """Images as projected image tokens (N, T, dim), or for the multimodal LLaMA-Adapter as the one image's term
+        for the prompts (1, 1, dim). Run by the engine between steps (engine.call): the encoder's OpenMP regions
+        then start from the engine's thread like every other (serve/command.py, _on_engine_thread)."""
         with torch.inference_mode():
             features = vision.encode(vision.processor(images))
             return vision.project(features) if vision.mode == "llava" else visual_terms(vision, features)
+
+    async def images_of(urls: list[str]) -> torch.Tensor | None:
+        """The request's images encoded, None without images."""
+        if not urls:
+            return None
+        images = await asyncio.to_thread(read_images, urls)
+        return await asyncio.to_thread(engine.call, lambda: encode_images(images))
 
     def flag(body: dict, key: str) -> bool:
         value = body.get(key, False)
@@ -344,7 +354,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
             prompts, texts = [chat_prompt(messages, urls)], [""]
         else:
             prompts, texts, urls = *prompts_of(body), []
-        images = await asyncio.to_thread(images_of, urls)
+        images = await images_of(urls)
         echo, logprobs = flag(body, "echo"), body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_LOGPROBS):

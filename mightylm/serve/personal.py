@@ -104,9 +104,10 @@ class PersonalAdapters:
 
 
 def _bytes(prepared: dict) -> int:
-    if prepared["kind"] == "prompt":
-        return prepared["prompt"].numel() * prepared["prompt"].element_size()
-    return sum(t.numel() * t.element_size() for pair in prepared["pairs"].values() for t in pair)
+    """What a prepared adapter will take once installed (in the model's dtype)."""
+    tensors = [prepared["prompt"]] if prepared["kind"] == "prompt" else \
+        [t for pair in prepared["pairs"].values() for t in pair]
+    return sum(t.numel() for t in tensors) * prepared["dtype"].itemsize
 
 
 __all__ = ["BudgetFull", "NotFound", "PersonalAdapters"]
