@@ -173,15 +173,23 @@ def engine_bench(args) -> None:
     deciding not to speculate, and in the speculative steps it took."""
     import threading
 
-    import mightylm
     from mightylm.cli import env
-    from mightylm.generate import Sampling
+    from mightylm.generate import Sampling, load_for_generation
     from mightylm.serve.adapters import AdapterBank
-    from mightylm.serve.engine import Engine, Sequence
+    from mightylm.serve.engine import Engine, Sequence, engine_on_its_thread
     from mightylm.speculative import PromptLookup
 
     env()
-    net, tok = mightylm.load("smollm2-135m-instruct", need_tokenizer=True, keep_blocks=True)
+    loaded = {}
+
+    def build(clients):  # on the engine's own thread, the model loaded there too (engine_on_its_thread says why)
+        if not loaded:
+            loaded["net"], loaded["tok"] = load_for_generation("smollm2-135m-instruct", keep_blocks=True,
+                                                               int8_activations=args.int8_activations)
+        net = loaded["net"]
+        return Engine(net.eval(), loaded["tok"], AdapterBank(net), max_batch=clients, max_len=1024,
+                      draft=PromptLookup(vocab_size=net.config.vocab_size), gamma=args.gamma)
+
     spent = {"declined": 0.0, "speculated": 0.0}
     speculate = Engine._speculate
 
@@ -194,12 +202,12 @@ def engine_bench(args) -> None:
     Engine._speculate = timed_speculate
     texts = list(PROMPTS.values())
     print(f"\nthe engine in process, {args.max_new_tokens} tokens per request, greedy, {args.per_client} requests per "
-          f"client, rounds in ABBA order\n")
+          f"client, rounds in ABBA order, int8 activations {args.int8_activations}\n")
     print("| clients | round | tok/s | speculative steps | drafted | declining s | speculating s | decode s |")
     print("|---|---|---|---|---|---|---|---|")
     for clients in args.clients:
-        engine = Engine(net.eval(), tok, AdapterBank(net), max_batch=clients, max_len=1024,
-                        draft=PromptLookup(vocab_size=net.config.vocab_size), gamma=args.gamma).start()
+        engine = engine_on_its_thread(lambda: build(clients))
+        tok = engine.tokenizer
 
         def client(c, speculative):
             for r in range(args.per_client):

@@ -107,7 +107,7 @@ def serve(
     from mightylm.generate import freeze_what_lives
     from mightylm.serve.adapters import AdapterBank
     from mightylm.serve.app import create_app
-    from mightylm.serve.engine import Engine
+    from mightylm.serve.engine import Engine, engine_on_its_thread
 
     served = name or Path(model.rstrip("/")).name.removesuffix(".gguf")
     if ":" in served:
@@ -127,7 +127,7 @@ def serve(
         raise UsageError("--allow_image_urls is for a vision-language model; this one reads text only")
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
 
-    def build():  # loads and makes the engine on the thread that then runs its loop (_on_engine_thread)
+    def build():  # loads and makes the engine on the thread that then runs its loop (engine_on_its_thread)
         print(f"loading {model} ...", file=sys.stderr, flush=True)
         vision = None
         if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns images into tokens
@@ -167,7 +167,7 @@ def serve(
         return Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                       draft=speculate, gamma=gamma, prefill_chunk=prefill_chunk, vision=vision)
 
-    engine = _on_engine_thread(build)
+    engine = engine_on_its_thread(build)
     pool = sum(t.numel() * t.element_size() for t in engine.pool.k + engine.pool.v)
     print(f"KV-cache pool: {max_batch} x {engine.max_len} tokens (--max_batch x --max_len), up to "
           f"{pool / 2**20:,.0f} MiB as it fills", file=sys.stderr)
@@ -198,30 +198,6 @@ def serve(
     finally:
         engine.stop()
         sock.close()
-
-
-def _on_engine_thread(build):
-    """The engine `build()` makes, its loop running on the thread that made it (a daemon; Engine.stop ends it).
-    Every OpenMP parallel region of the server then starts from that one thread: with the model loaded on the
-    main thread and the steps taken on another, libgomp kept a team for each, counted more worker threads than
-    cores and stopped spinning between regions, so each of a step's ~120 small products paid a thread wake-up
-    (measured: a decode step 3.5x slower, bench/RESULTS.md). Exceptions from `build` are raised here."""
-    import threading
-    from concurrent.futures import Future
-
-    made = Future()
-
-    def run():
-        try:
-            engine = build()
-        except BaseException as e:  # handed to the caller (a bad --adapter, a missing file)
-            made.set_exception(e)
-            return
-        made.set_result(engine)
-        engine.run()
-
-    threading.Thread(target=run, name="mightylm-engine", daemon=True).start()
-    return made.result()
 
 
 def _load_draft(path: str, dtype: str, blocks: bool):

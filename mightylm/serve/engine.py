@@ -196,7 +196,7 @@ class Engine:
 
     def run(self) -> None:
         """The loop on the calling thread (instead of start's own), until stop(): for a server that loaded the
-        model on this thread (serve/command.py, _on_engine_thread)."""
+        model on this thread (engine_on_its_thread)."""
         self.thread = threading.current_thread()
         self._loop()
 
@@ -778,3 +778,29 @@ class Engine:
             seq.emit(event)
         except Exception:  # a listener that is gone (its loop closed) must not stop the engine
             pass
+
+
+def engine_on_its_thread(build: Callable[[], "Engine"]) -> "Engine":
+    """The engine `build()` makes (loading the model too), its loop running on the thread that made it (a daemon;
+    Engine.stop ends it). Every OpenMP parallel region of a server should start from that one thread: with the model
+    loaded on the main thread and the steps taken on another (or any other thread that ever ran a parallel region
+    and stays alive, like an idle worker of asyncio.to_thread), libgomp counts more worker threads than cores and
+    stops spinning between regions, so each of a step's ~120 small products pays a thread wake-up (measured: a
+    decode step 2.5-5x slower, bench/RESULTS.md). Exceptions from `build` are raised here."""
+    from concurrent.futures import Future
+
+    made = Future()
+
+    def run():
+        try:
+            engine = build()
+        except BaseException as e:  # handed to the caller (a bad --adapter, a missing file)
+            made.set_exception(e)
+            return
+        made.set_result(engine)
+        engine.run()
+
+    threading.Thread(target=run, name="mightylm-engine", daemon=True).start()
+    return made.result()
+
+
