@@ -145,6 +145,17 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         assert torch.equal(together, alone), ggml_type
         isa("avx2")  # the baseline path: the same bits
         assert torch.equal(kernels.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
+    for ggml_type in (2, 3):  # the largest 4-bit sums (codes of 15 times 127 everywhere; AVX2 adds 8 steps in 16 bits)
+        size, n_in = BLOCKS[ggml_type][1], 576
+        raw = torch.full((out, n_in // 32, size), 255, dtype=torch.uint8)
+        scale_bytes = 4 if ggml_type == 3 else 2  # d (and Q4_1's m) in fp16
+        raw[..., :scale_bytes] = torch.tensor([0.01, 0.02]).half().view(torch.uint8)[:scale_bytes]
+        raw = raw.view(out, -1)
+        x = torch.full((2, n_in), 3.0)
+        x[1] = -3.0
+        got = kernels.matmul_ggml(x, tile_blocks(raw, ggml_type), ggml_type, out, None, int8_activations=True)
+        for r in range(2):
+            torch.testing.assert_close(got[r].double(), _q8x_reference(x[r], raw, ggml_type, out, n_in))
     with pytest.raises(ValueError, match="tiles"):
         tile_blocks(raw[:40], 3)  # 40 rows: not whole tiles
 

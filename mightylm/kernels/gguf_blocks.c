@@ -434,13 +434,18 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
                 const long rb = r * blocks + b;
                 const signed char *xb = xq + r * in + 32 * b;
                 __m256i i0 = _mm256_set1_epi32(type == Q4_0 ? -8 * xs[rb] : 0);  /* Q8_0: q . xq directly */
-                for (int k = 0; k < 8; k++) {
-                    __m256i x4 = _mm256_set1_epi32(four(xb + 4 * k)), q = s[k];
-                    if (type == Q8_0) {
-                        x4 = _mm256_sign_epi8(x4, q);
-                        q = _mm256_abs_epi8(q);
+                if (type == Q8_0) {
+                    for (int k = 0; k < 8; k++) {
+                        const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xb + 4 * k)), s[k]);
+                        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s[k]), x4),
+                                                                    ones));
                     }
-                    i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x4), ones));
+                } else {  /* 4-bit codes: a pair's product sum is at most 2 * 15 * 127 = 3810, eight of them fit in 16
+                           * bits (30480), so the steps add in 16 bits and widen once */
+                    __m256i i16 = _mm256_setzero_si256();
+                    for (int k = 0; k < 8; k++)
+                        i16 = _mm256_add_epi16(i16, _mm256_maddubs_epi16(s[k], _mm256_set1_epi32(four(xb + 4 * k))));
+                    i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(i16, ones));
                 }
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])), acc[r]);
                 if (type == Q4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[rb]), acc[r]);
