@@ -191,6 +191,8 @@ class Engine:
     # ---- called from other threads ----
 
     def start(self) -> "Engine":
+        """The loop on a thread of its own. Where the model was loaded (or any tensor work done) on another thread
+        that stays alive, every step pays OpenMP wake-ups: a server builds its engine with engine_on_its_thread."""
         self.thread.start()
         return self
 
