@@ -302,6 +302,7 @@ class NativeDecodeBlock:
     def __init__(self, block, config, parts: list[tuple[Projection, tuple]],
                  experts: tuple[tuple[Projection, tuple], list, list] | None = None):
         self.attn = block.attn
+        self.lora = None  # as NativeDecodeStack.lora, for this block (the sequence's adapter, one pointer)
         norms = (block.attn_norm.weight, block.mlp_norm.weight)
         self.keep = [t for _, tensors in parts for t in tensors] + list(norms)  # the pointers stay valid
         (qkv, _), (o, _) = parts[:2]
@@ -335,7 +336,8 @@ class NativeDecodeBlock:
         # (a mask whose last row is not all True holds padding or a sliding window: eager)
 
     def __call__(self, x, cos, sin, cache, start, mask=None):
-        if not self.applies(x, cache, start, mask):
+        lora = self.lora
+        if not self.applies(x, cache, start, mask) or (lora is not None and len(lora) != 1):
             return None
         layer = self.attn.layer_idx
         out = x.contiguous().clone()
@@ -345,6 +347,7 @@ class NativeDecodeBlock:
         a.cos, a.sin, a.pos, a.max_len, a.threads = cos.data_ptr(), sin.data_ptr(), start, cache.max_len, \
             torch.get_num_threads()
         a.rows = x.shape[1]
+        a.lora, a.layer = (None if lora is None else ctypes.addressof(lora)), layer
         gemv_library().mighty_decode_block(out.data_ptr(), ctypes.byref(a))
         return out
 
@@ -361,6 +364,9 @@ class NativeDecodeStack:
         self.args = (ctypes.POINTER(BlockArgs) * len(natives))(*(ctypes.pointer(n.args) for n in natives))
         self.max_rows = min(n.max_rows for n in natives)
         self.batches = all(n.batches for n in natives)
+        # the next pass's LoRA, set by serve.adapters.AdapterBank.set_rows: one pointer per sequence of the batch to
+        # its adapter's table of kernels.LoraTerm (None: no adapter), or None where no row has one
+        self.lora = None
         # (a weak reference to the last cache, its per-layer key and value pointers): a cache serves a whole
         # generation, and its buffers never move
         self._caches = (lambda: None, None, None)
@@ -380,15 +386,16 @@ class NativeDecodeStack:
     def __call__(self, x, cos, sin, cache, start, mask=None):
         if type(cache) is KVRows:
             return self._batch(x, cos, sin, cache, start, mask)
+        lora = self.lora
         if (x.shape[1] > self.max_rows or not self.natives[0].applies(x, cache, start, mask) or not self._unchanged()
-                or len(cache.k) != len(self.natives)):
+                or len(cache.k) != len(self.natives) or (lora is not None and len(lora) != 1)):
             return None
         out = x.contiguous().clone()
         cos, sin = cos.contiguous(), sin.contiguous()
         keys, values = self._pointers(cache)
         gemv_library().mighty_decode_blocks(out.data_ptr(), self.args, len(self.natives), keys, values,
                                             cos.data_ptr(), sin.data_ptr(), start, cache.max_len, x.shape[1],
-                                            torch.get_num_threads(), None, 0, 1)
+                                            torch.get_num_threads(), None, 0, 1, lora)
         return out
 
     def _batch(self, x, cos, sin, rows, start, mask):
@@ -396,9 +403,11 @@ class NativeDecodeStack:
         rows a..b-1 of a pool (KVRows), left-padded (row r's tokens in slots pad_r .. start + T - 1, each attending
         up to itself). Runs where every projection reads its weights once for all rows (GGUF blocks, also with int8
         activations, each row then rounded as it would be alone; 2:4), B is at most NATIVE_BATCH and T at most
-        NATIVE_ROWS; the pads are read off the mask, which must allow exactly those slots (no window)."""
-        pool, (B, T) = rows.pool, x.shape[:2]
+        NATIVE_ROWS; the pads are read off the mask, which must allow exactly those slots (no window). Rows with a
+        LoRA adapter add its terms after each projection, in C too (`self.lora`)."""
+        pool, (B, T), lora = rows.pool, x.shape[:2], self.lora
         if (B > NATIVE_BATCH or T > NATIVE_ROWS or B != rows.b - rows.a or not self.batches
+                or (lora is not None and len(lora) != B)
                 or type(pool) is not KVCache or len(pool.k) != len(self.natives) or start + T > pool.max_len
                 or not all(t.is_contiguous() for t in (pool.k[0], pool.v[0])) or not float_rows(x)
                 or pool.k[0].dtype != torch.float32 or not self._unchanged()):
@@ -425,7 +434,7 @@ class NativeDecodeStack:
         values = (ctypes.c_void_p * n)(*(pool.v[i].data_ptr() + offset for i in range(n)))
         gemv_library().mighty_decode_blocks(out.data_ptr(), self.args, n, keys, values, cos.data_ptr(), sin.data_ptr(),
                                             start, pool.max_len, B, torch.get_num_threads(), pads.data_ptr(), stride,
-                                            T)
+                                            T, lora)
         return out
 
 

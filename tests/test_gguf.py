@@ -598,9 +598,9 @@ def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
 
 def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     """`mighty serve` keeps a GGUF file's blocks by default: a batch of requests, without adapters through the
-    decode layout (every block in one native call per step), then with and without a LoRA adapter (which undoes the
-    layout), is decoded by the block kernels several rows at a time, and every request gets the tokens the
-    dequantized model gives it alone."""
+    decode layout (every block in one native call per step), then with and without a LoRA adapter (its rows in the
+    same native calls), is decoded by the block kernels several rows at a time, and every request gets the tokens
+    the dequantized model (with the adapter) gives it alone."""
     from conftest import serve_all
 
     from mightylm.compress.gguf_blocks import GGUFLinear
@@ -617,8 +617,8 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     assert isinstance(kept.lm_head, GGUFLinear)
     # without adapters, as `mighty serve` starts over kept blocks: the decode layout, each step in one native call
     fuse_projections_(kept)
-    stack, ran = kept.fused_decode, []
-    kept.fused_decode = lambda *args: _count(stack, ran, args)
+    ran, batch = [], kept.fused_decode._batch  # the native stack's batch mode, counted
+    kept.fused_decode._batch = lambda *args: _count(batch, ran, args)
     prompts = [tokenizer.encode(text) for text in ("To be", "The quick brown fox", "whether 'tis nobler")]
     seqs = serve_all(Engine(kept, tokenizer, AdapterBank(kept), max_batch=4, max_len=64),
                      [(p, Sampling(max_new_tokens=8), 0) for p in prompts])
@@ -626,7 +626,7 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
         assert [s.generated for s in seqs] == [generate(dense, [p], Sampling(max_new_tokens=8))[0] for p in prompts]
     assert sum(ran) >= 7  # the batch's decode steps ran natively
     # with a LoRA adapter in the bank, the eager blocks run the wrapped layers (the fused products go) and the
-    # native calls run only the passes without LoRA rows
+    # native calls run the passes with LoRA rows too
     bank = AdapterBank(kept)
     bank.add("lora", tmp_path / "lora")
     assert kept.layers[0].attn.fused_qkv is None
@@ -634,7 +634,8 @@ def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     jobs = [(p, a) for p in prompts for a in (0, bank.ids["lora"])]
     mixed = serve_all(Engine(kept, tokenizer, bank, max_batch=8, max_len=64),
                       [(p, Sampling(max_new_tokens=8), a) for p, a in jobs])
-    assert not any(ran)  # every step had LoRA rows
+    assert sum(ran) >= 7  # every step had LoRA rows
+    ran[:] = []
     again = serve_all(Engine(kept, tokenizer, bank, max_batch=8, max_len=64),  # base rows only: native
                       [(p, Sampling(max_new_tokens=8), 0) for p in prompts])
     assert sum(ran) >= 7
@@ -739,6 +740,74 @@ def test_a_batch_of_sequences_decodes_in_one_native_call(qtype, tmp_path, bpe_to
     assert ran[-2:] == [True, True]
     torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8-activations"])
+def test_lora_rows_run_in_the_native_batch_step(int8, tmp_path, bpe_tokenizer):
+    """A server's step whose sequences carry different LoRA adapters (one on every projection of the blocks, one on
+    q, v and the head) or none still runs every block in one native call, each row adding its own adapter's terms
+    in C: the logits and the pool's keys equal those of the blocks run eagerly through the wrapped layers, for the
+    padded prompts, one-token steps and a speculative step's several tokens per row."""
+    from conftest import random_lora
+
+    from mightylm.compress.gguf_blocks import int8_activations_
+    from mightylm.fuse import fuse_projections_
+    from mightylm.model import KVRows
+    from mightylm.serve.adapters import AdapterBank
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q4_1)
+    dense, _ = mightylm.load(tmp_path / "m.gguf")
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    random_lora(dense, every, tmp_path / "a", str(tmp_path / "m.gguf"))
+    random_lora(dense, ("q_proj", "v_proj", "lm_head"), tmp_path / "b", str(tmp_path / "m.gguf"))
+    model, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    if int8:
+        int8_activations_(model)
+    fuse_projections_(model)
+    stack, ran = model.fused_decode, []
+    bank = AdapterBank(model.eval())
+    bank.add("a", tmp_path / "a")
+    bank.add("b", tmp_path / "b")
+    ids = [bank.ids["a"], 0, bank.ids["b"]]
+
+    lengths, width = [5, 9, 7], 9
+    g = torch.Generator().manual_seed(0)
+    idx, pads = torch.zeros(3, width, dtype=torch.long), torch.tensor([width - n for n in lengths])
+    for r, n in enumerate(lengths):
+        idx[r, width - n:] = torch.randint(1, model.config.vocab_size, (n,), generator=g)
+    follow = torch.randint(1, model.config.vocab_size, (3, 3), generator=g)
+
+    def forward(x, rows, start, native: bool, adapters=ids):
+        bank.set_rows(adapters)
+        if not native:
+            model.fused_decode = None
+        elif model.fused_decode is not None:
+            assert model.fused_decode is stack and model.layers[0].fused_decode.lora is stack.lora
+            model.fused_decode = lambda *args: _count(stack, ran, args)
+        return model(x, cache=rows, start=start, pad=pads)
+
+    def run(native: bool, adapters=ids):
+        pool = model.make_cache(4, 24)
+        rows = KVRows(pool, 1, 4)
+        with torch.no_grad():
+            logits = [forward(idx, rows, 0, native, adapters)[:, -1:]]
+            for t in range(width, width + 4):
+                logits.append(forward(logits[-1][:, -1].argmax(-1)[:, None], rows, t, native, adapters)[:, -1:])
+            logits.append(forward(follow, rows, width + 4, native, adapters))  # 3 tokens a row
+        return torch.cat(logits, 1), pool.k[1][:, :, :width + 7].clone()  # (3 sequences, 8 positions, vocab)
+
+    (native, native_keys), (eager, eager_keys) = run(True), run(False)
+    assert ran == [True] * 6  # the prompts, every step and the speculative one in one native call each
+    torch.testing.assert_close(native, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native_keys, eager_keys, atol=1e-5, rtol=1e-5)
+    base, _ = run(True, [0, 0, 0])
+    torch.testing.assert_close(native[1], base[1], atol=1e-5, rtol=1e-5)  # the row without an adapter
+    for r in (0, 2):  # each adapter changes its own rows
+        assert (native[r] - base[r]).abs().max() > 1e-2, r
+    bank.remove("b")  # a removed adapter's rows: the base
+    (after, _), (plain, _) = run(True, [bank.ids["a"], 0, 0]), run(False, [bank.ids["a"], 0, 0])
+    torch.testing.assert_close(after, plain, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)

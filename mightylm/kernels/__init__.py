@@ -78,7 +78,8 @@ def _build() -> ctypes.CDLL | None:
     lib.mighty_decode_blocks.restype = None
     lib.mighty_decode_blocks.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 3 + [
-                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                                         ctypes.c_void_p]
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]
@@ -164,7 +165,18 @@ class BlockArgs(ctypes.Structure):
                 ("sin", ctypes.c_void_p)] + [(name, ctypes.c_long) for name in (
                     "dim", "n_heads", "n_kv", "head_dim", "ffn", "max_len", "pos")] + [
                 ("eps", ctypes.c_float), ("threads", ctypes.c_int), ("rows", ctypes.c_long),
-                ("pads", ctypes.c_void_p), ("row_stride", ctypes.c_long), ("tokens", ctypes.c_long)]
+                ("pads", ctypes.c_void_p), ("row_stride", ctypes.c_long), ("tokens", ctypes.c_long),
+                ("lora", ctypes.c_void_p), ("layer", ctypes.c_long)]
+
+
+class LoraTerm(ctypes.Structure):
+    """gemv.c's mighty_lora: y[offset:offset + out] += Bt.T @ (A @ x) for one LoRA pair of a projection (A (rank, in),
+    Bt (rank, out), float32, contiguous; Bt is B transposed and scaled). An adapter's table holds TERMS of them per
+    projection (q, k, v of the fused qkv; gate, up; o and down one each), PROJECTIONS per block, for every block."""
+    _fields_ = [("A", ctypes.c_void_p), ("Bt", ctypes.c_void_p), ("rank", ctypes.c_long), ("offset", ctypes.c_long),
+                ("out", ctypes.c_long)]
+
+    TERMS, PROJECTIONS = 3, 4
 
 
 def gemv_library():

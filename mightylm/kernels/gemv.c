@@ -273,7 +273,21 @@ typedef struct {
     const long *pads;
     long row_stride;
     long tokens;
+    /* per-request LoRA (serve/adapters.py): lora[s] is sequence s's adapter (NULL: none), its terms for every block
+     * in one table (mighty_lora, below), of which this block's are at layer; lora NULL: no adapter anywhere */
+    const struct mighty_lora *const *lora;
+    long layer;
 } mighty_block;
+
+/* One LoRA term of a projection: y[offset .. offset + out) += Bt^T (A x), A (rank, in) and Bt (rank, out) row-major
+ * float32 (Bt: the adapter's B transposed, already scaled). An adapter's table holds LORA_TERMS terms per projection
+ * (q, k, v of the fused qkv; gate, up of gate_up; o and down one each) for the 4 projections of every block, in
+ * that order; rank 0: no term. */
+enum { LORA_TERMS = 3, LORA_PROJECTIONS = 4 };
+typedef struct mighty_lora {
+    const float *A, *Bt;
+    long rank, offset, out;
+} mighty_lora;
 
 /* scratch: at least max(in, (threads - 1) * out) floats */
 static void project(const mighty_proj *p, const float *x, float *y, float *scratch, long in, long out, int threads) {
@@ -411,6 +425,39 @@ static void weighted_rows(const float *p, const float *V, long T, long n, float 
     }
 }
 
+/* y (R, width) += each row's LoRA terms for projection p of this block on x (R, in). The rows of one adapter go
+ * together, so that each row of its A and B is read once for all of them (from L1 after the first). */
+static void lora_rows(const mighty_block *b, int p, const float *x, float *y, long in, long width, long R) {
+    if (!b->lora) return;
+    const long T = b->pads && b->tokens > 1 ? b->tokens : 1;
+    char *done = calloc(R, 1);
+    long *rows = malloc(sizeof(long) * R);
+    for (long r = 0; r < R; r++) {
+        const mighty_lora *table = b->lora[b->pads ? r / T : 0];
+        if (done[r] || !table) continue;
+        long n = 0;
+        for (long j = r; j < R; j++)
+            if (!done[j] && b->lora[b->pads ? j / T : 0] == table) { rows[n++] = j; done[j] = 1; }
+        const mighty_lora *terms = table + (b->layer * LORA_PROJECTIONS + p) * LORA_TERMS;
+        for (int t = 0; t < LORA_TERMS; t++) {
+            const mighty_lora *l = terms + t;
+            for (long k = 0; k < l->rank; k++) {
+                const float *a = l->A + k * in, *bt = l->Bt + k * l->out;
+                for (long j = 0; j < n; j++) {
+                    const __m256 h = _mm256_set1_ps(dot(a, x + rows[j] * in, in));
+                    float *yj = y + rows[j] * width + l->offset;
+                    long i = 0;
+                    for (; i + 8 <= l->out; i += 8)
+                        _mm256_storeu_ps(yj + i, _mm256_fmadd_ps(h, _mm256_loadu_ps(bt + i), _mm256_loadu_ps(yj + i)));
+                    for (; i < l->out; i++) yj[i] += _mm256_cvtss_f32(h) * bt[i];
+                }
+            }
+        }
+    }
+    free(done);
+    free(rows);
+}
+
 static void rms_norm(const float *x, const float *w, float *y, long n, float eps) {
     double ss = 0.0;
     for (long i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -478,6 +525,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->attn_norm, h + r * dim, dim, b->eps);
     project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads);
+    lora_rows(b, 0, h, qkv, dim, qkv_out, R);
     for (long r = 0; r < R; r++) {
         float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
         const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
@@ -510,6 +558,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         weighted_rows(s, V, ctx, hd, out);
     }
     project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
+    lora_rows(b, 1, att, tmp, q_out, dim, R);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->mlp_norm, h + r * dim, dim, b->eps);
@@ -519,6 +568,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         return;
     }
     project_rows(&b->gate_up, h, gu, scratch, dim, 2 * ffn, R, threads);
+    lora_rows(b, 2, h, gu, dim, 2 * ffn, R);
     for (long r = 0; r < R; r++) {
         float *g = gu + r * 2 * ffn;
         silu_mul(g, g + ffn, ffn);  /* silu(gate) * up */
@@ -530,6 +580,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         for (long r = 1; r < R; r++) memmove(gu + r * ffn, gu + r * 2 * ffn, sizeof(float) * ffn);
         project_rows(&b->down, gu, tmp, scratch, ffn, dim, R, threads);
     }
+    lora_rows(b, 3, gu, tmp, ffn, dim, R);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
     free(h);
 }
@@ -541,9 +592,12 @@ void mighty_decode_block(float *x, const mighty_block *b) {
  * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. */
 void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, float *const *k_caches,
                           float *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
-                          long rows, int threads, const long *pads, long row_stride, long tokens) {
+                          long rows, int threads, const long *pads, long row_stride, long tokens,
+                          const mighty_lora *const *lora) {
     for (long i = 0; i < n; i++) {
         mighty_block b = *blocks[i];
+        b.lora = lora;
+        b.layer = i;
         b.pads = pads;
         b.row_stride = row_stride;
         b.tokens = tokens;

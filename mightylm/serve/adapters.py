@@ -11,13 +11,17 @@ batch, without merging anything into the weights.
   request's token embeddings at prefill (`Transformer.forward(embeds=...)`); decoding needs nothing.
 
 Adapters can be added and removed while serving; the engine does it between steps. Over kept GGUF blocks or 2:4
-weights the server starts in the decode layout (fuse.py: a batch's decode step in one native call); the native calls
-know no adapter, so once LoRA layers are wrapped they run only the passes without LoRA rows, and the others run the
+weights the server starts in the decode layout (fuse.py: a batch's decode step in one native call). A LoRA adapter
+on the blocks' projections then also gets a native table (`native_table`: its A and B of every block, for
+kernels/gemv.c's lora_rows), and a pass with LoRA rows still runs in one native call, each row adding its own
+adapter's terms; what the native call does not take (a long prompt, an adapter on other layers of a block) runs the
 blocks eagerly through the wrapped layers (`AdapterBank.set_rows`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +31,39 @@ from torch import nn
 from mightylm.adapters import KINDS, AdapterError, kind_of, read_adapter_config, warn_if_other_base
 from mightylm.compress.gguf_blocks import GGUFLinear
 from mightylm.compress.sparse24 import Sparse24Linear
+from mightylm.kernels import LoraTerm
+
+# where each LoRA target of a block goes in the native block (kernels/gemv.c, mighty_lora): (projection, term) and
+# the offset of its output within the fused projection's ("q", "k", "v": qkv; "gate", "up": gate_up)
+_NATIVE_TERMS = {"q_proj": (0, 0, "0"), "k_proj": (0, 1, "q"), "v_proj": (0, 2, "q+kv"), "o_proj": (1, 0, "0"),
+                 "gate_proj": (2, 0, "0"), "up_proj": (2, 1, "ffn"), "down_proj": (3, 0, "0")}
+_BLOCK_LAYER = re.compile(r"layers\.(\d+)\.(?:attn|mlp)\.(\w+)$")
+
+
+def native_table(model, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """An adapter's LoRA terms for the native blocks: (the ctypes array of kernels.LoraTerm, the tensors it points
+    at), from its pairs {module name: (A, scaled B)} in float32; None where a pair is on a layer of a block that the
+    native block does not know (its rows then run the blocks eagerly). Pairs outside the blocks (the head) are left
+    to the wrapped modules, which run after the blocks either way."""
+    c = model.config
+    offsets = {"0": 0, "q": c.n_heads * c.head_dim, "q+kv": (c.n_heads + c.n_kv_heads) * c.head_dim, "ffn": c.ffn_dim}
+    per_block = LoraTerm.PROJECTIONS * LoraTerm.TERMS
+    table, keep = (LoraTerm * (len(model.layers) * per_block))(), []
+    for name, (A, B) in pairs.items():
+        found = _BLOCK_LAYER.search(name)
+        if found is None:
+            if ".layers." in f".{name}":
+                return None
+            continue
+        layer, leaf = int(found[1]), found[2]
+        if leaf not in _NATIVE_TERMS or A.dtype != torch.float32 or layer >= len(model.layers):
+            return None
+        projection, term, offset = _NATIVE_TERMS[leaf]
+        A, Bt = A.contiguous(), B.t().contiguous()
+        keep += [A, Bt]
+        table[layer * per_block + projection * LoraTerm.TERMS + term] = LoraTerm(
+            A.data_ptr(), Bt.data_ptr(), A.shape[0], offsets[offset], Bt.shape[1])
+    return table, keep
 
 
 class MultiLoRALinear(nn.Module):
@@ -65,6 +102,7 @@ class AdapterBank:
         self.present: dict[int, torch.Tensor | None] = {}
         self._next = 1
         self._natives = None  # (the model's native stack, each block's native call) once LoRA layers are wrapped
+        self._tables: dict[int, tuple] = {}  # LoRA adapter id -> its native_table, where the native stack takes it
 
     def set_rows(self, ids: list[int]) -> None:
         """Say which adapter each row of the next forward passes uses (0: the base model)."""
@@ -74,18 +112,22 @@ class AdapterBank:
             rows = [r for r, a in enumerate(ids) if a == i]
             mask = torch.tensor([[[float(a == i)]] for a in ids], dtype=self.model.dtype, device=device)
             self.present[i] = None if len(rows) == len(ids) else mask  # (B, 1, 1)
-        if self._natives is not None:  # the native calls know no adapter: they run only passes without LoRA rows
+        if self._natives is not None:  # the native calls take LoRA rows whose adapters have tables
             stack, blocks = self._natives
-            on = not (self.lora_ids & self.present.keys())
+            lora = self.lora_ids & self.present.keys()
+            on = lora <= self._tables.keys()
+            stack.lora = (ctypes.c_void_p * len(ids))(*(ctypes.addressof(self._tables[i][0]) if i in lora else None
+                                                        for i in ids)) if lora and on else None
             self.model.fused_decode = stack if on else None
             for block, native in zip(self.model.layers, blocks):
                 block.fused_decode = native if on else None
+                native.lora = stack.lora
 
     def _keep_natives_apart(self) -> None:
         """Before the first LoRA wraps layers of a model in the decode layout (as `mighty serve` starts over kept
         GGUF blocks or 2:4 weights): the fused q/k/v and gate/up products the eager blocks would call instead of the
         wrapped layers go (their weights stay, the layers' own are views into them), and the native calls, which
-        read the same weights, are kept for the passes without LoRA rows (set_rows)."""
+        read the same weights, are kept, given each pass's LoRA rows by set_rows."""
         if self._natives is None and getattr(self.model, "fused_decode", None) is not None:
             self._natives = (self.model.fused_decode, [block.fused_decode for block in self.model.layers])
         for m in self.model.modules():
@@ -149,7 +191,7 @@ class AdapterBank:
             return prepared["what"]
         self._keep_natives_apart()
         i = self._new_id(prepared["name"], "lora")
-        modules = dict(self.model.named_modules())
+        modules, installed = dict(self.model.named_modules()), {}
         for module_name, pair in prepared["pairs"].items():
             module = modules[module_name]
             if not isinstance(module, MultiLoRALinear):
@@ -158,6 +200,11 @@ class AdapterBank:
                 setattr(modules[parent_name], leaf, module)
             A, B = pair
             module.pairs[i] = (A.to(dtype), (B * prepared["scaling"]).to(dtype))
+            installed[module_name] = module.pairs[i]
+        if self._natives is not None:
+            table = native_table(self.model, installed)
+            if table is not None:
+                self._tables[i] = table
         return f"LoRA on {len(prepared['pairs'])} layers"
 
     def _check_name(self, name: str) -> None:
@@ -176,6 +223,7 @@ class AdapterBank:
         i = self.ids.pop(name)
         self.kinds.pop(name)
         self.prompts.pop(i, None)
+        self._tables.pop(i, None)
         for module in self.model.modules():
             if isinstance(module, MultiLoRALinear):
                 module.pairs.pop(i, None)

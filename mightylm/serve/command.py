@@ -149,7 +149,7 @@ def serve(
                       file=sys.stderr)
         if any(isinstance(m, (GGUFLinear, Sparse24Linear)) for m in net.modules()):
             # kept GGUF blocks or 2:4 weights are read once for all rows: a decode step of the batch runs every
-            # block in one native call (the decode layout, fuse.py), except steps with LoRA rows (AdapterBank.set_rows)
+            # block in one native call (the decode layout, fuse.py), LoRA rows included (AdapterBank.set_rows)
             fuse_projections_(net)
         bank = AdapterBank(net.eval())
         for spec in adapter or []:
