@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import weakref
 
 import torch
 from torch import nn
 
+from mightylm.adapters.lora import LoRALinear
 from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
-from mightylm.kernels import (BlockArgs, Projection, float_rows, gemv_int4, gemv_int8, gemv_library, gemv_nf4,
-                              linear)
+from mightylm.kernels import (BlockArgs, LoraTerm, Projection, float_rows, gemv_int4, gemv_int8, gemv_library,
+                              gemv_nf4, linear)
 from mightylm.model import MLP, Attention, KVCache, KVRows, RMSNorm, Transformer
 from mightylm.moe import MoE
 
@@ -303,6 +305,7 @@ class NativeDecodeBlock:
                  experts: tuple[tuple[Projection, tuple], list, list] | None = None):
         self.attn = block.attn
         self.lora = None  # as NativeDecodeStack.lora, for this block (the sequence's adapter, one pointer)
+        self.adapter = None  # as NativeDecodeStack.adapter
         norms = (block.attn_norm.weight, block.mlp_norm.weight)
         self.keep = [t for _, tensors in parts for t in tensors] + list(norms)  # the pointers stay valid
         (qkv, _), (o, _) = parts[:2]
@@ -336,7 +339,7 @@ class NativeDecodeBlock:
         # (a mask whose last row is not all True holds padding or a sliding window: eager)
 
     def __call__(self, x, cos, sin, cache, start, mask=None):
-        lora = self.lora
+        lora = _adapter_rows(self.lora, self.adapter, 1)
         if not self.applies(x, cache, start, mask) or (lora is not None and len(lora) != 1):
             return None
         layer = self.attn.layer_idx
@@ -367,6 +370,8 @@ class NativeDecodeStack:
         # the next pass's LoRA, set by serve.adapters.AdapterBank.set_rows: one pointer per sequence of the batch to
         # its adapter's table of kernels.LoraTerm (None: no adapter), or None where no row has one
         self.lora = None
+        # the model's own LoRA (native_table), for every row where `lora` is None: a generation's --adapter
+        self.adapter = None
         # (a weak reference to the last cache, its per-layer key and value pointers): a cache serves a whole
         # generation, and its buffers never move
         self._caches = (lambda: None, None, None)
@@ -386,7 +391,7 @@ class NativeDecodeStack:
     def __call__(self, x, cos, sin, cache, start, mask=None):
         if type(cache) is KVRows:
             return self._batch(x, cos, sin, cache, start, mask)
-        lora = self.lora
+        lora = _adapter_rows(self.lora, self.adapter, 1)
         if (x.shape[1] > self.max_rows or not self.natives[0].applies(x, cache, start, mask) or not self._unchanged()
                 or len(cache.k) != len(self.natives) or (lora is not None and len(lora) != 1)):
             return None
@@ -405,7 +410,8 @@ class NativeDecodeStack:
         activations, each row then rounded as it would be alone; 2:4), B is at most NATIVE_BATCH and T at most
         NATIVE_ROWS; the pads are read off the mask, which must allow exactly those slots (no window). Rows with a
         LoRA adapter add its terms after each projection, in C too (`self.lora`)."""
-        pool, (B, T), lora = rows.pool, x.shape[:2], self.lora
+        pool, (B, T) = rows.pool, x.shape[:2]
+        lora = _adapter_rows(self.lora, self.adapter, B)
         if (B > NATIVE_BATCH or T > NATIVE_ROWS or B != rows.b - rows.a or not self.batches
                 or (lora is not None and len(lora) != B)
                 or type(pool) is not KVCache or len(pool.k) != len(self.natives) or start + T > pool.max_len
@@ -436,6 +442,47 @@ class NativeDecodeStack:
                                             start, pool.max_len, B, torch.get_num_threads(), pads.data_ptr(), stride,
                                             T, lora)
         return out
+
+
+# where each LoRA target of a block goes in the native block (kernels/gemv.c, mighty_lora): (projection, term) and
+# the offset of its output within the fused projection's ("q", "k", "v": qkv; "gate", "up": gate_up)
+_NATIVE_TERMS = {"q_proj": (0, 0, "0"), "k_proj": (0, 1, "q"), "v_proj": (0, 2, "q+kv"), "o_proj": (1, 0, "0"),
+                 "gate_proj": (2, 0, "0"), "up_proj": (2, 1, "ffn"), "down_proj": (3, 0, "0")}
+_BLOCK_LAYER = re.compile(r"layers\.(\d+)\.(?:attn|mlp)\.(\w+)$")
+
+
+def _adapter_rows(lora, adapter, n: int):
+    """The LoRA pointers of a pass: those set for it (`lora`), else the model's own adapter's table for each of
+    its n sequences, else None."""
+    if lora is not None or adapter is None:
+        return lora
+    return (ctypes.c_void_p * n)(*[ctypes.addressof(adapter[0])] * n)
+
+
+def native_table(model, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """An adapter's LoRA terms for the native blocks: (the ctypes array of kernels.LoraTerm, the tensors it points
+    at), from its pairs {module name: (A, scaled B)} in float32; None where a pair is on a layer of a block that the
+    native block does not know (its rows then run the blocks eagerly). Pairs outside the blocks (the head) are left
+    to the wrapped modules, which run after the blocks either way."""
+    c = model.config
+    offsets = {"0": 0, "q": c.n_heads * c.head_dim, "q+kv": (c.n_heads + c.n_kv_heads) * c.head_dim, "ffn": c.ffn_dim}
+    per_block = LoraTerm.PROJECTIONS * LoraTerm.TERMS
+    table, keep = (LoraTerm * (len(model.layers) * per_block))(), []
+    for name, (A, B) in pairs.items():
+        found = _BLOCK_LAYER.search(name)
+        if found is None:
+            if ".layers." in f".{name}":
+                return None
+            continue
+        layer, leaf = int(found[1]), found[2]
+        if leaf not in _NATIVE_TERMS or A.dtype != torch.float32 or layer >= len(model.layers):
+            return None
+        projection, term, offset = _NATIVE_TERMS[leaf]
+        A, Bt = A.contiguous(), B.t().contiguous()
+        keep += [A, Bt]
+        table[layer * per_block + projection * LoraTerm.TERMS + term] = LoraTerm(
+            A.data_ptr(), Bt.data_ptr(), A.shape[0], offsets[offset], Bt.shape[1])
+    return table, keep
 
 
 def _native_block(block, config) -> NativeDecodeBlock | None:
@@ -492,9 +539,47 @@ def _libc():
 
 
 @torch.no_grad()
+def _lora_apart(model: Transformer) -> dict[str, LoRALinear]:
+    """The blocks' unmerged LoRA layers over kept GGUF blocks or 2:4 weights (a generation's --adapter), each
+    replaced by its base layer, so that the layout fuses the bases; `_lora_back` puts them back."""
+    found = {name: m for name, m in model.layers.named_modules(prefix="layers")
+             if type(m) is LoRALinear and not m.merged and isinstance(m.base_layer, (GGUFLinear, Sparse24Linear))}
+    for name, m in found.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, m.base_layer)
+    return found
+
+
+def _lora_back(model: Transformer, found: dict[str, LoRALinear]) -> None:
+    """Put the LoRA layers back. The eager blocks call them (the fused q/k/v and gate/up products over their bases
+    go), and the native calls add their terms in C (native_table: A and scaled B^T copied now; like the rest of the
+    layout, unfuse before changing the adapter's weights), or, where it cannot, the blocks run eagerly."""
+    for name, m in found.items():
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, leaf, m)
+        if isinstance(owner, Attention) and leaf in ("q_proj", "k_proj", "v_proj"):
+            owner.fused_qkv = None
+        elif isinstance(owner, MLP) and leaf in ("gate_proj", "up_proj"):
+            owner.fused_gate_up = None
+    if not found:
+        return
+    with torch.no_grad():
+        table = native_table(model, {name: (m.lora_A.weight.float(), m.lora_B.weight.float() * m.scaling)
+                                     for name, m in found.items()})
+    natives = [model.fused_decode] + [block.fused_decode for block in model.layers]
+    for native in natives:
+        if isinstance(native, (NativeDecodeStack, NativeDecodeBlock)):
+            native.adapter = table
+    if table is None:  # an adapter the native blocks cannot take: its blocks run eagerly
+        model.fused_decode = None
+        for block in model.layers:
+            block.fused_decode = None
+
+
 def fuse_projections_(model: Transformer) -> list[str]:
     """Apply the decode layout in place. Returns the names of what it converted (empty if nothing)."""
-    converted = []
+    converted, lora = [], _lora_apart(model)
     for name, module in model.named_modules():
         if isinstance(module, Attention) and module.fused_qkv is None:
             module.fused_qkv = _fusion([module.q_proj, module.k_proj, module.v_proj])
@@ -527,6 +612,7 @@ def fuse_projections_(model: Transformer) -> list[str]:
         else:
             _swap_linear(model, "lm_head", DecodeLinear, _param(_input_major([model.lm_head.weight]), model.lm_head.weight))
         converted.append("lm_head")
+    _lora_back(model, lora)
     _give_back_freed_memory()
     return converted
 

@@ -577,8 +577,11 @@ def test_a_recurrent_memory_wraps_a_kept_gguf_model(tmp_path, bpe_tokenizer):
 
 
 def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
-    """`generate --blocks true --adapter DIR`: LoRA wraps the kept blocks as it wraps any quantized base."""
-    from mightylm.adapters.lora import apply_lora, save_lora
+    """`generate --blocks true --adapter DIR`: LoRA wraps the kept blocks as it wraps any quantized base, and the
+    decode layout still runs every block in one native call, adding the adapter's terms in C: a prompt read at once
+    and decoded tokens give the logits of the eager blocks through the LoRA layers."""
+    from mightylm.adapters.lora import LoRALinear, apply_lora, save_lora
+    from mightylm.fuse import NativeDecodeStack
     from mightylm.generate import load_for_generation
 
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
@@ -594,6 +597,23 @@ def test_a_lora_adapter_applies_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):
     kept, _ = load_for_generation(str(tmp_path / "m.gguf"), adapter=str(tmp_path / "lora"), keep_blocks=True)
     with torch.no_grad():
         torch.testing.assert_close(kept(idx), dense(idx), atol=1e-4, rtol=1e-4)
+    stack, ran = kept.fused_decode, []
+    assert isinstance(stack, NativeDecodeStack) and stack.adapter is not None
+    assert isinstance(kept.layers[0].attn.q_proj, LoRALinear) and kept.layers[0].attn.fused_qkv is None
+    kept.fused_decode = lambda *args: _count(stack, ran, args)
+
+    def decode(model):
+        cache = model.make_cache(1, 32)
+        with torch.no_grad():
+            logits = [model(idx[:, :6], cache=cache, start=0)[0]]
+            logits += [model(idx[:, t:t + 1], cache=cache, start=t)[0] for t in range(6, 10)]
+        return torch.cat(logits)
+
+    native = decode(kept)
+    assert ran == [True] * 5
+    torch.testing.assert_close(native, decode(dense), atol=1e-4, rtol=1e-4)
+    kept.fused_decode = None  # the blocks one by one: each block's own native call with the adapter
+    torch.testing.assert_close(decode(kept), native, atol=1e-5, rtol=1e-5)
 
 
 def test_the_server_batches_over_kept_gguf_blocks(tmp_path, bpe_tokenizer):

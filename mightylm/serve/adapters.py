@@ -21,7 +21,6 @@ blocks eagerly through the wrapped layers (`AdapterBank.set_rows`).
 from __future__ import annotations
 
 import ctypes
-import re
 from pathlib import Path
 
 import torch
@@ -31,40 +30,7 @@ from torch import nn
 from mightylm.adapters import KINDS, AdapterError, kind_of, read_adapter_config, warn_if_other_base
 from mightylm.compress.gguf_blocks import GGUFLinear
 from mightylm.compress.sparse24 import Sparse24Linear
-from mightylm.kernels import LoraTerm
-
-# where each LoRA target of a block goes in the native block (kernels/gemv.c, mighty_lora): (projection, term) and
-# the offset of its output within the fused projection's ("q", "k", "v": qkv; "gate", "up": gate_up)
-_NATIVE_TERMS = {"q_proj": (0, 0, "0"), "k_proj": (0, 1, "q"), "v_proj": (0, 2, "q+kv"), "o_proj": (1, 0, "0"),
-                 "gate_proj": (2, 0, "0"), "up_proj": (2, 1, "ffn"), "down_proj": (3, 0, "0")}
-_BLOCK_LAYER = re.compile(r"layers\.(\d+)\.(?:attn|mlp)\.(\w+)$")
-
-
-def native_table(model, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """An adapter's LoRA terms for the native blocks: (the ctypes array of kernels.LoraTerm, the tensors it points
-    at), from its pairs {module name: (A, scaled B)} in float32; None where a pair is on a layer of a block that the
-    native block does not know (its rows then run the blocks eagerly). Pairs outside the blocks (the head) are left
-    to the wrapped modules, which run after the blocks either way."""
-    c = model.config
-    offsets = {"0": 0, "q": c.n_heads * c.head_dim, "q+kv": (c.n_heads + c.n_kv_heads) * c.head_dim, "ffn": c.ffn_dim}
-    per_block = LoraTerm.PROJECTIONS * LoraTerm.TERMS
-    table, keep = (LoraTerm * (len(model.layers) * per_block))(), []
-    for name, (A, B) in pairs.items():
-        found = _BLOCK_LAYER.search(name)
-        if found is None:
-            if ".layers." in f".{name}":
-                return None
-            continue
-        layer, leaf = int(found[1]), found[2]
-        if leaf not in _NATIVE_TERMS or A.dtype != torch.float32 or layer >= len(model.layers):
-            return None
-        projection, term, offset = _NATIVE_TERMS[leaf]
-        A, Bt = A.contiguous(), B.t().contiguous()
-        keep += [A, Bt]
-        table[layer * per_block + projection * LoraTerm.TERMS + term] = LoraTerm(
-            A.data_ptr(), Bt.data_ptr(), A.shape[0], offsets[offset], Bt.shape[1])
-    return table, keep
-
+from mightylm.fuse import native_table
 
 class MultiLoRALinear(nn.Module):
     """A base linear layer (nn.Linear, GGUFLinear's kept blocks or 2:4 Sparse24Linear) + any number of LoRA adapters
