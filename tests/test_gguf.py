@@ -790,6 +790,8 @@ def test_lora_rows_run_in_the_native_batch_step(int8, tmp_path, bpe_tokenizer):
     bank.add("a", tmp_path / "a")
     bank.add("b", tmp_path / "b")
     ids = [bank.ids["a"], 0, bank.ids["b"]]
+    _, B = model.layers[0].attn.q_proj.pairs[ids[0]]
+    assert B.data_ptr() in {t.data_ptr() for t in bank._tables[ids[0]][1]}  # the table reads B itself, no copy
 
     lengths, width = [5, 9, 7], 9
     g = torch.Generator().manual_seed(0)

@@ -165,7 +165,8 @@ class AdapterBank:
                 module = MultiLoRALinear(module, self)
                 setattr(modules[parent_name], leaf, module)
             A, B = pair
-            module.pairs[i] = (A.to(dtype), (B * prepared["scaling"]).to(dtype))
+            # scale * B held as (r, out) rows, seen as (out, r): the native table reads the same bytes (no copy)
+            module.pairs[i] = (A.to(dtype).contiguous(), (B * prepared["scaling"]).to(dtype).t().contiguous().t())
             installed[module_name] = module.pairs[i]
         if self._natives is not None:
             table = native_table(self.model, installed)
