@@ -15,6 +15,9 @@ from memory. Measured on SmolLM2-135M's shapes (2 cores, float32, bench/RESULTS.
    weights' streaming (SmolLM2-135M on a 2-core AMD EPYC with AVX2, bench/native_block.py: float32 1.42x,
    int8 1.64x faster). Anything else
    (prefill, batches, gradients, LLaMA-Adapter) still runs the eager block.
+4. LoRA over kept GGUF blocks or 2:4 weights (a generation's `--adapter`, a server's per-request adapters): the
+   bases are fused, the LoRA layers stay for the eager path, and the native calls add each row's low-rank terms
+   after every projection in C from a table of the adapter's A and scaled B^T (`native_table`).
 
 int8 layers (compress/quantize.py) are fused the same way (stacked rows and scales, one int8
 kernel call). Nothing is stored twice: `q_proj.weight`, `k_proj.weight`, `v_proj.weight` (and
@@ -538,7 +541,6 @@ def _libc():
         return None
 
 
-@torch.no_grad()
 def _lora_apart(model: Transformer) -> dict[str, LoRALinear]:
     """The blocks' unmerged LoRA layers over kept GGUF blocks or 2:4 weights (a generation's --adapter), each
     replaced by its base layer, so that the layout fuses the bases; `_lora_back` puts them back."""
@@ -564,9 +566,8 @@ def _lora_back(model: Transformer, found: dict[str, LoRALinear]) -> None:
             owner.fused_gate_up = None
     if not found:
         return
-    with torch.no_grad():
-        table = native_table(model, {name: (m.lora_A.weight.float(), m.lora_B.weight.float() * m.scaling)
-                                     for name, m in found.items()})
+    table = native_table(model, {name: (m.lora_A.weight.float(), m.lora_B.weight.float() * m.scaling)
+                                 for name, m in found.items()})
     natives = [model.fused_decode] + [block.fused_decode for block in model.layers]
     for native in natives:
         if isinstance(native, (NativeDecodeStack, NativeDecodeBlock)):
@@ -577,6 +578,7 @@ def _lora_back(model: Transformer, found: dict[str, LoRALinear]) -> None:
             block.fused_decode = None
 
 
+@torch.no_grad()
 def fuse_projections_(model: Transformer) -> list[str]:
     """Apply the decode layout in place. Returns the names of what it converted (empty if nothing)."""
     converted, lora = [], _lora_apart(model)
