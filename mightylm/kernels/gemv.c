@@ -426,36 +426,90 @@ static void weighted_rows(const float *p, const float *V, long T, long n, float 
 }
 
 /* y (R, width) += each row's LoRA terms for projection p of this block on x (R, in). The rows of one adapter go
- * together, so that each row of its A and B is read once for all of them (from L1 after the first). */
-static void lora_rows(const mighty_block *b, int p, const float *x, float *y, long in, long width, long R) {
+ * together, so that each row of its A and B is read once for all of them (from L1 after the first); the threads
+ * first share the rank-sized products h = A x (by adapter, term and row of A), then the updates y += B h (by
+ * adapter, term and 64 columns), which write disjoint parts of y. */
+enum { LORA_COLUMNS = 64 };
+static void lora_rows(const mighty_block *b, int p, const float *x, float *y, long in, long width, long R,
+                      int threads) {
     if (!b->lora) return;
     const long T = b->pads && b->tokens > 1 ? b->tokens : 1;
     char *done = calloc(R, 1);
-    long *rows = malloc(sizeof(long) * R);
+    long *rows = malloc(sizeof(long) * R), *first = malloc(sizeof(long) * (R + 1)), groups = 0, n = 0;
+    const mighty_lora **terms = malloc(sizeof(*terms) * R);  /* each group's terms for this projection */
+    long rank = 0, out = 0;  /* the largest of any term */
     for (long r = 0; r < R; r++) {
         const mighty_lora *table = b->lora[b->pads ? r / T : 0];
         if (done[r] || !table) continue;
-        long n = 0;
+        first[groups] = n;
         for (long j = r; j < R; j++)
             if (!done[j] && b->lora[b->pads ? j / T : 0] == table) { rows[n++] = j; done[j] = 1; }
-        const mighty_lora *terms = table + (b->layer * LORA_PROJECTIONS + p) * LORA_TERMS;
+        terms[groups] = table + (b->layer * LORA_PROJECTIONS + p) * LORA_TERMS;
         for (int t = 0; t < LORA_TERMS; t++) {
-            const mighty_lora *l = terms + t;
-            for (long k = 0; k < l->rank; k++) {
-                const float *a = l->A + k * in, *bt = l->Bt + k * l->out;
-                for (long j = 0; j < n; j++) {
-                    const __m256 h = _mm256_set1_ps(dot(a, x + rows[j] * in, in));
-                    float *yj = y + rows[j] * width + l->offset;
-                    long i = 0;
-                    for (; i + 8 <= l->out; i += 8)
-                        _mm256_storeu_ps(yj + i, _mm256_fmadd_ps(h, _mm256_loadu_ps(bt + i), _mm256_loadu_ps(yj + i)));
-                    for (; i < l->out; i++) yj[i] += _mm256_cvtss_f32(h) * bt[i];
+            rank = terms[groups][t].rank > rank ? terms[groups][t].rank : rank;
+            out = terms[groups][t].out > out ? terms[groups][t].out : out;
+        }
+        groups++;
+    }
+    first[groups] = n;
+    if (rank > 0) {
+        float *h = malloc(sizeof(float) * n * LORA_TERMS * rank);  /* h[(i * LORA_TERMS + t) * rank + k], i: row */
+        const long chunks = (out + LORA_COLUMNS - 1) / LORA_COLUMNS;
+        #pragma omp parallel num_threads(threads)
+        {
+            /* h = A x for one row and term, eight rows of A at a time: x read once for eight independent sums */
+            #pragma omp for schedule(static)
+            for (long job = 0; job < n * LORA_TERMS; job++) {
+                const long i = job / LORA_TERMS, t = job % LORA_TERMS;
+                long g = 0;
+                while (first[g + 1] <= i) g++;
+                const mighty_lora *l = terms[g] + t;
+                const float *xi = x + rows[i] * in;
+                for (long k0 = 0; k0 < l->rank; k0 += 8) {
+                    const long kn = l->rank - k0 < 8 ? l->rank - k0 : 8;
+                    __m256 acc[8];
+                    for (long k = 0; k < kn; k++) acc[k] = _mm256_setzero_ps();
+                    long j = 0;
+                    for (; j + 8 <= in; j += 8) {
+                        const __m256 xv = _mm256_loadu_ps(xi + j);
+                        for (long k = 0; k < kn; k++)
+                            acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(l->A + (k0 + k) * in + j), xv, acc[k]);
+                    }
+                    for (long k = 0; k < kn; k++) {
+                        float v = hsum(acc[k]);
+                        for (long jj = j; jj < in; jj++) v += l->A[(k0 + k) * in + jj] * xi[jj];
+                        h[(i * LORA_TERMS + t) * rank + k0 + k] = v;
+                    }
+                }
+            }
+            /* y += B h, LORA_COLUMNS columns of one term for the adapter's rows: each 8 columns of a row summed over
+             * the rank in a register, then added to y once */
+            #pragma omp for schedule(static)
+            for (long job = 0; job < groups * LORA_TERMS * chunks; job++) {
+                const long g = job / (LORA_TERMS * chunks), t = job / chunks % LORA_TERMS, c = job % chunks;
+                const mighty_lora *l = terms[g] + t;
+                const long lo = c * LORA_COLUMNS, hi = lo + LORA_COLUMNS < l->out ? lo + LORA_COLUMNS : l->out;
+                for (long i = first[g]; i < first[g + 1]; i++) {
+                    float *yi = y + rows[i] * width + l->offset;
+                    const float *hi_ = h + (i * LORA_TERMS + t) * rank;
+                    long o = lo;
+                    for (; o + 8 <= hi; o += 8) {
+                        __m256 sum = _mm256_loadu_ps(yi + o);
+                        for (long k = 0; k < l->rank; k++)
+                            sum = _mm256_fmadd_ps(_mm256_set1_ps(hi_[k]), _mm256_loadu_ps(l->Bt + k * l->out + o), sum);
+                        _mm256_storeu_ps(yi + o, sum);
+                    }
+                    for (; o < hi; o++)
+                        for (long k = 0; k < l->rank; k++) yi[o] += hi_[k] * l->Bt[k * l->out + o];
                 }
             }
         }
+        free(h);
     }
     free(done);
     free(rows);
+    free(first);
+    free(terms);
 }
 
 static void rms_norm(const float *x, const float *w, float *y, long n, float eps) {
@@ -525,7 +579,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->attn_norm, h + r * dim, dim, b->eps);
     project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads);
-    lora_rows(b, 0, h, qkv, dim, qkv_out, R);
+    lora_rows(b, 0, h, qkv, dim, qkv_out, R, threads);
     for (long r = 0; r < R; r++) {
         float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
         const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
@@ -558,7 +612,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         weighted_rows(s, V, ctx, hd, out);
     }
     project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
-    lora_rows(b, 1, att, tmp, q_out, dim, R);
+    lora_rows(b, 1, att, tmp, q_out, dim, R, threads);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->mlp_norm, h + r * dim, dim, b->eps);
@@ -568,7 +622,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         return;
     }
     project_rows(&b->gate_up, h, gu, scratch, dim, 2 * ffn, R, threads);
-    lora_rows(b, 2, h, gu, dim, 2 * ffn, R);
+    lora_rows(b, 2, h, gu, dim, 2 * ffn, R, threads);
     for (long r = 0; r < R; r++) {
         float *g = gu + r * 2 * ffn;
         silu_mul(g, g + ffn, ffn);  /* silu(gate) * up */
@@ -580,7 +634,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         for (long r = 1; r < R; r++) memmove(gu + r * ffn, gu + r * 2 * ffn, sizeof(float) * ffn);
         project_rows(&b->down, gu, tmp, scratch, ffn, dim, R, threads);
     }
-    lora_rows(b, 3, gu, tmp, ffn, dim, R);
+    lora_rows(b, 3, gu, tmp, ffn, dim, R, threads);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
     free(h);
 }
