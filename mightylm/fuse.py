@@ -447,10 +447,10 @@ class NativeDecodeStack:
         return out
 
 
-# where each LoRA target of a block goes in the native block (kernels/gemv.c, mighty_lora): (projection, term) and
-# the offset of its output within the fused projection's ("q", "k", "v": qkv; "gate", "up": gate_up)
-_NATIVE_TERMS = {"q_proj": (0, 0, "0"), "k_proj": (0, 1, "q"), "v_proj": (0, 2, "q+kv"), "o_proj": (1, 0, "0"),
-                 "gate_proj": (2, 0, "0"), "up_proj": (2, 1, "ffn"), "down_proj": (3, 0, "0")}
+# where each LoRA target of a block goes in the native block (kernels/gemv.c, mighty_lora): (projection, term); the
+# fused products put q, k, v (qkv) and gate, up (gate_up) one after another
+_NATIVE_TERMS = {"q_proj": (0, 0), "k_proj": (0, 1), "v_proj": (0, 2), "o_proj": (1, 0), "gate_proj": (2, 0),
+                 "up_proj": (2, 1), "down_proj": (3, 0)}
 _BLOCK_LAYER = re.compile(r"layers\.(\d+)\.(?:attn|mlp)\.(\w+)$")
 
 
@@ -468,7 +468,8 @@ def native_table(model, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
     native block does not know (its rows then run the blocks eagerly). Pairs outside the blocks (the head) are left
     to the wrapped modules, which run after the blocks either way."""
     c = model.config
-    offsets = {"0": 0, "q": c.n_heads * c.head_dim, "q+kv": (c.n_heads + c.n_kv_heads) * c.head_dim, "ffn": c.ffn_dim}
+    offsets = {"k_proj": c.n_heads * c.head_dim, "v_proj": (c.n_heads + c.n_kv_heads) * c.head_dim,
+               "up_proj": c.ffn_dim}  # within the fused output; 0 for the others
     per_block = LoraTerm.PROJECTIONS * LoraTerm.TERMS
     table, keep = (LoraTerm * (len(model.layers) * per_block))(), []
     for name, (A, B) in pairs.items():
@@ -480,11 +481,11 @@ def native_table(model, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         layer, leaf = int(found[1]), found[2]
         if leaf not in _NATIVE_TERMS or A.dtype != torch.float32 or layer >= len(model.layers):
             return None
-        projection, term, offset = _NATIVE_TERMS[leaf]
+        projection, term = _NATIVE_TERMS[leaf]
         A, Bt = A.contiguous(), B.t().contiguous()
         keep += [A, Bt]
         table[layer * per_block + projection * LoraTerm.TERMS + term] = LoraTerm(
-            A.data_ptr(), Bt.data_ptr(), A.shape[0], offsets[offset], Bt.shape[1])
+            A.data_ptr(), Bt.data_ptr(), A.shape[0], offsets.get(leaf, 0), Bt.shape[1])
     return table, keep
 
 

@@ -426,30 +426,31 @@ static void weighted_rows(const float *p, const float *V, long T, long n, float 
 }
 
 /* y (R, width) += each row's LoRA terms for projection p of this block on x (R, in). The rows of one adapter go
- * together, so that each row of its A and B is read once for all of them (from L1 after the first); the threads
- * first share the rank-sized products h = A x (by adapter, term and row of A), then the updates y += B h (by
- * adapter, term and 64 columns), which write disjoint parts of y. */
+ * together, so that its A and B are read from memory once for all of them; the threads first share the rank-sized
+ * products h = A x (by row and term), then the updates y += B h (by adapter, term and 64 columns), which write
+ * disjoint parts of y. */
 enum { LORA_COLUMNS = 64 };
 static void lora_rows(const mighty_block *b, int p, const float *x, float *y, long in, long width, long R,
                       int threads) {
     if (!b->lora) return;
     const long T = b->pads && b->tokens > 1 ? b->tokens : 1;
+    /* the rows with an adapter, grouped by it: rows[first[g] .. first[g + 1]) are group g's, terms[i] the terms of
+     * rows[i]'s adapter for this projection */
     char *done = calloc(R, 1);
     long *rows = malloc(sizeof(long) * R), *first = malloc(sizeof(long) * (R + 1)), groups = 0, n = 0;
-    const mighty_lora **terms = malloc(sizeof(*terms) * R);  /* each group's terms for this projection */
+    const mighty_lora **terms = malloc(sizeof(*terms) * R);
     long rank = 0, out = 0;  /* the largest of any term */
     for (long r = 0; r < R; r++) {
         const mighty_lora *table = b->lora[b->pads ? r / T : 0];
         if (done[r] || !table) continue;
-        first[groups] = n;
+        const mighty_lora *mine = table + (b->layer * LORA_PROJECTIONS + p) * LORA_TERMS;
+        first[groups++] = n;
         for (long j = r; j < R; j++)
-            if (!done[j] && b->lora[b->pads ? j / T : 0] == table) { rows[n++] = j; done[j] = 1; }
-        terms[groups] = table + (b->layer * LORA_PROJECTIONS + p) * LORA_TERMS;
+            if (!done[j] && b->lora[b->pads ? j / T : 0] == table) { terms[n] = mine; rows[n++] = j; done[j] = 1; }
         for (int t = 0; t < LORA_TERMS; t++) {
-            rank = terms[groups][t].rank > rank ? terms[groups][t].rank : rank;
-            out = terms[groups][t].out > out ? terms[groups][t].out : out;
+            rank = mine[t].rank > rank ? mine[t].rank : rank;
+            out = mine[t].out > out ? mine[t].out : out;
         }
-        groups++;
     }
     first[groups] = n;
     if (rank > 0) {
@@ -461,9 +462,7 @@ static void lora_rows(const mighty_block *b, int p, const float *x, float *y, lo
             #pragma omp for schedule(static)
             for (long job = 0; job < n * LORA_TERMS; job++) {
                 const long i = job / LORA_TERMS, t = job % LORA_TERMS;
-                long g = 0;
-                while (first[g + 1] <= i) g++;
-                const mighty_lora *l = terms[g] + t;
+                const mighty_lora *l = terms[i] + t;
                 const float *xi = x + rows[i] * in;
                 for (long k0 = 0; k0 < l->rank; k0 += 8) {
                     const long kn = l->rank - k0 < 8 ? l->rank - k0 : 8;
@@ -487,20 +486,20 @@ static void lora_rows(const mighty_block *b, int p, const float *x, float *y, lo
             #pragma omp for schedule(static)
             for (long job = 0; job < groups * LORA_TERMS * chunks; job++) {
                 const long g = job / (LORA_TERMS * chunks), t = job / chunks % LORA_TERMS, c = job % chunks;
-                const mighty_lora *l = terms[g] + t;
-                const long lo = c * LORA_COLUMNS, hi = lo + LORA_COLUMNS < l->out ? lo + LORA_COLUMNS : l->out;
+                const mighty_lora *l = terms[first[g]] + t;
+                const long lo = c * LORA_COLUMNS, end = lo + LORA_COLUMNS < l->out ? lo + LORA_COLUMNS : l->out;
                 for (long i = first[g]; i < first[g + 1]; i++) {
                     float *yi = y + rows[i] * width + l->offset;
-                    const float *hi_ = h + (i * LORA_TERMS + t) * rank;
+                    const float *hr = h + (i * LORA_TERMS + t) * rank;
                     long o = lo;
-                    for (; o + 8 <= hi; o += 8) {
+                    for (; o + 8 <= end; o += 8) {
                         __m256 sum = _mm256_loadu_ps(yi + o);
                         for (long k = 0; k < l->rank; k++)
-                            sum = _mm256_fmadd_ps(_mm256_set1_ps(hi_[k]), _mm256_loadu_ps(l->Bt + k * l->out + o), sum);
+                            sum = _mm256_fmadd_ps(_mm256_set1_ps(hr[k]), _mm256_loadu_ps(l->Bt + k * l->out + o), sum);
                         _mm256_storeu_ps(yi + o, sum);
                     }
-                    for (; o < hi; o++)
-                        for (long k = 0; k < l->rank; k++) yi[o] += hi_[k] * l->Bt[k * l->out + o];
+                    for (; o < end; o++)
+                        for (long k = 0; k < l->rank; k++) yi[o] += hr[k] * l->Bt[k * l->out + o];
                 }
             }
         }

@@ -32,6 +32,7 @@ from mightylm.compress.gguf_blocks import GGUFLinear
 from mightylm.compress.sparse24 import Sparse24Linear
 from mightylm.fuse import native_table
 
+
 class MultiLoRALinear(nn.Module):
     """A base linear layer (nn.Linear, GGUFLinear's kept blocks or 2:4 Sparse24Linear) + any number of LoRA adapters
     chosen per row."""
