@@ -76,7 +76,7 @@ def kernels_side_by_side(bandwidth: float, repeats: int = 200) -> None:
 
     from mightylm.compress.nf4 import NF4Linear
     from mightylm.compress.quantize import Int4Linear, Int8Linear
-    from mightylm.kernels import linear
+    from mightylm.kernels.ops import linear
 
     def usec(fn):
         for _ in range(10):

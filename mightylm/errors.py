@@ -20,3 +20,7 @@ class UsageError(MightyError, ValueError):
 
 class OutputError(MightyError, ValueError):
     """An output path that cannot be written as asked (it holds something else, or is an input)."""
+
+
+class CheckpointError(MightyError, ValueError):
+    """A checkpoint we cannot load or write; the message names the file and what is wrong."""

@@ -43,8 +43,8 @@ from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
-from mightylm.kernels import (BlockArgs, LoraTerm, Projection, float_rows, gemv_int4, gemv_int8, gemv_library,
-                              gemv_nf4, linear)
+from mightylm.kernels import BlockArgs, LoraTerm, Projection, gemv_library
+from mightylm.kernels.ops import float_rows, gemv_int4, gemv_int8, gemv_nf4, linear
 from mightylm.model import MLP, Attention, KVCache, KVRows, RMSNorm, Transformer
 from mightylm.moe import MoE
 

@@ -87,7 +87,7 @@ def test_sample_is_probabilities_then_a_draw():
 
 
 def test_text_stream_holds_back_stop_prefixes_and_cuts_at_stops(bpe_tokenizer):
-    from mightylm.generate import TextStream
+    from mightylm.streaming import TextStream
 
     text = "To be, or not to be, that is the question: whether 'tis nobler"
     ids = bpe_tokenizer.encode(text)

@@ -390,7 +390,8 @@ def test_our_gguf_reader_equals_the_gguf_package(qtype, tmp_path):
     our torch dequantizers for the formats small models ship in, the package's for the rest."""
     from gguf import GGUFReader
 
-    from mightylm.checkpoint.gguf_file import GGUFFile, dequantize as ours
+    from mightylm.checkpoint.gguf import dequantize as ours
+    from mightylm.checkpoint.gguf_file import GGUFFile
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 512)).astype(np.float32)
@@ -458,7 +459,7 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     # the table stays as stored too (lookups dequantize their rows); a tied head reads the very same bytes
     assert isinstance(kept.embed, GGUFEmbedding) and kept.dtype == torch.float32
     assert (kept.lm_head.weight.data_ptr() == kept.embed.blocks.data_ptr()) == kept.config.tie_embeddings
-    some = torch.randint(0, dense.config.vocab_size, (3, 5))  # a few rows: the C lookup (kernels.ggml_rows)
+    some = torch.randint(0, dense.config.vocab_size, (3, 5))  # a few rows: the C lookup (ops.ggml_rows)
     many = torch.randint(0, dense.config.vocab_size, (2, 40))  # more than GGML_ROWS: dequantized in torch
     assert torch.equal(kept.embed(some), dense.embed(some)) and torch.equal(kept.embed(many), dense.embed(many))
     with pytest.raises(IndexError):

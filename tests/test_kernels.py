@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mightylm import kernels
+from mightylm.kernels import ops
 
 
 def input_major(out: int, n_in: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def test_gemv_matches_f_linear(out, n_in, with_bias):
     x = torch.randn(1, 1, n_in)
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        y = kernels.linear(x, w, b)
+        y = ops.linear(x, w, b)
         assert y.shape == (1, 1, out)
         torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
 
@@ -41,9 +42,9 @@ def test_other_cases_fall_back_to_f_linear():
     w = input_major(32, 16)
     for x, weight in [(torch.randn(2, 3, 16), w), (torch.randn(1, 16), w.contiguous()),
                       (torch.randn(1, 16, dtype=torch.float64), w.double())]:
-        torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight))
+        torch.testing.assert_close(ops.linear(x, weight), F.linear(x, weight))
     x = torch.randn(1, 16, requires_grad=True)
-    kernels.linear(x, w).sum().backward()  # autograd path stays PyTorch's
+    ops.linear(x, w).sum().backward()  # autograd path stays PyTorch's
     assert x.grad is not None
 
 
@@ -61,9 +62,9 @@ def test_int8_int4_and_nf4_gemv_match_their_dequantized_weights(out, n_in):
     with torch.no_grad():
         q8, q4, i4 = Int8Linear.from_linear(lin), NF4Linear.from_linear(lin), Int4Linear.from_linear(lin, 32)
         q4(x)  # computes the float absmax the kernel reads
-        direct = {q8: kernels.gemv_int8(x, q8.weight, q8.weight_scale, lin.bias),
-                  q4: kernels.gemv_nf4(x, q4.weight, q4._absmax, NF4_LEVELS, out, 64, lin.bias),
-                  i4: kernels.gemv_int4(x, i4.weight, i4.weight_scale, i4.weight_zero, out, 32, lin.bias)}
+        direct = {q8: ops.gemv_int8(x, q8.weight, q8.weight_scale, lin.bias),
+                  q4: ops.gemv_nf4(x, q4.weight, q4._absmax, NF4_LEVELS, out, 64, lin.bias),
+                  i4: ops.gemv_int4(x, i4.weight, i4.weight_scale, i4.weight_zero, out, 32, lin.bias)}
         for module, y in direct.items():
             assert y is not None  # the kernel ran (no fallback)
             expected = F.linear(x, module.dequantize(), lin.bias)
@@ -130,7 +131,7 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         x = torch.randn(1, n_in)
         x[0, 64:96] = 0  # a block of zeros: dx = 0
         isa(path)
-        got = kernels.matmul_ggml(x, tiles, ggml_type, out, None, int8_activations=True)
+        got = ops.matmul_ggml(x, tiles, ggml_type, out, None, int8_activations=True)
         expected = _q8x_reference(x[0], raw, ggml_type, out, n_in)
         torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
         exact = F.linear(x, dequantize_blocks(raw, ggml_type, (out, n_in)))[0]
@@ -139,12 +140,12 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         # several rows in one call (a prompt, a speculative step, a server's batch; 11: a pass of 8 and one of 3):
         # each row exactly what it gets alone
         rows, bias = torch.randn(11, n_in), torch.randn(out)
-        together = kernels.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True)
-        alone = torch.cat([kernels.matmul_ggml(r[None], tiles, ggml_type, out, bias, int8_activations=True)
+        together = ops.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True)
+        alone = torch.cat([ops.matmul_ggml(r[None], tiles, ggml_type, out, bias, int8_activations=True)
                            for r in rows])
         assert torch.equal(together, alone), ggml_type
         isa("avx2")  # the baseline path: the same bits
-        assert torch.equal(kernels.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
+        assert torch.equal(ops.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
     for ggml_type in (2, 3):  # the largest 4-bit sums (codes of 15 times 127 everywhere; AVX2 adds 8 steps in 16 bits)
         size, n_in = BLOCKS[ggml_type][1], 576
         raw = torch.full((out, n_in // 32, size), 255, dtype=torch.uint8)
@@ -153,7 +154,7 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         raw = raw.view(out, -1)
         x = torch.full((2, n_in), 3.0)
         x[1] = -3.0
-        got = kernels.matmul_ggml(x, tile_blocks(raw, ggml_type), ggml_type, out, None, int8_activations=True)
+        got = ops.matmul_ggml(x, tile_blocks(raw, ggml_type), ggml_type, out, None, int8_activations=True)
         for r in range(2):
             torch.testing.assert_close(got[r].double(), _q8x_reference(x[r], raw, ggml_type, out, n_in))
     with pytest.raises(ValueError, match="tiles"):
@@ -174,12 +175,12 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
     torch.manual_seed(0)
     x, w, b = torch.randn(1, n_in), torch.randn(out, n_in), torch.randn(out)
     input_major = w.t().contiguous().t()  # (out, in) view of an (in, out) row-major tensor: the decode layout
-    torch.testing.assert_close(kernels.linear(x, input_major, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ops.linear(x, input_major, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
     if n_in % 32 == 0:
         q = torch.randint(-127, 128, (out, n_in), dtype=torch.int8)
         scale = torch.rand(out) / 100
         expected = F.linear(x, q.float() * scale[:, None], b)
-        got = kernels.gemv_int8(x, q, scale, b)
+        got = ops.gemv_int8(x, q, scale, b)
         # the kernel rounds x to int16 (relative 1.5e-5 of max|x|): the error grows with the row's length
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(scale.max()) * n_in ** 0.5 * 127)
         from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks
@@ -194,14 +195,14 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
                 xs = torch.randn(rows, n_in)
                 expected = F.linear(xs, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
                 # float32 arithmetic in another order: float rounding, nothing more
-                torch.testing.assert_close(kernels.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
+                torch.testing.assert_close(ops.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
                                            atol=2e-6 * float(expected.abs().max()))
         for ggml_type, dtype in ((1, torch.float16), (30, torch.bfloat16)):  # F16 / BF16 rows as stored
             raw = (torch.randn(out, n_in) / 10).to(dtype).view(torch.uint8)  # (out, 2 in) bytes
             for rows in (1, 15):
                 xs = torch.randn(rows, n_in)
                 expected = F.linear(xs, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
-                torch.testing.assert_close(kernels.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
+                torch.testing.assert_close(ops.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
                                            atol=2e-6 * float(expected.abs().max()))
 
 

@@ -10,6 +10,7 @@ import torch
 import conftest
 import mightylm
 from mightylm import kernels
+from mightylm.kernels import ops
 from mightylm.compress.prune import (PruningError, check_request, nm_mask, parse_pattern, prune_,
                                      sparsegpt_prune, sparsity_of, unstructured_mask, wanda_score)
 from mightylm.compress.sparse24 import Sparse24Linear, is_24, pack_24, pack_24_, unpack_24
@@ -256,12 +257,12 @@ def test_the_24_kernel_equals_the_masked_dense_product_on_every_isa(shape):
     try:
         for isa in kernels.available_isas():
             kernels.set_kernel_isa(isa)
-            torch.testing.assert_close(kernels.gemv_sparse24(x, values, index, shape[0]), x @ w.T,
+            torch.testing.assert_close(ops.gemv_sparse24(x, values, index, shape[0]), x @ w.T,
                                        rtol=1e-5, atol=1e-4)
             rows = torch.randn(2, 5, shape[1])  # a short prompt: several rows, each weight row read once
-            torch.testing.assert_close(kernels.gemv_sparse24(rows, values, index, shape[0]), rows @ w.T,
+            torch.testing.assert_close(ops.gemv_sparse24(rows, values, index, shape[0]), rows @ w.T,
                                        rtol=1e-5, atol=1e-4)
-        assert kernels.gemv_sparse24(torch.randn(kernels.SPARSE24_ROWS + 1, shape[1]), values, index, shape[0]) is None
+        assert ops.gemv_sparse24(torch.randn(ops.SPARSE24_ROWS + 1, shape[1]), values, index, shape[0]) is None
     finally:
         kernels.set_kernel_isa(before)
 

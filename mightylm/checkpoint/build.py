@@ -1,5 +1,5 @@
 """Building a model from stored tensors, shared by the Hugging Face and GGUF readers: the error every
-checkpoint problem raises, the meta-device build, replaying recorded transforms, and the checked assignment
+checkpoint problem raises (defined in mightylm.errors), the meta-device build, replaying recorded transforms, and the checked assignment
 (`load_state_dict(assign=True)`, so the weights exist in memory once)."""
 
 from __future__ import annotations
@@ -9,24 +9,8 @@ from pathlib import Path
 import torch
 
 from mightylm.config import ModelConfig
-from mightylm.errors import MightyError
+from mightylm.errors import CheckpointError
 from mightylm.model import Transformer
-
-
-class CheckpointError(MightyError, ValueError):
-    """A checkpoint we cannot load or write; the message names the file and what is wrong."""
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def refuse_pickle(path: Path):
-    if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: pickled PyTorch checkpoints are refused because loading them can run arbitrary code. "
-            "Convert it once, in an environment you trust, with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
-        )
 
 
 class _NoInit(torch.overrides.TorchFunctionMode):

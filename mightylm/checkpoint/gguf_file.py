@@ -1,14 +1,13 @@
 """The GGUF container, read directly: header, metadata and tensor table parsed from a memory map (the `gguf`
 package's reader spends seconds building Python objects for the 100,000 tokenizer strings of a small model),
-tensors as zero-copy views of the map, and the block formats small models ship in dequantized with torch.
+tensors as zero-copy views of the map (checkpoint/gguf.py dequantizes them with torch).
 
 Layout (llama.cpp's gguf.h, version 2 and 3): "GGUF", u32 version, u64 tensor count, u64 key/value count;
 each key/value is a string, a u32 value type and the value (arrays: u32 element type, u64 count, elements);
 each tensor is a string name, u32 dims, u64 sizes (fastest-varying first), u32 type, u64 offset into the
 data section, which starts at the next multiple of `general.alignment` (32 by default).
 
-The block formats small models ship in are dequantized with torch (compress/gguf_blocks.py); other types
-fall back to the `gguf` package's numpy dequantizers.
+No torch here: `mightylm.lite` reads files through this module alone.
 """
 
 from __future__ import annotations
@@ -16,14 +15,16 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from mightylm.compress.gguf_blocks import BLOCKS, TYPE_NAMES, dequantize_blocks
+F32, F16, Q4_0, Q4_1, Q8_0, Q6_K, BF16 = 0, 1, 2, 3, 8, 14, 30
+# ggml type -> (values per block, bytes per block)
+BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q6_K: (256, 210)}
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q6_K: "Q6_K", BF16: "BF16"}
+KEPT = (Q8_0, Q4_0, Q4_1, F16, BF16)  # the formats kept as stored for the native kernels (GGUFLinear, lite)
 
 # value types of the key/value section: struct format, or None for string (8) and array (9)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -181,15 +182,3 @@ def _nbytes(shape: tuple[int, ...], kind: int) -> int | None:
 def _next_offset(table, offset: int, start: int, length: int) -> int:
     later = [o for _, _, _, o in table if o > offset]
     return start + min(later) if later else length
-
-
-def dequantize(t: Tensor) -> torch.Tensor:
-    """The tensor's values as float32, shaped `t.shape`."""
-    with warnings.catch_warnings():  # torch warns that the map is read-only; every path below copies out of it
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.from_numpy(t.data)
-    if t.type in BLOCKS:
-        return dequantize_blocks(raw, t.type, t.shape)
-    from gguf.quants import dequantize as reference
-
-    return torch.from_numpy(np.ascontiguousarray(reference(t.data, t.type)).astype(np.float32)).reshape(t.shape)

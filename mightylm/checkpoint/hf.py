@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mightylm.checkpoint.build import CheckpointError, assign, build, refuse_pickle, replay
+from mightylm.checkpoint.assets import refuse_pickle
+from mightylm.checkpoint.build import CheckpointError, assign, build, replay
 from mightylm.checkpoint.names import (hf_to_ours, ours_to_hf, projection_rows, rename, rename_quantized,
                                        split_fused, split_fused_experts, stack_fused)
 from mightylm.config import ConfigError, ModelConfig

@@ -17,13 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.kernels import ggml_rows, matmul_ggml
-
-F32, F16, Q4_0, Q4_1, Q8_0, Q6_K, BF16 = 0, 1, 2, 3, 8, 14, 30
-# ggml type -> (values per block, bytes per block)
-BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q6_K: (256, 210)}
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q6_K: "Q6_K", BF16: "BF16"}
-KEPT = (Q8_0, Q4_0, Q4_1, F16, BF16)  # the formats GGUFLinear keeps as stored
+from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q6_K, Q8_0, TYPE_NAMES
+from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
 def dequantize_blocks(raw: torch.Tensor, kind: int, shape) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.compress.nf4 import _FrozenLinear
-from mightylm.kernels import gemv_int8
+from mightylm.kernels.ops import gemv_int8
 
 
 def int8_absmax(t: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.kernels import gemv_nf4
+from mightylm.kernels.ops import gemv_nf4
 
 # The 16 NF4 levels (QLoRA appendix E), as float32 values; index 7 is exactly 0.
 NF4_LEVELS = torch.tensor([

@@ -34,7 +34,7 @@ from mightylm.compress import DEFAULT_TARGETS, QuantizationError, target_linears
 from mightylm.compress.int8 import Int8Linear, int8_absmax
 from mightylm.compress.nf4 import NF4Linear, _FrozenLinear
 from mightylm.compress.smoothquant import W8A8Linear
-from mightylm.kernels import gemv_int4
+from mightylm.kernels.ops import gemv_int4
 
 __all__ = ["DEFAULT_TARGETS", "METHODS", "QUANTIZED", "Int4Linear", "Method", "Int8Linear", "QuantizationError",
            "build_quantized_", "dequantize_", "int8_absmax", "model_bytes", "quantize_", "quantize_like_"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.kernels import gemv_sparse24
+from mightylm.kernels.ops import gemv_sparse24
 
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
 

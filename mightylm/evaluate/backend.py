@@ -60,7 +60,8 @@ class LocalModel:
         """Completions of `prompts`, each cut at its first `stop` string. A row also stops generating once
         `enough(text so far)` is true (a caller's promise that later text would not change its answer:
         for a chat reply, once its first code block is closed); endpoints cannot be told and generate on."""
-        from mightylm.generate import Sampling, TextStream, generate_steps
+        from mightylm.generate import Sampling, generate_steps
+        from mightylm.streaming import TextStream
 
         out: list[str] = []
         for i in range(0, len(prompts), self.batch_size):

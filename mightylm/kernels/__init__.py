@@ -1,8 +1,9 @@
-"""Native kernels, compiled on first use with the system C compiler, with PyTorch fallbacks.
+"""Native kernels, compiled on first use with the system C compiler: their build, the CPU's choice of path and the
+ctypes structures, without importing torch (`mightylm.lite` decodes through them alone).
 
-`linear(x, weight, bias)` is `F.linear` with a fast path for what batch-1 decoding does most: one
-float32 row times an input-major weight (see `mightylm/fuse.py`). `gemv_int8`, `gemv_int4` and
-`gemv_nf4` do the same for quantized weights (compress/), and `matmul_ggml` for GGUF's blocks with any number of
+`ops.linear(x, weight, bias)` is `F.linear` with a fast path for what batch-1 decoding does most: one
+float32 row times an input-major weight (see `mightylm/fuse.py`). `ops.gemv_int8`, `gemv_int4` and
+`gemv_nf4` do the same for quantized weights (compress/), and `ops.matmul_ggml` for GGUF's blocks with any number of
 rows (gguf_blocks.c), returning None where the caller must fall back;
 `mighty_decode_block` (through `fuse.NativeDecodeBlock`) runs a whole block for one token, `mighty_decode_blocks`
 (`fuse.NativeDecodeStack`) all of a model's blocks in one call. The fast path is the AVX2
@@ -25,9 +26,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "gguf_blocks.c", "sparse24.c")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
@@ -42,6 +40,28 @@ def cpu_flags() -> set[str]:
         return set()
     return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
             for flag in line.partition(":")[2].split()}
+
+
+def physical_cores() -> int:
+    """Threads for the kernels where torch does not choose them (mightylm.lite): OMP_NUM_THREADS when set, else this
+    process's CPUs counted once per physical core (torch's default; hyperthreads share a core's vector units)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return max(1, len(allowed))
+    cores, cpu, package = set(), None, "0"
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            cpu = int(value)
+        elif key == "physical id":
+            package = value
+        elif key == "core id" and cpu in allowed:
+            cores.add((package, value))
+    return max(1, len(cores) or len(allowed))
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -190,160 +210,3 @@ def gemv_library():
             except OSError as e:
                 warnings.warn(f"mightylm: gemv kernel unavailable, using PyTorch ({e})")
     return _lib
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the native kernel when x is a single float32 row and
-    `weight` (out, in) is stored input-major (weight.t() contiguous) on the CPU, without autograd.
-
-    Under torch.compile the PyTorch path is taken: raw pointers must never be traced (doing so
-    corrupted the heap in a test run)."""
-    out, n_in = weight.shape
-    if (
-        x.numel() == n_in
-        and weight.stride() == (1, out)
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-        and not torch.compiler.is_compiling()
-        and (lib := gemv_library()) is not None
-    ):
-        x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], out)
-        threads = torch.get_num_threads()
-        scratch = torch.empty((threads - 1) * out) if threads > 1 else y
-        lib.mighty_gemv(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                        y.data_ptr(), scratch.data_ptr(), n_in, out, threads)
-        return y
-    return F.linear(x, weight, bias)
-
-
-def float_rows(x: torch.Tensor) -> bool:
-    """x may go to a native kernel: float32 on the CPU, no gradient wanted, not being compiled."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.compiler.is_compiling())
-
-
-def _single_row(x: torch.Tensor, n_in: int) -> bool:
-    return x.numel() == n_in and float_rows(x)
-
-
-def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., in) one float32 row @ (int8 weight (out, in) * scale[:, None])^T + bias, or None.
-    The kernel rounds x to int16 first (see gemv.c): within 1.5e-5 of max|x| of the float product."""
-    out, n_in = weight.shape
-    if not (_single_row(x, n_in) and n_in % 32 == 0 and weight.is_contiguous() and scale.dtype == torch.float32
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and (lib := gemv_library()) is not None):
-        return None
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out)
-    lib.mighty_gemv_int8(x.data_ptr(), weight.data_ptr(), scale.contiguous().data_ptr(),
-                         bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out, torch.get_num_threads())
-    return y
-
-
-def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
-                bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor | None:
-    """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 / F16 / BF16 weight (out rows of its bytes) + bias, or
-    None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
-    unpacking). `int8_activations`: the blocks are in tiles of 16 rows (compress.gguf_blocks.tile_blocks) and every
-    row of x is rounded to 8 bits per block of 32, by itself, and multiplied in integers, as llama.cpp does (not
-    float32's result)."""
-    n_in = x.shape[-1]
-    if not (float_rows(x) and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30)
-            and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and (lib := gemv_library()) is not None):
-        return None
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out)
-    b = bias.data_ptr() if bias is not None else None
-    if int8_activations:
-        if lib.mighty_gemm_ggml_q8x(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(),
-                                    n_in, out, torch.get_num_threads()) != 0:
-            raise ValueError(f"int8 activations take tiles of Q8_0 / Q4_0 / Q4_1 rows ({out} rows of {n_in}, type "
-                             f"{ggml_type})")
-    else:
-        lib.mighty_gemm_ggml(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in,
-                             out, torch.get_num_threads())
-    return y
-
-
-# Up to this many looked-up rows (a decoded token, a short prompt) the C lookup serves; more go through torch.
-GGML_ROWS = 64
-
-
-def ggml_rows(blocks: torch.Tensor, ggml_type: int, idx: torch.Tensor, n_in: int) -> torch.Tensor | None:
-    """Rows `idx` of a GGUF table (blocks (rows, row bytes) uint8, Q8_0 / Q4_0 / Q4_1 / F16 / BF16) as float32
-    (idx.numel(), n_in), equal to dequantizing them in torch (gguf_blocks.c), or None where the kernel cannot take
-    them (many rows, no kernels)."""
-    if not (idx.numel() <= GGML_ROWS and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30) and blocks.is_contiguous()
-            and blocks.device.type == "cpu" and (lib := gemv_library()) is not None):
-        return None
-    idx = idx.reshape(-1).to(torch.long).contiguous()
-    y = torch.empty(idx.numel(), n_in)
-    if lib.mighty_ggml_rows(blocks.data_ptr(), blocks.shape[0], ggml_type, idx.data_ptr(), idx.numel(), n_in,
-                            y.data_ptr()):
-        raise IndexError(f"token id out of range: the table has {blocks.shape[0]} rows")
-    return y
-
-
-def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, out: int,
-             block: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., in) one float32 row @ NF4 weight (out, in)^T + bias, or None. `absmax`: float32, one per block."""
-    n_in = x.shape[-1]
-    if not (_single_row(x, n_in) and n_in % block == 0 and block % 16 == 0 and absmax.dtype == torch.float32
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and (lib := gemv_library()) is not None):
-        return None
-    flat = x.reshape(-1)
-    xe, xo = flat[0::2].contiguous(), flat[1::2].contiguous()  # the high and low nibble of each byte
-    y = torch.empty(*x.shape[:-1], out)
-    lib.mighty_gemv_nf4(xe.data_ptr(), xo.data_ptr(), packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(),
-                        bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out, block,
-                        torch.get_num_threads())
-    return y
-
-
-def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: int, group: int,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., in) one float32 row @ int4 weight (out, in)^T + bias, or None. scale/zero: (out, in / group)."""
-    n_in = x.shape[-1]
-    if not (_single_row(x, n_in) and n_in % group == 0 and group % 16 == 0 and scale.dtype == torch.float32
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and (lib := gemv_library()) is not None):
-        return None
-    flat = x.reshape(-1)
-    xe, xo = flat[0::2].contiguous(), flat[1::2].contiguous()
-    xsum = flat.view(-1, group).sum(dim=1)  # (groups,): the zero points multiply these
-    y = torch.empty(*x.shape[:-1], out)
-    lib.mighty_gemv_int4(xe.data_ptr(), xo.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                         xsum.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out,
-                         group, torch.get_num_threads())
-    return y
-
-
-# Up to this many rows the 2:4 kernel reads each weight row once for all of them; more (a long prompt's prefill) go
-# through the dense weight and a GEMM.
-SPARSE24_ROWS = 32
-
-
-def gemv_sparse24(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, out: int,
-                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., in) float32 rows (at most SPARSE24_ROWS) @ a 2:4 sparse weight (out, in)^T + bias, or None.
-    values: (out, in / 2) float32, index: (out, in / 8) uint8, as compress/sparse24.py packs them (sparse24.c)."""
-    n_in = x.shape[-1]
-    rows = x.numel() // max(n_in, 1)
-    if not (1 <= rows <= SPARSE24_ROWS and float_rows(x) and n_in % 8 == 0 and values.dtype == torch.float32 and values.is_contiguous()
-            and index.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and (lib := gemv_library()) is not None):
-        return None
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out)
-    lib.mighty_gemm_sparse24(x.data_ptr(), rows, values.data_ptr(), index.data_ptr(),
-                             bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out,
-                             torch.get_num_threads())
-    return y

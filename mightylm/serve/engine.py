@@ -38,7 +38,8 @@ from typing import Callable
 
 import torch
 
-from mightylm.generate import Sampling, TextStream, logits_to_probs, sample
+from mightylm.generate import Sampling, logits_to_probs, sample
+from mightylm.streaming import TextStream
 from mightylm.model import KVRows, Segment, Segments
 from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PROBE_MAX, PassCost, PooledDraft, \
     choose_width, timed
