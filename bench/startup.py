@@ -1,5 +1,5 @@
 """Cold-start time: how long a fresh process takes to import, print --help, and load the embedded model and
-generate one token, with its peak resident memory; and, when llama-cpp-python is installed (a bench-only
+generate one token (through mightylm.lite, the default, and through torch), with its peak resident memory; and, when llama-cpp-python is installed (a bench-only
 extra, never in `make test`), llama.cpp loading the same GGUF file and generating one token.
 
 Each figure is the median of --repeats fresh processes, run one after another (never two at once), so the
@@ -74,8 +74,11 @@ def main() -> None:
     rows = {
         "import mightylm.cli": [sys.executable, "-c", "import mightylm.cli"],
         "mighty --help": [*mighty, "--help"],
+        # the default: the embedded file decodes through mightylm.lite (the native kernels, no torch)
         "mighty generate, 1 token": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1",
                                      "--temperature", "0"],
+        "... --engine torch": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1", "--temperature",
+                               "0", "--engine", "torch"],
         "... --blocks false": [*mighty, "generate", "--prompt", "Hello", "--max-new-tokens", "1", "--temperature",
                                "0", "--blocks", "false"],
     }
@@ -89,7 +92,8 @@ def main() -> None:
         print(f"{name:28s} {r['wall_s']:6.2f} s (min {r['min_s']:.2f})  peak RSS {r['peak_rss_mb']:.0f} MiB")
     if "llama.cpp load + 1 token" in results:
         ours, theirs = results["mighty generate, 1 token"], results["llama.cpp load + 1 token"]
-        print(f"ratio: ours / llama.cpp {ours['wall_s'] / theirs['wall_s']:.2f}x time")
+        print(f"ratio: ours / llama.cpp {ours['wall_s'] / theirs['wall_s']:.2f}x time, "
+              f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x peak RSS")
     print(json.dumps(results))
 
 

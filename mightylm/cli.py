@@ -34,6 +34,7 @@ def generate(
     rmt: str | None = None,
     attention_sinks: str | None = None,
     image: list[str] | None = None,
+    engine: Literal["auto", "torch"] = "auto",
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -78,11 +79,22 @@ def generate(
         image: An image file (PNG, JPEG, WebP) for a vision-language model (a LLaVA directory or a `mighty finetune
             vlm` model); repeat for several. The prompt marks each with <image> (e.g. "USER: <image>\\nWhat is
             this? ASSISTANT:"); a prompt without one gets it in front.
+        engine: auto: a GGUF file whose every block the native kernels run (the embedded model) decodes without
+            loading PyTorch, which starts 2-3 s sooner in a fresh process (mightylm/lite.py; with greedy decoding
+            the same tokens; a --seed samples other text than torch's random stream does); anything else, or any
+            option that needs the model in torch (--adapter, --draft, --int8_activations, ...), loads through
+            torch. torch: always through PyTorch.
     """
-    from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
+    from mightylm.streaming import Sampling, Timings
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
+    torch_only = (adapter, draft, rope_scaling, rmt, attention_sinks, image, int8_activations, dtype != "float32",
+                  not blocks)
+    if engine == "auto" and not any(torch_only) and _generate_lite(model, prompt, chat, settings, stats):
+        return
+    from mightylm.generate import load_for_generation, stream_text
+
     if rmt and (adapter or draft):
         from mightylm.errors import UsageError
 
@@ -124,6 +136,26 @@ def generate(
         print(timings.report(), file=sys.stderr)
         if spec_stats is not None:
             print(spec_stats.report(), file=sys.stderr)
+
+
+def _generate_lite(model: str, prompt: str, chat: bool, settings, stats: bool) -> bool:
+    """`mighty generate` through mightylm.lite (no torch); False where the model does not decode there."""
+    from mightylm.lite import load_lite, stream_tokens
+    from mightylm.streaming import Timings, stream_text_from
+
+    loaded = load_lite(model)
+    if loaded is None:
+        return False
+    lite, tokenizer = loaded
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    timings = Timings()
+    for piece in stream_text_from(lambda i, s: stream_tokens(lite, i, s), tokenizer, ids, settings, timings):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats:
+        print(timings.report(), file=sys.stderr)
+    return True
 
 
 def _vision_model(model: str, image: list[str] | None, dtype: str, **refused):
@@ -199,6 +231,7 @@ def chat(
     draft_adapter: str | None = None,
     rope_scaling: str | None = None,
     image: list[str] | None = None,
+    engine: Literal["auto", "torch"] = "auto",
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -229,13 +262,27 @@ def chat(
             yarn:4: four times the trained length), or none; what changed is printed to stderr.
         image: An image file for a vision-language model, attached to the first message (repeat for several);
             during the chat, `/image FILE` attaches one to the next message.
+        engine: auto: a GGUF file whose every block the native kernels run starts without PyTorch (see `mighty
+            generate --help`); torch: always through PyTorch.
     """
     from mightylm.errors import UsageError
-    from mightylm.generate import Sampling, Timings, load_for_generation, stream_text
+    from mightylm.streaming import Sampling, Timings, stream_text_from
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    vision = _vision_model(model, image, dtype, adapter=adapter, draft=draft, rope_scaling=rope_scaling)
-    if vision:
+    lite = None
+    if engine == "auto" and not any((adapter, draft, rope_scaling, image, int8_activations, dtype != "float32",
+                                     not blocks)):
+        from mightylm.lite import load_lite
+
+        lite = load_lite(model)
+    vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,
+                                             rope_scaling=rope_scaling)
+    if lite:
+        from mightylm.lite import stream_tokens as lite_tokens
+
+        m, tokenizer = lite
+        source, spec_stats, prefix_len = (lambda ids, s: lite_tokens(m, ids, s)), None, 0
+    elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
         from mightylm.multimodal.images import ImageError, open_image
         from mightylm.multimodal.vlm import IMAGE_TOKEN
@@ -243,9 +290,14 @@ def chat(
         vlm, tokenizer, pending = vision
         m, spec_stats = vlm.language, None
     else:
+        from mightylm.generate import load_for_generation, stream_tokens
+
         m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
                                            int8_activations=int8_activations)
         source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+        source = source or (lambda ids, s: stream_tokens(m, ids, s))
+    if not lite:
+        prefix_len = m.prefix_len
     seen = []  # the images of the conversation so far, in order (a vision-language model)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
@@ -294,7 +346,7 @@ def chat(
             else tokenizer.encode_chat
         ids = encode(history)
         # Forget the oldest turns (keeping any system message) until the reply fits in the context.
-        while len(ids) + max_new_tokens + m.prefix_len > m.config.max_seq_len and len(history) > len(start) + 1:
+        while len(ids) + max_new_tokens + prefix_len > m.config.max_seq_len and len(history) > len(start) + 1:
             if vision:  # the forgotten turns' images go with them
                 gone = sum(h["content"].count(IMAGE_TOKEN) for h in history[len(start):len(start) + 2])
                 seen = seen[gone:]
@@ -304,7 +356,7 @@ def chat(
             source = lambda ids, s, images=list(seen): image_tokens(vlm, ids, s, images)  # noqa: E731
         print("assistant> ", end="", flush=True)
         reply, timings = "", Timings()
-        for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
+        for piece in stream_text_from(source, tokenizer, ids, settings, timings):
             reply += piece
             print(piece, end="", flush=True)
         print()
@@ -871,7 +923,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         typed, argv = argv, _underscore_options(argv)
         _check_text(argv)
-        result = auto_cli(_verbs(), args=argv, as_positional=False, exit_on_error=False, prog="mighty",
+        verbs = _verbs()
+        if argv and argv[0] in verbs:  # only the verb asked for: every verb's parser took ~0.5 s of each start
+            verbs = {argv[0]: verbs[argv[0]]}
+        result = auto_cli(verbs, args=argv, as_positional=False, exit_on_error=False, prog="mighty",
                           description="mightylm: small, efficient language models. `mighty VERB --help` explains a "
                                       "verb; `mighty --debug VERB ...` shows a traceback with an error. A "
                                       "group's option may be given without the group's name where that is "

@@ -1,0 +1,248 @@
+"""Decoding a GGUF file without PyTorch: the native kernels over numpy arrays, for a fast cold start.
+
+`import torch` alone takes 2-3 s and ~220 MiB on the project's machines, more than the whole of llama.cpp's start on
+the embedded model (0.3 s, 160 MiB). When every block of a GGUF file runs in the native kernels (its projections
+kept as Q8_0 / Q4_0 / Q4_1 / F16 / BF16 blocks: what `load_for_generation` turns into fuse.NativeDecodeStack), the
+model needs nothing from torch to decode, and `mighty generate` takes this path (its `--engine auto`):
+
+    the weights   the file's blocks read into numpy arrays, q/k/v and gate/up stacked by rows as fuse.py stacks
+                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does)
+    a pass        token rows looked up in C (mighty_ggml_rows), every block in one call (mighty_decode_blocks, the
+                  same call fuse.NativeDecodeStack makes), the final RMSNorm in numpy, the head through
+                  mighty_gemm_ggml; a prompt goes through in passes of NATIVE_ROWS tokens
+    the cache     a (1, n_kv, max_len, hd) float32 buffer per layer, as model.KVCache lays it out
+    sampling      streaming.Sampling's rule (temperature, then top-k, then top-p; greedy is the argmax) in numpy
+
+Greedy tokens equal the torch path's and logits agree within float32 rounding (the RoPE table and the final norm
+are numpy's arithmetic, not torch's; tests/test_lite.py). A seed gives its own random stream, not torch's: the same
+seed samples the same text on this path, and other text than `--engine torch` does. Anything else (another
+architecture or dtype, LoRA, drafts, RoPE scaling, int8 activations) loads through torch; `unsupported` says why a
+file cannot come here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
+from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
+from mightylm.checkpoint.names import unpermute_qk
+from mightylm.errors import UsageError
+from mightylm.kernels import BlockArgs, Projection, gemv_library, physical_cores
+from mightylm.streaming import Sampling
+
+NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
+_PARTS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
+          "down": ("ffn_down",)}  # a block's products, from llama.cpp's tensor names, as the native block takes them
+
+
+def unsupported(config, names: dict, library) -> str | None:
+    """Why this file cannot decode here (a sentence), or None. `names`: the file's tensors by name."""
+    if library is None:
+        return "the native kernels are not available on this machine"
+    if config.arch not in ("llama", "qwen2") or config.n_experts:
+        return f"a {config.arch} model is decoded through torch"
+    if config.rope_scaling or config.sliding_window or config.rotary_dim != config.head_dim or config.head_dim % 2:
+        return "RoPE scaling, partial rotary embeddings and sliding windows are decoded through torch"
+    if config.n_heads % config.n_kv_heads or config.dim % 32 or config.ffn_dim % 32:
+        return "the native block takes grouped heads and widths in blocks of 32"
+    head = "token_embd.weight" if config.tie_embeddings else "output.weight"
+    for name in ("token_embd.weight", head):
+        if name not in names or names[name].type not in KEPT:
+            return f"{name} is {names[name].type_name if name in names else 'missing'}"
+    for i in range(config.n_layers):
+        for part in _PARTS.values():
+            types = {names[f"blk.{i}.{p}.weight"].type for p in part if f"blk.{i}.{p}.weight" in names}
+            if len(types) != 1 or not types <= set(KEPT):
+                return (f"block {i}'s {'/'.join(part)} are {', '.join(TYPE_NAMES.get(t, str(t)) for t in types)}; "
+                        "the native block takes one kept type (Q8_0, Q4_0, Q4_1, F16, BF16) per product")
+    return None
+
+
+class LiteModel:
+    """A GGUF file's model as the native kernels read it: `forward(ids, cache, start)` -> the logits after the last
+    of `ids`. Build with `load_lite`."""
+
+    def __init__(self, path: Path, file, config, library):
+        self.path, self.config, self.lib = path, config, library
+        self.threads = physical_cores()
+        tensors = {t.name: t for t in file.tensors}
+
+        def rows(name: str) -> np.ndarray:  # a tensor's stored rows, (rows, row bytes)
+            t = tensors[name]
+            return file.read(t).reshape(t.shape[0], -1)
+
+        def floats(name: str) -> np.ndarray:
+            return file.read(tensors[name]).view(np.float32)
+
+        c = config
+        self.keep = []  # every array a pointer below points into
+
+        def projection(names: list[str], permute: list[int | None]) -> Projection:
+            parts = [rows(f"{n}.weight") for n in names]
+            if c.arch == "llama":  # llama.cpp permutes llama's q/k rows for its RoPE kernel (names.unpermute_qk)
+                parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
+            weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
+            bias = None
+            if f"{names[0]}.bias" in tensors:
+                bias = np.concatenate([floats(f"{n}.bias") for n in names])
+            self.keep += [weight, bias]
+            return Projection(weight.ctypes.data, None, None if bias is None else bias.ctypes.data, None,
+                              tensors[f"{names[0]}.weight"].type, Projection.GGML)
+
+        self.blocks = []
+        for i in range(c.n_layers):
+            b = f"blk.{i}."
+            norms = floats(f"{b}attn_norm.weight"), floats(f"{b}ffn_norm.weight")
+            self.keep += norms
+            self.blocks.append(BlockArgs(
+                qkv=projection([b + p for p in _PARTS["qkv"]], [c.n_heads, c.n_kv_heads, None]),
+                o=projection([b + "attn_output"], [None]),
+                gate_up=projection([b + p for p in _PARTS["gate_up"]], [None, None]),
+                down=projection([b + "ffn_down"], [None]),
+                attn_norm=norms[0].ctypes.data, mlp_norm=norms[1].ctypes.data, dim=c.dim, n_heads=c.n_heads,
+                n_kv=c.n_kv_heads, head_dim=c.head_dim, ffn=c.ffn_dim, eps=c.norm_eps))
+        self.args = (ctypes.POINTER(BlockArgs) * c.n_layers)(*(ctypes.pointer(a) for a in self.blocks))
+        self.embed, self.embed_type = rows("token_embd.weight"), tensors["token_embd.weight"].type
+        if c.tie_embeddings:
+            self.head, self.head_type = self.embed, self.embed_type
+        else:
+            self.head, self.head_type = rows("output.weight"), tensors["output.weight"].type
+        self.head_bias = floats("output.bias") if "output.bias" in tensors else None
+        self.norm = floats("output_norm.weight")
+        self.cos = self.sin = np.empty((0, c.head_dim), np.float32)
+
+    def rope(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and signed-sin tables (length, hd) as model.rope_cos_sin makes them, grown by doubling."""
+        if length > len(self.cos):
+            size, d = max(length, 2 * len(self.cos), 256), self.config.head_dim
+            inv_freq = (1.0 / (np.float32(self.config.rope_theta) ** (np.arange(0, d, 2).astype(np.float32) / d))
+                        ).astype(np.float32)
+            freqs = np.outer(np.arange(size, dtype=np.float32), inv_freq)  # (T, hd / 2)
+            self.cos = np.cos(np.concatenate([freqs, freqs], axis=1))
+            self.sin = np.concatenate([-np.sin(freqs), np.sin(freqs)], axis=1)
+        return self.cos, self.sin
+
+    def cache(self, length: int) -> "LiteCache":
+        return LiteCache(self.config, length)
+
+    def forward(self, ids: list[int], cache, start: int) -> np.ndarray:
+        """The logits (vocab,) after the last of `ids`, which go into `cache` from slot `start`."""
+        if start + len(ids) > cache.length:
+            raise ValueError(f"KV cache overflow: position {start + len(ids)} > cache length {cache.length}")
+        c, lib = self.config, self.lib
+        cos, sin = self.rope(start + len(ids))
+        for a in range(0, len(ids), NATIVE_ROWS):
+            chunk = np.asarray(ids[a:a + NATIVE_ROWS], dtype=np.int64)
+            x = np.empty((len(chunk), c.dim), np.float32)
+            if lib.mighty_ggml_rows(self.embed.ctypes.data, len(self.embed), self.embed_type, chunk.ctypes.data,
+                                    len(chunk), c.dim, x.ctypes.data):
+                raise UsageError(f"token id out of range: the vocabulary has {len(self.embed)} tokens")
+            pos = start + a
+            lib.mighty_decode_blocks(x.ctypes.data, self.args, c.n_layers, cache.key_pointers, cache.value_pointers,
+                                     cos[pos:pos + len(chunk)].ctypes.data, sin[pos:pos + len(chunk)].ctypes.data,
+                                     pos, cache.length, len(chunk), self.threads, None, 0, 1, None)
+        h = x[-1:]
+        h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm  # RMSNorm
+        h = np.ascontiguousarray(h, dtype=np.float32)
+        logits = np.empty((1, c.vocab_size), np.float32)
+        lib.mighty_gemm_ggml(h.ctypes.data, 1, self.head.ctypes.data, self.head_type,
+                             None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data,
+                             c.dim, c.vocab_size, self.threads)
+        return logits[0]
+
+
+class LiteCache:
+    """One sequence's keys and values: a zeroed (1, n_kv, length, hd) float32 buffer per layer for each, as
+    model.KVCache lays them out (the OS maps pages as they are written), and the pointer arrays the native call
+    takes."""
+
+    def __init__(self, config, length: int):
+        shape = (1, config.n_kv_heads, length, config.head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+        self.length = length
+        self.key_pointers = (ctypes.c_void_p * config.n_layers)(*(a.ctypes.data for a in self.keys))
+        self.value_pointers = (ctypes.c_void_p * config.n_layers)(*(a.ctypes.data for a in self.values))
+
+
+def load_lite(model: str, log=None):
+    """(LiteModel, tokenizer) for `model` (a path or an embedded name) where it is a GGUF file that decodes here,
+    else None (`unsupported` says why; the caller loads through torch)."""
+    log = log or sys.stderr
+    try:
+        path = resolve(model)
+    except CheckpointError:
+        return None  # the torch path says what is wrong with it
+    if not (path.is_file() and path.suffix == ".gguf"):
+        return None
+    t0 = time.perf_counter()
+    print(f"loading {model} ...", file=log, flush=True)
+    file, meta = gguf_metadata(path)
+    config = gguf_config(meta, file, source=path)
+    reason = unsupported(config, {t.name: t for t in file.tensors}, gemv_library())
+    if reason is not None:
+        print(f"{reason}: loading through torch", file=log, flush=True)
+        return None
+    tokenizer = gguf_tokenizer(meta, path)
+    lite = LiteModel(path, file, config, gemv_library())
+    print(f"loaded {config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s (native kernels, "
+          "without torch)", file=log, flush=True)
+    return lite, tokenizer
+
+
+def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """generate.logits_to_probs for one row in numpy: logits (V,) -> the distribution tokens are drawn from, after
+    temperature, top-k and top-p (float32; greedy settings give a one-hot row at the argmax)."""
+    if s.temperature == 0:
+        probs = np.zeros(len(logits), np.float32)
+        probs[int(np.argmax(logits))] = 1
+        return probs
+    z = logits.astype(np.float32) / np.float32(s.temperature)
+    if s.top_k is not None and s.top_k < len(z):
+        kth = np.partition(z, len(z) - s.top_k)[len(z) - s.top_k]
+        z = np.where(z < kth, -np.inf, z).astype(np.float32)
+    e = np.exp(z - z.max())
+    probs = e / e.sum()
+    if s.top_p is not None and s.top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        ranked = probs[order]
+        ranked[np.cumsum(ranked) - ranked > s.top_p] = 0  # mass before this token already covers top_p
+        probs = np.zeros_like(probs)
+        probs[order] = ranked
+        probs /= probs.sum()
+    return probs
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from `probs` (inverse CDF: a token of probability 0 is never drawn)."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
+
+
+def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling) -> Iterator[int]:
+    """generate.stream_tokens on this path: the tokens after `prompt`, up to and including a stop token."""
+    if not prompt:
+        raise UsageError("every prompt needs at least one token")
+    total = len(prompt) + s.max_new_tokens
+    if total > model.config.max_seq_len:
+        raise UsageError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.max_seq_len} tokens")
+    if s.max_new_tokens == 0:
+        return
+    rng = np.random.default_rng(s.seed)
+    cache = model.cache(total)
+    logits = model.forward(prompt, cache, 0)
+    for step in range(s.max_new_tokens):
+        token = int(np.argmax(logits)) if s.temperature == 0 else draw(probabilities(logits, s), rng)
+        yield token
+        if token in s.stop_token_ids or step + 1 == s.max_new_tokens:
+            return
+        logits = model.forward([token], cache, len(prompt) + step)
+

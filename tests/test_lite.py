@@ -1,0 +1,115 @@
+"""mightylm.lite: GGUF files decoded by the native kernels over numpy arrays, without torch. Its logits and greedy
+tokens against the torch path's on the same files (written with the `gguf` package's writer, as in test_gguf.py),
+its sampling against generate.logits_to_probs, and `mighty generate` in a fresh process that never imports torch."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from mightylm.generate import Sampling, load_for_generation, logits_to_probs, stream_tokens
+from mightylm.kernels import gemv_library
+
+from conftest import make_hf_model
+from test_gguf import write_gguf
+
+pytestmark = pytest.mark.skipif(gemv_library() is None, reason="the native kernels are not available here")
+
+
+def _load_lite(path):
+    from mightylm.lite import load_lite
+
+    return load_lite(str(path), log=io.StringIO())
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)], ids=["llama-tied", "qwen2-untied"])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16], ids=lambda q: q.name)
+def test_the_lite_path_computes_the_torch_paths_logits(arch, tied, qtype, tmp_path, bpe_tokenizer):
+    """A 20-token prompt (two passes of NATIVE_ROWS and 4) and eight decoded tokens: the logits after each equal the
+    kept-blocks torch model's (load_for_generation, the native stack) within float32 rounding, and so do the greedy
+    tokens; llama's permuted q/k rows, qwen2's q/k/v biases and an untied head included."""
+    from mightylm.lite import stream_tokens as lite_tokens
+
+    hf = make_hf_model(arch, vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, tie_word_embeddings=tied)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    lite, tokenizer = _load_lite(tmp_path / "m.gguf")
+    model, _ = load_for_generation(str(tmp_path / "m.gguf"), keep_blocks=True, log=io.StringIO())
+    assert model.fused_decode is not None  # the torch path compared with is the native stack
+    prompt = torch.randint(0, lite.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    cache, reference_cache = lite.cache(30), model.make_cache(1, 30)
+    ours = [lite.forward(prompt, cache, 0)]
+    with torch.inference_mode():
+        theirs = [model(torch.tensor([prompt]), cache=reference_cache, start=0, last_only=True)[0, -1].numpy()]
+        for step in range(8):
+            token = int(theirs[-1].argmax())
+            assert int(ours[-1].argmax()) == token
+            ours.append(lite.forward([token], cache, len(prompt) + step))
+            theirs.append(model(torch.tensor([[token]]), cache=reference_cache, start=len(prompt) + step)[0, -1].numpy())
+    np.testing.assert_allclose(np.stack(ours), np.stack(theirs), atol=1e-4, rtol=1e-4)
+    s = Sampling(max_new_tokens=12, temperature=0)
+    assert list(lite_tokens(lite, prompt, s)) == list(stream_tokens(model, prompt, s))
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        lite.forward(prompt, lite.cache(10), 0)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.7), dict(temperature=1.3, top_k=5),
+                                      dict(temperature=0.9, top_p=0.6), dict(temperature=1.0, top_k=12, top_p=0.8)],
+                         ids=["greedy", "temperature", "top-k", "top-p", "top-k-and-top-p"])
+def test_lite_sampling_draws_from_the_distribution_logits_to_probs_gives(settings):
+    """The numpy rule equals generate.logits_to_probs (temperature, then top-k, then top-p), and draws follow it:
+    tokens outside it never come, frequencies sit within 6 standard errors of it, the same seed repeats them."""
+    from mightylm.lite import draw, probabilities
+
+    s = Sampling(**settings)
+    logits = np.random.default_rng(0).normal(0, 2, 50).astype(np.float32)
+    probs = probabilities(logits, s)
+    np.testing.assert_allclose(probs, logits_to_probs(torch.from_numpy(logits)[None], s)[0].numpy(), atol=1e-6)
+    n = 20_000
+    draws = np.array([draw(probs, np.random.default_rng(7)) for _ in range(3)] +
+                     [draw(probs, rng) for rng in [np.random.default_rng(1)] for _ in range(n)])
+    assert len(set(draws[:3].tolist())) == 1  # the same seed, the same token
+    counts = np.bincount(draws[3:], minlength=len(probs)) / n
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(probs))
+    assert np.all(np.abs(counts - probs) <= 6 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
+
+
+def _generate(path, *options) -> subprocess.CompletedProcess:
+    """`mighty generate` in a fresh process, reporting whether torch was imported."""
+    code = ("import sys\nfrom mightylm.cli import main\n"
+            f"code = main(['generate', '--model', {str(path)!r}, '--prompt', 'the cat', '--max-new-tokens', '12', "
+            f"'--temperature', '0', '--stats', 'true', *{list(options)!r}])\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\nsys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_mighty_generate_on_a_gguf_file_never_imports_torch(tmp_path, bpe_tokenizer):
+    """`mighty generate` (engine auto) decodes a kept GGUF file without importing torch, and prints what
+    `--engine torch` prints; the stats line is there on both paths."""
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    lite, through_torch = _generate(tmp_path / "m.gguf"), _generate(tmp_path / "m.gguf", "--engine", "torch")
+    assert lite.returncode == 0 and through_torch.returncode == 0, lite.stderr + through_torch.stderr
+    assert "no torch" in lite.stderr and "without torch" in lite.stderr and "decode:" in lite.stderr
+    assert "torch imported" in through_torch.stderr
+    assert lite.stdout == through_torch.stdout and lite.stdout.strip()
+
+
+def test_files_the_native_blocks_cannot_run_go_through_torch(tmp_path, bpe_tokenizer, capsys):
+    """A file with products in a type the native block does not keep (F32 here) is refused with the reason, and
+    `mighty generate` then decodes it through torch; a model directory is not a GGUF file at all."""
+    from mightylm.cli import main
+    from mightylm.lite import load_lite
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.F32)
+    log = io.StringIO()
+    assert load_lite(str(tmp_path / "m.gguf"), log=log) is None
+    assert "F32" in log.getvalue() and "loading through torch" in log.getvalue()
+    assert load_lite(str(tmp_path)) is None and load_lite(str(tmp_path / "missing.gguf")) is None
+    assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "the", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert "loading through torch" in capsys.readouterr().err
