@@ -4,7 +4,8 @@ fresh process (torch in llama.cpp's process halves its speed), same file, same p
 Files: the embedded SmolLM2-135M-Instruct as shipped (Q4_1 projections, Q8_0 embedding and tied head) and the same
 weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all-F16 and all-BF16 (from the shipped
 file, dequantized).
-Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times;
+Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times (ours
+through the torch path, and through mightylm.lite: the same kernels without torch in the process);
 the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
 read per token over the measured read bandwidth. For the block types, ours runs a second time with
 int8_activations_ (llama.cpp's arithmetic: each decoded token's activations rounded to 8 bits per block).
@@ -48,6 +49,25 @@ with torch.inference_mode():
         out += [int(step[0]) for step in steps]
         rates.append(n / (time.perf_counter() - t))
         tokens = out
+print(json.dumps({"rates": rates[1:], "tokens": tokens}))
+"""
+
+# the same on mightylm.lite (what `mighty generate` runs by default on these files): no torch in the process
+LITE = """
+import io, json, sys, time
+from mightylm.lite import load_lite
+path, n, repeats, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+model, _ = load_lite(path, log=io.StringIO())
+rates, tokens = [], None
+for _ in range(repeats + 1):  # the first is a warm-up
+    cache = model.cache(len(prompt) + n + 1)
+    out = [int(model.forward(prompt, cache, 0).argmax())]
+    t = time.perf_counter()
+    for step in range(n):
+        out.append(int(model.forward([out[-1]], cache, len(prompt) + step).argmax()))
+    rates.append(n / (time.perf_counter() - t))
+    tokens = out
+assert "torch" not in sys.modules
 print(json.dumps({"rates": rates[1:], "tokens": tokens}))
 """
 
@@ -134,7 +154,8 @@ def main() -> None:
         files = {f"{name} (as shipped)" if name == "Q4_1" else name:
                  shipped if name == "Q4_1" else requantized(shipped, name, scratch) for name in args.formats}
         print(f"{'file':18s} {'MiB':>5s} {'llama.cpp tok/s':>15s} {'mightylm tok/s':>14s} {'ratio':>6s} "
-              f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree  | int8 activations: tok/s  ratio  agree")
+              f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree  | int8 activations: tok/s  ratio  agree"
+              f"  | lite (no torch): tok/s  ratio  RSS  agree")
         for name, path in files.items():
             common = [path, str(args.new_tokens), str(args.repeats), json.dumps(prompt)]
             ours, rss_ours = measure([sys.executable, "-c", OURS, *common])
@@ -155,6 +176,12 @@ def main() -> None:
                 rate8 = statistics.median(int8["rates"])
                 agree8 = sum(a == b for a, b in zip(int8["tokens"], theirs["tokens"]))
                 line += f"  | {rate8:26.1f} {rate8 / cpp:5.2f}x {agree8:>4d}/{len(int8['tokens'])}"
+            else:
+                line += f"  | {'':26s} {'':6s} {'':9s}"
+            lite, rss_lite = measure([sys.executable, "-c", LITE, *common])
+            rate_lite = statistics.median(lite["rates"])
+            agree_lite = sum(a == b for a, b in zip(lite["tokens"], theirs["tokens"]))
+            line += f"  | {rate_lite:22.1f} {rate_lite / cpp:5.2f}x {rss_lite:4.0f} {agree_lite:>4d}/{len(lite['tokens'])}"
             print(line)
     if not args.llama_python:
         print("no --llama-python: llama.cpp is not measured in this run")

@@ -5,7 +5,7 @@ extra, never in `make test`), llama.cpp loading the same GGUF file and generatin
 Each figure is the median of --repeats fresh processes, run one after another (never two at once), so the
 OS file cache is warm after the first: this measures our start, not the disk.
 
-    .venv/bin/python bench/startup.py [--repeats 3] [--llama-python /tmp/cppvenv/bin/python]
+    .venv/bin/python bench/startup.py [--repeats 3] [--llama-python .venv-llama/bin/python]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LLAMA_PYTHON = ROOT / ".venv-llama/bin/python"  # `make llama-cpp`
 LLAMA_CPP = """
 import sys, time
 t = time.perf_counter()
@@ -62,7 +63,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--llama-python", default=None,
-                   help="a Python with llama-cpp-python installed (its own venv; default: this one, if it has it)")
+                   help="a Python with llama-cpp-python installed (its own venv; default: .venv-llama from `make "
+                        "llama-cpp`, else this one if it has it)")
     args = p.parse_args()
     from mightylm.checkpoint import resolve
     from mightylm.kernels import cpu_flags
@@ -83,7 +85,8 @@ def main() -> None:
                                "0", "--blocks", "false"],
     }
     results = {name: median_of(cmd, args.repeats) for name, cmd in rows.items()}
-    llama_python = args.llama_python or (sys.executable if importlib.util.find_spec("llama_cpp") else None)
+    llama_python = args.llama_python or (str(LLAMA_PYTHON) if LLAMA_PYTHON.exists() else None) or (
+        sys.executable if importlib.util.find_spec("llama_cpp") else None)
     if llama_python:
         results["llama.cpp load + 1 token"] = median_of([llama_python, "-c", LLAMA_CPP, gguf, "Hello"], args.repeats)
     else:
