@@ -82,16 +82,16 @@ def generate(
         engine: auto: a GGUF file whose every block the native kernels run (the embedded model) decodes without
             loading PyTorch, which starts 2-3 s sooner in a fresh process (mightylm/lite.py; with greedy decoding
             the same tokens; a --seed samples other text than torch's random stream does); anything else, or any
-            option that needs the model in torch (--adapter, --draft, --int8_activations, ...), loads through
+            option that needs the model in torch (--adapter, --draft, --rope_scaling, ...), loads through
             torch. torch: always through PyTorch.
     """
     from mightylm.streaming import Sampling, Timings
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
-    torch_only = (adapter, draft, rope_scaling, rmt, attention_sinks, image, int8_activations, dtype != "float32",
-                  not blocks)
-    if engine == "auto" and not any(torch_only) and _generate_lite(model, prompt, chat, settings, stats):
+    torch_only = (adapter, draft, rope_scaling, rmt, attention_sinks, image, dtype != "float32", not blocks)
+    if engine == "auto" and not any(torch_only) and _generate_lite(model, prompt, chat, settings, stats,
+                                                                   int8_activations):
         return
     from mightylm.generate import load_for_generation, stream_text
 
@@ -138,12 +138,12 @@ def generate(
             print(spec_stats.report(), file=sys.stderr)
 
 
-def _generate_lite(model: str, prompt: str, chat: bool, settings, stats: bool) -> bool:
+def _generate_lite(model: str, prompt: str, chat: bool, settings, stats: bool, int8_activations: bool) -> bool:
     """`mighty generate` through mightylm.lite (no torch); False where the model does not decode there."""
     from mightylm.lite import load_lite, stream_tokens
     from mightylm.streaming import Timings, stream_text_from
 
-    loaded = load_lite(model)
+    loaded = load_lite(model, int8_activations=int8_activations)
     if loaded is None:
         return False
     lite, tokenizer = loaded
@@ -270,11 +270,10 @@ def chat(
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     lite = None
-    if engine == "auto" and not any((adapter, draft, rope_scaling, image, int8_activations, dtype != "float32",
-                                     not blocks)):
+    if engine == "auto" and not any((adapter, draft, rope_scaling, image, dtype != "float32", not blocks)):
         from mightylm.lite import load_lite
 
-        lite = load_lite(model)
+        lite = load_lite(model, int8_activations=int8_activations)
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,
                                              rope_scaling=rope_scaling)
     if lite:

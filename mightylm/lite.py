@@ -15,9 +15,12 @@ model needs nothing from torch to decode, and `mighty generate` takes this path 
 
 Greedy tokens equal the torch path's and logits agree within float32 rounding (the RoPE table and the final norm
 are numpy's arithmetic, not torch's; tests/test_lite.py). A seed gives its own random stream, not torch's: the same
-seed samples the same text on this path, and other text than `--engine torch` does. Anything else (another
-architecture or dtype, LoRA, drafts, RoPE scaling, int8 activations) loads through torch; `unsupported` says why a
-file cannot come here.
+seed samples the same text on this path, and other text than `--engine torch` does. `int8_activations` tiles the
+Q8_0 / Q4_0 / Q4_1 products as the torch path's option does (llama.cpp's arithmetic): the same integers, but
+rounding activations to 8 bits can turn the RoPE tables' last-bit differences into different roundings, so greedy
+text can part from the torch path's at near-ties (as both do from llama.cpp's). Anything else (another
+architecture or dtype, LoRA, drafts, RoPE scaling) loads through torch; `unsupported` says why a file cannot come
+here.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, ggu
 from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
-from mightylm.kernels import BlockArgs, Projection, gemv_library, physical_cores
+from mightylm.kernels import TILE, BlockArgs, Projection, gemv_library, physical_cores, tile_rows
 from mightylm.streaming import Sampling
 
+Q8_0, Q4_0, Q4_1 = 8, 2, 3  # the types int8 activations take (compress.gguf_blocks.int8_activations_)
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
 _PARTS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
           "down": ("ffn_down",)}  # a block's products, from llama.cpp's tensor names, as the native block takes them
@@ -67,9 +71,11 @@ def unsupported(config, names: dict, library) -> str | None:
 
 class LiteModel:
     """A GGUF file's model as the native kernels read it: `forward(ids, cache, start)` -> the logits after the last
-    of `ids`. Build with `load_lite`."""
+    of `ids`. Build with `load_lite`. `int8_activations`: the Q8_0 / Q4_0 / Q4_1 products (and the head) take their
+    rows rounded to 8 bits per block, over weights in tiles of 16 rows, as the torch path's
+    compress.gguf_blocks.int8_activations_ sets them up (llama.cpp's arithmetic)."""
 
-    def __init__(self, path: Path, file, config, library):
+    def __init__(self, path: Path, file, config, library, int8_activations: bool = False):
         self.path, self.config, self.lib = path, config, library
         self.threads = physical_cores()
         tensors = {t.name: t for t in file.tensors}
@@ -89,12 +95,16 @@ class LiteModel:
             if c.arch == "llama":  # llama.cpp permutes llama's q/k rows for its RoPE kernel (names.unpermute_qk)
                 parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
             weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
+            kind = tensors[f"{names[0]}.weight"].type
+            tiled = int8_activations and _tiles(kind, [len(part) for part in parts])
+            if tiled:  # tiles of each part's rows, one after another: the tiles of the stacked rows
+                weight = tile_rows(weight, kind)
             bias = None
             if f"{names[0]}.bias" in tensors:
                 bias = np.concatenate([floats(f"{n}.bias") for n in names])
             self.keep += [weight, bias]
-            return Projection(weight.ctypes.data, None, None if bias is None else bias.ctypes.data, None,
-                              tensors[f"{names[0]}.weight"].type, Projection.GGML)
+            return Projection(weight.ctypes.data, None, None if bias is None else bias.ctypes.data, None, kind,
+                              Projection.GGML_Q8X if tiled else Projection.GGML)
 
         self.blocks = []
         for i in range(c.n_layers):
@@ -114,6 +124,10 @@ class LiteModel:
             self.head, self.head_type = self.embed, self.embed_type
         else:
             self.head, self.head_type = rows("output.weight"), tensors["output.weight"].type
+        # int8 activations: a head tied to the table gets its own tiled copy (lookups read the stored rows)
+        self.head_tiled = int8_activations and _tiles(self.head_type, [len(self.head)])
+        if self.head_tiled:
+            self.head = tile_rows(self.head, self.head_type)
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)
@@ -152,10 +166,16 @@ class LiteModel:
         h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm  # RMSNorm
         h = np.ascontiguousarray(h, dtype=np.float32)
         logits = np.empty((1, c.vocab_size), np.float32)
-        lib.mighty_gemm_ggml(h.ctypes.data, 1, self.head.ctypes.data, self.head_type,
-                             None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data,
-                             c.dim, c.vocab_size, self.threads)
+        product = lib.mighty_gemm_ggml_q8x if self.head_tiled else lib.mighty_gemm_ggml
+        product(h.ctypes.data, 1, self.head.ctypes.data, self.head_type,
+                None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
+                c.vocab_size, self.threads)
         return logits[0]
+
+
+def _tiles(kind: int, rows: list[int]) -> bool:
+    """Whether int8 activations take a product of this type whose parts have these row counts (whole tiles)."""
+    return kind in (Q8_0, Q4_0, Q4_1) and all(n % TILE == 0 for n in rows)
 
 
 class LiteCache:
@@ -172,7 +192,7 @@ class LiteCache:
         self.value_pointers = (ctypes.c_void_p * config.n_layers)(*(a.ctypes.data for a in self.values))
 
 
-def load_lite(model: str, log=None):
+def load_lite(model: str, log=None, int8_activations: bool = False):
     """(LiteModel, tokenizer) for `model` (a path or an embedded name) where it is a GGUF file that decodes here,
     else None (`unsupported` says why; the caller loads through torch)."""
     log = log or sys.stderr
@@ -191,7 +211,7 @@ def load_lite(model: str, log=None):
         print(f"{reason}: loading through torch", file=log, flush=True)
         return None
     tokenizer = gguf_tokenizer(meta, path)
-    lite = LiteModel(path, file, config, gemv_library())
+    lite = LiteModel(path, file, config, gemv_library(), int8_activations)
     print(f"loaded {config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s (native kernels, "
           "without torch)", file=log, flush=True)
     return lite, tokenizer

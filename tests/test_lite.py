@@ -56,6 +56,38 @@ def test_the_lite_path_computes_the_torch_paths_logits(arch, tied, qtype, tmp_pa
         lite.forward(prompt, lite.cache(10), 0)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_int8_activations_on_the_lite_path_are_the_torch_paths_arithmetic(qtype, tmp_path, bpe_tokenizer):
+    """With int8 activations every product (the tied head too) runs on tiles, and the logits equal the torch path's
+    int8 model's once both read the same RoPE table. (Each computes its table with its own library's cosine, which
+    differ in the last bit for ~10 % of entries; rounding activations to 8 bits can amplify that, so on their own
+    tables the two can part at near-ties, as both do from llama.cpp.)"""
+    from mightylm.kernels import Projection
+    from mightylm.lite import load_lite
+    from mightylm.model import rope_cos_sin
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    lite, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=True)
+    model, _ = load_for_generation(str(tmp_path / "m.gguf"), keep_blocks=True, int8_activations=True,
+                                   log=io.StringIO())
+    assert {b.qkv.kind for b in lite.blocks} == {Projection.GGML_Q8X} and lite.head_tiled
+    cos, sin = rope_cos_sin(model.config, 256)
+    lite.cos, lite.sin = cos.numpy().copy(), sin.numpy().copy()
+    prompt = torch.randint(0, lite.config.vocab_size, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache, reference_cache = lite.cache(30), model.make_cache(1, 30)
+    ours = [lite.forward(prompt, cache, 0)]
+    with torch.inference_mode():
+        theirs = [model(torch.tensor([prompt]), cache=reference_cache, start=0, last_only=True)[0, -1].numpy()]
+        for step in range(6):
+            token = int(theirs[-1].argmax())
+            ours.append(lite.forward([token], cache, len(prompt) + step))
+            theirs.append(model(torch.tensor([[token]]), cache=reference_cache, start=len(prompt) + step)[0, -1].numpy())
+    np.testing.assert_allclose(np.stack(ours), np.stack(theirs), atol=1e-4, rtol=1e-4)
+    plain, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO())
+    assert not np.allclose(plain.forward(prompt, plain.cache(30), 0), ours[0], atol=1e-3)  # the rounding is there
+
+
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.7), dict(temperature=1.3, top_k=5),
                                       dict(temperature=0.9, top_p=0.6), dict(temperature=1.0, top_k=12, top_p=0.8)],
                          ids=["greedy", "temperature", "top-k", "top-p", "top-k-and-top-p"])

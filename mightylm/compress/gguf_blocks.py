@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q6_K, Q8_0, TYPE_NAMES
+from mightylm.kernels import TILE, tile_rows
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
@@ -159,38 +160,10 @@ class GGUFEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, type={TYPE_NAMES[self.ggml_type]}"
 
 
-TILE = 16  # output rows per tile of int8_activations_'s layout (kernels/gguf_blocks.c)
-
-
-def _tile_parts(raw: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(head bytes (out, blocks, 2 or 4): d, and m for Q4_1; codes (out, blocks, 32) uint8: 0-15, or Q8_0's q + 128)."""
-    out = raw.shape[0]
-    blocks = raw.view(out, -1, BLOCKS[kind][1])
-    head = 4 if kind == Q4_1 else 2
-    if kind == Q8_0:
-        codes = blocks[..., 2:] ^ 0x80  # q + 128 as an unsigned byte
-    else:
-        packed = blocks[..., head:]
-        codes = torch.cat([packed & 15, packed >> 4], dim=-1)
-    return blocks[..., :head], codes
-
-
 def tile_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
-    """Q8_0 / Q4_0 / Q4_1 rows (out, row bytes) reordered into the tiles of 16 rows the int8-activation kernel reads
-    (kernels/gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the codes with lane l of
-    step s holding row l's values 4 s .. 4 s + 3 (Q4: steps s and s + 4 in one byte's low and high nibbles). The
-    same number of bytes, so the result has raw's shape; out must be a multiple of 16. untile_blocks inverts it."""
-    out, row_bytes = raw.shape
-    if kind not in (Q8_0, Q4_0, Q4_1) or out % TILE:
-        raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 rows in groups of {TILE}; got {TYPE_NAMES.get(kind, kind)} "
-                         f"with {out} rows")
-    head, codes = _tile_parts(raw, kind)
-    g, nb = out // TILE, head.shape[1]
-    head = head.reshape(g, TILE, nb, -1, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1)  # [16 d][16 m]
-    steps = codes.reshape(g, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4)  # (g, blocks, step, lane, 4)
-    if kind != Q8_0:
-        steps = steps[:, :, :4] | (steps[:, :, 4:] << 4)
-    return torch.cat([head, steps.reshape(g, nb, -1)], dim=-1).reshape(out, row_bytes)
+    """kernels.tile_rows on a tensor: Q8_0 / Q4_0 / Q4_1 rows (out, row bytes) in the int8-activation kernel's tiles
+    of 16 rows (the same bytes, raw's shape); untile_blocks inverts it."""
+    return torch.from_numpy(tile_rows(raw.contiguous().numpy(), kind))
 
 
 def untile_blocks(tiles: torch.Tensor, kind: int) -> torch.Tensor:

@@ -26,6 +26,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "gguf_blocks.c", "sparse24.c")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
@@ -197,6 +199,35 @@ class LoraTerm(ctypes.Structure):
                 ("out", ctypes.c_long)]
 
     TERMS, PROJECTIONS = 3, 4
+
+
+TILE = 16  # output rows per tile of the int8-activation kernel's layout (gguf_blocks.c)
+_TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4)}  # ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before codes)
+
+
+def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:
+    """Q8_0 / Q4_0 / Q4_1 rows (out, row bytes) uint8 reordered into the tiles of 16 rows the int8-activation kernel
+    reads (gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the codes with lane l of
+    step s holding row l's values 4 s .. 4 s + 3 (Q4: steps s and s + 4 in one byte's low and high nibbles; Q8_0:
+    q + 128 as an unsigned byte). The same number of bytes, shaped as raw; out must be a multiple of 16.
+    (compress.gguf_blocks.tile_blocks calls this on tensors; untile_blocks inverts it.)"""
+    out, row_bytes = raw.shape
+    if kind not in _TILED or out % TILE:
+        raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 rows in groups of {TILE}; got ggml type {kind} with {out} "
+                         "rows")
+    block_bytes, head = _TILED[kind]
+    blocks = raw.reshape(out, -1, block_bytes)
+    if kind == 8:
+        codes = blocks[..., 2:] ^ 0x80  # q + 128 as an unsigned byte
+    else:
+        packed = blocks[..., head:]
+        codes = np.concatenate([packed & 15, packed >> 4], axis=-1)  # (out, blocks, 32): values 0-15
+    g, nb = out // TILE, blocks.shape[1]
+    heads = blocks[..., :head].reshape(g, TILE, nb, -1, 2).transpose(0, 2, 3, 1, 4).reshape(g, nb, -1)  # [16 d][16 m]
+    steps = codes.reshape(g, TILE, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # (g, blocks, step, lane, 4)
+    if kind != 8:
+        steps = steps[:, :, :4] | (steps[:, :, 4:] << 4)
+    return np.concatenate([heads, steps.reshape(g, nb, -1)], axis=-1).reshape(out, row_bytes)
 
 
 def gemv_library():
