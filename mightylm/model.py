@@ -899,7 +899,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     are taken `chunk_elements // vocab` at a time, and the gradients are computed in the same pass
     (the loss is the graph's end, so d loss/d logits = (softmax - onehot) / n is known in forward):
     backward only scales the stored grad_h (N, dim) and grad_weight (vocab, dim). Same products as
-    the usual forward + backward (logits, grad_h, grad_weight), no recomputation.
+    the usual forward + backward (logits, grad_h, grad_weight), no recomputation, and only for the scored rows:
+    an unscored row adds nothing to the loss and gets a zero gradient, so its logits are never computed (in
+    supervised fine-tuning most rows are the prompt's: the head's two products shrink by that share).
     """
     return _LinearCrossEntropy.apply(h, weight, labels, chunk_elements)
 
@@ -912,24 +914,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(device, enabled=False):
-            hc, wc = h.to(dtype), weight.to(dtype)
             scored = labels != IGNORE_INDEX
             n = scored.sum().clamp(min=1)
-            grad_h = torch.empty_like(h) if need_h else None
+            grad_h = torch.zeros_like(h) if need_h else None  # unscored rows keep a zero gradient
             grad_w = torch.zeros_like(weight) if need_w else None
+            picked = None if bool(scored.all()) else scored.nonzero()[:, 0]  # the scored rows, where some are not
+            hc, wc = (h if picked is None else h[picked]).to(dtype), weight.to(dtype)
+            labels = labels if picked is None else labels[picked]
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             rows = max(1, chunk_elements // weight.shape[0])
-            for s in range(0, h.shape[0], rows):
-                x, y, keep = hc[s:s + rows], labels[s:s + rows].clamp(min=0), scored[s:s + rows]
+            for s in range(0, hc.shape[0], rows):
+                x, y = hc[s:s + rows], labels[s:s + rows]
                 logp = (x @ wc.T).float().log_softmax(-1)  # (rows, vocab); one pass, unlike logsumexp
-                total -= (logp.gather(1, y[:, None])[:, 0] * keep).sum()
+                total -= logp.gather(1, y[:, None])[:, 0].sum()
                 if not (need_h or need_w):
                     continue
                 p = logp.exp_()  # softmax, in place
                 p[torch.arange(len(y), device=p.device), y] -= 1
-                p = p.mul_((keep / n)[:, None]).to(dtype)  # d loss / d logits for these rows
+                p = p.div_(n).to(dtype)  # d loss / d logits for these rows
                 if need_h:
-                    grad_h[s:s + rows] = p @ wc
+                    g = p @ wc
+                    if picked is None:
+                        grad_h[s:s + rows] = g
+                    else:
+                        grad_h[picked[s:s + rows]] = g.to(grad_h.dtype)
                 if need_w:
                     if dtype == grad_w.dtype:
                         grad_w.addmm_(p.T, x)

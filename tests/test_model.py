@@ -125,14 +125,18 @@ def test_config_round_trips_through_hf():
 
 
 @pytest.mark.parametrize("chunk_elements", [256 * 7, 256 * 64, 1 << 24])  # 7 rows, 64 rows, all rows at once
-def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk_elements):
+@pytest.mark.parametrize("unscored", ["none", "a third", "most"])  # only scored rows reach the head
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk_elements, unscored):
     from mightylm.model import IGNORE_INDEX, linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(50, 32, requires_grad=True)
     w = torch.randn(256, 32, requires_grad=True)
     labels = torch.randint(0, 256, (50,))
-    labels[::3] = IGNORE_INDEX
+    if unscored == "a third":
+        labels[::3] = IGNORE_INDEX
+    elif unscored == "most":  # a fine-tuning batch: the prompt's rows unscored, a few answer rows scored
+        labels[torch.arange(50) % 10 < 8] = IGNORE_INDEX
     expected = torch.nn.functional.cross_entropy(h @ w.T, labels, ignore_index=IGNORE_INDEX)
     grads = torch.autograd.grad(expected * 2.5, (h, w))  # a scale after the loss reaches both gradients
     loss = linear_cross_entropy(h, w, labels, chunk_elements)
