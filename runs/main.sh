@@ -43,7 +43,7 @@ $MIGHTY generate --model $MODEL --chat true --prompt "Give me a one-sentence fun
   --temperature 0.8 --top-p 0.95 --seed 42 --max-new-tokens 60
 
 echo
-echo "== 5. LoRA on SmolLM2: held-out 2-digit addition, exact match before and after (~4 minutes)"
+echo "== 5. LoRA on SmolLM2: held-out 2-digit addition, exact match before and after (~3 minutes)"
 rm -rf runs/out/lora-demo
 .venv/bin/python runs/lora_demo.py --out runs/out/lora-demo 2> runs/out/lora-demo.log
 echo "-- the adapter (PEFT format) applied unmerged from the command line:"
