@@ -55,7 +55,7 @@ def generate(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: Print the prompt's prefill and the decoding speed (tokens/s) to stderr at the end.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (a
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 projection and head weights as stored (a
             quarter to a half of the memory, a faster start and decode), multiplied by native kernels that read the
             blocks; false dequantizes them to --dtype at load. Other files and types, and any --dtype but float32,
             load dequantized.
@@ -250,7 +250,7 @@ def chat(
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
         stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (see
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 projection and head weights as stored (see
             `mighty generate --help`); false dequantizes them at load.
         int8_activations: With --blocks: activations rounded to 8 bits per block (see `mighty generate --help`).
         draft: Speculative decoding: a smaller model with the same tokenizer, prompt-lookup, or layers:N (see

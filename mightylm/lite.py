@@ -2,8 +2,9 @@
 
 `import torch` alone takes 2-3 s and ~220 MiB on the project's machines, more than the whole of llama.cpp's start on
 the embedded model (0.3 s, 160 MiB). When every block of a GGUF file runs in the native kernels (its projections
-kept as Q8_0 / Q4_0 / Q4_1 / F16 / BF16 blocks: what `load_for_generation` turns into fuse.NativeDecodeStack), the
-model needs nothing from torch to decode, and `mighty generate` takes this path (its `--engine auto`):
+kept as Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 blocks: what `load_for_generation` turns into
+fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `mighty generate` takes this path (its
+`--engine auto`):
 
     the weights   the file's blocks read into numpy arrays, q/k/v and gate/up stacked by rows as fuse.py stacks
                   them (llama's q/k rows un-permuted as checkpoint/gguf.py does)
@@ -65,7 +66,7 @@ def unsupported(config, names: dict, library) -> str | None:
             types = {names[f"blk.{i}.{p}.weight"].type for p in part if f"blk.{i}.{p}.weight" in names}
             if len(types) != 1 or not types <= set(KEPT):
                 return (f"block {i}'s {'/'.join(part)} are {', '.join(TYPE_NAMES.get(t, str(t)) for t in types)}; "
-                        "the native block takes one kept type (Q8_0, Q4_0, Q4_1, F16, BF16) per product")
+                        "the native block takes one kept type (Q8_0, Q4_0, Q4_1, Q6_K, F16, BF16) per product")
     return None
 
 

@@ -1,6 +1,7 @@
 """GGUF: files written here with the `gguf` package's writer, the way llama.cpp's converter writes
 them (q/k rows permuted for llama), then loaded back and compared with the source model."""
 
+import io
 import json
 import math
 
@@ -488,6 +489,45 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
         torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
     with pytest.raises(CheckpointError, match="keeps a GGUF file's blocks"):
         mightylm.save(kept, None, tmp_path / "out")
+
+
+def test_a_k_quant_q6_k_file_is_kept_as_stored_and_decoded_natively(tmp_path, bpe_tokenizer):
+    """Q6_K (super-blocks of 256: 6-bit codes, an int8 scale per 16 values, fp16 d), the K-quant real files mix
+    with the others: every projection, the table and the head stay as stored; logits equal the dequantized model's
+    within float32 rounding in prefill and in decoding through the native stack, and so do mightylm.lite's."""
+    from mightylm.compress.gguf_blocks import Q6_K, GGUFEmbedding, GGUFLinear
+    from mightylm.fuse import fuse_projections_
+    from mightylm.lite import load_lite
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, hidden_size=256,
+                       intermediate_size=512, num_hidden_layers=2)  # rows of 256 and 512 values: Q6_K's unit
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q6_K)
+    dense, _ = mightylm.load(tmp_path / "m.gguf")
+    kept, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    modules = [m for m in kept.modules() if isinstance(m, GGUFLinear)]
+    assert len(modules) == 7 * kept.config.n_layers + 1 and {m.ggml_type for m in modules} == {Q6_K}
+    assert isinstance(kept.embed, GGUFEmbedding)
+    idx = torch.randint(0, dense.config.vocab_size, (1, 12))
+    assert torch.equal(kept.embed(idx), dense.embed(idx))
+
+    def decode(model, steps=5):
+        cache = model.make_cache(1, 12 + steps)
+        out = [model(idx, cache=cache, start=0)[:, -1]]
+        for t in range(12, 12 + steps):
+            out.append(model(out[-1].argmax(-1)[:, None], cache=cache, start=t)[:, -1])
+        return torch.cat(out)
+
+    with torch.no_grad():
+        torch.testing.assert_close(kept(idx), dense(idx), atol=1e-4, rtol=1e-4)
+        reference = decode(dense)
+        assert "layers.0.native" in fuse_projections_(kept)
+        torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
+    lite, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO())
+    cache = lite.cache(20)
+    ours = [lite.forward(idx[0].tolist(), cache, 0)]
+    for t in range(12, 17):
+        ours.append(lite.forward([int(reference[t - 12].argmax())], cache, t))
+    np.testing.assert_allclose(np.stack(ours), reference.numpy(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)

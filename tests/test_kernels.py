@@ -197,6 +197,18 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
                 # float32 arithmetic in another order: float rounding, nothing more
                 torch.testing.assert_close(ops.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
                                            atol=2e-6 * float(expected.abs().max()))
+        if n_in % 256 == 0:  # Q6_K, a K-quant: super-blocks of 256 (6-bit codes, int8 scales per 16, fp16 d)
+            raw = torch.randint(0, 256, (out, n_in // 256, 210), dtype=torch.uint8)
+            raw[..., 208:] = (torch.rand(out, n_in // 256, 1) / 500).half().view(torch.uint8)
+            raw = raw.view(out, -1)
+            w6 = dequantize_blocks(raw, 14, (out, n_in))
+            some = torch.tensor([0, out - 1, 3 % out])  # a lookup's rows: value for value the dequantizer's
+            assert torch.equal(ops.ggml_rows(raw, 14, some, n_in), w6[some])
+            for rows in (1, 3, 5, 15):
+                xs = torch.randn(rows, n_in)
+                expected = F.linear(xs, w6, b)
+                torch.testing.assert_close(ops.matmul_ggml(xs, raw, 14, out, b), expected, rtol=1e-5,
+                                           atol=2e-6 * float(expected.abs().max()))
         for ggml_type, dtype in ((1, torch.float16), (30, torch.bfloat16)):  # F16 / BF16 rows as stored
             raw = (torch.randn(out, n_in) / 10).to(dtype).view(torch.uint8)  # (out, 2 in) bytes
             for rows in (1, 15):

@@ -46,6 +46,7 @@ def __getattr__(name: str):
         return getattr(import_module(f"mightylm.checkpoint.{_LOADERS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = ["CHUNKED", "EMBEDDED", "GGUF_TO_OURS", "HF_TO_OURS", "OURS_TO_HF", "PICKLE_SUFFIXES", "CheckpointError",
            "hf_to_ours", "ours_to_hf",
            "Chunked", "assemble", "cache_dir", "gguf_config", "load", "load_gguf", "load_hf", "load_tokenizer", "rename",
@@ -72,7 +73,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str = "float32", devic
 
     dtype: a torch dtype or its name ("bfloat16"). The tokenizer is None for a directory without
     tokenizer.json, or an error with `need_tokenizer` (for callers that encode text). keep_blocks: a GGUF
-    file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projections stay as stored (for inference; no effect on other files).
+    file's Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 projections stay as stored (for inference; no effect on other files).
     """
     import torch
 

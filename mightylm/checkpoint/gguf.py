@@ -1,6 +1,6 @@
 """llama.cpp GGUF files: the config and tokenizer from the metadata (gguf_header.py), tensors dequantized or kept
-as stored (gguf_file.py reads the container), names mapped through names.GGUF_TO_OURS and the per-key transforms of names.GGUF_TENSOR_TRANSFORMS.
-The GGUF export work adds the writer beside the reader here."""
+as stored (gguf_file.py reads the container), names mapped through names.GGUF_TO_OURS and the per-key transforms
+of names.GGUF_TENSOR_TRANSFORMS. gguf_export.py writes them."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mightylm.compress.gguf_blocks import dequantize_blocks
 
 def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: bool = False):
     """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized; with
-    `keep_blocks`, the projections, the head and the embedding table stored as Q8_0 / Q4_0 / Q4_1 / F16 / BF16
+    `keep_blocks`, the projections, the head and the embedding table stored as Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16
     stay as stored (compress/gguf_blocks.GGUFLinear, GGUFEmbedding); a head tied to the table reads its bytes."""
     file, meta = gguf_metadata(path)
     config = gguf_config(meta, file, source=path)
@@ -116,7 +116,7 @@ def _keepable(ours: str, t) -> bool:
 
     leaf = ours.removesuffix(".weight").rpartition(".")[2]
     return ours.endswith(".weight") and leaf in (*DEFAULT_TARGETS, "lm_head") and t.type in KEPT \
-        and len(t.shape) == 2 and t.shape[1] % 32 == 0
+        and len(t.shape) == 2 and t.shape[1] % BLOCKS[t.type][0] == 0 and t.shape[1] % 32 == 0
 
 
 def _kept_blocks(model, ours: str, file, t) -> torch.Tensor:

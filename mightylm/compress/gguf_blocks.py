@@ -1,6 +1,6 @@
 """GGUF's block formats (ggml-common.h) as torch code: dequantizers, quantizers for the writer (byte for byte what
 the `gguf` package's numpy quantizers write), and `GGUFLinear`, a frozen linear layer that keeps a GGUF file's
-Q8_0 / Q4_0 / Q4_1 blocks (and F16 / BF16 rows) exactly as stored (loading with keep_blocks=True), multiplied by a
+Q8_0 / Q4_0 / Q4_1 / Q6_K blocks (and F16 / BF16 rows) exactly as stored (loading with keep_blocks=True), multiplied by a
 native kernel that reads the blocks (kernels/gguf_blocks.c), and dequantized where the kernel cannot serve (other
 dtypes, gradients to the input, many rows).
 
@@ -102,10 +102,10 @@ def _quantize_32(x: torch.Tensor, kind: int) -> torch.Tensor:
 
 def stored_rows(kind: str, rows: int, columns: int, ggml_type: int, device=None) -> torch.Tensor:
     """An empty (rows, row bytes) uint8 tensor for `rows` rows of `columns` values stored in `ggml_type` (one of
-    KEPT; columns a multiple of 32, the kernels' block)."""
-    if ggml_type not in KEPT or columns % 32:
-        raise ValueError(f"{kind} keeps {[TYPE_NAMES[t] for t in KEPT]} with rows a multiple of 32 values, got "
-                         f"type {ggml_type} and {columns} values")
+    KEPT; columns a multiple of 32, the kernels' block, and of 256 for Q6_K's super-blocks)."""
+    if ggml_type not in KEPT or columns % 32 or columns % BLOCKS[ggml_type][0]:
+        raise ValueError(f"{kind} keeps {[TYPE_NAMES[t] for t in KEPT]} with rows a multiple of 32 values (Q6_K: "
+                         f"256), got type {ggml_type} and {columns} values")
     per_block, block_bytes = BLOCKS[ggml_type]
     return torch.empty(rows, columns // per_block * block_bytes, dtype=torch.uint8, device=device)
 

@@ -202,7 +202,8 @@ class LoraTerm(ctypes.Structure):
 
 
 TILE = 16  # output rows per tile of the int8-activation kernel's layout (gguf_blocks.c)
-_TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4)}  # ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before codes)
+# ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before the codes)
+_TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4)}
 
 
 def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:

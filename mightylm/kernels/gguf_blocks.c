@@ -21,7 +21,7 @@
 
 #include "kernels.h"
 
-enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, BF16 = 30 };
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q6_K = 14, BF16 = 30 };
 
 /* Decoding reads each weight once, from L3 or memory; the hardware prefetchers of the machines here did not keep
  * ahead of two threads streaming blocks (perf: the stall sat on each block's first load), so the loop asks for the
@@ -252,6 +252,98 @@ AVX2 void out_row256(const float *x, long rows, const float *xsum, const unsigne
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
 }
 
+/* ---- Q6_K (type 14), a K-quant: super-blocks of 256 values in 210 bytes (ggml-common.h block_q6_K) ----
+ *   ql[128] low 4 bits | qh[64] high 2 bits | scales[16] int8, one per 16 values | fp16 d
+ *   w = d * scale * (q - 32),  q = low | high << 4  (0..63)
+ * Values 32 p .. 32 p + 31 of a super-block (p < 8; half h = p / 4, quarter j = p % 4, l < 32):
+ *   low = ql[64 h + 32 (j & 1) + l] >> 4 (j / 2) & 15,  high = qh[32 h + l] >> 2 j & 3,  scale = scales[8 h + 2 j + l / 16]
+ * (dequantize_row_q6_K). Each 32 values become floats scale * (q - 32), exact integers, multiplied by x; the
+ * super-block's sum is scaled by d once. Rows whose length is not a multiple of 256 are never Q6_K (llama.cpp's
+ * quantizer picks another type for them). One AVX2 loop serves both paths (AVX-512 machines run it too). */
+#define Q6K_BYTES 210
+
+AVX2 void q6k_codes256(const unsigned char *blk, int p, __m256 c[4]) {
+    const int h = p >> 2, j = p & 3;
+    const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (j & 1)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (j >> 1)), _mm256_set1_epi8(15));
+    const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), _mm256_set1_epi8(3)), 4);
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));  /* -32..31 */
+    const signed char *sc = (const signed char *)(blk + 192) + 8 * h + 2 * j;
+    const __m256 s0 = _mm256_set1_ps((float)sc[0]), s1 = _mm256_set1_ps((float)sc[1]);
+    const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+    c[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), s0);                     /* l 0..7 */
+    c[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), s0);  /* 8..15 */
+    c[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), s1);                     /* 16..23 */
+    c[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), s1);  /* 24..31 */
+}
+
+AVX2 float q6k_one_row256(const float *x, const unsigned char *row, long supers) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (long s = 0; s < supers; s++) {
+        const unsigned char *blk = row + s * Q6K_BYTES;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
+        __m256 p = _mm256_setzero_ps(), q = _mm256_setzero_ps();
+        for (int part = 0; part < 8; part++) {
+            __m256 c[4];
+            q6k_codes256(blk, part, c);
+            const float *xb = x + 256 * s + 32 * part;
+            p = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xb), p);
+            q = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), q);
+            p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
+            q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
+        }
+        const __m256 d = _mm256_set1_ps(half_to_float(blk + 208));
+        a0 = _mm256_fmadd_ps(p, d, a0);
+        a1 = _mm256_fmadd_ps(q, d, a1);
+    }
+    return hsum(_mm256_add_ps(a0, a1));
+}
+
+AVX2 void q6k_many_rows256(const float *x, long ldx, const unsigned char *row, long supers, float *y, long ldy,
+                           const int R) {
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long s = 0; s < supers; s++) {
+        const unsigned char *blk = row + s * Q6K_BYTES;
+        const __m256 d = _mm256_set1_ps(half_to_float(blk + 208));
+        for (int part = 0; part < 8; part++) {
+            __m256 w[4];
+            q6k_codes256(blk, part, w);
+            for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(w[k], d);
+            for (int r = 0; r < R; r++) {
+                const float *xb = x + r * ldx + 256 * s + 32 * part;
+                for (int k = 0; k < 4; k++) acc[r] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xb + 8 * k), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+}
+
+AVX2 void q6k_out_row256(const float *x, long rows, const unsigned char *W, const float *bias, float *y, long in,
+                         long out, long o) {
+    const long supers = in / 256;
+    const unsigned char *row = W + o * supers * Q6K_BYTES;
+    if (rows == 1) {
+        y[o] = q6k_one_row256(x, row, supers);
+    } else {
+        for (long r = 0; r < rows; r += 4) {
+            const float *xr = x + r * in;
+            float *yr = y + r * out + o;
+            switch (rows - r < 4 ? rows - r : 4) {
+                case 4: q6k_many_rows256(xr, in, row, supers, yr, out, 4); break;
+                case 3: q6k_many_rows256(xr, in, row, supers, yr, out, 3); break;
+                case 2: q6k_many_rows256(xr, in, row, supers, yr, out, 2); break;
+                default: q6k_many_rows256(xr, in, row, supers, yr, out, 1);
+            }
+        }
+    }
+    if (bias)
+        for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
+}
+
 /* Each output row is one call with the type a constant, so each type gets its own copy of the inner loops and no
  * branch on the type runs per block. (A constant passed into an OpenMP region does not reach its outlined body.) */
 __attribute__((target("avx512f,avx512bw,f16c,fma")))
@@ -276,19 +368,21 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
         else if (type == Q4_0) out_row256(x, rows, xsum, W, Q4_0, bias, y, in, out, o);
         else if (type == Q4_1) out_row256(x, rows, xsum, W, Q4_1, bias, y, in, out, o);
         else if (type == F16) out_row256(x, rows, xsum, W, F16, bias, y, in, out, o);
+        else if (type == Q6_K) q6k_out_row256(x, rows, W, bias, y, in, out, o);
         else out_row256(x, rows, xsum, W, BF16, bias, y, in, out, o);
     }
 }
 
-/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0; type 8, 2, 3, 1 or 30; bias may be NULL. */
+/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q6_K: % 256); type 8, 2, 3, 1, 30 or 14; bias may be
+ * NULL. */
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    float *xsum = rows == 1 ? block_sums(x, in) : NULL;
+    float *xsum = rows == 1 && type != Q6_K ? block_sums(x, in) : NULL;
     /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
      * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
      * conversions are split in two there); not measured on Intel's AVX-512. */
-    if (mighty_isa_level && !(rows == 1 && plain(type))) gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
+    if (mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K) gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     else gemm256(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     free(xsum);
 }
@@ -529,12 +623,27 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
  * 2-4 % of the token. Returns -1, having written nothing, where an index is outside the n_rows of W. */
 __attribute__((optimize("fp-contract=off")))
 int mighty_ggml_rows(const unsigned char *W, long n_rows, int type, const long *idx, long n, long in, float *y) {
-    const long blocks = in / 32, bytes = block_bytes(type), row_bytes = blocks * bytes;
+    const long blocks = in / 32, bytes = block_bytes(type);
+    const long row_bytes = type == Q6_K ? in / 256 * Q6K_BYTES : blocks * bytes;
     for (long r = 0; r < n; r++)
         if (idx[r] < 0 || idx[r] >= n_rows) return -1;  /* an id past the table: nothing read */
     for (long r = 0; r < n; r++) {
         const unsigned char *row = W + idx[r] * row_bytes;
         float *out = y + r * in;
+        if (type == Q6_K) {  /* (d * scale) * (q - 32), the torch dequantizer's order */
+            for (long s = 0; s < in / 256; s++) {
+                const unsigned char *blk = row + s * Q6K_BYTES;
+                const float d = half_to_float(blk + 208);
+                for (int v = 0; v < 256; v++) {
+                    const int h = v / 128, j = v % 128 / 32, l = v % 32;
+                    const int lo = blk[64 * h + 32 * (j & 1) + l] >> 4 * (j >> 1) & 15;
+                    const int hi = blk[128 + 32 * h + l] >> 2 * j & 3;
+                    const float scale = (float)(signed char)blk[192 + 8 * h + 2 * j + l / 16];
+                    out[256 * s + v] = d * scale * (float)((lo | hi << 4) - 32);
+                }
+            }
+            continue;
+        }
         for (long b = 0; b < blocks; b++) {
             const unsigned char *blk = row + b * bytes;
             float *o = out + 32 * b;

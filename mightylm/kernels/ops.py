@@ -66,13 +66,13 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
                 bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor | None:
-    """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 / F16 / BF16 weight (out rows of its bytes) + bias, or
-    None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
+    """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 weight (out rows of its bytes) + bias,
+    or None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
     unpacking). `int8_activations`: the blocks are in tiles of 16 rows (compress.gguf_blocks.tile_blocks) and every
     row of x is rounded to 8 bits per block of 32, by itself, and multiplied in integers, as llama.cpp does (not
     float32's result)."""
     n_in = x.shape[-1]
-    if not (float_rows(x) and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30)
+    if not (float_rows(x) and n_in % (256 if ggml_type == 14 else 32) == 0 and ggml_type in (1, 2, 3, 8, 14, 30)
             and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None
@@ -95,10 +95,11 @@ GGML_ROWS = 64
 
 
 def ggml_rows(blocks: torch.Tensor, ggml_type: int, idx: torch.Tensor, n_in: int) -> torch.Tensor | None:
-    """Rows `idx` of a GGUF table (blocks (rows, row bytes) uint8, Q8_0 / Q4_0 / Q4_1 / F16 / BF16) as float32
+    """Rows `idx` of a GGUF table (blocks (rows, row bytes) uint8, Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16) as float32
     (idx.numel(), n_in), equal to dequantizing them in torch (gguf_blocks.c), or None where the kernel cannot take
     them (many rows, no kernels)."""
-    if not (idx.numel() <= GGML_ROWS and n_in % 32 == 0 and ggml_type in (1, 2, 3, 8, 30) and blocks.is_contiguous()
+    if not (idx.numel() <= GGML_ROWS and n_in % (256 if ggml_type == 14 else 32) == 0
+            and ggml_type in (1, 2, 3, 8, 14, 30) and blocks.is_contiguous()
             and blocks.device.type == "cpu" and (lib := gemv_library()) is not None):
         return None
     idx = idx.reshape(-1).to(torch.long).contiguous()

@@ -64,7 +64,7 @@ def serve(
         max_len: Tokens per sequence (prompt + completion), at most the model's context.
         dtype: Weight and activation precision (float32, bfloat16, float16).
         drain_timeout: Seconds that running requests get to finish after SIGTERM or Ctrl-C.
-        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / F16 / BF16 projection and head weights as stored (float32
+        blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 projection and head weights as stored (float32
             only), a decode step of the whole batch in one native call; false dequantizes them at load.
         int8_activations: With --blocks: every token's activations (prompts' too) rounded to 8 bits per block of
             32 and its Q8_0 / Q4_0 / Q4_1 products taken in integers, as llama.cpp does, each request's rows as they
