@@ -3,7 +3,7 @@ fresh process (torch in llama.cpp's process halves its speed), same file, same p
 
 Files: the embedded SmolLM2-135M-Instruct as shipped (Q4_1 projections, Q8_0 embedding and tied head) and the same
 weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all-F16 and all-BF16 (from the shipped
-file, dequantized).
+file, dequantized), and to Q6_K where a tensor's rows are a multiple of 256 values (ffn_down), Q8_0 elsewhere.
 Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times (ours
 through the torch path, and through mightylm.lite: the same kernels without torch in the process);
 the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
@@ -32,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PYTHON = str(ROOT / ".venv-llama/bin/python")  # `make llama-cpp`
 
-FORMATS = ("Q4_1", "Q8_0", "Q4_0", "F16", "BF16")  # Q4_1: the shipped file; the others re-quantized from it
+# Q4_1: the shipped file; the others re-quantized from it. Q6_K: the K-quant where a tensor's rows allow it (a multiple of
+# 256 values: SmolLM2's ffn_down), Q8_0 for the rest, as llama.cpp's quantizer falls back
+FORMATS = ("Q4_1", "Q8_0", "Q4_0", "F16", "BF16", "Q6_K")
 
 OURS = """
 import io, json, sys, time, torch
@@ -94,10 +96,34 @@ print(json.dumps({"rates": rates[1:], "tokens": tokens}))
 """
 
 
+def q6_k(array):
+    """(rows, cols) float32 -> Q6_K blocks (rows, cols / 256 * 210) uint8, by a simple absmax rule (gguf-py has no
+    K-quant quantizer; llama.cpp's searches each group's scale, but reads any valid bytes the same way): per group of
+    16 an int8 scale, per super-block of 256 an fp16 d, codes round(x / (d scale)) in -32..31, stored as in
+    ggml-common.h (low 4 bits in ql, high 2 in qh)."""
+    import numpy as np
+
+    rows, cols = array.shape
+    x = array.reshape(rows, cols // 256, 16, 16).astype(np.float32)  # (rows, supers, groups, 16)
+    group = np.abs(x).max(-1) / 31.5  # each group's step
+    d = (group.max(-1) / 127).astype(np.float16).astype(np.float32)  # (rows, supers)
+    scales = np.where(d[..., None] > 0, np.round(group / np.where(d[..., None] > 0, d[..., None], 1)), 0)
+    scales = np.clip(scales, -128, 127).astype(np.int8)
+    step = d[..., None, None] * scales[..., None].astype(np.float32)
+    q = np.clip(np.round(np.where(step != 0, x / np.where(step != 0, step, 1), 0)), -32, 31).astype(np.int32) + 32
+    q = q.reshape(rows, cols // 256, 2, 4, 32)  # (..., half h, quarter j, l): value 128 h + 32 j + l
+    ql = np.concatenate([(q[..., 0, :] & 15) | ((q[..., 2, :] & 15) << 4),
+                         (q[..., 1, :] & 15) | ((q[..., 3, :] & 15) << 4)], axis=-1)  # (rows, supers, 2, 64)
+    qh = ((q[..., 0, :] >> 4) | ((q[..., 1, :] >> 4) << 2) | ((q[..., 2, :] >> 4) << 4) | ((q[..., 3, :] >> 4) << 6))
+    blocks = np.concatenate([ql.reshape(rows, -1, 128).astype(np.uint8), qh.reshape(rows, -1, 64).astype(np.uint8),
+                             scales.view(np.uint8), d.astype(np.float16).view(np.uint8).reshape(rows, -1, 2)], axis=-1)
+    return blocks.reshape(rows, -1)
+
+
 def requantized(source: str, qtype_name: str, directory: str) -> str:
     """The file with every 2-D tensor re-quantized to `qtype_name` by the gguf package (metadata copied)."""
     import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import dequantize, quantize
 
     qtype = GGMLQuantizationType[qtype_name]
@@ -108,14 +134,16 @@ def requantized(source: str, qtype_name: str, directory: str) -> str:
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         if key == "general.file_type":
-            writer.add_file_type({"Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32}[qtype_name])  # llama_ftype
+            writer.add_file_type({"Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32, "Q6_K": 18}[qtype_name])  # llama_ftype
             continue
         vtype = field.types[0]
         writer.add_key_value(key, field.contents(), vtype, field.types[-1] if vtype == GGUFValueType.ARRAY else None)
     for t in reader.tensors:
         array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).astype(np.float32)
         if array.ndim == 2:
-            writer.add_tensor(t.name, quantize(array, qtype), raw_dtype=qtype)
+            kind = qtype if array.shape[1] % GGML_QUANT_SIZES[qtype][0] == 0 else GGMLQuantizationType.Q8_0
+            blocks = q6_k(array) if kind == GGMLQuantizationType.Q6_K else quantize(array, kind)
+            writer.add_tensor(t.name, blocks, raw_dtype=kind)
         else:
             writer.add_tensor(t.name, array, raw_dtype=GGMLQuantizationType.F32)
     writer.write_header_to_file()
