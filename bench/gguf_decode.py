@@ -199,7 +199,7 @@ def main() -> None:
             agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
             line = (f"{name:18s} {size:5.0f} {cpp:15.1f} {rate:14.1f} {rate / cpp:5.2f}x {rss_cpp:7.0f} {rss_ours:8.0f}"
                     f" {bound:6.0f}  {agree:>5d}/{len(ours['tokens'])}")
-            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0"):  # llama.cpp's arithmetic: activations to 8 bits
+            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0", "Q6_K"):  # llama.cpp's arithmetic (Q6_K: its Q8_0 parts)
                 int8, _ = measure([sys.executable, "-c", OURS, *common, "int8"])
                 rate8 = statistics.median(int8["rates"])
                 agree8 = sum(a == b for a, b in zip(int8["tokens"], theirs["tokens"]))
