@@ -26,6 +26,20 @@ def _load_lite(path):
     return load_lite(str(path), log=io.StringIO())
 
 
+def _logits_side_by_side(lite, model, prompt: list[int], steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The logits after `prompt` and after each of `steps` tokens decoded greedily by the torch model: (lite's, the
+    torch model's), each (steps + 1, vocab); both read the same tokens."""
+    cache, reference_cache = lite.cache(len(prompt) + steps), model.make_cache(1, len(prompt) + steps)
+    ours = [lite.forward(prompt, cache, 0)]
+    with torch.inference_mode():
+        theirs = [model(torch.tensor([prompt]), cache=reference_cache, start=0, last_only=True)[0, -1].numpy()]
+        for step in range(steps):
+            token = int(theirs[-1].argmax())
+            ours.append(lite.forward([token], cache, len(prompt) + step))
+            theirs.append(model(torch.tensor([[token]]), cache=reference_cache, start=len(prompt) + step)[0, -1].numpy())
+    return np.stack(ours), np.stack(theirs)
+
+
 @pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)], ids=["llama-tied", "qwen2-untied"])
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16], ids=lambda q: q.name)
 def test_the_lite_path_computes_the_torch_paths_logits(arch, tied, qtype, tmp_path, bpe_tokenizer):
@@ -40,16 +54,9 @@ def test_the_lite_path_computes_the_torch_paths_logits(arch, tied, qtype, tmp_pa
     model, _ = load_for_generation(str(tmp_path / "m.gguf"), keep_blocks=True, log=io.StringIO())
     assert model.fused_decode is not None  # the torch path compared with is the native stack
     prompt = torch.randint(0, lite.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1)).tolist()
-    cache, reference_cache = lite.cache(30), model.make_cache(1, 30)
-    ours = [lite.forward(prompt, cache, 0)]
-    with torch.inference_mode():
-        theirs = [model(torch.tensor([prompt]), cache=reference_cache, start=0, last_only=True)[0, -1].numpy()]
-        for step in range(8):
-            token = int(theirs[-1].argmax())
-            assert int(ours[-1].argmax()) == token
-            ours.append(lite.forward([token], cache, len(prompt) + step))
-            theirs.append(model(torch.tensor([[token]]), cache=reference_cache, start=len(prompt) + step)[0, -1].numpy())
-    np.testing.assert_allclose(np.stack(ours), np.stack(theirs), atol=1e-4, rtol=1e-4)
+    ours, theirs = _logits_side_by_side(lite, model, prompt, 8)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
     s = Sampling(max_new_tokens=12, temperature=0)
     assert list(lite_tokens(lite, prompt, s)) == list(stream_tokens(model, prompt, s))
     with pytest.raises(ValueError, match="KV cache overflow"):
@@ -75,15 +82,8 @@ def test_int8_activations_on_the_lite_path_are_the_torch_paths_arithmetic(qtype,
     cos, sin = rope_cos_sin(model.config, 256)
     lite.cos, lite.sin = cos.numpy().copy(), sin.numpy().copy()
     prompt = torch.randint(0, lite.config.vocab_size, (20,), generator=torch.Generator().manual_seed(2)).tolist()
-    cache, reference_cache = lite.cache(30), model.make_cache(1, 30)
-    ours = [lite.forward(prompt, cache, 0)]
-    with torch.inference_mode():
-        theirs = [model(torch.tensor([prompt]), cache=reference_cache, start=0, last_only=True)[0, -1].numpy()]
-        for step in range(6):
-            token = int(theirs[-1].argmax())
-            ours.append(lite.forward([token], cache, len(prompt) + step))
-            theirs.append(model(torch.tensor([[token]]), cache=reference_cache, start=len(prompt) + step)[0, -1].numpy())
-    np.testing.assert_allclose(np.stack(ours), np.stack(theirs), atol=1e-4, rtol=1e-4)
+    ours, theirs = _logits_side_by_side(lite, model, prompt, 6)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     plain, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO())
     assert not np.allclose(plain.forward(prompt, plain.cache(30), 0), ours[0], atol=1e-3)  # the rounding is there
 
