@@ -197,7 +197,7 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
         from mightylm.compress.gguf_blocks import int8_activations_
 
         if not int8_activations_(loaded):
-            print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 blocks kept in this model; it changes nothing",
+            print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 / Q6_K blocks kept in this model; it changes nothing",
                   file=log)
     fuse_projections_(loaded)
     freeze_what_lives()

@@ -41,7 +41,7 @@ from mightylm.errors import UsageError
 from mightylm.kernels import TILE, BlockArgs, Projection, gemv_library, physical_cores, tile_rows
 from mightylm.streaming import Sampling
 
-Q8_0, Q4_0, Q4_1 = 8, 2, 3  # the types int8 activations take (compress.gguf_blocks.int8_activations_)
+Q8_0, Q4_0, Q4_1, Q6_K = 8, 2, 3, 14  # the types int8 activations take (compress.gguf_blocks.int8_activations_)
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
 _PARTS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
           "down": ("ffn_down",)}  # a block's products, from llama.cpp's tensor names, as the native block takes them
@@ -100,12 +100,13 @@ class LiteModel:
             tiled = int8_activations and _tiles(kind, [len(part) for part in parts])
             if tiled:  # tiles of each part's rows, one after another: the tiles of the stacked rows
                 weight = tile_rows(weight, kind)
+            rounded = tiled or (int8_activations and kind == Q6_K)  # Q6_K: x rounded, the blocks as stored
             bias = None
             if f"{names[0]}.bias" in tensors:
                 bias = np.concatenate([floats(f"{n}.bias") for n in names])
             self.keep += [weight, bias]
             return Projection(weight.ctypes.data, None, None if bias is None else bias.ctypes.data, None, kind,
-                              Projection.GGML_Q8X if tiled else Projection.GGML)
+                              Projection.GGML_Q8X if rounded else Projection.GGML)
 
         self.blocks = []
         for i in range(c.n_layers):
@@ -129,6 +130,7 @@ class LiteModel:
         self.head_tiled = int8_activations and _tiles(self.head_type, [len(self.head)])
         if self.head_tiled:
             self.head = tile_rows(self.head, self.head_type)
+        self.head_rounded = self.head_tiled or (int8_activations and self.head_type == Q6_K)
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)
@@ -167,7 +169,7 @@ class LiteModel:
         h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm  # RMSNorm
         h = np.ascontiguousarray(h, dtype=np.float32)
         logits = np.empty((1, c.vocab_size), np.float32)
-        product = lib.mighty_gemm_ggml_q8x if self.head_tiled else lib.mighty_gemm_ggml
+        product = lib.mighty_gemm_ggml_q8x if self.head_rounded else lib.mighty_gemm_ggml
         product(h.ctypes.data, 1, self.head.ctypes.data, self.head_type,
                 None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
                 c.vocab_size, self.threads)

@@ -528,6 +528,22 @@ def test_a_k_quant_q6_k_file_is_kept_as_stored_and_decoded_natively(tmp_path, bp
     for t in range(12, 17):
         ours.append(lite.forward([int(reference[t - 12].argmax())], cache, t))
     np.testing.assert_allclose(np.stack(ours), reference.numpy(), atol=1e-4, rtol=1e-4)
+    # int8 activations: Q6_K's products round x per 32 too and take integer dots over the blocks as stored (no
+    # tiles); the logits move by the rounding only, and lite's equal the torch path's on one RoPE table
+    from mightylm.generate import load_for_generation
+    from mightylm.model import rope_cos_sin
+
+    q8, _ = load_for_generation(str(tmp_path / "m.gguf"), keep_blocks=True, int8_activations=True, log=io.StringIO())
+    assert all(m.int8_activations for m in q8.modules() if isinstance(m, GGUFLinear))
+    with torch.no_grad():
+        rounded = q8(idx, cache=q8.make_cache(1, 12), start=0, last_only=True)[0, -1]
+    error = float((rounded - reference[0]).norm() / reference[0].norm())
+    assert 1e-6 < error < 0.05, error
+    lite8, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=True)
+    cos, sin = rope_cos_sin(q8.config, 256)
+    lite8.cos, lite8.sin = cos.numpy().copy(), sin.numpy().copy()
+    np.testing.assert_allclose(lite8.forward(idx[0].tolist(), lite8.cache(12), 0), rounded.numpy(), atol=1e-4,
+                               rtol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)

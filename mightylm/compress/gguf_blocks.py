@@ -123,7 +123,8 @@ class GGUFLinear(nn.Module):
         self.int8_activations = False  # set by int8_activations_, which also reorders `weight` into tiles
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raw = untile_blocks(self.weight, self.ggml_type) if self.int8_activations else self.weight
+        tiled = _tiled(self.ggml_type, self.int8_activations)
+        raw = untile_blocks(self.weight, self.ggml_type) if tiled else self.weight
         return dequantize_blocks(raw, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +167,11 @@ def tile_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
     return torch.from_numpy(tile_rows(raw.contiguous().numpy(), kind))
 
 
+def _tiled(kind: int, int8_activations: bool) -> bool:
+    """Whether a layer's weight is in tiles: int8 activations over Q8_0 / Q4_0 / Q4_1 (Q6_K's are read as stored)."""
+    return int8_activations and kind != Q6_K
+
+
 def untile_blocks(tiles: torch.Tensor, kind: int) -> torch.Tensor:
     """The stored rows back from tile_blocks' layout."""
     out, row_bytes = tiles.shape
@@ -192,7 +198,8 @@ def int8_activations_(model: nn.Module) -> list[str]:
     at a time: faster than float32 for one row and much faster for several. The layers' blocks are reordered in
     place into the kernel's tiles (tile_blocks: the same bytes; `dequantize` reads them back), so layers whose
     output count is not a multiple of 16 keep float32; a head tied to the embedding table gets its own tiled copy.
-    Logits move by the activations' rounding, and greedy text can part from the float32 model's where its top two
+    Q6_K layers take the same rounding of x over their super-blocks as stored (integer dots per group of 16, as
+    llama.cpp's Q8_K path does, with x rounded per 32 here). Logits move by the activations' rounding, and greedy text can part from the float32 model's where its top two
     tokens are close (llama.cpp's does too). Apply before `fuse_projections_` (the fused copies are made from the
     modules). Returns the modules changed."""
     if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
@@ -202,7 +209,10 @@ def int8_activations_(model: nn.Module) -> list[str]:
     tables = {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
     changed = []
     for name, m in model.named_modules():
-        if isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1) and m.out_features % TILE == 0 \
+        if isinstance(m, GGUFLinear) and m.ggml_type == Q6_K and not m.int8_activations:
+            m.int8_activations = True  # its super-blocks as stored: the kernel rounds x per 32 and needs no tiles
+            changed.append(name)
+        elif isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1) and m.out_features % TILE == 0 \
                 and not m.int8_activations:
             tiles = tile_blocks(m.weight, m.ggml_type)
             if m.weight.untyped_storage().data_ptr() in tables:
@@ -232,7 +242,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, n_in: int
         y = matmul_ggml(x, blocks, ggml_type, out, bias, int8_activations)
         if y is not None:
             return y
-    raw = untile_blocks(blocks, ggml_type) if int8_activations else blocks
+    raw = untile_blocks(blocks, ggml_type) if _tiled(ggml_type, int8_activations) else blocks
     w = dequantize_blocks(raw, ggml_type, (out, n_in)).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 

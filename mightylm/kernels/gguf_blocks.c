@@ -590,12 +590,73 @@ static void gemm_tiles256(const signed char *xq, const float *dx, const int *xs,
     GEMM_TILES(tile_rows256)
 }
 
+/* Q6_K with activations rounded to 8 bits (per block of 32, as above), as stored (no tiles): per 32 values of a
+ * super-block, the codes q - 32 (signed) times xq in integers, the two groups of 16 weighted by their int8 scales in
+ * one vpmaddwd, exact; then d dx in float32. |q - 32| <= 32 and |xq| <= 127: a pair sums to at most 8128 in 16
+ * bits, a scaled pair pair to 2 * 8128 * 128 in 32. One AVX2 loop for both paths; rows share each part's
+ * unpacking. */
+AVX2 void q6k_q8x_rows256(const signed char *xq, const float *dx, long in, const unsigned char *row, long supers,
+                          float *y, long ldy, const int R) {
+    const long blocks = in / 32;
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long s = 0; s < supers; s++) {
+        const unsigned char *blk = row + s * Q6K_BYTES;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
+        const float d = half_to_float(blk + 208);
+        for (int p = 0; p < 8; p++) {
+            const int h = p >> 2, j = p & 3;
+            const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (j & 1)));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (j >> 1)), _mm256_set1_epi8(15));
+            const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), _mm256_set1_epi8(3)), 4);
+            const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));  /* -32..31 */
+            const __m256i aq = _mm256_abs_epi8(q);
+            const signed char *sc = (const signed char *)(blk + 192) + 8 * h + 2 * j;
+            const __m256i scales = _mm256_setr_m128i(_mm_set1_epi16(sc[0]), _mm_set1_epi16(sc[1]));
+            const long b = s * 8 + p;
+            for (int r = 0; r < R; r++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + r * in + 32 * b));
+                const __m256i pairs = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(x, q));  /* (q - 32) xq, pairwise */
+                const __m256i dot = _mm256_madd_epi16(pairs, scales);  /* lanes 0-3: group 0, 4-7: group 1 */
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[r * blocks + b]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void q6k_q8x_gemm(const signed char *xq, const float *dx, long rows, const unsigned char *W, float *y, long in,
+                         long out, int nthreads) {
+    const long supers = in / 256;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long o = 0; o < out; o++) {
+        const unsigned char *row = W + o * supers * Q6K_BYTES;
+        for (long r = 0; r < rows; r += 4) {
+            const signed char *xr = xq + r * in;
+            const float *dr = dx + r * (in / 32);
+            float *yr = y + r * out + o;
+            switch (rows - r < 4 ? rows - r : 4) {
+                case 4: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 4); break;
+                case 3: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 3); break;
+                case 2: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 2); break;
+                default: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 1);
+            }
+        }
+    }
+}
+
 /* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 weights laid out
  * in tiles of 16 rows (+ bias, which may be NULL). in % 32 == 0, out % 16 == 0. Returns -1, having written
  * nothing, for another type or shape. */
 int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                          long in, long out, int nthreads) {
-    if ((type != Q8_0 && type != Q4_0 && type != Q4_1) || in % 32 || out % TILE || in < 32) return -1;
+    if (type == Q6_K ? in % 256 || in < 256 : (type != Q8_0 && type != Q4_0 && type != Q4_1) || in % 32 || out % TILE
+                                               || in < 32)
+        return -1;
     if (nthreads < 1) nthreads = 1;
     const long blocks = in / 32;
     signed char *xq = malloc(rows * in);
@@ -603,7 +664,8 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
     int *xs = malloc(sizeof(int) * rows * blocks);
     for (long r = 0; r < rows; r++) quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks);
     for (long i = 0; i < rows * blocks; i++) dxs[i] = dx[i] * (float)xs[i];
-    if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
+    if (type == Q6_K) q6k_q8x_gemm(xq, dx, rows, T, y, in, out, nthreads);
+    else if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
     else gemm_tiles256(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
     if (bias)
         for (long r = 0; r < rows; r++)
