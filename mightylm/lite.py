@@ -17,11 +17,11 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
 Greedy tokens equal the torch path's and logits agree within float32 rounding (the RoPE table and the final norm
 are numpy's arithmetic, not torch's; tests/test_lite.py). A seed gives its own random stream, not torch's: the same
 seed samples the same text on this path, and other text than `--engine torch` does. `int8_activations` tiles the
-Q8_0 / Q4_0 / Q4_1 products as the torch path's option does (llama.cpp's arithmetic): the same integers, but
-rounding activations to 8 bits can turn the RoPE tables' last-bit differences into different roundings, so greedy
-text can part from the torch path's at near-ties (as both do from llama.cpp's). Anything else (another
-architecture or dtype, LoRA, drafts, RoPE scaling) loads through torch; `unsupported` says why a file cannot come
-here.
+Q8_0 / Q4_0 / Q4_1 products (Q6_K's are read as stored) as the torch path's option does (llama.cpp's arithmetic):
+the same integers, but rounding activations to 8 bits can turn the RoPE tables' last-bit differences into
+different roundings, so greedy text can part from the torch path's at near-ties (as both do from llama.cpp's).
+Anything else (another architecture or dtype, LoRA, drafts, RoPE scaling) loads through torch; `unsupported` says
+why a file cannot come here.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ from typing import Iterator
 import numpy as np
 
 from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
-from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
+from mightylm.checkpoint.gguf_file import KEPT, Q4_0, Q4_1, Q6_K, Q8_0, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
 from mightylm.kernels import TILE, BlockArgs, Projection, gemv_library, physical_cores, tile_rows
 from mightylm.streaming import Sampling
 
-Q8_0, Q4_0, Q4_1, Q6_K = 8, 2, 3, 14  # the types int8 activations take (compress.gguf_blocks.int8_activations_)
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
 _PARTS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
           "down": ("ffn_down",)}  # a block's products, from llama.cpp's tensor names, as the native block takes them
