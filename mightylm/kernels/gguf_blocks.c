@@ -256,20 +256,32 @@ AVX2 void out_row256(const float *x, long rows, const float *xsum, const unsigne
  *   ql[128] low 4 bits | qh[64] high 2 bits | scales[16] int8, one per 16 values | fp16 d
  *   w = d * scale * (q - 32),  q = low | high << 4  (0..63)
  * Values 32 p .. 32 p + 31 of a super-block (p < 8; half h = p / 4, quarter j = p % 4, l < 32):
- *   low = ql[64 h + 32 (j & 1) + l] >> 4 (j / 2) & 15,  high = qh[32 h + l] >> 2 j & 3,  scale = scales[8 h + 2 j + l / 16]
+ *   low = ql[64 h + 32 (j & 1) + l] >> 4 (j / 2) & 15,  high = qh[32 h + l] >> 2 j & 3,
+ *   scale = scales[8 h + 2 j + l / 16]
  * (dequantize_row_q6_K). Each 32 values become floats scale * (q - 32), exact integers, multiplied by x; the
  * super-block's sum is scaled by d once. Rows whose length is not a multiple of 256 are never Q6_K (llama.cpp's
  * quantizer picks another type for them). One AVX2 loop serves both paths (AVX-512 machines run it too). */
 #define Q6K_BYTES 210
 
-AVX2 void q6k_codes256(const unsigned char *blk, int p, __m256 c[4]) {
+/* The 32 signed codes q - 32 (-32..31) of part p of a super-block, and (in *sc) its two groups' int8 scales */
+AVX2 __m256i q6k_part256(const unsigned char *blk, int p, const signed char **sc) {
     const int h = p >> 2, j = p & 3;
     const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (j & 1)));
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
     const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (j >> 1)), _mm256_set1_epi8(15));
     const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), _mm256_set1_epi8(3)), 4);
-    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));  /* -32..31 */
-    const signed char *sc = (const signed char *)(blk + 192) + 8 * h + 2 * j;
+    *sc = (const signed char *)(blk + 192) + 8 * h + 2 * j;
+    return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+}
+
+/* A super-block's 210 bytes, PREFETCH ahead */
+AVX2 void q6k_prefetch(const unsigned char *blk) {
+    for (int k = 0; k < Q6K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
+}
+
+AVX2 void q6k_codes256(const unsigned char *blk, int p, __m256 c[4]) {
+    const signed char *sc;
+    const __m256i q = q6k_part256(blk, p, &sc);
     const __m256 s0 = _mm256_set1_ps((float)sc[0]), s1 = _mm256_set1_ps((float)sc[1]);
     const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
     c[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), s0);                     /* l 0..7 */
@@ -282,9 +294,7 @@ AVX2 float q6k_one_row256(const float *x, const unsigned char *row, long supers)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
         const unsigned char *blk = row + s * Q6K_BYTES;
-        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
+        q6k_prefetch(blk);
         __m256 p = _mm256_setzero_ps(), q = _mm256_setzero_ps();
         for (int part = 0; part < 8; part++) {
             __m256 c[4];
@@ -382,7 +392,8 @@ void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int typ
     /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
      * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
      * conversions are split in two there); not measured on Intel's AVX-512. */
-    if (mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K) gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
+    if (mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K)
+        gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     else gemm256(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     free(xsum);
 }
@@ -602,19 +613,11 @@ AVX2 void q6k_q8x_rows256(const signed char *xq, const float *dx, long in, const
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
         const unsigned char *blk = row + s * Q6K_BYTES;
-        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
+        q6k_prefetch(blk);
         const float d = half_to_float(blk + 208);
         for (int p = 0; p < 8; p++) {
-            const int h = p >> 2, j = p & 3;
-            const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (j & 1)));
-            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-            const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (j >> 1)), _mm256_set1_epi8(15));
-            const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), _mm256_set1_epi8(3)), 4);
-            const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));  /* -32..31 */
-            const __m256i aq = _mm256_abs_epi8(q);
-            const signed char *sc = (const signed char *)(blk + 192) + 8 * h + 2 * j;
+            const signed char *sc;
+            const __m256i q = q6k_part256(blk, p, &sc), aq = _mm256_abs_epi8(q);
             const __m256i scales = _mm256_setr_m128i(_mm_set1_epi16(sc[0]), _mm_set1_epi16(sc[1]));
             const long b = s * 8 + p;
             for (int r = 0; r < R; r++) {
