@@ -85,16 +85,12 @@ def generate(
             option that needs the model in torch (--adapter, --draft, --rope_scaling, ...), loads through
             torch. torch: always through PyTorch.
     """
-    from mightylm.streaming import Sampling, Timings
+    from mightylm.streaming import Sampling, Timings, stream_text_from
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
-    torch_only = (adapter, draft, rope_scaling, rmt, attention_sinks, image, dtype != "float32", not blocks)
-    if engine == "auto" and not any(torch_only) and _generate_lite(model, prompt, chat, settings, stats,
-                                                                   int8_activations):
-        return
-    from mightylm.generate import load_for_generation, stream_text
-
+    lite = _lite(model, engine, int8_activations, adapter, draft, rope_scaling, rmt, attention_sinks, image,
+                 dtype != "float32", not blocks)
     if rmt and (adapter or draft):
         from mightylm.errors import UsageError
 
@@ -104,9 +100,12 @@ def generate(
         from pathlib import Path
 
         adapter = rmt if (Path(rmt) / "adapter_config.json").is_file() else None
-    vision = _vision_model(model, image, dtype, adapter=adapter, draft=draft, rmt=rmt, sinks=attention_sinks,
-                           rope_scaling=rope_scaling)
-    if vision:
+    vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft, rmt=rmt,
+                                             sinks=attention_sinks, rope_scaling=rope_scaling)
+    if lite:
+        m, tokenizer, source = lite
+        spec_stats = None
+    elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
 
         vlm, tokenizer, images = vision
@@ -115,9 +114,12 @@ def generate(
         source = lambda ids, s: image_tokens(vlm, ids, s, images)  # noqa: E731
         prompt = ids
     else:
+        from mightylm.generate import load_for_generation, stream_tokens
+
         m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
                                            int8_activations=int8_activations)
         source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+        source = source or (lambda ids, s: stream_tokens(m, ids, s))
     if rmt:
         from mightylm.rmt import generate_rmt, load_rmt
 
@@ -128,7 +130,7 @@ def generate(
     else:
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     timings = Timings()
-    for piece in stream_text(m, tokenizer, ids, settings, timings, source=source):
+    for piece in stream_text_from(source, tokenizer, ids, settings, timings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -138,24 +140,19 @@ def generate(
             print(spec_stats.report(), file=sys.stderr)
 
 
-def _generate_lite(model: str, prompt: str, chat: bool, settings, stats: bool, int8_activations: bool) -> bool:
-    """`mighty generate` through mightylm.lite (no torch); False where the model does not decode there."""
+def _lite(model: str, engine: str, int8_activations: bool, *needs_torch):
+    """(LiteModel, tokenizer, its token source for stream_text_from) where `mighty generate|chat` decode `model`
+    through mightylm.lite (no torch): --engine auto, no option that needs the model in torch (`needs_torch`, each
+    truthy when given) and a file lite.py can run (load_lite prints why not); else None."""
+    if engine != "auto" or any(needs_torch):
+        return None
     from mightylm.lite import load_lite, stream_tokens
-    from mightylm.streaming import Timings, stream_text_from
 
     loaded = load_lite(model, int8_activations=int8_activations)
     if loaded is None:
-        return False
+        return None
     lite, tokenizer = loaded
-    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
-    timings = Timings()
-    for piece in stream_text_from(lambda i, s: stream_tokens(lite, i, s), tokenizer, ids, settings, timings):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if stats:
-        print(timings.report(), file=sys.stderr)
-    return True
+    return lite, tokenizer, (lambda ids, s: stream_tokens(lite, ids, s))
 
 
 def _vision_model(model: str, image: list[str] | None, dtype: str, **refused):
@@ -269,18 +266,12 @@ def chat(
     from mightylm.streaming import Sampling, Timings, stream_text_from
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    lite = None
-    if engine == "auto" and not any((adapter, draft, rope_scaling, image, dtype != "float32", not blocks)):
-        from mightylm.lite import load_lite
-
-        lite = load_lite(model, int8_activations=int8_activations)
+    lite = _lite(model, engine, int8_activations, adapter, draft, rope_scaling, image, dtype != "float32", not blocks)
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,
                                              rope_scaling=rope_scaling)
     if lite:
-        from mightylm.lite import stream_tokens as lite_tokens
-
-        m, tokenizer = lite
-        source, spec_stats, prefix_len = (lambda ids, s: lite_tokens(m, ids, s)), None, 0
+        m, tokenizer, source = lite
+        spec_stats, prefix_len = None, 0
     elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
         from mightylm.multimodal.images import ImageError, open_image
