@@ -71,8 +71,8 @@ def unsupported(config, names: dict, library) -> str | None:
 
 class LiteModel:
     """A GGUF file's model as the native kernels read it: `forward(ids, cache, start)` -> the logits after the last
-    of `ids`. Build with `load_lite`. `int8_activations`: the Q8_0 / Q4_0 / Q4_1 products (and the head) take their
-    rows rounded to 8 bits per block, over weights in tiles of 16 rows, as the torch path's
+    of `ids`. Build with `load_lite`. `int8_activations`: the Q8_0 / Q4_0 / Q4_1 / Q6_K products (and the head) take
+    their rows rounded to 8 bits per block, over weights in tiles of 16 rows (Q6_K's as stored), as the torch path's
     compress.gguf_blocks.int8_activations_ sets them up (llama.cpp's arithmetic)."""
 
     def __init__(self, path: Path, file, config, library, int8_activations: bool = False):

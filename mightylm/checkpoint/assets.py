@@ -1,5 +1,6 @@
 """Models that ship inside PyPI packages: embedded names (a file in one package) and chunked ones (a file split
-across packages, joined once into the cache directory and checked against the publisher's sha256), and the refusal of pickled files."""
+across packages, joined once into the cache directory and checked against the publisher's sha256), and the refusal
+of pickled files."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Building a model from stored tensors, shared by the Hugging Face and GGUF readers: the error every
-checkpoint problem raises (defined in mightylm.errors), the meta-device build, replaying recorded transforms, and the checked assignment
-(`load_state_dict(assign=True)`, so the weights exist in memory once)."""
+checkpoint problem raises (defined in mightylm.errors), the meta-device build, replaying recorded transforms, and
+the checked assignment (`load_state_dict(assign=True)`, so the weights exist in memory once)."""
 
 from __future__ import annotations
 
