@@ -35,10 +35,10 @@ from typing import Iterator
 import numpy as np
 
 from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
-from mightylm.checkpoint.gguf_file import KEPT, Q4_0, Q4_1, Q6_K, Q8_0, TYPE_NAMES
+from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
-from mightylm.kernels import TILE, BlockArgs, Projection, gemv_library, physical_cores, tile_rows
+from mightylm.kernels import BlockArgs, Projection, gemv_library, int8_layout, physical_cores, tile_rows
 from mightylm.streaming import Sampling
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -96,16 +96,15 @@ class LiteModel:
                 parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
             weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
             kind = tensors[f"{names[0]}.weight"].type
-            tiled = int8_activations and _tiles(kind, [len(part) for part in parts])
-            if tiled:  # tiles of each part's rows, one after another: the tiles of the stacked rows
+            layout = _int8_layout(int8_activations, kind, [len(part) for part in parts])
+            if layout == "tiles":  # tiles of each part's rows, one after another: the tiles of the stacked rows
                 weight = tile_rows(weight, kind)
-            rounded = tiled or (int8_activations and kind == Q6_K)  # Q6_K: x rounded, the blocks as stored
             bias = None
             if f"{names[0]}.bias" in tensors:
                 bias = np.concatenate([floats(f"{n}.bias") for n in names])
             self.keep += [weight, bias]
             return Projection(weight.ctypes.data, None, None if bias is None else bias.ctypes.data, None, kind,
-                              Projection.GGML_Q8X if rounded else Projection.GGML)
+                              Projection.GGML if layout is None else Projection.GGML_Q8X)
 
         self.blocks = []
         for i in range(c.n_layers):
@@ -126,10 +125,9 @@ class LiteModel:
         else:
             self.head, self.head_type = rows("output.weight"), tensors["output.weight"].type
         # int8 activations: a head tied to the table gets its own tiled copy (lookups read the stored rows)
-        self.head_tiled = int8_activations and _tiles(self.head_type, [len(self.head)])
-        if self.head_tiled:
+        self.head_layout = _int8_layout(int8_activations, self.head_type, [len(self.head)])
+        if self.head_layout == "tiles":
             self.head = tile_rows(self.head, self.head_type)
-        self.head_rounded = self.head_tiled or (int8_activations and self.head_type == Q6_K)
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)
@@ -168,16 +166,18 @@ class LiteModel:
         h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm  # RMSNorm
         h = np.ascontiguousarray(h, dtype=np.float32)
         logits = np.empty((1, c.vocab_size), np.float32)
-        product = lib.mighty_gemm_ggml_q8x if self.head_rounded else lib.mighty_gemm_ggml
+        product = lib.mighty_gemm_ggml if self.head_layout is None else lib.mighty_gemm_ggml_q8x
         product(h.ctypes.data, 1, self.head.ctypes.data, self.head_type,
                 None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
                 c.vocab_size, self.threads)
         return logits[0]
 
 
-def _tiles(kind: int, rows: list[int]) -> bool:
-    """Whether int8 activations take a product of this type whose parts have these row counts (whole tiles)."""
-    return kind in (Q8_0, Q4_0, Q4_1) and all(n % TILE == 0 for n in rows)
+def _int8_layout(int8_activations: bool, kind: int, rows: list[int]) -> str | None:
+    """kernels.int8_layout for a product stacked from parts of these row counts (each part whole tiles, as the torch
+    path tiles each layer before fusing them); None without int8 activations."""
+    layouts = {int8_layout(kind, n) for n in rows} if int8_activations else {None}
+    return layouts.pop() if len(layouts) == 1 else None
 
 
 class LiteCache:

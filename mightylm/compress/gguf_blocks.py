@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q6_K, Q8_0, TYPE_NAMES
-from mightylm.kernels import TILE, tile_rows
+from mightylm.kernels import TILE, int8_layout, tile_rows
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
@@ -209,16 +209,16 @@ def int8_activations_(model: nn.Module) -> list[str]:
     tables = {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
     changed = []
     for name, m in model.named_modules():
-        if isinstance(m, GGUFLinear) and m.ggml_type == Q6_K and not m.int8_activations:
-            m.int8_activations = True  # its super-blocks as stored: the kernel rounds x per 32 and needs no tiles
-            changed.append(name)
-        elif isinstance(m, GGUFLinear) and m.ggml_type in (Q8_0, Q4_0, Q4_1) and m.out_features % TILE == 0 \
-                and not m.int8_activations:
+        if not isinstance(m, GGUFLinear) or m.int8_activations:
+            continue
+        layout = int8_layout(m.ggml_type, m.out_features)  # Q6_K: "stored", the kernel needs no tiles
+        if layout == "tiles":
             tiles = tile_blocks(m.weight, m.ggml_type)
             if m.weight.untyped_storage().data_ptr() in tables:
                 m.weight = tiles  # a tied head: the table's lookups keep reading the stored rows
             else:
                 m.weight.copy_(tiles)  # in place: one weight's copy at a time at the peak of loading
+        if layout is not None:
             m.int8_activations = True
             changed.append(name)
     if changed:

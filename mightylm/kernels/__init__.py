@@ -206,6 +206,15 @@ TILE = 16  # output rows per tile of the int8-activation kernel's layout (gguf_b
 _TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4)}
 
 
+def int8_layout(kind: int, rows: int) -> str | None:
+    """How a GGUF weight of ggml type `kind` with `rows` output rows takes int8 activations (mighty_gemm_ggml_q8x):
+    "tiles" (Q8_0 / Q4_0 / Q4_1 in whole tiles of 16 rows, reordered by tile_rows), "stored" (Q6_K, its super-blocks
+    read as stored), or None (it stays in float32 arithmetic)."""
+    if kind in _TILED:
+        return "tiles" if rows % TILE == 0 else None
+    return "stored" if kind == 14 else None
+
+
 def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:
     """Q8_0 / Q4_0 / Q4_1 rows (out, row bytes) uint8 reordered into the tiles of 16 rows the int8-activation kernel
     reads (gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the codes with lane l of
