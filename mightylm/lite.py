@@ -80,12 +80,17 @@ class LiteModel:
         self.threads = physical_cores()
         tensors = {t.name: t for t in file.tensors}
 
+        def tensor(name: str):
+            if name not in tensors:  # a file the metadata calls this model but which lacks a tensor of it
+                raise CheckpointError(f"{path}: missing tensor {name!r} for a {config.arch} model")
+            return tensors[name]
+
         def rows(name: str) -> np.ndarray:  # a tensor's stored rows, (rows, row bytes)
-            t = tensors[name]
+            t = tensor(name)
             return file.read(t).reshape(t.shape[0], -1)
 
         def floats(name: str) -> np.ndarray:
-            return file.read(tensors[name]).view(np.float32)
+            return file.read(tensor(name)).view(np.float32)
 
         c = config
         self.keep = []  # every array a pointer below points into

@@ -142,6 +142,16 @@ def test_files_the_native_blocks_cannot_run_go_through_torch(tmp_path, bpe_token
     assert load_lite(str(tmp_path / "m.gguf"), log=log) is None
     assert "F32" in log.getvalue() and "loading through torch" in log.getvalue()
     assert load_lite(str(tmp_path)) is None and load_lite(str(tmp_path / "missing.gguf")) is None
+    # a file that lacks one of its model's tensors: the file and the tensor named, not a KeyError
+    from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata
+    from mightylm.kernels import gemv_library
+    from mightylm.lite import LiteModel
+
+    write_gguf(hf, bpe_tokenizer, tmp_path / "q8.gguf", Q.Q8_0)
+    file, meta = gguf_metadata(tmp_path / "q8.gguf")
+    file.tensors = [t for t in file.tensors if t.name != "blk.1.ffn_norm.weight"]
+    with pytest.raises(CheckpointError, match=r"q8.gguf: missing tensor 'blk.1.ffn_norm.weight'"):
+        LiteModel(tmp_path / "q8.gguf", file, gguf_config(meta, file, source=tmp_path / "q8.gguf"), gemv_library())
     assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "the", "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0
     assert "loading through torch" in capsys.readouterr().err
