@@ -17,7 +17,7 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
 Greedy tokens equal the torch path's and logits agree within float32 rounding (the RoPE table and the final norm
 are numpy's arithmetic, not torch's; tests/test_lite.py). A seed gives its own random stream, not torch's: the same
 seed samples the same text on this path, and other text than `--engine torch` does. `int8_activations` tiles the
-Q8_0 / Q4_0 / Q4_1 products (Q6_K's are read as stored) as the torch path's option does (llama.cpp's arithmetic):
+Q8_0 / Q4_0 / Q4_1 / Q6_K products as the torch path's option does (llama.cpp's arithmetic):
 the same integers, but rounding activations to 8 bits can turn the RoPE tables' last-bit differences into
 different roundings, so greedy text can part from the torch path's at near-ties (as both do from llama.cpp's).
 Anything else (another architecture or dtype, LoRA, drafts, RoPE scaling) loads through torch; `unsupported` says
@@ -72,7 +72,7 @@ def unsupported(config, names: dict, library) -> str | None:
 class LiteModel:
     """A GGUF file's model as the native kernels read it: `forward(ids, cache, start)` -> the logits after the last
     of `ids`. Build with `load_lite`. `int8_activations`: the Q8_0 / Q4_0 / Q4_1 / Q6_K products (and the head) take
-    their rows rounded to 8 bits per block, over weights in tiles of 16 rows (Q6_K's as stored), as the torch path's
+    their rows rounded to 8 bits per block, over weights in tiles of 16 rows, as the torch path's
     compress.gguf_blocks.int8_activations_ sets them up (llama.cpp's arithmetic)."""
 
     def __init__(self, path: Path, file, config, library, int8_activations: bool = False):

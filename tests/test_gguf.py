@@ -528,8 +528,8 @@ def test_a_k_quant_q6_k_file_is_kept_as_stored_and_decoded_natively(tmp_path, bp
     for t in range(12, 17):
         ours.append(lite.forward([int(reference[t - 12].argmax())], cache, t))
     np.testing.assert_allclose(np.stack(ours), reference.numpy(), atol=1e-4, rtol=1e-4)
-    # int8 activations: Q6_K's products round x per 32 too and take integer dots over the blocks as stored (no
-    # tiles); the logits move by the rounding only, and lite's equal the torch path's on one RoPE table
+    # int8 activations: Q6_K's products round x per 32 too and take integer dots over its super-blocks in tiles; the
+    # logits move by the rounding only, and lite's equal the torch path's on one RoPE table
     from mightylm.generate import load_for_generation
     from mightylm.model import rope_cos_sin
 

@@ -146,23 +146,31 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         assert torch.equal(together, alone), ggml_type
         isa("avx2")  # the baseline path: the same bits
         assert torch.equal(ops.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
-    # Q6_K as stored (no tiles): x rounded per 32 the same way, integer dots per group of 16 weighted by the int8 scales
+    # Q6_K in tiles too: x rounded per 32 the same way, integer dots per group of 16 weighted by the int8 scales
     n_in = 512
     raw = torch.randint(0, 256, (out, n_in // 256, 210), dtype=torch.uint8)
     raw[..., 208:] = (torch.rand(out, n_in // 256, 1) / 500).half().view(torch.uint8)
+    raw[:16, 0, :192] = 0  # one tile's first super-block: every code 0, q - 32 = -32 (the largest 16-bit sums below)
     raw = raw.view(out, -1)
+    tiles = tile_blocks(raw, 14)
+    assert tiles.shape == raw.shape and torch.equal(untile_blocks(tiles, 14), raw)
     w = dequantize_blocks(raw, 14, (out, n_in)).double()  # d * scale * (q - 32): exact but for one rounding
     rows, bias = torch.randn(6, n_in), torch.randn(out)
     rows[1, 32:64] = 0
-    together = ops.matmul_ggml(rows, raw, 14, out, bias, int8_activations=True)
+    rows[2, :256] = 5.0  # with the codes of -32 above: four steps' pair sums reach 4 * 2 * 32 * 127
+    rows[3, :256] = -5.0
+    isa(path)
+    together = ops.matmul_ggml(rows, tiles, 14, out, bias, int8_activations=True)
     for r in range(len(rows)):
         xb = rows[r].reshape(-1, 32)
         dx = xb.abs().amax(dim=1) / 127
         xq = torch.round(xb * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))[:, None])
         expected = w @ (xq * dx[:, None]).double().flatten() + bias.double()
         torch.testing.assert_close(together[r].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-        alone = ops.matmul_ggml(rows[r:r + 1], raw, 14, out, bias, int8_activations=True)
+        alone = ops.matmul_ggml(rows[r:r + 1], tiles, 14, out, bias, int8_activations=True)
         assert torch.equal(alone[0], together[r])
+    isa("avx2")
+    assert torch.equal(ops.matmul_ggml(rows, tiles, 14, out, bias, int8_activations=True), together)
     for ggml_type in (2, 3):  # the largest 4-bit sums (codes of 15 times 127 everywhere; AVX2 adds 8 steps in 16 bits)
         size, n_in = BLOCKS[ggml_type][1], 576
         raw = torch.full((out, n_in // 32, size), 255, dtype=torch.uint8)

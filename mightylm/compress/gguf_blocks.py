@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q6_K, Q8_0, TYPE_NAMES
-from mightylm.kernels import TILE, int8_layout, tile_rows
+from mightylm.kernels import TILE, int8_layout, tile_rows, untile_q6_k
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
@@ -123,8 +123,7 @@ class GGUFLinear(nn.Module):
         self.int8_activations = False  # set by int8_activations_, which also reorders `weight` into tiles
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        tiled = _tiled(self.ggml_type, self.int8_activations)
-        raw = untile_blocks(self.weight, self.ggml_type) if tiled else self.weight
+        raw = untile_blocks(self.weight, self.ggml_type) if self.int8_activations else self.weight
         return dequantize_blocks(raw, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,13 +166,10 @@ def tile_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
     return torch.from_numpy(tile_rows(raw.contiguous().numpy(), kind))
 
 
-def _tiled(kind: int, int8_activations: bool) -> bool:
-    """Whether a layer's weight is in tiles: int8 activations over Q8_0 / Q4_0 / Q4_1 (Q6_K's are read as stored)."""
-    return int8_activations and kind != Q6_K
-
-
 def untile_blocks(tiles: torch.Tensor, kind: int) -> torch.Tensor:
     """The stored rows back from tile_blocks' layout."""
+    if kind == Q6_K:
+        return torch.from_numpy(untile_q6_k(tiles.contiguous().numpy()))
     out, row_bytes = tiles.shape
     g, bytes_ = out // TILE, BLOCKS[kind][1]
     nb, head = row_bytes // bytes_, 4 if kind == Q4_1 else 2
@@ -192,15 +188,15 @@ def untile_blocks(tiles: torch.Tensor, kind: int) -> torch.Tensor:
 
 
 def int8_activations_(model: nn.Module) -> list[str]:
-    """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 blocks: every row of every product (a decoded token,
+    """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 / Q6_K blocks: every row of every product (a decoded token,
     a prompt's tokens, a speculative step's drafts, a server's batch) rounds its input to 8 bits per block of 32
     (scale max|x| / 127), each row by itself, and multiplies in integers (kernels/gguf_blocks.c), 16 weight rows
     at a time: faster than float32 for one row and much faster for several. The layers' blocks are reordered in
     place into the kernel's tiles (tile_blocks: the same bytes; `dequantize` reads them back), so layers whose
     output count is not a multiple of 16 keep float32; a head tied to the embedding table gets its own tiled copy.
-    Q6_K layers take the same rounding of x over their super-blocks as stored (integer dots per group of 16, as
-    llama.cpp's Q8_K path does, with x rounded per 32 here). Logits move by the activations' rounding, and greedy text can part from the float32 model's where its top two
-    tokens are close (llama.cpp's does too). Apply before `fuse_projections_` (the fused copies are made from the
+    Q6_K layers take the same rounding of x (integer dots per group of 16 weighted by the groups' int8 scales, as
+    llama.cpp's Q6_K x Q8_K dot does with x rounded per 256). Logits move by the activations' rounding, and greedy
+    text can part from the float32 model's where its top two tokens are close (llama.cpp's does too). Apply before `fuse_projections_` (the fused copies are made from the
     modules). Returns the modules changed."""
     if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
            for m in model.modules()):
@@ -211,14 +207,12 @@ def int8_activations_(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if not isinstance(m, GGUFLinear) or m.int8_activations:
             continue
-        layout = int8_layout(m.ggml_type, m.out_features)  # Q6_K: "stored", the kernel needs no tiles
-        if layout == "tiles":
+        if int8_layout(m.ggml_type, m.out_features) == "tiles":
             tiles = tile_blocks(m.weight, m.ggml_type)
             if m.weight.untyped_storage().data_ptr() in tables:
                 m.weight = tiles  # a tied head: the table's lookups keep reading the stored rows
             else:
                 m.weight.copy_(tiles)  # in place: one weight's copy at a time at the peak of loading
-        if layout is not None:
             m.int8_activations = True
             changed.append(name)
     if changed:
@@ -242,7 +236,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, n_in: int
         y = matmul_ggml(x, blocks, ggml_type, out, bias, int8_activations)
         if y is not None:
             return y
-    raw = untile_blocks(blocks, ggml_type) if _tiled(ggml_type, int8_activations) else blocks
+    raw = untile_blocks(blocks, ggml_type) if int8_activations else blocks
     w = dequantize_blocks(raw, ggml_type, (out, n_in)).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 

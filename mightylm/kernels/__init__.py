@@ -202,29 +202,30 @@ class LoraTerm(ctypes.Structure):
 
 
 TILE = 16  # output rows per tile of the int8-activation kernel's layout (gguf_blocks.c)
-# ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before the codes)
-_TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4)}
+# ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before the codes); Q6_K: (bytes per super-block of 256,
+# -), tiled by _tile_q6_k
+_TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4), 14: (210, None)}
 
 
 def int8_layout(kind: int, rows: int) -> str | None:
     """How a GGUF weight of ggml type `kind` with `rows` output rows takes int8 activations (mighty_gemm_ggml_q8x):
-    "tiles" (Q8_0 / Q4_0 / Q4_1 in whole tiles of 16 rows, reordered by tile_rows), "stored" (Q6_K, its super-blocks
-    read as stored), or None (it stays in float32 arithmetic)."""
-    if kind in _TILED:
-        return "tiles" if rows % TILE == 0 else None
-    return "stored" if kind == 14 else None
+    "tiles" (Q8_0 / Q4_0 / Q4_1 / Q6_K in whole tiles of 16 rows, reordered by tile_rows) or None (it stays in
+    float32 arithmetic)."""
+    return "tiles" if kind in _TILED and rows % TILE == 0 else None
 
 
 def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:
-    """Q8_0 / Q4_0 / Q4_1 rows (out, row bytes) uint8 reordered into the tiles of 16 rows the int8-activation kernel
-    reads (gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the codes with lane l of
+    """Q8_0 / Q4_0 / Q4_1 / Q6_K rows (out, row bytes) uint8 reordered into the tiles of 16 rows the int8-activation
+    kernel reads (gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the codes with lane l of
     step s holding row l's values 4 s .. 4 s + 3 (Q4: steps s and s + 4 in one byte's low and high nibbles; Q8_0:
-    q + 128 as an unsigned byte). The same number of bytes, shaped as raw; out must be a multiple of 16.
-    (compress.gguf_blocks.tile_blocks calls this on tensors; untile_blocks inverts it.)"""
+    q + 128 as an unsigned byte; Q6_K: see _tile_q6_k). The same number of bytes, shaped as raw; out must be a
+    multiple of 16. (compress.gguf_blocks.tile_blocks calls this on tensors; untile_blocks inverts it.)"""
     out, row_bytes = raw.shape
     if kind not in _TILED or out % TILE:
-        raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 rows in groups of {TILE}; got ggml type {kind} with {out} "
-                         "rows")
+        raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 / Q6_K rows in groups of {TILE}; got ggml type {kind} with "
+                         f"{out} rows")
+    if kind == 14:
+        return _tile_q6_k(raw)
     block_bytes, head = _TILED[kind]
     blocks = raw.reshape(out, -1, block_bytes)
     if kind == 8:
@@ -238,6 +239,55 @@ def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:
     if kind != 8:
         steps = steps[:, :, :4] | (steps[:, :, 4:] << 4)
     return np.concatenate([heads, steps.reshape(g, nb, -1)], axis=-1).reshape(out, row_bytes)
+
+
+def q6_k_codes(blocks: np.ndarray) -> np.ndarray:
+    """Q6_K super-blocks (..., 210) uint8 -> their 6-bit codes q (..., 256) in value order (0..63; w = d scale (q -
+    32)). Value 32 p + l (p < 8, half h = p / 4, quarter j = p % 4): low 4 bits in ql[64 h + 32 (j & 1) + l] >> 4 (j /
+    2), high 2 in qh[32 h + l] >> 2 j (ggml-common.h's block_q6_K)."""
+    ql = blocks[..., :128].reshape(*blocks.shape[:-1], 2, 2, 32)  # (h, j & 1, l)
+    qh = blocks[..., 128:192].reshape(*blocks.shape[:-1], 2, 1, 32)  # (h, -, l)
+    low = np.stack([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], axis=-2)
+    high = np.concatenate([(qh >> 2 * j) & 3 for j in range(4)], axis=-2)
+    return (low | high << 4).reshape(*blocks.shape[:-1], 256)
+
+
+def _tile_q6_k(raw: np.ndarray) -> np.ndarray:
+    """Q6_K in tiles of 16 rows: per group of 16 rows and super-block (16 x 210 bytes), the 16 fp16 d, the int8 scales
+    as [16 groups of 16 values][16 rows], then per block of 32 values 384 bytes: 4 chunks of 64 with step s's low
+    nibbles (lane l: row l's values 4 s .. 4 s + 3) in the low half of each byte and step s + 4's in the high half,
+    then 2 chunks of 64 with the high 2 bits of steps m, m + 2, m + 4, m + 6 at bits 0-1, 2-3, 4-5, 6-7."""
+    out, row_bytes = raw.shape
+    g, supers = out // TILE, row_bytes // 210
+    blocks = raw.reshape(g, TILE, supers, 210)
+    q = q6_k_codes(blocks).reshape(g, TILE, supers, 8, 8, 4).transpose(0, 2, 3, 4, 1, 5)  # (g, S, block, step, lane, 4)
+    low, high = q & 15, q >> 4
+    nibbles = low[:, :, :, :4] | low[:, :, :, 4:] << 4  # (g, S, block, 4, lane, 4)
+    highs = np.stack([sum(high[:, :, :, m + 2 * j] << 2 * j for j in range(4)) for m in range(2)], axis=3)
+    d = blocks[..., 208:].transpose(0, 2, 1, 3).reshape(g, supers, 32)
+    scales = blocks[..., 192:208].transpose(0, 2, 3, 1).reshape(g, supers, 256)  # [group][row]
+    body = np.concatenate([nibbles.reshape(g, supers, 8, 256), highs.reshape(g, supers, 8, 128)], axis=-1)
+    return np.concatenate([d, scales, body.reshape(g, supers, -1)], axis=-1).reshape(out, row_bytes)
+
+
+def untile_q6_k(tiles: np.ndarray) -> np.ndarray:
+    """The stored Q6_K rows back from tile_rows' layout (compress.gguf_blocks.untile_blocks calls this)."""
+    out, row_bytes = tiles.shape
+    g, supers = out // TILE, row_bytes // 210
+    t = tiles.reshape(g, supers, TILE * 210)
+    d = t[..., :32].reshape(g, supers, TILE, 2).transpose(0, 2, 1, 3)
+    scales = t[..., 32:288].reshape(g, supers, 16, TILE).transpose(0, 3, 1, 2)
+    body = t[..., 288:].reshape(g, supers, 8, 384)
+    nibbles = body[..., :256].reshape(g, supers, 8, 4, TILE, 4)
+    highs = body[..., 256:].reshape(g, supers, 8, 2, TILE, 4)
+    low = np.concatenate([nibbles & 15, nibbles >> 4], axis=3)  # (g, S, block, step, lane, 4)
+    high = np.stack([highs[:, :, :, s % 2] >> 2 * (s // 2) & 3 for s in range(8)], axis=3)
+    q = (low | high << 4).transpose(0, 4, 1, 2, 3, 5).reshape(g, TILE, supers, 2, 4, 32)  # (.., h, j, l)
+    ql = np.concatenate([q[..., 0, :] & 15 | (q[..., 2, :] & 15) << 4, q[..., 1, :] & 15 | (q[..., 3, :] & 15) << 4],
+                        axis=-1)  # (g, 16, S, h, 64)
+    qh = sum((q[..., j, :] >> 4) << 2 * j for j in range(4)).astype(np.uint8)  # (g, 16, S, h, 32)
+    parts = [ql.reshape(g, TILE, supers, 128), qh.reshape(g, TILE, supers, 64), scales, d]
+    return np.concatenate(parts, axis=-1).reshape(out, row_bytes)
 
 
 def gemv_library():

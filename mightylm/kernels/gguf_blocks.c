@@ -601,52 +601,95 @@ static void gemm_tiles256(const signed char *xq, const float *dx, const int *xs,
     GEMM_TILES(tile_rows256)
 }
 
-/* Q6_K with activations rounded to 8 bits (per block of 32, as above), as stored (no tiles): per 32 values of a
- * super-block, the codes q - 32 (signed) times xq in integers, the two groups of 16 weighted by their int8 scales in
- * one vpmaddwd, exact; then d dx in float32. |q - 32| <= 32 and |xq| <= 127: a pair sums to at most 8128 in 16
- * bits, a scaled pair pair to 2 * 8128 * 128 in 32. One AVX2 loop for both paths; rows share each part's
- * unpacking. */
-AVX2 void q6k_q8x_rows256(const signed char *xq, const float *dx, long in, const unsigned char *row, long supers,
-                          float *y, long ldy, const int R) {
+/* Q6_K with activations rounded to 8 bits (per block of 32, as above), over its super-blocks in tiles of 16 rows
+ * (kernels.tile_rows, the same bytes reordered): per 16 rows and super-block
+ *     16 fp16 d | int8 scales [16 groups of 16 values][16 rows] | 8 blocks of 32 values, 384 bytes each:
+ *     4 chunks of 64 (step s's low 4 bits, lane l = row l's values 4 s .. 4 s + 3, in each byte's low half, step
+ *     s + 4's in its high half) | 2 chunks of 64 (the high 2 bits of steps m, m + 2, m + 4, m + 6 at bits 0-1 .. 6-7)
+ * A block's codes are unpacked once per half tile (8 rows) for up to 8 rows of x; per row and group of 16 values
+ * the four steps' |q - 32| . sign(xq, q - 32) pair sums add in 16 bits (at most 4 * 2 * 32 * 127 = 32512), one
+ * vpmaddwd weights them by the 8 rows' scales, and per block of 32 the exact integer sum is scaled by d dx in
+ * float32: acc += (sum over the two groups of scale (q - 32) . xq) * (d dx) (llama.cpp's Q6_K dot takes the same
+ * integers over x rounded per 256 instead). One AVX2 loop for both paths. */
+#define Q6K_TILE (TILE * Q6K_BYTES)
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+void q6k_tile_rows256(const signed char *xq, const float *dx, long in, const unsigned char *T, long supers,
+                      float *y, long ldy, const int R) {
     const long blocks = in / 32;
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (long s = 0; s < supers; s++) {
-        const unsigned char *blk = row + s * Q6K_BYTES;
-        q6k_prefetch(blk);
-        const float d = half_to_float(blk + 208);
-        for (int p = 0; p < 8; p++) {
-            const signed char *sc;
-            const __m256i q = q6k_part256(blk, p, &sc), aq = _mm256_abs_epi8(q);
-            const __m256i scales = _mm256_setr_m128i(_mm_set1_epi16(sc[0]), _mm_set1_epi16(sc[1]));
-            const long b = s * 8 + p;
-            for (int r = 0; r < R; r++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + r * in + 32 * b));
-                const __m256i pairs = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(x, q));  /* (q - 32) xq, pairwise */
-                const __m256i dot = _mm256_madd_epi16(pairs, scales);  /* lanes 0-3: group 0, 4-7: group 1 */
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[r * blocks + b]), acc[r]);
+    const __m256i low4 = _mm256_set1_epi8(15), bits45 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[8];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        for (long s = 0; s < supers; s++) {
+            const unsigned char *t = T + s * Q6K_TILE;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16 * h)));
+            for (int b = 0; b < 8; b++) {
+                const unsigned char *c = t + 288 + 384 * b;
+                for (int k = 0; h == 0 && k < 384; k += 64) _mm_prefetch((const char *)c + PREFETCH + k, _MM_HINT_T0);
+                __m256i q[8], sc[2];
+                const __m256i hb0 = _mm256_loadu_si256((const __m256i *)(c + 256 + 32 * h)),
+                              hb1 = _mm256_loadu_si256((const __m256i *)(c + 320 + 32 * h));
+                for (int k = 0; k < 4; k++) {
+                    const __m256i n = _mm256_loadu_si256((const __m256i *)(c + 64 * k + 32 * h));
+                    q[k] = _mm256_and_si256(n, low4);
+                    q[k + 4] = _mm256_and_si256(_mm256_srli_epi16(n, 4), low4);
+                }
+                /* step s's high bits (chunk s % 2, pair s / 2) moved to bits 4-5 */
+                q[0] = _mm256_or_si256(q[0], _mm256_and_si256(_mm256_slli_epi16(hb0, 4), bits45));
+                q[1] = _mm256_or_si256(q[1], _mm256_and_si256(_mm256_slli_epi16(hb1, 4), bits45));
+                q[2] = _mm256_or_si256(q[2], _mm256_and_si256(_mm256_slli_epi16(hb0, 2), bits45));
+                q[3] = _mm256_or_si256(q[3], _mm256_and_si256(_mm256_slli_epi16(hb1, 2), bits45));
+                q[4] = _mm256_or_si256(q[4], _mm256_and_si256(hb0, bits45));
+                q[5] = _mm256_or_si256(q[5], _mm256_and_si256(hb1, bits45));
+                q[6] = _mm256_or_si256(q[6], _mm256_and_si256(_mm256_srli_epi16(hb0, 2), bits45));
+                q[7] = _mm256_or_si256(q[7], _mm256_and_si256(_mm256_srli_epi16(hb1, 2), bits45));
+                for (int k = 0; k < 8; k++) q[k] = _mm256_sub_epi8(q[k], off);
+                for (int G = 0; G < 2; G++) {  /* the 8 rows' scales of group 2 b + G, each in both 16-bit halves */
+                    const __m256i v = _mm256_cvtepu16_epi32(_mm_cvtepi8_epi16(
+                        _mm_loadl_epi64((const __m128i *)(t + 32 + 16 * (2 * b + G) + 8 * h))));
+                    sc[G] = _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+                }
+                for (int r = 0; r < R; r++) {
+                    const long rb = r * blocks + 8 * s + b;
+                    const signed char *xb = xq + r * in + 32 * (8 * s + b);
+                    __m256i i32 = _mm256_setzero_si256();
+                    for (int G = 0; G < 2; G++) {
+                        __m256i i16 = _mm256_setzero_si256();
+                        for (int k = 4 * G; k < 4 * G + 4; k++) {
+                            const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xb + 4 * k)), q[k]);
+                            i16 = _mm256_add_epi16(i16, _mm256_maddubs_epi16(_mm256_abs_epi8(q[k]), x4));
+                        }
+                        i32 = _mm256_add_epi32(i32, _mm256_madd_epi16(i16, sc[G]));
+                    }
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])), acc[r]);
+                }
             }
         }
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ldy + 8 * h, acc[r]);
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
 }
 
 __attribute__((target("avx2,fma,f16c")))
-static void q6k_q8x_gemm(const signed char *xq, const float *dx, long rows, const unsigned char *W, float *y, long in,
-                         long out, int nthreads) {
-    const long supers = in / 256;
+static void q6k_gemm_tiles(const signed char *xq, const float *dx, long rows, const unsigned char *T, float *y,
+                           long in, long out, int nthreads) {
+    const long supers = in / 256, groups = out / TILE;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (long o = 0; o < out; o++) {
-        const unsigned char *row = W + o * supers * Q6K_BYTES;
-        for (long r = 0; r < rows; r += 4) {
+    for (long g = 0; g < groups; g++) {
+        const unsigned char *tg = T + g * supers * Q6K_TILE;
+        for (long r = 0; r < rows; r += 8) {
             const signed char *xr = xq + r * in;
             const float *dr = dx + r * (in / 32);
-            float *yr = y + r * out + o;
-            switch (rows - r < 4 ? rows - r : 4) {
-                case 4: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 4); break;
-                case 3: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 3); break;
-                case 2: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 2); break;
-                default: q6k_q8x_rows256(xr, dr, in, row, supers, yr, out, 1);
+            float *yr = y + r * out + TILE * g;
+            switch (rows - r < 8 ? rows - r : 8) {
+                case 8: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 8); break;
+                case 7: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 7); break;
+                case 6: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 6); break;
+                case 5: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 5); break;
+                case 4: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 4); break;
+                case 3: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 3); break;
+                case 2: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 2); break;
+                default: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 1);
             }
         }
     }
@@ -657,8 +700,8 @@ static void q6k_q8x_gemm(const signed char *xq, const float *dx, long rows, cons
  * nothing, for another type or shape. */
 int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                          long in, long out, int nthreads) {
-    if (type == Q6_K ? in % 256 || in < 256 : (type != Q8_0 && type != Q4_0 && type != Q4_1) || in % 32 || out % TILE
-                                               || in < 32)
+    if ((type == Q6_K ? in % 256 || in < 256 : (type != Q8_0 && type != Q4_0 && type != Q4_1) || in % 32 || in < 32)
+        || out % TILE)
         return -1;
     if (nthreads < 1) nthreads = 1;
     const long blocks = in / 32;
@@ -667,7 +710,7 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
     int *xs = malloc(sizeof(int) * rows * blocks);
     for (long r = 0; r < rows; r++) quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks);
     for (long i = 0; i < rows * blocks; i++) dxs[i] = dx[i] * (float)xs[i];
-    if (type == Q6_K) q6k_q8x_gemm(xq, dx, rows, T, y, in, out, nthreads);
+    if (type == Q6_K) q6k_gemm_tiles(xq, dx, rows, T, y, in, out, nthreads);
     else if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
     else gemm_tiles256(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
     if (bias)
