@@ -1,0 +1,73 @@
+"""The model, decoding and training on a CUDA device: the same answers as transformers and as the CPU. Marked `gpu`:
+skipped where CUDA is not available (conftest), as in CI. Each check is a function of the device, so the same
+bodies can be read (and were exercised) on the CPU."""
+
+import pytest
+import torch
+
+import mightylm
+from mightylm.generate import Sampling, generate
+from mightylm.model import KVCache
+
+from conftest import tiny
+from test_train import config, dataset, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def logits_equal_transformers(path, hf, device: str) -> None:
+    model, _ = mightylm.load(path)
+    model, hf = model.to(device), hf.to(device)
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def cached_decoding_equals_the_full_forward(device: str) -> None:
+    model = tiny(qkv_bias=True).to(device)
+    idx = torch.randint(0, 256, (2, 24), device=device)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config, 2, 24, device=device)
+        steps = [model(idx[:, :10], cache=cache, start=0)]
+        steps += [model(idx[:, t:t + 1], cache=cache, start=t) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def greedy_tokens_equal_the_cpus(device: str) -> None:
+    model = tiny(seed=3)
+    prompts = [[5, 17, 42, 99, 3, 8], [7, 7, 1]]  # two rows, one left-padded
+    s = Sampling(max_new_tokens=16)
+    assert generate(model.to(device), prompts, s) == generate(model.cpu(), prompts, s)
+
+
+def bf16_training_learns(tmp_path, device: str) -> None:
+    from mightylm.data.loader import Loader
+    from mightylm.train import evaluate, fit
+
+    model = tiny_model().to(device)
+    val = Loader(dataset(16, seed=1), 8, shuffle=False)
+    before = evaluate(model, val)
+    summary = fit(model, Loader(dataset(), 4), tmp_path, config(steps=40, bf16=True), val=val, progress=False)
+    assert summary["val_loss"] < before - 0.5
+    assert model.embed.weight.dtype == torch.float32 and model.embed.weight.device.type == device
+
+
+def test_logits_on_the_gpu_equal_transformers(hf_dir):
+    _, path, hf = hf_dir
+    try:
+        logits_equal_transformers(path, hf, "cuda")
+    finally:
+        hf.cpu()  # the fixture's model is shared with the CPU tests
+
+
+def test_cached_decoding_on_the_gpu_equals_the_full_forward():
+    cached_decoding_equals_the_full_forward("cuda")
+
+
+def test_greedy_tokens_on_the_gpu_equal_the_cpus():
+    greedy_tokens_equal_the_cpus("cuda")
+
+
+def test_bf16_training_on_the_gpu_learns(tmp_path):
+    bf16_training_learns(tmp_path, "cuda")
