@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from mightylm.adapters.lora import LoRALinear
-from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear
+from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear, widen_
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
-from mightylm.kernels import BlockArgs, LoraTerm, Projection, gemv_library
+from mightylm.kernels import BlockArgs, LoraTerm, Projection, common_type, gemv_library
 from mightylm.kernels.ops import float_rows, gemv_int4, gemv_int8, gemv_nf4, linear
 from mightylm.model import MLP, Attention, KVCache, KVRows, RMSNorm, Transformer
 from mightylm.moe import MoE
@@ -196,6 +196,9 @@ class FusedGGUFProjection:
 
 
 def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
+    kind = common_type(p.ggml_type for p in parts)
+    for p in parts:  # mixed Q4_0 / Q5_0 / Q8_0 (llama.cpp's Q4_K_M files): all as Q8_0, the same values
+        widen_(p, kind)
     (weight,), bias = _stack_rows(parts, ("weight",))
     return FusedGGUFProjection(weight, parts[0].ggml_type, bias, parts[0].in_features, parts[0].int8_activations)
 
@@ -232,8 +235,8 @@ def _fusion(parts: list[nn.Module]):
         return _fuse_nf4(parts)
     if all(type(p) is Int4Linear and p.group_size == parts[0].group_size and p.group_size % 16 == 0 for p in parts):
         return _fuse_int4(parts)
-    if all(type(p) is GGUFLinear and p.ggml_type == parts[0].ggml_type
-           and p.int8_activations == parts[0].int8_activations for p in parts):
+    if all(type(p) is GGUFLinear and p.int8_activations == parts[0].int8_activations for p in parts) \
+            and common_type(p.ggml_type for p in parts) is not None:
         return _fuse_gguf(parts)
     if all(type(p) is Sparse24Linear for p in parts):
         return _fuse_sparse24(parts)

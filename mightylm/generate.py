@@ -197,8 +197,8 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
         from mightylm.compress.gguf_blocks import int8_activations_
 
         if not int8_activations_(loaded):
-            print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 / Q6_K blocks kept in this model; it changes nothing",
-                  file=log)
+            print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K blocks kept in this model; it changes "
+                  "nothing", file=log)
     fuse_projections_(loaded)
     freeze_what_lives()
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log, flush=True)

@@ -2,7 +2,7 @@
 
 `import torch` alone takes 2-3 s and ~220 MiB on the project's machines, more than the whole of llama.cpp's start on
 the embedded model (0.3 s, 160 MiB). When every block of a GGUF file runs in the native kernels (its projections
-kept as Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 blocks: what `load_for_generation` turns into
+kept as Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K / F16 / BF16 blocks: what `load_for_generation` turns into
 fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `mighty generate` takes this path (its
 `--engine auto`):
 
@@ -17,7 +17,7 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
 Greedy tokens equal the torch path's and logits agree within float32 rounding (the RoPE table and the final norm
 are numpy's arithmetic, not torch's; tests/test_lite.py). A seed gives its own random stream, not torch's: the same
 seed samples the same text on this path, and other text than `--engine torch` does. `int8_activations` tiles the
-Q8_0 / Q4_0 / Q4_1 / Q6_K products as the torch path's option does (llama.cpp's arithmetic):
+Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K products as the torch path's option does (llama.cpp's arithmetic):
 the same integers, but rounding activations to 8 bits can turn the RoPE tables' last-bit differences into
 different roundings, so greedy text can part from the torch path's at near-ties (as both do from llama.cpp's).
 Anything else (another architecture or dtype, LoRA, drafts, RoPE scaling) loads through torch; `unsupported` says
@@ -38,7 +38,8 @@ from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, ggu
 from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
-from mightylm.kernels import BlockArgs, Projection, gemv_library, int8_layout, physical_cores, tile_rows
+from mightylm.kernels import (BlockArgs, Projection, as_q8_0, common_type, gemv_library, int8_layout, physical_cores,
+                              tile_rows)
 from mightylm.streaming import Sampling
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -62,17 +63,20 @@ def unsupported(config, names: dict, library) -> str | None:
             return f"{name} is {names[name].type_name if name in names else 'missing'}"
     for i in range(config.n_layers):
         for part in _PARTS.values():
-            types = {names[f"blk.{i}.{p}.weight"].type for p in part if f"blk.{i}.{p}.weight" in names}
-            if len(types) != 1 or not types <= set(KEPT):
-                return (f"block {i}'s {'/'.join(part)} are {', '.join(TYPE_NAMES.get(t, str(t)) for t in types)}; "
-                        "the native block takes one kept type (Q8_0, Q4_0, Q4_1, Q6_K, F16, BF16) per product")
+            tensors = [names[f"blk.{i}.{p}.weight"] for p in part if f"blk.{i}.{p}.weight" in names]
+            types = {t.type for t in tensors}
+            if not types <= set(KEPT) or common_type(types) is None:
+                kept = ", ".join(TYPE_NAMES[t] for t in KEPT)
+                found = ", ".join(sorted({t.type_name for t in tensors}))
+                return (f"block {i}'s {'/'.join(part)} are {found}; "
+                        f"the native block takes one kept type ({kept}; Q4_0 / Q5_0 widen to Q8_0) per product")
     return None
 
 
 class LiteModel:
     """A GGUF file's model as the native kernels read it: `forward(ids, cache, start)` -> the logits after the last
-    of `ids`. Build with `load_lite`. `int8_activations`: the Q8_0 / Q4_0 / Q4_1 / Q6_K products (and the head) take
-    their rows rounded to 8 bits per block, over weights in tiles of 16 rows, as the torch path's
+    of `ids`. Build with `load_lite`. `int8_activations`: the Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K products (and the
+    head) take their rows rounded to 8 bits per block, over weights in tiles of 16 rows, as the torch path's
     compress.gguf_blocks.int8_activations_ sets them up (llama.cpp's arithmetic)."""
 
     def __init__(self, path: Path, file, config, library, int8_activations: bool = False):
@@ -97,10 +101,12 @@ class LiteModel:
 
         def projection(names: list[str], permute: list[int | None]) -> Projection:
             parts = [rows(f"{n}.weight") for n in names]
+            kinds = [tensors[f"{n}.weight"].type for n in names]
+            kind = common_type(kinds)  # mixed Q4_0 / Q5_0 / Q8_0 parts: all as Q8_0, the same values
+            parts = [part if k == kind else as_q8_0(part, k) for part, k in zip(parts, kinds)]
             if c.arch == "llama":  # llama.cpp permutes llama's q/k rows for its RoPE kernel (names.unpermute_qk)
                 parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
             weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
-            kind = tensors[f"{names[0]}.weight"].type
             layout = _int8_layout(int8_activations, kind, [len(part) for part in parts])
             if layout == "tiles":  # tiles of each part's rows, one after another: the tiles of the stacked rows
                 weight = tile_rows(weight, kind)

@@ -440,7 +440,7 @@ def test_our_gguf_reader_names_a_truncated_or_foreign_file(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.F16, Q.BF16], ids=lambda q: q.name)
 def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_path, bpe_tokenizer):
     """keep_blocks=True: the projections and the head (tied to the embedding or not) stay as stored (GGUFLinear),
     multiplied by the native block kernels (one row, a few rows) or dequantized (many rows); logits equal those of
@@ -465,7 +465,7 @@ def test_kept_gguf_blocks_give_the_dequantized_models_logits(arch, qtype, tmp_pa
     assert torch.equal(kept.embed(some), dense.embed(some)) and torch.equal(kept.embed(many), dense.embed(many))
     with pytest.raises(IndexError):
         kept.embed(torch.tensor([[dense.config.vocab_size]]))
-    block, size = GGML_QUANT_SIZES[qtype]  # bytes per 32 weights: 34, 18 or 20; 2 per F16 / BF16 value
+    block, size = GGML_QUANT_SIZES[qtype]  # bytes per 32 weights: 34, 18, 20 or 22; 2 per F16 / BF16 value
     assert sum(m.weight.numel() for m in modules) == sum(m.in_features // block * size * m.out_features
                                                          for m in modules)
     idx = torch.randint(0, dense.config.vocab_size, (2, 12))
@@ -546,7 +546,7 @@ def test_a_k_quant_q6_k_file_is_kept_as_stored_and_decoded_natively(tmp_path, bp
                                rtol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0], ids=lambda q: q.name)
 def test_int8_activations_reach_every_kept_product_and_stay_near_float32(qtype, tmp_path, bpe_tokenizer, capsys):
     """int8_activations_ (llama.cpp's arithmetic): the native decode block and the module path give the same
     logits (the flag reaches both), they differ from float32's by the activations' rounding only (a few per cent,
@@ -889,7 +889,7 @@ def test_lora_rows_run_in_the_native_batch_step(int8, tmp_path, bpe_tokenizer):
     torch.testing.assert_close(after, plain, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0], ids=lambda q: q.name)
 def test_a_batch_in_llama_cpps_arithmetic_gives_each_row_what_it_gets_alone(qtype, tmp_path, bpe_tokenizer):
     """With int8_activations_ a server's batch (one token of each of several sequences, x (B, 1, in)) is rounded to
     8 bits row by row, as each sequence would be alone, through the native call and through the blocks one by one:
@@ -937,3 +937,38 @@ def test_a_batch_in_llama_cpps_arithmetic_gives_each_row_what_it_gets_alone(qtyp
     fuse_projections_(float32)
     rounding = float((batch - batch_logits(float32)).norm() / batch.norm())
     assert 1e-4 < rounding < 0.05, rounding
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_mixed_q5_0_and_q8_0_parts_fuse_as_q8_0_with_the_same_values(int8, tmp_path, bpe_tokenizer):
+    """llama.cpp's Q4_K_M files mix types within a fused product (Q5_0 q/k beside a Q8_0 v in half the layers of
+    Qwen2.5-Coder-0.5B's): kernels.common_type widens Q4_0 / Q5_0 parts to Q8_0 exactly (as_q8_0: the same d, codes
+    q - 16), so fusing them keeps every value, and the native block runs them."""
+    import numpy as np
+
+    from mightylm.compress.gguf_blocks import GGUFLinear, Q5_0, Q8_0, int8_activations_, widen_
+    from mightylm.fuse import fuse_projections_
+    from mightylm.kernels import as_q8_0, common_type
+
+    assert common_type([Q5_0, Q8_0]) == common_type([2, 6, 8]) == Q8_0 and common_type([3, 8]) is None
+    hf = make_hf_model("qwen2", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q5_0)
+    model, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    v = model.layers[0].attn.v_proj
+    before = v.dequantize()
+    widen_(v, Q8_0)  # layer 0: a Q8_0 v beside Q5_0 q and k, as in the real file
+    assert v.ggml_type == Q8_0 and torch.equal(v.dequantize(), before)
+    q = model.layers[0].attn.q_proj  # the codes: q - 16 in -16..15, d unchanged
+    wide = as_q8_0(q.weight.numpy(), Q5_0).reshape(q.out_features, -1, 34)
+    assert np.array_equal(wide[..., :2], q.weight.numpy().reshape(q.out_features, -1, 22)[..., :2])
+    assert wide[..., 2:].view(np.int8).min() >= -16 and wide[..., 2:].view(np.int8).max() <= 15
+    if int8:
+        int8_activations_(model)
+    idx = torch.randint(0, bpe_tokenizer.vocab_size, (1, 12))
+    with torch.no_grad():
+        reference = model(idx, cache=model.make_cache(1, 16), start=0)[0, -1]
+        fuse_projections_(model)
+        assert all(type(m) is GGUFLinear for m in (model.layers[0].attn.q_proj, model.layers[0].attn.v_proj))
+        assert model.layers[0].attn.q_proj.ggml_type == Q8_0  # widened to stack with v
+        fused = model(idx, cache=model.make_cache(1, 16), start=0)[0, -1]
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)

@@ -83,7 +83,8 @@ def isa():
 def _q8x_reference(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, out: int, n_in: int) -> torch.Tensor:
     """The int8-activation product in PyTorch, the kernel's arithmetic written out: x rounded per block of 32 to
     xq = round(x / dx), dx = max|x| / 127 (float32, as the kernel computes them), exact integer block sums, then
-    Q4_0 d dx (q . xq - 8 sum xq), Q4_1 d dx (q . xq) + m dx sum xq, Q8_0 d dx (q . xq), summed in float64."""
+    Q4_0 d dx (q . xq - 8 sum xq), Q4_1 d dx (q . xq) + m dx sum xq, Q5_0 d dx (q . xq - 16 sum xq), Q8_0
+    d dx (q . xq), summed in float64."""
     from mightylm.compress.gguf_blocks import BLOCKS
 
     xb = x.reshape(n_in // 32, 32)
@@ -96,8 +97,13 @@ def _q8x_reference(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, out: int,
     else:
         packed = blocks[..., -16:]
         q = torch.cat([packed & 15, packed >> 4], dim=-1).double()
+        if ggml_type == 6:  # the fifth bits: bit j of the uint32 after d
+            qh = blocks[..., 2:6].contiguous().view(torch.int32)
+            q = q + 16 * ((qh >> torch.arange(32, dtype=torch.int32)) & 1).double()
     dots = (q * xq.double()).sum(-1)  # (out, blocks): exact integers
     xs = xq.double().sum(-1)
+    if ggml_type == 6:
+        return (d * (dots - 16 * xs)).sum(-1)
     if ggml_type == 2:
         return (d * (dots - 8 * xs)).sum(-1)
     if ggml_type == 3:
@@ -120,7 +126,7 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         pytest.skip(f"this CPU lacks the {path} path's flags {sorted(kernels.ISA_FLAGS[path])}")
     torch.manual_seed(0)
     out = 304  # 19 tiles of 16 rows
-    for ggml_type, n_in in ((8, 576), (2, 576), (3, 576), (2, 544), (3, 544)):  # 544: an odd count of blocks
+    for ggml_type, n_in in ((8, 576), (2, 576), (3, 576), (6, 576), (2, 544), (3, 544), (6, 544)):  # 544: odd blocks
         size = BLOCKS[ggml_type][1]
         raw = torch.randint(0, 256, (out, n_in // 32, size), dtype=torch.uint8)
         scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
@@ -171,7 +177,8 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         assert torch.equal(alone[0], together[r])
     isa("avx2")
     assert torch.equal(ops.matmul_ggml(rows, tiles, 14, out, bias, int8_activations=True), together)
-    for ggml_type in (2, 3):  # the largest 4-bit sums (codes of 15 times 127 everywhere; AVX2 adds 8 steps in 16 bits)
+    for ggml_type in (2, 3, 6):  # the largest sums: codes of 15 (Q5_0: 31) times 127 everywhere (AVX2 adds 8 steps,
+        # Q5_0's 4, in 16 bits)
         size, n_in = BLOCKS[ggml_type][1], 576
         raw = torch.full((out, n_in // 32, size), 255, dtype=torch.uint8)
         scale_bytes = 4 if ggml_type == 3 else 2  # d (and Q4_1's m) in fp16
@@ -210,12 +217,15 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(scale.max()) * n_in ** 0.5 * 127)
         from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks
 
-        for ggml_type in (8, 2, 3):  # GGUF's Q8_0, Q4_0 and Q4_1 blocks as stored, with finite fp16 scales
+        for ggml_type in (8, 2, 3, 6):  # GGUF's Q8_0, Q4_0, Q4_1 and Q5_0 blocks as stored, with finite fp16 scales
             size = BLOCKS[ggml_type][1]
             raw = torch.randint(0, 256, (out, n_in // 32, size), dtype=torch.uint8)
             scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
             raw[..., :4 if ggml_type == 3 else 2] = scales[..., :4 if ggml_type == 3 else 2]
             raw = raw.view(out, -1)
+            some = torch.tensor([0, out - 1, 3 % out])  # a lookup's rows: value for value the dequantizer's
+            assert torch.equal(ops.ggml_rows(raw, ggml_type, some, n_in),
+                               dequantize_blocks(raw, ggml_type, (out, n_in))[some])
             for rows in (1, 3, 5, 15):  # one row streams the blocks; several share each block's unpacking
                 xs = torch.randn(rows, n_in)
                 expected = F.linear(xs, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
@@ -233,6 +243,21 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
                 xs = torch.randn(rows, n_in)
                 expected = F.linear(xs, w6, b)
                 torch.testing.assert_close(ops.matmul_ggml(xs, raw, 14, out, b), expected, rtol=1e-5,
+                                           atol=2e-6 * float(expected.abs().max()))
+        if n_in % 256 == 0:  # Q4_K: super-blocks of 256 (fp16 d and dmin, 6-bit scales and mins per 32, 4-bit codes)
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize
+
+            raw = torch.randint(0, 256, (out, n_in // 256, 144), dtype=torch.uint8)
+            raw[..., :4] = (torch.rand(out, n_in // 256, 2) / 50).half().view(torch.uint8).view(out, n_in // 256, 4)
+            raw = raw.view(out, -1)
+            w4 = torch.from_numpy(dequantize(raw.numpy(), GGMLQuantizationType.Q4_K)).reshape(out, n_in)  # gguf's
+            some = torch.tensor([0, out - 1, 3 % out])
+            assert torch.equal(ops.ggml_rows(raw, 12, some, n_in), w4[some])
+            for rows in (1, 3, 5, 15):
+                xs = torch.randn(rows, n_in)
+                expected = F.linear(xs, w4, b)
+                torch.testing.assert_close(ops.matmul_ggml(xs, raw, 12, out, b), expected, rtol=1e-5,
                                            atol=2e-6 * float(expected.abs().max()))
         for ggml_type, dtype in ((1, torch.float16), (30, torch.bfloat16)):  # F16 / BF16 rows as stored
             raw = (torch.randn(out, n_in) / 10).to(dtype).view(torch.uint8)  # (out, 2 in) bytes

@@ -41,7 +41,7 @@ def _logits_side_by_side(lite, model, prompt: list[int], steps: int) -> tuple[np
 
 
 @pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)], ids=["llama-tied", "qwen2-untied"])
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.F16, Q.BF16], ids=lambda q: q.name)
 def test_the_lite_path_computes_the_torch_paths_logits(arch, tied, qtype, tmp_path, bpe_tokenizer):
     """A 20-token prompt (two passes of NATIVE_ROWS and 4) and eight decoded tokens: the logits after each equal the
     kept-blocks torch model's (load_for_generation, the native stack) within float32 rounding, and so do the greedy
@@ -63,7 +63,7 @@ def test_the_lite_path_computes_the_torch_paths_logits(arch, tied, qtype, tmp_pa
         lite.forward(prompt, lite.cache(10), 0)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0], ids=lambda q: q.name)
 def test_int8_activations_on_the_lite_path_are_the_torch_paths_arithmetic(qtype, tmp_path, bpe_tokenizer):
     """With int8 activations every product (the tied head too) runs on tiles, and the logits equal the torch path's
     int8 model's once both read the same RoPE table. (Each computes its table with its own library's cosine, which

@@ -1,13 +1,15 @@
 """GGUF's block formats (ggml-common.h) as torch code: dequantizers, quantizers for the writer (byte for byte what
 the `gguf` package's numpy quantizers write), and `GGUFLinear`, a frozen linear layer that keeps a GGUF file's
-Q8_0 / Q4_0 / Q4_1 / Q6_K blocks (and F16 / BF16 rows) exactly as stored (loading with keep_blocks=True), multiplied by a
-native kernel that reads the blocks (kernels/gguf_blocks.c), and dequantized where the kernel cannot serve (other
-dtypes, gradients to the input, many rows).
+Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K blocks (and F16 / BF16 rows) exactly as stored (loading with
+keep_blocks=True), multiplied by a native kernel that reads the blocks (kernels/gguf_blocks.c), and dequantized
+where the kernel cannot serve (other dtypes, gradients to the input, many rows).
 
 Each format is rows of blocks with float16 scales:
     Q8_0  d, 32 x int8 q                       w = d * q
     Q4_0  d, 16 bytes of nibbles               w = d * (q - 8)      (low nibbles are values 0-15, high 16-31)
     Q4_1  d, m, 16 bytes of nibbles            w = d * q + m
+    Q5_0  d, 4 bytes of fifth bits, nibbles    w = d * (q - 16)     (bit j of the uint32: value j's fifth bit)
+    Q4_K  d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles   w = d scale q - dmin min  (256 values)
     Q6_K  128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, d   w = d * scale * (q - 32)  (256 values)
 """
 
@@ -17,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q6_K, Q8_0, TYPE_NAMES
-from mightylm.kernels import TILE, int8_layout, tile_rows, untile_q6_k
+from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES
+from mightylm.kernels import TILE, as_q8_0, int8_layout, tile_rows, untile_rows
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
@@ -30,10 +32,15 @@ def dequantize_blocks(raw: torch.Tensor, kind: int, shape) -> torch.Tensor:
         out = raw.view(torch.float16).float()
     elif kind == BF16:
         out = raw.view(torch.bfloat16).float()
-    elif kind in (Q8_0, Q4_0, Q4_1):
+    elif kind in (Q8_0, Q4_0, Q4_1, Q5_0):
         out = _dequantize_32(raw.reshape(-1), kind)
     elif kind == Q6_K:
         out = _dequantize_q6_k(raw.reshape(-1))
+    elif kind == Q4_K:  # (d scale) q - dmin min per sub-block of 32, in float32: the gguf package's arithmetic
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        out = torch.from_numpy(dequantize(raw.reshape(-1, 144).cpu().numpy(), GGMLQuantizationType.Q4_K))
     else:
         raise NotImplementedError(f"ggml type {kind}")
     return out.reshape(shape)
@@ -104,7 +111,7 @@ def stored_rows(kind: str, rows: int, columns: int, ggml_type: int, device=None)
     """An empty (rows, row bytes) uint8 tensor for `rows` rows of `columns` values stored in `ggml_type` (one of
     KEPT; columns a multiple of 32, the kernels' block, and of 256 for Q6_K's super-blocks)."""
     if ggml_type not in KEPT or columns % 32 or columns % BLOCKS[ggml_type][0]:
-        raise ValueError(f"{kind} keeps {[TYPE_NAMES[t] for t in KEPT]} with rows a multiple of 32 values (Q6_K: "
+        raise ValueError(f"{kind} keeps {[TYPE_NAMES[t] for t in KEPT]} with rows a multiple of 32 values (Q4_K, Q6_K: "
                          f"256), got type {ggml_type} and {columns} values")
     per_block, block_bytes = BLOCKS[ggml_type]
     return torch.empty(rows, columns // per_block * block_bytes, dtype=torch.uint8, device=device)
@@ -161,15 +168,15 @@ class GGUFEmbedding(nn.Module):
 
 
 def tile_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
-    """kernels.tile_rows on a tensor: Q8_0 / Q4_0 / Q4_1 rows (out, row bytes) in the int8-activation kernel's tiles
-    of 16 rows (the same bytes, raw's shape); untile_blocks inverts it."""
+    """kernels.tile_rows on a tensor: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows (out, row bytes) in the int8-activation
+    kernel's tiles of 16 rows (the same bytes, raw's shape); untile_blocks inverts it."""
     return torch.from_numpy(tile_rows(raw.contiguous().numpy(), kind))
 
 
 def untile_blocks(tiles: torch.Tensor, kind: int) -> torch.Tensor:
     """The stored rows back from tile_blocks' layout."""
-    if kind == Q6_K:
-        return torch.from_numpy(untile_q6_k(tiles.contiguous().numpy()))
+    if kind in (Q5_0, Q6_K):
+        return torch.from_numpy(untile_rows(tiles.contiguous().numpy(), kind))
     out, row_bytes = tiles.shape
     g, bytes_ = out // TILE, BLOCKS[kind][1]
     nb, head = row_bytes // bytes_, 4 if kind == Q4_1 else 2
@@ -187,17 +194,31 @@ def untile_blocks(tiles: torch.Tensor, kind: int) -> torch.Tensor:
     return torch.cat([heads, codes], dim=-1).reshape(out, row_bytes)
 
 
+def widen_(m: GGUFLinear, kind: int) -> None:
+    """m's blocks as `kind` with the same values (kernels.common_type: Q4_0 / Q5_0 as Q8_0), in m's layout (tiles stay
+    tiles), so that it can be stacked with parts of that type."""
+    if m.ggml_type == kind:
+        return
+    if kind != Q8_0:
+        raise ValueError(f"{TYPE_NAMES[m.ggml_type]} blocks widen to Q8_0 only, not {TYPE_NAMES.get(kind, kind)}")
+    raw = untile_blocks(m.weight, m.ggml_type) if m.int8_activations else m.weight
+    wide = as_q8_0(raw.contiguous().numpy(), m.ggml_type)
+    m.weight = torch.from_numpy(tile_rows(wide, kind) if m.int8_activations else wide)
+    m.ggml_type = kind
+
+
 def int8_activations_(model: nn.Module) -> list[str]:
-    """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 / Q6_K blocks: every row of every product (a decoded token,
-    a prompt's tokens, a speculative step's drafts, a server's batch) rounds its input to 8 bits per block of 32
-    (scale max|x| / 127), each row by itself, and multiplies in integers (kernels/gguf_blocks.c), 16 weight rows
-    at a time: faster than float32 for one row and much faster for several. The layers' blocks are reordered in
-    place into the kernel's tiles (tile_blocks: the same bytes; `dequantize` reads them back), so layers whose
-    output count is not a multiple of 16 keep float32; a head tied to the embedding table gets its own tiled copy.
-    Q6_K layers take the same rounding of x (integer dots per group of 16 weighted by the groups' int8 scales, as
-    llama.cpp's Q6_K x Q8_K dot does with x rounded per 256). Logits move by the activations' rounding, and greedy
-    text can part from the float32 model's where its top two tokens are close (llama.cpp's does too). Apply before `fuse_projections_` (the fused copies are made from the
-    modules). Returns the modules changed."""
+    """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K blocks: every row of every product (a
+    decoded token, a prompt's tokens, a speculative step's drafts, a server's batch) rounds its input to 8 bits per
+    block of 32 (scale max|x| / 127), each row by itself, and multiplies in integers (kernels/gguf_blocks.c), 16
+    weight rows at a time: faster than float32 for one row and much faster for several. The layers' blocks are
+    reordered in place into the kernel's tiles (tile_blocks: the same bytes; `dequantize` reads them back), so
+    layers whose output count is not a multiple of 16 keep float32 (Q4_K too: it has no tiles); a head tied to the
+    embedding table gets its own tiled copy. Q6_K layers take the same rounding of x (integer dots per group of 16
+    weighted by the groups' int8 scales, as llama.cpp's Q6_K x Q8_K dot does with x rounded per 256). Logits move
+    by the activations' rounding, and greedy text can part from the float32 model's where its top two tokens are
+    close (llama.cpp's does too). Apply before `fuse_projections_` (the fused copies are made from the modules).
+    Returns the modules changed."""
     if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
            for m in model.modules()):
         raise ValueError("int8_activations_ goes before fuse_projections_: the decode layout copies the modules' "
@@ -250,7 +271,12 @@ def _dequantize_32(raw: torch.Tensor, kind: int) -> torch.Tensor:
     if kind == Q8_0:
         return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(d).flatten()
     packed = blocks[:, block_bytes - 16:]  # (n, 16): value j in the low nibble of byte j, value j + 16 in the high
-    q = torch.cat([packed & 0xF, packed >> 4], dim=1).float()  # (n, 32)
+    q = torch.cat([packed & 0xF, packed >> 4], dim=1)  # (n, 32)
+    if kind == Q5_0:  # bit j of the uint32 after d: value j's fifth bit
+        qh = blocks[:, 2:6].contiguous().view(torch.int32)  # (n, 1)
+        bits = (qh >> torch.arange(32, dtype=torch.int32)) & 1
+        return (q.to(torch.int32) | bits << 4).float().sub_(16).mul_(d).flatten()
+    q = q.float()
     if kind == Q4_0:
         return q.sub_(8).mul_(d).flatten()
     m = blocks[:, 2:4].contiguous().view(torch.float16).float()

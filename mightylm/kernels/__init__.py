@@ -201,10 +201,14 @@ class LoraTerm(ctypes.Structure):
     TERMS, PROJECTIONS = 3, 4
 
 
+# ggml types gguf_blocks.c multiplies as stored: F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, BF16 (K-quants: rows of 256)
+GGML_TYPES = (1, 2, 3, 6, 8, 12, 14, 30)
+SUPER_BLOCKS = (12, 14)
+BLOCK_BYTES = {2: 18, 3: 20, 6: 22, 8: 34}  # Q4_0, Q4_1, Q5_0, Q8_0: bytes per block of 32
 TILE = 16  # output rows per tile of the int8-activation kernel's layout (gguf_blocks.c)
-# ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before the codes); Q6_K: (bytes per super-block of 256,
-# -), tiled by _tile_q6_k
-_TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4), 14: (210, None)}
+# ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before the codes); Q5_0 and Q6_K are tiled by their own
+# functions (_tile_q5_0, _tile_q6_k)
+_TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4), 6: (22, None), 14: (210, None)}
 
 
 def int8_layout(kind: int, rows: int) -> str | None:
@@ -214,18 +218,47 @@ def int8_layout(kind: int, rows: int) -> str | None:
     return "tiles" if kind in _TILED and rows % TILE == 0 else None
 
 
+def common_type(kinds) -> int | None:
+    """The one ggml type a product stacked from parts of these types can be multiplied in without changing a value:
+    their type where they agree; Q8_0 where they mix Q8_0 with Q4_0 / Q5_0 (as_q8_0 widens those exactly, as
+    llama.cpp's Q4_K_M files mix Q5_0 q/k with a Q8_0 v); else None."""
+    kinds = set(kinds)
+    if len(kinds) == 1:
+        return kinds.pop()
+    return 8 if kinds <= {2, 6, 8} else None
+
+
+def as_q8_0(raw: np.ndarray, kind: int) -> np.ndarray:
+    """Q4_0 / Q5_0 / Q8_0 rows (out, row bytes) as Q8_0 rows with the same values: each block's d and its codes
+    q - 8 (Q4_0) or q - 16 (Q5_0, its fifth bits included) as int8."""
+    if kind == 8:
+        return raw
+    out = raw.shape[0]
+    blocks = raw.reshape(out, -1, BLOCK_BYTES[kind])
+    packed = blocks[..., -16:]
+    q = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.int16)  # (out, blocks, 32)
+    if kind == 6:
+        qh = blocks[..., 2:6].copy().view("<u4")  # (out, blocks, 1): bit j = value j's fifth bit
+        q |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+    codes = (q - (16 if kind == 6 else 8)).astype(np.int8).view(np.uint8)
+    return np.concatenate([blocks[..., :2], codes], axis=-1).reshape(out, -1)
+
+
 def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:
-    """Q8_0 / Q4_0 / Q4_1 / Q6_K rows (out, row bytes) uint8 reordered into the tiles of 16 rows the int8-activation
-    kernel reads (gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the codes with lane l of
-    step s holding row l's values 4 s .. 4 s + 3 (Q4: steps s and s + 4 in one byte's low and high nibbles; Q8_0:
-    q + 128 as an unsigned byte; Q6_K: see _tile_q6_k). The same number of bytes, shaped as raw; out must be a
-    multiple of 16. (compress.gguf_blocks.tile_blocks calls this on tensors; untile_blocks inverts it.)"""
+    """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows (out, row bytes) uint8 reordered into the tiles of 16 rows the
+    int8-activation kernel reads (gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the
+    codes with lane l of step s holding row l's values 4 s .. 4 s + 3 (Q4: steps s and s + 4 in one byte's low and
+    high nibbles; Q8_0: q + 128 as an unsigned byte; Q5_0, Q6_K: see _tile_q5_0, _tile_q6_k). The same number of
+    bytes, shaped as raw; out must be a multiple of 16. (compress.gguf_blocks.tile_blocks calls this on tensors;
+    untile_blocks inverts it, through untile_rows for Q5_0 and Q6_K.)"""
     out, row_bytes = raw.shape
     if kind not in _TILED or out % TILE:
-        raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 / Q6_K rows in groups of {TILE}; got ggml type {kind} with "
-                         f"{out} rows")
+        raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows in groups of {TILE}; got ggml type "
+                         f"{kind} with {out} rows")
     if kind == 14:
         return _tile_q6_k(raw)
+    if kind == 6:
+        return _tile_q5_0(raw)
     block_bytes, head = _TILED[kind]
     blocks = raw.reshape(out, -1, block_bytes)
     if kind == 8:
@@ -270,8 +303,47 @@ def _tile_q6_k(raw: np.ndarray) -> np.ndarray:
     return np.concatenate([d, scales, body.reshape(g, supers, -1)], axis=-1).reshape(out, row_bytes)
 
 
-def untile_q6_k(tiles: np.ndarray) -> np.ndarray:
-    """The stored Q6_K rows back from tile_rows' layout (compress.gguf_blocks.untile_blocks calls this)."""
+def _tile_q5_0(raw: np.ndarray) -> np.ndarray:
+    """Q5_0 in tiles of 16 rows: per group of 16 rows and block (16 x 22 bytes), the 16 fp16 d, then 64 bytes of fifth
+    bits (half h's 32 bytes at 32 h: byte 4 l + j holds, in bit s, the fifth bit of row 8 h + l's value 4 s + j), then
+    the low nibbles as Q4_0's tiles hold them (4 chunks of 64: steps s and s + 4 in each byte's low and high half)."""
+    out, row_bytes = raw.shape
+    g, nb = out // TILE, row_bytes // 22
+    blocks = raw.reshape(g, TILE, nb, 22)
+    qh = blocks[..., 2:6].copy().view("<u4")[..., 0]  # (g, 16, nb): bit v = value v's fifth bit
+    high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (g, 16, nb, 32)
+    high = high.reshape(g, TILE, nb, 8, 4).transpose(0, 2, 1, 4, 3)  # (g, nb, row, j, step s)
+    fifth = (high << np.arange(8, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)  # (g, nb, row, j): bit s
+    packed = blocks[..., 6:]
+    low = np.concatenate([packed & 15, packed >> 4], axis=-1)  # (g, 16, nb, 32) values 0-15
+    steps = low.reshape(g, TILE, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # (g, nb, step, lane, 4)
+    nibbles = steps[:, :, :4] | steps[:, :, 4:] << 4
+    d = blocks[..., :2].transpose(0, 2, 1, 3).reshape(g, nb, 32)
+    return np.concatenate([d, fifth.reshape(g, nb, 64), nibbles.reshape(g, nb, 256)], axis=-1).reshape(out, row_bytes)
+
+
+def untile_rows(tiles: np.ndarray, kind: int) -> np.ndarray:
+    """The stored Q5_0 or Q6_K rows back from tile_rows' layout (compress.gguf_blocks.untile_blocks calls this)."""
+    return _untile_q5_0(tiles) if kind == 6 else _untile_q6_k(tiles)
+
+
+def _untile_q5_0(tiles: np.ndarray) -> np.ndarray:
+    out, row_bytes = tiles.shape
+    g, nb = out // TILE, row_bytes // 22
+    t = tiles.reshape(g, nb, TILE * 22)
+    d = t[..., :32].reshape(g, nb, TILE, 2).transpose(0, 2, 1, 3)
+    fifth = t[..., 32:96].reshape(g, nb, TILE, 4)  # (g, nb, row, j): bit s = value 4 s + j
+    high = (fifth[..., None] >> np.arange(8, dtype=np.uint8)) & 1  # (g, nb, row, j, s)
+    high = high.transpose(0, 2, 1, 4, 3).reshape(g, TILE, nb, 32).astype(np.uint32)  # value 4 s + j
+    qh = (high << np.arange(32, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)  # (g, 16, nb)
+    chunks = t[..., 96:].reshape(g, nb, 4, TILE, 4)
+    low = np.concatenate([chunks & 15, chunks >> 4], axis=2).transpose(0, 3, 1, 2, 4).reshape(g, TILE, nb, 32)
+    packed = low[..., :16] | low[..., 16:] << 4
+    qh_bytes = qh.astype("<u4").view(np.uint8).reshape(g, TILE, nb, 4)
+    return np.concatenate([d, qh_bytes, packed], axis=-1).reshape(out, row_bytes)
+
+
+def _untile_q6_k(tiles: np.ndarray) -> np.ndarray:
     out, row_bytes = tiles.shape
     g, supers = out // TILE, row_bytes // 210
     t = tiles.reshape(g, supers, TILE * 210)

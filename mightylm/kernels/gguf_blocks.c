@@ -2,6 +2,7 @@
  *   Q8_0 (type 8):  fp16 d, 32 int8 q                 w = d * q
  *   Q4_0 (type 2):  fp16 d, 16 bytes                   w = d * q - 8 d
  *   Q4_1 (type 3):  fp16 d, fp16 m, 16 bytes           w = d * q + m
+ *   Q5_0 (type 6):  fp16 d, uint32 qh, 16 bytes        w = d * q - 16 d   (bit j of qh: value j's fifth bit)
  * with byte j holding value j in its low nibble and value j + 16 in its high one. In short, w = d * q + c.
  * F16 (type 1) and BF16 (type 30) rows are taken as blocks of 32 plain values (64 bytes; d = 1, c = 0), converted
  * to float32 in registers (vcvtph2ps; a 16-bit shift for bfloat16).
@@ -21,7 +22,7 @@
 
 #include "kernels.h"
 
-enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q6_K = 14, BF16 = 30 };
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
 
 /* Decoding reads each weight once, from L3 or memory; the hardware prefetchers of the machines here did not keep
  * ahead of two threads streaming blocks (perf: the stall sat on each block's first load), so the loop asks for the
@@ -37,7 +38,7 @@ static void fill_half_table(void) {
 }
 
 static inline long block_bytes(int type) {
-    return type == Q8_0 ? 34 : type == Q4_1 ? 20 : type == Q4_0 ? 18 : 64;  /* F16, BF16: 32 values of 2 bytes */
+    return type == Q8_0 ? 34 : type == Q5_0 ? 22 : type == Q4_1 ? 20 : type == Q4_0 ? 18 : 64;  /* F16, BF16: 64 */
 }
 
 static inline int plain(int type) { return type == F16 || type == BF16; }
@@ -47,7 +48,7 @@ static inline float block_scale(const unsigned char *blk, int type) { return pla
 
 /* The block's constant term c (see above). */
 static inline float block_offset(const unsigned char *blk, int type, float d) {
-    return type == Q4_1 ? half_to_float(blk + 2) : type == Q4_0 ? -8.0f * d : 0.0f;
+    return type == Q4_1 ? half_to_float(blk + 2) : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
 }
 
 static float *block_sums(const float *x, long in) {
@@ -77,8 +78,18 @@ AVX512 void codes512(const unsigned char *blk, int type, __m512 *c0, __m512 *c1)
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + 32))), 16));
     } else {
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + block_bytes(type) - 16)));
-        *c0 = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
-        *c1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+        __m512i v0 = _mm512_and_si512(q, _mm512_set1_epi32(15)), v1 = _mm512_srli_epi32(q, 4);
+        if (type == Q5_0) {  /* value j's fifth bit, bit j of qh, to bit 4 */
+            unsigned int qh;
+            memcpy(&qh, blk + 2, 4);
+            const __m512i h = _mm512_set1_epi32((int)qh), one = _mm512_set1_epi32(1);
+            const __m512i j = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            v0 = _mm512_or_si512(v0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(h, j), one), 4));
+            v1 = _mm512_or_si512(v1, _mm512_slli_epi32(
+                _mm512_and_si512(_mm512_srlv_epi32(h, _mm512_add_epi32(j, _mm512_set1_epi32(16))), one), 4));
+        }
+        *c0 = _mm512_cvtepi32_ps(v0);
+        *c1 = _mm512_cvtepi32_ps(v1);
     }
 }
 
@@ -179,10 +190,18 @@ AVX2 void codes256(const unsigned char *blk, int type, __m256 c[4]) {
         const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
         const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
         const __m256i nibble = _mm256_set1_epi32(15);
-        c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(lo, nibble));   /* values 0..7 */
-        c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(hi, nibble));   /* 8..15 */
-        c[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4));       /* 16..23 */
-        c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4));       /* 24..31 */
+        __m256i v[4] = {_mm256_and_si256(lo, nibble), _mm256_and_si256(hi, nibble),  /* values 0..7, 8..15 */
+                        _mm256_srli_epi32(lo, 4), _mm256_srli_epi32(hi, 4)};          /* 16..23, 24..31 */
+        if (type == Q5_0) {  /* value j's fifth bit, bit j of qh, to bit 4 */
+            unsigned int qh;
+            memcpy(&qh, blk + 2, 4);
+            const __m256i h = _mm256_set1_epi32((int)qh), one = _mm256_set1_epi32(1);
+            const __m256i j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            for (int k = 0; k < 4; k++)
+                v[k] = _mm256_or_si256(v[k], _mm256_slli_epi32(_mm256_and_si256(
+                    _mm256_srlv_epi32(h, _mm256_add_epi32(j, _mm256_set1_epi32(8 * k))), one), 4));
+        }
+        for (int k = 0; k < 4; k++) c[k] = _mm256_cvtepi32_ps(v[k]);
     }
 }
 
@@ -354,6 +373,80 @@ AVX2 void q6k_out_row256(const float *x, long rows, const unsigned char *W, cons
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
 }
 
+/* ---- Q4_K (type 12), a K-quant: super-blocks of 256 values in 144 bytes (ggml-common.h block_q4_K) ----
+ *   fp16 d | fp16 dmin | 12 bytes: eight 6-bit scales and eight 6-bit mins | 128 bytes of 4-bit codes
+ *   sub-block b (32 values): w = (d * scale_b) * q - (dmin * min_b); its codes are the low nibbles of bytes
+ *   32 (b / 2) .. 32 (b / 2) + 31 for even b, their high nibbles for odd b (dequantize_row_q4_K).
+ * Float32 arithmetic, as the other block types: per sub-block d scale_b (q . x) - dmin min_b (sum x), the codes
+ * converted to floats. One AVX2 loop for both paths; int8 activations leave Q4_K in float32 (no tiles). */
+#define Q4K_BYTES 144
+
+/* scale and min of sub-block j (get_scale_min_k4) */
+static inline void q4k_scale_min(const unsigned char *q, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* the 32 codes of sub-block b as floats, 8 at a time */
+AVX2 void q4k_codes256(const unsigned char *blk, int b, __m256 c[4]) {
+    const unsigned char *qs = blk + 16 + 32 * (b / 2);
+    for (int k = 0; k < 4; k++) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k)));
+        c[k] = _mm256_cvtepi32_ps(b & 1 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15)));
+    }
+}
+
+AVX2 void q4k_rows256(const float *x, long ldx, const float *xsum, const unsigned char *row, long supers, float *y,
+                      long ldy, const int R) {
+    __m256 acc[4];
+    float off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long s = 0; s < supers; s++) {
+        const unsigned char *blk = row + s * Q4K_BYTES;
+        for (int k = 0; k < Q4K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
+        const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+        for (int b = 0; b < 8; b++) {
+            int sc, m;
+            q4k_scale_min(blk + 4, b, &sc, &m);
+            const __m256 scale = _mm256_set1_ps(d * (float)sc);
+            const float shift = dmin * (float)m;
+            __m256 c[4];
+            q4k_codes256(blk, b, c);
+            for (int r = 0; r < R; r++) {
+                const float *xb = x + r * ldx + 256 * s + 32 * b;
+                __m256 p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
+                for (int k = 1; k < 4; k++) p = _mm256_fmadd_ps(c[k], _mm256_loadu_ps(xb + 8 * k), p);
+                acc[r] = _mm256_fmadd_ps(p, scale, acc[r]);
+                off[r] += shift * xsum[r * (ldx / 32) + 8 * s + b];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]) - off[r];
+}
+
+AVX2 void q4k_out_row256(const float *x, long rows, const float *xsum, const unsigned char *W, const float *bias,
+                         float *y, long in, long out, long o) {
+    const long supers = in / 256;
+    const unsigned char *row = W + o * supers * Q4K_BYTES;
+    for (long r = 0; r < rows; r += 4) {  /* each row's block sums of x: xsum[r * in / 32 ..] */
+        const float *xr = x + r * in, *sr = xsum + r * (in / 32);
+        float *yr = y + r * out + o;
+        switch (rows - r < 4 ? rows - r : 4) {
+            case 4: q4k_rows256(xr, in, sr, row, supers, yr, out, 4); break;
+            case 3: q4k_rows256(xr, in, sr, row, supers, yr, out, 3); break;
+            case 2: q4k_rows256(xr, in, sr, row, supers, yr, out, 2); break;
+            default: q4k_rows256(xr, in, sr, row, supers, yr, out, 1);
+        }
+    }
+    if (bias)
+        for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
+}
+
 /* Each output row is one call with the type a constant, so each type gets its own copy of the inner loops and no
  * branch on the type runs per block. (A constant passed into an OpenMP region does not reach its outlined body.) */
 __attribute__((target("avx512f,avx512bw,f16c,fma")))
@@ -364,6 +457,7 @@ static void gemm512(const float *x, long rows, const float *xsum, const unsigned
         if (type == Q8_0) out_row512(x, rows, xsum, W, Q8_0, bias, y, in, out, o);
         else if (type == Q4_0) out_row512(x, rows, xsum, W, Q4_0, bias, y, in, out, o);
         else if (type == Q4_1) out_row512(x, rows, xsum, W, Q4_1, bias, y, in, out, o);
+        else if (type == Q5_0) out_row512(x, rows, xsum, W, Q5_0, bias, y, in, out, o);
         else if (type == F16) out_row512(x, rows, xsum, W, F16, bias, y, in, out, o);
         else out_row512(x, rows, xsum, W, BF16, bias, y, in, out, o);
     }
@@ -377,22 +471,34 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
         if (type == Q8_0) out_row256(x, rows, xsum, W, Q8_0, bias, y, in, out, o);
         else if (type == Q4_0) out_row256(x, rows, xsum, W, Q4_0, bias, y, in, out, o);
         else if (type == Q4_1) out_row256(x, rows, xsum, W, Q4_1, bias, y, in, out, o);
+        else if (type == Q5_0) out_row256(x, rows, xsum, W, Q5_0, bias, y, in, out, o);
         else if (type == F16) out_row256(x, rows, xsum, W, F16, bias, y, in, out, o);
         else if (type == Q6_K) q6k_out_row256(x, rows, W, bias, y, in, out, o);
+        else if (type == Q4_K) q4k_out_row256(x, rows, xsum, W, bias, y, in, out, o);
         else out_row256(x, rows, xsum, W, BF16, bias, y, in, out, o);
     }
 }
 
-/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q6_K: % 256); type 8, 2, 3, 1, 30 or 14; bias may be
- * NULL. */
+/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q4_K, Q6_K: % 256); type 8, 2, 3, 6, 1, 30, 12 or 14;
+ * bias may be NULL. */
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    float *xsum = rows == 1 && type != Q6_K ? block_sums(x, in) : NULL;
+    float *xsum = NULL;
+    if (type == Q4_K) {  /* every row's block sums (each sub-block's min times them) */
+        xsum = malloc(sizeof(float) * rows * (in / 32));
+        for (long r = 0; r < rows; r++) {
+            float *one = block_sums(x + r * in, in);
+            memcpy(xsum + r * (in / 32), one, sizeof(float) * (in / 32));
+            free(one);
+        }
+    } else if (rows == 1 && type != Q6_K) {
+        xsum = block_sums(x, in);
+    }
     /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
      * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
      * conversions are split in two there); not measured on Intel's AVX-512. */
-    if (mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K)
+    if (mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K && type != Q4_K)
         gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     else gemm256(x, rows, xsum, W, type, bias, y, in, out, nthreads);
     free(xsum);
@@ -468,13 +574,20 @@ static inline int four(const signed char *p) {  /* four int8 values as one int32
 }
 
 /* The integer block sum's starting value: the codes' offset times sum xq */
-static inline int start(int type, int xs) { return type == Q4_0 ? -8 * xs : type == Q8_0 ? -128 * xs : 0; }
+static inline int start(int type, int xs) {
+    return type == Q4_0 ? -8 * xs : type == Q5_0 ? -16 * xs : type == Q8_0 ? -128 * xs : 0;
+}
+
+/* Q5_0 tiles: the byte of lane l and value j holds in bit k the fifth bit of step k's value; step k's at bit 4
+ * (shifts of 16-bit lanes move bits across bytes only below or above bit 4, which the mask drops) */
+#define FIFTH(shl, srl, and, set1, h, k)                                                                      \
+    and((k) < 4 ? shl(h, 4 - (k)) : (k) == 4 ? (h) : srl(h, (k) - 4), set1(0x10))
 
 /* R rows of xq (stride in) times the 16 output rows of one group of tiles -> y[r * ldy + 0..15] */
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"), always_inline)) static inline
 void tile_rows512(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
                   const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
-    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : 32;
+    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : type == Q5_0 ? 96 : 32;
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (long b = 0; b < blocks; b++) {
@@ -491,6 +604,12 @@ void tile_rows512(const signed char *xq, const float *dx, const int *xs, const f
                 const __m512i v = _mm512_loadu_si512(c + 64 * k);
                 s[k] = _mm512_and_si512(v, _mm512_set1_epi8(15));
                 s[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
+            }
+            if (type == Q5_0) {
+                const __m512i h = _mm512_loadu_si512(t + 32);
+                for (int k = 0; k < 8; k++)
+                    s[k] = _mm512_or_si512(s[k], FIFTH(_mm512_slli_epi16, _mm512_srli_epi16, _mm512_and_si512,
+                                                       _mm512_set1_epi8, h, k));
             }
         }
         for (int r = 0; r < R; r++) {
@@ -513,7 +632,7 @@ void tile_rows512(const signed char *xq, const float *dx, const int *xs, const f
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 void tile_rows256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
                   const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
-    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : 32;
+    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : type == Q5_0 ? 96 : 32;
     const __m256i ones = _mm256_set1_epi16(1);
     for (int h = 0; h < 2; h++) {
         __m256 acc[8];
@@ -534,16 +653,30 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
                     s[k] = _mm256_and_si256(v, _mm256_set1_epi8(15));
                     s[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
                 }
+                if (type == Q5_0) {
+                    const __m256i fh = _mm256_loadu_si256((const __m256i *)(t + 32 + 32 * h));
+                    for (int k = 0; k < 8; k++)
+                        s[k] = _mm256_or_si256(s[k], FIFTH(_mm256_slli_epi16, _mm256_srli_epi16, _mm256_and_si256,
+                                                           _mm256_set1_epi8, fh, k));
+                }
             }
             for (int r = 0; r < R; r++) {
                 const long rb = r * blocks + b;
                 const signed char *xb = xq + r * in + 32 * b;
-                __m256i i0 = _mm256_set1_epi32(type == Q4_0 ? -8 * xs[rb] : 0);  /* Q8_0: q . xq directly */
+                __m256i i0 = _mm256_set1_epi32(type == Q8_0 ? 0 : start(type, xs[rb]));  /* Q8_0: q . xq directly */
                 if (type == Q8_0) {
                     for (int k = 0; k < 8; k++) {
                         const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xb + 4 * k)), s[k]);
                         i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s[k]), x4),
                                                                     ones));
+                    }
+                } else if (type == Q5_0) {  /* 5-bit codes: pairs up to 2 * 31 * 127 = 7874, four steps in 16 bits */
+                    for (int k0 = 0; k0 < 8; k0 += 4) {
+                        __m256i i16 = _mm256_setzero_si256();
+                        for (int k = k0; k < k0 + 4; k++)
+                            i16 = _mm256_add_epi16(i16,
+                                                   _mm256_maddubs_epi16(s[k], _mm256_set1_epi32(four(xb + 4 * k))));
+                        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(i16, ones));
                     }
                 } else {  /* 4-bit codes: a pair's product sum is at most 2 * 15 * 127 = 3810, eight of them fit in 16
                            * bits (30480), so the steps add in 16 bits and widen once */
@@ -574,6 +707,7 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
             float *yr = y + r * out + TILE * g;                                                                    \
             const int n = rows - r < 8 ? (int)(rows - r) : 8;                                                      \
             TILE_CASES(tile_rows, Q8_0) else TILE_CASES(tile_rows, Q4_0) else TILE_CASES(tile_rows, Q4_1)          \
+            else TILE_CASES(tile_rows, Q5_0)                                                                       \
         }                                                                                                          \
     }
 
@@ -700,7 +834,8 @@ static void q6k_gemm_tiles(const signed char *xq, const float *dx, long rows, co
  * nothing, for another type or shape. */
 int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                          long in, long out, int nthreads) {
-    if ((type == Q6_K ? in % 256 || in < 256 : (type != Q8_0 && type != Q4_0 && type != Q4_1) || in % 32 || in < 32)
+    if ((type == Q6_K ? in % 256 || in < 256
+                      : (type != Q8_0 && type != Q4_0 && type != Q4_1 && type != Q5_0) || in % 32 || in < 32)
         || out % TILE)
         return -1;
     if (nthreads < 1) nthreads = 1;
@@ -732,12 +867,27 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
 __attribute__((optimize("fp-contract=off")))
 int mighty_ggml_rows(const unsigned char *W, long n_rows, int type, const long *idx, long n, long in, float *y) {
     const long blocks = in / 32, bytes = block_bytes(type);
-    const long row_bytes = type == Q6_K ? in / 256 * Q6K_BYTES : blocks * bytes;
+    const long row_bytes = type == Q6_K ? in / 256 * Q6K_BYTES : type == Q4_K ? in / 256 * Q4K_BYTES : blocks * bytes;
     for (long r = 0; r < n; r++)
         if (idx[r] < 0 || idx[r] >= n_rows) return -1;  /* an id past the table: nothing read */
     for (long r = 0; r < n; r++) {
         const unsigned char *row = W + idx[r] * row_bytes;
         float *out = y + r * in;
+        if (type == Q4_K) {  /* (d * scale) * q - dmin * min, the dequantizer's order */
+            for (long s = 0; s < in / 256; s++) {
+                const unsigned char *blk = row + s * Q4K_BYTES;
+                const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+                for (int b = 0; b < 8; b++) {
+                    int sc, m;
+                    q4k_scale_min(blk + 4, b, &sc, &m);
+                    const float d1 = d * (float)sc, m1 = dmin * (float)m;
+                    const unsigned char *qs = blk + 16 + 32 * (b / 2);
+                    for (int l = 0; l < 32; l++)
+                        out[256 * s + 32 * b + l] = d1 * (float)(b & 1 ? qs[l] >> 4 : qs[l] & 15) - m1;
+                }
+            }
+            continue;
+        }
         if (type == Q6_K) {  /* (d * scale) * (q - 32), the torch dequantizer's order */
             for (long s = 0; s < in / 256; s++) {
                 const unsigned char *blk = row + s * Q6K_BYTES;
@@ -772,9 +922,14 @@ int mighty_ggml_rows(const unsigned char *W, long n_rows, int type, const long *
             } else {
                 const float d = half_to_float(blk), m = type == Q4_1 ? half_to_float(blk + 2) : 0.0f;
                 const unsigned char *qs = blk + bytes - 16;
+                unsigned int qh = 0;
+                if (type == Q5_0) memcpy(&qh, blk + 2, 4);
                 for (int j = 0; j < 16; j++) {
                     const int lo = qs[j] & 15, hi = qs[j] >> 4;
-                    if (type == Q4_0) {
+                    if (type == Q5_0) {
+                        o[j] = (float)((lo | (int)(qh >> j & 1) << 4) - 16) * d;
+                        o[j + 16] = (float)((hi | (int)(qh >> (j + 16) & 1) << 4) - 16) * d;
+                    } else if (type == Q4_0) {
                         o[j] = (float)(lo - 8) * d;
                         o[j + 16] = (float)(hi - 8) * d;
                     } else {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mightylm.kernels import gemv_library
+from mightylm.kernels import GGML_TYPES, SUPER_BLOCKS, gemv_library
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,13 +66,13 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
                 bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor | None:
-    """x (..., in) float32 rows @ a GGUF Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16 weight (out rows of its bytes) + bias,
+    """x (..., in) float32 rows @ a GGUF weight of a type in GGML_TYPES (out rows of its bytes) + bias,
     or None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
     unpacking). `int8_activations`: the blocks are in tiles of 16 rows (compress.gguf_blocks.tile_blocks) and every
     row of x is rounded to 8 bits per block of 32, by itself, and multiplied in integers, as llama.cpp does (not
     float32's result)."""
     n_in = x.shape[-1]
-    if not (float_rows(x) and n_in % (256 if ggml_type == 14 else 32) == 0 and ggml_type in (1, 2, 3, 8, 14, 30)
+    if not (float_rows(x) and n_in % (256 if ggml_type in SUPER_BLOCKS else 32) == 0 and ggml_type in GGML_TYPES
             and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None
@@ -82,7 +82,7 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     if int8_activations:
         if lib.mighty_gemm_ggml_q8x(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(),
                                     n_in, out, torch.get_num_threads()) != 0:
-            raise ValueError(f"int8 activations take tiles of Q8_0 / Q4_0 / Q4_1 rows ({out} rows of {n_in}, type "
+            raise ValueError(f"int8 activations take tiles of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows ({out} rows of {n_in}, type "
                              f"{ggml_type})")
     else:
         lib.mighty_gemm_ggml(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in,
@@ -95,11 +95,11 @@ GGML_ROWS = 64
 
 
 def ggml_rows(blocks: torch.Tensor, ggml_type: int, idx: torch.Tensor, n_in: int) -> torch.Tensor | None:
-    """Rows `idx` of a GGUF table (blocks (rows, row bytes) uint8, Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16) as float32
+    """Rows `idx` of a GGUF table (blocks (rows, row bytes) uint8, a type of GGML_TYPES) as float32
     (idx.numel(), n_in), equal to dequantizing them in torch (gguf_blocks.c), or None where the kernel cannot take
     them (many rows, no kernels)."""
-    if not (idx.numel() <= GGML_ROWS and n_in % (256 if ggml_type == 14 else 32) == 0
-            and ggml_type in (1, 2, 3, 8, 14, 30) and blocks.is_contiguous()
+    if not (idx.numel() <= GGML_ROWS and n_in % (256 if ggml_type in SUPER_BLOCKS else 32) == 0
+            and ggml_type in GGML_TYPES and blocks.is_contiguous()
             and blocks.device.type == "cpu" and (lib := gemv_library()) is not None):
         return None
     idx = idx.reshape(-1).to(torch.long).contiguous()
