@@ -244,6 +244,9 @@ def as_q8_0(raw: np.ndarray, kind: int) -> np.ndarray:
     return np.concatenate([blocks[..., :2], codes], axis=-1).reshape(out, -1)
 
 
+_TILE_CHUNK = 4096  # rows tiled at once (whole tiles)
+
+
 def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:
     """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows (out, row bytes) uint8 reordered into the tiles of 16 rows the
     int8-activation kernel reads (gguf_blocks.c): per group of 16 rows and block, the 16 d (and 16 m), then the
@@ -255,23 +258,30 @@ def tile_rows(raw: np.ndarray, kind: int) -> np.ndarray:
     if kind not in _TILED or out % TILE:
         raise ValueError(f"tiles take Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows in groups of {TILE}; got ggml type "
                          f"{kind} with {out} rows")
+    if out > _TILE_CHUNK:  # a large table (a 150k-token head) a band of rows at a time: small temporaries
+        tiles = np.empty_like(raw)
+        for i in range(0, out, _TILE_CHUNK):
+            tiles[i:i + _TILE_CHUNK] = tile_rows(raw[i:i + _TILE_CHUNK], kind)
+        return tiles
     if kind == 14:
         return _tile_q6_k(raw)
     if kind == 6:
         return _tile_q5_0(raw)
     block_bytes, head = _TILED[kind]
     blocks = raw.reshape(out, -1, block_bytes)
-    if kind == 8:
-        codes = blocks[..., 2:] ^ 0x80  # q + 128 as an unsigned byte
-    else:
-        packed = blocks[..., head:]
-        codes = np.concatenate([packed & 15, packed >> 4], axis=-1)  # (out, blocks, 32): values 0-15
     g, nb = out // TILE, blocks.shape[1]
     heads = blocks[..., :head].reshape(g, TILE, nb, -1, 2).transpose(0, 2, 3, 1, 4).reshape(g, nb, -1)  # [16 d][16 m]
-    steps = codes.reshape(g, TILE, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # (g, blocks, step, lane, 4)
-    if kind != 8:
-        steps = steps[:, :, :4] | (steps[:, :, 4:] << 4)
-    return np.concatenate([heads, steps.reshape(g, nb, -1)], axis=-1).reshape(out, row_bytes)
+    codes = blocks[..., 2:] ^ 0x80 if kind == 8 else blocks[..., head:]  # Q8_0: q + 128 as an unsigned byte
+    # Q4: byte 4 s + j holds value 4 s + j (low nibble) and value 16 + 4 s + j (high): already step s's and s + 4's
+    return np.concatenate([heads, _lanes(codes, g)], axis=-1).reshape(out, row_bytes)
+
+
+def _lanes(codes: np.ndarray, g: int) -> np.ndarray:
+    """Codes (out, blocks, 4 k) uint8 -> (g, blocks, k, 16 rows, 4): each row's 4-byte groups interleaved by row,
+    moved as uint32 (a transpose of 4-byte elements, several times faster than of bytes)."""
+    out, nb, width = codes.shape
+    words = np.ascontiguousarray(codes).view("<u4").reshape(g, TILE, nb, width // 4)
+    return np.ascontiguousarray(words.transpose(0, 2, 3, 1)).view(np.uint8).reshape(g, nb, -1)
 
 
 def q6_k_codes(blocks: np.ndarray) -> np.ndarray:
@@ -310,16 +320,14 @@ def _tile_q5_0(raw: np.ndarray) -> np.ndarray:
     out, row_bytes = raw.shape
     g, nb = out // TILE, row_bytes // 22
     blocks = raw.reshape(g, TILE, nb, 22)
-    qh = blocks[..., 2:6].copy().view("<u4")[..., 0]  # (g, 16, nb): bit v = value v's fifth bit
-    high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (g, 16, nb, 32)
-    high = high.reshape(g, TILE, nb, 8, 4).transpose(0, 2, 1, 4, 3)  # (g, nb, row, j, step s)
-    fifth = (high << np.arange(8, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)  # (g, nb, row, j): bit s
-    packed = blocks[..., 6:]
-    low = np.concatenate([packed & 15, packed >> 4], axis=-1)  # (g, 16, nb, 32) values 0-15
-    steps = low.reshape(g, TILE, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # (g, nb, step, lane, 4)
-    nibbles = steps[:, :, :4] | steps[:, :, 4:] << 4
+    qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")[..., 0]  # (g, 16, nb): bit v = value v's fifth bit
+    word = np.zeros_like(qh)  # byte j of row l's lane: bit s = the fifth bit of value 4 s + j
+    for j in range(4):
+        for step in range(8):
+            word |= ((qh >> (4 * step + j)) & 1) << (8 * j + step)
+    fifth = np.ascontiguousarray(word.transpose(0, 2, 1)).view(np.uint8).reshape(g, nb, 64)
     d = blocks[..., :2].transpose(0, 2, 1, 3).reshape(g, nb, 32)
-    return np.concatenate([d, fifth.reshape(g, nb, 64), nibbles.reshape(g, nb, 256)], axis=-1).reshape(out, row_bytes)
+    return np.concatenate([d, fifth, _lanes(blocks[..., 6:].reshape(out, nb, 16), g)], axis=-1).reshape(out, row_bytes)
 
 
 def untile_rows(tiles: np.ndarray, kind: int) -> np.ndarray:
@@ -332,15 +340,14 @@ def _untile_q5_0(tiles: np.ndarray) -> np.ndarray:
     g, nb = out // TILE, row_bytes // 22
     t = tiles.reshape(g, nb, TILE * 22)
     d = t[..., :32].reshape(g, nb, TILE, 2).transpose(0, 2, 1, 3)
-    fifth = t[..., 32:96].reshape(g, nb, TILE, 4)  # (g, nb, row, j): bit s = value 4 s + j
-    high = (fifth[..., None] >> np.arange(8, dtype=np.uint8)) & 1  # (g, nb, row, j, s)
-    high = high.transpose(0, 2, 1, 4, 3).reshape(g, TILE, nb, 32).astype(np.uint32)  # value 4 s + j
-    qh = (high << np.arange(32, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)  # (g, 16, nb)
+    fifth = t[..., 32:96].reshape(g, nb, TILE, 4, 1)  # (g, nb, row, j): bit s = value 4 s + j
+    high = np.unpackbits(fifth, axis=-1, bitorder="little")  # (g, nb, row, j, s)
+    high = high.transpose(0, 2, 1, 4, 3).reshape(g, TILE, nb, 32)  # value 4 s + j
     chunks = t[..., 96:].reshape(g, nb, 4, TILE, 4)
     low = np.concatenate([chunks & 15, chunks >> 4], axis=2).transpose(0, 3, 1, 2, 4).reshape(g, TILE, nb, 32)
     packed = low[..., :16] | low[..., 16:] << 4
-    qh_bytes = qh.astype("<u4").view(np.uint8).reshape(g, TILE, nb, 4)
-    return np.concatenate([d, qh_bytes, packed], axis=-1).reshape(out, row_bytes)
+    qh = np.packbits(high, axis=-1, bitorder="little")  # (g, 16, nb, 4): the uint32's bytes
+    return np.concatenate([d, qh, packed], axis=-1).reshape(out, row_bytes)
 
 
 def _untile_q6_k(tiles: np.ndarray) -> np.ndarray:
