@@ -3,7 +3,8 @@ fresh process (torch in llama.cpp's process halves its speed), same file, same p
 
 Files: the embedded SmolLM2-135M-Instruct as shipped (Q4_1 projections, Q8_0 embedding and tied head) and the same
 weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all-F16 and all-BF16 (from the shipped
-file, dequantized), and to Q6_K where a tensor's rows are a multiple of 256 values (ffn_down), Q8_0 elsewhere.
+file, dequantized), and to Q6_K where a tensor's rows are a multiple of 256 values (ffn_down), Q8_0 elsewhere;
+--files adds other GGUF files as stored (the optional Qwen2.5-Coder-0.5B-Instruct Q4_K_M: Q5_0, Q8_0, Q4_K, Q6_K).
 Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times (ours
 through the torch path, and through mightylm.lite: the same kernels without torch in the process);
 the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
@@ -15,7 +16,7 @@ torch uses here.
 llama.cpp comes from llama-cpp-python, a bench-only extra built from source (10-20 min), best in its own venv:
     python -m venv /tmp/cppvenv && /tmp/cppvenv/bin/pip install llama-cpp-python==0.3.36
     .venv/bin/python bench/gguf_decode.py --llama-python /tmp/cppvenv/bin/python [--repeats 3] [--new-tokens 64]
-        [--formats Q4_1 Q8_0 Q4_0 F16 BF16]
+        [--formats Q4_1 Q8_0 Q4_0 F16 BF16 Q6_K] [--files qwen2.5-coder-0.5b-instruct]
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    p.add_argument("--files", nargs="*", default=[],
+                   help="other GGUF files (paths or embedded names, e.g. qwen2.5-coder-0.5b-instruct), measured as "
+                        "stored, each with its own tokenizer")
     args = p.parse_args()
     import torch
 
@@ -176,16 +180,22 @@ def main() -> None:
           f"read bandwidth {bandwidth:.1f} GB/s")
     shipped = str(resolve("smollm2-135m-instruct"))
     tokenizer = load_tokenizer(shipped)
-    prompt = tokenizer.encode("The history of the printing press begins in the fifteenth century, when a goldsmith "
-                              "in Mainz combined a screw press, oil-based ink and movable metal type")[:32]
+    text = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz combined a "
+            "screw press, oil-based ink and movable metal type")
+    prompt = tokenizer.encode(text)[:32]
     with tempfile.TemporaryDirectory() as scratch:
         files = {f"{name} (as shipped)" if name == "Q4_1" else name:
                  shipped if name == "Q4_1" else requantized(shipped, name, scratch) for name in args.formats}
+        prompts = dict.fromkeys(files, prompt)
+        for extra in args.files:
+            path = str(resolve(extra))
+            files[Path(path).stem[:18]] = path
+            prompts[Path(path).stem[:18]] = load_tokenizer(path).encode(text)[:32]
         print(f"{'file':18s} {'MiB':>5s} {'llama.cpp tok/s':>15s} {'mightylm tok/s':>14s} {'ratio':>6s} "
               f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree  | int8 activations: tok/s  ratio  agree"
               f"  | lite (no torch): tok/s  ratio  RSS  agree")
         for name, path in files.items():
-            common = [path, str(args.new_tokens), str(args.repeats), json.dumps(prompt)]
+            common = [path, str(args.new_tokens), str(args.repeats), json.dumps(prompts[name])]
             ours, rss_ours = measure([sys.executable, "-c", OURS, *common])
             theirs, rss_cpp = (measure([args.llama_python, "-c", LLAMA_CPP, *common, str(threads)])
                                if args.llama_python else (None, float("nan")))
@@ -199,7 +209,7 @@ def main() -> None:
             agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
             line = (f"{name:18s} {size:5.0f} {cpp:15.1f} {rate:14.1f} {rate / cpp:5.2f}x {rss_cpp:7.0f} {rss_ours:8.0f}"
                     f" {bound:6.0f}  {agree:>5d}/{len(ours['tokens'])}")
-            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0", "Q6_K"):  # llama.cpp's arithmetic (Q6_K: its Q8_0 parts)
+            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0", "Q6_K") or name not in args.formats:  # llama.cpp's arithmetic
                 int8, _ = measure([sys.executable, "-c", OURS, *common, "int8"])
                 rate8 = statistics.median(int8["rates"])
                 agree8 = sum(a == b for a, b in zip(int8["tokens"], theirs["tokens"]))
