@@ -330,6 +330,21 @@ def test_embedded_model_matches_transformers_gguf_loading(name, question, expect
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
     assert ours == ref
     assert expected in tokenizer.decode(ours)
+    # its blocks kept as stored (the Qwen file mixes Q5_0, Q8_0, Q4_K and Q6_K: Q5_0 q/k stacked with a Q8_0 v are
+    # widened to Q8_0) and decoded without torch: the same logits within float32 rounding
+    import io
+
+    from mightylm.generate import load_for_generation
+    from mightylm.lite import load_lite
+
+    kept, _ = load_for_generation(name, keep_blocks=True, log=io.StringIO())
+    lite, _ = load_lite(name, log=io.StringIO())
+    with torch.no_grad():
+        dense = model(torch.tensor([ids]))[0, -1]
+        torch.testing.assert_close(kept(torch.tensor([ids]), cache=kept.make_cache(1, len(ids)), start=0)[0, -1],
+                                   dense, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(lite.forward(ids, lite.cache(len(ids)), 0)), dense, atol=1e-4,
+                               rtol=1e-4)
 
 
 def _fake_parts(root, contents: list[bytes]) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from mightylm.compress.gguf_blocks import dequantize_blocks
 
 def load_gguf(path: Path, *, dtype=torch.float32, device="cpu", keep_blocks: bool = False):
     """Load a llama.cpp GGUF file: config and tokenizer from its metadata, tensors dequantized; with
-    `keep_blocks`, the projections, the head and the embedding table stored as Q8_0 / Q4_0 / Q4_1 / Q6_K / F16 / BF16
+    `keep_blocks`, the projections, the head and the embedding table stored as one of compress.gguf_blocks.KEPT
     stay as stored (compress/gguf_blocks.GGUFLinear, GGUFEmbedding); a head tied to the table reads its bytes."""
     file, meta = gguf_metadata(path)
     config = gguf_config(meta, file, source=path)
