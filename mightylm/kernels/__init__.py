@@ -213,7 +213,7 @@ _TILED = {8: (34, 2), 2: (18, 2), 3: (20, 4), 6: (22, None), 14: (210, None)}
 
 def int8_layout(kind: int, rows: int) -> str | None:
     """How a GGUF weight of ggml type `kind` with `rows` output rows takes int8 activations (mighty_gemm_ggml_q8x):
-    "tiles" (Q8_0 / Q4_0 / Q4_1 / Q6_K in whole tiles of 16 rows, reordered by tile_rows) or None (it stays in
+    "tiles" (Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K in whole tiles of 16 rows, reordered by tile_rows) or None (it stays in
     float32 arithmetic)."""
     return "tiles" if kind in _TILED and rows % TILE == 0 else None
 
