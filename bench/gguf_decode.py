@@ -2,8 +2,8 @@
 fresh process (torch in llama.cpp's process halves its speed), same file, same prompt tokens, greedy, decode only.
 
 Files: the embedded SmolLM2-135M-Instruct as shipped (Q4_1 projections, Q8_0 embedding and tied head) and the same
-weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all-F16 and all-BF16 (from the shipped
-file, dequantized), and to Q6_K where a tensor's rows are a multiple of 256 values (ffn_down), Q8_0 elsewhere;
+weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all-Q5_0, all-F16 and all-BF16 (from
+the shipped file, dequantized), and to Q6_K where a tensor's rows are a multiple of 256 values (ffn_down), Q8_0 elsewhere;
 --files adds other GGUF files as stored (the optional Qwen2.5-Coder-0.5B-Instruct Q4_K_M: Q5_0, Q8_0, Q4_K, Q6_K).
 Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times (ours
 through the torch path, and through mightylm.lite: the same kernels without torch in the process);
@@ -35,7 +35,7 @@ LLAMA_PYTHON = str(ROOT / ".venv-llama/bin/python")  # `make llama-cpp`
 
 # Q4_1: the shipped file; the others re-quantized from it. Q6_K: the K-quant where a tensor's rows allow it (a multiple of
 # 256 values: SmolLM2's ffn_down), Q8_0 for the rest, as llama.cpp's quantizer falls back
-FORMATS = ("Q4_1", "Q8_0", "Q4_0", "F16", "BF16", "Q6_K")
+FORMATS = ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "F16", "BF16", "Q6_K")
 
 OURS = """
 import io, json, sys, time, torch
@@ -135,7 +135,8 @@ def requantized(source: str, qtype_name: str, directory: str) -> str:
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         if key == "general.file_type":
-            writer.add_file_type({"Q8_0": 7, "Q4_0": 2, "F16": 1, "BF16": 32, "Q6_K": 18}[qtype_name])  # llama_ftype
+            ftype = {"Q8_0": 7, "Q4_0": 2, "Q5_0": 8, "F16": 1, "BF16": 32, "Q6_K": 18}  # llama_ftype
+            writer.add_file_type(ftype[qtype_name])
             continue
         vtype = field.types[0]
         writer.add_key_value(key, field.contents(), vtype, field.types[-1] if vtype == GGUFValueType.ARRAY else None)
@@ -209,7 +210,7 @@ def main() -> None:
             agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
             line = (f"{name:18s} {size:5.0f} {cpp:15.1f} {rate:14.1f} {rate / cpp:5.2f}x {rss_cpp:7.0f} {rss_ours:8.0f}"
                     f" {bound:6.0f}  {agree:>5d}/{len(ours['tokens'])}")
-            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0", "Q6_K") or name not in args.formats:  # llama.cpp's arithmetic
+            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q6_K") or name not in args.formats:  # llama.cpp's arithmetic
                 int8, _ = measure([sys.executable, "-c", OURS, *common, "int8"])
                 rate8 = statistics.median(int8["rates"])
                 agree8 = sum(a == b for a, b in zip(int8["tokens"], theirs["tokens"]))
