@@ -831,11 +831,13 @@ def _list_options(verb) -> set[str]:
 
 def _underscore_options(argv: list[str]) -> list[str]:
     """Accept --max-new-tokens as well as jsonargparse's --max_new_tokens; a group's option without its group's
-    name (--r for --lora.r) where that is unambiguous; and list options repeated (`--adapter a=x --adapter b=y`)
-    as well as given as a JSON list: jsonargparse appends only with `--name+ value`."""
+    name (--r for --lora.r) where that is unambiguous; list options repeated (`--adapter a=x --adapter b=y`)
+    as well as given as a JSON list: jsonargparse appends only with `--name+ value`; and a verb's yes/no option
+    alone (`--stats` for `--stats true`)."""
     verb = _verb_of(argv)[1]
     grouped = {} if isinstance(verb, dict) else _group_fields(verb)
     repeatable = set() if isinstance(verb, dict) else _list_options(verb)
+    flags = set() if isinstance(verb, dict) else _bool_options(verb)
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
@@ -846,8 +848,18 @@ def _underscore_options(argv: list[str]) -> list[str]:
             if name in repeatable and not given.lstrip().startswith("["):
                 name += "+"
             arg = "--" + name + eq + value
+            if name in flags and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                out += [arg, "true"]  # a yes/no option given alone (--stats) means yes
+                continue
         out.append(arg)
     return out
+
+
+def _bool_options(verb) -> set[str]:
+    """The verb's own yes/no parameters (annotated bool), which may be given without a value."""
+    import inspect
+
+    return {name for name, p in inspect.signature(verb).parameters.items() if p.annotation in (bool, "bool")}
 
 
 def _verb_of(argv: list[str]) -> tuple[list[str], object]:

@@ -113,6 +113,20 @@ def test_group_options_may_be_given_without_the_group_name():
     assert _group_fields(verb) == {}  # size is in two groups, rate is the verb's own
 
 
+def test_a_yes_no_option_alone_means_yes():
+    """`--stats` as well as `--stats true`: a verb's bool parameter given without a value (at the end, or before the
+    next option) is true; one given a value keeps it."""
+    from mightylm.cli import _underscore_options
+
+    assert _underscore_options(["generate", "--prompt", "hi", "--stats"]) == ["generate", "--prompt", "hi", "--stats",
+                                                                               "true"]
+    assert _underscore_options(["generate", "--stats", "--chat", "false", "--prompt", "hi"]) == [
+        "generate", "--stats", "true", "--chat", "false", "--prompt", "hi"]
+    assert _underscore_options(["generate", "--stats=false", "--int8-activations"]) == [
+        "generate", "--stats=false", "--int8_activations", "true"]
+    assert _underscore_options(["generate", "--prompt", "--stats"]) == ["generate", "--prompt", "--stats", "true"]
+
+
 def test_fine_tune_help_lists_every_grouped_option(capsys):
     import dataclasses
 
