@@ -89,9 +89,13 @@ class LiteModel:
                 raise CheckpointError(f"{path}: missing tensor {name!r} for a {config.arch} model")
             return tensors[name]
 
-        def rows(name: str) -> np.ndarray:  # a tensor's stored rows, (rows, row bytes)
+        def rows(name: str) -> np.ndarray:  # a tensor's stored rows, (rows, row bytes): a copy, to be reshaped
             t = tensor(name)
             return file.read(t).reshape(t.shape[0], -1)
+
+        def stored(name: str) -> np.ndarray:  # the same, read in place: a read-only view of the file's memory map
+            t = tensor(name)  # (the map stays open while the model lives: the file object keeps it)
+            return t.data.reshape(t.shape[0], -1)
 
         def floats(name: str) -> np.ndarray:
             return file.read(tensor(name)).view(np.float32)
@@ -100,16 +104,20 @@ class LiteModel:
         self.keep = []  # every array a pointer below points into
 
         def projection(names: list[str], permute: list[int | None]) -> Projection:
-            parts = [rows(f"{n}.weight") for n in names]
-            kinds = [tensors[f"{n}.weight"].type for n in names]
+            weights = [tensor(f"{n}.weight") for n in names]
+            kinds = [t.type for t in weights]
             kind = common_type(kinds)  # mixed Q4_0 / Q5_0 / Q8_0 parts: all as Q8_0, the same values
-            parts = [part if k == kind else as_q8_0(part, k) for part, k in zip(parts, kinds)]
-            if c.arch == "llama":  # llama.cpp permutes llama's q/k rows for its RoPE kernel (names.unpermute_qk)
-                parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
-            weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
-            layout = _int8_layout(int8_activations, kind, [len(part) for part in parts])
-            if layout == "tiles":  # tiles of each part's rows, one after another: the tiles of the stacked rows
-                weight = tile_rows(weight, kind)
+            layout = _int8_layout(int8_activations, kind, [t.shape[0] for t in weights])
+            if len(names) == 1 and permute == [None] and layout is None:
+                weight = stored(f"{names[0]}.weight")  # multiplied as stored: read in place, no copy
+            else:
+                parts = [rows(f"{n}.weight") for n in names]
+                parts = [part if k == kind else as_q8_0(part, k) for part, k in zip(parts, kinds)]
+                if c.arch == "llama":  # llama.cpp permutes llama's q/k rows for its RoPE kernel (names.unpermute_qk)
+                    parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
+                weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
+                if layout == "tiles":  # tiles of each part's rows, one after another: the tiles of the stacked rows
+                    weight = tile_rows(weight, kind)
             bias = None
             if f"{names[0]}.bias" in tensors:
                 bias = np.concatenate([floats(f"{n}.bias") for n in names])
@@ -130,15 +138,12 @@ class LiteModel:
                 attn_norm=norms[0].ctypes.data, mlp_norm=norms[1].ctypes.data, dim=c.dim, n_heads=c.n_heads,
                 n_kv=c.n_kv_heads, head_dim=c.head_dim, ffn=c.ffn_dim, eps=c.norm_eps))
         self.args = (ctypes.POINTER(BlockArgs) * c.n_layers)(*(ctypes.pointer(a) for a in self.blocks))
-        self.embed, self.embed_type = rows("token_embd.weight"), tensors["token_embd.weight"].type
-        if c.tie_embeddings:
-            self.head, self.head_type = self.embed, self.embed_type
-        else:
-            self.head, self.head_type = rows("output.weight"), tensors["output.weight"].type
-        # int8 activations: a head tied to the table gets its own tiled copy (lookups read the stored rows)
-        self.head_layout = _int8_layout(int8_activations, self.head_type, [len(self.head)])
-        if self.head_layout == "tiles":
-            self.head = tile_rows(self.head, self.head_type)
+        self.embed, self.embed_type = stored("token_embd.weight"), tensors["token_embd.weight"].type
+        head = "token_embd.weight" if c.tie_embeddings else "output.weight"
+        self.head_type = tensor(head).type
+        # int8 activations: the head in tiles, a copy (a head tied to the table too: lookups read the stored rows)
+        self.head_layout = _int8_layout(int8_activations, self.head_type, [tensor(head).shape[0]])
+        self.head = tile_rows(rows(head), self.head_type) if self.head_layout == "tiles" else stored(head)
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)
