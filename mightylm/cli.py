@@ -56,13 +56,13 @@ def generate(
             or LLaMA-Adapter (ours).
         stats: Print the prompt's prefill and the decoding speed (tokens/s) to stderr at the end.
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K / F16 / BF16 projection and head weights
-            as stored (a quarter to a half of the memory, a faster start and decode), multiplied by native kernels that read the
-            blocks; false dequantizes them to --dtype at load. Other files and types, and any --dtype but float32,
-            load dequantized.
+            as stored (a quarter to a half of the memory, a faster start and decode), multiplied by native kernels
+            that read the blocks; false dequantizes them to --dtype at load. Other files and types, and any --dtype
+            but float32, load dequantized.
         int8_activations: With --blocks: round every token's activations (the prompt's too) to 8 bits per block of
             32 before the Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K blocks multiply them, in integers, as llama.cpp does:
-            faster decoding, ~3x faster prompts and cheap speculative passes (--draft), at the cost of float32's exact result
-            (logits move by the rounding; greedy text can differ where two tokens were nearly tied).
+            faster decoding, ~3x faster prompts and cheap speculative passes (--draft), at the cost of float32's exact
+            result (logits move by the rounding; greedy text can differ where two tokens were nearly tied).
         draft: Speculative decoding (same output, fewer passes of the model): a smaller model with the same
             tokenizer (a directory, .gguf or embedded name), prompt-lookup (drafts copied from the prompt's n-grams;
             prompt-lookup:N for the longest n), or layers:N (the model's own first N blocks).

@@ -217,33 +217,28 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(scale.max()) * n_in ** 0.5 * 127)
         from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks
 
+        def rows_and_products(raw, ggml_type, w):  # a lookup's rows value for value the dequantizer's (w); products
+            some = torch.tensor([0, out - 1, 3 % out])  # of 1 row (streaming the blocks) and several (sharing each
+            assert torch.equal(ops.ggml_rows(raw, ggml_type, some, n_in), w[some])  # block's unpacking)
+            for rows in (1, 3, 5, 15):
+                xs = torch.randn(rows, n_in)
+                expected = F.linear(xs, w, b)
+                # float32 arithmetic in another order: float rounding, nothing more
+                torch.testing.assert_close(ops.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
+                                           atol=2e-6 * float(expected.abs().max()))
+
         for ggml_type in (8, 2, 3, 6):  # GGUF's Q8_0, Q4_0, Q4_1 and Q5_0 blocks as stored, with finite fp16 scales
             size = BLOCKS[ggml_type][1]
             raw = torch.randint(0, 256, (out, n_in // 32, size), dtype=torch.uint8)
             scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
             raw[..., :4 if ggml_type == 3 else 2] = scales[..., :4 if ggml_type == 3 else 2]
             raw = raw.view(out, -1)
-            some = torch.tensor([0, out - 1, 3 % out])  # a lookup's rows: value for value the dequantizer's
-            assert torch.equal(ops.ggml_rows(raw, ggml_type, some, n_in),
-                               dequantize_blocks(raw, ggml_type, (out, n_in))[some])
-            for rows in (1, 3, 5, 15):  # one row streams the blocks; several share each block's unpacking
-                xs = torch.randn(rows, n_in)
-                expected = F.linear(xs, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
-                # float32 arithmetic in another order: float rounding, nothing more
-                torch.testing.assert_close(ops.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
-                                           atol=2e-6 * float(expected.abs().max()))
+            rows_and_products(raw, ggml_type, dequantize_blocks(raw, ggml_type, (out, n_in)))
         if n_in % 256 == 0:  # Q6_K, a K-quant: super-blocks of 256 (6-bit codes, int8 scales per 16, fp16 d)
             raw = torch.randint(0, 256, (out, n_in // 256, 210), dtype=torch.uint8)
             raw[..., 208:] = (torch.rand(out, n_in // 256, 1) / 500).half().view(torch.uint8)
             raw = raw.view(out, -1)
-            w6 = dequantize_blocks(raw, 14, (out, n_in))
-            some = torch.tensor([0, out - 1, 3 % out])  # a lookup's rows: value for value the dequantizer's
-            assert torch.equal(ops.ggml_rows(raw, 14, some, n_in), w6[some])
-            for rows in (1, 3, 5, 15):
-                xs = torch.randn(rows, n_in)
-                expected = F.linear(xs, w6, b)
-                torch.testing.assert_close(ops.matmul_ggml(xs, raw, 14, out, b), expected, rtol=1e-5,
-                                           atol=2e-6 * float(expected.abs().max()))
+            rows_and_products(raw, 14, dequantize_blocks(raw, 14, (out, n_in)))
         if n_in % 256 == 0:  # Q4_K: super-blocks of 256 (fp16 d and dmin, 6-bit scales and mins per 32, 4-bit codes)
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
@@ -251,14 +246,8 @@ def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in)
             raw = torch.randint(0, 256, (out, n_in // 256, 144), dtype=torch.uint8)
             raw[..., :4] = (torch.rand(out, n_in // 256, 2) / 50).half().view(torch.uint8).view(out, n_in // 256, 4)
             raw = raw.view(out, -1)
-            w4 = torch.from_numpy(dequantize(raw.numpy(), GGMLQuantizationType.Q4_K)).reshape(out, n_in)  # gguf's
-            some = torch.tensor([0, out - 1, 3 % out])
-            assert torch.equal(ops.ggml_rows(raw, 12, some, n_in), w4[some])
-            for rows in (1, 3, 5, 15):
-                xs = torch.randn(rows, n_in)
-                expected = F.linear(xs, w4, b)
-                torch.testing.assert_close(ops.matmul_ggml(xs, raw, 12, out, b), expected, rtol=1e-5,
-                                           atol=2e-6 * float(expected.abs().max()))
+            rows_and_products(raw, 12, torch.from_numpy(dequantize(raw.numpy(), GGMLQuantizationType.Q4_K))
+                              .reshape(out, n_in))  # against gguf's dequantizer
         for ggml_type, dtype in ((1, torch.float16), (30, torch.bfloat16)):  # F16 / BF16 rows as stored
             raw = (torch.randn(out, n_in) / 10).to(dtype).view(torch.uint8)  # (out, 2 in) bytes
             for rows in (1, 15):

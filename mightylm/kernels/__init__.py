@@ -204,7 +204,6 @@ class LoraTerm(ctypes.Structure):
 # ggml types gguf_blocks.c multiplies as stored: F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, BF16 (K-quants: rows of 256)
 GGML_TYPES = (1, 2, 3, 6, 8, 12, 14, 30)
 SUPER_BLOCKS = (12, 14)
-BLOCK_BYTES = {2: 18, 3: 20, 6: 22, 8: 34}  # Q4_0, Q4_1, Q5_0, Q8_0: bytes per block of 32
 TILE = 16  # output rows per tile of the int8-activation kernel's layout (gguf_blocks.c)
 # ggml Q8_0, Q4_0, Q4_1: (bytes per block of 32, scale bytes before the codes); Q5_0 and Q6_K are tiled by their own
 # functions (_tile_q5_0, _tile_q6_k)
@@ -234,7 +233,7 @@ def as_q8_0(raw: np.ndarray, kind: int) -> np.ndarray:
     if kind == 8:
         return raw
     out = raw.shape[0]
-    blocks = raw.reshape(out, -1, BLOCK_BYTES[kind])
+    blocks = raw.reshape(out, -1, _TILED[kind][0])
     packed = blocks[..., -16:]
     q = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.int16)  # (out, blocks, 32)
     if kind == 6:

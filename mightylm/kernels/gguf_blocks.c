@@ -51,9 +51,10 @@ static inline float block_offset(const unsigned char *blk, int type, float d) {
     return type == Q4_1 ? half_to_float(blk + 2) : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
 }
 
-static float *block_sums(const float *x, long in) {
-    float *xsum = malloc(sizeof(float) * (in / 32 > 0 ? in / 32 : 1));
-    for (long b = 0; b < in / 32; b++) {
+/* The sums of each block of 32 values of `rows` rows of x (rows, in): rows * in / 32 floats, row by row */
+static float *block_sums(const float *x, long rows, long in) {
+    float *xsum = malloc(sizeof(float) * (rows * in / 32 > 0 ? rows * in / 32 : 1));
+    for (long b = 0; b < rows * in / 32; b++) {
         float t = 0.0f;
         for (long j = 0; j < 32; j++) t += x[32 * b + j];
         xsum[b] = t;
@@ -484,17 +485,8 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    float *xsum = NULL;
-    if (type == Q4_K) {  /* every row's block sums (each sub-block's min times them) */
-        xsum = malloc(sizeof(float) * rows * (in / 32));
-        for (long r = 0; r < rows; r++) {
-            float *one = block_sums(x + r * in, in);
-            memcpy(xsum + r * (in / 32), one, sizeof(float) * (in / 32));
-            free(one);
-        }
-    } else if (rows == 1 && type != Q6_K) {
-        xsum = block_sums(x, in);
-    }
+    /* block sums of x: one row's for the 32-value types' constant terms; every row's for Q4_K's mins */
+    float *xsum = type == Q4_K ? block_sums(x, rows, in) : rows == 1 && type != Q6_K ? block_sums(x, 1, in) : NULL;
     /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
      * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
      * conversions are split in two there); not measured on Intel's AVX-512. */
@@ -679,7 +671,8 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
                         i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(i16, ones));
                     }
                 } else {  /* 4-bit codes: a pair's product sum is at most 2 * 15 * 127 = 3810, eight of them fit in 16
-                           * bits (30480), so the steps add in 16 bits and widen once */
+                           * bits (30480), so the steps add in 16 bits and widen once (a shared loop with Q5_0's
+                           * measured 8-10 % slower at 4-5 rows) */
                     __m256i i16 = _mm256_setzero_si256();
                     for (int k = 0; k < 8; k++)
                         i16 = _mm256_add_epi16(i16, _mm256_maddubs_epi16(s[k], _mm256_set1_epi32(four(xb + 4 * k))));

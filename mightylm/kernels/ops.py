@@ -82,8 +82,8 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     if int8_activations:
         if lib.mighty_gemm_ggml_q8x(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(),
                                     n_in, out, torch.get_num_threads()) != 0:
-            raise ValueError(f"int8 activations take tiles of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows ({out} rows of {n_in}, type "
-                             f"{ggml_type})")
+            raise ValueError(f"int8 activations take tiles of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows ({out} rows of "
+                             f"{n_in}, type {ggml_type})")
     else:
         lib.mighty_gemm_ggml(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in,
                              out, torch.get_num_threads())
