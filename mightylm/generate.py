@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from mightylm.errors import UsageError
 from mightylm.model import KVCache, SinkKVCache, Transformer
+from mightylm import static_decode
 from mightylm.streaming import Sampling, Timings, stream_text_from
 
 
@@ -89,13 +90,17 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.inference_mode()
 def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
-                   row_seeds: list[int] | None = None, *, embed=None) -> Iterator[torch.Tensor]:
+                   row_seeds: list[int] | None = None, *, embed=None,
+                   cuda_graphs: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step; finished rows repeat a stop token.
 
     Stops when every row has produced a stop token or `max_new_tokens` is reached. `row_seeds`
     (one per prompt) sample each row from its own generator instead of one for the batch. `embed`, a function
     from the left-padded prompt ids (B, W) to their input embeddings (B, W, dim), replaces the embedding lookup
-    of the prompt (a vision-language model writes its image tokens over the placeholders there).
+    of the prompt (a vision-language model writes its image tokens over the placeholders there). `cuda_graphs`
+    (default: where the model is on a CUDA device): each decoded token is one replay of a CUDA graph of the step
+    (static_decode.py) where the model allows; True on the CPU: that fixed step without a graph (as tested);
+    False: the step as PyTorch runs it, launch by launch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token")
@@ -114,6 +119,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     elif s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     idx, pad = _left_pad(prompts, 0, device)
+    fixed = None  # the decode step with fixed shapes, replayed as a CUDA graph on CUDA (static_decode.py)
     if s.attention_sinks is not None:
         if pad is not None or model.prefix_len or embed:
             raise UsageError("attention sinks take prompts of one length per batch and no soft prompt")
@@ -126,24 +132,31 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
         # A sliding-window model's unpadded rows keep only their window (memory constant in the generated length)
         window = model.config.sliding_window
         rolling = window is not None and pad is None and total + model.prefix_len > window
-        cache = model.make_cache(len(prompts), total, rolling=rolling)
+        if not rolling and (cuda_graphs or (cuda_graphs is None and device.type == "cuda")):
+            fixed = static_decode.take(model, len(prompts), total + model.prefix_len, pad)
+        cache = fixed.cache if fixed else model.make_cache(len(prompts), total, rolling=rolling)
         logits = prefill(model, None, cache, pad, embeds=embed(idx)) if embed else prefill(model, idx, cache, pad)
+    decode = fixed or (lambda token, start: decode_one_token(model, token, cache, start, pad))
     stops = torch.tensor(list(s.stop_token_ids) or [-1], device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     token = sample(logits, s, generator)
-    for step in range(s.max_new_tokens):
-        yield token
-        done |= torch.isin(token, stops)
-        if step + 1 == s.max_new_tokens or bool(done.all()):
-            return
-        logits = decode_one_token(model, token, cache, width + step, pad)
-        token = torch.where(done, token, sample(logits, s, generator))
+    try:
+        for step in range(s.max_new_tokens):
+            yield token
+            done |= torch.isin(token, stops)
+            if step + 1 == s.max_new_tokens or bool(done.all()):
+                return
+            logits = decode(token, width + step)
+            token = torch.where(done, token, sample(logits, s, generator))
+    finally:
+        if fixed:
+            static_decode.give_back(model, fixed)
 
 
 def generate(model: Transformer, prompts: list[list[int]], s: Sampling,
-             row_seeds: list[int] | None = None, *, embed=None) -> list[list[int]]:
+             row_seeds: list[int] | None = None, *, embed=None, cuda_graphs: bool | None = None) -> list[list[int]]:
     """Completions (token ids) for a batch of prompts; each ends at and includes its stop token."""
-    steps = list(generate_steps(model, prompts, s, row_seeds, embed=embed))
+    steps = list(generate_steps(model, prompts, s, row_seeds, embed=embed, cuda_graphs=cuda_graphs))
     out = []
     stops = set(s.stop_token_ids)
     for row in range(len(prompts)):

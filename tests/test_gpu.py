@@ -41,6 +41,19 @@ def greedy_tokens_equal_the_cpus(device: str) -> None:
     assert generate(model.to(device), prompts, s) == generate(model.cpu(), prompts, s)
 
 
+def graphed_decoding_equals_the_dynamic_step(device: str) -> None:
+    """Each decoded token one CUDA graph replay (static_decode.py): the same logits as the step launched op by op,
+    the same tokens, and the graph's buffers reused from token to token."""
+    from test_static_decode import steps_both_ways
+
+    model = tiny(seed=4, qkv_bias=True, sliding_window=6).to(device)
+    prompts = [[5, 17, 42, 99, 3, 8, 11, 12, 13], [7, 7, 1]]
+    dynamic, static = steps_both_ways(model, prompts, steps=12)
+    torch.testing.assert_close(torch.stack(static), torch.stack(dynamic), atol=1e-4, rtol=1e-4)
+    s = Sampling(max_new_tokens=24)
+    assert generate(model, prompts, s, cuda_graphs=True) == generate(model, prompts, s, cuda_graphs=False)
+
+
 def bf16_training_learns(tmp_path, device: str) -> None:
     from mightylm.data.loader import Loader
     from mightylm.train import evaluate, fit
@@ -67,6 +80,10 @@ def test_cached_decoding_on_the_gpu_equals_the_full_forward():
 
 def test_greedy_tokens_on_the_gpu_equal_the_cpus():
     greedy_tokens_equal_the_cpus("cuda")
+
+
+def test_graphed_decoding_on_the_gpu_equals_the_dynamic_step():
+    graphed_decoding_equals_the_dynamic_step("cuda")
 
 
 def test_bf16_training_on_the_gpu_learns(tmp_path):
