@@ -35,6 +35,7 @@ def generate(
     attention_sinks: str | None = None,
     image: list[str] | None = None,
     engine: Literal["auto", "torch"] = "auto",
+    device: str = "cpu",
 ) -> None:
     """Stream the completion of a prompt to stdout.
 
@@ -84,13 +85,15 @@ def generate(
             the same tokens; a --seed samples other text than torch's random stream does); anything else, or any
             option that needs the model in torch (--adapter, --draft, --rope_scaling, ...), loads through
             torch. torch: always through PyTorch.
+        device: cpu, or cuda (cuda:N) for an NVIDIA GPU: the weights are dequantized to --dtype (bfloat16 is the
+            fast one there) and every decoded token is one CUDA graph replay.
     """
     from mightylm.streaming import Sampling, Timings, stream_text_from
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
     lite = _lite(model, engine, int8_activations, adapter, draft, rope_scaling, rmt, attention_sinks, image,
-                 dtype != "float32", not blocks)
+                 dtype != "float32", not blocks, device != "cpu")
     if rmt and (adapter or draft):
         from mightylm.errors import UsageError
 
@@ -101,7 +104,8 @@ def generate(
 
         adapter = rmt if (Path(rmt) / "adapter_config.json").is_file() else None
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft, rmt=rmt,
-                                             sinks=attention_sinks, rope_scaling=rope_scaling)
+                                             sinks=attention_sinks, rope_scaling=rope_scaling,
+                                             device=device != "cpu")
     if lite:
         m, tokenizer, source = lite
         spec_stats = None
@@ -117,8 +121,8 @@ def generate(
         from mightylm.generate import load_for_generation, stream_tokens
 
         m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
-                                           int8_activations=int8_activations)
-        source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+                                           int8_activations=int8_activations, device=device)
+        source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter, device)
         source = source or (lambda ids, s: stream_tokens(m, ids, s))
     if rmt:
         from mightylm.rmt import generate_rmt, load_rmt
@@ -193,7 +197,8 @@ def _sinks(spec: str | None) -> tuple[int, int] | None:
     return size, sinks
 
 
-def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter: str | None = None):
+def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter: str | None = None,
+                 device: str = "cpu"):
     """(token source for stream_text, its statistics) for --draft, or (None, None) without one."""
     from mightylm.errors import UsageError
 
@@ -206,7 +211,7 @@ def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter
     from mightylm.speculative import Stats, make_draft, speculative_tokens
 
     drafter = make_draft(draft, model, load=lambda path: load_for_generation(path, dtype, draft_adapter,
-                                                                             log=sys.stderr)[0])
+                                                                             log=sys.stderr, device=device)[0])
     stats = Stats()
     return (lambda ids, s: speculative_tokens(model, ids, s, drafter, gamma, stats=stats)), stats
 
@@ -229,6 +234,7 @@ def chat(
     rope_scaling: str | None = None,
     image: list[str] | None = None,
     engine: Literal["auto", "torch"] = "auto",
+    device: str = "cpu",
 ) -> None:
     """Chat with a model using its chat template.
 
@@ -261,14 +267,16 @@ def chat(
             during the chat, `/image FILE` attaches one to the next message.
         engine: auto: a GGUF file whose every block the native kernels run starts without PyTorch (see `mighty
             generate --help`); torch: always through PyTorch.
+        device: cpu, or cuda (cuda:N) for an NVIDIA GPU (see `mighty generate --help`).
     """
     from mightylm.errors import UsageError
     from mightylm.streaming import Sampling, Timings, stream_text_from
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    lite = _lite(model, engine, int8_activations, adapter, draft, rope_scaling, image, dtype != "float32", not blocks)
+    lite = _lite(model, engine, int8_activations, adapter, draft, rope_scaling, image, dtype != "float32", not blocks,
+                 device != "cpu")
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,
-                                             rope_scaling=rope_scaling)
+                                             rope_scaling=rope_scaling, device=device != "cpu")
     if lite:
         m, tokenizer, source = lite
         spec_stats, prefix_len = None, 0
@@ -283,8 +291,8 @@ def chat(
         from mightylm.generate import load_for_generation, stream_tokens
 
         m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
-                                           int8_activations=int8_activations)
-        source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter)
+                                           int8_activations=int8_activations, device=device)
+        source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter, device)
         source = source or (lambda ids, s: stream_tokens(m, ids, s))
     if not lite:
         prefix_len = m.prefix_len

@@ -181,22 +181,47 @@ def stream_text(model: Transformer, tokenizer, prompt: str | list[int], s: Sampl
     return stream_text_from(source or (lambda ids, st: stream_tokens(model, ids, st)), tokenizer, prompt, s, timings)
 
 
+def generation_device(device: str) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:1") checked: a UsageError naming what to do where it is not one or PyTorch
+    here cannot reach it."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this PyTorch ({torch.__version__}) reaches no CUDA device; install a "
+                         "CUDA build of torch on a machine with an NVIDIA GPU, or decode on the CPU (--device cpu)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: decoding runs on cpu or cuda")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         "numbered from 0")
+    return parsed
+
+
 def load_for_generation(model: str, dtype: str = "float32", adapter: str | None = None, log=None,
-                        keep_blocks: bool = False, rope_scaling: str | None = None, int8_activations: bool = False):
+                        keep_blocks: bool = False, rope_scaling: str | None = None, int8_activations: bool = False,
+                        device: str = "cpu"):
     """(model, tokenizer) for `mighty generate|chat|eval`: loaded (a tokenizer required; a GGUF file's blocks kept
     as stored with `keep_blocks` when the dtype is float32, the one the block kernels compute in), the adapter
     applied unmerged, another RoPE scaling set when asked (model.set_rope_scaling: "yarn:4", "none", ...), then
     the decode layout (fuse.fuse_projections_: same outputs, faster batch-1 decoding); `int8_activations`: the kept
-    blocks multiply decoded tokens in llama.cpp's arithmetic (compress.gguf_blocks.int8_activations_). Progress
-    lines go to `log`."""
+    blocks multiply decoded tokens in llama.cpp's arithmetic (compress.gguf_blocks.int8_activations_). On a CUDA
+    `device` the weights are dequantized to `dtype` and moved there, without the CPU's blocks and layouts, and
+    decoding replays CUDA graphs (static_decode.py). Progress lines go to `log`."""
     from mightylm.checkpoint import load
     from mightylm.compress.sparse24 import pack_24_
     from mightylm.fuse import fuse_projections_
 
     log = log or sys.stderr  # looked up now: a default bound at import would keep a replaced stream
+    on_gpu = generation_device(device).type == "cuda"
+    if on_gpu and int8_activations:
+        raise UsageError("--int8_activations is the CPU's block arithmetic; on a GPU the weights are dequantized "
+                         "to --dtype (bfloat16 is the fast one there)")
+    keep_blocks = keep_blocks and dtype == "float32" and not on_gpu
     t0 = time.perf_counter()
     print(f"loading {model} ...", file=log, flush=True)
-    loaded, tokenizer = load(model, dtype=dtype, need_tokenizer=True, keep_blocks=keep_blocks and dtype == "float32")
+    loaded, tokenizer = load(model, dtype=dtype, need_tokenizer=True, keep_blocks=keep_blocks)
     if adapter:
         from mightylm.adapters import load_adapter
 
@@ -205,6 +230,12 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
         from mightylm.model import set_rope_scaling
 
         print(set_rope_scaling(loaded, rope_scaling), file=log)
+    if on_gpu:
+        loaded.to(device)
+        freeze_what_lives()
+        print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters onto {device} in "
+              f"{time.perf_counter() - t0:.1f}s", file=log, flush=True)
+        return loaded.eval(), tokenizer
     pack_24_(loaded)  # a 2:4-pruned model: only its kept weights are read while decoding
     if int8_activations:
         from mightylm.compress.gguf_blocks import int8_activations_
@@ -214,7 +245,8 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
                   "nothing", file=log)
     fuse_projections_(loaded)
     freeze_what_lives()
-    print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
+    print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log,
+          flush=True)
     return loaded.eval(), tokenizer
 
 

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import mightylm
 from mightylm.cli import main
@@ -71,6 +72,15 @@ def test_errors_exit_2_with_a_message(tmp_path, hf_dir, capsys):
     for argv in (["generate", "--prompt", "x"], ["eval", "perplexity", "--out", str(tmp_path / "ev")]):
         assert main([*argv, "--model", str(tmp_path / "no-tokenizer")]) == 2
         assert "no-tokenizer: has no tokenizer.json, so text cannot be encoded" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_the_device_option_is_checked_before_loading(capsys):
+    for verb in (["generate", "--prompt", "x"], ["chat"]):
+        for device, said in (("cuda", "this PyTorch"), ("gpu0", "not a device; use cpu, cuda or cuda:N"),
+                             ("meta", "decoding runs on cpu or cuda")):
+            assert main([*verb, "--engine", "torch", "--device", device]) == 2
+            assert f"--device {device}: {said}" in capsys.readouterr().err
 
 
 def test_chat_reads_turns_from_a_pipe(hf_dir):

@@ -54,6 +54,17 @@ def graphed_decoding_equals_the_dynamic_step(device: str) -> None:
     assert generate(model, prompts, s, cuda_graphs=True) == generate(model, prompts, s, cuda_graphs=False)
 
 
+def cli_generate_equals_the_cpus(path, device: str, capsys) -> None:
+    """`mighty generate --device DEVICE` prints the greedy text the CPU does (float32 on both)."""
+    from mightylm.cli import main
+
+    argv = ["generate", "--model", str(path), "--prompt", "To be", "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    on_cpu = capsys.readouterr().out
+    assert main([*argv, "--device", device]) == 0
+    assert capsys.readouterr().out == on_cpu
+
+
 def bf16_training_learns(tmp_path, device: str) -> None:
     from mightylm.data.loader import Loader
     from mightylm.train import evaluate, fit
@@ -84,6 +95,10 @@ def test_greedy_tokens_on_the_gpu_equal_the_cpus():
 
 def test_graphed_decoding_on_the_gpu_equals_the_dynamic_step():
     graphed_decoding_equals_the_dynamic_step("cuda")
+
+
+def test_cli_generate_on_the_gpu_equals_the_cpus(hf_dir, capsys):
+    cli_generate_equals_the_cpus(hf_dir[1], "cuda", capsys)
 
 
 def test_bf16_training_on_the_gpu_learns(tmp_path):
