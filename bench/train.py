@@ -18,6 +18,9 @@ import sys
 
 WORKER = r"""
 import json, resource, sys, tempfile, time
+if sys.argv[1] == "mightylm":
+    from mightylm.huge_pages import for_training
+    for_training()  # what `mighty pretrain|finetune|distill` do before torch is imported
 import torch
 import mightylm
 from mightylm.config import ModelConfig

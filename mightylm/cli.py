@@ -929,6 +929,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv[:1]
     argv = argv[1:] if debug else argv
+    if argv and argv[0] in ("pretrain", "finetune", "distill"):
+        from mightylm.huge_pages import for_training
+
+        for_training()  # before torch is imported: fewer page faults in every step
     result = None
     try:
         typed, argv = argv, _underscore_options(argv)

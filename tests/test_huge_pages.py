@@ -1,0 +1,50 @@
+"""Training processes ask for huge pages before torch starts (huge_pages.py): PyTorch then backs a large tensor
+with 2 MiB pages where the kernel offers them; never once torch is imported, and never when turned off."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = """
+import os, sys
+from mightylm.huge_pages import for_training
+{before}
+asked = for_training()
+import torch
+t = torch.ones(64 << 18)  # 64 MiB, touched
+huge = sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages:"))
+print(asked, os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)
+"""
+
+
+def probe(before: str = "", **env) -> tuple[str, str, int]:
+    import os
+
+    out = subprocess.run([sys.executable, "-c", PROBE.format(before=before)], capture_output=True, text=True,
+                         check=True, env={**os.environ, **env}).stdout.split()
+    return out[0], out[1], int(out[2])
+
+
+def thp_mode() -> str:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.read_text().split("[")[1].split("]")[0] if path.exists() else "absent"
+
+
+@pytest.mark.skipif(thp_mode() not in ("madvise", "always"), reason="the kernel offers no transparent huge pages")
+def test_huge_pages_back_large_tensors_when_asked_before_torch():
+    asked, env, huge = probe()
+    assert (asked, env) == ("True", "1") and huge >= 32 << 10  # KiB: most of the 64 MiB tensor
+    if thp_mode() == "madvise":  # huge pages only where advised: PyTorch's own allocation, not asked for
+        assert probe(THP_MEM_ALLOC_ENABLE="0")[2] < 32 << 10
+
+
+def test_not_asked_once_torch_is_imported_or_when_turned_off():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", PROBE.format(before="import torch")], capture_output=True, text=True,
+                         check=True, env=env).stdout.split()
+    assert out[:2] == ["False", "None"]  # too late: torch read the setting at its first allocation
+    assert probe(THP_MEM_ALLOC_ENABLE="0")[:2] == ("False", "0")
