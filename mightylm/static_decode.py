@@ -47,7 +47,8 @@ class _SlotCache:
 
 
 class StaticDecode:
-    """`decode_one_token(model, token, cache, start, pad)` for one generation, its shapes fixed by `cache`.
+    """`decode_one_token(model, token, cache, start, pad)` with its shapes fixed by `cache` (any generation that
+    fits it: `set_pad` gives each its padding).
 
     Each call costs attention over all of the cache's slots (masked), not only the filled ones: for the lengths one
     generation holds this is small next to reading the weights. On CUDA the first call captures the step as a
@@ -72,7 +73,10 @@ class StaticDecode:
 
     def set_pad(self, pad: torch.Tensor | None) -> None:
         """Each row's count of left-padding slots (None: none), written into the tensors the step reads."""
-        self.pad.zero_() if pad is None else self.pad.copy_(pad)
+        if pad is None:
+            self.pad.zero_()
+        else:
+            self.pad.copy_(pad)
         self.valid.copy_((self.keys[None, :] >= self.pad[:, None])[:, None, None, :])
 
     def _step(self) -> torch.Tensor:
@@ -115,9 +119,10 @@ class StaticDecode:
 
 
 def _layout(model: Transformer) -> tuple:
-    """What a captured step depends on beyond the contents of tensors: the modules, and where their tensors live."""
+    """What a captured step depends on beyond the contents of tensors: the modules, where their tensors live, and
+    the config (another RoPE scaling makes other tables)."""
     return (tuple(map(id, model.modules())), tuple(t.data_ptr() for t in model.parameters()),
-            tuple(t.data_ptr() for t in model.buffers()), model.dtype)
+            tuple(t.data_ptr() for t in model.buffers()), model.dtype, model.config)
 
 
 def fixed_shape(model: Transformer, length: int) -> bool:

@@ -77,6 +77,7 @@ def test_the_fixed_step_is_refused_where_the_step_changes_shape():
 
 def test_a_model_keeps_its_decoder_until_its_layout_changes():
     from mightylm.adapters.lora import apply_lora
+    from mightylm.model import set_rope_scaling
 
     model = tiny(seed=1)
     first = static_decode.take(model, 2, 40, None)
@@ -87,6 +88,11 @@ def test_a_model_keeps_its_decoder_until_its_layout_changes():
     assert again is first and again.pad.tolist() == [0, 3]  # same rows and rounded length: kept, new padding
     static_decode.give_back(model, again)
     assert static_decode.take(model, 3, 40, None) is not first  # another batch size
+    static_decode.give_back(model, first)
+    set_rope_scaling(model, "linear:2")
+    assert static_decode.take(model, 2, 40, None) is not first  # other RoPE tables
+    model = tiny(seed=1)
+    first = static_decode.take(model, 2, 40, None)
     static_decode.give_back(model, first)
     apply_lora(model, r=2)
     assert static_decode.take(model, 2, 40, None) is not first  # new modules: the old graph would not see them
