@@ -147,6 +147,26 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk_elements, u
         torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk_elements), expected)
 
 
+def test_linear_cross_entropy_under_bf16_autocast_and_with_nothing_scored():
+    from mightylm.model import IGNORE_INDEX, linear_cross_entropy
+
+    torch.manual_seed(1)
+    h = torch.randn(40, 32, requires_grad=True)
+    w = torch.randn(256, 32, requires_grad=True)
+    labels = torch.randint(0, 256, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # products in bf16 (as nn.Linear's would be), softmax in fp32
+        expected = torch.nn.functional.cross_entropy((h @ w.T).float(), labels)
+        loss = linear_cross_entropy(h, w, labels, 256 * 16)
+    want = torch.autograd.grad(expected, (h, w))
+    torch.testing.assert_close(loss, expected, atol=2e-2, rtol=1e-2)
+    for got, ref in zip(torch.autograd.grad(loss, (h, w)), want):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+    nothing = torch.full((40,), IGNORE_INDEX)
+    loss = linear_cross_entropy(h, w, nothing)
+    assert float(loss) == 0 and all(not g.any() for g in torch.autograd.grad(loss, (h, w)))
+
+
 @pytest.mark.parametrize("overrides", [{"tie_embeddings": True}, {"tie_embeddings": False}])
 def test_forward_with_labels_returns_the_loss_and_its_gradients(overrides):
     model = tiny(**overrides).train()
