@@ -9,16 +9,16 @@ drawn from p_{gamma+1}. Greedy settings make p and q one-hot, which reduces the 
 equals the target's argmax". A deterministic draft (prompt lookup) has a one-hot q: accepted with probability
 p(x), resampled from p without x.
 
-Drafts (each `propose(context, gamma, settings, generator) -> (tokens, q)`):
+Drafts (each `propose(context, gamma, settings, generator) -> (tokens, q)`; q may be None when greedy):
 - DraftModel: any model that shares the target's tokenizer, with its own KV cache; a rejected suffix is rolled back
   by position (its cache slots are overwritten next time; nothing accepted is recomputed).
-- PromptLookup: the tokens that followed the latest earlier occurrence of the context's last n-gram (Saxena 2023):
-  no second model; strong where the answer repeats the prompt (code edits, summaries, retrieval).
+- PromptLookup: the tokens that followed an earlier occurrence of the context's ending (Saxena 2023), as many as the
+  agreement supports: no second model; strong where the answer repeats the prompt (code edits, summaries, retrieval).
 - self_draft(target, layers): the target's first N blocks, final norm and head (its weights, not a copy) as a
   draft model: the lossless form of early exit.
 The target's cache rolls back the same way: the verification pass writes slots pos..pos+gamma and the next pass
-starts at the first position after what was accepted. Batch 1 here; batched speculation in the server is not
-built yet.
+starts at the first position after what was accepted. Batch 1 here; the server's batched steps are in
+serve/engine.py and serve/speculation.py.
 """
 
 from __future__ import annotations
@@ -98,10 +98,15 @@ class DraftModel:
 
 @dataclass
 class PromptLookup:
-    """Drafts copied from the context: the tokens after the latest earlier occurrence of its last n-gram (the
-    longest n from `max_ngram` down to `min_ngram` that occurs)."""
+    """Drafts copied from the context: the tokens that followed the earlier occurrence of its ending that agrees with
+    it longest (up to `max_ngram` tokens compared, the latest among equals), at least `min_ngram` tokens of it.
+    The draft is as long as the agreement supports: gamma tokens after `max_ngram` agreeing tokens, proportionally
+    fewer after fewer (at least one). On a CPU a verification pass costs more per drafted token than a GPU's, and a
+    short match is the one most often wrong; on 40 held-out HumanEval completions and three summaries (a `/tmp`
+    replay with measured pass costs, bench/RESULTS.md) this gave 4-7 % more speed than gamma tokens after any
+    2- or 3-gram, and it keeps a large gamma from costing speed where matches are short."""
 
-    max_ngram: int = 3
+    max_ngram: int = 8
     min_ngram: int = 2  # a single repeated token predicts little and costs a wider verification pass
     vocab_size: int = 0
 
@@ -113,16 +118,26 @@ class PromptLookup:
     def reset(self, max_len: int) -> None:
         pass
 
-    def propose(self, context: list[int], gamma: int, s: Sampling, generator=None):
-        tokens: list[int] = []
-        for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
-            tail = context[-n:]
-            for start in range(len(context) - n - 1, -1, -1):  # the latest earlier occurrence first
-                if context[start:start + n] == tail:
-                    tokens = context[start + n:start + n + gamma]
+    def match(self, context: list[int]) -> tuple[int, int]:
+        """(where the copied tokens start, how many tokens of the context's ending agree there); (0, 0) for none."""
+        end, last, best, agree = len(context) - 1, context[-1] if context else None, 0, 0
+        for start in range(end - 1, -1, -1):  # latest first: a later occurrence wins ties
+            if context[start] != last:
+                continue
+            n = 1
+            while n < self.max_ngram and n <= start and context[start - n] == context[end - n]:
+                n += 1
+            if n > agree:
+                best, agree = start + 1, n
+                if n == self.max_ngram:
                     break
-            if tokens:
-                break
+        return (best, agree) if agree >= self.min_ngram else (0, 0)
+
+    def propose(self, context: list[int], gamma: int, s: Sampling, generator=None):
+        start, agree = self.match(context)
+        tokens = context[start:start + max(1, gamma * agree // self.max_ngram)] if agree and gamma else []
+        if s.temperature == 0:  # greedy verification compares tokens; no distribution needed
+            return tokens, None
         q = F.one_hot(torch.tensor(tokens, dtype=torch.long), self.vocab_size).float() if tokens \
             else torch.zeros(0, self.vocab_size)
         return tokens, q
@@ -237,7 +252,7 @@ def make_draft(spec: str, target, *, load=None) -> object:
     if spec.startswith("prompt-lookup"):
         _, _, n = spec.partition(":")
         try:
-            return PromptLookup(max_ngram=int(n) if n else 3, vocab_size=target.config.vocab_size)
+            return PromptLookup(max_ngram=int(n) if n else 8, vocab_size=target.config.vocab_size)
         except ValueError:
             raise UsageError(f"--draft {spec}: write prompt-lookup or prompt-lookup:N (N the longest n-gram)") from None
     if spec.startswith("layers:"):

@@ -102,6 +102,25 @@ def test_greedy_speculation_equals_plain_greedy(kind, gamma, adaptive):
         assert stats.acceptance == 1.0
 
 
+def test_prompt_lookup_copies_after_the_longest_agreement_as_much_as_it_supports():
+    greedy, sampled = Sampling(temperature=0), Sampling(temperature=0.7)
+    look = PromptLookup(max_ngram=4, vocab_size=50)
+    # ... 1 2 3 -> 10 (agrees on 3 tokens) and later 9 2 3 -> 20 (only on 2): the longer agreement wins
+    context = [1, 2, 3, 10, 11, 12, 13, 14, 9, 2, 3, 20, 21, 22, 23, 24, 1, 2, 3]
+    assert look.match(context) == (3, 3)
+    tokens, q = look.propose(context, 8, greedy)
+    assert tokens == [10, 11, 12, 13, 14, 9] and q is None  # 8 * 3 // 4 tokens; greedy needs no distribution
+    tokens, q = look.propose(context, 8, sampled)
+    assert q.shape == (6, 50) and q.argmax(-1).tolist() == tokens and q.sum().item() == 6
+    # equal agreement: the latest occurrence; a full agreement drafts gamma tokens; two tokens at least one
+    assert look.match([5, 6, 7, 8, 1, 5, 6, 7, 8, 2, 5, 6, 7, 8]) == (9, 4)
+    assert look.propose([5, 6, 7, 8, 1, 5, 6, 7, 8, 2, 5, 6, 7, 8], 3, greedy)[0] == [2, 5, 6]
+    assert look.propose([4, 7, 1, 2, 3, 4, 7], 4, greedy)[0] == [1, 2]  # agrees on 2 of 4: half of gamma
+    assert look.propose([4, 7, 1, 2, 3, 4, 7], 1, greedy)[0] == [1]
+    assert look.propose([1, 2, 3, 4], 4, greedy) == ([], None)  # nothing repeats
+    assert look.propose([3, 1, 2, 3], 4, greedy) == ([], None)  # a single token is not enough (min_ngram 2)
+
+
 def test_greedy_speculation_with_lora_on_the_target_and_stop_tokens():
     from mightylm.adapters.lora import apply_lora
 
