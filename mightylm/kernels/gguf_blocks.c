@@ -620,65 +620,73 @@ void tile_rows512(const signed char *xq, const float *dx, const int *xs, const f
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
 }
 
-/* The same on AVX2, one half of each tile (8 output rows) at a time */
+/* An empty statement that takes v in a register and may change it: the compiler must have v's value here, so it
+ * adds each product into its row's sum as written instead of keeping every product live for a tree of additions
+ * at the end (GCC -O3 did that: 8 rows' products spilled to the stack, ~17 stack accesses per row and block). */
+#define KEEP(v) __asm__("" : "+x"(v))
+
+/* The same on AVX2, one half of each tile (8 output rows) at a time. A block's codes are read a chunk at a time and
+ * multiplied into every row of x before the next chunk: each row holds one integer sum in a register (the codes of
+ * a whole block stay in registers only for a few rows: with 8 they spilled, ~40 % more instructions per row). The
+ * integers are the same as AVX-512's; only the order of exact integer additions differs. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 void tile_rows256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
                   const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
     const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : type == Q5_0 ? 96 : 32;
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     for (int h = 0; h < 2; h++) {
         __m256 acc[8];
         for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
         for (long b = 0; b < blocks; b++) {
             const unsigned char *t = T + b * bytes, *c = t + head + 32 * h;
             for (long k = 0; h == 0 && k < bytes; k += 64) _mm_prefetch((const char *)t + PREFETCH + k, _MM_HINT_T0);
+            __m256i sum[8];  /* row r's block sums of the 8 output rows: 16-bit pair sums (Q4_0, Q4_1) or 32-bit */
+            for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+            if (type == Q8_0) {  /* q . xq as |q| . sign(xq, q) (vpmaddubsw takes one unsigned operand) */
+                for (int k = 0; k < 8; k++) {
+                    const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c + 64 * k)),
+                                                       _mm256_set1_epi8(-128));
+                    const __m256i a = _mm256_abs_epi8(q);
+                    for (int r = 0; r < R; r++) {
+                        const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xq + r * in + 32 * b + 4 * k)), q);
+                        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a, x4), ones));
+                        KEEP(sum[r]);
+                    }
+                }
+            } else {  /* chunk k: step k in the low nibbles, step k + 4 in the high ones */
+                const __m256i fh = type == Q5_0 ? _mm256_loadu_si256((const __m256i *)(t + 32 + 32 * h))
+                                                : _mm256_setzero_si256();
+                for (int k = 0; k < 4; k++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * k));
+                    __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    if (type == Q5_0) {
+                        lo = _mm256_or_si256(lo, FIFTH(_mm256_slli_epi16, _mm256_srli_epi16, _mm256_and_si256,
+                                                       _mm256_set1_epi8, fh, k));
+                        hi = _mm256_or_si256(hi, FIFTH(_mm256_slli_epi16, _mm256_srli_epi16, _mm256_and_si256,
+                                                       _mm256_set1_epi8, fh, k + 4));
+                    }
+                    for (int r = 0; r < R; r++) {
+                        const signed char *xb = xq + r * in + 32 * b;
+                        const __m256i p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xb + 4 * k))),
+                            _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xb + 16 + 4 * k))));
+                        /* 4-bit codes: a pair's product sum is at most 2 * 15 * 127 = 3810, so all eight steps add in
+                         * 16 bits (30480) and widen once; 5-bit codes (7874 a pair): two steps (15748), widened each */
+                        sum[r] = type == Q5_0 ? _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, ones))
+                                              : _mm256_add_epi16(sum[r], p);
+                        KEEP(sum[r]);
+                    }
+                }
+                if (type != Q5_0)
+                    for (int r = 0; r < R; r++) sum[r] = _mm256_madd_epi16(sum[r], ones);
+            }
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16 * h)));
             const __m256 m = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 32 + 16 * h)))
                                           : _mm256_setzero_ps();
-            __m256i s[8];  /* Q8_0: the signed codes q */
-            if (type == Q8_0) {
-                for (int k = 0; k < 8; k++)
-                    s[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(c + 64 * k)), _mm256_set1_epi8(-128));
-            } else {
-                for (int k = 0; k < 4; k++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * k));
-                    s[k] = _mm256_and_si256(v, _mm256_set1_epi8(15));
-                    s[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
-                }
-                if (type == Q5_0) {
-                    const __m256i fh = _mm256_loadu_si256((const __m256i *)(t + 32 + 32 * h));
-                    for (int k = 0; k < 8; k++)
-                        s[k] = _mm256_or_si256(s[k], FIFTH(_mm256_slli_epi16, _mm256_srli_epi16, _mm256_and_si256,
-                                                           _mm256_set1_epi8, fh, k));
-                }
-            }
             for (int r = 0; r < R; r++) {
                 const long rb = r * blocks + b;
-                const signed char *xb = xq + r * in + 32 * b;
-                __m256i i0 = _mm256_set1_epi32(type == Q8_0 ? 0 : start(type, xs[rb]));  /* Q8_0: q . xq directly */
-                if (type == Q8_0) {
-                    for (int k = 0; k < 8; k++) {
-                        const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xb + 4 * k)), s[k]);
-                        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s[k]), x4),
-                                                                    ones));
-                    }
-                } else if (type == Q5_0) {  /* 5-bit codes: pairs up to 2 * 31 * 127 = 7874, four steps in 16 bits */
-                    for (int k0 = 0; k0 < 8; k0 += 4) {
-                        __m256i i16 = _mm256_setzero_si256();
-                        for (int k = k0; k < k0 + 4; k++)
-                            i16 = _mm256_add_epi16(i16,
-                                                   _mm256_maddubs_epi16(s[k], _mm256_set1_epi32(four(xb + 4 * k))));
-                        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(i16, ones));
-                    }
-                } else {  /* 4-bit codes: a pair's product sum is at most 2 * 15 * 127 = 3810, eight of them fit in 16
-                           * bits (30480), so the steps add in 16 bits and widen once (a shared loop with Q5_0's
-                           * measured 8-10 % slower at 4-5 rows) */
-                    __m256i i16 = _mm256_setzero_si256();
-                    for (int k = 0; k < 8; k++)
-                        i16 = _mm256_add_epi16(i16, _mm256_maddubs_epi16(s[k], _mm256_set1_epi32(four(xb + 4 * k))));
-                    i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(i16, ones));
-                }
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])), acc[r]);
+                const __m256i i = _mm256_add_epi32(sum[r], _mm256_set1_epi32(type == Q8_0 ? 0 : start(type, xs[rb])));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])), acc[r]);
                 if (type == Q4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[rb]), acc[r]);
             }
         }
