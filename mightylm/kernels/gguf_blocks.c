@@ -762,42 +762,47 @@ void q6k_tile_rows256(const signed char *xq, const float *dx, long in, const uns
             for (int b = 0; b < 8; b++) {
                 const unsigned char *c = t + 288 + 384 * b;
                 for (int k = 0; h == 0 && k < 384; k += 64) _mm_prefetch((const char *)c + PREFETCH + k, _MM_HINT_T0);
-                __m256i q[8], sc[2];
                 const __m256i hb0 = _mm256_loadu_si256((const __m256i *)(c + 256 + 32 * h)),
                               hb1 = _mm256_loadu_si256((const __m256i *)(c + 320 + 32 * h));
-                for (int k = 0; k < 4; k++) {
-                    const __m256i n = _mm256_loadu_si256((const __m256i *)(c + 64 * k + 32 * h));
-                    q[k] = _mm256_and_si256(n, low4);
-                    q[k + 4] = _mm256_and_si256(_mm256_srli_epi16(n, 4), low4);
-                }
-                /* step s's high bits (chunk s % 2, pair s / 2) moved to bits 4-5 */
-                q[0] = _mm256_or_si256(q[0], _mm256_and_si256(_mm256_slli_epi16(hb0, 4), bits45));
-                q[1] = _mm256_or_si256(q[1], _mm256_and_si256(_mm256_slli_epi16(hb1, 4), bits45));
-                q[2] = _mm256_or_si256(q[2], _mm256_and_si256(_mm256_slli_epi16(hb0, 2), bits45));
-                q[3] = _mm256_or_si256(q[3], _mm256_and_si256(_mm256_slli_epi16(hb1, 2), bits45));
-                q[4] = _mm256_or_si256(q[4], _mm256_and_si256(hb0, bits45));
-                q[5] = _mm256_or_si256(q[5], _mm256_and_si256(hb1, bits45));
-                q[6] = _mm256_or_si256(q[6], _mm256_and_si256(_mm256_srli_epi16(hb0, 2), bits45));
-                q[7] = _mm256_or_si256(q[7], _mm256_and_si256(_mm256_srli_epi16(hb1, 2), bits45));
-                for (int k = 0; k < 8; k++) q[k] = _mm256_sub_epi8(q[k], off);
-                for (int G = 0; G < 2; G++) {  /* the 8 rows' scales of group 2 b + G, each in both 16-bit halves */
+                __m256i i32[8];
+                for (int r = 0; r < R; r++) i32[r] = _mm256_setzero_si256();
+                for (int G = 0; G < 2; G++) {  /* steps 4 G .. 4 G + 3: the codes of group 2 b + G, then every row */
+                    __m256i q[4];
+                    for (int j = 0; j < 4; j++) {  /* chunk j: step j in its low nibbles, step j + 4 in its high ones */
+                        const __m256i n = _mm256_loadu_si256((const __m256i *)(c + 64 * j + 32 * h));
+                        q[j] = _mm256_and_si256(G ? _mm256_srli_epi16(n, 4) : n, low4);
+                    }
+                    /* step s's high bits (chunk s % 2, pair s / 2) moved to bits 4-5 */
+                    q[0] = _mm256_or_si256(q[0], _mm256_and_si256(G ? hb0 : _mm256_slli_epi16(hb0, 4), bits45));
+                    q[1] = _mm256_or_si256(q[1], _mm256_and_si256(G ? hb1 : _mm256_slli_epi16(hb1, 4), bits45));
+                    q[2] = _mm256_or_si256(q[2], _mm256_and_si256(G ? _mm256_srli_epi16(hb0, 2)
+                                                                    : _mm256_slli_epi16(hb0, 2), bits45));
+                    q[3] = _mm256_or_si256(q[3], _mm256_and_si256(G ? _mm256_srli_epi16(hb1, 2)
+                                                                    : _mm256_slli_epi16(hb1, 2), bits45));
+                    __m256i a[4];  /* |q - 32|: vpmaddubsw's unsigned operand, the sign moved onto x */
+                    for (int j = 0; j < 4; j++) {
+                        q[j] = _mm256_sub_epi8(q[j], off);
+                        a[j] = _mm256_abs_epi8(q[j]);
+                    }
+                    /* the 8 rows' scales of the group, each in both 16-bit halves */
                     const __m256i v = _mm256_cvtepu16_epi32(_mm_cvtepi8_epi16(
                         _mm_loadl_epi64((const __m128i *)(t + 32 + 16 * (2 * b + G) + 8 * h))));
-                    sc[G] = _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+                    const __m256i sc = _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+                    for (int r = 0; r < R; r++) {
+                        const signed char *xb = xq + r * in + 32 * (8 * s + b) + 16 * G;
+                        __m256i i16 = _mm256_setzero_si256();
+                        for (int j = 0; j < 4; j++) {
+                            const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xb + 4 * j)), q[j]);
+                            i16 = _mm256_add_epi16(i16, _mm256_maddubs_epi16(a[j], x4));
+                        }
+                        i32[r] = _mm256_add_epi32(i32[r], _mm256_madd_epi16(i16, sc));
+                        KEEP(i32[r]);
+                    }
                 }
                 for (int r = 0; r < R; r++) {
                     const long rb = r * blocks + 8 * s + b;
-                    const signed char *xb = xq + r * in + 32 * (8 * s + b);
-                    __m256i i32 = _mm256_setzero_si256();
-                    for (int G = 0; G < 2; G++) {
-                        __m256i i16 = _mm256_setzero_si256();
-                        for (int k = 4 * G; k < 4 * G + 4; k++) {
-                            const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xb + 4 * k)), q[k]);
-                            i16 = _mm256_add_epi16(i16, _mm256_maddubs_epi16(_mm256_abs_epi8(q[k]), x4));
-                        }
-                        i32 = _mm256_add_epi32(i32, _mm256_madd_epi16(i16, sc[G]));
-                    }
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32[r]), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])),
+                                             acc[r]);
                 }
             }
         }
