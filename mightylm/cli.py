@@ -65,9 +65,11 @@ def generate(
             faster decoding, ~3x faster prompts and cheap speculative passes (--draft), at the cost of float32's exact
             result (logits move by the rounding; greedy text can differ where two tokens were nearly tied).
         draft: Speculative decoding (same output, fewer passes of the model): a smaller model with the same
-            tokenizer (a directory, .gguf or embedded name), prompt-lookup (drafts copied from the prompt's n-grams;
-            prompt-lookup:N for the longest n), or layers:N (the model's own first N blocks).
-        gamma: Speculative decoding: tokens drafted per pass of the model.
+            tokenizer (a directory, .gguf or embedded name), prompt-lookup (drafts copied from where the text's
+            ending occurred before in the prompt or the text so far; prompt-lookup:N compares up to N tokens,
+            default 8), or layers:N (the model's own first N blocks).
+        gamma: Speculative decoding: the most tokens drafted per pass of the model (prompt lookup drafts fewer
+            after a short match).
         draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
         rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.

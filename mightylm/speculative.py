@@ -247,14 +247,15 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
 
 
 def make_draft(spec: str, target, *, load=None) -> object:
-    """A draft from its command-line spelling: a model path, `prompt-lookup` (or `prompt-lookup:N`, the longest
-    n-gram), or `layers:N` (the target's first N blocks)."""
+    """A draft from its command-line spelling: a model path, `prompt-lookup` (or `prompt-lookup:N`, up to N
+    tokens of agreement compared), or `layers:N` (the target's first N blocks)."""
     if spec.startswith("prompt-lookup"):
         _, _, n = spec.partition(":")
         try:
             return PromptLookup(max_ngram=int(n) if n else 8, vocab_size=target.config.vocab_size)
         except ValueError:
-            raise UsageError(f"--draft {spec}: write prompt-lookup or prompt-lookup:N (N the longest n-gram)") from None
+            raise UsageError(f"--draft {spec}: write prompt-lookup or prompt-lookup:N (N tokens compared at "
+                             "most)") from None
     if spec.startswith("layers:"):
         try:
             n = int(spec.partition(":")[2])

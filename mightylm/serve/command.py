@@ -70,7 +70,7 @@ def serve(
             32 and its Q8_0 / Q4_0 / Q4_1 products taken in integers, as llama.cpp does, each request's rows as they
             would be alone (so as `mighty generate --int8_activations` gives them); not float32's result. Batches
             and prompts are several times faster so (bench/RESULTS.md).
-        draft: Speculative decoding: prompt-lookup (or prompt-lookup:N, the longest n-gram) or a smaller model
+        draft: Speculative decoding: prompt-lookup (or prompt-lookup:N, up to N tokens compared) or a smaller model
             sharing the vocabulary (a directory or .gguf). Each step verifies every row's drafted tokens in one
             pass and keeps exactly what the model itself would sample; a step speculates only when the measured
             pass times and acceptance say it gives more tokens per second. Requests opt out with
