@@ -14,7 +14,11 @@ def test_help_explains_every_verb(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "generate" in out and "chat" in out
+    from mightylm.cli import _verbs
+
+    # the overview is written from the verbs' docstrings without building their parsers: every verb, its first line
+    assert all(f"  {verb} " in out for verb in _verbs()) and "Stream the completion of a prompt" in out
+    assert "`mighty finetune KIND --help`" in out
     for verb in ("generate", "chat"):
         with pytest.raises(SystemExit):
             main([verb, "--help"])
