@@ -146,10 +146,11 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         # several rows in one call (a prompt, a speculative step, a server's batch; 11: a pass of 8 and one of 3):
         # each row exactly what it gets alone
         rows, bias = torch.randn(11, n_in), torch.randn(out)
-        together = ops.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True)
         alone = torch.cat([ops.matmul_ggml(r[None], tiles, ggml_type, out, bias, int8_activations=True)
                            for r in rows])
-        assert torch.equal(together, alone), ggml_type
+        for n in range(2, 12):  # each row count of one pass (its own copy of the loop), then 8 + 1 .. 8 + 3
+            together = ops.matmul_ggml(rows[:n], tiles, ggml_type, out, bias, int8_activations=True)
+            assert torch.equal(together, alone[:n]), (ggml_type, n)
         isa("avx2")  # the baseline path: the same bits
         assert torch.equal(ops.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
     # Q6_K in tiles too: x rounded per 32 the same way, integer dots per group of 16 weighted by the int8 scales
@@ -175,6 +176,10 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         torch.testing.assert_close(together[r].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
         alone = ops.matmul_ggml(rows[r:r + 1], tiles, 14, out, bias, int8_activations=True)
         assert torch.equal(alone[0], together[r])
+    more = torch.randn(11, n_in)
+    alone = torch.cat([ops.matmul_ggml(r[None], tiles, 14, out, bias, int8_activations=True) for r in more])
+    for n in range(2, 12):
+        assert torch.equal(ops.matmul_ggml(more[:n], tiles, 14, out, bias, int8_activations=True), alone[:n]), n
     isa("avx2")
     assert torch.equal(ops.matmul_ggml(rows, tiles, 14, out, bias, int8_activations=True), together)
     for ggml_type in (2, 3, 6):  # the largest sums: codes of 15 (Q5_0: 31) times 127 everywhere (AVX2 adds 8 steps,
