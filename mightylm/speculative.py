@@ -254,8 +254,8 @@ def make_draft(spec: str, target, *, load=None) -> object:
         try:
             return PromptLookup(max_ngram=int(n) if n else 8, vocab_size=target.config.vocab_size)
         except ValueError:
-            raise UsageError(f"--draft {spec}: write prompt-lookup or prompt-lookup:N (N tokens compared at "
-                             "most)") from None
+            raise UsageError(f"--draft {spec}: write prompt-lookup or prompt-lookup:N, N the most tokens compared "
+                             f"(a whole number, at least {PromptLookup.min_ngram})") from None
     if spec.startswith("layers:"):
         try:
             n = int(spec.partition(":")[2])

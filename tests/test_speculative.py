@@ -8,7 +8,7 @@ import torch
 import conftest
 from mightylm.errors import UsageError
 from mightylm.generate import Sampling, generate, logits_to_probs
-from mightylm.speculative import (DraftModel, PromptLookup, Stats, accept, check_draft, self_draft,
+from mightylm.speculative import (DraftModel, PromptLookup, Stats, accept, check_draft, make_draft, self_draft,
                                   speculative_tokens)
 
 
@@ -159,6 +159,9 @@ def test_bad_drafts_and_settings():
         list(speculative_tokens(target, [1, 2], Sampling(max_new_tokens=4), DraftModel(small), 0))
     with pytest.raises(UsageError, match="n-gram"):
         PromptLookup(max_ngram=0)
+    for spec in ("prompt-lookup:1", "prompt-lookup:x"):
+        with pytest.raises(UsageError, match=rf"--draft {spec}: .*\(a whole number, at least 2\)"):
+            make_draft(spec, target)
     with pytest.raises(UsageError, match="1 <= N < 3"):
         self_draft(target, 3)
 
