@@ -3,8 +3,9 @@ weights in one run (for a session lent a device machine: `bash runs/gpu_check.sh
 
 Decode: a prompt of 32 random tokens, 128 new tokens, greedy, bf16 weights; transformers' `generate` (its dynamic
 cache, eager; with --hf-compile also its static cache, which `generate` compiles with torch.compile), ours launch
-by launch (`cuda_graphs=False`) and ours with each token one CUDA graph replay (static_decode.py; the capture
-is in the first, untimed call, printed; the model keeps its decoder for the next generations). Median of
+by launch (`cuda_graphs=False`), ours with each token one CUDA graph replay (static_decode.py; the capture
+is in the first, untimed call, printed; the model keeps its decoder for the next generations), and that graph of
+a step whose block torch.compile fused (`mighty generate --compile`; compiling is in the first call). Median of
 `--repeats` after that first call; tok/s of decode and prefill together, as a user waits for them. Bound: the
 bf16 weight bytes read per token over the measured copy bandwidth.
 
@@ -27,6 +28,7 @@ import torch
 
 import mightylm
 from mightylm.config import ModelConfig
+from mightylm import static_decode
 from mightylm.generate import Sampling, generate
 
 SHAPES = {
@@ -102,19 +104,27 @@ def decode_row(shape: str, config: ModelConfig, args, bandwidth: float) -> None:
             return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                                pad_token_id=0, **extra)[0, prompt.shape[1]:].tolist()
 
+    def run_ours(graphs: bool, compiled: bool = False):
+        def run():
+            static_decode.compile_blocks(ours, compiled)
+            return generate(ours, [prompt[0].tolist()], settings, cuda_graphs=graphs)[0]
+        return run
+
     runs = {
         "transformers": run_hf,
-        "mightylm": lambda: generate(ours, [prompt[0].tolist()], settings, cuda_graphs=False)[0],
-        "mightylm graphs": lambda: generate(ours, [prompt[0].tolist()], settings, cuda_graphs=True)[0],
+        "mightylm": run_ours(False),
+        "mightylm graphs": run_ours(True),
+        "mightylm compiled graphs": run_ours(True, compiled=True),
     }
-    tokens = {}
-    for name, run in runs.items():
+    tokens, seconds = {}, {}
+    for name, run in runs.items():  # each timed right after its first call: the model keeps that run's decoder
         sync(args.device)
         t = time.perf_counter()
         tokens[name] = run()
         sync(args.device)
         print(f"  first call of {name}: {time.perf_counter() - t:.2f} s")
-    seconds = {name: timed(run, args.repeats, args.device) for name, run in runs.items()}
+        seconds[name] = timed(run, args.repeats, args.device)
+    static_decode.compile_blocks(ours, False)
     if args.hf_compile:
         def static():
             return run_hf(cache_implementation="static")
@@ -134,16 +144,17 @@ def decode_row(shape: str, config: ModelConfig, args, bandwidth: float) -> None:
         agree = sum(a == b for a, b in zip(tokens[name], tokens["transformers"]))
         print(f"  {name:28s} {n / s:8.1f} tok/s  {base / s:5.2f}x transformers  {n / s / bound:6.1%} of bound  "
               f"{agree}/{n} tokens as transformers")
-    same = tokens["mightylm"] == tokens["mightylm graphs"]
-    print(f"  graphs and launch-by-launch give the same tokens: {same}")
+    same = tokens["mightylm"] == tokens["mightylm graphs"] == tokens["mightylm compiled graphs"]
+    print(f"  graphs, compiled graphs and launch-by-launch give the same tokens: {same}")
     if args.step_profile:
         step_profile(ours, config, args)
 
 
 def step_profile(ours, config: ModelConfig, args) -> None:
     """Milliseconds per decoded token of the step alone (no sampling, no Python loop around it; 100 steps between
-    two synchronisations): launch by launch, one CUDA graph replay, and one replay of the step compiled by
-    torch.compile (inductor fuses the elementwise work: fewer kernels per graph) with its compile time."""
+    two synchronisations): launch by launch, one CUDA graph replay, one replay of the step whose block
+    torch.compile fused (inductor: fewer kernels per graph; compile_blocks), and with --whole-step-compile one of
+    the whole step compiled; the first call's time includes capturing and compiling."""
     from mightylm.generate import decode_one_token, prefill
     from mightylm.static_decode import StaticDecode
 
@@ -151,14 +162,16 @@ def step_profile(ours, config: ModelConfig, args) -> None:
     prompt = torch.randint(100, config.vocab_size, (1, P), device=device)
     token = torch.tensor([5], device=device)
     times = {}
-    for name in ("launch by launch", "graph", "compiled graph"):
+    names = ["launch by launch", "graph", "compiled blocks"]
+    names += ["whole step compiled"] if args.whole_step_compile else []
+    for name in names:
         with torch.inference_mode():
             cache = ours.make_cache(1, 256)
             prefill(ours, prompt, cache)
             step = lambda t, i: decode_one_token(ours, t, cache, i)  # noqa: E731
             if name != "launch by launch":
-                step = StaticDecode(ours, cache, None)
-                if name == "compiled graph":
+                step = StaticDecode(ours, cache, None, compiled=name == "compiled blocks")
+                if name == "whole step compiled":
                     step._step = torch.compile(step._step, fullgraph=True)
             sync(device)
             t = time.perf_counter()
@@ -172,6 +185,47 @@ def step_profile(ours, config: ModelConfig, args) -> None:
             times[name] = (time.perf_counter() - t) / n
         print(f"  step alone, {name:17s} {times[name] * 1e3:7.3f} ms/token  ({1 / times[name]:7.0f} tok/s; "
               f"first call {first:.2f} s)")
+
+
+def precision_row(shape: str, config: ModelConfig, args) -> None:
+    """Why bf16 tokens can differ between the graph and the compiled graph: each step's bf16 logits against the
+    same model's float32 logits, the tokens fed being float32's argmax (teacher-forced, `--new-tokens` steps):
+    the largest difference and how often each variant's argmax is float32's. Random weights have near-ties."""
+    import copy
+
+    from mightylm.generate import prefill
+    from mightylm.static_decode import StaticDecode
+
+    device, P = args.device, args.prompt_tokens
+    torch.manual_seed(0)
+    with torch.device(device):
+        exact = mightylm.Transformer(config).eval()
+    half = copy.deepcopy(exact).to(torch.bfloat16)
+    prompt = torch.randint(100, config.vocab_size, (1, P), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.inference_mode():
+        cache = exact.make_cache(1, P + args.new_tokens)
+        reference = StaticDecode(exact, cache, None)
+        token = prefill(exact, prompt, cache).argmax(-1)
+        variants = {}
+        for name, compiled in (("graph", False), ("compiled graph", True)):
+            c = half.make_cache(1, P + args.new_tokens)
+            prefill(half, prompt, c)
+            variants[name] = StaticDecode(half, c, None, compiled=compiled)
+        worst, agree, gaps = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0), []
+        for t in range(args.new_tokens):
+            r = reference(token, P + t).float().clone()
+            for name, step in variants.items():
+                logits = step(token, P + t).float()
+                worst[name] = max(worst[name], (logits - r).abs().max().item())
+                agree[name] += int(torch.equal(logits.argmax(-1), r.argmax(-1)))
+            top = r.topk(2).values
+            gaps.append((top[0, 0] - top[0, 1]).item())
+            token = r.argmax(-1)
+    n = args.new_tokens
+    print(f"{shape}: bf16 against float32 logits over {n} teacher-forced steps (median top-2 gap of float32 "
+          f"{statistics.median(gaps):.3f}, logit std {r.std().item():.2f}):")
+    for name in variants:
+        print(f"  bf16 {name:15s} max |difference| {worst[name]:.3f}   argmax = float32's {agree[name]}/{n}")
 
 
 def train_rate(make_model, loss_of, device: str, tokens: int, steps: int) -> tuple[float, float]:
@@ -238,6 +292,10 @@ def main():
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--step-profile", action="store_true", help="also time the decode step alone (and compiled)")
+    parser.add_argument("--precision", action="store_true",
+                        help="also bf16 logits (graph, compiled graph) against float32, teacher-forced")
+    parser.add_argument("--whole-step-compile", action="store_true",
+                        help="with --step-profile: also the whole step compiled (20-40 s of compiling per shape)")
     args = parser.parse_args()
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     bandwidth = copy_bandwidth_gbs(args.device)
@@ -246,6 +304,8 @@ def main():
         config = config_of(shape)
         if not args.skip_decode:
             decode_row(shape, config, args, bandwidth)
+        if args.precision:
+            precision_row(shape, config, args)
         if not args.skip_training:
             train_row(shape, config, args)
 

@@ -201,14 +201,15 @@ def generation_device(device: str) -> torch.device:
 
 def load_for_generation(model: str, dtype: str = "float32", adapter: str | None = None, log=None,
                         keep_blocks: bool = False, rope_scaling: str | None = None, int8_activations: bool = False,
-                        device: str = "cpu"):
+                        device: str = "cpu", compile_blocks: bool = False):
     """(model, tokenizer) for `mighty generate|chat|eval`: loaded (a tokenizer required; a GGUF file's blocks kept
     as stored with `keep_blocks` when the dtype is float32, the one the block kernels compute in), the adapter
     applied unmerged, another RoPE scaling set when asked (model.set_rope_scaling: "yarn:4", "none", ...), then
     the decode layout (fuse.fuse_projections_: same outputs, faster batch-1 decoding); `int8_activations`: the kept
     blocks multiply decoded tokens in llama.cpp's arithmetic (compress.gguf_blocks.int8_activations_). On a CUDA
     `device` the weights are dequantized to `dtype` and moved there, without the CPU's blocks and layouts, and
-    decoding replays CUDA graphs (static_decode.py). Progress lines go to `log`."""
+    decoding replays CUDA graphs (static_decode.py), of a step whose block `torch.compile` fused with
+    `compile_blocks`. Progress lines go to `log`."""
     from mightylm.checkpoint import load
     from mightylm.compress.sparse24 import pack_24_
     from mightylm.fuse import fuse_projections_
@@ -218,6 +219,9 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
     if on_gpu and int8_activations:
         raise UsageError("--int8_activations is the CPU's block arithmetic; on a GPU the weights are dequantized "
                          "to --dtype (bfloat16 is the fast one there)")
+    if compile_blocks and not on_gpu:
+        raise UsageError("--compile compiles the decode step that --device cuda replays as a CUDA graph; on the CPU "
+                         "the native kernels decode (use it with --device cuda)")
     keep_blocks = keep_blocks and dtype == "float32" and not on_gpu
     t0 = time.perf_counter()
     print(f"loading {model} ...", file=log, flush=True)
@@ -232,6 +236,8 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
         print(set_rope_scaling(loaded, rope_scaling), file=log)
     if on_gpu:
         loaded.to(device)
+        if compile_blocks:
+            static_decode.compile_blocks(loaded)
         freeze_what_lives()
         print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters onto {device} in "
               f"{time.perf_counter() - t0:.1f}s", file=log, flush=True)

@@ -12,6 +12,7 @@ which it replaces in `generate.generate_steps`).
     decode.cache                                            (prefill writes the prompt here first)
     decode(token (B,), start: int) -> logits (B, V)         (a buffer the next call overwrites)
     give_back(model, decode)                                (kept for the model's next generation)
+    compile_blocks(model)                                   (its later decoders compile their block with inductor)
 
 A capture costs tens of milliseconds, as much as a hundred replays of a small model, so a model keeps its last
 decoder (its cache and graph) between generations of the same batch size and a cache length rounded up to
@@ -19,6 +20,13 @@ decoder (its cache and graph) between generations of the same batch size and a c
 decoded was written by this generation. A decoder is taken while in use (two generations at once get two), and
 it is made again when the model's modules or the memory of its tensors changed (an adapter applied, `.to()`):
 the graph reads that memory by address.
+
+`compile_blocks(model)` has the model's later decoders run each block through `torch.compile` (inductor fuses the
+norms, RoPE and SwiGLU's elementwise kernels: fewer, larger kernels in the graph). One compiled function serves
+every block (PyTorch's regional compilation: the blocks' weights are its inputs, the block's cache is passed as its
+own pair of tensors), so the compile costs one block's, seconds rather than the whole step's tens of seconds. A
+second batch size or cache length compiles once more, for sizes given at run time (torch.compile's automatic
+dynamic shapes), which later sizes reuse.
 """
 
 from __future__ import annotations
@@ -33,17 +41,33 @@ ROUND = 256
 
 
 class _SlotCache:
-    """The cache interface the blocks call, writing at a slot held in a device tensor: `update` puts the new keys
-    and values at `slot` and returns the whole buffers (the mask hides the slots not yet written)."""
+    """The cache interface a block calls, writing at a slot held in a device tensor: `update` puts the new keys
+    and values at `slot` into this block's buffers and returns them whole (the mask hides the slots not yet
+    written). One per block, holding only that block's tensors: a compiled block reads no layer index."""
 
-    def __init__(self, cache: KVCache, slot: torch.Tensor):
-        self.cache, self.slot = cache, slot
+    def __init__(self, K: torch.Tensor, V: torch.Tensor, slot: torch.Tensor):
+        self.K, self.V, self.slot = K, V, slot
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        K, V = self.cache.k[layer], self.cache.v[layer]
-        K.index_copy_(2, self.slot, k)
-        V.index_copy_(2, self.slot, v)
-        return K, V
+        self.K.index_copy_(2, self.slot, k)
+        self.V.index_copy_(2, self.slot, v)
+        return self.K, self.V
+
+
+def _run_block(block, x, cos, sin, mask, cache):
+    return block(x, cos, sin, mask, cache, 0)
+
+
+_compiled_block = None  # torch.compile(_run_block), made at the first compiled decoder (compiling imports inductor)
+
+
+def _block_runner(compiled: bool):
+    global _compiled_block
+    if not compiled:
+        return _run_block
+    if _compiled_block is None:
+        _compiled_block = torch.compile(_run_block, fullgraph=True)
+    return _compiled_block
 
 
 class StaticDecode:
@@ -55,10 +79,10 @@ class StaticDecode:
     CUDA graph (after two warm-up runs on a side stream, which write the same slot the call then writes) and
     every call replays it."""
 
-    def __init__(self, model: Transformer, cache: KVCache, pad: torch.Tensor | None):
+    def __init__(self, model: Transformer, cache: KVCache, pad: torch.Tensor | None, compiled: bool = False):
         device, B, L = model.device, cache.batch_size, cache.max_len
         self._model, self.cache = weakref.ref(model), cache  # weak: a model's kept decoder must not keep it alive
-        self.layout = _layout(model)
+        self.layout, self.compiled = _layout(model), compiled
         self.token = torch.zeros(B, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.pad = torch.zeros(B, dtype=torch.long, device=device)
@@ -68,6 +92,8 @@ class StaticDecode:
         cos, sin = model.rope(L, device)  # made now: the graph reads these very tensors
         self.cos, self.sin = cos.to(model.dtype), sin.to(model.dtype)
         self.window = model.config.sliding_window
+        self.slots = [_SlotCache(K, V, self.slot) for K, V in zip(cache.k, cache.v)]
+        self.run_block = _block_runner(compiled)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -86,10 +112,9 @@ class StaticDecode:
         mask = self.valid & (self.keys <= self.slot)  # (B, 1, 1, L): causal over the slots written
         if self.window is not None:
             mask = mask & (self.keys > self.slot - self.window)
-        cache = _SlotCache(self.cache, self.slot)
         x = model.embed(self.token[:, None])
-        for layer in model.layers:
-            x = layer(x, cos, sin, mask, cache, 0)
+        for layer, cache in zip(model.layers, self.slots):
+            x = self.run_block(layer, x, cos, sin, mask, cache)
         return model.head(model.norm(x))[:, -1]
 
     def _capture(self) -> None:
@@ -138,6 +163,15 @@ def fixed_shape(model: Transformer, length: int) -> bool:
 
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its last StaticDecode, while not in use
+_COMPILE: weakref.WeakSet = weakref.WeakSet()  # models whose decoders compile their block (compile_blocks)
+
+
+def compile_blocks(model: Transformer, on: bool = True) -> None:
+    """Have `model`'s later decoders run every block through one `torch.compile`d function (off with on=False)."""
+    if on:
+        _COMPILE.add(model)
+    else:
+        _COMPILE.discard(model)
 
 
 def take(model: Transformer, batch: int, length: int, pad: torch.Tensor | None) -> StaticDecode | None:
@@ -148,12 +182,13 @@ def take(model: Transformer, batch: int, length: int, pad: torch.Tensor | None) 
         slots = length
         if not fixed_shape(model, slots):
             return None
+    compiled = model in _COMPILE
     kept = _KEPT.pop(model, None)
     if kept is not None and kept.cache.batch_size == batch and kept.cache.max_len == slots \
-            and kept.layout == _layout(model):
+            and kept.layout == _layout(model) and kept.compiled == compiled:
         kept.set_pad(pad)
         return kept
-    return StaticDecode(model, model.make_cache(batch, slots), pad)
+    return StaticDecode(model, model.make_cache(batch, slots), pad, compiled)
 
 
 def give_back(model: Transformer, decoder: StaticDecode) -> None:

@@ -87,6 +87,12 @@ def test_the_device_option_is_checked_before_loading(capsys):
             assert f"--device {device}: {said}" in capsys.readouterr().err
 
 
+def test_compile_is_refused_on_the_cpu(hf_dir, capsys):
+    for verb in (["generate", "--prompt", "x"], ["chat"]):
+        assert main([*verb, "--model", str(hf_dir[1]), "--compile"]) == 2
+        assert "--compile compiles the decode step that --device cuda replays" in capsys.readouterr().err
+
+
 def test_chat_reads_turns_from_a_pipe(hf_dir):
     _, path, _ = hf_dir
     result = subprocess.run(

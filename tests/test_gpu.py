@@ -54,8 +54,24 @@ def graphed_decoding_equals_the_dynamic_step(device: str) -> None:
     assert generate(model, prompts, s, cuda_graphs=True) == generate(model, prompts, s, cuda_graphs=False)
 
 
-def cli_generate_equals_the_cpus(path, device: str, capsys) -> None:
-    """`mighty generate --device DEVICE` prints the greedy text the CPU does (float32 on both)."""
+def compiled_graphs_equal_the_dynamic_step(device: str) -> None:
+    """The graph of a step whose block torch.compile fused (static_decode.compile_blocks): the same logits as the
+    step launched op by op, and the same tokens through `generate`."""
+    from test_static_decode import steps_both_ways
+
+    from mightylm import static_decode
+
+    model = tiny(seed=4, qkv_bias=True, sliding_window=6).to(device)
+    prompts = [[5, 17, 42, 99, 3, 8, 11, 12, 13], [7, 7, 1]]
+    dynamic, static = steps_both_ways(model, prompts, steps=12, compiled=True)
+    torch.testing.assert_close(torch.stack(static), torch.stack(dynamic), atol=1e-4, rtol=1e-4)
+    s = Sampling(max_new_tokens=24)
+    static_decode.compile_blocks(model)
+    assert generate(model, prompts, s, cuda_graphs=True) == generate(model, prompts, s, cuda_graphs=False)
+
+
+def cli_generate_equals_the_cpus(path, device: str, capsys, compile: bool = False) -> None:
+    """`mighty generate --device DEVICE` (and with --compile) prints the greedy text the CPU does (float32)."""
     from mightylm.cli import main
 
     argv = ["generate", "--model", str(path), "--prompt", "To be", "--temperature", "0", "--max-new-tokens", "12"]
@@ -63,6 +79,9 @@ def cli_generate_equals_the_cpus(path, device: str, capsys) -> None:
     on_cpu = capsys.readouterr().out
     assert main([*argv, "--device", device]) == 0
     assert capsys.readouterr().out == on_cpu
+    if compile:
+        assert main([*argv, "--device", device, "--compile"]) == 0
+        assert capsys.readouterr().out == on_cpu
 
 
 def bf16_training_learns(tmp_path, device: str) -> None:
@@ -97,8 +116,12 @@ def test_graphed_decoding_on_the_gpu_equals_the_dynamic_step():
     graphed_decoding_equals_the_dynamic_step("cuda")
 
 
+def test_compiled_graphs_on_the_gpu_equal_the_dynamic_step():
+    compiled_graphs_equal_the_dynamic_step("cuda")
+
+
 def test_cli_generate_on_the_gpu_equals_the_cpus(hf_dir, capsys):
-    cli_generate_equals_the_cpus(hf_dir[1], "cuda", capsys)
+    cli_generate_equals_the_cpus(hf_dir[1], "cuda", capsys, compile=hf_dir[0] == "llama")  # one compile
 
 
 def test_bf16_training_on_the_gpu_learns(tmp_path):

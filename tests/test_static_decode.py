@@ -22,9 +22,9 @@ VARIANTS = {
 }
 
 
-def steps_both_ways(model, prompts: list[list[int]], steps: int) -> tuple[list, list]:
-    """Logits of `steps` decoded tokens after one prefill: decode_one_token's and StaticDecode's, each on its own
-    copy of the cache, fed the same (greedy) tokens."""
+def steps_both_ways(model, prompts: list[list[int]], steps: int, compiled: bool = False) -> tuple[list, list]:
+    """Logits of `steps` decoded tokens after one prefill: decode_one_token's and StaticDecode's (its block
+    compiled by torch.compile with `compiled`), each on its own copy of the cache, fed the same (greedy) tokens."""
     width = max(len(p) for p in prompts)
     idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
     pad = torch.tensor([width - len(p) for p in prompts], device=model.device)
@@ -33,7 +33,7 @@ def steps_both_ways(model, prompts: list[list[int]], steps: int) -> tuple[list, 
         cache = model.make_cache(len(prompts), width + steps)
         token = prefill(model, idx, cache, pad).argmax(-1)
         other = copy.deepcopy(cache)
-        fixed = StaticDecode(model, other, pad)
+        fixed = StaticDecode(model, other, pad, compiled)
         dynamic, static = [], []
         for t in range(steps):
             dynamic.append(decode_one_token(model, token, cache, width + t, pad))
@@ -48,6 +48,32 @@ def test_the_fixed_step_equals_the_dynamic_one(variant):
     prompts = [[5, 17, 42, 99, 3, 8, 11, 12, 13], [7, 7, 1]]  # the second row left-padded by six
     dynamic, static = steps_both_ways(model, prompts, steps=10)  # past the window of 6, and past the padding
     torch.testing.assert_close(torch.stack(static), torch.stack(dynamic), atol=1e-5, rtol=1e-5)
+
+
+def test_the_compiled_block_equals_the_dynamic_step():
+    """`compile_blocks`: one torch.compile'd function runs every block (inductor's C++ on the CPU, Triton on a GPU):
+    the same logits within float32 rounding, with padding and a sliding window, compiled once for all blocks."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny(seed=5, qkv_bias=True, sliding_window=6, n_layers=3)
+    prompts = [[5, 17, 42, 99, 3, 8, 11, 12, 13], [7, 7, 1]]
+    dynamic, static = steps_both_ways(model, prompts, steps=8, compiled=True)
+    torch.testing.assert_close(torch.stack(static), torch.stack(dynamic), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for the three blocks: the weights are its inputs
+
+
+def test_compile_blocks_marks_the_models_next_decoders():
+    model = tiny(seed=1)
+    plain = static_decode.take(model, 1, 40, None)
+    static_decode.give_back(model, plain)
+    static_decode.compile_blocks(model)
+    compiled = static_decode.take(model, 1, 40, None)
+    assert compiled is not plain and compiled.compiled  # not the kept plain one
+    static_decode.give_back(model, compiled)
+    static_decode.compile_blocks(model, on=False)
+    assert not static_decode.take(model, 1, 40, None).compiled
 
 
 def test_generate_with_the_fixed_step_gives_the_same_tokens():
