@@ -628,10 +628,12 @@ void tile_rows512(const signed char *xq, const float *dx, const int *xs, const f
 /* The same on AVX2, one half of each tile (8 output rows) at a time. A block's codes are read a chunk at a time and
  * multiplied into every row of x before the next chunk: each row holds one integer sum in a register (the codes of
  * a whole block stay in registers only for a few rows: with 8 they spilled, ~40 % more instructions per row). The
- * integers are the same as AVX-512's; only the order of exact integer additions differs. */
+ * integers are the same as AVX-512's; only the order of exact integer additions differs. x comes in block order
+ * (by_block: block b of row r at (b R + r) 32, its dx, xs and dxs at b R + r), so `in` is not read. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 void tile_rows256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
                   const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
+    (void)in;
     const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : type == Q5_0 ? 96 : 32;
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     for (int h = 0; h < 2; h++) {
@@ -648,7 +650,7 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
                                                        _mm256_set1_epi8(-128));
                     const __m256i a = _mm256_abs_epi8(q);
                     for (int r = 0; r < R; r++) {
-                        const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xq + r * in + 32 * b + 4 * k)), q);
+                        const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xq + (b * R + r) * 32 + 4 * k)), q);
                         sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a, x4), ones));
                         KEEP(sum[r]);
                     }
@@ -666,7 +668,7 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
                                                        _mm256_set1_epi8, fh, k + 4));
                     }
                     for (int r = 0; r < R; r++) {
-                        const signed char *xb = xq + r * in + 32 * b;
+                        const signed char *xb = xq + (b * R + r) * 32;
                         const __m256i p = _mm256_add_epi16(
                             _mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xb + 4 * k))),
                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xb + 16 + 4 * k))));
@@ -684,7 +686,7 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
             const __m256 m = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 32 + 16 * h)))
                                           : _mm256_setzero_ps();
             for (int r = 0; r < R; r++) {
-                const long rb = r * blocks + b;
+                const long rb = b * R + r;
                 const __m256i i = _mm256_add_epi32(sum[r], _mm256_set1_epi32(type == Q8_0 ? 0 : start(type, xs[rb])));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])), acc[r]);
                 if (type == Q4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[rb]), acc[r]);
@@ -745,13 +747,12 @@ static void gemm_tiles256(const signed char *xq, const float *dx, const int *xs,
  * the four steps' |q - 32| . sign(xq, q - 32) pair sums add in 16 bits (at most 4 * 2 * 32 * 127 = 32512), one
  * vpmaddwd weights them by the 8 rows' scales, and per block of 32 the exact integer sum is scaled by d dx in
  * float32: acc += (sum over the two groups of scale (q - 32) . xq) * (d dx) (llama.cpp's Q6_K dot takes the same
- * integers over x rounded per 256 instead). One AVX2 loop for both paths. */
+ * integers over x rounded per 256 instead). One AVX2 loop for both paths; x in block order (by_block). */
 #define Q6K_TILE (TILE * Q6K_BYTES)
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
-void q6k_tile_rows256(const signed char *xq, const float *dx, long in, const unsigned char *T, long supers,
+void q6k_tile_rows256(const signed char *xq, const float *dx, const unsigned char *T, long supers,
                       float *y, long ldy, const int R) {
-    const long blocks = in / 32;
     const __m256i low4 = _mm256_set1_epi8(15), bits45 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
     for (int h = 0; h < 2; h++) {
         __m256 acc[8];
@@ -789,7 +790,7 @@ void q6k_tile_rows256(const signed char *xq, const float *dx, long in, const uns
                         _mm_loadl_epi64((const __m128i *)(t + 32 + 16 * (2 * b + G) + 8 * h))));
                     const __m256i sc = _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
                     for (int r = 0; r < R; r++) {
-                        const signed char *xb = xq + r * in + 32 * (8 * s + b) + 16 * G;
+                        const signed char *xb = xq + ((8 * s + b) * R + r) * 32 + 16 * G;
                         __m256i i16 = _mm256_setzero_si256();
                         for (int j = 0; j < 4; j++) {
                             const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(four(xb + 4 * j)), q[j]);
@@ -800,7 +801,7 @@ void q6k_tile_rows256(const signed char *xq, const float *dx, long in, const uns
                     }
                 }
                 for (int r = 0; r < R; r++) {
-                    const long rb = r * blocks + 8 * s + b;
+                    const long rb = (8 * s + b) * R + r;
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32[r]), _mm256_mul_ps(d, _mm256_set1_ps(dx[rb])),
                                              acc[r]);
                 }
@@ -822,17 +823,47 @@ static void q6k_gemm_tiles(const signed char *xq, const float *dx, long rows, co
             const float *dr = dx + r * (in / 32);
             float *yr = y + r * out + TILE * g;
             switch (rows - r < 8 ? rows - r : 8) {
-                case 8: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 8); break;
-                case 7: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 7); break;
-                case 6: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 6); break;
-                case 5: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 5); break;
-                case 4: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 4); break;
-                case 3: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 3); break;
-                case 2: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 2); break;
-                default: q6k_tile_rows256(xr, dr, in, tg, supers, yr, out, 1);
+                case 8: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 8); break;
+                case 7: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 7); break;
+                case 6: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 6); break;
+                case 5: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 5); break;
+                case 4: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 4); break;
+                case 3: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 3); break;
+                case 2: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 2); break;
+                default: q6k_tile_rows256(xr, dr, tg, supers, yr, out, 1);
             }
         }
     }
+}
+
+/* The AVX2 loop's order of x: each group of 8 rows (the rows one pass of tile_rows256 takes, n of them) by block,
+ * row after row within a block (block b of row r at (b n + r) 32 from the group's start, its dx, xs and dxs at
+ * b n + r), so that one pointer and constant offsets reach every row's block: with a pointer per row the loop
+ * ran out of general registers and spilled them (~30 stack accesses per block at 8 rows). */
+static void by_block(signed char *xq, float *dx, int *xs, float *dxs, long rows, long in) {
+    const long blocks = in / 32;
+    signed char *q = malloc(8 * in);
+    float *d = malloc(sizeof(float) * 8 * blocks), *ds = malloc(sizeof(float) * 8 * blocks);
+    int *s = malloc(sizeof(int) * 8 * blocks);
+    for (long r0 = 0; r0 < rows; r0 += 8) {
+        const long n = rows - r0 < 8 ? rows - r0 : 8;
+        if (n == 1) break;  /* one row: the same order */
+        for (long r = 0; r < n; r++)
+            for (long b = 0; b < blocks; b++) {
+                memcpy(q + (b * n + r) * 32, xq + (r0 + r) * in + 32 * b, 32);
+                d[b * n + r] = dx[(r0 + r) * blocks + b];
+                s[b * n + r] = xs[(r0 + r) * blocks + b];
+                ds[b * n + r] = dxs[(r0 + r) * blocks + b];
+            }
+        memcpy(xq + r0 * in, q, n * in);
+        memcpy(dx + r0 * blocks, d, sizeof(float) * n * blocks);
+        memcpy(xs + r0 * blocks, s, sizeof(int) * n * blocks);
+        memcpy(dxs + r0 * blocks, ds, sizeof(float) * n * blocks);
+    }
+    free(q);
+    free(d);
+    free(ds);
+    free(s);
 }
 
 /* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 weights laid out
@@ -851,6 +882,7 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
     int *xs = malloc(sizeof(int) * rows * blocks);
     for (long r = 0; r < rows; r++) quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks);
     for (long i = 0; i < rows * blocks; i++) dxs[i] = dx[i] * (float)xs[i];
+    if (type == Q6_K || !mighty_isa_level) by_block(xq, dx, xs, dxs, rows, in);  /* the AVX2 loops' order */
     if (type == Q6_K) q6k_gemm_tiles(xq, dx, rows, T, y, in, out, nthreads);
     else if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
     else gemm_tiles256(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
