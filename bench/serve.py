@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py [--clients 1 4 16 64] [--requests-per-client 2] [--max-tokens 64]
                                     [--blocks true|false] [--int8-activations] [--skip-baseline]
+    python3 bench/serve.py --model DIR --device cuda --dtype bfloat16      # on a GPU (any model with a tokenizer)
 
 The server is `mighty serve` (SmolLM2-135M-Instruct, continuous batching) in a process of its own
 on a loopback port, as deployed; N concurrent clients (threads here) each send streaming chat
@@ -90,7 +91,7 @@ def baseline(hf, tokenizer, requests, max_tokens):
     """One request at a time with transformers' generate: tokens/s."""
     tokens, t0 = 0, time.perf_counter()
     for q in QUESTIONS[:requests]:
-        ids = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": q}])])
+        ids = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": q}])], device=hf.device)
         with torch.no_grad():
             out = hf.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                               eos_token_id=list(tokenizer.stop_token_ids))  # every request max_tokens long
@@ -110,10 +111,13 @@ def main():
     p.add_argument("--int8-activations", action="store_true",
                    help="mighty serve --int8_activations true: decoded tokens in llama.cpp's arithmetic")
     p.add_argument("--skip-baseline", action="store_true", help="do not time transformers' one-at-a-time baseline")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="what mighty serve loads (and the baseline)")
+    p.add_argument("--device", default="cpu", help="mighty serve --device (the baseline runs there too)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
     import mightylm
 
-    model, tokenizer = mightylm.load("smollm2-135m-instruct")
+    model, tokenizer = mightylm.load(args.model)
     adapter = args.adapter
     if not Path(adapter).is_dir():  # no tour output: a random LoRA of the same shape costs the same
         from mightylm.adapters.lora import apply_lora, save_lora
@@ -125,15 +129,16 @@ def main():
     from mightylm.serve.command import start_server
 
     try:
-        url, server = start_server(["--model", "smollm2-135m-instruct", "--name", "smollm2", "--adapter", f"lora={adapter}",
+        url, server = start_server(["--model", args.model, "--name", "smollm2", "--adapter", f"lora={adapter}",
                                     "--max-batch", str(args.max_batch), "--max-queue", "256", "--max-len", "1024",
-                                    "--blocks", args.blocks, "--int8_activations", str(args.int8_activations).lower()],
+                                    "--blocks", args.blocks, "--int8_activations", str(args.int8_activations).lower(),
+                                    "--device", args.device, "--dtype", args.dtype],
                                    "bench/out/serve.log")
     except RuntimeError as e:
         sys.exit(str(e))
-    print(f"server: mighty serve --blocks {args.blocks} --int8_activations {str(args.int8_activations).lower()}, "
-          f"max batch {args.max_batch}; {args.max_tokens} tokens per "
-          "request, greedy")
+    print(f"server: mighty serve --model {args.model} --blocks {args.blocks} --int8_activations "
+          f"{str(args.int8_activations).lower()} --device {args.device} --dtype {args.dtype}, max batch "
+          f"{args.max_batch}; {args.max_tokens} tokens per request, greedy")
     rows = []
     try:
         for n in args.clients:
@@ -152,12 +157,13 @@ def main():
         return
     from transformers import AutoModelForCausalLM
 
-    hf_dir = Path("bench/out/smollm2-hf")
+    name = Path(args.model).name.removesuffix(".gguf").replace("smollm2-135m-instruct", "smollm2")
+    hf_dir = Path(args.model) if Path(args.model).is_dir() else Path("bench/out") / f"{name}-hf"
     if not hf_dir.exists():
         mightylm.save(model, tokenizer, hf_dir)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     base = baseline(hf, tokenizer, 4, args.max_tokens)
-    print(f"baseline (transformers generate, one request at a time): {base:.1f} tok/s")
+    print(f"baseline (transformers generate, one request at a time, {args.device}, {args.dtype}): {base:.1f} tok/s")
     for r in rows:
         print(f"  {r['clients']:3d} clients: {r['tokens_per_s'] / base:.2f}x the baseline")
 

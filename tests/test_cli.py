@@ -80,11 +80,19 @@ def test_errors_exit_2_with_a_message(tmp_path, hf_dir, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
 def test_the_device_option_is_checked_before_loading(capsys):
-    for verb in (["generate", "--prompt", "x"], ["chat"]):
+    for verb in (["generate", "--prompt", "x", "--engine", "torch"], ["chat", "--engine", "torch"], ["serve"]):
         for device, said in (("cuda", "this PyTorch"), ("gpu0", "not a device; use cpu, cuda or cuda:N"),
                              ("meta", "decoding runs on cpu or cuda")):
-            assert main([*verb, "--engine", "torch", "--device", device]) == 2
+            assert main([*verb, "--device", device]) == 2
             assert f"--device {device}: {said}" in capsys.readouterr().err
+
+
+def test_serve_on_a_gpu_refuses_what_runs_on_the_cpu_only(monkeypatch, capsys):
+    import mightylm.generate
+
+    monkeypatch.setattr(mightylm.generate, "generation_device", lambda device: torch.device("cuda"))
+    assert main(["serve", "--device", "cuda", "--draft", "prompt-lookup", "--int8_activations", "true"]) == 2
+    assert "--device cuda: --draft, --int8_activations not yet on a GPU" in capsys.readouterr().err
 
 
 def test_compile_is_refused_on_the_cpu(hf_dir, capsys):

@@ -9,10 +9,16 @@ import mightylm
 from mightylm.generate import Sampling, generate
 from mightylm.model import KVCache
 
-from conftest import tiny
+from conftest import serve_all, tiny
+from test_serve import _reference, served_model
 from test_train import config, dataset, tiny_model
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def served(bpe_tokenizer, tmp_path_factory):
+    return served_model(bpe_tokenizer, tmp_path_factory.mktemp("adapters"))
 
 
 def logits_equal_transformers(path, hf, device: str) -> None:
@@ -84,6 +90,30 @@ def cli_generate_equals_the_cpus(path, device: str, capsys, compile: bool = Fals
         assert capsys.readouterr().out == on_cpu
 
 
+def served_rows_equal_each_alone(served, device: str) -> None:
+    """The server's engine with its model and KV-cache pool on `device`: requests for the base model, a LoRA and
+    a soft prompt, prefilled together and decoded in one batch, each get the greedy text `generate` gives them
+    alone on the CPU."""
+    import copy
+
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+
+    model, tokenizer, root = served
+    bank = AdapterBank(copy.deepcopy(model).to(device))
+    bank.add("lora", root / "lora")
+    bank.add("prompt", root / "prompt")
+    engine = Engine(bank.model, tokenizer, bank, max_batch=8, max_len=256)
+    assert engine.pool.k[0].device.type == torch.device(device).type
+    texts = ["To be", "The quick brown fox jumps over", "Héllo", "whether 'tis nobler in the mind to suffer"]
+    jobs = [(text, adapter) for text in texts for adapter in (None, "lora", "prompt")][:8]
+    s = Sampling(max_new_tokens=10)
+    seqs = serve_all(engine, [(tokenizer.encode(text), s, bank.ids.get(adapter, 0)) for text, adapter in jobs])
+    for seq, (text, adapter) in zip(seqs, jobs):
+        got = tokenizer.decode([t for t in seq.generated if t not in tokenizer.stop_token_ids])
+        assert got == _reference(model, tokenizer, adapter and root / adapter, text, 10), (text, adapter)
+
+
 def bf16_training_learns(tmp_path, device: str) -> None:
     from mightylm.data.loader import Loader
     from mightylm.train import evaluate, fit
@@ -122,6 +152,10 @@ def test_compiled_graphs_on_the_gpu_equal_the_dynamic_step():
 
 def test_cli_generate_on_the_gpu_equals_the_cpus(hf_dir, capsys):
     cli_generate_equals_the_cpus(hf_dir[1], "cuda", capsys, compile=hf_dir[0] == "llama")  # one compile
+
+
+def test_served_rows_on_the_gpu_equal_each_alone(served):
+    served_rows_equal_each_alone(served, "cuda")
 
 
 def test_bf16_training_on_the_gpu_learns(tmp_path):

@@ -20,6 +20,11 @@ from conftest import run_app
 
 @pytest.fixture(scope="module")
 def tiny(bpe_tokenizer, tmp_path_factory):
+    return served_model(bpe_tokenizer, tmp_path_factory.mktemp("adapters"))
+
+
+def served_model(bpe_tokenizer, root: Path):
+    """(a tiny random model, the tokenizer, a directory with a LoRA ("lora") and a soft prompt ("prompt") for it)."""
     from mightylm.adapters.lora import apply_lora, save_lora
     from mightylm.adapters.prompt import apply_prompt_tuning, save_prompt
     from mightylm.config import ModelConfig
@@ -29,7 +34,6 @@ def tiny(bpe_tokenizer, tmp_path_factory):
     config = ModelConfig(vocab_size=bpe_tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=256)
     base = Transformer(config).eval()
-    root = tmp_path_factory.mktemp("adapters")
     lora = copy.deepcopy(base)
     apply_lora(lora, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
     with torch.no_grad():

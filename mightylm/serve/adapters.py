@@ -153,8 +153,9 @@ class AdapterBank:
         quick, for between steps, on the engine's thread)."""
         self._check_name(prepared["name"])
         dtype = prepared["dtype"]
+        device = self.model.device
         if prepared["kind"] == "prompt":
-            self.prompts[self._new_id(prepared["name"], "prompt")] = prepared["prompt"].to(dtype)
+            self.prompts[self._new_id(prepared["name"], "prompt")] = prepared["prompt"].to(device, dtype)
             return prepared["what"]
         self._keep_natives_apart()
         i = self._new_id(prepared["name"], "lora")
@@ -167,7 +168,8 @@ class AdapterBank:
                 setattr(modules[parent_name], leaf, module)
             A, B = pair
             # scale * B held as (r, out) rows, seen as (out, r): the native table reads the same bytes (no copy)
-            module.pairs[i] = (A.to(dtype).contiguous(), (B * prepared["scaling"]).to(dtype).t().contiguous().t())
+            module.pairs[i] = (A.to(device, dtype).contiguous(),
+                               (B * prepared["scaling"]).to(device, dtype).t().contiguous().t())
             installed[module_name] = module.pairs[i]
         if self._natives is not None:
             table = native_table(self.model, installed)

@@ -36,6 +36,7 @@ def serve(
     adapter_budget_mb: PositiveInt = 256,
     pin: list[str] | None = None,
     allow_image_urls: bool = False,
+    device: str = "cpu",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -92,6 +93,9 @@ def serve(
         pin: With --registry: OWNER/NAME adapters that stay loaded once used (repeatable).
         allow_image_urls: A vision-language model may be sent http(s) image URLs, which the server fetches (20 MiB
             and 10 s at most each). Off by default: the server would then reach whatever address a request names.
+        device: cpu, or cuda (cuda:N) for an NVIDIA GPU: the weights dequantized to --dtype (bfloat16 is the fast
+            one there) and moved there, the KV-cache pool too; each decode step runs the batch's rows, per-request
+            adapters included, on the GPU. Not yet with --draft, --int8_activations or a vision-language model.
     """
     import os
     import signal
@@ -121,10 +125,18 @@ def serve(
     if draft and draft.startswith("layers:"):  # before the slow load, like the port
         raise UsageError("--draft layers:N is for `mighty generate|chat`; the server takes prompt-lookup or a "
                          "draft model")
+    from mightylm.generate import generation_device
     from mightylm.multimodal.checkpoint import is_vlm, load_vlm
 
     if allow_image_urls and not is_vlm(model):  # before the slow load, like the port
         raise UsageError("--allow_image_urls is for a vision-language model; this one reads text only")
+    on_gpu = generation_device(device).type == "cuda"  # checked before the slow load: says what to do
+    if on_gpu:
+        refused = [flag for flag, given in (("--draft", draft), ("--int8_activations", int8_activations),
+                                            ("a vision-language model", is_vlm(model))) if given]
+        if refused:
+            raise UsageError(f"--device {device}: {', '.join(refused)} not yet on a GPU (the server runs them on the "
+                             "CPU)")
     sock = _listen(host, port)  # before the slow load: a port in use is said at once
 
     def build():  # loads and makes the engine on the thread that then runs its loop (engine_on_its_thread)
@@ -135,12 +147,15 @@ def serve(
             net = vision.language
         else:
             net, tokenizer = mightylm.load(model, dtype=dtype, need_tokenizer=True,
-                                           keep_blocks=blocks and dtype == "float32")
+                                           keep_blocks=blocks and dtype == "float32" and not on_gpu)
         if rope_scaling:
             from mightylm.model import set_rope_scaling
 
             print(set_rope_scaling(net, rope_scaling), file=sys.stderr)
-        pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
+        if on_gpu:
+            net.to(device)
+        else:
+            pack_24_(net)  # a 2:4-pruned model: its batches (up to 32 rows) read only the kept weights
         if int8_activations:
             from mightylm.compress.gguf_blocks import int8_activations_
 
