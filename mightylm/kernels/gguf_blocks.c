@@ -501,17 +501,25 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
 
 /* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q4_K, Q6_K: % 256); type 8, 2, 3, 6, 1, 30, 12 or 14;
  * bias may be NULL. */
+#ifndef CHUNK
+#define CHUNK 8
+#endif
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    /* block sums of x: one row's for the 32-value types' constant terms; every row's for Q4_K's mins */
-    float *xsum = type == Q4_K ? block_sums(x, rows, in) : rows == 1 && type != Q6_K ? block_sums(x, 1, in) : NULL;
+    /* block sums of every row of x: the 32-value types' constant terms of one-row products; Q4_K's mins */
+    float *xsum = type == Q6_K ? NULL : block_sums(x, rows, in);
     /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
      * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
      * conversions are split in two there); not measured on Intel's AVX-512. */
-    if (mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K && type != Q4_K)
-        gemm512(x, rows, xsum, W, type, bias, y, in, out, nthreads);
-    else gemm256(x, rows, xsum, W, type, bias, y, in, out, nthreads);
+    const int wide = mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K && type != Q4_K;
+    /* CHUNK rows of x at a time, every output row for them: x's rows stay in L1 while the weights stream past */
+    for (long r = 0; r < rows; r += CHUNK) {
+        const long n = rows - r < CHUNK ? rows - r : CHUNK;
+        const float *xs = xsum ? xsum + r * (in / 32) : NULL;
+        if (wide) gemm512(x + r * in, n, xs, W, type, bias, y + r * out, in, out, nthreads);
+        else gemm256(x + r * in, n, xs, W, type, bias, y + r * out, in, out, nthreads);
+    }
     free(xsum);
 }
 
