@@ -13,7 +13,8 @@
  * are taken with the codes (converted to float) and scaled once, and the block sums of x are computed once per
  * call. Two blocks per step with their own accumulators, so that no chain of dependent additions sets the pace.
  * Several rows (a prompt, a server's batch): each block is unpacked once into its 32 float weights and multiplied
- * into up to 8 rows held in registers, so the unpacking is shared by the rows.
+ * into up to 8 rows held in registers, so the unpacking is shared by the rows; more rows go 8 at a time through
+ * every output row (those 8 rows of x stay in L1; a 9th alone takes the one-row loop).
  * Float32 arithmetic throughout: the result is dequantize-then-multiply up to float rounding. Each thread takes a
  * band of output rows (OpenMP), as the other quantized products do. */
 #include <math.h>
