@@ -44,6 +44,10 @@ static inline long block_bytes(int type) {
 
 static inline int plain(int type) { return type == F16 || type == BF16; }
 
+/* Rows of x per pass of the float32 products (mighty_gemm_ggml): every output row for those rows, which stay in L1
+ * while the weights stream past; the most one block's unpacking serves (out_row256) */
+#define CHUNK 8
+
 /* The block's scale d (1 for plain 16-bit values). */
 static inline float block_scale(const unsigned char *blk, int type) { return plain(type) ? 1.0f : half_to_float(blk); }
 
@@ -271,22 +275,12 @@ AVX2 void out_row256(const float *x, long rows, const float *xsum, const unsigne
                      const float *bias, float *y, long in, long out, long o) {
     const long blocks = in / 32;
     const unsigned char *row = W + o * blocks * block_bytes(type);
-    if (rows == 1) {
-        y[o] = one_row256(x, xsum, row, type, blocks);
-    } else {
-        long r = 0;
-        for (; r < rows; r += 8) {
-            const float *xr = x + r * in;
-            float *yr = y + r * out + o;
-            const int n = rows - r < 8 ? (int)(rows - r) : 8;
-            switch (n) {
-                case 8: case 7: case 6: case 5: wide_rows256(xr, in, row, type, blocks, yr, out, n); break;
-                case 4: many_rows256(xr, in, row, type, blocks, yr, out, 4); break;
-                case 3: many_rows256(xr, in, row, type, blocks, yr, out, 3); break;
-                case 2: many_rows256(xr, in, row, type, blocks, yr, out, 2); break;
-                default: many_rows256(xr, in, row, type, blocks, yr, out, 1);
-            }
-        }
+    switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
+        case 1: y[o] = one_row256(x, xsum, row, type, blocks); break;
+        case 2: many_rows256(x, in, row, type, blocks, y + o, out, 2); break;
+        case 3: many_rows256(x, in, row, type, blocks, y + o, out, 3); break;
+        case 4: many_rows256(x, in, row, type, blocks, y + o, out, 4); break;
+        default: wide_rows256(x, in, row, type, blocks, y + o, out, (int)rows);
     }
     if (bias)
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
@@ -502,9 +496,6 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
 
 /* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q4_K, Q6_K: % 256); type 8, 2, 3, 6, 1, 30, 12 or 14;
  * bias may be NULL. */
-#ifndef CHUNK
-#define CHUNK 8
-#endif
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
