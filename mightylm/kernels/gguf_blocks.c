@@ -11,7 +11,7 @@
  *
  * One row (decoding one token): per block, sum_j w_j x_j = d * sum_j q_j x_j + c * sum_j x_j, so the 32 products
  * are taken with the codes (converted to float) and scaled once, and the block sums of x are computed once per
- * call. Two blocks per step with their own accumulators, so that no chain of dependent additions sets the pace.
+ * call (AVX-512: two blocks per step with their own accumulators; AVX2: see one_row256).
  * Several rows (a prompt, a server's batch): each block is unpacked once into its 32 float weights and multiplied
  * into up to 8 rows held in registers, so the unpacking is shared by the rows; more rows go 8 at a time through
  * every output row (those 8 rows of x stay in L1; a 9th alone takes the one-row loop).
@@ -33,9 +33,15 @@ enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF
 
 float mighty_half_table[65536];
 
+/* Q5_0's fifth bits as the AVX2 loops add them: entry b holds 16 in lane i where bit i of b is set (8 KB, in L1
+ * beside x), so that eight values' fifth bits cost one vector OR instead of four shifts and masks */
+static int fifth_bits[256][8] __attribute__((aligned(32)));
+
 __attribute__((constructor, target("f16c")))
-static void fill_half_table(void) {
+static void fill_tables(void) {
     for (int h = 0; h < 65536; h++) mighty_half_table[h] = _cvtsh_ss((unsigned short)h);
+    for (int b = 0; b < 256; b++)
+        for (int i = 0; i < 8; i++) fifth_bits[b][i] = (b >> i & 1) << 4;
 }
 
 static inline long block_bytes(int type) {
@@ -198,39 +204,48 @@ AVX2 void codes256(const unsigned char *blk, int type, __m256 c[4]) {
         const __m256i nibble = _mm256_set1_epi32(15);
         __m256i v[4] = {_mm256_and_si256(lo, nibble), _mm256_and_si256(hi, nibble),  /* values 0..7, 8..15 */
                         _mm256_srli_epi32(lo, 4), _mm256_srli_epi32(hi, 4)};          /* 16..23, 24..31 */
-        if (type == Q5_0) {  /* value j's fifth bit, bit j of qh, to bit 4 */
+        if (type == Q5_0) {  /* value j's fifth bit, bit j of qh, as 16 */
             unsigned int qh;
             memcpy(&qh, blk + 2, 4);
-            const __m256i h = _mm256_set1_epi32((int)qh), one = _mm256_set1_epi32(1);
-            const __m256i j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             for (int k = 0; k < 4; k++)
-                v[k] = _mm256_or_si256(v[k], _mm256_slli_epi32(_mm256_and_si256(
-                    _mm256_srlv_epi32(h, _mm256_add_epi32(j, _mm256_set1_epi32(8 * k))), one), 4));
+                v[k] = _mm256_or_si256(v[k], _mm256_load_si256((const __m256i *)fifth_bits[qh >> 8 * k & 255]));
         }
         for (int k = 0; k < 4; k++) c[k] = _mm256_cvtepi32_ps(v[k]);
     }
 }
 
+/* One row of x: per block d * (codes . x + k sum(x)), the constant term of Q4_0 (k = -8) and Q5_0 (-16) taken as
+ * -sum(x) in each of the 8 lanes of one or two of the four products (no scalar work per block: the loop is bound by
+ * its vector operations, and the scalar constant term cost ~15 % of its time); Q4_1's m * sum(x), not a multiple
+ * of d, accumulates in lanes of its own. */
 AVX2 float one_row256(const float *x, const float *xsum, const unsigned char *row, int type, long blocks) {
     const long bytes = block_bytes(type);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    float off = 0.0f;
+    float mins = 0.0f;
     for (long b = 0; b < blocks; b++) {
         const unsigned char *blk = row + b * bytes;
         const float *xb = x + 32 * b;
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         __m256 c[4];
         codes256(blk, type, c);
-        const float d = block_scale(blk, type);
-        __m256 p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
-        __m256 q = _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+        __m256 p, q;
+        if (type == Q4_0 || type == Q5_0) {
+            const __m256 s = _mm256_broadcast_ss(xsum + b);
+            p = _mm256_fmsub_ps(c[0], _mm256_loadu_ps(xb), s);
+            q = type == Q5_0 ? _mm256_fmsub_ps(c[1], _mm256_loadu_ps(xb + 8), s)
+                             : _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+        } else {
+            p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
+            q = _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+        }
         p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
         q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
-        if (type != Q8_0 && !plain(type)) off += block_offset(blk, type, d) * xsum[b];
-        a0 = _mm256_fmadd_ps(p, _mm256_set1_ps(d), a0);
-        a1 = _mm256_fmadd_ps(q, _mm256_set1_ps(d), a1);
+        const __m256 d = _mm256_set1_ps(block_scale(blk, type));
+        a0 = _mm256_fmadd_ps(p, d, a0);
+        a1 = _mm256_fmadd_ps(q, d, a1);
+        if (type == Q4_1) mins += half_to_float(blk + 2) * xsum[b];
     }
-    return hsum(_mm256_add_ps(a0, a1)) + off;
+    return hsum(_mm256_add_ps(a0, a1)) + mins;
 }
 
 AVX2 void many_rows256(const float *x, long ldx, const unsigned char *row, int type, long blocks, float *y,
