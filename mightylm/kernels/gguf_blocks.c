@@ -312,14 +312,13 @@ AVX2 void out_row256(const float *x, long rows, const float *xsum, const unsigne
  * quantizer picks another type for them). One AVX2 loop serves both paths (AVX-512 machines run it too). */
 #define Q6K_BYTES 210
 
-/* The 32 signed codes q - 32 (-32..31) of part p of a super-block, and (in *sc) its two groups' int8 scales */
-AVX2 __m256i q6k_part256(const unsigned char *blk, int p, const signed char **sc) {
+/* The 32 signed codes q - 32 (-32..31) of part p of a super-block (its two groups' scales: scales[2 p], [2 p + 1]) */
+AVX2 __m256i q6k_part256(const unsigned char *blk, int p) {
     const int h = p >> 2, j = p & 3;
     const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (j & 1)));
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
     const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (j >> 1)), _mm256_set1_epi8(15));
     const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), _mm256_set1_epi8(3)), 4);
-    *sc = (const signed char *)(blk + 192) + 8 * h + 2 * j;
     return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
 }
 
@@ -328,35 +327,43 @@ AVX2 void q6k_prefetch(const unsigned char *blk) {
     for (int k = 0; k < Q6K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
 }
 
-AVX2 void q6k_codes256(const unsigned char *blk, int p, __m256 c[4]) {
-    const signed char *sc;
-    const __m256i q = q6k_part256(blk, p, &sc);
-    const __m256 s0 = _mm256_set1_ps((float)sc[0]), s1 = _mm256_set1_ps((float)sc[1]);
-    const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
-    c[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), s0);                     /* l 0..7 */
-    c[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), s0);  /* 8..15 */
-    c[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), s1);                     /* 16..23 */
-    c[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), s1);  /* 24..31 */
+/* A super-block's 16 int8 scales times its d, as floats (one per 16 values) */
+AVX2 void q6k_scales256(const unsigned char *blk, float scale[16]) {
+    const __m256 d = _mm256_set1_ps(half_to_float(blk + 208));
+    for (int k = 0; k < 2; k++)
+        _mm256_store_ps(scale + 8 * k, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 192 + 8 * k))))));
 }
 
+/* The 32 signed codes of part p as floats (l 0..7, 8..15, 16..23, 24..31) */
+AVX2 void q6k_floats256(const unsigned char *blk, int p, __m256 c[4]) {
+    const __m256i q = q6k_part256(blk, p);
+    const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0));
+    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8)));
+    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1));
+    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)));
+}
+
+/* One row: each group of 16 values' products summed, then scaled by its scale (d folded in, the super-block's 16
+ * converted once) instead of scaling every code: 0.86x the time of scaling the codes */
 AVX2 float q6k_one_row256(const float *x, const unsigned char *row, long supers) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    float scale[16] __attribute__((aligned(32)));
     for (long s = 0; s < supers; s++) {
         const unsigned char *blk = row + s * Q6K_BYTES;
         q6k_prefetch(blk);
-        __m256 p = _mm256_setzero_ps(), q = _mm256_setzero_ps();
+        q6k_scales256(blk, scale);
         for (int part = 0; part < 8; part++) {
             __m256 c[4];
-            q6k_codes256(blk, part, c);
+            q6k_floats256(blk, part, c);
             const float *xb = x + 256 * s + 32 * part;
-            p = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xb), p);
-            q = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), q);
-            p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
-            q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
+            const __m256 g0 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(c[0], _mm256_loadu_ps(xb)));
+            const __m256 g1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24),
+                                              _mm256_mul_ps(c[2], _mm256_loadu_ps(xb + 16)));
+            a0 = _mm256_fmadd_ps(g0, _mm256_broadcast_ss(scale + 2 * part), a0);
+            a1 = _mm256_fmadd_ps(g1, _mm256_broadcast_ss(scale + 2 * part + 1), a1);
         }
-        const __m256 d = _mm256_set1_ps(half_to_float(blk + 208));
-        a0 = _mm256_fmadd_ps(p, d, a0);
-        a1 = _mm256_fmadd_ps(q, d, a1);
     }
     return hsum(_mm256_add_ps(a0, a1));
 }
@@ -364,14 +371,15 @@ AVX2 float q6k_one_row256(const float *x, const unsigned char *row, long supers)
 AVX2 void q6k_many_rows256(const float *x, long ldx, const unsigned char *row, long supers, float *y, long ldy,
                            const int R) {
     __m256 acc[4];
+    float scale[16] __attribute__((aligned(32)));
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
         const unsigned char *blk = row + s * Q6K_BYTES;
-        const __m256 d = _mm256_set1_ps(half_to_float(blk + 208));
+        q6k_scales256(blk, scale);
         for (int part = 0; part < 8; part++) {
             __m256 w[4];
-            q6k_codes256(blk, part, w);
-            for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(w[k], d);
+            q6k_floats256(blk, part, w);
+            for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(w[k], _mm256_broadcast_ss(scale + 2 * part + k / 2));
             for (int r = 0; r < R; r++) {
                 const float *xb = x + r * ldx + 256 * s + 32 * part;
                 for (int k = 0; k < 4; k++) acc[r] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xb + 8 * k), acc[r]);
