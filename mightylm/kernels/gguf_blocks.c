@@ -439,38 +439,83 @@ AVX2 void q4k_codes256(const unsigned char *blk, int b, __m256 c[4]) {
     }
 }
 
-AVX2 void q4k_rows256(const float *x, long ldx, const float *xsum, const unsigned char *row, long supers, float *y,
-                      long ldy, const int R) {
-    __m256 acc[4];
-    float off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+/* A super-block's eight scales times d (to scale[]) and eight mins times dmin: the 6-bit fields rearranged as
+ * words into eight scale bytes and eight min bytes (ggml's own rearrangement of get_scale_min_k4), widened as
+ * vectors; stored byte by byte and loaded as a vector, they stalled each super-block on store forwarding */
+AVX2 __m256 q4k_scales256(const unsigned char *blk, float scale[8]) {
+    unsigned int u[3];
+    memcpy(u, blk + 4, 12);
+    const unsigned int low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
+    const __m128i v = _mm_setr_epi32((int)(u[0] & low6), (int)((u[2] & low4) | ((u[0] >> 6 & top2) << 4)),
+                                     (int)(u[1] & low6), (int)((u[2] >> 4 & low4) | ((u[1] >> 6 & top2) << 4)));
+    _mm256_store_ps(scale,
+                    _mm256_mul_ps(_mm256_set1_ps(half_to_float(blk)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))));
+    return _mm256_mul_ps(_mm256_set1_ps(half_to_float(blk + 2)),
+                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
+}
+
+/* One row: the two sub-blocks that share 32 bytes of codes (low and high nibbles) unpacked together, each one's
+ * products summed and scaled once; the mins against the eight block sums of x in one vector step per super-block
+ * (no scalar work per sub-block) */
+AVX2 float q4k_one_row256(const float *x, const float *xsum, const unsigned char *row, long supers) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
+    float scale[8] __attribute__((aligned(32)));
+    const __m256i nibble = _mm256_set1_epi32(15);
     for (long s = 0; s < supers; s++) {
         const unsigned char *blk = row + s * Q4K_BYTES;
         for (int k = 0; k < Q4K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
-        const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+        mins = _mm256_fmadd_ps(q4k_scales256(blk, scale), _mm256_loadu_ps(xsum + 8 * s), mins);
+        for (int b = 0; b < 8; b += 2) {  /* sub-blocks b (low nibbles) and b + 1 (high) */
+            const unsigned char *qs = blk + 16 + 16 * b;
+            const float *xb = x + 256 * s + 32 * b;
+            __m256 p = _mm256_setzero_ps(), q = _mm256_setzero_ps();
+            for (int k = 0; k < 4; k++) {
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k)));
+                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), _mm256_loadu_ps(xb + 8 * k), p);
+                q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), _mm256_loadu_ps(xb + 32 + 8 * k), q);
+            }
+            a0 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale + b), a0);
+            a1 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(scale + b + 1), a1);
+        }
+    }
+    return hsum(_mm256_add_ps(a0, a1)) - hsum(mins);
+}
+
+AVX2 void q4k_rows256(const float *x, long ldx, const float *xsum, const unsigned char *row, long supers, float *y,
+                      long ldy, const int R) {
+    __m256 acc[4], mins[4];
+    float scale[8] __attribute__((aligned(32)));
+    for (int r = 0; r < R; r++) acc[r] = mins[r] = _mm256_setzero_ps();
+    for (long s = 0; s < supers; s++) {
+        const unsigned char *blk = row + s * Q4K_BYTES;
+        for (int k = 0; k < Q4K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
+        const __m256 m = q4k_scales256(blk, scale);
+        for (int r = 0; r < R; r++)
+            mins[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + r * (ldx / 32) + 8 * s), mins[r]);
         for (int b = 0; b < 8; b++) {
-            int sc, m;
-            q4k_scale_min(blk + 4, b, &sc, &m);
-            const __m256 scale = _mm256_set1_ps(d * (float)sc);
-            const float shift = dmin * (float)m;
             __m256 c[4];
             q4k_codes256(blk, b, c);
+            const __m256 sb = _mm256_broadcast_ss(scale + b);
             for (int r = 0; r < R; r++) {
                 const float *xb = x + r * ldx + 256 * s + 32 * b;
                 __m256 p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
                 for (int k = 1; k < 4; k++) p = _mm256_fmadd_ps(c[k], _mm256_loadu_ps(xb + 8 * k), p);
-                acc[r] = _mm256_fmadd_ps(p, scale, acc[r]);
-                off[r] += shift * xsum[r * (ldx / 32) + 8 * s + b];
+                acc[r] = _mm256_fmadd_ps(p, sb, acc[r]);
             }
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]) - off[r];
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]) - hsum(mins[r]);
 }
 
 AVX2 void q4k_out_row256(const float *x, long rows, const float *xsum, const unsigned char *W, const float *bias,
                          float *y, long in, long out, long o) {
     const long supers = in / 256;
     const unsigned char *row = W + o * supers * Q4K_BYTES;
+    if (rows == 1) {
+        y[o] = q4k_one_row256(x, xsum, row, supers);
+        if (bias) y[o] += bias[o];
+        return;
+    }
     for (long r = 0; r < rows; r += 4) {  /* each row's block sums of x: xsum[r * in / 32 ..] */
         const float *xr = x + r * in, *sr = xsum + r * (in / 32);
         float *yr = y + r * out + o;
