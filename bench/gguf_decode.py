@@ -15,7 +15,8 @@ torch uses here.
 
 llama.cpp comes from llama-cpp-python, a bench-only extra built from source (10-20 min), best in its own venv:
     python -m venv /tmp/cppvenv && /tmp/cppvenv/bin/pip install llama-cpp-python==0.3.36
-    .venv/bin/python bench/gguf_decode.py --llama-python /tmp/cppvenv/bin/python [--repeats 3] [--new-tokens 64]
+    .venv/bin/python bench/gguf_decode.py --llama-python /tmp/cppvenv/bin/python [--repeats 3] [--rounds 1]
+        [--new-tokens 64]
         [--formats Q4_1 Q8_0 Q4_0 F16 BF16 Q6_K] [--files qwen2.5-coder-0.5b-instruct]
 """
 
@@ -159,7 +160,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--llama-python", default=LLAMA_PYTHON if Path(LLAMA_PYTHON).exists() else None,
                    help="a Python with llama-cpp-python installed, in its own venv (default: .venv-llama from `make llama-cpp`)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of 64 tokens in each process (after a warm-up)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fresh processes per engine, the engines alternated round by round; the medians pool every "
+                        "round's runs (use 3 or more on a noisy VM)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--files", nargs="*", default=[],
@@ -197,31 +201,43 @@ def main() -> None:
               f"  | lite (no torch): tok/s  ratio  RSS  agree")
         for name, path in files.items():
             common = [path, str(args.new_tokens), str(args.repeats), json.dumps(prompts[name])]
-            ours, rss_ours = measure([sys.executable, "-c", OURS, *common])
-            theirs, rss_cpp = (measure([args.llama_python, "-c", LLAMA_CPP, *common, str(threads)])
-                               if args.llama_python else (None, float("nan")))
-            rate = statistics.median(ours["rates"])
+            kept_arithmetic = name.split()[0] in ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q6_K") or name not in args.formats
+            runs: dict[str, list] = {}  # engine -> its processes' (result, peak RSS), round after round
+            for _ in range(args.rounds):  # engines alternated, so that a slow minute of the VM falls on all of them
+                if args.llama_python:
+                    runs.setdefault("cpp", []).append(measure([args.llama_python, "-c", LLAMA_CPP, *common,
+                                                               str(threads)]))
+                runs.setdefault("ours", []).append(measure([sys.executable, "-c", OURS, *common]))
+                if args.llama_python and kept_arithmetic:  # llama.cpp's arithmetic
+                    runs.setdefault("int8", []).append(measure([sys.executable, "-c", OURS, *common, "int8"]))
+                if args.llama_python:
+                    runs.setdefault("lite", []).append(measure([sys.executable, "-c", LITE, *common]))
+
+            def rate(engine):  # median over every timed repeat of every round
+                return statistics.median(r for result, _ in runs[engine] for r in result["rates"])
+
+            def rss(engine):
+                return max(peak for _, peak in runs[engine])
+
+            def agree(engine):
+                ours, theirs = runs[engine][-1][0]["tokens"], runs["cpp"][-1][0]["tokens"]
+                return f"{sum(a == b for a, b in zip(ours, theirs)):>5d}/{len(ours)}"
+
             size = os.path.getsize(path) / 2**20
             bound = bandwidth * 1e9 / os.path.getsize(path)  # every weight read once per token
-            if theirs is None:
-                print(f"{name:18s} {size:5.0f} {'-':>15s} {rate:14.1f} {'-':>6s} {'-':>7s} {rss_ours:8.0f} {bound:6.0f}")
+            if not args.llama_python:
+                print(f"{name:18s} {size:5.0f} {'-':>15s} {rate('ours'):14.1f} {'-':>6s} {'-':>7s} {rss('ours'):8.0f} "
+                      f"{bound:6.0f}")
                 continue
-            cpp = statistics.median(theirs["rates"])
-            agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
-            line = (f"{name:18s} {size:5.0f} {cpp:15.1f} {rate:14.1f} {rate / cpp:5.2f}x {rss_cpp:7.0f} {rss_ours:8.0f}"
-                    f" {bound:6.0f}  {agree:>5d}/{len(ours['tokens'])}")
-            if name.split()[0] in ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q6_K") or name not in args.formats:  # llama.cpp's arithmetic
-                int8, _ = measure([sys.executable, "-c", OURS, *common, "int8"])
-                rate8 = statistics.median(int8["rates"])
-                agree8 = sum(a == b for a, b in zip(int8["tokens"], theirs["tokens"]))
-                line += f"  | {rate8:26.1f} {rate8 / cpp:5.2f}x {agree8:>4d}/{len(int8['tokens'])}"
+            cpp = rate("cpp")
+            line = (f"{name:18s} {size:5.0f} {cpp:15.1f} {rate('ours'):14.1f} {rate('ours') / cpp:5.2f}x "
+                    f"{rss('cpp'):7.0f} {rss('ours'):8.0f} {bound:6.0f}  {agree('ours')}")
+            if kept_arithmetic:
+                line += f"  | {rate('int8'):26.1f} {rate('int8') / cpp:5.2f}x {agree('int8')[1:]}"
             else:
                 line += f"  | {'':26s} {'':6s} {'':9s}"
-            lite, rss_lite = measure([sys.executable, "-c", LITE, *common])
-            rate_lite = statistics.median(lite["rates"])
-            agree_lite = sum(a == b for a, b in zip(lite["tokens"], theirs["tokens"]))
-            line += f"  | {rate_lite:22.1f} {rate_lite / cpp:5.2f}x {rss_lite:4.0f} {agree_lite:>4d}/{len(lite['tokens'])}"
-            print(line)
+            line += f"  | {rate('lite'):22.1f} {rate('lite') / cpp:5.2f}x {rss('lite'):4.0f} {agree('lite')[1:]}"
+            print(line, flush=True)
     if not args.llama_python:
         print("no --llama-python: llama.cpp is not measured in this run")
 
