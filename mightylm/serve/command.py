@@ -128,12 +128,13 @@ def serve(
     from mightylm.generate import generation_device
     from mightylm.multimodal.checkpoint import is_vlm, load_vlm
 
-    if allow_image_urls and not is_vlm(model):  # before the slow load, like the port
+    vlm = is_vlm(model)
+    if allow_image_urls and not vlm:  # before the slow load, like the port
         raise UsageError("--allow_image_urls is for a vision-language model; this one reads text only")
     on_gpu = generation_device(device).type == "cuda"  # checked before the slow load: says what to do
     if on_gpu:
         refused = [flag for flag, given in (("--draft", draft), ("--int8_activations", int8_activations),
-                                            ("a vision-language model", is_vlm(model))) if given]
+                                            ("a vision-language model", vlm)) if given]
         if refused:
             raise UsageError(f"--device {device}: {', '.join(refused)} not yet on a GPU (the server runs them on the "
                              "CPU)")
@@ -142,7 +143,7 @@ def serve(
     def build():  # loads and makes the engine on the thread that then runs its loop (engine_on_its_thread)
         print(f"loading {model} ...", file=sys.stderr, flush=True)
         vision = None
-        if is_vlm(model):  # a vision-language model: its decoder serves, its encoder turns images into tokens
+        if vlm:  # a vision-language model: its decoder serves, its encoder turns images into tokens
             vision, tokenizer = load_vlm(model, dtype=dtype)  # (or, the adapter way in, into each row's prompt term)
             net = vision.language
         else:
