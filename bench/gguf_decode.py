@@ -219,9 +219,9 @@ def main() -> None:
             def rss(engine):
                 return max(peak for _, peak in runs[engine])
 
-            def agree(engine):
+            def agree(engine, width):  # tokens equal to llama.cpp's, in the last round
                 ours, theirs = runs[engine][-1][0]["tokens"], runs["cpp"][-1][0]["tokens"]
-                return f"{sum(a == b for a, b in zip(ours, theirs)):>5d}/{len(ours)}"
+                return f"{sum(a == b for a, b in zip(ours, theirs)):>{width}d}/{len(ours)}"
 
             size = os.path.getsize(path) / 2**20
             bound = bandwidth * 1e9 / os.path.getsize(path)  # every weight read once per token
@@ -231,12 +231,12 @@ def main() -> None:
                 continue
             cpp = rate("cpp")
             line = (f"{name:18s} {size:5.0f} {cpp:15.1f} {rate('ours'):14.1f} {rate('ours') / cpp:5.2f}x "
-                    f"{rss('cpp'):7.0f} {rss('ours'):8.0f} {bound:6.0f}  {agree('ours')}")
+                    f"{rss('cpp'):7.0f} {rss('ours'):8.0f} {bound:6.0f}  {agree('ours', 5)}")
             if kept_arithmetic:
-                line += f"  | {rate('int8'):26.1f} {rate('int8') / cpp:5.2f}x {agree('int8')[1:]}"
+                line += f"  | {rate('int8'):26.1f} {rate('int8') / cpp:5.2f}x {agree('int8', 4)}"
             else:
                 line += f"  | {'':26s} {'':6s} {'':9s}"
-            line += f"  | {rate('lite'):22.1f} {rate('lite') / cpp:5.2f}x {rss('lite'):4.0f} {agree('lite')[1:]}"
+            line += f"  | {rate('lite'):22.1f} {rate('lite') / cpp:5.2f}x {rss('lite'):4.0f} {agree('lite', 4)}"
             print(line, flush=True)
     if not args.llama_python:
         print("no --llama-python: llama.cpp is not measured in this run")
