@@ -161,24 +161,15 @@ AVX512 void out_row512(const float *x, long rows, const float *xsum, const unsig
                        const float *bias, float *y, long in, long out, long o) {
     const long blocks = in / 32;
     const unsigned char *row = W + o * blocks * block_bytes(type);
-    if (rows == 1) {
-        y[o] = one_row512(x, xsum, row, type, blocks);
-    } else {
-        long r = 0;
-        for (; r < rows; r += 8) {  /* the rest in one pass (a speculative step verifies 2-9 rows) */
-            const float *xr = x + r * in;
-            float *yr = y + r * out + o;
-            switch (rows - r < 8 ? rows - r : 8) {
-                case 8: many_rows512(xr, in, row, type, blocks, yr, out, 8); break;
-                case 7: many_rows512(xr, in, row, type, blocks, yr, out, 7); break;
-                case 6: many_rows512(xr, in, row, type, blocks, yr, out, 6); break;
-                case 5: many_rows512(xr, in, row, type, blocks, yr, out, 5); break;
-                case 4: many_rows512(xr, in, row, type, blocks, yr, out, 4); break;
-                case 3: many_rows512(xr, in, row, type, blocks, yr, out, 3); break;
-                case 2: many_rows512(xr, in, row, type, blocks, yr, out, 2); break;
-                default: many_rows512(xr, in, row, type, blocks, yr, out, 1);
-            }
-        }
+    switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
+        case 1: y[o] = one_row512(x, xsum, row, type, blocks); break;
+        case 2: many_rows512(x, in, row, type, blocks, y + o, out, 2); break;
+        case 3: many_rows512(x, in, row, type, blocks, y + o, out, 3); break;
+        case 4: many_rows512(x, in, row, type, blocks, y + o, out, 4); break;
+        case 5: many_rows512(x, in, row, type, blocks, y + o, out, 5); break;
+        case 6: many_rows512(x, in, row, type, blocks, y + o, out, 6); break;
+        case 7: many_rows512(x, in, row, type, blocks, y + o, out, 7); break;
+        default: many_rows512(x, in, row, type, blocks, y + o, out, 8);
     }
     if (bias)
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
