@@ -31,6 +31,41 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def emulated_avx512_library():
+    """The kernels built with tests/emulated_avx512.h forced in: their AVX-512 paths, intrinsic by intrinsic in
+    portable code, runnable on any AVX2 CPU (correctness only, not speed). None without a compiler or AVX2."""
+    from pathlib import Path
+
+    from mightylm import kernels
+
+    return kernels.build_library(include=Path(__file__).with_name("emulated_avx512.h"))
+
+
+@pytest.fixture(params=["avx2", "avx512", "avx512-emulated"])
+def kernel_path(request, monkeypatch):
+    """Each kernel path in turn, made current; its name is returned. "avx512" runs where the CPU has the flags
+    (skipped, saying so, elsewhere); "avx512-emulated" runs the same AVX-512 code through the emulation library on
+    any AVX2 CPU (the library and the CPU's flags swapped for the test). The previous path is restored after."""
+    from mightylm import kernels
+
+    if kernels.gemv_library() is None:
+        pytest.skip("no native kernels here (no compiler or no AVX2)")
+    path = request.param
+    if path == "avx512-emulated":
+        lib = request.getfixturevalue("emulated_avx512_library")
+        flags = kernels.cpu_flags() | kernels.ISA_FLAGS["avx512"]
+        monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(kernels, "_lib", lib)
+        path = "avx512"
+    elif path not in kernels.available_isas():
+        pytest.skip(f"this CPU lacks the {path} path's flags {sorted(kernels.ISA_FLAGS[path])}")
+    before = kernels.kernel_isa()
+    kernels.set_kernel_isa(path)
+    yield path
+    kernels.set_kernel_isa(before)
+
+
+@pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory):
     from mightylm.tokenizer import train_bpe
 

@@ -122,18 +122,14 @@ def _every_row_count_as_alone(rows, tiles, ggml_type, out, bias):
     return together
 
 
-@pytest.mark.parametrize("path", kernels.ISAS)
-def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
-    """matmul_ggml(int8_activations=True) over weights in tiles of 16 rows (tile_blocks), on each path the CPU has
+def test_int8_activation_products_equal_their_integer_arithmetic(isa, kernel_path):
+    """matmul_ggml(int8_activations=True) over weights in tiles of 16 rows (tile_blocks), on each path (kernel_path)
     (VNNI's vpdpbusd; AVX2's maddubs): equal to the integer arithmetic written out in PyTorch, within the
     activations' rounding of the float32 product (Q8_0 codes of -128 included), every row of several exactly what
     it gets alone, and the same bits on every path (the integers are exact, the float operations the same)."""
     from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks, tile_blocks, untile_blocks
 
-    if kernels.gemv_library() is None:
-        pytest.skip("no native kernels here (no compiler or no AVX2)")
-    if path not in kernels.available_isas():
-        pytest.skip(f"this CPU lacks the {path} path's flags {sorted(kernels.ISA_FLAGS[path])}")
+    path = kernel_path
     torch.manual_seed(0)
     out = 304  # 19 tiles of 16 rows
     for ggml_type, n_in in ((8, 576), (2, 576), (3, 576), (6, 576), (2, 544), (3, 544), (6, 544)):  # 544: odd blocks
@@ -201,16 +197,11 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, path):
         tile_blocks(raw[:40], 3)  # 40 rows: not whole tiles
 
 
-@pytest.mark.parametrize("path", kernels.ISAS)
 @pytest.mark.parametrize("out, n_in", [(37, 64), (576, 1536), (1536, 576), (100, 1024)])
-def test_every_kernel_path_the_cpu_has_agrees_with_pytorch(isa, path, out, n_in):
-    """The float32, int8 and GGUF-block products of each instruction-set path (AVX2 baseline, AVX-512 + VNNI) against
-    PyTorch; a path the CPU lacks is skipped, saying so."""
-    if kernels.gemv_library() is None:
-        pytest.skip("no native kernels here (no compiler or no AVX2)")
-    if path not in kernels.available_isas():
-        pytest.skip(f"this CPU lacks the {path} path's flags {sorted(kernels.ISA_FLAGS[path])}")
-    isa(path)
+def test_every_kernel_path_agrees_with_pytorch(kernel_path, out, n_in):
+    """The float32, int8 and GGUF-block products of each instruction-set path (AVX2 baseline, AVX-512 + VNNI, and
+    AVX-512 emulated where the CPU lacks it) against PyTorch."""
+    path = kernel_path
     assert kernels.kernel_isa() == path
     torch.manual_seed(0)
     x, w, b = torch.randn(1, n_in), torch.randn(out, n_in), torch.randn(out)

@@ -241,7 +241,7 @@ def test_a_structurally_pruned_checkpoint_loads_in_transformers_with_our_logits(
 
 
 @pytest.mark.parametrize("shape", [(40, 576), (7, 72), (3, 8), (64, 1536)])
-def test_the_24_kernel_equals_the_masked_dense_product_on_every_isa(shape):
+def test_the_24_kernel_equals_the_masked_dense_product_on_every_path(shape, kernel_path):
     torch.manual_seed(0)
     w = torch.randn(*shape)
     w *= nm_mask(w.abs(), 2, 4)
@@ -251,20 +251,10 @@ def test_the_24_kernel_equals_the_masked_dense_product_on_every_isa(shape):
     assert values.shape == (shape[0], shape[1] // 2) and index.shape == (shape[0], shape[1] // 8)
     assert torch.equal(unpack_24(values, index), w)
     x = torch.randn(1, shape[1])
-    if kernels.gemv_library() is None:
-        pytest.skip("no native kernels here (no compiler or no AVX2)")
-    before = kernels.kernel_isa()
-    try:
-        for isa in kernels.available_isas():
-            kernels.set_kernel_isa(isa)
-            torch.testing.assert_close(ops.gemv_sparse24(x, values, index, shape[0]), x @ w.T,
-                                       rtol=1e-5, atol=1e-4)
-            rows = torch.randn(2, 5, shape[1])  # a short prompt: several rows, each weight row read once
-            torch.testing.assert_close(ops.gemv_sparse24(rows, values, index, shape[0]), rows @ w.T,
-                                       rtol=1e-5, atol=1e-4)
-        assert ops.gemv_sparse24(torch.randn(ops.SPARSE24_ROWS + 1, shape[1]), values, index, shape[0]) is None
-    finally:
-        kernels.set_kernel_isa(before)
+    torch.testing.assert_close(ops.gemv_sparse24(x, values, index, shape[0]), x @ w.T, rtol=1e-5, atol=1e-4)
+    rows = torch.randn(2, 5, shape[1])  # a short prompt: several rows, each weight row read once
+    torch.testing.assert_close(ops.gemv_sparse24(rows, values, index, shape[0]), rows @ w.T, rtol=1e-5, atol=1e-4)
+    assert ops.gemv_sparse24(torch.randn(ops.SPARSE24_ROWS + 1, shape[1]), values, index, shape[0]) is None
 
 
 def test_a_24_model_decodes_the_same_tokens_packed(bpe_tokenizer):

@@ -70,11 +70,14 @@ def _cpu_has_avx2_fma() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_flags()
 
 
-def _build() -> ctypes.CDLL | None:
+def build_library(include: Path | None = None) -> ctypes.CDLL | None:
+    """Compile the kernels (once per source, cached) and load them, or None without a compiler or AVX2/FMA.
+    `include`: a header forced in front of every source (`cc -include`): the tests' emulation of AVX-512's
+    intrinsics, which runs the AVX-512 paths on a CPU without them."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler or not _cpu_has_avx2_fma():
         return None
-    source = b"".join(path.read_bytes() for path in [*_SOURCES, _HEADER])
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, _HEADER, *([include] if include else [])])
     tag = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MIGHTYLM_CACHE", Path.home() / ".cache" / "mightylm"))
     target = cache / f"gemv-{tag}.so"
@@ -82,7 +85,9 @@ def _build() -> ctypes.CDLL | None:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *map(str, _SOURCES), "-o", str(out), "-lm"]
+            forced = ["-include", str(include)] if include else []
+            cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *forced, *map(str, _SOURCES),
+                   "-o", str(out), "-lm"]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 warnings.warn(f"mightylm: could not build the gemv kernel, using PyTorch ({result.stderr[-300:]})")
@@ -375,7 +380,7 @@ def gemv_library():
         _tried = True
         if os.environ.get("MIGHTYLM_NO_KERNELS") != "1":
             try:
-                _lib = _build()
+                _lib = build_library()
             except OSError as e:
                 warnings.warn(f"mightylm: gemv kernel unavailable, using PyTorch ({e})")
     return _lib
