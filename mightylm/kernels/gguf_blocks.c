@@ -91,46 +91,54 @@ AVX512 void codes512(const unsigned char *blk, int type, __m512 *c0, __m512 *c1)
     } else {
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + block_bytes(type) - 16)));
         __m512i v0 = _mm512_and_si512(q, _mm512_set1_epi32(15)), v1 = _mm512_srli_epi32(q, 4);
-        if (type == Q5_0) {  /* value j's fifth bit, bit j of qh, to bit 4 */
+        if (type == Q5_0) {  /* value j's fifth bit, bit j of qh, as 16: qh's halves are the masks of one OR each */
             unsigned int qh;
             memcpy(&qh, blk + 2, 4);
-            const __m512i h = _mm512_set1_epi32((int)qh), one = _mm512_set1_epi32(1);
-            const __m512i j = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            v0 = _mm512_or_si512(v0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(h, j), one), 4));
-            v1 = _mm512_or_si512(v1, _mm512_slli_epi32(
-                _mm512_and_si512(_mm512_srlv_epi32(h, _mm512_add_epi32(j, _mm512_set1_epi32(16))), one), 4));
+            const __m512i sixteen = _mm512_set1_epi32(16);
+            v0 = _mm512_mask_or_epi32(v0, (__mmask16)(qh & 0xFFFF), v0, sixteen);
+            v1 = _mm512_mask_or_epi32(v1, (__mmask16)(qh >> 16), v1, sixteen);
         }
         *c0 = _mm512_cvtepi32_ps(v0);
         *c1 = _mm512_cvtepi32_ps(v1);
     }
 }
 
-/* d * (codes . x) of one block, and its constant term's share c * sum(x) added to *off */
-AVX512 __m512 block_dot512(const unsigned char *blk, int type, const float *xb, float xsum, float *off, float *d) {
+/* codes . x + k sum(x) of one block, Q4_0's (k = -8) and Q5_0's (-16) constant term taken in the lanes (one_row256
+ * says why): -sum(x) in each of the 16 lanes for Q5_0, in 8 of them for Q4_0 (a broadcast under a mask) */
+AVX512 __m512 block_dot512(const unsigned char *blk, int type, const float *xb, const float *xsum) {
     __m512 c0, c1;
     codes512(blk, type, &c0, &c1);
-    *d = block_scale(blk, type);
-    if (type != Q8_0 && !plain(type)) *off += block_offset(blk, type, *d) * xsum;
-    return _mm512_fmadd_ps(c1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(c0, _mm512_loadu_ps(xb)));
+    __m512 p;
+    if (type == Q4_0 || type == Q5_0) {
+        const __m512 s = _mm512_set1_ps(*xsum);
+        p = _mm512_fmsub_ps(c0, _mm512_loadu_ps(xb), type == Q5_0 ? s : _mm512_maskz_mov_ps(0x00FF, s));
+    } else {
+        p = _mm512_mul_ps(c0, _mm512_loadu_ps(xb));
+    }
+    return _mm512_fmadd_ps(c1, _mm512_loadu_ps(xb + 16), p);
 }
 
+/* One row of x: per block d * block_dot512; Q4_1's m * sum(x) one scalar multiply-add a block, as on AVX2 */
 AVX512 float one_row512(const float *x, const float *xsum, const unsigned char *row, int type, long blocks) {
     const long bytes = block_bytes(type);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    float off0 = 0.0f, off1 = 0.0f, d0, d1;
+    float mins = 0.0f;
     long b = 0;
     for (; b + 2 <= blocks; b += 2) {
-        _mm_prefetch((const char *)(row + b * bytes) + PREFETCH, _MM_HINT_T0);
-        const __m512 p0 = block_dot512(row + b * bytes, type, x + 32 * b, xsum[b], &off0, &d0);
-        const __m512 p1 = block_dot512(row + (b + 1) * bytes, type, x + 32 * b + 32, xsum[b + 1], &off1, &d1);
-        a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(d0), a0);
-        a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(d1), a1);
+        const unsigned char *blk = row + b * bytes;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        const __m512 p0 = block_dot512(blk, type, x + 32 * b, xsum + b);
+        const __m512 p1 = block_dot512(blk + bytes, type, x + 32 * b + 32, xsum + b + 1);
+        a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(block_scale(blk, type)), a0);
+        a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(block_scale(blk + bytes, type)), a1);
+        if (type == Q4_1) mins += half_to_float(blk + 2) * xsum[b] + half_to_float(blk + bytes + 2) * xsum[b + 1];
     }
     if (b < blocks) {
-        const __m512 p0 = block_dot512(row + b * bytes, type, x + 32 * b, xsum[b], &off0, &d0);
-        a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(d0), a0);
+        const unsigned char *blk = row + b * bytes;
+        a0 = _mm512_fmadd_ps(block_dot512(blk, type, x + 32 * b, xsum + b), _mm512_set1_ps(block_scale(blk, type)), a0);
+        if (type == Q4_1) mins += half_to_float(blk + 2) * xsum[b];
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + off0 + off1;
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + mins;
 }
 
 /* R rows of x (row stride ldx) times one weight row; results to y[r * ldy] */
