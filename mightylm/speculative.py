@@ -14,6 +14,7 @@ Drafts (each `propose(context, gamma, settings, generator) -> (tokens, q)`; q ma
   by position (its cache slots are overwritten next time; nothing accepted is recomputed).
 - PromptLookup: the tokens that followed an earlier occurrence of the context's ending (Saxena 2023), as many as the
   agreement supports: no second model; strong where the answer repeats the prompt (code edits, summaries, retrieval).
+  With a History (n-grams of what the model wrote before) it also drafts where the text has no match.
 - self_draft(target, layers): the target's first N blocks, final norm and head (its weights, not a copy) as a
   draft model: the lossless form of early exit.
 The target's cache rolls back the same way: the verification pass writes slots pos..pos+gamma and the next pass
@@ -96,6 +97,42 @@ class DraftModel:
         return tokens, torch.stack(dists)
 
 
+class History:
+    """What the model wrote before (earlier answers of a session, or a file of them), as next-token counts after
+    each context of 1 .. `max_order` tokens. It drafts, token by token, the most frequent continuation of the
+    longest context it has seen, while that continuation followed the context at least half the time. Fed to
+    PromptLookup, it drafts where the text itself has no match: a model repeats its own idioms across answers (on
+    HumanEval completions, with 76 other problems' completions as the history, 1.30 -> 1.45x on held-out problems
+    in a replay with measured pass costs; bench/RESULTS.md). A draft only proposes: the output is unchanged."""
+
+    def __init__(self, max_order: int = 4):
+        self.max_order = max_order
+        self.follows: dict[tuple[int, ...], dict[int, int]] = {}  # context -> {next token: count}
+        self.tokens = 0
+
+    def add(self, tokens: list[int]) -> None:
+        """Count one text's n-grams (contexts never reach across texts)."""
+        for i in range(1, len(tokens)):
+            for n in range(1, min(self.max_order, i) + 1):
+                counts = self.follows.setdefault(tuple(tokens[i - n:i]), {})
+                counts[tokens[i]] = counts.get(tokens[i], 0) + 1
+        self.tokens += len(tokens)
+
+    def draft(self, context: list[int], gamma: int) -> list[int]:
+        out, ctx = [], list(context[-self.max_order:])
+        while len(out) < gamma:
+            counts = next((c for n in range(min(self.max_order, len(ctx)), 0, -1)
+                           if (c := self.follows.get(tuple(ctx[-n:]))) is not None), None)
+            if counts is None:
+                break
+            token, count = max(counts.items(), key=lambda kv: kv[1])
+            if 2 * count < sum(counts.values()):
+                break
+            out.append(token)
+            ctx = ctx[1:] + [token] if len(ctx) == self.max_order else ctx + [token]
+        return out
+
+
 @dataclass
 class PromptLookup:
     """Drafts copied from the context: the tokens that followed the earlier occurrence of its ending that agrees with
@@ -109,6 +146,8 @@ class PromptLookup:
     max_ngram: int = 8
     min_ngram: int = 2  # a single repeated token predicts little and costs a wider verification pass
     vocab_size: int = 0
+    history: History | None = None  # drafts where the text has no match (History)
+    history_gamma: int = 2  # its most tokens a pass (1 to 3 measured in the replay: 2 best on code)
 
     def __post_init__(self):
         if self.min_ngram < 1 or self.max_ngram < self.min_ngram:
@@ -135,7 +174,12 @@ class PromptLookup:
 
     def propose(self, context: list[int], gamma: int, s: Sampling, generator=None):
         start, agree = self.match(context)
-        tokens = context[start:start + max(1, gamma * agree // self.max_ngram)] if agree and gamma else []
+        if agree and gamma:
+            tokens = context[start:start + max(1, gamma * agree // self.max_ngram)]
+        elif self.history is not None and gamma:
+            tokens = self.history.draft(context, min(gamma, self.history_gamma))
+        else:
+            tokens = []
         if s.temperature == 0:  # greedy verification compares tokens; no distribution needed
             return tokens, None
         q = F.one_hot(torch.tensor(tokens, dtype=torch.long), self.vocab_size).float() if tokens \

@@ -8,7 +8,7 @@ import torch
 import conftest
 from mightylm.errors import UsageError
 from mightylm.generate import Sampling, generate, logits_to_probs
-from mightylm.speculative import (DraftModel, PromptLookup, Stats, accept, check_draft, make_draft, self_draft,
+from mightylm.speculative import (DraftModel, History, PromptLookup, Stats, accept, check_draft, make_draft, self_draft,
                                   speculative_tokens)
 
 
@@ -86,20 +86,61 @@ def plain(target, prompt, s):
     return generate(target, [prompt], s)[0]
 
 
-@pytest.mark.parametrize("kind", ["model", "target-itself", "prompt-lookup", "layers"])
+def earlier_answers(target, s) -> History:
+    """The target's greedy answers to two other prompts, as a History."""
+    history = History()
+    for prompt in ([8, 1, 40, 3], [17, 17, 2, 60, 5]):
+        history.add(plain(target, prompt, s))
+    return history
+
+
+@pytest.mark.parametrize("kind", ["model", "target-itself", "prompt-lookup", "prompt-lookup+history", "layers"])
 @pytest.mark.parametrize("gamma,adaptive", [(1, False), (4, False), (3, True)])
 def test_greedy_speculation_equals_plain_greedy(kind, gamma, adaptive):
     target, small = tiny_pair()
-    draft = {"model": lambda: DraftModel(small), "target-itself": lambda: DraftModel(target),
-             "prompt-lookup": lambda: PromptLookup(vocab_size=96), "layers": lambda: self_draft(target, 1)}[kind]()
     prompt = [5, 9, 30, 7, 11, 5, 9, 30, 2]
     s = Sampling(max_new_tokens=24, temperature=0)
+    draft = {"model": lambda: DraftModel(small), "target-itself": lambda: DraftModel(target),
+             "prompt-lookup": lambda: PromptLookup(vocab_size=96),
+             "prompt-lookup+history": lambda: PromptLookup(vocab_size=96, history=earlier_answers(target, s)),
+             "layers": lambda: self_draft(target, 1)}[kind]()
     stats = Stats()
     got = list(speculative_tokens(target, prompt, s, draft, gamma, adaptive=adaptive, stats=stats))
     assert got == plain(target, prompt, s)
     assert stats.tokens == 24 and stats.target_passes < 24 or kind != "target-itself"
     if kind == "target-itself":
         assert stats.acceptance == 1.0
+    if kind == "prompt-lookup+history":  # the history drafted where the prompt had no match, and some was right
+        lookup_alone = Stats()
+        list(speculative_tokens(target, prompt, s, PromptLookup(vocab_size=96), gamma, adaptive=adaptive,
+                                stats=lookup_alone))
+        assert stats.drafted > lookup_alone.drafted and stats.accepted > lookup_alone.accepted
+
+
+def test_history_drafts_what_followed_the_longest_context_most_often():
+    history = History(max_order=3)
+    history.add([1, 2, 3, 4, 5])
+    history.add([9, 2, 3, 7, 5, 6])
+    history.add([8, 3, 7, 1])
+    assert history.tokens == 15
+    assert history.follows[(2, 3)] == {4: 1, 7: 1} and history.follows[(3,)] == {4: 1, 7: 2}
+    assert (5, 9) not in history.follows  # contexts stay inside one text
+    # after [1, 2, 3] only 4 followed: 4, then after [2, 3, 4] 5, then after [3, 4, 5] nothing of order 3 or 2,
+    # and [5] was followed by 6 once (of once): 6
+    assert history.draft([0, 1, 2, 3], 8) == [4, 5, 6]
+    assert history.draft([0, 1, 2, 3], 2) == [4, 5]
+    # after [2, 3] (its longest context here): 4 and 7 once each: a tie still counts as half
+    assert history.draft([6, 2, 3], 1) in ([4], [7])
+    assert history.draft([42], 4) == []  # never seen
+    for last in (1, 2, 9):
+        history.add([0, 3, last])
+    assert history.draft([5, 0, 3], 1) == []  # after [0, 3] (the longest seen) three tokens once each: under half
+    look = PromptLookup(max_ngram=4, vocab_size=12, history=history)
+    greedy = Sampling(temperature=0)
+    assert look.propose([4, 7, 1, 2, 4, 7], 4, greedy)[0] == [1, 2]  # the text's own match comes first
+    assert look.propose([10, 11, 2, 3, 4], 4, greedy)[0] == [5, 6]  # no match: the history, at most 2 tokens
+    tokens, q = look.propose([10, 11, 2, 3, 4], 4, Sampling(temperature=0.7))
+    assert q.argmax(-1).tolist() == tokens  # deterministic drafts: one-hot q, so the exact rule holds
 
 
 def test_prompt_lookup_copies_after_the_longest_agreement_as_much_as_it_supports():
