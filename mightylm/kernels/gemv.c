@@ -592,9 +592,12 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     }
     const float scale = 1.0f / sqrtf((float)hd);
     const long group = nh / nkv;
+    /* head by head, each head's rows one after another: the rows of a head (and the heads of a group) read the same
+     * keys and values, from memory once and from the core's cache after (row by row, a pass over 3 rows at 200
+     * positions read them three times: measured ~2x one row's attention time) */
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long job = 0; job < R * nh; job++) {
-        const long r = job / nh, head = job % nh, seq = pads ? r / T : 0, slot = b->pos + (pads ? r % T : r);
+        const long head = job / R, r = job % R, seq = pads ? r / T : 0, slot = b->pos + (pads ? r % T : r);
         /* slots first .. slot; a padding slot of a prompt read at once sees itself alone, as model._mask has it */
         const long first = pads ? (slot < pads[seq] ? slot : pads[seq]) : 0, ctx = slot + 1 - first;
         const long at = seq * b->row_stride + ((head / group) * b->max_len + first) * hd;
