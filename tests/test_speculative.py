@@ -2,6 +2,8 @@
 speculation equals plain greedy decoding token for token for every draft kind (with LoRA on the target too), and
 bad input is refused."""
 
+import re
+
 import pytest
 import torch
 
@@ -222,6 +224,33 @@ def test_mighty_generate_with_a_draft(tmp_path, bpe_tokenizer, capsys):
         outputs.append(captured.out)
         assert ("tokens per target pass" in captured.err) == bool(extra)
     assert len(set(outputs)) == 1
+
+
+def test_mighty_generate_with_a_lookup_history(tmp_path, bpe_tokenizer, capsys):
+    """--lookup_history FILE: the same text as without; each answer appended to the file (created when missing),
+    later runs read it back and draft from it; without --draft prompt-lookup it is refused, saying what to add."""
+    import mightylm
+    from mightylm.cli import main
+
+    mightylm.save(conftest.tiny(0, vocab_size=bpe_tokenizer.vocab_size, n_layers=3), bpe_tokenizer, tmp_path / "t")
+    history = tmp_path / "answers.txt"
+    run = ["generate", "--model", str(tmp_path / "t"), "--temperature", "0", "--max_new_tokens", "12", "--stats",
+           "true", "--draft", "prompt-lookup"]
+    assert main([*run, "--prompt", "To be, or not to be"]) == 0
+    plain = capsys.readouterr().out
+    counts = []
+    for n in (1, 2):
+        assert main([*run, "--prompt", "To be, or not to be", "--lookup_history", str(history)]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == plain and "tokens per target pass" in captured.err
+        assert history.read_text() == (plain.strip("\n") + "\n\n\n") * n
+        assert ("lookup history:" in captured.err) == (n == 2)  # the file is read once it exists
+        counts.append([int(v) for v in re.search(r"(\d+) of (\d+) drafted", captured.err).groups()])
+    (accepted1, drafted1), (accepted2, drafted2) = counts
+    assert drafted2 > drafted1 and accepted2 > accepted1  # the answer read back drafted the same answer again
+    assert main(["generate", "--model", str(tmp_path / "t"), "--prompt", "x", "--lookup_history",
+                 str(history)]) == 2
+    assert "add --draft prompt-lookup" in capsys.readouterr().err
 
 
 def test_mighty_chat_with_a_draft_answers_as_without(tmp_path, bpe_tokenizer):
