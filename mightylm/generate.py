@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,12 +30,21 @@ from mightylm import static_decode
 from mightylm.streaming import Sampling, Timings, stream_text_from
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (..., V) -> the index of each row's largest value (the first among equals, NaN counting as largest,
+    as torch.argmax). Float32 rows on the CPU go through numpy: torch's CPU argmax took 56 us per row of SmolLM2's
+    49,152 logits on a 2-core AMD EPYC, numpy's 6 (1 % of a decode step, 2-5 % of a speculative pass)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(np.asarray(logits.detach().numpy().argmax(-1)))
+    return logits.argmax(dim=-1)
+
+
 def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """logits (B, V) -> the distribution tokens are drawn from (B, V): temperature, then top-k, then top-p.
     Greedy settings (temperature 0) give one-hot rows at the argmax. Speculative decoding compares the draft's
     and the target's distributions, so this is a function of its own (gpt-fast's split)."""
     if s.temperature == 0:
-        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+        return F.one_hot(greedy(logits), logits.shape[-1]).float()
     logits = logits.float() / s.temperature
     if s.top_k is not None and s.top_k < logits.shape[-1]:
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
@@ -63,7 +73,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | list[
     """logits (B, V) -> token ids (B,): sample_from_probs(logits_to_probs(...)); greedy is the argmax itself
     (no draw, so a generator is not advanced)."""
     if s.temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     return sample_from_probs(logits_to_probs(logits, s), generator)
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mightylm.errors import UsageError
-from mightylm.generate import Sampling, logits_to_probs, prefill, sample, sample_from_probs
+from mightylm.generate import Sampling, greedy, logits_to_probs, prefill, sample, sample_from_probs
 
 
 def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
@@ -63,7 +63,7 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
 def _sampled(logits: torch.Tensor, s: Sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(token (B,), the distribution it was drawn from (B, V)); greedy draws the argmax without using the RNG."""
     probs = logits_to_probs(logits, s)
-    token = logits.argmax(-1) if s.temperature == 0 else sample_from_probs(probs, generator)
+    token = greedy(logits) if s.temperature == 0 else sample_from_probs(probs, generator)
     return token, probs
 
 
@@ -272,7 +272,7 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
         pos = len(context) - 1  # the slot of the context's last token
         logits = model(torch.tensor([[context[-1], *drafts]]), cache=cache, start=pos)[0]  # (len(drafts) + 1, V)
         if s.temperature == 0:  # the rule with one-hot p and q, without building them: the argmax prefix
-            best = logits.argmax(-1).tolist()
+            best = greedy(logits).tolist()
             n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
             nxt = best[n]
         else:

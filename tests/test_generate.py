@@ -117,3 +117,18 @@ def test_prefill_takes_embeddings():
         by_ids = prefill(model, idx, model.make_cache(2, 16))
         by_embeds = prefill(model, None, model.make_cache(2, 16), embeds=model.embed(idx))
     assert torch.equal(by_ids, by_embeds)
+
+
+def test_greedy_is_torch_argmax():
+    """generate.greedy (numpy's argmax on the CPU, much faster than torch's there) picks what torch.argmax picks:
+    the first of equal values, a NaN as the largest, for any number of leading dimensions and strided rows."""
+    from mightylm.generate import greedy
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 700)
+    x[0, 0, 10] = x[0, 0, 20] = 1e4  # a tie: the first
+    x[1, 2, 30] = float("nan")  # a NaN wins
+    x[2, 4] = 0.0  # all equal: index 0
+    for logits in (x, x[0], x[0, 0], x[:, 1:3, ::2], x.to(torch.float64)):
+        got = greedy(logits)
+        assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(-1))

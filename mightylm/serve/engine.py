@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from mightylm.generate import Sampling, logits_to_probs, sample
+from mightylm.generate import Sampling, greedy, logits_to_probs, sample
 from mightylm.streaming import TextStream
 from mightylm.model import KVRows, Segment, Segments
 from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PROBE_MAX, PassCost, PooledDraft, \
@@ -673,7 +673,7 @@ class Engine:
         seq = self.running[row]
         try:
             if seq.sampling.temperature == 0:
-                best = logits[:len(drafts) + 1].argmax(-1).tolist()
+                best = greedy(logits[:len(drafts) + 1]).tolist()
                 k = next((j for j, d in enumerate(drafts) if d != best[j]), len(drafts))
                 nxt = best[k]
             else:
