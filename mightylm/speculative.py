@@ -105,13 +105,16 @@ class History:
     HumanEval completions, with 76 other problems' completions as the history, 1.30 -> 1.45x on held-out problems
     in a replay with measured pass costs; bench/RESULTS.md). A draft only proposes: the output is unchanged."""
 
-    def __init__(self, max_order: int = 4):
-        self.max_order = max_order
+    def __init__(self, max_order: int = 4, limit: int | None = None):
+        self.max_order, self.limit = max_order, limit
         self.follows: dict[tuple[int, ...], dict[int, int]] = {}  # context -> {next token: count}
         self.tokens = 0
 
     def add(self, tokens: list[int]) -> None:
-        """Count one text's n-grams (contexts never reach across texts)."""
+        """Count one text's n-grams (contexts never reach across texts). Past `limit` tokens in all, the counts
+        start over from this text (a server's per-user histories stay bounded: ~0.6 KB a token)."""
+        if self.limit is not None and self.tokens + len(tokens) > self.limit:
+            self.follows, self.tokens = {}, 0
         for i in range(1, len(tokens)):
             for n in range(1, min(self.max_order, i) + 1):
                 counts = self.follows.setdefault(tuple(tokens[i - n:i]), {})
@@ -172,12 +175,14 @@ class PromptLookup:
                     break
         return (best, agree) if agree >= self.min_ngram else (0, 0)
 
-    def propose(self, context: list[int], gamma: int, s: Sampling, generator=None):
+    def propose(self, context: list[int], gamma: int, s: Sampling, generator=None, history: History | None = None):
+        """`history`: one for this call in place of self.history (a server's per-user histories)."""
         start, agree = self.match(context)
+        history = history if history is not None else self.history
         if agree and gamma:
             tokens = context[start:start + max(1, gamma * agree // self.max_ngram)]
-        elif self.history is not None and gamma:
-            tokens = self.history.draft(context, min(gamma, self.history_gamma))
+        elif history is not None and gamma:
+            tokens = history.draft(context, min(gamma, self.history_gamma))
         else:
             tokens = []
         if s.temperature == 0:  # greedy verification compares tokens; no distribution needed

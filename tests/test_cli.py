@@ -95,6 +95,12 @@ def test_serve_on_a_gpu_refuses_what_runs_on_the_cpu_only(monkeypatch, capsys):
     assert "--device cuda: --draft, --int8_activations not yet on a GPU" in capsys.readouterr().err
 
 
+def test_lookup_history_needs_prompt_lookup(capsys):
+    for argv in (["serve", "--lookup_history", "true"], ["serve", "--lookup_history", "true", "--draft", "x.gguf"]):
+        assert main(argv) == 2
+        assert "--lookup_history feeds prompt lookup's drafts: add --draft prompt-lookup" in capsys.readouterr().err
+
+
 def test_compile_is_refused_on_the_cpu(hf_dir, capsys):
     for verb in (["generate", "--prompt", "x"], ["chat"]):
         assert main([*verb, "--model", str(hf_dir[1]), "--compile"]) == 2

@@ -58,7 +58,7 @@ def _reference(model, tokenizer, adapter_dir, text, max_tokens):
 
 
 class Server:
-    def __init__(self, model, tokenizer, adapters=(), keys=(), **engine_args):
+    def __init__(self, model, tokenizer, adapters=(), keys=(), lookup_history=False, **engine_args):
         from mightylm.serve.adapters import AdapterBank
         from mightylm.serve.app import create_app
         from mightylm.serve.engine import Engine
@@ -67,7 +67,7 @@ class Server:
         for name, path in adapters:
             bank.add(name, path)
         self.engine = Engine(bank.model, tokenizer, bank, **engine_args).start()
-        self.url, self._stop = run_app(create_app(self.engine, "tiny", api_keys=keys))
+        self.url, self._stop = run_app(create_app(self.engine, "tiny", api_keys=keys, lookup_history=lookup_history))
 
     def close(self):
         self._stop()
@@ -841,6 +841,30 @@ def test_the_server_reports_speculation_in_usage_and_metrics(tiny):
             metrics = r.read().decode()
         assert f"mightylm_draft_tokens_total {spec['drafted_tokens']}" in metrics
         assert f"mightylm_accepted_draft_tokens_total {spec['accepted_tokens']}" in metrics
+    finally:
+        server.close()
+
+
+def test_each_user_drafts_from_their_own_earlier_answers(tiny):
+    """`mighty serve --draft prompt-lookup --lookup_history`: a key's repeated request drafts from that key's first
+    answer (more drafted and accepted, the same text); another key's identical request drafts exactly as the first
+    did, with no history: no one's drafts (and the acceptance their usage reports) come from another's answers."""
+    model, tokenizer, _ = tiny
+    server = Server(model, tokenizer, keys=("alice-key", "bob-key"), lookup_history=True, max_batch=2, max_len=128,
+                    draft=_draft_for(model, "prompt-lookup"), always_speculate=True)
+    try:
+        body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True}
+
+        def ask(key):
+            status, reply, _ = server.post("/v1/completions", body, headers={"Authorization": f"Bearer {key}"})
+            assert status == 200, reply
+            return reply["choices"][0]["text"], reply["usage"]["speculative"]
+
+        (text1, first), (text2, again), (text3, other) = ask("alice-key"), ask("alice-key"), ask("bob-key")
+        assert text1 == text2 == text3
+        assert again["drafted_tokens"] > first["drafted_tokens"] and again["accepted_tokens"] > first["accepted_tokens"]
+        assert other == first
     finally:
         server.close()
 

@@ -24,6 +24,7 @@ server. With API keys, /v1, /admin and /metrics need "Authorization: Bearer KEY"
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -42,6 +43,7 @@ from mightylm.multimodal.adapter import visual_terms
 from mightylm.multimodal.images import MAX_IMAGE_BYTES
 from mightylm.multimodal.vlm import IMAGE_TOKEN
 from mightylm.serve.engine import Engine, QueueFull, Sequence, logprob_entries
+from mightylm.speculative import History
 
 MAX_BODY = 1 << 20  # bytes
 MAX_IMAGE_BODY = 28 << 20  # bytes, for a vision-language model: a 20 MiB image is ~27 MiB as base64
@@ -87,14 +89,30 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+HISTORY_TOKENS = 100_000  # the most of one user's answers a lookup history counts (~60 MB), then it starts over
+
+
 def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), personal=None,
-               allow_image_urls: bool = False):
+               allow_image_urls: bool = False, lookup_history: bool = False):
     """The app over `engine`, serving `name`. `personal` (serve/personal.PersonalAdapters): API keys, adapters and
     their management come from a registry of users. `allow_image_urls`: a vision-language model's requests may
     name http(s) images, which the server then fetches (off by default: the server would reach out wherever a
-    request points)."""
+    request points). `lookup_history` (with a prompt-lookup draft): each requester's earlier answers, in memory,
+    feed prompt lookup's drafts for their own later requests (speculative.History)."""
     app = FastAPI(title="mightylm", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer, bank = engine.tokenizer, engine.bank
+    histories: dict[str, History] = {}
+
+    def history_of(request: Request, body: dict) -> History | None:
+        """The requester's own lookup history: per registry user, per API key, else per the request's "user" field
+        (a server without keys cannot tell its clients apart). Nobody's drafts come from another's answers: the
+        acceptance their usage reports would tell them what the other was answered."""
+        if not lookup_history:
+            return None
+        user, key = getattr(request.state, "user", None), getattr(request.state, "key", None)
+        who = f"user {user.name}" if user is not None else \
+            f"key {hashlib.sha256(key.encode()).hexdigest()}" if key else f"client {body.get('user') or ''}"
+        return histories.setdefault(who, History(limit=HISTORY_TOKENS))
 
     def error(status, message, kind="invalid_request_error", param=None, headers=None):
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
@@ -128,6 +146,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
             if not given.startswith("Bearer ") or given[7:] not in api_keys:
                 await _read_body(request, keep=0)  # drained, not kept
                 return error(401, "missing or invalid API key: send Authorization: Bearer KEY", "authentication_error")
+            request.state.key = given[7:]
         return await call_next(request)
 
     vision = engine.vision  # a VisionLanguageModel: chat messages may carry images
@@ -368,6 +387,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
         speculative = body.get("speculative", True)
         if not isinstance(speculative, bool):
             raise ApiError(400, "\"speculative\" must be true or false", param="speculative")
+        history = history_of(request, body)
         if stream and logprobs is not None:
             raise ApiError(400, "\"logprobs\" is supported without streaming only (stream: false)", param="logprobs")
         options = body.get("stream_options") or {}
@@ -388,7 +408,8 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
                 emit = (lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))(i)
                 seqs.append(engine.submit(Sequence(prompts[i // n], settings, emit, adapter=adapter,
                                                    ignore_eos=ignore_eos, logprobs=logprobs,
-                                                   speculative=speculative, **{image_field: images})))
+                                                   speculative=speculative, history=history,
+                                                   **{image_field: images})))
         except QueueFull as e:
             for seq in seqs:
                 seq.cancel()
@@ -630,6 +651,7 @@ def create_app(engine: Engine, name: str, *, api_keys: tuple[str, ...] = (), per
         async def registry_forget(user: str, request: Request):
             gone = await registry_call(registry.forget_user, request.state.user, user)
             await asyncio.to_thread(engine.call, lambda: personal.unload(user))
+            histories.pop(f"user {user}", None)  # their answers' counts too
             return {"forgotten": gone}
 
         @app.put("/admin/registry/users/{user}/logging")

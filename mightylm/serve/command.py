@@ -29,6 +29,7 @@ def serve(
     int8_activations: bool = False,
     draft: str | None = None,
     gamma: PositiveInt = 4,
+    lookup_history: bool = False,
     rope_scaling: str | None = None,
     prefill_chunk: PositiveInt = 512,
     registry: str | None = None,
@@ -77,6 +78,9 @@ def serve(
             pass times and acceptance say it gives more tokens per second. Requests opt out with
             "speculative": false; their usage reports drafted and accepted tokens.
         gamma: The most drafted tokens per row and step (with --draft).
+        lookup_history: With --draft prompt-lookup: each user's earlier answers (per registry user or API key; per
+            the request's "user" field on a server without keys), counted in memory, feed prompt lookup's drafts
+            for that user's later requests, never anyone else's; forgotten at restart and with the user.
         rope_scaling: Another RoPE scaling for a longer context, TYPE:FACTOR with linear, dynamic or yarn (e.g.
             yarn:4), or none; --max_len may then grow to the new context.
         prefill_chunk: Prompts longer than this many tokens are prefilled in chunks between decode steps (each
@@ -122,6 +126,8 @@ def serve(
                  if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
             raise UsageError(f"--api-key-file {api_key_file}: holds no key (one per line)")
+    if lookup_history and not (draft or "").startswith("prompt-lookup"):
+        raise UsageError("--lookup_history feeds prompt lookup's drafts: add --draft prompt-lookup")
     if draft and draft.startswith("layers:"):  # before the slow load, like the port
         raise UsageError("--draft layers:N is for `mighty generate|chat`; the server takes prompt-lookup or a "
                          "draft model")
@@ -200,7 +206,8 @@ def serve(
                                     pinned=tuple(pin or ()))
         print(f"personal adapters from {registry}: {len(personal.registry.users())} users, budget "
               f"{adapter_budget_mb} MiB", file=sys.stderr)
-    app = create_app(engine, served, api_keys=tuple(keys), personal=personal, allow_image_urls=allow_image_urls)
+    app = create_app(engine, served, api_keys=tuple(keys), personal=personal, allow_image_urls=allow_image_urls,
+                     lookup_history=lookup_history)
     freeze_what_lives()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout))
     shown = f"[{host}]" if ":" in host else host

@@ -43,7 +43,7 @@ from mightylm.streaming import TextStream
 from mightylm.model import KVRows, Segment, Segments
 from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PROBE_MAX, PassCost, PooledDraft, \
     choose_width, timed
-from mightylm.speculative import PromptLookup, accept
+from mightylm.speculative import History, PromptLookup, accept
 
 
 class Latency:
@@ -115,6 +115,7 @@ class Sequence:
     adapter: int = 0
     ignore_eos: bool = False  # run to max_new_tokens through end-of-sequence tokens (for benchmarks)
     speculative: bool = True  # may take drafted tokens when the server has a draft (false: plain steps only)
+    history: History | None = None  # its user's earlier answers, for prompt lookup's drafts; this answer joins them
     logprobs: int | None = None  # record each generated token's log-probability and this many alternatives
     generated: list[int] = field(default_factory=list)
     scores: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per generated token
@@ -618,7 +619,7 @@ class Engine:
             return False
         histories = [s.prompt + s.generated for s in self.running]
         if not pooled:  # prompt lookup: what each row's text offers
-            looked = [self.draft.propose(h, g, s.sampling) if g else ([], None)
+            looked = [self.draft.propose(h, g, s.sampling, history=s.history) if g else ([], None)
                       for h, g, s in zip(histories, limits, self.running)]
             limits = [len(tokens) for tokens, _ in looked]
         width = max(limits) if self.always_speculate or not any(limits) else \
@@ -766,6 +767,8 @@ class Engine:
 
     def _finish_all(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.finish_reason = reason
+        if seq.history is not None and reason in ("stop", "length"):
+            seq.history.add(seq.generated)  # on the engine's thread, like every draft from it
         self.stats["finished"][reason] = self.stats["finished"].get(reason, 0) + 1
         event = {"type": "done", "finish_reason": reason, "prompt_tokens": len(seq.prompt),
                  "completion_tokens": len(seq.generated)}
