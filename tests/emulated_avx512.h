@@ -75,41 +75,20 @@ EMU emu512 emu_srlv_epi32(emu512 a, emu512 n) {
 }
 
 EMU emu512 emu_cvtepi32_ps(emu512 a) { emu512 r; LANES(16) r.f[l] = (float)a.i32[l]; return r; }
-EMU emu512 emu_cvtepi8_epi16(__m256i a) {
-    int8_t v[32];
-    emu512 r;
-    memcpy(v, &a, 32);
-    LANES(32) r.i16[l] = v[l];
-    return r;
-}
-EMU emu512 emu_cvtepi8_epi32(__m128i a) {
-    int8_t v[16];
-    emu512 r;
-    memcpy(v, &a, 16);
-    LANES(16) r.i32[l] = v[l];
-    return r;
-}
-EMU emu512 emu_cvtepu8_epi32(__m128i a) {
-    uint8_t v[16];
-    emu512 r;
-    memcpy(v, &a, 16);
-    LANES(16) r.i32[l] = v[l];
-    return r;
-}
-EMU emu512 emu_cvtepu16_epi32(__m256i a) {
-    uint16_t v[16];
-    emu512 r;
-    memcpy(v, &a, 32);
-    LANES(16) r.i32[l] = v[l];
-    return r;
-}
-EMU emu512 emu_cvtph_ps(__m256i a) {
-    uint16_t v[16];
-    emu512 r;
-    memcpy(v, &a, 32);
-    LANES(16) r.f[l] = _cvtsh_ss(v[l]);
-    return r;
-}
+/* a 128- or 256-bit register's `lanes` elements of type `elem`, each converted into lane l of `field` */
+#define EMU_WIDEN(name, source, elem, lanes, field, convert) \
+    EMU emu512 name(source a) {                               \
+        elem v[lanes];                                        \
+        emu512 r;                                             \
+        memcpy(v, &a, sizeof v);                              \
+        LANES(lanes) r.field[l] = convert(v[l]);              \
+        return r;                                             \
+    }
+EMU_WIDEN(emu_cvtepi8_epi16, __m256i, int8_t, 32, i16, )
+EMU_WIDEN(emu_cvtepi8_epi32, __m128i, int8_t, 16, i32, )
+EMU_WIDEN(emu_cvtepu8_epi32, __m128i, uint8_t, 16, i32, )
+EMU_WIDEN(emu_cvtepu16_epi32, __m256i, uint16_t, 16, i32, )
+EMU_WIDEN(emu_cvtph_ps, __m256i, uint16_t, 16, f, _cvtsh_ss)
 
 /* VNNI: each 32-bit lane plus four products of unsigned bytes of a and signed bytes of b (dpbusd), or two
  * products of signed 16-bit halves (dpwssd); the sums wrap, as the instructions' do */
