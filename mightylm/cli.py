@@ -103,7 +103,8 @@ def generate(
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
-    lite = _lite(model, engine, int8_activations, adapter, draft, lookup_history, rope_scaling, rmt, attention_sinks,
+    _check_lookup_history(lookup_history, draft)
+    lite = _lite(model, engine, int8_activations, adapter, _needs_torch(draft), rope_scaling, rmt, attention_sinks,
                  image, dtype != "float32", not blocks, device != "cpu", compile)
     if rmt and (adapter or draft):
         from mightylm.errors import UsageError
@@ -119,7 +120,7 @@ def generate(
                                              rope_scaling=rope_scaling, device=device != "cpu", compile=compile)
     if lite:
         m, tokenizer, source = lite
-        spec_stats = None
+        source, spec_stats = _lite_speculative(m, tokenizer, source, draft, gamma, lookup_history)
     elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
 
@@ -131,7 +132,6 @@ def generate(
     else:
         from mightylm.generate import load_for_generation, stream_tokens
 
-        _check_lookup_history(lookup_history, draft)
         m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
                                            int8_activations=int8_activations, device=device,
                                            compile_blocks=compile)
@@ -235,6 +235,30 @@ def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter
     return (lambda ids, s: speculative_tokens(model, ids, s, drafter, gamma, stats=stats)), stats
 
 
+def _needs_torch(draft: str | None) -> str | None:
+    """The --draft that needs the model in torch (a draft model, layers:N); prompt lookup runs on the lite path."""
+    return None if (draft or "").startswith("prompt-lookup") else draft
+
+
+def _lite_speculative(lite, tokenizer, source, draft: str | None, gamma: int, lookup_history: str | None):
+    """(token source, its statistics) on the lite path: prompt lookup's speculative decoding for --draft
+    prompt-lookup (with --lookup_history's History), else `source` as it is and None. The source carries the
+    History as `.history` (chat counts each reply into it)."""
+    if not draft:
+        return source, None
+    from mightylm.lite import speculative_tokens
+    from mightylm.lookup import Stats, parse_lookup
+
+    lookup = parse_lookup(draft, history=_read_history(lookup_history, tokenizer))
+    stats = Stats()
+
+    def speculative(ids, s):
+        return speculative_tokens(lite, ids, s, lookup, gamma, stats)
+
+    speculative.history = lookup.history
+    return speculative, stats
+
+
 HISTORY_CHARS = 200_000  # the most of a --lookup_history file read (its end): ~60k tokens, ~40 MB of counts
 
 
@@ -257,7 +281,7 @@ def _read_history(path: str | None, tokenizer):
         return None
     from pathlib import Path
 
-    from mightylm.speculative import History
+    from mightylm.lookup import History
 
     history = History()
     if Path(path).is_file():
@@ -341,14 +365,16 @@ def chat(
     from mightylm.streaming import Sampling, Timings, stream_text_from
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    lite = _lite(model, engine, int8_activations, adapter, draft, lookup_history, rope_scaling, image,
+    _check_lookup_history(lookup_history, draft)
+    lite = _lite(model, engine, int8_activations, adapter, _needs_torch(draft), rope_scaling, image,
                  dtype != "float32", not blocks, device != "cpu", compile)
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,
                                              lookup_history=lookup_history, rope_scaling=rope_scaling,
                                              device=device != "cpu", compile=compile)
     if lite:
         m, tokenizer, source = lite
-        spec_stats, prefix_len = None, 0
+        source, spec_stats = _lite_speculative(m, tokenizer, source, draft, gamma, lookup_history)
+        lookup, prefix_len = getattr(source, "history", None), 0
     elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
         from mightylm.multimodal.images import ImageError, open_image
@@ -359,7 +385,6 @@ def chat(
     else:
         from mightylm.generate import load_for_generation, stream_tokens
 
-        _check_lookup_history(lookup_history, draft)
         m, tokenizer = load_for_generation(model, dtype, adapter, keep_blocks=blocks, rope_scaling=rope_scaling,
                                            int8_activations=int8_activations, device=device,
                                            compile_blocks=compile)

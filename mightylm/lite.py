@@ -143,7 +143,7 @@ class LiteModel:
         self.head_type = tensor(head).type
         # int8 activations: the head in tiles, a copy (a head tied to the table too: lookups read the stored rows)
         self.head_layout = _int8_layout(int8_activations, self.head_type, [tensor(head).shape[0]])
-        self.head = tile_rows(rows(head), self.head_type) if self.head_layout == "tiles" else stored(head)
+        self.head_weight = tile_rows(rows(head), self.head_type) if self.head_layout == "tiles" else stored(head)
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)
@@ -164,6 +164,16 @@ class LiteModel:
 
     def forward(self, ids: list[int], cache, start: int) -> np.ndarray:
         """The logits (vocab,) after the last of `ids`, which go into `cache` from slot `start`."""
+        return self.head(self.hidden(ids, cache, start)[-1:])[0]
+
+    def forward_rows(self, ids: list[int], cache, start: int) -> np.ndarray:
+        """The logits (len(ids), vocab) after each of at most NATIVE_ROWS `ids` (a speculative verification pass)."""
+        if len(ids) > NATIVE_ROWS:
+            raise ValueError(f"at most {NATIVE_ROWS} tokens a pass, got {len(ids)}")
+        return self.head(self.hidden(ids, cache, start))
+
+    def hidden(self, ids: list[int], cache, start: int) -> np.ndarray:
+        """The blocks' output rows (at most NATIVE_ROWS: the last pass's) after `ids` go into `cache` from `start`."""
         if start + len(ids) > cache.length:
             raise ValueError(f"KV cache overflow: position {start + len(ids)} > cache length {cache.length}")
         c, lib = self.config, self.lib
@@ -178,15 +188,19 @@ class LiteModel:
             lib.mighty_decode_blocks(x.ctypes.data, self.args, c.n_layers, cache.key_pointers, cache.value_pointers,
                                      cos[pos:pos + len(chunk)].ctypes.data, sin[pos:pos + len(chunk)].ctypes.data,
                                      pos, cache.length, len(chunk), self.threads, None, 0, 1, None)
-        h = x[-1:]
-        h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm  # RMSNorm
+        return x
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """The final RMSNorm and the head over rows x (R, dim): logits (R, vocab)."""
+        c = self.config
+        h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm
         h = np.ascontiguousarray(h, dtype=np.float32)
-        logits = np.empty((1, c.vocab_size), np.float32)
-        product = lib.mighty_gemm_ggml if self.head_layout is None else lib.mighty_gemm_ggml_q8x
-        product(h.ctypes.data, 1, self.head.ctypes.data, self.head_type,
+        logits = np.empty((len(h), c.vocab_size), np.float32)
+        product = self.lib.mighty_gemm_ggml if self.head_layout is None else self.lib.mighty_gemm_ggml_q8x
+        product(h.ctypes.data, len(h), self.head_weight.ctypes.data, self.head_type,
                 None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
                 c.vocab_size, self.threads)
-        return logits[0]
+        return logits
 
 
 def _int8_layout(int8_activations: bool, kind: int, rows: list[int]) -> str | None:
@@ -284,3 +298,62 @@ def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling) -> Iterator[
             return
         logits = model.forward([token], cache, len(prompt) + step)
 
+
+
+def accept_copied(probs: np.ndarray, drafts: list[int], rng: np.random.Generator) -> tuple[int, int]:
+    """The exact rule of speculative decoding for a deterministic draft (prompt lookup: q one-hot at each drafted
+    token), on this path: probs (len(drafts) + 1, vocab) the target's distributions at each drafted position and
+    the one after. Token x_i is accepted with probability p_i(x_i); the first rejected position is drawn from p_i
+    without x_i (norm(max(0, p - q)) for a one-hot q); with all accepted a bonus token comes from the last row.
+    Returns (accepted count, the next token)."""
+    for i, x in enumerate(drafts):
+        p = probs[i]
+        if rng.random() < p[x]:
+            continue
+        rest = p.copy()
+        rest[x] = 0.0
+        return i, draw(rest / rest.sum(), rng)  # p(x) < 1 here, so the rest holds probability
+    return len(drafts), draw(probs[len(drafts)], rng)
+
+
+def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup, gamma: int = 4,
+                       stats=None) -> Iterator[int]:
+    """speculative.speculative_tokens on this path, for prompt lookup's drafts (lookup.Lookup, with or without a
+    History): each pass of the model checks up to `gamma` drafted tokens. Greedy: the same tokens as plain
+    decoding; sampled: distributed as plain decoding's (accept_copied)."""
+    if not prompt:
+        raise UsageError("every prompt needs at least one token")
+    if not 1 <= gamma < NATIVE_ROWS:
+        raise UsageError(f"gamma (drafted tokens per pass) must be from 1 to {NATIVE_ROWS - 1} here, got {gamma}")
+    total = len(prompt) + s.max_new_tokens
+    if total > model.config.max_seq_len:
+        raise UsageError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.max_seq_len} tokens")
+    if s.max_new_tokens == 0:
+        return
+    rng = np.random.default_rng(s.seed)
+    cache = model.cache(total + gamma)
+    logits = model.forward(prompt, cache, 0)
+    pending = [int(np.argmax(logits)) if s.temperature == 0 else draw(probabilities(logits, s), rng)]
+    context, produced = list(prompt), 0
+    while True:
+        for token in pending:  # the accepted drafts and the next token; the last is not yet in the cache
+            yield token
+            produced += 1
+            context.append(token)
+            if stats is not None:
+                stats.tokens += 1
+            if token in s.stop_token_ids or produced >= s.max_new_tokens:
+                return
+        drafts = lookup.tokens(context, min(gamma, s.max_new_tokens - produced - 1))
+        rows = model.forward_rows([context[-1], *drafts], cache, len(context) - 1)
+        if s.temperature == 0:  # the rule with one-hot p and q: the argmax prefix
+            best = rows.argmax(-1).tolist()
+            n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
+            nxt = best[n]
+        else:
+            n, nxt = accept_copied(np.stack([probabilities(r, s) for r in rows]), drafts, rng)
+        if stats is not None:
+            stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + n
+            stats.target_passes += 1
+        pending = drafts[:n] + [nxt]

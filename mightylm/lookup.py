@@ -97,6 +97,17 @@ class Lookup:
         return []
 
 
+def parse_lookup(spec: str, kind: type = Lookup, **fields) -> Lookup:
+    """`--draft prompt-lookup` or `prompt-lookup:N` (up to N tokens of agreement compared) as a `kind` (Lookup, or
+    speculative.PromptLookup) with `fields`."""
+    _, _, n = spec.partition(":")
+    try:
+        return kind(max_ngram=int(n) if n else 8, **fields)
+    except ValueError:
+        raise UsageError(f"--draft {spec}: write prompt-lookup or prompt-lookup:N, N the most tokens compared "
+                         f"(a whole number, at least {Lookup.min_ngram})") from None
+
+
 @dataclass
 class Stats:
     """What one speculative generation did."""

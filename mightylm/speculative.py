@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from mightylm.errors import UsageError
 from mightylm.generate import Sampling, greedy, logits_to_probs, prefill, sample, sample_from_probs
-from mightylm.lookup import History, Lookup, Stats
+from mightylm.lookup import History, Lookup, Stats, parse_lookup
 
 
 def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
@@ -200,12 +200,7 @@ def make_draft(spec: str, target, *, load=None) -> object:
     """A draft from its command-line spelling: a model path, `prompt-lookup` (or `prompt-lookup:N`, up to N
     tokens of agreement compared), or `layers:N` (the target's first N blocks)."""
     if spec.startswith("prompt-lookup"):
-        _, _, n = spec.partition(":")
-        try:
-            return PromptLookup(max_ngram=int(n) if n else 8, vocab_size=target.config.vocab_size)
-        except ValueError:
-            raise UsageError(f"--draft {spec}: write prompt-lookup or prompt-lookup:N, N the most tokens compared "
-                             f"(a whole number, at least {PromptLookup.min_ngram})") from None
+        return parse_lookup(spec, PromptLookup, vocab_size=target.config.vocab_size)
     if spec.startswith("layers:"):
         try:
             n = int(spec.partition(":")[2])

@@ -109,6 +109,61 @@ def test_lite_sampling_draws_from_the_distribution_logits_to_probs_gives(setting
     assert np.all(np.abs(counts - probs) <= 6 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
 
 
+def test_speculative_decoding_on_the_lite_path(tmp_path, bpe_tokenizer):
+    """Prompt lookup (with and without a history of an earlier answer) on the lite path: greedy, the tokens of plain
+    decoding with drafts taken and accepted, and a pass over several rows gives each row the logits one-row passes
+    give; sampled with a seed, the same text twice and tokens within the rule's reach."""
+    from mightylm.lite import speculative_tokens
+    from mightylm.lite import stream_tokens as lite_tokens
+    from mightylm.lookup import History, Lookup, Stats
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    lite, tokenizer = _load_lite(tmp_path / "m.gguf")
+    prompt = tokenizer.encode("the cat sat on the mat, the cat sat on the")
+    greedy = Sampling(max_new_tokens=24, temperature=0)
+    plain = list(lite_tokens(lite, prompt, greedy))
+    history = History()
+    history.add(list(lite_tokens(lite, tokenizer.encode("a dog"), greedy)) + plain[:12])
+    for lookup in (Lookup(), Lookup(history=history)):
+        for gamma in (1, 4):
+            stats = Stats()
+            assert list(speculative_tokens(lite, prompt, greedy, lookup, gamma, stats)) == plain
+            assert stats.tokens == len(plain) and stats.target_passes < len(plain) - 1
+            assert stats.drafted > 0 and stats.accepted > 0
+    ids = plain[:5]
+    cache, one_cache = lite.cache(len(prompt) + 8), lite.cache(len(prompt) + 8)
+    lite.forward(prompt, cache, 0), lite.forward(prompt, one_cache, 0)
+    rows = lite.forward_rows(ids, cache, len(prompt))
+    alone = np.stack([lite.forward([t], one_cache, len(prompt) + i) for i, t in enumerate(ids)])
+    np.testing.assert_allclose(rows, alone, rtol=1e-5, atol=1e-5)
+    sampled = Sampling(max_new_tokens=24, temperature=0.8, top_k=8, seed=3)
+    first = list(speculative_tokens(lite, prompt, sampled, Lookup(history=history), 4))
+    assert first == list(speculative_tokens(lite, prompt, sampled, Lookup(history=history), 4)) and len(first) == 24
+
+
+def test_the_copied_draft_rule_keeps_the_target_distribution():
+    """lite.accept_copied: with a drafted token x (q one-hot at x) the next token is distributed as p, whatever x
+    is (accepted with p(x), else drawn from p without x); the bonus token after full acceptance comes from the
+    next row. 40,000 draws per case within 6 standard errors of p."""
+    from mightylm.lite import accept_copied
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(10)).astype(np.float64)
+    bonus = rng.dirichlet(np.ones(10))
+    n = 40_000
+    for x in (int(p.argmax()), int(p.argmin())):
+        probs = np.stack([p, bonus])
+        tokens = []
+        for _ in range(n):
+            k, nxt = accept_copied(probs, [x], rng)
+            tokens.append(x if k == 1 else nxt)
+        counts = np.bincount(tokens, minlength=10) / n
+        assert np.all(np.abs(counts - p) <= 6 * np.sqrt(p * (1 - p) / n) + 1e-9), (x, counts, p)
+    k, nxt = accept_copied(np.stack([np.eye(10)[3], bonus]), [3], rng)  # p(x) = 1: always accepted, then a bonus
+    assert k == 1
+
+
 def _generate(path, *options) -> subprocess.CompletedProcess:
     """`mighty generate` in a fresh process, reporting whether torch was imported."""
     code = ("import sys\nfrom mightylm.cli import main\n"
@@ -128,6 +183,12 @@ def test_mighty_generate_on_a_gguf_file_never_imports_torch(tmp_path, bpe_tokeni
     assert "no torch" in lite.stderr and "without torch" in lite.stderr and "decode:" in lite.stderr
     assert "torch imported" in through_torch.stderr
     assert lite.stdout == through_torch.stdout and lite.stdout.strip()
+    history = tmp_path / "answers.txt"
+    for n in (1, 2):  # prompt lookup, with a history file: still no torch, the same text, the answer appended
+        speculative = _generate(tmp_path / "m.gguf", "--draft", "prompt-lookup", "--lookup_history", str(history))
+        assert speculative.returncode == 0, speculative.stderr
+        assert "no torch" in speculative.stderr and "tokens per target pass" in speculative.stderr
+        assert speculative.stdout == lite.stdout and history.read_text().count("\n\n\n") == n
 
 
 def test_files_the_native_blocks_cannot_run_go_through_torch(tmp_path, bpe_tokenizer, capsys):
