@@ -20,8 +20,9 @@ seed samples the same text on this path, and other text than `--engine torch` do
 Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K products as the torch path's option does (llama.cpp's arithmetic):
 the same integers, but rounding activations to 8 bits can turn the RoPE tables' last-bit differences into
 different roundings, so greedy text can part from the torch path's at near-ties (as both do from llama.cpp's).
-Anything else (another architecture or dtype, LoRA, drafts, RoPE scaling) loads through torch; `unsupported` says
-why a file cannot come here.
+Prompt lookup's speculative decoding runs here too (`speculative_tokens`, lookup.Lookup's drafts, the exact rule in
+numpy). Anything else (another architecture or dtype, LoRA, draft models, RoPE scaling) loads through torch;
+`unsupported` says why a file cannot come here.
 """
 
 from __future__ import annotations
