@@ -15,7 +15,7 @@ N / n_layers for early layers). --int8-activations: the model in llama.cpp's ari
 --int8_activations`), both for plain and speculative decoding.
 
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
-                                          [--int8-activations] [--completions 4] [--history 76]
+                                          [--int8-activations] [--completions 4] [--history 76] [--lite]
     .venv/bin/python bench/speculative.py --transformers [--gamma 4] [--max-new-tokens 96]
     .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
     .venv/bin/python bench/speculative.py --engine [--clients 1 8] [--rounds 4]
@@ -267,6 +267,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--adaptive", action="store_true", help="grow gamma after a full acceptance, shrink it after a rejection")
     ap.add_argument("--drafts", nargs="*", default=["prompt-lookup", "prompt-lookup+history", "layers:8", "layers:15"])
+    ap.add_argument("--lite", action="store_true", help="prompt lookup on the torch-free path (mightylm.lite), as "
+                    "`mighty generate --draft prompt-lookup` runs the embedded model")
     ap.add_argument("--history", type=int, default=76, help="HumanEval problems from 88 on whose greedy answers are "
                     "the prompt-lookup+history draft's history (76: 88-163)")
     ap.add_argument("--int8-activations", action="store_true", help="the model in llama.cpp's arithmetic (mighty "
@@ -291,11 +293,41 @@ def main() -> None:
         return engine_bench(args)
 
     from mightylm.cli import env
-    from mightylm.generate import Sampling, load_for_generation, stream_tokens
-    from mightylm.speculative import History, PromptLookup, Stats, self_draft, speculative_tokens
+    from mightylm.lookup import History, Stats
+    from mightylm.streaming import Sampling
 
     env()
-    model, tok = load_for_generation("smollm2-135m-instruct", keep_blocks=True, int8_activations=args.int8_activations)
+    if args.lite:  # what `mighty generate --draft prompt-lookup` runs on the embedded model: no torch in the loop
+        from mightylm import lite
+        from mightylm.lookup import Lookup
+
+        if set(args.drafts) - {"prompt-lookup", "prompt-lookup+history"}:
+            raise SystemExit("--lite runs prompt lookup only (--drafts prompt-lookup prompt-lookup+history)")
+        model, tok = lite.load_lite("smollm2-135m-instruct", int8_activations=args.int8_activations)
+
+        def plain(ids, s):
+            return lite.stream_tokens(model, ids, s)
+
+        def speculate(ids, s, draft, stats):
+            return lite.speculative_tokens(model, ids, s, draft, args.gamma, stats)
+
+        def lookup(history=None):
+            return Lookup(history=history)
+    else:
+        from mightylm.generate import load_for_generation, stream_tokens
+        from mightylm.speculative import PromptLookup, self_draft, speculative_tokens
+
+        model, tok = load_for_generation("smollm2-135m-instruct", keep_blocks=True,
+                                         int8_activations=args.int8_activations)
+
+        def plain(ids, s):
+            return stream_tokens(model, ids, s)
+
+        def speculate(ids, s, draft, stats):
+            return speculative_tokens(model, ids, s, draft, args.gamma, adaptive=args.adaptive, stats=stats)
+
+        def lookup(history=None):
+            return PromptLookup(vocab_size=model.config.vocab_size, history=history)
     L = model.config.n_layers
     history = History()
     if "prompt-lookup+history" in args.drafts:
@@ -305,12 +337,10 @@ def main() -> None:
         earlier = list(read_problems().values())[88:88 + args.history]
         greedy = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_token_ids=tok.stop_token_ids)
         for problem in earlier:
-            history.add(list(stream_tokens(model, tok.encode(problem["prompt"]), greedy)))
+            history.add(list(plain(tok.encode(problem["prompt"]), greedy)))
         print(f"history: the greedy answers to HumanEval/88-{87 + len(earlier)}, {history.tokens} tokens "
               f"({time.perf_counter() - t:.0f} s)")
-    vocab = model.config.vocab_size
-    drafts = {"prompt-lookup": (lambda: PromptLookup(vocab_size=vocab), 0.0),
-              "prompt-lookup+history": (lambda: PromptLookup(vocab_size=vocab, history=history), 0.0),
+    drafts = {"prompt-lookup": (lookup, 0.0), "prompt-lookup+history": (lambda: lookup(history), 0.0),
               "layers:8": (lambda: self_draft(model, 8), 8 / L), "layers:15": (lambda: self_draft(model, 15), 15 / L)}
     drafts = {name: drafts[name] for name in args.drafts}
     prompts = [(kind, [tok.encode_chat([{"role": "user", "content": text}])]) for kind, text in PROMPTS.items()]
@@ -334,10 +364,8 @@ def main() -> None:
             for name, (make, cost) in drafts.items():
                 stats, plain_time, spec_time, n_plain, n_spec = Stats(), 0.0, 0.0, 0, 0
                 for ids in many:  # each prompt's plain run, then its speculative one
-                    plain_tokens, plain_rate = run(lambda: stream_tokens(model, ids, s), args.max_new_tokens)
-                    spec_tokens, spec_rate = run(lambda: speculative_tokens(model, ids, s, make(), args.gamma,
-                                                                            adaptive=args.adaptive, stats=stats),
-                                                 args.max_new_tokens)
+                    plain_tokens, plain_rate = run(lambda: plain(ids, s), args.max_new_tokens)
+                    spec_tokens, spec_rate = run(lambda: speculate(ids, s, make(), stats), args.max_new_tokens)
                     if temperature == 0:
                         assert spec_tokens == plain_tokens, "greedy speculation must reproduce plain decoding"
                     plain_time += (len(plain_tokens) - 1) / plain_rate if plain_rate else 0.0
