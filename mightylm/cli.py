@@ -273,6 +273,12 @@ def _check_lookup_history(path: str | None, draft: str | None) -> None:
 
     if Path(path).is_dir():
         raise UsageError(f"--lookup_history {path} is a directory; give a text file (created when missing)")
+    try:  # each answer is appended: find out now, not after the answer, if that cannot be done
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--lookup_history {path}: cannot append to it ({e.strerror}); give a writable text file "
+                         "in an existing directory") from None
 
 
 def _read_history(path: str | None, tokenizer):

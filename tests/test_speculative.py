@@ -244,13 +244,16 @@ def test_mighty_generate_with_a_lookup_history(tmp_path, bpe_tokenizer, capsys):
         captured = capsys.readouterr()
         assert captured.out == plain and "tokens per target pass" in captured.err
         assert history.read_text() == (plain.strip("\n") + "\n\n\n") * n
-        assert ("lookup history:" in captured.err) == (n == 2)  # the file is read once it exists
+        assert ("lookup history: 0 tokens" in captured.err) == (n == 1)  # created empty, then read back
         counts.append([int(v) for v in re.search(r"(\d+) of (\d+) drafted", captured.err).groups()])
     (accepted1, drafted1), (accepted2, drafted2) = counts
     assert drafted2 > drafted1 and accepted2 > accepted1  # the answer read back drafted the same answer again
     assert main(["generate", "--model", str(tmp_path / "t"), "--prompt", "x", "--lookup_history",
                  str(history)]) == 2
     assert "add --draft prompt-lookup" in capsys.readouterr().err
+    for bad, said in ((tmp_path, "is a directory"), (tmp_path / "no" / "such.txt", "cannot append to it")):
+        assert main([*run, "--prompt", "x", "--lookup_history", str(bad)]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_mighty_chat_with_a_draft_answers_as_without(tmp_path, bpe_tokenizer):
