@@ -185,7 +185,9 @@ def serve(
 
             speculate = make_draft(draft, net, load=lambda path: _load_draft(path, dtype, blocks))
             speculate = getattr(speculate, "model", speculate)  # the engine keeps a draft model's cache itself
-            print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step", file=sys.stderr)
+            print(f"speculative decoding: {draft}, up to {gamma} drafted tokens per row and step"
+                  + (", each user's earlier answers kept in memory as their lookup history" if lookup_history else ""),
+                  file=sys.stderr)
         return Engine(net, tokenizer, bank, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                       draft=speculate, gamma=gamma, prefill_chunk=prefill_chunk, vision=vision)
 
