@@ -120,7 +120,7 @@ def generate(
                                              rope_scaling=rope_scaling, device=device != "cpu", compile=compile)
     if lite:
         m, tokenizer, source = lite
-        source, spec_stats = _lite_speculative(m, tokenizer, source, draft, gamma, lookup_history)
+        source, spec_stats = _lite_speculative(m, source, draft, gamma, _read_history(lookup_history, tokenizer))
     elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
 
@@ -240,23 +240,17 @@ def _needs_torch(draft: str | None) -> str | None:
     return None if (draft or "").startswith("prompt-lookup") else draft
 
 
-def _lite_speculative(lite, tokenizer, source, draft: str | None, gamma: int, lookup_history: str | None):
+def _lite_speculative(lite, source, draft: str | None, gamma: int, history=None):
     """(token source, its statistics) on the lite path: prompt lookup's speculative decoding for --draft
-    prompt-lookup (with --lookup_history's History), else `source` as it is and None. The source carries the
-    History as `.history` (chat counts each reply into it)."""
+    prompt-lookup (drafting from `history` too, a lookup.History for --lookup_history), else `source` as it is and
+    None."""
     if not draft:
         return source, None
     from mightylm.lite import speculative_tokens
     from mightylm.lookup import Stats, parse_lookup
 
-    lookup = parse_lookup(draft, history=_read_history(lookup_history, tokenizer))
-    stats = Stats()
-
-    def speculative(ids, s):
-        return speculative_tokens(lite, ids, s, lookup, gamma, stats)
-
-    speculative.history = lookup.history
-    return speculative, stats
+    lookup, stats = parse_lookup(draft, history=history), Stats()
+    return (lambda ids, s: speculative_tokens(lite, ids, s, lookup, gamma, stats)), stats
 
 
 HISTORY_CHARS = 200_000  # the most of a --lookup_history file read (its end): ~60k tokens, ~40 MB of counts
@@ -379,8 +373,8 @@ def chat(
                                              device=device != "cpu", compile=compile)
     if lite:
         m, tokenizer, source = lite
-        source, spec_stats = _lite_speculative(m, tokenizer, source, draft, gamma, lookup_history)
-        lookup, prefix_len = getattr(source, "history", None), 0
+        lookup, prefix_len = _read_history(lookup_history, tokenizer), 0
+        source, spec_stats = _lite_speculative(m, source, draft, gamma, lookup)
     elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
         from mightylm.multimodal.images import ImageError, open_image

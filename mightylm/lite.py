@@ -279,8 +279,9 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
 
 
-def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling) -> Iterator[int]:
-    """generate.stream_tokens on this path: the tokens after `prompt`, up to and including a stop token."""
+def _begin(model: LiteModel, prompt: list[int], s: Sampling, room: int = 0):
+    """What every generation on this path starts with: the checks, then the prompt's pass. (rng, cache, the first
+    token), or None when no token is asked for; `room`: cache slots past prompt + max_new_tokens (drafts)."""
     if not prompt:
         raise UsageError("every prompt needs at least one token")
     total = len(prompt) + s.max_new_tokens
@@ -288,17 +289,28 @@ def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling) -> Iterator[
         raise UsageError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the model's "
                          f"context of {model.config.max_seq_len} tokens")
     if s.max_new_tokens == 0:
-        return
+        return None
     rng = np.random.default_rng(s.seed)
-    cache = model.cache(total)
-    logits = model.forward(prompt, cache, 0)
+    cache = model.cache(total + room)
+    return rng, cache, _pick(model.forward(prompt, cache, 0), s, rng)
+
+
+def _pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    """The next token from one row of logits: the argmax when greedy, else a draw by Sampling's rule."""
+    return int(np.argmax(logits)) if s.temperature == 0 else draw(probabilities(logits, s), rng)
+
+
+def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling) -> Iterator[int]:
+    """generate.stream_tokens on this path: the tokens after `prompt`, up to and including a stop token."""
+    started = _begin(model, prompt, s)
+    if started is None:
+        return
+    rng, cache, token = started
     for step in range(s.max_new_tokens):
-        token = int(np.argmax(logits)) if s.temperature == 0 else draw(probabilities(logits, s), rng)
         yield token
         if token in s.stop_token_ids or step + 1 == s.max_new_tokens:
             return
-        logits = model.forward([token], cache, len(prompt) + step)
-
+        token = _pick(model.forward([token], cache, len(prompt) + step), s, rng)
 
 
 def accept_copied(probs: np.ndarray, drafts: list[int], rng: np.random.Generator) -> tuple[int, int]:
@@ -322,21 +334,13 @@ def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup,
     """speculative.speculative_tokens on this path, for prompt lookup's drafts (lookup.Lookup, with or without a
     History): each pass of the model checks up to `gamma` drafted tokens. Greedy: the same tokens as plain
     decoding; sampled: distributed as plain decoding's (accept_copied)."""
-    if not prompt:
-        raise UsageError("every prompt needs at least one token")
     if not 1 <= gamma < NATIVE_ROWS:
         raise UsageError(f"gamma (drafted tokens per pass) must be from 1 to {NATIVE_ROWS - 1} here, got {gamma}")
-    total = len(prompt) + s.max_new_tokens
-    if total > model.config.max_seq_len:
-        raise UsageError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the model's "
-                         f"context of {model.config.max_seq_len} tokens")
-    if s.max_new_tokens == 0:
+    started = _begin(model, prompt, s, room=gamma)
+    if started is None:
         return
-    rng = np.random.default_rng(s.seed)
-    cache = model.cache(total + gamma)
-    logits = model.forward(prompt, cache, 0)
-    pending = [int(np.argmax(logits)) if s.temperature == 0 else draw(probabilities(logits, s), rng)]
-    context, produced = list(prompt), 0
+    rng, cache, first = started
+    pending, context, produced = [first], list(prompt), 0
     while True:
         for token in pending:  # the accepted drafts and the next token; the last is not yet in the cache
             yield token
