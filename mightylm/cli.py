@@ -104,8 +104,8 @@ def generate(
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
     _check_lookup_history(lookup_history, draft)
-    lite = _lite(model, engine, int8_activations, adapter, _needs_torch(draft), rope_scaling, rmt, attention_sinks,
-                 image, dtype != "float32", not blocks, device != "cpu", compile)
+    lite = _lite(model, engine, int8_activations, adapter, _needs_torch(draft, gamma), rope_scaling, rmt,
+                 attention_sinks, image, dtype != "float32", not blocks, device != "cpu", compile)
     if rmt and (adapter or draft):
         from mightylm.errors import UsageError
 
@@ -235,9 +235,13 @@ def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter
     return (lambda ids, s: speculative_tokens(model, ids, s, drafter, gamma, stats=stats)), stats
 
 
-def _needs_torch(draft: str | None) -> str | None:
-    """The --draft that needs the model in torch (a draft model, layers:N); prompt lookup runs on the lite path."""
-    return None if (draft or "").startswith("prompt-lookup") else draft
+def _needs_torch(draft: str | None, gamma: int) -> str | None:
+    """The --draft that needs the model in torch (a draft model, layers:N); prompt lookup runs on the lite path,
+    whose passes take at most lite.NATIVE_ROWS tokens (a --gamma past that goes through torch, as before)."""
+    from mightylm.lite import NATIVE_ROWS
+
+    lookup = (draft or "").startswith("prompt-lookup") and gamma < NATIVE_ROWS
+    return None if lookup else draft
 
 
 def _lite_speculative(lite, source, draft: str | None, gamma: int, history=None):
@@ -366,7 +370,7 @@ def chat(
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     _check_lookup_history(lookup_history, draft)
-    lite = _lite(model, engine, int8_activations, adapter, _needs_torch(draft), rope_scaling, image,
+    lite = _lite(model, engine, int8_activations, adapter, _needs_torch(draft, gamma), rope_scaling, image,
                  dtype != "float32", not blocks, device != "cpu", compile)
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,
                                              lookup_history=lookup_history, rope_scaling=rope_scaling,

@@ -189,6 +189,8 @@ def test_mighty_generate_on_a_gguf_file_never_imports_torch(tmp_path, bpe_tokeni
         assert speculative.returncode == 0, speculative.stderr
         assert "no torch" in speculative.stderr and "tokens per target pass" in speculative.stderr
         assert speculative.stdout == lite.stdout and history.read_text().count("\n\n\n") == n
+    wide = _generate(tmp_path / "m.gguf", "--draft", "prompt-lookup", "--gamma", "16")  # past a lite pass: torch
+    assert wide.returncode == 0 and "torch imported" in wide.stderr and wide.stdout == lite.stdout, wide.stderr
 
 
 def test_files_the_native_blocks_cannot_run_go_through_torch(tmp_path, bpe_tokenizer, capsys):
