@@ -211,6 +211,15 @@ def _int8_layout(int8_activations: bool, kind: int, rows: list[int]) -> str | No
     return layouts.pop() if len(layouts) == 1 else None
 
 
+def _zeros64(shape: tuple) -> np.ndarray:
+    """np.zeros(shape, float32) starting on a 64-byte boundary (numpy's large arrays start 16 bytes into a page, so
+    that every other 32-byte load of a row of keys or values spans two cache lines: ~30 % slower)."""
+    n = int(np.prod(shape))
+    raw = np.zeros(n + 16, np.float32)
+    skip = -raw.ctypes.data % 64 // 4
+    return raw[skip:skip + n].reshape(shape)
+
+
 class LiteCache:
     """One sequence's keys and values: a zeroed (1, n_kv, length, hd) float32 buffer per layer for each, as
     model.KVCache lays them out (the OS maps pages as they are written), and the pointer arrays the native call
@@ -218,8 +227,8 @@ class LiteCache:
 
     def __init__(self, config, length: int):
         shape = (1, config.n_kv_heads, length, config.head_dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+        self.keys = [_zeros64(shape) for _ in range(config.n_layers)]
+        self.values = [_zeros64(shape) for _ in range(config.n_layers)]
         self.length = length
         self.key_pointers = (ctypes.c_void_p * config.n_layers)(*(a.ctypes.data for a in self.keys))
         self.value_pointers = (ctypes.c_void_p * config.n_layers)(*(a.ctypes.data for a in self.values))

@@ -273,3 +273,50 @@ def test_the_vector_exp_is_within_two_ulp_of_libm():
     assert edges[4].isnan()  # a diverged model's NaN is not hidden
     assert float(edges[0]) < 2e-38 and float(edges[1]) < 2e-38 and float(edges[3]) < 2e-38  # ~0: a softmax weight
     assert 1e38 < float(edges[2]) < float("inf")
+
+
+def _attention_reference(q, keys, values, seen):
+    """softmax(q k / sqrt(hd)) v in float64 for one query over the slots `seen` of its kv head"""
+    scores = keys[seen].double() @ q.double() / q.numel() ** 0.5
+    return torch.softmax(scores, 0) @ values[seen].double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 80), (4, 2, 128)])
+@pytest.mark.parametrize("rows,pos", [(1, 0), (1, 37), (3, 200), (5, 1000), (16, 130)])
+def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, pos):
+    """The native block's attention (kernels/attention.c: the queries of a kv head's group and of every row of a
+    pass scored together, a sequence's slots split into stretches combined at the end) gives each row the softmax
+    attention of its own head over slots 0 .. its own, for 1, 2 and 3 threads; and in a server's batch (pads) each
+    sequence sees only its own cache from its first slot, a padding slot only itself."""
+    lib = kernels.gemv_library()
+    g = torch.Generator().manual_seed(nh * hd + rows + pos)
+    max_len, q_out, kv_out = pos + rows + 3, nh * hd, nkv * hd
+    qkv_out, group = q_out + 2 * kv_out, nh // nkv
+    qkv = torch.randn(rows, qkv_out, generator=g)
+    keys, values = torch.randn(2, nkv, max_len, hd, generator=g) * 2
+    for threads in (1, 2, 3):
+        att = torch.full((rows, q_out), float("nan"))
+        lib.mighty_attention(qkv.data_ptr(), qkv_out, att.data_ptr(), keys.data_ptr(), values.data_ptr(), nh, nkv, hd,
+                             max_len, pos, rows, 1, None, 0, threads)
+        for r in range(rows):
+            for h in range(nh):
+                expected = _attention_reference(qkv[r, h * hd:(h + 1) * hd], keys[h // group], values[h // group],
+                                                slice(0, pos + r + 1))
+                torch.testing.assert_close(att[r, h * hd:(h + 1) * hd].double(), expected, atol=2e-5, rtol=1e-4)
+    # a batch: 3 sequences of `rows` tokens each at slots pos.., left-padded up to pads[s]
+    seqs = 3
+    pads = torch.tensor([0, pos // 2, pos + rows // 2], dtype=torch.long)
+    qkv = torch.randn(seqs * rows, qkv_out, generator=g)
+    keys, values = torch.randn(2, seqs, nkv, max_len, hd, generator=g)
+    att = torch.full((seqs * rows, q_out), float("nan"))
+    lib.mighty_attention(qkv.data_ptr(), qkv_out, att.data_ptr(), keys.data_ptr(), values.data_ptr(), nh, nkv, hd,
+                         max_len, pos, seqs * rows, rows, pads.data_ptr(), nkv * max_len * hd, 2)
+    for s in range(seqs):
+        for i in range(rows):
+            slot, r = pos + i, s * rows + i
+            seen = slice(slot, slot + 1) if slot < pads[s] else slice(int(pads[s]), slot + 1)
+            for h in range(nh):
+                expected = _attention_reference(qkv[r, h * hd:(h + 1) * hd], keys[s, h // group],
+                                                values[s, h // group], seen)
+                torch.testing.assert_close(att[r, h * hd:(h + 1) * hd].double(), expected, atol=2e-5, rtol=1e-4)

@@ -339,29 +339,6 @@ static void project_rows(const mighty_proj *p, const float *x, float *y, float *
     }
 }
 
-/* e^x for 8 floats: x = n ln 2 + r (|r| <= ln 2 / 2, ln 2 in two parts so that r is exact), e^r by its Taylor
- * series to degree 7 (truncation error below 6e-9 relative), times 2^n put into the exponent bits. Within 2 ulp of
- * expf over [-87, 88] (tests/test_kernels.py); x below -87.3 gives ~1e-38 instead of a denormal, above 88.3 e^88.3,
- * still finite. libm's expf one value at a time cost ~5-10 ns: 46,000 of them a token in
- * SmolLM2-135M's SiLU alone. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));  /* (in this order NaN stays) */
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);   /* ln 2's leading bits: n * it is exact */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);         /* the rest of ln 2 */
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-}
-
 /* e^x of n floats in place (see exp8) */
 void mighty_exp(float *x, long n) {
     long i = 0;
@@ -384,45 +361,6 @@ static void silu_mul(float *g, const float *u, long n) {
         _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
     }
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-/* sum a[i] b[i] over n values, 16 at a time in two accumulators (a plain loop's sum is a chain of dependent
- * additions the compiler may not reorder: the scores of attention over the cache ran at one addition per 4 cycles) */
-static float dot(const float *a, const float *b, long n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    long i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    float d = hsum(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) d += a[i] * b[i];
-    return d;
-}
-
-/* out (n) = sum over t < T of p[t] V[t] (V (T, n) row-major): 64 values at a time held in eight registers while
- * every row adds into them (independent chains), then 8 at a time, then one */
-static void weighted_rows(const float *p, const float *V, long T, long n, float *out) {
-    long i = 0;
-    for (; i + 64 <= n; i += 64) {
-        __m256 acc[8];
-        for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
-        for (long t = 0; t < T; t++) {
-            const __m256 w = _mm256_set1_ps(p[t]);
-            for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + t * n + i + 8 * k), acc[k]);
-        }
-        for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + i + 8 * k, acc[k]);
-    }
-    for (; i + 8 <= n; i += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (long t = 0; t < T; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(V + t * n + i), acc);
-        _mm256_storeu_ps(out + i, acc);
-    }
-    for (; i < n; i++) {
-        float a = 0.0f;
-        for (long t = 0; t < T; t++) a += p[t] * V[t * n + i];
-        out[i] = a;
-    }
 }
 
 /* y (R, width) += each row's LoRA terms for projection p of this block on x (R, in). The rows of one adapter go
@@ -568,13 +506,12 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     const long *pads = b->pads, T = pads && b->tokens > 1 ? b->tokens : 1;  /* tokens per sequence of a batch */
     const long R = (b->rows < 1 ? 1 : b->rows) * T;
     const long q_out = nh * hd, kv_out = nkv * hd, qkv_out = q_out + 2 * kv_out;
-    const long ctx_max = b->pos + (pads ? T : R);
     const long widest = 2 * ffn > qkv_out ? 2 * ffn : qkv_out;
     const int threads = b->threads < 1 ? 1 : b->threads;
-    float *h = malloc(sizeof(float) * (R * (dim + qkv_out + q_out + dim + 2 * ffn) + R * nh * ctx_max
+    float *h = malloc(sizeof(float) * (R * (dim + qkv_out + q_out + dim + 2 * ffn)
                                        + (long)threads * (widest > dim ? widest : dim)));
     float *qkv = h + R * dim, *att = qkv + R * qkv_out, *tmp = att + R * q_out, *gu = tmp + R * dim;
-    float *scores = gu + R * 2 * ffn, *scratch = scores + R * nh * ctx_max;
+    float *scratch = gu + R * 2 * ffn;
 
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->attn_norm, h + r * dim, dim, b->eps);
     project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads);
@@ -590,29 +527,8 @@ void mighty_decode_block(float *x, const mighty_block *b) {
             memcpy(b->v_cache + row + (g * b->max_len + slot) * hd, v + g * hd, sizeof(float) * hd);
         }
     }
-    const float scale = 1.0f / sqrtf((float)hd);
-    const long group = nh / nkv;
-    /* head by head, each head's rows one after another: the rows of a head (and the heads of a group) read the same
-     * keys and values, from memory once and from the core's cache after (row by row, a pass over 3 rows at 200
-     * positions read them three times: measured ~2x one row's attention time) */
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long job = 0; job < R * nh; job++) {
-        const long head = job / R, r = job % R, seq = pads ? r / T : 0, slot = b->pos + (pads ? r % T : r);
-        /* slots first .. slot; a padding slot of a prompt read at once sees itself alone, as model._mask has it */
-        const long first = pads ? (slot < pads[seq] ? slot : pads[seq]) : 0, ctx = slot + 1 - first;
-        const long at = seq * b->row_stride + ((head / group) * b->max_len + first) * hd;
-        const float *qh = qkv + r * qkv_out + head * hd, *K = b->k_cache + at, *V = b->v_cache + at;
-        float *s = scores + job * ctx_max, *out = att + r * q_out + head * hd, top = -INFINITY, sum = 0.0f;
-        for (long t = 0; t < ctx; t++) {
-            s[t] = dot(qh, K + t * hd, hd) * scale;
-            top = s[t] > top ? s[t] : top;
-        }
-        for (long t = 0; t < ctx; t++) s[t] -= top;
-        mighty_exp(s, ctx);
-        for (long t = 0; t < ctx; t++) sum += s[t];
-        for (long t = 0; t < ctx; t++) s[t] /= sum;
-        weighted_rows(s, V, ctx, hd, out);
-    }
+    mighty_attention(qkv, qkv_out, att, b->k_cache, b->v_cache, nh, nkv, hd, b->max_len, b->pos, R, T, pads,
+                     b->row_stride, threads);
     project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
     lora_rows(b, 1, att, tmp, q_out, dim, R, threads);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
