@@ -5,7 +5,8 @@ Files: the embedded SmolLM2-135M-Instruct as shipped (Q4_1 projections, Q8_0 emb
 weights re-quantized by the gguf package's quantizers to all-Q8_0, all-Q4_0, all-Q5_0, all-F16 and all-BF16 (from
 the shipped file, dequantized), and to Q6_K where a tensor's rows are a multiple of 256 values (ffn_down), Q8_0 elsewhere;
 --files adds other GGUF files as stored (the optional Qwen2.5-Coder-0.5B-Instruct Q4_K_M: Q5_0, Q8_0, Q4_K, Q6_K).
-Each process loads the file, prefills a 32-token prompt, then times 64 greedy single-token steps, three times (ours
+Each process loads the file, prefills a 32-token prompt (--context N: N tokens, the text repeated; attention over
+the cache grows with it), then times 64 greedy single-token steps, three times (ours
 through the torch path, and through mightylm.lite: the same kernels without torch in the process);
 the median is printed with the process's peak resident memory, the ratio to llama.cpp, and the bound: packed bytes
 read per token over the measured read bandwidth. For the block types, ours runs a second time with
@@ -165,6 +166,8 @@ def main() -> None:
                    help="fresh processes per engine, the engines alternated round by round; the medians pool every "
                         "round's runs (use 3 or more on a noisy VM)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--context", type=int, default=32,
+                   help="prompt tokens before the timed steps (the text repeated): the decode's attention reads them")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--files", nargs="*", default=[],
                    help="other GGUF files (paths or embedded names, e.g. qwen2.5-coder-0.5b-instruct), measured as "
@@ -182,12 +185,13 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs()
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     print(f"CPU flags: {' '.join(flags)}; kernel path {kernel_isa()}; {threads} threads; "
-          f"read bandwidth {bandwidth:.1f} GB/s")
+          f"read bandwidth {bandwidth:.1f} GB/s; {args.context}-token prompt, {args.new_tokens} new tokens")
     shipped = str(resolve("smollm2-135m-instruct"))
     tokenizer = load_tokenizer(shipped)
     text = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz combined a "
             "screw press, oil-based ink and movable metal type")
-    prompt = tokenizer.encode(text)[:32]
+    repeated = " ".join([text] * (args.context // 20 + 1))
+    prompt = tokenizer.encode(repeated)[:args.context]
     with tempfile.TemporaryDirectory() as scratch:
         files = {f"{name} (as shipped)" if name == "Q4_1" else name:
                  shipped if name == "Q4_1" else requantized(shipped, name, scratch) for name in args.formats}
@@ -195,7 +199,7 @@ def main() -> None:
         for extra in args.files:
             path = str(resolve(extra))
             files[Path(path).stem[:18]] = path
-            prompts[Path(path).stem[:18]] = load_tokenizer(path).encode(text)[:32]
+            prompts[Path(path).stem[:18]] = load_tokenizer(path).encode(repeated)[:args.context]
         print(f"{'file':18s} {'MiB':>5s} {'llama.cpp tok/s':>15s} {'mightylm tok/s':>14s} {'ratio':>6s} "
               f"{'RSS cpp':>7s} {'RSS ours':>8s} {'bound':>6s}  tokens agree  | int8 activations: tok/s  ratio  agree"
               f"  | lite (no torch): tok/s  ratio  RSS  agree")
