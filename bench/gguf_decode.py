@@ -64,8 +64,8 @@ from mightylm.lite import load_lite
 path, n, repeats, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 model, _ = load_lite(path, log=io.StringIO())
 rates, tokens = [], None
+cache = model.cache(len(prompt) + n + 1)  # one for every run (each writes its slots from 0): one is what a run holds
 for _ in range(repeats + 1):  # the first is a warm-up
-    cache = model.cache(len(prompt) + n + 1)
     out = [int(model.forward(prompt, cache, 0).argmax())]
     t = time.perf_counter()
     for step in range(n):
