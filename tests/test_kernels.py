@@ -287,31 +287,39 @@ def _attention_reference(q, keys, values, seen):
 def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, pos):
     """The native block's attention (kernels/attention.c: the queries of a kv head's group and of every row of a
     pass scored together, a sequence's slots split into stretches combined at the end) gives each row the softmax
-    attention of its own head over slots 0 .. its own, for 1, 2 and 3 threads; and in a server's batch (pads) each
-    sequence sees only its own cache from its first slot, a padding slot only itself."""
+    attention of its own head over slots 0 .. its own, for 1, 2 and 3 threads, with the same bits whatever the
+    threads and whether the row comes alone or in a pass (greedy speculation relies on it); and in a server's batch
+    (pads) each sequence sees only its own cache from its first slot, a padding slot only itself, with the bits of
+    the sequence alone."""
     lib = kernels.gemv_library()
     g = torch.Generator().manual_seed(nh * hd + rows + pos)
     max_len, q_out, kv_out = pos + rows + 3, nh * hd, nkv * hd
     qkv_out, group = q_out + 2 * kv_out, nh // nkv
     qkv = torch.randn(rows, qkv_out, generator=g)
     keys, values = torch.randn(2, nkv, max_len, hd, generator=g) * 2
-    for threads in (1, 2, 3):
+
+    def attend(qkv, keys, values, pos, rows, threads=2, seq_rows=1, pads=None):
         att = torch.full((rows, q_out), float("nan"))
         lib.mighty_attention(qkv.data_ptr(), qkv_out, att.data_ptr(), keys.data_ptr(), values.data_ptr(), nh, nkv, hd,
-                             max_len, pos, rows, 1, None, 0, threads)
-        for r in range(rows):
-            for h in range(nh):
-                expected = _attention_reference(qkv[r, h * hd:(h + 1) * hd], keys[h // group], values[h // group],
-                                                slice(0, pos + r + 1))
-                torch.testing.assert_close(att[r, h * hd:(h + 1) * hd].double(), expected, atol=2e-5, rtol=1e-4)
+                             keys.shape[-2], pos, rows, seq_rows, None if pads is None else pads.data_ptr(),
+                             nkv * keys.shape[-2] * hd, threads)
+        return att
+
+    att = attend(qkv, keys, values, pos, rows, threads=1)
+    for r in range(rows):
+        for h in range(nh):
+            expected = _attention_reference(qkv[r, h * hd:(h + 1) * hd], keys[h // group], values[h // group],
+                                            slice(0, pos + r + 1))
+            torch.testing.assert_close(att[r, h * hd:(h + 1) * hd].double(), expected, atol=2e-5, rtol=1e-4)
+        assert torch.equal(attend(qkv[r:r + 1], keys, values, pos + r, 1), att[r:r + 1])  # alone
+    for threads in (2, 3):
+        assert torch.equal(attend(qkv, keys, values, pos, rows, threads), att)
     # a batch: 3 sequences of `rows` tokens each at slots pos.., left-padded up to pads[s]
     seqs = 3
     pads = torch.tensor([0, pos // 2, pos + rows // 2], dtype=torch.long)
     qkv = torch.randn(seqs * rows, qkv_out, generator=g)
     keys, values = torch.randn(2, seqs, nkv, max_len, hd, generator=g)
-    att = torch.full((seqs * rows, q_out), float("nan"))
-    lib.mighty_attention(qkv.data_ptr(), qkv_out, att.data_ptr(), keys.data_ptr(), values.data_ptr(), nh, nkv, hd,
-                         max_len, pos, seqs * rows, rows, pads.data_ptr(), nkv * max_len * hd, 2)
+    att = attend(qkv, keys, values, pos, seqs * rows, seq_rows=rows, pads=pads)
     for s in range(seqs):
         for i in range(rows):
             slot, r = pos + i, s * rows + i
@@ -320,3 +328,8 @@ def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, po
                 expected = _attention_reference(qkv[r, h * hd:(h + 1) * hd], keys[s, h // group],
                                                 values[s, h // group], seen)
                 torch.testing.assert_close(att[r, h * hd:(h + 1) * hd].double(), expected, atol=2e-5, rtol=1e-4)
+    # the middle sequence alone, its slots from 0 (its first real slot), equals its rows in the batch
+    first = int(pads[1])
+    alone = attend(qkv[rows:2 * rows], keys[1, :, first:].contiguous(), values[1, :, first:].contiguous(), pos - first,
+                   rows)
+    assert torch.equal(alone, att[rows:2 * rows])

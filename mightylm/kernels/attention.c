@@ -4,11 +4,13 @@
  *
  * The heads of a group (grouped-query attention) and the rows of a sequence (a speculative pass, a prompt's chunk)
  * read the same keys and values. They are therefore taken together: a job is one sequence's kv head over one
- * stretch of its slots, and every query of it (group x rows) is scored against each block of 8 keys while the
+ * stretch of STRETCH slots, and every query of it (group x rows) is scored against each block of 8 keys while the
  * block sits in L1, then every value row is loaded once for up to 6 queries. Row by row and head by head, each
  * query read the keys and values again (from L2, or from memory past ~1000 positions, where a token's attention
- * cost more than its weights). A sequence's slots are split into stretches when there are too few kv heads to keep
- * the threads busy; each stretch's (max, sum, weighted values) are combined at the end, as in flash-decoding. */
+ * cost more than its weights). Each stretch's (max, sum, weighted values) are combined at the end, as in
+ * flash-decoding; the stretches sit at fixed slots from the sequence's first, so that a row's arithmetic is the same
+ * whatever other rows, sequences or threads share the call (greedy speculation reproduces plain decoding bit for
+ * bit, a batch's rows equal the rows alone). */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -16,7 +18,7 @@
 
 #include "kernels.h"
 
-enum { KEYS = 8, MAX_QUERIES = 6, MIN_STRETCH = 32 };
+enum { KEYS = 8, MAX_QUERIES = 6, STRETCH = 128 };
 
 /* q . K[i] for the 8 keys K[0..7] (rows of hd floats, hd % 8 == 0): one sum per key in its own register, then the
  * 8 added across at once (two rounds of hadd and one of lanes) instead of one horizontal sum per key */
@@ -32,10 +34,14 @@ __attribute__((always_inline)) static inline __m256 scores8(const float *q, cons
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-static float dot(const float *a, const float *b, long n) {
-    float s = 0.0f;
-    for (long i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
+/* the same for a head size that is not a multiple of 8, one key at a time */
+__attribute__((noinline)) static __m256 scores8_any(const float *q, const float *K, long hd) {
+    float s[KEYS];
+    for (int i = 0; i < KEYS; i++) {
+        s[i] = 0.0f;
+        for (long c = 0; c < hd; c++) s[i] += q[c] * K[i * hd + c];
+    }
+    return _mm256_loadu_ps(s);
 }
 
 /* p[0..n) = e^(p - max p), returning max p and (in *sum) the sum of the new p: 8 lanes at a time (a scalar loop's
@@ -130,93 +136,89 @@ void mighty_attention(const float *qkv, long qkv_out, float *att, const float *k
                       long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
                       long row_stride, int threads) {
     const long seqs = pads ? R / T : 1, per = pads ? T : R, group = nh / nkv, nq = group * per;
-    long span = 0;  /* the widest sequence's slots, first of any row's to last */
+    long stretches = 1;  /* the most any sequence has: its slots from its first (pads[s]) to its last row's */
     for (long s = 0; s < seqs; s++) {
-        const long lo = pads && pads[s] < pos ? pads[s] : pads ? pos : 0;
-        span = pos + per - lo > span ? pos + per - lo : span;
+        const long first = pads ? pads[s] : 0, n = (pos + per - first + STRETCH - 1) / STRETCH;
+        stretches = n > stretches ? n : stretches;
     }
-    long stretches = (2 * threads + seqs * nkv - 1) / (seqs * nkv);  /* at least two jobs a thread where it can */
-    if (stretches > span / MIN_STRETCH) stretches = span / MIN_STRETCH;
-    if (stretches < 1) stretches = 1;
-    const long width = (span + stretches - 1) / stretches, jobs = seqs * nkv * stretches;
+    const long jobs = seqs * nkv * stretches;
     const float scale = 1.0f / sqrtf((float)hd);
     /* per job and query: the stretch's largest score, the sum of e^(score - it), and the weighted values */
-    float *part = malloc(sizeof(float) * (jobs * nq * (hd + 2) + (long)threads * nq * (width + KEYS)));
+    float *part = malloc(sizeof(float) * (jobs * nq * (hd + 2) + (long)threads * nq * (STRETCH + KEYS)));
     float *top = part, *sum = top + jobs * nq, *out = sum + jobs * nq, *scratch = out + jobs * nq * hd;
 
     #pragma omp parallel num_threads(threads)
     {
-        float *P = scratch + (long)omp_get_thread_num() * nq * (width + KEYS);
-        const long ldp = width + KEYS;
+        float *P = scratch + (long)omp_get_thread_num() * nq * (STRETCH + KEYS);
+        const long ldp = STRETCH + KEYS;
         #pragma omp for schedule(static)
         for (long job = 0; job < jobs; job++) {
             const long s = job / (nkv * stretches), g = job / stretches % nkv, stretch = job % stretches;
-            const long first = pads && pads[s] < pos ? pads[s] : pads ? pos : 0;
-            const long lo = first + stretch * width, hi = lo + width < pos + per ? lo + width : pos + per;
+            const long first = pads ? pads[s] : 0, lo = first + stretch * STRETCH;
+            const long hi = lo + STRETCH < pos + per ? lo + STRETCH : pos + per;
             const long at = s * row_stride + g * max_len * hd;
             const float *K = k_cache + at, *V = v_cache + at;
             long a[nq], b[nq], A = hi > lo ? hi : lo, B = lo;  /* each query's slots in this stretch; their union */
             const float *q[nq];  /* query j: row j / group, head j % group of this kv head's group */
             for (long j = 0; j < nq; j++) {
-                const long i = j / group, slot = pos + i, from = pads ? (slot < pads[s] ? slot : pads[s]) : 0;
-                q[j] = qkv + (s * per + i) * qkv_out + (g * group + j % group) * hd;
-                a[j] = from > lo ? from : lo;
-                b[j] = slot + 1 < hi ? slot + 1 : hi;
+                const long slot = pos + j / group;  /* a padding slot (before first) sees itself alone: below */
+                q[j] = qkv + (s * per + j / group) * qkv_out + (g * group + j % group) * hd;
+                a[j] = lo;
+                b[j] = slot < first ? lo : slot + 1 < hi ? slot + 1 : hi;
                 if (a[j] < b[j]) {
                     A = a[j] < A ? a[j] : A;
                     B = b[j] > B ? b[j] : B;
                 }
             }
-            /* the scores, 8 keys at a time for every query that sees any of them (the 8 keys stay in L1) */
+            /* the scores, 8 keys at a time for every query that sees any of them (the 8 keys stay in L1); the last
+             * keys of the cache, fewer than 8, through a zero-padded copy: every key's score the same arithmetic */
             const __m256 scale8 = _mm256_set1_ps(scale);
-            for (long t = A; t < B; t += KEYS)
-                for (long j = 0; j < nq; j++) {
-                    if (t >= b[j] || t + KEYS <= a[j]) continue;
-                    float *p = P + j * ldp - lo;
-                    if (t + KEYS <= max_len && hd % 8 == 0) {  /* (scores past hi are never read) */
-                        _mm256_storeu_ps(p + t, _mm256_mul_ps(scores8(q[j], K + t * hd, hd), scale8));
-                    } else {
-                        for (long u = t; u < t + KEYS && u < hi; u++) p[u] = dot(q[j], K + u * hd, hd) * scale;
-                    }
+            float last[KEYS * hd];
+            for (long t = A; t < B; t += KEYS) {
+                const float *Kt = K + t * hd;
+                if (t + KEYS > max_len) {
+                    memset(last, 0, sizeof(last));
+                    memcpy(last, Kt, sizeof(float) * (max_len - t) * hd);
+                    Kt = last;
                 }
+                for (long j = 0; j < nq; j++)
+                    if (t < b[j])  /* (scores past b[j] are never read) */
+                        _mm256_storeu_ps(P + j * ldp + t - lo, _mm256_mul_ps(
+                            hd % 8 ? scores8_any(q[j], Kt, hd) : scores8(q[j], Kt, hd), scale8));
+            }
             for (long j = 0; j < nq; j++) {
                 float *p = P + j * ldp - lo, l = 0.0f;
                 top[job * nq + j] = a[j] < b[j] ? exp_shifted(p + a[j], b[j] - a[j], &l) : -INFINITY;
                 sum[job * nq + j] = l;
-                if (A < B) {  /* the union's slots this query does not see weigh nothing */
-                    const long z0 = a[j] < B ? a[j] : B, z1 = b[j] > A ? b[j] : A;
-                    if (z0 > A) memset(p + A, 0, sizeof(float) * (z0 - A));
-                    if (z1 < B) memset(p + z1, 0, sizeof(float) * (B - z1));
-                }
+                if (b[j] < B) memset(p + (b[j] > A ? b[j] : A), 0, sizeof(float) * (B - (b[j] > A ? b[j] : A)));
             }
-            float *o = out + job * nq * hd;
-            weigh_queries(P - lo, ldp, V, hd, A, B, o, nq);
-            for (long j = 0; stretches == 1 && j < nq; j++) {  /* one stretch: the query's result */
-                float *dst = att + (s * per + j / group) * nh * hd + (g * group + j % group) * hd;
-                const float inv = 1.0f / sum[job * nq + j];
-                for (long d = 0; d < hd; d++) dst[d] = o[j * hd + d] * inv;
-            }
+            weigh_queries(P - lo, ldp, V, hd, A, B, out + job * nq * hd, nq);
         }
-        /* each query's stretches combined: e^(m_c - M) rescales stretch c's sums to the largest score M */
-        if (stretches > 1) {
-            #pragma omp for schedule(static)
-            for (long k = 0; k < seqs * nkv * nq; k++) {
-                const long s = k / (nkv * nq), g = k / nq % nkv, j = k % nq, first_job = (s * nkv + g) * stretches;
-                float m = -INFINITY, l = 0.0f, w[stretches];
-                for (long c = 0; c < stretches; c++)
-                    if (sum[(first_job + c) * nq + j] > 0.0f && top[(first_job + c) * nq + j] > m)
-                        m = top[(first_job + c) * nq + j];
-                for (long c = 0; c < stretches; c++) {
-                    const long at = (first_job + c) * nq + j;
-                    w[c] = sum[at] > 0.0f ? expf(top[at] - m) : 0.0f;
-                    l += w[c] * sum[at];
-                }
-                float *dst = att + (s * per + j / group) * nh * hd + (g * group + j % group) * hd;
-                memset(dst, 0, sizeof(float) * hd);
-                for (long c = 0; c < stretches; c++) {
-                    const float wc = w[c] / l, *o = out + ((first_job + c) * nq + j) * hd;
-                    for (long d = 0; d < hd; d++) dst[d] += wc * o[d];
-                }
+        /* each query's stretches combined: e^(m_c - M) rescales stretch c's sums to the largest score M (one
+         * stretch: M its own, e^0 = 1, so the same bits as its sums divided out) */
+        #pragma omp for schedule(static)
+        for (long k = 0; k < seqs * nkv * nq; k++) {
+            const long s = k / (nkv * nq), g = k / nq % nkv, j = k % nq, first_job = (s * nkv + g) * stretches;
+            const long slot = pos + j / group;
+            float *dst = att + (s * per + j / group) * nh * hd + (g * group + j % group) * hd;
+            if (pads && slot < pads[s]) {  /* a padding slot: softmax of one score, its own value row */
+                memcpy(dst, v_cache + s * row_stride + (g * max_len + slot) * hd, sizeof(float) * hd);
+                continue;
+            }
+            float m = -INFINITY, l = 0.0f, w[stretches];
+            for (long c = 0; c < stretches; c++)
+                if (sum[(first_job + c) * nq + j] > 0.0f && top[(first_job + c) * nq + j] > m)
+                    m = top[(first_job + c) * nq + j];
+            for (long c = 0; c < stretches; c++) {
+                const long at = (first_job + c) * nq + j;
+                w[c] = sum[at] > 0.0f ? expf(top[at] - m) : 0.0f;
+                l += w[c] * sum[at];
+            }
+            memset(dst, 0, sizeof(float) * hd);
+            for (long c = 0; c < stretches; c++) {
+                if (w[c] == 0.0f) continue;
+                const float wc = w[c] / l, *o = out + ((first_job + c) * nq + j) * hd;
+                for (long d = 0; d < hd; d++) dst[d] += wc * o[d];
             }
         }
     }
