@@ -44,6 +44,7 @@ from mightylm.kernels import (BlockArgs, Projection, as_q8_0, common_type, gemv_
 from mightylm.streaming import Sampling
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
+KV_CACHES = ("float32", "float16")  # the cache's value types (LiteModel kv_cache)
 _PARTS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
           "down": ("ffn_down",)}  # a block's products, from llama.cpp's tensor names, as the native block takes them
 
@@ -78,10 +79,15 @@ class LiteModel:
     """A GGUF file's model as the native kernels read it: `forward(ids, cache, start)` -> the logits after the last
     of `ids`. Build with `load_lite`. `int8_activations`: the Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K products (and the
     head) take their rows rounded to 8 bits per block, over weights in tiles of 16 rows, as the torch path's
-    compress.gguf_blocks.int8_activations_ sets them up (llama.cpp's arithmetic)."""
+    compress.gguf_blocks.int8_activations_ sets them up (llama.cpp's arithmetic). `kv_cache`: float32, or float16 (half
+    the cache's memory and the bytes its attention reads, keys and values rounded to float16 as llama.cpp's default
+    cache does)."""
 
-    def __init__(self, path: Path, file, config, library, int8_activations: bool = False):
-        self.path, self.config, self.lib = path, config, library
+    def __init__(self, path: Path, file, config, library, int8_activations: bool = False,
+                 kv_cache: str = "float32"):
+        if kv_cache not in KV_CACHES:
+            raise UsageError(f"kv cache {kv_cache!r}: one of {', '.join(KV_CACHES)}")
+        self.path, self.config, self.lib, self.kv_cache = path, config, library, kv_cache
         self.threads = physical_cores()
         tensors = {t.name: t for t in file.tensors}
 
@@ -137,7 +143,7 @@ class LiteModel:
                 gate_up=projection([b + p for p in _PARTS["gate_up"]], [None, None]),
                 down=projection([b + "ffn_down"], [None]),
                 attn_norm=norms[0].ctypes.data, mlp_norm=norms[1].ctypes.data, dim=c.dim, n_heads=c.n_heads,
-                n_kv=c.n_kv_heads, head_dim=c.head_dim, ffn=c.ffn_dim, eps=c.norm_eps))
+                n_kv=c.n_kv_heads, head_dim=c.head_dim, ffn=c.ffn_dim, eps=c.norm_eps, kv_half=kv_cache == "float16"))
         self.args = (ctypes.POINTER(BlockArgs) * c.n_layers)(*(ctypes.pointer(a) for a in self.blocks))
         self.embed, self.embed_type = stored("token_embd.weight"), tensors["token_embd.weight"].type
         head = "token_embd.weight" if c.tie_embeddings else "output.weight"
@@ -161,7 +167,7 @@ class LiteModel:
         return self.cos, self.sin
 
     def cache(self, length: int) -> "LiteCache":
-        return LiteCache(self.config, length)
+        return LiteCache(self.config, length, np.float16 if self.kv_cache == "float16" else np.float32)
 
     def forward(self, ids: list[int], cache, start: int) -> np.ndarray:
         """The logits (vocab,) after the last of `ids`, which go into `cache` from slot `start`."""
@@ -211,30 +217,30 @@ def _int8_layout(int8_activations: bool, kind: int, rows: list[int]) -> str | No
     return layouts.pop() if len(layouts) == 1 else None
 
 
-def _zeros64(shape: tuple) -> np.ndarray:
-    """np.zeros(shape, float32) starting on a 64-byte boundary (numpy's large arrays start 16 bytes into a page, so
+def _zeros64(shape: tuple, dtype) -> np.ndarray:
+    """np.zeros(shape, dtype) starting on a 64-byte boundary (numpy's large arrays start 16 bytes into a page, so
     that every other 32-byte load of a row of keys or values spans two cache lines: ~30 % slower)."""
-    n = int(np.prod(shape))
-    raw = np.zeros(n + 16, np.float32)
-    skip = -raw.ctypes.data % 64 // 4
+    n, size = int(np.prod(shape)), np.dtype(dtype).itemsize
+    raw = np.zeros(n + 64 // size, dtype)
+    skip = -raw.ctypes.data % 64 // size
     return raw[skip:skip + n].reshape(shape)
 
 
 class LiteCache:
-    """One sequence's keys and values: a zeroed (1, n_kv, length, hd) float32 buffer per layer for each, as
-    model.KVCache lays them out (the OS maps pages as they are written), and the pointer arrays the native call
-    takes."""
+    """One sequence's keys and values: a zeroed (1, n_kv, length, hd) buffer per layer for each (float32, or
+    float16), as model.KVCache lays them out (the OS maps pages as they are written), and the pointer arrays the
+    native call takes."""
 
-    def __init__(self, config, length: int):
+    def __init__(self, config, length: int, dtype=np.float32):
         shape = (1, config.n_kv_heads, length, config.head_dim)
-        self.keys = [_zeros64(shape) for _ in range(config.n_layers)]
-        self.values = [_zeros64(shape) for _ in range(config.n_layers)]
+        self.keys = [_zeros64(shape, dtype) for _ in range(config.n_layers)]
+        self.values = [_zeros64(shape, dtype) for _ in range(config.n_layers)]
         self.length = length
         self.key_pointers = (ctypes.c_void_p * config.n_layers)(*(a.ctypes.data for a in self.keys))
         self.value_pointers = (ctypes.c_void_p * config.n_layers)(*(a.ctypes.data for a in self.values))
 
 
-def load_lite(model: str, log=None, int8_activations: bool = False):
+def load_lite(model: str, log=None, int8_activations: bool = False, kv_cache: str = "float32"):
     """(LiteModel, tokenizer) for `model` (a path or an embedded name) where it is a GGUF file that decodes here,
     else None (`unsupported` says why; the caller loads through torch)."""
     log = log or sys.stderr
@@ -253,7 +259,7 @@ def load_lite(model: str, log=None, int8_activations: bool = False):
         print(f"{reason}: loading through torch", file=log, flush=True)
         return None
     tokenizer = gguf_tokenizer(meta, path)
-    lite = LiteModel(path, file, config, gemv_library(), int8_activations)
+    lite = LiteModel(path, file, config, gemv_library(), int8_activations, kv_cache)
     print(f"loaded {config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s (native kernels, "
           "without torch)", file=log, flush=True)
     return lite, tokenizer

@@ -277,32 +277,33 @@ def test_the_vector_exp_is_within_two_ulp_of_libm():
 
 def _attention_reference(q, keys, values, seen):
     """softmax(q k / sqrt(hd)) v in float64 for one query over the slots `seen` of its kv head"""
-    scores = keys[seen].double() @ q.double() / q.numel() ** 0.5
+    scores = keys[seen].double() @ q.double() / q.numel() ** 0.5  # (keys and values widened from their dtype)
     return torch.softmax(scores, 0) @ values[seen].double()
 
 
 @needs_kernel
 @pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 80), (4, 2, 128)])
 @pytest.mark.parametrize("rows,pos", [(1, 0), (1, 37), (3, 200), (5, 1000), (16, 130)])
-def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, pos):
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16])
+def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, pos, cache):
     """The native block's attention (kernels/attention.c: the queries of a kv head's group and of every row of a
     pass scored together, a sequence's slots split into stretches combined at the end) gives each row the softmax
     attention of its own head over slots 0 .. its own, for 1, 2 and 3 threads, with the same bits whatever the
     threads and whether the row comes alone or in a pass (greedy speculation relies on it); and in a server's batch
     (pads) each sequence sees only its own cache from its first slot, a padding slot only itself, with the bits of
-    the sequence alone."""
+    the sequence alone. A float16 cache: the same against the float16 keys and values widened."""
     lib = kernels.gemv_library()
     g = torch.Generator().manual_seed(nh * hd + rows + pos)
     max_len, q_out, kv_out = pos + rows + 3, nh * hd, nkv * hd
     qkv_out, group = q_out + 2 * kv_out, nh // nkv
     qkv = torch.randn(rows, qkv_out, generator=g)
-    keys, values = torch.randn(2, nkv, max_len, hd, generator=g) * 2
+    keys, values = (torch.randn(2, nkv, max_len, hd, generator=g) * 2).to(cache)
 
     def attend(qkv, keys, values, pos, rows, threads=2, seq_rows=1, pads=None):
         att = torch.full((rows, q_out), float("nan"))
-        lib.mighty_attention(qkv.data_ptr(), qkv_out, att.data_ptr(), keys.data_ptr(), values.data_ptr(), nh, nkv, hd,
-                             keys.shape[-2], pos, rows, seq_rows, None if pads is None else pads.data_ptr(),
-                             nkv * keys.shape[-2] * hd, threads)
+        lib.mighty_attention(qkv.data_ptr(), qkv_out, att.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                             cache == torch.float16, nh, nkv, hd, keys.shape[-2], pos, rows, seq_rows,
+                             None if pads is None else pads.data_ptr(), nkv * keys.shape[-2] * hd, threads)
         return att
 
     att = attend(qkv, keys, values, pos, rows, threads=1)
@@ -318,7 +319,7 @@ def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, po
     seqs = 3
     pads = torch.tensor([0, pos // 2, pos + rows // 2], dtype=torch.long)
     qkv = torch.randn(seqs * rows, qkv_out, generator=g)
-    keys, values = torch.randn(2, seqs, nkv, max_len, hd, generator=g)
+    keys, values = torch.randn(2, seqs, nkv, max_len, hd, generator=g).to(cache)
     att = attend(qkv, keys, values, pos, seqs * rows, seq_rows=rows, pads=pads)
     for s in range(seqs):
         for i in range(rows):

@@ -218,3 +218,35 @@ def test_files_the_native_blocks_cannot_run_go_through_torch(tmp_path, bpe_token
     assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "the", "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0
     assert "loading through torch" in capsys.readouterr().err
+
+
+def test_a_float16_cache_on_the_lite_path(tmp_path, bpe_tokenizer):
+    """kv_cache="float16" keeps the keys and values as float16 (half the bytes, as llama.cpp's default cache): the
+    logits after a 20-token prompt (two passes) and eight decoded tokens are the float32 cache's within float16's
+    rounding of the keys and values, with the same greedy tokens; another type is refused, and `mighty generate
+    --kv_cache float16` where the model must go through torch says why instead of ignoring it."""
+    from mightylm.errors import UsageError
+    from mightylm.lite import load_lite
+    from mightylm.lite import stream_tokens as lite_tokens
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    full, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO())
+    half, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), kv_cache="float16")
+    small, large = half.cache(28), full.cache(28)
+    assert small.keys[0].dtype == np.float16 and 2 * small.keys[0].nbytes == large.keys[0].nbytes
+    prompt = torch.randint(0, full.config.vocab_size, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours, theirs = [half.forward(prompt, small, 0)], [full.forward(prompt, large, 0)]
+    for step in range(8):
+        token = int(theirs[-1].argmax())
+        ours.append(half.forward([token], small, len(prompt) + step))
+        theirs.append(full.forward([token], large, len(prompt) + step))
+    ours, theirs = np.stack(ours), np.stack(theirs)
+    assert 0 < np.abs(ours - theirs).max() < 5e-4 * np.abs(theirs).max()  # rounded (here ~4e-5 of the scale)
+    s = Sampling(max_new_tokens=12, temperature=0)
+    assert list(lite_tokens(half, prompt, s)) == list(lite_tokens(full, prompt, s))
+    with pytest.raises(UsageError, match="float8"):
+        load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), kv_cache="float8")
+    refused = _generate(tmp_path / "m.gguf", "--kv_cache", "float16", "--engine", "torch")
+    assert refused.returncode != 0 and "torch-free path" in refused.stderr
+    assert _generate(tmp_path / "m.gguf", "--kv_cache", "float16").returncode == 0

@@ -123,8 +123,8 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
     lib.mighty_gemm_sparse24.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + [
         ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_attention.restype = None
-    lib.mighty_attention.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 7 + [
-        ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    lib.mighty_attention.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [
+        ctypes.c_long] * 7 + [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.mighty_set_isa.restype, lib.mighty_set_isa.argtypes = None, [ctypes.c_int]
     lib.mighty_isa.restype, lib.mighty_isa.argtypes = ctypes.c_int, []
     lib.mighty_set_isa(ISAS.index(_chosen_isa()))
@@ -186,7 +186,8 @@ class Projection(ctypes.Structure):
 class BlockArgs(ctypes.Structure):
     """gemv.c's mighty_block: one block's weights (a mixture of experts' router and experts when n_experts > 0),
     this layer's cache, the first position being decoded and how many consecutive tokens (rows), or a batch of
-    sequences (pads: each row's first slot; row_stride: floats between rows of the cache; tokens: each row's)."""
+    sequences (pads: each row's first slot; row_stride: values between rows of the cache; tokens: each row's);
+    kv_half: the cache holds float16."""
     _fields_ = [("qkv", Projection), ("o", Projection), ("gate_up", Projection), ("down", Projection),
                 ("router", Projection), ("expert_gate_up", ctypes.POINTER(Projection)),
                 ("expert_down", ctypes.POINTER(Projection)), ("n_experts", ctypes.c_long), ("top_k", ctypes.c_long),
@@ -197,7 +198,7 @@ class BlockArgs(ctypes.Structure):
                     "dim", "n_heads", "n_kv", "head_dim", "ffn", "max_len", "pos")] + [
                 ("eps", ctypes.c_float), ("threads", ctypes.c_int), ("rows", ctypes.c_long),
                 ("pads", ctypes.c_void_p), ("row_stride", ctypes.c_long), ("tokens", ctypes.c_long),
-                ("lora", ctypes.c_void_p), ("layer", ctypes.c_long)]
+                ("lora", ctypes.c_void_p), ("layer", ctypes.c_long), ("kv_half", ctypes.c_int)]
 
 
 class LoraTerm(ctypes.Structure):

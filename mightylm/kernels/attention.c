@@ -10,7 +10,8 @@
  * cost more than its weights). Each stretch's (max, sum, weighted values) are combined at the end, as in
  * flash-decoding; the stretches sit at fixed slots from the sequence's first, so that a row's arithmetic is the same
  * whatever other rows, sequences or threads share the call (greedy speculation reproduces plain decoding bit for
- * bit, a batch's rows equal the rows alone). */
+ * bit, a batch's rows equal the rows alone). The cache holds float32, or float16 (half: each key and value
+ * widened as it is loaded, half the bytes read). */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -18,11 +19,26 @@
 
 #include "kernels.h"
 
-enum { KEYS = 8, MAX_QUERIES = 6, STRETCH = 128 };
+enum { KEYS = 8, MAX_QUERIES = 6, STRETCH = 128, PIECE = 4096 };
+
+#define F16C __attribute__((target("avx2,fma,f16c")))
+#define INLINE F16C __attribute__((always_inline)) static inline
+
+/* n values of the cache from element i as float32 (float16 widened) into y */
+INLINE void widen(float *y, const void *base, long i, long n, const int half) {
+    if (!half) {
+        memcpy(y, (const float *)base + i, sizeof(float) * n);
+        return;
+    }
+    const unsigned short *h = (const unsigned short *)base + i;
+    long k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+    for (; k < n; k++) y[k] = _cvtsh_ss(h[k]);
+}
 
 /* q . K[i] for the 8 keys K[0..7] (rows of hd floats, hd % 8 == 0): one sum per key in its own register, then the
  * 8 added across at once (two rounds of hadd and one of lanes) instead of one horizontal sum per key */
-__attribute__((always_inline)) static inline __m256 scores8(const float *q, const float *K, long hd) {
+INLINE __m256 scores8(const float *q, const float *K, long hd) {
     __m256 a[KEYS];
     for (int i = 0; i < KEYS; i++) a[i] = _mm256_setzero_ps();
     for (long c = 0; c < hd; c += 8) {
@@ -72,46 +88,53 @@ static float exp_shifted(float *p, long n, float *sum) {
     return m;
 }
 
-/* o[j][0..cols) += sum over t in [a, b) of P[j][t] V[t][0..cols) (V's rows ldv floats apart) for n queries, 8 NV
- * columns at a time (n NV <= 12 accumulators): each load of V serves all n */
-__attribute__((always_inline)) static inline
-long weigh(const float *P, long ldp, const float *V, long ldv, long cols, long a, long b, float *o, long ldo,
-           const int n, const int NV) {
-    long c = 0;
-    for (; c + 8 * NV <= cols; c += 8 * NV) {
+/* o[j][c0..cols) += sum over t in [a, b) of P[j][t] V[t][c0..cols) (V's rows hd floats apart) for n queries, 8 NV
+ * columns at a time (n NV <= 12 accumulators): each load of V serves all n. Returns the first column not done. */
+INLINE long weigh(const float *P, long ldp, const float *V, long hd, long c0, long a, long b, float *o, const int n,
+                  const int NV) {
+    long c = c0;
+    for (; c + 8 * NV <= hd; c += 8 * NV) {
         __m256 acc[MAX_QUERIES][8];
         for (int j = 0; j < n; j++)
-            for (int k = 0; k < NV; k++) acc[j][k] = _mm256_loadu_ps(o + j * ldo + c + 8 * k);
+            for (int k = 0; k < NV; k++) acc[j][k] = _mm256_loadu_ps(o + j * hd + c + 8 * k);
         for (long t = a; t < b; t++) {
             __m256 v[8];
-            for (int k = 0; k < NV; k++) v[k] = _mm256_loadu_ps(V + t * ldv + c + 8 * k);
+            for (int k = 0; k < NV; k++) v[k] = _mm256_loadu_ps(V + t * hd + c + 8 * k);
             for (int j = 0; j < n; j++) {
                 const __m256 p = _mm256_broadcast_ss(P + j * ldp + t);
                 for (int k = 0; k < NV; k++) acc[j][k] = _mm256_fmadd_ps(p, v[k], acc[j][k]);
             }
         }
         for (int j = 0; j < n; j++)
-            for (int k = 0; k < NV; k++) _mm256_storeu_ps(o + j * ldo + c + 8 * k, acc[j][k]);
+            for (int k = 0; k < NV; k++) _mm256_storeu_ps(o + j * hd + c + 8 * k, acc[j][k]);
     }
-    return c;  /* the columns done */
+    return c;
 }
 
 #define WEIGH(N, NV)                                                                                               \
     do {                                                                                                           \
-        long c = weigh(p, ldp, V, hd, hd, t0, t1, oj, hd, N, NV);                                                  \
-        c += weigh(p, ldp, V + c, hd, hd - c, t0, t1, oj + c, hd, N, 1);                                           \
+        long c = weigh(p, ldp, Vp, hd, 0, t0, t1, oj, N, NV);                                                      \
+        c = weigh(p, ldp, Vp, hd, c, t0, t1, oj, N, 1);                                                            \
         for (; c < hd; c++)  /* a head size that is not a multiple of 8 */                                         \
             for (int i = 0; i < N; i++)                                                                            \
-                for (long t = t0; t < t1; t++) oj[i * hd + c] += p[i * ldp + t] * V[t * hd + c];                   \
+                for (long t = t0; t < t1; t++) oj[i * hd + c] += p[i * ldp + t] * Vp[t * hd + c];                  \
     } while (0)
 
-/* o (n, hd) = n queries' weights P (n rows of ldp) times the values V (rows of hd) of slots [a, b), the slots in
- * pieces of 16 KB of values, so that every pass over a piece's columns after the first reads it from L1 */
-static void weigh_queries(const float *P, long ldp, const float *V, long hd, long a, long b, float *o, long n) {
-    const long piece = hd < 4096 ? 4096 / hd : 1;
+/* o (n, hd) = n queries' weights P (n rows of ldp) times the values (rows of hd, from element `at` of v_cache) of
+ * slots [a, b), in pieces of PIECE floats (16 KB, widened first from float16), so that every pass over a piece's
+ * columns after the first reads it from L1 */
+INLINE void weigh_queries(const float *P, long ldp, const void *v_cache, long at, long hd, long a, long b, float *o,
+                          long n, const int half) {
+    const long piece = hd < PIECE ? PIECE / hd : 1;
+    float widened[half ? piece * hd : 1];
     memset(o, 0, sizeof(float) * n * hd);
     for (long t0 = a; t0 < b; t0 += piece) {
         const long t1 = t0 + piece < b ? t0 + piece : b;
+        const float *Vp = (const float *)v_cache + at;  /* slot t's values at Vp + t hd */
+        if (half) {
+            widen(widened, v_cache, at + t0 * hd, (t1 - t0) * hd, 1);
+            Vp = widened - t0 * hd;
+        }
         for (long j = 0; j < n; j += MAX_QUERIES) {
             const float *p = P + j * ldp;
             float *oj = o + j * hd;
@@ -127,14 +150,94 @@ static void weigh_queries(const float *P, long ldp, const float *V, long hd, lon
     }
 }
 
+/* The layout every job and the combining share (see mighty_attention) */
+typedef struct {
+    const float *qkv;
+    long qkv_out, nh, nkv, hd, max_len, pos, per, group, nq, stretches, row_stride;
+    const long *pads;
+    float scale, *top, *sum, *out;
+} work;
+
+/* One job: sequence s's kv head g over stretch `stretch` of its slots -> each query's top, sum and weighted values.
+ * P: this thread's scores, nq rows of STRETCH + KEYS. */
+INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long job, float *P, const int half) {
+    const long nq = w->nq, group = w->group, hd = w->hd, pos = w->pos, per = w->per, ldp = STRETCH + KEYS;
+    const long s = job / (w->nkv * w->stretches), g = job / w->stretches % w->nkv, stretch = job % w->stretches;
+    const long first = w->pads ? w->pads[s] : 0, lo = first + stretch * STRETCH;
+    const long hi = lo + STRETCH < pos + per ? lo + STRETCH : pos + per;
+    const long at = s * w->row_stride + g * w->max_len * hd;  /* this kv head's slot 0, in values */
+    long b[nq], B = lo;  /* each query's slots in this stretch, lo .. b[j]; their union lo .. B */
+    const float *q[nq];  /* query j: row j / group, head j % group of this kv head's group */
+    for (long j = 0; j < nq; j++) {
+        const long slot = pos + j / group;  /* a padding slot (before first) sees itself alone: see the combining */
+        q[j] = w->qkv + (s * per + j / group) * w->qkv_out + (g * group + j % group) * hd;
+        b[j] = slot < first ? lo : slot + 1 < hi ? slot + 1 : hi;
+        B = b[j] > B ? b[j] : B;
+    }
+    /* the scores, 8 keys at a time for every query that sees any of them (the 8 keys stay in L1: widened once from
+     * float16; the last keys of the cache, fewer than 8, zero-padded): every key's score the same arithmetic */
+    const __m256 scale8 = _mm256_set1_ps(w->scale);
+    float block[KEYS * hd];
+    for (long t = lo; t < B; t += KEYS) {
+        const float *Kt = (const float *)k_cache + at + t * hd;
+        if (half || t + KEYS > w->max_len) {
+            const long n = t + KEYS > w->max_len ? w->max_len - t : KEYS;
+            widen(block, k_cache, at + t * hd, n * hd, half);
+            memset(block + n * hd, 0, sizeof(float) * (KEYS - n) * hd);
+            Kt = block;
+        }
+        for (long j = 0; j < nq; j++)
+            if (t < b[j])  /* (scores past b[j] are never read) */
+                _mm256_storeu_ps(P + j * ldp + t - lo,
+                                 _mm256_mul_ps(hd % 8 ? scores8_any(q[j], Kt, hd) : scores8(q[j], Kt, hd), scale8));
+    }
+    for (long j = 0; j < nq; j++) {
+        float *p = P + j * ldp - lo, l = 0.0f;
+        w->top[job * nq + j] = lo < b[j] ? exp_shifted(p + lo, b[j] - lo, &l) : -INFINITY;
+        w->sum[job * nq + j] = l;
+        const long z = b[j] > lo ? b[j] : lo;  /* the union's slots this query does not see weigh nothing */
+        if (z < B) memset(p + z, 0, sizeof(float) * (B - z));
+    }
+    weigh_queries(P - lo, ldp, v_cache, at, hd, lo, B, w->out + job * nq * hd, nq, half);
+}
+
+/* Query k's stretches combined into att: e^(m_c - M) rescales stretch c's sums to the largest score M (one
+ * stretch: M its own, e^0 = 1, so the same bits as its sums divided out) */
+INLINE void combine(const work *w, const void *v_cache, float *att, long k, const int half) {
+    const long nq = w->nq, group = w->group, hd = w->hd, stretches = w->stretches;
+    const long s = k / (w->nkv * nq), g = k / nq % w->nkv, j = k % nq, first_job = (s * w->nkv + g) * stretches;
+    const long slot = w->pos + j / group;
+    float *dst = att + (s * w->per + j / group) * w->nh * hd + (g * group + j % group) * hd;
+    if (w->pads && slot < w->pads[s]) {  /* a padding slot: softmax of one score, its own value row */
+        const long at = s * w->row_stride + (g * w->max_len + slot) * hd;
+        widen(dst, v_cache, at, hd, half);
+        return;
+    }
+    float m = -INFINITY, l = 0.0f, wc[stretches];
+    for (long c = 0; c < stretches; c++)
+        if (w->sum[(first_job + c) * nq + j] > 0.0f && w->top[(first_job + c) * nq + j] > m)
+            m = w->top[(first_job + c) * nq + j];
+    for (long c = 0; c < stretches; c++) {
+        const long at = (first_job + c) * nq + j;
+        wc[c] = w->sum[at] > 0.0f ? expf(w->top[at] - m) : 0.0f;
+        l += wc[c] * w->sum[at];
+    }
+    memset(dst, 0, sizeof(float) * hd);
+    for (long c = 0; c < stretches; c++) {
+        if (wc[c] == 0.0f) continue;
+        const float f = wc[c] / l, *o = w->out + ((first_job + c) * nq + j) * hd;
+        for (long d = 0; d < hd; d++) dst[d] += f * o[d];
+    }
+}
+
 /* att (R, nh hd) from the rope'd queries in qkv (R rows of qkv_out; row r's head h at r qkv_out + h hd) and the
- * caches (n_kv, max_len, hd) per sequence, the keys and values of every row already written. One sequence (pads
- * NULL): row r sits at slot pos + r and sees slots 0 .. pos + r. A server's batch (pads): R / T sequences of T
- * rows, sequence s's cache row_stride floats after s - 1's, its row i at slot pos + i seeing slots pads[s] .. (a
- * padding slot, before pads[s], sees itself alone, as model._mask has it). */
-void mighty_attention(const float *qkv, long qkv_out, float *att, const float *k_cache, const float *v_cache,
-                      long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
-                      long row_stride, int threads) {
+ * caches (n_kv, max_len, hd) per sequence (float32, or float16 where half), the keys and values of every row
+ * already written. One sequence (pads NULL): row r sits at slot pos + r and sees slots 0 .. pos + r. A server's
+ * batch (pads): R / T sequences of T rows, sequence s's cache row_stride values after s - 1's, its row i at slot
+ * pos + i seeing slots pads[s] .. (a padding slot, before pads[s], sees itself alone, as model._mask has it). */
+F16C void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_cache, const void *v_cache,
+                           int half, long nh, long nkv, long hd, long max_len, long pos, long R, long T,
+                           const long *pads, long row_stride, int threads) {
     const long seqs = pads ? R / T : 1, per = pads ? T : R, group = nh / nkv, nq = group * per;
     long stretches = 1;  /* the most any sequence has: its slots from its first (pads[s]) to its last row's */
     for (long s = 0; s < seqs; s++) {
@@ -142,84 +245,24 @@ void mighty_attention(const float *qkv, long qkv_out, float *att, const float *k
         stretches = n > stretches ? n : stretches;
     }
     const long jobs = seqs * nkv * stretches;
-    const float scale = 1.0f / sqrtf((float)hd);
     /* per job and query: the stretch's largest score, the sum of e^(score - it), and the weighted values */
     float *part = malloc(sizeof(float) * (jobs * nq * (hd + 2) + (long)threads * nq * (STRETCH + KEYS)));
-    float *top = part, *sum = top + jobs * nq, *out = sum + jobs * nq, *scratch = out + jobs * nq * hd;
+    const work w = {qkv, qkv_out, nh, nkv, hd, max_len, pos, per, group, nq, stretches, row_stride, pads,
+                    1.0f / sqrtf((float)hd), part, part + jobs * nq, part + 2 * jobs * nq};
+    float *scratch = w.out + jobs * nq * hd;
 
     #pragma omp parallel num_threads(threads)
     {
         float *P = scratch + (long)omp_get_thread_num() * nq * (STRETCH + KEYS);
-        const long ldp = STRETCH + KEYS;
         #pragma omp for schedule(static)
         for (long job = 0; job < jobs; job++) {
-            const long s = job / (nkv * stretches), g = job / stretches % nkv, stretch = job % stretches;
-            const long first = pads ? pads[s] : 0, lo = first + stretch * STRETCH;
-            const long hi = lo + STRETCH < pos + per ? lo + STRETCH : pos + per;
-            const long at = s * row_stride + g * max_len * hd;
-            const float *K = k_cache + at, *V = v_cache + at;
-            long a[nq], b[nq], A = hi > lo ? hi : lo, B = lo;  /* each query's slots in this stretch; their union */
-            const float *q[nq];  /* query j: row j / group, head j % group of this kv head's group */
-            for (long j = 0; j < nq; j++) {
-                const long slot = pos + j / group;  /* a padding slot (before first) sees itself alone: below */
-                q[j] = qkv + (s * per + j / group) * qkv_out + (g * group + j % group) * hd;
-                a[j] = lo;
-                b[j] = slot < first ? lo : slot + 1 < hi ? slot + 1 : hi;
-                if (a[j] < b[j]) {
-                    A = a[j] < A ? a[j] : A;
-                    B = b[j] > B ? b[j] : B;
-                }
-            }
-            /* the scores, 8 keys at a time for every query that sees any of them (the 8 keys stay in L1); the last
-             * keys of the cache, fewer than 8, through a zero-padded copy: every key's score the same arithmetic */
-            const __m256 scale8 = _mm256_set1_ps(scale);
-            float last[KEYS * hd];
-            for (long t = A; t < B; t += KEYS) {
-                const float *Kt = K + t * hd;
-                if (t + KEYS > max_len) {
-                    memset(last, 0, sizeof(last));
-                    memcpy(last, Kt, sizeof(float) * (max_len - t) * hd);
-                    Kt = last;
-                }
-                for (long j = 0; j < nq; j++)
-                    if (t < b[j])  /* (scores past b[j] are never read) */
-                        _mm256_storeu_ps(P + j * ldp + t - lo, _mm256_mul_ps(
-                            hd % 8 ? scores8_any(q[j], Kt, hd) : scores8(q[j], Kt, hd), scale8));
-            }
-            for (long j = 0; j < nq; j++) {
-                float *p = P + j * ldp - lo, l = 0.0f;
-                top[job * nq + j] = a[j] < b[j] ? exp_shifted(p + a[j], b[j] - a[j], &l) : -INFINITY;
-                sum[job * nq + j] = l;
-                if (b[j] < B) memset(p + (b[j] > A ? b[j] : A), 0, sizeof(float) * (B - (b[j] > A ? b[j] : A)));
-            }
-            weigh_queries(P - lo, ldp, V, hd, A, B, out + job * nq * hd, nq);
+            if (half) attend(&w, k_cache, v_cache, job, P, 1);
+            else attend(&w, k_cache, v_cache, job, P, 0);
         }
-        /* each query's stretches combined: e^(m_c - M) rescales stretch c's sums to the largest score M (one
-         * stretch: M its own, e^0 = 1, so the same bits as its sums divided out) */
         #pragma omp for schedule(static)
         for (long k = 0; k < seqs * nkv * nq; k++) {
-            const long s = k / (nkv * nq), g = k / nq % nkv, j = k % nq, first_job = (s * nkv + g) * stretches;
-            const long slot = pos + j / group;
-            float *dst = att + (s * per + j / group) * nh * hd + (g * group + j % group) * hd;
-            if (pads && slot < pads[s]) {  /* a padding slot: softmax of one score, its own value row */
-                memcpy(dst, v_cache + s * row_stride + (g * max_len + slot) * hd, sizeof(float) * hd);
-                continue;
-            }
-            float m = -INFINITY, l = 0.0f, w[stretches];
-            for (long c = 0; c < stretches; c++)
-                if (sum[(first_job + c) * nq + j] > 0.0f && top[(first_job + c) * nq + j] > m)
-                    m = top[(first_job + c) * nq + j];
-            for (long c = 0; c < stretches; c++) {
-                const long at = (first_job + c) * nq + j;
-                w[c] = sum[at] > 0.0f ? expf(top[at] - m) : 0.0f;
-                l += w[c] * sum[at];
-            }
-            memset(dst, 0, sizeof(float) * hd);
-            for (long c = 0; c < stretches; c++) {
-                if (w[c] == 0.0f) continue;
-                const float wc = w[c] / l, *o = out + ((first_job + c) * nq + j) * hd;
-                for (long d = 0; d < hd; d++) dst[d] += wc * o[d];
-            }
+            if (half) combine(&w, v_cache, att, k, 1);
+            else combine(&w, v_cache, att, k, 0);
         }
     }
     free(part);

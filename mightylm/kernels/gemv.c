@@ -261,7 +261,7 @@ typedef struct {
     long n_experts, top_k;
     int norm_topk;
     const float *attn_norm, *mlp_norm;
-    float *k_cache, *v_cache;   /* this layer's (n_kv, max_len, head_dim), batch row 0 */
+    void *k_cache, *v_cache;    /* this layer's (n_kv, max_len, head_dim), batch row 0: float32, or float16 (kv_half) */
     const float *cos, *sin;     /* (head_dim) for this position; sin with the rotate-half sign folded in */
     long dim, n_heads, n_kv, head_dim, ffn, max_len, pos;
     float eps;
@@ -277,6 +277,7 @@ typedef struct {
      * in one table (mighty_lora, below), of which this block's are at layer; lora NULL: no adapter anywhere */
     const struct mighty_lora *const *lora;
     long layer;
+    int kv_half;                /* the cache holds float16 (IEEE half, F16C's rounding to nearest even) */
 } mighty_block;
 
 /* One LoRA term of a projection: y[offset .. offset + out) += Bt^T (A x), A (rank, in) and Bt (rank, out) row-major
@@ -449,6 +450,14 @@ static void lora_rows(const mighty_block *b, int p, const float *x, float *y, lo
     free(terms);
 }
 
+/* float32 -> float16 (round to nearest even) of n values */
+__attribute__((target("avx2,fma,f16c"))) static void to_half(unsigned short *y, const float *x, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 static void rms_norm(const float *x, const float *w, float *y, long n, float eps) {
     double ss = 0.0;
     for (long i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -523,12 +532,18 @@ void mighty_decode_block(float *x, const mighty_block *b) {
         const long slot = b->pos + (pads ? r % T : r), row = pads ? r / T * b->row_stride : 0;
         for (long g = 0; g < nkv; g++) {
             rope(k + g * hd, cos, sin, hd);
-            memcpy(b->k_cache + row + (g * b->max_len + slot) * hd, k + g * hd, sizeof(float) * hd);
-            memcpy(b->v_cache + row + (g * b->max_len + slot) * hd, v + g * hd, sizeof(float) * hd);
+            const long at = row + (g * b->max_len + slot) * hd;
+            if (b->kv_half) {
+                to_half((unsigned short *)b->k_cache + at, k + g * hd, hd);
+                to_half((unsigned short *)b->v_cache + at, v + g * hd, hd);
+            } else {
+                memcpy((float *)b->k_cache + at, k + g * hd, sizeof(float) * hd);
+                memcpy((float *)b->v_cache + at, v + g * hd, sizeof(float) * hd);
+            }
         }
     }
-    mighty_attention(qkv, qkv_out, att, b->k_cache, b->v_cache, nh, nkv, hd, b->max_len, b->pos, R, T, pads,
-                     b->row_stride, threads);
+    mighty_attention(qkv, qkv_out, att, b->k_cache, b->v_cache, b->kv_half, nh, nkv, hd, b->max_len, b->pos, R, T,
+                     pads, b->row_stride, threads);
     project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
     lora_rows(b, 1, att, tmp, q_out, dim, R, threads);
     for (long i = 0; i < R * dim; i++) x[i] += tmp[i];
@@ -562,8 +577,8 @@ void mighty_decode_block(float *x, const mighty_block *b) {
  * with pads a batch of sequences, see mighty_block); the struct is copied, so concurrent callers never see each
  * other's. One call per block from Python cost ~35 us each in the interpreter (the checks, the
  * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. */
-void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, float *const *k_caches,
-                          float *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
+void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, void *const *k_caches,
+                          void *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
                           long rows, int threads, const long *pads, long row_stride, long tokens,
                           const mighty_lora *const *lora) {
     for (long i = 0; i < n; i++) {

@@ -64,7 +64,7 @@ void mighty_gemm_sparse24(const float *x, long rows, const float *values, const 
 /* e^x of n floats in place (gemv.c) */
 void mighty_exp(float *x, long n);
 
-void mighty_attention(const float *qkv, long qkv_out, float *att, const float *k_cache, const float *v_cache,
+void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_cache, const void *v_cache, int half,
                       long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
                       long row_stride, int threads);
 
