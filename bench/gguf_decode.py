@@ -62,7 +62,7 @@ LITE = """
 import io, json, sys, time
 from mightylm.lite import load_lite
 path, n, repeats, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-model, _ = load_lite(path, log=io.StringIO())
+model, _ = load_lite(path, log=io.StringIO(), kv_cache=sys.argv[5])
 rates, tokens = [], None
 cache = model.cache(len(prompt) + n + 1)  # one for every run (each writes its slots from 0): one is what a run holds
 for _ in range(repeats + 1):  # the first is a warm-up
@@ -166,6 +166,8 @@ def main() -> None:
                    help="fresh processes per engine, the engines alternated round by round; the medians pool every "
                         "round's runs (use 3 or more on a noisy VM)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--kv-cache", default="float32", choices=["float32", "float16"],
+                   help="lite's cache (mighty generate --kv_cache; llama.cpp's is float16)")
     p.add_argument("--context", type=int, default=32,
                    help="prompt tokens before the timed steps (the text repeated): the decode's attention reads them")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
@@ -185,7 +187,8 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs()
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     print(f"CPU flags: {' '.join(flags)}; kernel path {kernel_isa()}; {threads} threads; "
-          f"read bandwidth {bandwidth:.1f} GB/s; {args.context}-token prompt, {args.new_tokens} new tokens")
+          f"read bandwidth {bandwidth:.1f} GB/s; {args.context}-token prompt, {args.new_tokens} new tokens; lite's "
+          f"cache {args.kv_cache}")
     shipped = str(resolve("smollm2-135m-instruct"))
     tokenizer = load_tokenizer(shipped)
     text = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz combined a "
@@ -215,7 +218,7 @@ def main() -> None:
                 if args.llama_python and kept_arithmetic:  # llama.cpp's arithmetic
                     runs.setdefault("int8", []).append(measure([sys.executable, "-c", OURS, *common, "int8"]))
                 if args.llama_python:
-                    runs.setdefault("lite", []).append(measure([sys.executable, "-c", LITE, *common]))
+                    runs.setdefault("lite", []).append(measure([sys.executable, "-c", LITE, *common, args.kv_cache]))
 
             def rate(engine):  # median over every timed repeat of every round
                 return statistics.median(r for result, _ in runs[engine] for r in result["rates"])

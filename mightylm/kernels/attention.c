@@ -10,8 +10,8 @@
  * cost more than its weights). Each stretch's (max, sum, weighted values) are combined at the end, as in
  * flash-decoding; the stretches sit at fixed slots from the sequence's first, so that a row's arithmetic is the same
  * whatever other rows, sequences or threads share the call (greedy speculation reproduces plain decoding bit for
- * bit, a batch's rows equal the rows alone). The cache holds float32, or float16 (half: each key and value
- * widened as it is loaded, half the bytes read). */
+ * bit, a batch's rows equal the rows alone). The cache holds float32, or float16 (half the bytes read: a block of
+ * keys or a piece of values widened into L1 once, then used as float32's). */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
