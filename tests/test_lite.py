@@ -142,6 +142,30 @@ def test_speculative_decoding_on_the_lite_path(tmp_path, bpe_tokenizer):
     assert first == list(speculative_tokens(lite, prompt, sampled, Lookup(history=history), 4)) and len(first) == 24
 
 
+def test_with_int8_activations_a_pass_gives_each_row_the_bits_it_gets_alone(tmp_path, bpe_tokenizer):
+    """In llama.cpp's arithmetic every product gives a row the bits it gets alone, and so does attention (its
+    stretches of 128 slots sit at fixed places): past 128 positions a 5-row pass equals five one-row passes bit for
+    bit, and greedy prompt lookup reproduces plain decoding token for token (a first version of kernels/attention.c
+    sized its stretches by the pass and tipped an int8 near-tie on the embedded model)."""
+    from mightylm.lite import load_lite, speculative_tokens
+    from mightylm.lite import stream_tokens as lite_tokens
+    from mightylm.lookup import Lookup
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    lite, tokenizer = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=True)
+    prompt = tokenizer.encode("the cat sat on the mat, and the dog lay by the door; " * 12)[:150]
+    assert len(prompt) == 150
+    ids = prompt[-5:]
+    cache, one_cache = lite.cache(len(prompt) + 8), lite.cache(len(prompt) + 8)
+    lite.forward(prompt, cache, 0), lite.forward(prompt, one_cache, 0)
+    rows = lite.forward_rows(ids, cache, len(prompt))
+    alone = np.stack([lite.forward([t], one_cache, len(prompt) + i) for i, t in enumerate(ids)])
+    assert np.array_equal(rows, alone)
+    greedy = Sampling(max_new_tokens=24, temperature=0)
+    assert list(speculative_tokens(lite, prompt, greedy, Lookup(), 4)) == list(lite_tokens(lite, prompt, greedy))
+
+
 def test_the_copied_draft_rule_keeps_the_target_distribution():
     """lite.accept_copied: with a drafted token x (q one-hot at x) the next token is distributed as p, whatever x
     is (accepted with p(x), else drawn from p without x); the bonus token after full acceptance comes from the
