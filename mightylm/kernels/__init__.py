@@ -6,7 +6,8 @@ float32 row times an input-major weight (see `mightylm/fuse.py`). `ops.gemv_int8
 `gemv_nf4` do the same for quantized weights (compress/), and `ops.matmul_ggml` for GGUF's blocks with any number of
 rows (gguf_blocks.c), returning None where the caller must fall back;
 `mighty_decode_block` (through `fuse.NativeDecodeBlock`) runs a whole block for one token, `mighty_decode_blocks`
-(`fuse.NativeDecodeStack`) all of a model's blocks in one call. The fast path is the AVX2
+(`fuse.NativeDecodeStack`) all of a model's blocks in one call, its attention over a float32 or float16 cache in
+`attention.c` (a kv head's query heads and a pass's rows together). The fast path is the AVX2
 kernel in `gemv.c`, built once into ~/.cache/mightylm (or $MIGHTYLM_CACHE) in about a second; its float32 and
 int8 products also have AVX-512 (VNNI) versions, used where the CPU has them (MIGHTYLM_ISA=avx2 forces the
 baseline; `mighty env` shows the choice).
