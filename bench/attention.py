@@ -43,7 +43,8 @@ def main() -> None:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     print(f"CPU flags: {' '.join(flags)}; kernel path {kernel_isa()}; {threads} threads; "
           f"read bandwidth {bandwidth:.1f} GB/s")
-    print("| position | rows | PyTorch SDPA ms | ours float32 ms | ratio | ours float16 ms | ratio | bound f32 / f16 ms |")
+    print("| position | rows | PyTorch SDPA ms | ours float32 ms | ratio | ours float16 ms | ratio "
+          "| bound f32 / f16 ms |")
     print("|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
