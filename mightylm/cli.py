@@ -258,17 +258,17 @@ def _needs_torch(draft: str | None, gamma: int) -> str | None:
     return None if lookup else draft
 
 
-def _lite_speculative(lite, source, draft: str | None, gamma: int, history=None):
+def _lite_speculative(lite, source, draft: str | None, gamma: int, history=None, session=None):
     """(token source, its statistics) on the lite path: prompt lookup's speculative decoding for --draft
-    prompt-lookup (drafting from `history` too, a lookup.History for --lookup_history), else `source` as it is and
-    None."""
+    prompt-lookup (drafting from `history` too, a lookup.History for --lookup_history; on a chat's lite.Session),
+    else `source` as it is and None."""
     if not draft:
         return source, None
     from mightylm.lite import speculative_tokens
     from mightylm.lookup import Stats, parse_lookup
 
     lookup, stats = parse_lookup(draft, history=history), Stats()
-    return (lambda ids, s: speculative_tokens(lite, ids, s, lookup, gamma, stats)), stats
+    return (lambda ids, s: speculative_tokens(lite, ids, s, lookup, gamma, stats, session=session)), stats
 
 
 HISTORY_CHARS = 200_000  # the most of a --lookup_history file read (its end): ~60k tokens, ~40 MB of counts
@@ -349,6 +349,10 @@ def chat(
     input is not a terminal, each line read is one user message and each reply is printed, so
     a conversation can be scripted: printf 'Hi\\nWho are you?\\n' | mighty chat
 
+    On the torch-free path (a GGUF file such as the embedded model) the conversation's keys and values stay in the
+    cache from turn to turn, so a turn reads only its new tokens, not the whole conversation again (--stats says
+    how many came from the cache).
+
     Args:
         model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
         system: A system message to start the conversation with.
@@ -359,7 +363,9 @@ def chat(
         dtype: Weight and activation precision.
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
-        stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr.
+        stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr, and on the torch-free
+            path how many of the prompt's tokens were already in the cache (it keeps the conversation's keys and
+            values between turns: a turn reads its new tokens only).
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K / F16 / BF16 projection and head weights
             as stored (see `mighty generate --help`); false dequantizes them at load.
         int8_activations: With --blocks: activations rounded to 8 bits per block (see `mighty generate --help`).
@@ -391,10 +397,14 @@ def chat(
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,
                                              lookup_history=lookup_history, rope_scaling=rope_scaling,
                                              device=device != "cpu", compile=compile)
+    session = None
     if lite:
-        m, tokenizer, source = lite
-        lookup, prefix_len = _read_history(lookup_history, tokenizer), 0
-        source, spec_stats = _lite_speculative(m, source, draft, gamma, lookup)
+        from mightylm.lite import Session, stream_tokens
+
+        m, tokenizer, _ = lite
+        lookup, prefix_len, session = _read_history(lookup_history, tokenizer), 0, Session(m)
+        source = lambda ids, s: stream_tokens(m, ids, s, session=session)  # noqa: E731
+        source, spec_stats = _lite_speculative(m, source, draft, gamma, lookup, session)
     elif vision:
         from mightylm.multimodal.generate import image_tokens, prompt_ids
         from mightylm.multimodal.images import ImageError, open_image
@@ -477,6 +487,9 @@ def chat(
         print()
         if stats:
             print(timings.report(), file=sys.stderr)
+            if session is not None:
+                print(f"(the first {session.reused} of the {len(ids)} prompt tokens were in the cache from the turns "
+                      "before)", file=sys.stderr)
             if spec_stats is not None:
                 print(spec_stats.report(), file=sys.stderr)
         history.append({"role": "assistant", "content": reply})

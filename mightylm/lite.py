@@ -294,9 +294,43 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
 
 
-def _begin(model: LiteModel, prompt: list[int], s: Sampling, room: int = 0):
-    """What every generation on this path starts with: the checks, then the prompt's pass. (rng, cache, the first
-    token), or None when no token is asked for; `room`: cache slots past prompt + max_new_tokens (drafts)."""
+class Session:
+    """A conversation's cache kept from one generation to the next (`mighty chat`, which sends the whole conversation
+    every turn): a prompt that begins with tokens the cache already holds is read from where they end, so a turn
+    reads its new tokens only. `reused`: how many the last prompt took from the cache. The cache grows by doubling,
+    the kept slots copied over. In llama.cpp's arithmetic (int8 activations) the logits are those of reading the
+    prompt whole, bit for bit; in float32 the same within its rounding (a row's products can be summed in another
+    order when it comes in another pass)."""
+
+    def __init__(self, model: LiteModel):
+        self.model, self.cache, self.ids, self.reused = model, None, [], 0
+
+    def start(self, prompt: list[int], slots: int) -> int:
+        """Make room for `slots` and keep the longest prefix of `prompt` the cache holds (never the whole prompt: its
+        last token's pass gives the first logits); returns how many tokens were kept."""
+        keep = 0
+        for a, b in zip(self.ids, prompt[:-1]):
+            if a != b:
+                break
+            keep += 1
+        if self.cache is None or self.cache.length < slots:
+            grown = self.model.cache(max(slots, 2 * (self.cache.length if self.cache else 0)))
+            if self.cache is not None and keep:
+                for old, new in zip(self.cache.keys + self.cache.values, grown.keys + grown.values):
+                    new[:, :, :keep] = old[:, :, :keep]
+            self.cache = grown
+        self.ids, self.reused = list(prompt[:keep]), keep
+        return keep
+
+    def holds(self, tokens: list[int]) -> None:
+        """After a generation: the tokens whose keys and values are now in the cache, in order from slot 0."""
+        self.ids = list(tokens)
+
+
+def _begin(model: LiteModel, prompt: list[int], s: Sampling, room: int = 0, session: Session | None = None):
+    """What every generation on this path starts with: the checks, then the prompt's pass (from the session's kept
+    prefix, with one). (rng, cache, the first token), or None when no token is asked for; `room`: cache slots past
+    prompt + max_new_tokens (drafts)."""
     if not prompt:
         raise UsageError("every prompt needs at least one token")
     total = len(prompt) + s.max_new_tokens
@@ -306,8 +340,12 @@ def _begin(model: LiteModel, prompt: list[int], s: Sampling, room: int = 0):
     if s.max_new_tokens == 0:
         return None
     rng = np.random.default_rng(s.seed)
-    cache = model.cache(total + room)
-    return rng, cache, _pick(model.forward(prompt, cache, 0), s, rng)
+    if session is None:
+        cache, keep = model.cache(total + room), 0
+    else:
+        keep = session.start(prompt, total + room)
+        cache = session.cache
+    return rng, cache, _pick(model.forward(prompt[keep:], cache, keep), s, rng)
 
 
 def _pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
@@ -315,17 +353,25 @@ def _pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     return int(np.argmax(logits)) if s.temperature == 0 else draw(probabilities(logits, s), rng)
 
 
-def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling) -> Iterator[int]:
-    """generate.stream_tokens on this path: the tokens after `prompt`, up to and including a stop token."""
-    started = _begin(model, prompt, s)
+def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling, session: Session | None = None
+                  ) -> Iterator[int]:
+    """generate.stream_tokens on this path: the tokens after `prompt`, up to and including a stop token; with a
+    `session`, on its cache (see Session)."""
+    started = _begin(model, prompt, s, session=session)
     if started is None:
         return
     rng, cache, token = started
-    for step in range(s.max_new_tokens):
-        yield token
-        if token in s.stop_token_ids or step + 1 == s.max_new_tokens:
-            return
-        token = _pick(model.forward([token], cache, len(prompt) + step), s, rng)
+    context = list(prompt)
+    try:
+        for step in range(s.max_new_tokens):
+            context.append(token)
+            yield token
+            if token in s.stop_token_ids or step + 1 == s.max_new_tokens:
+                return
+            token = _pick(model.forward([token], cache, len(prompt) + step), s, rng)
+    finally:  # (also when the caller stops early: a stop string) every token but the last yielded is in the cache
+        if session is not None:
+            session.holds(context[:-1])
 
 
 def accept_copied(probs: np.ndarray, drafts: list[int], rng: np.random.Generator) -> tuple[int, int]:
@@ -345,22 +391,31 @@ def accept_copied(probs: np.ndarray, drafts: list[int], rng: np.random.Generator
 
 
 def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup, gamma: int = 4,
-                       stats=None) -> Iterator[int]:
+                       stats=None, session: Session | None = None) -> Iterator[int]:
     """speculative.speculative_tokens on this path, for prompt lookup's drafts (lookup.Lookup, with or without a
     History): each pass of the model checks up to `gamma` drafted tokens. Greedy: the same tokens as plain
-    decoding; sampled: distributed as plain decoding's (accept_copied)."""
+    decoding; sampled: distributed as plain decoding's (accept_copied). With a `session`, on its cache."""
     if not 1 <= gamma < NATIVE_ROWS:
         raise UsageError(f"gamma (drafted tokens per pass) must be from 1 to {NATIVE_ROWS - 1} here, got {gamma}")
-    started = _begin(model, prompt, s, room=gamma)
+    started = _begin(model, prompt, s, room=gamma, session=session)
     if started is None:
         return
     rng, cache, first = started
     pending, context, produced = [first], list(prompt), 0
+    try:
+        yield from _speculate(model, s, lookup, gamma, stats, rng, cache, pending, context, produced)
+    finally:  # every token but the last yielded is in the cache (slots past it may hold rejected drafts)
+        if session is not None:
+            session.holds(context[:-1])
+
+
+def _speculate(model, s, lookup, gamma, stats, rng, cache, pending, context, produced) -> Iterator[int]:
+    """speculative_tokens' loop, appending to `context` each token it yields."""
     while True:
         for token in pending:  # the accepted drafts and the next token; the last is not yet in the cache
+            context.append(token)
             yield token
             produced += 1
-            context.append(token)
             if stats is not None:
                 stats.tokens += 1
             if token in s.stop_token_ids or produced >= s.max_new_tokens:

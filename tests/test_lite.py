@@ -166,6 +166,60 @@ def test_with_int8_activations_a_pass_gives_each_row_the_bits_it_gets_alone(tmp_
     assert list(speculative_tokens(lite, prompt, greedy, Lookup(), 4)) == list(lite_tokens(lite, prompt, greedy))
 
 
+def test_a_chat_session_reads_only_each_turns_new_tokens(tmp_path, bpe_tokenizer):
+    """mighty chat sends the whole conversation every turn; on a lite.Session the tokens its cache already holds are
+    not read again (the prompt's pass starts where they end, the cache grown with its kept slots copied), and in
+    llama.cpp's arithmetic the tokens are those of reading the prompt whole, plain and speculative; a prompt that
+    parts from the cache keeps only the common prefix; a generation stopped early leaves what it fed."""
+    from mightylm.lite import Session, load_lite, speculative_tokens
+    from mightylm.lite import stream_tokens as lite_tokens
+    from mightylm.lookup import Lookup
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    lite, tokenizer = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=True)
+    greedy = Sampling(max_new_tokens=8, temperature=0)
+    session, read = Session(lite), []
+    forward = lite.forward
+    lite.forward = lambda ids, cache, start: read.append((start, len(ids))) or forward(ids, cache, start)
+    first = tokenizer.encode("the cat sat on the mat")
+    reply = list(lite_tokens(lite, first, greedy, session=session))
+    assert session.ids == first + reply[:-1] and read[0] == (0, len(first))
+    second = first + reply + tokenizer.encode(" and then the dog came in through the door")
+    read.clear()
+    again = list(lite_tokens(lite, second, greedy, session=session))
+    assert session.reused == len(first) + len(reply) - 1 and read[0] == (session.reused, len(second) - session.reused)
+    assert session.cache.length >= len(second) + 8  # grown from the first turn's
+    lite.forward = forward
+    assert again == list(lite_tokens(lite, second, greedy))  # as if read whole
+    third = second[:5] + tokenizer.encode(" a bird")  # parts from the cache at token 5
+    assert list(speculative_tokens(lite, third, greedy, Lookup(), 4, session=session)) == \
+        list(lite_tokens(lite, third, greedy))
+    assert session.reused == 5
+    stopped = lite_tokens(lite, second, greedy, session=session)
+    taken = [next(stopped) for _ in range(3)]
+    stopped.close()
+    assert session.ids == second + taken[:2]
+
+
+def test_mighty_chat_on_the_lite_path_keeps_its_cache_between_turns(tmp_path, bpe_tokenizer):
+    """`mighty chat` on a GGUF file: each turn after the first reads only its new tokens (the stats line says how many
+    came from the cache), and the replies are those of `--engine torch`, which reads the conversation whole."""
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    outs = {}
+    for engine in ("auto", "torch"):
+        result = subprocess.run([sys.executable, "-m", "mightylm.cli", "chat", "--model", str(tmp_path / "m.gguf"),
+                                 "--temperature", "0", "--max-new-tokens", "8", "--stats", "true", "--engine", engine],
+                                input="hello there\nand the cat\nagain\n", capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        outs[engine] = result
+    assert outs["auto"].stdout == outs["torch"].stdout and outs["auto"].stdout.count("assistant>") == 3
+    reused = [int(line.split()[2]) for line in outs["auto"].stderr.splitlines() if "were in the cache" in line]
+    assert len(reused) == 3 and reused[0] == 0 and 0 < reused[1] < reused[2]
+
+
 def test_the_copied_draft_rule_keeps_the_target_distribution():
     """lite.accept_copied: with a drafted token x (q one-hot at x) the next token is distributed as p, whatever x
     is (accepted with p(x), else drawn from p without x); the bonus token after full acceptance comes from the
