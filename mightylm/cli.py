@@ -486,6 +486,8 @@ def chat(
             print(piece, end="", flush=True)
         print()
         if stats:
+            if session is not None:  # the prefill read the tokens after those the cache held
+                timings.prompt_tokens -= session.reused
             print(timings.report(), file=sys.stderr)
             if session is not None:
                 print(f"(the first {session.reused} of the {len(ids)} prompt tokens were in the cache from the turns "
