@@ -349,9 +349,9 @@ def chat(
     input is not a terminal, each line read is one user message and each reply is printed, so
     a conversation can be scripted: printf 'Hi\\nWho are you?\\n' | mighty chat
 
-    On the torch-free path (a GGUF file such as the embedded model) the conversation's keys and values stay in the
-    cache from turn to turn, so a turn reads only its new tokens, not the whole conversation again (--stats says
-    how many came from the cache).
+    The conversation's keys and values stay in the cache from turn to turn (plain decoding, and prompt lookup on
+    the torch-free path), so a turn reads only its new tokens, not the whole conversation again (--stats says how
+    many came from the cache).
 
     Args:
         model: A Hugging Face model directory, a .gguf file, or an embedded model name (smollm2-135m-instruct).
@@ -363,9 +363,9 @@ def chat(
         dtype: Weight and activation precision.
         adapter: An adapter directory to apply, unmerged: LoRA, prompt tuning or P-tuning (ours or PEFT's),
             or LLaMA-Adapter (ours).
-        stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr, and on the torch-free
-            path how many of the prompt's tokens were already in the cache (it keeps the conversation's keys and
-            values between turns: a turn reads its new tokens only).
+        stats: After each reply, print its prefill and decoding speed (tokens/s) to stderr, and how many of the
+            prompt's tokens were already in the cache (the conversation's keys and values are kept between turns:
+            a turn reads its new tokens only; not with a draft model or images).
         blocks: Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K / F16 / BF16 projection and head weights
             as stored (see `mighty generate --help`); false dequantizes them at load.
         int8_activations: With --blocks: activations rounded to 8 bits per block (see `mighty generate --help`).
@@ -420,7 +420,11 @@ def chat(
                                            compile_blocks=compile)
         lookup = _read_history(lookup_history, tokenizer)
         source, spec_stats = _speculative(m, draft, gamma, dtype, draft_adapter, device, lookup)
-        source = source or (lambda ids, s: stream_tokens(m, ids, s))
+        if source is None:  # plain decoding keeps the conversation's cache (generate.Session)
+            from mightylm.generate import Session
+
+            session = Session(m)
+            source = lambda ids, s: stream_tokens(m, ids, s, session=session)  # noqa: E731
     if not lite:
         prefix_len = m.prefix_len
     seen = []  # the images of the conversation so far, in order (a vision-language model)

@@ -98,10 +98,39 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return idx.to(device), (pad if bool(pad.any()) else None)
 
 
+class Session:
+    """A conversation's KV cache kept from one generation to the next (`mighty chat`, which sends the whole
+    conversation every turn), as lite.Session on the torch-free path: a prompt that begins with tokens the cache
+    holds is read from where they end (one prompt, a cache that keeps every position: not a sliding window's rolling
+    cache, attention sinks or a CUDA graph's fixed cache, which read the prompt whole). `reused`: how many the last
+    prompt took from the cache. A soft prompt's virtual tokens stay at the front."""
+
+    def __init__(self, model: Transformer):
+        self.model, self.cache, self.ids, self.reused = model, None, [], 0
+
+    def start(self, prompt: list[int], length: int) -> int:
+        """Room for `length` real tokens, keeping the longest prefix of `prompt` the cache holds (never the whole
+        prompt: its last token's pass gives the first logits); returns how many were kept."""
+        keep = 0
+        for a, b in zip(self.ids, prompt[:-1]):
+            if a != b:
+                break
+            keep += 1
+        if self.cache is None or self.cache.max_len < length + self.model.prefix_len:
+            old = self.cache
+            self.cache = self.model.make_cache(1, max(length, 2 * (old.max_len if old else 0)))
+            if old is not None:
+                slots = self.model.prefix_len + keep if keep else 0  # (keep 0: the virtual tokens are written again)
+                for kept, new in zip(old.k + old.v, self.cache.k + self.cache.v):
+                    new[:, :, :slots] = kept[:, :, :slots]
+        self.ids, self.reused = list(prompt[:keep]), keep
+        return keep
+
+
 @torch.inference_mode()
 def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
                    row_seeds: list[int] | None = None, *, embed=None,
-                   cuda_graphs: bool | None = None) -> Iterator[torch.Tensor]:
+                   cuda_graphs: bool | None = None, session: Session | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step; finished rows repeat a stop token.
 
     Stops when every row has produced a stop token or `max_new_tokens` is reached. `row_seeds`
@@ -110,7 +139,8 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     of the prompt (a vision-language model writes its image tokens over the placeholders there). `cuda_graphs`
     (default: where the model is on a CUDA device): each decoded token is one replay of a CUDA graph of the step
     (static_decode.py) where the model allows; True on the CPU: that fixed step without a graph (as tested);
-    False: the step as PyTorch runs it, launch by launch.
+    False: the step as PyTorch runs it, launch by launch. `session`: one prompt on a Session's cache (where the
+    generation keeps every position; otherwise the session is left as it was and the prompt read whole).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token")
@@ -131,6 +161,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
     idx, pad = _left_pad(prompts, 0, device)
     fixed = None  # the decode step with fixed shapes, replayed as a CUDA graph on CUDA (static_decode.py)
     if s.attention_sinks is not None:
+        session = None  # (a window of the latest tokens: the prompt is read whole)
         if pad is not None or model.prefix_len or embed:
             raise UsageError("attention sinks take prompts of one length per batch and no soft prompt")
         size, sinks = s.attention_sinks
@@ -144,12 +175,20 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
         rolling = window is not None and pad is None and total + model.prefix_len > window
         if not rolling and (cuda_graphs or (cuda_graphs is None and device.type == "cuda")):
             fixed = static_decode.take(model, len(prompts), total + model.prefix_len, pad)
-        cache = fixed.cache if fixed else model.make_cache(len(prompts), total, rolling=rolling)
-        logits = prefill(model, None, cache, pad, embeds=embed(idx)) if embed else prefill(model, idx, cache, pad)
+        if session is not None and (rolling or fixed or embed or len(prompts) > 1):
+            session = None  # a cache that does not keep every position, or several prompts: read whole
+        if session is not None:
+            keep = session.start(prompts[0], total)
+            cache = session.cache
+            logits = model(idx[:, keep:], cache=cache, start=keep, last_only=True)[:, -1]
+        else:
+            cache = fixed.cache if fixed else model.make_cache(len(prompts), total, rolling=rolling)
+            logits = prefill(model, None, cache, pad, embeds=embed(idx)) if embed else prefill(model, idx, cache, pad)
     decode = fixed or (lambda token, start: decode_one_token(model, token, cache, start, pad))
     stops = torch.tensor(list(s.stop_token_ids) or [-1], device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     token = sample(logits, s, generator)
+    fed = []  # the tokens decode() has written into the cache after the prompt (a session's)
     try:
         for step in range(s.max_new_tokens):
             yield token
@@ -157,10 +196,14 @@ def generate_steps(model: Transformer, prompts: list[list[int]], s: Sampling,
             if step + 1 == s.max_new_tokens or bool(done.all()):
                 return
             logits = decode(token, width + step)
+            if session is not None:
+                fed.append(int(token[0]))
             token = torch.where(done, token, sample(logits, s, generator))
     finally:
         if fixed:
             static_decode.give_back(model, fixed)
+        if session is not None:
+            session.ids = list(prompts[0]) + fed
 
 
 def generate(model: Transformer, prompts: list[list[int]], s: Sampling,
@@ -179,8 +222,9 @@ def generate(model: Transformer, prompts: list[list[int]], s: Sampling,
     return out
 
 
-def stream_tokens(model: Transformer, prompt: list[int], s: Sampling) -> Iterator[int]:
-    for step in generate_steps(model, [prompt], s):
+def stream_tokens(model: Transformer, prompt: list[int], s: Sampling, session: Session | None = None
+                  ) -> Iterator[int]:
+    for step in generate_steps(model, [prompt], s, session=session):
         yield int(step[0])
 
 

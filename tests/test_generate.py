@@ -132,3 +132,39 @@ def test_greedy_is_torch_argmax():
     for logits in (x, x[0], x[0, 0], x[:, 1:3, ::2], x.to(torch.float64)):
         got = greedy(logits)
         assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(-1))
+
+
+def test_a_chat_session_reads_only_each_turns_new_tokens():
+    """generate.Session (mighty chat through torch): a prompt that begins with tokens the session's cache holds is
+    read from where they end, the cache grown with its kept slots (a soft prompt's virtual tokens in front) copied;
+    its keys and values are then those of reading the prompt whole. A generation on a cache that does not keep
+    every position (attention sinks) reads the prompt whole and leaves the session as it was."""
+    import conftest
+
+    from mightylm.adapters.prompt import apply_prompt_tuning
+    from mightylm.generate import Session, prefill, stream_tokens
+
+    for soft in (False, True):
+        model = conftest.tiny(0)
+        if soft:
+            apply_prompt_tuning(model, n_tokens=3)
+        greedy = Sampling(max_new_tokens=6, temperature=0)
+        session, first = Session(model), [5, 9, 30, 7, 11]
+        reply = list(stream_tokens(model, first, greedy, session=session))
+        assert session.ids == first + reply[:-1] and session.reused == 0
+        second = first + reply + [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+        list(stream_tokens(model, second, greedy, session=session))
+        assert session.reused == len(first) + len(reply) - 1
+        assert session.cache.max_len >= len(second) + 6 + model.prefix_len  # grown
+        whole = model.make_cache(1, len(second))
+        with torch.inference_mode():
+            prefill(model, torch.tensor([second]), whole)
+        end = model.prefix_len + len(second)
+        for kept, fresh in zip(session.cache.k + session.cache.v, whole.k + whole.v):
+            torch.testing.assert_close(kept[:, :, :end], fresh[:, :, :end], atol=1e-5, rtol=1e-5)
+    held = list(session.ids)
+    sinks = Sampling(max_new_tokens=4, temperature=0, attention_sinks=(64, 4))
+    plain = conftest.tiny(0)
+    skipped = Session(plain)
+    list(stream_tokens(plain, second, sinks, session=skipped))
+    assert skipped.ids == [] and skipped.cache is None and session.ids == held

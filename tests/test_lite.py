@@ -204,7 +204,7 @@ def test_a_chat_session_reads_only_each_turns_new_tokens(tmp_path, bpe_tokenizer
 
 def test_mighty_chat_on_the_lite_path_keeps_its_cache_between_turns(tmp_path, bpe_tokenizer):
     """`mighty chat` on a GGUF file: each turn after the first reads only its new tokens (the stats line says how many
-    came from the cache), and the replies are those of `--engine torch`, which reads the conversation whole."""
+    came from the cache), and the replies are those of `--engine torch` (its own generate.Session)."""
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
     write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
     outs = {}
