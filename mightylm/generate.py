@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from mightylm.errors import UsageError
 from mightylm.model import KVCache, SinkKVCache, Transformer
 from mightylm import static_decode
-from mightylm.streaming import Sampling, Timings, stream_text_from
+from mightylm.streaming import Sampling, Timings, cached_prefix, stream_text_from
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -111,11 +111,7 @@ class Session:
     def start(self, prompt: list[int], length: int) -> int:
         """Room for `length` real tokens, keeping the longest prefix of `prompt` the cache holds (never the whole
         prompt: its last token's pass gives the first logits); returns how many were kept."""
-        keep = 0
-        for a, b in zip(self.ids, prompt[:-1]):
-            if a != b:
-                break
-            keep += 1
+        keep = cached_prefix(self.ids, prompt)
         if self.cache is None or self.cache.max_len < length + self.model.prefix_len:
             old = self.cache
             self.cache = self.model.make_cache(1, max(length, 2 * (old.max_len if old else 0)))

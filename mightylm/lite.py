@@ -41,7 +41,7 @@ from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
 from mightylm.kernels import (BlockArgs, Projection, as_q8_0, common_type, gemv_library, int8_layout, physical_cores,
                               tile_rows)
-from mightylm.streaming import Sampling
+from mightylm.streaming import Sampling, cached_prefix
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
 KV_CACHES = ("float32", "float16")  # the cache's value types (LiteModel kv_cache)
@@ -308,11 +308,7 @@ class Session:
     def start(self, prompt: list[int], slots: int) -> int:
         """Make room for `slots` and keep the longest prefix of `prompt` the cache holds (never the whole prompt: its
         last token's pass gives the first logits); returns how many tokens were kept."""
-        keep = 0
-        for a, b in zip(self.ids, prompt[:-1]):
-            if a != b:
-                break
-            keep += 1
+        keep = cached_prefix(self.ids, prompt)
         if self.cache is None or self.cache.length < slots:
             grown = self.model.cache(max(slots, 2 * (self.cache.length if self.cache else 0)))
             if self.cache is not None and keep:

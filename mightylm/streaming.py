@@ -55,6 +55,17 @@ class Timings:
                 f"in {self.decode_s:.3f} s ({rate})")
 
 
+def cached_prefix(held: list[int], prompt: list[int]) -> int:
+    """How many of `prompt`'s first tokens a session's cache can keep: those equal to the tokens it holds, never the
+    whole prompt (its last token's pass gives the first logits). generate.Session and lite.Session share it."""
+    keep = 0
+    for a, b in zip(held, prompt[:-1]):
+        if a != b:
+            break
+        keep += 1
+    return keep
+
+
 def stream_text_from(tokens, tokenizer, prompt: str | list[int], s: Sampling, timings: Timings | None = None
                      ) -> Iterator[str]:
     """Stream the completion of one prompt as text deltas.
