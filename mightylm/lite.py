@@ -315,12 +315,8 @@ class Session:
                 for old, new in zip(self.cache.keys + self.cache.values, grown.keys + grown.values):
                     new[:, :, :keep] = old[:, :, :keep]
             self.cache = grown
-        self.ids, self.reused = list(prompt[:keep]), keep
+        self.ids, self.reused = list(prompt[:keep]), keep  # (a generation then sets the tokens its cache holds)
         return keep
-
-    def holds(self, tokens: list[int]) -> None:
-        """After a generation: the tokens whose keys and values are now in the cache, in order from slot 0."""
-        self.ids = list(tokens)
 
 
 def _begin(model: LiteModel, prompt: list[int], s: Sampling, room: int = 0, session: Session | None = None):
@@ -367,7 +363,7 @@ def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling, session: Ses
             token = _pick(model.forward([token], cache, len(prompt) + step), s, rng)
     finally:  # (also when the caller stops early: a stop string) every token but the last yielded is in the cache
         if session is not None:
-            session.holds(context[:-1])
+            session.ids = context[:-1]
 
 
 def accept_copied(probs: np.ndarray, drafts: list[int], rng: np.random.Generator) -> tuple[int, int]:
@@ -399,32 +395,27 @@ def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup,
     rng, cache, first = started
     pending, context, produced = [first], list(prompt), 0
     try:
-        yield from _speculate(model, s, lookup, gamma, stats, rng, cache, pending, context, produced)
+        while True:
+            for token in pending:  # the accepted drafts and the next token; the last is not yet in the cache
+                context.append(token)
+                yield token
+                produced += 1
+                if stats is not None:
+                    stats.tokens += 1
+                if token in s.stop_token_ids or produced >= s.max_new_tokens:
+                    return
+            drafts = lookup.tokens(context, min(gamma, s.max_new_tokens - produced - 1))
+            rows = model.forward_rows([context[-1], *drafts], cache, len(context) - 1)
+            if s.temperature == 0:  # the rule with one-hot p and q: the argmax prefix
+                best = rows.argmax(-1).tolist()
+                n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
+                nxt = best[n]
+            else:
+                n, nxt = accept_copied(np.stack([probabilities(r, s) for r in rows]), drafts, rng)
+            if stats is not None:
+                stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + n
+                stats.target_passes += 1
+            pending = drafts[:n] + [nxt]
     finally:  # every token but the last yielded is in the cache (slots past it may hold rejected drafts)
         if session is not None:
-            session.holds(context[:-1])
-
-
-def _speculate(model, s, lookup, gamma, stats, rng, cache, pending, context, produced) -> Iterator[int]:
-    """speculative_tokens' loop, appending to `context` each token it yields."""
-    while True:
-        for token in pending:  # the accepted drafts and the next token; the last is not yet in the cache
-            context.append(token)
-            yield token
-            produced += 1
-            if stats is not None:
-                stats.tokens += 1
-            if token in s.stop_token_ids or produced >= s.max_new_tokens:
-                return
-        drafts = lookup.tokens(context, min(gamma, s.max_new_tokens - produced - 1))
-        rows = model.forward_rows([context[-1], *drafts], cache, len(context) - 1)
-        if s.temperature == 0:  # the rule with one-hot p and q: the argmax prefix
-            best = rows.argmax(-1).tolist()
-            n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
-            nxt = best[n]
-        else:
-            n, nxt = accept_copied(np.stack([probabilities(r, s) for r in rows]), drafts, rng)
-        if stats is not None:
-            stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + n
-            stats.target_passes += 1
-        pending = drafts[:n] + [nxt]
+            session.ids = context[:-1]

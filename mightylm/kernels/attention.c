@@ -78,12 +78,10 @@ static float exp_shifted(float *p, long n, float *sum) {
         s8 = _mm256_add_ps(s8, e);
     }
     float s = hsum(s8);
-    for (; t < n; t++) {
-        float tail[8] = {p[t] - m};
-        _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));
-        p[t] = tail[0];
-        s += tail[0];
-    }
+    const long tail = t;
+    for (; t < n; t++) p[t] -= m;
+    mighty_exp(p + tail, n - tail);  /* the last n % 8 in one padded vector */
+    for (t = tail; t < n; t++) s += p[t];
     *sum = s;
     return m;
 }
