@@ -114,7 +114,8 @@ class Session:
         keep = cached_prefix(self.ids, prompt)
         if self.cache is None or self.cache.max_len < length + self.model.prefix_len:
             old = self.cache
-            self.cache = self.model.make_cache(1, max(length, 2 * (old.max_len if old else 0)))
+            doubled = min(2 * (old.max_len - self.model.prefix_len if old else 0), self.model.config.max_seq_len)
+            self.cache = self.model.make_cache(1, max(length, doubled))  # (doubling, never past the context)
             if old is not None:
                 slots = self.model.prefix_len + keep if keep else 0  # (keep 0: the virtual tokens are written again)
                 for kept, new in zip(old.k + old.v, self.cache.k + self.cache.v):

@@ -297,8 +297,8 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 class Session:
     """A conversation's cache kept from one generation to the next (`mighty chat`, which sends the whole conversation
     every turn): a prompt that begins with tokens the cache already holds is read from where they end, so a turn
-    reads its new tokens only. `reused`: how many the last prompt took from the cache. The cache grows by doubling,
-    the kept slots copied over. In llama.cpp's arithmetic (int8 activations) the logits are those of reading the
+    reads its new tokens only. `reused`: how many the last prompt took from the cache. The cache grows by doubling
+    (up to the model's context), the kept slots copied over. In llama.cpp's arithmetic (int8 activations) the logits are those of reading the
     prompt whole, bit for bit; in float32 the same within its rounding (a row's products can be summed in another
     order when it comes in another pass)."""
 
@@ -310,7 +310,8 @@ class Session:
         last token's pass gives the first logits); returns how many tokens were kept."""
         keep = cached_prefix(self.ids, prompt)
         if self.cache is None or self.cache.length < slots:
-            grown = self.model.cache(max(slots, 2 * (self.cache.length if self.cache else 0)))
+            doubled = min(2 * (self.cache.length if self.cache else 0), self.model.config.max_seq_len)
+            grown = self.model.cache(max(slots, doubled))  # (never past the context but for a pass's drafts)
             if self.cache is not None and keep:
                 for old, new in zip(self.cache.keys + self.cache.values, grown.keys + grown.values):
                     new[:, :, :keep] = old[:, :, :keep]

@@ -162,6 +162,10 @@ def test_a_chat_session_reads_only_each_turns_new_tokens():
         end = model.prefix_len + len(second)
         for kept, fresh in zip(session.cache.k + session.cache.v, whole.k + whole.v):
             torch.testing.assert_close(kept[:, :, :end], fresh[:, :, :end], atol=1e-5, rtol=1e-5)
+        context = model.config.max_seq_len  # growing by doubling stops at the context
+        session.cache = model.make_cache(1, context * 3 // 4)
+        session.start(second, context * 3 // 4 + 1)
+        assert session.cache.max_len == context + model.prefix_len
     held = list(session.ids)
     sinks = Sampling(max_new_tokens=4, temperature=0, attention_sinks=(64, 4))
     plain = conftest.tiny(0)

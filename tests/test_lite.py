@@ -200,6 +200,10 @@ def test_a_chat_session_reads_only_each_turns_new_tokens(tmp_path, bpe_tokenizer
     taken = [next(stopped) for _ in range(3)]
     stopped.close()
     assert session.ids == second + taken[:2]
+    context = lite.config.max_seq_len  # growing by doubling stops at the context
+    session.cache = lite.cache(context * 3 // 4)
+    session.start(second, context * 3 // 4 + 1)
+    assert session.cache.length == context
 
 
 def test_mighty_chat_on_the_lite_path_keeps_its_cache_between_turns(tmp_path, bpe_tokenizer):
