@@ -11,7 +11,7 @@
  *
  * One row (decoding one token): per block, sum_j w_j x_j = d * sum_j q_j x_j + c * sum_j x_j, so the 32 products
  * are taken with the codes (converted to float) and scaled once, and the block sums of x are computed once per
- * call (AVX-512: two blocks per step with their own accumulators; AVX2: see one_row256).
+ * call (AVX-512: two blocks per step with their own accumulators; AVX2: see out_dots256).
  * Several rows (a prompt, a server's batch): each block is unpacked once into its 32 float weights and multiplied
  * into up to 8 rows held in registers, so the unpacking is shared by the rows; more rows go 8 at a time through
  * every output row (those 8 rows of x stay in L1; a 9th alone takes the one-row loop).
@@ -24,12 +24,6 @@
 #include "kernels.h"
 
 enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
-
-/* Decoding reads each weight once, from L3 or memory; the hardware prefetchers of the machines here did not keep
- * ahead of two threads streaming blocks (perf: the stall sat on each block's first load), so the loop asks for the
- * bytes PREFETCH ahead itself. Measured on SmolLM2-135M Q4_1, AVX-512, 2 threads, interleaved runs in one process:
- * 69 tok/s without, 80 at 512 bytes, 92-96 at 2-16 KiB. */
-#define PREFETCH 4096
 
 float mighty_half_table[65536];
 
@@ -103,7 +97,7 @@ AVX512 void codes512(const unsigned char *blk, int type, __m512 *c0, __m512 *c1)
     }
 }
 
-/* codes . x + k sum(x) of one block, Q4_0's (k = -8) and Q5_0's (-16) constant term taken in the lanes (one_row256
+/* codes . x + k sum(x) of one block, Q4_0's (k = -8) and Q5_0's (-16) constant term taken in the lanes (out_dots256
  * says why): -sum(x) in each of the 16 lanes for Q5_0, in 8 of them for Q4_0 (a broadcast under a mask) */
 AVX512 __m512 block_dot512(const unsigned char *blk, int type, const float *xb, const float *xsum) {
     __m512 c0, c1;
@@ -213,38 +207,44 @@ AVX2 void codes256(const unsigned char *blk, int type, __m256 c[4]) {
     }
 }
 
-/* One row of x: per block d * (codes . x + k sum(x)), the constant term of Q4_0 (k = -8) and Q5_0 (-16) taken as
- * -sum(x) in each of the 8 lanes of one or two of the four products (no scalar work per block: the loop is bound by
- * its vector operations, and the scalar constant term cost ~15 % of its time); Q4_1's m * sum(x), not a multiple
- * of d, stays one scalar multiply-add a block (as a vector of its own it was 3-8 % slower). */
-AVX2 float one_row256(const float *x, const float *xsum, const unsigned char *row, int type, long blocks) {
+/* One row of x times n output rows (1 or 2, `stride` bytes apart; two share x's loads and block sums, 0.92x the
+ * time per row for Q4_0 / Q5_0 on the AMD EPYC here): per block d * (codes . x + k sum(x)), the constant term of
+ * Q4_0 (k = -8) and Q5_0 (-16) taken as -sum(x) in each of the 8 lanes of one or two of the four products (no
+ * scalar work per block: the loop is bound by its vector operations, and the scalar constant term cost ~15 % of its
+ * time); Q4_1's m * sum(x), not a multiple of d, stays one scalar multiply-add a block (as a vector of its own it
+ * was 3-8 % slower). */
+AVX2 void out_dots256(const float *x, const float *xsum, const unsigned char *row, long stride, int type, long blocks,
+                      float *y, const int n) {
     const long bytes = block_bytes(type);
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    float mins = 0.0f;
+    __m256 a0[2], a1[2];
+    float mins[2] = {0.0f, 0.0f};
+    for (int o = 0; o < n; o++) a0[o] = a1[o] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
-        const unsigned char *blk = row + b * bytes;
         const float *xb = x + 32 * b;
-        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        __m256 c[4];
-        codes256(blk, type, c);
-        __m256 p, q;
-        if (type == Q4_0 || type == Q5_0) {
-            const __m256 s = _mm256_broadcast_ss(xsum + b);
-            p = _mm256_fmsub_ps(c[0], _mm256_loadu_ps(xb), s);
-            q = type == Q5_0 ? _mm256_fmsub_ps(c[1], _mm256_loadu_ps(xb + 8), s)
-                             : _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
-        } else {
-            p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
-            q = _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+        for (int o = 0; o < n; o++) {
+            const unsigned char *blk = row + o * stride + b * bytes;
+            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+            __m256 c[4];
+            codes256(blk, type, c);
+            __m256 p, q;
+            if (type == Q4_0 || type == Q5_0) {
+                const __m256 s = _mm256_broadcast_ss(xsum + b);
+                p = _mm256_fmsub_ps(c[0], _mm256_loadu_ps(xb), s);
+                q = type == Q5_0 ? _mm256_fmsub_ps(c[1], _mm256_loadu_ps(xb + 8), s)
+                                 : _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+            } else {
+                p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
+                q = _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+            }
+            p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
+            q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
+            const __m256 d = _mm256_set1_ps(block_scale(blk, type));
+            a0[o] = _mm256_fmadd_ps(p, d, a0[o]);
+            a1[o] = _mm256_fmadd_ps(q, d, a1[o]);
+            if (type == Q4_1) mins[o] += half_to_float(blk + 2) * xsum[b];
         }
-        p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
-        q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
-        const __m256 d = _mm256_set1_ps(block_scale(blk, type));
-        a0 = _mm256_fmadd_ps(p, d, a0);
-        a1 = _mm256_fmadd_ps(q, d, a1);
-        if (type == Q4_1) mins += half_to_float(blk + 2) * xsum[b];
     }
-    return hsum(_mm256_add_ps(a0, a1)) + mins;
+    for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(a0[o], a1[o])) + mins[o];
 }
 
 AVX2 void many_rows256(const float *x, long ldx, const unsigned char *row, int type, long blocks, float *y,
@@ -290,7 +290,7 @@ AVX2 void out_row256(const float *x, long rows, const float *xsum, const unsigne
     const long blocks = in / 32;
     const unsigned char *row = W + o * blocks * block_bytes(type);
     switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
-        case 1: y[o] = one_row256(x, xsum, row, type, blocks); break;
+        case 1: out_dots256(x, xsum, row, 0, type, blocks, y + o, 1); break;
         case 2: many_rows256(x, in, row, type, blocks, y + o, out, 2); break;
         case 3: many_rows256(x, in, row, type, blocks, y + o, out, 3); break;
         case 4: many_rows256(x, in, row, type, blocks, y + o, out, 4); break;
@@ -345,27 +345,33 @@ AVX2 void q6k_floats256(const unsigned char *blk, int p, __m256 c[4]) {
     c[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)));
 }
 
-/* One row: each group of 16 values' products summed, then scaled by its scale (d folded in, the super-block's 16
- * converted once) instead of scaling every code: 0.86x the time of scaling the codes */
-AVX2 float q6k_one_row256(const float *x, const unsigned char *row, long supers) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    float scale[16] __attribute__((aligned(32)));
+/* One row of x times n output rows (1 or 2, `stride` bytes apart; two share x's loads): each group of 16 values'
+ * products summed, then scaled by its scale (d folded in, the super-block's 16 converted once) instead of scaling
+ * every code: 0.86x the time of scaling the codes. The 8 parts unrolled (their shifts constants): 0.86x again. */
+AVX2 void q6k_out_dots256(const float *x, const unsigned char *row, long stride, long supers, float *y, const int n) {
+    __m256 a0[2], a1[2];
+    float scale[2][16] __attribute__((aligned(32)));
+    for (int o = 0; o < n; o++) a0[o] = a1[o] = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
-        const unsigned char *blk = row + s * Q6K_BYTES;
-        q6k_prefetch(blk);
-        q6k_scales256(blk, scale);
-        for (int part = 0; part < 8; part++) {
-            __m256 c[4];
-            q6k_floats256(blk, part, c);
+        for (int o = 0; o < n; o++) {
+            q6k_prefetch(row + o * stride + s * Q6K_BYTES);
+            q6k_scales256(row + o * stride + s * Q6K_BYTES, scale[o]);
+        }
+        _Pragma("GCC unroll 8") for (int part = 0; part < 8; part++) {
             const float *xb = x + 256 * s + 32 * part;
-            const __m256 g0 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(c[0], _mm256_loadu_ps(xb)));
-            const __m256 g1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24),
-                                              _mm256_mul_ps(c[2], _mm256_loadu_ps(xb + 16)));
-            a0 = _mm256_fmadd_ps(g0, _mm256_broadcast_ss(scale + 2 * part), a0);
-            a1 = _mm256_fmadd_ps(g1, _mm256_broadcast_ss(scale + 2 * part + 1), a1);
+            for (int o = 0; o < n; o++) {
+                __m256 c[4];
+                q6k_floats256(row + o * stride + s * Q6K_BYTES, part, c);
+                const __m256 g0 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8),
+                                                  _mm256_mul_ps(c[0], _mm256_loadu_ps(xb)));
+                const __m256 g1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24),
+                                                  _mm256_mul_ps(c[2], _mm256_loadu_ps(xb + 16)));
+                a0[o] = _mm256_fmadd_ps(g0, _mm256_broadcast_ss(scale[o] + 2 * part), a0[o]);
+                a1[o] = _mm256_fmadd_ps(g1, _mm256_broadcast_ss(scale[o] + 2 * part + 1), a1[o]);
+            }
         }
     }
-    return hsum(_mm256_add_ps(a0, a1));
+    for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(a0[o], a1[o]));
 }
 
 AVX2 void q6k_many_rows256(const float *x, long ldx, const unsigned char *row, long supers, float *y, long ldy,
@@ -394,7 +400,7 @@ AVX2 void q6k_out_row256(const float *x, long rows, const unsigned char *W, cons
     const long supers = in / 256;
     const unsigned char *row = W + o * supers * Q6K_BYTES;
     if (rows == 1) {
-        y[o] = q6k_one_row256(x, row, supers);
+        q6k_out_dots256(x, row, 0, supers, y + o, 1);
     } else {
         for (long r = 0; r < rows; r += 4) {
             const float *xr = x + r * in;
@@ -454,31 +460,40 @@ AVX2 __m256 q4k_scales256(const unsigned char *blk, float scale[8]) {
                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
 }
 
-/* One row: the two sub-blocks that share 32 bytes of codes (low and high nibbles) unpacked together, each one's
- * products summed and scaled once; the mins against the eight block sums of x in one vector step per super-block
- * (no scalar work per sub-block) */
-AVX2 float q4k_one_row256(const float *x, const float *xsum, const unsigned char *row, long supers) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
-    float scale[8] __attribute__((aligned(32)));
+/* One row of x times n output rows (1 or 2, `stride` bytes apart; two share x's loads: 0.81x the time per row): the
+ * two sub-blocks that share 32 bytes of codes (low and high nibbles) unpacked together, each one's products summed
+ * and scaled once; the mins against the eight block sums of x in one vector step per super-block (no scalar work
+ * per sub-block) */
+AVX2 void q4k_out_dots256(const float *x, const float *xsum, const unsigned char *row, long stride, long supers,
+                          float *y, const int n) {
+    __m256 a0[2], a1[2], mins[2];
+    float scale[2][8] __attribute__((aligned(32)));
     const __m256i nibble = _mm256_set1_epi32(15);
+    for (int o = 0; o < n; o++) a0[o] = a1[o] = mins[o] = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
-        const unsigned char *blk = row + s * Q4K_BYTES;
-        for (int k = 0; k < Q4K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
-        mins = _mm256_fmadd_ps(q4k_scales256(blk, scale), _mm256_loadu_ps(xsum + 8 * s), mins);
-        for (int b = 0; b < 8; b += 2) {  /* sub-blocks b (low nibbles) and b + 1 (high) */
-            const unsigned char *qs = blk + 16 + 16 * b;
+        for (int o = 0; o < n; o++) {
+            const unsigned char *blk = row + o * stride + s * Q4K_BYTES;
+            for (int k = 0; k < Q4K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
+            mins[o] = _mm256_fmadd_ps(q4k_scales256(blk, scale[o]), _mm256_loadu_ps(xsum + 8 * s), mins[o]);
+        }
+        _Pragma("GCC unroll 4") for (int b = 0; b < 8; b += 2) {  /* sub-blocks b (low nibbles) and b + 1 (high) */
             const float *xb = x + 256 * s + 32 * b;
-            __m256 p = _mm256_setzero_ps(), q = _mm256_setzero_ps();
-            for (int k = 0; k < 4; k++) {
-                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k)));
-                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), _mm256_loadu_ps(xb + 8 * k), p);
-                q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), _mm256_loadu_ps(xb + 32 + 8 * k), q);
+            for (int o = 0; o < n; o++) {
+                const unsigned char *qs = row + o * stride + s * Q4K_BYTES + 16 + 16 * b;
+                __m256 p = _mm256_setzero_ps(), q = _mm256_setzero_ps();
+                for (int k = 0; k < 4; k++) {
+                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k)));
+                    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), _mm256_loadu_ps(xb + 8 * k),
+                                        p);
+                    q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)),
+                                        _mm256_loadu_ps(xb + 32 + 8 * k), q);
+                }
+                a0[o] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale[o] + b), a0[o]);
+                a1[o] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(scale[o] + b + 1), a1[o]);
             }
-            a0 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale + b), a0);
-            a1 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(scale + b + 1), a1);
         }
     }
-    return hsum(_mm256_add_ps(a0, a1)) - hsum(mins);
+    for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(a0[o], a1[o])) - hsum(mins[o]);
 }
 
 AVX2 void q4k_rows256(const float *x, long ldx, const float *xsum, const unsigned char *row, long supers, float *y,
@@ -512,7 +527,7 @@ AVX2 void q4k_out_row256(const float *x, long rows, const float *xsum, const uns
     const long supers = in / 256;
     const unsigned char *row = W + o * supers * Q4K_BYTES;
     if (rows == 1) {
-        y[o] = q4k_one_row256(x, xsum, row, supers);
+        q4k_out_dots256(x, xsum, row, 0, supers, y + o, 1);
         if (bias) y[o] += bias[o];
         return;
     }
@@ -549,6 +564,24 @@ static void gemm512(const float *x, long rows, const float *xsum, const unsigned
 __attribute__((target("avx2,fma,f16c")))
 static void gemm256(const float *x, long rows, const float *xsum, const unsigned char *W, int type,
                     const float *bias, float *y, long in, long out, int nthreads) {
+    if (rows == 1 && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q6_K || type == Q4_K)) {
+        /* one row of x, compute-bound types: output rows two at a time (Q8_0 and 16-bit rows, bound by memory,
+         * gained nothing measurable) */
+        const long stride = type == Q6_K ? in / 256 * Q6K_BYTES : type == Q4_K ? in / 256 * Q4K_BYTES
+                                                                   : in / 32 * block_bytes(type);
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long o = 0; o < out; o += 2) {
+            const int n = o + 1 < out ? 2 : 1;
+            const unsigned char *row = W + o * stride;
+            if (type == Q5_0) out_dots256(x, xsum, row, stride, Q5_0, in / 32, y + o, n);
+            else if (type == Q4_0) out_dots256(x, xsum, row, stride, Q4_0, in / 32, y + o, n);
+            else if (type == Q4_1) out_dots256(x, xsum, row, stride, Q4_1, in / 32, y + o, n);
+            else if (type == Q6_K) q6k_out_dots256(x, row, stride, in / 256, y + o, n);
+            else q4k_out_dots256(x, xsum, row, stride, in / 256, y + o, n);
+            for (long k = o; bias && k < o + n; k++) y[k] += bias[k];
+        }
+        return;
+    }
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long o = 0; o < out; o++) {
         if (type == Q8_0) out_row256(x, rows, xsum, W, Q8_0, bias, y, in, out, o);
