@@ -595,11 +595,15 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
     }
 }
 
-/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q4_K, Q6_K: % 256); type 8, 2, 3, 6, 1, 30, 12 or 14;
- * bias may be NULL. */
+/* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q4_K, Q6_K: % 256); type 8, 2, 3, 6, 1, 30, 12 or 14,
+ * or MIGHTY_Q5_0_FIELDS (q5_0_fields.c); bias may be NULL. */
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
+    if (type == MIGHTY_Q5_0_FIELDS) {
+        mighty_gemm_q5_0_fields(x, rows, W, bias, y, in, out, nthreads);
+        return;
+    }
     /* block sums of every row of x: the 32-value types' constant terms of one-row products; Q4_K's mins */
     float *xsum = type == Q6_K ? NULL : block_sums(x, rows, in);
     /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with

@@ -1,4 +1,5 @@
-/* What the kernel sources share: the instruction set chosen at run time, the prefetch distance and small helpers. */
+/* What the kernel sources share: the instruction set chosen at run time, the prefetch distance, our Q5_0 layout's
+ * entry point and small helpers. */
 #ifndef MIGHTY_KERNELS_H
 #define MIGHTY_KERNELS_H
 
@@ -13,6 +14,11 @@ extern int mighty_isa_level;
  * bytes PREFETCH ahead itself. Measured on SmolLM2-135M Q4_1, AVX-512, 2 threads, interleaved runs in one process:
  * 69 tok/s without, 80 at 512 bytes, 92-96 at 2-16 KiB. */
 #define PREFETCH 4096
+
+/* Our own layout of Q5_0 rows for float32 arithmetic (q5_0_fields.c), multiplied by mighty_gemm_ggml as a type */
+#define MIGHTY_Q5_0_FIELDS 106
+void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
+                             long in, long out, int nthreads);
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -1,0 +1,201 @@
+/* Q5_0 weights laid out for float32 arithmetic on AVX2: a layout of ours (type MIGHTY_Q5_0_FIELDS), made from a
+ * GGUF file's Q5_0 rows when a model is loaded, never stored in a file.
+ *
+ * A stored Q5_0 block (fp16 d, 32 fifth bits, 16 bytes of nibbles; gguf_blocks.c) costs the AVX2 float loop most
+ * of its vector operations before any arithmetic: widening bytes, splitting nibbles, and one OR per 8 values of
+ * their fifth bits from a table whose index is computed in scalar code. That loop reads Q5_0 at ~15 GB/s of its
+ * 2 cores where the memory gives ~30 (Qwen2.5-Coder's Q4_K_M file holds 254 MB of Q5_0). Here a row's codes
+ * q (0..31) are 5-bit fields of 32-bit lanes, six to a lane:
+ *
+ *   a run of three blocks (96 values) = 2 vectors of 8 lanes (64 bytes) + the three blocks' fp16 d (6 bytes)
+ *   group j (values 8 j .. 8 j + 7 of the run, j < 12) = bits 5 k .. 5 k + 4 of vector j / 6, k = j % 6
+ *
+ * and a row's last one or two blocks are a run of their own (one vector + 2 bytes, or two + 4). One AND gives
+ * q 2^(5 k) in each lane, converted to float exactly, and x arrives scaled by 2^(-5 k) (exact: powers of two), so
+ * every product is the float product q x of the stored blocks: per 8 values one AND, one conversion and one
+ * multiply-add. 70 bytes for 96 values (Q5_0: 66; a 28-block row 664 bytes instead of 616).
+ *
+ * One row of x: per block d (q . x - 16 sum x), the constant term taken as -2 sum x in each lane of the block's
+ * first group (float rounding of the stored loop's result, in another order); two output rows per pass share x.
+ * Several rows: each group unpacked once into (q - 16) d (times 2^(5 k)) for up to 8 rows given group by group: the
+ * same float operations lane for lane as gguf_blocks.c's many_rows256, so the same bits. Measured on Qwen2.5-Coder's
+ * shapes (AMD EPYC, AVX2, 2 threads, alternated in one process): one row 0.65-0.71x the stored loop's time, 3 and
+ * 16 rows 0.89-1.02x (bench/RESULTS.md). */
+#include <omp.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+
+#define RUN_BYTES 70
+
+static inline long run_vectors(long blocks) { return (4 * blocks + 5) / 6; }
+
+long mighty_q5_0_fields_row_bytes(long in) {
+    const long blocks = in / 32, tail = blocks % 3;
+    return blocks / 3 * RUN_BYTES + (tail ? 32 * run_vectors(tail) + 2 * tail : 0);
+}
+
+/* rows of stored Q5_0 blocks (rows, in / 32 blocks of 22 bytes) -> the layout above (rows * row_bytes) */
+void mighty_q5_0_fields(const unsigned char *src, long rows, long in, unsigned char *dst, int nthreads) {
+    const long blocks = in / 32, bytes = mighty_q5_0_fields_row_bytes(in);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const unsigned char *row = src + r * blocks * 22;
+        unsigned char *out = dst + r * bytes;
+        for (long first = 0; first < blocks; first += 3) {
+            const long n = blocks - first < 3 ? blocks - first : 3, vectors = run_vectors(n);
+            unsigned int lanes[16] = {0};
+            for (long b = 0; b < n; b++) {
+                const unsigned char *blk = row + (first + b) * 22;
+                unsigned int qh;
+                memcpy(&qh, blk + 2, 4);
+                for (int g = 0; g < 4; g++) {  /* values 8 g ..: low nibbles of bytes 8 g (g < 2), high of 8 (g - 2) */
+                    const int j = 4 * (int)b + g, at = 5 * (j % 6), nibble = g / 2 * 4;
+                    const unsigned char *bytes = blk + 6 + 8 * (g % 2);
+                    unsigned int *lane = lanes + 8 * (j / 6);
+                    for (int i = 0; i < 8; i++)
+                        lane[i] |= ((unsigned int)(bytes[i] >> nibble & 15) | (qh >> (8 * g + i) & 1) << 4) << at;
+                }
+                memcpy(out + 32 * vectors + 2 * b, blk, 2);
+            }
+            memcpy(out, lanes, 32 * vectors);
+            out += 32 * vectors + 2 * n;
+        }
+    }
+}
+
+/* Field k's mask and 16 2^(5 k) (the codes' offset at its place), 8 lanes each: loaded as operands (GCC otherwise
+ * rebuilt each mask from an immediate per use, three instructions, in the unrolled loops) */
+#define LANES(v) {v, v, v, v, v, v, v, v}
+static const unsigned int masks[6][8] __attribute__((aligned(32))) = {
+    LANES(31u), LANES(31u << 5), LANES(31u << 10), LANES(31u << 15), LANES(31u << 20), LANES(31u << 25)};
+static const float offsets[6][8] __attribute__((aligned(32))) = {
+    LANES(0x1p4f), LANES(0x1p9f), LANES(0x1p14f), LANES(0x1p19f), LANES(0x1p24f), LANES(0x1p29f)};
+
+/* q 2^(5 k) of group j's 8 values, as floats */
+#define FIELD(v, j) \
+    _mm256_cvtepi32_ps(_mm256_and_si256((v)[(j) / 6], _mm256_load_si256((const __m256i *)masks[(j) % 6])))
+
+#define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+/* One run of `nb` blocks (a constant in each copy) of `n` output rows (1 or 2, `stride` bytes apart) times one row of
+ * x (xb: the run's part of xs; s2: its blocks' -2 sum x terms), into acc[o][block & 1] */
+AVX2 void run_dots(const float *xb, const float *s2, const unsigned char *t, long stride, __m256 acc[2][2],
+                   const int n, const int nb) {
+    const int vectors = (4 * nb + 5) / 6;
+    __m256i v[2][2];
+    for (int o = 0; o < n; o++) {
+        const unsigned char *to = t + o * stride;
+        _mm_prefetch((const char *)to + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)to + PREFETCH + 64, _MM_HINT_T0);
+        v[o][0] = _mm256_loadu_si256((const __m256i *)to);
+        v[o][1] = vectors > 1 ? _mm256_loadu_si256((const __m256i *)(to + 32)) : v[o][0];
+    }
+    _Pragma("GCC unroll 3") for (int b = 0; b < nb; b++) {  /* unrolled: each group's field a constant */
+        const __m256 s = _mm256_broadcast_ss(s2 + b);
+        __m256 p[2];
+        for (int o = 0; o < n; o++) p[o] = _mm256_fmsub_ps(FIELD(v[o], 4 * b), _mm256_loadu_ps(xb + 32 * b), s);
+        _Pragma("GCC unroll 3") for (int g = 1; g < 4; g++)
+            for (int o = 0; o < n; o++)
+                p[o] = _mm256_fmadd_ps(FIELD(v[o], 4 * b + g), _mm256_loadu_ps(xb + 32 * b + 8 * g), p[o]);
+        for (int o = 0; o < n; o++)
+            acc[o][b & 1] = _mm256_fmadd_ps(
+                p[o], _mm256_set1_ps(half_to_float(t + o * stride + 32 * vectors + 2 * b)), acc[o][b & 1]);
+    }
+}
+
+/* `n` output rows (1 or 2) times one row of x: their dot products to y[0], y[n - 1] */
+AVX2 void dots(const float *xs, const float *sums2, const unsigned char *row, long stride, long blocks, float *y,
+               const int n) {
+    __m256 acc[2][2];
+    for (int o = 0; o < n; o++) acc[o][0] = acc[o][1] = _mm256_setzero_ps();
+    long first = 0;
+    for (; first + 3 <= blocks; first += 3)
+        run_dots(xs + 32 * first, sums2 + first, row + first / 3 * RUN_BYTES, stride, acc, n, 3);
+    if (blocks - first == 2) run_dots(xs + 32 * first, sums2 + first, row + first / 3 * RUN_BYTES, stride, acc, n, 2);
+    if (blocks - first == 1) run_dots(xs + 32 * first, sums2 + first, row + first / 3 * RUN_BYTES, stride, acc, n, 1);
+    for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(acc[o][0], acc[o][1]));
+}
+
+/* One run of `nb` blocks of one output row times R rows of x, given group by group (xg: the run's first group's R
+ * vectors of 8, one row after another; constant offsets, so no register or spill per row), into acc */
+AVX2 void run_rows(const float *xg, const unsigned char *t, __m256 acc[8], const int R, const int nb) {
+    const int vectors = (4 * nb + 5) / 6;
+    _mm_prefetch((const char *)t + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch((const char *)t + PREFETCH + 64, _MM_HINT_T0);
+    const __m256i v[2] = {_mm256_loadu_si256((const __m256i *)t),
+                          vectors > 1 ? _mm256_loadu_si256((const __m256i *)(t + 32)) : _mm256_setzero_si256()};
+    _Pragma("GCC unroll 3") for (int b = 0; b < nb; b++) {  /* unrolled: each group's field a constant */
+        const __m256 d = _mm256_set1_ps(half_to_float(t + 32 * vectors + 2 * b));
+        _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
+            const int j = 4 * b + g;  /* (q - 16) d, times 2^(5 k) as the field is: the stored loop's d q - 16 d */
+            const __m256 w = _mm256_mul_ps(_mm256_sub_ps(FIELD(v, j), _mm256_load_ps(offsets[j % 6])), d);
+            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + 8 * (j * R + r)), acc[r]);
+        }
+    }
+}
+
+/* R rows of x (xg: group by group, see run_rows) times one weight row; results to y[r * ldy] */
+AVX2 void many_rows(const float *xg, const unsigned char *row, long blocks, float *y, long ldy, const int R) {
+    __m256 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    long first = 0;
+    for (; first + 3 <= blocks; first += 3) run_rows(xg + 32 * R * first, row + first / 3 * RUN_BYTES, acc, R, 3);
+    if (blocks - first == 2) run_rows(xg + 32 * R * first, row + first / 3 * RUN_BYTES, acc, R, 2);
+    if (blocks - first == 1) run_rows(xg + 32 * R * first, row + first / 3 * RUN_BYTES, acc, R, 1);
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+}
+
+__attribute__((target("avx2,fma,f16c"), noinline))
+static void rows_pass(const float *xg, long rows, const unsigned char *row, long blocks, float *y, long out) {
+    switch (rows) {  /* at most 8 */
+        case 1: many_rows(xg, row, blocks, y, out, 1); break;
+        case 2: many_rows(xg, row, blocks, y, out, 2); break;
+        case 3: many_rows(xg, row, blocks, y, out, 3); break;
+        case 4: many_rows(xg, row, blocks, y, out, 4); break;
+        case 5: many_rows(xg, row, blocks, y, out, 5); break;
+        case 6: many_rows(xg, row, blocks, y, out, 6); break;
+        case 7: many_rows(xg, row, blocks, y, out, 7); break;
+        default: many_rows(xg, row, blocks, y, out, 8);
+    }
+}
+
+/* y (rows, out) = x (rows, in) @ W^T (+ bias), W in the layout above; in % 32 == 0. The one path on every CPU
+ * (AVX-512 machines keep stored Q5_0: their loop sets fifth bits under a mask, no table). */
+__attribute__((target("avx2,fma,f16c")))
+void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
+                             long in, long out, int nthreads) {
+    static const float scale[6] = {1.0f, 0x1p-5f, 0x1p-10f, 0x1p-15f, 0x1p-20f, 0x1p-25f};
+    const long blocks = in / 32, groups = in / 8, bytes = mighty_q5_0_fields_row_bytes(in);
+    float *xs = malloc(sizeof(float) * rows * in), *sums2 = malloc(sizeof(float) * rows * blocks);
+    for (long r = 0; r < rows; r++)  /* group g times 2^(-5 k), k = g % 12 % 6 (its field in its run) */
+        for (long g = 0; g < groups; g++)
+            for (int i = 0; i < 8; i++) xs[r * in + 8 * g + i] = x[r * in + 8 * g + i] * scale[g % 12 % 6];
+    for (long b = 0; b < rows * blocks; b++) {
+        float t = 0.0f;
+        for (long j = 0; j < 32; j++) t += x[32 * b + j];
+        sums2[b] = 2.0f * t;
+    }
+    if (rows == 1) {
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long o = 0; o < out; o += 2) {
+            if (o + 1 < out) dots(xs, sums2, W + o * bytes, bytes, blocks, y + o, 2);
+            else dots(xs, sums2, W + o * bytes, bytes, blocks, y + o, 1);
+        }
+    } else {
+        float *xg = malloc(sizeof(float) * 8 * in);
+        for (long r = 0; r < rows; r += 8) {  /* 8 rows of x at a time stay in L1 while the weights stream past */
+            const long n = rows - r < 8 ? rows - r : 8;
+            for (long k = 0; k < n; k++)  /* group g of row k at xg[8 (g n + k)] */
+                for (long g = 0; g < groups; g++) memcpy(xg + 8 * (g * n + k), xs + (r + k) * in + 8 * g, 32);
+            #pragma omp parallel for num_threads(nthreads) schedule(static)
+            for (long o = 0; o < out; o++) rows_pass(xg, n, W + o * bytes, blocks, y + r * out + o, out);
+        }
+        free(xg);
+    }
+    if (bias)
+        for (long r = 0; r < rows; r++)
+            for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
+    free(xs);
+    free(sums2);
+}
