@@ -167,27 +167,30 @@ void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, 
                              long in, long out, int nthreads) {
     static const float scale[6] = {1.0f, 0x1p-5f, 0x1p-10f, 0x1p-15f, 0x1p-20f, 0x1p-25f};
     const long blocks = in / 32, groups = in / 8, bytes = mighty_q5_0_fields_row_bytes(in);
-    float *xs = malloc(sizeof(float) * rows * in), *sums2 = malloc(sizeof(float) * rows * blocks);
-    for (long r = 0; r < rows; r++)  /* group g times 2^(-5 k), k = g % 12 % 6 (its field in its run) */
-        for (long g = 0; g < groups; g++)
-            for (int i = 0; i < 8; i++) xs[r * in + 8 * g + i] = x[r * in + 8 * g + i] * scale[g % 12 % 6];
-    for (long b = 0; b < rows * blocks; b++) {
-        float t = 0.0f;
-        for (long j = 0; j < 32; j++) t += x[32 * b + j];
-        sums2[b] = 2.0f * t;
-    }
     if (rows == 1) {
+        float *xs = malloc(sizeof(float) * in), *sums2 = malloc(sizeof(float) * blocks);
+        for (long g = 0; g < groups; g++)  /* group g times 2^(-5 k), k = g % 12 % 6 (its field in its run) */
+            for (int i = 0; i < 8; i++) xs[8 * g + i] = x[8 * g + i] * scale[g % 12 % 6];
+        for (long b = 0; b < blocks; b++) {
+            float t = 0.0f;
+            for (long j = 0; j < 32; j++) t += x[32 * b + j];
+            sums2[b] = 2.0f * t;
+        }
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (long o = 0; o < out; o += 2) {
             if (o + 1 < out) dots(xs, sums2, W + o * bytes, bytes, blocks, y + o, 2);
             else dots(xs, sums2, W + o * bytes, bytes, blocks, y + o, 1);
         }
+        free(xs);
+        free(sums2);
     } else {
         float *xg = malloc(sizeof(float) * 8 * in);
         for (long r = 0; r < rows; r += 8) {  /* 8 rows of x at a time stay in L1 while the weights stream past */
             const long n = rows - r < 8 ? rows - r : 8;
-            for (long k = 0; k < n; k++)  /* group g of row k at xg[8 (g n + k)] */
-                for (long g = 0; g < groups; g++) memcpy(xg + 8 * (g * n + k), xs + (r + k) * in + 8 * g, 32);
+            for (long g = 0; g < groups; g++)  /* group g of row k, scaled, at xg[8 (g n + k)] */
+                for (long k = 0; k < n; k++)
+                    for (int i = 0; i < 8; i++)
+                        xg[8 * (g * n + k) + i] = x[(r + k) * in + 8 * g + i] * scale[g % 12 % 6];
             #pragma omp parallel for num_threads(nthreads) schedule(static)
             for (long o = 0; o < out; o++) rows_pass(xg, n, W + o * bytes, blocks, y + r * out + o, out);
         }
@@ -196,6 +199,4 @@ void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, 
     if (bias)
         for (long r = 0; r < rows; r++)
             for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
-    free(xs);
-    free(sums2);
 }
