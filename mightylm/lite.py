@@ -7,8 +7,9 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
 `--engine auto`):
 
     the weights   the file's blocks read into numpy arrays, q/k/v and gate/up stacked by rows as fuse.py stacks
-                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q5_0 products on AVX2 in
-                  kernels/q5_0_fields.c's layout (a copy made at load: ~1.4x faster products than the stored blocks)
+                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q5_0 and Q6_K products on AVX2
+                  in our layouts (kernels/q5_0_fields.c, q6_k_fields.c: copies made at load, ~1.5x faster one-row
+                  products than the stored blocks)
     a pass        token rows looked up in C (mighty_ggml_rows), every block in one call (mighty_decode_blocks, the
                   same call fuse.NativeDecodeStack makes), the final RMSNorm in numpy, the head through
                   mighty_gemm_ggml; a prompt goes through in passes of NATIVE_ROWS tokens
@@ -37,11 +38,11 @@ from typing import Iterator
 import numpy as np
 
 from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
-from mightylm.checkpoint.gguf_file import KEPT, Q5_0, TYPE_NAMES
+from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
-from mightylm.kernels import (Q5_0_FIELDS, BlockArgs, Projection, as_q8_0, common_type, gemv_library, int8_layout,
-                              kernel_isa, physical_cores, q5_0_fields, tile_rows)
+from mightylm.kernels import (FIELDS, BlockArgs, Projection, as_fields, as_q8_0, common_type, gemv_library, int8_layout,
+                              kernel_isa, physical_cores, tile_rows)
 from mightylm.streaming import Sampling, cached_prefix
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -116,8 +117,8 @@ class LiteModel:
             kinds = [t.type for t in weights]
             kind = common_type(kinds)  # mixed Q4_0 / Q5_0 / Q8_0 parts: all as Q8_0, the same values
             layout = _int8_layout(int8_activations, kind, [t.shape[0] for t in weights])
-            if layout is None and kind == Q5_0 and kernel_isa() == "avx2":
-                layout = "fields"  # Q5_0 in float32 on AVX2: q5_0_fields.c's layout, a copy (AVX-512 reads it as is)
+            if layout is None and kind in FIELDS and kernel_isa() == "avx2":
+                layout = "fields"  # Q5_0 / Q6_K in float32 on AVX2: our layouts, a copy (AVX-512 reads them as stored)
             if len(names) == 1 and permute == [None] and layout is None:
                 weight = stored(f"{names[0]}.weight")  # multiplied as stored: read in place, no copy
             else:
@@ -129,7 +130,7 @@ class LiteModel:
                 if layout == "tiles":  # tiles of each part's rows, one after another: the tiles of the stacked rows
                     weight = tile_rows(weight, kind)
                 elif layout == "fields":
-                    weight, kind = q5_0_fields(weight), Q5_0_FIELDS
+                    weight, kind = as_fields(weight, kind), FIELDS[kind]
             bias = None
             if f"{names[0]}.bias" in tensors:
                 bias = np.concatenate([floats(f"{n}.bias") for n in names])

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 _SOURCES = [Path(__file__).with_name(name) for name in
-            ("gemv.c", "gguf_blocks.c", "q5_0_fields.c", "sparse24.c", "attention.c")]
+            ("gemv.c", "gguf_blocks.c", "q5_0_fields.c", "q6_k_fields.c", "sparse24.c", "attention.c")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
 _tried = False
@@ -119,6 +119,9 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
     lib.mighty_q5_0_fields.restype, lib.mighty_q5_0_fields_row_bytes.restype = None, ctypes.c_long
     lib.mighty_q5_0_fields.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.mighty_q5_0_fields_row_bytes.argtypes = [ctypes.c_long]
+    lib.mighty_q6_k_fields.restype, lib.mighty_q6_k_fields_row_bytes.restype = None, ctypes.c_long
+    lib.mighty_q6_k_fields.argtypes = lib.mighty_q5_0_fields.argtypes
+    lib.mighty_q6_k_fields_row_bytes.argtypes = [ctypes.c_long]
     lib.mighty_exp.restype, lib.mighty_exp.argtypes = None, [ctypes.c_void_p, ctypes.c_long]
     lib.mighty_ggml_rows.restype = ctypes.c_int
     lib.mighty_ggml_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
@@ -257,17 +260,24 @@ def as_q8_0(raw: np.ndarray, kind: int) -> np.ndarray:
     return np.concatenate([blocks[..., :2], codes], axis=-1).reshape(out, -1)
 
 
-Q5_0_FIELDS = 106  # q5_0_fields.c's layout of Q5_0 rows, multiplied by mighty_gemm_ggml as a type of its own
+Q5_0_FIELDS, Q6_K_FIELDS = 106, 114  # q5_0_fields.c's and q6_k_fields.c's layouts, types of their own to the kernels
+FIELDS = {6: Q5_0_FIELDS, 14: Q6_K_FIELDS}  # ggml type -> its layout's
+_FIELD_UNITS = {6: (22, 32), 14: (210, 256)}  # stored bytes per block, values per block
 
 
-def q5_0_fields(raw: np.ndarray) -> np.ndarray:
-    """Q5_0 rows (out, row bytes) in q5_0_fields.c's layout for float32 arithmetic on AVX2 (the same values; ~8 %
-    more bytes), rows (out, its row bytes); the kernels' threads do it."""
+def as_fields(raw: np.ndarray, kind: int) -> np.ndarray:
+    """Q5_0 or Q6_K rows (out, row bytes) in q5_0_fields.c's / q6_k_fields.c's layout for float32 arithmetic on AVX2
+    (the same values; ~6 % / ~15 % more bytes), (out, its row bytes), to multiply as type FIELDS[kind]; the kernels'
+    threads do it."""
     lib = gemv_library()
     out, row_bytes = raw.shape
+    stored, values = _FIELD_UNITS[kind]
+    n_in = row_bytes // stored * values
     raw = np.ascontiguousarray(raw)
-    fields = np.empty((out, lib.mighty_q5_0_fields_row_bytes(row_bytes // 22 * 32)), np.uint8)
-    lib.mighty_q5_0_fields(raw.ctypes.data, out, row_bytes // 22 * 32, fields.ctypes.data, physical_cores())
+    repack, row = ((lib.mighty_q5_0_fields, lib.mighty_q5_0_fields_row_bytes) if kind == 6
+                   else (lib.mighty_q6_k_fields, lib.mighty_q6_k_fields_row_bytes))
+    fields = np.empty((out, row(n_in)), np.uint8)
+    repack(raw.ctypes.data, out, n_in, fields.ctypes.data, physical_cores())
     return fields
 
 

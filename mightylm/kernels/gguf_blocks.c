@@ -596,12 +596,16 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
 }
 
 /* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q4_K, Q6_K: % 256); type 8, 2, 3, 6, 1, 30, 12 or 14,
- * or MIGHTY_Q5_0_FIELDS (q5_0_fields.c); bias may be NULL. */
+ * or MIGHTY_Q5_0_FIELDS / MIGHTY_Q6_K_FIELDS (q5_0_fields.c, q6_k_fields.c); bias may be NULL. */
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
     if (type == MIGHTY_Q5_0_FIELDS) {
         mighty_gemm_q5_0_fields(x, rows, W, bias, y, in, out, nthreads);
+        return;
+    }
+    if (type == MIGHTY_Q6_K_FIELDS) {
+        mighty_gemm_q6_k_fields(x, rows, W, bias, y, in, out, nthreads);
         return;
     }
     /* block sums of every row of x: the 32-value types' constant terms of one-row products; Q4_K's mins */

@@ -1,5 +1,5 @@
-/* What the kernel sources share: the instruction set chosen at run time, the prefetch distance, our Q5_0 layout's
- * entry point and small helpers. */
+/* What the kernel sources share: the instruction set chosen at run time, the prefetch distance, our block layouts'
+ * entry points and small helpers. */
 #ifndef MIGHTY_KERNELS_H
 #define MIGHTY_KERNELS_H
 
@@ -15,9 +15,13 @@ extern int mighty_isa_level;
  * 69 tok/s without, 80 at 512 bytes, 92-96 at 2-16 KiB. */
 #define PREFETCH 4096
 
-/* Our own layout of Q5_0 rows for float32 arithmetic (q5_0_fields.c), multiplied by mighty_gemm_ggml as a type */
+/* Our own layouts of Q5_0 and Q6_K rows for float32 arithmetic (q5_0_fields.c, q6_k_fields.c), multiplied by
+ * mighty_gemm_ggml as types of their own */
 #define MIGHTY_Q5_0_FIELDS 106
 void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
+                             long in, long out, int nthreads);
+#define MIGHTY_Q6_K_FIELDS 114
+void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads);
 
 static inline float hsum(__m256 v) {

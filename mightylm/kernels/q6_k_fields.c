@@ -1,0 +1,169 @@
+/* Q6_K weights laid out for float32 arithmetic on AVX2: a layout of ours (type MIGHTY_Q6_K_FIELDS), made from a
+ * GGUF file's Q6_K rows when a model is loaded (lite.py), never stored in a file.
+ *
+ * A stored Q6_K super-block (256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, fp16 d;
+ * gguf_blocks.c) costs the AVX2 float loop ~23 vector operations per 32 values before the arithmetic is done:
+ * shifts and masks to assemble each 6-bit code, widening bytes into lanes, converting. Here a row's codes q
+ * (0..63) are 6-bit fields of 32-bit lanes, five to a lane:
+ *
+ *   a super-block = 7 vectors of 8 lanes (224 bytes) + its 16 int8 scales + fp16 d      (242 bytes; stored 210)
+ *   group j (values 8 j .. 8 j + 7, j < 32) = bits 6 k .. 6 k + 5 of vector j / 5, k = j % 5
+ *
+ * An AND gives q 2^(6 k) in each lane, converted to float exactly, and x arrives scaled by 2^(-6 k) (exact: powers
+ * of two), so every product is the float product q x of the stored blocks: per 8 values one AND, one conversion
+ * and one multiply-add. One row of x: per 16 values (one scale) d scale (q . x - 32 sum x), the constant term as
+ * -4 sum x in each lane of the first group of 8; two output rows per pass share x. Several rows: each group
+ * unpacked once into (q - 32) d scale (times 2^(6 k)) for up to 8 rows of x given group by group. */
+#include <omp.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+
+#define SUPER_BYTES 242
+#define STORED_BYTES 210
+
+long mighty_q6_k_fields_row_bytes(long in) { return in / 256 * SUPER_BYTES; }
+
+/* rows of stored Q6_K super-blocks (rows, in / 256 of 210 bytes) -> the layout above (rows * row_bytes) */
+void mighty_q6_k_fields(const unsigned char *src, long rows, long in, unsigned char *dst, int nthreads) {
+    const long supers = in / 256;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < rows; r++)
+        for (long s = 0; s < supers; s++) {
+            const unsigned char *blk = src + (r * supers + s) * STORED_BYTES, *ql = blk, *qh = blk + 128;
+            unsigned char *out = dst + (r * supers + s) * SUPER_BYTES;
+            unsigned int lanes[56] = {0};
+            for (int v = 0; v < 256; v++) {  /* dequantize_row_q6_K's order: half h, quarter j, l < 32 */
+                const int h = v / 128, j = v % 128 / 32, l = v % 32;
+                const unsigned int low = ql[64 * h + 32 * (j & 1) + l] >> 4 * (j / 2) & 15;
+                const unsigned int high = qh[32 * h + l] >> 2 * j & 3;
+                const int group = v / 8;
+                lanes[8 * (group / 5) + v % 8] |= (low | high << 4) << 6 * (group % 5);
+            }
+            memcpy(out, lanes, 224);
+            memcpy(out + 224, blk + 192, 18);  /* the 16 scales and d */
+        }
+}
+
+#define LANES(v) {v, v, v, v, v, v, v, v}
+static const unsigned int masks[5][8] __attribute__((aligned(32))) = {
+    LANES(63u), LANES(63u << 6), LANES(63u << 12), LANES(63u << 18), LANES(63u << 24)};
+static const float powers[5][8] __attribute__((aligned(32))) = {
+    LANES(1.0f), LANES(0x1p6f), LANES(0x1p12f), LANES(0x1p18f), LANES(0x1p24f)};
+
+#define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+/* q 2^(6 k) of group j's 8 values (v: the super-block's 7 vectors), as floats */
+#define FIELD(v, j) \
+    _mm256_cvtepi32_ps(_mm256_and_si256((v)[(j) / 5], _mm256_load_si256((const __m256i *)masks[(j) % 5])))
+
+/* A super-block's 16 scales times its d, as floats */
+AVX2 void scales(const unsigned char *t, float scale[16]) {
+    const __m256 d = _mm256_set1_ps(half_to_float(t + 240));
+    for (int k = 0; k < 2; k++)
+        _mm256_store_ps(scale + 8 * k, _mm256_mul_ps(d, _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(t + 224 + 8 * k))))));
+}
+
+/* `n` output rows (1 or 2, `stride` bytes apart) times one row of x (xs: scaled; sums4: 4 sum x per 16 values) */
+AVX2 void dots(const float *xs, const float *sums4, const unsigned char *row, long stride, long supers, float *y,
+               const int n) {
+    __m256 acc[2][2];
+    float scale[2][16] __attribute__((aligned(32)));
+    for (int o = 0; o < n; o++) acc[o][0] = acc[o][1] = _mm256_setzero_ps();
+    for (long s = 0; s < supers; s++) {
+        __m256i v[2][7];
+        for (int o = 0; o < n; o++) {
+            const unsigned char *t = row + o * stride + s * SUPER_BYTES;
+            for (int k = 0; k < SUPER_BYTES; k += 64) _mm_prefetch((const char *)t + PREFETCH + k, _MM_HINT_T0);
+            for (int k = 0; k < 7; k++) v[o][k] = _mm256_loadu_si256((const __m256i *)(t + 32 * k));
+            scales(t, scale[o]);
+        }
+        const float *xb = xs + 256 * s;
+        _Pragma("GCC unroll 16") for (int q = 0; q < 16; q++) {  /* 16 values a scale: groups 2 q, 2 q + 1 */
+            const __m256 c = _mm256_broadcast_ss(sums4 + 16 * s + q);
+            for (int o = 0; o < n; o++) {
+                const __m256 p = _mm256_fmadd_ps(FIELD(v[o], 2 * q + 1), _mm256_loadu_ps(xb + 16 * q + 8),
+                                                 _mm256_fmsub_ps(FIELD(v[o], 2 * q), _mm256_loadu_ps(xb + 16 * q), c));
+                acc[o][q & 1] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale[o] + q), acc[o][q & 1]);
+            }
+        }
+    }
+    for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(acc[o][0], acc[o][1]));
+}
+
+/* R rows of x (xg: group by group, each group's R vectors of 8 one row after another) times one weight row */
+AVX2 void many_rows(const float *xg, const unsigned char *row, long supers, float *y, long ldy, const int R) {
+    __m256 acc[8];
+    float scale[16] __attribute__((aligned(32)));
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long s = 0; s < supers; s++) {
+        const unsigned char *t = row + s * SUPER_BYTES;
+        for (int k = 0; k < SUPER_BYTES; k += 64) _mm_prefetch((const char *)t + PREFETCH + k, _MM_HINT_T0);
+        scales(t, scale);
+        const float *xb = xg + 256 * R * s;
+        _Pragma("GCC unroll 32") for (int j = 0; j < 32; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(t + 32 * (j / 5)));
+            /* (q - 32) d scale, times 2^(6 k) as the field is */
+            const __m256 w = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_set1_ps(-32.0f), _mm256_load_ps(powers[j % 5]),
+                                                           FIELD(&v, j % 5)),
+                                           _mm256_broadcast_ss(scale + j / 2));
+            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * (j * R + r)), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+}
+
+__attribute__((target("avx2,fma,f16c"), noinline))
+static void rows_pass(const float *xg, long rows, const unsigned char *row, long supers, float *y, long out) {
+    switch (rows) {  /* at most 8 */
+        case 1: many_rows(xg, row, supers, y, out, 1); break;
+        case 2: many_rows(xg, row, supers, y, out, 2); break;
+        case 3: many_rows(xg, row, supers, y, out, 3); break;
+        case 4: many_rows(xg, row, supers, y, out, 4); break;
+        case 5: many_rows(xg, row, supers, y, out, 5); break;
+        case 6: many_rows(xg, row, supers, y, out, 6); break;
+        case 7: many_rows(xg, row, supers, y, out, 7); break;
+        default: many_rows(xg, row, supers, y, out, 8);
+    }
+}
+
+/* y (rows, out) = x (rows, in) @ W^T (+ bias), W in the layout above; in % 256 == 0 */
+__attribute__((target("avx2,fma,f16c")))
+void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
+                             long in, long out, int nthreads) {
+    static const float scale[5] = {1.0f, 0x1p-6f, 0x1p-12f, 0x1p-18f, 0x1p-24f};
+    const long supers = in / 256, groups = in / 8, bytes = mighty_q6_k_fields_row_bytes(in);
+    if (rows == 1) {
+        float *xs = malloc(sizeof(float) * in), *sums4 = malloc(sizeof(float) * in / 16);
+        for (long g = 0; g < groups; g++)  /* group g times 2^(-6 k), k = g % 32 % 5 (its field) */
+            for (int i = 0; i < 8; i++) xs[8 * g + i] = x[8 * g + i] * scale[g % 32 % 5];
+        for (long q = 0; q < in / 16; q++) {
+            float t = 0.0f;
+            for (long j = 0; j < 16; j++) t += x[16 * q + j];
+            sums4[q] = 4.0f * t;
+        }
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long o = 0; o < out; o += 2) {
+            if (o + 1 < out) dots(xs, sums4, W + o * bytes, bytes, supers, y + o, 2);
+            else dots(xs, sums4, W + o * bytes, bytes, supers, y + o, 1);
+        }
+        free(xs);
+        free(sums4);
+    } else {
+        float *xg = malloc(sizeof(float) * 8 * in);
+        for (long r = 0; r < rows; r += 8) {  /* 8 rows of x at a time stay in L1 while the weights stream past */
+            const long n = rows - r < 8 ? rows - r : 8;
+            for (long g = 0; g < groups; g++)  /* group g of row k, scaled, at xg[8 (g n + k)] */
+                for (long k = 0; k < n; k++)
+                    for (int i = 0; i < 8; i++)
+                        xg[8 * (g * n + k) + i] = x[(r + k) * in + 8 * g + i] * scale[g % 32 % 5];
+            #pragma omp parallel for num_threads(nthreads) schedule(static)
+            for (long o = 0; o < out; o++) rows_pass(xg, n, W + o * bytes, supers, y + r * out + o, out);
+        }
+        free(xg);
+    }
+    if (bias)
+        for (long r = 0; r < rows; r++)
+            for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
+}
