@@ -35,7 +35,25 @@ long mighty_q5_0_fields_row_bytes(long in) {
     return blocks / 3 * RUN_BYTES + (tail ? 32 * run_vectors(tail) + 2 * tail : 0);
 }
 
+/* A stored block's 32 codes q (0..31) as 4 vectors of 8 (values 0..7, 8..15, 16..23, 24..31) */
+__attribute__((target("avx2"), always_inline)) static inline void block_codes(const unsigned char *blk, __m256i v[4]) {
+    const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 6)));
+    const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 14)));
+    const __m256i nibble = _mm256_set1_epi32(15), bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    unsigned int qh;
+    memcpy(&qh, blk + 2, 4);
+    v[0] = _mm256_and_si256(lo, nibble);
+    v[1] = _mm256_and_si256(hi, nibble);
+    v[2] = _mm256_srli_epi32(lo, 4);
+    v[3] = _mm256_srli_epi32(hi, 4);
+    for (int g = 0; g < 4; g++) {  /* value 8 g + i's fifth bit: bit 8 g + i of qh, as 16 */
+        const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)(qh >> 8 * g)), bit), bit);
+        v[g] = _mm256_or_si256(v[g], _mm256_and_si256(set, _mm256_set1_epi32(16)));
+    }
+}
+
 /* rows of stored Q5_0 blocks (rows, in / 32 blocks of 22 bytes) -> the layout above (rows * row_bytes) */
+__attribute__((target("avx2")))
 void mighty_q5_0_fields(const unsigned char *src, long rows, long in, unsigned char *dst, int nthreads) {
     const long blocks = in / 32, bytes = mighty_q5_0_fields_row_bytes(in);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -44,17 +62,15 @@ void mighty_q5_0_fields(const unsigned char *src, long rows, long in, unsigned c
         unsigned char *out = dst + r * bytes;
         for (long first = 0; first < blocks; first += 3) {
             const long n = blocks - first < 3 ? blocks - first : 3, vectors = run_vectors(n);
-            unsigned int lanes[16] = {0};
+            __m256i lanes[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
             for (long b = 0; b < n; b++) {
                 const unsigned char *blk = row + (first + b) * 22;
-                unsigned int qh;
-                memcpy(&qh, blk + 2, 4);
-                for (int g = 0; g < 4; g++) {  /* values 8 g ..: low nibbles of bytes 8 g (g < 2), high of 8 (g - 2) */
-                    const int j = 4 * (int)b + g, at = 5 * (j % 6), nibble = g / 2 * 4;
-                    const unsigned char *bytes = blk + 6 + 8 * (g % 2);
-                    unsigned int *lane = lanes + 8 * (j / 6);
-                    for (int i = 0; i < 8; i++)
-                        lane[i] |= ((unsigned int)(bytes[i] >> nibble & 15) | (qh >> (8 * g + i) & 1) << 4) << at;
+                __m256i v[4];
+                block_codes(blk, v);
+                for (int g = 0; g < 4; g++) {
+                    const int j = 4 * (int)b + g;
+                    const __m128i at = _mm_cvtsi32_si128(5 * (j % 6));
+                    lanes[j / 6] = _mm256_or_si256(lanes[j / 6], _mm256_sll_epi32(v[g], at));
                 }
                 memcpy(out + 32 * vectors + 2 * b, blk, 2);
             }

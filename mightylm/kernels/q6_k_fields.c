@@ -25,20 +25,30 @@
 long mighty_q6_k_fields_row_bytes(long in) { return in / 256 * SUPER_BYTES; }
 
 /* rows of stored Q6_K super-blocks (rows, in / 256 of 210 bytes) -> the layout above (rows * row_bytes) */
+__attribute__((target("avx2")))
 void mighty_q6_k_fields(const unsigned char *src, long rows, long in, unsigned char *dst, int nthreads) {
     const long supers = in / 256;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < rows; r++)
         for (long s = 0; s < supers; s++) {
-            const unsigned char *blk = src + (r * supers + s) * STORED_BYTES, *ql = blk, *qh = blk + 128;
+            const unsigned char *blk = src + (r * supers + s) * STORED_BYTES;
             unsigned char *out = dst + (r * supers + s) * SUPER_BYTES;
-            unsigned int lanes[56] = {0};
-            for (int v = 0; v < 256; v++) {  /* dequantize_row_q6_K's order: half h, quarter j, l < 32 */
-                const int h = v / 128, j = v % 128 / 32, l = v % 32;
-                const unsigned int low = ql[64 * h + 32 * (j & 1) + l] >> 4 * (j / 2) & 15;
-                const unsigned int high = qh[32 * h + l] >> 2 * j & 3;
-                const int group = v / 8;
-                lanes[8 * (group / 5) + v % 8] |= (low | high << 4) << 6 * (group % 5);
+            __m256i lanes[7];
+            for (int k = 0; k < 7; k++) lanes[k] = _mm256_setzero_si256();
+            for (int p = 0; p < 8; p++) {  /* values 32 p .. 32 p + 31 (dequantize_row_q6_K: half h, quarter j) */
+                const int h = p / 4, j = p % 4;
+                const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (j & 1)));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+                const __m256i low = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (j / 2)), _mm256_set1_epi8(15));
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), _mm256_set1_epi8(3));
+                unsigned char q[32];
+                _mm256_storeu_si256((__m256i *)q, _mm256_or_si256(low, _mm256_slli_epi16(high, 4)));
+                for (int g = 0; g < 4; g++) {
+                    const int group = 4 * p + g;
+                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * g)));
+                    lanes[group / 5] = _mm256_or_si256(lanes[group / 5],
+                                                       _mm256_sll_epi32(v, _mm_cvtsi32_si128(6 * (group % 5))));
+                }
             }
             memcpy(out, lanes, 224);
             memcpy(out + 224, blk + 192, 18);  /* the 16 scales and d */
