@@ -256,6 +256,27 @@ def test_every_kernel_path_agrees_with_pytorch(kernel_path, out, n_in):
                                            atol=2e-6 * float(expected.abs().max()))
 
 
+def _fields_against_stored(raw, kind: int, w, n_in: int, rng, exact: bool):
+    """Products of raw's rows (ggml `kind`) in our layout (kernels.as_fields) for 1 to 17 rows of x, with a bias:
+    within float32 rounding of the float64 weights w; 2 to 8 rows bit for bit the stored blocks' where `exact`."""
+    import numpy as np
+
+    lib, out = kernels.gemv_library(), raw.shape[0]
+    fields, bias = kernels.as_fields(raw, kind), rng.standard_normal(out).astype(np.float32)
+    for rows in (1, 2, 3, 8, 9, 17):
+        x = rng.standard_normal((rows, n_in)).astype(np.float32)
+        got, stored = np.empty((rows, out), np.float32), np.empty((rows, out), np.float32)
+        lib.mighty_gemm_ggml(x.ctypes.data, rows, fields.ctypes.data, kernels.FIELDS[kind], bias.ctypes.data,
+                             got.ctypes.data, n_in, out, 2)
+        lib.mighty_gemm_ggml(x.ctypes.data, rows, raw.ctypes.data, kind, bias.ctypes.data, stored.ctypes.data, n_in,
+                             out, 2)
+        expected = x.astype(np.float64) @ w.T + bias
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * np.abs(expected).max())
+        if 2 <= rows <= 8 and exact:
+            assert np.array_equal(got, stored)
+    return fields
+
+
 @pytest.mark.parametrize("n_in", [32, 64, 96, 160, 896])  # 1, 2, 3, 5, 28 blocks: runs of 3 and every tail
 def test_q5_0_fields_multiply_as_the_stored_q5_0_blocks(kernel_path, n_in):
     """Q5_0 rows in q5_0_fields.c's layout (lite's Q5_0 on AVX2): products within float32 rounding of the dequantized
@@ -264,28 +285,16 @@ def test_q5_0_fields_multiply_as_the_stored_q5_0_blocks(kernel_path, n_in):
     powers of two)."""
     import numpy as np
 
-    lib, rng = kernels.gemv_library(), np.random.default_rng(n_in)
+    rng = np.random.default_rng(n_in)
     for out in (1, 6, 7):
         raw = rng.integers(0, 256, (out, n_in // 32, 22), dtype=np.uint8)
         raw[..., :2] = rng.uniform(0.001, 0.05, (out, n_in // 32, 1)).astype(np.float16).view(np.uint8)
         raw = raw.reshape(out, -1)
-        fields = kernels.as_fields(raw, 6)
-        blocks, tail = divmod(n_in // 32, 3)
-        assert fields.shape == (out, 70 * blocks + {0: 0, 1: 34, 2: 68}[tail])  # 70 bytes a run of 3 blocks (Q5_0: 66)
         q8 = kernels.as_q8_0(raw, 6).reshape(out, -1, 34)  # d and the codes q - 16, exactly (as_q8_0 is tested)
         w = (q8[..., :2].copy().view(np.float16).astype(np.float64) * q8[..., 2:].view(np.int8)).reshape(out, n_in)
-        bias = rng.standard_normal(out).astype(np.float32)
-        for rows in (1, 2, 3, 8, 9, 17):
-            x = rng.standard_normal((rows, n_in)).astype(np.float32)
-            got, stored = np.empty((rows, out), np.float32), np.empty((rows, out), np.float32)
-            lib.mighty_gemm_ggml(x.ctypes.data, rows, fields.ctypes.data, kernels.Q5_0_FIELDS, bias.ctypes.data,
-                                 got.ctypes.data, n_in, out, 2)
-            lib.mighty_gemm_ggml(x.ctypes.data, rows, raw.ctypes.data, 6, bias.ctypes.data, stored.ctypes.data, n_in,
-                                 out, 2)
-            expected = x.astype(np.float64) @ w.T + bias
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * np.abs(expected).max())
-            if 2 <= rows <= 8 and kernel_path == "avx2":
-                assert np.array_equal(got, stored)
+        fields = _fields_against_stored(raw, 6, w, n_in, rng, exact=kernel_path == "avx2")
+        blocks, tail = divmod(n_in // 32, 3)
+        assert fields.shape == (out, 70 * blocks + {0: 0, 1: 34, 2: 68}[tail])  # 70 bytes a run of 3 blocks (Q5_0: 66)
 
 
 @pytest.mark.parametrize("n_in", [256, 768])
@@ -297,26 +306,14 @@ def test_q6_k_fields_multiply_as_the_stored_q6_k_blocks(kernel_path, n_in):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    lib, rng = kernels.gemv_library(), np.random.default_rng(n_in)
+    rng = np.random.default_rng(n_in)
     for out in (1, 6, 7):
         raw = rng.integers(0, 256, (out, n_in // 256, 210), dtype=np.uint8)
         raw[..., 208:] = rng.uniform(0.0001, 0.002, (out, n_in // 256, 1)).astype(np.float16).view(np.uint8)
         raw = raw.reshape(out, -1)
-        fields = kernels.as_fields(raw, 14)
-        assert fields.shape == (out, n_in // 256 * 242)  # 7 vectors of five 6-bit fields + scales and d (stored 210)
         w = dequantize(raw, GGMLQuantizationType.Q6_K).reshape(out, n_in).astype(np.float64)
-        bias = rng.standard_normal(out).astype(np.float32)
-        for rows in (1, 2, 3, 8, 9, 17):
-            x = rng.standard_normal((rows, n_in)).astype(np.float32)
-            got, stored = np.empty((rows, out), np.float32), np.empty((rows, out), np.float32)
-            lib.mighty_gemm_ggml(x.ctypes.data, rows, fields.ctypes.data, kernels.Q6_K_FIELDS, bias.ctypes.data,
-                                 got.ctypes.data, n_in, out, 2)
-            lib.mighty_gemm_ggml(x.ctypes.data, rows, raw.ctypes.data, 14, bias.ctypes.data, stored.ctypes.data,
-                                 n_in, out, 2)
-            expected = x.astype(np.float64) @ w.T + bias
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * np.abs(expected).max())
-            if 2 <= rows <= 8 and kernel_path == "avx2":
-                assert np.array_equal(got, stored)
+        fields = _fields_against_stored(raw, 14, w, n_in, rng, exact=kernel_path == "avx2")
+        assert fields.shape == (out, n_in // 256 * 242)  # 7 vectors of five 6-bit fields + scales and d (stored 210)
 
 
 @needs_kernel

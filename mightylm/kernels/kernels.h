@@ -4,6 +4,7 @@
 #define MIGHTY_KERNELS_H
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 /* 0: AVX2 + FMA (the baseline); 1: AVX-512 (F, BW, VNNI) where the CPU has it. Set once by mighty_set_isa. */
@@ -23,6 +24,25 @@ void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, 
 #define MIGHTY_Q6_K_FIELDS 114
 void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads);
+
+/* The x our layouts read: n rows' values times 2^(-bits k) per group of 8, k = g % period % fields (the group's field
+ * in its run), group by group (group g of row k at out[8 (g n + k)]; one row: in its own order) */
+static inline void fields_x(const float *x, long n, long in, int bits, int fields, int period, float *out) {
+    float scale[32];
+    for (int p = 0; p < period; p++) scale[p] = ldexpf(1.0f, -bits * (p % fields));
+    for (long g = 0; g < in / 8; g++)
+        for (long k = 0; k < n; k++)
+            for (int i = 0; i < 8; i++) out[8 * (g * n + k) + i] = x[k * in + 8 * g + i] * scale[g % period];
+}
+
+/* factor times the sum of each `size` values of one row of x (in / size of them) */
+static inline void fields_sums(const float *x, long in, long size, float factor, float *sums) {
+    for (long b = 0; b < in / size; b++) {
+        float t = 0.0f;
+        for (long j = 0; j < size; j++) t += x[size * b + j];
+        sums[b] = factor * t;
+    }
+}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -181,17 +181,11 @@ static void rows_pass(const float *xg, long rows, const unsigned char *row, long
 __attribute__((target("avx2,fma,f16c")))
 void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads) {
-    static const float scale[6] = {1.0f, 0x1p-5f, 0x1p-10f, 0x1p-15f, 0x1p-20f, 0x1p-25f};
-    const long blocks = in / 32, groups = in / 8, bytes = mighty_q5_0_fields_row_bytes(in);
+    const long blocks = in / 32, bytes = mighty_q5_0_fields_row_bytes(in);
     if (rows == 1) {
         float *xs = malloc(sizeof(float) * in), *sums2 = malloc(sizeof(float) * blocks);
-        for (long g = 0; g < groups; g++)  /* group g times 2^(-5 k), k = g % 12 % 6 (its field in its run) */
-            for (int i = 0; i < 8; i++) xs[8 * g + i] = x[8 * g + i] * scale[g % 12 % 6];
-        for (long b = 0; b < blocks; b++) {
-            float t = 0.0f;
-            for (long j = 0; j < 32; j++) t += x[32 * b + j];
-            sums2[b] = 2.0f * t;
-        }
+        fields_x(x, 1, in, 5, 6, 12, xs);
+        fields_sums(x, in, 32, 2.0f, sums2);
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (long o = 0; o < out; o += 2) {
             if (o + 1 < out) dots(xs, sums2, W + o * bytes, bytes, blocks, y + o, 2);
@@ -203,10 +197,7 @@ void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, 
         float *xg = malloc(sizeof(float) * 8 * in);
         for (long r = 0; r < rows; r += 8) {  /* 8 rows of x at a time stay in L1 while the weights stream past */
             const long n = rows - r < 8 ? rows - r : 8;
-            for (long g = 0; g < groups; g++)  /* group g of row k, scaled, at xg[8 (g n + k)] */
-                for (long k = 0; k < n; k++)
-                    for (int i = 0; i < 8; i++)
-                        xg[8 * (g * n + k) + i] = x[(r + k) * in + 8 * g + i] * scale[g % 12 % 6];
+            fields_x(x + r * in, n, in, 5, 6, 12, xg);
             #pragma omp parallel for num_threads(nthreads) schedule(static)
             for (long o = 0; o < out; o++) rows_pass(xg, n, W + o * bytes, blocks, y + r * out + o, out);
         }

@@ -142,17 +142,11 @@ static void rows_pass(const float *xg, long rows, const unsigned char *row, long
 __attribute__((target("avx2,fma,f16c")))
 void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads) {
-    static const float scale[5] = {1.0f, 0x1p-6f, 0x1p-12f, 0x1p-18f, 0x1p-24f};
-    const long supers = in / 256, groups = in / 8, bytes = mighty_q6_k_fields_row_bytes(in);
+    const long supers = in / 256, bytes = mighty_q6_k_fields_row_bytes(in);
     if (rows == 1) {
         float *xs = malloc(sizeof(float) * in), *sums4 = malloc(sizeof(float) * in / 16);
-        for (long g = 0; g < groups; g++)  /* group g times 2^(-6 k), k = g % 32 % 5 (its field) */
-            for (int i = 0; i < 8; i++) xs[8 * g + i] = x[8 * g + i] * scale[g % 32 % 5];
-        for (long q = 0; q < in / 16; q++) {
-            float t = 0.0f;
-            for (long j = 0; j < 16; j++) t += x[16 * q + j];
-            sums4[q] = 4.0f * t;
-        }
+        fields_x(x, 1, in, 6, 5, 32, xs);
+        fields_sums(x, in, 16, 4.0f, sums4);
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (long o = 0; o < out; o += 2) {
             if (o + 1 < out) dots(xs, sums4, W + o * bytes, bytes, supers, y + o, 2);
@@ -164,10 +158,7 @@ void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, 
         float *xg = malloc(sizeof(float) * 8 * in);
         for (long r = 0; r < rows; r += 8) {  /* 8 rows of x at a time stay in L1 while the weights stream past */
             const long n = rows - r < 8 ? rows - r : 8;
-            for (long g = 0; g < groups; g++)  /* group g of row k, scaled, at xg[8 (g n + k)] */
-                for (long k = 0; k < n; k++)
-                    for (int i = 0; i < 8; i++)
-                        xg[8 * (g * n + k) + i] = x[(r + k) * in + 8 * g + i] * scale[g % 32 % 5];
+            fields_x(x + r * in, n, in, 6, 5, 32, xg);
             #pragma omp parallel for num_threads(nthreads) schedule(static)
             for (long o = 0; o < out; o++) rows_pass(xg, n, W + o * bytes, supers, y + r * out + o, out);
         }
