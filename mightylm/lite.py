@@ -7,9 +7,9 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
 `--engine auto`):
 
     the weights   the file's blocks read into numpy arrays, q/k/v and gate/up stacked by rows as fuse.py stacks
-                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q5_0 and Q6_K products on AVX2
-                  in our layouts (kernels/q5_0_fields.c, q6_k_fields.c: copies made at load, ~1.5x faster one-row
-                  products than the stored blocks)
+                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q6_K products, and Q5_0 ones on
+                  AVX2, in our layouts (kernels/q5_0_fields.c, q6_k_fields.c: copies made at load, one-row products
+                  1.3-1.5x faster than the stored blocks')
     a pass        token rows looked up in C (mighty_ggml_rows), every block in one call (mighty_decode_blocks, the
                   same call fuse.NativeDecodeStack makes), the final RMSNorm in numpy, the head through
                   mighty_gemm_ggml; a prompt goes through in passes of NATIVE_ROWS tokens
@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 
 from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
-from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
+from mightylm.checkpoint.gguf_file import KEPT, Q6_K, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
 from mightylm.kernels import (FIELDS, BlockArgs, Projection, as_fields, as_q8_0, common_type, gemv_library, int8_layout,
@@ -117,8 +117,8 @@ class LiteModel:
             kinds = [t.type for t in weights]
             kind = common_type(kinds)  # mixed Q4_0 / Q5_0 / Q8_0 parts: all as Q8_0, the same values
             layout = _int8_layout(int8_activations, kind, [t.shape[0] for t in weights])
-            if layout is None and kind in FIELDS and kernel_isa() == "avx2":
-                layout = "fields"  # Q5_0 / Q6_K in float32 on AVX2: our layouts, a copy (AVX-512 reads them as stored)
+            if layout is None and kind in FIELDS and (kind == Q6_K or kernel_isa() == "avx2"):
+                layout = "fields"  # float32: our layouts, a copy (AVX-512 reads Q5_0 as stored; Q6_K's loop is AVX2's)
             if len(names) == 1 and permute == [None] and layout is None:
                 weight = stored(f"{names[0]}.weight")  # multiplied as stored: read in place, no copy
             else:

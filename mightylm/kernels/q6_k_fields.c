@@ -1,5 +1,6 @@
-/* Q6_K weights laid out for float32 arithmetic on AVX2: a layout of ours (type MIGHTY_Q6_K_FIELDS), made from a
- * GGUF file's Q6_K rows when a model is loaded (lite.py), never stored in a file.
+/* Q6_K weights laid out for float32 arithmetic: a layout of ours (type MIGHTY_Q6_K_FIELDS), made from a GGUF file's
+ * Q6_K rows when a model is loaded (lite.py), never stored in a file. AVX2 code, as the stored blocks' Q6_K loop
+ * is on every machine (AVX-512 ones run it too).
  *
  * A stored Q6_K super-block (256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, fp16 d;
  * gguf_blocks.c) costs the AVX2 float loop ~23 vector operations per 32 values before the arithmetic is done:
