@@ -200,7 +200,7 @@ def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
     for p in parts:  # mixed Q4_0 / Q5_0 / Q8_0 (llama.cpp's Q4_K_M files): all as Q8_0, the same values
         widen_(p, kind)
     (weight,), bias = _stack_rows(parts, ("weight",))
-    return FusedGGUFProjection(weight, parts[0].ggml_type, bias, parts[0].in_features, parts[0].int8_activations)
+    return FusedGGUFProjection(weight, parts[0].kernel_type, bias, parts[0].in_features, parts[0].int8_activations)
 
 
 class FusedSparse24Projection:
@@ -260,7 +260,7 @@ def _projection(p) -> tuple[Projection, tuple] | None:
     if isinstance(p, NF4Linear) and p.in_features % p.block_size == 0 and p.block_size % 16 == 0:
         p = FusedNF4Projection(p.weight, _nf4_absmax(p), p.bias, p.out_features, p.in_features, p.block_size)
     if isinstance(p, GGUFLinear):
-        p = FusedGGUFProjection(p.weight, p.ggml_type, p.bias, p.in_features, p.int8_activations)
+        p = FusedGGUFProjection(p.weight, p.kernel_type, p.bias, p.in_features, p.int8_activations)
     if isinstance(p, FusedGGUFProjection) and p.weight.is_contiguous():
         kind = Projection.GGML_Q8X if p.int8_activations else Projection.GGML
         return Projection(p.weight.data_ptr(), None, _ptr(p.bias), None, p.ggml_type, kind), (p.weight, p.bias)

@@ -300,6 +300,10 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
         if not int8_activations_(loaded):
             print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K blocks kept in this model; it changes "
                   "nothing", file=log)
+    else:
+        from mightylm.compress.gguf_blocks import float_layouts_
+
+        float_layouts_(loaded)  # kept Q6_K (and Q5_0 on AVX2) in our float32 layouts, as lite multiplies them
     fuse_projections_(loaded)
     freeze_what_lives()
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log,

@@ -987,3 +987,46 @@ def test_mixed_q5_0_and_q8_0_parts_fuse_as_q8_0_with_the_same_values(int8, tmp_p
         assert model.layers[0].attn.q_proj.ggml_type == Q8_0  # widened to stack with v
         fused = model(idx, cache=model.make_cache(1, 16), start=0)[0, -1]
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q6_K], ids=lambda q: q.name)
+def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tokenizer):
+    """float_layouts_ (what load_for_generation and mighty serve apply to kept blocks: Q6_K, and Q5_0 on AVX2, in
+    kernels' layouts of ours): every layer's values as before (dequantize reads them back), logits within float32
+    rounding of the stored blocks' for a prompt (through the kernels, then past their row limit through a float
+    GEMM) and for decoded tokens through the native stack, the same greedy tokens; int8_activations_ afterwards tiles
+    the stored blocks, the same model as without the layouts."""
+    from mightylm.compress.gguf_blocks import GGUFLinear, KERNEL_ROWS, float_layouts_, int8_activations_
+    from mightylm.fuse import fuse_projections_
+    from mightylm.generate import stream_tokens
+    from mightylm.kernels import kernel_isa
+    from mightylm.streaming import Sampling
+
+    if qtype == Q.Q5_0 and kernel_isa() != "avx2":
+        pytest.skip("Q5_0's layout is used where the kernels run AVX2 only")
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, hidden_size=256,
+                       intermediate_size=512, num_hidden_layers=2)  # rows of 256 and 512 values: Q6_K's unit
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    stored, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    laid, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    changed = float_layouts_(laid)
+    assert len(changed) == 7 * laid.config.n_layers and laid.applied("float_layouts")  # a tied head keeps its rows
+    pairs = [(a, b) for a, b in zip(stored.modules(), laid.modules()) if isinstance(a, GGUFLinear)]
+    assert all(torch.equal(a.dequantize(), b.dequantize()) for a, b in pairs)
+    assert any(a.weight.shape != b.weight.shape for a, b in pairs)  # Q5_0 6 %, Q6_K 15 % more bytes a row
+    with torch.no_grad():
+        for length in (12, KERNEL_ROWS + 8):
+            idx = torch.randint(0, stored.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(3))
+            torch.testing.assert_close(laid(idx), stored(idx), atol=1e-4, rtol=1e-4)
+    fuse_projections_(stored)
+    fuse_projections_(laid)
+    prompt = idx[0, :12].tolist()
+    s = Sampling(max_new_tokens=8, temperature=0)
+    assert list(stream_tokens(laid, prompt, s)) == list(stream_tokens(stored, prompt, s))
+    again, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    float_layouts_(again)
+    int8_activations_(again)
+    reference, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
+    int8_activations_(reference)
+    with torch.no_grad():
+        assert torch.equal(again(idx[:, :12]), reference(idx[:, :12]))

@@ -257,12 +257,14 @@ def test_every_kernel_path_agrees_with_pytorch(kernel_path, out, n_in):
 
 
 def _fields_against_stored(raw, kind: int, w, n_in: int, rng, exact: bool):
-    """Products of raw's rows (ggml `kind`) in our layout (kernels.as_fields) for 1 to 17 rows of x, with a bias:
-    within float32 rounding of the float64 weights w; 2 to 8 rows bit for bit the stored blocks' where `exact`."""
+    """Products of raw's rows (ggml `kind`) in our layout (kernels.as_fields, read back by from_fields) for 1 to 17
+    rows of x, with a bias: within float32 rounding of the float64 weights w; 2 to 8 rows bit for bit the stored
+    blocks' where `exact`."""
     import numpy as np
 
     lib, out = kernels.gemv_library(), raw.shape[0]
     fields, bias = kernels.as_fields(raw, kind), rng.standard_normal(out).astype(np.float32)
+    assert np.array_equal(kernels.from_fields(fields, kind, n_in), raw)  # read back byte for byte
     for rows in (1, 2, 3, 8, 9, 17):
         x = rng.standard_normal((rows, n_in)).astype(np.float32)
         got, stored = np.empty((rows, out), np.float32), np.empty((rows, out), np.float32)

@@ -20,12 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES
-from mightylm.kernels import TILE, as_q8_0, int8_layout, tile_rows, untile_rows
+from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, from_fields, int8_layout, kernel_isa, tile_rows,
+                              untile_rows)
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
+_LAYOUT_OF = {layout: kind for kind, layout in FIELDS.items()}  # our float layouts' types -> the stored type
+
+
 def dequantize_blocks(raw: torch.Tensor, kind: int, shape) -> torch.Tensor:
-    """float32 values, shaped `shape`, of `raw` (uint8, the stored bytes) in ggml type `kind` (one of BLOCKS)."""
+    """float32 values, shaped `shape`, of `raw` (uint8, the stored bytes) in ggml type `kind` (one of BLOCKS), or in
+    one of our float layouts (a value of kernels.FIELDS: read back to the stored blocks first)."""
+    if kind in _LAYOUT_OF:
+        kind = _LAYOUT_OF[kind]
+        raw = torch.from_numpy(from_fields(raw.contiguous().numpy(), kind, shape[-1]))
     if kind == F32:
         out = raw.view(torch.float32).clone()
     elif kind == F16:
@@ -128,13 +136,26 @@ class GGUFLinear(nn.Module):
         self.register_buffer("weight", stored_rows("GGUFLinear", out_features, in_features, ggml_type, device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.int8_activations = False  # set by int8_activations_, which also reorders `weight` into tiles
+        self.float_layout = False  # set by float_layouts_, which also repacks `weight` (kernels.as_fields)
+
+    @property
+    def kernel_type(self) -> int:
+        """The type the kernels read `weight` as: ggml_type, or its layout's (float_layouts_)."""
+        return FIELDS[self.ggml_type] if self.float_layout else self.ggml_type
+
+    def stored(self) -> torch.Tensor:
+        """The blocks as the file stores them (out, row bytes), whatever layout `weight` is in."""
+        if self.int8_activations:
+            return untile_blocks(self.weight, self.ggml_type)
+        if self.float_layout:
+            return torch.from_numpy(from_fields(self.weight.contiguous().numpy(), self.ggml_type, self.in_features))
+        return self.weight
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raw = untile_blocks(self.weight, self.ggml_type) if self.int8_activations else self.weight
-        return dequantize_blocks(raw, self.ggml_type, (self.out_features, self.in_features)).to(dtype)
+        return dequantize_blocks(self.stored(), self.ggml_type, (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gguf_linear(x, self.weight, self.ggml_type, self.in_features, self.bias, self.int8_activations)
+        return gguf_linear(x, self.weight, self.kernel_type, self.in_features, self.bias, self.int8_activations)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={TYPE_NAMES[self.ggml_type]}"
@@ -201,10 +222,9 @@ def widen_(m: GGUFLinear, kind: int) -> None:
         return
     if kind != Q8_0:
         raise ValueError(f"{TYPE_NAMES[m.ggml_type]} blocks widen to Q8_0 only, not {TYPE_NAMES.get(kind, kind)}")
-    raw = untile_blocks(m.weight, m.ggml_type) if m.int8_activations else m.weight
-    wide = as_q8_0(raw.contiguous().numpy(), m.ggml_type)
+    wide = as_q8_0(m.stored().contiguous().numpy(), m.ggml_type)
     m.weight = torch.from_numpy(tile_rows(wide, kind) if m.int8_activations else wide)
-    m.ggml_type = kind
+    m.ggml_type, m.float_layout = kind, False
 
 
 def int8_activations_(model: nn.Module) -> list[str]:
@@ -229,6 +249,8 @@ def int8_activations_(model: nn.Module) -> list[str]:
         if not isinstance(m, GGUFLinear) or m.int8_activations:
             continue
         if int8_layout(m.ggml_type, m.out_features) == "tiles":
+            if m.float_layout:  # tiles are made from the stored blocks
+                m.weight, m.float_layout = m.stored(), False
             tiles = tile_blocks(m.weight, m.ggml_type)
             if m.weight.untyped_storage().data_ptr() in tables:
                 m.weight = tiles  # a tied head: the table's lookups keep reading the stored rows
@@ -238,6 +260,30 @@ def int8_activations_(model: nn.Module) -> list[str]:
             changed.append(name)
     if changed:
         model.record_transform("int8_activations", modules=changed)
+    return changed
+
+
+def float_layouts_(model: nn.Module) -> list[str]:
+    """Kept Q6_K blocks (and Q5_0 ones where the kernels run AVX2) repacked in place into our layouts for float32
+    arithmetic (kernels/q5_0_fields.c, q6_k_fields.c: the same values, one-row products 1.3-1.5x faster), as lite
+    multiplies them; `stored` and `dequantize` read them back. Not for layers under int8_activations_ (tiles), nor a
+    head tied to the embedding table (its lookups read the stored rows). Apply before `fuse_projections_`. Returns
+    the modules changed."""
+    if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
+           for m in model.modules()):
+        raise ValueError("float_layouts_ goes before fuse_projections_: the decode layout copies the modules' "
+                         "settings (undo it with unfuse_projections_ first)")
+    tables = {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
+    changed = []
+    for name, m in model.named_modules():
+        if (isinstance(m, GGUFLinear) and not (m.int8_activations or m.float_layout) and m.ggml_type in FIELDS
+                and (m.ggml_type == Q6_K or kernel_isa() == "avx2") and m.weight.device.type == "cpu"
+                and m.weight.untyped_storage().data_ptr() not in tables):
+            m.weight = torch.from_numpy(as_fields(m.weight.contiguous().numpy(), m.ggml_type))
+            m.float_layout = True
+            changed.append(name)
+    if changed:
+        model.record_transform("float_layouts", modules=changed)
     return changed
 
 

@@ -122,6 +122,9 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
     lib.mighty_q6_k_fields.restype, lib.mighty_q6_k_fields_row_bytes.restype = None, ctypes.c_long
     lib.mighty_q6_k_fields.argtypes = lib.mighty_q5_0_fields.argtypes
     lib.mighty_q6_k_fields_row_bytes.argtypes = [ctypes.c_long]
+    lib.mighty_q5_0_unfields.restype = lib.mighty_q6_k_unfields.restype = None
+    lib.mighty_q5_0_unfields.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+    lib.mighty_q6_k_unfields.argtypes = lib.mighty_q5_0_unfields.argtypes
     lib.mighty_exp.restype, lib.mighty_exp.argtypes = None, [ctypes.c_void_p, ctypes.c_long]
     lib.mighty_ggml_rows.restype = ctypes.c_int
     lib.mighty_ggml_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
@@ -279,6 +282,17 @@ def as_fields(raw: np.ndarray, kind: int) -> np.ndarray:
     fields = np.empty((out, row(n_in)), np.uint8)
     repack(raw.ctypes.data, out, n_in, fields.ctypes.data, physical_cores())
     return fields
+
+
+def from_fields(fields: np.ndarray, kind: int, n_in: int) -> np.ndarray:
+    """as_fields' rows back to stored Q5_0 / Q6_K rows (out, row bytes)."""
+    lib = gemv_library()
+    stored, values = _FIELD_UNITS[kind]
+    fields = np.ascontiguousarray(fields)
+    raw = np.empty((fields.shape[0], n_in // values * stored), np.uint8)
+    (lib.mighty_q5_0_unfields if kind == 6 else lib.mighty_q6_k_unfields)(fields.ctypes.data, fields.shape[0], n_in,
+                                                                           raw.ctypes.data)
+    return raw
 
 
 _TILE_CHUNK = 4096  # rows tiled at once (whole tiles)

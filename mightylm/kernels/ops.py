@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mightylm.kernels import GGML_TYPES, SUPER_BLOCKS, gemv_library
+from mightylm.kernels import FIELDS, GGML_TYPES, SUPER_BLOCKS, gemv_library
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,7 +72,8 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     row of x is rounded to 8 bits per block of 32, by itself, and multiplied in integers, as llama.cpp does (not
     float32's result)."""
     n_in = x.shape[-1]
-    if not (float_rows(x) and n_in % (256 if ggml_type in SUPER_BLOCKS else 32) == 0 and ggml_type in GGML_TYPES
+    if not (float_rows(x) and n_in % (256 if ggml_type in SUPER_BLOCKS or ggml_type == FIELDS[14] else 32) == 0
+            and (ggml_type in GGML_TYPES or ggml_type in FIELDS.values())
             and blocks.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and (lib := gemv_library()) is not None):
         return None

@@ -80,6 +80,33 @@ void mighty_q5_0_fields(const unsigned char *src, long rows, long in, unsigned c
     }
 }
 
+/* The layout above back to stored Q5_0 rows (dequantizing, widening or tiling a layer that holds it) */
+void mighty_q5_0_unfields(const unsigned char *src, long rows, long in, unsigned char *dst) {
+    const long blocks = in / 32, bytes = mighty_q5_0_fields_row_bytes(in);
+    for (long r = 0; r < rows; r++) {
+        const unsigned char *t = src + r * bytes;
+        for (long first = 0; first < blocks; first += 3) {
+            const long n = blocks - first < 3 ? blocks - first : 3, vectors = run_vectors(n);
+            unsigned int lanes[16];
+            memcpy(lanes, t, 32 * vectors);
+            for (long b = 0; b < n; b++) {
+                unsigned char *blk = dst + (r * blocks + first + b) * 22;
+                unsigned int qh = 0;
+                memcpy(blk, t + 32 * vectors + 2 * b, 2);
+                memset(blk + 6, 0, 16);
+                for (int v = 0; v < 32; v++) {  /* value v: group 4 b + v / 8, lane v % 8 */
+                    const int j = 4 * (int)b + v / 8;
+                    const unsigned int q = lanes[8 * (j / 6) + v % 8] >> 5 * (j % 6) & 31;
+                    blk[6 + v % 16] |= (unsigned char)((q & 15) << (v < 16 ? 0 : 4));
+                    qh |= (q >> 4) << v;
+                }
+                memcpy(blk + 2, &qh, 4);
+            }
+            t += 32 * vectors + 2 * n;
+        }
+    }
+}
+
 /* Field k's mask and 16 2^(5 k) (the codes' offset at its place), 8 lanes each: loaded as operands (GCC otherwise
  * rebuilt each mask from an immediate per use, three instructions, in the unrolled loops) */
 #define LANES(v) {v, v, v, v, v, v, v, v}

@@ -56,6 +56,25 @@ void mighty_q6_k_fields(const unsigned char *src, long rows, long in, unsigned c
         }
 }
 
+/* The layout above back to stored Q6_K rows (dequantizing or tiling a layer that holds it) */
+void mighty_q6_k_unfields(const unsigned char *src, long rows, long in, unsigned char *dst) {
+    const long supers = in / 256;
+    for (long s = 0; s < rows * supers; s++) {
+        const unsigned char *t = src + s * SUPER_BYTES;
+        unsigned char *blk = dst + s * STORED_BYTES;
+        unsigned int lanes[56];
+        memcpy(lanes, t, 224);
+        memset(blk, 0, 192);
+        for (int v = 0; v < 256; v++) {  /* dequantize_row_q6_K's order: half h, quarter j, l < 32 */
+            const int h = v / 128, j = v % 128 / 32, l = v % 32, group = v / 8;
+            const unsigned int q = lanes[8 * (group / 5) + v % 8] >> 6 * (group % 5) & 63;
+            blk[64 * h + 32 * (j & 1) + l] |= (unsigned char)((q & 15) << 4 * (j / 2));
+            blk[128 + 32 * h + l] |= (unsigned char)((q >> 4) << 2 * j);
+        }
+        memcpy(blk + 192, t + 224, 18);
+    }
+}
+
 #define LANES(v) {v, v, v, v, v, v, v, v}
 static const unsigned int masks[5][8] __attribute__((aligned(32))) = {
     LANES(63u), LANES(63u << 6), LANES(63u << 12), LANES(63u << 18), LANES(63u << 24)};

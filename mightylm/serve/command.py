@@ -169,6 +169,10 @@ def serve(
             if not int8_activations_(net):
                 print("--int8_activations: no Q8_0 / Q4_0 / Q4_1 blocks kept in this model; it changes nothing",
                       file=sys.stderr)
+        elif not on_gpu:
+            from mightylm.compress.gguf_blocks import float_layouts_
+
+            float_layouts_(net)  # kept Q6_K (and Q5_0 on AVX2) in our float32 layouts
         if any(isinstance(m, (GGUFLinear, Sparse24Linear)) for m in net.modules()):
             # kept GGUF blocks or 2:4 weights are read once for all rows: a decode step of the batch runs every
             # block in one native call (the decode layout, fuse.py), LoRA rows included (AdapterBank.set_rows)
