@@ -273,11 +273,12 @@ def float_layouts_(model: nn.Module) -> list[str]:
            for m in model.modules()):
         raise ValueError("float_layouts_ goes before fuse_projections_: the decode layout copies the modules' "
                          "settings (undo it with unfuse_projections_ first)")
+    isa = kernel_isa()  # None without the kernels: nothing to lay out for
     tables = {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
     changed = []
     for name, m in model.named_modules():
-        if (isinstance(m, GGUFLinear) and not (m.int8_activations or m.float_layout) and m.ggml_type in FIELDS
-                and (m.ggml_type == Q6_K or kernel_isa() == "avx2") and m.weight.device.type == "cpu"
+        if (isa is not None and isinstance(m, GGUFLinear) and not (m.int8_activations or m.float_layout)
+                and m.ggml_type in FIELDS and (m.ggml_type == Q6_K or isa == "avx2") and m.weight.device.type == "cpu"
                 and m.weight.untyped_storage().data_ptr() not in tables):
             m.weight = torch.from_numpy(as_fields(m.weight.contiguous().numpy(), m.ggml_type))
             m.float_layout = True
