@@ -990,12 +990,12 @@ def test_mixed_q5_0_and_q8_0_parts_fuse_as_q8_0_with_the_same_values(int8, tmp_p
 
 
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q6_K], ids=lambda q: q.name)
-def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tokenizer):
+def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tokenizer, monkeypatch):
     """float_layouts_ (what load_for_generation and mighty serve apply to kept blocks: Q6_K, and Q5_0 on AVX2, in
     kernels' layouts of ours): every layer's values as before (dequantize reads them back), logits within float32
     rounding of the stored blocks' for a prompt (through the kernels, then past their row limit through a float
     GEMM) and for decoded tokens through the native stack, the same greedy tokens; int8_activations_ afterwards tiles
-    the stored blocks, the same model as without the layouts."""
+    the stored blocks, the same model as without the layouts. Without the native kernels nothing is laid out."""
     from mightylm.compress.gguf_blocks import GGUFLinear, KERNEL_ROWS, float_layouts_, int8_activations_
     from mightylm.fuse import fuse_projections_
     from mightylm.generate import stream_tokens
@@ -1030,3 +1030,8 @@ def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tok
     int8_activations_(reference)
     with torch.no_grad():
         assert torch.equal(again(idx[:, :12]), reference(idx[:, :12]))
+    from mightylm import kernels
+
+    monkeypatch.setattr(kernels, "_lib", None)  # as with MIGHTYLM_NO_KERNELS=1 or no compiler
+    monkeypatch.setattr(kernels, "_tried", True)
+    assert float_layouts_(mightylm.load(tmp_path / "m.gguf", keep_blocks=True)[0]) == []
