@@ -59,11 +59,7 @@ static inline float block_offset(const unsigned char *blk, int type, float d) {
 /* The sums of each block of 32 values of `rows` rows of x (rows, in): rows * in / 32 floats, row by row */
 static float *block_sums(const float *x, long rows, long in) {
     float *xsum = malloc(sizeof(float) * (rows * in / 32 > 0 ? rows * in / 32 : 1));
-    for (long b = 0; b < rows * in / 32; b++) {
-        float t = 0.0f;
-        for (long j = 0; j < 32; j++) t += x[32 * b + j];
-        xsum[b] = t;
-    }
+    group_sums(x, rows * in, 32, 1.0f, xsum);
     return xsum;
 }
 

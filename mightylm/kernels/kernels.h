@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* 0: AVX2 + FMA (the baseline); 1: AVX-512 (F, BW, VNNI) where the CPU has it. Set once by mighty_set_isa. */
@@ -25,23 +26,65 @@ void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, 
 void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads);
 
-/* The x our layouts read: n rows' values times 2^(-bits k) per group of 8, k = g % period % fields (the group's field
- * in its run), group by group (group g of row k at out[8 (g n + k)]; one row: in its own order) */
-static inline void fields_x(const float *x, long n, long in, int bits, int fields, int period, float *out) {
-    float scale[32];
-    for (int p = 0; p < period; p++) scale[p] = ldexpf(1.0f, -bits * (p % fields));
-    for (long g = 0; g < in / 8; g++)
-        for (long k = 0; k < n; k++)
-            for (int i = 0; i < 8; i++) out[8 * (g * n + k) + i] = x[k * in + 8 * g + i] * scale[g % period];
-}
-
-/* factor times the sum of each `size` values of one row of x (in / size of them) */
-static inline void fields_sums(const float *x, long in, long size, float factor, float *sums) {
-    for (long b = 0; b < in / size; b++) {
+/* factor times the sum of each `size` values of x (n / size of them): a block's constant term */
+static inline void group_sums(const float *x, long n, long size, float factor, float *sums) {
+    for (long b = 0; b < n / size; b++) {
         float t = 0.0f;
         for (long j = 0; j < size; j++) t += x[size * b + j];
         sums[b] = factor * t;
     }
+}
+
+/* What differs between our layouts (q5_0_fields.c, q6_k_fields.c) for the product they share (fields_gemm): x's
+ * scaling (group g of 8 values times 2^(-bits k), k = g % period % fields, its field in its run), one row's constant
+ * term (sum_factor times the sum of each sum_size values), a weight row's bytes and units (blocks or super-blocks),
+ * and the kernels: `dots` (one row of x times n = 1 or 2 output rows, stride bytes apart), `rows` (n <= 8 rows of x
+ * given group by group, group g of row k at xg[8 (g n + k)], times one output row; results y[k * out]). */
+typedef struct {
+    int bits, fields, period;
+    long sum_size;
+    float sum_factor;
+    long row_bytes, units;
+    void (*dots)(const float *xs, const float *sums, const unsigned char *row, long stride, long units, float *y,
+                 int n);
+    void (*rows)(const float *xg, long n, const unsigned char *row, long units, float *y, long out);
+} fields_layout;
+
+/* x's rows scaled for a layout, group by group (one row: in its own order) */
+static inline void fields_x(const float *x, long n, long in, const fields_layout *L, float *out) {
+    float scale[32];
+    for (int p = 0; p < L->period; p++) scale[p] = ldexpf(1.0f, -L->bits * (p % L->fields));
+    for (long g = 0; g < in / 8; g++)
+        for (long k = 0; k < n; k++)
+            for (int i = 0; i < 8; i++) out[8 * (g * n + k) + i] = x[k * in + 8 * g + i] * scale[g % L->period];
+}
+
+/* y (rows, out) = x (rows, in) @ W^T (+ bias), W in layout L: one row of x two output rows a call, several rows 8 at
+ * a time (they stay in L1 while the weights stream past) */
+static inline void fields_gemm(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
+                               long in, long out, int nthreads, const fields_layout *L) {
+    const long bytes = L->row_bytes;
+    if (rows == 1) {
+        float *xs = malloc(sizeof(float) * in), *sums = malloc(sizeof(float) * (in / L->sum_size));
+        fields_x(x, 1, in, L, xs);
+        group_sums(x, in, L->sum_size, L->sum_factor, sums);
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long o = 0; o < out; o += 2) L->dots(xs, sums, W + o * bytes, bytes, L->units, y + o, o + 1 < out ? 2 : 1);
+        free(xs);
+        free(sums);
+    } else {
+        float *xg = malloc(sizeof(float) * 8 * in);
+        for (long r = 0; r < rows; r += 8) {
+            const long n = rows - r < 8 ? rows - r : 8;
+            fields_x(x + r * in, n, in, L, xg);
+            #pragma omp parallel for num_threads(nthreads) schedule(static)
+            for (long o = 0; o < out; o++) L->rows(xg, n, W + o * bytes, L->units, y + r * out + o, out);
+        }
+        free(xg);
+    }
+    if (bias)
+        for (long r = 0; r < rows; r++)
+            for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
 }
 
 static inline float hsum(__m256 v) {

@@ -203,34 +203,19 @@ static void rows_pass(const float *xg, long rows, const unsigned char *row, long
     }
 }
 
+__attribute__((target("avx2,fma,f16c"), noinline))
+static void dots_pass(const float *xs, const float *sums2, const unsigned char *row, long stride, long blocks, float *y,
+                      int n) {
+    if (n == 2) dots(xs, sums2, row, stride, blocks, y, 2);
+    else dots(xs, sums2, row, stride, blocks, y, 1);
+}
+
 /* y (rows, out) = x (rows, in) @ W^T (+ bias), W in the layout above; in % 32 == 0. The one path on every CPU
  * (AVX-512 machines keep stored Q5_0: their loop sets fifth bits under a mask, no table). */
-__attribute__((target("avx2,fma,f16c")))
 void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads) {
-    const long blocks = in / 32, bytes = mighty_q5_0_fields_row_bytes(in);
-    if (rows == 1) {
-        float *xs = malloc(sizeof(float) * in), *sums2 = malloc(sizeof(float) * blocks);
-        fields_x(x, 1, in, 5, 6, 12, xs);
-        fields_sums(x, in, 32, 2.0f, sums2);
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (long o = 0; o < out; o += 2) {
-            if (o + 1 < out) dots(xs, sums2, W + o * bytes, bytes, blocks, y + o, 2);
-            else dots(xs, sums2, W + o * bytes, bytes, blocks, y + o, 1);
-        }
-        free(xs);
-        free(sums2);
-    } else {
-        float *xg = malloc(sizeof(float) * 8 * in);
-        for (long r = 0; r < rows; r += 8) {  /* 8 rows of x at a time stay in L1 while the weights stream past */
-            const long n = rows - r < 8 ? rows - r : 8;
-            fields_x(x + r * in, n, in, 5, 6, 12, xg);
-            #pragma omp parallel for num_threads(nthreads) schedule(static)
-            for (long o = 0; o < out; o++) rows_pass(xg, n, W + o * bytes, blocks, y + r * out + o, out);
-        }
-        free(xg);
-    }
-    if (bias)
-        for (long r = 0; r < rows; r++)
-            for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
+    const fields_layout layout = {.bits = 5, .fields = 6, .period = 12, .sum_size = 32, .sum_factor = 2.0f,
+                                  .row_bytes = mighty_q5_0_fields_row_bytes(in), .units = in / 32, .dots = dots_pass,
+                                  .rows = rows_pass};
+    fields_gemm(x, rows, W, bias, y, in, out, nthreads, &layout);
 }

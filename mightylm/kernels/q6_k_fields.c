@@ -158,33 +158,18 @@ static void rows_pass(const float *xg, long rows, const unsigned char *row, long
     }
 }
 
+__attribute__((target("avx2,fma,f16c"), noinline))
+static void dots_pass(const float *xs, const float *sums4, const unsigned char *row, long stride, long supers, float *y,
+                      int n) {
+    if (n == 2) dots(xs, sums4, row, stride, supers, y, 2);
+    else dots(xs, sums4, row, stride, supers, y, 1);
+}
+
 /* y (rows, out) = x (rows, in) @ W^T (+ bias), W in the layout above; in % 256 == 0 */
-__attribute__((target("avx2,fma,f16c")))
 void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads) {
-    const long supers = in / 256, bytes = mighty_q6_k_fields_row_bytes(in);
-    if (rows == 1) {
-        float *xs = malloc(sizeof(float) * in), *sums4 = malloc(sizeof(float) * in / 16);
-        fields_x(x, 1, in, 6, 5, 32, xs);
-        fields_sums(x, in, 16, 4.0f, sums4);
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (long o = 0; o < out; o += 2) {
-            if (o + 1 < out) dots(xs, sums4, W + o * bytes, bytes, supers, y + o, 2);
-            else dots(xs, sums4, W + o * bytes, bytes, supers, y + o, 1);
-        }
-        free(xs);
-        free(sums4);
-    } else {
-        float *xg = malloc(sizeof(float) * 8 * in);
-        for (long r = 0; r < rows; r += 8) {  /* 8 rows of x at a time stay in L1 while the weights stream past */
-            const long n = rows - r < 8 ? rows - r : 8;
-            fields_x(x + r * in, n, in, 6, 5, 32, xg);
-            #pragma omp parallel for num_threads(nthreads) schedule(static)
-            for (long o = 0; o < out; o++) rows_pass(xg, n, W + o * bytes, supers, y + r * out + o, out);
-        }
-        free(xg);
-    }
-    if (bias)
-        for (long r = 0; r < rows; r++)
-            for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
+    const fields_layout layout = {.bits = 6, .fields = 5, .period = 32, .sum_size = 16, .sum_factor = 4.0f,
+                                  .row_bytes = mighty_q6_k_fields_row_bytes(in), .units = in / 256, .dots = dots_pass,
+                                  .rows = rows_pass};
+    fields_gemm(x, rows, W, bias, y, in, out, nthreads, &layout);
 }
