@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import read_bandwidth_gbs  # noqa: E402
 
-from mightylm.checkpoint import gguf_metadata, resolve  # noqa: E402
+from mightylm.checkpoint import CheckpointError, gguf_metadata, resolve  # noqa: E402
 from mightylm.kernels import FIELDS, as_fields, cpu_flags, gemv_library, kernel_isa, physical_cores  # noqa: E402
 
 
@@ -35,7 +35,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     lib, threads = gemv_library(), physical_cores()
-    file, _ = gguf_metadata(resolve(args.model))
+    try:
+        path = resolve(args.model)
+    except CheckpointError as e:  # a missing file, or the optional Qwen parts not installed: say so in one line
+        sys.exit(str(e))
+    if path.suffix != ".gguf":
+        sys.exit(f"{path}: not a .gguf file (the layouts are made from a GGUF file's Q5_0 / Q6_K blocks)")
+    file, _ = gguf_metadata(path)
     by_name: dict[tuple[str, int], list] = {}
     for t in file.tensors:  # blk.N.<name>.weight of a type with a layout, grouped over the layers
         if t.name.startswith("blk.") and t.type in FIELDS and len(t.shape) == 2:

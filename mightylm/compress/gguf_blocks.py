@@ -227,6 +227,16 @@ def widen_(m: GGUFLinear, kind: int) -> None:
     m.ggml_type, m.float_layout = kind, False
 
 
+def _tables_before_fusing(model: nn.Module, transform: str) -> set[int]:
+    """The storages of the model's GGUF embedding tables (a head tied to one keeps reading its stored rows), after
+    checking that `transform` comes before fuse_projections_ (the decode layout copies the modules' settings)."""
+    if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
+           for m in model.modules()):
+        raise ValueError(f"{transform} goes before fuse_projections_: the decode layout copies the modules' "
+                         "settings (undo it with unfuse_projections_ first)")
+    return {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
+
+
 def int8_activations_(model: nn.Module) -> list[str]:
     """llama.cpp's arithmetic for the kept Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K blocks: every row of every product (a
     decoded token, a prompt's tokens, a speculative step's drafts, a server's batch) rounds its input to 8 bits per
@@ -239,11 +249,7 @@ def int8_activations_(model: nn.Module) -> list[str]:
     by the activations' rounding, and greedy text can part from the float32 model's where its top two tokens are
     close (llama.cpp's does too). Apply before `fuse_projections_` (the fused copies are made from the modules).
     Returns the modules changed."""
-    if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
-           for m in model.modules()):
-        raise ValueError("int8_activations_ goes before fuse_projections_: the decode layout copies the modules' "
-                         "settings (undo it with unfuse_projections_ first)")
-    tables = {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
+    tables = _tables_before_fusing(model, "int8_activations_")
     changed = []
     for name, m in model.named_modules():
         if not isinstance(m, GGUFLinear) or m.int8_activations:
@@ -269,12 +275,8 @@ def float_layouts_(model: nn.Module) -> list[str]:
     multiplies them; `stored` and `dequantize` read them back. Not for layers under int8_activations_ (tiles), nor a
     head tied to the embedding table (its lookups read the stored rows). Apply before `fuse_projections_`. Returns
     the modules changed."""
-    if any(getattr(m, "fused_qkv", None) is not None or getattr(m, "fused_decode", None) is not None
-           for m in model.modules()):
-        raise ValueError("float_layouts_ goes before fuse_projections_: the decode layout copies the modules' "
-                         "settings (undo it with unfuse_projections_ first)")
+    tables = _tables_before_fusing(model, "float_layouts_")
     isa = kernel_isa()  # None without the kernels: nothing to lay out for
-    tables = {m.blocks.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
     changed = []
     for name, m in model.named_modules():
         if (isa is not None and isinstance(m, GGUFLinear) and not (m.int8_activations or m.float_layout)
