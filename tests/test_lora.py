@@ -145,3 +145,39 @@ def test_bad_adapters_and_settings_are_refused(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(AdapterError, match="peft_type 'IA3' is not LORA"):
         load_lora(tiny(), tmp_path / "a")
+
+
+
+@pytest.mark.parametrize("trained", ["adapter", "everything"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_product_gives_autograds_values_and_gradients(bias, trained):
+    """LoRALinear trains through one autograd function (x's gradient gy W with (s gy B) A added in place, only the
+    gradients asked for): its output and every gradient equal the plain formula's through autograd."""
+    from mightylm.adapters.lora import LoRALinear, _LoRAProduct
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(24, 40, bias=bias), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(40, 4))
+    layer.weight.requires_grad_(trained == "everything")
+    if bias:
+        layer.bias.requires_grad_(trained == "everything")
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    gy = torch.randn(3, 5, 40)
+    params = [x, layer.lora_A.weight, layer.lora_B.weight] + [p for p in (layer.weight, layer.bias)
+                                                                if p is not None and p.requires_grad]
+    calls = []
+    original = _LoRAProduct.backward
+    _LoRAProduct.backward = staticmethod(lambda ctx, g: calls.append(1) or original(ctx, g))
+    try:
+        y = layer(x)
+        ours = torch.autograd.grad(y, params, gy)
+    finally:
+        _LoRAProduct.backward = staticmethod(original)
+    assert calls == [1]  # the function ran, not the module's eager path
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias) + \
+        layer.scaling * (x @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+    torch.testing.assert_close(y, plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(ours, torch.autograd.grad(plain, params, gy)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # inference takes the eager path: the same values
+        torch.testing.assert_close(layer(x), y.detach(), atol=0, rtol=0)

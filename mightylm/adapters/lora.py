@@ -60,9 +60,11 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         if self.merged:
-            return y
+            return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+        if self.base_layer is None and isinstance(self.dropout, nn.Identity) and _LoRAProduct.applies(x):
+            return _LoRAProduct.apply(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        y = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         xa = self.lora_A(self.dropout(x))  # (..., r)
         # y + scaling * xa @ B^T as one addmm: no separate scale and add passes over the (..., out) output,
         # in forward or backward (measured on a 2-core AMD EPYC: LoRA training 1.06x faster at 15M, 1.10x at
@@ -95,6 +97,42 @@ class LoRALinear(nn.Linear):
         if self.merged:
             self.weight.sub_(self.delta().to(self.weight.dtype))
             self.merged = False
+
+
+class _LoRAProduct(torch.autograd.Function):
+    """y = x W^T (+ b) + s (x A^T) B^T for training, with the gradients written where autograd would add them:
+    x's gradient is gy W with (s gy B) A added in place (autograd builds both products and a third tensor for their
+    sum: three (tokens, in) buffers, two passes over them), and only the gradients that are asked for. Measured in
+    steady state (SmolLM2-135M's shape, r 8 on all seven projections, 4 x 256 tokens, 2-core AMD EPYC, alternated
+    in one process): a whole LoRA step 0.97x the time. Plain float32 weights without dropout only; autocast, a
+    quantized base and dropout take the module's eager path."""
+
+    @staticmethod
+    def applies(x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a.t()
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.scaling, ctx.lead = scaling, x.shape[:-1]
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, xa, weight, a, b = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        gy = gy.reshape(-1, gy.shape[-1])
+        gxa = (gy @ b).mul_(ctx.scaling) if need_x or need_a else None
+        gx = (gy @ weight).addmm_(gxa, a).view(*ctx.lead, -1) if need_x else None
+        gw = gy.t() @ x2 if need_w else None
+        gbias = gy.sum(0) if need_bias else None
+        ga = gxa.t() @ x2 if need_a else None
+        gb = (gy.t() @ xa).mul_(ctx.scaling) if need_b else None
+        return gx, gw, gbias, ga, gb, None
 
 
 def _linear_leaves(model: nn.Module) -> dict[str, nn.Module]:
