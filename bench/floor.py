@@ -8,7 +8,13 @@ embedding gradient, the optimizer and LoRA's own rank-8 products are counted as 
 (transformers, + peft for LoRA) and mightylm are then measured in the same run (bench/train.py's runner)
 and the goal's time per step, 1 / (1.3 x the reference's tokens/s), is set against the floor.
 
-    .venv/bin/python bench/floor.py [--shapes micro-15m smollm2-135m] [--methods full lora] [--steps 6]
+    .venv/bin/python bench/floor.py [--shapes micro-15m smollm2-135m] [--methods full lora] [--steps 12]
+        [--warmup 6]
+
+The goal is about fixed-shape steps, so the steps are timed once the allocator has settled: a 135M LoRA run
+(huge pages on, as `mighty finetune` runs) took 234k, 84k, 57k, 47k, 21k and then ~2-5k page faults in its first
+steps, 7.0 -> 4.7 s a step (2026-12-05; without huge pages it settled after 3 steps). Six warm-up steps leave that
+out for both frameworks.
 """
 
 from __future__ import annotations
@@ -80,8 +86,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["micro-15m", "smollm2-135m"])
     parser.add_argument("--methods", nargs="+", choices=["full", "lora"], default=["full", "lora"])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=6)
     args = parser.parse_args()
     print(f"per step of 4 x 256 tokens, float32, {torch.get_num_threads()} threads; goal = {GOAL}x the reference")
     print(f"{'shape':13s} {'method':6s} {'products':>9s} {'attention':>9s} {'floor':>8s} {'reference':>10s} "
