@@ -511,13 +511,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.dim, ffn_dim, bias=False)
         self.down_proj = nn.Linear(ffn_dim, config.dim, bias=False)
         self.fused_gate_up = None  # a callable x -> cat(gate, up), set by fuse.fuse_projections_
+        self.act_mul = None  # a callable (gate, up) -> silu(gate) * up with its own backward, set by train.fit
 
     def forward(self, x):
         if self.fused_gate_up is not None:
             gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up if self.act_mul is None else self.act_mul(gate, up))
 
 
 class GeluMLP(nn.Module):

@@ -40,6 +40,8 @@ from mightylm.compress.prune import keep_pruned_
 from mightylm.config import TrainConfig  # noqa: F401  (re-exported: mightylm.train.TrainConfig)
 from mightylm.data.loader import IGNORE, Loader
 from mightylm.errors import MightyError
+from mightylm.kernels.ops import swiglu
+from mightylm.model import MLP
 
 
 class TrainingError(MightyError, RuntimeError):
@@ -92,6 +94,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
     if adapters.present(model):  # after the last transform: the adapters train, the base does not
         adapters.mark_trainable(model)
     keep_pruned_(model)  # a pruned model's zeros stay zeros (their gradients are masked)
+    _native_activations(model)
     net = _wrap(model, cfg, world)  # what forward/backward go through (DDP/FSDP wrapper or the model)
     optimizer = optimizer or make_optimizer(model, cfg)
     if hasattr(optimizer, "backward") and (cfg.grad_accum > 1 or cfg.grad_clip is not None or world > 1):
@@ -337,6 +340,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ---- small helpers ----
+
+
+def _native_activations(model) -> None:
+    """SwiGLU feed-forwards compute silu(gate) * up and its gradient through the native kernel, one pass each, where
+    the model trains in float32 on the CPU (kernels.ops.swiglu; PyTorch's two ops elsewhere)."""
+    if _device(model).type == "cpu":
+        for module in model.modules():
+            if isinstance(module, MLP):
+                module.act_mul = swiglu
 
 
 def _loss_and_metrics(out) -> tuple[torch.Tensor, dict]:

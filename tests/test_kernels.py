@@ -337,6 +337,63 @@ def test_the_vector_exp_is_within_two_ulp_of_libm():
     assert 1e38 < float(edges[2]) < float("inf")
 
 
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 8), (4097,), (4, 256, 1536)])
+def test_swiglu_and_its_gradient_match_pytorchs(shape):
+    """Training's silu(gate) * up (kernels.ops.swiglu): the value and both gradients as PyTorch's two ops give them,
+    tails of fewer than eight values and several threads' chunks included, and large |gate| (the exp's clamp)."""
+    g = torch.Generator().manual_seed(len(shape))
+    gate = (torch.randn(shape, generator=g) * 4).requires_grad_()
+    with torch.no_grad():
+        gate.view(-1)[:3] = torch.tensor([-120.0, 95.0, 0.0])[: gate.numel()]
+    up = torch.randn(shape, generator=g).requires_grad_()
+    dh = torch.randn(shape, generator=g)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        h = ops.swiglu(gate, up)
+        assert h.grad_fn is not None and "SwiGLU" in type(h.grad_fn).__name__  # the kernel ran
+        ours = torch.autograd.grad(h, (gate, up), dh)
+        want = F.silu(gate) * up
+        theirs = torch.autograd.grad(want, (gate, up), dh)
+        torch.testing.assert_close(h, want, atol=1e-6, rtol=1e-5)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # inference keeps PyTorch's ops (bit for bit)
+        assert torch.equal(ops.swiglu(gate, up), F.silu(gate) * up)
+
+
+@needs_kernel
+def test_fit_trains_swiglu_through_the_kernel_with_pytorchs_gradients(tmp_path):
+    """train.fit hands the model's feed-forwards the kernel: one step's loss and gradients equal PyTorch's ops'."""
+    import mightylm
+    from mightylm.config import ModelConfig
+    from mightylm.data.loader import Loader
+    from mightylm.train import TrainConfig, _native_activations, fit
+
+    config = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    torch.manual_seed(0)
+    model = mightylm.Transformer(config)
+    idx = torch.randint(0, 64, (2, 17))
+
+    def gradients():
+        model.zero_grad()
+        model(idx[:, :-1], labels=idx[:, 1:]).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients()
+    _native_activations(model)
+    assert all(m.act_mul is ops.swiglu for m in model.modules() if isinstance(m, mightylm.model.MLP))
+    for a, b in zip(gradients(), plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    fresh = mightylm.Transformer(config)
+    items = [{"input_ids": idx[i, :-1], "labels": idx[i, 1:]} for i in range(2)]
+    fit(fresh, Loader(items, 2, shuffle=False), tmp_path, TrainConfig(steps=1, batch_size=2, eval_every=10**9,
+                                                                      save_every=10**9), progress=False)
+    assert all(m.act_mul is ops.swiglu for m in fresh.modules() if isinstance(m, mightylm.model.MLP))
+
+
 def _attention_reference(q, keys, values, seen):
     """softmax(q k / sqrt(hd)) v in float64 for one query over the slots `seen` of its kv head"""
     scores = keys[seen].double() @ q.double() / q.numel() ** 0.5  # (keys and values widened from their dtype)

@@ -143,6 +143,11 @@ void mighty_gemm_sparse24(const float *x, long rows, const float *values, const 
 /* e^x of n floats in place (gemv.c) */
 void mighty_exp(float *x, long n);
 
+/* h = silu(g) * u and its backward, for training (swiglu.c) */
+void mighty_swiglu(const float *g, const float *u, float *h, long n, int nthreads);
+void mighty_swiglu_backward(const float *dh, const float *g, const float *u, float *dg, float *du, long n,
+                            int nthreads);
+
 void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_cache, const void *v_cache, int half,
                       long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
                       long row_stride, int threads);

@@ -167,3 +167,38 @@ def gemv_sparse24(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, ou
                              bias.data_ptr() if bias is not None else None, y.data_ptr(), n_in, out,
                              torch.get_num_threads())
     return y
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(g) * u with its backward, each one pass of the native kernel (swiglu.c); keeps g and u for the backward
+    (PyTorch's two ops keep silu(g) too)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        lib = gemv_library()
+        gate, up = gate.contiguous(), up.contiguous()
+        h = torch.empty_like(gate)
+        lib.mighty_swiglu(gate.data_ptr(), up.data_ptr(), h.data_ptr(), gate.numel(), torch.get_num_threads())
+        ctx.save_for_backward(gate, up)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        dh = dh.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        gemv_library().mighty_swiglu_backward(dh.data_ptr(), gate.data_ptr(), up.data_ptr(), dg.data_ptr(),
+                                              du.data_ptr(), gate.numel(), torch.get_num_threads())
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for training: through the native kernel, forward and backward one pass each, where a gradient
+    is wanted of float32 CPU tensors of one shape (not under autocast or torch.compile); PyTorch's ops elsewhere
+    (inference keeps them: its logits are compared with transformers' bit for bit)."""
+    if (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad) and gate.shape == up.shape
+            and gate.dtype == up.dtype == torch.float32 and gate.device.type == up.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and gemv_library() is not None):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
