@@ -104,8 +104,8 @@ class _LoRAProduct(torch.autograd.Function):
     x's gradient is gy W with (s gy B) A added in place (autograd builds both products and a third tensor for their
     sum: three (tokens, in) buffers, two passes over them), and only the gradients that are asked for. Measured in
     steady state (SmolLM2-135M's shape, r 8 on all seven projections, 4 x 256 tokens, 2-core AMD EPYC, alternated
-    in one process): a whole LoRA step 0.97x the time. Plain float32 weights without dropout only; autocast, a
-    quantized base and dropout take the module's eager path."""
+    in one process): a whole LoRA step 0.97x the time. Used for a plain weight (any dtype) without dropout while a
+    gradient is wanted; autocast, a quantized base and dropout take the module's eager path."""
 
     @staticmethod
     def applies(x: torch.Tensor) -> bool:
