@@ -5,8 +5,8 @@
  * of them held per layer. Here the forward reads g and u and writes h; the backward reads dh, g and u and writes dg
  * and du, recomputing the sigmoid (e^x by exp8, within 2 ulp of expf), and one (tokens, ffn) tensor fewer is held
  * per layer. Measured in steady state on SmolLM2-135M's shape (4 x 256 tokens, float32, 2-core AMD EPYC, AVX2, both
- * alternated in one process): a full training step 0.93x the time (rounds 0.92-1.00x), a LoRA step 0.98x
- * (0.84-0.99x). */
+ * alternated in one process): a full training step 0.93x the time (rounds 0.92-1.00x); a LoRA step 0.98x in one
+ * run, 1.01x in another (within this VM's noise). */
 #include <omp.h>
 
 #include "kernels.h"
