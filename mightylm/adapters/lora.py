@@ -60,11 +60,12 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
-        if self.base_layer is None and isinstance(self.dropout, nn.Identity) and _LoRAProduct.applies(x):
+        if (not self.merged and self.base_layer is None and isinstance(self.dropout, nn.Identity)
+                and _LoRAProduct.applies(x)):
             return _LoRAProduct.apply(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         y = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+        if self.merged:
+            return y
         xa = self.lora_A(self.dropout(x))  # (..., r)
         # y + scaling * xa @ B^T as one addmm: no separate scale and add passes over the (..., out) output,
         # in forward or backward (measured on a 2-core AMD EPYC: LoRA training 1.06x faster at 15M, 1.10x at

@@ -352,18 +352,6 @@ void mighty_exp(float *x, long n) {
     }
 }
 
-/* g[i] = silu(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i] for n values */
-static void silu_mul(float *g, const float *u, long n) {
-    long i = 0;
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(g + i);
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-    }
-    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
 /* y (R, width) += each row's LoRA terms for projection p of this block on x (R, in). The rows of one adapter go
  * together, so that its A and B are read from memory once for all of them; the threads first share the rank-sized
  * products h = A x (by row and term), then the updates y += B h (by adapter, term and 64 columns), which write
@@ -501,7 +489,7 @@ static void moe_ffn(float *x, const float *h, const mighty_block *b, float *gu, 
     for (long j = 0; j < k; j++) {
         const float w = b->norm_topk ? weight[j] / picked : weight[j];
         project(&b->expert_gate_up[chosen[j]], h, gu, scratch, dim, 2 * ffn, threads);
-        silu_mul(gu, gu + ffn, ffn);
+        silu_mul(gu, gu + ffn, gu, ffn);
         project(&b->expert_down[chosen[j]], gu, tmp, scratch, ffn, dim, threads);
         for (long i = 0; i < dim; i++) x[i] += w * tmp[i];
     }
@@ -558,7 +546,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     lora_rows(b, 2, h, gu, dim, 2 * ffn, R, threads);
     for (long r = 0; r < R; r++) {
         float *g = gu + r * 2 * ffn;
-        silu_mul(g, g + ffn, ffn);  /* silu(gate) * up */
+        silu_mul(g, g + ffn, g, ffn);  /* silu(gate) * up */
     }
     /* down reads silu(gate) * up of each row: the first ffn values of its 2 * ffn */
     if (R == 1) {

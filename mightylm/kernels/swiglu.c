@@ -18,17 +18,11 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256 sigmoid8
     return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
 }
 
-__attribute__((target("avx2,fma")))
 void mighty_swiglu(const float *g, const float *u, float *h, long n, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long c = 0; c < (n + CHUNK - 1) / CHUNK; c++) {
         const long end = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;
-        long i = c * CHUNK;
-        for (; i + 8 <= end; i += 8) {
-            const __m256 v = _mm256_loadu_ps(g + i);
-            _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(v, sigmoid8(v)), _mm256_loadu_ps(u + i)));
-        }
-        for (; i < end; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        silu_mul(g + c * CHUNK, u + c * CHUNK, h + c * CHUNK, end - c * CHUNK);
     }
 }
 
