@@ -586,6 +586,9 @@ class Transformer(nn.Module):
         # the checkpoint's metadata and `load` replays it. Values the modules hold (a LoRA rank, a prompt's
         # length) are read from the modules, not from here.
         self.transforms: list[dict] = []
+        # Where the loss keeps its chunk buffers from one call to the next (`linear_cross_entropy`), or None: set
+        # by train.fit while it trains on the CPU.
+        self.loss_workspace: dict | None = None
         self._rope_len = 0
         self._rope_regime = None
         self.init_weights()
@@ -805,7 +808,8 @@ class Transformer(nn.Module):
         (B, T, dim). With a plain linear head it is computed a chunk of rows at a time (`linear_cross_entropy`),
         never holding the (B*T, vocab) logits."""
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                        workspace=self.loss_workspace)
         # A replaced head (LoRA on the head, quantized): materialise the logits.
         logits = self.head(h)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -891,7 +895,7 @@ def _drop_prefix(x: torch.Tensor, P: int, pad: torch.Tensor | None) -> torch.Ten
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_elements: int | None = None) -> torch.Tensor:
+                         chunk_elements: int | None = None, workspace: dict | None = None) -> torch.Tensor:
     """mean(cross_entropy(h @ weight.T, labels)) over labels != IGNORE_INDEX, without the full logits.
 
     h: (N, dim) final hidden states; weight: (vocab, dim), the LM head; labels: (N,).
@@ -908,15 +912,34 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     2^28 on a GPU: each chunk adds its (vocab, dim) gradient product into grad_weight, so small chunks cost a GPU
     one pass over that gradient per ~130 rows at a 128k vocabulary (measured on an H200, Llama-3.2-1B's shape,
     8 x 1024 tokens: 278 ms a training step at 2^24, transformers 182; bench/RESULTS.md).
+
+    workspace: a dict the caller keeps between calls, where the chunk buffers stay (training reuses them every
+    step); without one they are made afresh each call. On the CPU fresh ones cost more than their products: each
+    (341, 49152) float32 buffer is 64 MB, past glibc's mmap threshold (32 MB at most), so it goes back to the
+    kernel when freed and is faulted in again on its first write. Measured on SmolLM2-135M's LoRA step (4 x 256
+    tokens, 2-core AMD EPYC, 2026-12-05): the loss 1.6 s -> 0.85 s, 1,590 page faults -> none.
     """
     if chunk_elements is None:
         chunk_elements = 1 << 24 if h.device.type == "cpu" else 1 << 28
-    return _LinearCrossEntropy.apply(h, weight, labels, chunk_elements)
+    return _LinearCrossEntropy.apply(h, weight, labels, chunk_elements, workspace)
+
+
+def _chunk_buffers(workspace: dict | None, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    """(rows, vocab) buffers for a chunk's logits (dtype) and log-probabilities (float32): views of the
+    workspace's when they are large enough, else new ones (then kept in it)."""
+    kept = workspace.get("chunks") if workspace is not None else None
+    if kept is None or kept[0].shape[0] < rows or kept[0].shape[1] != vocab or kept[0].dtype != dtype \
+            or kept[0].device != device:
+        kept = (torch.empty(rows, vocab, dtype=dtype, device=device),
+                torch.empty(rows, vocab, dtype=torch.float32, device=device))
+        if workspace is not None:
+            workspace["chunks"] = kept
+    return kept[0][:rows], kept[1][:rows]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk_elements):
+    def forward(ctx, h, weight, labels, chunk_elements, workspace):
         device = h.device.type
         # Under autocast the products run in its dtype (as nn.Linear's would); softmax in float32.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
@@ -933,8 +956,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = max(1, min(chunk_elements // weight.shape[0], hc.shape[0]))
             # Two buffers that every chunk reuses: fresh ones would be fresh pages each chunk, faulted in and zeroed
             # by the kernel (on the CPU a (341, 49152) log_softmax into new memory took 31 ms, into these 10 ms).
-            logits = torch.empty(rows, weight.shape[0], dtype=dtype, device=h.device)
-            logps = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=h.device)
+            logits, logps = _chunk_buffers(workspace, rows, weight.shape[0], dtype, h.device)
             for s in range(0, hc.shape[0], rows):
                 x, y = hc[s:s + rows], labels[s:s + rows]
                 logit, logp = logits[:len(x)], logps[:len(x)]
@@ -967,4 +989,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
-                grad_w * grad_loss if grad_w is not None else None, None, None)
+                grad_w * grad_loss if grad_w is not None else None, None, None, None)

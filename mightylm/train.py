@@ -41,7 +41,7 @@ from mightylm.config import TrainConfig  # noqa: F401  (re-exported: mightylm.tr
 from mightylm.data.loader import IGNORE, Loader
 from mightylm.errors import MightyError
 from mightylm.kernels.ops import swiglu
-from mightylm.model import MLP
+from mightylm.model import MLP, Block, Transformer
 
 
 class TrainingError(MightyError, RuntimeError):
@@ -95,6 +95,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
         adapters.mark_trainable(model)
     keep_pruned_(model)  # a pruned model's zeros stay zeros (their gradients are masked)
     _native_activations(model)
+    _keep_loss_buffers(model, True)
     net = _wrap(model, cfg, world)  # what forward/backward go through (DDP/FSDP wrapper or the model)
     optimizer = optimizer or make_optimizer(model, cfg)
     if hasattr(optimizer, "backward") and (cfg.grad_accum > 1 or cfg.grad_clip is not None or world > 1):
@@ -178,6 +179,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
                 bar.write(f"stopped by signal at step {step}; checkpoint saved in {run_dir / 'checkpoint'}")
                 break
     finally:
+        _keep_loss_buffers(model, False)
         stop.restore()
         bar.close()
         if metrics:
@@ -351,6 +353,15 @@ def _native_activations(model) -> None:
                 module.act_mul = swiglu
 
 
+def _keep_loss_buffers(model, keep: bool) -> None:
+    """While training on the CPU the loss keeps its chunk buffers from one step to the next (a workspace on each
+    Transformer inside `model`; model.linear_cross_entropy says what fresh ones cost); keep=False drops them. Not
+    on a GPU, whose caching allocator already reuses that memory and lends it to other tensors between uses."""
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.loss_workspace = {} if keep and _device(model).type == "cpu" else None
+
+
 def _loss_and_metrics(out) -> tuple[torch.Tensor, dict]:
     """A loss_fn returns the loss, or (loss, {name: value}) with its named parts (distillation's CE and KL,
     MoE's balancing loss): those go to the progress bar, metrics.jsonl and the report."""
@@ -360,16 +371,12 @@ def _loss_and_metrics(out) -> tuple[torch.Tensor, dict]:
 def _blocks(model) -> list:
     """The transformer blocks inside `model`, found by type, so that wrappers (recurrent memory, a
     vision-language model) train through the same loop: activation checkpointing and FSDP2 see them."""
-    from mightylm.model import Block
-
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
 def _tied_head_keys(model) -> set[str]:
     """State-dict keys of LM heads that are the embedding table (stored once, as the embedding), read from
     the model (any Transformer inside a wrapper) rather than assumed at the top level."""
-    from mightylm.model import Transformer
-
     return {f"{name}.lm_head.weight".lstrip(".") for name, m in model.named_modules()
             if isinstance(m, Transformer) and m.head_shares_embedding}
 

@@ -147,6 +147,46 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk_elements, u
         torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk_elements), expected)
 
 
+def test_linear_cross_entropy_reuses_the_buffers_its_workspace_keeps():
+    from mightylm.model import IGNORE_INDEX, linear_cross_entropy
+
+    torch.manual_seed(2)
+    w = torch.randn(256, 32, requires_grad=True)
+    workspace = {}
+    held = []
+    for rows, scored in ((30, 30), (30, 12), (60, 45), (60, 60)):  # fewer rows fit the kept buffers, more grow them
+        h = torch.randn(rows, 32, requires_grad=True)
+        labels = torch.randint(0, 256, (rows,))
+        labels[scored:] = IGNORE_INDEX
+        expected = torch.nn.functional.cross_entropy(h @ w.T, labels, ignore_index=IGNORE_INDEX)
+        loss = linear_cross_entropy(h, w, labels, 256 * 40, workspace=workspace)
+        torch.testing.assert_close(loss, expected)
+        for got, want in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(expected, (h, w))):
+            torch.testing.assert_close(got, want)
+        held.append(workspace["chunks"][0].data_ptr())
+    assert held[0] == held[1] and held[2] == held[3] and held[1] != held[2]
+    assert workspace["chunks"][0].shape == (40, 256)  # 45 scored rows: chunks of 40
+
+
+def test_fit_keeps_the_loss_buffers_while_it_trains_and_drops_them_after(tmp_path):
+    from mightylm.data.loader import Loader
+    from mightylm.train import TrainConfig, cross_entropy, fit
+
+    model = tiny()
+    seen = []
+
+    def loss_fn(net, batch):
+        seen.append(net.loss_workspace.get("chunks", (None,))[0] if net.loss_workspace is not None else "none")
+        return cross_entropy(net, batch)
+
+    ids = torch.randint(0, 256, (8, 17))
+    items = [{"input_ids": r[:-1], "labels": r[1:]} for r in ids]
+    fit(model, Loader(items, 4, shuffle=False), tmp_path, TrainConfig(steps=3, batch_size=4, warmup=1,
+        eval_every=10**9, save_every=10**9, log_every=1), loss_fn=loss_fn, progress=False)
+    assert seen[0] is None and seen[1] is seen[2] is not None  # made by the first step, the same tensor after
+    assert model.loss_workspace is None
+
+
 def test_linear_cross_entropy_under_bf16_autocast_and_with_nothing_scored():
     from mightylm.model import IGNORE_INDEX, linear_cross_entropy
 
