@@ -48,3 +48,26 @@ def test_not_asked_once_torch_is_imported_or_when_turned_off():
                          check=True, env=env).stdout.split()
     assert out[:2] == ["False", "None"]  # too late: torch read the setting at its first allocation
     assert probe(THP_MEM_ALLOC_ENABLE="0")[:2] == ("False", "0")
+
+
+def test_freed_large_tensors_are_reused_without_new_page_faults():
+    """A training step frees and allocates the same large tensors: after for_training the second 64 MiB tensor lands
+    in the memory the first one left (glibc keeps it: no mmap of its own, no trimming), not in fresh pages."""
+    import os
+
+    probe = """
+import resource, sys
+from mightylm.huge_pages import for_training
+if sys.argv[1] == "ask":
+    for_training()
+import torch
+t = torch.ones(64 << 18)
+del t
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+t = torch.ones(64 << 18)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    faults = {ask: int(subprocess.run([sys.executable, "-c", probe, ask], capture_output=True, text=True, check=True,
+                                      env=env).stdout) for ask in ("ask", "no")}
+    assert faults["ask"] < 50 and faults["no"] > 4000, faults  # 4 KiB pages: 16,384 for 64 MiB
