@@ -589,6 +589,9 @@ class Transformer(nn.Module):
         # Where the loss keeps its chunk buffers from one call to the next (`linear_cross_entropy`), or None: set
         # by train.fit while it trains on the CPU.
         self.loss_workspace: dict | None = None
+        # (logits, labels, scale) -> their summed cross-entropy, the logits turned into its gradient in place, or
+        # None where it declines: the loss's softmax step in one native pass, set by train.fit on the CPU.
+        self.softmax_grad = None
         self._rope_len = 0
         self._rope_regime = None
         self.init_weights()
@@ -809,7 +812,7 @@ class Transformer(nn.Module):
         never holding the (B*T, vocab) logits."""
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
-                                        workspace=self.loss_workspace)
+                                        workspace=self.loss_workspace, softmax_grad=self.softmax_grad)
         # A replaced head (LoRA on the head, quantized): materialise the logits.
         logits = self.head(h)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -895,7 +898,8 @@ def _drop_prefix(x: torch.Tensor, P: int, pad: torch.Tensor | None) -> torch.Ten
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_elements: int | None = None, workspace: dict | None = None) -> torch.Tensor:
+                         chunk_elements: int | None = None, workspace: dict | None = None,
+                         softmax_grad=None) -> torch.Tensor:
     """mean(cross_entropy(h @ weight.T, labels)) over labels != IGNORE_INDEX, without the full logits.
 
     h: (N, dim) final hidden states; weight: (vocab, dim), the LM head; labels: (N,).
@@ -918,28 +922,33 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     (341, 49152) float32 buffer is 64 MB, past glibc's mmap threshold (32 MB at most), so it goes back to the
     kernel when freed and is faulted in again on its first write. Measured on SmolLM2-135M's LoRA step (4 x 256
     tokens, 2-core AMD EPYC, 2026-12-05): the loss 1.6 s -> 0.85 s, 1,590 page faults -> none.
+
+    softmax_grad: (logits, labels, scale) -> the chunk's summed cross-entropy, having turned its float32 logits into
+    scale * (softmax - one-hot) in place (kernels.ops.softmax_cross_entropy_), or None to decline. It needs no
+    log-probability buffer, so its chunks are twice as many rows in the same memory.
     """
     if chunk_elements is None:
         chunk_elements = 1 << 24 if h.device.type == "cpu" else 1 << 28
-    return _LinearCrossEntropy.apply(h, weight, labels, chunk_elements, workspace)
+    return _LinearCrossEntropy.apply(h, weight, labels, chunk_elements, workspace, softmax_grad)
 
 
-def _chunk_buffers(workspace: dict | None, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
-    """(rows, vocab) buffers for a chunk's logits (dtype) and log-probabilities (float32): views of the
-    workspace's when they are large enough, else new ones (then kept in it)."""
+def _chunk_buffers(workspace: dict | None, rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                   logps: bool):
+    """(rows, vocab) buffers for a chunk's logits (dtype) and, with `logps`, its log-probabilities (float32; else
+    None): views of the workspace's when they are large enough, else new ones (then kept in it)."""
     kept = workspace.get("chunks") if workspace is not None else None
     if kept is None or kept[0].shape[0] < rows or kept[0].shape[1] != vocab or kept[0].dtype != dtype \
-            or kept[0].device != device:
+            or kept[0].device != device or (logps and kept[1] is None):
         kept = (torch.empty(rows, vocab, dtype=dtype, device=device),
-                torch.empty(rows, vocab, dtype=torch.float32, device=device))
+                torch.empty(rows, vocab, dtype=torch.float32, device=device) if logps else None)
         if workspace is not None:
             workspace["chunks"] = kept
-    return kept[0][:rows], kept[1][:rows]
+    return kept[0][:rows], kept[1][:rows] if logps else None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk_elements, workspace):
+    def forward(ctx, h, weight, labels, chunk_elements, workspace, softmax_grad):
         device = h.device.type
         # Under autocast the products run in its dtype (as nn.Linear's would); softmax in float32.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
@@ -953,21 +962,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, wc = (h if picked is None else h[picked]).to(dtype), weight.to(dtype)
             labels = labels if picked is None else labels[picked]
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            rows = max(1, min(chunk_elements // weight.shape[0], hc.shape[0]))
-            # Two buffers that every chunk reuses: fresh ones would be fresh pages each chunk, faulted in and zeroed
-            # by the kernel (on the CPU a (341, 49152) log_softmax into new memory took 31 ms, into these 10 ms).
-            logits, logps = _chunk_buffers(workspace, rows, weight.shape[0], dtype, h.device)
+            one_buffer = softmax_grad is not None and dtype == torch.float32  # no log-probabilities kept apart
+            rows = max(1, min(chunk_elements * (2 if one_buffer else 1) // weight.shape[0], hc.shape[0]))
+            # Buffers that every chunk reuses: fresh ones would be fresh pages each chunk, faulted in and zeroed by
+            # the kernel (on the CPU a (341, 49152) log_softmax into new memory took 31 ms, into these 10 ms).
+            logits, logps = _chunk_buffers(workspace, rows, weight.shape[0], dtype, h.device, not one_buffer)
             for s in range(0, hc.shape[0], rows):
                 x, y = hc[s:s + rows], labels[s:s + rows]
-                logit, logp = logits[:len(x)], logps[:len(x)]
+                logit = logits[:len(x)]
                 torch.mm(x, wc.T, out=logit)
-                torch.log_softmax(logit, -1, dtype=torch.float32, out=logp)  # one pass, unlike logsumexp
-                total -= logp.gather(1, y[:, None])[:, 0].sum()
+                summed = softmax_grad(logit, y, 1.0 / float(n)) if one_buffer else None
+                if summed is not None:  # logit is d loss / d logits now
+                    total += summed
+                    p = logit
+                else:
+                    logp = logps[:len(x)] if logps is not None else torch.empty_like(logit)
+                    torch.log_softmax(logit, -1, dtype=torch.float32, out=logp)  # one pass, unlike logsumexp
+                    total -= logp.gather(1, y[:, None])[:, 0].sum()
+                    p = logp.exp_()  # softmax, in place
+                    p[torch.arange(len(y), device=p.device), y] -= 1
+                    p = p.div_(n).to(dtype)  # d loss / d logits for these rows
                 if not (need_h or need_w):
                     continue
-                p = logp.exp_()  # softmax, in place
-                p[torch.arange(len(y), device=p.device), y] -= 1
-                p = p.div_(n).to(dtype)  # d loss / d logits for these rows
                 if need_h:
                     if picked is None and grad_h.dtype == dtype:
                         torch.mm(p, wc, out=grad_h[s:s + rows])
@@ -989,4 +1005,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
-                grad_w * grad_loss if grad_w is not None else None, None, None, None)
+                grad_w * grad_loss if grad_w is not None else None, None, None, None, None)

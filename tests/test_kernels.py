@@ -384,6 +384,7 @@ def test_fit_trains_swiglu_through_the_kernel_with_pytorchs_gradients(tmp_path):
     plain = gradients()
     _native_activations(model)
     assert all(m.act_mul is ops.swiglu for m in model.modules() if isinstance(m, mightylm.model.MLP))
+    assert model.softmax_grad is ops.softmax_cross_entropy_  # the loss's softmax step too
     for a, b in zip(gradients(), plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
@@ -392,6 +393,58 @@ def test_fit_trains_swiglu_through_the_kernel_with_pytorchs_gradients(tmp_path):
     fit(fresh, Loader(items, 2, shuffle=False), tmp_path, TrainConfig(steps=1, batch_size=2, eval_every=10**9,
                                                                       save_every=10**9), progress=False)
     assert all(m.act_mul is ops.swiglu for m in fresh.modules() if isinstance(m, mightylm.model.MLP))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,vocab", [(1, 7), (5, 200), (33, 49152)])  # tails of fewer than 8 and 16 values
+def test_softmax_cross_entropy_turns_logits_into_the_gradient_of_their_loss(rows, vocab):
+    """The loss's step over a chunk (kernels/cross_entropy.c): the summed cross-entropy and, in place, scale * (softmax
+    - one-hot), as log_softmax gives them in float64; large logits (no overflow: the row's maximum comes off first)
+    and several threads; it declines (None, nothing written) what it cannot take."""
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=g) * 6
+    logits[0, :3] = torch.tensor([80.0, -90.0, 79.0])[: vocab]
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    logp = torch.log_softmax(logits.double(), -1)
+    want_loss = -logp.gather(1, labels[:, None]).sum()
+    want_grad = logp.exp()
+    want_grad[torch.arange(rows), labels] -= 1
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        got = logits.clone()
+        loss = ops.softmax_cross_entropy_(got, labels, 0.25)
+        assert loss.dtype == torch.float32 and loss.shape == ()
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got.double(), 0.25 * want_grad, rtol=1e-5, atol=1e-8)
+    bad = labels.clone()
+    bad[-1] = vocab
+    for args in ((logits.clone(), bad), (logits.double(), labels), (logits.t(), labels[:1].expand(vocab))):
+        before = args[0].clone()
+        assert ops.softmax_cross_entropy_(*args, 1.0) is None and torch.equal(args[0], before)
+
+
+@needs_kernel
+def test_the_loss_through_the_softmax_kernel_equals_pytorchs():
+    """linear_cross_entropy with the kernel's step (one buffer, chunks twice as many rows): the loss and both
+    gradients as logits then F.cross_entropy, some rows unscored; a bad label still gets PyTorch's error."""
+    from mightylm.model import IGNORE_INDEX, linear_cross_entropy
+
+    torch.manual_seed(3)
+    h = torch.randn(50, 32, requires_grad=True)
+    w = torch.randn(256, 32, requires_grad=True)
+    labels = torch.randint(0, 256, (50,))
+    labels[::4] = IGNORE_INDEX
+    expected = F.cross_entropy(h @ w.T, labels, ignore_index=IGNORE_INDEX)
+    want = torch.autograd.grad(expected * 1.5, (h, w))
+    workspace = {}
+    loss = linear_cross_entropy(h, w, labels, 256 * 8, workspace, ops.softmax_cross_entropy_)
+    assert workspace["chunks"][0].shape == (16, 256) and workspace["chunks"][1] is None  # one buffer of 2 x 8 rows
+    torch.testing.assert_close(loss, expected)
+    for got, ref in zip(torch.autograd.grad(loss * 1.5, (h, w)), want):
+        torch.testing.assert_close(got, ref)
+    labels[1] = 256
+    with pytest.raises((IndexError, RuntimeError)):
+        linear_cross_entropy(h, w, labels, 256 * 8, None, ops.softmax_cross_entropy_)
 
 
 def _attention_reference(q, keys, values, seen):

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 _SOURCES = [Path(__file__).with_name(name) for name in
-            ("gemv.c", "gguf_blocks.c", "q5_0_fields.c", "q6_k_fields.c", "sparse24.c", "attention.c", "swiglu.c")]
+            ("gemv.c", "gguf_blocks.c", "q5_0_fields.c", "q6_k_fields.c", "sparse24.c", "attention.c", "swiglu.c",
+             "cross_entropy.c")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
 _tried = False
@@ -138,6 +139,9 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
     lib.mighty_swiglu.restype = lib.mighty_swiglu_backward.restype = None
     lib.mighty_swiglu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int]
     lib.mighty_swiglu_backward.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_int]
+    lib.mighty_softmax_cross_entropy.restype = None
+    lib.mighty_softmax_cross_entropy.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                                 ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     lib.mighty_set_isa.restype, lib.mighty_set_isa.argtypes = None, [ctypes.c_int]
     lib.mighty_isa.restype, lib.mighty_isa.argtypes = ctypes.c_int, []
     lib.mighty_set_isa(ISAS.index(_chosen_isa()))

@@ -161,6 +161,10 @@ void mighty_swiglu(const float *g, const float *u, float *h, long n, int nthread
 void mighty_swiglu_backward(const float *dh, const float *g, const float *u, float *dg, float *du, long n,
                             int nthreads);
 
+/* each logits row to scale (softmax - one-hot label), its cross-entropy to losses (cross_entropy.c) */
+void mighty_softmax_cross_entropy(float *logits, long rows, long vocab, const long *labels, float scale,
+                                  float *losses, int nthreads);
+
 void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_cache, const void *v_cache, int half,
                       long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
                       long row_stride, int threads);

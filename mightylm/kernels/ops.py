@@ -202,3 +202,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
             and gemv_library() is not None):
         return _SwiGLU.apply(gate, up)
     return F.silu(gate) * up
+
+
+def softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """In place, the loss's step over a chunk of rows (cross_entropy.c): logits (n, vocab) become scale * (softmax
+    (logits) - one_hot(labels)), d loss / d logits of scale * the summed cross-entropy, which is returned (a float32
+    scalar). None (nothing written) unless logits are contiguous float32 on the CPU and every label is in range
+    (then the caller's PyTorch path runs, with its own error for a bad label)."""
+    n, vocab = logits.shape
+    if not (logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous()
+            and labels.shape == (n,) and not torch.compiler.is_compiling() and (lib := gemv_library()) is not None):
+        return None
+    labels = labels.to(torch.int64).contiguous()
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+        return None
+    losses = torch.empty(n)
+    lib.mighty_softmax_cross_entropy(logits.data_ptr(), n, vocab, labels.data_ptr(), scale, losses.data_ptr(),
+                                     torch.get_num_threads())
+    return losses.sum()
