@@ -962,7 +962,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, wc = (h if picked is None else h[picked]).to(dtype), weight.to(dtype)
             labels = labels if picked is None else labels[picked]
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            one_buffer = softmax_grad is not None and dtype == torch.float32  # no log-probabilities kept apart
+            # the native step (float32 on the CPU) keeps no log-probabilities apart
+            one_buffer = softmax_grad is not None and dtype == torch.float32 and device == "cpu"
             rows = max(1, min(chunk_elements * (2 if one_buffer else 1) // weight.shape[0], hc.shape[0]))
             # Buffers that every chunk reuses: fresh ones would be fresh pages each chunk, faulted in and zeroed by
             # the kernel (on the CPU a (341, 49152) log_softmax into new memory took 31 ms, into these 10 ms).
@@ -972,18 +973,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logit = logits[:len(x)]
                 torch.mm(x, wc.T, out=logit)
                 summed = softmax_grad(logit, y, 1.0 / float(n)) if one_buffer else None
-                if summed is not None:  # logit is d loss / d logits now
-                    total += summed
-                    p = logit
-                else:
-                    logp = logps[:len(x)] if logps is not None else torch.empty_like(logit)
+                if summed is None:
+                    logp = logps[:len(x)] if logps is not None else torch.empty_like(logit)  # (a label it declined)
                     torch.log_softmax(logit, -1, dtype=torch.float32, out=logp)  # one pass, unlike logsumexp
                     total -= logp.gather(1, y[:, None])[:, 0].sum()
+                else:
+                    total += summed  # and logit is d loss / d logits now
+                if not (need_h or need_w):
+                    continue
+                if summed is None:
                     p = logp.exp_()  # softmax, in place
                     p[torch.arange(len(y), device=p.device), y] -= 1
                     p = p.div_(n).to(dtype)  # d loss / d logits for these rows
-                if not (need_h or need_w):
-                    continue
+                else:
+                    p = logit
                 if need_h:
                     if picked is None and grad_h.dtype == dtype:
                         torch.mm(p, wc, out=grad_h[s:s + rows])
