@@ -169,4 +169,30 @@ void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_
                       long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
                       long row_stride, int threads);
 
+/* p[0..n) = e^(p - max p), returning max p and (in *sum) the sum of the new p (attention's scores, the loss's
+ * logits): 8 lanes at a time (a scalar loop's max and sum are chains of dependent operations, ~3 cycles a value) */
+static inline float exp_shifted(float *p, long n, float *sum) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    long t = 0;
+    for (; t + 8 <= n; t += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(p + t));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    for (; t < n; t++) m = p[t] > m ? p[t] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 s8 = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), mv));
+        _mm256_storeu_ps(p + t, e);
+        s8 = _mm256_add_ps(s8, e);
+    }
+    float s = hsum(s8);
+    const long tail = t;
+    for (; t < n; t++) p[t] -= m;
+    mighty_exp(p + tail, n - tail);  /* the last n % 8 in one padded vector */
+    for (t = tail; t < n; t++) s += p[t];
+    *sum = s;
+    return m;
+}
+
 #endif
