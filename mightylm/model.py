@@ -964,6 +964,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             # the native step (float32 on the CPU) keeps no log-probabilities apart
             one_buffer = softmax_grad is not None and dtype == torch.float32 and device == "cpu"
+            scale = 1.0 / float(n) if one_buffer else None  # d loss / d (summed cross-entropy)
             rows = max(1, min(chunk_elements * (2 if one_buffer else 1) // weight.shape[0], hc.shape[0]))
             # Buffers that every chunk reuses: fresh ones would be fresh pages each chunk, faulted in and zeroed by
             # the kernel (on the CPU a (341, 49152) log_softmax into new memory took 31 ms, into these 10 ms).
@@ -972,7 +973,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 x, y = hc[s:s + rows], labels[s:s + rows]
                 logit = logits[:len(x)]
                 torch.mm(x, wc.T, out=logit)
-                summed = softmax_grad(logit, y, 1.0 / float(n)) if one_buffer else None
+                summed = softmax_grad(logit, y, scale) if one_buffer else None
                 if summed is None:
                     logp = logps[:len(x)] if logps is not None else torch.empty_like(logit)  # (a label it declined)
                     torch.log_softmax(logit, -1, dtype=torch.float32, out=logp)  # one pass, unlike logsumexp

@@ -95,7 +95,6 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
         adapters.mark_trainable(model)
     keep_pruned_(model)  # a pruned model's zeros stay zeros (their gradients are masked)
     _native_activations(model)
-    _keep_loss_buffers(model, True)
     net = _wrap(model, cfg, world)  # what forward/backward go through (DDP/FSDP wrapper or the model)
     optimizer = optimizer or make_optimizer(model, cfg)
     if hasattr(optimizer, "backward") and (cfg.grad_accum > 1 or cfg.grad_clip is not None or world > 1):
@@ -119,6 +118,7 @@ def fit(model, train: Loader, run_dir: str | Path, cfg: TrainConfig, *, val: Loa
     log_tokens = 0  # tokens since the last metrics line, for tokens/s
     summary = {"interrupted": False}
     model.train()
+    _keep_loss_buffers(model, True)  # dropped in `finally`
     try:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
@@ -360,9 +360,10 @@ def _keep_loss_buffers(model, keep: bool) -> None:
     """While training on the CPU the loss keeps its chunk buffers from one step to the next (a workspace on each
     Transformer inside `model`; model.linear_cross_entropy says what fresh ones cost); keep=False drops them. Not
     on a GPU, whose caching allocator already reuses that memory and lends it to other tensors between uses."""
+    keep = keep and _device(model).type == "cpu"
     for module in model.modules():
         if isinstance(module, Transformer):
-            module.loss_workspace = {} if keep and _device(model).type == "cpu" else None
+            module.loss_workspace = {} if keep else None
 
 
 def _loss_and_metrics(out) -> tuple[torch.Tensor, dict]:
