@@ -303,7 +303,7 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
     else:
         from mightylm.compress.gguf_blocks import float_layouts_
 
-        float_layouts_(loaded)  # kept Q6_K (and Q5_0 on AVX2) in our float32 layouts, as lite multiplies them
+        float_layouts_(loaded)  # kept blocks in our float32 layouts where kernels.float_layout says, as lite
     fuse_projections_(loaded)
     freeze_what_lives()
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log,

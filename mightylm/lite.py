@@ -7,9 +7,9 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
 `--engine auto`):
 
     the weights   the file's blocks read into numpy arrays, q/k/v and gate/up stacked by rows as fuse.py stacks
-                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q6_K products, and Q5_0 ones on
-                  AVX2, in our layouts (kernels/q5_0_fields.c, q6_k_fields.c: copies made at load, one-row products
-                  1.3-1.5x faster than the stored blocks')
+                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q6_K products, Q5_0 ones on
+                  AVX2 and Q4_0 / Q4_1 ones on AVX-512 in our layouts (kernels.float_layout; q4_fields.c,
+                  q5_0_fields.c, q6_k_fields.c: copies made at load, one-row products faster than the stored blocks')
     a pass        token rows looked up in C (mighty_ggml_rows), every block in one call (mighty_decode_blocks, the
                   same call fuse.NativeDecodeStack makes), the final RMSNorm in numpy, the head through
                   mighty_gemm_ggml; a prompt goes through in passes of NATIVE_ROWS tokens
@@ -38,11 +38,11 @@ from typing import Iterator
 import numpy as np
 
 from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
-from mightylm.checkpoint.gguf_file import KEPT, Q6_K, TYPE_NAMES
+from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
-from mightylm.kernels import (FIELDS, BlockArgs, Projection, as_fields, as_q8_0, common_type, gemv_library, int8_layout,
-                              kernel_isa, physical_cores, tile_rows)
+from mightylm.kernels import (FIELDS, BlockArgs, Projection, as_fields, as_q8_0, common_type, float_layout,
+                              gemv_library, int8_layout, physical_cores, tile_rows)
 from mightylm.streaming import Sampling, cached_prefix
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -117,8 +117,8 @@ class LiteModel:
             kinds = [t.type for t in weights]
             kind = common_type(kinds)  # mixed Q4_0 / Q5_0 / Q8_0 parts: all as Q8_0, the same values
             layout = _int8_layout(int8_activations, kind, [t.shape[0] for t in weights])
-            if layout is None and kind in FIELDS and (kind == Q6_K or kernel_isa() == "avx2"):
-                layout = "fields"  # float32: our layouts, a copy (AVX-512 reads Q5_0 as stored; Q6_K's loop is AVX2's)
+            if layout is None and float_layout(kind):
+                layout = "fields"  # float32: our layouts, a copy (kernels.float_layout says which types, on which path)
             if len(names) == 1 and permute == [None] and layout is None:
                 weight = stored(f"{names[0]}.weight")  # multiplied as stored: read in place, no copy
             else:
@@ -154,9 +154,15 @@ class LiteModel:
         self.embed, self.embed_type = stored("token_embd.weight"), tensors["token_embd.weight"].type
         head = "token_embd.weight" if c.tie_embeddings else "output.weight"
         self.head_type = tensor(head).type
-        # int8 activations: the head in tiles, a copy (a head tied to the table too: lookups read the stored rows)
+        # int8 activations: the head in tiles; float32: in our layout where kernels.float_layout says; both a copy (a
+        # head tied to the table too: lookups read the stored rows)
         self.head_layout = _int8_layout(int8_activations, self.head_type, [tensor(head).shape[0]])
-        self.head_weight = tile_rows(rows(head), self.head_type) if self.head_layout == "tiles" else stored(head)
+        if self.head_layout == "tiles":
+            self.head_weight = tile_rows(rows(head), self.head_type)
+        elif float_layout(self.head_type):
+            self.head_weight, self.head_type = as_fields(rows(head), self.head_type), FIELDS[self.head_type]
+        else:
+            self.head_weight = stored(head)
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)

@@ -49,11 +49,17 @@ EMU emu512 emu_maskz_loadu_ps(__mmask16 k, const void *p) {  /* lanes outside th
     LANES(16) if (k >> l & 1) memcpy(&r.f[l], (const float *)p + l, 4);
     return r;
 }
+EMU emu512 emu_maskz_loadu_epi32(__mmask16 k, const void *p) {  /* the same for 32-bit integers */
+    emu512 r = emu_zero();
+    LANES(16) if (k >> l & 1) memcpy(&r.u32[l], (const uint32_t *)p + l, 4);
+    return r;
+}
 EMU void emu_mask_storeu_ps(void *p, __mmask16 k, emu512 a) {
     LANES(16) if (k >> l & 1) memcpy((float *)p + l, &a.f[l], 4);
 }
 
 EMU emu512 emu_add_ps(emu512 a, emu512 b) { LANES(16) a.f[l] += b.f[l]; return a; }
+EMU emu512 emu_sub_ps(emu512 a, emu512 b) { LANES(16) a.f[l] -= b.f[l]; return a; }
 EMU emu512 emu_mul_ps(emu512 a, emu512 b) { LANES(16) a.f[l] *= b.f[l]; return a; }
 EMU emu512 emu_fmadd_ps(emu512 a, emu512 b, emu512 c) { LANES(16) a.f[l] = fmaf(a.f[l], b.f[l], c.f[l]); return a; }
 EMU emu512 emu_fmsub_ps(emu512 a, emu512 b, emu512 c) { LANES(16) a.f[l] = fmaf(a.f[l], b.f[l], -c.f[l]); return a; }
@@ -132,8 +138,10 @@ EMU float emu_reduce_add_ps(emu512 a) {
 #define _mm512_loadu_si512 emu_loadu
 #define _mm512_storeu_ps emu_storeu_ps
 #define _mm512_maskz_loadu_ps emu_maskz_loadu_ps
+#define _mm512_maskz_loadu_epi32 emu_maskz_loadu_epi32
 #define _mm512_mask_storeu_ps emu_mask_storeu_ps
 #define _mm512_add_ps emu_add_ps
+#define _mm512_sub_ps emu_sub_ps
 #define _mm512_mul_ps emu_mul_ps
 #define _mm512_fmadd_ps emu_fmadd_ps
 #define _mm512_fmsub_ps emu_fmsub_ps

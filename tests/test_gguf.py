@@ -989,21 +989,21 @@ def test_mixed_q5_0_and_q8_0_parts_fuse_as_q8_0_with_the_same_values(int8, tmp_p
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q6_K], ids=lambda q: q.name)
 def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tokenizer, monkeypatch):
-    """float_layouts_ (what load_for_generation and mighty serve apply to kept blocks: Q6_K, and Q5_0 on AVX2, in
-    kernels' layouts of ours): every layer's values as before (dequantize reads them back), logits within float32
-    rounding of the stored blocks' for a prompt (through the kernels, then past their row limit through a float
-    GEMM) and for decoded tokens through the native stack, the same greedy tokens; int8_activations_ afterwards tiles
-    the stored blocks, the same model as without the layouts. Without the native kernels nothing is laid out."""
+    """float_layouts_ (what load_for_generation and mighty serve apply to kept blocks: Q6_K, Q5_0 on AVX2, Q4_0 and
+    Q4_1 on AVX-512, in kernels' layouts of ours): every layer's values as before (dequantize reads them back),
+    logits within float32 rounding of the stored blocks' for a prompt (through the kernels, then past their row limit
+    through a float GEMM) and for decoded tokens through the native stack, the same greedy tokens; int8_activations_
+    afterwards tiles the stored blocks, the same model as without the layouts. Without the native kernels nothing is laid out."""
     from mightylm.compress.gguf_blocks import GGUFLinear, KERNEL_ROWS, float_layouts_, int8_activations_
     from mightylm.fuse import fuse_projections_
     from mightylm.generate import stream_tokens
-    from mightylm.kernels import kernel_isa
+    from mightylm.kernels import float_layout, kernel_isa
     from mightylm.streaming import Sampling
 
-    if qtype == Q.Q5_0 and kernel_isa() != "avx2":
-        pytest.skip("Q5_0's layout is used where the kernels run AVX2 only")
+    if not float_layout(qtype):
+        pytest.skip(f"{qtype.name}'s layout is not used on the {kernel_isa()} kernel path (kernels.float_layout)")
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, hidden_size=256,
                        intermediate_size=512, num_hidden_layers=2)  # rows of 256 and 512 values: Q6_K's unit
     write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
@@ -1013,7 +1013,7 @@ def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tok
     assert len(changed) == 7 * laid.config.n_layers and laid.applied("float_layouts")  # a tied head keeps its rows
     pairs = [(a, b) for a, b in zip(stored.modules(), laid.modules()) if isinstance(a, GGUFLinear)]
     assert all(torch.equal(a.dequantize(), b.dequantize()) for a, b in pairs)
-    assert any(a.weight.shape != b.weight.shape for a, b in pairs)  # Q5_0 6 %, Q6_K 15 % more bytes a row
+    assert any(not torch.equal(a.weight, b.weight) for a, b in pairs)  # Q5_0 6 %, Q6_K 15 % more bytes; Q4 as many
     with torch.no_grad():
         for length in (12, KERNEL_ROWS + 8):
             idx = torch.randint(0, stored.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(3))

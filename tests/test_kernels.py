@@ -318,6 +318,30 @@ def test_q6_k_fields_multiply_as_the_stored_q6_k_blocks(kernel_path, n_in):
         assert fields.shape == (out, n_in // 256 * 242)  # 7 vectors of five 6-bit fields + scales and d (stored 210)
 
 
+@pytest.mark.parametrize("n_in", [32, 64, 96, 128, 160, 576])  # 1, 2, 3, 4, 5, 18 blocks: groups of 4 and every tail
+@pytest.mark.parametrize("kind", [2, 3], ids=["Q4_0", "Q4_1"])
+def test_q4_fields_multiply_as_the_stored_q4_blocks(kernel_path, kind, n_in):
+    """Q4_0 / Q4_1 rows in q4_fields.c's layout (lite's and the torch path's on AVX-512): the same bytes reordered
+    within each row, read back byte for byte; products within float32 rounding of the dequantized weights for 1 to
+    17 rows of x and odd or even output rows, with a bias, on every kernel path."""
+    import numpy as np
+
+    rng = np.random.default_rng(n_in + kind)
+    head = 2 if kind == 2 else 4
+    for out in (1, 6, 7):
+        raw = rng.integers(0, 256, (out, n_in // 32, head + 16), dtype=np.uint8)
+        d = rng.uniform(0.001, 0.05, (out, n_in // 32, 1)).astype(np.float16)
+        raw[..., :2] = d.view(np.uint8)
+        m = rng.uniform(-0.5, 0.0, (out, n_in // 32, 1)).astype(np.float16)
+        if kind == 3:
+            raw[..., 2:4] = m.view(np.uint8)
+        q = np.concatenate([raw[..., head:] & 15, raw[..., head:] >> 4], axis=-1).astype(np.float64)  # (out, nb, 32)
+        w = d.astype(np.float64) * (q - 8) if kind == 2 else d.astype(np.float64) * q + m.astype(np.float64)
+        raw = raw.reshape(out, -1)
+        fields = _fields_against_stored(raw, kind, w.reshape(out, n_in), n_in, rng, exact=False)
+        assert fields.shape == raw.shape and not np.array_equal(fields, raw)
+
+
 @needs_kernel
 def test_the_vector_exp_is_within_two_ulp_of_libm():
     """The native block's softmax and SiLU take e^x eight at a time (gemv.c's exp8): within 2 ulp of torch.exp

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES
-from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, from_fields, int8_layout, kernel_isa, tile_rows,
-                              untile_rows)
+from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, float_layout, from_fields, int8_layout, kernel_isa,
+                              tile_rows, untile_rows)
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
@@ -270,9 +270,9 @@ def int8_activations_(model: nn.Module) -> list[str]:
 
 
 def float_layouts_(model: nn.Module) -> list[str]:
-    """Kept Q6_K blocks (and Q5_0 ones where the kernels run AVX2) repacked in place into our layouts for float32
-    arithmetic (kernels/q5_0_fields.c, q6_k_fields.c: the same values, one-row products 1.3-1.5x faster), as lite
-    multiplies them; `stored` and `dequantize` read them back. Not for layers under int8_activations_ (tiles), nor a
+    """Kept blocks repacked in place into our layouts for float32 arithmetic where kernels.float_layout says (Q6_K;
+    Q5_0 on AVX2; Q4_0 / Q4_1 on AVX-512: kernels/q4_fields.c, q5_0_fields.c, q6_k_fields.c; the same values,
+    one-row products 1.1-1.5x faster), as lite multiplies them; `stored` and `dequantize` read them back. Not for layers under int8_activations_ (tiles), nor a
     head tied to the embedding table (its lookups read the stored rows). Apply before `fuse_projections_`. Returns
     the modules changed."""
     tables = _tables_before_fusing(model, "float_layouts_")
@@ -280,7 +280,7 @@ def float_layouts_(model: nn.Module) -> list[str]:
     changed = []
     for name, m in model.named_modules():
         if (isa is not None and isinstance(m, GGUFLinear) and not (m.int8_activations or m.float_layout)
-                and m.ggml_type in FIELDS and (m.ggml_type == Q6_K or isa == "avx2") and m.weight.device.type == "cpu"
+                and float_layout(m.ggml_type, isa) and m.weight.device.type == "cpu"
                 and m.weight.untyped_storage().data_ptr() not in tables):
             m.weight = torch.from_numpy(as_fields(m.weight.contiguous().numpy(), m.ggml_type))
             m.float_layout = True

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 _SOURCES = [Path(__file__).with_name(name) for name in
-            ("gemv.c", "gguf_blocks.c", "q5_0_fields.c", "q6_k_fields.c", "sparse24.c", "attention.c", "swiglu.c",
-             "cross_entropy.c")]
+            ("gemv.c", "gguf_blocks.c", "q4_fields.c", "q5_0_fields.c", "q6_k_fields.c", "sparse24.c", "attention.c",
+             "swiglu.c", "cross_entropy.c")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
 _tried = False
@@ -270,17 +270,35 @@ def as_q8_0(raw: np.ndarray, kind: int) -> np.ndarray:
     return np.concatenate([blocks[..., :2], codes], axis=-1).reshape(out, -1)
 
 
-Q5_0_FIELDS, Q6_K_FIELDS = 106, 114  # q5_0_fields.c's and q6_k_fields.c's layouts, types of their own to the kernels
-FIELDS = {6: Q5_0_FIELDS, 14: Q6_K_FIELDS}  # ggml type -> its layout's
+Q4_0_FIELDS, Q4_1_FIELDS, Q5_0_FIELDS, Q6_K_FIELDS = 102, 103, 106, 114  # our layouts (q4_fields.c, q5_0_fields.c,
+# q6_k_fields.c), types of their own to the kernels
+FIELDS = {2: Q4_0_FIELDS, 3: Q4_1_FIELDS, 6: Q5_0_FIELDS, 14: Q6_K_FIELDS}  # ggml type -> its layout's
 _FIELD_UNITS = {6: (22, 32), 14: (210, 256)}  # stored bytes per block, values per block
+_Q4_HEADS = {2: 2, 3: 4}  # Q4_0's fp16 d, Q4_1's d and m: bytes before a block's 16 bytes of codes
+
+
+def float_layout(kind: int, isa: str | None = None) -> bool:
+    """Whether kept GGUF blocks of ggml type `kind` are multiplied in one of our layouts (as_fields) for float32
+    arithmetic on kernel path `isa` (default: the current one): Q6_K everywhere; Q5_0 on AVX2 (AVX-512's stored loop
+    sets its fifth bits under a mask); Q4_0 and Q4_1 on AVX-512 (the stored loop's widening and scalar scale per block
+    cost it ~10 cycles a block on the Intel Xeon; bench/RESULTS.md)."""
+    isa = isa or kernel_isa()
+    if isa is None:
+        return False
+    return kind == 14 or (kind == 6 and isa == "avx2") or (kind in _Q4_HEADS and isa == "avx512")
 
 
 def as_fields(raw: np.ndarray, kind: int) -> np.ndarray:
-    """Q5_0 or Q6_K rows (out, row bytes) in q5_0_fields.c's / q6_k_fields.c's layout for float32 arithmetic on AVX2
-    (the same values; ~6 % / ~15 % more bytes), (out, its row bytes), to multiply as type FIELDS[kind]; the kernels'
-    threads do it."""
-    lib = gemv_library()
+    """Q4_0, Q4_1, Q5_0 or Q6_K rows (out, row bytes) in our layout for float32 arithmetic (the same values: Q4's the
+    same bytes reordered, Q5_0's and Q6_K's ~6 % / ~15 % more bytes), (out, its row bytes), to multiply as type
+    FIELDS[kind]; the kernels' threads repack Q5_0 and Q6_K."""
     out, row_bytes = raw.shape
+    if kind in _Q4_HEADS:  # each row: the blocks' codes, then their d, then (Q4_1) their m (q4_fields.c)
+        head = _Q4_HEADS[kind]
+        blocks = raw.reshape(out, -1, head + 16)
+        parts = [blocks[..., head:], blocks[..., :2]] + ([blocks[..., 2:4]] if kind == 3 else [])
+        return np.concatenate([p.reshape(out, -1) for p in parts], axis=1)
+    lib = gemv_library()
     stored, values = _FIELD_UNITS[kind]
     n_in = row_bytes // stored * values
     raw = np.ascontiguousarray(raw)
@@ -292,7 +310,11 @@ def as_fields(raw: np.ndarray, kind: int) -> np.ndarray:
 
 
 def from_fields(fields: np.ndarray, kind: int, n_in: int) -> np.ndarray:
-    """as_fields' rows back to stored Q5_0 / Q6_K rows (out, row bytes)."""
+    """as_fields' rows back to stored rows (out, row bytes)."""
+    if kind in _Q4_HEADS:
+        out, nb = fields.shape[0], n_in // 32
+        codes, scales = fields[:, :16 * nb].reshape(out, nb, 16), fields[:, 16 * nb:].reshape(out, -1, nb, 2)
+        return np.concatenate([*(scales[:, i] for i in range(scales.shape[1])), codes], axis=-1).reshape(out, -1)
     lib = gemv_library()
     stored, values = _FIELD_UNITS[kind]
     fields = np.ascontiguousarray(fields)

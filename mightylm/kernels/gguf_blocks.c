@@ -592,7 +592,8 @@ static void gemm256(const float *x, long rows, const float *xsum, const unsigned
 }
 
 /* x (rows, in) float32 row-major, y (rows, out); in % 32 == 0 (Q4_K, Q6_K: % 256); type 8, 2, 3, 6, 1, 30, 12 or 14,
- * or MIGHTY_Q5_0_FIELDS / MIGHTY_Q6_K_FIELDS (q5_0_fields.c, q6_k_fields.c); bias may be NULL. */
+ * or MIGHTY_Q5_0_FIELDS / MIGHTY_Q6_K_FIELDS / MIGHTY_Q4_0_FIELDS / MIGHTY_Q4_1_FIELDS (q5_0_fields.c, q6_k_fields.c,
+ * q4_fields.c); bias may be NULL. */
 void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                       long in, long out, int nthreads) {
     if (nthreads < 1) nthreads = 1;
@@ -602,6 +603,10 @@ void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int typ
     }
     if (type == MIGHTY_Q6_K_FIELDS) {
         mighty_gemm_q6_k_fields(x, rows, W, bias, y, in, out, nthreads);
+        return;
+    }
+    if (type == MIGHTY_Q4_0_FIELDS || type == MIGHTY_Q4_1_FIELDS) {
+        mighty_gemm_q4_fields(x, rows, W, type == MIGHTY_Q4_0_FIELDS ? Q4_0 : Q4_1, bias, y, in, out, nthreads);
         return;
     }
     /* block sums of every row of x: the 32-value types' constant terms of one-row products; Q4_K's mins */

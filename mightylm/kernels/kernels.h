@@ -25,6 +25,11 @@ void mighty_gemm_q5_0_fields(const float *x, long rows, const unsigned char *W, 
 #define MIGHTY_Q6_K_FIELDS 114
 void mighty_gemm_q6_k_fields(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                              long in, long out, int nthreads);
+/* ... and of Q4_0 and Q4_1 rows (q4_fields.c): the stored bytes reordered within each row */
+#define MIGHTY_Q4_0_FIELDS 102
+#define MIGHTY_Q4_1_FIELDS 103
+void mighty_gemm_q4_fields(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
+                           long in, long out, int nthreads);
 
 /* factor times the sum of each `size` values of x (n / size of them): a block's constant term */
 static inline void group_sums(const float *x, long n, long size, float factor, float *sums) {
