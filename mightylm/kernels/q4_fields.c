@@ -79,6 +79,11 @@ AVX512 __m512 field512(__m512i v, const int k) {
     return _mm512_cvtepi32_ps(k == 7 ? _mm512_srli_epi32(v, 28) : _mm512_and_si512(v, _mm512_set1_epi32(15 << 4 * k)));
 }
 
+/* 64 bytes of codes at p, of which n (1 to 4) blocks are there (a row's last group: the rest not read) */
+AVX512 __m512i group_codes(const unsigned char *p, long n) {
+    return n == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32((__mmask16)((1u << 4 * n) - 1), p);
+}
+
 /* sum over the 8 fields of q x, started from `start`, for one group (xg: its GROUP_FLOATS) */
 AVX512 __m512 group_dot512(__m512i v, const float *xg, __m512 start) {
     __m512 t0 = start, t1 = _mm512_setzero_ps();
@@ -103,8 +108,7 @@ AVX512 float one_row512(const float *X, const unsigned char *row, long blocks, c
         if (n == 0) break;
         const float *xg = X + g * GROUP_FLOATS;
         _mm_prefetch((const char *)row + 64 * g + PREFETCH, _MM_HINT_T0);
-        const __m512i v = n == 4 ? _mm512_loadu_si512(row + 64 * g)
-                                 : _mm512_maskz_loadu_epi32((__mmask16)((1u << 4 * n) - 1), row + 64 * g);
+        const __m512i v = group_codes(row + 64 * g, n);
         const __m512 lanes = _mm512_loadu_ps(xg + 128);
         const __m512 t = group_dot512(v, xg, type == Q4_0 ? lanes : _mm512_setzero_ps());
         acc = _mm512_fmadd_ps(t, scales512(halves(ds + 8 * g, n)), acc);
@@ -124,8 +128,7 @@ AVX512 void many_rows512(const float *X, long stride, const unsigned char *row, 
         const long n = g < full ? 4 : tail;
         if (n == 0) break;
         _mm_prefetch((const char *)row + 64 * g + PREFETCH, _MM_HINT_T0);
-        const __m512i v = n == 4 ? _mm512_loadu_si512(row + 64 * g)
-                                 : _mm512_maskz_loadu_epi32((__mmask16)((1u << 4 * n) - 1), row + 64 * g);
+        const __m512i v = group_codes(row + 64 * g, n);
         const __m512 d = scales512(halves(ds + 8 * g, n));
         const __m512 m = type == Q4_1 ? scales512(halves(ms + 8 * g, n)) : _mm512_setzero_ps();
         _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
