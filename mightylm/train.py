@@ -40,8 +40,8 @@ from mightylm.compress.prune import keep_pruned_
 from mightylm.config import TrainConfig  # noqa: F401  (re-exported: mightylm.train.TrainConfig)
 from mightylm.data.loader import IGNORE, Loader
 from mightylm.errors import MightyError
-from mightylm.kernels.ops import softmax_cross_entropy_, swiglu
-from mightylm.model import MLP, Block, Transformer
+from mightylm.kernels.ops import rms_norm, softmax_cross_entropy_, swiglu
+from mightylm.model import MLP, Block, RMSNorm, Transformer
 
 
 class TrainingError(MightyError, RuntimeError):
@@ -346,12 +346,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _native_activations(model) -> None:
     """On the CPU, SwiGLU feed-forwards compute silu(gate) * up and its gradient through the native kernel, one pass
-    each (kernels.ops.swiglu), and the loss its softmax and gradient in one pass a row (softmax_cross_entropy_),
-    where the model trains in float32 (PyTorch's ops elsewhere)."""
+    each (kernels.ops.swiglu), RMSNorms the same (rms_norm), and the loss its softmax and gradient in one pass a row
+    (softmax_cross_entropy_), where the model trains in float32 (PyTorch's ops elsewhere)."""
     if _device(model).type == "cpu":
         for module in model.modules():
             if isinstance(module, MLP):
                 module.act_mul = swiglu
+            elif isinstance(module, RMSNorm):
+                module.normalize = rms_norm
             elif isinstance(module, Transformer):
                 module.softmax_grad = softmax_cross_entropy_
 

@@ -388,8 +388,34 @@ def test_swiglu_and_its_gradient_match_pytorchs(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 13), (4, 256, 576)])  # tails of fewer than 8 values, SmolLM2's rows
+def test_rms_norm_and_its_gradients_match_pytorchs(shape):
+    """Training's RMSNorm (kernels.ops.rms_norm): the value and the gradients of x and of the weight (trained, as in
+    full fine-tuning, or frozen, as under LoRA: none asked) as F.rms_norm gives them, on one and two threads."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    dy = torch.randn(shape, generator=g)
+    for trained in (True, False):
+        w = (torch.rand(shape[-1], generator=g) + 0.5).requires_grad_(trained)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = ops.rms_norm(x, w, 1e-5)
+            assert "RMSNorm" in type(y.grad_fn).__name__  # the kernel ran
+            want = F.rms_norm(x, shape[-1:], w, 1e-5)
+            torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)
+            inputs = (x, w) if trained else (x,)
+            ours, theirs = torch.autograd.grad(y, inputs, dy), torch.autograd.grad(want, inputs, dy)
+            torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-4)
+            if trained:  # a sum over every row, in another order: float32 rounding of up to 1,024 terms of ~1
+                torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # inference keeps PyTorch's op (bit for bit)
+        assert torch.equal(ops.rms_norm(x, w, 1e-5), F.rms_norm(x, shape[-1:], w, 1e-5))
+
+
+@needs_kernel
 def test_fit_trains_swiglu_through_the_kernel_with_pytorchs_gradients(tmp_path):
-    """train.fit hands the model's feed-forwards the kernel: one step's loss and gradients equal PyTorch's ops'."""
+    """train.fit hands the model's feed-forwards and norms the kernels: one step's loss and gradients equal PyTorch's
+    ops'."""
     import mightylm
     from mightylm.config import ModelConfig
     from mightylm.data.loader import Loader
@@ -409,6 +435,7 @@ def test_fit_trains_swiglu_through_the_kernel_with_pytorchs_gradients(tmp_path):
     _native_activations(model)
     assert all(m.act_mul is ops.swiglu for m in model.modules() if isinstance(m, mightylm.model.MLP))
     assert model.softmax_grad is ops.softmax_cross_entropy_  # the loss's softmax step too
+    assert all(m.normalize is ops.rms_norm for m in model.modules() if isinstance(m, mightylm.model.RMSNorm))
     for a, b in zip(gradients(), plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 

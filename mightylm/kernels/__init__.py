@@ -31,7 +31,7 @@ import numpy as np
 
 _SOURCES = [Path(__file__).with_name(name) for name in
             ("gemv.c", "gguf_blocks.c", "q4_fields.c", "q5_0_fields.c", "q6_k_fields.c", "sparse24.c", "attention.c",
-             "swiglu.c", "cross_entropy.c")]
+             "swiglu.c", "rms_norm.c", "cross_entropy.c")]
 _HEADER = Path(__file__).with_name("kernels.h")
 _lib = None
 _tried = False
@@ -139,6 +139,9 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
     lib.mighty_swiglu.restype = lib.mighty_swiglu_backward.restype = None
     lib.mighty_swiglu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int]
     lib.mighty_swiglu_backward.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_int]
+    lib.mighty_rms_norm.restype = lib.mighty_rms_norm_backward.restype = None
+    lib.mighty_rms_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int]
+    lib.mighty_rms_norm_backward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.mighty_softmax_cross_entropy.restype = None
     lib.mighty_softmax_cross_entropy.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                                  ctypes.c_float, ctypes.c_void_p, ctypes.c_int]

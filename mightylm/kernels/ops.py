@@ -204,6 +204,45 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm over the last dimension with its backward, each one pass a row of the native kernel (rms_norm.c); keeps
+    x and one float a row (1 / rms) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        lib, dim = gemv_library(), x.shape[-1]
+        x = x.contiguous()
+        y, r = torch.empty_like(x), torch.empty(x.shape[:-1])
+        lib.mighty_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), x.numel() // dim, dim, eps,
+                            torch.get_num_threads())
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        dim, dy = x.shape[-1], dy.contiguous()
+        dx = torch.empty_like(x)
+        dw = torch.empty(dim) if ctx.needs_input_grad[1] else None
+        gemv_library().mighty_rms_norm_backward(x.data_ptr(), weight.data_ptr(), r.data_ptr(), dy.data_ptr(),
+                                                dx.data_ptr(), None if dw is None else dw.data_ptr(), x.numel() // dim,
+                                                dim, torch.get_num_threads())
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (dim,), weight, eps) for training: through the native kernel, forward and backward one pass a row
+    each, where a gradient is wanted of float32 CPU tensors (not under autocast or torch.compile); PyTorch's op
+    elsewhere (inference keeps it: its logits are compared with transformers' bit for bit)."""
+    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+            and weight.shape == x.shape[-1:] and weight.is_contiguous() and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and gemv_library() is not None):
+        return _RMSNorm.apply(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor | None:
     """In place, the loss's step over a chunk of rows (cross_entropy.c): logits (n, vocab) become scale * (softmax
     (logits) - one_hot(labels)), d loss / d logits of scale * the summed cross-entropy, which is returned (a float32
