@@ -1,4 +1,5 @@
-"""Our Q5_0 / Q6_K layouts (kernels/q5_0_fields.c, q6_k_fields.c) against the stored blocks' loops (gguf_blocks.c)
+"""Our Q4_0 / Q4_1 / Q5_0 / Q6_K layouts (kernels/q4_fields.c, q5_0_fields.c, q6_k_fields.c) against the stored
+blocks' loops (gguf_blocks.c)
 on a real file's products, in one process, alternated.
 
     .venv/bin/python bench/layouts.py [--model qwen2.5-coder-0.5b-instruct] [--rows 1 3 16] [--rounds 5]
@@ -7,8 +8,9 @@ For each tensor name whose type has a layout (attn_output, ffn_gate, ffn_up, ffn
 the same product of every layer that holds it is run once per round, stored blocks and layout taking turns, so
 the weights stream from memory as in a decode (one layer's matrix alone would sit in L3). Printed per product:
 microseconds, the weights' GB/s in each layout, layout / stored, and the bound: the layout's bytes over the
-measured read bandwidth. lite multiplies Q6_K in its layout everywhere and Q5_0 in its layout where the kernels
-run AVX2; run this on an AVX-512 machine to see whether Q5_0's layout beats the stored 512-bit loop there too.
+measured read bandwidth. Which layout lite takes on which kernel path is kernels.float_layout's rule (Q6_K
+everywhere, Q5_0 on AVX2, Q4_0 / Q4_1 on AVX-512); this measures a file's layouts on the current path whatever the
+rule says.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from decode import read_bandwidth_gbs  # noqa: E402
 
 from mightylm.checkpoint import CheckpointError, gguf_metadata, resolve  # noqa: E402
+from mightylm.checkpoint.gguf_file import TYPE_NAMES  # noqa: E402
 from mightylm.kernels import FIELDS, as_fields, cpu_flags, gemv_library, kernel_isa, physical_cores  # noqa: E402
 
 
@@ -40,14 +43,14 @@ def main() -> None:
     except CheckpointError as e:  # a missing file, or the optional Qwen parts not installed: say so in one line
         sys.exit(str(e))
     if path.suffix != ".gguf":
-        sys.exit(f"{path}: not a .gguf file (the layouts are made from a GGUF file's Q5_0 / Q6_K blocks)")
+        sys.exit(f"{path}: not a .gguf file (the layouts are made from a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q6_K blocks)")
     file, _ = gguf_metadata(path)
     by_name: dict[tuple[str, int], list] = {}
     for t in file.tensors:  # blk.N.<name>.weight of a type with a layout, grouped over the layers
         if t.name.startswith("blk.") and t.type in FIELDS and len(t.shape) == 2:
             by_name.setdefault((t.name.split(".", 2)[2], t.type), []).append(t)
     if not by_name:
-        sys.exit(f"{args.model}: no Q5_0 or Q6_K products")
+        sys.exit(f"{args.model}: no Q4_0, Q4_1, Q5_0 or Q6_K products")
     bandwidth = read_bandwidth_gbs()
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in cpu_flags())
     print(f"CPU flags: {flags}; kernel path {kernel_isa()}; {threads} threads; read bandwidth {bandwidth:.1f} GB/s")
@@ -69,7 +72,7 @@ def main() -> None:
                                              out, threads)
                     times[which].append((time.perf_counter() - start) / len(weights))
             s, f = (statistics.median(times[k][1:]) for k in ("stored", "layout"))
-            print(f"{name:22s} {'Q5_0' if kind == 6 else 'Q6_K':5s} {out:>5d}x{n_in:<5d} {rows:>4d} {s * 1e6:>10.1f} "
+            print(f"{name:22s} {TYPE_NAMES[kind]:5s} {out:>5d}x{n_in:<5d} {rows:>4d} {s * 1e6:>10.1f} "
                   f"{stored[0].nbytes / s / 1e9:>5.1f} {f * 1e6:>10.1f} {fields[0].nbytes / f / 1e9:>5.1f} "
                   f"{f / s:>12.2f}x {fields[0].nbytes / bandwidth / 1e3:>9.1f}")
 
