@@ -272,9 +272,9 @@ def int8_activations_(model: nn.Module) -> list[str]:
 def float_layouts_(model: nn.Module) -> list[str]:
     """Kept blocks repacked in place into our layouts for float32 arithmetic where kernels.float_layout says (Q6_K;
     Q5_0 on AVX2; Q4_0 / Q4_1 on AVX-512: kernels/q4_fields.c, q5_0_fields.c, q6_k_fields.c; the same values,
-    one-row products 1.1-1.5x faster), as lite multiplies them; `stored` and `dequantize` read them back. Not for layers under int8_activations_ (tiles), nor a
-    head tied to the embedding table (its lookups read the stored rows). Apply before `fuse_projections_`. Returns
-    the modules changed."""
+    one-row products 1.1-1.5x faster), as lite multiplies them; `stored` and `dequantize` read them back. Not for
+    layers under int8_activations_ (tiles), nor a head tied to the embedding table (its lookups read the stored rows).
+    Apply before `fuse_projections_`. Returns the modules changed."""
     tables = _tables_before_fusing(model, "float_layouts_")
     isa = kernel_isa()  # None without the kernels: nothing to lay out for
     changed = []

@@ -169,6 +169,15 @@ def gemv_sparse24(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, ou
     return y
 
 
+def _trains_natively(*tensors: torch.Tensor) -> bool:
+    """Whether training's native kernels (swiglu, rms_norm) take these inputs: a gradient is wanted of one of them,
+    all float32 on the CPU, not under autocast or torch.compile, and the kernels built."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and gemv_library() is not None)
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(g) * u with its backward, each one pass of the native kernel (swiglu.c); keeps g and u for the backward
     (PyTorch's two ops keep silu(g) too)."""
@@ -196,10 +205,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for training: through the native kernel, forward and backward one pass each, where a gradient
     is wanted of float32 CPU tensors of one shape (not under autocast or torch.compile); PyTorch's ops elsewhere
     (inference keeps them: its logits are compared with transformers' bit for bit)."""
-    if (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad) and gate.shape == up.shape
-            and gate.dtype == up.dtype == torch.float32 and gate.device.type == up.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and gemv_library() is not None):
+    if gate.shape == up.shape and _trains_natively(gate, up):
         return _SwiGLU.apply(gate, up)
     return F.silu(gate) * up
 
@@ -234,11 +240,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm(x, (dim,), weight, eps) for training: through the native kernel, forward and backward one pass a row
     each, where a gradient is wanted of float32 CPU tensors (not under autocast or torch.compile); PyTorch's op
     elsewhere (inference keeps it: its logits are compared with transformers' bit for bit)."""
-    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            and x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-            and weight.shape == x.shape[-1:] and weight.is_contiguous() and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and gemv_library() is not None):
+    if weight.shape == x.shape[-1:] and weight.is_contiguous() and x.numel() > 0 and _trains_natively(x, weight):
         return _RMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
