@@ -23,8 +23,6 @@
 
 #include "kernels.h"
 
-enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
-
 float mighty_half_table[65536];
 
 /* Q5_0's fifth bits as the AVX2 loops add them: entry b holds 16 in lane i where bit i of b is set (8 KB, in L1
@@ -36,10 +34,6 @@ static void fill_tables(void) {
     for (int h = 0; h < 65536; h++) mighty_half_table[h] = _cvtsh_ss((unsigned short)h);
     for (int b = 0; b < 256; b++)
         for (int i = 0; i < 8; i++) fifth_bits[b][i] = (b >> i & 1) << 4;
-}
-
-static inline long block_bytes(int type) {
-    return type == Q8_0 ? 34 : type == Q5_0 ? 22 : type == Q4_1 ? 20 : type == Q4_0 ? 18 : 64;  /* F16, BF16: 64 */
 }
 
 static inline int plain(int type) { return type == F16 || type == BF16; }
@@ -652,10 +646,6 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
  * onto xq, times |xq| <= 127) gives AVX-512's bits. The cost is the activations' rounding (~0.4 % of each block's
  * largest value): logits move within quantization noise, and near-ties can split, as in llama.cpp. */
 
-#define TILE 16
-
-static inline long tile_bytes(int type) { return TILE * block_bytes(type); }
-
 /* One row: x (in) -> xq (in), and dx and sum xq per block (8 floats at a time; rounding to nearest even). */
 __attribute__((target("avx2,fma")))
 static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs) {
@@ -694,45 +684,21 @@ static inline int four(const signed char *p) {  /* four int8 values as one int32
     return v;
 }
 
-/* The integer block sum's starting value: the codes' offset times sum xq */
-static inline int start(int type, int xs) {
-    return type == Q4_0 ? -8 * xs : type == Q5_0 ? -16 * xs : type == Q8_0 ? -128 * xs : 0;
-}
-
-/* Q5_0 tiles: the byte of lane l and value j holds in bit k the fifth bit of step k's value; step k's at bit 4
- * (shifts of 16-bit lanes move bits across bytes only below or above bit 4, which the mask drops) */
-#define FIFTH(shl, srl, and, set1, h, k)                                                                      \
-    and((k) < 4 ? shl(h, 4 - (k)) : (k) == 4 ? (h) : srl(h, (k) - 4), set1(0x10))
-
 /* R rows of xq (stride in) times the 16 output rows of one group of tiles -> y[r * ldy + 0..15] */
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"), always_inline)) static inline
 void tile_rows512(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
                   const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
-    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : type == Q5_0 ? 96 : 32;
+    const long bytes = tile_bytes(type);
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (long b = 0; b < blocks; b++) {
-        const unsigned char *t = T + b * bytes, *c = t + head;
+        const unsigned char *t = T + b * bytes;
         for (long k = 0; k < bytes; k += 64) _mm_prefetch((const char *)t + PREFETCH + k, _MM_HINT_T0);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t));
         const __m512 m = type == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 32)))
                                       : _mm512_setzero_ps();
         __m512i s[8];
-        if (type == Q8_0) {
-            for (int k = 0; k < 8; k++) s[k] = _mm512_loadu_si512(c + 64 * k);
-        } else {
-            for (int k = 0; k < 4; k++) {
-                const __m512i v = _mm512_loadu_si512(c + 64 * k);
-                s[k] = _mm512_and_si512(v, _mm512_set1_epi8(15));
-                s[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
-            }
-            if (type == Q5_0) {
-                const __m512i h = _mm512_loadu_si512(t + 32);
-                for (int k = 0; k < 8; k++)
-                    s[k] = _mm512_or_si512(s[k], FIFTH(_mm512_slli_epi16, _mm512_srli_epi16, _mm512_and_si512,
-                                                       _mm512_set1_epi8, h, k));
-            }
-        }
+        tile_steps512(t, type, s);
         for (int r = 0; r < R; r++) {
             const long rb = r * blocks + b;
             const signed char *xb = xq + r * in + 32 * b;
@@ -763,7 +729,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 void tile_rows256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long in,
                   const unsigned char *T, const int type, long blocks, float *y, long ldy, const int R) {
     (void)in;
-    const long bytes = tile_bytes(type), head = type == Q4_1 ? 64 : type == Q5_0 ? 96 : 32;
+    const long bytes = tile_bytes(type), head = tile_head(type);
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     for (int h = 0; h < 2; h++) {
         __m256 acc[8];

@@ -17,6 +17,52 @@ extern int mighty_isa_level;
  * 69 tok/s without, 80 at 512 bytes, 92-96 at 2-16 KiB. */
 #define PREFETCH 4096
 
+/* GGUF's block types (ggml-common.h) and the bytes of one block of 32 values (F16, BF16: 32 plain values) */
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+
+static inline long block_bytes(int type) {
+    return type == Q8_0 ? 34 : type == Q5_0 ? 22 : type == Q4_1 ? 20 : type == Q4_0 ? 18 : 64;
+}
+
+/* The int8 products' tiles (gguf_blocks.c explains them): 16 output rows a block, their d (and Q4_1's m, Q5_0's
+ * fifth bits) in a head, then the codes in 8 steps of 4 values per row */
+#define TILE 16
+
+static inline long tile_bytes(int type) { return TILE * block_bytes(type); }
+
+static inline long tile_head(int type) { return type == Q4_1 ? 64 : type == Q5_0 ? 96 : 32; }
+
+/* The integer block sum's starting value: the codes' offset times sum xq */
+static inline int start(int type, int xs) {
+    return type == Q4_0 ? -8 * xs : type == Q5_0 ? -16 * xs : type == Q8_0 ? -128 * xs : 0;
+}
+
+/* Q5_0 tiles: the byte of lane l and value j holds in bit k the fifth bit of step k's value; step k's at bit 4
+ * (shifts of 16-bit lanes move bits across bytes only below or above bit 4, which the mask drops) */
+#define FIFTH(shl, srl, and, set1, h, k)                                                                      \
+    and((k) < 4 ? shl(h, 4 - (k)) : (k) == 4 ? (h) : srl(h, (k) - 4), set1(0x10))
+
+/* A tile's 8 steps as unsigned bytes, step k in s[k] (its 4-byte lane l: row l's four codes of the step) */
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline void tile_steps512(const unsigned char *t, int type, __m512i s[8]) {
+    const unsigned char *c = t + tile_head(type);
+    if (type == Q8_0) {
+        for (int k = 0; k < 8; k++) s[k] = _mm512_loadu_si512(c + 64 * k);
+        return;
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i v = _mm512_loadu_si512(c + 64 * k);
+        s[k] = _mm512_and_si512(v, _mm512_set1_epi8(15));
+        s[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
+    }
+    if (type == Q5_0) {
+        const __m512i h = _mm512_loadu_si512(t + 32);
+        for (int k = 0; k < 8; k++)
+            s[k] = _mm512_or_si512(s[k], FIFTH(_mm512_slli_epi16, _mm512_srli_epi16, _mm512_and_si512,
+                                               _mm512_set1_epi8, h, k));
+    }
+}
+
 /* Our own layouts of Q5_0 and Q6_K rows for float32 arithmetic (q5_0_fields.c, q6_k_fields.c), multiplied by
  * mighty_gemm_ggml as types of their own */
 #define MIGHTY_Q5_0_FIELDS 106

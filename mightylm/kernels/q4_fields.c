@@ -23,8 +23,6 @@
 
 #include "kernels.h"
 
-enum { Q4_0 = 2, Q4_1 = 3 };
-
 /* x laid out for one group of 4 blocks: 8 fields of 16 lanes, then the 16 lanes' constants (Q4_0: -8 sum x,
  * Q4_1: sum x) */
 #define GROUP_FLOATS 144
@@ -245,7 +243,7 @@ static void band256(const float *X, long stride, long n, const unsigned char *W,
  * stream past); each thread a band of output rows. */
 void mighty_gemm_q4_fields(const float *x, long rows, const unsigned char *W, int type, const float *bias, float *y,
                            long in, long out, int nthreads) {
-    const long blocks = in / 32, bytes = blocks * (type == Q4_1 ? 20 : 18), stride = groups_of(blocks) * GROUP_FLOATS;
+    const long blocks = in / 32, bytes = blocks * block_bytes(type), stride = groups_of(blocks) * GROUP_FLOATS;
     float *X = malloc(sizeof(float) * 8 * stride);
     for (long r = 0; r < rows; r += 8) {
         const long n = rows - r < 8 ? rows - r : 8;
