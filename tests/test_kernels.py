@@ -508,13 +508,14 @@ def _attention_reference(q, keys, values, seen):
 @pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 80), (4, 2, 128)])
 @pytest.mark.parametrize("rows,pos", [(1, 0), (1, 37), (3, 200), (5, 1000), (16, 130)])
 @pytest.mark.parametrize("cache", [torch.float32, torch.float16])
-def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, pos, cache):
+def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, pos, cache, kernel_path):
     """The native block's attention (kernels/attention.c: the queries of a kv head's group and of every row of a
     pass scored together, a sequence's slots split into stretches combined at the end) gives each row the softmax
     attention of its own head over slots 0 .. its own, for 1, 2 and 3 threads, with the same bits whatever the
     threads and whether the row comes alone or in a pass (greedy speculation relies on it); and in a server's batch
     (pads) each sequence sees only its own cache from its first slot, a padding slot only itself, with the bits of
-    the sequence alone. A float16 cache: the same against the float16 keys and values widened."""
+    the sequence alone. A float16 cache: the same against the float16 keys and values widened. On each kernel path,
+    with the AVX2 path's bits (AVX-512 weighs the values 16 columns a register, in the same order)."""
     lib = kernels.gemv_library()
     g = torch.Generator().manual_seed(nh * hd + rows + pos)
     max_len, q_out, kv_out = pos + rows + 3, nh * hd, nkv * hd
@@ -538,6 +539,10 @@ def test_attention_over_the_cache_equals_softmax_attention(nh, nkv, hd, rows, po
         assert torch.equal(attend(qkv[r:r + 1], keys, values, pos + r, 1), att[r:r + 1])  # alone
     for threads in (2, 3):
         assert torch.equal(attend(qkv, keys, values, pos, rows, threads), att)
+    if kernel_path != "avx2":
+        kernels.set_kernel_isa("avx2")
+        assert torch.equal(attend(qkv, keys, values, pos, rows), att)
+        kernels.set_kernel_isa(kernel_path)
     # a batch: 3 sequences of `rows` tokens each at slots pos.., left-padded up to pads[s]
     seqs = 3
     pads = torch.tensor([0, pos // 2, pos + rows // 2], dtype=torch.long)

@@ -1,4 +1,5 @@
-/* Attention of a decode step over the KV cache, AVX2 + FMA, OpenMP.
+/* Attention of a decode step over the KV cache, AVX2 + FMA (the values weighed on AVX-512 where the CPU has it, with
+ * the same bits), OpenMP.
  *
  *   att[r, head] = softmax_t(q[r, head] . K[t] / sqrt(hd)) V[t]    over row r's slots t
  *
@@ -60,6 +61,15 @@ __attribute__((noinline)) static __m256 scores8_any(const float *q, const float 
     return _mm256_loadu_ps(s);
 }
 
+/* scores8 with the common head sizes as constants: each key's row then sits a constant offset from the first, so
+ * the 8 rows take one address register (with hd a variable GCC kept the 8 row addresses on the stack and reloaded
+ * one before each multiply-add; perf showed those loads among the hottest instructions). The same operations, so
+ * the same bits. */
+INLINE __m256 scores(const float *q, const float *K, long hd) {
+    return hd == 64 ? scores8(q, K, 64) : hd == 128 ? scores8(q, K, 128) : hd % 8 ? scores8_any(q, K, hd)
+                                                                                   : scores8(q, K, hd);
+}
+
 /* o[j][c0..cols) += sum over t in [a, b) of P[j][t] V[t][c0..cols) (V's rows hd floats apart) for n queries, 8 NV
  * columns at a time (n NV <= 12 accumulators): each load of V serves all n. Returns the first column not done. */
 INLINE long weigh(const float *P, long ldp, const float *V, long hd, long c0, long a, long b, float *o, const int n,
@@ -92,6 +102,53 @@ INLINE long weigh(const float *P, long ldp, const float *V, long hd, long c0, lo
                 for (long t = t0; t < t1; t++) oj[i * hd + c] += p[i * ldp + t] * Vp[t * hd + c];                  \
     } while (0)
 
+/* weigh on AVX-512 (CPUs that have it, hd % 16 == 0): 16 columns a register, NV of them, for n queries. Every
+ * output value takes the same multiply-adds in the same order as weigh's, so the same bits on both paths. */
+__attribute__((target("avx512f"), always_inline)) static inline
+void weigh16(const float *P, long ldp, const float *V, long hd, long c, long a, long b, float *o, const int n,
+             const int NV) {
+    __m512 acc[MAX_QUERIES][4];
+    for (int j = 0; j < n; j++)
+        for (int k = 0; k < NV; k++) acc[j][k] = _mm512_loadu_ps(o + j * hd + c + 16 * k);
+    for (long t = a; t < b; t++) {
+        __m512 v[4];
+        for (int k = 0; k < NV; k++) v[k] = _mm512_loadu_ps(V + t * hd + c + 16 * k);
+        for (int j = 0; j < n; j++) {
+            const __m512 p = _mm512_set1_ps(P[j * ldp + t]);
+            for (int k = 0; k < NV; k++) acc[j][k] = _mm512_fmadd_ps(p, v[k], acc[j][k]);
+        }
+    }
+    for (int j = 0; j < n; j++)
+        for (int k = 0; k < NV; k++) _mm512_storeu_ps(o + j * hd + c + 16 * k, acc[j][k]);
+}
+
+#define WEIGH16(N)                                                                                                 \
+    do {                                                                                                           \
+        long c = 0;                                                                                                \
+        for (; c + 64 <= hd; c += 64) weigh16(p, ldp, V, hd, c, a, b, oj, N, 4);                                   \
+        for (; c < hd; c += 16) weigh16(p, ldp, V, hd, c, a, b, oj, N, 1);                                         \
+    } while (0)
+
+/* o (n, hd) += the weights P times the values of slots [a, b), as weigh_queries' inner loop, on AVX-512: four
+ * registers of 16 columns for up to 6 queries (24 sums), each value row loaded once for them (AVX2's 16 registers
+ * hold the sums of only 16 columns for 6 queries: each value row was loaded four times). Out of line: the caller
+ * is AVX2 code. */
+__attribute__((target("avx512f"), noinline))
+static void weigh512(const float *P, long ldp, const float *V, long hd, long a, long b, float *o, long n) {
+    for (long j = 0; j < n; j += MAX_QUERIES) {
+        const float *p = P + j * ldp;
+        float *oj = o + j * hd;
+        switch (n - j < MAX_QUERIES ? n - j : MAX_QUERIES) {
+            case 1: WEIGH16(1); break;
+            case 2: WEIGH16(2); break;
+            case 3: WEIGH16(3); break;
+            case 4: WEIGH16(4); break;
+            case 5: WEIGH16(5); break;
+            default: WEIGH16(6);
+        }
+    }
+}
+
 /* o (n, hd) = n queries' weights P (n rows of ldp) times the values (rows of hd, from element `at` of v_cache) of
  * slots [a, b), in pieces of PIECE floats (16 KB, widened first from float16), so that every pass over a piece's
  * columns after the first reads it from L1 */
@@ -106,6 +163,10 @@ INLINE void weigh_queries(const float *P, long ldp, const void *v_cache, long at
         if (half) {
             widen(widened, v_cache, at + t0 * hd, (t1 - t0) * hd, 1);
             Vp = widened - t0 * hd;
+        }
+        if (mighty_isa_level && hd % 16 == 0) {
+            weigh512(P, ldp, Vp, hd, t0, t1, o, n);
+            continue;
         }
         for (long j = 0; j < n; j += MAX_QUERIES) {
             const float *p = P + j * ldp;
@@ -160,8 +221,7 @@ INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long
         }
         for (long j = 0; j < nq; j++)
             if (t < b[j])  /* (scores past b[j] are never read) */
-                _mm256_storeu_ps(P + j * ldp + t - lo,
-                                 _mm256_mul_ps(hd % 8 ? scores8_any(q[j], Kt, hd) : scores8(q[j], Kt, hd), scale8));
+                _mm256_storeu_ps(P + j * ldp + t - lo, _mm256_mul_ps(scores(q[j], Kt, hd), scale8));
     }
     for (long j = 0; j < nq; j++) {
         float *p = P + j * ldp - lo, l = 0.0f;
