@@ -16,6 +16,7 @@ N / n_layers for early layers). --int8-activations: the model in llama.cpp's ari
 
     .venv/bin/python bench/speculative.py [--gamma 4] [--max-new-tokens 96] [--adaptive] [--drafts prompt-lookup ...]
                                           [--int8-activations] [--completions 4] [--history 76] [--lite]
+                                          [--repeats 5] [--only completion summary] [--temperatures 0]
     .venv/bin/python bench/speculative.py --transformers [--gamma 4] [--max-new-tokens 96]
     .venv/bin/python bench/speculative.py --server [--clients 1 8] [--server-drafts prompt-lookup PATH ...] [--rounds 3]
     .venv/bin/python bench/speculative.py --engine [--clients 1 8] [--rounds 4] [--engine-code [--history 76]]
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 import urllib.request
@@ -98,7 +100,6 @@ def server_bench(args) -> None:
     """One server per draft; rounds alternate requests with "speculative": false (the plain steps the same server
     takes for opted-out rows) and true, so both see the same process, warm-up and machine drift; medians of
     --rounds."""
-    import statistics
 
     from mightylm.cli import env
     from mightylm.serve.command import start_server
@@ -135,7 +136,6 @@ def transformers_bench(args) -> None:
     """Greedy, whole generate (prefill + decode) timed, median of 3, interleaved: transformers' generate plain and
     with its prompt-lookup assisted generation (prompt_lookup_num_tokens=gamma) on the same GGUF file read as
     float32, beside ours plain and with --draft prompt-lookup (the blocks kept, as `mighty generate` runs)."""
-    import statistics
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -307,6 +307,11 @@ def main() -> None:
                     "generate --int8_activations), plain and speculative")
     ap.add_argument("--completions", type=int, default=4,
                     help="HumanEval prompts for the code-completion row (0: none)")
+    ap.add_argument("--repeats", type=int, default=1, help="each row's plain and speculative runs this many times, "
+                    "in ABBA order; the speed-up printed is the median of the repeats' (their range beside it)")
+    ap.add_argument("--only", nargs="+", metavar="WORD", help="only the prompt rows whose name contains one of "
+                    "these words (chat, code, summary, summaries, completion)")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7])
     ap.add_argument("--server", action="store_true", help="measure `mighty serve --draft` under concurrent clients")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--per-client", type=int, default=3)
@@ -387,32 +392,43 @@ def main() -> None:
         problems = list(read_problems().values())[:args.completions]
         prompts.append((f"code completion (HumanEval/0-{args.completions - 1})",
                         [tok.encode(p["prompt"]) for p in problems]))
+    if args.only:
+        prompts = [(kind, many) for kind, many in prompts if any(word in kind for word in args.only)]
     arithmetic = "int8 activations (llama.cpp's)" if args.int8_activations else "float32"
+    repeats = f", median of {args.repeats} repeats in ABBA order (range)" if args.repeats > 1 else ""
     print(f"\ngamma {args.gamma}, {args.max_new_tokens} new tokens, decode only (after the first token), "
-          f"{arithmetic}\n")
+          f"{arithmetic}{repeats}\n")
     print("| prompt | T | draft | acceptance | tokens/pass | plain tok/s | speculative tok/s | speed-up | predicted |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kind, many in prompts:
-        for temperature in (0.0, 0.7):
+        for temperature in args.temperatures:
             s = Sampling(max_new_tokens=args.max_new_tokens, temperature=temperature, seed=0,
                          stop_token_ids=tok.stop_token_ids)
             for name, (make, cost) in drafts.items():
-                stats, plain_time, spec_time, n_plain, n_spec = Stats(), 0.0, 0.0, 0, 0
-                for ids in many:  # each prompt's plain run, then its speculative one
-                    plain_tokens, plain_rate = run(lambda: plain(ids, s), args.max_new_tokens)
-                    spec_tokens, spec_rate = run(lambda: speculate(ids, s, make(), stats), args.max_new_tokens)
-                    if temperature == 0:
-                        assert spec_tokens == plain_tokens, "greedy speculation must reproduce plain decoding"
-                    plain_time += (len(plain_tokens) - 1) / plain_rate if plain_rate else 0.0
-                    spec_time += (len(spec_tokens) - 1) / spec_rate if spec_rate else 0.0
-                    n_plain, n_spec = n_plain + len(plain_tokens) - 1, n_spec + len(spec_tokens) - 1
-                plain_rate, spec_rate = n_plain / plain_time, n_spec / spec_time
+                stats, rates = Stats(), []  # (plain, speculative) tokens/s of each repeat, over the row's prompts
+                for repeat in range(args.repeats):
+                    seconds, tokens = {"plain": 0.0, "spec": 0.0}, {"plain": 0, "spec": 0}
+                    for ids in many:  # each prompt's plain run and its speculative one (ABBA over the repeats)
+                        runs = {"plain": lambda: plain(ids, s),
+                                "spec": lambda: speculate(ids, s, make(), stats if repeat == 0 else Stats())}
+                        got = {}
+                        for which in (("plain", "spec") if repeat % 2 == 0 else ("spec", "plain")):
+                            got[which], rate = run(runs[which], args.max_new_tokens)
+                            seconds[which] += (len(got[which]) - 1) / rate if rate else 0.0
+                            tokens[which] += len(got[which]) - 1
+                        if temperature == 0:
+                            assert got["spec"] == got["plain"], "greedy speculation must reproduce plain decoding"
+                    rates.append((tokens["plain"] / seconds["plain"], tokens["spec"] / seconds["spec"]))
+                plain_rate = statistics.median(p for p, _ in rates)
+                spec_rate = statistics.median(q for _, q in rates)
+                ratios = sorted(q / p for p, q in rates)
+                spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
                 # Leviathan's formula assumes gamma drafts every pass; prompt lookup drafts fewer (none without a
                 # match, fewer after a short one), so g is the mean drafted per pass
                 a, g = stats.acceptance, stats.drafted / max(stats.target_passes, 1)
                 expected = (1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1
                 print(f"| {kind} | {temperature} | {name} | {a:.0%} | {stats.tokens_per_pass:.2f} | {plain_rate:.1f} | "
-                      f"{spec_rate:.1f} | {spec_rate / plain_rate:.2f}x | {expected / (g * cost + 1):.2f}x |",
+                      f"{spec_rate:.1f} | {statistics.median(ratios):.2f}x{spread} | {expected / (g * cost + 1):.2f}x |",
                       flush=True)
 
 if __name__ == "__main__":
