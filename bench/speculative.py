@@ -325,6 +325,8 @@ def main() -> None:
     ap.add_argument("--transformers", action="store_true",
                     help="side by side with transformers' generate, plain and with its prompt-lookup assisted generation")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.server:
         return server_bench(args)
     if args.transformers:
@@ -394,6 +396,9 @@ def main() -> None:
                         [tok.encode(p["prompt"]) for p in problems]))
     if args.only:
         prompts = [(kind, many) for kind, many in prompts if any(word in kind for word in args.only)]
+        if not prompts:
+            raise SystemExit(f"--only {' '.join(args.only)}: no prompt row's name contains these words "
+                             "(chat, code, summary, summaries, completion)")
     arithmetic = "int8 activations (llama.cpp's)" if args.int8_activations else "float32"
     repeats = f", median of {args.repeats} repeats in ABBA order (range)" if args.repeats > 1 else ""
     print(f"\ngamma {args.gamma}, {args.max_new_tokens} new tokens, decode only (after the first token), "
