@@ -187,12 +187,12 @@ class FusedGGUFProjection:
     """GGUF blocks of q/k/v (or gate/up) stacked by rows (the layers' own become views), one kernel call."""
 
     def __init__(self, weight: torch.Tensor, ggml_type: int, bias: torch.Tensor | None, n_in: int,
-                 int8_activations: bool = False):
+                 activations: str = "float32"):
         self.weight, self.ggml_type, self.bias, self.n_in = weight, ggml_type, bias, n_in
-        self.int8_activations = int8_activations
+        self.activations = activations  # as GGUFLinear's
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return gguf_linear(x, self.weight, self.ggml_type, self.n_in, self.bias, self.int8_activations)
+        return gguf_linear(x, self.weight, self.ggml_type, self.n_in, self.bias, self.activations)
 
 
 def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
@@ -200,7 +200,7 @@ def _fuse_gguf(parts: list[GGUFLinear]) -> FusedGGUFProjection:
     for p in parts:  # mixed Q4_0 / Q5_0 / Q8_0 (llama.cpp's Q4_K_M files): all as Q8_0, the same values
         widen_(p, kind)
     (weight,), bias = _stack_rows(parts, ("weight",))
-    return FusedGGUFProjection(weight, parts[0].kernel_type, bias, parts[0].in_features, parts[0].int8_activations)
+    return FusedGGUFProjection(weight, parts[0].kernel_type, bias, parts[0].in_features, parts[0].activations)
 
 
 class FusedSparse24Projection:
@@ -235,7 +235,7 @@ def _fusion(parts: list[nn.Module]):
         return _fuse_nf4(parts)
     if all(type(p) is Int4Linear and p.group_size == parts[0].group_size and p.group_size % 16 == 0 for p in parts):
         return _fuse_int4(parts)
-    if all(type(p) is GGUFLinear and p.int8_activations == parts[0].int8_activations for p in parts) \
+    if all(type(p) is GGUFLinear and p.activations == parts[0].activations for p in parts) \
             and common_type(p.ggml_type for p in parts) is not None:
         return _fuse_gguf(parts)
     if all(type(p) is Sparse24Linear for p in parts):
@@ -260,9 +260,9 @@ def _projection(p) -> tuple[Projection, tuple] | None:
     if isinstance(p, NF4Linear) and p.in_features % p.block_size == 0 and p.block_size % 16 == 0:
         p = FusedNF4Projection(p.weight, _nf4_absmax(p), p.bias, p.out_features, p.in_features, p.block_size)
     if isinstance(p, GGUFLinear):
-        p = FusedGGUFProjection(p.weight, p.kernel_type, p.bias, p.in_features, p.int8_activations)
+        p = FusedGGUFProjection(p.weight, p.kernel_type, p.bias, p.in_features, p.activations)
     if isinstance(p, FusedGGUFProjection) and p.weight.is_contiguous():
-        kind = Projection.GGML_Q8X if p.int8_activations else Projection.GGML
+        kind = {"int8": Projection.GGML_Q8X, "int24": Projection.GGML_INT24}.get(p.activations, Projection.GGML)
         return Projection(p.weight.data_ptr(), None, _ptr(p.bias), None, p.ggml_type, kind), (p.weight, p.bias)
     if isinstance(p, Sparse24Linear):
         p = FusedSparse24Projection(p.values, p.index, p.bias)
@@ -315,7 +315,8 @@ class NativeDecodeBlock:
         norms = (block.attn_norm.weight, block.mlp_norm.weight)
         self.keep = [t for _, tensors in parts for t in tensors] + list(norms)  # the pointers stay valid
         (qkv, _), (o, _) = parts[:2]
-        shared = (Projection.GGML, Projection.GGML_Q8X, Projection.SPARSE24)  # weights read once for several rows
+        shared = (Projection.GGML, Projection.GGML_Q8X, Projection.GGML_INT24,
+                  Projection.SPARSE24)  # weights read once for several rows
         self.max_rows = NATIVE_ROWS if experts is None and all(p.kind in shared for p, _ in parts) else 1
         # a server's batch (one token of each of several sequences): the same
         self.batches = experts is None and all(p.kind in shared for p, _ in parts)

@@ -7,9 +7,10 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
 `--engine auto`):
 
     the weights   the file's blocks read into numpy arrays, q/k/v and gate/up stacked by rows as fuse.py stacks
-                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q6_K products, Q5_0 ones on
-                  AVX2 and Q4_0 / Q4_1 ones on AVX-512 in our layouts (kernels.float_layout; q4_fields.c,
-                  q5_0_fields.c, q6_k_fields.c: copies made at load, one-row products faster than the stored blocks')
+                  them (llama's q/k rows un-permuted as checkpoint/gguf.py does); Q4_0 / Q4_1 products (and
+                  Q5_0 / Q8_0 ones on AVX-512) in the int8 tiles with activations in 24 bits (kernels.int24_tiles:
+                  float32's rounding), Q6_K ones and Q5_0 ones on AVX2 in our float layouts (kernels.float_layout;
+                  q5_0_fields.c, q6_k_fields.c); copies made at load, faster than the stored blocks' loops
     a pass        token rows looked up in C (mighty_ggml_rows), every block in one call (mighty_decode_blocks, the
                   same call fuse.NativeDecodeStack makes), the final RMSNorm in numpy, the head through
                   mighty_gemm_ggml; a prompt goes through in passes of NATIVE_ROWS tokens
@@ -42,7 +43,7 @@ from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
 from mightylm.kernels import (FIELDS, BlockArgs, Projection, as_fields, as_q8_0, common_type, float_layout,
-                              gemv_library, int8_layout, physical_cores, tile_rows)
+                              gemv_library, int8_layout, int24_tiles, physical_cores, tile_rows)
 from mightylm.streaming import Sampling, cached_prefix
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -116,10 +117,8 @@ class LiteModel:
             weights = [tensor(f"{n}.weight") for n in names]
             kinds = [t.type for t in weights]
             kind = common_type(kinds)  # mixed Q4_0 / Q5_0 / Q8_0 parts: all as Q8_0, the same values
-            layout = _int8_layout(int8_activations, kind, [t.shape[0] for t in weights])
-            if layout is None and float_layout(kind):
-                layout = "fields"  # float32: our layouts, a copy (kernels.float_layout says which types, on which path)
-            if len(names) == 1 and permute == [None] and layout is None:
+            layout = _arithmetic(int8_activations, kind, [t.shape[0] for t in weights])
+            if len(names) == 1 and permute == [None] and layout == "stored":
                 weight = stored(f"{names[0]}.weight")  # multiplied as stored: read in place, no copy
             else:
                 parts = [rows(f"{n}.weight") for n in names]
@@ -127,7 +126,7 @@ class LiteModel:
                 if c.arch == "llama":  # llama.cpp permutes llama's q/k rows for its RoPE kernel (names.unpermute_qk)
                     parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
                 weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
-                if layout == "tiles":  # tiles of each part's rows, one after another: the tiles of the stacked rows
+                if layout in _TILES:  # tiles of each part's rows, one after another: the tiles of the stacked rows
                     weight = tile_rows(weight, kind)
                 elif layout == "fields":
                     weight, kind = as_fields(weight, kind), FIELDS[kind]
@@ -136,7 +135,7 @@ class LiteModel:
                 bias = np.concatenate([floats(f"{n}.bias") for n in names])
             self.keep += [weight, bias]
             return Projection(weight.ctypes.data, None, None if bias is None else bias.ctypes.data, None, kind,
-                              Projection.GGML_Q8X if layout == "tiles" else Projection.GGML)
+                              _TILES.get(layout, Projection.GGML))
 
         self.blocks = []
         for i in range(c.n_layers):
@@ -154,12 +153,12 @@ class LiteModel:
         self.embed, self.embed_type = stored("token_embd.weight"), tensors["token_embd.weight"].type
         head = "token_embd.weight" if c.tie_embeddings else "output.weight"
         self.head_type = tensor(head).type
-        # int8 activations: the head in tiles; float32: in our layout where kernels.float_layout says; both a copy (a
-        # head tied to the table too: lookups read the stored rows)
-        self.head_layout = _int8_layout(int8_activations, self.head_type, [tensor(head).shape[0]])
-        if self.head_layout == "tiles":
+        # in tiles or our layout as the blocks' products, a copy (a head tied to the table too: lookups read the stored
+        # rows)
+        self.head_layout = _arithmetic(int8_activations, self.head_type, [tensor(head).shape[0]])
+        if self.head_layout in _TILES:
             self.head_weight = tile_rows(rows(head), self.head_type)
-        elif float_layout(self.head_type):
+        elif self.head_layout == "fields":
             self.head_weight, self.head_type = as_fields(rows(head), self.head_type), FIELDS[self.head_type]
         else:
             self.head_weight = stored(head)
@@ -215,18 +214,28 @@ class LiteModel:
         h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm
         h = np.ascontiguousarray(h, dtype=np.float32)
         logits = np.empty((len(h), c.vocab_size), np.float32)
-        product = self.lib.mighty_gemm_ggml if self.head_layout is None else self.lib.mighty_gemm_ggml_q8x
+        product = {"int8": self.lib.mighty_gemm_ggml_q8x, "int24": self.lib.mighty_gemm_ggml_int24}.get(
+            self.head_layout, self.lib.mighty_gemm_ggml)
         product(h.ctypes.data, len(h), self.head_weight.ctypes.data, self.head_type,
                 None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
                 c.vocab_size, self.threads)
         return logits
 
 
-def _int8_layout(int8_activations: bool, kind: int, rows: list[int]) -> str | None:
-    """kernels.int8_layout for a product stacked from parts of these row counts (each part whole tiles, as the torch
-    path tiles each layer before fusing them); None without int8 activations."""
-    layouts = {int8_layout(kind, n) for n in rows} if int8_activations else {None}
-    return layouts.pop() if len(layouts) == 1 else None
+# the tiles' arithmetics (kernels.int8_layout, kernels.int24_tiles) and the kind of product each is to gemv.c
+_TILES = {"int8": Projection.GGML_Q8X, "int24": Projection.GGML_INT24}
+
+
+def _arithmetic(int8_activations: bool, kind: int | None, rows: list[int]) -> str:
+    """How a product of GGUF blocks of ggml type `kind`, stacked from parts of these row counts, multiplies (each part
+    whole tiles, as the torch path tiles each layer before fusing them): "int8" (activations rounded to 8 bits,
+    where asked), "int24" (float32's rounding in the tiles, where kernels.int24_tiles says), "fields" (our float
+    layouts, where kernels.float_layout says) or "stored" (the file's blocks as they are)."""
+    if int8_activations and all(int8_layout(kind, n) == "tiles" for n in rows):
+        return "int8"
+    if all(int24_tiles(kind, n) for n in rows):
+        return "int24"
+    return "fields" if float_layout(kind) else "stored"
 
 
 def _zeros64(shape: tuple, dtype) -> np.ndarray:

@@ -989,29 +989,34 @@ def test_mixed_q5_0_and_q8_0_parts_fuse_as_q8_0_with_the_same_values(int8, tmp_p
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
 def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tokenizer, monkeypatch):
-    """float_layouts_ (what load_for_generation and mighty serve apply to kept blocks: Q6_K, Q5_0 on AVX2, Q4_0 and
-    Q4_1 on AVX-512, in kernels' layouts of ours): every layer's values as before (dequantize reads them back),
-    logits within float32 rounding of the stored blocks' for a prompt (through the kernels, then past their row limit
-    through a float GEMM) and for decoded tokens through the native stack, the same greedy tokens; int8_activations_
-    afterwards tiles the stored blocks, the same model as without the layouts. Without the native kernels nothing is laid out."""
+    """float_layouts_ (what load_for_generation and mighty serve apply to kept blocks: Q4_0 / Q4_1, and Q5_0 / Q8_0 on
+    AVX-512, in the int8 tiles with activations in 24 bits; Q6_K, Q5_0 on AVX2 in layouts of ours): every layer's
+    values as before (dequantize reads them back), logits within float32 rounding of the stored blocks' for a prompt
+    (through the kernels, then past their row limit through a float GEMM) and for decoded tokens through the native
+    stack, the same greedy tokens; int8_activations_ afterwards tiles the stored blocks, the same model as without the
+    layouts. Without the native kernels nothing is laid out."""
     from mightylm.compress.gguf_blocks import GGUFLinear, KERNEL_ROWS, float_layouts_, int8_activations_
     from mightylm.fuse import fuse_projections_
     from mightylm.generate import stream_tokens
-    from mightylm.kernels import float_layout, kernel_isa
+    from mightylm.kernels import float_layout, int24_tiles, kernel_isa
     from mightylm.streaming import Sampling
 
-    if not float_layout(qtype):
-        pytest.skip(f"{qtype.name}'s layout is not used on the {kernel_isa()} kernel path (kernels.float_layout)")
+    tiles = int24_tiles(qtype, 256)
+    if not (tiles or float_layout(qtype)):
+        pytest.skip(f"{qtype.name} stays as stored on the {kernel_isa()} kernel path (kernels.int24_tiles, "
+                    "kernels.float_layout)")
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, hidden_size=256,
                        intermediate_size=512, num_hidden_layers=2)  # rows of 256 and 512 values: Q6_K's unit
     write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
     stored, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
     laid, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
     changed = float_layouts_(laid)
-    assert len(changed) == 7 * laid.config.n_layers and laid.applied("float_layouts")  # a tied head keeps its rows
+    # the head tied to the table: a tiled copy, or (our layouts) its stored rows
+    assert len(changed) == 7 * laid.config.n_layers + tiles and laid.applied("float_layouts")
     pairs = [(a, b) for a, b in zip(stored.modules(), laid.modules()) if isinstance(a, GGUFLinear)]
+    assert {b.activations for _, b in pairs} == {"int24" if tiles else "float32"}
     assert all(torch.equal(a.dequantize(), b.dequantize()) for a, b in pairs)
     assert any(not torch.equal(a.weight, b.weight) for a, b in pairs)  # Q5_0 6 %, Q6_K 15 % more bytes; Q4 as many
     with torch.no_grad():

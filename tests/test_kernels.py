@@ -115,15 +115,15 @@ def _q8x_reference(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, out: int,
 def _every_row_count_as_alone(rows, tiles, ggml_type, out, bias):
     """Products of 2 .. len(rows) rows in one call (each count below 8 its own copy of the kernel's loop, then 8 + 1,
     8 + 2, ...) equal each row multiplied alone: what a prompt, a speculative pass or a server's batch relies on."""
-    alone = torch.cat([ops.matmul_ggml(r[None], tiles, ggml_type, out, bias, int8_activations=True) for r in rows])
+    alone = torch.cat([ops.matmul_ggml(r[None], tiles, ggml_type, out, bias, activations="int8") for r in rows])
     for n in range(2, len(rows) + 1):
-        together = ops.matmul_ggml(rows[:n], tiles, ggml_type, out, bias, int8_activations=True)
+        together = ops.matmul_ggml(rows[:n], tiles, ggml_type, out, bias, activations="int8")
         assert torch.equal(together, alone[:n]), (ggml_type, n)
     return together
 
 
 def test_int8_activation_products_equal_their_integer_arithmetic(isa, kernel_path):
-    """matmul_ggml(int8_activations=True) over weights in tiles of 16 rows (tile_blocks), on each path (kernel_path)
+    """matmul_ggml(activations="int8") over weights in tiles of 16 rows (tile_blocks), on each path (kernel_path)
     (VNNI's vpdpbusd; AVX2's maddubs): equal to the integer arithmetic written out in PyTorch, within the
     activations' rounding of the float32 product (Q8_0 codes of -128 included), every row of several exactly what
     it gets alone, and the same bits on every path (the integers are exact, the float operations the same)."""
@@ -143,7 +143,7 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, kernel_pat
         x = torch.randn(1, n_in)
         x[0, 64:96] = 0  # a block of zeros: dx = 0
         isa(path)
-        got = ops.matmul_ggml(x, tiles, ggml_type, out, None, int8_activations=True)
+        got = ops.matmul_ggml(x, tiles, ggml_type, out, None, activations="int8")
         expected = _q8x_reference(x[0], raw, ggml_type, out, n_in)
         torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
         exact = F.linear(x, dequantize_blocks(raw, ggml_type, (out, n_in)))[0]
@@ -154,7 +154,7 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, kernel_pat
         rows, bias = torch.randn(11, n_in), torch.randn(out)
         together = _every_row_count_as_alone(rows, tiles, ggml_type, out, bias)
         isa("avx2")  # the baseline path: the same bits
-        assert torch.equal(ops.matmul_ggml(rows, tiles, ggml_type, out, bias, int8_activations=True), together)
+        assert torch.equal(ops.matmul_ggml(rows, tiles, ggml_type, out, bias, activations="int8"), together)
     # Q6_K in tiles too: x rounded per 32 the same way, integer dots per group of 16 weighted by the int8 scales
     n_in = 512
     raw = torch.randint(0, 256, (out, n_in // 256, 210), dtype=torch.uint8)
@@ -169,18 +169,18 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, kernel_pat
     rows[2, :256] = 5.0  # with the codes of -32 above: four steps' pair sums reach 4 * 2 * 32 * 127
     rows[3, :256] = -5.0
     isa(path)
-    together = ops.matmul_ggml(rows, tiles, 14, out, bias, int8_activations=True)
+    together = ops.matmul_ggml(rows, tiles, 14, out, bias, activations="int8")
     for r in range(len(rows)):
         xb = rows[r].reshape(-1, 32)
         dx = xb.abs().amax(dim=1) / 127
         xq = torch.round(xb * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))[:, None])
         expected = w @ (xq * dx[:, None]).double().flatten() + bias.double()
         torch.testing.assert_close(together[r].double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-        alone = ops.matmul_ggml(rows[r:r + 1], tiles, 14, out, bias, int8_activations=True)
+        alone = ops.matmul_ggml(rows[r:r + 1], tiles, 14, out, bias, activations="int8")
         assert torch.equal(alone[0], together[r])
     _every_row_count_as_alone(torch.randn(11, n_in), tiles, 14, out, bias)
     isa("avx2")
-    assert torch.equal(ops.matmul_ggml(rows, tiles, 14, out, bias, int8_activations=True), together)
+    assert torch.equal(ops.matmul_ggml(rows, tiles, 14, out, bias, activations="int8"), together)
     for ggml_type in (2, 3, 6):  # the largest sums: codes of 15 (Q5_0: 31) times 127 everywhere (AVX2 adds 8 steps,
         # Q5_0's 2, in 16 bits)
         size, n_in = BLOCKS[ggml_type][1], 576
@@ -190,11 +190,88 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, kernel_pat
         raw = raw.view(out, -1)
         x = torch.full((2, n_in), 3.0)
         x[1] = -3.0
-        got = ops.matmul_ggml(x, tile_blocks(raw, ggml_type), ggml_type, out, None, int8_activations=True)
+        got = ops.matmul_ggml(x, tile_blocks(raw, ggml_type), ggml_type, out, None, activations="int8")
         for r in range(2):
             torch.testing.assert_close(got[r].double(), _q8x_reference(x[r], raw, ggml_type, out, n_in))
     with pytest.raises(ValueError, match="tiles"):
         tile_blocks(raw[:40], 3)  # 40 rows: not whole tiles
+
+
+LIMBS_TOP = 127 * (255 * 255 + 255 + 1)  # gguf_blocks.c: a block's largest |x| becomes this integer
+
+
+def _random_blocks(ggml_type: int, out: int, n_in: int) -> torch.Tensor:
+    """Random stored rows (out, row bytes) of a block type, with small fp16 scales (Q6_K: super-blocks of 256)."""
+    from mightylm.compress.gguf_blocks import BLOCKS
+
+    per, size = BLOCKS[ggml_type]
+    raw = torch.randint(0, 256, (out, n_in // per, size), dtype=torch.uint8)
+    at = {3: slice(0, 4), 14: slice(208, 210)}.get(ggml_type, slice(0, 2))  # d (and Q4_1's m) in fp16
+    raw[..., at] = (torch.rand(out, n_in // per, (at.stop - at.start) // 2) / 50).half().view(torch.uint8)
+    return raw.view(out, -1)
+
+
+@pytest.mark.parametrize("ggml_type, n_in", [(8, 576), (2, 576), (3, 576), (6, 576), (2, 544), (3, 544), (14, 512)],
+                         ids=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_0-odd", "Q4_1-odd", "Q6_K"])
+def test_int24_activation_products_are_float32_products(kernel_path, ggml_type, n_in):
+    """matmul_ggml(activations="int24"): each row of x written in three int8 limbs of 24 bits per block, through the
+    int8 tiles, on each path: within float32 rounding of the float64 product of the dequantized weights (at most a
+    few units of 2^-24 of sum |w| times each value's block maximum; F.linear's float32 error is of the same size), a
+    thousand times closer than int8 activations; every row of several exactly what it gets alone; the same bits on
+    every path."""
+    from mightylm.compress.gguf_blocks import dequantize_blocks, tile_blocks
+
+    torch.manual_seed(1)
+    out = 304
+    raw = _random_blocks(ggml_type, out, n_in)
+    tiles = tile_blocks(raw, ggml_type)
+    w = dequantize_blocks(raw, ggml_type, (out, n_in)).double()
+    x = torch.randn(11, n_in)
+    x[0, 64:96] = 0  # a block of zeros
+    x[1, 5] = 300.0  # an outlier: its block's other values keep 24 bits of it
+    x[2] *= torch.logspace(-6, 6, n_in)  # blocks of every size
+    x[3, :32] = 1e-25  # a block below 2^-64 counts as zeros
+    bias = torch.randn(out)
+    got = ops.matmul_ggml(x, tiles, ggml_type, out, bias, activations="int24")
+    x[3, :32] = 0  # what the product took them for (below, held to the same bound)
+    exact = x.double() @ w.T + bias.double()
+    block_max = x.abs().reshape(11, -1, 32).amax(-1).repeat_interleave(32, -1).double()
+    bound = 2.0 ** -24 * (block_max @ w.abs().T + bias.abs().double())
+    error = (got.double() - exact).abs()
+    assert (error <= 4 * bound).all(), f"{float((error / bound).max()):.2f} units of the bound"
+    float32 = (F.linear(x, w.float(), bias).double() - exact).abs().max()
+    int8 = (ops.matmul_ggml(x, tiles, ggml_type, out, bias, activations="int8").double() - exact).abs().max()
+    assert error.max() < 16 * float32 and error.max() < int8 / 1000  # ours up to 2.6x F.linear's here
+    x[3, :32] = 1e-25
+    alone = torch.cat([ops.matmul_ggml(r[None], tiles, ggml_type, out, bias, activations="int24") for r in x])
+    assert torch.equal(alone, got)  # 33 limb rows: passes of 8 and a last of 1
+    kernels.set_kernel_isa("avx2")
+    assert torch.equal(ops.matmul_ggml(x, tiles, ggml_type, out, bias, activations="int24"), got)
+
+
+def test_int24_activations_write_every_integer_exactly(kernel_path):
+    """Integer activations whose block maximum is LIMBS_TOP are their own 24-bit values (dx = 1): through Q8_0
+    identity weights the product returns every integer of -LIMBS_TOP .. LIMBS_TOP bit for bit (each one's three
+    digits right, whatever the rounded reciprocals in the kernel do). A block holding a NaN or an infinity makes NaN
+    of every output, as in float arithmetic."""
+    from mightylm.compress.gguf_blocks import tile_blocks
+
+    n = 64
+    raw = torch.zeros(n, n // 32, 34, dtype=torch.uint8)
+    for i in range(n):  # row i: d = 1, q = 1 at column i
+        raw[i, i // 32, :2] = torch.tensor([1.0]).half().view(torch.uint8)
+        raw[i, i // 32, 2 + i % 32] = 1
+    tiles = tile_blocks(raw.view(n, -1), 8)
+    every = torch.arange(-LIMBS_TOP, LIMBS_TOP + 1, dtype=torch.int32)
+    every = torch.cat([every, torch.zeros(-len(every) % 31, dtype=torch.int32)]).view(-1, 31)
+    x = torch.cat([torch.full((len(every), 1), LIMBS_TOP, dtype=torch.int32), every], dim=1)  # dx = 1 in each block
+    x = x.float().view(-1, n)  # integers below 2^24: exact
+    for part in x.split(len(x) // 4):
+        assert torch.equal(ops.matmul_ggml(part, tiles, 8, n, None, activations="int24"), part)
+    x = x[:3].clone()
+    x[0, 3], x[1, 40] = float("nan"), float("inf")
+    got = ops.matmul_ggml(x, tiles, 8, n, None, activations="int24")
+    assert got[:2].isnan().all() and torch.equal(got[2], x[2])
 
 
 @pytest.mark.parametrize("out, n_in", [(37, 64), (576, 1536), (1536, 576), (100, 1024)])

@@ -78,7 +78,7 @@ def test_int8_activations_on_the_lite_path_are_the_torch_paths_arithmetic(qtype,
     lite, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=True)
     model, _ = load_for_generation(str(tmp_path / "m.gguf"), keep_blocks=True, int8_activations=True,
                                    log=io.StringIO())
-    assert {b.qkv.kind for b in lite.blocks} == {Projection.GGML_Q8X} and lite.head_layout == "tiles"
+    assert {b.qkv.kind for b in lite.blocks} == {Projection.GGML_Q8X} and lite.head_layout == "int8"
     cos, sin = rope_cos_sin(model.config, 256)
     lite.cos, lite.sin = cos.numpy().copy(), sin.numpy().copy()
     prompt = torch.randint(0, lite.config.vocab_size, (20,), generator=torch.Generator().manual_seed(2)).tolist()

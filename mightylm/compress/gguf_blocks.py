@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES
-from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, float_layout, from_fields, int8_layout, kernel_isa,
+from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, float_layout, from_fields, int8_layout, int24_tiles,
+                              kernel_isa,
                               tile_rows, untile_rows)
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
@@ -135,8 +136,14 @@ class GGUFLinear(nn.Module):
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
         self.register_buffer("weight", stored_rows("GGUFLinear", out_features, in_features, ggml_type, device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
-        self.int8_activations = False  # set by int8_activations_, which also reorders `weight` into tiles
+        # how rows of x enter the product: "float32"; or, `weight` reordered into tiles, "int8" (int8_activations_)
+        # or "int24" (float_layouts_: float32's rounding in the tiles)
+        self.activations = "float32"
         self.float_layout = False  # set by float_layouts_, which also repacks `weight` (kernels.as_fields)
+
+    @property
+    def int8_activations(self) -> bool:
+        return self.activations == "int8"
 
     @property
     def kernel_type(self) -> int:
@@ -145,7 +152,7 @@ class GGUFLinear(nn.Module):
 
     def stored(self) -> torch.Tensor:
         """The blocks as the file stores them (out, row bytes), whatever layout `weight` is in."""
-        if self.int8_activations:
+        if self.activations != "float32":
             return untile_blocks(self.weight, self.ggml_type)
         if self.float_layout:
             return torch.from_numpy(from_fields(self.weight.contiguous().numpy(), self.ggml_type, self.in_features))
@@ -155,7 +162,7 @@ class GGUFLinear(nn.Module):
         return dequantize_blocks(self.stored(), self.ggml_type, (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gguf_linear(x, self.weight, self.kernel_type, self.in_features, self.bias, self.int8_activations)
+        return gguf_linear(x, self.weight, self.kernel_type, self.in_features, self.bias, self.activations)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={TYPE_NAMES[self.ggml_type]}"
@@ -223,7 +230,7 @@ def widen_(m: GGUFLinear, kind: int) -> None:
     if kind != Q8_0:
         raise ValueError(f"{TYPE_NAMES[m.ggml_type]} blocks widen to Q8_0 only, not {TYPE_NAMES.get(kind, kind)}")
     wide = as_q8_0(m.stored().contiguous().numpy(), m.ggml_type)
-    m.weight = torch.from_numpy(tile_rows(wide, kind) if m.int8_activations else wide)
+    m.weight = torch.from_numpy(tile_rows(wide, kind) if m.activations != "float32" else wide)
     m.ggml_type, m.float_layout = kind, False
 
 
@@ -255,36 +262,49 @@ def int8_activations_(model: nn.Module) -> list[str]:
         if not isinstance(m, GGUFLinear) or m.int8_activations:
             continue
         if int8_layout(m.ggml_type, m.out_features) == "tiles":
-            if m.float_layout:  # tiles are made from the stored blocks
-                m.weight, m.float_layout = m.stored(), False
-            tiles = tile_blocks(m.weight, m.ggml_type)
-            if m.weight.untyped_storage().data_ptr() in tables:
-                m.weight = tiles  # a tied head: the table's lookups keep reading the stored rows
-            else:
-                m.weight.copy_(tiles)  # in place: one weight's copy at a time at the peak of loading
-            m.int8_activations = True
+            if m.activations == "float32":
+                _tile_(m, tables)
+            m.activations = "int8"
             changed.append(name)
     if changed:
         model.record_transform("int8_activations", modules=changed)
     return changed
 
 
+def _tile_(m: GGUFLinear, tables: set[int]) -> None:
+    """m's stored blocks reordered into tiles (the same bytes)."""
+    if m.float_layout:  # tiles are made from the stored blocks
+        m.weight, m.float_layout = m.stored(), False
+    tiles = tile_blocks(m.weight, m.ggml_type)
+    if m.weight.untyped_storage().data_ptr() in tables:
+        m.weight = tiles  # a tied head: the table's lookups keep reading the stored rows
+    else:
+        m.weight.copy_(tiles)  # in place: one weight's copy at a time at the peak of loading
+
+
 def float_layouts_(model: nn.Module) -> list[str]:
-    """Kept blocks repacked in place into our layouts for float32 arithmetic where kernels.float_layout says (Q6_K;
-    Q5_0 on AVX2; Q4_0 / Q4_1 on AVX-512: kernels/q4_fields.c, q5_0_fields.c, q6_k_fields.c; the same values,
-    one-row products 1.1-1.5x faster), as lite multiplies them; `stored` and `dequantize` read them back. Not for
-    layers under int8_activations_ (tiles), nor a head tied to the embedding table (its lookups read the stored rows).
-    Apply before `fuse_projections_`. Returns the modules changed."""
+    """Kept blocks laid out for float32 arithmetic as lite multiplies them: in the int8 tiles with each row of x
+    written in 24 bits where kernels.int24_tiles says (Q4_0 / Q4_1; Q5_0 / Q8_0 on AVX-512: float32's rounding,
+    faster than converting every code to float; a head tied to the embedding table gets a tiled copy), else in our
+    layouts where kernels.float_layout says (Q6_K; Q5_0 on AVX2: kernels/q5_0_fields.c, q6_k_fields.c; not for a
+    tied head, whose lookups read the stored rows). The same values: `stored` and `dequantize` read them back. Not
+    for layers under int8_activations_. Apply before `fuse_projections_`. Returns the modules changed."""
     tables = _tables_before_fusing(model, "float_layouts_")
     isa = kernel_isa()  # None without the kernels: nothing to lay out for
     changed = []
     for name, m in model.named_modules():
-        if (isa is not None and isinstance(m, GGUFLinear) and not (m.int8_activations or m.float_layout)
-                and float_layout(m.ggml_type, isa) and m.weight.device.type == "cpu"
-                and m.weight.untyped_storage().data_ptr() not in tables):
+        if (isa is None or not isinstance(m, GGUFLinear) or m.activations != "float32" or m.float_layout
+                or m.weight.device.type != "cpu"):
+            continue
+        if int24_tiles(m.ggml_type, m.out_features, isa):
+            _tile_(m, tables)
+            m.activations = "int24"
+        elif float_layout(m.ggml_type, isa) and m.weight.untyped_storage().data_ptr() not in tables:
             m.weight = torch.from_numpy(as_fields(m.weight.contiguous().numpy(), m.ggml_type))
             m.float_layout = True
-            changed.append(name)
+        else:
+            continue
+        changed.append(name)
     if changed:
         model.record_transform("float_layouts", modules=changed)
     return changed
@@ -297,16 +317,17 @@ KERNEL_ROWS = 128
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, n_in: int,
-                bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
+                bias: torch.Tensor | None = None, activations: str = "float32") -> torch.Tensor:
     """F.linear(x, dequantized blocks, bias): through the block kernel where it serves, else dequantized.
-    `int8_activations`: the blocks are in tiles and every row is rounded to 8 bits per block first (see
-    int8_activations_), through the kernel for any number of rows."""
+    `activations` "int8": the blocks are in tiles and every row is rounded to 8 bits per block first (see
+    int8_activations_), through the kernel for any number of rows; "int24": in tiles, each row in 24 bits
+    (float_layouts_), through the kernel up to KERNEL_ROWS rows as the other layouts."""
     out = blocks.shape[0]
-    if int8_activations or x.numel() <= KERNEL_ROWS * n_in:
-        y = matmul_ggml(x, blocks, ggml_type, out, bias, int8_activations)
+    if activations == "int8" or x.numel() <= KERNEL_ROWS * n_in:
+        y = matmul_ggml(x, blocks, ggml_type, out, bias, activations)
         if y is not None:
             return y
-    raw = untile_blocks(blocks, ggml_type) if int8_activations else blocks
+    raw = untile_blocks(blocks, ggml_type) if activations != "float32" else blocks
     w = dequantize_blocks(raw, ggml_type, (out, n_in)).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 

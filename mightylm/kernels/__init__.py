@@ -113,10 +113,11 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    lib.mighty_gemm_ggml.restype, lib.mighty_gemm_ggml_q8x.restype = None, ctypes.c_int
+    lib.mighty_gemm_ggml.restype = None
+    lib.mighty_gemm_ggml_q8x.restype = lib.mighty_gemm_ggml_int24.restype = ctypes.c_int
     lib.mighty_gemm_ggml.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    lib.mighty_gemm_ggml_q8x.argtypes = lib.mighty_gemm_ggml.argtypes
+    lib.mighty_gemm_ggml_q8x.argtypes = lib.mighty_gemm_ggml_int24.argtypes = lib.mighty_gemm_ggml.argtypes
     lib.mighty_q5_0_fields.restype, lib.mighty_q5_0_fields_row_bytes.restype = None, ctypes.c_long
     lib.mighty_q5_0_fields.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.mighty_q5_0_fields_row_bytes.argtypes = [ctypes.c_long]
@@ -193,14 +194,14 @@ def set_kernel_isa(name: str) -> None:
 class Projection(ctypes.Structure):
     """gemv.c's mighty_proj: a float32 input-major weight (kind 0), int8 rows with their scales (1), NF4 codes
     with a float absmax per block and the 16 levels (2), int4 codes with a scale and zero per group (3), or GGUF
-    Q8_0/Q4_0/Q4_1 blocks or F16/BF16 rows as stored (4; `block` holds the ggml type; 6: the same with one row's
-    activations rounded to 8 bits), or 2:4 sparse kept values with their
-    positions in `index` (5)."""
+    Q8_0/Q4_0/Q4_1 blocks or F16/BF16 rows as stored (4; `block` holds the ggml type), GGUF blocks in tiles of 16
+    rows with each row of activations rounded to 8 bits (6) or written in 24 bits (7: float32's rounding; see
+    int24_tiles), or 2:4 sparse kept values with their positions in `index` (5)."""
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("levels", ctypes.c_void_p), ("block", ctypes.c_long), ("kind", ctypes.c_int),
                 ("zero", ctypes.c_void_p), ("index", ctypes.c_void_p)]
 
-    FLOAT32, INT8, NF4, INT4, GGML, SPARSE24, GGML_Q8X = 0, 1, 2, 3, 4, 5, 6
+    FLOAT32, INT8, NF4, INT4, GGML, SPARSE24, GGML_Q8X, GGML_INT24 = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 class BlockArgs(ctypes.Structure):
@@ -245,6 +246,19 @@ def int8_layout(kind: int, rows: int) -> str | None:
     "tiles" (Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K in whole tiles of 16 rows, reordered by tile_rows) or None (it stays in
     float32 arithmetic)."""
     return "tiles" if kind in _TILED and rows % TILE == 0 else None
+
+
+def int24_tiles(kind: int, rows: int, isa: str | None = None) -> bool:
+    """Whether float32 arithmetic on a kept GGUF weight of ggml type `kind` with `rows` output rows runs through the
+    int8 tiles with each row of activations written exactly in three int8 limbs of 24 bits per block of 32
+    (mighty_gemm_ggml_int24: float32's rounding, within float32 rounding of dequantize-then-float32) on kernel path
+    `isa` (default: the current one): Q4_0 and Q4_1 everywhere, Q5_0 and Q8_0 on AVX-512, in whole tiles of 16 rows.
+    Three integer rows cost less than converting every code to float and multiplying it: whole tokens 1.27-2.16x
+    the float loops' on the Intel Xeon (AVX-512), Q4 1.30-1.61x on its AVX2 path, where Q8_0 was 0.80x
+    (bench/RESULTS.md). Q6_K keeps its float layout (its tiles have an AVX2 loop only)."""
+    isa = isa or kernel_isa()
+    return (isa is not None and rows % TILE == 0
+            and (kind in (2, 3) or (kind in (6, 8) and isa == "avx512")))
 
 
 def common_type(kinds) -> int | None:

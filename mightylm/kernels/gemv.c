@@ -239,7 +239,8 @@ void mighty_gemv_int8(const float *x, const signed char *W, const float *scale, 
  * scale and a zero per group of `block` inputs), GGUF's Q8_0 / Q4_0 / Q4_1 blocks or F16 / BF16 rows as stored,
  * or 2:4 sparse (kept values and their 2-bit positions, sparse24.c). */
 enum { PROJ_FLOAT32 = 0, PROJ_INT8 = 1, PROJ_NF4 = 2, PROJ_INT4 = 3, PROJ_GGML = 4, PROJ_SPARSE24 = 5,
-       PROJ_GGML_Q8X = 6 /* GGUF blocks in tiles of 16 rows, activations rounded to 8 bits (gguf_blocks.c) */ };
+       PROJ_GGML_Q8X = 6, /* GGUF blocks in tiles of 16 rows, activations rounded to 8 bits (gguf_blocks.c) */
+       PROJ_GGML_INT24 = 7  /* the same tiles, activations in 24 bits: float32's rounding (gguf_blocks.c) */ };
 typedef struct {
     const void *w;
     const float *scale;   /* int8: per-row scales; NF4: per-block absmax; int4: (out, in / block) scales */
@@ -305,6 +306,8 @@ static void project(const mighty_proj *p, const float *x, float *y, float *scrat
         mighty_gemv_ggml(x, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_GGML_Q8X) {
         mighty_gemm_ggml_q8x(x, 1, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
+    } else if (p->kind == PROJ_GGML_INT24) {
+        mighty_gemm_ggml_int24(x, 1, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_INT4) {
         const long groups = in / p->block;
         float *buf = malloc(sizeof(float) * (in + groups)), *xe = buf, *xo = buf + in / 2, *xsum = buf + in;
@@ -331,6 +334,8 @@ static void project_rows(const mighty_proj *p, const float *x, float *y, float *
         project(p, x, y, scratch, in, out, threads);
     } else if (p->kind == PROJ_GGML_Q8X) {
         mighty_gemm_ggml_q8x(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
+    } else if (p->kind == PROJ_GGML_INT24) {
+        mighty_gemm_ggml_int24(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_GGML) {
         mighty_gemm_ggml(x, rows, (const unsigned char *)p->w, (int)p->block, p->bias, y, in, out, threads);
     } else if (p->kind == PROJ_SPARSE24) {

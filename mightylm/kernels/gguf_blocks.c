@@ -961,32 +961,146 @@ static void by_block(signed char *xq, float *dx, int *xs, float *dxs, long rows,
     free(s);
 }
 
-/* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 weights laid out
- * in tiles of 16 rows (+ bias, which may be NULL). in % 32 == 0, out % 16 == 0. Returns -1, having written
- * nothing, for another type or shape. */
-int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
-                         long in, long out, int nthreads) {
-    if ((type == Q6_K ? in % 256 || in < 256
-                      : (type != Q8_0 && type != Q4_0 && type != Q4_1 && type != Q5_0) || in % 32 || in < 32)
-        || out % TILE)
-        return -1;
-    if (nthreads < 1) nthreads = 1;
+/* One row in 24 bits: x (in) -> three rows of int8 limbs (xq: 3 rows of in values; dx, xs: 3 rows of a value per
+ * block), so that per block of 32 x = dx X, with X = x / dx rounded to an integer, |X| <= LIMBS_TOP (the block's
+ * largest |x|), written X = a 255^2 + b 255 + c with digits a, b, c in -127..127 (255 is odd: each integer has one
+ * such writing). Limb a's dx is dx 255^2, b's dx 255, c's dx: each limb is a row of int8 activations as
+ * quantize_x8 makes them, so the tiles' exact integer products over the three rows, scaled and added, are x's
+ * product with x rounded to 24 bits per block: at most max |x| / (2 LIMBS_TOP) ~ max |x| 2^-24 a value, float32's
+ * own rounding, where quantize_x8's 8 bits lose up to 0.4 % of a block's largest value. The digits come from float
+ * arithmetic on exact integers (all below 2^24, see digit). A block whose largest |x| is below 2^-64 counts as
+ * zeros (its products lie below float32's resolution of any sum that is not itself that small); one holding an
+ * infinity or a NaN gives NaN dx, so that every output it reaches is NaN, as in float arithmetic. */
+enum { LIMB = 255, LIMBS_TOP = 127 * (LIMB * LIMB + LIMB + 1) };
+
+/* The digit q of the integers r (|r| <= 127.5 base) at an odd base: r / base rounded to the nearest integer, as
+ * r times the rounded reciprocal (for every |r| <= LIMBS_TOP at 255^2, and every |r| <= 127 256 at 255, that
+ * product rounds to the right integer: the digits test checks them all); r keeps the rest, r - q base, exactly */
+__attribute__((target("avx2,fma"), always_inline)) static inline
+__m256 digit(__m256 *r, float base) {
+    const __m256 q = _mm256_round_ps(_mm256_mul_ps(*r, _mm256_set1_ps(1.0f / base)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    *r = _mm256_fnmadd_ps(q, _mm256_set1_ps(base), *r);
+    return q;
+}
+
+/* Four vectors of 8 int32 in -127..127 -> 32 int8 in order at q; returns their sum's 8 lanes */
+__attribute__((target("avx2"), always_inline)) static inline
+__m256i pack32(const __m256i v[4], signed char *q) {
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+}
+
+__attribute__((target("avx2"), always_inline)) static inline int lanes_sum(__m256i s) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    return _mm_cvtsi128_si32(t);
+}
+
+__attribute__((target("avx2,fma")))
+static void quantize_x24(const float *x, long in, signed char *xq, float *dx, int *xs) {
     const long blocks = in / 32;
-    signed char *xq = malloc(rows * in);
-    float *dx = malloc(sizeof(float) * rows * blocks), *dxs = malloc(sizeof(float) * rows * blocks);
-    int *xs = malloc(sizeof(int) * rows * blocks);
-    for (long r = 0; r < rows; r++) quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks);
+    const __m256 sign = _mm256_set1_ps(-0.0f), top = _mm256_set1_ps((float)LIMBS_TOP);
+    for (long b = 0; b < blocks; b++) {
+        const float *xb = x + 32 * b;
+        __m256 v[4], m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();  /* bad: 0, or NaN where x is not finite */
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+            bad = _mm256_add_ps(bad, _mm256_mul_ps(v[k], _mm256_setzero_ps()));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        __m128 f = _mm_add_ps(_mm256_castps256_ps128(bad), _mm256_extractf128_ps(bad, 1));
+        f = _mm_add_ps(f, _mm_movehl_ps(f, f));
+        f = _mm_add_ss(f, _mm_movehdup_ps(f));
+        const float mx = _mm_cvtss_f32(h), finite = _mm_cvtss_f32(f) == 0.0f, small = 0x1p-64f;
+        const float id = finite && mx >= small ? (float)LIMBS_TOP / mx : 0.0f;
+        const float d = !finite ? NAN : mx >= small ? mx / (float)LIMBS_TOP : 0.0f;
+        __m256i a[4], bb[4], c[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(finite ? v[k] : _mm256_setzero_ps(), _mm256_set1_ps(id)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), top)), top);
+            a[k] = _mm256_cvtps_epi32(digit(&r, (float)(LIMB * LIMB)));
+            bb[k] = _mm256_cvtps_epi32(digit(&r, (float)LIMB));
+            c[k] = _mm256_cvtps_epi32(r);
+        }
+        const __m256i *limbs[3] = {a, bb, c};
+        const float scale[3] = {d * (float)(LIMB * LIMB), d * (float)LIMB, d};
+        for (int l = 0; l < 3; l++) {
+            xs[l * blocks + b] = lanes_sum(pack32(limbs[l], xq + l * in + 32 * b));
+            dx[l * blocks + b] = scale[l];
+        }
+    }
+}
+
+/* The tiles' product of `rows` rows of activations already in int8 (xq, dx, xs per block, as quantize_x8 and
+ * quantize_x24 make them) -> y (rows, out), on the current kernel path */
+static void tile_product(signed char *xq, float *dx, int *xs, long rows, const unsigned char *T, int type, float *y,
+                         long in, long out, int nthreads) {
+    const long blocks = in / 32;
+    float *dxs = malloc(sizeof(float) * rows * blocks);
     for (long i = 0; i < rows * blocks; i++) dxs[i] = dx[i] * (float)xs[i];
     if (type == Q6_K || !mighty_isa_level) by_block(xq, dx, xs, dxs, rows, in);  /* the AVX2 loops' order */
     if (type == Q6_K) q6k_gemm_tiles(xq, dx, rows, T, y, in, out, nthreads);
     else if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
     else gemm_tiles256(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
+    free(dxs);
+}
+
+static int tiled_shape(int type, long in, long out) {
+    return (type == Q6_K ? in % 256 == 0 && in >= 256
+                         : (type == Q8_0 || type == Q4_0 || type == Q4_1 || type == Q5_0) && in % 32 == 0 && in >= 32)
+           && out % TILE == 0;
+}
+
+/* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K
+ * weights laid out in tiles of 16 rows (+ bias, which may be NULL). in % 32 == 0 (Q6_K: % 256), out % 16 == 0.
+ * Returns -1, having written nothing, for another type or shape. */
+int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+                         long in, long out, int nthreads) {
+    if (!tiled_shape(type, in, out)) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const long blocks = in / 32;
+    signed char *xq = malloc(rows * in);
+    float *dx = malloc(sizeof(float) * rows * blocks);
+    int *xs = malloc(sizeof(int) * rows * blocks);
+    for (long r = 0; r < rows; r++) quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks);
+    tile_product(xq, dx, xs, rows, T, type, y, in, out, nthreads);
     if (bias)
         for (long r = 0; r < rows; r++)
             for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
     free(xq);
     free(dx);
-    free(dxs);
+    free(xs);
+    return 0;
+}
+
+/* The same product with x in 24 bits (quantize_x24): three rows of limbs per row of x through the same tiles, then
+ * y = (y_a + y_b) + y_c (+ bias). The weights' integers times x's within float32 rounding, at the cost of three
+ * int8 rows in the tiles instead of a float conversion and multiply-add per weight. */
+int mighty_gemm_ggml_int24(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+                         long in, long out, int nthreads) {
+    if (!tiled_shape(type, in, out)) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const long blocks = in / 32;
+    signed char *xq = malloc(3 * rows * in);
+    float *dx = malloc(sizeof(float) * 3 * rows * blocks), *y3 = malloc(sizeof(float) * 3 * rows * out);
+    int *xs = malloc(sizeof(int) * 3 * rows * blocks);
+    for (long r = 0; r < rows; r++)
+        quantize_x24(x + r * in, in, xq + 3 * r * in, dx + 3 * r * blocks, xs + 3 * r * blocks);
+    tile_product(xq, dx, xs, 3 * rows, T, type, y3, in, out, nthreads);
+    for (long r = 0; r < rows; r++) {
+        const float *ya = y3 + 3 * r * out, *yb = ya + out, *yc = yb + out;
+        for (long o = 0; o < out; o++) y[r * out + o] = (ya[o] + yb[o]) + yc[o] + (bias ? bias[o] : 0.0f);
+    }
+    free(xq);
+    free(dx);
+    free(y3);
     free(xs);
     return 0;
 }

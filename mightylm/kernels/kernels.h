@@ -201,6 +201,9 @@ void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int typ
 int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                          long in, long out, int nthreads);
 
+int mighty_gemm_ggml_int24(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+                         long in, long out, int nthreads);
+
 void mighty_gemm_sparse24(const float *x, long rows, const float *values, const unsigned char *index,
                           const float *bias, float *y, long in, long out, int nthreads);
 

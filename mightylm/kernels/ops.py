@@ -65,12 +65,13 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 
 def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
-                bias: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor | None:
+                bias: torch.Tensor | None = None, activations: str = "float32") -> torch.Tensor | None:
     """x (..., in) float32 rows @ a GGUF weight of a type in GGML_TYPES (out rows of its bytes) + bias,
     or None where the kernel cannot take it (gguf_blocks.c: one row streams the blocks, several share each block's
-    unpacking). `int8_activations`: the blocks are in tiles of 16 rows (compress.gguf_blocks.tile_blocks) and every
+    unpacking). `activations` "int8": the blocks are in tiles of 16 rows (compress.gguf_blocks.tile_blocks) and every
     row of x is rounded to 8 bits per block of 32, by itself, and multiplied in integers, as llama.cpp does (not
-    float32's result)."""
+    float32's result); "int24": the same tiles, every row of x written in 24 bits per block (three int8 limbs:
+    float32's rounding, kernels.int24_tiles)."""
     n_in = x.shape[-1]
     if not (float_rows(x) and n_in % (256 if ggml_type in SUPER_BLOCKS or ggml_type == FIELDS[14] else 32) == 0
             and (ggml_type in GGML_TYPES or ggml_type in FIELDS.values())
@@ -80,14 +81,17 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out)
     b = bias.data_ptr() if bias is not None else None
-    if int8_activations:
-        if lib.mighty_gemm_ggml_q8x(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(),
-                                    n_in, out, torch.get_num_threads()) != 0:
-            raise ValueError(f"int8 activations take tiles of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows ({out} rows of "
-                             f"{n_in}, type {ggml_type})")
-    else:
+    tiled = {"int8": lib.mighty_gemm_ggml_q8x, "int24": lib.mighty_gemm_ggml_int24}.get(activations)
+    if tiled is not None:
+        if tiled(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in, out,
+                 torch.get_num_threads()) != 0:
+            raise ValueError(f"{activations} activations take tiles of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows ({out} "
+                             f"rows of {n_in}, type {ggml_type})")
+    elif activations == "float32":
         lib.mighty_gemm_ggml(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in,
                              out, torch.get_num_threads())
+    else:
+        raise ValueError(f"activations {activations!r}: one of float32, int8, int24")
     return y
 
 
