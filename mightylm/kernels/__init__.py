@@ -295,10 +295,10 @@ _Q4_HEADS = {2: 2, 3: 4}  # Q4_0's fp16 d, Q4_1's d and m: bytes before a block'
 
 
 def float_layout(kind: int, isa: str | None = None) -> bool:
-    """Whether kept GGUF blocks of ggml type `kind` are multiplied in one of our layouts (as_fields) for float32
-    arithmetic on kernel path `isa` (default: the current one): Q6_K everywhere; Q5_0 on AVX2 (AVX-512's stored loop
-    sets its fifth bits under a mask); Q4_0 and Q4_1 on AVX-512 (the stored loop's widening and scalar scale per block
-    cost it ~10 cycles a block on the Intel Xeon; bench/RESULTS.md)."""
+    """Whether kept GGUF blocks of ggml type `kind` that int24_tiles does not take are multiplied in one of our
+    layouts (as_fields) for float32 arithmetic on kernel path `isa` (default: the current one): Q6_K everywhere; Q5_0
+    on AVX2 (AVX-512's stored loop sets its fifth bits under a mask); Q4_0 and Q4_1 on AVX-512 (the stored loop's
+    widening and scalar scale per block cost it ~10 cycles a block on the Intel Xeon; bench/RESULTS.md)."""
     isa = isa or kernel_isa()
     if isa is None:
         return False
