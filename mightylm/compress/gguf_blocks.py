@@ -21,8 +21,7 @@ from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES
 from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, float_layout, from_fields, int8_layout, int24_tiles,
-                              kernel_isa,
-                              tile_rows, untile_rows)
+                              kernel_isa, tile_rows, untile_rows)
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
 
