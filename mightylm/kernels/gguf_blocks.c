@@ -646,35 +646,44 @@ void mighty_gemv_ggml(const float *x, const unsigned char *W, int type, const fl
  * onto xq, times |xq| <= 127) gives AVX-512's bits. The cost is the activations' rounding (~0.4 % of each block's
  * largest value): logits move within quantization noise, and near-ties can split, as in llama.cpp. */
 
+/* Loads a block of 32 floats into v; returns their largest |x| */
+__attribute__((target("avx2"), always_inline)) static inline
+float block_max(const float *xb, __m256 v[4]) {
+    __m256 m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(xb + 8 * k);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[k]));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* Four vectors of 8 int32 in -127..127 -> 32 int8 in order at q (packs interleave 128-bit lanes, a permute puts
+ * them back); returns their sum */
+__attribute__((target("avx2"), always_inline)) static inline
+int pack32(const __m256i v[4], signed char *q) {
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    return _mm_cvtsi128_si32(t);
+}
+
 /* One row: x (in) -> xq (in), and dx and sum xq per block (8 floats at a time; rounding to nearest even). */
 __attribute__((target("avx2,fma")))
 static void quantize_x8(const float *x, long in, signed char *xq, float *dx, int *xs) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (long b = 0; b < in / 32; b++) {
-        const float *xb = x + 32 * b;
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(xb + 8 * k);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float d = _mm_cvtss_f32(h) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-        __m256i q[4], s = _mm256_setzero_si256();
-        for (int k = 0; k < 4; k++) {
+        __m256 v[4];
+        const float d = block_max(x + 32 * b, v) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
+        for (int k = 0; k < 4; k++)
             q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(id)));  /* MXCSR: nearest even */
-            s = _mm256_add_epi32(s, q[k]);
-        }
-        /* int32 -> int8 in order: packs interleave 128-bit lanes, a permute puts them back */
-        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i *)(xq + 32 * b),
-                            _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
         dx[b] = d;
-        xs[b] = _mm_cvtsi128_si32(t);
+        xs[b] = pack32(q, xq + 32 * b);
     }
 }
 
@@ -984,40 +993,18 @@ __m256 digit(__m256 *r, float base) {
     return q;
 }
 
-/* Four vectors of 8 int32 in -127..127 -> 32 int8 in order at q; returns their sum's 8 lanes */
-__attribute__((target("avx2"), always_inline)) static inline
-__m256i pack32(const __m256i v[4], signed char *q) {
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    return _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
-}
-
-__attribute__((target("avx2"), always_inline)) static inline int lanes_sum(__m256i s) {
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-    return _mm_cvtsi128_si32(t);
-}
-
 __attribute__((target("avx2,fma")))
 static void quantize_x24(const float *x, long in, signed char *xq, float *dx, int *xs) {
     const long blocks = in / 32;
-    const __m256 sign = _mm256_set1_ps(-0.0f), top = _mm256_set1_ps((float)LIMBS_TOP);
+    const __m256 top = _mm256_set1_ps((float)LIMBS_TOP);
     for (long b = 0; b < blocks; b++) {
-        const float *xb = x + 32 * b;
-        __m256 v[4], m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();  /* bad: 0, or NaN where x is not finite */
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(xb + 8 * k);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
-            bad = _mm256_add_ps(bad, _mm256_mul_ps(v[k], _mm256_setzero_ps()));
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        __m256 v[4], bad = _mm256_setzero_ps();  /* bad: 0, or NaN where x is not finite */
+        const float mx = block_max(x + 32 * b, v);
+        for (int k = 0; k < 4; k++) bad = _mm256_add_ps(bad, _mm256_mul_ps(v[k], _mm256_setzero_ps()));
         __m128 f = _mm_add_ps(_mm256_castps256_ps128(bad), _mm256_extractf128_ps(bad, 1));
         f = _mm_add_ps(f, _mm_movehl_ps(f, f));
         f = _mm_add_ss(f, _mm_movehdup_ps(f));
-        const float mx = _mm_cvtss_f32(h), finite = _mm_cvtss_f32(f) == 0.0f, small = 0x1p-64f;
+        const float finite = _mm_cvtss_f32(f) == 0.0f, small = 0x1p-64f;
         const float id = finite && mx >= small ? (float)LIMBS_TOP / mx : 0.0f;
         const float d = !finite ? NAN : mx >= small ? mx / (float)LIMBS_TOP : 0.0f;
         __m256i a[4], bb[4], c[4];
@@ -1032,7 +1019,7 @@ static void quantize_x24(const float *x, long in, signed char *xq, float *dx, in
         const __m256i *limbs[3] = {a, bb, c};
         const float scale[3] = {d * (float)(LIMB * LIMB), d * (float)LIMB, d};
         for (int l = 0; l < 3; l++) {
-            xs[l * blocks + b] = lanes_sum(pack32(limbs[l], xq + l * in + 32 * b));
+            xs[l * blocks + b] = pack32(limbs[l], xq + l * in + 32 * b);
             dx[l * blocks + b] = scale[l];
         }
     }
