@@ -43,7 +43,7 @@ from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear, widen_
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
-from mightylm.kernels import BlockArgs, LoraTerm, Projection, common_type, gemv_library
+from mightylm.kernels import TILED, BlockArgs, LoraTerm, Projection, common_type, gemv_library
 from mightylm.kernels.ops import float_rows, gemv_int4, gemv_int8, gemv_nf4, linear
 from mightylm.model import MLP, Attention, KVCache, KVRows, RMSNorm, Transformer
 from mightylm.moe import MoE
@@ -262,7 +262,7 @@ def _projection(p) -> tuple[Projection, tuple] | None:
     if isinstance(p, GGUFLinear):
         p = FusedGGUFProjection(p.weight, p.kernel_type, p.bias, p.in_features, p.activations)
     if isinstance(p, FusedGGUFProjection) and p.weight.is_contiguous():
-        kind = {"int8": Projection.GGML_Q8X, "int24": Projection.GGML_INT24}.get(p.activations, Projection.GGML)
+        kind = TILED.get(p.activations, Projection.GGML)
         return Projection(p.weight.data_ptr(), None, _ptr(p.bias), None, p.ggml_type, kind), (p.weight, p.bias)
     if isinstance(p, Sparse24Linear):
         p = FusedSparse24Projection(p.values, p.index, p.bias)

@@ -303,7 +303,7 @@ def load_for_generation(model: str, dtype: str = "float32", adapter: str | None 
     else:
         from mightylm.compress.gguf_blocks import float_layouts_
 
-        float_layouts_(loaded)  # kept blocks laid out for float32 (kernels.int24_tiles, float_layout), as lite
+        float_layouts_(loaded)  # kept blocks laid out for float32 (kernels.float_arithmetic), as lite
     fuse_projections_(loaded)
     freeze_what_lives()
     print(f"loaded {loaded.config.n_params / 1e6:.0f}M parameters in {time.perf_counter() - t0:.1f}s", file=log,

@@ -42,8 +42,8 @@ from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, ggu
 from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.errors import UsageError
-from mightylm.kernels import (FIELDS, BlockArgs, Projection, as_fields, as_q8_0, common_type, float_layout,
-                              gemv_library, int8_layout, int24_tiles, physical_cores, tile_rows)
+from mightylm.kernels import (FIELDS, TILED, BlockArgs, Projection, as_fields, as_q8_0, common_type, float_arithmetic,
+                              gemv_library, int8_layout, physical_cores, tile_rows)
 from mightylm.streaming import Sampling, cached_prefix
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -126,7 +126,7 @@ class LiteModel:
                 if c.arch == "llama":  # llama.cpp permutes llama's q/k rows for its RoPE kernel (names.unpermute_qk)
                     parts = [p if heads is None else unpermute_qk(p, heads) for p, heads in zip(parts, permute)]
                 weight = np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else parts[0]
-                if layout in _TILES:  # tiles of each part's rows, one after another: the tiles of the stacked rows
+                if layout in TILED:  # tiles of each part's rows, one after another: the tiles of the stacked rows
                     weight = tile_rows(weight, kind)
                 elif layout == "fields":
                     weight, kind = as_fields(weight, kind), FIELDS[kind]
@@ -135,7 +135,7 @@ class LiteModel:
                 bias = np.concatenate([floats(f"{n}.bias") for n in names])
             self.keep += [weight, bias]
             return Projection(weight.ctypes.data, None, None if bias is None else bias.ctypes.data, None, kind,
-                              _TILES.get(layout, Projection.GGML))
+                              TILED.get(layout, Projection.GGML))
 
         self.blocks = []
         for i in range(c.n_layers):
@@ -156,12 +156,14 @@ class LiteModel:
         # in tiles or our layout as the blocks' products, a copy (a head tied to the table too: lookups read the stored
         # rows)
         self.head_layout = _arithmetic(int8_activations, self.head_type, [tensor(head).shape[0]])
-        if self.head_layout in _TILES:
+        if self.head_layout in TILED:
             self.head_weight = tile_rows(rows(head), self.head_type)
         elif self.head_layout == "fields":
             self.head_weight, self.head_type = as_fields(rows(head), self.head_type), FIELDS[self.head_type]
         else:
             self.head_weight = stored(head)
+        self.head_product = {"int8": library.mighty_gemm_ggml_q8x, "int24": library.mighty_gemm_ggml_int24}.get(
+            self.head_layout, library.mighty_gemm_ggml)
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)
@@ -214,28 +216,19 @@ class LiteModel:
         h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(c.norm_eps)) * self.norm
         h = np.ascontiguousarray(h, dtype=np.float32)
         logits = np.empty((len(h), c.vocab_size), np.float32)
-        product = {"int8": self.lib.mighty_gemm_ggml_q8x, "int24": self.lib.mighty_gemm_ggml_int24}.get(
-            self.head_layout, self.lib.mighty_gemm_ggml)
-        product(h.ctypes.data, len(h), self.head_weight.ctypes.data, self.head_type,
+        self.head_product(h.ctypes.data, len(h), self.head_weight.ctypes.data, self.head_type,
                 None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
                 c.vocab_size, self.threads)
         return logits
 
 
-# the tiles' arithmetics (kernels.int8_layout, kernels.int24_tiles) and the kind of product each is to gemv.c
-_TILES = {"int8": Projection.GGML_Q8X, "int24": Projection.GGML_INT24}
-
-
 def _arithmetic(int8_activations: bool, kind: int | None, rows: list[int]) -> str:
     """How a product of GGUF blocks of ggml type `kind`, stacked from parts of these row counts, multiplies (each part
     whole tiles, as the torch path tiles each layer before fusing them): "int8" (activations rounded to 8 bits,
-    where asked), "int24" (float32's rounding in the tiles, where kernels.int24_tiles says), "fields" (our float
-    layouts, where kernels.float_layout says) or "stored" (the file's blocks as they are)."""
+    where asked), else kernels.float_arithmetic's "int24", "fields" or "stored"."""
     if int8_activations and all(int8_layout(kind, n) == "tiles" for n in rows):
         return "int8"
-    if all(int24_tiles(kind, n) for n in rows):
-        return "int24"
-    return "fields" if float_layout(kind) else "stored"
+    return float_arithmetic(kind, rows)
 
 
 def _zeros64(shape: tuple, dtype) -> np.ndarray:

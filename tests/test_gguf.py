@@ -1000,13 +1000,13 @@ def test_float_layouts_keep_the_values_and_the_products(qtype, tmp_path, bpe_tok
     from mightylm.compress.gguf_blocks import GGUFLinear, KERNEL_ROWS, float_layouts_, int8_activations_
     from mightylm.fuse import fuse_projections_
     from mightylm.generate import stream_tokens
-    from mightylm.kernels import float_layout, int24_tiles, kernel_isa
+    from mightylm.kernels import float_arithmetic, kernel_isa
     from mightylm.streaming import Sampling
 
-    tiles = int24_tiles(qtype, 256)
-    if not (tiles or float_layout(qtype)):
-        pytest.skip(f"{qtype.name} stays as stored on the {kernel_isa()} kernel path (kernels.int24_tiles, "
-                    "kernels.float_layout)")
+    way = float_arithmetic(qtype, [256])
+    if way == "stored":
+        pytest.skip(f"{qtype.name} stays as stored on the {kernel_isa()} kernel path (kernels.float_arithmetic)")
+    tiles = way == "int24"
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None, hidden_size=256,
                        intermediate_size=512, num_hidden_layers=2)  # rows of 256 and 512 values: Q6_K's unit
     write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)

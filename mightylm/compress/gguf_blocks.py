@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mightylm.checkpoint.gguf_file import BF16, BLOCKS, F16, F32, KEPT, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES
-from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, float_layout, from_fields, int8_layout, int24_tiles,
+from mightylm.kernels import (FIELDS, TILE, as_fields, as_q8_0, float_arithmetic, from_fields, int8_layout,
                               kernel_isa, tile_rows, untile_rows)
 from mightylm.kernels.ops import ggml_rows, matmul_ggml
 
@@ -283,10 +283,10 @@ def _tile_(m: GGUFLinear, tables: set[int]) -> None:
 
 def float_layouts_(model: nn.Module) -> list[str]:
     """Kept blocks laid out for float32 arithmetic as lite multiplies them: in the int8 tiles with each row of x
-    written in 24 bits where kernels.int24_tiles says (Q4_0 / Q4_1; Q5_0 / Q8_0 on AVX-512: float32's rounding,
-    faster than converting every code to float; a head tied to the embedding table gets a tiled copy), else in our
-    layouts where kernels.float_layout says (Q6_K; Q5_0 on AVX2: kernels/q5_0_fields.c, q6_k_fields.c; not for a
-    tied head, whose lookups read the stored rows). The same values: `stored` and `dequantize` read them back. Not
+    written in 24 bits or in our layouts, as kernels.float_arithmetic says ("int24": Q4_0 / Q4_1, Q5_0 / Q8_0 on
+    AVX-512: float32's rounding, faster than converting every code to float; a head tied to the embedding table gets
+    a tiled copy; "fields": Q6_K, Q5_0 on AVX2, kernels/q5_0_fields.c, q6_k_fields.c; not for a tied head, whose
+    lookups read the stored rows). The same values: `stored` and `dequantize` read them back. Not
     for layers under int8_activations_. Apply before `fuse_projections_`. Returns the modules changed."""
     tables = _tables_before_fusing(model, "float_layouts_")
     isa = kernel_isa()  # None without the kernels: nothing to lay out for
@@ -295,10 +295,11 @@ def float_layouts_(model: nn.Module) -> list[str]:
         if (isa is None or not isinstance(m, GGUFLinear) or m.activations != "float32" or m.float_layout
                 or m.weight.device.type != "cpu"):
             continue
-        if int24_tiles(m.ggml_type, m.out_features, isa):
+        way = float_arithmetic(m.ggml_type, [m.out_features], isa)
+        if way == "int24":
             _tile_(m, tables)
             m.activations = "int24"
-        elif float_layout(m.ggml_type, isa) and m.weight.untyped_storage().data_ptr() not in tables:
+        elif way == "fields" and m.weight.untyped_storage().data_ptr() not in tables:
             m.weight = torch.from_numpy(as_fields(m.weight.contiguous().numpy(), m.ggml_type))
             m.float_layout = True
         else:

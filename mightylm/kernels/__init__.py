@@ -204,6 +204,10 @@ class Projection(ctypes.Structure):
     FLOAT32, INT8, NF4, INT4, GGML, SPARSE24, GGML_Q8X, GGML_INT24 = 0, 1, 2, 3, 4, 5, 6, 7
 
 
+# the tiles' arithmetics (GGUFLinear.activations, lite's products) -> the kind of product each is to gemv.c
+TILED = {"int8": Projection.GGML_Q8X, "int24": Projection.GGML_INT24}
+
+
 class BlockArgs(ctypes.Structure):
     """gemv.c's mighty_block: one block's weights (a mixture of experts' router and experts when n_experts > 0),
     this layer's cache, the first position being decoded and how many consecutive tokens (rows), or a batch of
@@ -259,6 +263,16 @@ def int24_tiles(kind: int, rows: int, isa: str | None = None) -> bool:
     isa = isa or kernel_isa()
     return (isa is not None and rows % TILE == 0
             and (kind in (2, 3) or (kind in (6, 8) and isa == "avx512")))
+
+
+def float_arithmetic(kind: int | None, rows: list[int], isa: str | None = None) -> str:
+    """How float32 arithmetic multiplies kept GGUF blocks of ggml type `kind` (a product stacked from parts of these
+    output row counts, each part tiled by itself): "int24" where int24_tiles takes every part, else "fields" where
+    float_layout says, else "stored" (the file's blocks as they are). Lite and compress.gguf_blocks.float_layouts_
+    follow it."""
+    if kind is not None and all(int24_tiles(kind, n, isa) for n in rows):
+        return "int24"
+    return "fields" if kind is not None and float_layout(kind, isa) else "stored"
 
 
 def common_type(kinds) -> int | None:

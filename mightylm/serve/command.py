@@ -172,7 +172,7 @@ def serve(
         elif not on_gpu:
             from mightylm.compress.gguf_blocks import float_layouts_
 
-            float_layouts_(net)  # kept blocks laid out for float32 (kernels.int24_tiles, float_layout)
+            float_layouts_(net)  # kept blocks laid out for float32 (kernels.float_arithmetic)
         if any(isinstance(m, (GGUFLinear, Sparse24Linear)) for m in net.modules()):
             # kept GGUF blocks or 2:4 weights are read once for all rows: a decode step of the batch runs every
             # block in one native call (the decode layout, fuse.py), LoRA rows included (AdapterBank.set_rows)
