@@ -303,6 +303,8 @@ def main() -> None:
                     "`mighty generate --draft prompt-lookup` runs the embedded model")
     ap.add_argument("--history", type=int, default=76, help="HumanEval problems from 88 on whose greedy answers are "
                     "the prompt-lookup+history draft's history (76: 88-163)")
+    ap.add_argument("--every-draft", action="store_true", help="with --lite: beside each draft's row, the same "
+                    "drafts checked whole every pass (the loop before it chose how much of a draft to check)")
     ap.add_argument("--int8-activations", action="store_true", help="the model in llama.cpp's arithmetic (mighty "
                     "generate --int8_activations), plain and speculative")
     ap.add_argument("--completions", type=int, default=4,
@@ -327,6 +329,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.every_draft and not args.lite:
+        ap.error("--every-draft compares the lite path's choice of width (--lite)")
     if args.server:
         return server_bench(args)
     if args.transformers:
@@ -350,8 +354,8 @@ def main() -> None:
         def plain(ids, s):
             return lite.stream_tokens(model, ids, s)
 
-        def speculate(ids, s, draft, stats):
-            return lite.speculative_tokens(model, ids, s, draft, args.gamma, stats)
+        def speculate(ids, s, draft, stats, every_draft=False):
+            return lite.speculative_tokens(model, ids, s, draft, args.gamma, stats, every_draft=every_draft)
 
         def lookup(history=None):
             return Lookup(history=history)
@@ -365,7 +369,7 @@ def main() -> None:
         def plain(ids, s):
             return stream_tokens(model, ids, s)
 
-        def speculate(ids, s, draft, stats):
+        def speculate(ids, s, draft, stats, every_draft=False):
             return speculative_tokens(model, ids, s, draft, args.gamma, adaptive=args.adaptive, stats=stats)
 
         def lookup(history=None):
@@ -384,7 +388,10 @@ def main() -> None:
               f"({time.perf_counter() - t:.0f} s)")
     drafts = {"prompt-lookup": (lookup, 0.0), "prompt-lookup+history": (lambda: lookup(history), 0.0),
               "layers:8": (lambda: self_draft(model, 8), 8 / L), "layers:15": (lambda: self_draft(model, 15), 15 / L)}
-    drafts = {name: drafts[name] for name in args.drafts}
+    drafts = {name: (*drafts[name], False) for name in args.drafts}
+    if args.every_draft:  # beside each prompt-lookup row: the same drafts, every one checked whole
+        drafts = {key: value for name, (make, cost, _) in drafts.items()
+                  for key, value in [(name, (make, cost, False)), (f"{name}, every draft", (make, cost, True))]}
     prompts = [(kind, [tok.encode_chat([{"role": "user", "content": text}])]) for kind, text in PROMPTS.items()]
     prompts.append((f"summaries ({len(SUMMARIES)} more texts)",
                     [tok.encode_chat([{"role": "user", "content": text}]) for text in SUMMARIES]))
@@ -409,13 +416,13 @@ def main() -> None:
         for temperature in args.temperatures:
             s = Sampling(max_new_tokens=args.max_new_tokens, temperature=temperature, seed=0,
                          stop_token_ids=tok.stop_token_ids)
-            for name, (make, cost) in drafts.items():
+            for name, (make, cost, every) in drafts.items():
                 stats, rates = Stats(), []  # (plain, speculative) tokens/s of each repeat, over the row's prompts
                 for repeat in range(args.repeats):
                     seconds, tokens = {"plain": 0.0, "spec": 0.0}, {"plain": 0, "spec": 0}
                     for ids in many:  # each prompt's plain run and its speculative one (ABBA over the repeats)
                         runs = {"plain": lambda: plain(ids, s),
-                                "spec": lambda: speculate(ids, s, make(), stats if repeat == 0 else Stats())}
+                                "spec": lambda: speculate(ids, s, make(), stats if repeat == 0 else Stats(), every)}
                         got = {}
                         for which in (("plain", "spec") if repeat % 2 == 0 else ("spec", "plain")):
                             got[which], rate = run(runs[which], args.max_new_tokens)

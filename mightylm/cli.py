@@ -76,7 +76,8 @@ def generate(
             ending occurred before in the prompt or the text so far; prompt-lookup:N compares up to N tokens,
             default 8), or layers:N (the model's own first N blocks).
         gamma: Speculative decoding: the most tokens drafted per pass of the model (prompt lookup drafts fewer
-            after a short match).
+            after a short match, and on the native path checks only as many as its measured pass times and
+            acceptance say will pay).
         draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
         lookup_history: With --draft prompt-lookup: a text file of the model's earlier answers (created when

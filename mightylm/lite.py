@@ -41,6 +41,7 @@ import numpy as np
 from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
 from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
+from mightylm.draft_width import RECHECK_EVERY, Acceptance, PassCost, draft_width
 from mightylm.errors import UsageError
 from mightylm.kernels import (FIELDS, TILED, BlockArgs, Projection, as_fields, as_q8_0, common_type, float_arithmetic,
                               gemv_library, int8_layout, physical_cores, tile_rows)
@@ -92,6 +93,7 @@ class LiteModel:
             raise UsageError(f"kv cache {kv_cache!r}: one of {', '.join(KV_CACHES)}")
         self.path, self.config, self.lib, self.kv_cache = path, config, library, kv_cache
         self.threads = physical_cores()
+        self.pass_cost = PassCost()  # seconds of a pass by its rows, as speculative_tokens times them
         tensors = {t.name: t for t in file.tensors}
 
         def tensor(name: str):
@@ -381,27 +383,31 @@ def stream_tokens(model: LiteModel, prompt: list[int], s: Sampling, session: Ses
             session.ids = context[:-1]
 
 
-def accept_copied(probs: np.ndarray, drafts: list[int], rng: np.random.Generator) -> tuple[int, int]:
+def accept_copied(rows: np.ndarray, s: Sampling, drafts: list[int], rng: np.random.Generator) -> tuple[int, int]:
     """The exact rule of speculative decoding for a deterministic draft (prompt lookup: q one-hot at each drafted
-    token), on this path: probs (len(drafts) + 1, vocab) the target's distributions at each drafted position and
-    the one after. Token x_i is accepted with probability p_i(x_i); the first rejected position is drawn from p_i
-    without x_i (norm(max(0, p - q)) for a one-hot q); with all accepted a bonus token comes from the last row.
-    Returns (accepted count, the next token)."""
+    token), on this path: rows (len(drafts) + 1, vocab) the target's logits at each drafted position and the one
+    after, p_i their distributions by Sampling's rule. Each position's token is drawn from p_i with one uniform of
+    `rng`, as plain decoding draws it; drafted token x_i is accepted when that draw is x_i (probability p_i(x_i):
+    the rule's min(1, p/q)), and a draw that differs is the next token (distributed as p_i without x_i:
+    norm(max(0, p - q))); with all accepted a bonus token comes from the last row. The rows' distributions are
+    computed as far as they are read. One uniform per token, as plain decoding spends them, so a seed gives plain
+    decoding's text however much was drafted. Returns (accepted count, the next token)."""
     for i, x in enumerate(drafts):
-        p = probs[i]
-        if rng.random() < p[x]:
-            continue
-        rest = p.copy()
-        rest[x] = 0.0
-        return i, draw(rest / rest.sum(), rng)  # p(x) < 1 here, so the rest holds probability
-    return len(drafts), draw(probs[len(drafts)], rng)
+        token = draw(probabilities(rows[i], s), rng)
+        if token != x:
+            return i, token
+    return len(drafts), draw(probabilities(rows[len(drafts)], s), rng)
 
 
 def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup, gamma: int = 4,
-                       stats=None, session: Session | None = None) -> Iterator[int]:
+                       stats=None, session: Session | None = None, every_draft: bool = False) -> Iterator[int]:
     """speculative.speculative_tokens on this path, for prompt lookup's drafts (lookup.Lookup, with or without a
-    History): each pass of the model checks up to `gamma` drafted tokens. Greedy: the same tokens as plain
-    decoding; sampled: distributed as plain decoding's (accept_copied). With a `session`, on its cache."""
+    History): each pass of the model checks up to `gamma` drafted tokens, as many of a draft as are expected to pay
+    for their rows (draft_width: the model's measured pass times, how often this generation's drafts from the same
+    source were accepted; a draft is checked whole every RECHECK_EVERY cut ones, and until passes of two sizes have
+    been timed); `every_draft`: all of every draft. Greedy: the same tokens as plain decoding; sampled with a seed:
+    the text plain decoding samples with it (accept_copied), whatever the widths chosen. With a `session`, on its
+    cache."""
     if not 1 <= gamma < NATIVE_ROWS:
         raise UsageError(f"gamma (drafted tokens per pass) must be from 1 to {NATIVE_ROWS - 1} here, got {gamma}")
     started = _begin(model, prompt, s, room=gamma, session=session)
@@ -409,6 +415,7 @@ def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup,
         return
     rng, cache, first = started
     pending, context, produced = [first], list(prompt), 0
+    acceptance, cut = Acceptance(), 0  # cut: passes since a draft was last checked whole
     try:
         while True:
             for token in pending:  # the accepted drafts and the next token; the last is not yet in the cache
@@ -419,14 +426,22 @@ def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup,
                     stats.tokens += 1
                 if token in s.stop_token_ids or produced >= s.max_new_tokens:
                     return
-            drafts = lookup.tokens(context, min(gamma, s.max_new_tokens - produced - 1))
+            drafts, source = lookup.draft(context, min(gamma, s.max_new_tokens - produced - 1))
+            if drafts and not every_draft:
+                width = len(drafts)
+                if cut < RECHECK_EVERY and model.pass_cost.fitted():
+                    width = draft_width(len(drafts), source, acceptance, model.pass_cost)
+                cut, drafts = (cut + 1 if width < len(drafts) else 0), drafts[:width]
+            began = time.perf_counter()
             rows = model.forward_rows([context[-1], *drafts], cache, len(context) - 1)
             if s.temperature == 0:  # the rule with one-hot p and q: the argmax prefix
                 best = rows.argmax(-1).tolist()
                 n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
                 nxt = best[n]
             else:
-                n, nxt = accept_copied(np.stack([probabilities(r, s) for r in rows]), drafts, rng)
+                n, nxt = accept_copied(rows, s, drafts, rng)
+            model.pass_cost.observe(len(rows), time.perf_counter() - began)
+            acceptance.observe(source, len(drafts), n)
             if stats is not None:
                 stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + n
                 stats.target_passes += 1

@@ -87,13 +87,17 @@ class Lookup:
     def tokens(self, context: list[int], gamma: int, history: History | None = None) -> list[int]:
         """The drafted tokens (at most gamma): the text's own match, else the history's (`history` for this call in
         place of self.history: a server's per-user histories)."""
+        return self.draft(context, gamma, history)[0]
+
+    def draft(self, context: list[int], gamma: int, history: History | None = None) -> tuple[list[int], object]:
+        """(tokens, where they come from): `tokens`' drafts and their source, the number of agreeing tokens of the
+        text's own match or "history" (how often each is accepted differs: draft_width.Acceptance)."""
         start, agree = self.match(context)
         history = history if history is not None else self.history
         if agree and gamma:
-            return context[start:start + max(1, gamma * agree // self.max_ngram)]
-        if history is not None and gamma:
-            return history.draft(context, min(gamma, self.history_gamma))
-        return []
+            return context[start:start + max(1, gamma * agree // self.max_ngram)], agree
+        tokens = history.draft(context, min(gamma, self.history_gamma)) if history is not None and gamma else []
+        return tokens, "history" if tokens else None
 
 
 def parse_lookup(spec: str, kind: type = Lookup, **fields) -> Lookup:

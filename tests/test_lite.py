@@ -137,9 +137,51 @@ def test_speculative_decoding_on_the_lite_path(tmp_path, bpe_tokenizer):
     rows = lite.forward_rows(ids, cache, len(prompt))
     alone = np.stack([lite.forward([t], one_cache, len(prompt) + i) for i, t in enumerate(ids)])
     np.testing.assert_allclose(rows, alone, rtol=1e-5, atol=1e-5)
-    sampled = Sampling(max_new_tokens=24, temperature=0.8, top_k=8, seed=3)
-    first = list(speculative_tokens(lite, prompt, sampled, Lookup(history=history), 4))
-    assert first == list(speculative_tokens(lite, prompt, sampled, Lookup(history=history), 4)) and len(first) == 24
+    stats, every = Stats(), Stats()
+    for seed in range(3):  # sampled with a seed: plain decoding's text, however much is drafted and accepted
+        sampled = Sampling(max_new_tokens=24, temperature=0.3, top_k=8, seed=seed)
+        text = list(lite_tokens(lite, prompt, sampled))
+        assert list(speculative_tokens(lite, prompt, sampled, Lookup(history=history), 4, stats)) == text
+        assert list(speculative_tokens(lite, prompt, sampled, Lookup(), 4, every, every_draft=True)) == text
+        assert len(text) == 24
+    assert every.drafted > 0 and every.accepted > 0
+
+
+def test_the_lite_loop_stops_checking_drafts_that_do_not_pay(tmp_path, bpe_tokenizer):
+    """Where a pass over more rows costs what that many one-row passes cost, no draft pays for its rows: the loop
+    checks only a whole draft every RECHECK_EVERY cut ones (and the text stays plain decoding's); where extra rows
+    are nearly free, every draft is checked whole."""
+    from mightylm.draft_width import RECHECK_EVERY, PassCost
+    from mightylm.lite import speculative_tokens
+    from mightylm.lite import stream_tokens as lite_tokens
+    from mightylm.lookup import Lookup, Stats
+
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
+    lite, tokenizer = _load_lite(tmp_path / "m.gguf")
+    prompt = tokenizer.encode("the cat sat on the mat, " * 6)
+    greedy = Sampling(max_new_tokens=60, temperature=0)
+    plain = list(lite_tokens(lite, prompt, greedy))
+    every, chosen = Stats(), Stats()
+    assert list(speculative_tokens(lite, prompt, greedy, Lookup(), 4, every, every_draft=True)) == plain
+
+    class Fixed(PassCost):  # the pass times the loop measures are replaced by these, whatever it observes
+        def __init__(self, extra_row: float):
+            super().__init__()
+            self.extra_row = extra_row
+
+        def observe(self, rows, seconds):
+            super().observe(rows, 1 + self.extra_row * (rows - 1))
+
+    lite.pass_cost = Fixed(1.0)
+    lite.pass_cost.observe(1, 0), lite.pass_cost.observe(3, 0)
+    assert list(speculative_tokens(lite, prompt, greedy, Lookup(), 4, chosen)) == plain
+    assert every.drafted >= 20 and 0 < chosen.drafted <= 4 * (chosen.target_passes // (RECHECK_EVERY + 1) + 1)
+    lite.pass_cost = Fixed(0.01)
+    lite.pass_cost.observe(1, 0), lite.pass_cost.observe(3, 0)
+    cheap = Stats()
+    assert list(speculative_tokens(lite, prompt, greedy, Lookup(), 4, cheap)) == plain
+    assert cheap.drafted == every.drafted and cheap.target_passes == every.target_passes
 
 
 def test_with_int8_activations_a_pass_gives_each_row_the_bits_it_gets_alone(tmp_path, bpe_tokenizer):
@@ -227,23 +269,27 @@ def test_mighty_chat_on_the_lite_path_keeps_its_cache_between_turns(tmp_path, bp
 def test_the_copied_draft_rule_keeps_the_target_distribution():
     """lite.accept_copied: with a drafted token x (q one-hot at x) the next token is distributed as p, whatever x
     is (accepted with p(x), else drawn from p without x); the bonus token after full acceptance comes from the
-    next row. 40,000 draws per case within 6 standard errors of p."""
-    from mightylm.lite import accept_copied
+    next row. 40,000 draws per case within 6 standard errors of p, x accepted as often as p(x), and with top-k
+    applied no token outside the k. p(x) = 1: always accepted, then the bonus row's draw."""
+    from mightylm.lite import accept_copied, probabilities
 
     rng = np.random.default_rng(0)
-    p = rng.dirichlet(np.ones(10)).astype(np.float64)
-    bonus = rng.dirichlet(np.ones(10))
+    p = rng.dirichlet(np.ones(10)).astype(np.float32)
+    rows = np.log(np.stack([p, rng.dirichlet(np.ones(10)).astype(np.float32)]))  # logits whose softmax is p
     n = 40_000
-    for x in (int(p.argmax()), int(p.argmin())):
-        probs = np.stack([p, bonus])
-        tokens = []
-        for _ in range(n):
-            k, nxt = accept_copied(probs, [x], rng)
-            tokens.append(x if k == 1 else nxt)
-        counts = np.bincount(tokens, minlength=10) / n
-        assert np.all(np.abs(counts - p) <= 6 * np.sqrt(p * (1 - p) / n) + 1e-9), (x, counts, p)
-    k, nxt = accept_copied(np.stack([np.eye(10)[3], bonus]), [3], rng)  # p(x) = 1: always accepted, then a bonus
-    assert k == 1
+    for settings in (Sampling(temperature=1.0), Sampling(temperature=1.0, top_k=4)):
+        target = probabilities(rows[0], settings)
+        for x in (int(p.argmax()), int(p.argmin())):
+            tokens, accepted = [], 0
+            for _ in range(n):
+                k, nxt = accept_copied(rows, settings, [x], rng)
+                tokens.append(x if k == 1 else nxt)
+                accepted += k
+            counts = np.bincount(tokens, minlength=10) / n
+            assert np.all(np.abs(counts - target) <= 6 * np.sqrt(target * (1 - target) / n) + 1e-9), (x, counts)
+            assert abs(accepted / n - target[x]) <= 6 * np.sqrt(target[x] * (1 - target[x]) / n) + 1e-9
+    sure = np.log(np.stack([np.eye(10)[3], p]).astype(np.float32))
+    assert accept_copied(sure, Sampling(temperature=1.0), [3], rng)[0] == 1
 
 
 def _generate(path, *options) -> subprocess.CompletedProcess:

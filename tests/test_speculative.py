@@ -164,6 +164,37 @@ def test_prompt_lookup_copies_after_the_longest_agreement_as_much_as_it_supports
     assert look.propose([3, 1, 2, 3], 4, greedy) == ([], None)  # a single token is not enough (min_ngram 2)
 
 
+def test_a_drafts_width_pays_for_its_rows():
+    """draft_width: a source's acceptance is learnt as runs (its first token, then each later one), and a pass
+    checks as many drafted tokens as maximise expected tokens per second of the measured pass cost."""
+    from mightylm.draft_width import Acceptance, PassCost, draft_width
+
+    look = PromptLookup(max_ngram=4, vocab_size=50, history=History())
+    context = [1, 2, 3, 10, 11, 12, 13, 14, 9, 2, 3, 20, 21, 22, 23, 24, 1, 2, 3]
+    assert look.draft(context, 8) == ([10, 11, 12, 13, 14, 9], 3)  # the source: 3 tokens agree
+    look.history.add([7, 8, 9])
+    assert look.draft([1, 7], 4) == ([8, 9], "history") and look.draft([1, 5], 4) == ([], None)
+    runs = Acceptance()
+    assert runs.rates("any") == (0.5, 0.8) and runs.expected("any", 0) == 1  # the prior; no drafts: one token
+    for _ in range(30):
+        runs.observe("long", 4, 4)  # whole runs accepted
+        runs.observe("short", 4, 0)  # never the first token
+        runs.observe("half", 4, 1)  # the first token only
+    first, later = runs.rates("long")
+    assert first > 0.9 and later > 0.9 and runs.expected("long", 4) > 4.5
+    assert runs.rates("short")[0] < 0.1 and runs.rates("short")[1] == 0.8  # later tokens never tried: the prior
+    assert runs.rates("half")[0] > 0.9 and runs.rates("half")[1] < 0.2
+    cheap, costly = PassCost(), PassCost()
+    for rows in (1, 2, 5):
+        cheap.observe(rows, 1 + 0.1 * (rows - 1))
+        costly.observe(rows, 1 + 0.6 * (rows - 1))
+    assert cheap.fitted() and not PassCost().fitted()
+    assert draft_width(4, "long", runs, cheap) == 4 and draft_width(4, "long", runs, costly) == 4
+    assert draft_width(4, "short", runs, cheap) == 0 and draft_width(4, "half", runs, cheap) == 1
+    assert draft_width(4, "half", runs, costly) == 1  # 1.9 tokens for 1.6 passes' time
+    assert draft_width(4, "any", runs, cheap) == 4 and draft_width(4, "any", runs, costly) == 0
+
+
 def test_greedy_speculation_with_lora_on_the_target_and_stop_tokens():
     from mightylm.adapters.lora import apply_lora
 

@@ -7,8 +7,8 @@ argmax prefix when greedy). Rows accept different counts; the engine then moves 
 the right (their pad grows) so that every row's next token again sits at one common slot.
 
 Whether to speculate, and how wide, is decided every step (`choose_width`): a pass over R token-rows costs about
-a + b R (`PassCost`, fitted online from the passes the engine times), and a row whose drafts are accepted with
-probability alpha yields (1 - alpha^(g + 1)) / (1 - alpha) tokens per pass for g drafts (Leviathan et al. 2023,
+a + b R (draft_width.PassCost, fitted online from the passes the engine times), and a row whose drafts are accepted
+with probability alpha yields (1 - alpha^(g + 1)) / (1 - alpha) tokens per pass for g drafts (Leviathan et al. 2023,
 eq. 1). The width with the most expected tokens per second wins; width 0 is a plain decoding step. Under load
 (many rows, little acceptance) this turns speculation off by itself; a plain step costs nothing extra.
 """
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from mightylm.draft_width import PassCost, expected_tokens
 from mightylm.generate import Sampling, _left_pad
 from mightylm.speculative import _sampled
 
@@ -28,41 +29,6 @@ PROBE_EVERY = 16  # steps without speculating before one narrow step measures ac
 # gap doubles after each probe (up to PROBE_MAX) until the policy speculates by itself, so under a load where it
 # does not pay, probing costs a fraction of a percent
 PROBE_MAX = 1024
-
-
-def expected_tokens(alpha: float, g: int) -> float:
-    """Tokens one pass yields for a row with g drafts accepted with probability alpha each (the accepted prefix
-    plus the token the target adds)."""
-    if g <= 0:
-        return 1.0
-    if alpha >= 1:
-        return g + 1.0
-    return (1 - alpha ** (g + 1)) / (1 - alpha)
-
-
-class PassCost:
-    """Seconds of one forward pass as a function of its token-rows R (rows x tokens per row): a + b R, fitted by
-    least squares over the passes seen, the older ones fading (weight `decay` per newer pass; running sums, so
-    observing and predicting cost O(1))."""
-
-    def __init__(self, decay: float = 0.99):
-        self.decay = decay
-        self.n = self.x = self.y = self.xx = self.xy = 0.0
-
-    def observe(self, rows: int, seconds: float) -> None:
-        f = self.decay
-        self.n, self.x, self.y = f * self.n + 1, f * self.x + rows, f * self.y + seconds
-        self.xx, self.xy = f * self.xx + rows * rows, f * self.xy + rows * seconds
-
-    def predict(self, rows: int) -> float:
-        if not self.n:
-            return float(rows)  # nothing measured yet: proportional to the rows (only ratios are compared)
-        mx, my = self.x / self.n, self.y / self.n
-        vx = self.xx / self.n - mx * mx
-        if vx <= 1e-6 * max(mx * mx, 1):  # one size seen so far: assume the worst, every row costs the same
-            return my * rows / max(mx, 1)
-        b = max((self.xy / self.n - mx * my) / vx, 0.0)
-        return max(my - b * mx, 0.0) + b * rows
 
 
 def timed(fn, device) -> tuple[object, float]:
