@@ -303,8 +303,9 @@ def main() -> None:
                     "`mighty generate --draft prompt-lookup` runs the embedded model")
     ap.add_argument("--history", type=int, default=76, help="HumanEval problems from 88 on whose greedy answers are "
                     "the prompt-lookup+history draft's history (76: 88-163)")
-    ap.add_argument("--every-draft", action="store_true", help="with --lite: beside each draft's row, the same "
-                    "drafts checked whole every pass (the loop before it chose how much of a draft to check)")
+    ap.add_argument("--every-draft", action="store_true", help="beside each prompt-lookup row, the same drafts "
+                    "checked whole every pass (before the loops chose how much of a draft to check; greedy on the "
+                    "torch path)")
     ap.add_argument("--int8-activations", action="store_true", help="the model in llama.cpp's arithmetic (mighty "
                     "generate --int8_activations), plain and speculative")
     ap.add_argument("--completions", type=int, default=4,
@@ -329,8 +330,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.every_draft and not args.lite:
-        ap.error("--every-draft compares the lite path's choice of width (--lite)")
     if args.server:
         return server_bench(args)
     if args.transformers:
@@ -370,7 +369,8 @@ def main() -> None:
             return stream_tokens(model, ids, s)
 
         def speculate(ids, s, draft, stats, every_draft=False):
-            return speculative_tokens(model, ids, s, draft, args.gamma, adaptive=args.adaptive, stats=stats)
+            return speculative_tokens(model, ids, s, draft, args.gamma, adaptive=args.adaptive, stats=stats,
+                                      every_draft=every_draft)
 
         def lookup(history=None):
             return PromptLookup(vocab_size=model.config.vocab_size, history=history)
@@ -391,7 +391,8 @@ def main() -> None:
     drafts = {name: (*drafts[name], False) for name in args.drafts}
     if args.every_draft:  # beside each prompt-lookup row: the same drafts, every one checked whole
         drafts = {key: value for name, (make, cost, _) in drafts.items()
-                  for key, value in [(name, (make, cost, False)), (f"{name}, every draft", (make, cost, True))]}
+                  for key, value in [(name, (make, cost, False)), (f"{name}, every draft", (make, cost, True))]
+                  if name.startswith("prompt-lookup") or not value[2]}
     prompts = [(kind, [tok.encode_chat([{"role": "user", "content": text}])]) for kind, text in PROMPTS.items()]
     prompts.append((f"summaries ({len(SUMMARIES)} more texts)",
                     [tok.encode_chat([{"role": "user", "content": text}]) for text in SUMMARIES]))

@@ -25,13 +25,15 @@ serve/engine.py and serve/speculation.py.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from mightylm.draft_width import RECHECK_EVERY, Acceptance, PassCost, draft_width
 from mightylm.errors import UsageError
 from mightylm.generate import Sampling, greedy, logits_to_probs, prefill, sample, sample_from_probs
 from mightylm.lookup import History, Lookup, Stats, parse_lookup
@@ -103,11 +105,13 @@ class PromptLookup(Lookup):
     """Lookup's drafts (mightylm/lookup.py) as a draft of this module: `propose` gives the one-hot q that sampling's
     rule needs (a deterministic draft: accepted with probability p(x), resampled from p without x)."""
 
+    source: object = field(default=None, init=False, repr=False)  # the last proposal's (Lookup.draft)
+
     def reset(self, max_len: int) -> None:
         pass
 
     def propose(self, context: list[int], gamma: int, s: Sampling, generator=None, history: History | None = None):
-        tokens = self.tokens(context, gamma, history)
+        tokens, self.source = self.draft(context, gamma, history)
         if s.temperature == 0:  # greedy verification compares tokens; no distribution needed
             return tokens, None
         q = F.one_hot(torch.tensor(tokens, dtype=torch.long), self.vocab_size).float() if tokens \
@@ -145,9 +149,12 @@ def check_draft(target, draft, target_name: str = "the target", draft_name: str 
 
 @torch.inference_mode()
 def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int = 4, adaptive: bool = False,
-                       stats: Stats | None = None) -> Iterator[int]:
+                       stats: Stats | None = None, every_draft: bool = False) -> Iterator[int]:
     """The target's tokens for one prompt, as plain decoding would sample them, each target pass checking up to
-    `gamma` drafted tokens (`adaptive`: one more after a full acceptance, one fewer after a rejection)."""
+    `gamma` drafted tokens (`adaptive`: one more after a full acceptance, one fewer after a rejection). Greedy
+    prompt lookup checks only as much of a draft as pays for its rows (draft_width, as lite's loop does: the passes
+    timed, acceptance learnt per draft source); sampled, every draft is checked, so that the random draws stay
+    those of the seed whatever the machine's timing; `every_draft`: always."""
     if gamma < 1:
         raise UsageError(f"gamma (drafted tokens per target pass) must be at least 1, got {gamma}")
     if not prompt:
@@ -165,6 +172,8 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
     pending = [int(sample(prefill(model, torch.tensor([prompt]), cache), s, generator)[0])]
     context, produced, g = list(prompt), 0, gamma
     stops = set(s.stop_token_ids)
+    choose = isinstance(draft, PromptLookup) and s.temperature == 0 and not (adaptive or every_draft)
+    cost, runs, cut = PassCost(), Acceptance(), 0  # (when choosing) pass times, acceptance by source, cut drafts
     while True:
         for t in pending:  # the accepted drafts and the next token; the last is not yet in the target's cache
             yield t
@@ -175,6 +184,11 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
                 return
         g = min(g, s.max_new_tokens - produced - 1)  # never draft past the end
         drafts, q = draft.propose(context, g, s, generator)
+        if choose and drafts:
+            width = draft_width(len(drafts), draft.source, runs, cost) \
+                if cut < RECHECK_EVERY and cost.fitted() else len(drafts)
+            cut, drafts = (cut + 1 if width < len(drafts) else 0), drafts[:width]
+        began = time.perf_counter()
         pos = len(context) - 1  # the slot of the context's last token
         logits = model(torch.tensor([[context[-1], *drafts]]), cache=cache, start=pos)[0]  # (len(drafts) + 1, V)
         if s.temperature == 0:  # the rule with one-hot p and q, without building them: the argmax prefix
@@ -186,6 +200,9 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
             n, nxt = accept(p[None], q[None].to(p.dtype), torch.tensor([drafts], dtype=torch.long).view(1, -1),
                             generator)
             n, nxt = int(n[0]), int(nxt[0])
+        if choose:  # (the tokens above are on the host: the pass has finished on any device)
+            cost.observe(len(drafts) + 1, time.perf_counter() - began)
+            runs.observe(draft.source, len(drafts), n)
         stats.drafted += len(drafts)
         stats.accepted += n
         stats.target_passes += 1

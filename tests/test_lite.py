@@ -127,10 +127,12 @@ def test_speculative_decoding_on_the_lite_path(tmp_path, bpe_tokenizer):
     history.add(list(lite_tokens(lite, tokenizer.encode("a dog"), greedy)) + plain[:12])
     for lookup in (Lookup(), Lookup(history=history)):
         for gamma in (1, 4):
-            stats = Stats()
-            assert list(speculative_tokens(lite, prompt, greedy, lookup, gamma, stats)) == plain
-            assert stats.tokens == len(plain) and stats.target_passes < len(plain) - 1
-            assert stats.drafted > 0 and stats.accepted > 0
+            for every_draft in (False, True):  # the widths chosen from timing, or every draft (counts to assert)
+                stats = Stats()
+                assert list(speculative_tokens(lite, prompt, greedy, lookup, gamma, stats, every_draft=every_draft)
+                            ) == plain
+                assert stats.tokens == len(plain)
+            assert stats.target_passes < len(plain) - 1 and stats.drafted > 0 and stats.accepted > 0
     ids = plain[:5]
     cache, one_cache = lite.cache(len(prompt) + 8), lite.cache(len(prompt) + 8)
     lite.forward(prompt, cache, 0), lite.forward(prompt, one_cache, 0)

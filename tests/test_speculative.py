@@ -113,10 +113,12 @@ def test_greedy_speculation_equals_plain_greedy(kind, gamma, adaptive):
     if kind == "target-itself":
         assert stats.acceptance == 1.0
     if kind == "prompt-lookup+history":  # the history drafted where the prompt had no match, and some was right
-        lookup_alone = Stats()
+        lookup_alone, with_history = Stats(), Stats()  # (every draft checked: counts that do not depend on timing)
         list(speculative_tokens(target, prompt, s, PromptLookup(vocab_size=96), gamma, adaptive=adaptive,
-                                stats=lookup_alone))
-        assert stats.drafted > lookup_alone.drafted and stats.accepted > lookup_alone.accepted
+                                stats=lookup_alone, every_draft=True))
+        assert list(speculative_tokens(target, prompt, s, draft, gamma, adaptive=adaptive, stats=with_history,
+                                       every_draft=True)) == got
+        assert with_history.drafted > lookup_alone.drafted and with_history.accepted > lookup_alone.accepted
 
 
 def test_history_drafts_what_followed_the_longest_context_most_often():
@@ -257,11 +259,15 @@ def test_mighty_generate_with_a_draft(tmp_path, bpe_tokenizer, capsys):
     assert len(set(outputs)) == 1
 
 
-def test_mighty_generate_with_a_lookup_history(tmp_path, bpe_tokenizer, capsys):
+def test_mighty_generate_with_a_lookup_history(tmp_path, bpe_tokenizer, capsys, monkeypatch):
     """--lookup_history FILE: the same text as without; each answer appended to the file (created when missing),
     later runs read it back and draft from it; without --draft prompt-lookup it is refused, saying what to add."""
     import mightylm
+    from mightylm import lite, speculative
     from mightylm.cli import main
+
+    for module in (speculative, lite):  # every draft checked whole: drafted counts that do not depend on timing
+        monkeypatch.setattr(module, "draft_width", lambda drafted, *_: drafted)
 
     mightylm.save(conftest.tiny(0, vocab_size=bpe_tokenizer.vocab_size, n_layers=3), bpe_tokenizer, tmp_path / "t")
     history = tmp_path / "answers.txt"
