@@ -83,3 +83,23 @@ class Acceptance:
 def draft_width(drafted: int, source, acceptance: Acceptance, cost: PassCost) -> int:
     """How many of `drafted` tokens from `source` one sequence's pass should check (0: a plain step)."""
     return max(range(drafted + 1), key=lambda g: acceptance.expected(source, g) / max(cost.predict(g + 1), 1e-12))
+
+
+class Widths:
+    """One generation's choice of widths: `choose` how many of a draft to check (every token until passes of two sizes
+    have been timed, and one whole draft after RECHECK_EVERY cut ones), `observe` what a pass cost and accepted.
+    `cost`: a PassCost that outlives the generation (a model's), else this generation's own."""
+
+    def __init__(self, cost: PassCost | None = None):
+        self.cost, self.acceptance, self.cut = cost if cost is not None else PassCost(), Acceptance(), 0
+
+    def choose(self, drafted: int, source) -> int:
+        width = drafted
+        if drafted and self.cut < RECHECK_EVERY and self.cost.fitted():
+            width = draft_width(drafted, source, self.acceptance, self.cost)
+        self.cut = self.cut + 1 if width < drafted else 0
+        return width
+
+    def observe(self, rows: int, seconds: float, source, drafted: int, accepted: int) -> None:
+        self.cost.observe(rows, seconds)
+        self.acceptance.observe(source, drafted, accepted)

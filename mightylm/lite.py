@@ -41,7 +41,7 @@ import numpy as np
 from mightylm.checkpoint import CheckpointError, gguf_config, gguf_metadata, gguf_tokenizer, resolve
 from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
-from mightylm.draft_width import RECHECK_EVERY, Acceptance, PassCost, draft_width
+from mightylm.draft_width import PassCost, Widths
 from mightylm.errors import UsageError
 from mightylm.kernels import (FIELDS, TILED, BlockArgs, Projection, as_fields, as_q8_0, common_type, float_arithmetic,
                               gemv_library, int8_layout, physical_cores, tile_rows)
@@ -415,7 +415,7 @@ def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup,
         return
     rng, cache, first = started
     pending, context, produced = [first], list(prompt), 0
-    acceptance, cut = Acceptance(), 0  # cut: passes since a draft was last checked whole
+    widths = None if every_draft else Widths(model.pass_cost)
     try:
         while True:
             for token in pending:  # the accepted drafts and the next token; the last is not yet in the cache
@@ -427,11 +427,8 @@ def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup,
                 if token in s.stop_token_ids or produced >= s.max_new_tokens:
                     return
             drafts, source = lookup.draft(context, min(gamma, s.max_new_tokens - produced - 1))
-            if drafts and not every_draft:
-                width = len(drafts)
-                if cut < RECHECK_EVERY and model.pass_cost.fitted():
-                    width = draft_width(len(drafts), source, acceptance, model.pass_cost)
-                cut, drafts = (cut + 1 if width < len(drafts) else 0), drafts[:width]
+            if widths is not None:
+                drafts = drafts[:widths.choose(len(drafts), source)]
             began = time.perf_counter()
             rows = model.forward_rows([context[-1], *drafts], cache, len(context) - 1)
             if s.temperature == 0:  # the rule with one-hot p and q: the argmax prefix
@@ -440,8 +437,8 @@ def speculative_tokens(model: LiteModel, prompt: list[int], s: Sampling, lookup,
                 nxt = best[n]
             else:
                 n, nxt = accept_copied(rows, s, drafts, rng)
-            model.pass_cost.observe(len(rows), time.perf_counter() - began)
-            acceptance.observe(source, len(drafts), n)
+            if widths is not None:
+                widths.observe(len(rows), time.perf_counter() - began, source, len(drafts), n)
             if stats is not None:
                 stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + n
                 stats.target_passes += 1

@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from mightylm.draft_width import RECHECK_EVERY, Acceptance, PassCost, draft_width
+from mightylm.draft_width import Widths
 from mightylm.errors import UsageError
 from mightylm.generate import Sampling, greedy, logits_to_probs, prefill, sample, sample_from_probs
 from mightylm.lookup import History, Lookup, Stats, parse_lookup
@@ -173,7 +173,7 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
     context, produced, g = list(prompt), 0, gamma
     stops = set(s.stop_token_ids)
     choose = isinstance(draft, PromptLookup) and s.temperature == 0 and not (adaptive or every_draft)
-    cost, runs, cut = PassCost(), Acceptance(), 0  # (when choosing) pass times, acceptance by source, cut drafts
+    widths = Widths() if choose else None  # this generation's pass times (a torch model keeps no record of them)
     while True:
         for t in pending:  # the accepted drafts and the next token; the last is not yet in the target's cache
             yield t
@@ -184,10 +184,8 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
                 return
         g = min(g, s.max_new_tokens - produced - 1)  # never draft past the end
         drafts, q = draft.propose(context, g, s, generator)
-        if choose and drafts:
-            width = draft_width(len(drafts), draft.source, runs, cost) \
-                if cut < RECHECK_EVERY and cost.fitted() else len(drafts)
-            cut, drafts = (cut + 1 if width < len(drafts) else 0), drafts[:width]
+        if widths is not None:
+            drafts = drafts[:widths.choose(len(drafts), draft.source)]
         began = time.perf_counter()
         pos = len(context) - 1  # the slot of the context's last token
         logits = model(torch.tensor([[context[-1], *drafts]]), cache=cache, start=pos)[0]  # (len(drafts) + 1, V)
@@ -200,9 +198,8 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
             n, nxt = accept(p[None], q[None].to(p.dtype), torch.tensor([drafts], dtype=torch.long).view(1, -1),
                             generator)
             n, nxt = int(n[0]), int(nxt[0])
-        if choose:  # (the tokens above are on the host: the pass has finished on any device)
-            cost.observe(len(drafts) + 1, time.perf_counter() - began)
-            runs.observe(draft.source, len(drafts), n)
+        if widths is not None:  # (the tokens above are on the host: the pass has finished on any device)
+            widths.observe(len(drafts) + 1, time.perf_counter() - began, draft.source, len(drafts), n)
         stats.drafted += len(drafts)
         stats.accepted += n
         stats.target_passes += 1

@@ -263,11 +263,11 @@ def test_mighty_generate_with_a_lookup_history(tmp_path, bpe_tokenizer, capsys, 
     """--lookup_history FILE: the same text as without; each answer appended to the file (created when missing),
     later runs read it back and draft from it; without --draft prompt-lookup it is refused, saying what to add."""
     import mightylm
-    from mightylm import lite, speculative
+    from mightylm import draft_width
     from mightylm.cli import main
 
-    for module in (speculative, lite):  # every draft checked whole: drafted counts that do not depend on timing
-        monkeypatch.setattr(module, "draft_width", lambda drafted, *_: drafted)
+    # every draft checked whole: drafted counts that do not depend on timing
+    monkeypatch.setattr(draft_width, "draft_width", lambda drafted, *_: drafted)
 
     mightylm.save(conftest.tiny(0, vocab_size=bpe_tokenizer.vocab_size, n_layers=3), bpe_tokenizer, tmp_path / "t")
     history = tmp_path / "answers.txt"
