@@ -1045,51 +1045,49 @@ static int tiled_shape(int type, long in, long out) {
            && out % TILE == 0;
 }
 
-/* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K
- * weights laid out in tiles of 16 rows (+ bias, which may be NULL). in % 32 == 0 (Q6_K: % 256), out % 16 == 0.
- * Returns -1, having written nothing, for another type or shape. */
-int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
-                         long in, long out, int nthreads) {
+/* y (rows, out) = x (rows, in) @ weights in tiles, each row of x as `limbs` rows of int8 activations (1:
+ * quantize_x8; 3: quantize_x24, whose three products are added as (y_a + y_b) + y_c), + bias (which may be NULL) */
+static int gemm_tiled(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+                      long in, long out, int nthreads, int limbs) {
     if (!tiled_shape(type, in, out)) return -1;
     if (nthreads < 1) nthreads = 1;
-    const long blocks = in / 32;
-    signed char *xq = malloc(rows * in);
-    float *dx = malloc(sizeof(float) * rows * blocks);
-    int *xs = malloc(sizeof(int) * rows * blocks);
-    for (long r = 0; r < rows; r++) quantize_x8(x + r * in, in, xq + r * in, dx + r * blocks, xs + r * blocks);
-    tile_product(xq, dx, xs, rows, T, type, y, in, out, nthreads);
+    const long blocks = in / 32, n = limbs * rows;
+    signed char *xq = malloc(n * in);
+    float *dx = malloc(sizeof(float) * n * blocks), *yl = limbs == 1 ? y : malloc(sizeof(float) * n * out);
+    int *xs = malloc(sizeof(int) * n * blocks);
+    for (long r = 0; r < rows; r++)
+        (limbs == 1 ? quantize_x8 : quantize_x24)(x + r * in, in, xq + limbs * r * in, dx + limbs * r * blocks,
+                                                  xs + limbs * r * blocks);
+    tile_product(xq, dx, xs, n, T, type, yl, in, out, nthreads);
+    if (limbs == 3)
+        for (long r = 0; r < rows; r++) {
+            const float *ya = yl + 3 * r * out, *yb = ya + out, *yc = yb + out;
+            for (long o = 0; o < out; o++) y[r * out + o] = (ya[o] + yb[o]) + yc[o];
+        }
     if (bias)
         for (long r = 0; r < rows; r++)
             for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
     free(xq);
     free(dx);
     free(xs);
+    if (yl != y) free(yl);
     return 0;
 }
 
-/* The same product with x in 24 bits (quantize_x24): three rows of limbs per row of x through the same tiles, then
- * y = (y_a + y_b) + y_c (+ bias). The weights' integers times x's within float32 rounding, at the cost of three
- * int8 rows in the tiles instead of a float conversion and multiply-add per weight. */
-int mighty_gemm_ggml_int24(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+/* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K
+ * weights laid out in tiles of 16 rows (+ bias, which may be NULL). in % 32 == 0 (Q6_K: % 256), out % 16 == 0.
+ * Returns -1, having written nothing, for another type or shape. */
+int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                          long in, long out, int nthreads) {
-    if (!tiled_shape(type, in, out)) return -1;
-    if (nthreads < 1) nthreads = 1;
-    const long blocks = in / 32;
-    signed char *xq = malloc(3 * rows * in);
-    float *dx = malloc(sizeof(float) * 3 * rows * blocks), *y3 = malloc(sizeof(float) * 3 * rows * out);
-    int *xs = malloc(sizeof(int) * 3 * rows * blocks);
-    for (long r = 0; r < rows; r++)
-        quantize_x24(x + r * in, in, xq + 3 * r * in, dx + 3 * r * blocks, xs + 3 * r * blocks);
-    tile_product(xq, dx, xs, 3 * rows, T, type, y3, in, out, nthreads);
-    for (long r = 0; r < rows; r++) {
-        const float *ya = y3 + 3 * r * out, *yb = ya + out, *yc = yb + out;
-        for (long o = 0; o < out; o++) y[r * out + o] = (ya[o] + yb[o]) + yc[o] + (bias ? bias[o] : 0.0f);
-    }
-    free(xq);
-    free(dx);
-    free(y3);
-    free(xs);
-    return 0;
+    return gemm_tiled(x, rows, T, type, bias, y, in, out, nthreads, 1);
+}
+
+/* The same product with x in 24 bits (quantize_x24): three rows of limbs per row of x through the same tiles. The
+ * weights' integers times x's within float32 rounding, at the cost of three int8 rows in the tiles instead of a float
+ * conversion and multiply-add per weight. */
+int mighty_gemm_ggml_int24(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
+                           long in, long out, int nthreads) {
+    return gemm_tiled(x, rows, T, type, bias, y, in, out, nthreads, 3);
 }
 
 

@@ -202,7 +202,7 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
                          long in, long out, int nthreads);
 
 int mighty_gemm_ggml_int24(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
-                         long in, long out, int nthreads);
+                           long in, long out, int nthreads);
 
 void mighty_gemm_sparse24(const float *x, long rows, const float *values, const unsigned char *index,
                           const float *bias, float *y, long in, long out, int nthreads);
