@@ -1,8 +1,8 @@
-"""How many drafted tokens a speculative pass should check, without PyTorch (the server's engine and lite's loop
-both choose this way): a pass over more token-rows costs more (`PassCost`, fitted from the passes timed), and a
-draft yields what its tokens are expected to be accepted for (`expected_tokens`, Leviathan et al. 2023, eq. 1;
-`Acceptance` for drafts whose tokens are accepted as runs). The width with the most expected tokens per second wins;
-width 0 is a plain step, so where drafts do not pay for their rows the loop stops checking them by itself.
+"""How many drafted tokens a speculative pass should check, without PyTorch (the server's engine, lite's loop and
+speculative.py's choose this way): a pass over more token-rows costs more (`PassCost`, fitted from the passes
+timed), and a draft yields what its tokens are expected to be accepted for (`expected_tokens`, Leviathan et al.
+2023, eq. 1; `Acceptance` for drafts whose tokens are accepted as runs). The width with the most expected tokens per
+second wins; width 0 is a plain step, so where drafts do not pay for their rows the loop stops checking them by itself.
 
 Why lite needs it: on a CPU whose one-row pass is cheap (its weights in a large cache), extra rows cost a large
 share of a step, more so in float32 (int24 tiles run each row as three int8 rows): a chat question or a code edit

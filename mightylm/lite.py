@@ -43,8 +43,8 @@ from mightylm.checkpoint.gguf_file import KEPT, TYPE_NAMES
 from mightylm.checkpoint.names import unpermute_qk
 from mightylm.draft_width import PassCost, Widths
 from mightylm.errors import UsageError
-from mightylm.kernels import (FIELDS, TILED, BlockArgs, Projection, as_fields, as_q8_0, common_type, float_arithmetic,
-                              gemv_library, int8_layout, physical_cores, tile_rows)
+from mightylm.kernels import (FIELDS, TILED, TILED_GEMM, BlockArgs, Projection, as_fields, as_q8_0, common_type,
+                              float_arithmetic, gemv_library, int8_layout, physical_cores, tile_rows)
 from mightylm.streaming import Sampling, cached_prefix
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -164,8 +164,7 @@ class LiteModel:
             self.head_weight, self.head_type = as_fields(rows(head), self.head_type), FIELDS[self.head_type]
         else:
             self.head_weight = stored(head)
-        self.head_product = {"int8": library.mighty_gemm_ggml_q8x, "int24": library.mighty_gemm_ggml_int24}.get(
-            self.head_layout, library.mighty_gemm_ggml)
+        self.head_product = getattr(library, TILED_GEMM.get(self.head_layout, "mighty_gemm_ggml"))
         self.head_bias = floats("output.bias") if "output.bias" in tensors else None
         self.norm = floats("output_norm.weight")
         self.cos = self.sin = np.empty((0, c.head_dim), np.float32)

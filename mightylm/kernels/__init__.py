@@ -204,8 +204,10 @@ class Projection(ctypes.Structure):
     FLOAT32, INT8, NF4, INT4, GGML, SPARSE24, GGML_Q8X, GGML_INT24 = 0, 1, 2, 3, 4, 5, 6, 7
 
 
-# the tiles' arithmetics (GGUFLinear.activations, lite's products) -> the kind of product each is to gemv.c
+# the tiles' arithmetics (GGUFLinear.activations, lite's products) -> the kind of product each is to gemv.c, and
+# the library's function that multiplies rows of x by weights in tiles in it
 TILED = {"int8": Projection.GGML_Q8X, "int24": Projection.GGML_INT24}
+TILED_GEMM = {"int8": "mighty_gemm_ggml_q8x", "int24": "mighty_gemm_ggml_int24"}
 
 
 class BlockArgs(ctypes.Structure):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mightylm.kernels import FIELDS, GGML_TYPES, SUPER_BLOCKS, gemv_library
+from mightylm.kernels import FIELDS, GGML_TYPES, SUPER_BLOCKS, TILED_GEMM, gemv_library
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,8 +81,8 @@ def matmul_ggml(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, out: int,
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out)
     b = bias.data_ptr() if bias is not None else None
-    tiled = {"int8": lib.mighty_gemm_ggml_q8x, "int24": lib.mighty_gemm_ggml_int24}.get(activations)
-    if tiled is not None:
+    if activations in TILED_GEMM:
+        tiled = getattr(lib, TILED_GEMM[activations])
         if tiled(x.data_ptr(), x.numel() // n_in, blocks.data_ptr(), ggml_type, b, y.data_ptr(), n_in, out,
                  torch.get_num_threads()) != 0:
             raise ValueError(f"{activations} activations take tiles of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K rows ({out} "
