@@ -154,7 +154,7 @@ def main() -> None:
     s = Sampling(max_new_tokens=args.max_new_tokens, temperature=0, stop_token_ids=tok.stop_token_ids)
     prompts = [tok.encode(p["prompt"]) for p in problems[:4]]
     drafts = {f"trained self-draft, gamma {g}": (lambda: DraftModel(draft), g) for g in args.gammas}
-    drafts["prompt lookup, gamma 4"] = (lambda: PromptLookup(vocab_size=model.config.vocab_size), 4)
+    drafts["prompt lookup, gamma 4"] = (lambda: PromptLookup(), 4)
     print("| draft (HumanEval/0-3 completions, greedy) | acceptance | tokens/pass | plain tok/s | speculative tok/s | "
           "speed-up |")
     print("|---|---|---|---|---|---|")

@@ -167,7 +167,7 @@ def transformers_bench(args) -> None:
 
         def mine(lookup):
             if lookup:
-                return list(speculative_tokens(ours, ids, s, PromptLookup(vocab_size=ours.config.vocab_size),
+                return list(speculative_tokens(ours, ids, s, PromptLookup(),
                                                args.gamma))
             return list(stream_tokens(ours, ids, s))
 
@@ -208,7 +208,7 @@ def engine_bench(args) -> None:
                                                                int8_activations=args.int8_activations)
         net = loaded["net"]
         return Engine(net.eval(), loaded["tok"], AdapterBank(net), max_batch=clients, max_len=1024,
-                      draft=PromptLookup(vocab_size=net.config.vocab_size), gamma=args.gamma)
+                      draft=PromptLookup(), gamma=args.gamma)
 
     spent = {"declined": 0.0, "speculated": 0.0}
     speculate = Engine._speculate
@@ -373,7 +373,7 @@ def main() -> None:
                                       every_draft=every_draft)
 
         def lookup(history=None):
-            return PromptLookup(vocab_size=model.config.vocab_size, history=history)
+            return PromptLookup(history=history)
     L = model.config.n_layers
     history = History()
     if "prompt-lookup+history" in args.drafts:

@@ -60,7 +60,6 @@ class Lookup:
 
     max_ngram: int = 8
     min_ngram: int = 2  # a single repeated token predicts little and costs a wider verification pass
-    vocab_size: int = 0
     history: History | None = None  # drafts where the text has no match (History)
     history_gamma: int = 2  # its most tokens a pass (1 to 3 measured in the replay: 2 best on code)
 

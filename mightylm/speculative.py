@@ -7,9 +7,11 @@ generate.logits_to_probs for both): drafted token x_i is accepted with probabili
 first rejected position is resampled from norm(max(0, p_i - q_i)); when all gamma are accepted a bonus token is
 drawn from p_{gamma+1}. Greedy settings make p and q one-hot, which reduces the rule to "accept while the draft
 equals the target's argmax". A deterministic draft (prompt lookup) has a one-hot q: accepted with probability
-p(x), resampled from p without x.
+p(x), resampled from p without x, which accept_copied does by drawing each token as plain decoding draws it and
+accepting a draft that equals the draw (a seed then gives plain decoding's text).
 
-Drafts (each `propose(context, gamma, settings, generator) -> (tokens, q)`; q may be None when greedy):
+Drafts (each `propose(context, gamma, settings, generator) -> (tokens, q)`; q is None when greedy, and always for
+prompt lookup):
 - DraftModel: any model that shares the target's tokenizer, with its own KV cache; a rejected suffix is rolled back
   by position (its cache slots are overwritten next time; nothing accepted is recomputed).
 - PromptLookup: the tokens that followed an earlier occurrence of the context's ending (Saxena 2023), as many as the
@@ -31,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from mightylm.draft_width import Widths
 from mightylm.errors import UsageError
@@ -61,6 +62,21 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     total = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p_n)
     return n, sample_from_probs(residual, generator)
+
+
+def accept_copied(logits: torch.Tensor, s: Sampling, drafts: list[int], generator=None) -> tuple[int, int]:
+    """The exact rule for a deterministic draft (prompt lookup: q one-hot at each drafted token), drawn as plain
+    decoding draws: logits (len(drafts) + 1, V) the target's at each drafted position and the one after. Each
+    position's token is `sample`d from its row with `generator`, one draw as plain decoding takes it; drafted x_i is
+    accepted when the draw is x_i (probability p_i(x_i): the rule's min(1, p/q)), and a draw that differs is the next
+    token (distributed as p_i without x_i: norm(max(0, p - q))); with all accepted a bonus token comes from the last
+    row. One draw per token, as plain decoding spends them, so a seed gives plain decoding's text however much was
+    drafted (lite.accept_copied is the same rule in numpy). Returns (accepted count, the next token)."""
+    for i, x in enumerate(drafts):
+        token = int(sample(logits[i:i + 1], s, generator)[0])
+        if token != x:
+            return i, token
+    return len(drafts), int(sample(logits[len(drafts):len(drafts) + 1], s, generator)[0])
 
 
 def _sampled(logits: torch.Tensor, s: Sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +118,9 @@ class DraftModel:
 
 @dataclass
 class PromptLookup(Lookup):
-    """Lookup's drafts (mightylm/lookup.py) as a draft of this module: `propose` gives the one-hot q that sampling's
-    rule needs (a deterministic draft: accepted with probability p(x), resampled from p without x)."""
+    """Lookup's drafts (mightylm/lookup.py) as a draft of this module. They are deterministic (q one-hot at each
+    drafted token), so `propose` gives no q: the loops check them with accept_copied, which draws as plain decoding
+    draws."""
 
     source: object = field(default=None, init=False, repr=False)  # the last proposal's (Lookup.draft)
 
@@ -112,11 +129,7 @@ class PromptLookup(Lookup):
 
     def propose(self, context: list[int], gamma: int, s: Sampling, generator=None, history: History | None = None):
         tokens, self.source = self.draft(context, gamma, history)
-        if s.temperature == 0:  # greedy verification compares tokens; no distribution needed
-            return tokens, None
-        q = F.one_hot(torch.tensor(tokens, dtype=torch.long), self.vocab_size).float() if tokens \
-            else torch.zeros(0, self.vocab_size)
-        return tokens, q
+        return tokens, None
 
 
 def self_draft(target, layers: int) -> DraftModel:
@@ -151,10 +164,10 @@ def check_draft(target, draft, target_name: str = "the target", draft_name: str 
 def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int = 4, adaptive: bool = False,
                        stats: Stats | None = None, every_draft: bool = False) -> Iterator[int]:
     """The target's tokens for one prompt, as plain decoding would sample them, each target pass checking up to
-    `gamma` drafted tokens (`adaptive`: one more after a full acceptance, one fewer after a rejection). Greedy
-    prompt lookup checks only as much of a draft as pays for its rows (draft_width, as lite's loop does: the passes
-    timed, acceptance learnt per draft source); sampled, every draft is checked, so that the random draws stay
-    those of the seed whatever the machine's timing; `every_draft`: always."""
+    `gamma` drafted tokens (`adaptive`: one more after a full acceptance, one fewer after a rejection). Prompt lookup
+    checks only as much of a draft as pays for its rows (draft_width, as lite's loop does: the passes timed,
+    acceptance learnt per draft source; `every_draft`: all of every draft), and samples by accept_copied: with a
+    seed, plain decoding's text, whatever the widths chosen."""
     if gamma < 1:
         raise UsageError(f"gamma (drafted tokens per target pass) must be at least 1, got {gamma}")
     if not prompt:
@@ -165,15 +178,15 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
     stats = stats if stats is not None else Stats()
     if s.max_new_tokens == 0:
         return
-    generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+    generator = torch.Generator(device=model.device).manual_seed(s.seed) if s.seed is not None else None
     room = len(prompt) + s.max_new_tokens + gamma + 2
     cache = model.make_cache(1, room)
     draft.reset(room + 8)
     pending = [int(sample(prefill(model, torch.tensor([prompt]), cache), s, generator)[0])]
     context, produced, g = list(prompt), 0, gamma
     stops = set(s.stop_token_ids)
-    choose = isinstance(draft, PromptLookup) and s.temperature == 0 and not (adaptive or every_draft)
-    widths = Widths() if choose else None  # this generation's pass times (a torch model keeps no record of them)
+    copied = isinstance(draft, PromptLookup)
+    widths = Widths() if copied and not (adaptive or every_draft) else None  # this generation's pass times
     while True:
         for t in pending:  # the accepted drafts and the next token; the last is not yet in the target's cache
             yield t
@@ -193,6 +206,8 @@ def speculative_tokens(model, prompt: list[int], s: Sampling, draft, gamma: int 
             best = greedy(logits).tolist()
             n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
             nxt = best[n]
+        elif copied:
+            n, nxt = accept_copied(logits, s, drafts, generator)
         else:
             p = logits_to_probs(logits, s)
             n, nxt = accept(p[None], q[None].to(p.dtype), torch.tensor([drafts], dtype=torch.long).view(1, -1),
@@ -214,7 +229,7 @@ def make_draft(spec: str, target, *, load=None) -> object:
     """A draft from its command-line spelling: a model path, `prompt-lookup` (or `prompt-lookup:N`, up to N
     tokens of agreement compared), or `layers:N` (the target's first N blocks)."""
     if spec.startswith("prompt-lookup"):
-        return parse_lookup(spec, PromptLookup, vocab_size=target.config.vocab_size)
+        return parse_lookup(spec, PromptLookup)
     if spec.startswith("layers:"):
         try:
             n = int(spec.partition(":")[2])

@@ -753,7 +753,7 @@ def _draft_for(base, kind):
     from mightylm.speculative import PromptLookup
 
     if kind == "prompt-lookup":
-        return PromptLookup(vocab_size=base.config.vocab_size)
+        return PromptLookup()
     if kind == "target":
         return copy.deepcopy(base)
     return conftest.tiny(1, vocab_size=base.config.vocab_size, n_layers=1, dim=32, n_heads=2, n_kv_heads=1,
@@ -790,6 +790,28 @@ def test_greedy_speculative_batches_equal_each_request_alone(tiny, kind, max_len
     if kind == "target":  # the target drafting for itself: every drafted token of an adapter-free row is accepted
         plain_rows = [r["done"] for (_, adapter, opt_out), r in zip(jobs, results) if adapter is None and not opt_out]
         assert all(d["accepted"] == d["drafted"] > 0 for d in plain_rows)
+
+
+def test_seeded_sampled_rows_with_prompt_lookup_give_plain_decodings_text(tiny):
+    """Prompt lookup's drafts are checked by drawing each token as a plain step draws it (accept_copied): a seeded
+    sampled request gets the text a plain engine gives it, in a batch, whatever was drafted."""
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+    from mightylm.speculative import PromptLookup
+
+    model, tokenizer, _ = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # peaked distributions: text that repeats itself, so lookup finds drafts
+    texts = ["To be, or not to be, or not to be", "ab ab ab ab ab ab", "The quick brown fox, the quick brown"]
+    jobs = [(tokenizer.encode(text), Sampling(max_new_tokens=24, temperature=0.3, top_k=8, seed=i),
+             {"ignore_eos": True}) for i, text in enumerate(texts)]
+    plain = _run(Engine(model, tokenizer, AdapterBank(model), max_batch=4, max_len=128), jobs)
+    engine = Engine(model, tokenizer, AdapterBank(model), max_batch=4, max_len=128, draft=PromptLookup(), gamma=4,
+                    always_speculate=True)
+    spec = _run(engine, jobs)
+    assert [r["text"] for r in spec] == [r["text"] for r in plain]
+    assert sum(r["done"]["accepted"] for r in spec) > 0 and engine.stats["speculative_passes"] > 0
 
 
 def test_sampled_speculative_rows_with_the_target_as_draft_accept_nearly_all(tiny):

@@ -103,8 +103,8 @@ def test_greedy_speculation_equals_plain_greedy(kind, gamma, adaptive):
     prompt = [5, 9, 30, 7, 11, 5, 9, 30, 2]
     s = Sampling(max_new_tokens=24, temperature=0)
     draft = {"model": lambda: DraftModel(small), "target-itself": lambda: DraftModel(target),
-             "prompt-lookup": lambda: PromptLookup(vocab_size=96),
-             "prompt-lookup+history": lambda: PromptLookup(vocab_size=96, history=earlier_answers(target, s)),
+             "prompt-lookup": lambda: PromptLookup(),
+             "prompt-lookup+history": lambda: PromptLookup(history=earlier_answers(target, s)),
              "layers": lambda: self_draft(target, 1)}[kind]()
     stats = Stats()
     got = list(speculative_tokens(target, prompt, s, draft, gamma, adaptive=adaptive, stats=stats))
@@ -114,11 +114,29 @@ def test_greedy_speculation_equals_plain_greedy(kind, gamma, adaptive):
         assert stats.acceptance == 1.0
     if kind == "prompt-lookup+history":  # the history drafted where the prompt had no match, and some was right
         lookup_alone, with_history = Stats(), Stats()  # (every draft checked: counts that do not depend on timing)
-        list(speculative_tokens(target, prompt, s, PromptLookup(vocab_size=96), gamma, adaptive=adaptive,
+        list(speculative_tokens(target, prompt, s, PromptLookup(), gamma, adaptive=adaptive,
                                 stats=lookup_alone, every_draft=True))
         assert list(speculative_tokens(target, prompt, s, draft, gamma, adaptive=adaptive, stats=with_history,
                                        every_draft=True)) == got
         assert with_history.drafted > lookup_alone.drafted and with_history.accepted > lookup_alone.accepted
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_seeded_sampled_prompt_lookup_gives_plain_decodings_text(history):
+    """accept_copied draws each token as plain decoding draws it, so a seed gives plain decoding's text, with the
+    widths chosen and with every draft checked; drafts were accepted (the draws agreed with them)."""
+    target, _ = tiny_pair()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(30)  # peaked distributions: text that repeats itself, so lookup finds drafts
+    prompt = [5, 9, 30, 7, 11, 5, 9, 30, 7, 11, 5, 9]
+    for seed in range(3):
+        s = Sampling(max_new_tokens=32, temperature=0.3, top_k=8, seed=seed)
+        draft = lambda: PromptLookup(history=earlier_answers(target, Sampling(temperature=0)) if history else None)
+        chosen, every = Stats(), Stats()
+        assert list(speculative_tokens(target, prompt, s, draft(), 4, stats=chosen)) == plain(target, prompt, s)
+        assert list(speculative_tokens(target, prompt, s, draft(), 4, stats=every, every_draft=True)) == \
+            plain(target, prompt, s)
+        assert every.accepted > 0
 
 
 def test_history_drafts_what_followed_the_longest_context_most_often():
@@ -139,24 +157,22 @@ def test_history_drafts_what_followed_the_longest_context_most_often():
     for last in (1, 2, 9):
         history.add([0, 3, last])
     assert history.draft([5, 0, 3], 1) == []  # after [0, 3] (the longest seen) three tokens once each: under half
-    look = PromptLookup(max_ngram=4, vocab_size=12, history=history)
+    look = PromptLookup(max_ngram=4, history=history)
     greedy = Sampling(temperature=0)
     assert look.propose([4, 7, 1, 2, 4, 7], 4, greedy)[0] == [1, 2]  # the text's own match comes first
     assert look.propose([10, 11, 2, 3, 4], 4, greedy)[0] == [5, 6]  # no match: the history, at most 2 tokens
-    tokens, q = look.propose([10, 11, 2, 3, 4], 4, Sampling(temperature=0.7))
-    assert q.argmax(-1).tolist() == tokens  # deterministic drafts: one-hot q, so the exact rule holds
+    assert look.propose([10, 11, 2, 3, 4], 4, Sampling(temperature=0.7)) == ([5, 6], None)  # deterministic: no q
 
 
 def test_prompt_lookup_copies_after_the_longest_agreement_as_much_as_it_supports():
     greedy, sampled = Sampling(temperature=0), Sampling(temperature=0.7)
-    look = PromptLookup(max_ngram=4, vocab_size=50)
+    look = PromptLookup(max_ngram=4)
     # ... 1 2 3 -> 10 (agrees on 3 tokens) and later 9 2 3 -> 20 (only on 2): the longer agreement wins
     context = [1, 2, 3, 10, 11, 12, 13, 14, 9, 2, 3, 20, 21, 22, 23, 24, 1, 2, 3]
     assert look.match(context) == (3, 3)
     tokens, q = look.propose(context, 8, greedy)
     assert tokens == [10, 11, 12, 13, 14, 9] and q is None  # 8 * 3 // 4 tokens; greedy needs no distribution
-    tokens, q = look.propose(context, 8, sampled)
-    assert q.shape == (6, 50) and q.argmax(-1).tolist() == tokens and q.sum().item() == 6
+    assert look.propose(context, 8, sampled) == (tokens, None)  # sampled the same (checked by accept_copied)
     # equal agreement: the latest occurrence; a full agreement drafts gamma tokens; two tokens at least one
     assert look.match([5, 6, 7, 8, 1, 5, 6, 7, 8, 2, 5, 6, 7, 8]) == (9, 4)
     assert look.propose([5, 6, 7, 8, 1, 5, 6, 7, 8, 2, 5, 6, 7, 8], 3, greedy)[0] == [2, 5, 6]
@@ -171,7 +187,7 @@ def test_a_drafts_width_pays_for_its_rows():
     checks as many drafted tokens as maximise expected tokens per second of the measured pass cost."""
     from mightylm.draft_width import Acceptance, PassCost, draft_width
 
-    look = PromptLookup(max_ngram=4, vocab_size=50, history=History())
+    look = PromptLookup(max_ngram=4, history=History())
     context = [1, 2, 3, 10, 11, 12, 13, 14, 9, 2, 3, 20, 21, 22, 23, 24, 1, 2, 3]
     assert look.draft(context, 8) == ([10, 11, 12, 13, 14, 9], 3)  # the source: 3 tokens agree
     look.history.add([7, 8, 9])
@@ -395,7 +411,7 @@ def test_greedy_speculation_over_kept_gguf_blocks_equals_plain_greedy(int8, tmp_
     s = Sampling(max_new_tokens=24, temperature=0)
     stats = Stats()
     with torch.no_grad():
-        got = list(speculative_tokens(model, prompt, s, PromptLookup(vocab_size=model.config.vocab_size), 4,
+        got = list(speculative_tokens(model, prompt, s, PromptLookup(), 4,
                                       stats=stats))
         assert stats.drafted and any(r > 1 for r in rows)  # verification passes went native, several rows at once
         assert got == plain(model, prompt, s)

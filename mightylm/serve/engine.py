@@ -43,7 +43,7 @@ from mightylm.streaming import TextStream
 from mightylm.model import KVRows, Segment, Segments
 from mightylm.serve.speculation import ALPHA_PRIOR, ALPHA_WEIGHT, PROBE_EVERY, PROBE_MAX, PassCost, PooledDraft, \
     choose_width, timed
-from mightylm.speculative import History, PromptLookup, accept
+from mightylm.speculative import History, PromptLookup, accept, accept_copied
 
 
 class Latency:
@@ -677,6 +677,8 @@ class Engine:
                 best = greedy(logits[:len(drafts) + 1]).tolist()
                 k = next((j for j, d in enumerate(drafts) if d != best[j]), len(drafts))
                 nxt = best[k]
+            elif not isinstance(self.draft, PooledDraft):  # prompt lookup: drawn as plain steps draw (a seed's text)
+                k, nxt = accept_copied(logits[:len(drafts) + 1], seq.sampling, drafts, seq._generator)
             else:
                 p = logits_to_probs(logits[:len(drafts) + 1], seq.sampling)
                 q = q.to(p) if q is not None else p[:0]
