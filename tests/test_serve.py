@@ -814,6 +814,23 @@ def test_seeded_sampled_rows_with_prompt_lookup_give_plain_decodings_text(tiny):
     assert sum(r["done"]["accepted"] for r in spec) > 0 and engine.stats["speculative_passes"] > 0
 
 
+def test_prompt_lookup_steps_chosen_by_the_engine_keep_each_requests_text(tiny):
+    """Without always_speculate the engine chooses each step's width from the passes it timed and the rows'
+    acceptance (and probes when it has declined for a while): texts as plain decoding's."""
+    from mightylm.serve.adapters import AdapterBank
+    from mightylm.serve.engine import Engine
+    from mightylm.speculative import PromptLookup
+
+    model, tokenizer, _ = tiny
+    texts = ["To be, or not to be, or not to be", "ab ab ab ab ab ab", "The quick brown fox, the quick brown"]
+    jobs = [(tokenizer.encode(text), Sampling(max_new_tokens=40, temperature=0), {"ignore_eos": True})
+            for text in texts]
+    plain = _run(Engine(model, tokenizer, AdapterBank(model), max_batch=4, max_len=128), jobs)
+    engine = Engine(model, tokenizer, AdapterBank(model), max_batch=4, max_len=128, draft=PromptLookup(), gamma=4)
+    assert [r["text"] for r in _run(engine, jobs)] == [r["text"] for r in plain]
+    assert engine.stats["speculative_passes"] > 0  # (at least the probes measured)
+
+
 def test_sampled_speculative_rows_with_the_target_as_draft_accept_nearly_all(tiny):
     from mightylm.serve.adapters import AdapterBank
     from mightylm.serve.engine import Engine
