@@ -167,8 +167,7 @@ def transformers_bench(args) -> None:
 
         def mine(lookup):
             if lookup:
-                return list(speculative_tokens(ours, ids, s, PromptLookup(),
-                                               args.gamma))
+                return list(speculative_tokens(ours, ids, s, PromptLookup(), args.gamma))
             return list(stream_tokens(ours, ids, s))
 
         runs = {name: [] for name in ("hf", "hf-pl", "ours", "ours-pl")}
