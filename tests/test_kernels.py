@@ -324,6 +324,9 @@ def test_every_kernel_path_agrees_with_pytorch(kernel_path, out, n_in):
             raw = raw.view(out, -1)
             rows_and_products(raw, 12, torch.from_numpy(dequantize(raw.numpy(), GGMLQuantizationType.Q4_K))
                               .reshape(out, n_in))  # against gguf's dequantizer
+            xs = torch.randn(7, n_in)  # every row of a pass (a speculative step's) as it is alone, bit for bit: int8
+            together = ops.matmul_ggml(xs, raw, 12, out, b)  # activations after it round what they are given
+            assert all(torch.equal(together[r], ops.matmul_ggml(xs[r:r + 1], raw, 12, out, b)[0]) for r in range(7))
         for ggml_type, dtype in ((1, torch.float16), (30, torch.bfloat16)):  # F16 / BF16 rows as stored
             raw = (torch.randn(out, n_in) / 10).to(dtype).view(torch.uint8)  # (out, 2 in) bytes
             for rows in (1, 15):

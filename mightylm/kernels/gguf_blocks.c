@@ -486,18 +486,22 @@ AVX2 void q4k_out_dots256(const float *x, const float *xsum, const unsigned char
     for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(a0[o], a1[o])) - hsum(mins[o]);
 }
 
+/* Several rows of x times one output row: each sub-block's codes unpacked once for the R rows, and every row's
+ * sums taken in q4k_out_dots256's order (even and odd sub-blocks in two sums, added at the end), so that a row's
+ * result has the same bits whatever rows share its pass: a speculative pass's rows, then rounded to 8 bits by the
+ * int8 products after them, part from plain decoding's otherwise (greedy text changed on Qwen2.5-Coder's Q4_K_M). */
 AVX2 void q4k_rows256(const float *x, long ldx, const float *xsum, const unsigned char *row, long supers, float *y,
                       long ldy, const int R) {
-    __m256 acc[4], mins[4];
+    __m256 acc[2][4], mins[4];
     float scale[8] __attribute__((aligned(32)));
-    for (int r = 0; r < R; r++) acc[r] = mins[r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = mins[r] = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
         const unsigned char *blk = row + s * Q4K_BYTES;
         for (int k = 0; k < Q4K_BYTES; k += 64) _mm_prefetch((const char *)blk + PREFETCH + k, _MM_HINT_T0);
         const __m256 m = q4k_scales256(blk, scale);
         for (int r = 0; r < R; r++)
             mins[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + r * (ldx / 32) + 8 * s), mins[r]);
-        for (int b = 0; b < 8; b++) {
+        _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) {  /* (unrolled: acc[b & 1] stays in registers) */
             __m256 c[4];
             q4k_codes256(blk, b, c);
             const __m256 sb = _mm256_broadcast_ss(scale + b);
@@ -505,11 +509,11 @@ AVX2 void q4k_rows256(const float *x, long ldx, const float *xsum, const unsigne
                 const float *xb = x + r * ldx + 256 * s + 32 * b;
                 __m256 p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
                 for (int k = 1; k < 4; k++) p = _mm256_fmadd_ps(c[k], _mm256_loadu_ps(xb + 8 * k), p);
-                acc[r] = _mm256_fmadd_ps(p, sb, acc[r]);
+                acc[b & 1][r] = _mm256_fmadd_ps(p, sb, acc[b & 1][r]);
             }
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]) - hsum(mins[r]);
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) - hsum(mins[r]);
 }
 
 AVX2 void q4k_out_row256(const float *x, long rows, const float *xsum, const unsigned char *W, const float *bias,
