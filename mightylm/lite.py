@@ -218,8 +218,8 @@ class LiteModel:
         h = np.ascontiguousarray(h, dtype=np.float32)
         logits = np.empty((len(h), c.vocab_size), np.float32)
         self.head_product(h.ctypes.data, len(h), self.head_weight.ctypes.data, self.head_type,
-                None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
-                c.vocab_size, self.threads)
+                          None if self.head_bias is None else self.head_bias.ctypes.data, logits.ctypes.data, c.dim,
+                          c.vocab_size, self.threads)
         return logits
 
 

@@ -83,14 +83,11 @@ class Lookup:
                     break
         return (best, agree) if agree >= self.min_ngram else (0, 0)
 
-    def tokens(self, context: list[int], gamma: int, history: History | None = None) -> list[int]:
-        """The drafted tokens (at most gamma): the text's own match, else the history's (`history` for this call in
-        place of self.history: a server's per-user histories)."""
-        return self.draft(context, gamma, history)[0]
-
     def draft(self, context: list[int], gamma: int, history: History | None = None) -> tuple[list[int], object]:
-        """(tokens, where they come from): `tokens`' drafts and their source, the number of agreeing tokens of the
-        text's own match or "history" (how often each is accepted differs: draft_width.Acceptance)."""
+        """(the drafted tokens, at most gamma: the text's own match, else the history's, `history` for this call in
+        place of self.history: a server's per-user histories; where they come from: the number of agreeing tokens of
+        the text's own match, or "history", None for no draft; how often each is accepted differs:
+        draft_width.Acceptance)."""
         start, agree = self.match(context)
         history = history if history is not None else self.history
         if agree and gamma:
