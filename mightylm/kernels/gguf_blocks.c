@@ -12,9 +12,11 @@
  * One row (decoding one token): per block, sum_j w_j x_j = d * sum_j q_j x_j + c * sum_j x_j, so the 32 products
  * are taken with the codes (converted to float) and scaled once, and the block sums of x are computed once per
  * call (AVX-512: two blocks per step with their own accumulators; AVX2: see out_dots256).
- * Several rows (a prompt, a server's batch): each block is unpacked once into its 32 float weights and multiplied
- * into up to 8 rows held in registers, so the unpacking is shared by the rows; more rows go 8 at a time through
- * every output row (those 8 rows of x stay in L1; a 9th alone takes the one-row loop).
+ * Several rows (a prompt, a server's batch, a speculative pass): each block is unpacked once for up to 4 rows
+ * (AVX2) or 8 (AVX-512) held in registers, and every row is summed exactly as the one-row loop sums it, so that a
+ * row's result has the same bits whatever rows share its pass (greedy speculative decoding then equals plain
+ * decoding by construction, and a row's text never depends on its batch); rows go 8 at a time through every output
+ * row (those 8 rows of x stay in L1).
  * Float32 arithmetic throughout: the result is dequantize-then-multiply up to float rounding. Each thread takes a
  * band of output rows (OpenMP), as the other quantized products do. */
 #include <math.h>
@@ -87,65 +89,61 @@ AVX512 void codes512(const unsigned char *blk, int type, __m512 *c0, __m512 *c1)
     }
 }
 
-/* codes . x + k sum(x) of one block, Q4_0's (k = -8) and Q5_0's (-16) constant term taken in the lanes (out_dots256
- * says why): -sum(x) in each of the 16 lanes for Q5_0, in 8 of them for Q4_0 (a broadcast under a mask) */
-AVX512 __m512 block_dot512(const unsigned char *blk, int type, const float *xb, const float *xsum) {
-    __m512 c0, c1;
-    codes512(blk, type, &c0, &c1);
+/* codes c . x + k sum(x) of one block, Q4_0's (k = -8) and Q5_0's (-16) constant term taken in the lanes
+ * (block_step256 says why): -sum(x) in each of the 16 lanes for Q5_0, in 8 of them for Q4_0 (a broadcast under a
+ * mask) */
+AVX512 __m512 block_dot512(const __m512 c[2], int type, const float *xb, const float *xsum) {
     __m512 p;
     if (type == Q4_0 || type == Q5_0) {
         const __m512 s = _mm512_set1_ps(*xsum);
-        p = _mm512_fmsub_ps(c0, _mm512_loadu_ps(xb), type == Q5_0 ? s : _mm512_maskz_mov_ps(0x00FF, s));
+        p = _mm512_fmsub_ps(c[0], _mm512_loadu_ps(xb), type == Q5_0 ? s : _mm512_maskz_mov_ps(0x00FF, s));
     } else {
-        p = _mm512_mul_ps(c0, _mm512_loadu_ps(xb));
+        p = _mm512_mul_ps(c[0], _mm512_loadu_ps(xb));
     }
-    return _mm512_fmadd_ps(c1, _mm512_loadu_ps(xb + 16), p);
+    return _mm512_fmadd_ps(c[1], _mm512_loadu_ps(xb + 16), p);
 }
 
-/* One row of x: per block d * block_dot512; Q4_1's m * sum(x) one scalar multiply-add a block, as on AVX2 */
-AVX512 float one_row512(const float *x, const float *xsum, const unsigned char *row, int type, long blocks) {
-    const long bytes = block_bytes(type);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    float mins = 0.0f;
+/* R (at most 8) rows of x (row stride ldx; their block sums xsum, ldx / 32 a row) times one weight row: per block
+ * d * block_dot512, even and odd blocks in sums of their own; Q4_1's m * sum(x) one scalar multiply-add per two
+ * blocks, as on AVX2. Each pair of blocks is unpacked once for the R rows, and every row is summed as it is alone
+ * (R = 1 is the one-row product), so that a row's result has the same bits whatever rows share its pass. Results
+ * to y[r * ldy]. */
+AVX512 void many_rows512(const float *x, long ldx, const float *xsum, const unsigned char *row, int type, long blocks,
+                         float *y, long ldy, const int R) {
+    const long bytes = block_bytes(type), sums = ldx / 32;
+    __m512 a0[8], a1[8];
+    float mins[8];
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps(), mins[r] = 0.0f;
     long b = 0;
     for (; b + 2 <= blocks; b += 2) {
         const unsigned char *blk = row + b * bytes;
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        const __m512 p0 = block_dot512(blk, type, x + 32 * b, xsum + b);
-        const __m512 p1 = block_dot512(blk + bytes, type, x + 32 * b + 32, xsum + b + 1);
-        a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(block_scale(blk, type)), a0);
-        a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(block_scale(blk + bytes, type)), a1);
-        if (type == Q4_1) mins += half_to_float(blk + 2) * xsum[b] + half_to_float(blk + bytes + 2) * xsum[b + 1];
+        __m512 c0[2], c1[2];
+        codes512(blk, type, &c0[0], &c0[1]);
+        codes512(blk + bytes, type, &c1[0], &c1[1]);
+        const __m512 d0 = _mm512_set1_ps(block_scale(blk, type)), d1 = _mm512_set1_ps(block_scale(blk + bytes, type));
+        const float m0 = type == Q4_1 ? half_to_float(blk + 2) : 0.0f;
+        const float m1 = type == Q4_1 ? half_to_float(blk + bytes + 2) : 0.0f;
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + r * ldx + 32 * b, *xs = xsum + r * sums + b;
+            a0[r] = _mm512_fmadd_ps(block_dot512(c0, type, xb, xs), d0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(block_dot512(c1, type, xb + 32, xs + 1), d1, a1[r]);
+            if (type == Q4_1) mins[r] += m0 * xs[0] + m1 * xs[1];
+        }
     }
     if (b < blocks) {
         const unsigned char *blk = row + b * bytes;
-        a0 = _mm512_fmadd_ps(block_dot512(blk, type, x + 32 * b, xsum + b), _mm512_set1_ps(block_scale(blk, type)), a0);
-        if (type == Q4_1) mins += half_to_float(blk + 2) * xsum[b];
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + mins;
-}
-
-/* R rows of x (row stride ldx) times one weight row; results to y[r * ldy] */
-AVX512 void many_rows512(const float *x, long ldx, const unsigned char *row, int type, long blocks, float *y,
-                         long ldy, const int R) {
-    const long bytes = block_bytes(type);
-    __m512 acc[8];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (long b = 0; b < blocks; b++) {
-        const unsigned char *blk = row + b * bytes;
-        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        __m512 w0, w1;
-        codes512(blk, type, &w0, &w1);
-        const float d = block_scale(blk, type);
-        const __m512 vd = _mm512_set1_ps(d), vc = _mm512_set1_ps(block_offset(blk, type, d));
-        w0 = _mm512_fmadd_ps(w0, vd, vc);
-        w1 = _mm512_fmadd_ps(w1, vd, vc);
+        __m512 c[2];
+        codes512(blk, type, &c[0], &c[1]);
+        const __m512 d = _mm512_set1_ps(block_scale(blk, type));
+        const float m = type == Q4_1 ? half_to_float(blk + 2) : 0.0f;
         for (int r = 0; r < R; r++) {
-            const float *xb = x + r * ldx + 32 * b;
-            acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[r]));
+            const float *xs = xsum + r * sums + b;
+            a0[r] = _mm512_fmadd_ps(block_dot512(c, type, x + r * ldx + 32 * b, xs), d, a0[r]);
+            if (type == Q4_1) mins[r] += m * xs[0];
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; r++) y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) + mins[r];
 }
 
 /* Output row o for every row of x; `type` is a constant in each copy (see gemm below). */
@@ -154,14 +152,14 @@ AVX512 void out_row512(const float *x, long rows, const float *xsum, const unsig
     const long blocks = in / 32;
     const unsigned char *row = W + o * blocks * block_bytes(type);
     switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
-        case 1: y[o] = one_row512(x, xsum, row, type, blocks); break;
-        case 2: many_rows512(x, in, row, type, blocks, y + o, out, 2); break;
-        case 3: many_rows512(x, in, row, type, blocks, y + o, out, 3); break;
-        case 4: many_rows512(x, in, row, type, blocks, y + o, out, 4); break;
-        case 5: many_rows512(x, in, row, type, blocks, y + o, out, 5); break;
-        case 6: many_rows512(x, in, row, type, blocks, y + o, out, 6); break;
-        case 7: many_rows512(x, in, row, type, blocks, y + o, out, 7); break;
-        default: many_rows512(x, in, row, type, blocks, y + o, out, 8);
+        case 1: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 1); break;
+        case 2: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 2); break;
+        case 3: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 3); break;
+        case 4: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 4); break;
+        case 5: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 5); break;
+        case 6: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 6); break;
+        case 7: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 7); break;
+        default: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 8);
     }
     if (bias)
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
@@ -197,12 +195,33 @@ AVX2 void codes256(const unsigned char *blk, int type, __m256 c[4]) {
     }
 }
 
+/* One block of one row of x, given the block's codes c, d and (Q4_1) m, and the row's block sum s: d * (codes . x
+ * + k s) into a0 and a1, Q4_0's (k = -8) and Q5_0's (-16) constant term taken as -s in each of the 8 lanes of one
+ * or two of the four products (no scalar work per block: the loop is bound by its vector operations, and the scalar
+ * constant term cost ~15 % of its time); Q4_1's m * s, not a multiple of d, one scalar multiply-add (as a vector of
+ * its own it was 3-8 % slower). The one-row and several-row products both take every row's block through this, so
+ * a row's result has the same bits whatever rows share its pass (a speculative pass's, a server's batch). */
+AVX2 void block_step256(const __m256 c[4], const int type, const float *xb, const float *s, const __m256 d,
+                        const float m, __m256 *a0, __m256 *a1, float *mins) {
+    __m256 p, q;
+    if (type == Q4_0 || type == Q5_0) {
+        const __m256 vs = _mm256_broadcast_ss(s);
+        p = _mm256_fmsub_ps(c[0], _mm256_loadu_ps(xb), vs);
+        q = type == Q5_0 ? _mm256_fmsub_ps(c[1], _mm256_loadu_ps(xb + 8), vs)
+                         : _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+    } else {
+        p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
+        q = _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
+    }
+    p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
+    q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
+    *a0 = _mm256_fmadd_ps(p, d, *a0);
+    *a1 = _mm256_fmadd_ps(q, d, *a1);
+    if (type == Q4_1) *mins += m * *s;
+}
+
 /* One row of x times n output rows (1 or 2, `stride` bytes apart; two share x's loads and block sums, 0.92x the
- * time per row for Q4_0 / Q5_0 on the AMD EPYC here): per block d * (codes . x + k sum(x)), the constant term of
- * Q4_0 (k = -8) and Q5_0 (-16) taken as -sum(x) in each of the 8 lanes of one or two of the four products (no
- * scalar work per block: the loop is bound by its vector operations, and the scalar constant term cost ~15 % of its
- * time); Q4_1's m * sum(x), not a multiple of d, stays one scalar multiply-add a block (as a vector of its own it
- * was 3-8 % slower). */
+ * time per row for Q4_0 / Q5_0 on the AMD EPYC here) */
 AVX2 void out_dots256(const float *x, const float *xsum, const unsigned char *row, long stride, int type, long blocks,
                       float *y, const int n) {
     const long bytes = block_bytes(type);
@@ -210,81 +229,52 @@ AVX2 void out_dots256(const float *x, const float *xsum, const unsigned char *ro
     float mins[2] = {0.0f, 0.0f};
     for (int o = 0; o < n; o++) a0[o] = a1[o] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
-        const float *xb = x + 32 * b;
         for (int o = 0; o < n; o++) {
             const unsigned char *blk = row + o * stride + b * bytes;
             _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
             __m256 c[4];
             codes256(blk, type, c);
-            __m256 p, q;
-            if (type == Q4_0 || type == Q5_0) {
-                const __m256 s = _mm256_broadcast_ss(xsum + b);
-                p = _mm256_fmsub_ps(c[0], _mm256_loadu_ps(xb), s);
-                q = type == Q5_0 ? _mm256_fmsub_ps(c[1], _mm256_loadu_ps(xb + 8), s)
-                                 : _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
-            } else {
-                p = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
-                q = _mm256_mul_ps(c[1], _mm256_loadu_ps(xb + 8));
-            }
-            p = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), p);
-            q = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), q);
-            const __m256 d = _mm256_set1_ps(block_scale(blk, type));
-            a0[o] = _mm256_fmadd_ps(p, d, a0[o]);
-            a1[o] = _mm256_fmadd_ps(q, d, a1[o]);
-            if (type == Q4_1) mins[o] += half_to_float(blk + 2) * xsum[b];
+            block_step256(c, type, x + 32 * b, xsum + b, _mm256_set1_ps(block_scale(blk, type)),
+                          type == Q4_1 ? half_to_float(blk + 2) : 0.0f, &a0[o], &a1[o], &mins[o]);
         }
     }
     for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(a0[o], a1[o])) + mins[o];
 }
 
-AVX2 void many_rows256(const float *x, long ldx, const unsigned char *row, int type, long blocks, float *y,
-                       long ldy, const int R) {
+/* R (at most 4) rows of x (row stride ldx; their block sums xsum, ldx / 32 a row) times one weight row: each block
+ * unpacked once for the R rows, every row summed as out_dots256 sums it; results to y[r * ldy] */
+AVX2 void many_rows256(const float *x, long ldx, const float *xsum, const unsigned char *row, int type, long blocks,
+                       float *y, long ldy, const int R) {
     const long bytes = block_bytes(type);
-    __m256 acc[8];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    __m256 a0[4], a1[4];
+    float mins[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         const unsigned char *blk = row + b * bytes;
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        __m256 w[4];
-        codes256(blk, type, w);
-        const float d = block_scale(blk, type);
-        const __m256 vd = _mm256_set1_ps(d), vc = _mm256_set1_ps(block_offset(blk, type, d));
-        for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(w[k], vd, vc);
-        for (int r = 0; r < R; r++) {
-            const float *xb = x + r * ldx + 32 * b;
-            for (int k = 0; k < 4; k++) acc[r] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xb + 8 * k), acc[r]);
-        }
+        __m256 c[4];
+        codes256(blk, type, c);
+        const __m256 d = _mm256_set1_ps(block_scale(blk, type));
+        const float m = type == Q4_1 ? half_to_float(blk + 2) : 0.0f;
+        for (int r = 0; r < R; r++)
+            block_step256(c, type, x + r * ldx + 32 * b, xsum + r * (ldx / 32) + b, d, m, &a0[r], &a1[r], &mins[r]);
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
-}
-
-/* 5 to 8 rows of x at once (a block unpacked once for up to 8 rows: 8 accumulators and the 4 weight vectors fit
- * the 16 registers), in a function of its own: with these cases inlined beside the 1-4 row ones, GCC laid out the
- * 4-row Q5_0 loop 1.45x slower. */
-#define WIDE_CASES(TYPE)                                                                                           \
-    if (type == TYPE) switch (R) {                                                                                 \
-        case 8: many_rows256(x, ldx, row, TYPE, blocks, y, ldy, 8); return;                                        \
-        case 7: many_rows256(x, ldx, row, TYPE, blocks, y, ldy, 7); return;                                        \
-        case 6: many_rows256(x, ldx, row, TYPE, blocks, y, ldy, 6); return;                                        \
-        default: many_rows256(x, ldx, row, TYPE, blocks, y, ldy, 5); return;                                       \
-    }
-
-__attribute__((target("avx2,fma,f16c"), noinline))
-static void wide_rows256(const float *x, long ldx, const unsigned char *row, int type, long blocks, float *y,
-                         long ldy, int R) {
-    WIDE_CASES(Q8_0) WIDE_CASES(Q4_0) WIDE_CASES(Q4_1) WIDE_CASES(Q5_0) WIDE_CASES(F16) WIDE_CASES(BF16)
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(_mm256_add_ps(a0[r], a1[r])) + mins[r];
 }
 
 AVX2 void out_row256(const float *x, long rows, const float *xsum, const unsigned char *W, const int type,
                      const float *bias, float *y, long in, long out, long o) {
     const long blocks = in / 32;
     const unsigned char *row = W + o * blocks * block_bytes(type);
-    switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
-        case 1: out_dots256(x, xsum, row, 0, type, blocks, y + o, 1); break;
-        case 2: many_rows256(x, in, row, type, blocks, y + o, out, 2); break;
-        case 3: many_rows256(x, in, row, type, blocks, y + o, out, 3); break;
-        case 4: many_rows256(x, in, row, type, blocks, y + o, out, 4); break;
-        default: wide_rows256(x, in, row, type, blocks, y + o, out, (int)rows);
+    if (rows == 1) out_dots256(x, xsum, row, 0, type, blocks, y + o, 1);
+    for (long r = 0; rows > 1 && r < rows; r += 4) {  /* at most CHUNK (8): mighty_gemm_ggml's passes, 4 at a time */
+        const float *xr = x + r * in, *sr = xsum + r * (in / 32);
+        switch (rows - r) {
+            case 1: many_rows256(xr, in, sr, row, type, blocks, y + r * out + o, out, 1); break;
+            case 2: many_rows256(xr, in, sr, row, type, blocks, y + r * out + o, out, 2); break;
+            case 3: many_rows256(xr, in, sr, row, type, blocks, y + r * out + o, out, 3); break;
+            default: many_rows256(xr, in, sr, row, type, blocks, y + r * out + o, out, 4);
+        }
     }
     if (bias)
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
@@ -335,9 +325,19 @@ AVX2 void q6k_floats256(const unsigned char *blk, int p, __m256 c[4]) {
     c[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)));
 }
 
-/* One row of x times n output rows (1 or 2, `stride` bytes apart; two share x's loads): each group of 16 values'
+/* One part (32 values) of one row of x, given its codes c and its two groups' scales: each group of 16 values'
  * products summed, then scaled by its scale (d folded in, the super-block's 16 converted once) instead of scaling
- * every code: 0.86x the time of scaling the codes. The 8 parts unrolled (their shifts constants): 0.86x again. */
+ * every code (0.86x the time), into a0 and a1. The one-row and several-row products both take every row's parts
+ * through this, so a row's result has the same bits whatever rows share its pass. */
+AVX2 void q6k_step256(const __m256 c[4], const float *xb, const float *scale, __m256 *a0, __m256 *a1) {
+    const __m256 g0 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(c[0], _mm256_loadu_ps(xb)));
+    const __m256 g1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), _mm256_mul_ps(c[2], _mm256_loadu_ps(xb + 16)));
+    *a0 = _mm256_fmadd_ps(g0, _mm256_broadcast_ss(scale), *a0);
+    *a1 = _mm256_fmadd_ps(g1, _mm256_broadcast_ss(scale + 1), *a1);
+}
+
+/* One row of x times n output rows (1 or 2, `stride` bytes apart; two share x's loads). The 8 parts unrolled (their
+ * shifts constants): 0.86x the time. */
 AVX2 void q6k_out_dots256(const float *x, const unsigned char *row, long stride, long supers, float *y, const int n) {
     __m256 a0[2], a1[2];
     float scale[2][16] __attribute__((aligned(32)));
@@ -348,41 +348,35 @@ AVX2 void q6k_out_dots256(const float *x, const unsigned char *row, long stride,
             q6k_scales256(row + o * stride + s * Q6K_BYTES, scale[o]);
         }
         _Pragma("GCC unroll 8") for (int part = 0; part < 8; part++) {
-            const float *xb = x + 256 * s + 32 * part;
             for (int o = 0; o < n; o++) {
                 __m256 c[4];
                 q6k_floats256(row + o * stride + s * Q6K_BYTES, part, c);
-                const __m256 g0 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8),
-                                                  _mm256_mul_ps(c[0], _mm256_loadu_ps(xb)));
-                const __m256 g1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24),
-                                                  _mm256_mul_ps(c[2], _mm256_loadu_ps(xb + 16)));
-                a0[o] = _mm256_fmadd_ps(g0, _mm256_broadcast_ss(scale[o] + 2 * part), a0[o]);
-                a1[o] = _mm256_fmadd_ps(g1, _mm256_broadcast_ss(scale[o] + 2 * part + 1), a1[o]);
+                q6k_step256(c, x + 256 * s + 32 * part, scale[o] + 2 * part, &a0[o], &a1[o]);
             }
         }
     }
     for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(a0[o], a1[o]));
 }
 
+/* R (at most 4) rows of x times one weight row: each part unpacked once for the R rows, every row summed as
+ * q6k_out_dots256 sums it; results to y[r * ldy] */
 AVX2 void q6k_many_rows256(const float *x, long ldx, const unsigned char *row, long supers, float *y, long ldy,
                            const int R) {
-    __m256 acc[4];
+    __m256 a0[4], a1[4];
     float scale[16] __attribute__((aligned(32)));
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
         const unsigned char *blk = row + s * Q6K_BYTES;
+        q6k_prefetch(blk);
         q6k_scales256(blk, scale);
         for (int part = 0; part < 8; part++) {
-            __m256 w[4];
-            q6k_floats256(blk, part, w);
-            for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(w[k], _mm256_broadcast_ss(scale + 2 * part + k / 2));
-            for (int r = 0; r < R; r++) {
-                const float *xb = x + r * ldx + 256 * s + 32 * part;
-                for (int k = 0; k < 4; k++) acc[r] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xb + 8 * k), acc[r]);
-            }
+            __m256 c[4];
+            q6k_floats256(blk, part, c);
+            for (int r = 0; r < R; r++)
+                q6k_step256(c, x + r * ldx + 256 * s + 32 * part, scale + 2 * part, &a0[r], &a1[r]);
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(_mm256_add_ps(a0[r], a1[r]));
 }
 
 AVX2 void q6k_out_row256(const float *x, long rows, const unsigned char *W, const float *bias, float *y, long in,
@@ -609,10 +603,11 @@ void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int typ
     }
     /* block sums of every row of x: the 32-value types' constant terms of one-row products; Q4_K's mins */
     float *xsum = type == Q6_K ? NULL : block_sums(x, rows, in);
-    /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
-     * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
-     * conversions are split in two there); not measured on Intel's AVX-512. */
-    const int wide = mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K && type != Q4_K;
+    /* Float16 / bfloat16 values: the 256-bit loop, where one row was faster on the AMD EPYC (Zen 4) with AVX-512
+     * here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
+     * conversions are split in two there; not measured on Intel's AVX-512), and several rows with it, so that each
+     * row is summed as it is alone. */
+    const int wide = mighty_isa_level && !plain(type) && type != Q6_K && type != Q4_K;
     /* CHUNK rows of x at a time, every output row for them: x's rows stay in L1 while the weights stream past */
     for (long r = 0; r < rows; r += CHUNK) {
         const long n = rows - r < CHUNK ? rows - r : CHUNK;

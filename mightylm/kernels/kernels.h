@@ -90,7 +90,9 @@ static inline void group_sums(const float *x, long n, long size, float factor, f
  * scaling (group g of 8 values times 2^(-bits k), k = g % period % fields, its field in its run), one row's constant
  * term (sum_factor times the sum of each sum_size values), a weight row's bytes and units (blocks or super-blocks),
  * and the kernels: `dots` (one row of x times n = 1 or 2 output rows, stride bytes apart), `rows` (n <= 8 rows of x
- * given group by group, group g of row k at xg[8 (g n + k)], times one output row; results y[k * out]). */
+ * given group by group, group g of row k at xg[8 (g n + k)], and their sums the same way, sum u of row k at
+ * sg[u n + k], times one output row; results y[k * out]). `rows` sums every row as `dots` does, so that a row's
+ * result has the same bits whatever rows share its pass (a speculative pass's, a server's batch). */
 typedef struct {
     int bits, fields, period;
     long sum_size;
@@ -98,7 +100,7 @@ typedef struct {
     long row_bytes, units;
     void (*dots)(const float *xs, const float *sums, const unsigned char *row, long stride, long units, float *y,
                  int n);
-    void (*rows)(const float *xg, long n, const unsigned char *row, long units, float *y, long out);
+    void (*rows)(const float *xg, long n, const float *sg, const unsigned char *row, long units, float *y, long out);
 } fields_layout;
 
 /* x's rows scaled for a layout, group by group (one row: in its own order) */
@@ -114,29 +116,50 @@ static inline void fields_x(const float *x, long n, long in, const fields_layout
  * a time (they stay in L1 while the weights stream past) */
 static inline void fields_gemm(const float *x, long rows, const unsigned char *W, const float *bias, float *y,
                                long in, long out, int nthreads, const fields_layout *L) {
-    const long bytes = L->row_bytes;
+    const long bytes = L->row_bytes, n_sums = in / L->sum_size;
+    float *sums = malloc(sizeof(float) * (rows < 8 ? rows : 8) * n_sums);
     if (rows == 1) {
-        float *xs = malloc(sizeof(float) * in), *sums = malloc(sizeof(float) * (in / L->sum_size));
+        float *xs = malloc(sizeof(float) * in);
         fields_x(x, 1, in, L, xs);
         group_sums(x, in, L->sum_size, L->sum_factor, sums);
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (long o = 0; o < out; o += 2) L->dots(xs, sums, W + o * bytes, bytes, L->units, y + o, o + 1 < out ? 2 : 1);
         free(xs);
-        free(sums);
     } else {
-        float *xg = malloc(sizeof(float) * 8 * in);
+        float *xg = malloc(sizeof(float) * 8 * in), *sg = malloc(sizeof(float) * 8 * n_sums);
         for (long r = 0; r < rows; r += 8) {
             const long n = rows - r < 8 ? rows - r : 8;
             fields_x(x + r * in, n, in, L, xg);
+            for (long k = 0; k < n; k++)
+                group_sums(x + (r + k) * in, in, L->sum_size, L->sum_factor, sums + k * n_sums);
+            for (long u = 0; u < n_sums; u++)
+                for (long k = 0; k < n; k++) sg[u * n + k] = sums[k * n_sums + u];
             #pragma omp parallel for num_threads(nthreads) schedule(static)
-            for (long o = 0; o < out; o++) L->rows(xg, n, W + o * bytes, L->units, y + r * out + o, out);
+            for (long o = 0; o < out; o++) L->rows(xg, n, sg, W + o * bytes, L->units, y + r * out + o, out);
         }
         free(xg);
+        free(sg);
     }
+    free(sums);
     if (bias)
         for (long r = 0; r < rows; r++)
             for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
 }
+
+/* A `rows` kernel's cases (see fields_layout): n rows of x, at most 4 at a time through KERNEL(xg, sg, row, units,
+ * y, ldy, N, F, R) (rows F .. F + R - 1 of the N laid out; N, F, R constants in each copy), the weight row staying in
+ * L1 between the two calls of 5 to 8 rows */
+#define FIELDS_ROWS_CASES(KERNEL)                                                                          \
+    switch (n) {                                                                                           \
+        case 1: KERNEL(xg, sg, row, units, y, out, 1, 0, 1); break;                                        \
+        case 2: KERNEL(xg, sg, row, units, y, out, 2, 0, 2); break;                                        \
+        case 3: KERNEL(xg, sg, row, units, y, out, 3, 0, 3); break;                                        \
+        case 4: KERNEL(xg, sg, row, units, y, out, 4, 0, 4); break;                                        \
+        case 5: KERNEL(xg, sg, row, units, y, out, 5, 0, 4); KERNEL(xg, sg, row, units, y, out, 5, 4, 1); break; \
+        case 6: KERNEL(xg, sg, row, units, y, out, 6, 0, 4); KERNEL(xg, sg, row, units, y, out, 6, 4, 2); break; \
+        case 7: KERNEL(xg, sg, row, units, y, out, 7, 0, 4); KERNEL(xg, sg, row, units, y, out, 7, 4, 3); break; \
+        default: KERNEL(xg, sg, row, units, y, out, 8, 0, 4); KERNEL(xg, sg, row, units, y, out, 8, 4, 4);       \
+    }
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

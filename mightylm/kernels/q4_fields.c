@@ -16,8 +16,8 @@
  * conversion for the four blocks) in one multiply-add, Q4_0's -8 d sum(x) started in the lanes (x's lane sums,
  * made with x), Q4_1's m sum(x) one more multiply-add. AVX2 takes each 64 bytes as two halves of 8 lanes (2 blocks).
  *
- * Several rows of x: each field unpacked once into (q - 8) d or d q + m (times 2^(4 k)), multiplied into up to 8
- * rows. Results are float32 rounding of the stored loop's, in another order (tests/test_kernels.py). */
+ * Several rows of x (AVX-512): each group's fields converted once for up to 8 rows, each row summed as one row is.
+ * Results are float32 rounding of the stored loop's, in another order (tests/test_kernels.py). */
 #include <omp.h>
 #include <stdlib.h>
 
@@ -83,64 +83,46 @@ AVX512 __m512i group_codes(const unsigned char *p, long n) {
     return n == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32((__mmask16)((1u << 4 * n) - 1), p);
 }
 
-/* sum over the 8 fields of q x, started from `start`, for one group (xg: its GROUP_FLOATS) */
-AVX512 __m512 group_dot512(__m512i v, const float *xg, __m512 start) {
+/* sum over the 8 fields f (as floats) of q x, started from `start`, for one group (xg: its GROUP_FLOATS) */
+AVX512 __m512 group_dot512(const __m512 f[8], const float *xg, __m512 start) {
     __m512 t0 = start, t1 = _mm512_setzero_ps();
-    t0 = _mm512_fmadd_ps(field512(v, 0), _mm512_loadu_ps(xg), t0);
-    t1 = _mm512_fmadd_ps(field512(v, 1), _mm512_loadu_ps(xg + 16), t1);
-    t0 = _mm512_fmadd_ps(field512(v, 2), _mm512_loadu_ps(xg + 32), t0);
-    t1 = _mm512_fmadd_ps(field512(v, 3), _mm512_loadu_ps(xg + 48), t1);
-    t0 = _mm512_fmadd_ps(field512(v, 4), _mm512_loadu_ps(xg + 64), t0);
-    t1 = _mm512_fmadd_ps(field512(v, 5), _mm512_loadu_ps(xg + 80), t1);
-    t0 = _mm512_fmadd_ps(field512(v, 6), _mm512_loadu_ps(xg + 96), t0);
-    t1 = _mm512_fmadd_ps(field512(v, 7), _mm512_loadu_ps(xg + 112), t1);
+    t0 = _mm512_fmadd_ps(f[0], _mm512_loadu_ps(xg), t0);
+    t1 = _mm512_fmadd_ps(f[1], _mm512_loadu_ps(xg + 16), t1);
+    t0 = _mm512_fmadd_ps(f[2], _mm512_loadu_ps(xg + 32), t0);
+    t1 = _mm512_fmadd_ps(f[3], _mm512_loadu_ps(xg + 48), t1);
+    t0 = _mm512_fmadd_ps(f[4], _mm512_loadu_ps(xg + 64), t0);
+    t1 = _mm512_fmadd_ps(f[5], _mm512_loadu_ps(xg + 80), t1);
+    t0 = _mm512_fmadd_ps(f[6], _mm512_loadu_ps(xg + 96), t0);
+    t1 = _mm512_fmadd_ps(f[7], _mm512_loadu_ps(xg + 112), t1);
     return _mm512_add_ps(t0, t1);
 }
 
-/* One output row times one row of x (X: q4_x's layout) */
-AVX512 float one_row512(const float *X, const unsigned char *row, long blocks, const int type) {
-    const unsigned char *ds = row + 16 * blocks, *ms = ds + 2 * blocks;
-    const long full = blocks / 4, tail = blocks % 4;
-    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
-    for (long g = 0; g <= full; g++) {
-        const long n = g < full ? 4 : tail;
-        if (n == 0) break;
-        const float *xg = X + g * GROUP_FLOATS;
-        _mm_prefetch((const char *)row + 64 * g + PREFETCH, _MM_HINT_T0);
-        const __m512i v = group_codes(row + 64 * g, n);
-        const __m512 lanes = _mm512_loadu_ps(xg + 128);
-        const __m512 t = group_dot512(v, xg, type == Q4_0 ? lanes : _mm512_setzero_ps());
-        acc = _mm512_fmadd_ps(t, scales512(halves(ds + 8 * g, n)), acc);
-        if (type == Q4_1) accm = _mm512_fmadd_ps(scales512(halves(ms + 8 * g, n)), lanes, accm);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc, accm));
-}
-
-/* One output row times R rows of x (X: R of q4_x's layouts, `stride` floats apart); results to y[r * ldy] */
+/* One output row times R rows of x (X: R of q4_x's layouts, `stride` floats apart; R = 1 is the one-row product):
+ * each group's 8 fields converted once for the R rows, and every row summed as it is alone, so that a row's result
+ * has the same bits whatever rows share its pass; results to y[r * ldy] */
 AVX512 void many_rows512(const float *X, long stride, const unsigned char *row, long blocks, float *y, long ldy,
                          const int type, const int R) {
     const unsigned char *ds = row + 16 * blocks, *ms = ds + 2 * blocks;
     const long full = blocks / 4, tail = blocks % 4;
-    __m512 acc[8];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    __m512 acc[8], accm[8];
+    for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm512_setzero_ps();
     for (long g = 0; g <= full; g++) {
         const long n = g < full ? 4 : tail;
         if (n == 0) break;
         _mm_prefetch((const char *)row + 64 * g + PREFETCH, _MM_HINT_T0);
         const __m512i v = group_codes(row + 64 * g, n);
+        __m512 f[8];
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) f[k] = field512(v, k);
         const __m512 d = scales512(halves(ds + 8 * g, n));
         const __m512 m = type == Q4_1 ? scales512(halves(ms + 8 * g, n)) : _mm512_setzero_ps();
-        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
-            /* the field's weights, times 2^(4 k) as it is: (q - 8) d, or d q + m */
-            const float s = k == 7 ? 1.0f : (float)(1 << 4 * k);
-            const __m512 w = type == Q4_0
-                ? _mm512_mul_ps(_mm512_sub_ps(field512(v, k), _mm512_set1_ps(8.0f * s)), d)
-                : _mm512_fmadd_ps(field512(v, k), d, _mm512_mul_ps(m, _mm512_set1_ps(s)));
-            for (int r = 0; r < R; r++)
-                acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(X + r * stride + g * GROUP_FLOATS + 16 * k), acc[r]);
+        for (int r = 0; r < R; r++) {
+            const float *xg = X + r * stride + g * GROUP_FLOATS;
+            const __m512 lanes = _mm512_loadu_ps(xg + 128);
+            acc[r] = _mm512_fmadd_ps(group_dot512(f, xg, type == Q4_0 ? lanes : _mm512_setzero_ps()), d, acc[r]);
+            if (type == Q4_1) accm[r] = _mm512_fmadd_ps(m, lanes, accm[r]);
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; r++) y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], accm[r]));
 }
 
 /* ---- AVX2: each group as two halves of 8 lanes (2 blocks each) ---- */
@@ -187,34 +169,19 @@ AVX2 float one_row256(const float *X, const unsigned char *row, long blocks, con
     return hsum(_mm256_add_ps(acc, accm));
 }
 
+/* R rows of x times one output row, each row as one_row256 takes it (the weight row in L1 after the first), so
+ * that a row's result has the same bits whatever rows share its pass: AVX2 has too few registers to keep a half's
+ * 8 fields beside the rows' sums (Q4 takes this layout on AVX-512 CPUs only: kernels.float_layout) */
 AVX2 void many_rows256(const float *X, long stride, const unsigned char *row, long blocks, float *y, long ldy,
                        const int type, const int R) {
-    const unsigned char *ds = row + 16 * blocks, *ms = ds + 2 * blocks;
-    __m256 acc[8];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (long h = 0; 2 * h < blocks; h++) {
-        const long n = blocks - 2 * h < 2 ? 1 : 2, at = h / 2 * GROUP_FLOATS + 8 * (h % 2);
-        _mm_prefetch((const char *)row + 32 * h + PREFETCH, _MM_HINT_T0);
-        const __m256i v = half_codes(row + 32 * h, n);
-        const __m256 d = scales256(halves(ds + 4 * h, n));
-        const __m256 m = type == Q4_1 ? scales256(halves(ms + 4 * h, n)) : _mm256_setzero_ps();
-        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
-            const float s = k == 7 ? 1.0f : (float)(1 << 4 * k);
-            const __m256 w = type == Q4_0
-                ? _mm256_mul_ps(_mm256_sub_ps(field256(v, k), _mm256_set1_ps(8.0f * s)), d)
-                : _mm256_fmadd_ps(field256(v, k), d, _mm256_mul_ps(m, _mm256_set1_ps(s)));
-            for (int r = 0; r < R; r++)
-                acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(X + r * stride + at + 16 * k), acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+    for (int r = 0; r < R; r++) y[r * ldy] = one_row256(X + r * stride, row, blocks, type);
 }
 
 /* Output rows o0 .. o1 - 1 for n rows of x, results to y[r * ldy + o]: each type and row count its own copy, the loop
  * over output rows inside it (a call per output row cost ~10 ns: 0.5 ns a block on SmolLM2's 18-block rows) */
 #define ROWS_CASES(F, type)                                                                              \
     switch (n) {                                                                                         \
-        case 1: for (long o = o0; o < o1; o++) y[o] = one_row##F(X, W + o * bytes, blocks, type); break; \
+        case 1: ROWS_LOOP(F, type, 1) break;                                                             \
         case 2: ROWS_LOOP(F, type, 2) break;                                                             \
         case 3: ROWS_LOOP(F, type, 3) break;                                                             \
         case 4: ROWS_LOOP(F, type, 4) break;                                                             \

@@ -17,10 +17,9 @@
  *
  * One row of x: per block d (q . x - 16 sum x), the constant term taken as -2 sum x in each lane of the block's
  * first group (float rounding of the stored loop's result, in another order); two output rows per pass share x.
- * Several rows: each group unpacked once into (q - 16) d (times 2^(5 k)) for up to 8 rows given group by group: the
- * same float operations lane for lane as gguf_blocks.c's many_rows256, so the same bits. Measured on Qwen2.5-Coder's
- * shapes (AMD EPYC, AVX2, 2 threads, alternated in one process): one row 0.65-0.71x the stored loop's time, 3 and
- * 16 rows 0.89-1.02x (bench/RESULTS.md). */
+ * Several rows: each group unpacked once for up to 4 rows given group by group, each row summed as one row is (so
+ * a row's result has the same bits whatever rows share its pass). Measured on Qwen2.5-Coder's shapes (AMD EPYC,
+ * AVX2, 2 threads, alternated in one process): one row 0.65-0.71x the stored loop's time (bench/RESULTS.md). */
 #include <omp.h>
 #include <stdlib.h>
 
@@ -107,13 +106,11 @@ void mighty_q5_0_unfields(const unsigned char *src, long rows, long in, unsigned
     }
 }
 
-/* Field k's mask and 16 2^(5 k) (the codes' offset at its place), 8 lanes each: loaded as operands (GCC otherwise
- * rebuilt each mask from an immediate per use, three instructions, in the unrolled loops) */
+/* Field k's mask, 8 lanes: loaded as an operand (GCC otherwise rebuilt each mask from an immediate per use, three
+ * instructions, in the unrolled loops) */
 #define LANES(v) {v, v, v, v, v, v, v, v}
 static const unsigned int masks[6][8] __attribute__((aligned(32))) = {
     LANES(31u), LANES(31u << 5), LANES(31u << 10), LANES(31u << 15), LANES(31u << 20), LANES(31u << 25)};
-static const float offsets[6][8] __attribute__((aligned(32))) = {
-    LANES(0x1p4f), LANES(0x1p9f), LANES(0x1p14f), LANES(0x1p19f), LANES(0x1p24f), LANES(0x1p29f)};
 
 /* q 2^(5 k) of group j's 8 values, as floats */
 #define FIELD(v, j) \
@@ -160,9 +157,11 @@ AVX2 void dots(const float *xs, const float *sums2, const unsigned char *row, lo
     for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(acc[o][0], acc[o][1]));
 }
 
-/* One run of `nb` blocks of one output row times R rows of x, given group by group (xg: the run's first group's R
- * vectors of 8, one row after another; constant offsets, so no register or spill per row), into acc */
-AVX2 void run_rows(const float *xg, const unsigned char *t, __m256 acc[8], const int R, const int nb) {
+/* One run of `nb` blocks of one output row times rows F .. F + R - 1 (R <= 4) of the N rows of x in xg and sg
+ * (the run's first group and first block sum; fields_layout: group by group), every row summed as run_dots sums
+ * it, into acc[block & 1][r] */
+AVX2 void run_rows(const float *xg, const float *sg, const unsigned char *t, __m256 acc[2][4], const int N,
+                   const int F, const int R, const int nb) {
     const int vectors = (4 * nb + 5) / 6;
     _mm_prefetch((const char *)t + PREFETCH, _MM_HINT_T0);
     _mm_prefetch((const char *)t + PREFETCH + 64, _MM_HINT_T0);
@@ -170,37 +169,36 @@ AVX2 void run_rows(const float *xg, const unsigned char *t, __m256 acc[8], const
                           vectors > 1 ? _mm256_loadu_si256((const __m256i *)(t + 32)) : _mm256_setzero_si256()};
     _Pragma("GCC unroll 3") for (int b = 0; b < nb; b++) {  /* unrolled: each group's field a constant */
         const __m256 d = _mm256_set1_ps(half_to_float(t + 32 * vectors + 2 * b));
-        _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
-            const int j = 4 * b + g;  /* (q - 16) d, times 2^(5 k) as the field is: the stored loop's d q - 16 d */
-            const __m256 w = _mm256_mul_ps(_mm256_sub_ps(FIELD(v, j), _mm256_load_ps(offsets[j % 6])), d);
-            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + 8 * (j * R + r)), acc[r]);
+        __m256 f[4];
+        for (int g = 0; g < 4; g++) f[g] = FIELD(v, 4 * b + g);
+        for (int r = 0; r < R; r++) {
+            const float *xr = xg + 8 * (F + r);
+            __m256 p = _mm256_fmsub_ps(f[0], _mm256_loadu_ps(xr + 8 * 4 * b * N),
+                                       _mm256_broadcast_ss(sg + b * N + F + r));
+            for (int g = 1; g < 4; g++) p = _mm256_fmadd_ps(f[g], _mm256_loadu_ps(xr + 8 * (4 * b + g) * N), p);
+            acc[b & 1][r] = _mm256_fmadd_ps(p, d, acc[b & 1][r]);
         }
     }
 }
 
-/* R rows of x (xg: group by group, see run_rows) times one weight row; results to y[r * ldy] */
-AVX2 void many_rows(const float *xg, const unsigned char *row, long blocks, float *y, long ldy, const int R) {
-    __m256 acc[8];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+/* Rows F .. F + R - 1 of the N rows of x in xg and sg times one weight row; results to y[(F + r) * ldy] */
+AVX2 void many_rows(const float *xg, const float *sg, const unsigned char *row, long blocks, float *y, long ldy,
+                    const int N, const int F, const int R) {
+    __m256 acc[2][4];
+    for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
     long first = 0;
-    for (; first + 3 <= blocks; first += 3) run_rows(xg + 32 * R * first, row + first / 3 * RUN_BYTES, acc, R, 3);
-    if (blocks - first == 2) run_rows(xg + 32 * R * first, row + first / 3 * RUN_BYTES, acc, R, 2);
-    if (blocks - first == 1) run_rows(xg + 32 * R * first, row + first / 3 * RUN_BYTES, acc, R, 1);
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+    const unsigned char *t = row;
+    for (; first + 3 <= blocks; first += 3, t += RUN_BYTES)
+        run_rows(xg + 32 * N * first, sg + N * first, t, acc, N, F, R, 3);
+    if (blocks - first == 2) run_rows(xg + 32 * N * first, sg + N * first, t, acc, N, F, R, 2);
+    if (blocks - first == 1) run_rows(xg + 32 * N * first, sg + N * first, t, acc, N, F, R, 1);
+    for (int r = 0; r < R; r++) y[(F + r) * ldy] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 }
 
 __attribute__((target("avx2,fma,f16c"), noinline))
-static void rows_pass(const float *xg, long rows, const unsigned char *row, long blocks, float *y, long out) {
-    switch (rows) {  /* at most 8 */
-        case 1: many_rows(xg, row, blocks, y, out, 1); break;
-        case 2: many_rows(xg, row, blocks, y, out, 2); break;
-        case 3: many_rows(xg, row, blocks, y, out, 3); break;
-        case 4: many_rows(xg, row, blocks, y, out, 4); break;
-        case 5: many_rows(xg, row, blocks, y, out, 5); break;
-        case 6: many_rows(xg, row, blocks, y, out, 6); break;
-        case 7: many_rows(xg, row, blocks, y, out, 7); break;
-        default: many_rows(xg, row, blocks, y, out, 8);
-    }
+static void rows_pass(const float *xg, long n, const float *sg, const unsigned char *row, long units, float *y,
+                      long out) {
+    FIELDS_ROWS_CASES(many_rows)
 }
 
 __attribute__((target("avx2,fma,f16c"), noinline))

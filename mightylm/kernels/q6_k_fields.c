@@ -14,7 +14,7 @@
  * of two), so every product is the float product q x of the stored blocks: per 8 values one AND, one conversion
  * and one multiply-add. One row of x: per 16 values (one scale) d scale (q . x - 32 sum x), the constant term as
  * -4 sum x in each lane of the first group of 8; two output rows per pass share x. Several rows: each group
- * unpacked once into (q - 32) d scale (times 2^(6 k)) for up to 8 rows of x given group by group. */
+ * unpacked once for up to 4 rows of x given group by group, each row summed as one row is. */
 #include <omp.h>
 #include <stdlib.h>
 
@@ -78,8 +78,6 @@ void mighty_q6_k_unfields(const unsigned char *src, long rows, long in, unsigned
 #define LANES(v) {v, v, v, v, v, v, v, v}
 static const unsigned int masks[5][8] __attribute__((aligned(32))) = {
     LANES(63u), LANES(63u << 6), LANES(63u << 12), LANES(63u << 18), LANES(63u << 24)};
-static const float powers[5][8] __attribute__((aligned(32))) = {
-    LANES(1.0f), LANES(0x1p6f), LANES(0x1p12f), LANES(0x1p18f), LANES(0x1p24f)};
 
 #define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
@@ -122,40 +120,39 @@ AVX2 void dots(const float *xs, const float *sums4, const unsigned char *row, lo
     for (int o = 0; o < n; o++) y[o] = hsum(_mm256_add_ps(acc[o][0], acc[o][1]));
 }
 
-/* R rows of x (xg: group by group, each group's R vectors of 8 one row after another) times one weight row */
-AVX2 void many_rows(const float *xg, const unsigned char *row, long supers, float *y, long ldy, const int R) {
-    __m256 acc[8];
+/* Rows F .. F + R - 1 (R <= 4) of the N rows of x in xg and sg (fields_layout: group by group) times one weight
+ * row: each pair of groups unpacked once for the R rows, every row summed as `dots` sums it; results to
+ * y[(F + r) * ldy] */
+AVX2 void many_rows(const float *xg, const float *sg, const unsigned char *row, long supers, float *y, long ldy,
+                    const int N, const int F, const int R) {
+    __m256 acc[2][4];
     float scale[16] __attribute__((aligned(32)));
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
     for (long s = 0; s < supers; s++) {
         const unsigned char *t = row + s * SUPER_BYTES;
         for (int k = 0; k < SUPER_BYTES; k += 64) _mm_prefetch((const char *)t + PREFETCH + k, _MM_HINT_T0);
         scales(t, scale);
-        const float *xb = xg + 256 * R * s;
-        _Pragma("GCC unroll 32") for (int j = 0; j < 32; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(t + 32 * (j / 5)));
-            /* (q - 32) d scale, times 2^(6 k) as the field is */
-            const __m256 w = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_set1_ps(-32.0f), _mm256_load_ps(powers[j % 5]),
-                                                           FIELD(&v, j % 5)),
-                                           _mm256_broadcast_ss(scale + j / 2));
-            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * (j * R + r)), acc[r]);
+        const float *xb = xg + 256 * N * s + 8 * F, *sb = sg + 16 * N * s + F;
+        _Pragma("GCC unroll 16") for (int q = 0; q < 16; q++) {  /* 16 values a scale: groups 2 q, 2 q + 1 */
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(t + 32 * (2 * q / 5)));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(t + 32 * ((2 * q + 1) / 5)));
+            const __m256 f0 = FIELD(&v0, 2 * q % 5), f1 = FIELD(&v1, (2 * q + 1) % 5);
+            const __m256 sc = _mm256_broadcast_ss(scale + q);
+            for (int r = 0; r < R; r++) {
+                const __m256 p = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xb + 8 * ((2 * q + 1) * N + r)),
+                                                 _mm256_fmsub_ps(f0, _mm256_loadu_ps(xb + 8 * (2 * q * N + r)),
+                                                                 _mm256_broadcast_ss(sb + q * N + r)));
+                acc[q & 1][r] = _mm256_fmadd_ps(p, sc, acc[q & 1][r]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]);
+    for (int r = 0; r < R; r++) y[(F + r) * ldy] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 }
 
 __attribute__((target("avx2,fma,f16c"), noinline))
-static void rows_pass(const float *xg, long rows, const unsigned char *row, long supers, float *y, long out) {
-    switch (rows) {  /* at most 8 */
-        case 1: many_rows(xg, row, supers, y, out, 1); break;
-        case 2: many_rows(xg, row, supers, y, out, 2); break;
-        case 3: many_rows(xg, row, supers, y, out, 3); break;
-        case 4: many_rows(xg, row, supers, y, out, 4); break;
-        case 5: many_rows(xg, row, supers, y, out, 5); break;
-        case 6: many_rows(xg, row, supers, y, out, 6); break;
-        case 7: many_rows(xg, row, supers, y, out, 7); break;
-        default: many_rows(xg, row, supers, y, out, 8);
-    }
+static void rows_pass(const float *xg, long n, const float *sg, const unsigned char *row, long units, float *y,
+                      long out) {
+    FIELDS_ROWS_CASES(many_rows)
 }
 
 __attribute__((target("avx2,fma,f16c"), noinline))
