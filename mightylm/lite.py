@@ -313,9 +313,8 @@ class Session:
     """A conversation's cache kept from one generation to the next (`mighty chat`, which sends the whole conversation
     every turn): a prompt that begins with tokens the cache already holds is read from where they end, so a turn
     reads its new tokens only. `reused`: how many the last prompt took from the cache. The cache grows by doubling
-    (up to the model's context), the kept slots copied over. In llama.cpp's arithmetic (int8 activations) the logits
-    are those of reading the prompt whole, bit for bit; in float32 the same within its rounding (a row's products can
-    be summed in another order when it comes in another pass)."""
+    (up to the model's context), the kept slots copied over. The logits are those of reading the prompt whole, bit
+    for bit, in either arithmetic: every product and attention give a row the bits it gets alone."""
 
     def __init__(self, model: LiteModel):
         self.model, self.cache, self.ids, self.reused = model, None, [], 0

@@ -193,8 +193,8 @@ def test_a_pass_gives_each_row_the_bits_it_gets_alone(kernel_path, qtype, int8, 
     activations) and in float32's (the int24 tiles, and the stored blocks and our layouts that float32 keeps for
     Q8_0 and Q5_0 on AVX2 and for Q6_K and F16 everywhere: each several-row loop sums every row as the one-row loop
     does), and so does attention (its stretches of 128 slots sit at fixed places). Past 128 positions a 5-row pass
-    equals five one-row passes bit for bit, and greedy prompt lookup reproduces plain decoding token for token by
-    construction, not by rounding luck (a first version of kernels/attention.c sized its stretches by the pass and
+    equals five one-row passes bit for bit, a prompt read in two parts gives the logits of reading it whole, and
+    greedy prompt lookup reproduces plain decoding token for token by construction, not by rounding luck (a first version of kernels/attention.c sized its stretches by the pass and
     tipped an int8 near-tie on the embedded model; Q4_K's several-row loop did on Qwen2.5-Coder's Q4_K_M)."""
     from mightylm.lite import load_lite, speculative_tokens
     from mightylm.lite import stream_tokens as lite_tokens
@@ -207,11 +207,14 @@ def test_a_pass_gives_each_row_the_bits_it_gets_alone(kernel_path, qtype, int8, 
     prompt = tokenizer.encode("the cat sat on the mat, and the dog lay by the door; " * 12)[:150]
     assert len(prompt) == 150
     ids = prompt[-5:]
-    cache, one_cache = lite.cache(len(prompt) + 8), lite.cache(len(prompt) + 8)
-    lite.forward(prompt, cache, 0), lite.forward(prompt, one_cache, 0)
+    cache, one_cache, parts = (lite.cache(len(prompt) + 8) for _ in range(3))
+    whole = lite.forward(prompt, cache, 0)
+    lite.forward(prompt, one_cache, 0)
     rows = lite.forward_rows(ids, cache, len(prompt))
     alone = np.stack([lite.forward([t], one_cache, len(prompt) + i) for i, t in enumerate(ids)])
     assert np.array_equal(rows, alone)
+    lite.forward(prompt[:97], parts, 0)  # a prompt read in two parts (a chat Session's turns): other passes of 16
+    assert np.array_equal(lite.forward(prompt[97:], parts, 97), whole)
     greedy = Sampling(max_new_tokens=24, temperature=0)
     assert list(speculative_tokens(lite, prompt, greedy, Lookup(), 4)) == list(lite_tokens(lite, prompt, greedy))
 
