@@ -146,12 +146,50 @@ AVX512 void many_rows512(const float *x, long ldx, const float *xsum, const unsi
     for (int r = 0; r < R; r++) y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) + mins[r];
 }
 
+/* R (at most 8) rows of float16 / bfloat16 values (type a constant) times one weight row, each row summed exactly
+ * as out_dots256 sums it alone: its products of values 0-7 and 16-23 (its a0) and of 8-15 and 24-31 (its a1) are
+ * lanes 0-7 and 8-15 of one register of 16, so the 256-bit loop's one row and this loop's rows get the same bits
+ * (one row stays on the 256-bit loop, faster on the AMD EPYC; see mighty_gemm_ggml). Results to y[r * ldy]. */
+AVX512 void plain_rows512(const float *x, long ldx, const unsigned char *row, int type, long blocks, float *y,
+                          long ldy, const int R) {
+    __m512 acc[8];
+    const __m512 one = _mm512_set1_ps(1.0f);  /* out_dots256's d of a plain block */
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (long b = 0; b < blocks; b++) {
+        const unsigned char *blk = row + b * 64;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        __m512 c0, c1;
+        codes512(blk, type, &c0, &c1);
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + r * ldx + 32 * b;
+            const __m512 p = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(c0, _mm512_loadu_ps(xb)));
+            acc[r] = _mm512_fmadd_ps(p, one, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float a[16];
+        _mm512_storeu_ps(a, acc[r]);
+        y[r * ldy] = hsum(_mm256_add_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(a + 8))) + 0.0f;
+    }
+}
+
 /* Output row o for every row of x; `type` is a constant in each copy (see gemm below). */
 AVX512 void out_row512(const float *x, long rows, const float *xsum, const unsigned char *W, const int type,
                        const float *bias, float *y, long in, long out, long o) {
     const long blocks = in / 32;
     const unsigned char *row = W + o * blocks * block_bytes(type);
-    switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
+    if (plain(type)) {
+        switch (rows) {  /* at most CHUNK (8) */
+            case 1: plain_rows512(x, in, row, type, blocks, y + o, out, 1); break;
+            case 2: plain_rows512(x, in, row, type, blocks, y + o, out, 2); break;
+            case 3: plain_rows512(x, in, row, type, blocks, y + o, out, 3); break;
+            case 4: plain_rows512(x, in, row, type, blocks, y + o, out, 4); break;
+            case 5: plain_rows512(x, in, row, type, blocks, y + o, out, 5); break;
+            case 6: plain_rows512(x, in, row, type, blocks, y + o, out, 6); break;
+            case 7: plain_rows512(x, in, row, type, blocks, y + o, out, 7); break;
+            default: plain_rows512(x, in, row, type, blocks, y + o, out, 8);
+        }
+    } else switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
         case 1: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 1); break;
         case 2: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 2); break;
         case 3: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 3); break;
@@ -603,11 +641,11 @@ void mighty_gemm_ggml(const float *x, long rows, const unsigned char *W, int typ
     }
     /* block sums of every row of x: the 32-value types' constant terms of one-row products; Q4_K's mins */
     float *xsum = type == Q6_K ? NULL : block_sums(x, rows, in);
-    /* Float16 / bfloat16 values: the 256-bit loop, where one row was faster on the AMD EPYC (Zen 4) with AVX-512
-     * here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
-     * conversions are split in two there; not measured on Intel's AVX-512), and several rows with it, so that each
-     * row is summed as it is alone. */
-    const int wide = mighty_isa_level && !plain(type) && type != Q6_K && type != Q4_K;
+    /* One row of float16 / bfloat16 values: the 256-bit loop, where it was faster on the AMD EPYC (Zen 4) with
+     * AVX-512 here, 1.17-1.34x per token over in-process alternations (bench/RESULTS.md, 2026-12-03; its 512-bit
+     * conversions are split in two there); not measured on Intel's AVX-512. Several rows: plain_rows512, whose
+     * rows get the 256-bit loop's bits. */
+    const int wide = mighty_isa_level && !(rows == 1 && plain(type)) && type != Q6_K && type != Q4_K;
     /* CHUNK rows of x at a time, every output row for them: x's rows stay in L1 while the weights stream past */
     for (long r = 0; r < rows; r += CHUNK) {
         const long n = rows - r < CHUNK ? rows - r : CHUNK;
