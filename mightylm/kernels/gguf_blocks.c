@@ -47,11 +47,6 @@ static inline int plain(int type) { return type == F16 || type == BF16; }
 /* The block's scale d (1 for plain 16-bit values). */
 static inline float block_scale(const unsigned char *blk, int type) { return plain(type) ? 1.0f : half_to_float(blk); }
 
-/* The block's constant term c (see above). */
-static inline float block_offset(const unsigned char *blk, int type, float d) {
-    return type == Q4_1 ? half_to_float(blk + 2) : type == Q4_0 ? -8.0f * d : type == Q5_0 ? -16.0f * d : 0.0f;
-}
-
 /* The sums of each block of 32 values of `rows` rows of x (rows, in): rows * in / 32 floats, row by row */
 static float *block_sums(const float *x, long rows, long in) {
     float *xsum = malloc(sizeof(float) * (rows * in / 32 > 0 ? rows * in / 32 : 1));
@@ -178,27 +173,21 @@ AVX512 void out_row512(const float *x, long rows, const float *xsum, const unsig
                        const float *bias, float *y, long in, long out, long o) {
     const long blocks = in / 32;
     const unsigned char *row = W + o * blocks * block_bytes(type);
-    if (plain(type)) {
-        switch (rows) {  /* at most CHUNK (8) */
-            case 1: plain_rows512(x, in, row, type, blocks, y + o, out, 1); break;
-            case 2: plain_rows512(x, in, row, type, blocks, y + o, out, 2); break;
-            case 3: plain_rows512(x, in, row, type, blocks, y + o, out, 3); break;
-            case 4: plain_rows512(x, in, row, type, blocks, y + o, out, 4); break;
-            case 5: plain_rows512(x, in, row, type, blocks, y + o, out, 5); break;
-            case 6: plain_rows512(x, in, row, type, blocks, y + o, out, 6); break;
-            case 7: plain_rows512(x, in, row, type, blocks, y + o, out, 7); break;
-            default: plain_rows512(x, in, row, type, blocks, y + o, out, 8);
-        }
-    } else switch (rows) {  /* at most CHUNK (8): mighty_gemm_ggml's passes */
-        case 1: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 1); break;
-        case 2: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 2); break;
-        case 3: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 3); break;
-        case 4: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 4); break;
-        case 5: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 5); break;
-        case 6: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 6); break;
-        case 7: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 7); break;
-        default: many_rows512(x, in, xsum, row, type, blocks, y + o, out, 8);
+    /* at most CHUNK (8) rows: mighty_gemm_ggml's passes; R a constant in each copy */
+#define ROWS512(R)                                                                   \
+    (plain(type) ? plain_rows512(x, in, row, type, blocks, y + o, out, R)            \
+                 : many_rows512(x, in, xsum, row, type, blocks, y + o, out, R))
+    switch (rows) {
+        case 1: ROWS512(1); break;
+        case 2: ROWS512(2); break;
+        case 3: ROWS512(3); break;
+        case 4: ROWS512(4); break;
+        case 5: ROWS512(5); break;
+        case 6: ROWS512(6); break;
+        case 7: ROWS512(7); break;
+        default: ROWS512(8);
     }
+#undef ROWS512
     if (bias)
         for (long r = 0; r < rows; r++) y[r * out + o] += bias[o];
 }
