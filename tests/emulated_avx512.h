@@ -62,6 +62,7 @@ EMU emu512 emu_add_ps(emu512 a, emu512 b) { LANES(16) a.f[l] += b.f[l]; return a
 EMU emu512 emu_sub_ps(emu512 a, emu512 b) { LANES(16) a.f[l] -= b.f[l]; return a; }
 EMU emu512 emu_mul_ps(emu512 a, emu512 b) { LANES(16) a.f[l] *= b.f[l]; return a; }
 EMU emu512 emu_fmadd_ps(emu512 a, emu512 b, emu512 c) { LANES(16) a.f[l] = fmaf(a.f[l], b.f[l], c.f[l]); return a; }
+EMU emu512 emu_fnmadd_ps(emu512 a, emu512 b, emu512 c) { LANES(16) a.f[l] = fmaf(-a.f[l], b.f[l], c.f[l]); return a; }
 EMU emu512 emu_fmsub_ps(emu512 a, emu512 b, emu512 c) { LANES(16) a.f[l] = fmaf(a.f[l], b.f[l], -c.f[l]); return a; }
 EMU emu512 emu_maskz_mov_ps(__mmask16 k, emu512 a) { LANES(16) if (!(k >> l & 1)) a.f[l] = 0.0f; return a; }
 EMU emu512 emu_add_epi32(emu512 a, emu512 b) { LANES(16) a.u32[l] += b.u32[l]; return a; }
@@ -127,6 +128,31 @@ EMU float emu_reduce_add_ps(emu512 a) {
     return t0 + t1;
 }
 
+/* exp16's and attention's (kernels.h, attention.c) */
+EMU emu512 emu_min_ps(emu512 a, emu512 b) { LANES(16) a.f[l] = a.f[l] < b.f[l] ? a.f[l] : b.f[l]; return a; }
+EMU emu512 emu_max_ps(emu512 a, emu512 b) { LANES(16) a.f[l] = a.f[l] > b.f[l] ? a.f[l] : b.f[l]; return a; }
+EMU emu512 emu_round_nearest_ps(emu512 a) { LANES(16) a.f[l] = nearbyintf(a.f[l]); return a; }
+EMU emu512 emu_cvtps_epi32(emu512 a) {  /* MXCSR's rounding (to nearest even); out of range: 0x80000000 */
+    emu512 r;
+    LANES(16) r.i32[l] = a.f[l] > -2147483648.0f && a.f[l] < 2147483648.0f ? (int32_t)nearbyintf(a.f[l]) : INT32_MIN;
+    return r;
+}
+EMU float emu_reduce_max_ps(emu512 a) {
+    float m = a.f[0];
+    LANES(16) m = a.f[l] > m ? a.f[l] : m;
+    return m;
+}
+EMU __m256 emu_low8(emu512 a) { return _mm256_loadu_ps(a.f); }
+EMU __m256d emu_half_pd(emu512 a, int i) { return _mm256_loadu_pd((const double *)(a.f + 8 * (i & 1))); }
+
+#define _mm512_min_ps emu_min_ps
+#define _mm512_max_ps emu_max_ps
+#define _mm512_roundscale_ps(a, imm) emu_round_nearest_ps(a)  /* (the kernels pass nearest, no exceptions) */
+#define _mm512_cvtps_epi32 emu_cvtps_epi32
+#define _mm512_reduce_max_ps emu_reduce_max_ps
+#define _mm512_castps512_ps256 emu_low8
+#define _mm512_castps_pd(a) (a)
+#define _mm512_extractf64x4_pd emu_half_pd
 #define _mm512_setzero_ps emu_zero
 #define _mm512_setzero_si512 emu_zero
 #define _mm512_set1_ps emu_set1_ps
@@ -145,6 +171,7 @@ EMU float emu_reduce_add_ps(emu512 a) {
 #define _mm512_mul_ps emu_mul_ps
 #define _mm512_fmadd_ps emu_fmadd_ps
 #define _mm512_fmsub_ps emu_fmsub_ps
+#define _mm512_fnmadd_ps emu_fnmadd_ps
 #define _mm512_maskz_mov_ps emu_maskz_mov_ps
 #define _mm512_add_epi32 emu_add_epi32
 #define _mm512_and_si512 emu_and

@@ -1,5 +1,5 @@
-/* Attention of a decode step over the KV cache, AVX2 + FMA (the values weighed on AVX-512 where the CPU has it, with
- * the same bits), OpenMP.
+/* Attention of a decode step over the KV cache, AVX2 + FMA, OpenMP. On AVX-512 CPUs, with AVX2's bits: three queries
+ * scored together in 32 registers, the exponentials 16 at a time, the values weighed 16 columns a register.
  *
  *   att[r, head] = softmax_t(q[r, head] . K[t] / sqrt(hd)) V[t]    over row r's slots t
  *
@@ -37,6 +37,13 @@ INLINE void widen(float *y, const void *base, long i, long n, const int half) {
     for (; k < n; k++) y[k] = _cvtsh_ss(h[k]);
 }
 
+/* the 8 lanes of each of a[0..7] added: two rounds of hadd and one of lanes */
+INLINE __m256 across8(const __m256 a[KEYS]) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 /* q . K[i] for the 8 keys K[0..7] (rows of hd floats, hd % 8 == 0): one sum per key in its own register, then the
  * 8 added across at once (two rounds of hadd and one of lanes) instead of one horizontal sum per key */
 INLINE __m256 scores8(const float *q, const float *K, long hd) {
@@ -46,9 +53,7 @@ INLINE __m256 scores8(const float *q, const float *K, long hd) {
         const __m256 qc = _mm256_loadu_ps(q + c);
         for (int i = 0; i < KEYS; i++) a[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(K + i * hd + c), a[i]);
     }
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    return across8(a);
 }
 
 /* the same for a head size that is not a multiple of 8, one key at a time */
@@ -183,6 +188,63 @@ INLINE void weigh_queries(const float *P, long ldp, const void *v_cache, long at
     }
 }
 
+/* scores8 of three queries at once on AVX-512 (32 registers: 24 sums), each key block loaded once for the three:
+ * the same operations per score, so the same bits. Queries from j on while three in a row see slot t; returns the
+ * first query not done. */
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl"), noinline))
+static long scores3_512(const float *const *q, const long *b, long nq, const float *K, long t, float *P, long ldp,
+                        float scale) {
+    long j = 0;
+    const __m256 scale8 = _mm256_set1_ps(scale);
+    for (; j + 3 <= nq && t < b[j] && t < b[j + 1] && t < b[j + 2]; j += 3) {
+        __m256 a[3][KEYS];
+        for (int u = 0; u < 3; u++)
+            for (int i = 0; i < KEYS; i++) a[u][i] = _mm256_setzero_ps();
+        for (long c = 0; c < 64; c += 8) {
+            const __m256 q0 = _mm256_loadu_ps(q[j] + c), q1 = _mm256_loadu_ps(q[j + 1] + c),
+                         q2 = _mm256_loadu_ps(q[j + 2] + c);
+            for (int i = 0; i < KEYS; i++) {
+                const __m256 k = _mm256_loadu_ps(K + i * 64 + c);
+                a[0][i] = _mm256_fmadd_ps(q0, k, a[0][i]);
+                a[1][i] = _mm256_fmadd_ps(q1, k, a[1][i]);
+                a[2][i] = _mm256_fmadd_ps(q2, k, a[2][i]);
+            }
+        }
+        for (int u = 0; u < 3; u++) _mm256_storeu_ps(P + (j + u) * ldp, _mm256_mul_ps(across8(a[u]), scale8));
+    }
+    return j;
+}
+
+/* exp_shifted on AVX-512 (kernels.h): the largest of p, and e^(p - it) in place, 16 at a time (exp16, exp8's bits),
+ * their sum added 8 lanes at a time in exp_shifted's order, so the same bits */
+__attribute__((target("avx2,fma,avx512f"), noinline)) static float exp_shifted512(float *p, long n, float *sum) {
+    __m512 m16 = _mm512_set1_ps(-INFINITY);
+    long t = 0;
+    for (; t + 16 <= n; t += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(p + t));
+    float m = _mm512_reduce_max_ps(m16);
+    for (; t < n; t++) m = p[t] > m ? p[t] : m;
+    const __m512 mv = _mm512_set1_ps(m);
+    __m256 s8 = _mm256_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), mv));
+        _mm512_storeu_ps(p + t, e);
+        const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1));
+        s8 = _mm256_add_ps(_mm256_add_ps(s8, _mm512_castps512_ps256(e)), high);
+    }
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm512_castps512_ps256(mv)));
+        _mm256_storeu_ps(p + t, e);
+        s8 = _mm256_add_ps(s8, e);
+    }
+    float s = hsum(s8);
+    const long tail = t;
+    for (; t < n; t++) p[t] -= m;
+    mighty_exp(p + tail, n - tail);  /* the last n % 8 in one padded vector */
+    for (t = tail; t < n; t++) s += p[t];
+    *sum = s;
+    return m;
+}
+
 /* The layout every job and the combining share (see mighty_attention) */
 typedef struct {
     const float *qkv;
@@ -191,10 +253,11 @@ typedef struct {
     float scale, *top, *sum, *out;
 } work;
 
-/* One job: sequence s's kv head g over stretch `stretch` of its slots -> each query's top, sum and weighted values.
- * P: this thread's scores, nq rows of STRETCH + KEYS. */
-INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long job, float *P, const int half) {
-    const long nq = w->nq, group = w->group, hd = w->hd, pos = w->pos, per = w->per, ldp = STRETCH + KEYS;
+/* One job, its queries j0 .. j1: sequence s's kv head g over stretch `stretch` of its slots -> each query's top, sum
+ * and weighted values. P: this thread's scores, a row of STRETCH + KEYS per query. */
+INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long job, long j0, long j1, float *P,
+                   const int half) {
+    const long nq = j1 - j0, group = w->group, hd = w->hd, pos = w->pos, per = w->per, ldp = STRETCH + KEYS;
     const long s = job / (w->nkv * w->stretches), g = job / w->stretches % w->nkv, stretch = job % w->stretches;
     const long first = w->pads ? w->pads[s] : 0, lo = first + stretch * STRETCH;
     const long hi = lo + STRETCH < pos + per ? lo + STRETCH : pos + per;
@@ -202,8 +265,8 @@ INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long
     long b[nq], B = lo;  /* each query's slots in this stretch, lo .. b[j]; their union lo .. B */
     const float *q[nq];  /* query j: row j / group, head j % group of this kv head's group */
     for (long j = 0; j < nq; j++) {
-        const long slot = pos + j / group;  /* a padding slot (before first) sees itself alone: see the combining */
-        q[j] = w->qkv + (s * per + j / group) * w->qkv_out + (g * group + j % group) * hd;
+        const long r = (j0 + j) / group, slot = pos + r;  /* a padding slot (before first) sees itself alone */
+        q[j] = w->qkv + (s * per + r) * w->qkv_out + (g * group + (j0 + j) % group) * hd;
         b[j] = slot < first ? lo : slot + 1 < hi ? slot + 1 : hi;
         B = b[j] > B ? b[j] : B;
     }
@@ -219,18 +282,22 @@ INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long
             memset(block + n * hd, 0, sizeof(float) * (KEYS - n) * hd);
             Kt = block;
         }
-        for (long j = 0; j < nq; j++)
+        long j = 0;
+        if (mighty_isa_level && hd == 64) j = scores3_512(q, b, nq, Kt, t, P + t - lo, ldp, w->scale);
+        for (; j < nq; j++)
             if (t < b[j])  /* (scores past b[j] are never read) */
                 _mm256_storeu_ps(P + j * ldp + t - lo, _mm256_mul_ps(scores(q[j], Kt, hd), scale8));
     }
     for (long j = 0; j < nq; j++) {
         float *p = P + j * ldp - lo, l = 0.0f;
-        w->top[job * nq + j] = lo < b[j] ? exp_shifted(p + lo, b[j] - lo, &l) : -INFINITY;
-        w->sum[job * nq + j] = l;
+        w->top[job * w->nq + j0 + j] = lo >= b[j] ? -INFINITY
+                                       : mighty_isa_level ? exp_shifted512(p + lo, b[j] - lo, &l)
+                                                          : exp_shifted(p + lo, b[j] - lo, &l);
+        w->sum[job * w->nq + j0 + j] = l;
         const long z = b[j] > lo ? b[j] : lo;  /* the union's slots this query does not see weigh nothing */
         if (z < B) memset(p + z, 0, sizeof(float) * (B - z));
     }
-    weigh_queries(P - lo, ldp, v_cache, at, hd, lo, B, w->out + job * nq * hd, nq, half);
+    weigh_queries(P - lo, ldp, v_cache, at, hd, lo, B, w->out + (job * w->nq + j0) * hd, nq, half);
 }
 
 /* Query k's stretches combined into att: e^(m_c - M) rescales stretch c's sums to the largest score M (one
@@ -283,19 +350,39 @@ F16C void mighty_attention(const float *qkv, long qkv_out, float *att, const voi
                     1.0f / sqrtf((float)hd), part, part + jobs * nq, part + 2 * jobs * nq};
     float *scratch = w.out + jobs * nq * hd;
 
+    /* the threads take runs of (job, row) of about equal slots: jobs differ (a stretch's last is short; at 300
+     * positions, 9 jobs of 128, 128 and 44 + rows slots, OpenMP's even count of jobs gave one thread 556 slots and
+     * the other 344), and a thread's run takes a job's rows together (its keys and values read once for them) */
+    const long units = jobs * per;
+    long *end = malloc(sizeof(long) * (units + 1));  /* end[u]: the slots of units 0 .. u - 1 */
+    end[0] = 0;
+    for (long u = 0; u < units; u++) {
+        const long job = u / per, r = u % per, s = job / (nkv * stretches), first = pads ? pads[s] : 0;
+        const long lo = first + job % stretches * STRETCH, slot = pos + r;
+        const long hi = slot < first ? lo : slot + 1 < lo + STRETCH ? slot + 1 : lo + STRETCH;
+        end[u + 1] = end[u] + (hi > lo ? hi - lo : 0) + (r == 0 ? KEYS : 1);  /* (a job's own work besides) */
+    }
+
     #pragma omp parallel num_threads(threads)
     {
-        float *P = scratch + (long)omp_get_thread_num() * nq * (STRETCH + KEYS);
-        #pragma omp for schedule(static)
-        for (long job = 0; job < jobs; job++) {
-            if (half) attend(&w, k_cache, v_cache, job, P, 1);
-            else attend(&w, k_cache, v_cache, job, P, 0);
+        const long me = omp_get_thread_num(), team = omp_get_num_threads();
+        float *P = scratch + me * nq * (STRETCH + KEYS);
+        long u0 = 0, u1;  /* this thread's units: those whose middle falls in its share of the slots */
+        while (u0 < units && (end[u0] + end[u0 + 1]) * team / (2 * end[units]) < me) u0++;
+        for (u1 = u0; u1 < units && (end[u1] + end[u1 + 1]) * team / (2 * end[units]) == me; u1++) continue;
+        for (long u = u0; u < u1;) {  /* job u / per's rows from u % per, up to the run's end or the job's */
+            const long job = u / per, stop = (job + 1) * per < u1 ? (job + 1) * per : u1;
+            if (half) attend(&w, k_cache, v_cache, job, u % per * group, (stop - job * per) * group, P, 1);
+            else attend(&w, k_cache, v_cache, job, u % per * group, (stop - job * per) * group, P, 0);
+            u = stop;
         }
+        #pragma omp barrier
         #pragma omp for schedule(static)
         for (long k = 0; k < seqs * nkv * nq; k++) {
             if (half) combine(&w, v_cache, att, k, 1);
             else combine(&w, v_cache, att, k, 0);
         }
     }
+    free(end);
     free(part);
 }
