@@ -236,12 +236,7 @@ __attribute__((target("avx2,fma,avx512f"), noinline)) static float exp_shifted51
         _mm256_storeu_ps(p + t, e);
         s8 = _mm256_add_ps(s8, e);
     }
-    float s = hsum(s8);
-    const long tail = t;
-    for (; t < n; t++) p[t] -= m;
-    mighty_exp(p + tail, n - tail);  /* the last n % 8 in one padded vector */
-    for (t = tail; t < n; t++) s += p[t];
-    *sum = s;
+    *sum = exp_tail(p, t, n, m, s8);
     return m;
 }
 

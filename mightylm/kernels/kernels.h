@@ -267,6 +267,17 @@ void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_
 
 /* p[0..n) = e^(p - max p), returning max p and (in *sum) the sum of the new p (attention's scores, the loss's
  * logits): 8 lanes at a time (a scalar loop's max and sum are chains of dependent operations, ~3 cycles a value) */
+/* exp_shifted's end: p[t .. n) (fewer than 8) shifted by m and raised in one padded vector; returns the sum of s8's
+ * lanes, then of theirs */
+static inline float exp_tail(float *p, long t, long n, float m, __m256 s8) {
+    float s = hsum(s8);
+    const long tail = t;
+    for (; t < n; t++) p[t] -= m;
+    mighty_exp(p + tail, n - tail);
+    for (t = tail; t < n; t++) s += p[t];
+    return s;
+}
+
 static inline float exp_shifted(float *p, long n, float *sum) {
     __m256 m8 = _mm256_set1_ps(-INFINITY);
     long t = 0;
@@ -282,12 +293,7 @@ static inline float exp_shifted(float *p, long n, float *sum) {
         _mm256_storeu_ps(p + t, e);
         s8 = _mm256_add_ps(s8, e);
     }
-    float s = hsum(s8);
-    const long tail = t;
-    for (; t < n; t++) p[t] -= m;
-    mighty_exp(p + tail, n - tail);  /* the last n % 8 in one padded vector */
-    for (t = tail; t < n; t++) s += p[t];
-    *sum = s;
+    *sum = exp_tail(p, t, n, m, s8);
     return m;
 }
 
