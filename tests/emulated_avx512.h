@@ -145,6 +145,35 @@ EMU float emu_reduce_max_ps(emu512 a) {
 EMU __m256 emu_low8(emu512 a) { return _mm256_loadu_ps(a.f); }
 EMU __m256d emu_half_pd(emu512 a, int i) { return _mm256_loadu_pd((const double *)(a.f + 8 * (i & 1))); }
 
+EMU emu512 emu_div_ps(emu512 a, emu512 b) { LANES(16) a.f[l] /= b.f[l]; return a; }
+EMU emu512 emu_abs_ps(emu512 a) { LANES(16) a.f[l] = fabsf(a.f[l]); return a; }
+EMU __m128i emu_cvtsepi32_epi8(emu512 a) {  /* saturating to -128..127 */
+    int8_t r[16];
+    LANES(16) r[l] = (int8_t)(a.i32[l] > 127 ? 127 : a.i32[l] < -128 ? -128 : a.i32[l]);
+    return _mm_loadu_si128((const __m128i *)r);
+}
+EMU int emu_reduce_add_epi32(emu512 a) {
+    uint32_t s = 0;
+    LANES(16) s += a.u32[l];
+    return (int)s;
+}
+
+EMU emu512 emu_maskz_div_ps(__mmask16 k, emu512 a, emu512 b) {
+    LANES(16) a.f[l] = k >> l & 1 ? a.f[l] / b.f[l] : 0.0f;
+    return a;
+}
+EMU __mmask16 emu_cmp_gt_mask(emu512 a, emu512 b) {  /* _CMP_GT_OQ: ordered, so NaN compares false */
+    __mmask16 k = 0;
+    LANES(16) k |= (__mmask16)((a.f[l] > b.f[l]) << l);
+    return k;
+}
+
+#define _mm512_div_ps emu_div_ps
+#define _mm512_maskz_div_ps emu_maskz_div_ps
+#define _mm512_cmp_ps_mask(a, b, imm) emu_cmp_gt_mask(a, b)  /* (the kernels compare with _CMP_GT_OQ only) */
+#define _mm512_abs_ps emu_abs_ps
+#define _mm512_cvtsepi32_epi8 emu_cvtsepi32_epi8
+#define _mm512_reduce_add_epi32 emu_reduce_add_epi32
 #define _mm512_min_ps emu_min_ps
 #define _mm512_max_ps emu_max_ps
 #define _mm512_roundscale_ps(a, imm) emu_round_nearest_ps(a)  /* (the kernels pass nearest, no exceptions) */
