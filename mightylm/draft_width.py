@@ -25,18 +25,35 @@ def expected_tokens(alpha: float, g: int) -> float:
 
 
 class PassCost:
-    """Seconds of one forward pass as a function of its token-rows R (rows x tokens per row): a + b R, fitted by
-    least squares over the passes seen, the older ones fading (weight `decay` per newer pass; running sums, so
-    observing and predicting cost O(1))."""
+    """Seconds of one forward pass as a function of its token-rows R (rows x tokens per row): the average of the
+    recent passes of that size, or, for a size seen too little lately, a + b R fitted by least squares over all passes
+    seen. Every pass seen weighs `decay` times less with each newer pass, in the line's sums and in each size's count
+    (running sums, faded lazily: observing and predicting cost O(1)), so that a size not seen for a while falls back
+    to the line. On a CPU the cost is convex in R (the products bound by the weights' bytes for a few rows, then by
+    their arithmetic): fitted over passes of mostly 1-3 rows, the line put a 9-row pass at ~2.2 one-row passes where
+    it cost 2.7, and prompt lookup's longest drafts were checked where they did not pay (bench/RESULTS.md)."""
+
+    SEEN = 3  # (faded) passes of a size before their average replaces the line for it
 
     def __init__(self, decay: float = 0.99):
         self.decay = decay
         self.n = self.x = self.y = self.xx = self.xy = 0.0
+        self.passes = 0
+        self.sizes: dict[int, tuple[float, float, int]] = {}  # R -> (count, sum of seconds) as of pass number
 
     def observe(self, rows: int, seconds: float) -> None:
         f = self.decay
         self.n, self.x, self.y = f * self.n + 1, f * self.x + rows, f * self.y + seconds
         self.xx, self.xy = f * self.xx + rows * rows, f * self.xy + rows * seconds
+        count, total = self._size(rows)
+        self.passes += 1
+        self.sizes[rows] = (f * count + 1, f * total + seconds, self.passes)
+
+    def _size(self, rows: int) -> tuple[float, float]:
+        """Size `rows`'s faded count and sum of seconds now"""
+        count, total, then = self.sizes.get(rows, (0.0, 0.0, self.passes))
+        fade = self.decay ** (self.passes - then)
+        return count * fade, total * fade
 
     def fitted(self) -> bool:
         """Whether passes of more than one size have been seen (before that, extra rows cost what one does)."""
@@ -44,6 +61,9 @@ class PassCost:
         return self.n > 0 and self.xx / self.n - mx * mx > 1e-6 * max(mx * mx, 1)
 
     def predict(self, rows: int) -> float:
+        count, total = self._size(rows)
+        if count >= self.SEEN * self.decay ** self.SEEN:  # (SEEN passes in a row, the first faded the most)
+            return total / count
         if not self.n:
             return float(rows)  # nothing measured yet: proportional to the rows (only ratios are compared)
         mx, my = self.x / self.n, self.y / self.n

@@ -210,6 +210,19 @@ def test_a_drafts_width_pays_for_its_rows():
     assert draft_width(4, "short", runs, cheap) == 0 and draft_width(4, "half", runs, cheap) == 1
     assert draft_width(4, "half", runs, costly) == 1  # 1.9 tokens for 1.6 passes' time
     assert draft_width(4, "any", runs, cheap) == 4 and draft_width(4, "any", runs, costly) == 0
+    # a convex cost (rows cheap up to 3, then dear, as on a CPU): each size seen lately is priced by its own passes,
+    # where the line through all would put 3 rows at 1.5 and 9 at 3.9 and check all 8 drafts
+    convex = PassCost()
+    for _ in range(4):
+        for rows, seconds in ((1, 1.0), (2, 1.1), (3, 1.2), (9, 4.0)):
+            convex.observe(rows, seconds)
+    assert convex.predict(3) == pytest.approx(1.2) and convex.predict(9) == pytest.approx(4.0)
+    assert 1.2 < convex.predict(5) < 4.0  # a size not seen: the line
+    assert draft_width(8, "long", runs, convex) == 2
+    for _ in range(300):  # 9 rows not seen for long: the line again, fitted on what was seen since
+        convex.observe(1, 1.0)
+        convex.observe(2, 1.1)
+    assert convex.predict(9) == pytest.approx(1.8, abs=0.05) and convex.predict(2) == pytest.approx(1.1)
 
 
 def test_greedy_speculation_with_lora_on_the_target_and_stop_tokens():
