@@ -29,7 +29,7 @@ def generate(
     int8_activations: bool = False,
     kv_cache: Literal["float32", "float16"] = "float32",
     draft: str | None = None,
-    gamma: PositiveInt = 4,
+    gamma: PositiveInt | None = None,
     draft_adapter: str | None = None,
     lookup_history: str | None = None,
     rope_scaling: str | None = None,
@@ -77,7 +77,8 @@ def generate(
             default 8), or layers:N (the model's own first N blocks).
         gamma: Speculative decoding: the most tokens drafted per pass of the model (prompt lookup drafts fewer
             after a short match, and on the native path checks only as many as its measured pass times and
-            acceptance say will pay).
+            acceptance say will pay). Default: 8 for prompt lookup with --int8_activations, whose extra rows
+            cost little (as fast or faster than 4 on every prompt of bench/speculative.py), else 4.
         draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
         lookup_history: With --draft prompt-lookup: a text file of the model's earlier answers (created when
@@ -110,6 +111,7 @@ def generate(
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop=tuple(stop or ()), attention_sinks=_sinks(attention_sinks))
     _check_lookup_history(lookup_history, draft)
+    gamma = _gamma(gamma, draft, int8_activations)
     lite = _lite(model, engine, int8_activations, kv_cache, adapter, _needs_torch(draft, gamma), rope_scaling, rmt,
                  attention_sinks, image, dtype != "float32", not blocks, device != "cpu", compile)
     if rmt and (adapter or draft):
@@ -250,6 +252,16 @@ def _speculative(model, draft: str | None, gamma: int, dtype: str, draft_adapter
     return (lambda ids, s: speculative_tokens(model, ids, s, drafter, gamma, stats=stats)), stats
 
 
+def _gamma(gamma: int | None, draft: str | None, int8_activations: bool) -> int:
+    """--gamma, or its default: 8 for prompt lookup in int8, whose extra rows cost little (bench/RESULTS.md: as fast
+    or faster than 4 on every prompt of bench/speculative.py, up to 1.14x on a summary), else 4 (a float32 row costs
+    three int8 ones on an AVX-512 CPU, and there 8 was the same or a little slower; a draft model's tokens cost a
+    step of it each)."""
+    if gamma is not None:
+        return gamma
+    return 8 if int8_activations and (draft or "").startswith("prompt-lookup") else 4
+
+
 def _needs_torch(draft: str | None, gamma: int) -> str | None:
     """The --draft that needs the model in torch (a draft model, layers:N); prompt lookup runs on the lite path,
     whose passes take at most lite.NATIVE_ROWS tokens (a --gamma past that goes through torch, as before)."""
@@ -335,7 +347,7 @@ def chat(
     int8_activations: bool = False,
     kv_cache: Literal["float32", "float16"] = "float32",
     draft: str | None = None,
-    gamma: PositiveInt = 4,
+    gamma: PositiveInt | None = None,
     draft_adapter: str | None = None,
     lookup_history: str | None = None,
     rope_scaling: str | None = None,
@@ -373,7 +385,8 @@ def chat(
         kv_cache: float16 halves the conversation's cache on the torch-free path (see `mighty generate --help`).
         draft: Speculative decoding: a smaller model with the same tokenizer, prompt-lookup, or layers:N (see
             `mighty generate --help`).
-        gamma: Speculative decoding: tokens drafted per pass of the model.
+        gamma: Speculative decoding: the most tokens drafted per pass of the model (default: 8 for prompt lookup
+            with --int8_activations, else 4; see `mighty generate --help`).
         draft_adapter: An adapter for the draft model (--draft PATH), e.g. the draft's own fine-tune for the task
             of --adapter: the closer the draft's picks are to the model's, the more of them are accepted.
         lookup_history: With --draft prompt-lookup: a text file of the model's earlier answers that prompt lookup
@@ -393,6 +406,7 @@ def chat(
 
     settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     _check_lookup_history(lookup_history, draft)
+    gamma = _gamma(gamma, draft, int8_activations)
     lite = _lite(model, engine, int8_activations, kv_cache, adapter, _needs_torch(draft, gamma), rope_scaling, image,
                  dtype != "float32", not blocks, device != "cpu", compile)
     vision = None if lite else _vision_model(model, image, dtype, adapter=adapter, draft=draft,

@@ -101,6 +101,20 @@ def test_lookup_history_needs_prompt_lookup(capsys):
         assert "--lookup_history feeds prompt lookup's drafts: add --draft prompt-lookup" in capsys.readouterr().err
 
 
+def test_gamma_defaults_to_8_for_prompt_lookup_in_int8(capsys):
+    """--gamma left out: 8 for prompt lookup with int8 activations (extra rows cheap), 4 otherwise; given: as given.
+    `--help` says so."""
+    from mightylm.cli import _gamma
+
+    assert _gamma(None, "prompt-lookup", True) == 8 and _gamma(None, "prompt-lookup:4", True) == 8
+    assert _gamma(None, "prompt-lookup", False) == 4 and _gamma(None, "draft.gguf", True) == 4
+    assert _gamma(None, None, True) == 4 and _gamma(3, "prompt-lookup", True) == 3
+    for verb in ("generate", "chat"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "8 for prompt lookup" in " ".join(capsys.readouterr().out.split())
+
+
 def test_compile_is_refused_on_the_cpu(hf_dir, capsys):
     for verb in (["generate", "--prompt", "x"], ["chat"]):
         assert main([*verb, "--model", str(hf_dir[1]), "--compile"]) == 2
