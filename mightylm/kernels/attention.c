@@ -189,8 +189,8 @@ INLINE void weigh_queries(const float *P, long ldp, const void *v_cache, long at
 }
 
 /* scores8 of three queries at once on AVX-512 (32 registers: 24 sums), each key block loaded once for the three:
- * the same operations per score, so the same bits. Queries from j on while three in a row see slot t; returns the
- * first query not done. */
+ * the same operations per score, so the same bits. Head size 64 (SmolLM2's, Qwen2.5's); the queries from the first,
+ * three at a time while all three see slot t; returns the first query not done. */
 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl"), noinline))
 static long scores3_512(const float *const *q, const long *b, long nq, const float *K, long t, float *P, long ldp,
                         float scale) {
