@@ -277,8 +277,6 @@ void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_
                       long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
                       long row_stride, int threads);
 
-/* p[0..n) = e^(p - max p), returning max p and (in *sum) the sum of the new p (attention's scores, the loss's
- * logits): 8 lanes at a time (a scalar loop's max and sum are chains of dependent operations, ~3 cycles a value) */
 /* exp_shifted's end: p[t .. n) (fewer than 8) shifted by m and raised in one padded vector; returns the sum of s8's
  * lanes, then of theirs */
 static inline float exp_tail(float *p, long t, long n, float m, __m256 s8) {
@@ -290,6 +288,8 @@ static inline float exp_tail(float *p, long t, long n, float m, __m256 s8) {
     return s;
 }
 
+/* p[0..n) = e^(p - max p), returning max p and (in *sum) the sum of the new p (attention's scores, the loss's
+ * logits): 8 lanes at a time (a scalar loop's max and sum are chains of dependent operations, ~3 cycles a value) */
 static inline float exp_shifted(float *p, long n, float *sum) {
     __m256 m8 = _mm256_set1_ps(-INFINITY);
     long t = 0;
