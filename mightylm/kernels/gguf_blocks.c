@@ -895,22 +895,22 @@ static void gemm_tiles512(const signed char *xq, const float *dx, const int *xs,
 
 static void quantize_x24(const float *x, long in, signed char *xq, float *dx, int *xs);
 
-/* gemm_tiles512 for several rows of x in float32 (x_rows of them, each `limbs` rows of int8 activations: 1,
- * quantize_x8_512, or 3, quantize_x24), in one parallel region: the threads first round the rows (a row of x each in
- * turn), then share the groups of tiles. gemm_tiled takes it for the 24-bit rows, whose rounding before the region
- * left the other threads waiting (float32 passes of 3-5 rows 1.01-1.03x faster this way); the 8-bit rounding is
- * cheaper than the barrier and the rows' moves between the cores' caches (0.98x). */
+/* gemm_tiles512 for several rows of x in float32, each written in three rows of int8 limbs (quantize_x24), in one
+ * parallel region: the threads first write the rows (a row of x each in turn), then share the groups of tiles.
+ * Written before the region, the rows left the other threads waiting (float32 passes of 3-5 rows 1.01-1.03x faster
+ * this way). int8's rounding stays before the region: it is cheaper than the barrier and the rows' moves between the
+ * cores' caches (0.98x). */
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
-static void gemm_rows512(const float *x, long x_rows, int limbs, signed char *xq, float *dx, int *xs, float *dxs,
-                         const unsigned char *T, int type, float *y, long in, long out, int nthreads) {
-    const long blocks = in / 32, groups = out / TILE, rows = limbs * x_rows;
+static void gemm_int24_rows512(const float *x, long x_rows, signed char *xq, float *dx, int *xs, float *dxs,
+                               const unsigned char *T, int type, float *y, long in, long out, int nthreads) {
+    const long blocks = in / 32, groups = out / TILE, rows = 3 * x_rows;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
         for (long r = 0; r < x_rows; r++) {
-            const long at = limbs * r * blocks;
-            (limbs == 3 ? quantize_x24 : quantize_x8_512)(x + r * in, in, xq + limbs * r * in, dx + at, xs + at);
-            for (long b = at; b < at + limbs * blocks; b++) dxs[b] = dx[b] * (float)xs[b];
+            const long at = 3 * r * blocks;
+            quantize_x24(x + r * in, in, xq + 3 * r * in, dx + at, xs + at);
+            for (long b = at; b < at + 3 * blocks; b++) dxs[b] = dx[b] * (float)xs[b];
         }
         #pragma omp for schedule(static)
         TILE_GROUPS(tile_rows512)
@@ -1138,7 +1138,7 @@ static int gemm_tiled(const float *x, long rows, const unsigned char *T, int typ
     int *xs = malloc(sizeof(int) * n * blocks);
     if (limbs == 3 && mighty_isa_level && type != Q6_K && rows > 1) {  /* the threads share the rounding */
         float *dxs = malloc(sizeof(float) * n * blocks);
-        gemm_rows512(x, rows, limbs, xq, dx, xs, dxs, T, type, yl, in, out, nthreads);
+        gemm_int24_rows512(x, rows, xq, dx, xs, dxs, T, type, yl, in, out, nthreads);
         free(dxs);
     } else {
         for (long r = 0; r < rows; r++)
