@@ -240,6 +240,12 @@ __attribute__((target("avx2,fma,avx512f"), noinline)) static float exp_shifted51
     return m;
 }
 
+/* The end of the slots lo .. that a row at `slot` sees in the stretch lo .. hi (its sequence's first slot `first`):
+ * itself and those before it; a padding slot (before first) sees none here (itself alone: see the combining) */
+INLINE long seen_end(long first, long lo, long hi, long slot) {
+    return slot < first ? lo : slot + 1 < hi ? slot + 1 : hi;
+}
+
 /* The layout every job and the combining share (see mighty_attention) */
 typedef struct {
     const float *qkv;
@@ -260,9 +266,9 @@ INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long
     long b[nq], B = lo;  /* each query's slots in this stretch, lo .. b[j]; their union lo .. B */
     const float *q[nq];  /* query j: row j / group, head j % group of this kv head's group */
     for (long j = 0; j < nq; j++) {
-        const long r = (j0 + j) / group, slot = pos + r;  /* a padding slot (before first) sees itself alone */
+        const long r = (j0 + j) / group;
         q[j] = w->qkv + (s * per + r) * w->qkv_out + (g * group + (j0 + j) % group) * hd;
-        b[j] = slot < first ? lo : slot + 1 < hi ? slot + 1 : hi;
+        b[j] = seen_end(first, lo, hi, pos + r);
         B = b[j] > B ? b[j] : B;
     }
     /* the scores, 8 keys at a time for every query that sees any of them (the 8 keys stay in L1: widened once from
@@ -353,9 +359,9 @@ F16C void mighty_attention(const float *qkv, long qkv_out, float *att, const voi
     end[0] = 0;
     for (long u = 0; u < units; u++) {
         const long job = u / per, r = u % per, s = job / (nkv * stretches), first = pads ? pads[s] : 0;
-        const long lo = first + job % stretches * STRETCH, slot = pos + r;
-        const long hi = slot < first ? lo : slot + 1 < lo + STRETCH ? slot + 1 : lo + STRETCH;
-        end[u + 1] = end[u] + (hi > lo ? hi - lo : 0) + (r == 0 ? KEYS : 1);  /* (a job's own work besides) */
+        const long lo = first + job % stretches * STRETCH, hi = lo + STRETCH < pos + per ? lo + STRETCH : pos + per;
+        const long seen = seen_end(first, lo, hi, pos + r) - lo;  /* (below 0 for a stretch past the row) */
+        end[u + 1] = end[u] + (seen > 0 ? seen : 0) + (r == 0 ? KEYS : 1);  /* (and a job's own work besides) */
     }
 
     #pragma omp parallel num_threads(threads)
