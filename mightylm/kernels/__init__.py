@@ -110,6 +110,8 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 3 + [
                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
                                          ctypes.c_void_p]
+    lib.mighty_one_region.restype = ctypes.c_int
+    lib.mighty_one_region.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.mighty_gemv_ggml.restype = None
     lib.mighty_gemv_ggml.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int]

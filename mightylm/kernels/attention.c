@@ -330,14 +330,22 @@ INLINE void combine(const work *w, const void *v_cache, float *att, long k, cons
     }
 }
 
-/* att (R, nh hd) from the rope'd queries in qkv (R rows of qkv_out; row r's head h at r qkv_out + h hd) and the
- * caches (n_kv, max_len, hd) per sequence (float32, or float16 where half), the keys and values of every row
+/* The split of a call's work: the layout (w, its qkv set per call), the buffers, and each thread's runs of
+ * (job, row) by end: the same for every layer of a pass (the rows, positions and caches' shape are) */
+struct mighty_attention_plan {
+    work w;
+    long units, seqs, *end;
+    int half;
+    float *part, *scratch;
+};
+
+/* The plan for att (R, nh hd) from the rope'd queries in qkv (R rows of qkv_out; row r's head h at r qkv_out + h hd)
+ * and the caches (n_kv, max_len, hd) per sequence (float32, or float16 where half), the keys and values of every row
  * already written. One sequence (pads NULL): row r sits at slot pos + r and sees slots 0 .. pos + r. A server's
  * batch (pads): R / T sequences of T rows, sequence s's cache row_stride values after s - 1's, its row i at slot
  * pos + i seeing slots pads[s] .. (a padding slot, before pads[s], sees itself alone, as model._mask has it). */
-F16C void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_cache, const void *v_cache,
-                           int half, long nh, long nkv, long hd, long max_len, long pos, long R, long T,
-                           const long *pads, long row_stride, int threads) {
+F16C mighty_attention_plan *attention_plan(long qkv_out, int half, long nh, long nkv, long hd, long max_len, long pos,
+                                      long R, long T, const long *pads, long row_stride, int threads) {
     const long seqs = pads ? R / T : 1, per = pads ? T : R, group = nh / nkv, nq = group * per;
     long stretches = 1;  /* the most any sequence has: its slots from its first (pads[s]) to its last row's */
     for (long s = 0; s < seqs; s++) {
@@ -345,45 +353,70 @@ F16C void mighty_attention(const float *qkv, long qkv_out, float *att, const voi
         stretches = n > stretches ? n : stretches;
     }
     const long jobs = seqs * nkv * stretches;
+    mighty_attention_plan *p = malloc(sizeof(*p));
     /* per job and query: the stretch's largest score, the sum of e^(score - it), and the weighted values */
-    float *part = malloc(sizeof(float) * (jobs * nq * (hd + 2) + (long)threads * nq * (STRETCH + KEYS)));
-    const work w = {qkv, qkv_out, nh, nkv, hd, max_len, pos, per, group, nq, stretches, row_stride, pads,
-                    1.0f / sqrtf((float)hd), part, part + jobs * nq, part + 2 * jobs * nq};
-    float *scratch = w.out + jobs * nq * hd;
+    p->part = malloc(sizeof(float) * (jobs * nq * (hd + 2) + (long)threads * nq * (STRETCH + KEYS)));
+    const work w = {NULL, qkv_out, nh, nkv, hd, max_len, pos, per, group, nq, stretches, row_stride, pads,
+                    1.0f / sqrtf((float)hd), p->part, p->part + jobs * nq, p->part + 2 * jobs * nq};
+    p->w = w;
+    p->scratch = w.out + jobs * nq * hd;
+    p->seqs = seqs;
+    p->half = half;
 
     /* the threads take runs of (job, row) of about equal slots: jobs differ (a stretch's last is short; at 300
      * positions, 9 jobs of 128, 128 and 44 + rows slots, OpenMP's even count of jobs gave one thread 556 slots and
      * the other 344), and a thread's run takes a job's rows together (its keys and values read once for them) */
-    const long units = jobs * per;
-    long *end = malloc(sizeof(long) * (units + 1));  /* end[u]: the slots of units 0 .. u - 1 */
-    end[0] = 0;
-    for (long u = 0; u < units; u++) {
+    p->units = jobs * per;
+    p->end = malloc(sizeof(long) * (p->units + 1));  /* end[u]: the slots of units 0 .. u - 1 */
+    p->end[0] = 0;
+    for (long u = 0; u < p->units; u++) {
         const long job = u / per, r = u % per, s = job / (nkv * stretches), first = pads ? pads[s] : 0;
         const long lo = first + job % stretches * STRETCH, hi = lo + STRETCH < pos + per ? lo + STRETCH : pos + per;
         const long seen = seen_end(first, lo, hi, pos + r) - lo;  /* (below 0 for a stretch past the row) */
-        end[u + 1] = end[u] + (seen > 0 ? seen : 0) + (r == 0 ? KEYS : 1);  /* (and a job's own work besides) */
+        p->end[u + 1] = p->end[u] + (seen > 0 ? seen : 0) + (r == 0 ? KEYS : 1);  /* (and a job's own work besides) */
     }
+    return p;
+}
 
-    #pragma omp parallel num_threads(threads)
-    {
-        const long me = omp_get_thread_num(), team = omp_get_num_threads();
-        float *P = scratch + me * nq * (STRETCH + KEYS);
-        long u0 = 0, u1;  /* this thread's units: those whose middle falls in its share of the slots */
-        while (u0 < units && (end[u0] + end[u0 + 1]) * team / (2 * end[units]) < me) u0++;
-        for (u1 = u0; u1 < units && (end[u1] + end[u1 + 1]) * team / (2 * end[units]) == me; u1++) continue;
-        for (long u = u0; u < u1;) {  /* job u / per's rows from u % per, up to the run's end or the job's */
-            const long job = u / per, stop = (job + 1) * per < u1 ? (job + 1) * per : u1;
-            if (half) attend(&w, k_cache, v_cache, job, u % per * group, (stop - job * per) * group, P, 1);
-            else attend(&w, k_cache, v_cache, job, u % per * group, (stop - job * per) * group, P, 0);
-            u = stop;
-        }
-        #pragma omp barrier
-        #pragma omp for schedule(static)
-        for (long k = 0; k < seqs * nkv * nq; k++) {
-            if (half) combine(&w, v_cache, att, k, 1);
-            else combine(&w, v_cache, att, k, 0);
-        }
+void attention_free(mighty_attention_plan *p) {
+    free(p->end);
+    free(p->part);
+    free(p);
+}
+
+/* This thread's share of the plan's attention over qkv and these caches -> att; called by every thread of the
+ * region, it returns when all of att is written (the combining's barrier) */
+F16C void attention_share(const mighty_attention_plan *p, const float *qkv, float *att, const void *k_cache,
+                          const void *v_cache) {
+    work w = p->w;
+    w.qkv = qkv;
+    const long me = omp_get_thread_num(), team = omp_get_num_threads(), units = p->units, per = w.per;
+    const long *end = p->end;
+    float *P = p->scratch + me * w.nq * (STRETCH + KEYS);
+    long u0 = 0, u1;  /* this thread's units: those whose middle falls in its share of the slots */
+    while (u0 < units && (end[u0] + end[u0 + 1]) * team / (2 * end[units]) < me) u0++;
+    for (u1 = u0; u1 < units && (end[u1] + end[u1 + 1]) * team / (2 * end[units]) == me; u1++) continue;
+    for (long u = u0; u < u1;) {  /* job u / per's rows from u % per, up to the run's end or the job's */
+        const long job = u / per, stop = (job + 1) * per < u1 ? (job + 1) * per : u1;
+        if (p->half) attend(&w, k_cache, v_cache, job, u % per * w.group, (stop - job * per) * w.group, P, 1);
+        else attend(&w, k_cache, v_cache, job, u % per * w.group, (stop - job * per) * w.group, P, 0);
+        u = stop;
     }
-    free(end);
-    free(part);
+    #pragma omp barrier
+    #pragma omp for schedule(static)
+    for (long k = 0; k < p->seqs * w.nkv * w.nq; k++) {
+        if (p->half) combine(&w, v_cache, att, k, 1);
+        else combine(&w, v_cache, att, k, 0);
+    }
+}
+
+/* att from qkv and the caches (attention_plan says what each is) in a parallel region of its own */
+void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_cache, const void *v_cache,
+                      int half, long nh, long nkv, long hd, long max_len, long pos, long R, long T,
+                      const long *pads, long row_stride, int threads) {
+    mighty_attention_plan *p = attention_plan(qkv_out, half, nh, nkv, hd, max_len, pos, R, T, pads, row_stride,
+                                              threads);
+    #pragma omp parallel num_threads(threads)
+    attention_share(p, qkv, att, k_cache, v_cache);
+    attention_free(p);
 }

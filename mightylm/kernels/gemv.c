@@ -451,10 +451,10 @@ __attribute__((target("avx2,fma,f16c"))) static void to_half(unsigned short *y, 
     for (; i < n; i++) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
-/* y = w x / sqrt(mean(x^2) + eps), the squares summed in double in 16 lanes (four chains of four, then across, then
- * the tail): one chain of n dependent additions cost ~4 cycles a value, half of this file's own time in a pass of 5
- * rows, run by one thread while the others wait */
-static void rms_norm(const float *x, const float *w, float *y, long n, float eps) {
+/* 1 / sqrt(mean(x^2) + eps), and y = w x times it (rms_norm), the squares summed in double in 16 lanes (four
+ * chains of four, then across, then the tail): one chain of n dependent additions cost ~4 cycles a value, half of
+ * this file's own time in a pass of 5 rows, run by one thread while the others wait */
+static float rms_inverse(const float *x, long n, float eps) {
     __m256d s[4];
     for (int k = 0; k < 4; k++) s[k] = _mm256_setzero_pd();
     long i = 0;
@@ -467,7 +467,11 @@ static void rms_norm(const float *x, const float *w, float *y, long n, float eps
     _mm256_storeu_pd(lanes, _mm256_add_pd(_mm256_add_pd(s[0], s[1]), _mm256_add_pd(s[2], s[3])));
     ss = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
     for (; i < n; i++) ss += (double)x[i] * x[i];
-    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    return 1.0f / sqrtf((float)(ss / n) + eps);
+}
+
+static void rms_norm(const float *x, const float *w, float *y, long n, float eps) {
+    const float r = rms_inverse(x, n, eps);
     for (long i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
 }
 
@@ -578,15 +582,207 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     free(h);
 }
 
+/* ---- All blocks of a pass in one parallel region ----
+ * Each product, attention and the work between them ran in regions of their own: ~5 a block, each ~0.85 us to open
+ * and close on 2 threads, and between them the main thread alone rounded the rows, ran SwiGLU, RoPE, the residual
+ * adds and the norms while the others waited (~20 % of a 5-row int8 pass's wall time). Here the threads stay in one
+ * region from the first block to the last, every step shared and a barrier between steps. Each row's arithmetic is
+ * the same as mighty_decode_block's (the same functions on the same values), so the bits are. Taken where every
+ * product is in the AVX-512 tiles (region_tiled) and no block has experts or LoRA. */
+
+/* Whether the region path takes these blocks: the products all tiles, the blocks all of one shape */
+int mighty_one_region(const mighty_block *const *blocks, long n, const mighty_lora *const *lora, int threads) {
+    if (threads < 2 || lora || n < 1) return 0;
+    const mighty_block *a = blocks[0];
+    for (long i = 0; i < n; i++) {
+        const mighty_block *b = blocks[i];
+        if (b->n_experts || b->dim != a->dim || b->n_heads != a->n_heads || b->n_kv != a->n_kv || b->ffn != a->ffn
+            || b->head_dim != a->head_dim || b->kv_half != a->kv_half)
+            return 0;
+        const long q_out = b->n_heads * b->head_dim, qkv_out = q_out + 2 * b->n_kv * b->head_dim;
+        const mighty_proj *p[4] = {&b->qkv, &b->o, &b->gate_up, &b->down};
+        const long in[4] = {b->dim, q_out, b->dim, b->ffn}, out[4] = {qkv_out, b->dim, 2 * b->ffn, b->dim};
+        for (int k = 0; k < 4; k++)
+            if ((p[k]->kind != PROJ_GGML_Q8X && p[k]->kind != PROJ_GGML_INT24)
+                || !region_tiled((int)p[k]->block, in[k], out[k]))
+                return 0;
+    }
+    return 1;
+}
+
+/* A product's rows rounded for the tiles and its output's scratch (region_round, region_product) */
+typedef struct {
+    signed char *xq;
+    float *dx, *dxs, *yl;
+    int *xs;
+} rounded;
+
+static int limbs_of(const mighty_proj *p) { return p->kind == PROJ_GGML_INT24 ? 3 : 1; }
+
+/* This thread's share of R rows of `blocks` blocks: units (row, part), a row's blocks in `team` parts when there
+ * are fewer rows than threads; returns the first unit, *stop past the last, *parts the parts a row */
+static long my_units(long R, long *stop, long *parts) {
+    const long me = omp_get_thread_num(), team = omp_get_num_threads();
+    *parts = R < team ? team : 1;
+    *stop = R * *parts * (me + 1) / team;
+    return R * *parts * me / team;
+}
+
+/* unit u's row, and its blocks b0 .. b1 */
+static long unit_blocks(long u, long parts, long blocks, long *b0, long *b1) {
+    *b0 = blocks * (u % parts) / parts;
+    *b1 = blocks * (u % parts + 1) / parts;
+    return u / parts;
+}
+
+/* This thread's share of rows x (R, in) rounded for product p */
+static void round_share(const float *x, long R, long in, const mighty_proj *p, const rounded *q) {
+    const long blocks = in / 32, L = limbs_of(p);
+    long stop, parts;
+    for (long u = my_units(R, &stop, &parts), b0, b1; u < stop; u++) {
+        const long r = unit_blocks(u, parts, blocks, &b0, &b1);
+        region_round(x + r * in, in, b0, b1, (int)L, q->xq + L * r * in, q->dx + L * r * blocks,
+                     q->xs + L * r * blocks, q->dxs + L * r * blocks);
+    }
+}
+
+static void product_share(const mighty_proj *p, const rounded *q, long R, float *y, long in, long out) {
+    region_product(q->xq, q->dx, q->xs, q->dxs, R, limbs_of(p), (const unsigned char *)p->w, (int)p->block, p->bias,
+                   y, q->yl, in, out);
+}
+
+/* The norm w of rows x (R, dim) -> h, rounded for product p; with add, of x + add, which this thread also writes to
+ * its blocks of sum (each thread adds the whole row for its norm, into row: dim floats of its own) */
+static void norm_share(const float *x, const float *add, float *sum, float *row, const float *w, float eps,
+                       float *h, long R, long dim, const mighty_proj *p, const rounded *q) {
+    const long blocks = dim / 32, L = limbs_of(p);
+    long stop, parts;
+    for (long u = my_units(R, &stop, &parts), b0, b1; u < stop; u++) {
+        const long r = unit_blocks(u, parts, blocks, &b0, &b1);
+        const float *v = x + r * dim;
+        if (add) {
+            for (long i = 0; i < dim; i++) row[i] = v[i] + add[r * dim + i];
+            memcpy(sum + r * dim + 32 * b0, row + 32 * b0, sizeof(float) * 32 * (b1 - b0));
+            v = row;
+        }
+        const float s = rms_inverse(v, dim, eps);
+        for (long i = 32 * b0; i < 32 * b1; i++) h[r * dim + i] = w[i] * (v[i] * s);
+        region_round(h + r * dim, dim, b0, b1, (int)L, q->xq + L * r * dim, q->dx + L * r * blocks,
+                     q->xs + L * r * blocks, q->dxs + L * r * blocks);
+    }
+}
+
+/* RoPE of every row's queries and keys, the keys and values into the cache: this thread's (row, kv head) units */
+static void rope_share(float *qkv, const mighty_block *b, void *k_cache, void *v_cache, const float *cos,
+                       const float *sin, long R, long T, const long *pads, long row_stride, long pos, long max_len) {
+    const long hd = b->head_dim, nkv = b->n_kv, group = b->n_heads / nkv, q_out = b->n_heads * hd;
+    const long qkv_out = q_out + 2 * nkv * hd, me = omp_get_thread_num(), team = omp_get_num_threads();
+    for (long u = R * nkv * me / team; u < R * nkv * (me + 1) / team; u++) {
+        const long r = u / nkv, g = u % nkv;
+        float *q = qkv + r * qkv_out, *k = q + q_out + g * hd, *v = q + q_out + nkv * hd + g * hd;
+        for (long j = g * group; j < (g + 1) * group; j++) rope(q + j * hd, cos + r * hd, sin + r * hd, hd);
+        rope(k, cos + r * hd, sin + r * hd, hd);
+        const long slot = pos + (pads ? r % T : r), at = (pads ? r / T * row_stride : 0) + (g * max_len + slot) * hd;
+        if (b->kv_half) {
+            to_half((unsigned short *)k_cache + at, k, hd);
+            to_half((unsigned short *)v_cache + at, v, hd);
+        } else {
+            memcpy((float *)k_cache + at, k, sizeof(float) * hd);
+            memcpy((float *)v_cache + at, v, sizeof(float) * hd);
+        }
+    }
+}
+
+/* silu(gate) * up of every row (gu: R rows of 2 ffn) -> act (R, ffn), rounded for product p */
+static void swiglu_share(const float *gu, float *act, long R, long ffn, const mighty_proj *p, const rounded *q) {
+    const long blocks = ffn / 32, L = limbs_of(p);
+    long stop, parts;
+    for (long u = my_units(R, &stop, &parts), b0, b1; u < stop; u++) {
+        const long r = unit_blocks(u, parts, blocks, &b0, &b1);
+        const float *g = gu + r * 2 * ffn;
+        silu_mul(g + 32 * b0, g + ffn + 32 * b0, act + r * ffn + 32 * b0, 32 * (b1 - b0));
+        region_round(act + r * ffn, ffn, b0, b1, (int)L, q->xq + L * r * ffn, q->dx + L * r * blocks,
+                     q->xs + L * r * blocks, q->dxs + L * r * blocks);
+    }
+}
+
+static void blocks_in_region(float *x, const mighty_block *const *blocks, long n, void *const *k_caches,
+                             void *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
+                             long rows, int threads, const long *pads, long row_stride, long tokens) {
+    const mighty_block *a = blocks[0];
+    const long dim = a->dim, hd = a->head_dim, nh = a->n_heads, nkv = a->n_kv, ffn = a->ffn;
+    const long T = pads && tokens > 1 ? tokens : 1, R = (rows < 1 ? 1 : rows) * T;
+    const long q_out = nh * hd, qkv_out = q_out + 2 * nkv * hd;
+    const long in = dim > q_out ? (dim > ffn ? dim : ffn) : (q_out > ffn ? q_out : ffn);
+    const long out = 2 * ffn > qkv_out ? (2 * ffn > dim ? 2 * ffn : dim) : (qkv_out > dim ? qkv_out : dim);
+    float *buf = malloc(sizeof(float) * (R * (3 * dim + qkv_out + q_out + 3 * ffn + 3 * out + 9 * in / 32)
+                                         + (long)threads * dim));
+    float *spare = buf, *h = spare + R * dim, *tmp = h + R * dim, *qkv = tmp + R * dim, *att = qkv + R * qkv_out;
+    float *gu = att + R * q_out, *act = gu + R * 2 * ffn, *rows_own = act + R * ffn;
+    rounded q = {malloc(3 * R * in), rows_own + (long)threads * dim, NULL, NULL, NULL};
+    q.dxs = q.dx + 3 * R * in / 32;
+    q.yl = q.dxs + 3 * R * in / 32;
+    q.xs = malloc(sizeof(int) * 3 * R * in / 32);
+    mighty_attention_plan *plan = attention_plan(qkv_out, a->kv_half, nh, nkv, hd, max_len, pos, R, T, pads,
+                                                 row_stride, threads);
+
+    #pragma omp parallel num_threads(threads)
+    {
+        float *cur = x, *next = spare, *row = rows_own + (long)omp_get_thread_num() * dim;
+        for (long i = 0; i < n; i++) {
+            const mighty_block *b = blocks[i];
+            norm_share(cur, i ? tmp : NULL, next, row, b->attn_norm, b->eps, h, R, dim, &b->qkv, &q);
+            if (i) {  /* the last block's residual is in next now (each thread's units; the barrier below) */
+                float *was = cur;
+                cur = next;
+                next = was;
+            }
+            #pragma omp barrier
+            product_share(&b->qkv, &q, R, qkv, dim, qkv_out);
+            #pragma omp barrier
+            rope_share(qkv, b, k_caches[i], v_caches[i], cos, sin, R, T, pads, row_stride, pos, max_len);
+            #pragma omp barrier
+            attention_share(plan, qkv, att, k_caches[i], v_caches[i]);
+            round_share(att, R, q_out, &b->o, &q);
+            #pragma omp barrier
+            product_share(&b->o, &q, R, tmp, q_out, dim);
+            #pragma omp barrier
+            norm_share(cur, tmp, next, row, b->mlp_norm, b->eps, h, R, dim, &b->gate_up, &q);
+            float *was = cur;
+            cur = next;
+            next = was;
+            #pragma omp barrier
+            product_share(&b->gate_up, &q, R, gu, dim, 2 * ffn);
+            #pragma omp barrier
+            swiglu_share(gu, act, R, ffn, &b->down, &q);
+            #pragma omp barrier
+            product_share(&b->down, &q, R, tmp, ffn, dim);
+            #pragma omp barrier
+        }
+        #pragma omp for schedule(static)
+        for (long e = 0; e < R * dim; e++) x[e] = cur[e] + tmp[e];  /* the last residual (cur may be x) */
+    }
+    attention_free(plan);
+    free(q.xq);
+    free(q.xs);
+    free(buf);
+}
+
 /* All n blocks of a model for the same token(s) in one call: each block as described by blocks[i], with this call's
  * caches (k_caches[i], v_caches[i]), RoPE rows, positions, threads and rows (consecutive tokens of one sequence, or
  * with pads a batch of sequences, see mighty_block); the struct is copied, so concurrent callers never see each
  * other's. One call per block from Python cost ~35 us each in the interpreter (the checks, the
- * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. */
+ * struct's fields, ctypes): a third of a token's time on SmolLM2-135M's 30 blocks of Q4_0. Where mighty_one_region
+ * says so, all of them in one parallel region (blocks_in_region), else block by block. */
 void mighty_decode_blocks(float *x, const mighty_block *const *blocks, long n, void *const *k_caches,
                           void *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
                           long rows, int threads, const long *pads, long row_stride, long tokens,
                           const mighty_lora *const *lora) {
+    if (mighty_one_region(blocks, n, lora, threads)) {
+        blocks_in_region(x, blocks, n, k_caches, v_caches, cos, sin, pos, max_len, rows, threads, pads, row_stride,
+                         tokens);
+        return;
+    }
     for (long i = 0; i < n; i++) {
         mighty_block b = *blocks[i];
         b.lora = lora;

@@ -859,10 +859,10 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
 #define GEMM_TILES(tile_rows)                                                                                      \
     const long blocks = in / 32, groups = out / TILE;                                                              \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
-    TILE_GROUPS(tile_rows)
+    TILE_GROUPS(tile_rows, 0, groups)
 
-#define TILE_GROUPS(tile_rows)                                                                                     \
-    for (long g = 0; g < groups; g++) {                                                                            \
+#define TILE_GROUPS(tile_rows, g0, g1)                                                                             \
+    for (long g = g0; g < g1; g++) {                                                                               \
         const unsigned char *tg = T + g * blocks * tile_bytes(type);                                               \
         for (long r = 0; r < rows; r += 8) {                                                                       \
             const signed char *xr = xq + r * in;                                                                   \
@@ -913,7 +913,7 @@ static void gemm_int24_rows512(const float *x, long x_rows, signed char *xq, flo
             for (long b = at; b < at + 3 * blocks; b++) dxs[b] = dx[b] * (float)xs[b];
         }
         #pragma omp for schedule(static)
-        TILE_GROUPS(tile_rows512)
+        TILE_GROUPS(tile_rows512, 0, groups)
     }
 }
 
@@ -1074,11 +1074,12 @@ __m256 digit(__m256 *r, float base) {
     return q;
 }
 
+/* blocks b0 .. b1 of the row (the limbs' rows in xq, dx and xs are the whole row's: in and in / 32 apart) */
 __attribute__((target("avx2,fma")))
-static void quantize_x24(const float *x, long in, signed char *xq, float *dx, int *xs) {
+static void quantize_x24_blocks(const float *x, long in, long b0, long b1, signed char *xq, float *dx, int *xs) {
     const long blocks = in / 32;
     const __m256 top = _mm256_set1_ps((float)LIMBS_TOP);
-    for (long b = 0; b < blocks; b++) {
+    for (long b = b0; b < b1; b++) {
         __m256 v[4], bad = _mm256_setzero_ps();  /* bad: 0, or NaN where x is not finite */
         const float mx = block_max(x + 32 * b, v);
         for (int k = 0; k < 4; k++) bad = _mm256_add_ps(bad, _mm256_mul_ps(v[k], _mm256_setzero_ps()));
@@ -1104,6 +1105,10 @@ static void quantize_x24(const float *x, long in, signed char *xq, float *dx, in
             dx[l * blocks + b] = scale[l];
         }
     }
+}
+
+static void quantize_x24(const float *x, long in, signed char *xq, float *dx, int *xs) {
+    quantize_x24_blocks(x, in, 0, in / 32, xq, dx, xs);
 }
 
 /* The tiles' product of `rows` rows of activations already in int8 (xq, dx, xs per block, as quantize_x8 and
@@ -1159,6 +1164,47 @@ static int gemm_tiled(const float *x, long rows, const unsigned char *T, int typ
     free(xs);
     if (yl != y) free(yl);
     return 0;
+}
+
+/* ---- The tiles inside a caller's parallel region (gemv.c's one region a pass) ----
+ * gemm_tiled's rounding and products, each call the calling thread's share; the caller puts a barrier between a
+ * product's rounding and its tiles. The AVX-512 path's Q8_0 / Q4_0 / Q4_1 / Q5_0 tiles only (the AVX2 loops take x
+ * in by_block's order, and Q6_K has a loop of its own). */
+int region_tiled(int type, long in, long out) {
+    return mighty_isa_level && type != Q6_K && tiled_shape(type, in, out);
+}
+
+/* Blocks b0 .. b1 of the row x (in) rounded as gemm_tiled rounds it: limbs 1 (quantize_x8) or 3 (quantize_x24),
+ * into the row's place: xq limbs rows of in values, dx, xs and dxs limbs rows of in / 32 */
+void region_round(const float *x, long in, long b0, long b1, int limbs, signed char *xq, float *dx, int *xs,
+                  float *dxs) {
+    const long blocks = in / 32;
+    if (limbs == 3) quantize_x24_blocks(x, in, b0, b1, xq, dx, xs);
+    else quantize_x8_512(x + 32 * b0, 32 * (b1 - b0), xq + 32 * b0, dx + b0, xs + b0);
+    for (long l = 0; l < limbs; l++)
+        for (long b = l * blocks + b0; b < l * blocks + b1; b++) dxs[b] = dx[b] * (float)xs[b];
+}
+
+/* This thread's groups of TILE outputs of y (x_rows, out) from region_round's rows (limbs a row of x), as
+ * gemm_tiled writes them: three limbs' products added as (y_a + y_b) + y_c (yl: their (3 x_rows, out) scratch),
+ * then the bias (which may be NULL) */
+__attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
+void region_product(const signed char *xq, const float *dx, const int *xs, const float *dxs, long x_rows, int limbs,
+                    const unsigned char *T, int type, const float *bias, float *out_y, float *yl, long in, long out) {
+    const long me = omp_get_thread_num(), team = omp_get_num_threads();
+    const long blocks = in / 32, groups = out / TILE, rows = limbs * x_rows;
+    const long g0 = groups * me / team, g1 = groups * (me + 1) / team;
+    float *y = limbs == 1 ? out_y : yl;
+    TILE_GROUPS(tile_rows512, g0, g1)
+    for (long r = 0; r < x_rows; r++) {
+        float *yr = out_y + r * out;
+        if (limbs == 3) {
+            const float *ya = yl + 3 * r * out, *yb = ya + out, *yc = yb + out;
+            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] = (ya[o] + yb[o]) + yc[o];
+        }
+        if (bias)
+            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] += bias[o];
+    }
 }
 
 /* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K

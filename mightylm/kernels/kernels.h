@@ -277,6 +277,22 @@ void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_
                       long nh, long nkv, long hd, long max_len, long pos, long R, long T, const long *pads,
                       long row_stride, int threads);
 
+/* The GGUF tiles' rounding and products in steps, for a caller's own parallel region (gguf_blocks.c) */
+int region_tiled(int type, long in, long out);
+void region_round(const float *x, long in, long b0, long b1, int limbs, signed char *xq, float *dx, int *xs,
+                  float *dxs);
+void region_product(const signed char *xq, const float *dx, const int *xs, const float *dxs, long x_rows, int limbs,
+                    const unsigned char *T, int type, const float *bias, float *out_y, float *yl, long in, long out);
+
+/* mighty_attention in steps, for a caller's own parallel region (gemv.c's one region a pass): the plan for a pass's
+ * rows and positions (the same for each of its layers), then each layer's attention_share, called by every thread */
+typedef struct mighty_attention_plan mighty_attention_plan;
+mighty_attention_plan *attention_plan(long qkv_out, int half, long nh, long nkv, long hd, long max_len, long pos,
+                                      long R, long T, const long *pads, long row_stride, int threads);
+void attention_share(const mighty_attention_plan *p, const float *qkv, float *att, const void *k_cache,
+                     const void *v_cache);
+void attention_free(mighty_attention_plan *p);
+
 /* exp_shifted's end: p[t .. n) (fewer than 8) shifted by m and raised in one padded vector; returns the sum of s8's
  * lanes, then of theirs */
 static inline float exp_tail(float *p, long t, long n, float m, __m256 s8) {
