@@ -588,7 +588,7 @@ void mighty_decode_block(float *x, const mighty_block *b) {
  * adds and the norms while the others waited (~20 % of a 5-row int8 pass's wall time). Here the threads stay in one
  * region from the first block to the last, every step shared and a barrier between steps. Each row's arithmetic is
  * the same as mighty_decode_block's (the same functions on the same values), so the bits are. Taken where every
- * product is in the AVX-512 tiles (region_tiled) and no block has experts or LoRA. */
+ * product is in the tiles (region_tiled) and no block has experts or LoRA. */
 
 /* Whether the region path takes these blocks: the products all tiles, the blocks all of one shape */
 int mighty_one_region(const mighty_block *const *blocks, long n, const mighty_lora *const *lora, int threads) {
@@ -620,29 +620,31 @@ typedef struct {
 static int limbs_of(const mighty_proj *p) { return p->kind == PROJ_GGML_INT24 ? 3 : 1; }
 
 /* This thread's share of R rows of `blocks` blocks: units (row, part), a row's blocks in `team` parts when there
- * are fewer rows than threads; returns the first unit, *stop past the last, *parts the parts a row */
+ * are fewer rows than threads, and on AVX2 always, each thread its part of every row (its loops read the rows
+ * interleaved block by block: rows shared out would have both threads writing the same cache lines, measured 6 % of
+ * a 5-row pass). Returns the first unit, *stop past the last, *parts the parts a row. */
 static long my_units(long R, long *stop, long *parts) {
     const long me = omp_get_thread_num(), team = omp_get_num_threads();
-    *parts = R < team ? team : 1;
+    *parts = R < team || !mighty_isa_level ? team : 1;
     *stop = R * *parts * (me + 1) / team;
     return R * *parts * me / team;
 }
 
-/* unit u's row, and its blocks b0 .. b1 */
-static long unit_blocks(long u, long parts, long blocks, long *b0, long *b1) {
-    *b0 = blocks * (u % parts) / parts;
-    *b1 = blocks * (u % parts + 1) / parts;
-    return u / parts;
+/* unit u's row, and its blocks b0 .. b1: units row by row on AVX-512, part by part on AVX2 */
+static long unit_blocks(long u, long R, long parts, long blocks, long *b0, long *b1) {
+    const long part = mighty_isa_level ? u % parts : u / R;
+    *b0 = blocks * part / parts;
+    *b1 = blocks * (part + 1) / parts;
+    return mighty_isa_level ? u / parts : u % R;
 }
 
 /* This thread's share of rows x (R, in) rounded for product p */
 static void round_share(const float *x, long R, long in, const mighty_proj *p, const rounded *q) {
-    const long blocks = in / 32, L = limbs_of(p);
+    const long blocks = in / 32;
     long stop, parts;
     for (long u = my_units(R, &stop, &parts), b0, b1; u < stop; u++) {
-        const long r = unit_blocks(u, parts, blocks, &b0, &b1);
-        region_round(x + r * in, in, b0, b1, (int)L, q->xq + L * r * in, q->dx + L * r * blocks,
-                     q->xs + L * r * blocks, q->dxs + L * r * blocks);
+        const long r = unit_blocks(u, R, parts, blocks, &b0, &b1);
+        region_round(x + r * in, in, b0, b1, limbs_of(p), r, R, q->xq, q->dx, q->xs, q->dxs);
     }
 }
 
@@ -655,10 +657,10 @@ static void product_share(const mighty_proj *p, const rounded *q, long R, float 
  * its blocks of sum (each thread adds the whole row for its norm, into row: dim floats of its own) */
 static void norm_share(const float *x, const float *add, float *sum, float *row, const float *w, float eps,
                        float *h, long R, long dim, const mighty_proj *p, const rounded *q) {
-    const long blocks = dim / 32, L = limbs_of(p);
+    const long blocks = dim / 32;
     long stop, parts;
     for (long u = my_units(R, &stop, &parts), b0, b1; u < stop; u++) {
-        const long r = unit_blocks(u, parts, blocks, &b0, &b1);
+        const long r = unit_blocks(u, R, parts, blocks, &b0, &b1);
         const float *v = x + r * dim;
         if (add) {
             for (long i = 0; i < dim; i++) row[i] = v[i] + add[r * dim + i];
@@ -667,8 +669,7 @@ static void norm_share(const float *x, const float *add, float *sum, float *row,
         }
         const float s = rms_inverse(v, dim, eps);
         for (long i = 32 * b0; i < 32 * b1; i++) h[r * dim + i] = w[i] * (v[i] * s);
-        region_round(h + r * dim, dim, b0, b1, (int)L, q->xq + L * r * dim, q->dx + L * r * blocks,
-                     q->xs + L * r * blocks, q->dxs + L * r * blocks);
+        region_round(h + r * dim, dim, b0, b1, limbs_of(p), r, R, q->xq, q->dx, q->xs, q->dxs);
     }
 }
 
@@ -695,14 +696,13 @@ static void rope_share(float *qkv, const mighty_block *b, void *k_cache, void *v
 
 /* silu(gate) * up of every row (gu: R rows of 2 ffn) -> act (R, ffn), rounded for product p */
 static void swiglu_share(const float *gu, float *act, long R, long ffn, const mighty_proj *p, const rounded *q) {
-    const long blocks = ffn / 32, L = limbs_of(p);
+    const long blocks = ffn / 32;
     long stop, parts;
     for (long u = my_units(R, &stop, &parts), b0, b1; u < stop; u++) {
-        const long r = unit_blocks(u, parts, blocks, &b0, &b1);
+        const long r = unit_blocks(u, R, parts, blocks, &b0, &b1);
         const float *g = gu + r * 2 * ffn;
         silu_mul(g + 32 * b0, g + ffn + 32 * b0, act + r * ffn + 32 * b0, 32 * (b1 - b0));
-        region_round(act + r * ffn, ffn, b0, b1, (int)L, q->xq + L * r * ffn, q->dx + L * r * blocks,
-                     q->xs + L * r * blocks, q->dxs + L * r * blocks);
+        region_round(act + r * ffn, ffn, b0, b1, limbs_of(p), r, R, q->xq, q->dx, q->xs, q->dxs);
     }
 }
 

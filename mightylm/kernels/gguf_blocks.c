@@ -1168,43 +1168,79 @@ static int gemm_tiled(const float *x, long rows, const unsigned char *T, int typ
 
 /* ---- The tiles inside a caller's parallel region (gemv.c's one region a pass) ----
  * gemm_tiled's rounding and products, each call the calling thread's share; the caller puts a barrier between a
- * product's rounding and its tiles. The AVX-512 path's Q8_0 / Q4_0 / Q4_1 / Q5_0 tiles only (the AVX2 loops take x
- * in by_block's order, and Q6_K has a loop of its own). */
+ * product's rounding and its tiles. The Q8_0 / Q4_0 / Q4_1 / Q5_0 tiles (Q6_K has a loop of its own). */
 int region_tiled(int type, long in, long out) {
-    return mighty_isa_level && type != Q6_K && tiled_shape(type, in, out);
+    return type != Q6_K && tiled_shape(type, in, out);
 }
 
-/* Blocks b0 .. b1 of the row x (in) rounded as gemm_tiled rounds it: limbs 1 (quantize_x8) or 3 (quantize_x24),
- * into the row's place: xq limbs rows of in values, dx, xs and dxs limbs rows of in / 32 */
-void region_round(const float *x, long in, long b0, long b1, int limbs, signed char *xq, float *dx, int *xs,
-                  float *dxs) {
-    const long blocks = in / 32;
-    if (limbs == 3) quantize_x24_blocks(x, in, b0, b1, xq, dx, xs);
-    else quantize_x8_512(x + 32 * b0, 32 * (b1 - b0), xq + 32 * b0, dx + b0, xs + b0);
-    for (long l = 0; l < limbs; l++)
-        for (long b = l * blocks + b0; b < l * blocks + b1; b++) dxs[b] = dx[b] * (float)xs[b];
+/* Blocks b0 .. b1 of row r of x_rows (x: the row, in values) rounded as gemm_tiled rounds it: limbs 1 (quantize_x8)
+ * or 3 (quantize_x24), in the order the path's loops read: on AVX-512 a row's limbs rows of in values (xq) and of a
+ * value per block (dx, xs, dxs) after the rows before it; on AVX2 by_block's order, written in place */
+void region_round(const float *x, long in, long b0, long b1, int limbs, long r, long x_rows, signed char *xq,
+                  float *dx, int *xs, float *dxs) {
+    const long blocks = in / 32, rows = limbs * x_rows;
+    if (mighty_isa_level) {
+        const long at = limbs * r * blocks;
+        if (limbs == 3) quantize_x24_blocks(x, in, b0, b1, xq + 3 * r * in, dx + at, xs + at);
+        else quantize_x8_512(x + 32 * b0, 32 * (b1 - b0), xq + r * in + 32 * b0, dx + at + b0, xs + at + b0);
+        for (long l = 0; l < limbs; l++)
+            for (long b = at + l * blocks + b0; b < at + l * blocks + b1; b++) dxs[b] = dx[b] * (float)xs[b];
+        return;
+    }
+    for (long b = b0; b < b1; b++) {  /* a block at a time, each limb to its place in its group of 8 rows */
+        signed char q[3 * 32];
+        float d[3];
+        int sum[3];
+        if (limbs == 3) quantize_x24_blocks(x + 32 * b, 32, 0, 1, q, d, sum);
+        else quantize_x8(x + 32 * b, 32, q, d, sum);
+        for (long l = 0; l < limbs; l++) {
+            const long t = limbs * r + l, r0 = t / 8 * 8, n = rows - r0 < 8 ? rows - r0 : 8;
+            const long at = r0 * blocks + b * n + t - r0;
+            memcpy(xq + 32 * at, q + 32 * l, 32);
+            dx[at] = d[l];
+            xs[at] = sum[l];
+            dxs[at] = d[l] * (float)sum[l];
+        }
+    }
 }
 
 /* This thread's groups of TILE outputs of y (x_rows, out) from region_round's rows (limbs a row of x), as
  * gemm_tiled writes them: three limbs' products added as (y_a + y_b) + y_c (yl: their (3 x_rows, out) scratch),
  * then the bias (which may be NULL) */
+#define REGION_PRODUCT(tile_rows)                                                                                  \
+    const long me = omp_get_thread_num(), team = omp_get_num_threads();                                            \
+    const long blocks = in / 32, groups = out / TILE, rows = limbs * x_rows;                                       \
+    const long g0 = groups * me / team, g1 = groups * (me + 1) / team;                                             \
+    float *y = limbs == 1 ? out_y : yl;                                                                            \
+    TILE_GROUPS(tile_rows, g0, g1)                                                                                 \
+    for (long r = 0; r < x_rows; r++) {                                                                            \
+        float *yr = out_y + r * out;                                                                               \
+        if (limbs == 3) {                                                                                          \
+            const float *ya = yl + 3 * r * out, *yb = ya + out, *yc = yb + out;                                    \
+            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] = (ya[o] + yb[o]) + yc[o];                          \
+        }                                                                                                          \
+        if (bias)                                                                                                  \
+            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] += bias[o];                                         \
+    }
+
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
+static void region_product512(const signed char *xq, const float *dx, const int *xs, const float *dxs, long x_rows,
+                              int limbs, const unsigned char *T, int type, const float *bias, float *out_y, float *yl,
+                              long in, long out) {
+    REGION_PRODUCT(tile_rows512)
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void region_product256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long x_rows,
+                              int limbs, const unsigned char *T, int type, const float *bias, float *out_y, float *yl,
+                              long in, long out) {
+    REGION_PRODUCT(tile_rows256)
+}
+
 void region_product(const signed char *xq, const float *dx, const int *xs, const float *dxs, long x_rows, int limbs,
                     const unsigned char *T, int type, const float *bias, float *out_y, float *yl, long in, long out) {
-    const long me = omp_get_thread_num(), team = omp_get_num_threads();
-    const long blocks = in / 32, groups = out / TILE, rows = limbs * x_rows;
-    const long g0 = groups * me / team, g1 = groups * (me + 1) / team;
-    float *y = limbs == 1 ? out_y : yl;
-    TILE_GROUPS(tile_rows512, g0, g1)
-    for (long r = 0; r < x_rows; r++) {
-        float *yr = out_y + r * out;
-        if (limbs == 3) {
-            const float *ya = yl + 3 * r * out, *yb = ya + out, *yc = yb + out;
-            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] = (ya[o] + yb[o]) + yc[o];
-        }
-        if (bias)
-            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] += bias[o];
-    }
+    (mighty_isa_level ? region_product512 : region_product256)(xq, dx, xs, dxs, x_rows, limbs, T, type, bias, out_y,
+                                                               yl, in, out);
 }
 
 /* y (rows, out) = x (rows, in), each row rounded to 8 bits per block (above), @ Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q6_K

@@ -279,8 +279,8 @@ void mighty_attention(const float *qkv, long qkv_out, float *att, const void *k_
 
 /* The GGUF tiles' rounding and products in steps, for a caller's own parallel region (gguf_blocks.c) */
 int region_tiled(int type, long in, long out);
-void region_round(const float *x, long in, long b0, long b1, int limbs, signed char *xq, float *dx, int *xs,
-                  float *dxs);
+void region_round(const float *x, long in, long b0, long b1, int limbs, long r, long x_rows, signed char *xq,
+                  float *dx, int *xs, float *dxs);
 void region_product(const signed char *xq, const float *dx, const int *xs, const float *dxs, long x_rows, int limbs,
                     const unsigned char *T, int type, const float *bias, float *out_y, float *yl, long in, long out);
 
