@@ -947,6 +947,12 @@ def test_a_batch_in_llama_cpps_arithmetic_gives_each_row_what_it_gets_alone(qtyp
             return torch.stack([net(follow[:, t:t + 1], cache=rows, start=width + t, pad=pads)[:, -1]
                                 for t in range(steps)], 1)
 
+    threads = torch.get_num_threads()  # two threads run every block in one parallel region (gemv.c); one runs the
+    torch.set_num_threads(1)           # native call block by block: the same bits, the padded slots included
+    try:
+        assert torch.equal(batch_logits(model), batch)
+    finally:
+        torch.set_num_threads(threads)
     model.fused_decode = None  # the blocks one by one: the same rounding
     torch.testing.assert_close(batch_logits(model), batch, atol=1e-4, rtol=1e-4)
     float32, _ = mightylm.load(tmp_path / "m.gguf", keep_blocks=True)
