@@ -12,7 +12,8 @@ fuse.NativeDecodeStack), the model needs nothing from torch to decode, and `migh
                   float32's rounding), Q6_K ones and Q5_0 ones on AVX2 in our float layouts (kernels.float_layout;
                   q5_0_fields.c, q6_k_fields.c); copies made at load, faster than the stored blocks' loops
     a pass        token rows looked up in C (mighty_ggml_rows), every block in one call (mighty_decode_blocks, the
-                  same call fuse.NativeDecodeStack makes), the final RMSNorm in numpy, the head through
+                  same call fuse.NativeDecodeStack makes; with every product in the tiles, in one OpenMP region, the
+                  threads sharing each step), the final RMSNorm in numpy, the head through
                   mighty_gemm_ggml; a prompt goes through in passes of NATIVE_ROWS tokens
     the cache     a (1, n_kv, max_len, hd) float32 buffer per layer, as model.KVCache lays it out
     sampling      streaming.Sampling's rule (temperature, then top-k, then top-p; greedy is the argmax) in numpy
