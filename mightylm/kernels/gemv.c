@@ -583,8 +583,8 @@ void mighty_decode_block(float *x, const mighty_block *b) {
 }
 
 /* ---- All blocks of a pass in one parallel region ----
- * Each product, attention and the work between them ran in regions of their own: ~5 a block, each ~0.85 us to open
- * and close on 2 threads, and between them the main thread alone rounded the rows, ran SwiGLU, RoPE, the residual
+ * Each product, attention and the work between them ran in regions of their own: ~5 a block, each 0.6-0.85 us to
+ * open and close on 2 threads, and between them the main thread alone rounded the rows, ran SwiGLU, RoPE, the residual
  * adds and the norms while the others waited (~20 % of a 5-row int8 pass's wall time). Here the threads stay in one
  * region from the first block to the last, every step shared and a barrier between steps. Each row's arithmetic is
  * the same as mighty_decode_block's (the same functions on the same values), so the bits are. Taken where every
@@ -706,6 +706,15 @@ static void swiglu_share(const float *gu, float *act, long R, long ffn, const mi
     }
 }
 
+static long most(long a, long b) { return a > b ? a : b; }
+
+static void swap(float **a, float **b) {
+    float *was = *a;
+    *a = *b;
+    *b = was;
+}
+
+/* mighty_decode_blocks' arguments (see there) */
 static void blocks_in_region(float *x, const mighty_block *const *blocks, long n, void *const *k_caches,
                              void *const *v_caches, const float *cos, const float *sin, long pos, long max_len,
                              long rows, int threads, const long *pads, long row_stride, long tokens) {
@@ -713,8 +722,7 @@ static void blocks_in_region(float *x, const mighty_block *const *blocks, long n
     const long dim = a->dim, hd = a->head_dim, nh = a->n_heads, nkv = a->n_kv, ffn = a->ffn;
     const long T = pads && tokens > 1 ? tokens : 1, R = (rows < 1 ? 1 : rows) * T;
     const long q_out = nh * hd, qkv_out = q_out + 2 * nkv * hd;
-    const long in = dim > q_out ? (dim > ffn ? dim : ffn) : (q_out > ffn ? q_out : ffn);
-    const long out = 2 * ffn > qkv_out ? (2 * ffn > dim ? 2 * ffn : dim) : (qkv_out > dim ? qkv_out : dim);
+    const long in = most(most(dim, q_out), ffn), out = most(most(qkv_out, 2 * ffn), dim);  /* the widest product's */
     float *buf = malloc(sizeof(float) * (R * (3 * dim + qkv_out + q_out + 3 * ffn + 3 * out + 9 * in / 32)
                                          + (long)threads * dim));
     float *spare = buf, *h = spare + R * dim, *tmp = h + R * dim, *qkv = tmp + R * dim, *att = qkv + R * qkv_out;
@@ -732,11 +740,7 @@ static void blocks_in_region(float *x, const mighty_block *const *blocks, long n
         for (long i = 0; i < n; i++) {
             const mighty_block *b = blocks[i];
             norm_share(cur, i ? tmp : NULL, next, row, b->attn_norm, b->eps, h, R, dim, &b->qkv, &q);
-            if (i) {  /* the last block's residual is in next now (each thread's units; the barrier below) */
-                float *was = cur;
-                cur = next;
-                next = was;
-            }
+            if (i) swap(&cur, &next);  /* the last block's residual is in next now (once the barrier below is passed) */
             #pragma omp barrier
             product_share(&b->qkv, &q, R, qkv, dim, qkv_out);
             #pragma omp barrier
@@ -748,9 +752,7 @@ static void blocks_in_region(float *x, const mighty_block *const *blocks, long n
             product_share(&b->o, &q, R, tmp, q_out, dim);
             #pragma omp barrier
             norm_share(cur, tmp, next, row, b->mlp_norm, b->eps, h, R, dim, &b->gate_up, &q);
-            float *was = cur;
-            cur = next;
-            next = was;
+            swap(&cur, &next);
             #pragma omp barrier
             product_share(&b->gate_up, &q, R, gu, dim, 2 * ffn);
             #pragma omp barrier
