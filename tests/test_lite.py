@@ -194,8 +194,9 @@ def test_a_pass_gives_each_row_the_bits_it_gets_alone(kernel_path, qtype, int8, 
     Q8_0 and Q5_0 on AVX2 and for Q6_K and F16 everywhere: each several-row loop sums every row as the one-row loop
     does), and so does attention (its stretches of 128 slots sit at fixed places). Past 128 positions a 5-row pass
     equals five one-row passes bit for bit, a prompt read in two parts gives the logits of reading it whole, and
-    greedy prompt lookup reproduces plain decoding token for token by construction, not by rounding luck (a first version of kernels/attention.c sized its stretches by the pass and
-    tipped an int8 near-tie on the embedded model; Q4_K's several-row loop did on Qwen2.5-Coder's Q4_K_M)."""
+    greedy prompt lookup reproduces plain decoding token for token by construction, not by rounding luck (a first
+    version of kernels/attention.c sized its stretches by the pass and tipped an int8 near-tie on the embedded model;
+    Q4_K's several-row loop did on Qwen2.5-Coder's Q4_K_M)."""
     from mightylm.lite import load_lite, speculative_tokens
     from mightylm.lite import stream_tokens as lite_tokens
     from mightylm.lookup import Lookup
