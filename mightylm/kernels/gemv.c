@@ -484,6 +484,26 @@ static void rope(float *v, const float *cos, const float *sin, long hd) {
     }
 }
 
+/* Row r of qkv (rows of q, k, v) at its slot (one sequence: pos + r; with pads, row r % T of sequence r / T, whose
+ * cache sits row_stride values after the one before): RoPE of kv head g's query heads and of its key (cos / sin: a
+ * row per row of qkv), then its key and value into the caches */
+static void rope_store(float *qkv, long r, long g, const mighty_block *b, void *k_cache, void *v_cache,
+                       const float *cos, const float *sin, long pos, long max_len, long T, const long *pads,
+                       long row_stride) {
+    const long hd = b->head_dim, nkv = b->n_kv, group = b->n_heads / nkv, q_out = b->n_heads * hd;
+    float *q = qkv + r * (q_out + 2 * nkv * hd), *k = q + q_out + g * hd, *v = k + nkv * hd;
+    for (long j = g * group; j < (g + 1) * group; j++) rope(q + j * hd, cos + r * hd, sin + r * hd, hd);
+    rope(k, cos + r * hd, sin + r * hd, hd);
+    const long slot = pos + (pads ? r % T : r), at = (pads ? r / T * row_stride : 0) + (g * max_len + slot) * hd;
+    if (b->kv_half) {
+        to_half((unsigned short *)k_cache + at, k, hd);
+        to_half((unsigned short *)v_cache + at, v, hd);
+    } else {
+        memcpy((float *)k_cache + at, k, sizeof(float) * hd);
+        memcpy((float *)v_cache + at, v, sizeof(float) * hd);
+    }
+}
+
 /* x += sum over the token's top_k experts of weight_e * down_e(silu(gate_e(h)) * up_e(h)), as moe.MoE computes it:
  * softmax over all router logits (in float), the k largest (ties to the lower index, as torch.topk), optionally
  * renormalised. ffn is the experts' width; gu and tmp are scratch of 2 * ffn and dim floats. */
@@ -535,23 +555,10 @@ void mighty_decode_block(float *x, const mighty_block *b) {
     for (long r = 0; r < R; r++) rms_norm(x + r * dim, b->attn_norm, h + r * dim, dim, b->eps);
     project_rows(&b->qkv, h, qkv, scratch, dim, qkv_out, R, threads);
     lora_rows(b, 0, h, qkv, dim, qkv_out, R, threads);
-    for (long r = 0; r < R; r++) {
-        float *q = qkv + r * qkv_out, *k = q + q_out, *v = k + kv_out;
-        const float *cos = b->cos + r * hd, *sin = b->sin + r * hd;
-        for (long g = 0; g < nh; g++) rope(q + g * hd, cos, sin, hd);
-        const long slot = b->pos + (pads ? r % T : r), row = pads ? r / T * b->row_stride : 0;
-        for (long g = 0; g < nkv; g++) {
-            rope(k + g * hd, cos, sin, hd);
-            const long at = row + (g * b->max_len + slot) * hd;
-            if (b->kv_half) {
-                to_half((unsigned short *)b->k_cache + at, k + g * hd, hd);
-                to_half((unsigned short *)b->v_cache + at, v + g * hd, hd);
-            } else {
-                memcpy((float *)b->k_cache + at, k + g * hd, sizeof(float) * hd);
-                memcpy((float *)b->v_cache + at, v + g * hd, sizeof(float) * hd);
-            }
-        }
-    }
+    for (long r = 0; r < R; r++)
+        for (long g = 0; g < nkv; g++)
+            rope_store(qkv, r, g, b, b->k_cache, b->v_cache, b->cos, b->sin, b->pos, b->max_len, T, pads,
+                       b->row_stride);
     mighty_attention(qkv, qkv_out, att, b->k_cache, b->v_cache, b->kv_half, nh, nkv, hd, b->max_len, b->pos, R, T,
                      pads, b->row_stride, threads);
     project_rows(&b->o, att, tmp, scratch, q_out, dim, R, threads);
@@ -673,25 +680,12 @@ static void norm_share(const float *x, const float *add, float *sum, float *row,
     }
 }
 
-/* RoPE of every row's queries and keys, the keys and values into the cache: this thread's (row, kv head) units */
+/* rope_store of this thread's (row, kv head) units */
 static void rope_share(float *qkv, const mighty_block *b, void *k_cache, void *v_cache, const float *cos,
                        const float *sin, long R, long T, const long *pads, long row_stride, long pos, long max_len) {
-    const long hd = b->head_dim, nkv = b->n_kv, group = b->n_heads / nkv, q_out = b->n_heads * hd;
-    const long qkv_out = q_out + 2 * nkv * hd, me = omp_get_thread_num(), team = omp_get_num_threads();
-    for (long u = R * nkv * me / team; u < R * nkv * (me + 1) / team; u++) {
-        const long r = u / nkv, g = u % nkv;
-        float *q = qkv + r * qkv_out, *k = q + q_out + g * hd, *v = q + q_out + nkv * hd + g * hd;
-        for (long j = g * group; j < (g + 1) * group; j++) rope(q + j * hd, cos + r * hd, sin + r * hd, hd);
-        rope(k, cos + r * hd, sin + r * hd, hd);
-        const long slot = pos + (pads ? r % T : r), at = (pads ? r / T * row_stride : 0) + (g * max_len + slot) * hd;
-        if (b->kv_half) {
-            to_half((unsigned short *)k_cache + at, k, hd);
-            to_half((unsigned short *)v_cache + at, v, hd);
-        } else {
-            memcpy((float *)k_cache + at, k, sizeof(float) * hd);
-            memcpy((float *)v_cache + at, v, sizeof(float) * hd);
-        }
-    }
+    const long nkv = b->n_kv, me = omp_get_thread_num(), team = omp_get_num_threads();
+    for (long u = R * nkv * me / team; u < R * nkv * (me + 1) / team; u++)
+        rope_store(qkv, u / nkv, u % nkv, b, k_cache, v_cache, cos, sin, pos, max_len, T, pads, row_stride);
 }
 
 /* silu(gate) * up of every row (gu: R rows of 2 ffn) -> act (R, ffn), rounded for product p */

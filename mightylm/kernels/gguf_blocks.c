@@ -1131,6 +1131,21 @@ static int tiled_shape(int type, long in, long out) {
            && out % TILE == 0;
 }
 
+/* Outputs o0 .. o1 of each of y's rows (rows, out): with 3 limbs, their products (yl: three rows of out a row of y)
+ * added as (y_a + y_b) + y_c; then the bias (which may be NULL) */
+static void limbs_and_bias(float *y, const float *yl, const float *bias, long rows, int limbs, long out, long o0,
+                           long o1) {
+    for (long r = 0; r < rows; r++) {
+        float *yr = y + r * out;
+        if (limbs == 3) {
+            const float *ya = yl + 3 * r * out, *yb = ya + out, *yc = yb + out;
+            for (long o = o0; o < o1; o++) yr[o] = (ya[o] + yb[o]) + yc[o];
+        }
+        if (bias)
+            for (long o = o0; o < o1; o++) yr[o] += bias[o];
+    }
+}
+
 /* y (rows, out) = x (rows, in) @ weights in tiles, each row of x as `limbs` rows of int8 activations (1:
  * quantize_x8; 3: quantize_x24, whose three products are added as (y_a + y_b) + y_c), + bias (which may be NULL) */
 static int gemm_tiled(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
@@ -1151,14 +1166,7 @@ static int gemm_tiled(const float *x, long rows, const unsigned char *T, int typ
                 x + r * in, in, xq + limbs * r * in, dx + limbs * r * blocks, xs + limbs * r * blocks);
         tile_product(xq, dx, xs, n, T, type, yl, in, out, nthreads);
     }
-    if (limbs == 3)
-        for (long r = 0; r < rows; r++) {
-            const float *ya = yl + 3 * r * out, *yb = ya + out, *yc = yb + out;
-            for (long o = 0; o < out; o++) y[r * out + o] = (ya[o] + yb[o]) + yc[o];
-        }
-    if (bias)
-        for (long r = 0; r < rows; r++)
-            for (long o = 0; o < out; o++) y[r * out + o] += bias[o];
+    limbs_and_bias(y, yl, bias, rows, limbs, out, 0, out);
     free(xq);
     free(dx);
     free(xs);
@@ -1213,15 +1221,7 @@ void region_round(const float *x, long in, long b0, long b1, int limbs, long r, 
     const long g0 = groups * me / team, g1 = groups * (me + 1) / team;                                             \
     float *y = limbs == 1 ? out_y : yl;                                                                            \
     TILE_GROUPS(tile_rows, g0, g1)                                                                                 \
-    for (long r = 0; r < x_rows; r++) {                                                                            \
-        float *yr = out_y + r * out;                                                                               \
-        if (limbs == 3) {                                                                                          \
-            const float *ya = yl + 3 * r * out, *yb = ya + out, *yc = yb + out;                                    \
-            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] = (ya[o] + yb[o]) + yc[o];                          \
-        }                                                                                                          \
-        if (bias)                                                                                                  \
-            for (long o = TILE * g0; o < TILE * g1; o++) yr[o] += bias[o];                                         \
-    }
+    limbs_and_bias(out_y, yl, bias, x_rows, limbs, out, TILE * g0, TILE * g1);
 
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
 static void region_product512(const signed char *xq, const float *dx, const int *xs, const float *dxs, long x_rows,
