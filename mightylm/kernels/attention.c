@@ -25,6 +25,18 @@ enum { KEYS = 8, MAX_QUERIES = 6, STRETCH = 128, PIECE = 4096 };
 #define F16C __attribute__((target("avx2,fma,f16c")))
 #define INLINE F16C __attribute__((always_inline)) static inline
 
+/* The cache of one layer is read once a pass, from L3 or memory, and its rows were not in L1 when the loops needed
+ * them: the scores' loop asks for the keys KEYS_AHEAD slots ahead, the values' loop for each value row VALUES_AHEAD
+ * slots ahead (SmolLM2 on the Intel VM, AVX-512: a pass of 1-9 rows after 200 / 1000 positions 1.01-1.05x /
+ * 1.04-1.11x faster, the attention alone after 1000 1.07-1.19x; 4 or 8 key blocks and 16 or 32 value rows ahead
+ * were slower; bench/RESULTS.md). Only the order of loads changes: the same bits. */
+enum { KEYS_AHEAD = 2 * KEYS, VALUES_AHEAD = 8 };
+
+/* the cache lines of n bytes from p, asked for ahead of their use */
+static inline __attribute__((always_inline)) void fetch(const void *p, long n) {
+    for (long k = 0; k < n; k += 64) _mm_prefetch((const char *)p + k, _MM_HINT_T0);
+}
+
 /* n values of the cache from element i as float32 (float16 widened) into y */
 INLINE void widen(float *y, const void *base, long i, long n, const int half) {
     if (!half) {
@@ -78,7 +90,7 @@ INLINE __m256 scores(const float *q, const float *K, long hd) {
 /* o[j][c0..cols) += sum over t in [a, b) of P[j][t] V[t][c0..cols) (V's rows hd floats apart) for n queries, 8 NV
  * columns at a time (n NV <= 12 accumulators): each load of V serves all n. Returns the first column not done. */
 INLINE long weigh(const float *P, long ldp, const float *V, long hd, long c0, long a, long b, float *o, const int n,
-                  const int NV) {
+                  const int NV, long stop) {
     long c = c0;
     for (; c + 8 * NV <= hd; c += 8 * NV) {
         __m256 acc[MAX_QUERIES][8];
@@ -86,6 +98,7 @@ INLINE long weigh(const float *P, long ldp, const float *V, long hd, long c0, lo
             for (int k = 0; k < NV; k++) acc[j][k] = _mm256_loadu_ps(o + j * hd + c + 8 * k);
         for (long t = a; t < b; t++) {
             __m256 v[8];
+            if (c == 0 && t + VALUES_AHEAD < stop) fetch(V + (t + VALUES_AHEAD) * hd, sizeof(float) * hd);
             for (int k = 0; k < NV; k++) v[k] = _mm256_loadu_ps(V + t * hd + c + 8 * k);
             for (int j = 0; j < n; j++) {
                 const __m256 p = _mm256_broadcast_ss(P + j * ldp + t);
@@ -100,8 +113,8 @@ INLINE long weigh(const float *P, long ldp, const float *V, long hd, long c0, lo
 
 #define WEIGH(N, NV)                                                                                               \
     do {                                                                                                           \
-        long c = weigh(p, ldp, Vp, hd, 0, t0, t1, oj, N, NV);                                                      \
-        c = weigh(p, ldp, Vp, hd, c, t0, t1, oj, N, 1);                                                            \
+        long c = weigh(p, ldp, Vp, hd, 0, t0, t1, oj, N, NV, stop);                                                \
+        c = weigh(p, ldp, Vp, hd, c, t0, t1, oj, N, 1, stop);                                                      \
         for (; c < hd; c++)  /* a head size that is not a multiple of 8 */                                         \
             for (int i = 0; i < N; i++)                                                                            \
                 for (long t = t0; t < t1; t++) oj[i * hd + c] += p[i * ldp + t] * Vp[t * hd + c];                  \
@@ -111,12 +124,13 @@ INLINE long weigh(const float *P, long ldp, const float *V, long hd, long c0, lo
  * output value takes the same multiply-adds in the same order as weigh's, so the same bits on both paths. */
 __attribute__((target("avx512f"), always_inline)) static inline
 void weigh16(const float *P, long ldp, const float *V, long hd, long c, long a, long b, float *o, const int n,
-             const int NV) {
+             const int NV, long stop) {
     __m512 acc[MAX_QUERIES][4];
     for (int j = 0; j < n; j++)
         for (int k = 0; k < NV; k++) acc[j][k] = _mm512_loadu_ps(o + j * hd + c + 16 * k);
     for (long t = a; t < b; t++) {
         __m512 v[4];
+        if (c == 0 && t + VALUES_AHEAD < stop) fetch(V + (t + VALUES_AHEAD) * hd, sizeof(float) * hd);
         for (int k = 0; k < NV; k++) v[k] = _mm512_loadu_ps(V + t * hd + c + 16 * k);
         for (int j = 0; j < n; j++) {
             const __m512 p = _mm512_set1_ps(P[j * ldp + t]);
@@ -130,8 +144,8 @@ void weigh16(const float *P, long ldp, const float *V, long hd, long c, long a, 
 #define WEIGH16(N)                                                                                                 \
     do {                                                                                                           \
         long c = 0;                                                                                                \
-        for (; c + 64 <= hd; c += 64) weigh16(p, ldp, V, hd, c, a, b, oj, N, 4);                                   \
-        for (; c < hd; c += 16) weigh16(p, ldp, V, hd, c, a, b, oj, N, 1);                                         \
+        for (; c + 64 <= hd; c += 64) weigh16(p, ldp, V, hd, c, a, b, oj, N, 4, stop);                             \
+        for (; c < hd; c += 16) weigh16(p, ldp, V, hd, c, a, b, oj, N, 1, stop);                                   \
     } while (0)
 
 /* o (n, hd) += the weights P times the values of slots [a, b), as weigh_queries' inner loop, on AVX-512: four
@@ -139,7 +153,7 @@ void weigh16(const float *P, long ldp, const float *V, long hd, long c, long a, 
  * hold the sums of only 16 columns for 6 queries: each value row was loaded four times). Out of line: the caller
  * is AVX2 code. */
 __attribute__((target("avx512f"), noinline))
-static void weigh512(const float *P, long ldp, const float *V, long hd, long a, long b, float *o, long n) {
+static void weigh512(const float *P, long ldp, const float *V, long hd, long a, long b, float *o, long n, long stop) {
     for (long j = 0; j < n; j += MAX_QUERIES) {
         const float *p = P + j * ldp;
         float *oj = o + j * hd;
@@ -161,6 +175,7 @@ INLINE void weigh_queries(const float *P, long ldp, const void *v_cache, long at
                           long n, const int half) {
     const long piece = hd < PIECE ? PIECE / hd : 1;
     float widened[half ? piece * hd : 1];
+    const long stop = half ? a : b;  /* the rows the values' loops fetch ahead (none from float16: widened in L1) */
     memset(o, 0, sizeof(float) * n * hd);
     for (long t0 = a; t0 < b; t0 += piece) {
         const long t1 = t0 + piece < b ? t0 + piece : b;
@@ -170,7 +185,7 @@ INLINE void weigh_queries(const float *P, long ldp, const void *v_cache, long at
             Vp = widened - t0 * hd;
         }
         if (mighty_isa_level && hd % 16 == 0) {
-            weigh512(P, ldp, Vp, hd, t0, t1, o, n);
+            weigh512(P, ldp, Vp, hd, t0, t1, o, n, stop);
             continue;
         }
         for (long j = 0; j < n; j += MAX_QUERIES) {
@@ -277,6 +292,8 @@ INLINE void attend(const work *w, const void *k_cache, const void *v_cache, long
     float block[KEYS * hd];
     for (long t = lo; t < B; t += KEYS) {
         const float *Kt = (const float *)k_cache + at + t * hd;
+        if (t + KEYS_AHEAD < B)  /* (float16: the stored halves, which widen reads) */
+            fetch((const char *)k_cache + (at + (t + KEYS_AHEAD) * hd) * (half ? 2 : 4), KEYS * hd * (half ? 2 : 4));
         if (half || t + KEYS > w->max_len) {
             const long n = t + KEYS > w->max_len ? w->max_len - t : KEYS;
             widen(block, k_cache, at + t * hd, n * hd, half);
