@@ -92,31 +92,10 @@ def policies(history_answers: list[list[int]]) -> dict:
     from mightylm.lookup import History, Lookup
 
     def history(order: int = 4, share: float = 0.5) -> History:
-        h = Relaxed(max_order=order, share=share)
+        h = History(max_order=order, share=share)
         for answer in history_answers:
             h.add(answer)
         return h
-
-    class Relaxed(History):  # History drafting while the top token followed at least `share` of the time
-        def __init__(self, max_order: int = 4, share: float = 0.5):
-            super().__init__(max_order)
-            self.share = share
-
-        def draft(self, context, gamma):
-            if self.share == 0.5:
-                return super().draft(context, gamma)
-            out, ctx = [], list(context[-self.max_order:])
-            while len(out) < gamma:
-                counts = next((c for n in range(min(self.max_order, len(ctx)), 0, -1)
-                               if (c := self.follows.get(tuple(ctx[-n:]))) is not None), None)
-                if counts is None:
-                    break
-                token, count = max(counts.items(), key=lambda kv: kv[1])
-                if count < self.share * sum(counts.values()):
-                    break
-                out.append(token)
-                ctx = ctx[1:] + [token] if len(ctx) == self.max_order else ctx + [token]
-            return out
 
     def one(lookup):
         return lambda context, gamma: [d] if (d := lookup.draft(context, gamma)[0]) else []

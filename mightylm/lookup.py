@@ -12,13 +12,14 @@ from mightylm.errors import UsageError
 class History:
     """What the model wrote before (earlier answers of a session, or a file of them), as next-token counts after
     each context of 1 .. `max_order` tokens. It drafts, token by token, the most frequent continuation of the
-    longest context it has seen, while that continuation followed the context at least half the time. Fed to
-    Lookup, it drafts where the text itself has no match: a model repeats its own idioms across answers (greedy
-    HumanEval completions, 76 other problems' answers as the history, int8 on an AVX2 CPU: held-out problems 1.47x
-    -> 1.62x plain decoding on the lite path; bench/RESULTS.md). A draft only proposes: the output is unchanged."""
+    longest context it has seen, while that continuation followed the context at least `share` of the time (half;
+    looser shares drafted more and gained nothing, bench/lookup_replay.py). Fed to Lookup, it drafts where the text
+    itself has no match: a model repeats its own idioms across answers (greedy HumanEval completions, 76 other
+    problems' answers as the history, int8 on an AVX2 CPU: held-out problems 1.47x -> 1.62x plain decoding on the lite
+    path; bench/RESULTS.md). A draft only proposes: the output is unchanged."""
 
-    def __init__(self, max_order: int = 4, limit: int | None = None):
-        self.max_order, self.limit = max_order, limit
+    def __init__(self, max_order: int = 4, limit: int | None = None, share: float = 0.5):
+        self.max_order, self.limit, self.share = max_order, limit, share
         self.follows: dict[tuple[int, ...], dict[int, int]] = {}  # context -> {next token: count}
         self.tokens = 0
 
@@ -41,7 +42,7 @@ class History:
             if counts is None:
                 break
             token, count = max(counts.items(), key=lambda kv: kv[1])
-            if 2 * count < sum(counts.values()):
+            if count < self.share * sum(counts.values()):
                 break
             out.append(token)
             ctx = ctx[1:] + [token] if len(ctx) == self.max_order else ctx + [token]

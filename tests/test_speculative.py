@@ -156,6 +156,9 @@ def test_history_drafts_what_followed_the_longest_context_most_often():
     for last in (1, 2, 9):
         history.add([0, 3, last])
     assert history.draft([5, 0, 3], 1) == []  # after [0, 3] (the longest seen) three tokens once each: under half
+    history.share = 0.3  # a looser share drafts it: the first of the three, a third each
+    assert history.draft([5, 0, 3], 1) == [1]
+    history.share = 0.5
     look = PromptLookup(max_ngram=4, history=history)
     greedy = Sampling(temperature=0)
     assert look.propose([4, 7, 1, 2, 4, 7], 4, greedy)[0] == [1, 2]  # the text's own match comes first
