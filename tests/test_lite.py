@@ -88,6 +88,29 @@ def test_int8_activations_on_the_lite_path_are_the_torch_paths_arithmetic(qtype,
     assert not np.allclose(plain.forward(prompt, plain.cache(30), 0), ours[0], atol=1e-3)  # the rounding is there
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_the_weights_move_into_one_buffer_after_loading(kernel_path, int8, tmp_path, bpe_tokenizer, monkeypatch):
+    """Every weight the model copied (tiles or fields, the tied head's too where it is one) lies in one buffer, in
+    pass order on 64-byte boundaries, and the logits are those of the weights where loading made them."""
+    from mightylm.lite import LiteModel, load_lite
+
+    hf = make_hf_model("qwen2", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)  # (biases: not moved)
+    write_gguf(hf, bpe_tokenizer, tmp_path / "m.gguf", Q.Q4_1)
+    packed, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=int8)
+    monkeypatch.setattr(LiteModel, "_pack_weights", lambda self: None)
+    loose, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=int8)
+    buffer = packed.keep[-1]
+    start, end = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
+    weights = [getattr(b, name).w for b in packed.blocks for name in ("qkv", "o", "gate_up", "down")]
+    if packed.head_layout != "stored":  # (a head multiplied as the file stores it is read in place: it stays)
+        weights.append(packed.head_weight.ctypes.data)
+    assert weights == sorted(weights) and all(start <= w < end and w % 64 == 0 for w in weights)
+    assert not any(start <= getattr(b, name).w < end for b in loose.blocks for name in ("qkv", "o", "gate_up", "down"))
+    prompt = torch.randint(0, packed.config.vocab_size, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    np.testing.assert_array_equal(packed.forward_rows(prompt[:9], packed.cache(20), 0),
+                                  loose.forward_rows(prompt[:9], loose.cache(20), 0))
+
+
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.7), dict(temperature=1.3, top_k=5),
                                       dict(temperature=0.9, top_p=0.6), dict(temperature=1.0, top_k=12, top_p=0.8)],
                          ids=["greedy", "temperature", "top-k", "top-p", "top-k-and-top-p"])
