@@ -175,16 +175,15 @@ class LiteModel:
         """Move every weight this model copied (tiles, fields; not those read in place from the file) into one buffer
         made after loading, in pass order on 64-byte boundaries, and give the memory the copies leave back to the
         OS (glibc's malloc_trim, every PACK_TRIM bytes moved, so resident memory stays near the weights' size).
-        SmolLM2-135M in int8 on the Intel VM, 8 pairs of processes alternated: one-row passes 1.05-1.20x faster
-        (median 1.13x), 3-row passes 1.02-1.14x, resident memory 189 -> 197 MB. Weights made one by one among the
-        load's temporaries had sat in scattered memory; numpy also asks for huge pages for the one large buffer.
-        Placing each weight in 32 MiB buffers as it was made measured 0.97-1.13x (bench/RESULTS.md)."""
+        SmolLM2-135M in int8 on the Intel VM, 8 pairs of processes alternated: one-row passes 1.00-1.39x faster
+        (median 1.09x), 3-row passes 0.96-1.32x (median 1.07x), resident memory 189 -> 197 MB, peak unchanged. Why
+        is not established: numpy asks for huge pages for the one buffer, but placing each weight in 32 MiB buffers
+        as it was made got them too and measured 0.97-1.13x (bench/RESULTS.md)."""
         projections = [getattr(b, name) for b in self.blocks for name in ("qkv", "o", "gate_up", "down")]
         pointers = {p.w for p in projections}
         moving = [a for a in self.keep if isinstance(a, np.ndarray) and a.flags.writeable and a.ctypes.data in pointers]
         if self.head_weight.flags.writeable:  # (the stored rows of the file are read-only views: they stay)
             moving.append(self.head_weight)
-        moving = list({a.ctypes.data: a for a in moving}.values())  # (a tied head may be listed twice)
         if not moving:
             return
         sizes = [(a.nbytes + 63) // 64 * 64 for a in moving]
