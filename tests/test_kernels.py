@@ -197,6 +197,55 @@ def test_int8_activation_products_equal_their_integer_arithmetic(isa, kernel_pat
         tile_blocks(raw[:40], 3)  # 40 rows: not whole tiles
 
 
+def _greedy(lib, x: torch.Tensor, tiles: torch.Tensor, ggml_type: int, out: int) -> list[int] | None:
+    best = torch.empty(len(x), dtype=torch.long)
+    if lib.mighty_gemm_ggml_q8x_best(x.data_ptr(), len(x), tiles.data_ptr(), ggml_type, x.shape[1], out,
+                                     torch.get_num_threads(), best.data_ptr()):
+        return None
+    return best.tolist()
+
+
+def test_the_greedy_head_finds_each_rows_first_largest_without_writing_its_outputs(isa, kernel_path):
+    """mighty_gemm_ggml_q8x_best (lite's greedy head) on each path: each row's index of the largest output of the
+    int8-activation product, found while the tiles make them (each thread's groups 64 at a time), is numpy's argmax
+    of the product's outputs: 1 to 16 rows, every tiled type, ties at the largest (the first wins, within a thread's
+    batch of groups and across threads) and a NaN output (numpy's argmax gives the first NaN). Q6_K and more than 16
+    rows are refused."""
+    from mightylm.compress.gguf_blocks import BLOCKS, tile_blocks
+
+    torch.manual_seed(4)
+    lib, out, n_in = kernels.gemv_library(), 16 * 300, 64  # 300 tiles: 150 a thread, in batches of 64, 64, 22
+    isa(kernel_path)
+    for ggml_type in (8, 2, 3, 6):
+        size = BLOCKS[ggml_type][1]
+        raw = torch.randint(0, 256, (out, n_in // 32, size), dtype=torch.uint8)
+        scales = (torch.rand(out, n_in // 32, 2) / 50).half().view(torch.uint8).view(out, n_in // 32, 4)
+        raw[..., :4 if ggml_type == 3 else 2] = scales[..., :4 if ggml_type == 3 else 2]
+        tiles = tile_blocks(raw.view(out, -1), ggml_type)
+        for rows in (1, 2, 3, 5, 8, 9, 16):
+            x = torch.randn(rows, n_in)
+            logits = ops.matmul_ggml(x, tiles, ggml_type, out, None, activations="int8")
+            assert _greedy(lib, x, tiles, ggml_type, out) == logits.numpy().argmax(-1).tolist(), (ggml_type, rows)
+    raw = torch.randint(0, 256, (out, n_in // 32, 34), dtype=torch.uint8)  # Q8_0: codes below 100, d 0.01 or less
+    raw[..., 2:] %= 100
+    raw[..., :2] = (torch.rand(out, n_in // 32, 1) / 100).half().view(torch.uint8)
+    for row in (1000, 1010, 3000):  # the same largest output in three rows: 1000 and 1010 in one batch of groups
+        raw[row, :, 2:], raw[row, :, :2] = 100, torch.tensor([1.0]).half().view(torch.uint8)
+    x = torch.rand(3, n_in) + 0.5  # positive: rows 1000, 1010 and 3000 the largest
+    logits = ops.matmul_ggml(x, tile_blocks(raw.view(out, -1), 8), 8, out, None, activations="int8")
+    assert bool((logits[:, 1000] == logits[:, 3000]).all()) and _greedy(lib, x, tile_blocks(raw.view(out, -1), 8),
+                                                                        8, out) == [1000] * 3
+    raw[2500, 0, :2] = torch.tensor([float("nan")]).half().view(torch.uint8)  # one output NaN: it wins
+    raw[4000, 0, :2] = torch.tensor([float("nan")]).half().view(torch.uint8)
+    tiles = tile_blocks(raw.view(out, -1), 8)
+    logits = ops.matmul_ggml(x, tiles, 8, out, None, activations="int8")
+    assert logits[:, 2500].isnan().all() and logits.numpy().argmax(-1).tolist() == [2500] * 3
+    assert _greedy(lib, x, tiles, 8, out) == [2500] * 3
+    assert _greedy(lib, torch.randn(17, n_in), tiles, 8, out) is None  # more rows than a pass has: refused
+    q6 = tile_blocks(torch.randint(0, 256, (out, 210), dtype=torch.uint8), 14)
+    assert _greedy(lib, torch.randn(1, 256), q6, 14, out) is None
+
+
 LIMBS_TOP = 127 * (255 * 255 + 255 + 1)  # gguf_blocks.c: a block's largest |x| becomes this integer
 
 

@@ -68,9 +68,12 @@ def test_int8_activations_on_the_lite_path_are_the_torch_paths_arithmetic(qtype,
     """With int8 activations every product (the tied head too) runs on tiles, and the logits equal the torch path's
     int8 model's once both read the same RoPE table. (Each computes its table with its own library's cosine, which
     differ in the last bit for ~10 % of entries; rounding activations to 8 bits can amplify that, so on their own
-    tables the two can part at near-ties, as both do from llama.cpp.)"""
+    tables the two can part at near-ties, as both do from llama.cpp.) Greedy tokens, taken from the head's own
+    argmax, are the logits' argmax, with prompt lookup too."""
     from mightylm.kernels import Projection
-    from mightylm.lite import load_lite
+    from mightylm.lite import load_lite, speculative_tokens
+    from mightylm.lite import stream_tokens as lite_tokens
+    from mightylm.lookup import Lookup
     from mightylm.model import rope_cos_sin
 
     hf = make_hf_model("llama", vocab_size=bpe_tokenizer.vocab_size, rope_scaling=None)
@@ -84,6 +87,15 @@ def test_int8_activations_on_the_lite_path_are_the_torch_paths_arithmetic(qtype,
     prompt = torch.randint(0, lite.config.vocab_size, (20,), generator=torch.Generator().manual_seed(2)).tolist()
     ours, theirs = _logits_side_by_side(lite, model, prompt, 6)
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # greedy decoding takes each token from the head's own argmax (LiteModel.greedy): the logits' argmax
+    greedy = Sampling(max_new_tokens=10, temperature=0)
+    cache = lite.cache(30)
+    expected = [int(lite.forward(prompt, cache, 0).argmax())]
+    for step in range(9):
+        expected.append(int(lite.forward(expected[-1:], cache, len(prompt) + step).argmax()))
+    assert list(lite_tokens(lite, prompt, greedy)) == expected
+    assert list(speculative_tokens(lite, prompt + expected[:6], greedy, Lookup(), 4, every_draft=True)) == \
+        list(lite_tokens(lite, prompt + expected[:6], greedy))
     plain, _ = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO())
     assert not np.allclose(plain.forward(prompt, plain.cache(30), 0), ours[0], atol=1e-3)  # the rounding is there
 
@@ -289,8 +301,8 @@ def test_a_chat_session_reads_only_each_turns_new_tokens(tmp_path, bpe_tokenizer
     lite, tokenizer = load_lite(str(tmp_path / "m.gguf"), log=io.StringIO(), int8_activations=True)
     greedy = Sampling(max_new_tokens=8, temperature=0)
     session, read = Session(lite), []
-    forward = lite.forward
-    lite.forward = lambda ids, cache, start: read.append((start, len(ids))) or forward(ids, cache, start)
+    hidden = lite.hidden
+    lite.hidden = lambda ids, cache, start: read.append((start, len(ids))) or hidden(ids, cache, start)
     first = tokenizer.encode("the cat sat on the mat")
     reply = list(lite_tokens(lite, first, greedy, session=session))
     assert session.ids == first + reply[:-1] and read[0] == (0, len(first))
@@ -299,7 +311,7 @@ def test_a_chat_session_reads_only_each_turns_new_tokens(tmp_path, bpe_tokenizer
     again = list(lite_tokens(lite, second, greedy, session=session))
     assert session.reused == len(first) + len(reply) - 1 and read[0] == (session.reused, len(second) - session.reused)
     assert session.cache.length >= len(second) + 8  # grown from the first turn's
-    lite.forward = forward
+    lite.hidden = hidden
     assert again == list(lite_tokens(lite, second, greedy))  # as if read whole
     third = second[:5] + tokenizer.encode(" a bird")  # parts from the cache at token 5
     assert list(speculative_tokens(lite, third, greedy, Lookup(), 4, session=session)) == \

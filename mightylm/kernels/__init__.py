@@ -133,6 +133,9 @@ def build_library(include: Path | None = None) -> ctypes.CDLL | None:
     lib.mighty_ggml_rows.restype = ctypes.c_int
     lib.mighty_ggml_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
                                      ctypes.c_long, ctypes.c_void_p]
+    lib.mighty_gemm_ggml_q8x_best.restype = ctypes.c_int
+    lib.mighty_gemm_ggml_q8x_best.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int,
+                                              ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p]
     lib.mighty_gemm_sparse24.restype = None
     lib.mighty_gemm_sparse24.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + [
         ctypes.c_long, ctypes.c_long, ctypes.c_int]

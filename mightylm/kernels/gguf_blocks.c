@@ -861,36 +861,129 @@ void tile_rows256(const signed char *xq, const float *dx, const int *xs, const f
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
     TILE_GROUPS(tile_rows, 0, groups)
 
-#define TILE_GROUPS(tile_rows, g0, g1)                                                                             \
+#define TILE_GROUPS(tile_rows, g0, g1) TILE_GROUPS_INTO(tile_rows, g0, g1, y, out, 0)
+
+/* The same into Y: group g's outputs of row r at Y + r LDY + TILE (g - G0) */
+#define TILE_GROUPS_INTO(tile_rows, g0, g1, Y, LDY, G0)                                                            \
     for (long g = g0; g < g1; g++) {                                                                               \
         const unsigned char *tg = T + g * blocks * tile_bytes(type);                                               \
         for (long r = 0; r < rows; r += 8) {                                                                       \
             const signed char *xr = xq + r * in;                                                                   \
             const float *dr = dx + r * blocks, *sr = dxs + r * blocks;                                             \
             const int *nr = xs + r * blocks;                                                                       \
-            float *yr = y + r * out + TILE * g;                                                                    \
+            float *yr = (Y) + r * (LDY) + TILE * (g - (G0));                                                       \
             const int n = rows - r < 8 ? (int)(rows - r) : 8;                                                      \
-            TILE_CASES(tile_rows, Q8_0) else TILE_CASES(tile_rows, Q4_0) else TILE_CASES(tile_rows, Q4_1)          \
-            else TILE_CASES(tile_rows, Q5_0)                                                                       \
+            TILE_CASES(tile_rows, Q8_0, LDY) else TILE_CASES(tile_rows, Q4_0, LDY)                                 \
+            else TILE_CASES(tile_rows, Q4_1, LDY) else TILE_CASES(tile_rows, Q5_0, LDY)                            \
         }                                                                                                          \
     }
 
-#define TILE_CASES(tile_rows, TYPE)                                                                                \
+#define TILE_CASES(tile_rows, TYPE, ldy)                                                                           \
     if (type == TYPE) switch (n) {                                                                                 \
-        case 8: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 8); break;                               \
-        case 7: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 7); break;                               \
-        case 6: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 6); break;                               \
-        case 5: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 5); break;                               \
-        case 4: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 4); break;                               \
-        case 3: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 3); break;                               \
-        case 2: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 2); break;                               \
-        default: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, out, 1);                                     \
+        case 8: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 8); break;                               \
+        case 7: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 7); break;                               \
+        case 6: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 6); break;                               \
+        case 5: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 5); break;                               \
+        case 4: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 4); break;                               \
+        case 3: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 3); break;                               \
+        case 2: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 2); break;                               \
+        default: tile_rows(xr, dr, nr, sr, in, tg, TYPE, blocks, yr, ldy, 1);                                     \
+    }
+
+/* ---- Each row's largest output, found as the tiles make them (greedy decoding's argmax) ----
+ * best[r] = the index of the first largest of row r's outputs, or of its first NaN (numpy's argmax), without
+ * writing the outputs: each thread makes its share of the groups of tiles BEST_GROUPS at a time into a small buffer
+ * and finds their largest while they sit in L1, then one thread combines the threads' answers. SmolLM2's head wrote
+ * 49,152 logits a row (196 KB) that numpy's argmax read back afterwards, from L3 and the other core's cache: ~25 us a
+ * row (the head and its argmax 31-37 us faster this way at 1-5 rows; bench/RESULTS.md). */
+enum { BEST_GROUPS = 64, BEST_WIDTH = BEST_GROUPS * TILE, BEST_ROWS = 16 };
+
+/* The index of the first largest of y[0..n) (of its first NaN where there is one), and that value in *top: the
+ * largest in four chains of vector maxima, then the first lane equal to it */
+__attribute__((target("avx2"))) static long first_largest(const float *y, long n, float *top) {
+    __m256 m[4] = {_mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY),
+                   _mm256_set1_ps(-INFINITY)};
+    __m256 nan = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int k = 0; k < 4; k++) {
+            const __m256 v = _mm256_loadu_ps(y + i + 8 * k);
+            m[k] = _mm256_max_ps(m[k], v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+    float lanes[8], largest = -INFINITY;
+    _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+    for (int k = 0; k < 8; k++) largest = lanes[k] > largest ? lanes[k] : largest;
+    int has_nan = _mm256_movemask_ps(nan) != 0;
+    for (long j = i; j < n; j++) {
+        has_nan |= y[j] != y[j];
+        largest = y[j] > largest ? y[j] : largest;
+    }
+    const __m256 want = _mm256_set1_ps(largest);
+    for (long j = 0; j + 8 <= n; j += 8) {  /* the first lane equal to the largest (with a NaN: unordered) */
+        const __m256 v = _mm256_loadu_ps(y + j);
+        const int hit = _mm256_movemask_ps(has_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)
+                                                   : _mm256_cmp_ps(v, want, _CMP_EQ_OQ));
+        if (hit) {
+            *top = y[j + __builtin_ctz(hit)];
+            return j + __builtin_ctz(hit);
+        }
+    }
+    for (long j = n / 8 * 8; j < n; j++)
+        if (has_nan ? y[j] != y[j] : y[j] == largest) {
+            *top = y[j];
+            return j;
+        }
+    *top = largest;
+    return 0;
+}
+
+/* (top, at) of the outputs so far replaced by a later part's (value, index) where that is larger, or a NaN (the
+ * first NaN stays) */
+static inline void keep_larger(float *top, long *at, float value, long index) {
+    if (*at < 0 || (*top == *top && (value != value || value > *top))) {
+        *top = value;
+        *at = index;
+    }
+}
+
+#define BEST_TILES(tile_rows)                                                                                      \
+    const long blocks = in / 32, groups = out / TILE;                                                              \
+    float top[nthreads * rows];                                                                                    \
+    long at[nthreads * rows];                                                                                      \
+    _Pragma("omp parallel num_threads(nthreads)")                                                                  \
+    {                                                                                                              \
+        const long me = omp_get_thread_num(), team = omp_get_num_threads(), q = groups / team, extra = groups % team;\
+        const long first = me * q + (me < extra ? me : extra), last = first + q + (me < extra);                    \
+        float chunk[rows * BEST_WIDTH];  /* this thread's outputs of up to BEST_GROUPS groups (rows <= BEST_ROWS) */\
+        for (long r = 0; r < rows; r++) at[me * rows + r] = -1;                                                    \
+        for (long c = first; c < last; c += BEST_GROUPS) {                                                         \
+            const long c1 = c + BEST_GROUPS < last ? c + BEST_GROUPS : last;                                       \
+            TILE_GROUPS_INTO(tile_rows, c, c1, chunk, BEST_WIDTH, c)                                               \
+            for (long r = 0; r < rows; r++) {                                                                      \
+                float value;                                                                                       \
+                const long i = TILE * c + first_largest(chunk + r * BEST_WIDTH, TILE * (c1 - c), &value);          \
+                keep_larger(top + me * rows + r, at + me * rows + r, value, i);                                    \
+            }                                                                                                      \
+        }                                                                                                          \
+        _Pragma("omp barrier")                                                                                     \
+        _Pragma("omp master")                                                                                      \
+        for (long r = 0; r < rows; r++) {                                                                          \
+            float value = 0.0f;                                                                                    \
+            best[r] = -1;                                                                                          \
+            for (long t = 0; t < team; t++)                                                                        \
+                if (at[t * rows + r] >= 0) keep_larger(&value, best + r, top[t * rows + r], at[t * rows + r]);     \
+        }                                                                                                          \
     }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
 static void gemm_tiles512(const signed char *xq, const float *dx, const int *xs, const float *dxs, long rows,
-                          const unsigned char *T, int type, float *y, long in, long out, int nthreads) {
-    GEMM_TILES(tile_rows512)
+                          const unsigned char *T, int type, float *y, long in, long out, int nthreads, long *best) {
+    if (best) {
+        BEST_TILES(tile_rows512)
+    } else {
+        GEMM_TILES(tile_rows512)
+    }
 }
 
 static void quantize_x24(const float *x, long in, signed char *xq, float *dx, int *xs);
@@ -919,8 +1012,12 @@ static void gemm_int24_rows512(const float *x, long x_rows, signed char *xq, flo
 
 __attribute__((target("avx2,fma,f16c")))
 static void gemm_tiles256(const signed char *xq, const float *dx, const int *xs, const float *dxs, long rows,
-                          const unsigned char *T, int type, float *y, long in, long out, int nthreads) {
-    GEMM_TILES(tile_rows256)
+                          const unsigned char *T, int type, float *y, long in, long out, int nthreads, long *best) {
+    if (best) {
+        BEST_TILES(tile_rows256)
+    } else {
+        GEMM_TILES(tile_rows256)
+    }
 }
 
 /* Q6_K with activations rounded to 8 bits (per block of 32, as above), over its super-blocks in tiles of 16 rows
@@ -1112,16 +1209,16 @@ static void quantize_x24(const float *x, long in, signed char *xq, float *dx, in
 }
 
 /* The tiles' product of `rows` rows of activations already in int8 (xq, dx, xs per block, as quantize_x8 and
- * quantize_x24 make them) -> y (rows, out), on the current kernel path */
+ * quantize_x24 make them) -> y (rows, out), on the current kernel path; with `best` (not Q6_K), each row's argmax */
 static void tile_product(signed char *xq, float *dx, int *xs, long rows, const unsigned char *T, int type, float *y,
-                         long in, long out, int nthreads) {
+                         long in, long out, int nthreads, long *best) {
     const long blocks = in / 32;
     float *dxs = malloc(sizeof(float) * rows * blocks);
     for (long i = 0; i < rows * blocks; i++) dxs[i] = dx[i] * (float)xs[i];
     if (type == Q6_K || !mighty_isa_level) by_block(xq, dx, xs, dxs, rows, in);  /* the AVX2 loops' order */
     if (type == Q6_K) q6k_gemm_tiles(xq, dx, rows, T, y, in, out, nthreads);
-    else if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
-    else gemm_tiles256(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads);
+    else if (mighty_isa_level) gemm_tiles512(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads, best);
+    else gemm_tiles256(xq, dx, xs, dxs, rows, T, type, y, in, out, nthreads, best);
     free(dxs);
 }
 
@@ -1147,9 +1244,10 @@ static void limbs_and_bias(float *y, const float *yl, const float *bias, long ro
 }
 
 /* y (rows, out) = x (rows, in) @ weights in tiles, each row of x as `limbs` rows of int8 activations (1:
- * quantize_x8; 3: quantize_x24, whose three products are added as (y_a + y_b) + y_c), + bias (which may be NULL) */
+ * quantize_x8; 3: quantize_x24, whose three products are added as (y_a + y_b) + y_c), + bias (which may be NULL);
+ * with `best` (limbs 1, no bias, not Q6_K: y is then the tiles' own output), each row's argmax too */
 static int gemm_tiled(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
-                      long in, long out, int nthreads, int limbs) {
+                      long in, long out, int nthreads, int limbs, long *best) {
     if (!tiled_shape(type, in, out)) return -1;
     if (nthreads < 1) nthreads = 1;
     const long blocks = in / 32, n = limbs * rows;
@@ -1164,9 +1262,9 @@ static int gemm_tiled(const float *x, long rows, const unsigned char *T, int typ
         for (long r = 0; r < rows; r++)
             (limbs == 3 ? quantize_x24 : mighty_isa_level ? quantize_x8_512 : quantize_x8)(
                 x + r * in, in, xq + limbs * r * in, dx + limbs * r * blocks, xs + limbs * r * blocks);
-        tile_product(xq, dx, xs, n, T, type, yl, in, out, nthreads);
+        tile_product(xq, dx, xs, n, T, type, yl, in, out, nthreads, best);
     }
-    limbs_and_bias(y, yl, bias, rows, limbs, out, 0, out);
+    if (!best) limbs_and_bias(y, yl, bias, rows, limbs, out, 0, out);
     free(xq);
     free(dx);
     free(xs);
@@ -1248,7 +1346,16 @@ void region_product(const signed char *xq, const float *dx, const int *xs, const
  * Returns -1, having written nothing, for another type or shape. */
 int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                          long in, long out, int nthreads) {
-    return gemm_tiled(x, rows, T, type, bias, y, in, out, nthreads, 1);
+    return gemm_tiled(x, rows, T, type, bias, y, in, out, nthreads, 1, NULL);
+}
+
+/* Each row's greedy token of mighty_gemm_ggml_q8x's product (no bias): best[r] = the index of the first largest of
+ * output row r (or of its first NaN: numpy's argmax), the outputs themselves never written (BEST_TILES). Returns
+ * -1, having written nothing, for Q6_K, more than BEST_ROWS rows, or what mighty_gemm_ggml_q8x refuses. */
+int mighty_gemm_ggml_q8x_best(const float *x, long rows, const unsigned char *T, int type, long in, long out,
+                              int nthreads, long *best) {
+    if (type == Q6_K || rows > BEST_ROWS) return -1;
+    return gemm_tiled(x, rows, T, type, NULL, NULL, in, out, nthreads, 1, best);
 }
 
 /* The same product with x in 24 bits (quantize_x24): three rows of limbs per row of x through the same tiles. The
@@ -1256,7 +1363,7 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
  * conversion and multiply-add per weight. */
 int mighty_gemm_ggml_int24(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                            long in, long out, int nthreads) {
-    return gemm_tiled(x, rows, T, type, bias, y, in, out, nthreads, 3);
+    return gemm_tiled(x, rows, T, type, bias, y, in, out, nthreads, 3, NULL);
 }
 
 
@@ -1343,3 +1450,4 @@ int mighty_ggml_rows(const unsigned char *W, long n_rows, int type, const long *
     }
     return 0;
 }
+

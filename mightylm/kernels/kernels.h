@@ -258,6 +258,9 @@ int mighty_gemm_ggml_q8x(const float *x, long rows, const unsigned char *T, int 
 int mighty_gemm_ggml_int24(const float *x, long rows, const unsigned char *T, int type, const float *bias, float *y,
                            long in, long out, int nthreads);
 
+int mighty_gemm_ggml_q8x_best(const float *x, long rows, const unsigned char *T, int type, long in, long out,
+                              int nthreads, long *best);
+
 void mighty_gemm_sparse24(const float *x, long rows, const float *values, const unsigned char *index,
                           const float *bias, float *y, long in, long out, int nthreads);
 
