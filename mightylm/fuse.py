@@ -31,7 +31,6 @@ or detaches the fused copy; call `unfuse_projections_` first.
 from __future__ import annotations
 
 import ctypes
-import functools
 import re
 import weakref
 
@@ -43,7 +42,8 @@ from mightylm.compress.gguf_blocks import GGUFLinear, gguf_linear, widen_
 from mightylm.compress.nf4 import NF4_LEVELS, NF4Linear, dequantize_absmax, dequantize_nf4
 from mightylm.compress.quantize import Int4Linear, Int8Linear, dequantize_int4
 from mightylm.compress.sparse24 import Sparse24Linear, sparse24_linear
-from mightylm.kernels import TILED, BlockArgs, LoraTerm, Projection, common_type, gemv_library
+from mightylm.kernels import (TILED, BlockArgs, LoraTerm, Projection, common_type, gemv_library,
+                              give_back_freed_memory)
 from mightylm.kernels.ops import float_rows, gemv_int4, gemv_int8, gemv_nf4, linear
 from mightylm.model import MLP, Attention, KVCache, KVRows, RMSNorm, Transformer
 from mightylm.moe import MoE
@@ -528,24 +528,6 @@ def _swap_linear(parent: nn.Module, name: str, cls: type[nn.Linear], weight: nn.
     setattr(parent, name, new)
 
 
-def _give_back_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc's malloc_trim). Each re-laid weight frees the old copy, but
-    glibc keeps freed chunks of a few MB in its heap, so without this the decode layout would hold both copies'
-    worth of resident memory (measured on SmolLM2-135M: 1017 MiB resident after fusing, 765 MiB with it)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl, macOS): nothing to do
-        return None
-
-
 def _lora_apart(model: Transformer) -> dict[str, LoRALinear]:
     """The blocks' unmerged LoRA layers over kept GGUF blocks or 2:4 weights (a generation's --adapter), each
     replaced by its base layer, so that the layout fuses the bases; `_lora_back` puts them back."""
@@ -596,14 +578,14 @@ def fuse_projections_(model: Transformer) -> list[str]:
             module.fused_gate_up = _fusion([module.gate_proj, module.up_proj])
             if module.fused_gate_up is not None:
                 converted.append(f"{name}.gate_up")
-                _give_back_freed_memory()  # once per block: the peak stays near one copy of the weights
+                give_back_freed_memory()  # once per block: the peak stays near one copy of the weights
     for parent_name, parent in list(model.named_modules()):
         for name in ("o_proj", "down_proj") + (("gate",) if isinstance(parent, MoE) else ()):  # MoE: the router
             child = getattr(parent, name, None)
             if _plain(child):
                 _swap_linear(parent, name, DecodeLinear, _param(_input_major([child.weight]), child.weight))
                 converted.append(f"{parent_name}.{name}")
-        _give_back_freed_memory()
+        give_back_freed_memory()
     for i, block in enumerate(model.layers):
         if block.fused_decode is None and (native := _native_block(block, model.config)) is not None:
             block.fused_decode = native
@@ -620,7 +602,7 @@ def fuse_projections_(model: Transformer) -> list[str]:
             _swap_linear(model, "lm_head", DecodeLinear, _param(_input_major([model.lm_head.weight]), model.lm_head.weight))
         converted.append("lm_head")
     _lora_back(model, lora)
-    _give_back_freed_memory()
+    give_back_freed_memory()
     return converted
 
 

@@ -45,7 +45,8 @@ from mightylm.checkpoint.names import unpermute_qk
 from mightylm.draft_width import PassCost, Widths
 from mightylm.errors import UsageError
 from mightylm.kernels import (FIELDS, TILED, TILED_GEMM, BlockArgs, Projection, as_fields, as_q8_0, common_type,
-                              float_arithmetic, gemv_library, int8_layout, physical_cores, tile_rows)
+                              float_arithmetic, gemv_library, give_back_freed_memory, int8_layout, physical_cores,
+                              tile_rows)
 from mightylm.streaming import Sampling, cached_prefix
 
 NATIVE_ROWS = 16  # tokens of a prompt per pass, as fuse.NATIVE_ROWS: each projection reads its blocks once for them
@@ -174,7 +175,7 @@ class LiteModel:
     def _pack_weights(self) -> None:
         """Move every weight this model copied (tiles, fields; not those read in place from the file) into one buffer
         made after loading, in pass order on 64-byte boundaries, and give the memory the copies leave back to the
-        OS (glibc's malloc_trim, every PACK_TRIM bytes moved, so resident memory stays near the weights' size).
+        OS (give_back_freed_memory, every PACK_TRIM bytes moved, so resident memory stays near the weights' size).
         SmolLM2-135M in int8 on the Intel VM, 8 pairs of processes alternated: one-row passes 1.00-1.39x faster
         (median 1.09x), 3-row passes 0.96-1.32x (median 1.07x), resident memory 189 -> 197 MB, peak unchanged. Why
         is not established: numpy asks for huge pages for the one buffer, but placing each weight in 32 MiB buffers
@@ -201,7 +202,7 @@ class LiteModel:
                 self.head_weight = copy
             del a  # (the last reference: the original is freed)
             if since_trim >= PACK_TRIM or not moving:
-                _trim()
+                give_back_freed_memory()
                 since_trim = 0
         for p in projections:
             if p.w in moved:
@@ -288,14 +289,6 @@ def _arithmetic(int8_activations: bool, kind: int | None, rows: list[int]) -> st
 
 
 PACK_TRIM = 16 << 20  # bytes of weights moved between two returns of freed memory to the OS (_pack_weights)
-
-
-def _trim() -> None:
-    """Give the memory glibc's heap holds free back to the OS (malloc_trim; nothing elsewhere)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        pass
 
 
 def _zeros64(shape: tuple, dtype) -> np.ndarray:

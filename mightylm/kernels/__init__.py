@@ -18,6 +18,7 @@ Without a compiler, AVX2/FMA or x86-64, or with MIGHTYLM_NO_KERNELS=1, everythin
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -485,6 +486,24 @@ def _untile_q6_k(tiles: np.ndarray) -> np.ndarray:
     qh = sum((q[..., j, :] >> 4) << 2 * j for j in range(4)).astype(np.uint8)  # (g, 16, S, h, 32)
     parts = [ql.reshape(g, TILE, supers, 128), qh.reshape(g, TILE, supers, 64), scales, d]
     return np.concatenate(parts, axis=-1).reshape(out, row_bytes)
+
+
+def give_back_freed_memory() -> None:
+    """Return the memory glibc's heap holds free to the OS (malloc_trim; nothing elsewhere). Re-laid weights free
+    their old copies, but glibc keeps freed chunks of a few MB, so without this a model would hold both copies' worth
+    of resident memory (SmolLM2-135M through torch: 1017 MiB resident after fusing, 765 MiB with it)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): nothing to do
+        return None
 
 
 def gemv_library():
