@@ -953,8 +953,8 @@ static inline void keep_larger(float *top, long *at, float value, long index) {
     long at[nthreads * rows];                                                                                      \
     _Pragma("omp parallel num_threads(nthreads)")                                                                  \
     {                                                                                                              \
-        const long me = omp_get_thread_num(), team = omp_get_num_threads(), q = groups / team, extra = groups % team;\
-        const long first = me * q + (me < extra ? me : extra), last = first + q + (me < extra);                    \
+        const long me = omp_get_thread_num(), team = omp_get_num_threads();                                         \
+        const long first = groups * me / team, last = groups * (me + 1) / team;                                    \
         float chunk[rows * BEST_WIDTH];  /* this thread's outputs of up to BEST_GROUPS groups (rows <= BEST_ROWS) */\
         for (long r = 0; r < rows; r++) at[me * rows + r] = -1;                                                    \
         for (long c = first; c < last; c += BEST_GROUPS) {                                                         \
@@ -1450,4 +1450,3 @@ int mighty_ggml_rows(const unsigned char *W, long n_rows, int type, const long *
     }
     return 0;
 }
-
